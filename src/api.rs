@@ -1,0 +1,225 @@
+//! The `Voucher` custom resource (`catalyst.openova.io/v1alpha1`): Kubernetes API
+//! types, their OpenAPI schema with CEL rules, and the generated CRD.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::core::crd::CustomResourceExt;
+use kube::{CustomResource, KubeSchema, ResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Code, CodeError, Phase, Terms};
+
+pub const GROUP: &str = "catalyst.openova.io";
+pub const VERSION: &str = "v1alpha1";
+pub const KIND: &str = "Voucher";
+pub const PLURAL: &str = "vouchers";
+
+/// Desired state of a voucher: a promo code granting a fixed credit in Omani Rial.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "catalyst.openova.io",
+    version = "v1alpha1",
+    kind = "Voucher",
+    plural = "vouchers",
+    namespaced,
+    status = "VoucherStatus",
+    shortname = "vch",
+    category = "catalyst",
+    doc = "A billing voucher (promo code) that grants a fixed credit in Omani Rial. The operator keeps the billing database's promo_codes row in line with it.",
+    printcolumn(name = "Code", type_ = "string", json_path = ".status.code", description = "The code customers enter"),
+    printcolumn(name = "Credit", type_ = "integer", json_path = ".spec.creditOMR", description = "Credit granted, in whole OMR"),
+    printcolumn(name = "Active", type_ = "boolean", json_path = ".spec.active"),
+    printcolumn(name = "Redeemed", type_ = "integer", json_path = ".status.timesRedeemed"),
+    printcolumn(name = "Max", type_ = "integer", json_path = ".spec.maxRedemptions", description = "0 means unlimited"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("has(self.spec.code) || self.metadata.name.matches('^[a-z0-9][a-z0-9-]{2,63}$')")
+        .message("metadata.name becomes the code when spec.code is absent, so it must be 3 to 64 characters of a-z, 0-9 and '-'; otherwise set spec.code"),
+    cel
+)]
+#[x_kube(
+    validation = Rule::new("has(self.code) == has(oldSelf.code) && (!has(self.code) || self.code == oldSelf.code)")
+        .message("spec.code is immutable: it cannot be added, changed or removed once the Voucher exists; create a new Voucher instead"),
+    validation = Rule::new("!has(self.validFrom) || !has(self.expiresAt) || self.expiresAt > self.validFrom")
+        .message("spec.expiresAt must be later than spec.validFrom")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VoucherSpec {
+    /// The code customers enter, e.g. OMANTEL-MUSCAT-200. Upper-cased by the operator;
+    /// defaults to the upper-cased resource name. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$"), length(max = 64))]
+    pub code: Option<String>,
+
+    /// Credit granted on redemption, in whole Omani Rial (at least 1).
+    #[serde(rename = "creditOMR")]
+    #[schemars(range(min = 1))]
+    pub credit_omr: i32,
+
+    /// Free text shown to customers on the redemption page.
+    #[serde(default)]
+    #[schemars(length(max = 1024))]
+    pub description: String,
+
+    /// Whether the code can be redeemed. Set false to pause a campaign without deleting it.
+    #[serde(default = "default_active")]
+    pub active: bool,
+
+    /// Redemptions allowed in total, across all customers; 0 means unlimited.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub max_redemptions: i32,
+
+    /// Start of the redemption window (RFC 3339). Before it the phase is Scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_from: Option<DateTime<Utc>>,
+
+    /// End of the redemption window (RFC 3339, exclusive). From then on the phase is Expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+
+    /// What happens to the billing row when this resource is deleted: Revoke soft-deletes it
+    /// (redemption history is kept), Orphan leaves it untouched.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+fn default_active() -> bool {
+    true
+}
+
+/// What deleting a Voucher does to its billing row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Soft-delete the row: deleted_at = now(), active = false.
+    #[default]
+    Revoke,
+    /// Leave the row as it is and release the binding.
+    Orphan,
+}
+
+/// Observed state of a voucher, written by the controller.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VoucherStatus {
+    /// The metadata.generation the controller last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// The effective code (spec.code or the upper-cased name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+
+    /// Lifecycle phase: Active, Inactive, Scheduled, Expired, Exhausted, Conflict or Error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+
+    /// Redemptions recorded in the billing database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub times_redeemed: Option<i32>,
+
+    /// Redemptions left before the cap; absent when unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<i32>,
+
+    /// Standard conditions: Ready and Synced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// When the row was last compared with the spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_synced_at: Option<DateTime<Utc>>,
+}
+
+impl VoucherSpec {
+    pub fn terms(&self) -> Terms {
+        Terms {
+            credit_omr: self.credit_omr,
+            description: self.description.clone(),
+            active: self.active,
+            max_redemptions: self.max_redemptions,
+            valid_from: self.valid_from,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+impl Voucher {
+    /// The code this resource owns: `spec.code`, or the resource name, normalised.
+    pub fn code(&self) -> Result<Code, CodeError> {
+        match &self.spec.code {
+            Some(code) => Code::parse(code),
+            None => Code::parse(&self.name_any()),
+        }
+    }
+}
+
+/// The CRD as installed in a cluster, generated from the types above.
+pub fn crd() -> CustomResourceDefinition {
+    Voucher::crd()
+}
+
+/// The CRD as the YAML document committed in `crds/voucher.yaml`.
+pub fn crd_yaml() -> String {
+    let body = serde_yaml::to_string(&crd()).expect("a CRD always serialises to YAML");
+    format!(
+        "# Generated by `voucher-operator crd`; do not edit. Regenerate with:\n#   cargo run -- crd > crds/voucher.yaml\n{body}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn voucher(name: &str, code: Option<&str>) -> Voucher {
+        let mut v = Voucher::new(
+            name,
+            VoucherSpec {
+                code: code.map(str::to_owned),
+                credit_omr: 10,
+                description: String::new(),
+                active: true,
+                max_redemptions: 0,
+                valid_from: None,
+                expires_at: None,
+                deletion_policy: DeletionPolicy::Revoke,
+            },
+        );
+        v.metadata.namespace = Some("default".into());
+        v
+    }
+
+    #[test]
+    fn code_defaults_to_the_upper_cased_name() {
+        assert_eq!(voucher("omantel-200", None).code().unwrap().as_str(), "OMANTEL-200");
+        assert_eq!(voucher("x", Some(" launch ")).code().unwrap().as_str(), "LAUNCH");
+    }
+
+    #[test]
+    fn defaults_apply_when_fields_are_omitted() {
+        let spec: VoucherSpec = serde_json::from_value(serde_json::json!({"creditOMR": 5})).unwrap();
+        assert!(spec.active);
+        assert_eq!(spec.max_redemptions, 0);
+        assert_eq!(spec.deletion_policy, DeletionPolicy::Revoke);
+    }
+
+    #[test]
+    fn crd_has_names_columns_and_status() {
+        let crd = crd();
+        assert_eq!(crd.spec.names.short_names, Some(vec!["vch".into()]));
+        assert_eq!(crd.spec.names.categories, Some(vec!["catalyst".into()]));
+        let version = &crd.spec.versions[0];
+        assert!(version.subresources.as_ref().unwrap().status.is_some());
+        let columns: Vec<_> = version
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.to_uppercase())
+            .collect();
+        assert_eq!(columns, ["CODE", "CREDIT", "ACTIVE", "REDEEMED", "MAX", "PHASE", "AGE"]);
+    }
+}

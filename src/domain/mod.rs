@@ -1,0 +1,12 @@
+//! The voucher domain: plain Rust, no Kubernetes, SQL, NATS or HTTP, so every
+//! rule here is unit-tested in microseconds and shared by all adapters.
+
+pub mod audit;
+pub mod code;
+pub mod ownership;
+pub mod voucher;
+
+pub use audit::AuditKind;
+pub use code::{Code, CodeError};
+pub use ownership::{Claim, Owner};
+pub use voucher::{CodeRecord, Phase, Redeemability, TermField, Terms};

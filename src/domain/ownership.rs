@@ -1,0 +1,155 @@
+//! Which resource owns a code, and what applying a resource to the row means.
+
+use super::audit::AuditKind;
+use super::voucher::{CodeRecord, TermField};
+
+/// The Kubernetes object a code is bound to. Compared by `uid`, so a
+/// resource deleted and re-created under the same name is a new owner.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Owner {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What a resource may do with the code it names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// No row: create it and bind it.
+    Create,
+    /// Only a tombstone: bring it back (keeping `times_redeemed`) and bind it.
+    Resurrect,
+    /// A live row nobody owns (written by the admin page before the lift):
+    /// bind it, keep its counters and creation time.
+    Adopt,
+    /// Already ours.
+    Keep,
+    /// Another resource owns it: touch nothing.
+    Conflict { owner: Owner },
+}
+
+impl Claim {
+    pub fn decide(binding: Option<&Owner>, row: Option<&CodeRecord>, me: &Owner) -> Self {
+        match (binding, row) {
+            (Some(owner), _) if owner.uid != me.uid => Self::Conflict {
+                owner: owner.clone(),
+            },
+            (Some(_), _) => Self::Keep,
+            (None, None) => Self::Create,
+            (None, Some(row)) if row.is_tombstoned() => Self::Resurrect,
+            (None, Some(_)) => Self::Adopt,
+        }
+    }
+
+    /// The audit records an apply produces. `spec_changed` tells a new
+    /// generation of the resource from an out-of-band edit of the row.
+    pub fn audit_kinds(
+        &self,
+        changed: &[TermField],
+        now_active: bool,
+        spec_changed: bool,
+    ) -> Vec<AuditKind> {
+        match self {
+            Self::Create | Self::Resurrect => vec![AuditKind::Created],
+            Self::Adopt => vec![AuditKind::Adopted],
+            Self::Conflict { .. } => vec![AuditKind::Conflict],
+            Self::Keep if changed.is_empty() => Vec::new(),
+            Self::Keep if !spec_changed => vec![AuditKind::DriftCorrected],
+            Self::Keep => {
+                let mut kinds = Vec::new();
+                if changed.iter().any(|f| *f != TermField::Active) {
+                    kinds.push(AuditKind::Updated);
+                }
+                if changed.contains(&TermField::Active) {
+                    kinds.push(if now_active {
+                        AuditKind::Activated
+                    } else {
+                        AuditKind::Deactivated
+                    });
+                }
+                kinds
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::voucher::Terms;
+    use chrono::Utc;
+
+    fn owner(uid: &str) -> Owner {
+        Owner {
+            namespace: "sales".into(),
+            name: "launch".into(),
+            uid: uid.into(),
+        }
+    }
+
+    fn row(deleted: bool) -> CodeRecord {
+        CodeRecord {
+            code: "LAUNCH".into(),
+            terms: Terms {
+                credit_omr: 5,
+                description: String::new(),
+                active: true,
+                max_redemptions: 0,
+                valid_from: None,
+                expires_at: None,
+            },
+            times_redeemed: 2,
+            created_at: Utc::now(),
+            deleted_at: deleted.then(Utc::now),
+        }
+    }
+
+    #[test]
+    fn decides_every_claim() {
+        let me = owner("a");
+        let live = row(false);
+        let tomb = row(true);
+        assert_eq!(Claim::decide(None, None, &me), Claim::Create);
+        assert_eq!(Claim::decide(None, Some(&tomb), &me), Claim::Resurrect);
+        assert_eq!(Claim::decide(None, Some(&live), &me), Claim::Adopt);
+        assert_eq!(Claim::decide(Some(&me), Some(&live), &me), Claim::Keep);
+        assert_eq!(
+            Claim::decide(Some(&owner("b")), Some(&live), &me),
+            Claim::Conflict { owner: owner("b") }
+        );
+    }
+
+    #[test]
+    fn a_no_op_resync_audits_nothing() {
+        assert!(Claim::Keep.audit_kinds(&[], true, false).is_empty());
+        assert!(Claim::Keep.audit_kinds(&[], true, true).is_empty());
+    }
+
+    #[test]
+    fn spec_changes_and_drift_are_told_apart() {
+        let changed = [TermField::CreditOmr];
+        assert_eq!(Claim::Keep.audit_kinds(&changed, true, true), vec![AuditKind::Updated]);
+        assert_eq!(
+            Claim::Keep.audit_kinds(&changed, true, false),
+            vec![AuditKind::DriftCorrected]
+        );
+    }
+
+    #[test]
+    fn switching_active_is_its_own_event() {
+        assert_eq!(
+            Claim::Keep.audit_kinds(&[TermField::Active], false, true),
+            vec![AuditKind::Deactivated]
+        );
+        assert_eq!(
+            Claim::Keep.audit_kinds(&[TermField::Active, TermField::Description], true, true),
+            vec![AuditKind::Updated, AuditKind::Activated]
+        );
+    }
+}

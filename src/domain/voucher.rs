@@ -1,0 +1,355 @@
+//! What a voucher is and what follows from its state: redeemability, phase, next boundary.
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The commercial terms of a voucher: everything the `Voucher` resource owns.
+/// `max_redemptions == 0` means unlimited.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Terms {
+    pub credit_omr: i32,
+    pub description: String,
+    pub active: bool,
+    pub max_redemptions: i32,
+    pub valid_from: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A `promo_codes` row as the billing database holds it. The database owns
+/// `times_redeemed`; the resource owns the terms.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeRecord {
+    pub code: String,
+    pub terms: Terms,
+    pub times_redeemed: i32,
+    pub created_at: DateTime<Utc>,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+impl CodeRecord {
+    pub fn is_tombstoned(&self) -> bool {
+        self.deleted_at.is_some()
+    }
+
+    /// Redemptions left before the cap, `None` when unlimited.
+    pub fn remaining(&self) -> Option<i32> {
+        (self.terms.max_redemptions > 0)
+            .then(|| (self.terms.max_redemptions - self.times_redeemed).max(0))
+    }
+
+    pub fn is_capped(&self) -> bool {
+        self.remaining() == Some(0)
+    }
+}
+
+/// Whether a code can be redeemed now, and if not, why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Redeemability {
+    Redeemable,
+    Unknown,
+    Tombstoned,
+    Inactive,
+    NotYetValid { valid_from: DateTime<Utc> },
+    Expired { expired_at: DateTime<Utc> },
+    Capped { max_redemptions: i32 },
+}
+
+impl Redeemability {
+    /// Decides for `record` at `now`. Checks run in the order a person would
+    /// want to hear about them: existence first, then the operator's switch,
+    /// then the window, then the cap.
+    pub fn of(record: Option<&CodeRecord>, now: DateTime<Utc>) -> Self {
+        let Some(record) = record else {
+            return Self::Unknown;
+        };
+        let terms = &record.terms;
+        if record.is_tombstoned() {
+            Self::Tombstoned
+        } else if !terms.active {
+            Self::Inactive
+        } else if let Some(valid_from) = terms.valid_from.filter(|from| now < *from) {
+            Self::NotYetValid { valid_from }
+        } else if let Some(expired_at) = terms.expires_at.filter(|at| now >= *at) {
+            Self::Expired { expired_at }
+        } else if record.is_capped() {
+            Self::Capped {
+                max_redemptions: terms.max_redemptions,
+            }
+        } else {
+            Self::Redeemable
+        }
+    }
+
+    pub fn is_redeemable(self) -> bool {
+        self == Self::Redeemable
+    }
+
+    /// Unknown and soft-deleted codes must look the same on every public surface.
+    pub fn is_hidden(self) -> bool {
+        matches!(self, Self::Unknown | Self::Tombstoned)
+    }
+
+    /// A sentence a checkout page can show as is. Never reveals counters, and
+    /// never tells a tombstone from a code that never existed.
+    pub fn public_reason(self) -> String {
+        match self {
+            Self::Redeemable => "the code can be redeemed".into(),
+            Self::Unknown | Self::Tombstoned => "no such voucher code".into(),
+            Self::Inactive => "this voucher code is not active".into(),
+            Self::NotYetValid { valid_from } => format!(
+                "this voucher code can be redeemed from {}",
+                valid_from.to_rfc3339()
+            ),
+            Self::Expired { expired_at } => {
+                format!("this voucher code expired at {}", expired_at.to_rfc3339())
+            }
+            Self::Capped { .. } => "this voucher code has been fully redeemed".into(),
+        }
+    }
+}
+
+/// The lifecycle phase shown in `.status.phase`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum Phase {
+    /// Redeemable now.
+    Active,
+    /// Switched off by `spec.active: false`.
+    Inactive,
+    /// Before `spec.validFrom`.
+    Scheduled,
+    /// At or after `spec.expiresAt`.
+    Expired,
+    /// `spec.maxRedemptions` reached.
+    Exhausted,
+    /// Another Voucher resource owns the code; nothing was written.
+    Conflict,
+    /// The last reconcile failed; see the conditions.
+    Error,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 7] = [
+        Phase::Active,
+        Phase::Inactive,
+        Phase::Scheduled,
+        Phase::Expired,
+        Phase::Exhausted,
+        Phase::Conflict,
+        Phase::Error,
+    ];
+
+    /// The phase of a synced row. `Conflict` and `Error` are decided by the
+    /// controller, not by the row.
+    pub fn of(record: &CodeRecord, now: DateTime<Utc>) -> Self {
+        match Redeemability::of(Some(record), now) {
+            Redeemability::Redeemable => Self::Active,
+            Redeemability::Inactive | Redeemability::Tombstoned | Redeemability::Unknown => {
+                Self::Inactive
+            }
+            Redeemability::NotYetValid { .. } => Self::Scheduled,
+            Redeemability::Expired { .. } => Self::Expired,
+            Redeemability::Capped { .. } => Self::Exhausted,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "Active",
+            Self::Inactive => "Inactive",
+            Self::Scheduled => "Scheduled",
+            Self::Expired => "Expired",
+            Self::Exhausted => "Exhausted",
+            Self::Conflict => "Conflict",
+            Self::Error => "Error",
+        }
+    }
+}
+
+impl Terms {
+    /// The next instant at which the phase changes by the clock alone, so the
+    /// controller can requeue exactly then.
+    pub fn next_boundary(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        [self.valid_from, self.expires_at]
+            .into_iter()
+            .flatten()
+            .filter(|at| *at > now)
+            .min()
+    }
+
+    /// The fields where `self` differs from `current`, in a stable order.
+    pub fn changes_from(&self, current: &Terms) -> Vec<TermField> {
+        let mut changed = Vec::new();
+        let mut check = |field, differs: bool| {
+            if differs {
+                changed.push(field);
+            }
+        };
+        check(TermField::CreditOmr, self.credit_omr != current.credit_omr);
+        check(TermField::Description, self.description != current.description);
+        check(TermField::Active, self.active != current.active);
+        check(
+            TermField::MaxRedemptions,
+            self.max_redemptions != current.max_redemptions,
+        );
+        check(TermField::ValidFrom, self.valid_from != current.valid_from);
+        check(TermField::ExpiresAt, self.expires_at != current.expires_at);
+        changed
+    }
+}
+
+/// A field of [`Terms`], named as in the `promo_codes` table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TermField {
+    CreditOmr,
+    Description,
+    Active,
+    MaxRedemptions,
+    ValidFrom,
+    ExpiresAt,
+}
+
+impl TermField {
+    pub const ALL: [TermField; 6] = [
+        TermField::CreditOmr,
+        TermField::Description,
+        TermField::Active,
+        TermField::MaxRedemptions,
+        TermField::ValidFrom,
+        TermField::ExpiresAt,
+    ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(hour: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 12, 1, hour, 0, 0).unwrap()
+    }
+
+    fn record() -> CodeRecord {
+        CodeRecord {
+            code: "LAUNCH-50".into(),
+            terms: Terms {
+                credit_omr: 50,
+                description: "launch".into(),
+                active: true,
+                max_redemptions: 3,
+                valid_from: Some(at(8)),
+                expires_at: Some(at(18)),
+            },
+            times_redeemed: 1,
+            created_at: at(0),
+            deleted_at: None,
+        }
+    }
+
+    #[test]
+    fn redeemability_names_each_reason() {
+        let r = record();
+        assert_eq!(Redeemability::of(None, at(9)), Redeemability::Unknown);
+        assert_eq!(Redeemability::of(Some(&r), at(9)), Redeemability::Redeemable);
+
+        let tomb = CodeRecord { deleted_at: Some(at(1)), ..r.clone() };
+        assert_eq!(Redeemability::of(Some(&tomb), at(9)), Redeemability::Tombstoned);
+
+        let mut off = r.clone();
+        off.terms.active = false;
+        assert_eq!(Redeemability::of(Some(&off), at(9)), Redeemability::Inactive);
+
+        assert_eq!(
+            Redeemability::of(Some(&r), at(7)),
+            Redeemability::NotYetValid { valid_from: at(8) }
+        );
+        assert_eq!(
+            Redeemability::of(Some(&r), at(18)),
+            Redeemability::Expired { expired_at: at(18) }
+        );
+
+        let full = CodeRecord { times_redeemed: 3, ..r.clone() };
+        assert_eq!(
+            Redeemability::of(Some(&full), at(9)),
+            Redeemability::Capped { max_redemptions: 3 }
+        );
+    }
+
+    #[test]
+    fn window_start_is_inclusive_and_end_exclusive() {
+        let r = record();
+        assert!(Redeemability::of(Some(&r), at(8)).is_redeemable());
+        assert!(!Redeemability::of(Some(&r), at(18)).is_redeemable());
+    }
+
+    #[test]
+    fn tombstones_and_unknown_codes_look_the_same_in_public() {
+        let tomb = CodeRecord { deleted_at: Some(at(1)), ..record() };
+        let hidden = Redeemability::of(Some(&tomb), at(9));
+        assert!(hidden.is_hidden());
+        assert_eq!(hidden.public_reason(), Redeemability::Unknown.public_reason());
+        assert!(!Redeemability::Inactive.is_hidden());
+    }
+
+    #[test]
+    fn public_reasons_never_reveal_counters() {
+        let reason = Redeemability::Capped { max_redemptions: 3 }.public_reason();
+        assert!(!reason.contains('3'), "{reason}");
+    }
+
+    #[test]
+    fn unlimited_codes_are_never_capped() {
+        let mut r = record();
+        r.terms.max_redemptions = 0;
+        r.times_redeemed = 1_000_000;
+        assert_eq!(r.remaining(), None);
+        assert!(Redeemability::of(Some(&r), at(9)).is_redeemable());
+    }
+
+    #[test]
+    fn remaining_never_goes_below_zero() {
+        // An adopted row can already be past a cap that the resource lowered.
+        let r = CodeRecord { times_redeemed: 7, ..record() };
+        assert_eq!(r.remaining(), Some(0));
+    }
+
+    #[test]
+    fn phase_follows_the_row_and_the_clock() {
+        let r = record();
+        assert_eq!(Phase::of(&r, at(7)), Phase::Scheduled);
+        assert_eq!(Phase::of(&r, at(9)), Phase::Active);
+        assert_eq!(Phase::of(&r, at(19)), Phase::Expired);
+        let full = CodeRecord { times_redeemed: 3, ..r.clone() };
+        assert_eq!(Phase::of(&full, at(9)), Phase::Exhausted);
+        let mut off = r;
+        off.terms.active = false;
+        assert_eq!(Phase::of(&off, at(9)), Phase::Inactive);
+    }
+
+    #[test]
+    fn next_boundary_is_the_nearest_future_edge() {
+        let terms = record().terms;
+        assert_eq!(terms.next_boundary(at(7)), Some(at(8)));
+        assert_eq!(terms.next_boundary(at(8)), Some(at(18)));
+        assert_eq!(terms.next_boundary(at(18)), None);
+        let open = Terms { valid_from: None, expires_at: None, ..terms };
+        assert_eq!(open.next_boundary(at(7)), None);
+    }
+
+    #[test]
+    fn changes_list_exactly_the_differing_fields() {
+        let current = record().terms;
+        assert!(current.changes_from(&current).is_empty());
+        let wanted = Terms {
+            credit_omr: 60,
+            active: false,
+            expires_at: None,
+            ..current.clone()
+        };
+        assert_eq!(
+            wanted.changes_from(&current),
+            vec![TermField::CreditOmr, TermField::Active, TermField::ExpiresAt]
+        );
+    }
+}

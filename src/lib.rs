@@ -1,0 +1,9 @@
+//! voucher-operator: billing vouchers as a Kubernetes custom resource.
+//!
+//! The domain is plain Rust; every other module is an adapter around it.
+
+pub mod api;
+pub mod cli;
+pub mod domain;
+pub mod store;
+pub mod validation;

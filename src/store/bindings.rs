@@ -1,0 +1,107 @@
+//! All SQL on the operator's `voucher_bindings` table: which resource owns which code.
+
+use sqlx::PgConnection;
+
+use super::{Result, StoreError, promo_codes};
+use crate::domain::{Claim, Code, CodeRecord, Owner};
+
+/// A code's binding to a resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub owner: Owner,
+    /// The resource generation last applied to the row.
+    pub generation: i64,
+}
+
+/// What a resource found when it claimed its code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimState {
+    pub claim: Claim,
+    pub binding: Option<Binding>,
+    pub row: Option<CodeRecord>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    namespace: String,
+    name: String,
+    uid: String,
+    generation: i64,
+}
+
+impl From<Row> for Binding {
+    fn from(row: Row) -> Self {
+        Binding {
+            owner: Owner {
+                namespace: row.namespace,
+                name: row.name,
+                uid: row.uid,
+            },
+            generation: row.generation,
+        }
+    }
+}
+
+pub async fn find(conn: &mut PgConnection, code: &Code) -> Result<Option<Binding>> {
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT namespace, name, uid, generation FROM voucher_bindings WHERE code = $1",
+    )
+    .bind(code.as_str())
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(Into::into))
+}
+
+/// Locks the code and decides whether `me` may create, resurrect, adopt or
+/// keep it, or is in conflict with its owner. Call inside the transaction
+/// that then applies the outcome.
+pub async fn claim(conn: &mut PgConnection, code: &Code, me: &Owner) -> Result<ClaimState> {
+    super::lock_code(conn, code).await?;
+    let binding = find(conn, code).await?;
+    let row = promo_codes::find_for_update(conn, code).await?;
+    let claim = Claim::decide(binding.as_ref().map(|b| &b.owner), row.as_ref(), me);
+    Ok(ClaimState {
+        claim,
+        binding,
+        row,
+    })
+}
+
+/// Binds `code` to `owner` at `generation`, or moves an existing binding of
+/// the same owner to the new generation. Fails when another resource holds it.
+pub async fn bind(
+    conn: &mut PgConnection,
+    code: &Code,
+    owner: &Owner,
+    generation: i64,
+) -> Result<()> {
+    let result = sqlx::query(
+        "INSERT INTO voucher_bindings (code, namespace, name, uid, generation) \
+         VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (code) DO UPDATE SET generation = EXCLUDED.generation \
+         WHERE voucher_bindings.uid = EXCLUDED.uid",
+    )
+    .bind(code.as_str())
+    .bind(&owner.namespace)
+    .bind(&owner.name)
+    .bind(&owner.uid)
+    .bind(generation)
+    .execute(conn)
+    .await?;
+    if result.rows_affected() == 0 {
+        return Err(StoreError::BindingTaken {
+            code: code.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Releases the binding if `uid` holds it; returns whether it did.
+pub async fn release(conn: &mut PgConnection, code: &Code, uid: &str) -> Result<bool> {
+    let result = sqlx::query("DELETE FROM voucher_bindings WHERE code = $1 AND uid = $2")
+        .bind(code.as_str())
+        .bind(uid)
+        .execute(conn)
+        .await?;
+    Ok(result.rows_affected() == 1)
+}

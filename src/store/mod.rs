@@ -1,0 +1,155 @@
+//! The billing database (Postgres, sqlx): migrations and typed queries.
+//!
+//! Each table's SQL lives in one module. Queries take a `&mut PgConnection` so
+//! the caller decides the transaction: a change and its audit record always
+//! commit together.
+
+pub mod bindings;
+pub mod outbox;
+pub mod promo_codes;
+
+use std::time::Duration;
+
+use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgConnection, PgPool};
+
+use crate::domain::Code;
+
+/// The operator records its migrations in a table of its own, so they never
+/// mix with a `_sqlx_migrations` table the billing service may keep.
+pub const MIGRATIONS_TABLE: &str = "voucher_operator_migrations";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot connect to the database at {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] MigrateError),
+    #[error("database query failed: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("the binding of code {code} is held by another resource")]
+    BindingTaken { code: String },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// How to reach the database.
+#[derive(Clone, Debug)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub max_connections: u32,
+    pub connect_timeout: Duration,
+}
+
+/// A pool of connections to the billing database.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// What `migrate` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationReport {
+    pub applied: Vec<String>,
+    pub already_applied: usize,
+}
+
+impl Store {
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self> {
+        let options: PgConnectOptions =
+            settings
+                .url
+                .parse()
+                .map_err(|source: sqlx::Error| StoreError::Connect {
+                    target: redact(&settings.url),
+                    source,
+                })?;
+        let target = format!(
+            "{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or("")
+        );
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.connect_timeout)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Connect { target, source })?;
+        Ok(Self { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Brings the schema up to date. Idempotent, safe on a database the billing
+    /// service created, and serialised between replicas by an advisory lock.
+    pub async fn migrate(&self) -> Result<MigrationReport> {
+        let migrator = migrator();
+        let mut conn = self.pool.acquire().await?;
+        let before = applied_versions(&mut conn).await?;
+        migrator.run(&self.pool).await?;
+        let applied = migrator
+            .iter()
+            .filter(|m| !before.contains(&m.version))
+            .map(|m| format!("{} {}", m.version, m.description))
+            .collect();
+        Ok(MigrationReport {
+            applied,
+            already_applied: before.len(),
+        })
+    }
+}
+
+fn migrator() -> Migrator {
+    let mut migrator = sqlx::migrate!("src/store/migrations");
+    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+    migrator
+}
+
+async fn applied_versions(conn: &mut PgConnection) -> Result<Vec<i64>> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(MIGRATIONS_TABLE)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    // The table name is a constant of this module, not input.
+    let query = format!("SELECT version FROM {MIGRATIONS_TABLE} WHERE success ORDER BY version");
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(query))
+        .fetch_all(&mut *conn)
+        .await?)
+}
+
+/// Serialises every change to one code (claim, apply, delete) for the rest of
+/// the transaction, including for codes that have no row yet.
+pub async fn lock_code(conn: &mut PgConnection, code: &Code) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(code.as_str())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The URL without its password, for error messages and logs.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "<unparseable database URL>".into(),
+    }
+}

@@ -1,0 +1,182 @@
+//! All SQL on the billing service's `promo_codes` table.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::Result;
+use crate::domain::{Code, CodeRecord, TermField, Terms};
+
+/// The columns every query returns, in [`Row`]'s order. A macro so that each
+/// statement stays a `&'static str` literal (no SQL is assembled at run time).
+macro_rules! returning {
+    () => {
+        "code, credit_omr, description, active, max_redemptions, valid_from, expires_at, \
+         times_redeemed, created_at, deleted_at"
+    };
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    code: String,
+    credit_omr: i32,
+    description: String,
+    active: bool,
+    max_redemptions: i32,
+    valid_from: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+    times_redeemed: i32,
+    created_at: DateTime<Utc>,
+    deleted_at: Option<DateTime<Utc>>,
+}
+
+impl From<Row> for CodeRecord {
+    fn from(row: Row) -> Self {
+        CodeRecord {
+            code: row.code,
+            terms: Terms {
+                credit_omr: row.credit_omr,
+                description: row.description,
+                active: row.active,
+                max_redemptions: row.max_redemptions,
+                valid_from: row.valid_from,
+                expires_at: row.expires_at,
+            },
+            times_redeemed: row.times_redeemed,
+            created_at: row.created_at,
+            deleted_at: row.deleted_at,
+        }
+    }
+}
+
+/// The outcome of [`apply`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The row before, tombstone included; `None` when it was created.
+    pub before: Option<CodeRecord>,
+    pub after: CodeRecord,
+    /// Terms that differed from the wanted state (all of them on creation).
+    pub changed: Vec<TermField>,
+}
+
+impl Applied {
+    pub fn created(&self) -> bool {
+        self.before.is_none()
+    }
+
+    pub fn resurrected(&self) -> bool {
+        self.before.as_ref().is_some_and(CodeRecord::is_tombstoned)
+    }
+
+    /// Whether the row was written at all.
+    pub fn wrote(&self) -> bool {
+        self.created() || self.resurrected() || !self.changed.is_empty()
+    }
+}
+
+/// A code that is not soft-deleted.
+pub async fn find_live(conn: &mut PgConnection, code: &Code) -> Result<Option<CodeRecord>> {
+    let row: Option<Row> = sqlx::query_as(concat!(
+        "SELECT ",
+        returning!(),
+        " FROM promo_codes WHERE code = $1 AND deleted_at IS NULL"
+    ))
+        .bind(code.as_str())
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.map(Into::into))
+}
+
+/// The row, tombstone or not, locked until the transaction ends.
+pub async fn find_for_update(conn: &mut PgConnection, code: &Code) -> Result<Option<CodeRecord>> {
+    let row: Option<Row> = sqlx::query_as(concat!(
+        "SELECT ",
+        returning!(),
+        " FROM promo_codes WHERE code = $1 FOR UPDATE"
+    ))
+        .bind(code.as_str())
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.map(Into::into))
+}
+
+/// Every live code, ordered by code.
+pub async fn list_live(conn: &mut PgConnection) -> Result<Vec<CodeRecord>> {
+    let rows: Vec<Row> = sqlx::query_as(concat!(
+        "SELECT ",
+        returning!(),
+        " FROM promo_codes WHERE deleted_at IS NULL ORDER BY code"
+    ))
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+/// Makes the row carry `wanted`, writing only when something differs. A
+/// tombstone is resurrected; `times_redeemed` and `created_at` are never touched.
+pub async fn apply(conn: &mut PgConnection, code: &Code, wanted: &Terms) -> Result<Applied> {
+    let before = find_for_update(conn, code).await?;
+    let changed = match &before {
+        Some(current) => wanted.changes_from(&current.terms),
+        None => TermField::ALL.to_vec(),
+    };
+    let after = match &before {
+        Some(current) if !current.is_tombstoned() && changed.is_empty() => current.clone(),
+        Some(_) => {
+            const UPDATE: &str = concat!(
+                "UPDATE promo_codes SET credit_omr = $2, description = $3, active = $4, \
+                 max_redemptions = $5, valid_from = $6, expires_at = $7, deleted_at = NULL \
+                 WHERE code = $1 RETURNING ",
+                returning!()
+            );
+            write(conn, UPDATE, code, wanted).await?
+        }
+        None => {
+            const INSERT: &str = concat!(
+                "INSERT INTO promo_codes (code, credit_omr, description, active, \
+                 max_redemptions, valid_from, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING ",
+                returning!()
+            );
+            write(conn, INSERT, code, wanted).await?
+        }
+    };
+    Ok(Applied {
+        before,
+        after,
+        changed,
+    })
+}
+
+async fn write(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    code: &Code,
+    terms: &Terms,
+) -> Result<CodeRecord> {
+    let row: Row = sqlx::query_as(sql)
+        .bind(code.as_str())
+        .bind(terms.credit_omr)
+        .bind(&terms.description)
+        .bind(terms.active)
+        .bind(terms.max_redemptions)
+        .bind(terms.valid_from)
+        .bind(terms.expires_at)
+        .fetch_one(conn)
+        .await?;
+    Ok(row.into())
+}
+
+/// Soft-deletes a live code the way the billing service does: `deleted_at =
+/// now()`, `active = false`, redemption history kept. Returns the tombstone,
+/// or `None` when there was no live row.
+pub async fn soft_delete(conn: &mut PgConnection, code: &Code) -> Result<Option<CodeRecord>> {
+    let row: Option<Row> = sqlx::query_as(concat!(
+        "UPDATE promo_codes SET deleted_at = now(), active = false \
+         WHERE code = $1 AND deleted_at IS NULL RETURNING ",
+        returning!()
+    ))
+        .bind(code.as_str())
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.map(Into::into))
+}

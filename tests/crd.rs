@@ -1,0 +1,279 @@
+//! The Voucher CRD: the committed manifest is the generated one, every example
+//! is accepted, and each kind of invalid manifest is rejected with a reason a
+//! person understands (OpenAPI schema, strict fields and CEL rules, as the API
+//! server checks them; CEL is evaluated by kube's `cel` feature).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{Value, json};
+use voucher_operator::validation::Validator;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn committed_crd_is_the_generated_one() {
+    let output = Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+        .arg("crd")
+        .output()
+        .expect("run voucher-operator crd");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let committed = std::fs::read_to_string(repo().join("crds/voucher.yaml")).unwrap();
+    assert!(
+        printed == committed,
+        "crds/voucher.yaml is out of date: regenerate it with `cargo run -- crd > crds/voucher.yaml`"
+    );
+}
+
+fn yaml_files(dir: &Path, found: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            yaml_files(&path, found);
+        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            found.push(path);
+        }
+    }
+}
+
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .filter(|doc: &Value| !doc.is_null())
+        .collect()
+}
+
+#[test]
+fn every_example_voucher_is_valid() {
+    let validator = Validator::for_vouchers();
+    let mut files = Vec::new();
+    yaml_files(&repo().join("examples"), &mut files);
+    let mut vouchers = 0;
+    for file in &files {
+        for doc in documents(file) {
+            if doc["kind"] == "Voucher" {
+                vouchers += 1;
+                if let Err(invalid) = validator.validate(&doc, None) {
+                    panic!("{}: {invalid}", file.display());
+                }
+            }
+        }
+    }
+    assert!(vouchers >= 4, "expected the example Vouchers, found {vouchers}");
+}
+
+fn base() -> Value {
+    json!({
+        "apiVersion": "catalyst.openova.io/v1alpha1",
+        "kind": "Voucher",
+        "metadata": {"name": "launch-50", "namespace": "sales"},
+        "spec": {"creditOMR": 50, "maxRedemptions": 10}
+    })
+}
+
+fn with(patch: Value) -> Value {
+    let mut doc = base();
+    json_merge(&mut doc, patch);
+    doc
+}
+
+/// RFC 7386 merge, so each case states only what it breaks.
+fn json_merge(target: &mut Value, patch: Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(&k);
+                } else {
+                    json_merge(t.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p,
+    }
+}
+
+#[track_caller]
+fn assert_rejected(doc: Value, old: Option<Value>, expected: &[&str]) {
+    let validator = Validator::for_vouchers();
+    let message = match validator.validate(&doc, old.as_ref()) {
+        Ok(()) => panic!("accepted, but should be rejected: {doc}"),
+        Err(invalid) => invalid.to_string(),
+    };
+    for part in expected {
+        assert!(message.contains(part), "{message:?} does not mention {part:?}");
+    }
+}
+
+#[test]
+fn the_base_manifest_is_valid() {
+    Validator::for_vouchers().validate(&base(), None).unwrap();
+}
+
+#[test]
+fn credit_below_one_is_rejected() {
+    assert_rejected(
+        with(json!({"spec": {"creditOMR": 0}})),
+        None,
+        &["spec.creditOMR", "less than the minimum of 1"],
+    );
+}
+
+#[test]
+fn negative_max_redemptions_is_rejected() {
+    assert_rejected(
+        with(json!({"spec": {"maxRedemptions": -1}})),
+        None,
+        &["spec.maxRedemptions", "minimum of 0"],
+    );
+}
+
+#[test]
+fn credit_is_required() {
+    assert_rejected(
+        with(json!({"spec": {"creditOMR": null}})),
+        None,
+        &["spec", "\"creditOMR\" is a required property"],
+    );
+}
+
+#[test]
+fn credit_must_be_an_integer() {
+    assert_rejected(
+        with(json!({"spec": {"creditOMR": "50"}})),
+        None,
+        &["spec.creditOMR", "not of type \"integer\""],
+    );
+}
+
+#[test]
+fn code_outside_the_grammar_is_rejected() {
+    for bad in ["summer sale", "-LAUNCH", "AB", "CAFÉ10"] {
+        assert_rejected(
+            with(json!({"spec": {"code": bad}})),
+            None,
+            &["spec.code", "does not match"],
+        );
+    }
+    assert_rejected(
+        with(json!({"spec": {"code": "A".repeat(65)}})),
+        None,
+        &["spec.code", "longer than 64 characters"],
+    );
+}
+
+#[test]
+fn unknown_fields_are_rejected_not_pruned() {
+    assert_rejected(
+        with(json!({"spec": {"credit": 50}})),
+        None,
+        &["unknown field \"spec.credit\""],
+    );
+    assert_rejected(
+        with(json!({"extra": true})),
+        None,
+        &["unknown field \"extra\""],
+    );
+}
+
+#[test]
+fn bad_dates_are_rejected() {
+    assert_rejected(
+        with(json!({"spec": {"expiresAt": "next tuesday"}})),
+        None,
+        &["spec.expiresAt", "date-time"],
+    );
+}
+
+#[test]
+fn window_must_end_after_it_starts() {
+    assert_rejected(
+        with(json!({"spec": {
+            "validFrom": "2027-01-02T00:00:00Z",
+            "expiresAt": "2027-01-01T00:00:00Z"
+        }})),
+        None,
+        &["spec.expiresAt must be later than spec.validFrom"],
+    );
+    // Equal instants in different offsets are still an empty window.
+    assert_rejected(
+        with(json!({"spec": {
+            "validFrom": "2027-01-01T04:00:00+04:00",
+            "expiresAt": "2027-01-01T00:00:00Z"
+        }})),
+        None,
+        &["spec.expiresAt must be later than spec.validFrom"],
+    );
+    Validator::for_vouchers()
+        .validate(
+            &with(json!({"spec": {
+                "validFrom": "2027-01-01T00:00:00Z",
+                "expiresAt": "2027-01-01T00:00:01Z"
+            }})),
+            None,
+        )
+        .unwrap();
+}
+
+#[test]
+fn unknown_deletion_policy_is_rejected() {
+    assert_rejected(
+        with(json!({"spec": {"deletionPolicy": "Delete"}})),
+        None,
+        &["spec.deletionPolicy", "Revoke", "Orphan"],
+    );
+}
+
+#[test]
+fn a_name_that_cannot_be_a_code_needs_an_explicit_code() {
+    let dotted = with(json!({"metadata": {"name": "launch.2026"}}));
+    assert_rejected(dotted.clone(), None, &["metadata.name becomes the code"]);
+    let mut explicit = dotted;
+    explicit["spec"]["code"] = json!("LAUNCH-2026");
+    Validator::for_vouchers().validate(&explicit, None).unwrap();
+}
+
+#[test]
+fn object_names_must_be_dns_subdomains() {
+    assert_rejected(
+        with(json!({"metadata": {"name": "Launch_50"}})),
+        None,
+        &["metadata.name", "RFC 1123"],
+    );
+}
+
+#[test]
+fn wrong_api_version_is_rejected() {
+    assert_rejected(
+        with(json!({"apiVersion": "catalyst.openova.io/v1"})),
+        None,
+        &["apiVersion", "catalyst.openova.io/v1alpha1"],
+    );
+}
+
+#[test]
+fn code_is_immutable_once_created() {
+    let old = with(json!({"spec": {"code": "LAUNCH-50"}}));
+    let immutable = "spec.code is immutable";
+    assert_rejected(with(json!({"spec": {"code": "LAUNCH-60"}})), Some(old.clone()), &[immutable]);
+    assert_rejected(base(), Some(old.clone()), &[immutable]);
+    assert_rejected(with(json!({"spec": {"code": "LAUNCH-50"}})), Some(base()), &[immutable]);
+
+    // Other fields stay editable, and an unchanged code passes the transition rule.
+    let edited = with(json!({"spec": {"code": "LAUNCH-50", "creditOMR": 75, "active": false}}));
+    Validator::for_vouchers().validate(&edited, Some(&old)).unwrap();
+    Validator::for_vouchers().validate(&base(), Some(&base())).unwrap();
+}
+
+#[test]
+fn several_problems_are_reported_together() {
+    assert_rejected(
+        with(json!({"spec": {"creditOMR": 0, "maxRedemptions": -5}})),
+        None,
+        &["spec.creditOMR", "spec.maxRedemptions"],
+    );
+}
