@@ -194,13 +194,20 @@ mod tests {
 
     #[test]
     fn code_defaults_to_the_upper_cased_name() {
-        assert_eq!(voucher("omantel-200", None).code().unwrap().as_str(), "OMANTEL-200");
-        assert_eq!(voucher("x", Some(" launch ")).code().unwrap().as_str(), "LAUNCH");
+        assert_eq!(
+            voucher("omantel-200", None).code().unwrap().as_str(),
+            "OMANTEL-200"
+        );
+        assert_eq!(
+            voucher("x", Some(" launch ")).code().unwrap().as_str(),
+            "LAUNCH"
+        );
     }
 
     #[test]
     fn defaults_apply_when_fields_are_omitted() {
-        let spec: VoucherSpec = serde_json::from_value(serde_json::json!({"creditOMR": 5})).unwrap();
+        let spec: VoucherSpec =
+            serde_json::from_value(serde_json::json!({"creditOMR": 5})).unwrap();
         assert!(spec.active);
         assert_eq!(spec.max_redemptions, 0);
         assert_eq!(spec.deletion_policy, DeletionPolicy::Revoke);
@@ -220,6 +227,11 @@ mod tests {
             .iter()
             .map(|c| c.name.to_uppercase())
             .collect();
-        assert_eq!(columns, ["CODE", "CREDIT", "ACTIVE", "REDEEMED", "MAX", "PHASE", "AGE"]);
+        assert_eq!(
+            columns,
+            [
+                "CODE", "CREDIT", "ACTIVE", "REDEEMED", "MAX", "PHASE", "AGE"
+            ]
+        );
     }
 }

@@ -8,7 +8,7 @@ async fn main() -> std::process::ExitCode {
     match cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", cli::describe(&*error));
             std::process::ExitCode::FAILURE
         }
     }

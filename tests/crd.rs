@@ -19,7 +19,11 @@ fn committed_crd_is_the_generated_one() {
         .arg("crd")
         .output()
         .expect("run voucher-operator crd");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let printed = String::from_utf8(output.stdout).unwrap();
     let committed = std::fs::read_to_string(repo().join("crds/voucher.yaml")).unwrap();
     assert!(
@@ -33,7 +37,10 @@ fn yaml_files(dir: &Path, found: &mut Vec<PathBuf>) {
         let path = entry.unwrap().path();
         if path.is_dir() {
             yaml_files(&path, found);
-        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
             found.push(path);
         }
     }
@@ -63,7 +70,10 @@ fn every_example_voucher_is_valid() {
             }
         }
     }
-    assert!(vouchers >= 4, "expected the example Vouchers, found {vouchers}");
+    assert!(
+        vouchers >= 4,
+        "expected the example Vouchers, found {vouchers}"
+    );
 }
 
 fn base() -> Value {
@@ -105,7 +115,10 @@ fn assert_rejected(doc: Value, old: Option<Value>, expected: &[&str]) {
         Err(invalid) => invalid.to_string(),
     };
     for part in expected {
-        assert!(message.contains(part), "{message:?} does not mention {part:?}");
+        assert!(
+            message.contains(part),
+            "{message:?} does not mention {part:?}"
+        );
     }
 }
 
@@ -259,14 +272,26 @@ fn wrong_api_version_is_rejected() {
 fn code_is_immutable_once_created() {
     let old = with(json!({"spec": {"code": "LAUNCH-50"}}));
     let immutable = "spec.code is immutable";
-    assert_rejected(with(json!({"spec": {"code": "LAUNCH-60"}})), Some(old.clone()), &[immutable]);
+    assert_rejected(
+        with(json!({"spec": {"code": "LAUNCH-60"}})),
+        Some(old.clone()),
+        &[immutable],
+    );
     assert_rejected(base(), Some(old.clone()), &[immutable]);
-    assert_rejected(with(json!({"spec": {"code": "LAUNCH-50"}})), Some(base()), &[immutable]);
+    assert_rejected(
+        with(json!({"spec": {"code": "LAUNCH-50"}})),
+        Some(base()),
+        &[immutable],
+    );
 
     // Other fields stay editable, and an unchanged code passes the transition rule.
     let edited = with(json!({"spec": {"code": "LAUNCH-50", "creditOMR": 75, "active": false}}));
-    Validator::for_vouchers().validate(&edited, Some(&old)).unwrap();
-    Validator::for_vouchers().validate(&base(), Some(&base())).unwrap();
+    Validator::for_vouchers()
+        .validate(&edited, Some(&old))
+        .unwrap();
+    Validator::for_vouchers()
+        .validate(&base(), Some(&base()))
+        .unwrap();
 }
 
 #[test]

@@ -81,7 +81,11 @@ mod tests {
         for kind in AuditKind::ALL {
             assert_eq!(AuditKind::parse(kind.as_str()), Some(kind));
             // NATS subject tokens cannot hold '.', '*', '>' or whitespace.
-            assert!(kind.as_str().chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            assert!(
+                kind.as_str()
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '_')
+            );
         }
         assert_eq!(AuditKind::parse("deleted"), None);
     }

@@ -89,15 +89,24 @@ mod tests {
     #[test]
     fn normalises_like_the_billing_service() {
         assert_eq!(normalize("  omantel-muscat-200\t"), "OMANTEL-MUSCAT-200");
-        assert_eq!(Code::parse(" launch_2026 ").unwrap().as_str(), "LAUNCH_2026");
+        assert_eq!(
+            Code::parse(" launch_2026 ").unwrap().as_str(),
+            "LAUNCH_2026"
+        );
     }
 
     #[test]
     fn rejects_each_kind_of_bad_code_with_its_reason() {
         assert_eq!(Code::parse("   "), Err(CodeError::Empty));
         assert!(matches!(Code::parse("ab"), Err(CodeError::TooShort { .. })));
-        assert!(matches!(Code::parse(&"A".repeat(65)), Err(CodeError::TooLong { len: 65 })));
-        assert!(matches!(Code::parse("-ABC"), Err(CodeError::BadStart { .. })));
+        assert!(matches!(
+            Code::parse(&"A".repeat(65)),
+            Err(CodeError::TooLong { len: 65 })
+        ));
+        assert!(matches!(
+            Code::parse("-ABC"),
+            Err(CodeError::BadStart { .. })
+        ));
         assert!(matches!(
             Code::parse("SUMMER SALE"),
             Err(CodeError::BadCharacter { found: ' ', .. })
@@ -107,7 +116,10 @@ mod tests {
             Err(CodeError::BadCharacter { found: 'É', .. })
         ));
         let message = Code::parse("a.b.c").unwrap_err().to_string();
-        assert!(message.contains("'.'") || message.contains("\".\""), "{message}");
+        assert!(
+            message.contains("'.'") || message.contains("\".\""),
+            "{message}"
+        );
     }
 
     #[test]

@@ -134,7 +134,10 @@ mod tests {
     #[test]
     fn spec_changes_and_drift_are_told_apart() {
         let changed = [TermField::CreditOmr];
-        assert_eq!(Claim::Keep.audit_kinds(&changed, true, true), vec![AuditKind::Updated]);
+        assert_eq!(
+            Claim::Keep.audit_kinds(&changed, true, true),
+            vec![AuditKind::Updated]
+        );
         assert_eq!(
             Claim::Keep.audit_kinds(&changed, true, false),
             vec![AuditKind::DriftCorrected]

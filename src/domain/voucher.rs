@@ -186,7 +186,10 @@ impl Terms {
             }
         };
         check(TermField::CreditOmr, self.credit_omr != current.credit_omr);
-        check(TermField::Description, self.description != current.description);
+        check(
+            TermField::Description,
+            self.description != current.description,
+        );
         check(TermField::Active, self.active != current.active);
         check(
             TermField::MaxRedemptions,
@@ -251,14 +254,26 @@ mod tests {
     fn redeemability_names_each_reason() {
         let r = record();
         assert_eq!(Redeemability::of(None, at(9)), Redeemability::Unknown);
-        assert_eq!(Redeemability::of(Some(&r), at(9)), Redeemability::Redeemable);
+        assert_eq!(
+            Redeemability::of(Some(&r), at(9)),
+            Redeemability::Redeemable
+        );
 
-        let tomb = CodeRecord { deleted_at: Some(at(1)), ..r.clone() };
-        assert_eq!(Redeemability::of(Some(&tomb), at(9)), Redeemability::Tombstoned);
+        let tomb = CodeRecord {
+            deleted_at: Some(at(1)),
+            ..r.clone()
+        };
+        assert_eq!(
+            Redeemability::of(Some(&tomb), at(9)),
+            Redeemability::Tombstoned
+        );
 
         let mut off = r.clone();
         off.terms.active = false;
-        assert_eq!(Redeemability::of(Some(&off), at(9)), Redeemability::Inactive);
+        assert_eq!(
+            Redeemability::of(Some(&off), at(9)),
+            Redeemability::Inactive
+        );
 
         assert_eq!(
             Redeemability::of(Some(&r), at(7)),
@@ -269,7 +284,10 @@ mod tests {
             Redeemability::Expired { expired_at: at(18) }
         );
 
-        let full = CodeRecord { times_redeemed: 3, ..r.clone() };
+        let full = CodeRecord {
+            times_redeemed: 3,
+            ..r.clone()
+        };
         assert_eq!(
             Redeemability::of(Some(&full), at(9)),
             Redeemability::Capped { max_redemptions: 3 }
@@ -285,10 +303,16 @@ mod tests {
 
     #[test]
     fn tombstones_and_unknown_codes_look_the_same_in_public() {
-        let tomb = CodeRecord { deleted_at: Some(at(1)), ..record() };
+        let tomb = CodeRecord {
+            deleted_at: Some(at(1)),
+            ..record()
+        };
         let hidden = Redeemability::of(Some(&tomb), at(9));
         assert!(hidden.is_hidden());
-        assert_eq!(hidden.public_reason(), Redeemability::Unknown.public_reason());
+        assert_eq!(
+            hidden.public_reason(),
+            Redeemability::Unknown.public_reason()
+        );
         assert!(!Redeemability::Inactive.is_hidden());
     }
 
@@ -310,7 +334,10 @@ mod tests {
     #[test]
     fn remaining_never_goes_below_zero() {
         // An adopted row can already be past a cap that the resource lowered.
-        let r = CodeRecord { times_redeemed: 7, ..record() };
+        let r = CodeRecord {
+            times_redeemed: 7,
+            ..record()
+        };
         assert_eq!(r.remaining(), Some(0));
     }
 
@@ -320,7 +347,10 @@ mod tests {
         assert_eq!(Phase::of(&r, at(7)), Phase::Scheduled);
         assert_eq!(Phase::of(&r, at(9)), Phase::Active);
         assert_eq!(Phase::of(&r, at(19)), Phase::Expired);
-        let full = CodeRecord { times_redeemed: 3, ..r.clone() };
+        let full = CodeRecord {
+            times_redeemed: 3,
+            ..r.clone()
+        };
         assert_eq!(Phase::of(&full, at(9)), Phase::Exhausted);
         let mut off = r;
         off.terms.active = false;
@@ -333,7 +363,11 @@ mod tests {
         assert_eq!(terms.next_boundary(at(7)), Some(at(8)));
         assert_eq!(terms.next_boundary(at(8)), Some(at(18)));
         assert_eq!(terms.next_boundary(at(18)), None);
-        let open = Terms { valid_from: None, expires_at: None, ..terms };
+        let open = Terms {
+            valid_from: None,
+            expires_at: None,
+            ..terms
+        };
         assert_eq!(open.next_boundary(at(7)), None);
     }
 
@@ -349,7 +383,11 @@ mod tests {
         };
         assert_eq!(
             wanted.changes_from(&current),
-            vec![TermField::CreditOmr, TermField::Active, TermField::ExpiresAt]
+            vec![
+                TermField::CreditOmr,
+                TermField::Active,
+                TermField::ExpiresAt
+            ]
         );
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::domain::Code;
 
@@ -22,15 +22,17 @@ pub const MIGRATIONS_TABLE: &str = "voucher_operator_migrations";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot connect to the database at {target}: {source}")]
+    #[error("cannot connect to the database at {target}")]
     Connect {
         target: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error("database migration failed: {0}")]
+    #[error("cannot connect to the database at {target}: no answer within {after:?}")]
+    ConnectTimeout { target: String, after: Duration },
+    #[error("database migration failed")]
     Migrate(#[from] MigrateError),
-    #[error("database query failed: {0}")]
+    #[error("database query failed")]
     Query(#[from] sqlx::Error),
     #[error("the binding of code {code} is held by another resource")]
     BindingTaken { code: String },
@@ -75,6 +77,22 @@ impl Store {
             options.get_port(),
             options.get_database().unwrap_or("")
         );
+        // One direct connection first: a pool only reports "timed out", while
+        // this names the cause (refused, unknown host, bad password...).
+        let probe = tokio::time::timeout(
+            settings.connect_timeout,
+            PgConnection::connect_with(&options),
+        )
+        .await
+        .map_err(|_| StoreError::ConnectTimeout {
+            target: target.clone(),
+            after: settings.connect_timeout,
+        })?
+        .map_err(|source| StoreError::Connect {
+            target: target.clone(),
+            source,
+        })?;
+        probe.close().await.ok();
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.connect_timeout)

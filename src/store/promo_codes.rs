@@ -80,9 +80,9 @@ pub async fn find_live(conn: &mut PgConnection, code: &Code) -> Result<Option<Co
         returning!(),
         " FROM promo_codes WHERE code = $1 AND deleted_at IS NULL"
     ))
-        .bind(code.as_str())
-        .fetch_optional(conn)
-        .await?;
+    .bind(code.as_str())
+    .fetch_optional(conn)
+    .await?;
     Ok(row.map(Into::into))
 }
 
@@ -93,9 +93,9 @@ pub async fn find_for_update(conn: &mut PgConnection, code: &Code) -> Result<Opt
         returning!(),
         " FROM promo_codes WHERE code = $1 FOR UPDATE"
     ))
-        .bind(code.as_str())
-        .fetch_optional(conn)
-        .await?;
+    .bind(code.as_str())
+    .fetch_optional(conn)
+    .await?;
     Ok(row.map(Into::into))
 }
 
@@ -175,8 +175,8 @@ pub async fn soft_delete(conn: &mut PgConnection, code: &Code) -> Result<Option<
          WHERE code = $1 AND deleted_at IS NULL RETURNING ",
         returning!()
     ))
-        .bind(code.as_str())
-        .fetch_optional(conn)
-        .await?;
+    .bind(code.as_str())
+    .fetch_optional(conn)
+    .await?;
     Ok(row.map(Into::into))
 }

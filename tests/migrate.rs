@@ -1,0 +1,253 @@
+//! `voucher-operator migrate` against a real Postgres: on an empty database,
+//! and on a database the billing service already created and filled, twice
+//! each, leaving every pre-existing row and column exactly as it was.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+fn migrate(database_url: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+        .arg("migrate")
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run voucher-operator migrate")
+}
+
+#[track_caller]
+fn assert_migrated(output: &Output) {
+    assert!(
+        output.status.success(),
+        "migrate failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The billing service's schema exactly as DESIGN §2 lists it, written the way
+/// that service writes it (not with the operator's migration).
+const BILLING_SCHEMA: &str = r#"
+CREATE TABLE customers (id UUID PRIMARY KEY DEFAULT gen_random_uuid(), user_id TEXT UNIQUE NOT NULL,
+  tenant_id TEXT NOT NULL, stripe_customer_id TEXT UNIQUE, email TEXT NOT NULL,
+  created_at TIMESTAMPTZ NOT NULL DEFAULT now());
+CREATE TABLE promo_codes (code TEXT PRIMARY KEY, credit_omr INT NOT NULL, description TEXT NOT NULL DEFAULT '',
+  active BOOLEAN NOT NULL DEFAULT true, max_redemptions INT NOT NULL DEFAULT 0,
+  times_redeemed INT NOT NULL DEFAULT 0, created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  deleted_at TIMESTAMPTZ NULL);
+CREATE TABLE promo_redemptions (customer_id UUID NOT NULL REFERENCES customers(id),
+  code TEXT NOT NULL REFERENCES promo_codes(code), created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  PRIMARY KEY (customer_id, code));
+CREATE TABLE credit_ledger (id UUID PRIMARY KEY DEFAULT gen_random_uuid(), customer_id UUID NOT NULL REFERENCES customers(id),
+  amount_omr INT NOT NULL, reason TEXT NOT NULL, order_id TEXT, created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  status TEXT NOT NULL DEFAULT 'active');
+CREATE TABLE orders (id UUID PRIMARY KEY DEFAULT gen_random_uuid(), customer_id UUID NOT NULL REFERENCES customers(id),
+  total_omr INT NOT NULL, promo_code TEXT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now());
+-- The billing service's own sqlx bookkeeping must not confuse the operator's.
+CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL,
+  installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL,
+  checksum BYTEA NOT NULL, execution_time BIGINT NOT NULL);
+INSERT INTO _sqlx_migrations VALUES (20240101000000, 'billing init', now(), true, '\x00', 1);
+
+INSERT INTO customers (id, user_id, tenant_id, stripe_customer_id, email, created_at) VALUES
+  ('11111111-1111-1111-1111-111111111111', 'user-a', 'tenant-1', 'cus_A', 'a@example.om', '2025-01-01T10:00:00Z'),
+  ('22222222-2222-2222-2222-222222222222', 'user-b', 'tenant-2', NULL, 'b@example.om', '2025-02-01T10:00:00Z');
+INSERT INTO promo_codes (code, credit_omr, description, active, max_redemptions, times_redeemed, created_at, deleted_at) VALUES
+  ('OMANTEL-MUSCAT-200', 200, 'launch', true, 200, 2, '2025-03-01T00:00:00Z', NULL),
+  ('OLD-PROMO', 5, '', false, 0, 1, '2024-06-01T00:00:00Z', '2025-01-15T00:00:00Z'),
+  ('UNLIMITED', 10, 'always', true, 0, 0, '2025-04-01T00:00:00Z', NULL);
+INSERT INTO promo_redemptions (customer_id, code, created_at) VALUES
+  ('11111111-1111-1111-1111-111111111111', 'OMANTEL-MUSCAT-200', '2025-03-02T00:00:00Z'),
+  ('22222222-2222-2222-2222-222222222222', 'OMANTEL-MUSCAT-200', '2025-03-03T00:00:00Z'),
+  ('11111111-1111-1111-1111-111111111111', 'OLD-PROMO', '2024-07-01T00:00:00Z');
+INSERT INTO credit_ledger (customer_id, amount_omr, reason, order_id, created_at, status) VALUES
+  ('11111111-1111-1111-1111-111111111111', 200, 'promo:OMANTEL-MUSCAT-200', NULL, '2025-03-02T00:00:00Z', 'active'),
+  ('22222222-2222-2222-2222-222222222222', 200, 'promo:OMANTEL-MUSCAT-200', NULL, '2025-03-03T00:00:00Z', 'active'),
+  ('11111111-1111-1111-1111-111111111111', 5, 'promo:OLD-PROMO', NULL, '2024-07-01T00:00:00Z', 'active'),
+  ('11111111-1111-1111-1111-111111111111', -150, 'order', 'ord-1', '2025-03-05T00:00:00Z', 'active');
+INSERT INTO orders (customer_id, total_omr, promo_code) VALUES
+  ('11111111-1111-1111-1111-111111111111', 150, 'OMANTEL-MUSCAT-200');
+"#;
+
+const BILLING_TABLES: [&str; 6] = [
+    "customers",
+    "promo_codes",
+    "promo_redemptions",
+    "credit_ledger",
+    "orders",
+    "_sqlx_migrations",
+];
+
+/// Every column of `table`: name → (type, nullable, default).
+async fn columns(pool: &PgPool, table: &str) -> BTreeMap<String, (String, String, Option<String>)> {
+    let rows: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT column_name::text, data_type::text, is_nullable::text, column_default::text \
+         FROM information_schema.columns WHERE table_schema = 'public' AND table_name = $1",
+    )
+    .bind(table)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(name, ty, nullable, default)| (name, (ty, nullable, default)))
+        .collect()
+}
+
+/// Every constraint of `table` (primary keys, uniques, foreign keys).
+async fn constraints(pool: &PgPool, table: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint \
+         WHERE conrelid = $1::regclass ORDER BY conname",
+    )
+    .bind(table)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Every row of `table` as JSON, limited to `keep` columns, in a stable order.
+async fn rows(pool: &PgPool, table: &str, keep: &[String]) -> Vec<Value> {
+    let sql = format!("SELECT to_jsonb(t) FROM {table} t");
+    let mut rows: Vec<Value> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    for row in &mut rows {
+        row.as_object_mut().unwrap().retain(|k, _| keep.contains(k));
+    }
+    rows.sort_by_key(|r| r.to_string());
+    rows
+}
+
+#[tokio::test]
+async fn migrate_on_an_empty_database_twice() {
+    let url = support::fresh_database("empty").await;
+    assert_migrated(&migrate(&url));
+    let second = migrate(&url);
+    assert_migrated(&second);
+    assert!(
+        String::from_utf8_lossy(&second.stdout).contains("0 migration(s) applied now"),
+        "the second run must apply nothing: {}",
+        String::from_utf8_lossy(&second.stdout)
+    );
+
+    let pool = support::pool(&url).await;
+    for table in [
+        "customers",
+        "promo_codes",
+        "promo_redemptions",
+        "credit_ledger",
+        "voucher_bindings",
+        "voucher_audit_outbox",
+        "voucher_idempotency_keys",
+    ] {
+        assert!(
+            !columns(&pool, table).await.is_empty(),
+            "{table} was not created"
+        );
+    }
+    let promo = columns(&pool, "promo_codes").await;
+    assert!(promo.contains_key("valid_from") && promo.contains_key("expires_at"));
+}
+
+#[tokio::test]
+async fn migrate_keeps_a_billing_service_database_intact() {
+    let url = support::fresh_database("billing").await;
+    let pool = support::pool(&url).await;
+    sqlx::raw_sql(BILLING_SCHEMA).execute(&pool).await.unwrap();
+
+    let mut before = Vec::new();
+    for table in BILLING_TABLES {
+        let cols = columns(&pool, table).await;
+        let names: Vec<String> = cols.keys().cloned().collect();
+        let data = rows(&pool, table, &names).await;
+        assert!(!data.is_empty(), "fixture table {table} is empty");
+        before.push((table, cols, constraints(&pool, table).await, names, data));
+    }
+
+    assert_migrated(&migrate(&url));
+    assert_migrated(&migrate(&url));
+
+    for (table, cols, cons, names, data) in before {
+        let after_cols = columns(&pool, table).await;
+        for (name, definition) in &cols {
+            assert_eq!(
+                after_cols.get(name),
+                Some(definition),
+                "{table}.{name} was dropped or changed"
+            );
+        }
+        let after_cons = constraints(&pool, table).await;
+        for constraint in &cons {
+            assert!(
+                after_cons.contains(constraint),
+                "{table}: {constraint} is gone"
+            );
+        }
+        assert_eq!(
+            rows(&pool, table, &names).await,
+            data,
+            "rows of {table} changed"
+        );
+    }
+
+    // The only additions to the billing tables are the two window columns.
+    let added: Vec<String> = columns(&pool, "promo_codes")
+        .await
+        .into_keys()
+        .filter(|c| {
+            ![
+                "code",
+                "credit_omr",
+                "description",
+                "active",
+                "max_redemptions",
+                "times_redeemed",
+                "created_at",
+                "deleted_at",
+            ]
+            .contains(&c.as_str())
+        })
+        .collect();
+    assert_eq!(added, ["expires_at", "valid_from"]);
+}
+
+#[test]
+fn migrate_reports_an_unreachable_database_clearly() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+        .args(["migrate", "--database-connect-timeout", "2s"])
+        .env(
+            "DATABASE_URL",
+            format!("postgres://billing:s3cret@127.0.0.1:{port}/billing"),
+        )
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot connect to the database at 127.0.0.1:"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret"), "the password leaked: {stderr}");
+}
+
+#[test]
+fn migrate_without_a_database_url_says_what_is_missing() {
+    let output = Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+        .arg("migrate")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--database-url"), "{stderr}");
+}

@@ -1,0 +1,310 @@
+//! The store's typed queries against a real Postgres: apply only when the row
+//! differs, resurrect, soft delete, claim (create / adopt / keep / conflict),
+//! and the outbox committing or rolling back with the change it describes.
+
+mod support;
+
+use chrono::{TimeZone, Utc};
+use sqlx::PgPool;
+use voucher_operator::domain::{AuditKind, Claim, Code, Owner, TermField, Terms};
+use voucher_operator::store::outbox::{self, NewAuditRecord};
+use voucher_operator::store::{Store, StoreError, bindings, promo_codes};
+
+async fn store() -> Store {
+    let url = support::fresh_database("store").await;
+    let store = Store::from_pool(support::pool(&url).await);
+    store.migrate().await.expect("migrate");
+    store
+}
+
+fn terms(credit: i32) -> Terms {
+    Terms {
+        credit_omr: credit,
+        description: "launch".into(),
+        active: true,
+        max_redemptions: 10,
+        valid_from: None,
+        expires_at: Some(Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap()),
+    }
+}
+
+fn owner(uid: &str) -> Owner {
+    Owner {
+        namespace: "sales".into(),
+        name: format!("voucher-{uid}"),
+        uid: uid.into(),
+    }
+}
+
+fn code(s: &str) -> Code {
+    Code::parse(s).unwrap()
+}
+
+async fn raw_row(pool: &PgPool, code: &str) -> (i32, i32, bool, Option<chrono::DateTime<Utc>>) {
+    sqlx::query_as(
+        "SELECT credit_omr, times_redeemed, active, deleted_at FROM promo_codes WHERE code = $1",
+    )
+    .bind(code)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn apply_creates_then_writes_only_what_differs() {
+    let store = store().await;
+    let mut conn = store.pool().acquire().await.unwrap();
+    let launch = code("launch-50");
+
+    let created = promo_codes::apply(&mut conn, &launch, &terms(50))
+        .await
+        .unwrap();
+    assert!(created.created() && created.wrote());
+    assert_eq!(created.changed, TermField::ALL.to_vec());
+    assert_eq!(created.after.code, "LAUNCH-50");
+    assert_eq!(created.after.times_redeemed, 0);
+
+    // The same terms again: no write at all (xmin stays the same).
+    let xmin = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, String>(
+            "SELECT xmin::text FROM promo_codes WHERE code = 'LAUNCH-50'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let version = xmin(store.pool().clone()).await;
+    let same = promo_codes::apply(&mut conn, &launch, &terms(50))
+        .await
+        .unwrap();
+    assert!(!same.wrote() && same.changed.is_empty());
+    assert_eq!(
+        xmin(store.pool().clone()).await,
+        version,
+        "a no-op apply wrote the row"
+    );
+
+    let mut wanted = terms(75);
+    wanted.active = false;
+    let updated = promo_codes::apply(&mut conn, &launch, &wanted)
+        .await
+        .unwrap();
+    assert_eq!(updated.changed, [TermField::CreditOmr, TermField::Active]);
+    assert_eq!(updated.before.unwrap().terms.credit_omr, 50);
+    assert_eq!(updated.after.terms, wanted);
+    assert_eq!(raw_row(store.pool(), "LAUNCH-50").await.0, 75);
+}
+
+#[tokio::test]
+async fn soft_delete_hides_the_code_and_apply_resurrects_it_with_its_counter() {
+    let store = store().await;
+    let pool = store.pool();
+    let mut conn = pool.acquire().await.unwrap();
+    let launch = code("LAUNCH-50");
+    promo_codes::apply(&mut conn, &launch, &terms(50))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE promo_codes SET times_redeemed = 4 WHERE code = 'LAUNCH-50'")
+        .execute(pool)
+        .await
+        .unwrap();
+
+    let tomb = promo_codes::soft_delete(&mut conn, &launch)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(tomb.is_tombstoned() && !tomb.terms.active);
+    assert_eq!(
+        promo_codes::find_live(&mut conn, &launch).await.unwrap(),
+        None
+    );
+    assert!(promo_codes::list_live(&mut conn).await.unwrap().is_empty());
+    assert_eq!(
+        promo_codes::soft_delete(&mut conn, &launch).await.unwrap(),
+        None,
+        "deleting a tombstone again is a no-op"
+    );
+
+    let back = promo_codes::apply(&mut conn, &launch, &terms(50))
+        .await
+        .unwrap();
+    assert!(back.resurrected() && back.wrote() && !back.created());
+    assert_eq!(
+        back.after.times_redeemed, 4,
+        "resurrection keeps times_redeemed"
+    );
+    assert_eq!(back.after.created_at, tomb.created_at);
+    assert!(back.after.deleted_at.is_none() && back.after.terms.active);
+    let live = promo_codes::find_live(&mut conn, &launch)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(live, back.after);
+}
+
+#[tokio::test]
+async fn claim_creates_adopts_keeps_and_detects_conflicts() {
+    let store = store().await;
+    let pool = store.pool();
+    let (a, b) = (owner("a"), owner("b"));
+
+    // A code nobody has: create.
+    let mut tx = pool.begin().await.unwrap();
+    let fresh = code("FRESH-1");
+    assert_eq!(
+        bindings::claim(&mut tx, &fresh, &a).await.unwrap().claim,
+        Claim::Create
+    );
+    promo_codes::apply(&mut tx, &fresh, &terms(5))
+        .await
+        .unwrap();
+    bindings::bind(&mut tx, &fresh, &a, 1).await.unwrap();
+    tx.commit().await.unwrap();
+
+    // Ours: keep, with the generation last applied.
+    let mut conn = pool.acquire().await.unwrap();
+    let state = bindings::claim(&mut conn, &fresh, &a).await.unwrap();
+    assert_eq!(state.claim, Claim::Keep);
+    assert_eq!(state.binding.unwrap().generation, 1);
+    bindings::bind(&mut conn, &fresh, &a, 2).await.unwrap();
+    assert_eq!(
+        bindings::find(&mut conn, &fresh)
+            .await
+            .unwrap()
+            .unwrap()
+            .generation,
+        2
+    );
+
+    // Someone else's: conflict, and binding it is refused.
+    let state = bindings::claim(&mut conn, &fresh, &b).await.unwrap();
+    assert_eq!(state.claim, Claim::Conflict { owner: a.clone() });
+    assert!(matches!(
+        bindings::bind(&mut conn, &fresh, &b, 1).await,
+        Err(StoreError::BindingTaken { .. })
+    ));
+
+    // A row the admin page wrote before the lift: adopt, counters kept.
+    sqlx::query(
+        "INSERT INTO promo_codes (code, credit_omr, times_redeemed, created_at) \
+         VALUES ('LEGACY-9', 9, 3, '2025-01-01T00:00:00Z')",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let legacy = code("legacy-9");
+    let state = bindings::claim(&mut conn, &legacy, &b).await.unwrap();
+    assert_eq!(state.claim, Claim::Adopt);
+    let adopted = promo_codes::apply(&mut conn, &legacy, &terms(9))
+        .await
+        .unwrap();
+    assert_eq!(adopted.after.times_redeemed, 3);
+    assert_eq!(
+        adopted.after.created_at,
+        Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap()
+    );
+
+    // A tombstone: resurrect.
+    promo_codes::soft_delete(&mut conn, &legacy).await.unwrap();
+    assert_eq!(
+        bindings::claim(&mut conn, &legacy, &b).await.unwrap().claim,
+        Claim::Resurrect
+    );
+
+    // Released bindings free the code for another resource.
+    assert!(!bindings::release(&mut conn, &fresh, "b").await.unwrap());
+    assert!(bindings::release(&mut conn, &fresh, "a").await.unwrap());
+    assert_eq!(
+        bindings::claim(&mut conn, &fresh, &b).await.unwrap().claim,
+        Claim::Adopt
+    );
+}
+
+#[tokio::test]
+async fn concurrent_claims_of_one_new_code_bind_exactly_one_resource() {
+    let store = store().await;
+    let contested = code("CONTESTED");
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let pool = store.pool().clone();
+        let contested = contested.clone();
+        tasks.push(tokio::spawn(async move {
+            let me = owner(&format!("uid-{i}"));
+            let mut tx = pool.begin().await.unwrap();
+            let state = bindings::claim(&mut tx, &contested, &me).await.unwrap();
+            if matches!(state.claim, Claim::Conflict { .. }) {
+                return false;
+            }
+            promo_codes::apply(&mut tx, &contested, &terms(1))
+                .await
+                .unwrap();
+            bindings::bind(&mut tx, &contested, &me, 1).await.unwrap();
+            tx.commit().await.unwrap();
+            true
+        }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        winners += usize::from(task.await.unwrap());
+    }
+    assert_eq!(
+        winners, 1,
+        "the per-code lock must let exactly one claim win"
+    );
+}
+
+#[tokio::test]
+async fn outbox_records_commit_and_roll_back_with_their_change() {
+    let store = store().await;
+    let pool = store.pool();
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM voucher_audit_outbox")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    };
+
+    let mut tx = pool.begin().await.unwrap();
+    let applied = promo_codes::apply(&mut tx, &code("ROLLED-BACK"), &terms(5))
+        .await
+        .unwrap();
+    let record = NewAuditRecord::new(
+        "ROLLED-BACK",
+        AuditKind::Created,
+        serde_json::to_value(&applied.after).unwrap(),
+    );
+    outbox::append(&mut tx, &record).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(count().await, 0);
+    let mut conn = pool.acquire().await.unwrap();
+    assert_eq!(
+        promo_codes::find_live(&mut conn, &code("ROLLED-BACK"))
+            .await
+            .unwrap(),
+        None
+    );
+
+    let mut tx = pool.begin().await.unwrap();
+    let first = outbox::append(
+        &mut tx,
+        &NewAuditRecord::new("A-CODE", AuditKind::Created, serde_json::json!({})),
+    )
+    .await
+    .unwrap();
+    let second = outbox::append(&mut tx, &record).await.unwrap();
+    tx.commit().await.unwrap();
+    assert!(second > first, "outbox order is append order");
+    assert_eq!(count().await, 2);
+    let (kind, payload): (String, serde_json::Value) =
+        sqlx::query_as("SELECT kind, payload FROM voucher_audit_outbox WHERE event_id = $1")
+            .bind(record.event_id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(kind, "created");
+    assert_eq!(payload["code"], "ROLLED-BACK");
+
+    // An event id is written once: a retried append cannot double it.
+    let mut conn = pool.acquire().await.unwrap();
+    assert!(outbox::append(&mut conn, &record).await.is_err());
+}

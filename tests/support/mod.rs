@@ -1,0 +1,325 @@
+//! Real services for the integration tests: a throwaway Postgres cluster and a
+//! nats-server with JetStream, each started once per test binary on a free
+//! loopback port in a temporary directory, and stopped and removed when the
+//! test binary exits (or dies: they get SIGTERM when it does).
+//!
+//! A missing server binary is a test failure with the command that installs
+//! it, never a skip.
+
+#![allow(dead_code)] // each test binary uses its own part of the support code
+
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+/// The uid/gid that Postgres runs as when the tests run as root
+/// (`initdb` and `postgres` refuse to run as root).
+const UNPRIVILEGED: u32 = 65534;
+
+pub struct Postgres {
+    pub port: u16,
+    pub bin: PathBuf,
+}
+
+pub struct Nats {
+    pub port: u16,
+    pub url: String,
+}
+
+impl Postgres {
+    pub fn admin_url(&self) -> String {
+        self.url_for("postgres")
+    }
+
+    pub fn url_for(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+/// The Postgres server of this test binary, started on first use.
+pub fn postgres() -> &'static Postgres {
+    static SERVER: OnceLock<Postgres> = OnceLock::new();
+    SERVER.get_or_init(start_postgres)
+}
+
+/// The nats-server (JetStream enabled) of this test binary, started on first use.
+pub fn nats() -> &'static Nats {
+    static SERVER: OnceLock<Nats> = OnceLock::new();
+    SERVER.get_or_init(start_nats)
+}
+
+/// A new, empty database on the shared server; its URL.
+pub async fn fresh_database(prefix: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let server = postgres();
+    let name = format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&server.admin_url())
+        .await
+        .expect("connect to the test Postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .expect("create test database");
+    admin.close().await;
+    server.url_for(&name)
+}
+
+pub async fn pool(url: &str) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(20)
+        .connect(url)
+        .await
+        .expect("connect to the test database")
+}
+
+fn start_postgres() -> Postgres {
+    let bin = postgres_bin_dir();
+    let dir = scratch_dir("pg");
+    let data = dir.join("data");
+    let run_as = |cmd: &mut Command| {
+        if is_root() {
+            cmd.uid(UNPRIVILEGED).gid(UNPRIVILEGED);
+        }
+    };
+
+    let mut initdb = Command::new(bin.join("initdb"));
+    initdb
+        .args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-sync",
+            "-D",
+        ])
+        .arg(&data)
+        .stdout(Stdio::null());
+    run_as(&mut initdb);
+    let output = initdb.output().expect("run initdb");
+    assert!(
+        output.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let port = free_port();
+    let mut postgres = Command::new(bin.join("postgres"));
+    postgres
+        .arg("-D")
+        .arg(&data)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-k"])
+        .arg(&dir)
+        // Throwaway data: durability off makes the tests several times faster.
+        .args([
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+        ])
+        .args(["-c", "max_connections=400"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("postgres.log")).unwrap());
+    run_as(&mut postgres);
+    supervise(postgres, libc::SIGINT, dir.clone());
+    wait_for_port(port, "postgres", &dir.join("postgres.log"));
+    Postgres { port, bin }
+}
+
+fn start_nats() -> Nats {
+    let binary = find_on_path("nats-server").unwrap_or_else(|| {
+        panic!(
+            "nats-server is not installed: install the Debian package with \
+             `apt-get install -y nats-server` (bash .ci/test does this)"
+        )
+    });
+    let dir = scratch_dir("nats");
+    let port = free_port();
+    let mut nats = Command::new(binary);
+    nats.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir.join("jetstream"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("nats.log")).unwrap());
+    supervise(nats, libc::SIGTERM, dir.clone());
+    wait_for_port(port, "nats-server", &dir.join("nats.log"));
+    Nats {
+        port,
+        url: format!("nats://127.0.0.1:{port}"),
+    }
+}
+
+/// Where the Postgres server binaries are: `$PG_BIN`, then `pg_config
+/// --bindir`, then the newest /usr/lib/postgresql/*/bin, then $PATH.
+fn postgres_bin_dir() -> PathBuf {
+    let has_server = |dir: &Path| dir.join("initdb").exists() && dir.join("postgres").exists();
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(dir) = std::env::var("PG_BIN") {
+        candidates.push(dir.into());
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        candidates.push(String::from_utf8_lossy(&out.stdout).trim().into());
+    }
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("bin")).collect();
+        versions.sort_by_key(|p| {
+            p.parent()
+                .and_then(|v| v.file_name())
+                .and_then(|v| v.to_str())
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0)
+        });
+        candidates.extend(versions.into_iter().rev());
+    }
+    if let Some(initdb) = find_on_path("initdb") {
+        candidates.push(initdb.parent().unwrap().to_path_buf());
+    }
+    candidates
+        .into_iter()
+        .find(|dir| has_server(dir))
+        .unwrap_or_else(|| {
+            panic!(
+                "the Postgres server binaries (initdb, postgres) were not found: install them with \
+             `apt-get install -y postgresql` or set PG_BIN (bash .ci/test does this)"
+            )
+        })
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn scratch_dir(what: &str) -> PathBuf {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("voucher-operator-test-{what}-"))
+        .tempdir()
+        .expect("create a temporary directory")
+        .keep();
+    if is_root() {
+        std::os::unix::fs::chown(&dir, Some(UNPRIVILEGED), Some(UNPRIVILEGED)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    dir
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("find a free port")
+}
+
+fn wait_for_port(port: u16, what: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "{what} did not start listening on port {port} within 30 s; its log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+struct Supervised {
+    child: Child,
+    stop_signal: i32,
+    dir: PathBuf,
+}
+
+/// A command to start, and where to send the started child.
+type SpawnRequest = (Command, mpsc::Sender<Child>);
+
+static SUPERVISED: Mutex<Vec<Supervised>> = Mutex::new(Vec::new());
+
+/// Starts `cmd` so that it cannot outlive this process: from a thread that
+/// lives as long as the process (the parent-death signal fires when the
+/// spawning *thread* ends), and with an exit hook that stops it and removes
+/// its directory.
+fn supervise(mut cmd: Command, stop_signal: i32, dir: PathBuf) {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::spawn(move || {
+            for (mut cmd, reply) in rx {
+                let child = cmd.spawn().expect("start test service");
+                let _ = reply.send(child);
+            }
+            // Keep the thread, and so the parent-death link, alive.
+            loop {
+                std::thread::park();
+            }
+        });
+        // SAFETY: `stop_all` is a plain `extern "C" fn` that only uses std.
+        unsafe { libc::atexit(stop_all) };
+        Mutex::new(tx)
+    });
+    // SAFETY: prctl is async-signal-safe and runs in the forked child only.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (reply_tx, reply_rx) = mpsc::channel();
+    spawner.lock().unwrap().send((cmd, reply_tx)).unwrap();
+    let child = reply_rx.recv().expect("the spawner thread answers");
+    SUPERVISED.lock().unwrap().push(Supervised {
+        child,
+        stop_signal,
+        dir,
+    });
+}
+
+extern "C" fn stop_all() {
+    let Ok(mut services) = SUPERVISED.lock() else {
+        return;
+    };
+    for service in services.iter_mut() {
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(service.child.id() as i32, service.stop_signal) };
+    }
+    for mut service in services.drain(..) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(service.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = service.child.kill();
+        let _ = service.child.wait();
+        let _ = std::fs::remove_dir_all(&service.dir);
+    }
+}
