@@ -55,7 +55,7 @@ pub struct VoucherSpec {
 
     /// Credit granted on redemption, in whole Omani Rial (at least 1).
     #[serde(rename = "creditOMR")]
-    #[schemars(range(min = 1))]
+    #[schemars(extend("minimum" = 1))]
     pub credit_omr: i32,
 
     /// Free text shown to customers on the redemption page.
@@ -69,7 +69,7 @@ pub struct VoucherSpec {
 
     /// Redemptions allowed in total, across all customers; 0 means unlimited.
     #[serde(default)]
-    #[schemars(range(min = 0))]
+    #[schemars(extend("minimum" = 0))]
     pub max_redemptions: i32,
 
     /// Start of the redemption window (RFC 3339). Before it the phase is Scheduled.

@@ -119,12 +119,11 @@ impl Validator {
         check_name(object, &mut causes);
         unknown_fields(&self.schema, object, "", &mut causes);
         if causes.is_empty() {
-            for error in self.json_schema.iter_errors(object) {
-                causes.push(Cause {
-                    field: dotted(error.instance_path().as_str()),
-                    message: error.to_string(),
-                });
-            }
+            causes.extend(
+                self.json_schema
+                    .iter_errors(object)
+                    .map(|e| schema_cause(&e)),
+            );
         }
         // CEL rules assume a schema-valid object, as in the API server.
         if causes.is_empty()
@@ -235,6 +234,73 @@ fn unknown_fields(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Ca
         }
         _ => {}
     }
+}
+
+/// A schema violation worded as the API server words it, so kubectl users
+/// read the same sentence from the local endpoint as from a cluster.
+fn schema_cause(error: &jsonschema::ValidationError<'_>) -> Cause {
+    use jsonschema::error::{TypeKind, ValidationErrorKind as Kind};
+    let field = dotted(error.instance_path().as_str());
+    let value = error.instance();
+    let number = |limit: &Value| match limit.as_f64() {
+        Some(n) if n.fract() == 0.0 => format!("{}", n as i64),
+        _ => limit.to_string(),
+    };
+    let message = match error.kind() {
+        Kind::Minimum { limit } => format!(
+            "Invalid value: {value}: {field} in body should be greater than or equal to {}",
+            number(limit)
+        ),
+        Kind::Maximum { limit } => format!(
+            "Invalid value: {value}: {field} in body should be less than or equal to {}",
+            number(limit)
+        ),
+        Kind::Pattern { pattern } => {
+            format!("Invalid value: {value}: {field} in body should match '{pattern}'")
+        }
+        Kind::MaxLength { limit } => format!("Too long: may not be more than {limit} bytes"),
+        Kind::MinLength { limit } => {
+            format!("Invalid value: {value}: {field} in body should be at least {limit} chars long")
+        }
+        Kind::Enum { options } => {
+            let supported: Vec<String> = options
+                .as_array()
+                .map(|o| o.iter().map(Value::to_string).collect())
+                .unwrap_or_default();
+            format!(
+                "Unsupported value: {value}: supported values: {}",
+                supported.join(", ")
+            )
+        }
+        Kind::Type { kind } => {
+            let wanted = match kind {
+                TypeKind::Single(t) => t.to_string(),
+                TypeKind::Multiple(ts) => ts
+                    .into_iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+            };
+            format!("Invalid value: {value}: {field} in body must be of type {wanted}: {value}")
+        }
+        Kind::Format { format } => {
+            format!("Invalid value: {value}: {field} in body must be of type {format}: {value}")
+        }
+        Kind::Required { property } => {
+            let name = property.as_str().unwrap_or_default();
+            let field = if field.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{field}.{name}")
+            };
+            return Cause {
+                field,
+                message: "Required value".into(),
+            };
+        }
+        _ => error.to_string(),
+    };
+    Cause { field, message }
 }
 
 /// `/spec/creditOMR` → `spec.creditOMR`.

@@ -132,7 +132,10 @@ fn credit_below_one_is_rejected() {
     assert_rejected(
         with(json!({"spec": {"creditOMR": 0}})),
         None,
-        &["spec.creditOMR", "less than the minimum of 1"],
+        &[
+            "spec.creditOMR: Invalid value: 0",
+            "should be greater than or equal to 1",
+        ],
     );
 }
 
@@ -141,7 +144,10 @@ fn negative_max_redemptions_is_rejected() {
     assert_rejected(
         with(json!({"spec": {"maxRedemptions": -1}})),
         None,
-        &["spec.maxRedemptions", "minimum of 0"],
+        &[
+            "spec.maxRedemptions: Invalid value: -1",
+            "greater than or equal to 0",
+        ],
     );
 }
 
@@ -150,7 +156,7 @@ fn credit_is_required() {
     assert_rejected(
         with(json!({"spec": {"creditOMR": null}})),
         None,
-        &["spec", "\"creditOMR\" is a required property"],
+        &["spec.creditOMR: Required value"],
     );
 }
 
@@ -159,7 +165,7 @@ fn credit_must_be_an_integer() {
     assert_rejected(
         with(json!({"spec": {"creditOMR": "50"}})),
         None,
-        &["spec.creditOMR", "not of type \"integer\""],
+        &["spec.creditOMR", "must be of type integer"],
     );
 }
 
@@ -169,13 +175,16 @@ fn code_outside_the_grammar_is_rejected() {
         assert_rejected(
             with(json!({"spec": {"code": bad}})),
             None,
-            &["spec.code", "does not match"],
+            &[
+                "spec.code",
+                "should match '^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$'",
+            ],
         );
     }
     assert_rejected(
         with(json!({"spec": {"code": "A".repeat(65)}})),
         None,
-        &["spec.code", "longer than 64 characters"],
+        &["spec.code: Too long: may not be more than 64"],
     );
 }
 
@@ -198,7 +207,7 @@ fn bad_dates_are_rejected() {
     assert_rejected(
         with(json!({"spec": {"expiresAt": "next tuesday"}})),
         None,
-        &["spec.expiresAt", "date-time"],
+        &["spec.expiresAt", "must be of type date-time"],
     );
 }
 
@@ -237,7 +246,10 @@ fn unknown_deletion_policy_is_rejected() {
     assert_rejected(
         with(json!({"spec": {"deletionPolicy": "Delete"}})),
         None,
-        &["spec.deletionPolicy", "Revoke", "Orphan"],
+        &[
+            "spec.deletionPolicy: Unsupported value: \"Delete\"",
+            "\"Revoke\", \"Orphan\"",
+        ],
     );
 }
 
@@ -301,4 +313,26 @@ fn several_problems_are_reported_together() {
         None,
         &["spec.creditOMR", "spec.maxRedemptions"],
     );
+}
+
+/// The messages quoted in the README, verbatim.
+#[test]
+fn readme_messages_are_what_the_validator_prints() {
+    let validator = Validator::for_vouchers();
+    let low = validator
+        .validate(&with(json!({"spec": {"creditOMR": 0}})), None)
+        .unwrap_err();
+    let immutable = validator
+        .validate(
+            &with(json!({"spec": {"code": "LAUNCH-60"}})),
+            Some(&with(json!({"spec": {"code": "LAUNCH-50"}}))),
+        )
+        .unwrap_err();
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    for message in [low.to_string(), immutable.to_string()] {
+        assert!(
+            readme.contains(&message),
+            "README does not quote: {message}"
+        );
+    }
 }
