@@ -5,5 +5,6 @@
 pub mod api;
 pub mod cli;
 pub mod domain;
+pub mod local;
 pub mod store;
 pub mod validation;

@@ -117,7 +117,10 @@ impl Validator {
         let mut causes = Vec::new();
         self.check_type(object, &mut causes);
         check_name(object, &mut causes);
-        unknown_fields(&self.schema, object, "", &mut causes);
+        causes.extend(self.unknown_fields(object).into_iter().map(|path| Cause {
+            field: String::new(),
+            message: format!("unknown field {path:?}"),
+        }));
         if causes.is_empty() {
             causes.extend(
                 self.json_schema
@@ -145,6 +148,32 @@ impl Validator {
                 causes,
             })
         }
+    }
+
+    /// Paths of the fields the schema does not declare (what strict field
+    /// validation rejects).
+    pub fn unknown_fields(&self, object: &Value) -> Vec<String> {
+        let mut found = Vec::new();
+        unknown_fields(&self.schema, &mut object.clone(), "", false, &mut found);
+        found
+    }
+
+    /// Removes the fields the schema does not declare, as the API server
+    /// prunes them when field validation is not strict; returns their paths.
+    pub fn prune_unknown_fields(&self, object: &mut Value) -> Vec<String> {
+        let mut found = Vec::new();
+        unknown_fields(&self.schema, object, "", true, &mut found);
+        found
+    }
+
+    /// Fills the schema's defaults into `object`, as the API server does
+    /// before validation and storage.
+    pub fn apply_defaults(&self, object: &Value) -> Value {
+        kube::core::cel::apply_defaults(&self.schema, object)
+    }
+
+    pub fn schema(&self) -> &Value {
+        &self.schema
     }
 
     fn check_type(&self, object: &Value, causes: &mut Vec<Cause>) {
@@ -195,9 +224,15 @@ pub fn is_dns1123_subdomain(name: &str) -> bool {
 
 const ROOT_FIELDS: [&str; 3] = ["apiVersion", "kind", "metadata"];
 
-/// Fields the schema does not declare: the API server's strict field
-/// validation (kubectl's default) rejects them instead of pruning.
-fn unknown_fields(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
+/// Finds, and with `prune` removes, the fields the schema does not declare.
+/// Returns their dotted paths.
+fn unknown_fields(
+    schema: &Value,
+    value: &mut Value,
+    path: &str,
+    prune: bool,
+    found: &mut Vec<String>,
+) {
     if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {
         return;
     }
@@ -206,7 +241,8 @@ fn unknown_fields(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Ca
             let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
                 return;
             };
-            for (key, child) in fields {
+            let mut unknown = Vec::new();
+            for (key, child) in fields.iter_mut() {
                 // Every object has these; a CRD schema does not list them.
                 if path.is_empty() && ROOT_FIELDS.contains(&key.as_str()) {
                     continue;
@@ -217,18 +253,25 @@ fn unknown_fields(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Ca
                     format!("{path}.{key}")
                 };
                 match properties.get(key) {
-                    Some(child_schema) => unknown_fields(child_schema, child, &child_path, causes),
-                    None => causes.push(Cause {
-                        field: String::new(),
-                        message: format!("unknown field {child_path:?}"),
-                    }),
+                    Some(child_schema) => {
+                        unknown_fields(child_schema, child, &child_path, prune, found)
+                    }
+                    None => {
+                        unknown.push(key.clone());
+                        found.push(child_path);
+                    }
+                }
+            }
+            if prune {
+                for key in unknown {
+                    fields.remove(&key);
                 }
             }
         }
         Value::Array(items) => {
             if let Some(item_schema) = schema.get("items") {
-                for (i, item) in items.iter().enumerate() {
-                    unknown_fields(item_schema, item, &format!("{path}[{i}]"), causes);
+                for (i, item) in items.iter_mut().enumerate() {
+                    unknown_fields(item_schema, item, &format!("{path}[{i}]"), prune, found);
                 }
             }
         }
