@@ -323,3 +323,20 @@ extern "C" fn stop_all() {
         let _ = std::fs::remove_dir_all(&service.dir);
     }
 }
+
+/// A local Kubernetes API endpoint (the project's own, see `src/local`) on a
+/// free loopback port, served from this test's runtime, and a kube client for it.
+pub async fn local_api(
+    config: voucher_operator::local::apiserver::LocalApiConfig,
+) -> (String, kube::Client) {
+    let server =
+        voucher_operator::local::apiserver::ApiServer::new(config).expect("start the local API");
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(server.serve(listener, std::future::pending()));
+    let config = kube::Config::new(url.parse().unwrap());
+    let client = kube::Client::try_from(config).expect("a kube client");
+    (url, client)
+}
