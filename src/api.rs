@@ -1,7 +1,7 @@
 //! The `Voucher` custom resource (`catalyst.openova.io/v1alpha1`): Kubernetes API
 //! types, their OpenAPI schema with CEL rules, and the generated CRD.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::core::crd::CustomResourceExt;
@@ -135,14 +135,18 @@ pub struct VoucherStatus {
 }
 
 impl VoucherSpec {
+    /// The terms as the billing database can hold them: Postgres keeps
+    /// timestamps to the microsecond, so finer digits would read back as a
+    /// difference on every pass.
     pub fn terms(&self) -> Terms {
+        let micros = |t: Option<DateTime<Utc>>| t.map(|t| t.trunc_subsecs(6));
         Terms {
             credit_omr: self.credit_omr,
             description: self.description.clone(),
             active: self.active,
             max_redemptions: self.max_redemptions,
-            valid_from: self.valid_from,
-            expires_at: self.expires_at,
+            valid_from: micros(self.valid_from),
+            expires_at: micros(self.expires_at),
         }
     }
 }
@@ -202,6 +206,14 @@ mod tests {
             voucher("x", Some(" launch ")).code().unwrap().as_str(),
             "LAUNCH"
         );
+    }
+
+    #[test]
+    fn terms_keep_what_postgres_keeps() {
+        let mut v = voucher("x-y-z", None);
+        v.spec.expires_at = Some("2027-01-01T00:00:00.123456789Z".parse().unwrap());
+        let expires = v.spec.terms().expires_at.unwrap();
+        assert_eq!(expires.to_rfc3339(), "2027-01-01T00:00:00.123456+00:00");
     }
 
     #[test]

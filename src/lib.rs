@@ -4,7 +4,9 @@
 
 pub mod api;
 pub mod cli;
+pub mod controller;
 pub mod domain;
 pub mod local;
 pub mod store;
+pub mod telemetry;
 pub mod validation;

@@ -6,7 +6,7 @@ mod support;
 
 use chrono::{TimeZone, Utc};
 use sqlx::PgPool;
-use voucher_operator::domain::{AuditKind, Claim, Code, Owner, TermField, Terms};
+use voucher_operator::domain::{AuditKind, Claim, Code, Owner, Phase, TermField, Terms};
 use voucher_operator::store::outbox::{self, NewAuditRecord};
 use voucher_operator::store::{Store, StoreError, bindings, promo_codes};
 
@@ -158,7 +158,9 @@ async fn claim_creates_adopts_keeps_and_detects_conflicts() {
     promo_codes::apply(&mut tx, &fresh, &terms(5))
         .await
         .unwrap();
-    bindings::bind(&mut tx, &fresh, &a, 1).await.unwrap();
+    bindings::bind(&mut tx, &fresh, &a, 1, Phase::Active)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 
     // Ours: keep, with the generation last applied.
@@ -166,7 +168,9 @@ async fn claim_creates_adopts_keeps_and_detects_conflicts() {
     let state = bindings::claim(&mut conn, &fresh, &a).await.unwrap();
     assert_eq!(state.claim, Claim::Keep);
     assert_eq!(state.binding.unwrap().generation, 1);
-    bindings::bind(&mut conn, &fresh, &a, 2).await.unwrap();
+    bindings::bind(&mut conn, &fresh, &a, 2, Phase::Active)
+        .await
+        .unwrap();
     assert_eq!(
         bindings::find(&mut conn, &fresh)
             .await
@@ -180,7 +184,7 @@ async fn claim_creates_adopts_keeps_and_detects_conflicts() {
     let state = bindings::claim(&mut conn, &fresh, &b).await.unwrap();
     assert_eq!(state.claim, Claim::Conflict { owner: a.clone() });
     assert!(matches!(
-        bindings::bind(&mut conn, &fresh, &b, 1).await,
+        bindings::bind(&mut conn, &fresh, &b, 1, Phase::Active).await,
         Err(StoreError::BindingTaken { .. })
     ));
 
@@ -238,7 +242,9 @@ async fn concurrent_claims_of_one_new_code_bind_exactly_one_resource() {
             promo_codes::apply(&mut tx, &contested, &terms(1))
                 .await
                 .unwrap();
-            bindings::bind(&mut tx, &contested, &me, 1).await.unwrap();
+            bindings::bind(&mut tx, &contested, &me, 1, Phase::Active)
+                .await
+                .unwrap();
             tx.commit().await.unwrap();
             true
         }));

@@ -2,6 +2,11 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
+use super::ownership::Owner;
+use super::voucher::{CodeRecord, TermField};
+
 /// One kind of audit event. Its name appears in the CloudEvents `type`
 /// (`io.openova.catalyst.voucher.<name>.v1`) and in the NATS subject.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -70,6 +75,42 @@ impl fmt::Display for AuditKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Who caused a change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Actor {
+    /// A Voucher resource, through the controller.
+    Resource {
+        namespace: String,
+        name: String,
+        uid: String,
+    },
+    /// A token subject, through the HTTP API.
+    Subject { subject: String },
+}
+
+impl From<&Owner> for Actor {
+    fn from(owner: &Owner) -> Self {
+        Actor::Resource {
+            namespace: owner.namespace.clone(),
+            name: owner.name.clone(),
+            uid: owner.uid.clone(),
+        }
+    }
+}
+
+/// The `data` of an audit event: the voucher before and after, who did it, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditData {
+    pub code: String,
+    pub before: Option<CodeRecord>,
+    pub after: Option<CodeRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<TermField>,
+    pub actor: Actor,
+    pub reason: String,
 }
 
 #[cfg(test)]

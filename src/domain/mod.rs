@@ -6,7 +6,7 @@ pub mod code;
 pub mod ownership;
 pub mod voucher;
 
-pub use audit::AuditKind;
+pub use audit::{Actor, AuditData, AuditKind};
 pub use code::{Code, CodeError};
 pub use ownership::{Claim, Owner};
 pub use voucher::{CodeRecord, Phase, Redeemability, TermField, Terms};

@@ -3,7 +3,7 @@
 use sqlx::PgConnection;
 
 use super::{Result, StoreError, promo_codes};
-use crate::domain::{Claim, Code, CodeRecord, Owner};
+use crate::domain::{Claim, Code, CodeRecord, Owner, Phase};
 
 /// A code's binding to a resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -11,6 +11,8 @@ pub struct Binding {
     pub owner: Owner,
     /// The resource generation last applied to the row.
     pub generation: i64,
+    /// The phase last recorded, for clock-driven audit records.
+    pub phase: Option<Phase>,
 }
 
 /// What a resource found when it claimed its code.
@@ -27,6 +29,7 @@ struct Row {
     name: String,
     uid: String,
     generation: i64,
+    phase: Option<String>,
 }
 
 impl From<Row> for Binding {
@@ -38,13 +41,14 @@ impl From<Row> for Binding {
                 uid: row.uid,
             },
             generation: row.generation,
+            phase: row.phase.as_deref().and_then(Phase::parse),
         }
     }
 }
 
 pub async fn find(conn: &mut PgConnection, code: &Code) -> Result<Option<Binding>> {
     let row: Option<Row> = sqlx::query_as(
-        "SELECT namespace, name, uid, generation FROM voucher_bindings WHERE code = $1",
+        "SELECT namespace, name, uid, generation, phase FROM voucher_bindings WHERE code = $1",
     )
     .bind(code.as_str())
     .fetch_optional(conn)
@@ -67,18 +71,19 @@ pub async fn claim(conn: &mut PgConnection, code: &Code, me: &Owner) -> Result<C
     })
 }
 
-/// Binds `code` to `owner` at `generation`, or moves an existing binding of
-/// the same owner to the new generation. Fails when another resource holds it.
+/// Binds `code` to `owner` at `generation` and `phase`, or moves an existing
+/// binding of the same owner on. Fails when another resource holds it.
 pub async fn bind(
     conn: &mut PgConnection,
     code: &Code,
     owner: &Owner,
     generation: i64,
+    phase: Phase,
 ) -> Result<()> {
     let result = sqlx::query(
-        "INSERT INTO voucher_bindings (code, namespace, name, uid, generation) \
-         VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (code) DO UPDATE SET generation = EXCLUDED.generation \
+        "INSERT INTO voucher_bindings (code, namespace, name, uid, generation, phase) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (code) DO UPDATE SET generation = EXCLUDED.generation, phase = EXCLUDED.phase \
          WHERE voucher_bindings.uid = EXCLUDED.uid",
     )
     .bind(code.as_str())
@@ -86,6 +91,7 @@ pub async fn bind(
     .bind(&owner.name)
     .bind(&owner.uid)
     .bind(generation)
+    .bind(phase.as_str())
     .execute(conn)
     .await?;
     if result.rows_affected() == 0 {
@@ -104,4 +110,19 @@ pub async fn release(conn: &mut PgConnection, code: &Code, uid: &str) -> Result<
         .execute(conn)
         .await?;
     Ok(result.rows_affected() == 1)
+}
+
+/// The resource that owns `code`, if any: how a change of the row finds the
+/// Voucher to reconcile.
+pub async fn owner_of(conn: &mut PgConnection, code: &str) -> Result<Option<Owner>> {
+    let row: Option<(String, String, String)> =
+        sqlx::query_as("SELECT namespace, name, uid FROM voucher_bindings WHERE code = $1")
+            .bind(code)
+            .fetch_optional(conn)
+            .await?;
+    Ok(row.map(|(namespace, name, uid)| Owner {
+        namespace,
+        name,
+        uid,
+    }))
 }

@@ -5,8 +5,10 @@
 //! commit together.
 
 pub mod bindings;
+pub mod notify;
 pub mod outbox;
 pub mod promo_codes;
+pub mod sync;
 
 use std::time::Duration;
 

@@ -340,3 +340,15 @@ pub async fn local_api(
     let client = kube::Client::try_from(config).expect("a kube client");
     (url, client)
 }
+
+/// Logs of the code under test, shown for failing tests; RUST_LOG filters them.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,voucher_operator=info")
+            }),
+        )
+        .with_test_writer()
+        .try_init();
+}

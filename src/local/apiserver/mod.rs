@@ -12,6 +12,7 @@
 
 mod apply;
 mod discovery;
+mod faults;
 mod openapi;
 mod reads;
 mod resources;
@@ -35,6 +36,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use serde_json::{Value, json};
 
+pub use faults::Faults;
 pub use resources::{Registry, ResourceType};
 pub use status::{ApiError, ApiResult};
 pub use storage::Storage;
@@ -48,6 +50,8 @@ pub struct LocalApiConfig {
     pub watch_log_capacity: usize,
     /// How often watches that asked for bookmarks get one.
     pub bookmark_interval: Duration,
+    /// Failures to inject, for tests of how clients handle them.
+    pub faults: Faults,
 }
 
 impl Default for LocalApiConfig {
@@ -56,6 +60,7 @@ impl Default for LocalApiConfig {
             state_file: None,
             watch_log_capacity: 50_000,
             bookmark_interval: Duration::from_secs(10),
+            faults: Faults::default(),
         }
     }
 }
@@ -127,6 +132,10 @@ impl ApiServer {
                     "the server could not find the requested resource (the local API endpoint serves /api, /apis and /version)",
                 )
             })
+            .layer(axum::middleware::from_fn_with_state(
+                self.config.faults.clone(),
+                faults::inject,
+            ))
             .with_state(self.clone())
     }
 

@@ -226,47 +226,8 @@ impl ApiServer {
             .and_then(|t| t.parse::<u64>().ok())
             .map(Duration::from_secs)
             .unwrap_or(Duration::from_secs(1800));
-        let mut receiver = self.storage.subscribe();
-        let start = request.param("resourceVersion").filter(|rv| *rv != "0");
-        let send_initial = request.flag("sendInitialEvents") || start.is_none();
-
-        // The opening events: the current state, or the changes after `start`.
-        let mut opening: Vec<Value> = Vec::new();
-        let from_rv = match start {
-            Some(rv) => {
-                let rv: u64 = rv.parse().map_err(|_| {
-                    ApiError::bad_request(format!("resourceVersion {rv:?} is not valid"))
-                })?;
-                if self.storage.changes_since(rv).is_err() {
-                    opening.push(gone_event(rv, self.storage.current_rv()));
-                }
-                rv
-            }
-            None => self.storage.current_rv(),
-        };
-        if send_initial && start.is_none() {
-            let (objects, rv) = self.storage.list(&resource.storage, namespace.as_deref());
-            for object in objects
-                .into_iter()
-                .map(|o| view(resource, o))
-                .filter(|o| filter.matches(o))
-            {
-                opening.push(json!({"type": "ADDED", "object": object}));
-            }
-            if request.flag("sendInitialEvents") {
-                opening.push(json!({"type": "BOOKMARK", "object": {
-                    "kind": resource.kind, "apiVersion": resource.api_version(),
-                    "metadata": {"resourceVersion": rv.to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}
-                }}));
-            }
-        }
-        let failed = opening.first().is_some_and(|e| e["type"] == "ERROR");
-        receiver.mark_unchanged();
-        let state = WatchState {
-            queue: opening.into(),
-            last_rv: from_rv,
-            done: failed,
-        };
+        // Subscribed before reading, so that no write falls between the two.
+        let receiver = self.storage.subscribe();
         let watch = Arc::new(WatchSpec {
             server: self.clone(),
             storage: resource.storage.clone(),
@@ -280,6 +241,54 @@ impl ApiServer {
             bookmark_every: self.config.bookmark_interval,
             deadline: tokio::time::Instant::now() + timeout,
         });
+        let mut state = WatchState {
+            queue: VecDeque::new(),
+            last_rv: 0,
+            done: false,
+        };
+        match request.param("resourceVersion").filter(|rv| *rv != "0") {
+            // Resume: the changes after `rv`, or 410 Gone when they are compacted.
+            Some(rv) => {
+                let rv: u64 = rv.parse().map_err(|_| {
+                    ApiError::bad_request(format!("resourceVersion {rv:?} is not valid"))
+                })?;
+                state.last_rv = rv;
+                match self.storage.changes_since(rv) {
+                    Ok(changes) => {
+                        for change in changes {
+                            state.last_rv = change.rv;
+                            state.queue.extend(watch.event_of(change));
+                        }
+                    }
+                    Err(_) => {
+                        state
+                            .queue
+                            .push_back(gone_event(rv, self.storage.current_rv()));
+                        state.done = true;
+                    }
+                }
+            }
+            // Start now: the current state as ADDED events first.
+            None => {
+                let (objects, rv) = self
+                    .storage
+                    .list(&resource.storage, watch.namespace.as_deref());
+                state.last_rv = rv;
+                for object in objects.into_iter().map(|o| view(resource, o)) {
+                    if watch.filter.matches(&object) {
+                        state
+                            .queue
+                            .push_back(json!({"type": "ADDED", "object": object}));
+                    }
+                }
+                if request.flag("sendInitialEvents") {
+                    state.queue.push_back(json!({"type": "BOOKMARK", "object": {
+                        "kind": resource.kind, "apiVersion": resource.api_version(),
+                        "metadata": {"resourceVersion": rv.to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}
+                    }}));
+                }
+            }
+        }
         let stream = futures::stream::unfold((state, receiver), move |(state, receiver)| {
             watch.clone().next_line(state, receiver)
         });

@@ -421,9 +421,7 @@ impl ApiServer {
         let updated = self.replace(resource, namespace, name, request, |old| {
             let mut doc = old.clone();
             if content_type == "application/json-patch+json" {
-                let ops: json_patch::Patch = serde_json::from_value(patch).map_err(|e| {
-                    ApiError::bad_request(format!("the JSON patch is not valid: {e}"))
-                })?;
+                let ops = json_patch_ops(&doc, patch.clone())?;
                 json_patch::patch(&mut doc, &ops).map_err(|e| {
                     ApiError::new(
                         StatusCode::UNPROCESSABLE_ENTITY,
@@ -647,6 +645,29 @@ impl ApiServer {
             })?;
         Ok(stored.or(result).unwrap_or_default())
     }
+}
+
+/// Parses a JSON patch. Like the API server, a `test` of `null` passes
+/// when the path is absent (kube-runtime's finalizer helper relies on it).
+fn json_patch_ops(doc: &Value, patch: Value) -> ApiResult<json_patch::Patch> {
+    let Value::Array(ops) = patch else {
+        return Err(ApiError::bad_request(
+            "a JSON patch must be an array of operations",
+        ));
+    };
+    let ops: Vec<Value> = ops
+        .into_iter()
+        .filter(|op| {
+            let absent_null_test = op["op"] == "test"
+                && op["value"].is_null()
+                && op["path"]
+                    .as_str()
+                    .is_some_and(|p| doc.pointer(p).is_none());
+            !absent_null_test
+        })
+        .collect();
+    serde_json::from_value(Value::Array(ops))
+        .map_err(|e| ApiError::bad_request(format!("the JSON patch is not valid: {e}")))
 }
 
 fn patch_has_no_rv(doc: &Value, old: &Value) -> bool {

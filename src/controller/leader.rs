@@ -1,0 +1,85 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease (kube-lease-manager):
+//! the leader-only work runs while this replica holds the lease and is
+//! stopped as soon as it loses it.
+
+use std::future::Future;
+use std::time::Duration;
+
+use kube_lease_manager::LeaseManagerBuilder;
+use tokio_util::sync::CancellationToken;
+
+/// Where the lease is and who we are.
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    pub name: String,
+    pub namespace: String,
+    pub identity: String,
+    pub duration: Duration,
+}
+
+/// Runs `work` whenever this replica leads, until `shutdown` is cancelled.
+/// `work` gets a token that is cancelled when leadership ends; it must stop
+/// promptly then. The lease is released on shutdown.
+pub async fn run_while_leader<W, F>(
+    client: kube::Client,
+    settings: LeaseSettings,
+    shutdown: CancellationToken,
+    mut work: W,
+) -> anyhow::Result<()>
+where
+    W: FnMut(CancellationToken) -> F,
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let duration = settings.duration.as_secs().max(2);
+    let manager = LeaseManagerBuilder::new(client, &settings.name)
+        .with_namespace(&settings.namespace)
+        .with_identity(&settings.identity)
+        .with_duration(duration)
+        .with_grace((duration / 3).max(1))
+        .build()
+        .await?;
+    let (mut leading, lease_task) = manager.watch().await;
+    tracing::info!(lease = %settings.name, identity = %settings.identity, "waiting for leadership");
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        if !*leading.borrow_and_update() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = leading.changed() => {
+                    if changed.is_err() {
+                        anyhow::bail!("the lease manager stopped");
+                    }
+                }
+            }
+            continue;
+        }
+        tracing::info!(identity = %settings.identity, "acquired leadership");
+        let term = shutdown.child_token();
+        let work_done = work(term.clone());
+        tokio::pin!(work_done);
+        let result = loop {
+            tokio::select! {
+                result = &mut work_done => break result,
+                changed = leading.changed() => {
+                    if changed.is_err() || !*leading.borrow_and_update() {
+                        tracing::warn!(identity = %settings.identity, "lost leadership; stopping");
+                        term.cancel();
+                        break (&mut work_done).await;
+                    }
+                }
+            }
+        };
+        result?;
+    }
+    // Dropping the receiver makes the lease manager release the lease.
+    drop(leading);
+    match tokio::time::timeout(Duration::from_secs(5), lease_task).await {
+        Ok(Ok(Ok(_))) => tracing::info!("released the lease"),
+        Ok(Ok(Err(error))) => tracing::warn!(%error, "could not release the lease"),
+        Ok(Err(error)) => tracing::warn!(%error, "the lease task failed"),
+        Err(_) => tracing::warn!("releasing the lease timed out"),
+    }
+    Ok(())
+}

@@ -1,0 +1,589 @@
+//! The controller role: reconciles every `Voucher` into its `promo_codes` row
+//! and keeps `.status` live.
+//!
+//! kube-runtime drives it (watch, queue, retries); `reconcile` and
+//! `error_policy` are the pair it calls, with a [`Context`] that carries the
+//! clients, the metrics and the per-voucher bookkeeping.
+
+pub mod leader;
+pub mod metrics;
+pub mod status;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{DeletionPolicy, Voucher, VoucherStatus};
+use crate::domain::{AuditKind, CodeError, Owner, Phase};
+use crate::store::notify::{CODES_CHANNEL, Notification};
+use crate::store::sync::{Released, Synced, Wanted};
+use crate::store::{Store, StoreError, bindings};
+use metrics::{KindLabel, Metrics, PhaseLabel, ReasonLabel, ResultLabel};
+use status::Outcome;
+
+/// The finalizer that holds a Voucher until its row is revoked or orphaned.
+pub const FINALIZER: &str = "catalyst.openova.io/voucher-cleanup";
+/// The field manager of status writes (server-side apply).
+pub const FIELD_MANAGER: &str = "voucher-operator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("billing database: {0}")]
+    Store(#[from] StoreError),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+    #[error("the Voucher has no namespace")]
+    NotNamespaced,
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Store(_) => "database",
+            Error::Kube(_) => "kubernetes",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => {
+                    e.metric_label()
+                }
+                _ => "finalizer",
+            },
+            Error::NotNamespaced => "invalid",
+        }
+    }
+}
+
+/// How the controller behaves.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Every voucher is compared with its row at least this often.
+    pub resync_interval: Duration,
+    /// Smallest interval between two status writes of one voucher when only
+    /// the counters (not the spec) changed.
+    pub status_min_interval: Duration,
+    /// Watch one namespace, or all.
+    pub namespace: Option<String>,
+    /// Name of this replica in Events.
+    pub identity: String,
+    /// Reconciles running at once.
+    pub concurrency: u16,
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: kube::Client,
+    pub store: Store,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+    memory: Mutex<Memory>,
+}
+
+/// Per-voucher bookkeeping kept between reconciles.
+#[derive(Default)]
+struct Memory {
+    last_status_write: HashMap<ObjectRef<Voucher>, Instant>,
+    failures: HashMap<ObjectRef<Voucher>, u32>,
+    phases: HashMap<ObjectRef<Voucher>, Phase>,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        store: Store,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+    ) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(settings.identity.clone()),
+        };
+        Arc::new(Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            store,
+            metrics,
+            settings,
+            memory: Mutex::default(),
+        })
+    }
+
+    fn api(&self, voucher: &Voucher) -> Result<Api<Voucher>, Error> {
+        let namespace = voucher.namespace().ok_or(Error::NotNamespaced)?;
+        Ok(Api::namespaced(self.client.clone(), &namespace))
+    }
+
+    async fn publish(&self, voucher: &Voucher, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(error) = self
+            .recorder
+            .publish(&event, &voucher.object_ref(&()))
+            .await
+        {
+            tracing::warn!(%error, reason, "cannot publish a Kubernetes event");
+        }
+    }
+
+    fn remember_phase(&self, voucher: &Voucher, phase: Option<Phase>) {
+        let mut memory = self.memory.lock().unwrap();
+        let key = ObjectRef::from_obj(voucher);
+        match phase {
+            Some(phase) => memory.phases.insert(key, phase),
+            None => memory.phases.remove(&key),
+        };
+        for p in Phase::ALL {
+            let count = memory.phases.values().filter(|v| **v == p).count();
+            self.metrics
+                .vouchers
+                .get_or_create(&PhaseLabel { phase: p.as_str() })
+                .set(count as i64);
+        }
+    }
+
+    /// Writes `wanted` unless it equals the current status, or unless only
+    /// the counters changed and this voucher's status was written too recently
+    /// (then the returned delay says when to try again).
+    async fn write_status(
+        &self,
+        voucher: &Voucher,
+        mut wanted: VoucherStatus,
+    ) -> Result<Option<Duration>, Error> {
+        let current = voucher.status.as_ref();
+        if !status::differs(current, &wanted) {
+            return Ok(None);
+        }
+        let key = ObjectRef::from_obj(voucher);
+        let spec_changed = current.and_then(|s| s.observed_generation)
+            != wanted.observed_generation
+            || current.and_then(|s| s.phase) != wanted.phase;
+        if !spec_changed {
+            let last = self
+                .memory
+                .lock()
+                .unwrap()
+                .last_status_write
+                .get(&key)
+                .copied();
+            if let Some(last) = last {
+                let elapsed = last.elapsed();
+                if elapsed < self.settings.status_min_interval {
+                    self.metrics.status_patches_suppressed.inc();
+                    return Ok(Some(self.settings.status_min_interval - elapsed));
+                }
+            }
+        }
+        wanted.last_synced_at = Some(Utc::now());
+        let patch = json!({
+            "apiVersion": Voucher::api_version(&()),
+            "kind": Voucher::kind(&()),
+            "status": wanted,
+        });
+        self.api(voucher)?
+            .patch_status(
+                &voucher.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        self.metrics.status_patches.inc();
+        self.memory
+            .lock()
+            .unwrap()
+            .last_status_write
+            .insert(key, Instant::now());
+        Ok(None)
+    }
+
+    async fn apply(&self, voucher: &Voucher) -> Result<Action, Error> {
+        let generation = voucher.metadata.generation.unwrap_or_default();
+        let now = Utc::now();
+        let previous = voucher.status.as_ref();
+        let code = match voucher.code() {
+            Ok(code) => code,
+            Err(error) => return self.invalid_code(voucher, error, generation).await,
+        };
+        let owner = Owner {
+            namespace: voucher.namespace().ok_or(Error::NotNamespaced)?,
+            name: voucher.name_any(),
+            uid: voucher.uid().unwrap_or_default(),
+        };
+        let terms = voucher.spec.terms();
+        let synced = self
+            .store
+            .sync_voucher(&Wanted {
+                code: &code,
+                owner: &owner,
+                generation,
+                terms: &terms,
+                now,
+            })
+            .await;
+        let synced = match synced {
+            Ok(synced) => synced,
+            Err(error) => {
+                let message = format!("cannot reach the billing database: {error}");
+                let outcome = Outcome::Failed {
+                    phase: Phase::Error,
+                    reason: "DatabaseUnavailable",
+                    message,
+                };
+                // Best effort: the database error is what gets retried.
+                let _ = self
+                    .write_status(voucher, status::desired(outcome, generation, now, previous))
+                    .await;
+                self.remember_phase(voucher, Some(Phase::Error));
+                return Err(error.into());
+            }
+        };
+        match synced {
+            Synced::Conflict { owner: holder } => {
+                if previous.and_then(|s| s.phase) != Some(Phase::Conflict) {
+                    self.store.audit_conflict(&code, &owner, &holder).await?;
+                    self.metrics
+                        .audit_records
+                        .get_or_create(&KindLabel {
+                            kind: AuditKind::Conflict.as_str(),
+                        })
+                        .inc();
+                    let note = format!(
+                        "code {code} is already owned by Voucher {holder}; nothing was changed"
+                    );
+                    self.publish(voucher, EventType::Warning, "CodeConflict", note)
+                        .await;
+                }
+                let outcome = Outcome::Conflict {
+                    code: code.as_str(),
+                    holder: &holder,
+                };
+                let wanted = status::desired(outcome, generation, now, previous);
+                let retry = self.write_status(voucher, wanted).await?;
+                self.remember_phase(voucher, Some(Phase::Conflict));
+                Ok(Action::requeue(
+                    retry.unwrap_or(self.settings.resync_interval),
+                ))
+            }
+            Synced::Applied {
+                record,
+                phase,
+                audited,
+                changed,
+                ..
+            } => {
+                for kind in &audited {
+                    self.metrics
+                        .audit_records
+                        .get_or_create(&KindLabel {
+                            kind: kind.as_str(),
+                        })
+                        .inc();
+                    let (type_, reason, note) = event_for(*kind, &record.code, &changed);
+                    self.publish(voucher, type_, reason, note).await;
+                }
+                let wanted = status::desired(
+                    Outcome::Synced {
+                        record: &record,
+                        phase,
+                    },
+                    generation,
+                    now,
+                    previous,
+                );
+                let retry = self.write_status(voucher, wanted).await?;
+                self.remember_phase(voucher, Some(phase));
+                let until_boundary = record
+                    .terms
+                    .next_boundary(now)
+                    .and_then(|at| (at - now).to_std().ok())
+                    .map(|d| d + Duration::from_millis(50));
+                let next = [Some(self.settings.resync_interval), until_boundary, retry]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or(self.settings.resync_interval);
+                Ok(Action::requeue(next))
+            }
+        }
+    }
+
+    async fn invalid_code(
+        &self,
+        voucher: &Voucher,
+        error: CodeError,
+        generation: i64,
+    ) -> Result<Action, Error> {
+        let message = format!("this Voucher has no valid code: {error}; set spec.code");
+        self.publish(voucher, EventType::Warning, "InvalidCode", message.clone())
+            .await;
+        let outcome = Outcome::Failed {
+            phase: Phase::Error,
+            reason: "InvalidCode",
+            message,
+        };
+        let wanted = status::desired(outcome, generation, Utc::now(), voucher.status.as_ref());
+        self.write_status(voucher, wanted).await?;
+        self.remember_phase(voucher, Some(Phase::Error));
+        Ok(Action::await_change())
+    }
+
+    async fn cleanup(&self, voucher: &Voucher) -> Result<Action, Error> {
+        self.remember_phase(voucher, None);
+        let Ok(code) = voucher.code() else {
+            return Ok(Action::await_change());
+        };
+        let owner = Owner {
+            namespace: voucher.namespace().ok_or(Error::NotNamespaced)?,
+            name: voucher.name_any(),
+            uid: voucher.uid().unwrap_or_default(),
+        };
+        let revoke = voucher.spec.deletion_policy == DeletionPolicy::Revoke;
+        match self.store.release_voucher(&code, &owner, revoke).await? {
+            Released::Revoked(_) => {
+                self.metrics
+                    .audit_records
+                    .get_or_create(&KindLabel {
+                        kind: AuditKind::Revoked.as_str(),
+                    })
+                    .inc();
+                let note = format!(
+                    "code {code} soft-deleted (deletionPolicy Revoke); redemption history is kept"
+                );
+                self.publish(voucher, EventType::Normal, "Revoked", note)
+                    .await;
+            }
+            Released::Orphaned(_) => {
+                self.metrics
+                    .audit_records
+                    .get_or_create(&KindLabel {
+                        kind: AuditKind::Orphaned.as_str(),
+                    })
+                    .inc();
+                let note = format!("code {code} left as it is (deletionPolicy Orphan)");
+                self.publish(voucher, EventType::Normal, "Orphaned", note)
+                    .await;
+            }
+            Released::NotOwner => {}
+        }
+        let mut memory = self.memory.lock().unwrap();
+        let key = ObjectRef::from_obj(voucher);
+        memory.last_status_write.remove(&key);
+        memory.failures.remove(&key);
+        Ok(Action::await_change())
+    }
+}
+
+/// The Kubernetes Event that goes with an audit record.
+fn event_for(
+    kind: AuditKind,
+    code: &str,
+    changed: &[crate::domain::TermField],
+) -> (EventType, &'static str, String) {
+    let fields = changed
+        .iter()
+        .filter_map(|f| {
+            serde_json::to_value(f)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    match kind {
+        AuditKind::Created => (EventType::Normal, "Created", format!("created code {code}")),
+        AuditKind::Adopted => (
+            EventType::Normal,
+            "Adopted",
+            format!("adopted the existing code {code}; its redemptions are kept"),
+        ),
+        AuditKind::Updated => (
+            EventType::Normal,
+            "Updated",
+            format!("updated {fields} of code {code}"),
+        ),
+        AuditKind::Activated => (
+            EventType::Normal,
+            "Activated",
+            format!("code {code} can be redeemed again"),
+        ),
+        AuditKind::Deactivated => (
+            EventType::Normal,
+            "Deactivated",
+            format!("code {code} is switched off"),
+        ),
+        AuditKind::DriftCorrected => (
+            EventType::Warning,
+            "DriftCorrected",
+            format!("reverted an out-of-band edit of {fields} on code {code}"),
+        ),
+        AuditKind::Expired => (
+            EventType::Normal,
+            "Expired",
+            format!("code {code} reached spec.expiresAt"),
+        ),
+        other => (
+            EventType::Normal,
+            "Synced",
+            format!("{other} on code {code}"),
+        ),
+    }
+}
+
+/// Called by kube-runtime for every change of a Voucher and every requeue.
+pub async fn reconcile(voucher: Arc<Voucher>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let api = ctx.api(&voucher)?;
+    let result = finalizer(&api, FINALIZER, voucher.clone(), |event| async {
+        match event {
+            finalizer::Event::Apply(v) => ctx.apply(&v).await,
+            finalizer::Event::Cleanup(v) => ctx.cleanup(&v).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    let label = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ResultLabel { result: label })
+        .inc();
+    if result.is_ok() {
+        ctx.memory
+            .lock()
+            .unwrap()
+            .failures
+            .remove(&ObjectRef::from_obj(voucher.as_ref()));
+    }
+    result
+}
+
+/// Called by kube-runtime when `reconcile` fails: retry with a per-voucher
+/// exponential backoff (1 s, 2 s, 4 s … at most 5 min).
+pub fn error_policy(voucher: Arc<Voucher>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .failures
+        .get_or_create(&ReasonLabel {
+            reason: error.metric_label(),
+        })
+        .inc();
+    let failures = {
+        let mut memory = ctx.memory.lock().unwrap();
+        let count = memory
+            .failures
+            .entry(ObjectRef::from_obj(voucher.as_ref()))
+            .or_insert(0);
+        *count = count.saturating_add(1);
+        *count
+    };
+    let delay =
+        Duration::from_secs(1 << failures.saturating_sub(1).min(9)).min(Duration::from_secs(300));
+    tracing::warn!(voucher = %voucher.name_any(), %error, failures, ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+/// Checks that the Kubernetes API answers and serves the Voucher kind, so a
+/// misconfiguration fails at start-up with a clear message.
+pub async fn check_api(client: &kube::Client, namespace: Option<&str>) -> anyhow::Result<()> {
+    let version = tokio::time::timeout(Duration::from_secs(10), client.apiserver_version())
+        .await
+        .map_err(|_| anyhow::anyhow!("the Kubernetes API server did not answer within 10 s"))?
+        .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API server: {e}"))?;
+    tracing::info!(version = %version.git_version, "connected to the Kubernetes API server");
+    let api: Api<Voucher> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    api.list(&ListParams::default().limit(1))
+        .await
+        .map_err(|e| match e {
+            kube::Error::Api(status) if status.code == 404 => anyhow::anyhow!(
+                "the Kubernetes API does not serve vouchers.catalyst.openova.io: install the CRD \
+             (voucher-operator crd | kubectl apply -f -)"
+            ),
+            other => anyhow::anyhow!("cannot list Vouchers: {other}"),
+        })?;
+    Ok(())
+}
+
+/// Runs the controller until `stop` is cancelled.
+pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+    let api: Api<Voucher> = match &ctx.settings.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    // A change of a row (a redemption, an edit by another writer) wakes the
+    // resource that owns it; after a reconnect every resource is checked.
+    let (rows_changed, catch_up) = {
+        let (tx_one, rx_one) = futures::channel::mpsc::unbounded::<ObjectRef<Voucher>>();
+        let (tx_all, rx_all) = futures::channel::mpsc::unbounded::<()>();
+        let store = ctx.store.clone();
+        let mut notifications = Box::pin(ctx.store.listen(CODES_CHANNEL));
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    next = notifications.next() => next,
+                };
+                match next {
+                    Some(Notification::Payload(code)) => {
+                        let owner = match store.pool().acquire().await {
+                            Ok(mut conn) => {
+                                bindings::owner_of(&mut conn, &code).await.ok().flatten()
+                            }
+                            Err(_) => None,
+                        };
+                        if let Some(owner) = owner
+                            && tx_one
+                                .unbounded_send(
+                                    ObjectRef::new(&owner.name).within(&owner.namespace),
+                                )
+                                .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Some(Notification::Connected) => {
+                        if tx_all.unbounded_send(()).is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                }
+            }
+        });
+        (rx_one, rx_all)
+    };
+    let config = kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency);
+    let shutdown = stop.clone();
+    Controller::new(api, watcher::Config::default())
+        .with_config(config)
+        .reconcile_on(rows_changed)
+        .reconcile_all_on(catch_up)
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "reconcile result");
+            }
+        })
+        .await;
+}

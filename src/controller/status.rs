@@ -1,0 +1,308 @@
+//! The status the controller writes: phase, counters and kstatus conditions.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::VoucherStatus;
+use crate::domain::{CodeRecord, Owner, Phase};
+
+pub const READY: &str = "Ready";
+pub const SYNCED: &str = "Synced";
+
+/// One condition's wanted state.
+pub struct Wanted<'a> {
+    pub status: bool,
+    pub reason: &'a str,
+    pub message: String,
+}
+
+fn time(at: DateTime<Utc>) -> Time {
+    Time(k8s_openapi::jiff::Timestamp::from_second(at.timestamp()).unwrap_or_default())
+}
+
+/// A condition, keeping its transition time when its status did not change.
+fn condition(
+    type_: &str,
+    wanted: Wanted<'_>,
+    generation: i64,
+    now: DateTime<Utc>,
+    previous: Option<&VoucherStatus>,
+) -> Condition {
+    let status = if wanted.status { "True" } else { "False" };
+    let transition = previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| time(now));
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: wanted.reason.into(),
+        message: wanted.message,
+        observed_generation: Some(generation),
+        last_transition_time: transition,
+    }
+}
+
+/// What a reconcile found, for the status.
+pub enum Outcome<'a> {
+    Synced {
+        record: &'a CodeRecord,
+        phase: Phase,
+    },
+    Conflict {
+        code: &'a str,
+        holder: &'a Owner,
+    },
+    Failed {
+        phase: Phase,
+        reason: &'a str,
+        message: String,
+    },
+}
+
+fn phase_message(record: &CodeRecord, phase: Phase) -> (&'static str, String) {
+    let code = &record.code;
+    match phase {
+        Phase::Active => ("Reconciled", format!("{code} is redeemable")),
+        Phase::Inactive => (
+            "Inactive",
+            format!("{code} is switched off (spec.active is false)"),
+        ),
+        Phase::Scheduled => (
+            "Scheduled",
+            format!(
+                "{code} becomes redeemable at {}",
+                record
+                    .terms
+                    .valid_from
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_default()
+            ),
+        ),
+        Phase::Expired => (
+            "Expired",
+            format!(
+                "{code} expired at {}",
+                record
+                    .terms
+                    .expires_at
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_default()
+            ),
+        ),
+        Phase::Exhausted => (
+            "Exhausted",
+            format!(
+                "{code} reached its cap of {} redemptions",
+                record.terms.max_redemptions
+            ),
+        ),
+        Phase::Conflict | Phase::Error => ("Reconciled", String::new()),
+    }
+}
+
+/// The status for `outcome`. `lastSyncedAt` is carried over from `previous`;
+/// the caller stamps it when it writes a changed status.
+pub fn desired(
+    outcome: Outcome<'_>,
+    generation: i64,
+    now: DateTime<Utc>,
+    previous: Option<&VoucherStatus>,
+) -> VoucherStatus {
+    let (phase, code, times_redeemed, remaining, ready, synced) = match outcome {
+        Outcome::Synced { record, phase } => {
+            let (reason, message) = phase_message(record, phase);
+            let synced_message = format!("the promo_codes row of {} matches the spec", record.code);
+            (
+                phase,
+                Some(record.code.clone()),
+                Some(record.times_redeemed),
+                record.remaining(),
+                Wanted {
+                    status: true,
+                    reason,
+                    message,
+                },
+                Wanted {
+                    status: true,
+                    reason: "Reconciled",
+                    message: synced_message,
+                },
+            )
+        }
+        Outcome::Conflict { code, holder } => {
+            let message = format!(
+                "code {code} is owned by Voucher {holder}; this resource changes nothing until that one is deleted or uses another code"
+            );
+            (
+                Phase::Conflict,
+                Some(code.to_owned()),
+                None,
+                None,
+                Wanted {
+                    status: false,
+                    reason: "CodeConflict",
+                    message: message.clone(),
+                },
+                Wanted {
+                    status: false,
+                    reason: "CodeConflict",
+                    message,
+                },
+            )
+        }
+        Outcome::Failed {
+            phase,
+            reason,
+            message,
+        } => {
+            let previous_counts = previous.map(|p| (p.code.clone(), p.times_redeemed, p.remaining));
+            let (code, times, remaining) = previous_counts.unwrap_or_default();
+            (
+                phase,
+                code,
+                times,
+                remaining,
+                Wanted {
+                    status: false,
+                    reason,
+                    message: message.clone(),
+                },
+                Wanted {
+                    status: false,
+                    reason,
+                    message,
+                },
+            )
+        }
+    };
+    VoucherStatus {
+        observed_generation: Some(generation),
+        code,
+        phase: Some(phase),
+        times_redeemed,
+        remaining,
+        conditions: vec![
+            condition(READY, ready, generation, now, previous),
+            condition(SYNCED, synced, generation, now, previous),
+        ],
+        last_synced_at: previous.and_then(|p| p.last_synced_at),
+    }
+}
+
+/// Whether writing `wanted` over `current` changes anything a person or a
+/// health check reads (`lastSyncedAt` alone does not count).
+pub fn differs(current: Option<&VoucherStatus>, wanted: &VoucherStatus) -> bool {
+    let Some(current) = current else {
+        return true;
+    };
+    let strip = |s: &VoucherStatus| VoucherStatus {
+        last_synced_at: None,
+        ..s.clone()
+    };
+    strip(current) != strip(wanted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Terms;
+
+    fn record(times: i32) -> CodeRecord {
+        CodeRecord {
+            code: "LAUNCH".into(),
+            terms: Terms {
+                credit_omr: 5,
+                description: String::new(),
+                active: true,
+                max_redemptions: 10,
+                valid_from: None,
+                expires_at: None,
+            },
+            times_redeemed: times,
+            created_at: Utc::now(),
+            deleted_at: None,
+        }
+    }
+
+    #[test]
+    fn synced_status_is_ready_with_counters() {
+        let r = record(3);
+        let s = desired(
+            Outcome::Synced {
+                record: &r,
+                phase: Phase::Active,
+            },
+            2,
+            Utc::now(),
+            None,
+        );
+        assert_eq!(
+            (s.times_redeemed, s.remaining, s.observed_generation),
+            (Some(3), Some(7), Some(2))
+        );
+        let ready = &s.conditions[0];
+        assert_eq!(
+            (
+                ready.type_.as_str(),
+                ready.status.as_str(),
+                ready.reason.as_str()
+            ),
+            (READY, "True", "Reconciled")
+        );
+    }
+
+    #[test]
+    fn unchanged_conditions_keep_their_transition_time() {
+        let r = record(3);
+        let early = Utc::now() - chrono::Duration::hours(1);
+        let first = desired(
+            Outcome::Synced {
+                record: &r,
+                phase: Phase::Active,
+            },
+            1,
+            early,
+            None,
+        );
+        let r4 = record(4);
+        let second = desired(
+            Outcome::Synced {
+                record: &r4,
+                phase: Phase::Active,
+            },
+            1,
+            Utc::now(),
+            Some(&first),
+        );
+        assert_eq!(
+            first.conditions[0].last_transition_time,
+            second.conditions[0].last_transition_time
+        );
+        assert!(differs(Some(&first), &second), "the counter changed");
+        assert!(!differs(Some(&second), &second.clone()));
+    }
+
+    #[test]
+    fn conflicts_are_not_ready() {
+        let holder = Owner {
+            namespace: "a".into(),
+            name: "b".into(),
+            uid: "u".into(),
+        };
+        let s = desired(
+            Outcome::Conflict {
+                code: "LAUNCH",
+                holder: &holder,
+            },
+            1,
+            Utc::now(),
+            None,
+        );
+        assert_eq!(s.phase, Some(Phase::Conflict));
+        assert_eq!(s.conditions[0].status, "False");
+        assert_eq!(s.conditions[0].reason, "CodeConflict");
+        assert!(s.conditions[0].message.contains("a/b"));
+    }
+}

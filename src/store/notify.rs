@@ -1,0 +1,84 @@
+//! Postgres LISTEN/NOTIFY: the changes other writers make to `promo_codes`.
+
+use std::time::Duration;
+
+use futures::Stream;
+use sqlx::postgres::PgListener;
+use tokio::sync::mpsc;
+
+use super::Store;
+
+/// The channel the `promo_codes` trigger notifies, with the code as payload.
+pub const CODES_CHANNEL: &str = "voucher_operator_codes";
+/// The channel the outbox trigger notifies.
+pub const OUTBOX_CHANNEL: &str = "voucher_operator_outbox";
+
+/// What a listener hears.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notification {
+    /// A notification with its payload.
+    Payload(String),
+    /// The connection was (re-)established: notifications sent while it was
+    /// down are lost, so listeners should catch up by a full pass.
+    Connected,
+}
+
+impl Store {
+    /// Listens on `channel` for as long as the stream is polled, reconnecting
+    /// with backoff when the connection drops.
+    pub fn listen(
+        &self,
+        channel: &'static str,
+    ) -> impl Stream<Item = Notification> + Send + 'static {
+        let pool = self.pool().clone();
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let connected = async {
+                    let mut listener = PgListener::connect_with(&pool).await?;
+                    listener.listen(channel).await?;
+                    Ok::<_, sqlx::Error>(listener)
+                }
+                .await;
+                let mut listener = match connected {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        tracing::warn!(%error, channel, "cannot listen for database notifications; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                };
+                backoff = Duration::from_millis(200);
+                if tx.send(Notification::Connected).await.is_err() {
+                    return;
+                }
+                loop {
+                    // `try_recv` reports a lost connection as `None` instead of
+                    // silently reconnecting, so the gap is never hidden.
+                    match listener.try_recv().await {
+                        Ok(Some(notification)) => {
+                            let payload = Notification::Payload(notification.payload().to_owned());
+                            if tx.send(payload).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(error) => {
+                            tracing::warn!(%error, channel, "database notification stream failed; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        tokio_stream_from(rx)
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,207 @@
+//! The controller's transactions: a Voucher applied to its row, and released
+//! on deletion. Each change and its audit records commit together.
+
+use chrono::{DateTime, Utc};
+
+use super::outbox::{self, NewAuditRecord};
+use super::{Result, Store, bindings, promo_codes};
+use crate::domain::{
+    Actor, AuditData, AuditKind, Claim, Code, CodeRecord, Owner, Phase, TermField, Terms,
+};
+
+/// A Voucher as the controller applies it.
+pub struct Wanted<'a> {
+    pub code: &'a Code,
+    pub owner: &'a Owner,
+    pub generation: i64,
+    pub terms: &'a Terms,
+    pub now: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Synced {
+    /// Another resource owns the code; nothing was written.
+    Conflict { owner: Owner },
+    /// The row carries the spec.
+    Applied {
+        claim: Claim,
+        record: CodeRecord,
+        phase: Phase,
+        changed: Vec<TermField>,
+        audited: Vec<AuditKind>,
+    },
+}
+
+/// What deleting a Voucher did to its row.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Released {
+    Revoked(Option<CodeRecord>),
+    Orphaned(Option<CodeRecord>),
+    /// The code was bound to another resource (or to none): nothing to do.
+    NotOwner,
+}
+
+fn reason(kind: AuditKind, owner: &Owner, changed: &[TermField]) -> String {
+    let fields = || {
+        changed
+            .iter()
+            .map(|f| {
+                serde_json::to_value(f)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match kind {
+        AuditKind::Created => format!("created by Voucher {owner}"),
+        AuditKind::Adopted => format!("existing code adopted by Voucher {owner}"),
+        AuditKind::Updated => format!("Voucher {owner} changed {}", fields()),
+        AuditKind::Activated => format!("Voucher {owner} activated the code"),
+        AuditKind::Deactivated => format!("Voucher {owner} deactivated the code"),
+        AuditKind::DriftCorrected => format!(
+            "out-of-band edit of {} reverted to Voucher {owner}",
+            fields()
+        ),
+        AuditKind::Expired => "the redemption window ended".into(),
+        AuditKind::Revoked => format!("Voucher {owner} deleted with deletionPolicy Revoke"),
+        AuditKind::Orphaned => {
+            format!("Voucher {owner} deleted with deletionPolicy Orphan; the row is left as it is")
+        }
+        AuditKind::Conflict => format!("Voucher {owner} claims a code that another resource owns"),
+        AuditKind::Exhausted | AuditKind::Redeemed => kind.to_string(),
+    }
+}
+
+impl Store {
+    /// Claims the code for the resource and brings the row to its spec,
+    /// writing only what differs, with one audit record per change.
+    pub async fn sync_voucher(&self, wanted: &Wanted<'_>) -> Result<Synced> {
+        let mut tx = self.pool().begin().await?;
+        let state = bindings::claim(&mut tx, wanted.code, wanted.owner).await?;
+        if let Claim::Conflict { owner } = state.claim {
+            tx.rollback().await?;
+            return Ok(Synced::Conflict { owner });
+        }
+        let applied = promo_codes::apply(&mut tx, wanted.code, wanted.terms).await?;
+        let spec_changed = state
+            .binding
+            .as_ref()
+            .is_none_or(|b| b.generation != wanted.generation);
+        let mut kinds =
+            state
+                .claim
+                .audit_kinds(&applied.changed, applied.after.terms.active, spec_changed);
+        let phase = Phase::of(&applied.after, wanted.now);
+        let last_phase = state.binding.as_ref().and_then(|b| b.phase);
+        if phase == Phase::Expired && last_phase != Some(Phase::Expired) {
+            kinds.push(AuditKind::Expired);
+        }
+        let binding_current = state
+            .binding
+            .as_ref()
+            .is_some_and(|b| b.generation == wanted.generation && b.phase == Some(phase));
+        if !binding_current {
+            bindings::bind(&mut tx, wanted.code, wanted.owner, wanted.generation, phase).await?;
+        }
+        for kind in &kinds {
+            let data = AuditData {
+                code: wanted.code.to_string(),
+                before: applied.before.clone(),
+                after: Some(applied.after.clone()),
+                changed: applied.changed.clone(),
+                actor: Actor::from(wanted.owner),
+                reason: reason(*kind, wanted.owner, &applied.changed),
+            };
+            let payload = serde_json::to_value(&data).expect("audit data serialises");
+            outbox::append(
+                &mut tx,
+                &NewAuditRecord::new(wanted.code.as_str(), *kind, payload),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Synced::Applied {
+            claim: state.claim,
+            record: applied.after,
+            phase,
+            changed: applied.changed,
+            audited: kinds,
+        })
+    }
+
+    /// Records that a resource lost a conflict (once per episode: the caller
+    /// knows from the resource's status whether it already did).
+    pub async fn audit_conflict(
+        &self,
+        code: &Code,
+        claimant: &Owner,
+        holder: &Owner,
+    ) -> Result<()> {
+        let mut conn = self.pool().acquire().await?;
+        let row = promo_codes::find_live(&mut conn, code).await?;
+        let data = AuditData {
+            code: code.to_string(),
+            before: row.clone(),
+            after: row,
+            changed: Vec::new(),
+            actor: Actor::from(claimant),
+            reason: format!(
+                "Voucher {claimant} claims code {code}, which Voucher {holder} owns; nothing was changed"
+            ),
+        };
+        let payload = serde_json::to_value(&data).expect("audit data serialises");
+        outbox::append(
+            &mut conn,
+            &NewAuditRecord::new(code.as_str(), AuditKind::Conflict, payload),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Releases the code of a deleted resource: soft-deletes the row
+    /// (`revoke`) or leaves it (orphan), and audits either.
+    pub async fn release_voucher(
+        &self,
+        code: &Code,
+        owner: &Owner,
+        revoke: bool,
+    ) -> Result<Released> {
+        let mut tx = self.pool().begin().await?;
+        super::lock_code(&mut tx, code).await?;
+        let bound = bindings::find(&mut tx, code).await?;
+        if bound.is_none_or(|b| b.owner.uid != owner.uid) {
+            tx.rollback().await?;
+            return Ok(Released::NotOwner);
+        }
+        let before = promo_codes::find_live(&mut tx, code).await?;
+        let (kind, after, released) = if revoke {
+            let tombstone = promo_codes::soft_delete(&mut tx, code).await?;
+            (
+                AuditKind::Revoked,
+                tombstone.clone(),
+                Released::Revoked(tombstone),
+            )
+        } else {
+            (
+                AuditKind::Orphaned,
+                before.clone(),
+                Released::Orphaned(before.clone()),
+            )
+        };
+        bindings::release(&mut tx, code, &owner.uid).await?;
+        let data = AuditData {
+            code: code.to_string(),
+            before,
+            after,
+            changed: Vec::new(),
+            actor: Actor::from(owner),
+            reason: reason(kind, owner, &[]),
+        };
+        let payload = serde_json::to_value(&data).expect("audit data serialises");
+        outbox::append(&mut tx, &NewAuditRecord::new(code.as_str(), kind, payload)).await?;
+        tx.commit().await?;
+        Ok(released)
+    }
+}

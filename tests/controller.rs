@@ -1,0 +1,792 @@
+//! The controller end to end: kube-runtime against the project's local
+//! Kubernetes API endpoint (the real HTTP protocol, in this process), and a
+//! real Postgres. Each rule of DESIGN §4 has a test that fails without it.
+
+mod support;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use voucher_operator::api::{Voucher, VoucherSpec};
+use voucher_operator::controller::metrics::Metrics;
+use voucher_operator::controller::{self, Context, FINALIZER, Settings};
+use voucher_operator::domain::Phase;
+use voucher_operator::local::apiserver::LocalApiConfig;
+use voucher_operator::store::Store;
+
+struct Harness {
+    client: kube::Client,
+    pool: PgPool,
+    ctx: Arc<Context>,
+    stop: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn fast_bookmarks() -> LocalApiConfig {
+    LocalApiConfig {
+        bookmark_interval: Duration::from_millis(300),
+        ..Default::default()
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        resync_interval: Duration::from_secs(3600),
+        status_min_interval: Duration::from_millis(500),
+        namespace: None,
+        identity: "test".into(),
+        concurrency: 4,
+    }
+}
+
+async fn harness_with(settings: Settings, api: LocalApiConfig) -> Harness {
+    support::init_tracing();
+    let url = support::fresh_database("controller").await;
+    let pool = support::pool(&url).await;
+    let store = Store::from_pool(pool.clone());
+    store.migrate().await.unwrap();
+    let (api_url, _) = support::local_api(api).await;
+    // A short read timeout, so that a hanging API server is an error the
+    // controller retries (watches get a bookmark well within it).
+    let mut config = kube::Config::new(api_url.parse().unwrap());
+    config.read_timeout = Some(Duration::from_secs(1));
+    let client = kube::Client::try_from(config).unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let ctx = Context::new(client.clone(), store, metrics, settings);
+    let stop = CancellationToken::new();
+    tokio::spawn(controller::run(ctx.clone(), stop.clone()));
+    Harness {
+        client,
+        pool,
+        ctx,
+        stop,
+    }
+}
+
+async fn harness() -> Harness {
+    harness_with(settings(), fast_bookmarks()).await
+}
+
+impl Harness {
+    fn vouchers(&self, namespace: &str) -> Api<Voucher> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    async fn create(&self, namespace: &str, name: &str, spec: serde_json::Value) -> Voucher {
+        let spec: VoucherSpec = serde_json::from_value(spec).unwrap();
+        self.vouchers(namespace)
+            .create(&PostParams::default(), &Voucher::new(name, spec))
+            .await
+            .unwrap()
+    }
+
+    async fn audit_kinds(&self, code: &str) -> Vec<String> {
+        sqlx::query_scalar("SELECT kind FROM voucher_audit_outbox WHERE code = $1 ORDER BY seq")
+            .bind(code)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn row(&self, code: &str) -> Option<(i32, bool, i32, Option<chrono::DateTime<Utc>>)> {
+        sqlx::query_as("SELECT credit_omr, active, times_redeemed, deleted_at FROM promo_codes WHERE code = $1")
+            .bind(code)
+            .fetch_optional(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn xmin(&self, code: &str) -> String {
+        sqlx::query_scalar("SELECT xmin::text FROM promo_codes WHERE code = $1")
+            .bind(code)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the Voucher satisfies `check`.
+    async fn until(
+        &self,
+        namespace: &str,
+        name: &str,
+        what: &str,
+        check: impl Fn(&Voucher) -> bool,
+    ) -> Voucher {
+        let api = self.vouchers(namespace);
+        eventually(what, || async {
+            api.get_opt(name).await.unwrap().filter(|v| check(v))
+        })
+        .await
+    }
+
+    async fn events(&self, name: &str) -> Vec<(String, String)> {
+        let api: Api<K8sEvent> = Api::all(self.client.clone());
+        let params = ListParams::default().fields(&format!("regarding.name={name}"));
+        api.list(&params)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default()))
+            .collect()
+    }
+}
+
+async fn eventually<T, F, Fut>(what: &str, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually_within(Duration::from_secs(10), what, probe).await
+}
+
+async fn eventually_within<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn phase(v: &Voucher) -> Option<Phase> {
+    v.status.as_ref().and_then(|s| s.phase)
+}
+
+fn ready(v: &Voucher) -> Option<(String, String)> {
+    v.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+#[tokio::test]
+async fn a_new_voucher_gets_its_row_binding_finalizer_and_status() {
+    let h = harness().await;
+    h.create(
+        "default",
+        "launch-50",
+        json!({"creditOMR": 50, "maxRedemptions": 10}),
+    )
+    .await;
+    let v = h
+        .until("default", "launch-50", "status Active", |v| {
+            phase(v) == Some(Phase::Active)
+        })
+        .await;
+
+    assert!(
+        v.metadata
+            .finalizers
+            .clone()
+            .unwrap()
+            .contains(&FINALIZER.to_owned())
+    );
+    assert_eq!(ready(&v), Some(("True".into(), "Reconciled".into())));
+    let status = v.status.clone().unwrap();
+    assert_eq!(status.code.as_deref(), Some("LAUNCH-50"));
+    assert_eq!(
+        (status.times_redeemed, status.remaining),
+        (Some(0), Some(10))
+    );
+    assert_eq!(status.observed_generation, v.metadata.generation);
+    assert!(status.last_synced_at.is_some());
+
+    assert_eq!(h.row("LAUNCH-50").await, Some((50, true, 0, None)));
+    let uid: String =
+        sqlx::query_scalar("SELECT uid FROM voucher_bindings WHERE code = 'LAUNCH-50'")
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
+    assert_eq!(Some(uid), v.metadata.uid);
+    assert_eq!(h.audit_kinds("LAUNCH-50").await, ["created"]);
+    assert!(
+        h.events("launch-50")
+            .await
+            .contains(&("Normal".into(), "Created".into()))
+    );
+}
+
+#[tokio::test]
+async fn a_no_op_resync_writes_nothing() {
+    let h = harness().await;
+    h.create("default", "steady", json!({"creditOMR": 5})).await;
+    let v = h
+        .until("default", "steady", "Active", |v| {
+            phase(v) == Some(Phase::Active)
+        })
+        .await;
+    let (xmin, rv, audits) = (
+        h.xmin("STEADY").await,
+        v.metadata.resource_version.clone(),
+        h.audit_kinds("STEADY").await,
+    );
+
+    for _ in 0..3 {
+        let current = h.vouchers("default").get("steady").await.unwrap();
+        controller::reconcile(Arc::new(current), h.ctx.clone())
+            .await
+            .unwrap();
+    }
+    assert_eq!(h.xmin("STEADY").await, xmin, "the row was written");
+    assert_eq!(
+        h.audit_kinds("STEADY").await,
+        audits,
+        "an audit record was written"
+    );
+    let after = h.vouchers("default").get("steady").await.unwrap();
+    assert_eq!(
+        after.metadata.resource_version, rv,
+        "the status was patched"
+    );
+}
+
+#[tokio::test]
+async fn a_spec_change_is_one_update_and_one_audit_record() {
+    let h = harness().await;
+    h.create("default", "change-me", json!({"creditOMR": 5}))
+        .await;
+    h.until("default", "change-me", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+
+    let patch = json!({"spec": {"creditOMR": 9}});
+    h.vouchers("default")
+        .patch("change-me", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    h.until("default", "change-me", "generation 2 observed", |v| {
+        v.status.as_ref().and_then(|s| s.observed_generation) == Some(2)
+    })
+    .await;
+    assert_eq!(h.row("CHANGE-ME").await.unwrap().0, 9);
+    assert_eq!(h.audit_kinds("CHANGE-ME").await, ["created", "updated"]);
+
+    let patch = json!({"spec": {"active": false}});
+    h.vouchers("default")
+        .patch("change-me", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    h.until("default", "change-me", "Inactive", |v| {
+        phase(v) == Some(Phase::Inactive)
+    })
+    .await;
+    assert_eq!(
+        h.audit_kinds("CHANGE-ME").await,
+        ["created", "updated", "deactivated"]
+    );
+}
+
+#[tokio::test]
+async fn an_existing_row_is_adopted_with_its_counters() {
+    let h = harness().await;
+    sqlx::query(
+        "INSERT INTO promo_codes (code, credit_omr, times_redeemed, max_redemptions, created_at) \
+         VALUES ('LEGACY-7', 7, 4, 10, '2025-01-01T00:00:00Z')",
+    )
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    h.create(
+        "default",
+        "legacy-7",
+        json!({"creditOMR": 8, "maxRedemptions": 10}),
+    )
+    .await;
+    let v = h
+        .until("default", "legacy-7", "Active", |v| {
+            phase(v) == Some(Phase::Active)
+        })
+        .await;
+    let status = v.status.unwrap();
+    assert_eq!(
+        (status.times_redeemed, status.remaining),
+        (Some(4), Some(6))
+    );
+    let (credit, _, times, _) = h.row("LEGACY-7").await.unwrap();
+    assert_eq!((credit, times), (8, 4));
+    let created: chrono::DateTime<Utc> =
+        sqlx::query_scalar("SELECT created_at FROM promo_codes WHERE code = 'LEGACY-7'")
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
+    assert_eq!(created.to_rfc3339(), "2025-01-01T00:00:00+00:00");
+    assert_eq!(h.audit_kinds("LEGACY-7").await, ["adopted"]);
+}
+
+#[tokio::test]
+async fn a_second_claim_on_a_code_is_a_conflict_that_touches_nothing() {
+    let h = harness().await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(h.client.clone());
+    let ns: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "franchise"}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+
+    h.create(
+        "default",
+        "first",
+        json!({"code": "SHARED-1", "creditOMR": 5}),
+    )
+    .await;
+    h.until("default", "first", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    h.create(
+        "franchise",
+        "second",
+        json!({"code": "shared-1", "creditOMR": 500}),
+    )
+    .await;
+    let v = h
+        .until("franchise", "second", "Conflict", |v| {
+            phase(v) == Some(Phase::Conflict)
+        })
+        .await;
+
+    assert_eq!(ready(&v), Some(("False".into(), "CodeConflict".into())));
+    assert_eq!(h.row("SHARED-1").await.unwrap().0, 5, "the row was changed");
+    assert!(
+        h.events("second")
+            .await
+            .contains(&("Warning".into(), "CodeConflict".into()))
+    );
+    // A resync of the loser records the conflict once, not per pass.
+    let current = h.vouchers("franchise").get("second").await.unwrap();
+    controller::reconcile(Arc::new(current), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(h.audit_kinds("SHARED-1").await, ["created", "conflict"]);
+
+    // Deleting the loser leaves the owner's row alone.
+    h.vouchers("franchise")
+        .delete("second", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("loser gone", || async {
+        h.vouchers("franchise")
+            .get_opt("second")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(h.row("SHARED-1").await, Some((5, true, 0, None)));
+}
+
+#[tokio::test]
+async fn an_out_of_band_edit_is_reverted_and_audited() {
+    let h = harness().await;
+    h.create("default", "guarded", json!({"creditOMR": 5}))
+        .await;
+    h.until("default", "guarded", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+
+    sqlx::query(
+        "UPDATE promo_codes SET credit_omr = 999, description = 'hacked' WHERE code = 'GUARDED'",
+    )
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    eventually("drift reverted", || async {
+        (h.row("GUARDED").await.unwrap().0 == 5).then_some(())
+    })
+    .await;
+    let description: String =
+        sqlx::query_scalar("SELECT description FROM promo_codes WHERE code = 'GUARDED'")
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
+    assert_eq!(description, "");
+    assert_eq!(
+        h.audit_kinds("GUARDED").await,
+        ["created", "drift_corrected"]
+    );
+    eventually("DriftCorrected event", || async {
+        h.events("guarded")
+            .await
+            .contains(&("Warning".into(), "DriftCorrected".into()))
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_redemption_in_the_database_reaches_status_within_seconds() {
+    let h = harness().await;
+    h.create(
+        "default",
+        "hot",
+        json!({"creditOMR": 5, "maxRedemptions": 3}),
+    )
+    .await;
+    h.until("default", "hot", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    sqlx::query("UPDATE promo_codes SET times_redeemed = times_redeemed + 1 WHERE code = 'HOT'")
+        .execute(&h.pool)
+        .await
+        .unwrap();
+    let v = h
+        .until("default", "hot", "timesRedeemed 1", |v| {
+            v.status.as_ref().and_then(|s| s.times_redeemed) == Some(1)
+        })
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(v.status.unwrap().remaining, Some(2));
+
+    sqlx::query("UPDATE promo_codes SET times_redeemed = 3 WHERE code = 'HOT'")
+        .execute(&h.pool)
+        .await
+        .unwrap();
+    h.until("default", "hot", "Exhausted", |v| {
+        phase(v) == Some(Phase::Exhausted)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hot_code_does_not_flood_the_api_server() {
+    let mut s = settings();
+    s.status_min_interval = Duration::from_secs(2);
+    let h = harness_with(s, fast_bookmarks()).await;
+    h.create("default", "flood", json!({"creditOMR": 5})).await;
+    h.until("default", "flood", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    let patches_before = h.ctx.metrics.status_patches.get();
+
+    for _ in 0..20 {
+        sqlx::query(
+            "UPDATE promo_codes SET times_redeemed = times_redeemed + 1 WHERE code = 'FLOOD'",
+        )
+        .execute(&h.pool)
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    h.until("default", "flood", "all 20 redemptions", |v| {
+        v.status.as_ref().and_then(|s| s.times_redeemed) == Some(20)
+    })
+    .await;
+    let patches = h.ctx.metrics.status_patches.get() - patches_before;
+    assert!(
+        patches <= 3,
+        "{patches} status patches for 20 redemptions within ~0.5 s"
+    );
+    assert!(h.ctx.metrics.status_patches_suppressed.get() > 0);
+}
+
+#[tokio::test]
+async fn deletion_with_revoke_tombstones_the_row() {
+    let h = harness().await;
+    h.create("default", "revoke-me", json!({"creditOMR": 5}))
+        .await;
+    h.until("default", "revoke-me", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    h.vouchers("default")
+        .delete("revoke-me", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("resource gone", || async {
+        h.vouchers("default")
+            .get_opt("revoke-me")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+
+    let (_, active, _, deleted_at) = h.row("REVOKE-ME").await.unwrap();
+    assert!(!active && deleted_at.is_some());
+    let bound: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM voucher_bindings WHERE code = 'REVOKE-ME'")
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
+    assert_eq!(bound, 0);
+    assert_eq!(h.audit_kinds("REVOKE-ME").await, ["created", "revoked"]);
+}
+
+#[tokio::test]
+async fn deletion_with_orphan_leaves_the_row() {
+    let h = harness().await;
+    h.create(
+        "default",
+        "keep-me",
+        json!({"creditOMR": 5, "deletionPolicy": "Orphan"}),
+    )
+    .await;
+    h.until("default", "keep-me", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    h.vouchers("default")
+        .delete("keep-me", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("resource gone", || async {
+        h.vouchers("default")
+            .get_opt("keep-me")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+
+    assert_eq!(h.row("KEEP-ME").await, Some((5, true, 0, None)));
+    assert_eq!(h.audit_kinds("KEEP-ME").await, ["created", "orphaned"]);
+    // Released: a new resource adopts it.
+    h.create(
+        "default",
+        "keep-me-again",
+        json!({"code": "KEEP-ME", "creditOMR": 6}),
+    )
+    .await;
+    h.until("default", "keep-me-again", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    assert_eq!(
+        h.audit_kinds("KEEP-ME").await,
+        ["created", "orphaned", "adopted"]
+    );
+}
+
+#[tokio::test]
+async fn the_validity_window_flips_the_phase_on_time_and_audits_once() {
+    let h = harness().await;
+    let now = Utc::now();
+    let from = (now + chrono::Duration::seconds(2)).to_rfc3339();
+    let until = (now + chrono::Duration::seconds(4)).to_rfc3339();
+    h.create(
+        "default",
+        "window",
+        json!({"creditOMR": 5, "validFrom": from, "expiresAt": until}),
+    )
+    .await;
+    h.until("default", "window", "Scheduled", |v| {
+        phase(v) == Some(Phase::Scheduled)
+    })
+    .await;
+    h.until("default", "window", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    let v = h
+        .until("default", "window", "Expired", |v| {
+            phase(v) == Some(Phase::Expired)
+        })
+        .await;
+    assert_eq!(ready(&v), Some(("True".into(), "Expired".into())));
+
+    controller::reconcile(Arc::new(v), h.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(h.audit_kinds("WINDOW").await, ["created", "expired"]);
+}
+
+#[tokio::test]
+async fn api_server_errors_are_retried_without_duplicate_audit_records() {
+    let faults = voucher_operator::local::apiserver::Faults::default();
+    let api = LocalApiConfig {
+        faults: faults.clone(),
+        ..fast_bookmarks()
+    };
+    let h = harness_with(settings(), api).await;
+    // The first status writes fail with 500, then 409, then time out.
+    faults.inject("PATCH", "/status", 500, 2);
+    faults.inject("PATCH", "/status", 409, 1);
+    faults.delay("PATCH", "/status", Duration::from_secs(3), 1);
+    h.create("default", "flaky", json!({"creditOMR": 5})).await;
+    // Backoff after four failures: 1 + 2 + 4 + 8 s.
+    let api = h.vouchers("default");
+    eventually_within(
+        Duration::from_secs(30),
+        "Active despite failures",
+        || async {
+            api.get_opt("flaky")
+                .await
+                .unwrap()
+                .filter(|v| phase(v) == Some(Phase::Active))
+        },
+    )
+    .await;
+
+    assert!(faults.pending() == 0, "every injected fault was hit");
+    assert_eq!(h.audit_kinds("FLAKY").await, ["created"]);
+    let failures: f64 = ["kubernetes"]
+        .iter()
+        .map(|reason| {
+            h.ctx
+                .metrics
+                .failures
+                .get_or_create(&voucher_operator::controller::metrics::ReasonLabel { reason })
+                .get() as f64
+        })
+        .sum();
+    assert!(failures >= 3.0, "{failures} failures recorded");
+}
+
+#[tokio::test]
+async fn two_controllers_sharing_a_lease_never_reconcile_together() {
+    use voucher_operator::controller::leader::{self, LeaseSettings};
+    use voucher_operator::controller::metrics::ResultLabel;
+
+    support::init_tracing();
+    let url = support::fresh_database("leader").await;
+    let pool = support::pool(&url).await;
+    let store = Store::from_pool(pool.clone());
+    store.migrate().await.unwrap();
+    let (_, client) = support::local_api(fast_bookmarks()).await;
+
+    let start = |identity: &'static str| {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::register(&mut registry));
+        let ctx = Context::new(
+            client.clone(),
+            store.clone(),
+            metrics,
+            Settings {
+                identity: identity.into(),
+                ..settings()
+            },
+        );
+        let stop = CancellationToken::new();
+        let lease = LeaseSettings {
+            name: "voucher-operator".into(),
+            namespace: "default".into(),
+            identity: identity.into(),
+            duration: Duration::from_secs(3),
+        };
+        let task = tokio::spawn(leader::run_while_leader(
+            client.clone(),
+            lease,
+            stop.clone(),
+            {
+                let ctx = ctx.clone();
+                move |term| {
+                    let ctx = ctx.clone();
+                    async move {
+                        controller::run(ctx, term).await;
+                        Ok(())
+                    }
+                }
+            },
+        ));
+        (ctx, stop, task)
+    };
+    let reconciles = |ctx: &Arc<Context>| {
+        ctx.metrics
+            .reconciles
+            .get_or_create(&ResultLabel { result: "ok" })
+            .get()
+    };
+
+    let (ctx_a, stop_a, task_a) = start("replica-a");
+    let (ctx_b, stop_b, task_b) = start("replica-b");
+    let vouchers: Api<Voucher> = Api::namespaced(client.clone(), "default");
+    for i in 0..3 {
+        let spec: VoucherSpec = serde_json::from_value(json!({"creditOMR": 5})).unwrap();
+        vouchers
+            .create(
+                &PostParams::default(),
+                &Voucher::new(&format!("led-{i}"), spec),
+            )
+            .await
+            .unwrap();
+    }
+    for i in 0..3 {
+        let name = format!("led-{i}");
+        eventually("reconciled by the leader", || async {
+            vouchers
+                .get(&name)
+                .await
+                .ok()
+                .filter(|v| phase(v) == Some(Phase::Active))
+        })
+        .await;
+    }
+    let (a, b) = (reconciles(&ctx_a), reconciles(&ctx_b));
+    assert!(
+        (a > 0) != (b > 0),
+        "exactly one replica reconciles: a={a} b={b}"
+    );
+    let (leader_stop, leader_task, follower) = if a > 0 {
+        (stop_a, task_a, &ctx_b)
+    } else {
+        (stop_b, task_b, &ctx_a)
+    };
+
+    // The leader steps down (and releases the lease): the follower takes over.
+    leader_stop.cancel();
+    leader_task.await.unwrap().unwrap();
+    let spec: VoucherSpec = serde_json::from_value(json!({"creditOMR": 7})).unwrap();
+    vouchers
+        .create(
+            &PostParams::default(),
+            &Voucher::new("after-failover", spec),
+        )
+        .await
+        .unwrap();
+    eventually_within(
+        Duration::from_secs(20),
+        "reconciled by the new leader",
+        || async {
+            vouchers
+                .get("after-failover")
+                .await
+                .ok()
+                .filter(|v| phase(v) == Some(Phase::Active))
+        },
+    )
+    .await;
+    assert!(reconciles(follower) > 0);
+    let holder: k8s_openapi::api::coordination::v1::Lease =
+        Api::namespaced(client.clone(), "default")
+            .get("voucher-operator")
+            .await
+            .unwrap();
+    assert!(holder.spec.unwrap().holder_identity.is_some());
+}
