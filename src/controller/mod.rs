@@ -19,8 +19,8 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -95,7 +95,8 @@ pub struct Context {
 /// Per-voucher bookkeeping kept between reconciles.
 #[derive(Default)]
 struct Memory {
-    last_status_write: HashMap<ObjectRef<Voucher>, Instant>,
+    /// The last status this replica wrote for each Voucher, and when.
+    last_status_write: HashMap<ObjectRef<Voucher>, (VoucherStatus, Instant)>,
     failures: HashMap<ObjectRef<Voucher>, u32>,
     phases: HashMap<ObjectRef<Voucher>, Phase>,
 }
@@ -172,26 +173,34 @@ impl Context {
             return Ok(None);
         }
         let key = ObjectRef::from_obj(voucher);
+        let last = self
+            .memory
+            .lock()
+            .unwrap()
+            .last_status_write
+            .get(&key)
+            .cloned();
+        // The cached object may predate our own last write (a wake-up raced
+        // the watch): writing the same status again would change nothing.
+        // After a resync interval the cache is trusted again.
+        if let Some((written, at)) = &last
+            && !status::differs(Some(written), &wanted)
+            && at.elapsed() < self.settings.resync_interval
+        {
+            return Ok(None);
+        }
         let spec_changed = current.and_then(|s| s.observed_generation)
             != wanted.observed_generation
             || current.and_then(|s| s.phase) != wanted.phase;
-        if !spec_changed {
-            let last = self
-                .memory
-                .lock()
-                .unwrap()
-                .last_status_write
-                .get(&key)
-                .copied();
-            if let Some(last) = last {
-                let elapsed = last.elapsed();
-                if elapsed < self.settings.status_min_interval {
-                    self.metrics.status_patches_suppressed.inc();
-                    return Ok(Some(self.settings.status_min_interval - elapsed));
-                }
+        if !spec_changed && let Some((_, at)) = &last {
+            let elapsed = at.elapsed();
+            if elapsed < self.settings.status_min_interval {
+                self.metrics.status_patches_suppressed.inc();
+                return Ok(Some(self.settings.status_min_interval - elapsed));
             }
         }
         wanted.last_synced_at = Some(Utc::now());
+        let written = wanted.clone();
         let patch = json!({
             "apiVersion": Voucher::api_version(&()),
             "kind": Voucher::kind(&()),
@@ -209,7 +218,7 @@ impl Context {
             .lock()
             .unwrap()
             .last_status_write
-            .insert(key, Instant::now());
+            .insert(key, (written, Instant::now()));
         Ok(None)
     }
 
@@ -574,7 +583,19 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     };
     let config = kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency);
     let shutdown = stop.clone();
-    Controller::new(api, watcher::Config::default())
+    // The cache keeps what reconciles read: managedFields and kubectl's
+    // last-applied annotation are most of an object's size, and unused here.
+    let (cache, writer) = reflector::store();
+    let vouchers = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|v| {
+            v.managed_fields_mut().clear();
+            v.annotations_mut()
+                .remove("kubectl.kubernetes.io/last-applied-configuration");
+        })
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(vouchers, cache)
         .with_config(config)
         .reconcile_on(rows_changed)
         .reconcile_all_on(catch_up)

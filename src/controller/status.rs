@@ -192,14 +192,19 @@ pub fn desired(
 }
 
 /// Whether writing `wanted` over `current` changes anything a person or a
-/// health check reads (`lastSyncedAt` alone does not count).
+/// health check reads. Timestamps alone do not count: `lastSyncedAt`, and a
+/// condition's `lastTransitionTime`, which only moves with its status.
 pub fn differs(current: Option<&VoucherStatus>, wanted: &VoucherStatus) -> bool {
     let Some(current) = current else {
         return true;
     };
-    let strip = |s: &VoucherStatus| VoucherStatus {
-        last_synced_at: None,
-        ..s.clone()
+    let strip = |s: &VoucherStatus| {
+        let mut s = s.clone();
+        s.last_synced_at = None;
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(Default::default());
+        }
+        s
     };
     strip(current) != strip(wanted)
 }

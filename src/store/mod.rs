@@ -5,9 +5,14 @@
 //! commit together.
 
 pub mod bindings;
+pub mod customers;
+pub mod idempotency;
+pub mod ledger;
 pub mod notify;
 pub mod outbox;
 pub mod promo_codes;
+pub mod redeem;
+pub mod redemptions;
 pub mod sync;
 
 use std::time::Duration;

@@ -180,3 +180,15 @@ pub async fn soft_delete(conn: &mut PgConnection, code: &Code) -> Result<Option<
     .await?;
     Ok(row.map(Into::into))
 }
+
+/// Counts one redemption; the caller holds the row lock.
+pub async fn count_redemption(conn: &mut PgConnection, code: &str) -> Result<CodeRecord> {
+    let row: Row = sqlx::query_as(concat!(
+        "UPDATE promo_codes SET times_redeemed = times_redeemed + 1 WHERE code = $1 RETURNING ",
+        returning!()
+    ))
+    .bind(code)
+    .fetch_one(conn)
+    .await?;
+    Ok(row.into())
+}

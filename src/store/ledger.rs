@@ -1,0 +1,38 @@
+//! All SQL on the billing service's `credit_ledger` table.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::Result;
+
+/// The ledger reason of a voucher grant, as the billing service writes it.
+pub fn promo_reason(code: &str) -> String {
+    format!("promo:{code}")
+}
+
+/// Appends a grant (positive) or a spend (negative).
+pub async fn append(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    amount_omr: i32,
+    reason: &str,
+) -> Result<()> {
+    sqlx::query("INSERT INTO credit_ledger (customer_id, amount_omr, reason) VALUES ($1, $2, $3)")
+        .bind(customer)
+        .bind(amount_omr)
+        .bind(reason)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The customer's balance: the sum of its active ledger entries.
+pub async fn balance(conn: &mut PgConnection, customer: Uuid) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COALESCE(SUM(amount_omr), 0)::BIGINT FROM credit_ledger \
+         WHERE customer_id = $1 AND status = 'active'",
+    )
+    .bind(customer)
+    .fetch_one(conn)
+    .await?)
+}

@@ -1,0 +1,131 @@
+//! The `controller` subcommand as a process: clear start-up errors, probes
+//! and metrics, and a graceful stop on SIGTERM that releases the Lease.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use voucher_operator::local::apiserver::LocalApiConfig;
+
+fn kubeconfig(dir: &std::path::Path, server: &str) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: local, cluster: {{server: \"{server}\"}}}}]\n\
+             users: [{{name: dev, user: {{}}}}]\ncontexts: [{{name: local, context: {{cluster: local, user: dev}}}}]\n\
+             current-context: local\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn controller(kubeconfig: &std::path::Path, database: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_voucher-operator"));
+    cmd.arg("controller")
+        .env("KUBECONFIG", kubeconfig)
+        .env("DATABASE_URL", database)
+        .env("DATABASE_CONNECT_TIMEOUT", "2s")
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_is_a_clear_start_up_error() {
+    let database = support::fresh_database("ctlcli").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), &format!("http://127.0.0.1:{}", free_port()));
+    let output = controller(&config, &database).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot reach the Kubernetes API server"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_a_clear_start_up_error() {
+    let (url, _) = support::local_api(LocalApiConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), &url);
+    let database = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
+    let output =
+        tokio::task::spawn_blocking(move || controller(&config, &database).output().unwrap())
+            .await
+            .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot connect to the database"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_controller_and_releases_the_lease() {
+    let database = support::fresh_database("ctlcli").await;
+    let (url, client) = support::local_api(LocalApiConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), &url);
+    let port = free_port();
+    let mut child = controller(&config, &database)
+        .args([
+            "--metrics-address",
+            &format!("127.0.0.1:{port}"),
+            "--identity",
+            "replica-1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(client, "default");
+    let holder = || async {
+        leases
+            .get_opt("voucher-operator")
+            .await
+            .unwrap()
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while holder().await.as_deref() != Some("replica-1") {
+        assert!(
+            Instant::now() < deadline,
+            "the controller never took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = support::http_get(port, "/metrics").await;
+    assert!(metrics.contains("voucher_operator_vouchers"), "{metrics}");
+    assert!(support::http_get(port, "/readyz").await.contains("ready"));
+
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    assert_eq!(holder().await, None, "the lease was not released");
+}
