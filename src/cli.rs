@@ -33,7 +33,29 @@ pub enum Command {
     Migrate(DatabaseOptions),
     /// Run the controller: reconcile Voucher resources into the billing database and keep
     /// their status live. Uses KUBECONFIG, or the in-cluster service account.
-    Controller(ControllerOptions),
+    Controller {
+        #[command(flatten)]
+        database: DatabaseOptions,
+        #[command(flatten)]
+        controller: ControllerOptions,
+    },
+    /// Run the HTTP server: the public redeem-preview, the checkout redemption, the admin
+    /// compatibility endpoints, /healthz, /readyz, /metrics and /openapi.json.
+    Server {
+        #[command(flatten)]
+        database: DatabaseOptions,
+        #[command(flatten)]
+        server: ServerOptions,
+    },
+    /// Run the controller and the server in one process (development, small installations).
+    Run {
+        #[command(flatten)]
+        database: DatabaseOptions,
+        #[command(flatten)]
+        controller: ControllerOptions,
+        #[command(flatten)]
+        server: ServerOptions,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -66,13 +88,14 @@ pub struct DatabaseOptions {
     #[arg(long, env = "DATABASE_CONNECT_TIMEOUT", default_value = "10s",
           value_parser = humantime::parse_duration)]
     pub database_connect_timeout: Duration,
+
+    /// Do not create or update the database schema at start-up (controller, server, run).
+    #[arg(long, env = "SKIP_MIGRATIONS")]
+    pub skip_migrations: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct ControllerOptions {
-    #[command(flatten)]
-    pub database: DatabaseOptions,
-
     /// Compare every Voucher with its row at least this often; reverts out-of-band edits.
     #[arg(long, env = "RESYNC_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub resync_interval: Duration,
@@ -114,10 +137,59 @@ pub struct ControllerOptions {
     /// Name of this replica in the Lease and in Events (default: host name and process id).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+}
 
-    /// Do not create or update the database schema at start-up.
-    #[arg(long, env = "SKIP_MIGRATIONS")]
-    pub skip_migrations: bool,
+#[derive(Debug, Args)]
+pub struct ServerOptions {
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "LISTEN_ADDRESS", default_value = "0.0.0.0:8080")]
+    pub listen_address: std::net::SocketAddr,
+
+    /// Shared secret of HS256 bearer tokens (what the billing service signs with today).
+    #[arg(long, env = "JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<String>,
+
+    /// JWKS URL whose keys verify RS256/ES256 bearer tokens (Keycloak:
+    /// https://<host>/realms/<realm>/protocol/openid-connect/certs).
+    #[arg(long, env = "JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// Required `iss` of bearer tokens (not checked when unset).
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` of bearer tokens (not checked when unset).
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock skew allowed when checking `exp` and `nbf`.
+    #[arg(long, env = "JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub jwt_leeway: Duration,
+
+    /// Requests per minute per client on redeem-preview and redeem.
+    #[arg(long, env = "RATE_LIMIT_PER_MINUTE", default_value_t = 60)]
+    pub rate_limit_per_minute: u32,
+
+    /// Requests a client may send in a burst before the per-minute rate applies.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 20)]
+    pub rate_limit_burst: u32,
+
+    /// Comma-separated addresses or CIDRs of proxies whose X-Forwarded-For is trusted
+    /// to name the client (e.g. the ingress controller's pod network).
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// Namespace of the Vouchers that the admin endpoints issue.
+    #[arg(long, env = "ADMIN_NAMESPACE", default_value = "default")]
+    pub admin_namespace: String,
+
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "BODY_LIMIT", default_value_t = 16 * 1024)]
+    pub body_limit: usize,
+
+    /// Longest a request may take before it is answered with 503.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
 }
 
 impl ControllerOptions {
@@ -160,7 +232,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", api::crd_yaml());
             Ok(())
         }
-        Command::Controller(options) => run_controller(options).await,
+        Command::Controller {
+            database,
+            controller,
+        } => {
+            let store = open_store(&database).await?;
+            run_controller(store, controller, crate::telemetry::shutdown_signal()).await
+        }
+        Command::Server { database, server } => {
+            let store = open_store(&database).await?;
+            run_server(store, server, crate::telemetry::shutdown_signal()).await
+        }
+        Command::Run {
+            database,
+            controller,
+            server,
+        } => {
+            let store = open_store(&database).await?;
+            let shutdown = crate::telemetry::shutdown_signal();
+            let (controller, server) = tokio::join!(
+                run_controller(store.clone(), controller, shutdown.clone()),
+                run_server(store, server, shutdown.clone()),
+            );
+            // Either one failing stops the other.
+            shutdown.cancel();
+            controller.and(server)
+        }
         Command::Migrate(db) => {
             let store = Store::connect(&db.settings()).await?;
             let report = store.migrate().await?;
@@ -193,16 +290,25 @@ pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-async fn run_controller(options: ControllerOptions) -> anyhow::Result<()> {
+/// Connects and, unless told not to, brings the schema up to date.
+async fn open_store(database: &DatabaseOptions) -> anyhow::Result<Store> {
+    let store = Store::connect(&database.settings()).await?;
+    if !database.skip_migrations {
+        store.migrate().await?;
+    }
+    Ok(store)
+}
+
+async fn run_controller(
+    store: Store,
+    options: ControllerOptions,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use crate::controller::{self, Context, Settings, leader, metrics::Metrics};
 
-    let store = Store::connect(&options.database.settings()).await?;
-    if !options.skip_migrations {
-        store.migrate().await?;
-    }
     let client = kube::Client::try_default().await.map_err(|e| {
         anyhow::anyhow!(
             "cannot configure the Kubernetes client ({e}): set KUBECONFIG, or run in a cluster"
@@ -225,7 +331,6 @@ async fn run_controller(options: ControllerOptions) -> anyhow::Result<()> {
             concurrency: options.concurrency,
         },
     );
-    let shutdown = crate::telemetry::shutdown_signal();
     let ready = Arc::new(AtomicBool::new(false));
     let telemetry = tokio::spawn(crate::telemetry::serve(
         options.metrics_address,
@@ -256,4 +361,54 @@ async fn run_controller(options: ControllerOptions) -> anyhow::Result<()> {
     shutdown.cancel();
     telemetry.await??;
     Ok(())
+}
+
+async fn run_server(
+    store: Store,
+    options: ServerOptions,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    use crate::server::{self, AppState, ServerSettings, auth};
+
+    let auth = auth::AuthSettings {
+        hs256_secret: options.jwt_hs256_secret.clone(),
+        jwks_url: options.jwks_url.clone(),
+        issuer: options.jwt_issuer.clone(),
+        audience: options.jwt_audience.clone(),
+        leeway: options.jwt_leeway,
+    };
+    let verifier = auth::Verifier::new(auth);
+    if !verifier.configured() {
+        anyhow::bail!("no way to check bearer tokens: set JWT_HS256_SECRET and/or JWKS_URL");
+    }
+    // The admin endpoints need the Kubernetes API; without it they answer 503.
+    let kube = match kube::Client::try_default().await {
+        Ok(client) => Some(client),
+        Err(error) => {
+            tracing::warn!(%error, "no Kubernetes API: the admin issue and revoke endpoints will answer 503");
+            None
+        }
+    };
+    let settings = ServerSettings {
+        rate_limit_per_minute: options.rate_limit_per_minute,
+        rate_limit_burst: options.rate_limit_burst,
+        trusted_proxies: options.trusted_proxies.clone(),
+        admin_namespace: options.admin_namespace.clone(),
+        body_limit: options.body_limit,
+        request_timeout: options.request_timeout,
+    };
+    let state = AppState::new(
+        store,
+        verifier,
+        kube,
+        settings,
+        prometheus_client::registry::Registry::default(),
+    );
+    let listener = tokio::net::TcpListener::bind(options.listen_address)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.listen_address))?;
+    tracing::info!(address = %options.listen_address, "server listening");
+    let served = server::serve(listener, state, shutdown.clone()).await;
+    shutdown.cancel();
+    served
 }

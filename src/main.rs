@@ -4,6 +4,7 @@ use voucher_operator::cli::{self, Cli};
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    voucher_operator::install_tls_provider();
     cli::init_logging(&cli.logging);
     match cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

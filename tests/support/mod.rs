@@ -28,6 +28,7 @@ const UNPRIVILEGED: u32 = 65534;
 pub struct Postgres {
     pub port: u16,
     pub bin: PathBuf,
+    dir: PathBuf,
 }
 
 pub struct Nats {
@@ -120,29 +121,57 @@ fn start_postgres() -> Postgres {
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let port = free_port();
-    let mut postgres = Command::new(bin.join("postgres"));
-    postgres
-        .arg("-D")
-        .arg(&data)
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-k"])
-        .arg(&dir)
-        // Throwaway data: durability off makes the tests several times faster.
-        .args([
-            "-c",
-            "fsync=off",
-            "-c",
-            "synchronous_commit=off",
-            "-c",
-            "full_page_writes=off",
-        ])
-        .args(["-c", "max_connections=400"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("postgres.log")).unwrap());
-    run_as(&mut postgres);
-    supervise(postgres, libc::SIGINT, dir.clone());
-    wait_for_port(port, "postgres", &dir.join("postgres.log"));
-    Postgres { port, bin }
+    let server = Postgres {
+        port: free_port(),
+        bin,
+        dir,
+    };
+    server.launch();
+    server
+}
+
+impl Postgres {
+    fn launch(&self) {
+        let mut postgres = Command::new(self.bin.join("postgres"));
+        postgres
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-k"])
+            .arg(&self.dir)
+            // Throwaway data: no fsync makes the tests several times faster. Commits
+            // stay synchronous, so an acknowledged commit survives a crash of the
+            // server process (the machine does not crash in a test).
+            .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
+            .args(["-c", "max_connections=400"])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join("postgres.log"))
+                    .unwrap(),
+            );
+        if is_root() {
+            postgres.uid(UNPRIVILEGED).gid(UNPRIVILEGED);
+        }
+        supervise(postgres, libc::SIGINT, self.dir.clone());
+        wait_for_port(self.port, "postgres", &self.dir.join("postgres.log"));
+    }
+
+    /// Stops the server the hard way (immediate shutdown: every connection
+    /// is cut, open transactions are lost) and starts it again on the same
+    /// data and port, like a crash and restart of the database.
+    pub fn restart(&self) {
+        let mut services = SUPERVISED.lock().unwrap();
+        if let Some(i) = services.iter().position(|s| s.dir == self.dir) {
+            let mut old = services.remove(i);
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(old.child.id() as i32, libc::SIGQUIT) };
+            let _ = old.child.wait();
+        }
+        drop(services);
+        self.launch();
+    }
 }
 
 fn start_nats() -> Nats {

@@ -1,0 +1,280 @@
+//! The admin page's endpoints, kept compatible while the resource becomes
+//! the source of truth: issue and revoke act on Voucher resources (which the
+//! controller then reconciles), list reads the live rows.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use chrono::{DateTime, Utc};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::auth::Principal;
+use super::body::JsonBody;
+use super::error::{ErrorBody, HttpError};
+use crate::api::Voucher;
+use crate::domain::{Code, CodeRecord};
+use crate::store::{StoreError, bindings, promo_codes};
+
+/// The field manager of Vouchers written through the admin endpoints.
+pub const ADMIN_FIELD_MANAGER: &str = "voucher-operator-admin";
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct IssueRequest {
+    pub code: String,
+    pub credit_omr: i32,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub max_redemptions: i32,
+    #[serde(default = "active_default")]
+    pub active: bool,
+}
+
+fn active_default() -> bool {
+    true
+}
+
+/// A promo code as the billing service's admin API shows it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PromoCode {
+    pub code: String,
+    pub credit_omr: i32,
+    pub description: String,
+    pub active: bool,
+    pub max_redemptions: i32,
+    pub times_redeemed: i32,
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+impl From<CodeRecord> for PromoCode {
+    fn from(r: CodeRecord) -> Self {
+        Self {
+            code: r.code,
+            credit_omr: r.terms.credit_omr,
+            description: r.terms.description,
+            active: r.terms.active,
+            max_redemptions: r.terms.max_redemptions,
+            times_redeemed: r.times_redeemed,
+            created_at: Some(r.created_at),
+        }
+    }
+}
+
+async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Principal, HttpError> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let principal = state.verifier.verify(authorization).await?;
+    if !principal.is_admin() {
+        return Err(HttpError::new(
+            StatusCode::FORBIDDEN,
+            "voucher administration needs the role superadmin or sovereign-admin",
+        ));
+    }
+    Ok(principal)
+}
+
+fn vouchers(state: &AppState, namespace: &str) -> Result<Api<Voucher>, HttpError> {
+    let client = state.kube.clone().ok_or_else(|| {
+        HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "voucher administration needs the Kubernetes API, which this server cannot reach",
+        )
+    })?;
+    Ok(Api::namespaced(client, namespace))
+}
+
+fn kube_error(error: kube::Error) -> HttpError {
+    match error {
+        kube::Error::Api(status) if status.code == 409 => HttpError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "the Voucher is managed elsewhere (e.g. in Git); change it there: {}",
+                status.message
+            ),
+        ),
+        kube::Error::Api(status) if status.code == 422 => {
+            HttpError::new(StatusCode::UNPROCESSABLE_ENTITY, status.message)
+        }
+        kube::Error::Api(status) if status.code == 403 => HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the operator may not change Vouchers in its admin namespace",
+        ),
+        other => {
+            tracing::error!(error = %other, "Kubernetes API request failed");
+            HttpError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the Kubernetes API is unavailable; please try again shortly",
+            )
+        }
+    }
+}
+
+/// A resource name for a code: its lower-cased self when that is a valid
+/// name, otherwise made valid and unique with a short hash.
+pub fn resource_name(code: &Code) -> String {
+    let lower = code.as_str().to_ascii_lowercase();
+    let valid =
+        lower.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') && !lower.ends_with('-');
+    if valid {
+        return lower;
+    }
+    let base: String = lower
+        .replace('_', "-")
+        .trim_end_matches('-')
+        .chars()
+        .take(50)
+        .collect();
+    let hash = Sha256::digest(code.as_str());
+    format!("{base}-{:02x}{:02x}{:02x}", hash[0], hash[1], hash[2])
+}
+
+/// Issue (create or update) a code
+#[utoipa::path(
+    post,
+    path = "/billing/vouchers/issue",
+    request_body = IssueRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The Voucher resource was applied", body = PromoCode),
+        (status = 400, description = "Invalid code or body", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Not an administrator", body = ErrorBody),
+        (status = 409, description = "The Voucher is managed elsewhere", body = ErrorBody),
+        (status = 503, description = "The Kubernetes API is unreachable", body = ErrorBody),
+    )
+)]
+pub async fn issue(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<IssueRequest>,
+) -> Result<Json<PromoCode>, HttpError> {
+    admin(&state, &headers).await?;
+    let code = Code::parse(&request.code).map_err(|e| HttpError::bad_request(e.to_string()))?;
+    if request.credit_omr < 1 || request.max_redemptions < 0 {
+        return Err(HttpError::bad_request(
+            "credit_omr must be at least 1 and max_redemptions at least 0",
+        ));
+    }
+    let api = vouchers(&state, &state.settings.admin_namespace)?;
+    let name = resource_name(&code);
+    let manifest = json!({
+        "apiVersion": "catalyst.openova.io/v1alpha1",
+        "kind": "Voucher",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": ADMIN_FIELD_MANAGER}},
+        "spec": {
+            "code": code.as_str(),
+            "creditOMR": request.credit_omr,
+            "description": request.description,
+            "maxRedemptions": request.max_redemptions,
+            "active": request.active,
+        }
+    });
+    api.patch(
+        &name,
+        &PatchParams::apply(ADMIN_FIELD_MANAGER),
+        &Patch::Apply(&manifest),
+    )
+    .await
+    .map_err(kube_error)?;
+    let mut conn = state
+        .store
+        .pool()
+        .acquire()
+        .await
+        .map_err(StoreError::from)?;
+    let existing = promo_codes::find_live(&mut conn, &code).await?;
+    Ok(Json(PromoCode {
+        code: code.to_string(),
+        credit_omr: request.credit_omr,
+        description: request.description,
+        active: request.active,
+        max_redemptions: request.max_redemptions,
+        times_redeemed: existing.as_ref().map_or(0, |r| r.times_redeemed),
+        created_at: existing.map(|r| r.created_at),
+    }))
+}
+
+/// List the live codes
+#[utoipa::path(
+    get,
+    path = "/billing/vouchers/list",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every live code", body = [PromoCode]),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Not an administrator", body = ErrorBody),
+    )
+)]
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<PromoCode>>, HttpError> {
+    admin(&state, &headers).await?;
+    let mut conn = state
+        .store
+        .pool()
+        .acquire()
+        .await
+        .map_err(StoreError::from)?;
+    let rows = promo_codes::list_live(&mut conn).await?;
+    Ok(Json(rows.into_iter().map(PromoCode::from).collect()))
+}
+
+/// Revoke a code by deleting its Voucher resource
+#[utoipa::path(
+    delete,
+    path = "/billing/vouchers/revoke/{code}",
+    params(("code" = String, Path, description = "The code; trimmed and upper-cased")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The Voucher was deleted; the controller revokes the code"),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Not an administrator", body = ErrorBody),
+        (status = 404, description = "No Voucher resource owns this code", body = ErrorBody),
+        (status = 503, description = "The Kubernetes API is unreachable", body = ErrorBody),
+    )
+)]
+pub async fn revoke(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(code): Path<String>,
+) -> Result<Json<serde_json::Value>, HttpError> {
+    admin(&state, &headers).await?;
+    let code = Code::parse(&code).map_err(|e| HttpError::bad_request(e.to_string()))?;
+    let mut conn = state
+        .store
+        .pool()
+        .acquire()
+        .await
+        .map_err(StoreError::from)?;
+    let owner = bindings::owner_of(&mut conn, code.as_str())
+        .await?
+        .ok_or_else(|| {
+            HttpError::new(
+                StatusCode::NOT_FOUND,
+                format!("no Voucher resource owns the code {code}"),
+            )
+        })?;
+    let api = vouchers(&state, &owner.namespace)?;
+    match api.delete(&owner.name, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 => {
+            return Err(HttpError::new(
+                StatusCode::NOT_FOUND,
+                format!("no Voucher resource owns the code {code}"),
+            ));
+        }
+        Err(other) => return Err(kube_error(other)),
+    }
+    Ok(Json(
+        json!({"code": code.as_str(), "revoked": true, "voucher": format!("{}/{}", owner.namespace, owner.name)}),
+    ))
+}

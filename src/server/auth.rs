@@ -1,0 +1,226 @@
+//! Bearer tokens: HS256 with the billing service's shared secret, and/or
+//! RS256/ES256 verified with the keys of a JWKS URL (Keycloak). The
+//! algorithm decides the key source, so a token can never pick its own key
+//! type: `alg: none` and HS256-signed-with-the-public-key are rejected.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use serde::Deserialize;
+
+/// How tokens are checked.
+#[derive(Clone, Debug, Default)]
+pub struct AuthSettings {
+    pub hs256_secret: Option<String>,
+    pub jwks_url: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// Allowed clock skew for `exp` and `nbf`.
+    pub leeway: Duration,
+}
+
+/// The roles that may administer vouchers.
+pub const ADMIN_ROLES: [&str; 2] = ["superadmin", "sovereign-admin"];
+
+/// Who a valid token speaks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    pub subject: String,
+    pub email: String,
+    pub roles: Vec<String>,
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        self.roles.iter().any(|r| ADMIN_ROLES.contains(&r.as_str()))
+    }
+}
+
+/// Why a request is not authenticated; the message is safe to show.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("missing bearer token: send Authorization: Bearer <token>")]
+    Missing,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("tokens signed with {0} are not accepted here")]
+    Algorithm(String),
+}
+
+#[derive(Deserialize)]
+struct RealmAccess {
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    realm_access: Option<RealmAccess>,
+}
+
+struct Jwks {
+    keys: HashMap<String, (Algorithm, DecodingKey)>,
+    fetched: Option<Instant>,
+}
+
+pub struct Verifier {
+    settings: AuthSettings,
+    hs256: Option<DecodingKey>,
+    jwks: RwLock<Jwks>,
+    http: reqwest::Client,
+}
+
+/// A JWKS is fetched again at most this often when an unknown `kid` shows up.
+const JWKS_REFRESH: Duration = Duration::from_secs(30);
+
+impl Verifier {
+    pub fn new(settings: AuthSettings) -> Self {
+        crate::install_tls_provider();
+        let hs256 = settings
+            .hs256_secret
+            .as_ref()
+            .map(|s| DecodingKey::from_secret(s.as_bytes()));
+        Self {
+            settings,
+            hs256,
+            jwks: RwLock::new(Jwks {
+                keys: HashMap::new(),
+                fetched: None,
+            }),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .expect("an HTTP client"),
+        }
+    }
+
+    /// Whether any way of checking tokens is configured.
+    pub fn configured(&self) -> bool {
+        self.hs256.is_some() || self.settings.jwks_url.is_some()
+    }
+
+    fn validation(&self, algorithm: Algorithm) -> Validation {
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = self.settings.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &self.settings.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(issuer) = &self.settings.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        validation
+    }
+
+    /// Checks the value of an `Authorization` header.
+    pub async fn verify(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
+        let token = authorization
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::Missing)?;
+        let header = decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let key = match header.alg {
+            Algorithm::HS256 => self
+                .hs256
+                .clone()
+                .ok_or_else(|| AuthError::Algorithm("HS256".into()))?,
+            Algorithm::RS256 | Algorithm::ES256 => {
+                self.jwks_key(header.kid.as_deref(), header.alg).await?
+            }
+            other => return Err(AuthError::Algorithm(format!("{other:?}"))),
+        };
+        let data = decode::<Claims>(token, &key, &self.validation(header.alg))
+            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let claims = data.claims;
+        let subject = claims
+            .sub
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| AuthError::Invalid("the token has no subject".into()))?;
+        let mut roles: Vec<String> = claims.realm_access.map(|r| r.roles).unwrap_or_default();
+        roles.extend(claims.role);
+        Ok(Principal {
+            subject,
+            email: claims.email.unwrap_or_default(),
+            roles,
+        })
+    }
+
+    async fn jwks_key(&self, kid: Option<&str>, alg: Algorithm) -> Result<DecodingKey, AuthError> {
+        let Some(url) = &self.settings.jwks_url else {
+            return Err(AuthError::Algorithm(format!("{alg:?}")));
+        };
+        let kid = kid.ok_or_else(|| AuthError::Invalid("the token has no key id (kid)".into()))?;
+        let lookup = |jwks: &Jwks| jwks.keys.get(kid).cloned();
+        let known = lookup(&self.jwks.read().unwrap());
+        let (key_alg, key) = match known {
+            Some(found) => found,
+            None => {
+                let stale = self
+                    .jwks
+                    .read()
+                    .unwrap()
+                    .fetched
+                    .is_none_or(|at| at.elapsed() > JWKS_REFRESH);
+                if stale {
+                    self.refresh(url).await?;
+                }
+                lookup(&self.jwks.read().unwrap())
+                    .ok_or_else(|| AuthError::Invalid(format!("unknown signing key {kid:?}")))?
+            }
+        };
+        if key_alg != alg {
+            return Err(AuthError::Invalid(format!(
+                "key {kid:?} is not a {alg:?} key"
+            )));
+        }
+        Ok(key)
+    }
+
+    async fn refresh(&self, url: &str) -> Result<(), AuthError> {
+        let unavailable =
+            |e: String| AuthError::Invalid(format!("cannot fetch the signing keys: {e}"));
+        let set: JwkSet = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| unavailable(e.to_string()))?
+            .json()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            let Some(kid) = jwk.common.key_id.clone() else {
+                continue;
+            };
+            let alg = match &jwk.algorithm {
+                jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+                _ => continue,
+            };
+            if let Ok(key) = DecodingKey::from_jwk(jwk) {
+                keys.insert(kid, (alg, key));
+            }
+        }
+        let mut jwks = self.jwks.write().unwrap();
+        jwks.keys = keys;
+        jwks.fetched = Some(Instant::now());
+        Ok(())
+    }
+}

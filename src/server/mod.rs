@@ -1,0 +1,322 @@
+//! The server role (axum): the public redeem-preview, the checkout
+//! redemption, the admin compatibility endpoints, probes, metrics and the
+//! OpenAPI document. Handlers are thin: the decisions are the domain's, the
+//! transactions the store's.
+
+pub mod admin;
+pub mod auth;
+mod body;
+pub mod error;
+pub mod public;
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use ipnet::IpNet;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+
+use crate::store::Store;
+use auth::Verifier;
+use error::HttpError;
+
+/// How the server behaves.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// Requests per minute per client on the public and checkout endpoints.
+    pub rate_limit_per_minute: u32,
+    /// Requests a client may send at once before the rate applies.
+    pub rate_limit_burst: u32,
+    /// Peers whose `X-Forwarded-For` is believed (ingress, load balancer).
+    pub trusted_proxies: Vec<IpNet>,
+    /// Namespace of the Vouchers that the admin endpoints create and delete.
+    pub admin_namespace: String,
+    pub body_limit: usize,
+    pub request_timeout: Duration,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+pub struct ServerMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<RouteLabel, Histogram>,
+    pub redemptions: Family<OutcomeLabel, Counter>,
+}
+
+impl ServerMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
+            redemptions: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("voucher_operator_http");
+        r.register(
+            "requests",
+            "HTTP requests by route and status",
+            metrics.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "HTTP request latency by route",
+            metrics.latency.clone(),
+        );
+        r.register(
+            "redemptions",
+            "Redemption requests by outcome",
+            metrics.redemptions.clone(),
+        );
+        metrics
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub store: Store,
+    pub verifier: Verifier,
+    pub kube: Option<kube::Client>,
+    pub settings: ServerSettings,
+    pub metrics: ServerMetrics,
+    pub registry: Registry,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl AppState {
+    pub fn new(
+        store: Store,
+        verifier: Verifier,
+        kube: Option<kube::Client>,
+        settings: ServerSettings,
+        mut registry: Registry,
+    ) -> Arc<Self> {
+        let metrics = ServerMetrics::register(&mut registry);
+        let per_minute = NonZeroU32::new(settings.rate_limit_per_minute.max(1)).unwrap();
+        let burst = NonZeroU32::new(settings.rate_limit_burst.max(1)).unwrap();
+        Arc::new(Self {
+            store,
+            verifier,
+            kube,
+            limiter: RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(burst)),
+            settings,
+            metrics,
+            registry,
+        })
+    }
+
+    /// The client's address: the socket peer, or the nearest address in
+    /// `X-Forwarded-For` that is not a trusted proxy when the peer is one.
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let trusted = |ip: &IpAddr| {
+            self.settings
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(ip))
+        };
+        if !trusted(&peer) {
+            return peer;
+        }
+        let forwarded = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+            .collect::<Vec<_>>();
+        forwarded
+            .into_iter()
+            .rev()
+            .find(|ip| !trusted(ip))
+            .unwrap_or(peer)
+    }
+
+    /// Counts a request of `client` against its budget.
+    pub fn check_rate(&self, client: IpAddr) -> Result<(), HttpError> {
+        self.limiter.check_key(&client).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            HttpError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: "too many requests from this client; slow down".into(),
+                retry_after: Some(wait.as_secs().max(1)),
+            }
+        })
+    }
+}
+
+/// Declares the `bearer` security scheme the redeem and admin paths use.
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .bearer_format("JWT")
+            .build();
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    modifiers(&BearerScheme),
+    info(title = "voucher-operator", description = "Billing vouchers: public preview, checkout redemption, admin compatibility"),
+    paths(public::preview, public::redeem, admin::issue, admin::list, admin::revoke),
+    components(schemas(
+        public::PreviewRequest, public::PreviewResponse, public::RedeemRequest, public::RedeemResponse,
+        admin::IssueRequest, admin::PromoCode, error::ErrorBody
+    ))
+)]
+pub struct ApiDoc;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/billing/vouchers/redeem-preview", post(public::preview))
+        .route("/billing/vouchers/redeem", post(public::redeem))
+        .route("/billing/vouchers/issue", post(admin::issue))
+        .route("/billing/vouchers/list", get(admin::list))
+        .route("/billing/vouchers/revoke/{code}", delete(admin::revoke))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route(
+            "/openapi.json",
+            get(|| async { axum::Json(ApiDoc::openapi()) }),
+        )
+        .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            HttpError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this endpoint does not take that method",
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(DefaultBodyLimit::max(state.settings.body_limit))
+        .with_state(state)
+}
+
+/// Counts and times every request by route, and answers 503 (JSON) for one
+/// that outlives the request timeout.
+async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let started = Instant::now();
+    let response =
+        match tokio::time::timeout(state.settings.request_timeout, next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => HttpError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "the request took too long; please try again".into(),
+                retry_after: Some(1),
+            }
+            .into_response(),
+        };
+    state
+        .metrics
+        .latency
+        .get_or_create(&RouteLabel {
+            route: route.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    match sqlx::query("SELECT 1").execute(state.store.pool()).await {
+        Ok(_) => (StatusCode::OK, "ready").into_response(),
+        Err(_) => HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the billing database is unreachable",
+        )
+        .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Serves until `stop` is cancelled, then finishes the requests in flight.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let limiter_state = state.clone();
+    let cleanup_stop = stop.clone();
+    tokio::spawn(async move {
+        // Forget idle clients so the limiter's memory stays bounded.
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = cleanup_stop.cancelled() => return,
+                _ = tick.tick() => limiter_state.limiter.retain_recent(),
+            }
+        }
+    });
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await })
+    .await?;
+    Ok(())
+}
+
+/// The peer address of a request (axum's connect info).
+pub type Peer = ConnectInfo<SocketAddr>;

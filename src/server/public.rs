@@ -1,0 +1,256 @@
+//! The public redeem-preview and the checkout redemption.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use super::body::JsonBody;
+use super::error::{ErrorBody, HttpError};
+use super::{AppState, OutcomeLabel, Peer};
+use crate::domain::{Code, Redeemability};
+use crate::store::promo_codes;
+use crate::store::redeem::{Answer, Redeemed, Redemption};
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct PreviewRequest {
+    /// The code as the customer typed it; trimmed and upper-cased.
+    pub code: Option<String>,
+}
+
+/// What the landing page may show about a code. Never its counters.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PreviewResponse {
+    pub code: String,
+    pub credit_omr: i32,
+    pub description: String,
+    pub active: bool,
+    /// Whether a redemption would be accepted now.
+    pub accepting_redemptions: bool,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RedeemRequest {
+    pub code: Option<String>,
+    /// The customer's tenant, needed when this subject has no customer yet.
+    pub tenant_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RedeemResponse {
+    pub code: String,
+    pub credit_omr: i32,
+    /// The customer's credit balance after this grant.
+    pub balance_omr: i64,
+}
+
+/// The code of a request body: present, not blank, and of the code grammar.
+fn code_of(input: Option<&str>) -> Result<Code, HttpError> {
+    match input.map(str::trim) {
+        None => Err(HttpError::bad_request("the field \"code\" is required")),
+        Some("") => Err(HttpError::bad_request("the code is blank")),
+        Some(code) => Code::parse(code).map_err(|e| HttpError::bad_request(e.to_string())),
+    }
+}
+
+/// Preview a voucher code
+#[utoipa::path(
+    post,
+    path = "/billing/vouchers/redeem-preview",
+    request_body = PreviewRequest,
+    responses(
+        (status = 200, description = "The code can be redeemed", body = PreviewResponse),
+        (status = 400, description = "Malformed body, missing or blank code", body = ErrorBody),
+        (status = 404, description = "No such code", body = ErrorBody),
+        (status = 410, description = "Exists, but inactive, fully redeemed or outside its window", body = PreviewResponse),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody),
+    )
+)]
+pub async fn preview(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<PreviewRequest>,
+) -> Result<Response, HttpError> {
+    state.check_rate(state.client_ip(peer.0.ip(), &headers))?;
+    let code = code_of(request.code.as_deref())?;
+    let mut conn = state
+        .store
+        .pool()
+        .acquire()
+        .await
+        .map_err(crate::store::StoreError::from)?;
+    let record = promo_codes::find_live(&mut conn, &code).await?;
+    let verdict = Redeemability::of(record.as_ref(), Utc::now());
+    let Some(record) = record.filter(|_| !verdict.is_hidden()) else {
+        return Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            verdict.public_reason(),
+        ));
+    };
+    let body = PreviewResponse {
+        code: record.code,
+        credit_omr: record.terms.credit_omr,
+        description: record.terms.description,
+        active: record.terms.active,
+        accepting_redemptions: verdict.is_redeemable(),
+    };
+    let status = if verdict.is_redeemable() {
+        StatusCode::OK
+    } else {
+        StatusCode::GONE
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+/// How a redemption outcome is answered (and replayed for its Idempotency-Key).
+fn render(outcome: &Redeemed) -> (u16, serde_json::Value) {
+    let error = |status: StatusCode, message: String| {
+        (status.as_u16(), serde_json::json!({"error": message}))
+    };
+    match outcome {
+        Redeemed::Granted {
+            code,
+            credit_omr,
+            balance_omr,
+        } => (
+            200,
+            serde_json::to_value(RedeemResponse {
+                code: code.clone(),
+                credit_omr: *credit_omr,
+                balance_omr: *balance_omr,
+            })
+            .expect("a response serialises"),
+        ),
+        Redeemed::NotFound => error(
+            StatusCode::NOT_FOUND,
+            Redeemability::Unknown.public_reason(),
+        ),
+        Redeemed::Gone(verdict) => error(StatusCode::GONE, verdict.public_reason()),
+        Redeemed::AlreadyRedeemed => error(
+            StatusCode::CONFLICT,
+            "you have already redeemed this voucher code".into(),
+        ),
+        Redeemed::TenantRequired => error(
+            StatusCode::BAD_REQUEST,
+            "the field \"tenant_id\" is required for a customer's first redemption".into(),
+        ),
+    }
+}
+
+fn outcome_label(outcome: &Redeemed) -> &'static str {
+    match outcome {
+        Redeemed::Granted { .. } => "granted",
+        Redeemed::NotFound => "not_found",
+        Redeemed::Gone(Redeemability::Capped { .. }) => "capped",
+        Redeemed::Gone(Redeemability::Inactive) => "inactive",
+        Redeemed::Gone(_) => "outside_window",
+        Redeemed::AlreadyRedeemed => "already_redeemed",
+        Redeemed::TenantRequired => "tenant_required",
+    }
+}
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Redeem a voucher code for the token's customer
+#[utoipa::path(
+    post,
+    path = "/billing/vouchers/redeem",
+    request_body = RedeemRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key and body returns the first answer and redeems once")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Credit granted", body = RedeemResponse),
+        (status = 400, description = "Malformed body or code", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "No such code", body = ErrorBody),
+        (status = 409, description = "This customer already redeemed the code", body = ErrorBody),
+        (status = 410, description = "Inactive, fully redeemed or outside its window", body = ErrorBody),
+        (status = 422, description = "Idempotency-Key reused with another body", body = ErrorBody),
+        (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody),
+    )
+)]
+pub async fn redeem(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<RedeemRequest>,
+) -> Result<Response, HttpError> {
+    state.check_rate(state.client_ip(peer.0.ip(), &headers))?;
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let principal = state.verifier.verify(authorization).await?;
+    let code = code_of(request.code.as_deref())?;
+    let tenant = request
+        .tenant_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+
+    let idempotency = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => {
+            let key = value
+                .to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
+                .ok_or_else(|| {
+                    HttpError::bad_request(format!(
+                        "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+                    ))
+                })?;
+            // The request as it was understood: same code and tenant = same request.
+            let hash = Sha256::digest(format!("{}\n{}", code, tenant.unwrap_or_default())).to_vec();
+            Some((key, hash))
+        }
+    };
+    let redemption = Redemption {
+        code: &code,
+        subject: &principal.subject,
+        tenant,
+        email: &principal.email,
+        idempotency,
+        now: Utc::now(),
+    };
+    let answer = state.store.redeem(&redemption, render).await?;
+    let (status, body) = match answer {
+        Answer::Fresh(outcome) => {
+            state
+                .metrics
+                .redemptions
+                .get_or_create(&OutcomeLabel {
+                    outcome: outcome_label(&outcome),
+                })
+                .inc();
+            render(&outcome)
+        }
+        Answer::Replayed { status, body } => {
+            state
+                .metrics
+                .redemptions
+                .get_or_create(&OutcomeLabel {
+                    outcome: "replayed",
+                })
+                .inc();
+            (status, body)
+        }
+        Answer::KeyReused => {
+            return Err(HttpError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "this Idempotency-Key was already used with a different request",
+            ));
+        }
+    };
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    Ok((status, Json(body)).into_response())
+}

@@ -1,0 +1,818 @@
+//! The HTTP API against a real Postgres: every answer of DESIGN §5 from its
+//! own cause, bearer tokens (HS256 and RS256 through a JWKS), idempotent
+//! redemption, and exactly min(N, cap) grants under contention.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use voucher_operator::server::auth::{AuthSettings, Verifier};
+use voucher_operator::server::{self, AppState, ServerSettings};
+use voucher_operator::store::Store;
+
+const SECRET: &str = "test-shared-secret";
+
+struct Server {
+    base: String,
+    pool: PgPool,
+    http: reqwest::Client,
+    stop: CancellationToken,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn settings() -> ServerSettings {
+    ServerSettings {
+        rate_limit_per_minute: 1_000_000,
+        rate_limit_burst: 100_000,
+        trusted_proxies: Vec::new(),
+        admin_namespace: "default".into(),
+        body_limit: 4096,
+        request_timeout: Duration::from_secs(10),
+    }
+}
+
+fn auth() -> AuthSettings {
+    AuthSettings {
+        hs256_secret: Some(SECRET.into()),
+        leeway: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+async fn start_with(
+    settings: ServerSettings,
+    auth: AuthSettings,
+    kube: Option<kube::Client>,
+) -> Server {
+    support::init_tracing();
+    let url = support::fresh_database("server").await;
+    let pool = support::pool(&url).await;
+    let store = Store::from_pool(pool.clone());
+    store.migrate().await.unwrap();
+    let state = AppState::new(
+        store,
+        Verifier::new(auth),
+        kube,
+        settings,
+        Default::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(server::serve(listener, state, stop.clone()));
+    Server {
+        base,
+        pool,
+        http: reqwest::Client::new(),
+        stop,
+    }
+}
+
+async fn start() -> Server {
+    start_with(settings(), auth(), None).await
+}
+
+fn token(subject: &str, role: Option<&str>, expires_in: i64) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let mut claims = json!({"sub": subject, "email": format!("{subject}@example.om"), "exp": now + expires_in, "iat": now});
+    if let Some(role) = role {
+        claims["role"] = json!(role);
+    }
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+impl Server {
+    async fn seed(&self, sql: &str) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
+    async fn preview(&self, body: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(format!("{}/billing/vouchers/redeem-preview", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn redeem(
+        &self,
+        token: Option<&str>,
+        body: Value,
+        key: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .post(format!("{}/billing/vouchers/redeem", self.base))
+            .json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn counts(&self, code: &str) -> (i32, i64, i64) {
+        sqlx::query_as(
+            "SELECT (SELECT times_redeemed FROM promo_codes WHERE code = $1), \
+                    (SELECT count(*) FROM promo_redemptions WHERE code = $1), \
+                    (SELECT count(*) FROM credit_ledger WHERE reason = 'promo:' || $1)",
+        )
+        .bind(code)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+}
+
+const SEED: &str = "
+INSERT INTO promo_codes (code, credit_omr, description, active, max_redemptions, times_redeemed, valid_from, expires_at, deleted_at) VALUES
+ ('LIVE-10', 10, 'ten rial', true, 0, 0, NULL, NULL, NULL),
+ ('OFF-10', 10, 'paused', false, 0, 0, NULL, NULL, NULL),
+ ('FULL-10', 10, 'full', true, 1, 1, NULL, NULL, NULL),
+ ('SOON-10', 10, 'soon', true, 0, 0, now() + interval '1 day', NULL, NULL),
+ ('PAST-10', 10, 'past', true, 0, 0, NULL, now() - interval '1 day', NULL),
+ ('GONE-10', 10, 'deleted', false, 0, 3, NULL, NULL, now());
+";
+
+#[tokio::test]
+async fn preview_answers_each_case_with_its_status() {
+    let s = start().await;
+    s.seed(SEED).await;
+
+    for variant in ["LIVE-10", "  live-10 ", "\tLive-10\n"] {
+        let (status, body) = s.preview(&json!({"code": variant}).to_string()).await;
+        assert_eq!(status, StatusCode::OK, "{variant:?}");
+        assert_eq!(
+            body,
+            json!({"code": "LIVE-10", "credit_omr": 10, "description": "ten rial", "active": true, "accepting_redemptions": true})
+        );
+    }
+    for code in ["OFF-10", "FULL-10", "SOON-10", "PAST-10"] {
+        let (status, body) = s.preview(&json!({"code": code}).to_string()).await;
+        assert_eq!(status, StatusCode::GONE, "{code}");
+        assert_eq!(body["accepting_redemptions"], false);
+        assert_eq!(body["code"], code);
+        let keys: Vec<&String> = body.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            [
+                "accepting_redemptions",
+                "active",
+                "code",
+                "credit_omr",
+                "description"
+            ],
+            "never counters"
+        );
+    }
+    let (unknown_status, unknown) = s.preview(r#"{"code": "NOPE-10"}"#).await;
+    let (gone_status, gone) = s.preview(r#"{"code": "gone-10"}"#).await;
+    assert_eq!(
+        (unknown_status, gone_status),
+        (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND)
+    );
+    assert_eq!(
+        unknown, gone,
+        "a tombstone looks exactly like an unknown code"
+    );
+
+    for (body, why) in [
+        ("{not json", "not valid JSON"),
+        ("{}", "\"code\" is required"),
+        (r#"{"code": "   "}"#, "blank"),
+        (r#"{"code": 42}"#, "not valid JSON for this endpoint"),
+        (r#"{"code": "a b c"}"#, "only letters"),
+        ("", "empty"),
+    ] {
+        let (status, error) = s.preview(body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}");
+        assert!(
+            error["error"].as_str().unwrap().contains(why),
+            "{body:?}: {error}"
+        );
+    }
+    let huge = json!({"code": "LIVE-10", "padding": "x".repeat(10_000)}).to_string();
+    let (status, error) = s.preview(&huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(error["error"].is_string());
+}
+
+#[tokio::test]
+async fn preview_is_rate_limited_per_client() {
+    let mut limited = settings();
+    limited.rate_limit_per_minute = 60;
+    limited.rate_limit_burst = 3;
+    let s = start_with(limited, auth(), None).await;
+    s.seed(SEED).await;
+    for _ in 0..3 {
+        assert_eq!(s.preview(r#"{"code": "LIVE-10"}"#).await.0, StatusCode::OK);
+    }
+    let response = s
+        .http
+        .post(format!("{}/billing/vouchers/redeem-preview", s.base))
+        .header("x-forwarded-for", "203.0.113.9")
+        .json(&json!({"code": "LIVE-10"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "X-Forwarded-For from an untrusted peer is ignored"
+    );
+    let retry: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry));
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("too many requests")
+    );
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_names_the_client() {
+    let mut behind_proxy = settings();
+    behind_proxy.rate_limit_per_minute = 60;
+    behind_proxy.rate_limit_burst = 1;
+    behind_proxy.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    let s = start_with(behind_proxy, auth(), None).await;
+    s.seed(SEED).await;
+    let from = |client: &'static str| {
+        s.http
+            .post(format!("{}/billing/vouchers/redeem-preview", s.base))
+            .header("x-forwarded-for", format!("{client}, 127.0.0.5"))
+            .json(&json!({"code": "LIVE-10"}))
+            .send()
+    };
+    assert_eq!(from("198.51.100.1").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        from("198.51.100.2").await.unwrap().status(),
+        StatusCode::OK,
+        "another client has its own budget"
+    );
+    assert_eq!(
+        from("198.51.100.1").await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[tokio::test]
+async fn redeem_answers_each_case_with_its_status() {
+    let s = start().await;
+    s.seed(SEED).await;
+    let alice = token("alice", None, 300);
+
+    let (status, body) = s
+        .redeem(
+            Some(&alice),
+            json!({"code": " live-10", "tenant_id": "t1"}),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"code": "LIVE-10", "credit_omr": 10, "balance_omr": 10})
+    );
+    let (status, body) = s
+        .redeem(Some(&alice), json!({"code": "LIVE-10"}), None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("already redeemed"));
+
+    assert_eq!(
+        s.redeem(Some(&alice), json!({"code": "NOPE-10"}), None)
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        s.redeem(Some(&alice), json!({"code": "GONE-10"}), None)
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    for code in ["OFF-10", "FULL-10", "SOON-10", "PAST-10"] {
+        let (status, body) = s.redeem(Some(&alice), json!({"code": code}), None).await;
+        assert_eq!(status, StatusCode::GONE, "{code}: {body}");
+    }
+    let (status, body) = s
+        .redeem(
+            Some(&token("bob", None, 300)),
+            json!({"code": "LIVE-10"}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "a new customer needs a tenant: {body}"
+    );
+    assert_eq!(
+        s.redeem(Some(&alice), json!({"nope": 1}), None).await.0,
+        StatusCode::BAD_REQUEST
+    );
+
+    // Nothing of the refused attempts was written.
+    assert_eq!(s.counts("LIVE-10").await, (1, 1, 1));
+    assert_eq!(s.counts("FULL-10").await, (1, 0, 0));
+    let audits: Vec<String> =
+        sqlx::query_scalar("SELECT kind FROM voucher_audit_outbox ORDER BY seq")
+            .fetch_all(&s.pool)
+            .await
+            .unwrap();
+    assert_eq!(audits, ["redeemed"]);
+}
+
+#[tokio::test]
+async fn tokens_are_checked_strictly() {
+    let s = start().await;
+    s.seed(SEED).await;
+    let body = json!({"code": "LIVE-10", "tenant_id": "t1"});
+    let unauthorized = |status: StatusCode| assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    unauthorized(s.redeem(None, body.clone(), None).await.0);
+    unauthorized(s.redeem(Some("not-a-jwt"), body.clone(), None).await.0);
+    unauthorized(
+        s.redeem(Some(&token("alice", None, -600)), body.clone(), None)
+            .await
+            .0,
+    );
+    let wrong_secret = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "alice", "exp": chrono::Utc::now().timestamp() + 300}),
+        &EncodingKey::from_secret(b"another secret"),
+    )
+    .unwrap();
+    unauthorized(s.redeem(Some(&wrong_secret), body.clone(), None).await.0);
+
+    // alg none: a header that asks for no signature at all.
+    use base64_url as b64;
+    let unsigned = format!(
+        "{}.{}.",
+        b64::encode(r#"{"alg":"none","typ":"JWT"}"#),
+        b64::encode(
+            &json!({"sub": "alice", "exp": chrono::Utc::now().timestamp() + 300}).to_string()
+        )
+    );
+    unauthorized(s.redeem(Some(&unsigned), body.clone(), None).await.0);
+
+    // RS256 is not accepted when no JWKS is configured.
+    let rs = encode(
+        &Header::new(Algorithm::RS256),
+        &json!({"sub": "alice", "exp": chrono::Utc::now().timestamp() + 300}),
+        &EncodingKey::from_rsa_pem(include_bytes!("fixtures/jwt-rs256.key.pem")).unwrap(),
+    )
+    .unwrap();
+    let (status, error) = s.redeem(Some(&rs), body.clone(), None).await;
+    unauthorized(status);
+    assert!(error["error"].as_str().unwrap().contains("not accepted"));
+
+    let response = s
+        .http
+        .post(format!("{}/billing/vouchers/redeem", s.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    assert_eq!(s.counts("LIVE-10").await, (0, 0, 0));
+}
+
+/// A base64url encoder for hand-made tokens.
+mod base64_url {
+    pub fn encode(input: &str) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let bytes = input.as_bytes();
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+}
+
+#[tokio::test]
+async fn rs256_tokens_are_verified_through_the_jwks_and_cannot_confuse_algorithms() {
+    let jwks: Value = serde_json::from_str(include_str!("fixtures/jwks.json")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_addr: SocketAddr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/certs",
+        axum::routing::get(move || {
+            let jwks = jwks.clone();
+            async move { axum::Json(jwks) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let settings_auth = AuthSettings {
+        jwks_url: Some(format!("http://{jwks_addr}/certs")),
+        issuer: Some("https://keycloak.example/realms/catalyst".into()),
+        ..auth()
+    };
+    let s = start_with(settings(), settings_auth, None).await;
+    s.seed(SEED).await;
+    let key = EncodingKey::from_rsa_pem(include_bytes!("fixtures/jwt-rs256.key.pem")).unwrap();
+    let claims = |iss: &str| {
+        json!({"sub": "kc-user", "email": "kc@example.om", "iss": iss, "exp": chrono::Utc::now().timestamp() + 300,
+                                    "realm_access": {"roles": ["sovereign-admin"]}})
+    };
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("test-rs256".into());
+    let good = encode(
+        &header,
+        &claims("https://keycloak.example/realms/catalyst"),
+        &key,
+    )
+    .unwrap();
+    let (status, body) = s
+        .redeem(
+            Some(&good),
+            json!({"code": "LIVE-10", "tenant_id": "t1"}),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let wrong_issuer = encode(&header, &claims("https://evil.example"), &key).unwrap();
+    assert_eq!(
+        s.redeem(Some(&wrong_issuer), json!({"code": "LIVE-10"}), None)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let mut unknown_kid = header.clone();
+    unknown_kid.kid = Some("rotated-away".into());
+    let unknown = encode(
+        &unknown_kid,
+        &claims("https://keycloak.example/realms/catalyst"),
+        &key,
+    )
+    .unwrap();
+    assert_eq!(
+        s.redeem(Some(&unknown), json!({"code": "LIVE-10"}), None)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Algorithm confusion: HS256 "signed" with the RSA public key as the secret.
+    let public_pem = include_bytes!("fixtures/jwt-rs256.pub.pem");
+    let mut confused = Header::new(Algorithm::HS256);
+    confused.kid = Some("test-rs256".into());
+    let forged = encode(
+        &confused,
+        &claims("https://keycloak.example/realms/catalyst"),
+        &EncodingKey::from_secret(public_pem),
+    )
+    .unwrap();
+    assert_eq!(
+        s.redeem(Some(&forged), json!({"code": "LIVE-10"}), None)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Keycloak's realm roles make an administrator.
+    let list = s
+        .http
+        .get(format!("{}/billing/vouchers/list", s.base))
+        .bearer_auth(&good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(list.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_redeems_once_and_replays_the_answer() {
+    let s = start().await;
+    s.seed(SEED).await;
+    let carol = token("carol", None, 300);
+    let body = json!({"code": "LIVE-10", "tenant_id": "t1"});
+    let first = s.redeem(Some(&carol), body.clone(), Some("order-1")).await;
+    let retry = s.redeem(Some(&carol), body.clone(), Some("order-1")).await;
+    assert_eq!(first.0, StatusCode::OK);
+    assert_eq!(first, retry, "a retry returns the first answer");
+    assert_eq!(s.counts("LIVE-10").await, (1, 1, 1));
+
+    let (status, error) = s
+        .redeem(
+            Some(&carol),
+            json!({"code": "FULL-10", "tenant_id": "t1"}),
+            Some("order-1"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+
+    // Concurrent retries of one key: one redemption.
+    let dave = token("dave", None, 300);
+    let tries: Vec<_> = (0..10)
+        .map(|_| s.redeem(Some(&dave), body.clone(), Some("order-2")))
+        .collect();
+    let answers = futures::future::join_all(tries).await;
+    assert!(
+        answers
+            .iter()
+            .all(|a| a == &answers[0] && a.0 == StatusCode::OK),
+        "{answers:?}"
+    );
+    assert_eq!(s.counts("LIVE-10").await, (2, 2, 2));
+}
+
+#[tokio::test]
+async fn a_capped_code_is_never_over_redeemed() {
+    let s = Arc::new(start().await);
+    for round in 0..20 {
+        let code = format!("CAP50-{round:02}");
+        s.seed(&format!(
+            "INSERT INTO promo_codes (code, credit_omr, max_redemptions) VALUES ('{code}', 5, 50)"
+        ))
+        .await;
+        let requests: Vec<_> = (0..200)
+            .map(|i| {
+                let s = s.clone();
+                let code = code.clone();
+                tokio::spawn(async move {
+                    let t = token(&format!("customer-{round}-{i}"), None, 300);
+                    s.redeem(Some(&t), json!({"code": code, "tenant_id": "t"}), None)
+                        .await
+                        .0
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        let mut gone = 0;
+        for request in requests {
+            match request.await.unwrap() {
+                StatusCode::OK => ok += 1,
+                StatusCode::GONE => gone += 1,
+                other => panic!("unexpected {other}"),
+            }
+        }
+        assert_eq!((ok, gone), (50, 150), "round {round}");
+        assert_eq!(s.counts(&code).await, (50, 50, 50), "round {round}");
+        let exhausted: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM voucher_audit_outbox WHERE code = $1 AND kind = 'exhausted'",
+        )
+        .bind(&code)
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+        assert_eq!(exhausted, 1);
+    }
+}
+
+#[tokio::test]
+async fn one_customer_racing_itself_gets_one_grant() {
+    let s = Arc::new(start().await);
+    s.seed(SEED).await;
+    let erin = token("erin", None, 300);
+    let requests: Vec<_> = (0..20)
+        .map(|_| {
+            let s = s.clone();
+            let erin = erin.clone();
+            tokio::spawn(async move {
+                s.redeem(
+                    Some(&erin),
+                    json!({"code": "LIVE-10", "tenant_id": "t"}),
+                    None,
+                )
+                .await
+                .0
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for r in requests {
+        statuses.push(r.await.unwrap());
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::OK).count(), 1);
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == StatusCode::OK || *s == StatusCode::CONFLICT)
+    );
+    assert_eq!(s.counts("LIVE-10").await, (1, 1, 1));
+}
+
+#[tokio::test]
+async fn admin_endpoints_need_an_admin_and_the_kubernetes_api() {
+    let s = start().await;
+    s.seed(SEED).await;
+    let admin = token("root", Some("superadmin"), 300);
+    let user = token("alice", None, 300);
+    let list = |t: String| {
+        s.http
+            .get(format!("{}/billing/vouchers/list", s.base))
+            .bearer_auth(t)
+            .send()
+    };
+
+    assert_eq!(
+        list(user.clone()).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    let response = list(admin.clone()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let codes: Vec<Value> = response.json().await.unwrap();
+    let names: Vec<&str> = codes.iter().map(|c| c["code"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["FULL-10", "LIVE-10", "OFF-10", "PAST-10", "SOON-10"],
+        "live codes only"
+    );
+
+    let issue = s
+        .http
+        .post(format!("{}/billing/vouchers/issue", s.base))
+        .bearer_auth(&admin)
+        .json(&json!({"code": "NEW-1", "credit_omr": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(issue.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = issue.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("Kubernetes API"));
+}
+
+#[tokio::test]
+async fn issue_and_revoke_act_on_voucher_resources() {
+    use kube::api::Api;
+    use voucher_operator::api::Voucher;
+
+    let (_, client) = support::local_api(Default::default()).await;
+    let s = start_with(settings(), auth(), Some(client.clone())).await;
+    let admin = token("root", Some("sovereign-admin"), 300);
+    let issue = s
+        .http
+        .post(format!("{}/billing/vouchers/issue", s.base))
+        .bearer_auth(&admin)
+        .json(&json!({"code": "spring_sale", "credit_omr": 15, "description": "spring", "max_redemptions": 100}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(issue.status(), StatusCode::OK);
+    let body: Value = issue.json().await.unwrap();
+    assert_eq!(
+        (body["code"].as_str(), body["credit_omr"].as_i64()),
+        (Some("SPRING_SALE"), Some(15))
+    );
+
+    let vouchers: Api<Voucher> = Api::namespaced(client, "default");
+    let created = vouchers.list(&Default::default()).await.unwrap().items;
+    assert_eq!(created.len(), 1);
+    let voucher = &created[0];
+    assert_eq!(voucher.spec.code.as_deref(), Some("SPRING_SALE"));
+    assert_eq!(
+        (voucher.spec.credit_omr, voucher.spec.max_redemptions),
+        (15, 100)
+    );
+    let managers: Vec<_> = voucher
+        .metadata
+        .managed_fields
+        .clone()
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect();
+    assert_eq!(managers, ["voucher-operator-admin"]);
+
+    // Revoke deletes the resource bound to the code (the controller binds it; here by hand).
+    let name = voucher.metadata.name.clone().unwrap();
+    s.seed(&format!(
+        "INSERT INTO promo_codes (code, credit_omr) VALUES ('SPRING_SALE', 15); \
+         INSERT INTO voucher_bindings (code, namespace, name, uid) VALUES ('SPRING_SALE', 'default', '{name}', '{}')",
+        voucher.metadata.uid.clone().unwrap()
+    ))
+    .await;
+    let revoke = |code: &'static str| {
+        s.http
+            .delete(format!("{}/billing/vouchers/revoke/{code}", s.base))
+            .bearer_auth(&admin)
+            .send()
+    };
+    assert_eq!(
+        revoke("spring_sale").await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert!(vouchers.get_opt(&name).await.unwrap().is_none());
+    assert_eq!(
+        revoke("NEVER-1").await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn probes_metrics_and_openapi() {
+    let s = start().await;
+    s.seed(SEED).await;
+    let get = |path: &'static str| s.http.get(format!("{}{path}", s.base)).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(get("/readyz").await.unwrap().status(), StatusCode::OK);
+    s.preview(r#"{"code": "LIVE-10"}"#).await;
+    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"voucher_operator_http_requests_total{route="/billing/vouchers/redeem-preview",status="200"} 1"#), "{metrics}");
+    assert!(metrics.contains("voucher_operator_http_request_duration_seconds"));
+    let doc: Value = get("/openapi.json").await.unwrap().json().await.unwrap();
+    for path in [
+        "/billing/vouchers/redeem-preview",
+        "/billing/vouchers/redeem",
+        "/billing/vouchers/issue",
+        "/billing/vouchers/list",
+        "/billing/vouchers/revoke/{code}",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    let missing = get("/nope").await.unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    assert!(missing.json::<Value>().await.unwrap()["error"].is_string());
+}
+
+#[tokio::test]
+async fn shutdown_finishes_the_redemptions_in_flight() {
+    let s = start().await;
+    s.seed("INSERT INTO promo_codes (code, credit_omr) VALUES ('LATE-1', 4)")
+        .await;
+    // Hold the code's row so the redemption waits inside its transaction.
+    let mut blocker = s.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM promo_codes WHERE code = 'LATE-1' FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let (http, base) = (s.http.clone(), s.base.clone());
+    let in_flight = tokio::spawn(async move {
+        http.post(format!("{base}/billing/vouchers/redeem"))
+            .bearer_auth(token("patient", None, 300))
+            .json(&json!({"code": "LATE-1", "tenant_id": "t"}))
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    blocker.commit().await.unwrap();
+    assert_eq!(
+        in_flight.await.unwrap().unwrap(),
+        StatusCode::OK,
+        "the in-flight redemption was cut off"
+    );
+    let refused = s
+        .http
+        .post(format!("{}/billing/vouchers/redeem", s.base))
+        .send()
+        .await;
+    assert!(
+        refused.is_err(),
+        "new connections are refused after shutdown"
+    );
+}

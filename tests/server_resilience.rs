@@ -1,0 +1,163 @@
+//! The server through a Postgres crash and restart, and through its own
+//! graceful shutdown. Its own test binary, so the restart touches no other test.
+
+mod support;
+
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use reqwest::StatusCode;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use voucher_operator::server::auth::{AuthSettings, Verifier};
+use voucher_operator::server::{self, AppState, ServerSettings};
+use voucher_operator::store::{DatabaseSettings, Store};
+
+fn token(subject: &str) -> String {
+    let claims = json!({"sub": subject, "exp": chrono::Utc::now().timestamp() + 600});
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(b"s"),
+    )
+    .unwrap()
+}
+
+async fn start(database: &str) -> (String, CancellationToken, Store) {
+    support::init_tracing();
+    let store = Store::connect(&DatabaseSettings {
+        url: database.into(),
+        max_connections: 20,
+        connect_timeout: Duration::from_secs(2),
+    })
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    let settings = ServerSettings {
+        rate_limit_per_minute: 1_000_000,
+        rate_limit_burst: 100_000,
+        trusted_proxies: Vec::new(),
+        admin_namespace: "default".into(),
+        body_limit: 4096,
+        request_timeout: Duration::from_secs(10),
+    };
+    let auth = AuthSettings {
+        hs256_secret: Some("s".into()),
+        ..Default::default()
+    };
+    let state = AppState::new(
+        store.clone(),
+        Verifier::new(auth),
+        None,
+        settings,
+        Default::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(server::serve(listener, state, stop.clone()));
+    (base, stop, store)
+}
+
+async fn redeem(http: &reqwest::Client, base: &str, customer: &str, code: &str) -> StatusCode {
+    match http
+        .post(format!("{base}/billing/vouchers/redeem"))
+        .bearer_auth(token(customer))
+        .json(&json!({"code": code, "tenant_id": "t"}))
+        .send()
+        .await
+    {
+        Ok(response) => {
+            let status = response.status();
+            let body: serde_json::Value = response.json().await.expect("every answer is JSON");
+            assert!(
+                status == StatusCode::OK || body["error"].is_string(),
+                "{status}: {body}"
+            );
+            status
+        }
+        Err(error) => panic!("the server dropped a request: {error}"),
+    }
+}
+
+#[tokio::test]
+async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart() {
+    let database = support::fresh_database("restart").await;
+    let (base, _stop, store) = start(&database).await;
+    sqlx::query(
+        "INSERT INTO promo_codes (code, credit_omr, max_redemptions) VALUES ('STORM-1', 3, 10000)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+
+    let load = {
+        let (http, base) = (http.clone(), base.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for wave in 0..30 {
+                let requests: Vec<_> = (0..10)
+                    .map(|i| {
+                        let (http, base) = (http.clone(), base.clone());
+                        tokio::spawn(async move {
+                            redeem(&http, &base, &format!("c-{wave}-{i}"), "STORM-1").await
+                        })
+                    })
+                    .collect();
+                for r in requests {
+                    answers.push((r.await.unwrap(), std::time::Instant::now()));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            answers
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let restart_began = std::time::Instant::now();
+    tokio::task::spawn_blocking(|| support::postgres().restart())
+        .await
+        .unwrap();
+    let restart_ended = std::time::Instant::now();
+    let timed = load.await.unwrap();
+    assert!(
+        timed.iter().any(|(_, at)| *at < restart_began)
+            && timed.iter().any(|(_, at)| *at > restart_ended),
+        "the restart did not fall inside the load; the test proves nothing"
+    );
+    let answers: Vec<StatusCode> = timed.into_iter().map(|(status, _)| status).collect();
+
+    let granted = answers.iter().filter(|s| **s == StatusCode::OK).count() as i64;
+    let unavailable = answers
+        .iter()
+        .filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    assert_eq!(
+        granted as usize + unavailable,
+        answers.len(),
+        "only 200 or 503: {answers:?}"
+    );
+
+    let (counter, rows, grants, audits): (i32, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT times_redeemed FROM promo_codes WHERE code = 'STORM-1'), \
+                (SELECT count(*) FROM promo_redemptions WHERE code = 'STORM-1'), \
+                (SELECT count(*) FROM credit_ledger WHERE reason = 'promo:STORM-1'), \
+                (SELECT count(*) FROM voucher_audit_outbox WHERE code = 'STORM-1' AND kind = 'redeemed')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        (rows, grants, audits),
+        (counter as i64, counter as i64, counter as i64),
+        "a half-written redemption"
+    );
+    // A commit whose acknowledgement was lost counts but was answered 503.
+    assert!(rows >= granted, "{rows} rows for {granted} grants answered");
+
+    // The same server process serves again.
+    assert_eq!(
+        redeem(&http, &base, "after-restart", "STORM-1").await,
+        StatusCode::OK
+    );
+}
