@@ -23,6 +23,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print the Voucher CustomResourceDefinition generated from the code, as YAML
@@ -38,6 +40,8 @@ pub enum Command {
         database: DatabaseOptions,
         #[command(flatten)]
         controller: ControllerOptions,
+        #[command(flatten)]
+        audit: AuditOptions,
     },
     /// Run the HTTP server: the public redeem-preview, the checkout redemption, the admin
     /// compatibility endpoints, /healthz, /readyz, /metrics and /openapi.json.
@@ -47,12 +51,16 @@ pub enum Command {
         #[command(flatten)]
         server: ServerOptions,
     },
+    /// Print audit events from JetStream: a table, or JSON lines with --json.
+    Events(EventsOptions),
     /// Run the controller and the server in one process (development, small installations).
     Run {
         #[command(flatten)]
         database: DatabaseOptions,
         #[command(flatten)]
         controller: ControllerOptions,
+        #[command(flatten)]
+        audit: AuditOptions,
         #[command(flatten)]
         server: ServerOptions,
     },
@@ -137,6 +145,120 @@ pub struct ControllerOptions {
     /// Name of this replica in the Lease and in Events (default: host name and process id).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+}
+
+/// Where audit events go (NATS JetStream); used by the relay (controller, run) and `events`.
+#[derive(Debug, Args)]
+pub struct StreamOptions {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// JetStream stream of the audit events.
+    #[arg(long, env = "AUDIT_STREAM", default_value = "VOUCHER_AUDIT")]
+    pub audit_stream: String,
+
+    /// Subject prefix: events are published on <prefix>.<CODE>.<kind>.
+    #[arg(
+        long,
+        env = "AUDIT_SUBJECT_PREFIX",
+        default_value = "catalyst.vouchers"
+    )]
+    pub audit_subject_prefix: String,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsOptions {
+    #[command(flatten)]
+    pub stream: StreamOptions,
+
+    /// Only the events of this code (trimmed, upper-cased).
+    #[arg(long)]
+    pub code: Option<String>,
+
+    /// Only events of this kind: created, updated, activated, deactivated, adopted, conflict,
+    /// drift_corrected, exhausted, expired, revoked, orphaned, redeemed.
+    #[arg(long = "type", value_parser = crate::domain::AuditKind::ALL.map(|k| k.as_str()))]
+    pub kind: Option<String>,
+
+    /// Only events of the last DURATION (e.g. 15m, 2h, 7days).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
+
+    /// Keep printing new events as they arrive (Ctrl-C to stop).
+    #[arg(long)]
+    pub follow: bool,
+
+    /// Print each event as one JSON line (the CloudEvents envelope).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The audit relay of the controller role.
+#[derive(Debug, Args)]
+pub struct AuditOptions {
+    #[command(flatten)]
+    pub stream: StreamOptions,
+
+    /// Publish the audit outbox to JetStream (leader only). Disable only where no NATS exists;
+    /// records then accumulate in the outbox.
+    #[arg(long, env = "AUDIT_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub audit_relay: bool,
+
+    /// The CloudEvents `source` of every event (e.g. /sovereigns/<name>/voucher-operator).
+    #[arg(
+        long,
+        env = "AUDIT_SOURCE",
+        default_value = "/catalyst/voucher-operator"
+    )]
+    pub audit_source: String,
+
+    /// Stream storage: file or memory.
+    #[arg(long, env = "AUDIT_STORAGE", default_value = "file", value_parser = ["file", "memory"])]
+    pub audit_storage: String,
+
+    /// Stream replicas (1 to 5).
+    #[arg(long, env = "AUDIT_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub audit_replicas: u8,
+
+    /// How long the stream keeps events.
+    #[arg(long, env = "AUDIT_MAX_AGE", default_value = "90days", value_parser = humantime::parse_duration)]
+    pub audit_max_age: Duration,
+
+    /// JetStream drops an event id seen again within this window; keep it longer than any
+    /// outage the relay retries through.
+    #[arg(long, env = "AUDIT_DUPLICATE_WINDOW", default_value = "2h", value_parser = humantime::parse_duration)]
+    pub audit_duplicate_window: Duration,
+
+    /// Published records are deleted from the outbox after this long.
+    #[arg(long, env = "AUDIT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub audit_retention: Duration,
+
+    /// The relay also looks at the outbox this often, in case a notification was missed.
+    #[arg(long, env = "AUDIT_POLL_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub audit_poll_interval: Duration,
+}
+
+impl AuditOptions {
+    pub fn settings(&self) -> crate::relay::RelaySettings {
+        crate::relay::RelaySettings {
+            nats_url: self.stream.nats_url.clone(),
+            stream: self.stream.audit_stream.clone(),
+            subject_prefix: self.stream.audit_subject_prefix.clone(),
+            source: self.audit_source.clone(),
+            storage: if self.audit_storage == "memory" {
+                async_nats::jetstream::stream::StorageType::Memory
+            } else {
+                async_nats::jetstream::stream::StorageType::File
+            },
+            replicas: usize::from(self.audit_replicas),
+            max_age: self.audit_max_age,
+            duplicate_window: self.audit_duplicate_window,
+            retention: self.audit_retention,
+            poll_interval: self.audit_poll_interval,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -235,9 +357,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Controller {
             database,
             controller,
+            audit,
         } => {
             let store = open_store(&database).await?;
-            run_controller(store, controller, crate::telemetry::shutdown_signal()).await
+            run_controller(
+                store,
+                controller,
+                audit,
+                crate::telemetry::shutdown_signal(),
+            )
+            .await
         }
         Command::Server { database, server } => {
             let store = open_store(&database).await?;
@@ -246,18 +375,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             database,
             controller,
+            audit,
             server,
         } => {
             let store = open_store(&database).await?;
             let shutdown = crate::telemetry::shutdown_signal();
             let (controller, server) = tokio::join!(
-                run_controller(store.clone(), controller, shutdown.clone()),
+                run_controller(store.clone(), controller, audit, shutdown.clone()),
                 run_server(store, server, shutdown.clone()),
             );
             // Either one failing stops the other.
             shutdown.cancel();
             controller.and(server)
         }
+        Command::Events(options) => print_events(options).await,
         Command::Migrate(db) => {
             let store = Store::connect(&db.settings()).await?;
             let report = store.migrate().await?;
@@ -302,6 +433,7 @@ async fn open_store(database: &DatabaseOptions) -> anyhow::Result<Store> {
 async fn run_controller(
     store: Store,
     options: ControllerOptions,
+    audit: AuditOptions,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     use std::sync::Arc;
@@ -318,10 +450,12 @@ async fn run_controller(
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
+    let relay_metrics = Arc::new(crate::relay::RelayMetrics::register(&mut registry));
+    let relay = audit.audit_relay.then(|| audit.settings());
     let identity = options.identity();
     let ctx = Context::new(
         client.clone(),
-        store,
+        store.clone(),
         metrics,
         Settings {
             resync_interval: options.resync_interval,
@@ -348,19 +482,39 @@ async fn run_controller(
             duration: options.lease_duration,
         };
         leader::run_while_leader(client, lease, shutdown.clone(), |term| {
-            let ctx = ctx.clone();
-            async move {
-                controller::run(ctx, term).await;
-                Ok(())
-            }
+            leader_work(
+                ctx.clone(),
+                store.clone(),
+                relay.clone(),
+                relay_metrics.clone(),
+                term,
+            )
         })
         .await?;
     } else {
-        controller::run(ctx, shutdown.clone()).await;
+        leader_work(ctx, store, relay, relay_metrics, shutdown.clone()).await?;
     }
     shutdown.cancel();
     telemetry.await??;
     Ok(())
+}
+
+/// What the leader runs: the controller and the audit relay.
+async fn leader_work(
+    ctx: std::sync::Arc<crate::controller::Context>,
+    store: Store,
+    relay: Option<crate::relay::RelaySettings>,
+    relay_metrics: std::sync::Arc<crate::relay::RelayMetrics>,
+    term: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let relay = async {
+        match relay {
+            Some(settings) => crate::relay::run(store, settings, relay_metrics, term.clone()).await,
+            None => Ok(()),
+        }
+    };
+    let (_, relayed) = tokio::join!(crate::controller::run(ctx, term.clone()), relay);
+    relayed
 }
 
 async fn run_server(
@@ -411,4 +565,56 @@ async fn run_server(
     let served = server::serve(listener, state, shutdown.clone()).await;
     shutdown.cancel();
     served
+}
+
+async fn print_events(options: EventsOptions) -> anyhow::Result<()> {
+    let query = crate::relay::EventQuery {
+        code: options.code.clone(),
+        kind: options.kind.clone(),
+        since: options.since,
+        follow: options.follow,
+    };
+    if !options.json {
+        println!(
+            "{:<25} {:<22} {:<16} {:<28} REASON",
+            "TIME", "CODE", "TYPE", "ACTOR"
+        );
+    }
+    let json = options.json;
+    crate::relay::follow_events(
+        &options.stream.nats_url,
+        &options.stream.audit_stream,
+        &options.stream.audit_subject_prefix,
+        &query,
+        |event| {
+            if json {
+                println!("{event}");
+                return;
+            }
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+            let kind = text(&event["type"])
+                .trim_start_matches(crate::domain::audit::EVENT_TYPE_PREFIX)
+                .trim_start_matches('.')
+                .trim_end_matches(".v1")
+                .to_owned();
+            let actor = &event["data"]["actor"];
+            let actor = match actor["type"].as_str() {
+                Some("resource") => {
+                    format!("{}/{}", text(&actor["namespace"]), text(&actor["name"]))
+                }
+                Some("subject") => format!("sub:{}", text(&actor["subject"])),
+                _ => String::new(),
+            };
+            let time = text(&event["time"]).chars().take(23).collect::<String>();
+            println!(
+                "{:<25} {:<22} {:<16} {:<28} {}",
+                time,
+                text(&event["subject"]),
+                kind,
+                actor,
+                text(&event["data"]["reason"])
+            );
+        },
+    )
+    .await
 }

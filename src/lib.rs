@@ -7,6 +7,7 @@ pub mod cli;
 pub mod controller;
 pub mod domain;
 pub mod local;
+pub mod relay;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -1,5 +1,6 @@
 //! All SQL on the operator's `voucher_audit_outbox` table.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -41,4 +42,55 @@ pub async fn append(conn: &mut PgConnection, record: &NewAuditRecord) -> Result<
     .fetch_one(conn)
     .await?;
     Ok(seq)
+}
+
+/// A stored audit record.
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct AuditRecord {
+    pub seq: i64,
+    pub event_id: Uuid,
+    pub code: String,
+    pub kind: String,
+    pub occurred_at: DateTime<Utc>,
+    pub payload: serde_json::Value,
+}
+
+/// The oldest unpublished records, in outbox order.
+pub async fn pending(conn: &mut PgConnection, limit: i64) -> Result<Vec<AuditRecord>> {
+    Ok(sqlx::query_as(
+        "SELECT seq, event_id, code, kind, occurred_at, payload FROM voucher_audit_outbox \
+         WHERE published_at IS NULL ORDER BY seq LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+pub async fn mark_published(conn: &mut PgConnection, seqs: &[i64]) -> Result<()> {
+    sqlx::query("UPDATE voucher_audit_outbox SET published_at = now() WHERE seq = ANY($1)")
+        .bind(seqs)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Deletes records published longer ago than `retention`; returns how many.
+pub async fn prune(conn: &mut PgConnection, retention: std::time::Duration) -> Result<u64> {
+    let result = sqlx::query(
+        "DELETE FROM voucher_audit_outbox WHERE published_at < now() - make_interval(secs => $1)",
+    )
+    .bind(retention.as_secs_f64())
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// How many records wait, and how long the oldest has waited (seconds).
+pub async fn backlog(conn: &mut PgConnection) -> Result<(i64, f64)> {
+    Ok(sqlx::query_as(
+        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(occurred_at))::float8, 0) \
+         FROM voucher_audit_outbox WHERE published_at IS NULL",
+    )
+    .fetch_one(conn)
+    .await?)
 }

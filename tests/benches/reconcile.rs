@@ -55,6 +55,8 @@ fn controller(kubeconfig: &std::path::Path, database: &str, port: u16, namespace
             "--status-min-interval",
             "0s",
             "--skip-migrations",
+            "--audit-relay",
+            "false",
         ])
         .args([
             "--metrics-address",

@@ -34,6 +34,8 @@ pub struct Postgres {
 pub struct Nats {
     pub port: u16,
     pub url: String,
+    binary: PathBuf,
+    dir: PathBuf,
 }
 
 impl Postgres {
@@ -181,18 +183,51 @@ fn start_nats() -> Nats {
              `apt-get install -y nats-server` (bash .ci/test does this)"
         )
     });
-    let dir = scratch_dir("nats");
     let port = free_port();
-    let mut nats = Command::new(binary);
-    nats.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(dir.join("jetstream"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("nats.log")).unwrap());
-    supervise(nats, libc::SIGTERM, dir.clone());
-    wait_for_port(port, "nats-server", &dir.join("nats.log"));
-    Nats {
+    let nats = Nats {
         port,
         url: format!("nats://127.0.0.1:{port}"),
+        binary,
+        dir: scratch_dir("nats"),
+    };
+    nats.start();
+    nats
+}
+
+impl Nats {
+    /// Starts the server (again) on the same port and JetStream store.
+    pub fn start(&self) {
+        let mut nats = Command::new(&self.binary);
+        nats.args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-sd",
+        ])
+        .arg(self.dir.join("jetstream"))
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join("nats.log"))
+                .unwrap(),
+        );
+        supervise(nats, libc::SIGTERM, self.dir.clone());
+        wait_for_port(self.port, "nats-server", &self.dir.join("nats.log"));
+    }
+
+    /// Stops the server; its JetStream data stays for `start`.
+    pub fn stop(&self) {
+        let mut services = SUPERVISED.lock().unwrap();
+        if let Some(i) = services.iter().position(|s| s.dir == self.dir) {
+            let mut old = services.remove(i);
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(old.child.id() as i32, libc::SIGTERM) };
+            let _ = old.child.wait();
+        }
     }
 }
 

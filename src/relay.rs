@@ -1,0 +1,345 @@
+//! The audit relay: publishes the outbox to NATS JetStream as CloudEvents,
+//! in outbox order, each with `Nats-Msg-Id` = event id so that JetStream
+//! drops a copy sent twice (after a crash between publish and mark, or by a
+//! second relay) within its duplicate window. Runs on the leader only.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use std::sync::atomic::AtomicU64;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::AuditKind;
+use crate::store::Store;
+use crate::store::notify::OUTBOX_CHANNEL;
+use crate::store::outbox::{self, AuditRecord};
+
+/// Where and how audit events are published.
+#[derive(Clone, Debug)]
+pub struct RelaySettings {
+    pub nats_url: String,
+    pub stream: String,
+    /// Subjects are `<prefix>.<CODE>.<kind>`.
+    pub subject_prefix: String,
+    /// The CloudEvents `source` attribute.
+    pub source: String,
+    pub storage: stream::StorageType,
+    pub replicas: usize,
+    pub max_age: Duration,
+    /// Longer than the relay's retry horizon, so a re-sent event is dropped.
+    pub duplicate_window: Duration,
+    pub batch_size: i64,
+    /// Fallback when a database notification is missed.
+    pub poll_interval: Duration,
+    /// Published records are deleted from the outbox after this long.
+    pub retention: Duration,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            stream: "VOUCHER_AUDIT".into(),
+            subject_prefix: "catalyst.vouchers".into(),
+            source: "/catalyst/voucher-operator".into(),
+            storage: stream::StorageType::File,
+            replicas: 1,
+            max_age: Duration::from_secs(90 * 24 * 3600),
+            duplicate_window: Duration::from_secs(2 * 3600),
+            batch_size: 256,
+            poll_interval: Duration::from_secs(5),
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// The subject of one event: a consumer can filter one code or one kind.
+pub fn subject(prefix: &str, code: &str, kind: &str) -> String {
+    format!("{prefix}.{code}.{kind}")
+}
+
+/// The stream, as configuration says it should be.
+pub fn stream_config(settings: &RelaySettings) -> stream::Config {
+    stream::Config {
+        name: settings.stream.clone(),
+        subjects: vec![format!("{}.>", settings.subject_prefix)],
+        storage: settings.storage,
+        num_replicas: settings.replicas,
+        max_age: settings.max_age,
+        duplicate_window: settings.duplicate_window,
+        description: Some("voucher-operator audit events (CloudEvents 1.0, JSON)".into()),
+        ..Default::default()
+    }
+}
+
+/// The CloudEvents 1.0 structured-mode JSON envelope of a record.
+pub fn envelope(record: &AuditRecord, source: &str) -> Value {
+    let event_type = AuditKind::parse(&record.kind)
+        .map(AuditKind::event_type)
+        .unwrap_or_else(|| {
+            format!(
+                "{}.{}.v1",
+                crate::domain::audit::EVENT_TYPE_PREFIX,
+                record.kind
+            )
+        });
+    json!({
+        "specversion": "1.0",
+        "id": record.event_id.to_string(),
+        "source": source,
+        "type": event_type,
+        "subject": record.code,
+        "time": record.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "datacontenttype": "application/json",
+        "data": record.payload,
+    })
+}
+
+pub struct RelayMetrics {
+    pub backlog: Gauge,
+    pub oldest_age_seconds: Gauge<f64, AtomicU64>,
+    pub published: Counter,
+    pub failures: Counter,
+}
+
+impl RelayMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            backlog: Gauge::default(),
+            oldest_age_seconds: Gauge::default(),
+            published: Counter::default(),
+            failures: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("voucher_operator_audit");
+        r.register(
+            "outbox_backlog",
+            "Audit records waiting to be published",
+            metrics.backlog.clone(),
+        );
+        r.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest unpublished audit record",
+            metrics.oldest_age_seconds.clone(),
+        );
+        r.register(
+            "published",
+            "Audit events acknowledged by JetStream",
+            metrics.published.clone(),
+        );
+        r.register(
+            "publish_failures",
+            "Failed publish attempts",
+            metrics.failures.clone(),
+        );
+        metrics
+    }
+}
+
+/// Publishes one batch: every record is sent before any ack is awaited, then
+/// the acknowledged prefix is marked published. Returns how many were.
+async fn publish_batch(
+    store: &Store,
+    js: &jetstream::Context,
+    settings: &RelaySettings,
+    metrics: &RelayMetrics,
+) -> anyhow::Result<usize> {
+    let mut conn = store.pool().acquire().await?;
+    let records = outbox::pending(&mut conn, settings.batch_size).await?;
+    if records.is_empty() {
+        return Ok(0);
+    }
+    let mut acks = Vec::with_capacity(records.len());
+    let mut send_error = None;
+    for record in &records {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", record.event_id.to_string().as_str());
+        headers.insert("Content-Type", "application/cloudevents+json");
+        let body = serde_json::to_vec(&envelope(record, &settings.source))?;
+        let subject = subject(&settings.subject_prefix, &record.code, &record.kind);
+        match js.publish_with_headers(subject, headers, body.into()).await {
+            Ok(ack) => acks.push((record.seq, ack)),
+            Err(error) => {
+                send_error = Some(anyhow::Error::from(error));
+                break;
+            }
+        }
+    }
+    let mut published = Vec::with_capacity(acks.len());
+    let mut ack_error = None;
+    for (seq, ack) in acks {
+        match ack.await {
+            Ok(_) => published.push(seq),
+            Err(error) => {
+                // Keep order: nothing after a failed ack counts as published;
+                // re-sent copies are dropped by the duplicate window.
+                ack_error = Some(anyhow::Error::from(error));
+                break;
+            }
+        }
+    }
+    if !published.is_empty() {
+        outbox::mark_published(&mut conn, &published).await?;
+        metrics.published.inc_by(published.len() as u64);
+    }
+    match send_error.or(ack_error) {
+        Some(error) => Err(error),
+        None => Ok(published.len()),
+    }
+}
+
+/// Runs the relay until `stop` is cancelled: creates or updates the stream,
+/// then publishes whenever the outbox grows (NOTIFY) or the poll interval
+/// passes, backing off exponentially while NATS is unreachable.
+pub async fn run(
+    store: Store,
+    settings: RelaySettings,
+    metrics: std::sync::Arc<RelayMetrics>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(&settings.nats_url)
+        .await?;
+    let js = jetstream::new(client);
+    let mut wake = Box::pin(store.listen(OUTBOX_CHANNEL));
+    let mut backoff = Duration::from_millis(100);
+    let mut stream_ready = false;
+    let mut last_prune = Instant::now() - Duration::from_secs(3600);
+    loop {
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        let work = async {
+            if !stream_ready {
+                js.create_or_update_stream(stream_config(&settings)).await?;
+                stream_ready = true;
+                tracing::info!(stream = %settings.stream, "audit stream ready");
+            }
+            while publish_batch(&store, &js, &settings, &metrics).await? > 0 {}
+            if last_prune.elapsed() > Duration::from_secs(60) {
+                let mut conn = store.pool().acquire().await?;
+                outbox::prune(&mut conn, settings.retention).await?;
+                last_prune = Instant::now();
+            }
+            Ok(())
+        };
+        // A round waits on NATS and Postgres; shutdown does not wait for it
+        // (whatever was not marked published is sent again, and deduplicated).
+        let round: anyhow::Result<()> = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            round = work => round,
+        };
+        if let Ok(mut conn) = store.pool().acquire().await
+            && let Ok((count, age)) = outbox::backlog(&mut conn).await
+        {
+            metrics.backlog.set(count);
+            metrics.oldest_age_seconds.set(age);
+        }
+        match round {
+            Ok(()) => {
+                backoff = Duration::from_millis(100);
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = wake.next() => {}
+                    _ = tokio::time::sleep(settings.poll_interval) => {}
+                }
+            }
+            Err(error) => {
+                // While NATS (or the database) is down, new records only wait.
+                metrics.failures.inc();
+                tracing::warn!(error = %error, retry_in = ?backoff, "publishing audit events failed");
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// What `voucher-operator events` shows.
+#[derive(Clone, Debug, Default)]
+pub struct EventQuery {
+    pub code: Option<String>,
+    pub kind: Option<String>,
+    pub since: Option<Duration>,
+    pub follow: bool,
+}
+
+/// The subject filter of a query: one code, one kind, or both.
+pub fn filter_subject(prefix: &str, query: &EventQuery) -> String {
+    let code = query
+        .code
+        .as_deref()
+        .map(crate::domain::code::normalize)
+        .unwrap_or_else(|| "*".into());
+    let kind = query.kind.as_deref().unwrap_or("*");
+    subject(prefix, &code, kind)
+}
+
+/// Streams the events that match `query` from an ephemeral ordered consumer
+/// to `print`, oldest first; without `follow` it stops when caught up.
+pub async fn follow_events(
+    nats_url: &str,
+    stream_name: &str,
+    prefix: &str,
+    query: &EventQuery,
+    mut print: impl FnMut(&Value),
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(nats_url)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {nats_url}: {e}"))?;
+    let js = jetstream::new(client);
+    let mut stream = js
+        .get_stream(stream_name)
+        .await
+        .map_err(|e| anyhow::anyhow!("no audit stream {stream_name}: {e}"))?;
+    if !query.follow && stream.info().await?.state.messages == 0 {
+        return Ok(());
+    }
+    let deliver_policy = match query.since {
+        Some(since) => DeliverPolicy::ByStartTime {
+            start_time: time::OffsetDateTime::now_utc() - since,
+        },
+        None => DeliverPolicy::All,
+    };
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: filter_subject(prefix, query),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    loop {
+        let next = if query.follow {
+            messages.next().await
+        } else {
+            // Caught up when nothing more arrives shortly after the last one.
+            match tokio::time::timeout(Duration::from_millis(500), messages.next()).await {
+                Ok(next) => next,
+                Err(_) => return Ok(()),
+            }
+        };
+        let Some(message) = next else { return Ok(()) };
+        let message = message?;
+        let event: Value = serde_json::from_slice(&message.payload).unwrap_or_else(
+            |_| json!({"error": "not a JSON event", "subject": message.subject.as_str()}),
+        );
+        print(&event);
+        if !query.follow && message.info().is_ok_and(|info| info.pending == 0) {
+            return Ok(());
+        }
+    }
+}
