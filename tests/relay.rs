@@ -1,0 +1,474 @@
+//! The audit relay against a real nats-server (JetStream) and a real Postgres:
+//! every event type arrives once as a CloudEvent, nothing is lost while NATS
+//! is down, nothing is doubled by a crash or a second relay, order per code
+//! holds, and `voucher-operator events` filters by code.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use chrono::Utc;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use voucher_operator::domain::{Code, Owner, Terms};
+use voucher_operator::relay::{self, RelayMetrics, RelaySettings};
+use voucher_operator::store::redeem::Redemption;
+use voucher_operator::store::sync::Wanted;
+use voucher_operator::store::{Store, outbox};
+
+/// The tests stop and start the shared nats-server: one at a time.
+static NATS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn settings(name: &str) -> RelaySettings {
+    RelaySettings {
+        nats_url: support::nats().url.clone(),
+        stream: format!("AUDIT_{name}"),
+        subject_prefix: format!("test.{name}"),
+        source: "/test/voucher-operator".into(),
+        poll_interval: Duration::from_millis(200),
+        ..Default::default()
+    }
+}
+
+async fn store() -> Store {
+    let url = support::fresh_database("relay").await;
+    let store = Store::from_pool(support::pool(&url).await);
+    store.migrate().await.unwrap();
+    store
+}
+
+fn start_relay(
+    store: &Store,
+    settings: &RelaySettings,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let stop = CancellationToken::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(RelayMetrics::register(&mut registry));
+    let task = tokio::spawn(relay::run(
+        store.clone(),
+        settings.clone(),
+        metrics,
+        stop.clone(),
+    ));
+    (stop, task)
+}
+
+async fn unpublished(store: &Store) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM voucher_audit_outbox WHERE published_at IS NULL")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+async fn drained(store: &Store) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while unpublished(store).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox did not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every message of the stream: (subject, Nats-Msg-Id, envelope).
+async fn stream_messages(settings: &RelaySettings) -> Vec<(String, String, Value)> {
+    let client = async_nats::connect(&settings.nats_url).await.unwrap();
+    let js = jetstream::new(client);
+    let mut stream = js.get_stream(&settings.stream).await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut messages = Vec::new();
+    for seq in 1..=last {
+        let Ok(message) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        let id = message
+            .headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        messages.push((
+            message.subject.to_string(),
+            id,
+            serde_json::from_slice(&message.payload).unwrap(),
+        ));
+    }
+    messages
+}
+
+fn terms(credit: i32) -> Terms {
+    Terms {
+        credit_omr: credit,
+        description: String::new(),
+        active: true,
+        max_redemptions: 0,
+        valid_from: None,
+        expires_at: None,
+    }
+}
+
+fn owner(name: &str) -> Owner {
+    Owner {
+        namespace: "audit".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+    }
+}
+
+async fn sync(store: &Store, code: &str, who: &Owner, generation: i64, terms: Terms) {
+    let code = Code::parse(code).unwrap();
+    store
+        .sync_voucher(&Wanted {
+            code: &code,
+            owner: who,
+            generation,
+            terms: &terms,
+            now: Utc::now(),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn every_event_type_arrives_once_as_a_valid_cloudevent() {
+    let _serial = NATS.lock().await;
+    let store = store().await;
+    let (a, b, c) = (owner("a"), owner("b"), owner("c"));
+    // created, updated, deactivated, activated, drift_corrected
+    sync(&store, "ALPHA-1", &a, 1, terms(5)).await;
+    sync(&store, "ALPHA-1", &a, 2, terms(6)).await;
+    sync(
+        &store,
+        "ALPHA-1",
+        &a,
+        3,
+        Terms {
+            active: false,
+            ..terms(6)
+        },
+    )
+    .await;
+    sync(&store, "ALPHA-1", &a, 4, terms(6)).await;
+    sqlx::query("UPDATE promo_codes SET credit_omr = 99 WHERE code = 'ALPHA-1'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    sync(&store, "ALPHA-1", &a, 4, terms(6)).await;
+    // adopted, then conflict
+    sqlx::query("INSERT INTO promo_codes (code, credit_omr) VALUES ('BETA-1', 3)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    sync(&store, "BETA-1", &b, 1, terms(3)).await;
+    store
+        .audit_conflict(&Code::parse("BETA-1").unwrap(), &c, &b)
+        .await
+        .unwrap();
+    // created and expired
+    let past = Terms {
+        expires_at: Some(Utc::now() - chrono::Duration::hours(1)),
+        ..terms(2)
+    };
+    sync(&store, "GAMMA-1", &c, 1, past).await;
+    // redeemed and exhausted
+    sync(
+        &store,
+        "DELTA-1",
+        &owner("d"),
+        1,
+        Terms {
+            max_redemptions: 1,
+            ..terms(1)
+        },
+    )
+    .await;
+    let delta = Code::parse("DELTA-1").unwrap();
+    store
+        .redeem(
+            &Redemption {
+                code: &delta,
+                subject: "user-1",
+                tenant: Some("t"),
+                email: "",
+                idempotency: None,
+                now: Utc::now(),
+            },
+            |_| (200, Value::Null),
+        )
+        .await
+        .unwrap();
+    // revoked, orphaned
+    store
+        .release_voucher(&Code::parse("ALPHA-1").unwrap(), &a, true)
+        .await
+        .unwrap();
+    store
+        .release_voucher(&Code::parse("BETA-1").unwrap(), &b, false)
+        .await
+        .unwrap();
+
+    let settings = settings("types");
+    let (stop, task) = start_relay(&store, &settings);
+    drained(&store).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+
+    let records: Vec<(String, String)> =
+        sqlx::query_as("SELECT event_id::text, kind FROM voucher_audit_outbox ORDER BY seq")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    let kinds: HashSet<&str> = records.iter().map(|(_, k)| k.as_str()).collect();
+    assert_eq!(
+        kinds.len(),
+        12,
+        "every event type has a cause here: {kinds:?}"
+    );
+
+    let messages = stream_messages(&settings).await;
+    assert_eq!(messages.len(), records.len(), "each record exactly once");
+    for ((subject, msg_id, envelope), (event_id, kind)) in messages.iter().zip(&records) {
+        let event: cloudevents::Event = serde_json::from_value(envelope.clone())
+            .unwrap_or_else(|e| panic!("not a valid CloudEvent ({e}): {envelope}"));
+        use cloudevents::AttributesReader;
+        assert_eq!(event.id(), event_id);
+        assert_eq!(msg_id, event_id, "Nats-Msg-Id is the event id");
+        assert_eq!(event.ty(), format!("io.openova.catalyst.voucher.{kind}.v1"));
+        assert_eq!(event.source().to_string(), "/test/voucher-operator");
+        assert_eq!(event.datacontenttype(), Some("application/json"));
+        let code = event.subject().unwrap().to_owned();
+        assert_eq!(subject, &format!("test.types.{code}.{kind}"));
+        assert!(envelope["data"]["actor"]["type"].is_string(), "{envelope}");
+        assert!(envelope["data"]["reason"].is_string());
+    }
+}
+
+#[tokio::test]
+async fn changes_made_while_nats_is_down_all_arrive_once_in_order() {
+    let _serial = NATS.lock().await;
+    let store = store().await;
+    let settings = settings("outage");
+    let (stop, task) = start_relay(&store, &settings);
+    // Let the relay create the stream, then take NATS away.
+    sync(&store, "WARMUP-1", &owner("w"), 1, terms(1)).await;
+    drained(&store).await;
+    tokio::task::spawn_blocking(|| support::nats().stop())
+        .await
+        .unwrap();
+
+    let codes = ["ONE-1", "TWO-2", "THREE-3", "FOUR-4", "FIVE-5"];
+    for round in 0..100 {
+        for (i, code) in codes.iter().enumerate() {
+            sync(
+                &store,
+                code,
+                &owner(&format!("o{i}")),
+                round + 1,
+                terms(round as i32 + 1),
+            )
+            .await;
+        }
+    }
+    assert_eq!(
+        unpublished(&store).await,
+        500,
+        "nothing can be published while NATS is down"
+    );
+    tokio::task::spawn_blocking(|| support::nats().start())
+        .await
+        .unwrap();
+    drained(&store).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+
+    let messages = stream_messages(&settings).await;
+    assert_eq!(messages.len(), 501);
+    let ids: HashSet<&str> = messages.iter().map(|(_, id, _)| id.as_str()).collect();
+    assert_eq!(ids.len(), 501, "no duplicates");
+    // Order per code: the credits of each code's events count up.
+    let mut credits: HashMap<String, Vec<i64>> = HashMap::new();
+    for (_, _, envelope) in &messages {
+        let code = envelope["subject"].as_str().unwrap().to_owned();
+        credits.entry(code).or_default().push(
+            envelope["data"]["after"]["terms"]["credit_omr"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    for code in codes {
+        let seen = &credits[code];
+        assert_eq!(
+            seen,
+            &(1..=100).collect::<Vec<i64>>(),
+            "{code} out of order"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_relay_that_died_after_publishing_causes_no_duplicate() {
+    let _serial = NATS.lock().await;
+    let store = store().await;
+    let settings = settings("crash");
+    for i in 0..3 {
+        sync(
+            &store,
+            &format!("CRASH-{i}"),
+            &owner(&format!("c{i}")),
+            1,
+            terms(1),
+        )
+        .await;
+    }
+    // The first record was published by a relay that died before marking it.
+    let client = async_nats::connect(&settings.nats_url).await.unwrap();
+    let js = jetstream::new(client);
+    js.create_or_update_stream(relay::stream_config(&settings))
+        .await
+        .unwrap();
+    let mut conn = store.pool().acquire().await.unwrap();
+    let first = outbox::pending(&mut conn, 1).await.unwrap().remove(0);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", first.event_id.to_string().as_str());
+    let body = serde_json::to_vec(&relay::envelope(&first, &settings.source)).unwrap();
+    js.publish_with_headers(
+        relay::subject(&settings.subject_prefix, &first.code, &first.kind),
+        headers,
+        body.into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    let (stop, task) = start_relay(&store, &settings);
+    drained(&store).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let messages = stream_messages(&settings).await;
+    assert_eq!(
+        messages.len(),
+        3,
+        "JetStream dropped the re-sent first event by its Nats-Msg-Id"
+    );
+}
+
+#[tokio::test]
+async fn two_relays_at_once_publish_each_event_once() {
+    // Leader election normally keeps a second relay away. Without it, both
+    // read the same unpublished rows and both publish them; every copy after
+    // the first carries an already-seen Nats-Msg-Id and JetStream drops it
+    // within the duplicate window. So the stream still holds each event once.
+    let _serial = NATS.lock().await;
+    let store = store().await;
+    let settings = settings("pair");
+    for i in 0..300 {
+        sync(
+            &store,
+            &format!("PAIR-{}", i % 7),
+            &owner(&format!("p{}", i % 7)),
+            i / 7 + 1,
+            terms(i as i32 + 1),
+        )
+        .await;
+    }
+    let (stop_a, task_a) = start_relay(&store, &settings);
+    let (stop_b, task_b) = start_relay(&store, &settings);
+    drained(&store).await;
+    stop_a.cancel();
+    stop_b.cancel();
+    task_a.await.unwrap().unwrap();
+    task_b.await.unwrap().unwrap();
+    let messages = stream_messages(&settings).await;
+    let records: i64 = sqlx::query_scalar("SELECT count(*) FROM voucher_audit_outbox")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(messages.len() as i64, records);
+    let ids: HashSet<&str> = messages.iter().map(|(_, id, _)| id.as_str()).collect();
+    assert_eq!(ids.len() as i64, records);
+}
+
+#[tokio::test]
+async fn the_events_command_shows_one_codes_events() {
+    let _serial = NATS.lock().await;
+    let store = store().await;
+    let settings = settings("cli");
+    sync(&store, "SHOWN-1", &owner("s"), 1, terms(1)).await;
+    sync(&store, "SHOWN-1", &owner("s"), 2, terms(2)).await;
+    sync(&store, "HIDDEN-1", &owner("h"), 1, terms(1)).await;
+    let (stop, task) = start_relay(&store, &settings);
+    drained(&store).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+
+    let cli = settings.clone();
+    let run = move |extra: &[&str]| {
+        let settings = &cli;
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+            .args([
+                "events",
+                "--nats-url",
+                &settings.nats_url,
+                "--audit-stream",
+                &settings.stream,
+            ])
+            .args(["--audit-subject-prefix", &settings.subject_prefix])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let json = tokio::task::spawn_blocking(move || run(&["--code", "shown-1", "--json"]))
+        .await
+        .unwrap();
+    let events: Vec<Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2, "{json}");
+    assert!(events.iter().all(|e| e["subject"] == "SHOWN-1"));
+    let settings2 = settings.clone();
+    let table = tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+            .args([
+                "events",
+                "--nats-url",
+                &settings2.nats_url,
+                "--audit-stream",
+                &settings2.stream,
+            ])
+            .args([
+                "--audit-subject-prefix",
+                &settings2.subject_prefix,
+                "--type",
+                "created",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8(output.stdout).unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(table.starts_with("TIME"), "{table}");
+    assert!(
+        table.contains("SHOWN-1") && table.contains("HIDDEN-1"),
+        "{table}"
+    );
+    assert_eq!(
+        table.lines().count(),
+        3,
+        "header and two created events: {table}"
+    );
+}
