@@ -13,8 +13,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use voucher_operator::server::auth::{AuthSettings, Verifier};
-use voucher_operator::server::{self, AppState, ServerSettings};
+use voucher_operator::server::ServerSettings;
+use voucher_operator::server::auth::AuthSettings;
 use voucher_operator::store::Store;
 
 const SECRET: &str = "test-shared-secret";
@@ -33,14 +33,7 @@ impl Drop for Server {
 }
 
 fn settings() -> ServerSettings {
-    ServerSettings {
-        rate_limit_per_minute: 1_000_000,
-        rate_limit_burst: 100_000,
-        trusted_proxies: Vec::new(),
-        admin_namespace: "default".into(),
-        body_limit: 4096,
-        request_timeout: Duration::from_secs(10),
-    }
+    support::server_settings()
 }
 
 fn auth() -> AuthSettings {
@@ -61,17 +54,7 @@ async fn start_with(
     let pool = support::pool(&url).await;
     let store = Store::from_pool(pool.clone());
     store.migrate().await.unwrap();
-    let state = AppState::new(
-        store,
-        Verifier::new(auth),
-        kube,
-        settings,
-        Default::default(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    tokio::spawn(server::serve(listener, state, stop.clone()));
+    let (base, stop) = support::serve_http(store, settings, auth, kube).await;
     Server {
         base,
         pool,

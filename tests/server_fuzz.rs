@@ -3,13 +3,10 @@
 
 mod support;
 
-use std::time::Duration;
-
 use proptest::prelude::*;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
-use voucher_operator::server::auth::{AuthSettings, Verifier};
-use voucher_operator::server::{self, AppState, ServerSettings};
+use voucher_operator::server::ServerSettings;
+use voucher_operator::server::auth::AuthSettings;
 use voucher_operator::store::Store;
 
 fn json_value() -> impl Strategy<Value = Value> {
@@ -113,29 +110,15 @@ fn arbitrary_requests_never_get_a_server_error() {
         .await
         .unwrap();
         let settings = ServerSettings {
-            rate_limit_per_minute: 1_000_000,
-            rate_limit_burst: 1_000_000,
             trusted_proxies: vec!["127.0.0.0/8".parse().unwrap()],
-            admin_namespace: "default".into(),
             body_limit: 2048,
-            request_timeout: Duration::from_secs(10),
+            ..support::server_settings()
         };
         let auth = AuthSettings {
             hs256_secret: Some("secret".into()),
             ..Default::default()
         };
-        let state = AppState::new(
-            store,
-            Verifier::new(auth),
-            None,
-            settings,
-            Default::default(),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        tokio::spawn(server::serve(listener, state, stop.clone()));
-        (base, stop)
+        support::serve_http(store, settings, auth, None).await
     });
     let http = reqwest::Client::new();
     let config = ProptestConfig {

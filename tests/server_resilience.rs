@@ -9,8 +9,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use reqwest::StatusCode;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use voucher_operator::server::auth::{AuthSettings, Verifier};
-use voucher_operator::server::{self, AppState, ServerSettings};
+use voucher_operator::server::auth::AuthSettings;
 use voucher_operator::store::{DatabaseSettings, Store};
 
 fn token(subject: &str) -> String {
@@ -33,29 +32,12 @@ async fn start(database: &str) -> (String, CancellationToken, Store) {
     .await
     .unwrap();
     store.migrate().await.unwrap();
-    let settings = ServerSettings {
-        rate_limit_per_minute: 1_000_000,
-        rate_limit_burst: 100_000,
-        trusted_proxies: Vec::new(),
-        admin_namespace: "default".into(),
-        body_limit: 4096,
-        request_timeout: Duration::from_secs(10),
-    };
     let auth = AuthSettings {
         hs256_secret: Some("s".into()),
         ..Default::default()
     };
-    let state = AppState::new(
-        store.clone(),
-        Verifier::new(auth),
-        None,
-        settings,
-        Default::default(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    tokio::spawn(server::serve(listener, state, stop.clone()));
+    let (base, stop) =
+        support::serve_http(store.clone(), support::server_settings(), auth, None).await;
     (base, stop, store)
 }
 

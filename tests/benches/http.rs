@@ -13,9 +13,8 @@ use futures::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::json;
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
-use voucher_operator::server::auth::{AuthSettings, Verifier};
-use voucher_operator::server::{self, AppState, ServerSettings};
+use voucher_operator::server::ServerSettings;
+use voucher_operator::server::auth::AuthSettings;
 use voucher_operator::store::Store;
 
 const CONCURRENCY: usize = 32;
@@ -99,26 +98,14 @@ async fn main() {
     let settings = ServerSettings {
         rate_limit_per_minute: u32::MAX,
         rate_limit_burst: u32::MAX,
-        trusted_proxies: Vec::new(),
-        admin_namespace: "default".into(),
-        body_limit: 16 * 1024,
         request_timeout: Duration::from_secs(30),
+        ..support::server_settings()
     };
     let auth = AuthSettings {
         hs256_secret: Some("bench".into()),
         ..Default::default()
     };
-    let state = AppState::new(
-        store,
-        Verifier::new(auth),
-        None,
-        settings,
-        Default::default(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    tokio::spawn(server::serve(listener, state, stop.clone()));
+    let (base, stop) = support::serve_http(store, settings, auth, None).await;
     let http = reqwest::Client::new();
     let tokens: Vec<String> = (0..n).map(|i| token(&format!("http-{i}"))).collect();
 

@@ -431,3 +431,41 @@ pub async fn http_get(port: u16, path: &str) -> String {
     let _ = stream.read_to_string(&mut body).await;
     body
 }
+
+/// Server settings for tests: a rate limit no test reaches unless it lowers
+/// it, small bodies, a generous timeout.
+pub fn server_settings() -> voucher_operator::server::ServerSettings {
+    voucher_operator::server::ServerSettings {
+        rate_limit_per_minute: 1_000_000,
+        rate_limit_burst: 100_000,
+        trusted_proxies: Vec::new(),
+        admin_namespace: "default".into(),
+        body_limit: 4096,
+        request_timeout: Duration::from_secs(10),
+    }
+}
+
+/// Serves the HTTP API on a free loopback port until the token is cancelled;
+/// returns its base URL.
+pub async fn serve_http(
+    store: voucher_operator::store::Store,
+    settings: voucher_operator::server::ServerSettings,
+    auth: voucher_operator::server::auth::AuthSettings,
+    kube: Option<kube::Client>,
+) -> (String, tokio_util::sync::CancellationToken) {
+    use voucher_operator::server::{self, AppState, auth::Verifier};
+    let state = AppState::new(
+        store,
+        Verifier::new(auth),
+        kube,
+        settings,
+        Default::default(),
+    );
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(server::serve(listener, state, stop.clone()));
+    (base, stop)
+}
