@@ -1,0 +1,297 @@
+//! End to end with the real `kubectl`: the project's local Kubernetes API
+//! endpoint, the controller and the HTTP server (in this process), a real
+//! Postgres. What a platform engineer types, and what they should see.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use voucher_operator::controller::metrics::Metrics;
+use voucher_operator::controller::{self, Context, Settings};
+use voucher_operator::local::apiserver::LocalApiConfig;
+use voucher_operator::server::auth::AuthSettings;
+use voucher_operator::store::Store;
+
+struct Stack {
+    kubeconfig: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    http: String,
+    pool: sqlx::PgPool,
+    stop: CancellationToken,
+    _http_stop: CancellationToken,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self._http_stop.cancel();
+    }
+}
+
+fn kubectl_binary() -> std::path::PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join("kubectl"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!("kubectl is not installed: apt-get install -y kubectl (bash .ci/test does this)")
+        })
+}
+
+async fn stack() -> Stack {
+    support::init_tracing();
+    let url = support::fresh_database("kubectl").await;
+    let pool = support::pool(&url).await;
+    let store = Store::from_pool(pool.clone());
+    store.migrate().await.unwrap();
+    let api = LocalApiConfig {
+        bookmark_interval: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let (api_url, client) = support::local_api(api).await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let settings = Settings {
+        resync_interval: Duration::from_secs(3600),
+        status_min_interval: Duration::from_millis(200),
+        namespace: None,
+        identity: "e2e".into(),
+        concurrency: 4,
+    };
+    let ctx = Context::new(
+        client.clone(),
+        store.clone(),
+        Arc::new(Metrics::register(&mut registry)),
+        settings,
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(controller::run(ctx, stop.clone()));
+    let auth = AuthSettings {
+        hs256_secret: Some("e2e".into()),
+        ..Default::default()
+    };
+    let (http, http_stop) =
+        support::serve_http(store, support::server_settings(), auth, Some(client)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: local, cluster: {{server: \"{api_url}\"}}}}]\n\
+             users: [{{name: dev, user: {{}}}}]\ncontexts: [{{name: local, context: {{cluster: local, namespace: default, user: dev}}}}]\n\
+             current-context: local\n"
+        ),
+    )
+    .unwrap();
+    Stack {
+        kubeconfig,
+        _dir: dir,
+        http,
+        pool,
+        stop,
+        _http_stop: http_stop,
+    }
+}
+
+impl Stack {
+    /// Runs kubectl; (success, stdout, stderr).
+    async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new(kubectl_binary())
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input
+            .write_all(stdin.unwrap_or("").as_bytes())
+            .await
+            .unwrap();
+        drop(input);
+        let output = child.wait_with_output().await.unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.kubectl(args, None).await;
+        assert!(ok, "kubectl {args:?} failed: {err}");
+        out
+    }
+
+    async fn until(&self, args: &[&str], what: &str, check: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, out, _) = self.kubectl(args, None).await;
+            if check(&out) {
+                return out;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; last output:\n{out}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn row<'a>(table: &'a str, name: &str) -> Vec<&'a str> {
+    table
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no row {name} in\n{table}"))
+        .split_whitespace()
+        .collect()
+}
+
+#[tokio::test]
+async fn a_platform_engineers_day_with_kubectl() {
+    let s = stack().await;
+
+    // Client-side apply of the examples; every Voucher becomes Ready.
+    let applied = s.ok(&["apply", "-f", "examples/vouchers/"]).await;
+    assert_eq!(applied.matches("created").count(), 4, "{applied}");
+    s.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "voucher/omantel-muscat-200",
+        "--timeout=20s",
+    ])
+    .await;
+    let table = s
+        .until(&["get", "vouchers"], "every phase", |t| {
+            t.lines().skip(1).count() == 4
+                && !t.contains("<none>")
+                && t.lines().skip(1).all(|l| l.split_whitespace().count() >= 8)
+        })
+        .await;
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME", "CODE", "CREDIT", "ACTIVE", "REDEEMED", "MAX", "PHASE", "AGE"
+        ]
+    );
+    assert_eq!(
+        &row(&table, "omantel-muscat-200")[1..7],
+        ["OMANTEL-MUSCAT-200", "200", "true", "0", "200", "Active"]
+    );
+    assert_eq!(row(&table, "eid-al-fitr-2027")[6], "Scheduled");
+    assert_eq!(row(&table, "franchise-sohar-50")[6], "Inactive");
+    assert!(
+        s.ok(&["get", "vch"]).await.contains("partner-welcome"),
+        "short name"
+    );
+    assert!(
+        s.ok(&["get", "catalyst"]).await.contains("partner-welcome"),
+        "category"
+    );
+
+    // A redemption over HTTP shows in REDEEMED.
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "e2e-user", "exp": chrono::Utc::now().timestamp() + 300}),
+        &EncodingKey::from_secret(b"e2e"),
+    )
+    .unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("{}/billing/vouchers/redeem", s.http))
+        .bearer_auth(token)
+        .json(&json!({"code": "omantel-muscat-200", "tenant_id": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let table = s
+        .until(&["get", "vouchers"], "REDEEMED 1", |t| {
+            t.lines().any(|l| {
+                l.starts_with("omantel-muscat-200") && l.split_whitespace().nth(4) == Some("1")
+            })
+        })
+        .await;
+    assert_eq!(row(&table, "omantel-muscat-200")[4], "1");
+
+    // describe shows the events.
+    let described = s.ok(&["describe", "voucher", "omantel-muscat-200"]).await;
+    assert!(
+        described.contains("Created") && described.contains("voucher-operator"),
+        "{described}"
+    );
+
+    // An edit through server-side apply bumps generation, and the row follows.
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/vouchers/launch-campaign.yaml"
+    ))
+    .unwrap()
+    .replace("creditOMR: 200", "creditOMR: 250");
+    let (ok, out, err) = s
+        .kubectl(
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            Some(&manifest),
+        )
+        .await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        s.ok(&[
+            "get",
+            "voucher",
+            "omantel-muscat-200",
+            "-o",
+            "jsonpath={.metadata.generation}"
+        ])
+        .await,
+        "2"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let credit: i32 = sqlx::query_scalar(
+            "SELECT credit_omr FROM promo_codes WHERE code = 'OMANTEL-MUSCAT-200'",
+        )
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+        if credit == 250 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the row did not follow the edit"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // An invalid manifest is refused with a reason a person understands.
+    let invalid = manifest
+        .replace("creditOMR: 250", "creditOMR: 0")
+        .replace("omantel-muscat-200", "broken-voucher");
+    let (ok, _, err) = s.kubectl(&["apply", "-f", "-"], Some(&invalid)).await;
+    assert!(!ok);
+    assert!(
+        err.contains("spec.creditOMR") && err.contains("greater than or equal to 1"),
+        "{err}"
+    );
+
+    // delete: the finalizer revokes the row before the resource goes.
+    s.ok(&["delete", "voucher", "partner-welcome", "--timeout=20s"])
+        .await;
+    let (active, deleted): (bool, bool) = sqlx::query_as(
+        "SELECT active, deleted_at IS NOT NULL FROM promo_codes WHERE code = 'PARTNER_WELCOME_10'",
+    )
+    .fetch_one(&s.pool)
+    .await
+    .unwrap();
+    assert!(!active && deleted, "the row was not tombstoned");
+}
