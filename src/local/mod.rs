@@ -2,3 +2,4 @@
 //! controller or server code paths, and nothing here ships in the chart.
 
 pub mod apiserver;
+pub mod services;

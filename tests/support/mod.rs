@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
@@ -20,10 +20,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-
-/// The uid/gid that Postgres runs as when the tests run as root
-/// (`initdb` and `postgres` refuse to run as root).
-const UNPRIVILEGED: u32 = 65534;
+use voucher_operator::local::services;
 
 pub struct Postgres {
     pub port: u16,
@@ -91,38 +88,21 @@ pub async fn pool(url: &str) -> PgPool {
 }
 
 fn start_postgres() -> Postgres {
-    let bin = postgres_bin_dir();
+    let bin = services::postgres_bin_dir().unwrap_or_else(|| {
+        panic!(
+            "the Postgres server binaries (initdb, postgres) were not found: install them with \
+             `apt-get install -y postgresql` or set PG_BIN (bash .ci/test does this)"
+        )
+    });
     let dir = scratch_dir("pg");
-    let data = dir.join("data");
-    let run_as = |cmd: &mut Command| {
-        if is_root() {
-            cmd.uid(UNPRIVILEGED).gid(UNPRIVILEGED);
-        }
-    };
-
-    let mut initdb = Command::new(bin.join("initdb"));
-    initdb
-        .args([
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--no-locale",
-            "--no-sync",
-            "-D",
-        ])
-        .arg(&data)
-        .stdout(Stdio::null());
-    run_as(&mut initdb);
-    let output = initdb.output().expect("run initdb");
+    let output = services::initdb_command(&bin, &dir.join("data"))
+        .output()
+        .expect("run initdb");
     assert!(
         output.status.success(),
         "initdb failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-
     let server = Postgres {
         port: free_port(),
         bin,
@@ -132,30 +112,19 @@ fn start_postgres() -> Postgres {
     server
 }
 
+fn log_file(path: PathBuf) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap()
+}
+
 impl Postgres {
     fn launch(&self) {
-        let mut postgres = Command::new(self.bin.join("postgres"));
-        postgres
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-k"])
-            .arg(&self.dir)
-            // Throwaway data: no fsync makes the tests several times faster. Commits
-            // stay synchronous, so an acknowledged commit survives a crash of the
-            // server process (the machine does not crash in a test).
-            .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
-            .args(["-c", "max_connections=400"])
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(self.dir.join("postgres.log"))
-                    .unwrap(),
-            );
-        if is_root() {
-            postgres.uid(UNPRIVILEGED).gid(UNPRIVILEGED);
-        }
+        let mut postgres =
+            services::postgres_command(&self.bin, &self.dir.join("data"), self.port, &self.dir);
+        postgres.stderr(log_file(self.dir.join("postgres.log")));
         supervise(postgres, libc::SIGINT, self.dir.clone());
         wait_for_port(self.port, "postgres", &self.dir.join("postgres.log"));
     }
@@ -164,20 +133,20 @@ impl Postgres {
     /// is cut, open transactions are lost) and starts it again on the same
     /// data and port, like a crash and restart of the database.
     pub fn restart(&self) {
-        let mut services = SUPERVISED.lock().unwrap();
-        if let Some(i) = services.iter().position(|s| s.dir == self.dir) {
-            let mut old = services.remove(i);
+        let mut running = SUPERVISED.lock().unwrap();
+        if let Some(i) = running.iter().position(|s| s.dir == self.dir) {
+            let mut old = running.remove(i);
             // SAFETY: signalling our own child.
             unsafe { libc::kill(old.child.id() as i32, libc::SIGQUIT) };
             let _ = old.child.wait();
         }
-        drop(services);
+        drop(running);
         self.launch();
     }
 }
 
 fn start_nats() -> Nats {
-    let binary = find_on_path("nats-server").unwrap_or_else(|| {
+    let binary = services::find_on_path("nats-server").unwrap_or_else(|| {
         panic!(
             "nats-server is not installed: install the Debian package with \
              `apt-get install -y nats-server` (bash .ci/test does this)"
@@ -197,87 +166,22 @@ fn start_nats() -> Nats {
 impl Nats {
     /// Starts the server (again) on the same port and JetStream store.
     pub fn start(&self) {
-        let mut nats = Command::new(&self.binary);
-        nats.args([
-            "-js",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-sd",
-        ])
-        .arg(self.dir.join("jetstream"))
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.dir.join("nats.log"))
-                .unwrap(),
-        );
+        let mut nats = services::nats_command(&self.binary, &self.dir.join("jetstream"), self.port);
+        nats.stderr(log_file(self.dir.join("nats.log")));
         supervise(nats, libc::SIGTERM, self.dir.clone());
         wait_for_port(self.port, "nats-server", &self.dir.join("nats.log"));
     }
 
     /// Stops the server; its JetStream data stays for `start`.
     pub fn stop(&self) {
-        let mut services = SUPERVISED.lock().unwrap();
-        if let Some(i) = services.iter().position(|s| s.dir == self.dir) {
-            let mut old = services.remove(i);
+        let mut running = SUPERVISED.lock().unwrap();
+        if let Some(i) = running.iter().position(|s| s.dir == self.dir) {
+            let mut old = running.remove(i);
             // SAFETY: signalling our own child.
             unsafe { libc::kill(old.child.id() as i32, libc::SIGTERM) };
             let _ = old.child.wait();
         }
     }
-}
-
-/// Where the Postgres server binaries are: `$PG_BIN`, then `pg_config
-/// --bindir`, then the newest /usr/lib/postgresql/*/bin, then $PATH.
-fn postgres_bin_dir() -> PathBuf {
-    let has_server = |dir: &Path| dir.join("initdb").exists() && dir.join("postgres").exists();
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    if let Ok(dir) = std::env::var("PG_BIN") {
-        candidates.push(dir.into());
-    }
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        candidates.push(String::from_utf8_lossy(&out.stdout).trim().into());
-    }
-    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("bin")).collect();
-        versions.sort_by_key(|p| {
-            p.parent()
-                .and_then(|v| v.file_name())
-                .and_then(|v| v.to_str())
-                .and_then(|v| v.parse::<u32>().ok())
-                .unwrap_or(0)
-        });
-        candidates.extend(versions.into_iter().rev());
-    }
-    if let Some(initdb) = find_on_path("initdb") {
-        candidates.push(initdb.parent().unwrap().to_path_buf());
-    }
-    candidates
-        .into_iter()
-        .find(|dir| has_server(dir))
-        .unwrap_or_else(|| {
-            panic!(
-                "the Postgres server binaries (initdb, postgres) were not found: install them with \
-             `apt-get install -y postgresql` or set PG_BIN (bash .ci/test does this)"
-            )
-        })
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(name))
-            .find(|candidate| candidate.is_file())
-    })
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 fn scratch_dir(what: &str) -> PathBuf {
@@ -286,10 +190,8 @@ fn scratch_dir(what: &str) -> PathBuf {
         .tempdir()
         .expect("create a temporary directory")
         .keep();
-    if is_root() {
-        std::os::unix::fs::chown(&dir, Some(UNPRIVILEGED), Some(UNPRIVILEGED)).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    }
+    services::own_for_unprivileged(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     dir
 }
 

@@ -1,0 +1,157 @@
+//! Postgres and nats-server on loopback, from the machine's packages: how to
+//! find them, install them, and start them. Shared by `voucher-operator
+//! local` and the test tooling, which supervise the processes each their way.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The uid/gid Postgres runs as when we are root (it refuses to run as root).
+pub const UNPRIVILEGED: u32 = 65534;
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
+/// Where the Postgres server binaries are: `$PG_BIN`, then `pg_config
+/// --bindir`, then the newest /usr/lib/postgresql/*/bin, then $PATH.
+pub fn postgres_bin_dir() -> Option<PathBuf> {
+    let has_server = |dir: &Path| dir.join("initdb").exists() && dir.join("postgres").exists();
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(dir) = std::env::var("PG_BIN") {
+        candidates.push(dir.into());
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        candidates.push(String::from_utf8_lossy(&out.stdout).trim().into());
+    }
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<(u32, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let version = e.file_name().to_str()?.parse().ok()?;
+                Some((version, e.path().join("bin")))
+            })
+            .collect();
+        versions.sort();
+        candidates.extend(versions.into_iter().rev().map(|(_, p)| p));
+    }
+    if let Some(initdb) = find_on_path("initdb") {
+        candidates.push(initdb.parent()?.to_path_buf());
+    }
+    candidates.into_iter().find(|dir| has_server(dir))
+}
+
+/// Installs the Debian packages that provide what is missing, when we may;
+/// otherwise says exactly what to install.
+pub fn ensure_packages(
+    need_postgres: bool,
+    need_nats: bool,
+    need_kubectl: bool,
+) -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    if need_postgres && postgres_bin_dir().is_none() {
+        missing.push("postgresql");
+    }
+    if need_nats && find_on_path("nats-server").is_none() {
+        missing.push("nats-server");
+    }
+    if need_kubectl && find_on_path("kubectl").is_none() {
+        missing.push("kubernetes-client");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() || find_on_path("apt-get").is_none() {
+        anyhow::bail!(
+            "missing: {}; install with: sudo apt-get install -y {}",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("installing {} (apt-get)", missing.join(", "));
+    let update = Command::new("apt-get").args(["update", "-qq"]).status()?;
+    let install = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(Stdio::null())
+        .status()?;
+    if !update.success() || !install.success() {
+        anyhow::bail!("apt-get could not install {}", missing.join(" "));
+    }
+    Ok(())
+}
+
+/// Prepares `dir` for a process that drops to the unprivileged user.
+pub fn own_for_unprivileged(dir: &Path) -> std::io::Result<()> {
+    if is_root() {
+        std::os::unix::fs::chown(dir, Some(UNPRIVILEGED), Some(UNPRIVILEGED))?;
+    }
+    Ok(())
+}
+
+fn unprivileged(cmd: &mut Command) {
+    if is_root() {
+        cmd.uid(UNPRIVILEGED).gid(UNPRIVILEGED);
+    }
+}
+
+/// `initdb` of a throwaway cluster with trust authentication for `postgres`.
+pub fn initdb_command(bin: &Path, data: &Path) -> Command {
+    let mut cmd = Command::new(bin.join("initdb"));
+    cmd.args([
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "-E",
+        "UTF8",
+        "--no-locale",
+        "--no-sync",
+        "-D",
+    ])
+    .arg(data)
+    .stdout(Stdio::null());
+    unprivileged(&mut cmd);
+    cmd
+}
+
+/// `postgres` on 127.0.0.1:`port`, socket in `socket_dir`. No fsync (the data
+/// is throwaway), but synchronous commits, so an acknowledged commit
+/// survives a crash of the server process.
+pub fn postgres_command(bin: &Path, data: &Path, port: u16, socket_dir: &Path) -> Command {
+    let mut cmd = Command::new(bin.join("postgres"));
+    cmd.arg("-D")
+        .arg(data)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-k"])
+        .arg(socket_dir)
+        .args([
+            "-c",
+            "fsync=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=400",
+        ])
+        .stdout(Stdio::null());
+    unprivileged(&mut cmd);
+    cmd
+}
+
+/// `nats-server` with JetStream on 127.0.0.1:`port`, storing in `store_dir`.
+pub fn nats_command(binary: &Path, store_dir: &Path, port: u16) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store_dir)
+        .stdout(Stdio::null());
+    cmd
+}
