@@ -53,6 +53,10 @@ pub enum Command {
     },
     /// Print audit events from JetStream: a table, or JSON lines with --json.
     Events(EventsOptions),
+    /// The whole product on loopback for development: Postgres and nats-server (installed from
+    /// Debian packages when missing), a local Kubernetes API endpoint for kubectl, and the
+    /// operator (controller, audit relay, HTTP server). Ctrl-C stops everything.
+    Local(LocalOptions),
     /// Run the controller and the server in one process (development, small installations).
     Run {
         #[command(flatten)]
@@ -165,6 +169,34 @@ pub struct StreamOptions {
         default_value = "catalyst.vouchers"
     )]
     pub audit_subject_prefix: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LocalOptions {
+    /// Where the stack keeps its databases, kubeconfig and logs (kept between runs).
+    #[arg(long, env = "LOCAL_STATE_DIR", default_value_os_t = std::env::temp_dir().join("voucher-operator-local"))]
+    pub state_dir: std::path::PathBuf,
+
+    /// Postgres port on 127.0.0.1.
+    #[arg(long, default_value_t = 25432)]
+    pub postgres_port: u16,
+
+    /// nats-server port on 127.0.0.1.
+    #[arg(long, default_value_t = 24222)]
+    pub nats_port: u16,
+
+    /// Port of the local Kubernetes API endpoint (kubectl talks to it).
+    #[arg(long, default_value_t = 26443)]
+    pub api_port: u16,
+
+    /// Port of the HTTP API (preview, redeem, admin).
+    #[arg(long, default_value_t = 28080)]
+    pub http_port: u16,
+
+    /// Run the main flow once (examples Ready, a redemption, REDEEMED 1 in kubectl, the
+    /// event in JetStream) in a fresh state directory, then stop; non-zero exit on any failure.
+    #[arg(long)]
+    pub smoke: bool,
 }
 
 #[derive(Debug, Args)]
@@ -337,7 +369,7 @@ impl DatabaseOptions {
 
 pub fn init_logging(options: &LogOptions) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx::postgres::notice=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,async_nats=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -389,6 +421,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             controller.and(server)
         }
         Command::Events(options) => print_events(options).await,
+        Command::Local(options) => {
+            let fresh = options.smoke.then(tempfile::TempDir::new).transpose()?;
+            let state_dir = fresh
+                .as_ref()
+                .map(|d| d.path().to_path_buf())
+                .unwrap_or(options.state_dir);
+            let settings = crate::local::stack::StackSettings {
+                state_dir,
+                postgres_port: options.postgres_port,
+                nats_port: options.nats_port,
+                api_port: options.api_port,
+                http_port: options.http_port,
+            };
+            crate::local::stack::run(settings, options.smoke).await
+        }
         Command::Migrate(db) => {
             let store = Store::connect(&db.settings()).await?;
             let report = store.migrate().await?;

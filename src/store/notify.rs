@@ -57,7 +57,12 @@ impl Store {
                 loop {
                     // `try_recv` reports a lost connection as `None` instead of
                     // silently reconnecting, so the gap is never hidden.
-                    match listener.try_recv().await {
+                    let received = tokio::select! {
+                        // Nobody listens any more: stop quietly.
+                        _ = tx.closed() => return,
+                        received = listener.try_recv() => received,
+                    };
+                    match received {
                         Ok(Some(notification)) => {
                             let payload = Notification::Payload(notification.payload().to_owned());
                             if tx.send(payload).await.is_err() {

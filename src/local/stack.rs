@@ -1,0 +1,447 @@
+//! `voucher-operator local`: the whole product on loopback, for a person or
+//! for CI (`--smoke`). Postgres and nats-server from the machine's packages,
+//! the local Kubernetes API endpoint, the real kubectl, and the operator
+//! (controller, audit relay, HTTP server) in this process.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use super::apiserver::{ApiServer, LocalApiConfig};
+use super::services;
+use crate::controller::{self, Context, Settings, metrics::Metrics};
+use crate::relay::{self, EventQuery, RelayMetrics, RelaySettings};
+use crate::server::auth::{AuthSettings, Verifier};
+use crate::server::{self, AppState, ServerSettings};
+use crate::store::{DatabaseSettings, Store};
+
+/// Where the stack keeps its state and which loopback ports it uses.
+#[derive(Clone, Debug)]
+pub struct StackSettings {
+    pub state_dir: PathBuf,
+    pub postgres_port: u16,
+    pub nats_port: u16,
+    pub api_port: u16,
+    pub http_port: u16,
+}
+
+/// The example Vouchers the stack applies, embedded so that it runs from anywhere.
+const EXAMPLES: [(&str, &str); 4] = [
+    (
+        "launch-campaign.yaml",
+        include_str!("../../examples/vouchers/launch-campaign.yaml"),
+    ),
+    (
+        "unlimited.yaml",
+        include_str!("../../examples/vouchers/unlimited.yaml"),
+    ),
+    (
+        "scheduled-window.yaml",
+        include_str!("../../examples/vouchers/scheduled-window.yaml"),
+    ),
+    (
+        "orphan-on-delete.yaml",
+        include_str!("../../examples/vouchers/orphan-on-delete.yaml"),
+    ),
+];
+
+/// A child process stopped with `signal` when the stack ends.
+struct Process {
+    name: &'static str,
+    child: Child,
+    signal: i32,
+}
+
+impl Process {
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as i32, self.signal) };
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+        eprintln!("stopped {}", self.name);
+    }
+}
+
+async fn wait_for_port(port: u16, what: &str, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    anyhow::bail!("{what} did not start on port {port} within 30 s; its log:\n{log}")
+}
+
+fn spawn(
+    mut cmd: std::process::Command,
+    log: &Path,
+    name: &'static str,
+    signal: i32,
+) -> anyhow::Result<Process> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    cmd.stderr(file);
+    let mut cmd = Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let child = cmd
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {name}: {e}"))?;
+    Ok(Process {
+        name,
+        child,
+        signal,
+    })
+}
+
+async fn start_postgres(settings: &StackSettings) -> anyhow::Result<Process> {
+    let bin = services::postgres_bin_dir()
+        .ok_or_else(|| anyhow::anyhow!("the Postgres server binaries were not found"))?;
+    let dir = settings.state_dir.join("postgres");
+    std::fs::create_dir_all(&dir)?;
+    services::own_for_unprivileged(&dir)?;
+    let data = dir.join("data");
+    if !data.exists() {
+        let output = services::initdb_command(&bin, &data).output()?;
+        if !output.status.success() {
+            anyhow::bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+    }
+    let log = dir.join("postgres.log");
+    let process = spawn(
+        services::postgres_command(&bin, &data, settings.postgres_port, &dir),
+        &log,
+        "postgres",
+        libc::SIGINT,
+    )?;
+    wait_for_port(settings.postgres_port, "postgres", &log).await?;
+    Ok(process)
+}
+
+async fn start_nats(settings: &StackSettings) -> anyhow::Result<Process> {
+    let binary = services::find_on_path("nats-server")
+        .ok_or_else(|| anyhow::anyhow!("nats-server was not found"))?;
+    let dir = settings.state_dir.join("nats");
+    std::fs::create_dir_all(&dir)?;
+    let log = dir.join("nats.log");
+    let process = spawn(
+        services::nats_command(&binary, &dir.join("jetstream"), settings.nats_port),
+        &log,
+        "nats-server",
+        libc::SIGTERM,
+    )?;
+    wait_for_port(settings.nats_port, "nats-server", &log).await?;
+    Ok(process)
+}
+
+/// Runs kubectl against the stack; its stdout, or an error with its stderr.
+async fn kubectl(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .await?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn write_kubeconfig(path: &Path, api_port: u16) -> std::io::Result<()> {
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: voucher-operator-local\n  cluster:\n    server: http://127.0.0.1:{api_port}\n\
+             users:\n- name: developer\n  user: {{}}\ncontexts:\n- name: voucher-operator-local\n  context:\n    cluster: voucher-operator-local\n    namespace: default\n    user: developer\n\
+             current-context: voucher-operator-local\n"
+        ),
+    )
+}
+
+/// A development token: HS256 with this run's secret, an admin, valid one day.
+fn dev_token(secret: &str) -> anyhow::Result<String> {
+    let claims = serde_json::json!({
+        "sub": "local-developer",
+        "email": "developer@localhost",
+        "role": "superadmin",
+        "exp": chrono::Utc::now().timestamp() + 24 * 3600,
+    });
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+async fn ensure_database(settings: &StackSettings) -> anyhow::Result<String> {
+    let admin = Store::connect(&DatabaseSettings {
+        url: format!(
+            "postgres://postgres@127.0.0.1:{}/postgres",
+            settings.postgres_port
+        ),
+        max_connections: 1,
+        connect_timeout: Duration::from_secs(10),
+    })
+    .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'billing')")
+            .fetch_one(admin.pool())
+            .await?;
+    if !exists {
+        sqlx::query("CREATE DATABASE billing")
+            .execute(admin.pool())
+            .await?;
+    }
+    Ok(format!(
+        "postgres://postgres@127.0.0.1:{}/billing",
+        settings.postgres_port
+    ))
+}
+
+/// Starts everything, prints what to try (or runs the smoke check), and
+/// stops everything on Ctrl-C / SIGTERM (or when the smoke check ends).
+pub async fn run(settings: StackSettings, smoke: bool) -> anyhow::Result<()> {
+    services::ensure_packages(true, true, true)?;
+    std::fs::create_dir_all(&settings.state_dir)?;
+    if services::is_root() {
+        // Postgres runs unprivileged and must reach its directory inside.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&settings.state_dir, std::fs::Permissions::from_mode(0o711))?;
+    }
+    let stop = crate::telemetry::shutdown_signal();
+    let postgres = start_postgres(&settings).await?;
+    let result = async {
+        let nats = start_nats(&settings).await?;
+        let outcome = run_operator(&settings, smoke, stop.clone()).await;
+        stop.cancel();
+        nats.stop().await;
+        outcome
+    }
+    .await;
+    stop.cancel();
+    postgres.stop().await;
+    result
+}
+
+async fn run_operator(
+    settings: &StackSettings,
+    smoke: bool,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let database_url = ensure_database(settings).await?;
+    let store = Store::connect(&DatabaseSettings {
+        url: database_url.clone(),
+        max_connections: 20,
+        connect_timeout: Duration::from_secs(10),
+    })
+    .await?;
+    store.migrate().await?;
+
+    let api = ApiServer::new(LocalApiConfig {
+        state_file: Some(settings.state_dir.join("api-state.json")),
+        ..Default::default()
+    })?;
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, settings.api_port))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on 127.0.0.1:{} for the local API: {e}",
+                settings.api_port
+            )
+        })?;
+    let api_stop = stop.clone();
+    tokio::spawn(api.serve(listener, async move { api_stop.cancelled().await }));
+    let kubeconfig = settings.state_dir.join("kubeconfig");
+    write_kubeconfig(&kubeconfig, settings.api_port)?;
+
+    let manifests = settings.state_dir.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    std::fs::write(manifests.join("00-crd.yaml"), crate::api::crd_yaml())?;
+    for (name, text) in EXAMPLES {
+        std::fs::write(manifests.join(name), text)?;
+    }
+    let kubeconfig_str = kubeconfig.to_string_lossy().into_owned();
+    print!(
+        "{}",
+        kubectl(&kubeconfig, &["apply", "-f", &manifests.to_string_lossy()]).await?
+    );
+
+    let client = kube::Client::try_from(kube::Config::new(
+        format!("http://127.0.0.1:{}", settings.api_port).parse()?,
+    ))?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let ctx = Context::new(
+        client.clone(),
+        store.clone(),
+        Arc::new(Metrics::register(&mut registry)),
+        Settings {
+            resync_interval: Duration::from_secs(300),
+            status_min_interval: Duration::from_secs(1),
+            namespace: None,
+            identity: "local".into(),
+            concurrency: 4,
+        },
+    );
+    tokio::spawn(controller::run(ctx, stop.clone()));
+    let relay_settings = RelaySettings {
+        nats_url: format!("nats://127.0.0.1:{}", settings.nats_port),
+        ..Default::default()
+    };
+    let relay_metrics = Arc::new(RelayMetrics::register(&mut registry));
+    tokio::spawn(relay::run(
+        store.clone(),
+        relay_settings.clone(),
+        relay_metrics,
+        stop.clone(),
+    ));
+
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let auth = AuthSettings {
+        hs256_secret: Some(secret.clone()),
+        ..Default::default()
+    };
+    let server_settings = ServerSettings {
+        rate_limit_per_minute: 600,
+        rate_limit_burst: 100,
+        trusted_proxies: Vec::new(),
+        admin_namespace: "default".into(),
+        body_limit: 16 * 1024,
+        request_timeout: Duration::from_secs(10),
+    };
+    let state = AppState::new(
+        store,
+        Verifier::new(auth),
+        Some(client),
+        server_settings,
+        registry,
+    );
+    let http = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, settings.http_port))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on 127.0.0.1:{} for the HTTP API: {e}",
+                settings.http_port
+            )
+        })?;
+    tokio::spawn(server::serve(http, state, stop.clone()));
+    let token = dev_token(&secret)?;
+    let base = format!("http://127.0.0.1:{}", settings.http_port);
+
+    if smoke {
+        return smoke_check(&kubeconfig, &base, &token, &relay_settings).await;
+    }
+    println!(
+        "\nvoucher-operator is running locally (state in {state}). Try:\n\n\
+         export KUBECONFIG={kubeconfig_str}\n\
+         kubectl get vouchers\n\
+         kubectl describe voucher omantel-muscat-200\n\
+         curl -s {base}/billing/vouchers/redeem-preview -d '{{\"code\":\"omantel-muscat-200\"}}'\n\
+         export TOKEN={token}\n\
+         curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"OMANTEL-MUSCAT-200\",\"tenant_id\":\"acme\"}}'\n\
+         voucher-operator events --nats-url nats://127.0.0.1:{nats} --follow\n\
+         psql {database_url}\n\n\
+         Ctrl-C stops everything.",
+        state = settings.state_dir.display(),
+        nats = settings.nats_port,
+    );
+    stop.cancelled().await;
+    Ok(())
+}
+
+/// The main flow once: every example Ready, a redemption, REDEEMED 1 in
+/// `kubectl get vouchers`, and the `redeemed` event in JetStream.
+async fn smoke_check(
+    kubeconfig: &Path,
+    base: &str,
+    token: &str,
+    relay: &RelaySettings,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let wait = |what: &'static str| async move {
+        if Instant::now() > deadline {
+            anyhow::bail!("smoke: timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        Ok(())
+    };
+    loop {
+        let phases = kubectl(
+            kubeconfig,
+            &["get", "vouchers", "-o", "jsonpath={.items[*].status.phase}"],
+        )
+        .await?;
+        if phases.split_whitespace().count() == EXAMPLES.len() {
+            println!("smoke: every example Voucher reconciled: {phases}");
+            break;
+        }
+        wait("every Voucher to get a phase").await?;
+    }
+    let response = reqwest::Client::new()
+        .post(format!("{base}/billing/vouchers/redeem"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"code": "omantel-muscat-200", "tenant_id": "smoke"}))
+        .send()
+        .await?;
+    let status = response.status();
+    let body = response.text().await?;
+    if status != 200 {
+        anyhow::bail!("smoke: the redemption answered {status}: {body}");
+    }
+    println!("smoke: redeemed OMANTEL-MUSCAT-200: {body}");
+    let table = loop {
+        let table = kubectl(kubeconfig, &["get", "vouchers"]).await?;
+        let redeemed = table
+            .lines()
+            .find(|l| l.starts_with("omantel-muscat-200"))
+            .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned));
+        if redeemed.as_deref() == Some("1") {
+            break table;
+        }
+        wait("REDEEMED 1 in kubectl get vouchers").await?;
+    };
+    print!("{table}");
+    let query = EventQuery {
+        code: Some("OMANTEL-MUSCAT-200".into()),
+        kind: Some("redeemed".into()),
+        ..Default::default()
+    };
+    loop {
+        let mut found = 0;
+        let read = relay::follow_events(
+            &relay.nats_url,
+            &relay.stream,
+            &relay.subject_prefix,
+            &query,
+            |_| found += 1,
+        )
+        .await;
+        if read.is_ok() && found > 0 {
+            println!(
+                "smoke: the redeemed event reached JetStream ({} on {})",
+                relay.stream, relay.subject_prefix
+            );
+            return Ok(());
+        }
+        wait("the redeemed event in JetStream").await?;
+    }
+}
