@@ -18,18 +18,37 @@ use voucher_operator::store::Store;
 
 struct Stack {
     kubeconfig: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
     http: String,
+    jwt_secret: String,
     pool: sqlx::PgPool,
-    stop: CancellationToken,
-    _http_stop: CancellationToken,
+    stops: Vec<CancellationToken>,
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        self.stop.cancel();
-        self._http_stop.cancel();
+        self.stops.iter().for_each(CancellationToken::cancel);
     }
+}
+
+/// A real cluster with the operator deployed, when VOUCHER_E2E_KUBECONFIG is
+/// set: the same test then runs against it instead of the local stack.
+async fn real_cluster() -> Option<Stack> {
+    let kubeconfig = std::env::var_os("VOUCHER_E2E_KUBECONFIG")?;
+    let need = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("VOUCHER_E2E_KUBECONFIG is set, so {name} must be too (see the README)")
+        })
+    };
+    let pool = support::pool(&need("VOUCHER_E2E_DATABASE_URL")).await;
+    Some(Stack {
+        kubeconfig: kubeconfig.into(),
+        _dir: None,
+        http: need("VOUCHER_E2E_HTTP_URL"),
+        jwt_secret: need("VOUCHER_E2E_JWT_SECRET"),
+        pool,
+        stops: Vec::new(),
+    })
 }
 
 fn kubectl_binary() -> std::path::PathBuf {
@@ -46,6 +65,9 @@ fn kubectl_binary() -> std::path::PathBuf {
 
 async fn stack() -> Stack {
     support::init_tracing();
+    if let Some(cluster) = real_cluster().await {
+        return cluster;
+    }
     let url = support::fresh_database("kubectl").await;
     let pool = support::pool(&url).await;
     let store = Store::from_pool(pool.clone());
@@ -90,11 +112,11 @@ async fn stack() -> Stack {
     .unwrap();
     Stack {
         kubeconfig,
-        _dir: dir,
+        _dir: Some(dir),
         http,
+        jwt_secret: "e2e".into(),
         pool,
-        stop,
-        _http_stop: http_stop,
+        stops: vec![stop, http_stop],
     }
 }
 
@@ -203,7 +225,7 @@ async fn a_platform_engineers_day_with_kubectl() {
     let token = encode(
         &Header::new(Algorithm::HS256),
         &json!({"sub": "e2e-user", "exp": chrono::Utc::now().timestamp() + 300}),
-        &EncodingKey::from_secret(b"e2e"),
+        &EncodingKey::from_secret(s.jwt_secret.as_bytes()),
     )
     .unwrap();
     let response = reqwest::Client::new()

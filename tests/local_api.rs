@@ -350,3 +350,40 @@ async fn watch_streams_changes_bookmarks_and_gone() {
         other => panic!("expected 410 Gone, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_state_file_keeps_objects_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || LocalApiConfig {
+        state_file: Some(dir.path().join("state.json")),
+        ..Default::default()
+    };
+    let (_, first) = support::local_api(config()).await;
+    let created = Api::<Voucher>::namespaced(first, "default")
+        .create(&PostParams::default(), &voucher("kept", 5))
+        .await
+        .unwrap();
+
+    let (_, second) = support::local_api(config()).await;
+    let vouchers: Api<Voucher> = Api::namespaced(second, "default");
+    let kept = vouchers.get("kept").await.unwrap();
+    assert_eq!(kept.metadata.uid, created.metadata.uid);
+    assert_eq!(
+        kept.metadata.resource_version,
+        created.metadata.resource_version
+    );
+    // Versions go on from where they were, so clients' resourceVersions stay ordered.
+    let next = vouchers
+        .create(&PostParams::default(), &voucher("after-restart", 5))
+        .await
+        .unwrap();
+    let rv = |v: &Voucher| {
+        v.metadata
+            .resource_version
+            .clone()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert!(rv(&next) > rv(&kept));
+}
