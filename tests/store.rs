@@ -314,3 +314,37 @@ async fn outbox_records_commit_and_roll_back_with_their_change() {
     let mut conn = pool.acquire().await.unwrap();
     assert!(outbox::append(&mut conn, &record).await.is_err());
 }
+
+#[tokio::test]
+async fn published_records_are_pruned_after_the_retention_and_others_never() {
+    let store = store().await;
+    let mut conn = store.pool().acquire().await.unwrap();
+    for code in ["OLD-1", "NEW-1", "WAITING-1"] {
+        outbox::append(
+            &mut conn,
+            &NewAuditRecord::new(code, AuditKind::Created, serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "UPDATE voucher_audit_outbox SET published_at = CASE code \
+           WHEN 'OLD-1' THEN now() - interval '8 days' WHEN 'NEW-1' THEN now() END \
+         WHERE code IN ('OLD-1', 'NEW-1')",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let pruned = outbox::prune(&mut conn, std::time::Duration::from_secs(7 * 24 * 3600))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1);
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT code FROM voucher_audit_outbox ORDER BY seq")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(left, ["NEW-1", "WAITING-1"]);
+    let (backlog, _) = outbox::backlog(&mut conn).await.unwrap();
+    assert_eq!(backlog, 1);
+}

@@ -358,11 +358,14 @@ async fn run_operator(
          curl -s {base}/billing/vouchers/redeem-preview -d '{{\"code\":\"omantel-muscat-200\"}}'\n\
          export TOKEN={token}\n\
          curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"OMANTEL-MUSCAT-200\",\"tenant_id\":\"acme\"}}'\n\
-         voucher-operator events --nats-url nats://127.0.0.1:{nats} --follow\n\
+         {exe} events --nats-url nats://127.0.0.1:{nats} --follow\n\
          psql {database_url}\n\n\
          Ctrl-C stops everything.",
         state = settings.state_dir.display(),
         nats = settings.nats_port,
+        exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "voucher-operator".into()),
     );
     stop.cancelled().await;
     Ok(())
