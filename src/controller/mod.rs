@@ -405,15 +405,7 @@ fn event_for(
     code: &str,
     changed: &[crate::domain::TermField],
 ) -> (EventType, &'static str, String) {
-    let fields = changed
-        .iter()
-        .filter_map(|f| {
-            serde_json::to_value(f)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let fields = crate::domain::TermField::join(changed);
     match kind {
         AuditKind::Created => (EventType::Normal, "Created", format!("created code {code}")),
         AuditKind::Adopted => (

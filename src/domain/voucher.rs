@@ -218,6 +218,27 @@ pub enum TermField {
 }
 
 impl TermField {
+    /// The column name, as audit records and events name a field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CreditOmr => "credit_omr",
+            Self::Description => "description",
+            Self::Active => "active",
+            Self::MaxRedemptions => "max_redemptions",
+            Self::ValidFrom => "valid_from",
+            Self::ExpiresAt => "expires_at",
+        }
+    }
+
+    /// `credit_omr, active`: a list for a sentence.
+    pub fn join(fields: &[TermField]) -> String {
+        fields
+            .iter()
+            .map(|f| f.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     pub const ALL: [TermField; 6] = [
         TermField::CreditOmr,
         TermField::Description,
@@ -373,6 +394,17 @@ mod tests {
             ..terms
         };
         assert_eq!(open.next_boundary(at(7)), None);
+    }
+
+    #[test]
+    fn field_names_are_their_serialised_names() {
+        for field in TermField::ALL {
+            assert_eq!(serde_json::to_value(field).unwrap(), field.as_str());
+        }
+        assert_eq!(
+            TermField::join(&[TermField::CreditOmr, TermField::Active]),
+            "credit_omr, active"
+        );
     }
 
     #[test]

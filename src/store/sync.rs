@@ -42,18 +42,7 @@ pub enum Released {
 }
 
 fn reason(kind: AuditKind, owner: &Owner, changed: &[TermField]) -> String {
-    let fields = || {
-        changed
-            .iter()
-            .map(|f| {
-                serde_json::to_value(f)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default()
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let fields = || TermField::join(changed);
     match kind {
         AuditKind::Created => format!("created by Voucher {owner}"),
         AuditKind::Adopted => format!("existing code adopted by Voucher {owner}"),
