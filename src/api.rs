@@ -161,6 +161,63 @@ impl Voucher {
     }
 }
 
+/// A resource name for a code: its lower-cased self when that is a valid
+/// name, otherwise made valid (and unique) with a short hash of the code.
+pub fn resource_name(code: &Code) -> String {
+    use sha2::{Digest, Sha256};
+    let lower = code.as_str().to_ascii_lowercase();
+    let valid =
+        lower.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') && !lower.ends_with('-');
+    if valid {
+        return lower;
+    }
+    let base: String = lower
+        .replace('_', "-")
+        .trim_end_matches('-')
+        .chars()
+        .take(50)
+        .collect();
+    let hash = Sha256::digest(code.as_str());
+    format!("{base}-{:02x}{:02x}{:02x}", hash[0], hash[1], hash[2])
+}
+
+/// A Voucher that adopts an existing `promo_codes` row as it is.
+pub fn voucher_for(record: &crate::domain::CodeRecord, namespace: &str) -> Result<Voucher, String> {
+    let code = Code::parse(&record.code).map_err(|e| e.to_string())?;
+    if record.terms.credit_omr < 1 {
+        return Err(format!(
+            "credit_omr is {}, a Voucher needs at least 1",
+            record.terms.credit_omr
+        ));
+    }
+    if record.terms.max_redemptions < 0 {
+        return Err(format!(
+            "max_redemptions is {}, a Voucher needs at least 0",
+            record.terms.max_redemptions
+        ));
+    }
+    if let (Some(from), Some(until)) = (record.terms.valid_from, record.terms.expires_at)
+        && until <= from
+    {
+        return Err("expires_at is not after valid_from".into());
+    }
+    let mut voucher = Voucher::new(
+        &resource_name(&code),
+        VoucherSpec {
+            code: Some(code.to_string()),
+            credit_omr: record.terms.credit_omr,
+            description: record.terms.description.clone(),
+            active: record.terms.active && !record.is_tombstoned(),
+            max_redemptions: record.terms.max_redemptions,
+            valid_from: record.terms.valid_from,
+            expires_at: record.terms.expires_at,
+            deletion_policy: DeletionPolicy::Revoke,
+        },
+    );
+    voucher.metadata.namespace = Some(namespace.to_owned());
+    Ok(voucher)
+}
+
 /// The CRD as installed in a cluster, generated from the types above.
 pub fn crd() -> CustomResourceDefinition {
     Voucher::crd()
@@ -206,6 +263,16 @@ mod tests {
             voucher("x", Some(" launch ")).code().unwrap().as_str(),
             "LAUNCH"
         );
+    }
+
+    #[test]
+    fn resource_names_are_valid_and_distinct() {
+        let name = |c: &str| resource_name(&Code::parse(c).unwrap());
+        assert_eq!(name("OMANTEL-MUSCAT-200"), "omantel-muscat-200");
+        let (a, b) = (name("SPRING_SALE"), name("SPRING-SALE"));
+        assert_ne!(a, b);
+        assert!(crate::validation::is_dns1123_subdomain(&a), "{a}");
+        assert!(crate::validation::is_dns1123_subdomain(&name("ABC-")));
     }
 
     #[test]

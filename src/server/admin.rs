@@ -11,7 +11,6 @@ use chrono::{DateTime, Utc};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 use super::AppState;
@@ -117,25 +116,6 @@ fn kube_error(error: kube::Error) -> HttpError {
     }
 }
 
-/// A resource name for a code: its lower-cased self when that is a valid
-/// name, otherwise made valid and unique with a short hash.
-pub fn resource_name(code: &Code) -> String {
-    let lower = code.as_str().to_ascii_lowercase();
-    let valid =
-        lower.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') && !lower.ends_with('-');
-    if valid {
-        return lower;
-    }
-    let base: String = lower
-        .replace('_', "-")
-        .trim_end_matches('-')
-        .chars()
-        .take(50)
-        .collect();
-    let hash = Sha256::digest(code.as_str());
-    format!("{base}-{:02x}{:02x}{:02x}", hash[0], hash[1], hash[2])
-}
-
 /// Issue (create or update) a code
 #[utoipa::path(
     post,
@@ -164,7 +144,7 @@ pub async fn issue(
         ));
     }
     let api = vouchers(&state, &state.settings.admin_namespace)?;
-    let name = resource_name(&code);
+    let name = crate::api::resource_name(&code);
     let manifest = json!({
         "apiVersion": "catalyst.openova.io/v1alpha1",
         "kind": "Voucher",

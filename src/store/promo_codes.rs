@@ -192,3 +192,40 @@ pub async fn count_redemption(conn: &mut PgConnection, code: &str) -> Result<Cod
     .await?;
     Ok(row.into())
 }
+
+/// Every row, for export: read through `to_jsonb` so that it also works on a
+/// billing database the operator never migrated (no window columns yet).
+pub async fn export_rows(
+    conn: &mut PgConnection,
+    include_deleted: bool,
+) -> Result<Vec<CodeRecord>> {
+    let rows: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT to_jsonb(p) FROM promo_codes p WHERE $1 OR deleted_at IS NULL ORDER BY code",
+    )
+    .bind(include_deleted)
+    .fetch_all(conn)
+    .await?;
+    let time = |v: &serde_json::Value| {
+        v.as_str()
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            .map(|t| t.with_timezone(&Utc))
+    };
+    let int = |v: &serde_json::Value| v.as_i64().unwrap_or_default() as i32;
+    Ok(rows
+        .iter()
+        .map(|r| CodeRecord {
+            code: r["code"].as_str().unwrap_or_default().to_owned(),
+            terms: Terms {
+                credit_omr: int(&r["credit_omr"]),
+                description: r["description"].as_str().unwrap_or_default().to_owned(),
+                active: r["active"].as_bool().unwrap_or(true),
+                max_redemptions: int(&r["max_redemptions"]),
+                valid_from: time(&r["valid_from"]),
+                expires_at: time(&r["expires_at"]),
+            },
+            times_redeemed: int(&r["times_redeemed"]),
+            created_at: time(&r["created_at"]).unwrap_or_default(),
+            deleted_at: time(&r["deleted_at"]),
+        })
+        .collect())
+}

@@ -1,5 +1,7 @@
 //! Command-line wiring: flags with environment fallbacks, and the subcommands.
-//! Subcommands appear here only once they work.
+//! Subcommands appear here only once they work; `commands` runs them.
+
+mod commands;
 
 use std::time::Duration;
 
@@ -53,6 +55,10 @@ pub enum Command {
     },
     /// Print audit events from JetStream: a table, or JSON lines with --json.
     Events(EventsOptions),
+    /// Write the codes of an existing billing database as Voucher manifests (multi-document
+    /// YAML), to commit to Git and let the controller adopt them with their redemptions kept.
+    /// Only reads the database.
+    Export(ExportOptions),
     /// The whole product on loopback for development: Postgres and nats-server (installed from
     /// Debian packages when missing), a local Kubernetes API endpoint for kubectl, and the
     /// operator (controller, audit relay, HTTP server). Ctrl-C stops everything.
@@ -169,6 +175,26 @@ pub struct StreamOptions {
         default_value = "catalyst.vouchers"
     )]
     pub audit_subject_prefix: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportOptions {
+    /// Postgres URL of the billing database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Namespace of the exported Vouchers.
+    #[arg(long, short = 'n', default_value = "default")]
+    pub namespace: String,
+
+    /// Also export soft-deleted codes (as active: false). Applying them brings the row back,
+    /// inactive, with its redemption history.
+    #[arg(long)]
+    pub include_deleted: bool,
+
+    /// Write to this file instead of standard output.
+    #[arg(long, short = 'o')]
+    pub output: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -391,8 +417,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             controller,
             audit,
         } => {
-            let store = open_store(&database).await?;
-            run_controller(
+            let store = commands::open_store(&database).await?;
+            commands::run_controller(
                 store,
                 controller,
                 audit,
@@ -401,8 +427,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Server { database, server } => {
-            let store = open_store(&database).await?;
-            run_server(store, server, crate::telemetry::shutdown_signal()).await
+            let store = commands::open_store(&database).await?;
+            commands::run_server(store, server, crate::telemetry::shutdown_signal()).await
         }
         Command::Run {
             database,
@@ -410,17 +436,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             audit,
             server,
         } => {
-            let store = open_store(&database).await?;
+            let store = commands::open_store(&database).await?;
             let shutdown = crate::telemetry::shutdown_signal();
             let (controller, server) = tokio::join!(
-                run_controller(store.clone(), controller, audit, shutdown.clone()),
-                run_server(store, server, shutdown.clone()),
+                commands::run_controller(store.clone(), controller, audit, shutdown.clone()),
+                commands::run_server(store, server, shutdown.clone()),
             );
             // Either one failing stops the other.
             shutdown.cancel();
             controller.and(server)
         }
-        Command::Events(options) => print_events(options).await,
+        Command::Events(options) => commands::print_events(options).await,
+        Command::Export(options) => commands::export(options).await,
         Command::Local(options) => {
             let fresh = options.smoke.then(tempfile::TempDir::new).transpose()?;
             let state_dir = fresh
@@ -466,202 +493,4 @@ pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
-}
-
-/// Connects and, unless told not to, brings the schema up to date.
-async fn open_store(database: &DatabaseOptions) -> anyhow::Result<Store> {
-    let store = Store::connect(&database.settings()).await?;
-    if !database.skip_migrations {
-        store.migrate().await?;
-    }
-    Ok(store)
-}
-
-async fn run_controller(
-    store: Store,
-    options: ControllerOptions,
-    audit: AuditOptions,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<()> {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use crate::controller::{self, Context, Settings, leader, metrics::Metrics};
-
-    let client = kube::Client::try_default().await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot configure the Kubernetes client ({e}): set KUBECONFIG, or run in a cluster"
-        )
-    })?;
-    controller::check_api(&client, options.watch_namespace.as_deref()).await?;
-
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = Arc::new(Metrics::register(&mut registry));
-    let relay_metrics = Arc::new(crate::relay::RelayMetrics::register(&mut registry));
-    let relay = audit.audit_relay.then(|| audit.settings());
-    let identity = options.identity();
-    let ctx = Context::new(
-        client.clone(),
-        store.clone(),
-        metrics,
-        Settings {
-            resync_interval: options.resync_interval,
-            status_min_interval: options.status_min_interval,
-            namespace: options.watch_namespace.clone(),
-            identity: identity.clone(),
-            concurrency: options.concurrency,
-        },
-    );
-    let ready = Arc::new(AtomicBool::new(false));
-    let telemetry = tokio::spawn(crate::telemetry::serve(
-        options.metrics_address,
-        Arc::new(registry),
-        ready.clone(),
-        shutdown.clone(),
-    ));
-    ready.store(true, Ordering::Relaxed);
-    tracing::info!(%identity, "controller started");
-    if options.leader_election {
-        let lease = leader::LeaseSettings {
-            name: options.lease_name.clone(),
-            namespace: options.lease_namespace.clone(),
-            identity,
-            duration: options.lease_duration,
-        };
-        leader::run_while_leader(client, lease, shutdown.clone(), |term| {
-            leader_work(
-                ctx.clone(),
-                store.clone(),
-                relay.clone(),
-                relay_metrics.clone(),
-                term,
-            )
-        })
-        .await?;
-    } else {
-        leader_work(ctx, store, relay, relay_metrics, shutdown.clone()).await?;
-    }
-    shutdown.cancel();
-    telemetry.await??;
-    Ok(())
-}
-
-/// What the leader runs: the controller and the audit relay.
-async fn leader_work(
-    ctx: std::sync::Arc<crate::controller::Context>,
-    store: Store,
-    relay: Option<crate::relay::RelaySettings>,
-    relay_metrics: std::sync::Arc<crate::relay::RelayMetrics>,
-    term: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<()> {
-    let relay = async {
-        match relay {
-            Some(settings) => crate::relay::run(store, settings, relay_metrics, term.clone()).await,
-            None => Ok(()),
-        }
-    };
-    let (_, relayed) = tokio::join!(crate::controller::run(ctx, term.clone()), relay);
-    relayed
-}
-
-async fn run_server(
-    store: Store,
-    options: ServerOptions,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<()> {
-    use crate::server::{self, AppState, ServerSettings, auth};
-
-    let auth = auth::AuthSettings {
-        hs256_secret: options.jwt_hs256_secret.clone(),
-        jwks_url: options.jwks_url.clone(),
-        issuer: options.jwt_issuer.clone(),
-        audience: options.jwt_audience.clone(),
-        leeway: options.jwt_leeway,
-    };
-    let verifier = auth::Verifier::new(auth);
-    if !verifier.configured() {
-        anyhow::bail!("no way to check bearer tokens: set JWT_HS256_SECRET and/or JWKS_URL");
-    }
-    // The admin endpoints need the Kubernetes API; without it they answer 503.
-    let kube = match kube::Client::try_default().await {
-        Ok(client) => Some(client),
-        Err(error) => {
-            tracing::warn!(%error, "no Kubernetes API: the admin issue and revoke endpoints will answer 503");
-            None
-        }
-    };
-    let settings = ServerSettings {
-        rate_limit_per_minute: options.rate_limit_per_minute,
-        rate_limit_burst: options.rate_limit_burst,
-        trusted_proxies: options.trusted_proxies.clone(),
-        admin_namespace: options.admin_namespace.clone(),
-        body_limit: options.body_limit,
-        request_timeout: options.request_timeout,
-    };
-    let state = AppState::new(
-        store,
-        verifier,
-        kube,
-        settings,
-        prometheus_client::registry::Registry::default(),
-    );
-    let listener = tokio::net::TcpListener::bind(options.listen_address)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.listen_address))?;
-    tracing::info!(address = %options.listen_address, "server listening");
-    let served = server::serve(listener, state, shutdown.clone()).await;
-    shutdown.cancel();
-    served
-}
-
-async fn print_events(options: EventsOptions) -> anyhow::Result<()> {
-    let query = crate::relay::EventQuery {
-        code: options.code.clone(),
-        kind: options.kind.clone(),
-        since: options.since,
-        follow: options.follow,
-    };
-    if !options.json {
-        println!(
-            "{:<25} {:<22} {:<16} {:<28} REASON",
-            "TIME", "CODE", "TYPE", "ACTOR"
-        );
-    }
-    let json = options.json;
-    crate::relay::follow_events(
-        &options.stream.nats_url,
-        &options.stream.audit_stream,
-        &options.stream.audit_subject_prefix,
-        &query,
-        |event| {
-            if json {
-                println!("{event}");
-                return;
-            }
-            let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
-            let kind = text(&event["type"])
-                .trim_start_matches(crate::domain::audit::EVENT_TYPE_PREFIX)
-                .trim_start_matches('.')
-                .trim_end_matches(".v1")
-                .to_owned();
-            let actor = &event["data"]["actor"];
-            let actor = match actor["type"].as_str() {
-                Some("resource") => {
-                    format!("{}/{}", text(&actor["namespace"]), text(&actor["name"]))
-                }
-                Some("subject") => format!("sub:{}", text(&actor["subject"])),
-                _ => String::new(),
-            };
-            let time = text(&event["time"]).chars().take(23).collect::<String>();
-            println!(
-                "{:<25} {:<22} {:<16} {:<28} {}",
-                time,
-                text(&event["subject"]),
-                kind,
-                actor,
-                text(&event["data"]["reason"])
-            );
-        },
-    )
-    .await
 }

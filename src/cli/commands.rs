@@ -1,0 +1,255 @@
+//! What each subcommand does, once its flags are parsed.
+
+use std::time::Duration;
+
+use super::{
+    AuditOptions, ControllerOptions, DatabaseOptions, EventsOptions, ExportOptions, ServerOptions,
+};
+use crate::api;
+use crate::store::{DatabaseSettings, Store};
+
+/// Connects and, unless told not to, brings the schema up to date.
+pub(super) async fn open_store(database: &DatabaseOptions) -> anyhow::Result<Store> {
+    let store = Store::connect(&database.settings()).await?;
+    if !database.skip_migrations {
+        store.migrate().await?;
+    }
+    Ok(store)
+}
+
+pub(super) async fn run_controller(
+    store: Store,
+    options: ControllerOptions,
+    audit: AuditOptions,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use crate::controller::{self, Context, Settings, leader, metrics::Metrics};
+
+    let client = kube::Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot configure the Kubernetes client ({e}): set KUBECONFIG, or run in a cluster"
+        )
+    })?;
+    controller::check_api(&client, options.watch_namespace.as_deref()).await?;
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let relay_metrics = Arc::new(crate::relay::RelayMetrics::register(&mut registry));
+    let relay = audit.audit_relay.then(|| audit.settings());
+    let identity = options.identity();
+    let ctx = Context::new(
+        client.clone(),
+        store.clone(),
+        metrics,
+        Settings {
+            resync_interval: options.resync_interval,
+            status_min_interval: options.status_min_interval,
+            namespace: options.watch_namespace.clone(),
+            identity: identity.clone(),
+            concurrency: options.concurrency,
+        },
+    );
+    let ready = Arc::new(AtomicBool::new(false));
+    let telemetry = tokio::spawn(crate::telemetry::serve(
+        options.metrics_address,
+        Arc::new(registry),
+        ready.clone(),
+        shutdown.clone(),
+    ));
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(%identity, "controller started");
+    if options.leader_election {
+        let lease = leader::LeaseSettings {
+            name: options.lease_name.clone(),
+            namespace: options.lease_namespace.clone(),
+            identity,
+            duration: options.lease_duration,
+        };
+        leader::run_while_leader(client, lease, shutdown.clone(), |term| {
+            leader_work(
+                ctx.clone(),
+                store.clone(),
+                relay.clone(),
+                relay_metrics.clone(),
+                term,
+            )
+        })
+        .await?;
+    } else {
+        leader_work(ctx, store, relay, relay_metrics, shutdown.clone()).await?;
+    }
+    shutdown.cancel();
+    telemetry.await??;
+    Ok(())
+}
+
+/// What the leader runs: the controller and the audit relay.
+async fn leader_work(
+    ctx: std::sync::Arc<crate::controller::Context>,
+    store: Store,
+    relay: Option<crate::relay::RelaySettings>,
+    relay_metrics: std::sync::Arc<crate::relay::RelayMetrics>,
+    term: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let relay = async {
+        match relay {
+            Some(settings) => crate::relay::run(store, settings, relay_metrics, term.clone()).await,
+            None => Ok(()),
+        }
+    };
+    let (_, relayed) = tokio::join!(crate::controller::run(ctx, term.clone()), relay);
+    relayed
+}
+
+pub(super) async fn run_server(
+    store: Store,
+    options: ServerOptions,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    use crate::server::{self, AppState, ServerSettings, auth};
+
+    let auth = auth::AuthSettings {
+        hs256_secret: options.jwt_hs256_secret.clone(),
+        jwks_url: options.jwks_url.clone(),
+        issuer: options.jwt_issuer.clone(),
+        audience: options.jwt_audience.clone(),
+        leeway: options.jwt_leeway,
+    };
+    let verifier = auth::Verifier::new(auth);
+    if !verifier.configured() {
+        anyhow::bail!("no way to check bearer tokens: set JWT_HS256_SECRET and/or JWKS_URL");
+    }
+    // The admin endpoints need the Kubernetes API; without it they answer 503.
+    let kube = match kube::Client::try_default().await {
+        Ok(client) => Some(client),
+        Err(error) => {
+            tracing::warn!(%error, "no Kubernetes API: the admin issue and revoke endpoints will answer 503");
+            None
+        }
+    };
+    let settings = ServerSettings {
+        rate_limit_per_minute: options.rate_limit_per_minute,
+        rate_limit_burst: options.rate_limit_burst,
+        trusted_proxies: options.trusted_proxies.clone(),
+        admin_namespace: options.admin_namespace.clone(),
+        body_limit: options.body_limit,
+        request_timeout: options.request_timeout,
+    };
+    let state = AppState::new(
+        store,
+        verifier,
+        kube,
+        settings,
+        prometheus_client::registry::Registry::default(),
+    );
+    let listener = tokio::net::TcpListener::bind(options.listen_address)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.listen_address))?;
+    tracing::info!(address = %options.listen_address, "server listening");
+    let served = server::serve(listener, state, shutdown.clone()).await;
+    shutdown.cancel();
+    served
+}
+
+pub(super) async fn print_events(options: EventsOptions) -> anyhow::Result<()> {
+    let query = crate::relay::EventQuery {
+        code: options.code.clone(),
+        kind: options.kind.clone(),
+        since: options.since,
+        follow: options.follow,
+    };
+    if !options.json {
+        println!(
+            "{:<25} {:<22} {:<16} {:<28} REASON",
+            "TIME", "CODE", "TYPE", "ACTOR"
+        );
+    }
+    let json = options.json;
+    crate::relay::follow_events(
+        &options.stream.nats_url,
+        &options.stream.audit_stream,
+        &options.stream.audit_subject_prefix,
+        &query,
+        |event| {
+            if json {
+                println!("{event}");
+                return;
+            }
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+            let kind = text(&event["type"])
+                .trim_start_matches(crate::domain::audit::EVENT_TYPE_PREFIX)
+                .trim_start_matches('.')
+                .trim_end_matches(".v1")
+                .to_owned();
+            let actor = &event["data"]["actor"];
+            let actor = match actor["type"].as_str() {
+                Some("resource") => {
+                    format!("{}/{}", text(&actor["namespace"]), text(&actor["name"]))
+                }
+                Some("subject") => format!("sub:{}", text(&actor["subject"])),
+                _ => String::new(),
+            };
+            let time = text(&event["time"]).chars().take(23).collect::<String>();
+            println!(
+                "{:<25} {:<22} {:<16} {:<28} {}",
+                time,
+                text(&event["subject"]),
+                kind,
+                actor,
+                text(&event["data"]["reason"])
+            );
+        },
+    )
+    .await
+}
+
+pub(super) async fn export(options: ExportOptions) -> anyhow::Result<()> {
+    let store = Store::connect(&DatabaseSettings {
+        url: options.database_url.clone(),
+        max_connections: 1,
+        connect_timeout: Duration::from_secs(10),
+    })
+    .await?;
+    let mut conn = store.pool().acquire().await?;
+    let rows = crate::store::promo_codes::export_rows(&mut conn, options.include_deleted).await?;
+    let mut out = String::from(
+        "# Exported by `voucher-operator export` from the billing database's promo_codes.\n\
+         # Applying these adopts each code: times_redeemed and created_at stay as they are.\n",
+    );
+    let mut names = std::collections::BTreeMap::new();
+    let (mut written, mut skipped) = (0, 0);
+    for row in &rows {
+        let voucher = match api::voucher_for(row, &options.namespace) {
+            Ok(voucher) => voucher,
+            Err(reason) => {
+                eprintln!("skipped {:?}: {reason}", row.code);
+                skipped += 1;
+                continue;
+            }
+        };
+        let name = voucher.metadata.name.clone().unwrap_or_default();
+        if let Some(first) = names.insert(name.clone(), row.code.clone()) {
+            eprintln!(
+                "skipped {:?}: it names the same Voucher ({name}) as {first:?}",
+                row.code
+            );
+            skipped += 1;
+            continue;
+        }
+        out.push_str("---\n");
+        if row.is_tombstoned() {
+            out.push_str("# soft-deleted in the billing database: exported inactive\n");
+        }
+        out.push_str(&serde_yaml::to_string(&voucher)?);
+        written += 1;
+    }
+    match &options.output {
+        Some(path) => std::fs::write(path, out)?,
+        None => print!("{out}"),
+    }
+    eprintln!("exported {written} code(s), skipped {skipped}");
+    Ok(())
+}

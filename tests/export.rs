@@ -1,0 +1,181 @@
+//! `voucher-operator export` on a database in the billing service's shape
+//! (never touched by the operator), then the round trip: the manifests
+//! applied to the local API endpoint are adopted by the controller, with
+//! their counters and creation times unchanged and no `created` record.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Api, PostParams};
+use tokio_util::sync::CancellationToken;
+use voucher_operator::api::Voucher;
+use voucher_operator::controller::metrics::Metrics;
+use voucher_operator::controller::{self, Context, Settings};
+use voucher_operator::domain::Phase;
+use voucher_operator::store::Store;
+
+const BILLING: &str = "
+CREATE TABLE customers (id UUID PRIMARY KEY DEFAULT gen_random_uuid(), user_id TEXT UNIQUE NOT NULL,
+  tenant_id TEXT NOT NULL, stripe_customer_id TEXT UNIQUE, email TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now());
+CREATE TABLE promo_codes (code TEXT PRIMARY KEY, credit_omr INT NOT NULL, description TEXT NOT NULL DEFAULT '',
+  active BOOLEAN NOT NULL DEFAULT true, max_redemptions INT NOT NULL DEFAULT 0, times_redeemed INT NOT NULL DEFAULT 0,
+  created_at TIMESTAMPTZ NOT NULL DEFAULT now(), deleted_at TIMESTAMPTZ NULL);
+INSERT INTO promo_codes (code, credit_omr, description, active, max_redemptions, times_redeemed, created_at, deleted_at) VALUES
+  ('OMANTEL-MUSCAT-200', 200, 'launch', true, 200, 17, '2025-03-01T00:00:00Z', NULL),
+  ('SPRING_SALE', 15, 'spring', false, 0, 4, '2025-04-01T00:00:00Z', NULL),
+  ('FREE-1', 0, 'a legacy zero-credit code', true, 0, 0, '2025-01-01T00:00:00Z', NULL),
+  ('OLD-PROMO', 5, '', false, 0, 9, '2024-06-01T00:00:00Z', '2025-01-15T00:00:00Z');
+";
+
+fn export(database: &str, extra: &[&str]) -> (String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+        .args(["export", "--namespace", "default"])
+        .args(extra)
+        .env("DATABASE_URL", database)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+fn documents(yaml: &str) -> Vec<Voucher> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn exported_codes_are_adopted_with_their_history() {
+    let database = support::fresh_database("export").await;
+    let pool = support::pool(&database).await;
+    sqlx::raw_sql(BILLING).execute(&pool).await.unwrap();
+
+    let db = database.clone();
+    let (yaml, report) = tokio::task::spawn_blocking(move || export(&db, &[]))
+        .await
+        .unwrap();
+    let vouchers = documents(&yaml);
+    let codes: Vec<_> = vouchers
+        .iter()
+        .map(|v| v.spec.code.clone().unwrap())
+        .collect();
+    assert_eq!(
+        codes,
+        ["OMANTEL-MUSCAT-200", "SPRING_SALE"],
+        "live, valid codes only"
+    );
+    assert!(
+        report.contains("skipped \"FREE-1\": credit_omr is 0"),
+        "{report}"
+    );
+    let validator = voucher_operator::validation::Validator::for_vouchers();
+    for v in &vouchers {
+        validator
+            .validate(&serde_json::to_value(v).unwrap(), None)
+            .unwrap();
+    }
+    let spring = &vouchers[1];
+    assert!(!spring.spec.active);
+    assert!(voucher_operator::validation::is_dns1123_subdomain(
+        spring.metadata.name.as_deref().unwrap()
+    ));
+
+    let db = database.clone();
+    let (with_deleted, _) =
+        tokio::task::spawn_blocking(move || export(&db, &["--include-deleted"]))
+            .await
+            .unwrap();
+    let all = documents(&with_deleted);
+    let old = all
+        .iter()
+        .find(|v| v.spec.code.as_deref() == Some("OLD-PROMO"))
+        .expect("the tombstone, on request");
+    assert!(!old.spec.active);
+
+    // The round trip: the operator migrates the billing database and adopts.
+    let store = Store::from_pool(pool.clone());
+    store.migrate().await.unwrap();
+    let (_, client) = support::local_api(Default::default()).await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let settings = Settings {
+        resync_interval: Duration::from_secs(3600),
+        status_min_interval: Duration::from_millis(100),
+        namespace: None,
+        identity: "export".into(),
+        concurrency: 2,
+    };
+    let ctx = Context::new(
+        client.clone(),
+        store,
+        Arc::new(Metrics::register(&mut registry)),
+        settings,
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(controller::run(ctx, stop.clone()));
+    let api: Api<Voucher> = Api::namespaced(client, "default");
+    for v in &vouchers {
+        api.create(&PostParams::default(), v).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    for v in &vouchers {
+        let name = v.metadata.name.clone().unwrap();
+        loop {
+            let current = api.get(&name).await.unwrap();
+            if matches!(
+                current.status.and_then(|s| s.phase),
+                Some(Phase::Active | Phase::Inactive)
+            ) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} was not reconciled"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    stop.cancel();
+
+    let rows: Vec<(String, i32, String)> =
+        sqlx::query_as("SELECT code, times_redeemed, created_at::text FROM promo_codes WHERE code IN ('OMANTEL-MUSCAT-200', 'SPRING_SALE') ORDER BY code")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        [
+            (
+                "OMANTEL-MUSCAT-200".to_owned(),
+                17,
+                "2025-03-01 00:00:00+00".to_owned()
+            ),
+            (
+                "SPRING_SALE".to_owned(),
+                4,
+                "2025-04-01 00:00:00+00".to_owned()
+            ),
+        ]
+    );
+    let audits: Vec<(String, String)> =
+        sqlx::query_as("SELECT code, kind FROM voucher_audit_outbox ORDER BY code, seq")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        audits,
+        [
+            ("OMANTEL-MUSCAT-200".to_owned(), "adopted".to_owned()),
+            ("SPRING_SALE".to_owned(), "adopted".to_owned())
+        ],
+        "one adopted record each, nothing created"
+    );
+}
