@@ -790,3 +790,64 @@ async fn two_controllers_sharing_a_lease_never_reconcile_together() {
             .unwrap();
     assert!(holder.spec.unwrap().holder_identity.is_some());
 }
+
+#[tokio::test]
+async fn a_code_bound_to_a_vanished_voucher_is_released_and_adopted() {
+    let h = harness().await;
+    h.create(
+        "default",
+        "first-owner",
+        json!({"code": "ORPHANED-1", "creditOMR": 5}),
+    )
+    .await;
+    h.until("default", "first-owner", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    // Force the resource away without its finalizer while no controller runs
+    // (a running one would put the finalizer straight back): the binding stays.
+    h.stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let api = h.vouchers("default");
+    let clear = json!({"metadata": {"finalizers": null}});
+    api.patch(
+        "first-owner",
+        &PatchParams::default(),
+        &Patch::Merge(&clear),
+    )
+    .await
+    .unwrap();
+    api.delete("first-owner", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(api.get_opt("first-owner").await.unwrap().is_none());
+    let restarted = CancellationToken::new();
+    tokio::spawn(controller::run(h.ctx.clone(), restarted.clone()));
+    let _stop_restarted = restarted.drop_guard();
+    let bound: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM voucher_bindings WHERE code = 'ORPHANED-1'")
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
+    assert_eq!(bound, 1, "the stale binding this test is about");
+
+    h.create(
+        "default",
+        "second-owner",
+        json!({"code": "ORPHANED-1", "creditOMR": 6}),
+    )
+    .await;
+    let v = h
+        .until("default", "second-owner", "Active, not Conflict", |v| {
+            phase(v) == Some(Phase::Active)
+        })
+        .await;
+    assert_eq!(v.status.unwrap().code.as_deref(), Some("ORPHANED-1"));
+    assert_eq!(h.row("ORPHANED-1").await.unwrap().0, 6);
+    assert_eq!(h.audit_kinds("ORPHANED-1").await, ["created", "adopted"]);
+    assert!(
+        h.events("second-owner")
+            .await
+            .contains(&("Warning".into(), "StaleBindingReleased".into()))
+    );
+}

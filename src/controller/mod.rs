@@ -236,16 +236,28 @@ impl Context {
             uid: voucher.uid().unwrap_or_default(),
         };
         let terms = voucher.spec.terms();
-        let synced = self
-            .store
-            .sync_voucher(&Wanted {
-                code: &code,
-                owner: &owner,
-                generation,
-                terms: &terms,
-                now,
-            })
-            .await;
+        let wanted = Wanted {
+            code: &code,
+            owner: &owner,
+            generation,
+            terms: &terms,
+            now,
+        };
+        let mut synced = self.store.sync_voucher(&wanted).await;
+        // A binding whose Voucher is gone (deleted without its finalizer running,
+        // e.g. forced by hand) would hold the code forever: release it, claim again.
+        if let Ok(Synced::Conflict { owner: holder }) = &synced
+            && self.is_gone(holder).await
+        {
+            tracing::warn!(code = %code, holder = %holder, "releasing the binding of a Voucher that no longer exists");
+            self.store.release_stale_binding(&code, holder).await?;
+            let note = format!(
+                "code {code} was bound to Voucher {holder}, which no longer exists; released"
+            );
+            self.publish(voucher, EventType::Warning, "StaleBindingReleased", note)
+                .await;
+            synced = self.store.sync_voucher(&wanted).await;
+        }
         let synced = match synced {
             Ok(synced) => synced,
             Err(error) => {
@@ -330,6 +342,17 @@ impl Context {
                     .unwrap_or(self.settings.resync_interval);
                 Ok(Action::requeue(next))
             }
+        }
+    }
+
+    /// Whether the resource a binding names is gone (absent, or re-created
+    /// under a new uid). Unknown (e.g. not allowed to look) counts as present.
+    async fn is_gone(&self, holder: &Owner) -> bool {
+        let api: Api<Voucher> = Api::namespaced(self.client.clone(), &holder.namespace);
+        match api.get_opt(&holder.name).await {
+            Ok(None) => true,
+            Ok(Some(found)) => found.uid().as_deref() != Some(holder.uid.as_str()),
+            Err(_) => false,
         }
     }
 

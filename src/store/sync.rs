@@ -149,6 +149,16 @@ impl Store {
         Ok(())
     }
 
+    /// Drops the binding of a resource that no longer exists, leaving the row
+    /// as it is, so that another resource can adopt the code.
+    pub async fn release_stale_binding(&self, code: &Code, holder: &Owner) -> Result<bool> {
+        let mut tx = self.pool().begin().await?;
+        super::lock_code(&mut tx, code).await?;
+        let released = bindings::release(&mut tx, code, &holder.uid).await?;
+        tx.commit().await?;
+        Ok(released)
+    }
+
     /// Releases the code of a deleted resource: soft-deletes the row
     /// (`revoke`) or leaves it (orphan), and audits either.
     pub async fn release_voucher(
