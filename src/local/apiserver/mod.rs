@@ -331,6 +331,15 @@ impl Default for Request {
 }
 
 impl Request {
+    fn new(query: HashMap<String, String>, headers: HeaderMap, body: Bytes) -> Self {
+        Self {
+            query,
+            headers,
+            body,
+            warnings: Default::default(),
+        }
+    }
+
     fn param(&self, name: &str) -> Option<&str> {
         self.query
             .get(name)
@@ -434,16 +443,12 @@ async fn core_request(
 ) -> Response {
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     match segments.as_slice() {
-        ["v1"] => discovery::resources(&server.registry, "", "v1")
-            .map(|doc| axum::Json(doc).into_response())
-            .unwrap_or_else(|| not_found_path().into_response()),
+        ["v1"] => discovery::resources(&server.registry, "", "v1").map_or_else(
+            || not_found_path().into_response(),
+            |doc| axum::Json(doc).into_response(),
+        ),
         ["v1", rest @ ..] => {
-            let request = Request {
-                query,
-                headers,
-                body,
-                warnings: Default::default(),
-            };
+            let request = Request::new(query, headers, body);
             server.dispatch(method, "", "v1", rest, request).await
         }
         _ => not_found_path().into_response(),
@@ -460,19 +465,16 @@ async fn group_request(
 ) -> Response {
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     match segments.as_slice() {
-        [group] => discovery::group(&server.registry, group)
-            .map(|doc| axum::Json(doc).into_response())
-            .unwrap_or_else(|| not_found_path().into_response()),
-        [group, version] => discovery::resources(&server.registry, group, version)
-            .map(|doc| axum::Json(doc).into_response())
-            .unwrap_or_else(|| not_found_path().into_response()),
+        [group] => discovery::group(&server.registry, group).map_or_else(
+            || not_found_path().into_response(),
+            |doc| axum::Json(doc).into_response(),
+        ),
+        [group, version] => discovery::resources(&server.registry, group, version).map_or_else(
+            || not_found_path().into_response(),
+            |doc| axum::Json(doc).into_response(),
+        ),
         [group, version, rest @ ..] => {
-            let request = Request {
-                query,
-                headers,
-                body,
-                warnings: Default::default(),
-            };
+            let request = Request::new(query, headers, body);
             let (group, version) = ((*group).to_owned(), (*version).to_owned());
             server
                 .dispatch(method, &group, &version, rest, request)

@@ -351,6 +351,28 @@ impl ApiServer {
         Ok(stored.or(result).unwrap_or_default())
     }
 
+    /// `new` written over `old` by a non-apply request (update or patch): the
+    /// next version, with the request's field manager taking what it changed.
+    fn updated(
+        &self,
+        resource: &ResourceType,
+        old: &Value,
+        new: Value,
+        sub: Option<&str>,
+        request: &Request,
+    ) -> ApiResult<Value> {
+        let mut next = self.next_version(resource, old, new, sub, request)?;
+        Applier {
+            manager: &request.field_manager(),
+            subresource: sub,
+            api_version: &resource.api_version(),
+            now: &now(),
+            force: false,
+        }
+        .record_update(old, &mut next);
+        Ok(next)
+    }
+
     pub(super) fn update(
         &self,
         resource: &ResourceType,
@@ -373,18 +395,8 @@ impl ApiServer {
                 ),
             ));
         }
-        let (manager, time, api_version) = (request.field_manager(), now(), resource.api_version());
         self.replace(resource, namespace, name, request, |old| {
-            let mut new = self.next_version(resource, old, object, sub, request)?;
-            Applier {
-                manager: &manager,
-                subresource: sub,
-                api_version: &api_version,
-                now: &time,
-                force: false,
-            }
-            .record_update(old, &mut new);
-            Ok(new)
+            self.updated(resource, old, object, sub, request)
         })
     }
 
@@ -401,7 +413,6 @@ impl ApiServer {
         }
         let content_type = request.header("content-type");
         let content_type = content_type.split(';').next().unwrap_or_default().trim();
-        let (manager, time, api_version) = (request.field_manager(), now(), resource.api_version());
         match content_type {
             "application/apply-patch+yaml" => {
                 return self.server_side_apply(resource, namespace, name, sub, request);
@@ -436,16 +447,7 @@ impl ApiServer {
             if patch_has_no_rv(&doc, old) {
                 doc["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
             }
-            let mut new = self.next_version(resource, old, doc, sub, request)?;
-            Applier {
-                manager: &manager,
-                subresource: sub,
-                api_version: &api_version,
-                now: &time,
-                force: false,
-            }
-            .record_update(old, &mut new);
-            Ok(new)
+            self.updated(resource, old, doc, sub, request)
         })?;
         Ok((StatusCode::OK, updated))
     }
