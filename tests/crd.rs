@@ -76,6 +76,50 @@ fn every_example_voucher_is_valid() {
     );
 }
 
+/// `kubectl kustomize` (the real kubectl's kustomize) builds the example kustomization into
+/// every example Voucher file: a Voucher added to examples/vouchers cannot be left out of it.
+#[test]
+fn the_example_kustomization_lists_every_example_voucher() {
+    let dir = repo().join("examples/vouchers");
+    let output = Command::new("kubectl")
+        .args(["kustomize", dir.to_str().unwrap()])
+        .output()
+        .expect("kubectl (the README's test command installs it)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let built: Vec<Value> =
+        serde_yaml::Deserializer::from_str(std::str::from_utf8(&output.stdout).unwrap())
+            .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+            .collect();
+    let validator = Validator::for_vouchers();
+    let mut names: Vec<String> = built
+        .iter()
+        .map(|doc| {
+            assert_eq!(doc["kind"], "Voucher");
+            validator.validate(doc, None).unwrap();
+            assert_eq!(
+                doc["metadata"]["labels"]["catalyst.openova.io/source"],
+                "examples"
+            );
+            doc["metadata"]["name"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let mut files = Vec::new();
+    yaml_files(&dir, &mut files);
+    let mut expected: Vec<String> = files
+        .iter()
+        .flat_map(|f| documents(f))
+        .filter(|doc| doc["kind"] == "Voucher")
+        .map(|doc| doc["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    expected.sort();
+    assert_eq!(names, expected);
+}
+
 fn base() -> Value {
     json!({
         "apiVersion": "catalyst.openova.io/v1alpha1",

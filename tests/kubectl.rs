@@ -182,8 +182,8 @@ fn row<'a>(table: &'a str, name: &str) -> Vec<&'a str> {
 async fn a_platform_engineers_day_with_kubectl() {
     let s = stack().await;
 
-    // Client-side apply of the examples; every Voucher becomes Ready.
-    let applied = s.ok(&["apply", "-f", "examples/vouchers/"]).await;
+    // Client-side apply of the examples through their kustomization; every Voucher becomes Ready.
+    let applied = s.ok(&["apply", "-k", "examples/vouchers"]).await;
     assert_eq!(applied.matches("created").count(), 4, "{applied}");
     s.ok(&[
         "wait",

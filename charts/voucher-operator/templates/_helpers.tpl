@@ -1,0 +1,96 @@
+{{/* Name of the chart, or nameOverride. */}}
+{{- define "voucher-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name of the release's objects: DNS-1123, at most 63 characters. */}}
+{{- define "voucher-operator.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "voucher-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "voucher-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "voucher-operator.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "voucher-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: catalyst
+{{- end -}}
+
+{{- define "voucher-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "voucher-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "voucher-operator.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "voucher-operator.leaseName" -}}
+{{- default (include "voucher-operator.fullname" .) .Values.controller.leaseName -}}
+{{- end -}}
+
+{{- define "voucher-operator.adminNamespace" -}}
+{{- default .Release.Namespace .Values.server.adminNamespace -}}
+{{- end -}}
+
+{{/* The restricted Pod Security Standard, for every container: the image runs as a non-root user. */}}
+{{- define "voucher-operator.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* The database settings every container that opens the database reads. */}}
+{{- define "voucher-operator.databaseEnv" -}}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.database.existingSecret }}
+      key: {{ .Values.database.urlKey }}
+- name: DATABASE_MAX_CONNECTIONS
+  value: {{ .Values.database.maxConnections | quote }}
+- name: DATABASE_CONNECT_TIMEOUT
+  value: {{ .Values.database.connectTimeout | quote }}
+{{- end -}}
+
+{{- define "voucher-operator.loggingEnv" -}}
+- name: LOG_FORMAT
+  value: {{ .Values.logging.format | quote }}
+- name: RUST_LOG
+  value: {{ .Values.logging.level | quote }}
+{{- end -}}
+
+{{/* The two settings without a default; the schema allows them empty so that this message names them. */}}
+{{- define "voucher-operator.checkRequired" -}}
+{{- if not .Values.database.existingSecret -}}
+{{- fail "set database.existingSecret: the name of a Secret holding the billing database URL (key database.urlKey)" -}}
+{{- end -}}
+{{- if not (or .Values.auth.existingSecret .Values.auth.jwksUrl) -}}
+{{- fail "set auth.existingSecret (a Secret holding the HS256 secret) or auth.jwksUrl: the redeem and admin endpoints verify bearer tokens" -}}
+{{- end -}}
+{{- end -}}
