@@ -1,0 +1,101 @@
+//! What ships beside the chart: its CRD, the Containerfile, the Flux examples.
+
+use super::*;
+
+#[test]
+fn the_chart_crd_is_the_generated_one() {
+    let committed = std::fs::read_to_string(chart_dir().join("crds/voucher.yaml")).unwrap();
+    assert!(
+        committed == voucher_operator::api::crd_yaml(),
+        "charts/voucher-operator/crds/voucher.yaml is out of date: \
+         cargo run -- crd > charts/voucher-operator/crds/voucher.yaml"
+    );
+    let rendered = render(required());
+    let crd = rendered.one("CustomResourceDefinition");
+    assert_eq!(crd["metadata"]["name"], "vouchers.catalyst.openova.io");
+}
+
+fn flux_example(file: &str) -> Value {
+    let text = std::fs::read_to_string(repo().join("examples/flux").join(file)).unwrap();
+    serde_yaml::from_str(&text).unwrap()
+}
+
+/// No Flux schema can be fetched here: the Flux examples are checked by shape, and by what they
+/// point at (the chart, the Voucher directory) and what they set (values the chart accepts).
+#[test]
+fn the_flux_examples_point_at_the_chart_and_the_vouchers() {
+    let source = flux_example("gitrepository.yaml");
+    assert_eq!(source["apiVersion"], "source.toolkit.fluxcd.io/v1");
+    assert_eq!(source["kind"], "GitRepository");
+    assert!(
+        source["spec"]["ref"]["tag"]
+            .as_str()
+            .is_some_and(|t| t == format!("v{}", env!("CARGO_PKG_VERSION")))
+    );
+    let kept = source["spec"]["ignore"].as_str().unwrap();
+    for needed in ["!/charts/", "!/crds/", "!/examples/"] {
+        assert!(kept.contains(needed), "the source keeps {needed}");
+    }
+    let source_ref = json!({"kind": "GitRepository", "name": source["metadata"]["name"]});
+
+    let release = flux_example("helmrelease.yaml");
+    assert_eq!(release["apiVersion"], "helm.toolkit.fluxcd.io/v2");
+    assert_eq!(release["kind"], "HelmRelease");
+    let chart = &release["spec"]["chart"]["spec"];
+    assert_eq!(chart["sourceRef"], source_ref);
+    let chart_path = repo().join(chart["chart"].as_str().unwrap());
+    assert_eq!(
+        chart_path.canonicalize().unwrap(),
+        chart_dir().canonicalize().unwrap()
+    );
+    for phase in ["install", "upgrade"] {
+        assert_eq!(release["spec"][phase]["crds"], "CreateReplace", "{phase}");
+    }
+    let rendered = render(release["spec"]["values"].clone());
+    rendered.assert_valid();
+    assert_eq!(rendered.all("ServiceMonitor").len(), 1);
+
+    let vouchers = flux_example("vouchers.yaml");
+    assert_eq!(vouchers["apiVersion"], "kustomize.toolkit.fluxcd.io/v1");
+    assert_eq!(vouchers["kind"], "Kustomization");
+    assert_eq!(vouchers["spec"]["sourceRef"], source_ref);
+    assert_eq!(vouchers["spec"]["prune"], true);
+    assert_eq!(vouchers["spec"]["wait"], true, "waits for Ready (kstatus)");
+    let path = repo().join(vouchers["spec"]["path"].as_str().unwrap());
+    assert!(
+        path.join("kustomization.yaml").exists(),
+        "{} has a kustomization",
+        path.display()
+    );
+}
+
+/// No container engine runs here, so the image is not built in the tests; what the chart relies
+/// on is read off the Containerfile: the binary it runs, the user it runs as, a locked build.
+#[test]
+fn the_containerfile_builds_the_binary_the_chart_runs() {
+    let containerfile = std::fs::read_to_string(repo().join("Containerfile")).unwrap();
+    let stages: Vec<&str> = containerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .collect();
+    assert_eq!(stages.len(), 2, "multi-stage: build, then a small runtime");
+    assert!(stages[1].contains("distroless") && stages[1].contains("nonroot"));
+    assert!(containerfile.contains("cargo build --release --locked --bin voucher-operator"));
+    assert!(containerfile.contains(r#"ENTRYPOINT ["/usr/local/bin/voucher-operator"]"#));
+    assert_eq!(image_user(), 65532);
+    let rust: Vec<u32> = containerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG RUST_VERSION="))
+        .unwrap()
+        .split('.')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let needed: Vec<u32> = env!("CARGO_PKG_RUST_VERSION")
+        .split('.')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(
+        rust >= needed,
+        "the build image's Rust {rust:?} is at least rust-version {needed:?}"
+    );
+}

@@ -1,0 +1,293 @@
+//! The pod the chart renders, run: each container's args and environment exactly as rendered,
+//! with a cleared environment, against real Postgres, a real nats-server and the project's local
+//! Kubernetes API endpoint (no real API server can run here). Only what a cluster supplies is
+//! filled in: Secret values, the downward API, loopback ports for the declared container ports,
+//! and KUBECONFIG in place of the in-cluster service account.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use k8s_openapi::api::coordination::v1::Lease;
+use voucher_operator::local::apiserver::LocalApiConfig;
+
+use super::*;
+
+const JWT_SECRET: &str = "chart-pod-test-secret";
+const POD_NAME: &str = "vo-voucher-operator-7d9c-abcde";
+
+struct Pod {
+    dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+    database: String,
+    /// Declared container port → the loopback port standing in for it.
+    ports: BTreeMap<u64, u16>,
+}
+
+impl Pod {
+    /// The container's command line and environment, as the kubelet would start it.
+    fn command(&self, container: &Value) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_voucher-operator"));
+        cmd.env_clear().env("KUBECONFIG", &self.kubeconfig);
+        for arg in container["args"].as_array().unwrap() {
+            cmd.arg(arg.as_str().unwrap());
+        }
+        for variable in container["env"].as_array().unwrap() {
+            let name = variable["name"].as_str().unwrap();
+            let value = match (&variable["value"], &variable["valueFrom"]) {
+                (Value::String(v), _) => self.loopback(v),
+                (_, from) if from["secretKeyRef"]["name"] == "billing-db" => self.database.clone(),
+                (_, from) if from["secretKeyRef"]["name"] == "billing-jwt" => JWT_SECRET.into(),
+                (_, from) if from["fieldRef"]["fieldPath"] == "metadata.namespace" => {
+                    NAMESPACE.into()
+                }
+                (_, from) if from["fieldRef"]["fieldPath"] == "metadata.name" => POD_NAME.into(),
+                (_, from) => panic!("{name}: nothing supplies {from}"),
+            };
+            cmd.env(name, value);
+        }
+        let log = std::fs::File::create(self.log_path(container)).unwrap();
+        cmd.stdout(Stdio::null()).stderr(log);
+        cmd
+    }
+
+    /// A listen address on a declared container port becomes a free loopback port.
+    fn loopback(&self, value: &str) -> String {
+        match value
+            .strip_prefix("0.0.0.0:")
+            .and_then(|p| p.parse::<u64>().ok())
+        {
+            Some(port) => format!("127.0.0.1:{}", self.ports[&port]),
+            None => value.to_owned(),
+        }
+    }
+
+    fn log_path(&self, container: &Value) -> std::path::PathBuf {
+        self.dir
+            .path()
+            .join(format!("{}.log", container["name"].as_str().unwrap()))
+    }
+
+    fn logs(&self) -> String {
+        let mut all = String::new();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "log") {
+                all += &format!("--- {}\n", path.display());
+                all += &std::fs::read_to_string(&path).unwrap_or_default();
+            }
+        }
+        all
+    }
+
+    /// The loopback port behind a container's named port (what a probe names).
+    fn port(&self, container: &Value, name: &str) -> u16 {
+        let declared = container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["containerPort"]
+            .as_u64()
+            .unwrap();
+        self.ports[&declared]
+    }
+}
+
+fn kubeconfig(dir: &Path, server: &str) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{server}\"}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: u}}}}]\n\
+             current-context: c\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_for(what: &str, pod: &Pod, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen\n{}",
+            pod.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SIGTERM, as the kubelet sends at the end of a pod; waits without blocking the runtime that
+/// serves the local API endpoint (the controller releases its Lease there on the way out).
+async fn stop(child: &mut Child, pod: &Pod) -> std::process::ExitStatus {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exit after SIGTERM\n{}",
+            pod.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_rendered_pod_migrates_leads_serves_and_stops() {
+    let rendered = render(with(json!({
+        "nats": {"url": support::nats().url},
+        "audit": {"stream": "CHART_POD_AUDIT", "subjectPrefix": "chartpod.vouchers"},
+    })));
+    rendered.assert_valid();
+    let deployment = rendered.one("Deployment");
+    let spec = &deployment["spec"]["template"]["spec"];
+    let (api_url, client) = support::local_api(LocalApiConfig::default()).await;
+    // The release namespace exists before the pod does.
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+        kube::Api::all(client.clone());
+    namespaces
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pod = Pod {
+        kubeconfig: kubeconfig(dir.path(), &api_url),
+        database: support::fresh_database("chartpod").await,
+        ports: containers(deployment)
+            .iter()
+            .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+            .map(|p| (p["containerPort"].as_u64().unwrap(), free_port()))
+            .collect(),
+        dir,
+    };
+
+    // The init container migrates the empty billing database, then exits.
+    let migrate = &spec["initContainers"][0];
+    let status = pod.command(migrate).status().unwrap();
+    assert!(status.success(), "migrate: {}", pod.logs());
+
+    let controller = container(deployment, "controller");
+    let server = container(deployment, "server");
+    let mut running: Vec<Child> = [controller, server]
+        .iter()
+        .map(|c| pod.command(c).spawn().unwrap())
+        .collect();
+
+    // Both readiness probes pass, at the paths and ports the chart gives the kubelet.
+    for c in [controller, server] {
+        let probe = &c["readinessProbe"]["httpGet"];
+        let port = pod.port(c, probe["port"].as_str().unwrap());
+        let path = probe["path"].as_str().unwrap().to_owned();
+        wait_for(&format!("{} ready", c["name"]), &pod, async || {
+            support::http_get(port, &path)
+                .await
+                .starts_with("HTTP/1.0 200")
+        })
+        .await;
+    }
+
+    // The controller leads through the Lease the chart named, in the pod's namespace.
+    let lease_name = env_value(controller, "LEASE_NAME").unwrap().to_owned();
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), NAMESPACE);
+    wait_for("the Lease", &pod, async || {
+        leases
+            .get_opt(&lease_name)
+            .await
+            .unwrap()
+            .and_then(|l| l.spec?.holder_identity)
+            .as_deref()
+            == Some(POD_NAME)
+    })
+    .await;
+
+    // An admin issues a code through the server (token from the chart's Secret, Voucher in the
+    // chart's admin namespace); the controller reconciles it; the public preview finds it.
+    let http = format!("http://127.0.0.1:{}", pod.port(server, "http"));
+    let now = chrono::Utc::now().timestamp();
+    let admin = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "root", "role": "superadmin", "exp": now + 300, "iat": now}),
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+    let web = reqwest::Client::new();
+    let issued = web
+        .post(format!("{http}/billing/vouchers/issue"))
+        .bearer_auth(&admin)
+        .json(
+            &json!({"code": "CHART-POD-25", "credit_omr": 25, "description": "chart pod",
+                      "max_redemptions": 10}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(issued.status(), 200, "{}", pod.logs());
+    let vouchers: kube::Api<voucher_operator::api::Voucher> =
+        kube::Api::namespaced(client.clone(), NAMESPACE);
+    assert_eq!(
+        vouchers
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    wait_for("the preview", &pod, async || {
+        web.post(format!("{http}/billing/vouchers/redeem-preview"))
+            .json(&json!({"code": "chart-pod-25"}))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+
+    // The leader's relay publishes the audit events on the chart's stream and subjects.
+    let jetstream =
+        async_nats::jetstream::new(async_nats::connect(&support::nats().url).await.unwrap());
+    wait_for(
+        "audit events on CHART_POD_AUDIT",
+        &pod,
+        async || match jetstream.get_stream("CHART_POD_AUDIT").await {
+            Ok(mut stream) => stream.info().await.is_ok_and(|i| {
+                i.state.messages >= 1 && i.config.subjects == ["chartpod.vouchers.>".to_owned()]
+            }),
+            Err(_) => false,
+        },
+    )
+    .await;
+
+    // SIGTERM (a rollout, a drain): both stop cleanly within the grace period, the Lease is let go.
+    let grace = Duration::from_secs(spec["terminationGracePeriodSeconds"].as_u64().unwrap());
+    let started = Instant::now();
+    for child in &mut running {
+        assert!(stop(child, &pod).await.success(), "{}", pod.logs());
+    }
+    assert!(started.elapsed() < grace, "{:?}", started.elapsed());
+    let holder = leases
+        .get(&lease_name)
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.holder_identity);
+    assert_eq!(holder, None, "released on stop");
+}
