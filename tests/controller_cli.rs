@@ -6,29 +6,8 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::{free_port, kubeconfig};
 use voucher_operator::local::apiserver::LocalApiConfig;
-
-fn kubeconfig(dir: &std::path::Path, server: &str) -> std::path::PathBuf {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: local, cluster: {{server: \"{server}\"}}}}]\n\
-             users: [{{name: dev, user: {{}}}}]\ncontexts: [{{name: local, context: {{cluster: local, user: dev}}}}]\n\
-             current-context: local\n"
-        ),
-    )
-    .unwrap();
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn controller(kubeconfig: &std::path::Path, database: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_voucher-operator"));

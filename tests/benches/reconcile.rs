@@ -73,14 +73,6 @@ fn controller(kubeconfig: &std::path::Path, database: &str, port: u16, namespace
         .expect("start the controller")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::main]
 async fn main() {
     let n: usize = std::env::var("VOUCHERS")
@@ -159,26 +151,17 @@ async fn main() {
         .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: local, cluster: {{server: \"{api_url}\"}}}}]\n\
-             users: [{{name: dev, user: {{}}}}]\ncontexts: [{{name: local, context: {{cluster: local, user: dev}}}}]\n\
-             current-context: local\n"
-        ),
-    )
-    .unwrap();
+    let kubeconfig = support::kubeconfig(dir.path(), &api_url);
 
     // Baseline 2: an idle controller's memory.
-    let idle_port = free_port();
+    let idle_port = support::free_port();
     let mut idle = controller(&kubeconfig, &database, idle_port, "idle");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle_rss = rss_kib(idle.id(), "VmRSS:");
     let _ = idle.kill();
     let _ = idle.wait();
 
-    let port = free_port();
+    let port = support::free_port();
     let started = Instant::now();
     let mut child = controller(&kubeconfig, &database, port, "bench");
     let mut peak = 0;

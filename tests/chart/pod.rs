@@ -4,7 +4,6 @@
 //! filled in: Secret values, the downward API, loopback ports for the declared container ports,
 //! and KUBECONFIG in place of the in-cluster service account.
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -95,28 +94,6 @@ impl Pod {
     }
 }
 
-fn kubeconfig(dir: &Path, server: &str) -> std::path::PathBuf {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{server}\"}}}}]\n\
-             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: u}}}}]\n\
-             current-context: c\n"
-        ),
-    )
-    .unwrap();
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn wait_for(what: &str, pod: &Pod, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !check().await {
@@ -170,12 +147,12 @@ async fn the_rendered_pod_migrates_leads_serves_and_stops() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let pod = Pod {
-        kubeconfig: kubeconfig(dir.path(), &api_url),
+        kubeconfig: support::kubeconfig(dir.path(), &api_url),
         database: support::fresh_database("chartpod").await,
         ports: containers(deployment)
             .iter()
             .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
-            .map(|p| (p["containerPort"].as_u64().unwrap(), free_port()))
+            .map(|p| (p["containerPort"].as_u64().unwrap(), support::free_port()))
             .collect(),
         dir,
     };

@@ -195,7 +195,8 @@ fn scratch_dir(what: &str) -> PathBuf {
     dir
 }
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -305,6 +306,21 @@ pub async fn local_api(
     let config = kube::Config::new(url.parse().unwrap());
     let client = kube::Client::try_from(config).expect("a kube client");
     (url, client)
+}
+
+/// A kubeconfig in `dir` for the API server at `server` (a local API endpoint), without credentials.
+pub fn kubeconfig(dir: &Path, server: &str) -> PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: local, cluster: {{server: \"{server}\"}}}}]\n\
+             users: [{{name: dev, user: {{}}}}]\ncontexts: [{{name: local, context: {{cluster: local, user: dev}}}}]\n\
+             current-context: local\n"
+        ),
+    )
+    .unwrap();
+    path
 }
 
 /// Logs of the code under test, shown for failing tests; RUST_LOG filters them.
