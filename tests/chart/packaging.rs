@@ -99,3 +99,36 @@ fn the_containerfile_builds_the_binary_the_chart_runs() {
         "the build image's Rust {rust:?} is at least rust-version {needed:?}"
     );
 }
+
+/// The runtime image (distroless/cc) has glibc and libgcc_s and nothing else: the binary must not
+/// need more. Read off the binary the tests built (same dependencies as the release build).
+#[test]
+fn the_binary_needs_only_what_distroless_cc_has() {
+    let output = Command::new("ldd")
+        .arg(env!("CARGO_BIN_EXE_voucher-operator"))
+        .output()
+        .expect("ldd (Debian's libc-bin)");
+    assert!(output.status.success());
+    let needed: Vec<String> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|lib| lib.rsplit('/').next().unwrap().to_owned())
+        .collect();
+    let provided = [
+        "linux-vdso.so.1",
+        "libgcc_s.so.1",
+        "libm.so.6",
+        "libc.so.6",
+        "ld-linux-x86-64.so.2",
+        "libpthread.so.0",
+        "libdl.so.2",
+        "librt.so.1",
+    ];
+    let missing: Vec<&String> = needed
+        .iter()
+        .filter(|lib| !provided.contains(&lib.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "not in distroless/cc: {missing:?}");
+    assert!(needed.iter().any(|l| l == "libc.so.6"), "{needed:?}");
+}
