@@ -192,6 +192,22 @@ async fn publish_batch(
     }
 }
 
+/// The servers of a comma-separated NATS URL list (`nats://a:4222,nats://b:4222`).
+pub fn server_addresses(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| anyhow::anyhow!("invalid NATS URL {u:?}: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .and_then(|addresses| {
+            anyhow::ensure!(!addresses.is_empty(), "no NATS URL given");
+            Ok(addresses)
+        })
+}
+
 /// Runs the relay until `stop` is cancelled: creates or updates the stream,
 /// then publishes whenever the outbox grows (NOTIFY) or the poll interval
 /// passes, backing off exponentially while NATS is unreachable.
@@ -204,7 +220,7 @@ pub async fn run(
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
-        .connect(&settings.nats_url)
+        .connect(server_addresses(&settings.nats_url)?)
         .await?;
     let js = jetstream::new(client);
     let mut wake = Box::pin(store.listen(OUTBOX_CHANNEL));
@@ -297,7 +313,7 @@ pub async fn follow_events(
 
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
-        .connect(nats_url)
+        .connect(server_addresses(nats_url)?)
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {nats_url}: {e}"))?;
     let js = jetstream::new(client);

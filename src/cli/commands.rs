@@ -96,7 +96,10 @@ async fn leader_work(
 ) -> anyhow::Result<()> {
     let relay = async {
         match relay {
-            Some(settings) => crate::relay::run(store, settings, relay_metrics, term.clone()).await,
+            // Said when it happens, not at shutdown: until then audit events wait in the outbox.
+            Some(settings) => crate::relay::run(store, settings, relay_metrics, term.clone())
+                .await
+                .inspect_err(|e| tracing::error!(error = %e, "the audit relay stopped")),
             None => Ok(()),
         }
     };

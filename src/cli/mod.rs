@@ -354,8 +354,8 @@ pub struct ServerOptions {
     #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 20)]
     pub rate_limit_burst: u32,
 
-    /// Comma-separated addresses or CIDRs of proxies whose X-Forwarded-For is trusted
-    /// to name the client (e.g. the ingress controller's pod network).
+    /// Comma-separated CIDRs (10.0.0.0/8; 10.0.0.5/32 for one address) of proxies whose
+    /// X-Forwarded-For is trusted to name the client (e.g. the ingress controller's pod network).
     #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<ipnet::IpNet>,
 

@@ -104,7 +104,7 @@ fn kube_error(error: kube::Error) -> HttpError {
         }
         kube::Error::Api(status) if status.code == 403 => HttpError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the operator may not change Vouchers in its admin namespace",
+            "the operator's service account may not change this Voucher (see the chart's RBAC)",
         ),
         other => {
             tracing::error!(error = %other, "Kubernetes API request failed");

@@ -1,4 +1,4 @@
-"""Adapter between the chart tests (tests/chart.rs) and two real engines: Helm's Go SDK
+"""Adapter between the chart tests (tests/chart/main.rs) and two real engines: Helm's Go SDK
 (helm-python-sdk) and the Kubernetes schemas (kubernetes-validate).
 
 Reads one JSON request on stdin, writes one JSON answer on stdout:

@@ -60,7 +60,6 @@ fn the_flux_examples_point_at_the_chart_and_the_vouchers() {
     assert_eq!(vouchers["kind"], "Kustomization");
     assert_eq!(vouchers["spec"]["sourceRef"], source_ref);
     assert_eq!(vouchers["spec"]["prune"], true);
-    assert_eq!(vouchers["spec"]["wait"], true, "waits for Ready (kstatus)");
     let path = repo().join(vouchers["spec"]["path"].as_str().unwrap());
     assert!(
         path.join("kustomization.yaml").exists(),

@@ -128,7 +128,8 @@ async fn stop(child: &mut Child, pod: &Pod) -> std::process::ExitStatus {
 #[tokio::test]
 async fn the_rendered_pod_migrates_leads_serves_and_stops() {
     let rendered = render(with(json!({
-        "nats": {"url": support::nats().url},
+        // A server list, as a cluster's NATS is usually given (here the same server twice).
+        "nats": {"url": format!("{0},{0}", support::nats().url)},
         "audit": {"stream": "CHART_POD_AUDIT", "subjectPrefix": "chartpod.vouchers"},
     })));
     rendered.assert_valid();

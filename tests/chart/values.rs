@@ -69,9 +69,10 @@ fn every_variable_the_chart_sets_is_read_and_accepted_by_the_binary() {
             "controller": {"watchNamespace": "billing", "concurrency": 16, "resyncInterval": "10m",
                            "statusMinInterval": "500ms", "leaseName": "vouchers", "leaseDuration": "20s"},
             "server": {"adminNamespace": "billing", "trustedProxies": ["10.0.0.0/8", "fd00::/8"],
-                       "rateLimit": {"perMinute": 120, "burst": 40}, "bodyLimit": 4096,
-                       "requestTimeout": "5s"},
-            "audit": {"relay": false, "storage": "memory", "replicas": 3, "maxAge": "30days",
+                       "rateLimit": {"perMinute": 1_000_000, "burst": 1_000_000}, "bodyLimit": 16_777_216,
+                       "requestTimeout": "1.5s"},
+            "database": {"maxConnections": 1000, "connectTimeout": "1m 30s"},
+            "audit": {"relay": false, "storage": "memory", "replicas": 3, "maxAge": "1year",
                       "duplicateWindow": "1h", "retention": "1day"},
             "nats": {"url": "nats://a:4222,nats://b:4222"},
             "logging": {"format": "text", "level": "debug,sqlx=info"},
@@ -251,6 +252,19 @@ fn wrong_values_are_rejected_naming_the_key() {
             rendered.render_error
         );
     }
+
+    // Vouchers issued by the admin endpoints must land where the controller looks.
+    let rendered = render(with(json!({
+        "controller": {"watchNamespace": "billing"},
+        "server": {"adminNamespace": "billing-admin"},
+    })));
+    assert!(
+        rendered.error().contains(
+            "server.adminNamespace (billing-admin) must be controller.watchNamespace (billing)"
+        ),
+        "{}",
+        rendered.error()
+    );
 
     // The two settings without a default are named when missing.
     let rendered = render(json!({}));

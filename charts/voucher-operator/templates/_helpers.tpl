@@ -50,8 +50,9 @@ app.kubernetes.io/part-of: catalyst
 {{- default (include "voucher-operator.fullname" .) .Values.controller.leaseName -}}
 {{- end -}}
 
+{{/* Where the admin endpoints create Vouchers: a namespace the controller watches. */}}
 {{- define "voucher-operator.adminNamespace" -}}
-{{- default .Release.Namespace .Values.server.adminNamespace -}}
+{{- default (default .Release.Namespace .Values.controller.watchNamespace) .Values.server.adminNamespace -}}
 {{- end -}}
 
 {{/* The restricted Pod Security Standard, for every container: the image runs as a non-root user. */}}
@@ -73,7 +74,7 @@ seccompProfile:
       name: {{ .Values.database.existingSecret }}
       key: {{ .Values.database.urlKey }}
 - name: DATABASE_MAX_CONNECTIONS
-  value: {{ .Values.database.maxConnections | quote }}
+  value: {{ .Values.database.maxConnections | int64 | quote }}
 - name: DATABASE_CONNECT_TIMEOUT
   value: {{ .Values.database.connectTimeout | quote }}
 {{- end -}}
@@ -89,6 +90,11 @@ seccompProfile:
 {{- define "voucher-operator.checkRequired" -}}
 {{- if not .Values.database.existingSecret -}}
 {{- fail "set database.existingSecret: the name of a Secret holding the billing database URL (key database.urlKey)" -}}
+{{- end -}}
+{{- with .Values.controller.watchNamespace -}}
+{{- if and $.Values.server.adminNamespace (ne $.Values.server.adminNamespace .) -}}
+{{- fail (printf "server.adminNamespace (%s) must be controller.watchNamespace (%s): the controller would never reconcile the Vouchers the admin endpoints create" $.Values.server.adminNamespace .) -}}
+{{- end -}}
 {{- end -}}
 {{- if not (or .Values.auth.existingSecret .Values.auth.jwksUrl) -}}
 {{- fail "set auth.existingSecret (a Secret holding the HS256 secret) or auth.jwksUrl: the redeem and admin endpoints verify bearer tokens" -}}
