@@ -25,21 +25,7 @@ pub async fn serve(
             "/metrics",
             get(move || {
                 let registry = registry.clone();
-                async move {
-                    let mut body = String::new();
-                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                        Ok(()) => (
-                            StatusCode::OK,
-                            [(
-                                header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            body,
-                        )
-                            .into_response(),
-                        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-                    }
-                }
+                async move { metrics_response(&registry) }
             }),
         )
         .route("/healthz", get(|| async { "ok" }))
@@ -63,6 +49,22 @@ pub async fn serve(
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await?;
     Ok(())
+}
+
+/// The registry in the OpenMetrics text format, as a `GET /metrics` answer (both containers).
+pub fn metrics_response(registry: &Registry) -> axum::response::Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 /// A token cancelled on SIGTERM or Ctrl-C.

@@ -5,7 +5,9 @@
 
 use std::fmt;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, CustomResourceDefinitionVersion,
+};
 use kube::core::cel::{CompiledSchema, compile_schema, validate_compiled};
 use serde_json::Value;
 
@@ -52,6 +54,17 @@ impl fmt::Display for Invalid {
 
 impl std::error::Error for Invalid {}
 
+/// The version of a CRD that objects are stored (and validated, and served) as.
+pub fn storage_version(
+    crd: &CustomResourceDefinition,
+) -> Result<&CustomResourceDefinitionVersion, String> {
+    crd.spec
+        .versions
+        .iter()
+        .find(|v| v.storage)
+        .ok_or_else(|| "the CRD has no storage version".to_owned())
+}
+
 /// A compiled validator for one CRD version.
 pub struct Validator {
     api_version: String,
@@ -69,12 +82,7 @@ impl Validator {
     }
 
     pub fn from_crd(crd: &CustomResourceDefinition) -> Result<Self, String> {
-        let version = crd
-            .spec
-            .versions
-            .iter()
-            .find(|v| v.storage)
-            .ok_or("the CRD has no storage version")?;
+        let version = storage_version(crd)?;
         let schema = version
             .schema
             .as_ref()

@@ -387,3 +387,30 @@ async fn a_state_file_keeps_objects_across_restarts() {
     };
     assert!(rv(&next) > rv(&kept));
 }
+
+#[tokio::test]
+async fn core_events_are_read_only_and_say_where_to_write() {
+    let (_, client) = support::local_api(LocalApiConfig::default()).await;
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client, "default");
+    let event = serde_json::from_value(json!({
+        "metadata": {"name": "x"},
+        "involvedObject": {"kind": "Voucher", "name": "launch"},
+    }))
+    .unwrap();
+    let refused = api_error(
+        events
+            .create(&PostParams::default(), &event)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(refused.code, 405);
+    assert!(
+        refused.message.contains("events.k8s.io/v1"),
+        "{}",
+        refused.message
+    );
+    assert!(
+        events.list(&ListParams::default()).await.is_ok(),
+        "reads still work"
+    );
+}

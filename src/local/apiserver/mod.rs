@@ -238,6 +238,10 @@ impl ApiServer {
         target: Target<'_>,
         request: Request,
     ) -> ApiResult<Response> {
+        let (Target::Collection { resource, .. } | Target::Object { resource, .. }) = &target;
+        if method != Method::GET && resource.read_only {
+            return Err(writes::read_only(resource));
+        }
         match target {
             Target::Collection {
                 resource,

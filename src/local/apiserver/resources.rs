@@ -120,12 +120,7 @@ impl ResourceType {
 
     /// A custom resource served from its CRD.
     pub fn from_crd(crd: &CustomResourceDefinition) -> Result<Self, String> {
-        let version = crd
-            .spec
-            .versions
-            .iter()
-            .find(|v| v.storage)
-            .ok_or("the CRD has no storage version")?;
+        let version = crate::validation::storage_version(crd)?;
         let columns = match &version.additional_printer_columns {
             Some(columns) if !columns.is_empty() => columns
                 .iter()
