@@ -124,7 +124,8 @@ pub struct VoucherStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remaining: Option<i32>,
 
-    /// Standard conditions: Ready and Synced.
+    /// Standard conditions: Ready and Synced; with kstatus's Stalled (waiting for a change by a
+    /// person, e.g. a code conflict) or Reconciling (retrying) while they hold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

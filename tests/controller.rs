@@ -176,9 +176,13 @@ fn phase(v: &Voucher) -> Option<Phase> {
 }
 
 fn ready(v: &Voucher) -> Option<(String, String)> {
+    condition(v, "Ready")
+}
+
+fn condition(v: &Voucher, type_: &str) -> Option<(String, String)> {
     v.status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
         .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
@@ -371,6 +375,13 @@ async fn a_second_claim_on_a_code_is_a_conflict_that_touches_nothing() {
         .await;
 
     assert_eq!(ready(&v), Some(("False".into(), "CodeConflict".into())));
+    assert_eq!(
+        condition(&v, "Stalled"),
+        Some(("True".into(), "CodeConflict".into())),
+        "kstatus (Flux) sees a failure"
+    );
+    let winner = h.vouchers("default").get("first").await.unwrap();
+    assert_eq!(condition(&winner, "Stalled"), None);
     assert_eq!(h.row("SHARED-1").await.unwrap().0, 5, "the row was changed");
     assert!(
         h.events("second")

@@ -266,6 +266,7 @@ impl Context {
                     phase: Phase::Error,
                     reason: "DatabaseUnavailable",
                     message,
+                    retrying: true,
                 };
                 // Best effort: the database error is what gets retried.
                 let _ = self
@@ -369,6 +370,7 @@ impl Context {
             phase: Phase::Error,
             reason: "InvalidCode",
             message,
+            retrying: false,
         };
         let wanted = status::desired(outcome, generation, Utc::now(), voucher.status.as_ref());
         self.write_status(voucher, wanted).await?;

@@ -8,12 +8,28 @@ use crate::domain::{CodeRecord, Owner, Phase};
 
 pub const READY: &str = "Ready";
 pub const SYNCED: &str = "Synced";
+/// kstatus's abnormal-true conditions, which Flux's health checks read (they ignore Ready):
+/// present only while true. Reconciling: the controller is still working on this generation
+/// (retrying); Stalled: it cannot make progress until a person changes something.
+pub const RECONCILING: &str = "Reconciling";
+pub const STALLED: &str = "Stalled";
 
 /// One condition's wanted state.
+#[derive(Clone)]
 pub struct Wanted<'a> {
     pub status: bool,
     pub reason: &'a str,
     pub message: String,
+}
+
+impl Wanted<'_> {
+    /// The same reason and message on an abnormal-true condition.
+    fn made_true(self) -> Self {
+        Self {
+            status: true,
+            ..self
+        }
+    }
 }
 
 fn time(at: DateTime<Utc>) -> Time {
@@ -58,6 +74,8 @@ pub enum Outcome<'a> {
         phase: Phase,
         reason: &'a str,
         message: String,
+        /// The controller retries (a transient cause) rather than waiting for a change.
+        retrying: bool,
     },
 }
 
@@ -110,6 +128,8 @@ pub fn desired(
     now: DateTime<Utc>,
     previous: Option<&VoucherStatus>,
 ) -> VoucherStatus {
+    // Which kstatus condition, if any, accompanies Ready=False.
+    let mut progress: Option<&str> = None;
     let (phase, code, times_redeemed, remaining, ready, synced) = match outcome {
         Outcome::Synced { record, phase } => {
             let (reason, message) = phase_message(record, phase);
@@ -135,6 +155,7 @@ pub fn desired(
             let message = format!(
                 "code {code} is owned by Voucher {holder}; this resource changes nothing until that one is deleted or uses another code"
             );
+            progress = Some(STALLED);
             (
                 Phase::Conflict,
                 Some(code.to_owned()),
@@ -156,7 +177,9 @@ pub fn desired(
             phase,
             reason,
             message,
+            retrying,
         } => {
+            progress = Some(if retrying { RECONCILING } else { STALLED });
             let previous_counts = previous.map(|p| (p.code.clone(), p.times_redeemed, p.remaining));
             let (code, times, remaining) = previous_counts.unwrap_or_default();
             (
@@ -183,10 +206,14 @@ pub fn desired(
         phase: Some(phase),
         times_redeemed,
         remaining,
-        conditions: vec![
-            condition(READY, ready, generation, now, previous),
-            condition(SYNCED, synced, generation, now, previous),
-        ],
+        conditions: [
+            Some(condition(READY, ready.clone(), generation, now, previous)),
+            Some(condition(SYNCED, synced, generation, now, previous)),
+            progress.map(|type_| condition(type_, ready.made_true(), generation, now, previous)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
         last_synced_at: previous.and_then(|p| p.last_synced_at),
     }
 }
@@ -309,5 +336,65 @@ mod tests {
         assert_eq!(s.conditions[0].status, "False");
         assert_eq!(s.conditions[0].reason, "CodeConflict");
         assert!(s.conditions[0].message.contains("a/b"));
+    }
+
+    fn kstatus(s: &VoucherStatus) -> Vec<(&str, &str, &str)> {
+        s.conditions
+            .iter()
+            .filter(|c| c.type_ == RECONCILING || c.type_ == STALLED)
+            .map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn kstatus_sees_stalled_and_reconciling_only_while_they_hold() {
+        let holder = Owner {
+            namespace: "a".into(),
+            name: "b".into(),
+            uid: "u".into(),
+        };
+        let conflict = desired(
+            Outcome::Conflict {
+                code: "LAUNCH",
+                holder: &holder,
+            },
+            1,
+            Utc::now(),
+            None,
+        );
+        assert_eq!(kstatus(&conflict), [(STALLED, "True", "CodeConflict")]);
+        let failed = |reason, retrying| {
+            desired(
+                Outcome::Failed {
+                    phase: Phase::Error,
+                    reason,
+                    message: "m".into(),
+                    retrying,
+                },
+                1,
+                Utc::now(),
+                Some(&conflict),
+            )
+        };
+        assert_eq!(
+            kstatus(&failed("InvalidCode", false)),
+            [(STALLED, "True", "InvalidCode")]
+        );
+        assert_eq!(
+            kstatus(&failed("DatabaseUnavailable", true)),
+            [(RECONCILING, "True", "DatabaseUnavailable")]
+        );
+        let r = record(0);
+        let synced = desired(
+            Outcome::Synced {
+                record: &r,
+                phase: Phase::Active,
+            },
+            1,
+            Utc::now(),
+            Some(&conflict),
+        );
+        assert!(kstatus(&synced).is_empty(), "gone once resolved");
+        assert!(differs(Some(&conflict), &synced));
     }
 }

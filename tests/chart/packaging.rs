@@ -131,3 +131,135 @@ fn the_binary_needs_only_what_distroless_cc_has() {
     assert!(missing.is_empty(), "not in distroless/cc: {missing:?}");
     assert!(needed.iter().any(|l| l == "libc.so.6"), "{needed:?}");
 }
+
+/// Flux (>= 2.5) judges each Voucher with the example's `healthCheckExprs`: inProgress, then
+/// failed, then current; none true, or an expression that cannot be evaluated (a missing field),
+/// leaves it in progress. Evaluated here with the `cel` crate (the CEL engine kube's `cel` feature
+/// uses; Flux uses cel-go) on the statuses the controller writes.
+#[test]
+fn the_flux_health_expressions_judge_the_statuses_the_controller_writes() {
+    use voucher_operator::controller::status::{Outcome, desired};
+    use voucher_operator::domain::{CodeRecord, Owner, Phase, Terms};
+
+    let vouchers = flux_example("vouchers.yaml");
+    assert_eq!(vouchers["spec"]["wait"], true);
+    let exprs = &vouchers["spec"]["healthCheckExprs"][0];
+    assert_eq!(exprs["apiVersion"], "catalyst.openova.io/v1alpha1");
+    assert_eq!(exprs["kind"], "Voucher");
+    let judge = |object: &Value| -> &'static str {
+        let mut context = cel::Context::default();
+        for (key, value) in object.as_object().unwrap() {
+            context.add_variable(key.as_str(), value.clone()).unwrap();
+        }
+        for (field, verdict) in [
+            ("inProgress", "InProgress"),
+            ("failed", "Failed"),
+            ("current", "Current"),
+        ] {
+            let program = cel::Program::compile(exprs[field].as_str().unwrap())
+                .unwrap_or_else(|e| panic!("{field}: {e}"));
+            match program.execute(&context) {
+                Ok(cel::Value::Bool(true)) => return verdict,
+                Ok(_) => {}
+                Err(_) => return "InProgress",
+            }
+        }
+        "InProgress"
+    };
+    let generation = 2;
+    let voucher = |status: Option<Value>| {
+        let mut object = json!({
+            "apiVersion": "catalyst.openova.io/v1alpha1",
+            "kind": "Voucher",
+            "metadata": {"name": "launch", "namespace": "billing", "generation": generation},
+            "spec": {"creditOMR": 5},
+        });
+        if let Some(status) = status {
+            object["status"] = status;
+        }
+        object
+    };
+    let now = chrono::Utc::now();
+    let written = |outcome: Outcome<'_>| {
+        Some(serde_json::to_value(desired(outcome, generation, now, None)).unwrap())
+    };
+    let record = CodeRecord {
+        code: "LAUNCH".into(),
+        terms: Terms {
+            credit_omr: 5,
+            description: String::new(),
+            active: true,
+            max_redemptions: 0,
+            valid_from: None,
+            expires_at: None,
+        },
+        times_redeemed: 0,
+        created_at: now,
+        deleted_at: None,
+    };
+    let holder = Owner {
+        namespace: "billing".into(),
+        name: "other".into(),
+        uid: "u".into(),
+    };
+    let failed = |reason, retrying| {
+        written(Outcome::Failed {
+            phase: Phase::Error,
+            reason,
+            message: "m".into(),
+            retrying,
+        })
+    };
+    let mut stale = written(Outcome::Synced {
+        record: &record,
+        phase: Phase::Active,
+    })
+    .unwrap();
+    stale["observedGeneration"] = json!(generation - 1);
+
+    let cases = [
+        ("not seen by the operator yet", voucher(None), "InProgress"),
+        (
+            "status of the previous generation",
+            voucher(Some(stale)),
+            "InProgress",
+        ),
+        (
+            "active",
+            voucher(written(Outcome::Synced {
+                record: &record,
+                phase: Phase::Active,
+            })),
+            "Current",
+        ),
+        (
+            "scheduled",
+            voucher(written(Outcome::Synced {
+                record: &record,
+                phase: Phase::Scheduled,
+            })),
+            "Current",
+        ),
+        (
+            "code conflict",
+            voucher(written(Outcome::Conflict {
+                code: "LAUNCH",
+                holder: &holder,
+            })),
+            "Failed",
+        ),
+        (
+            "invalid code",
+            voucher(failed("InvalidCode", false)),
+            "Failed",
+        ),
+        (
+            "database unreachable, retrying",
+            voucher(failed("DatabaseUnavailable", true)),
+            "InProgress",
+        ),
+    ];
+    for (case, object, expected) in cases {
+        assert_eq!(judge(&object), expected, "{case}");
+    }
+}
