@@ -437,53 +437,58 @@ async fn groups(State(server): State<Arc<ApiServer>>) -> impl IntoResponse {
     axum::Json(discovery::groups(&server.registry))
 }
 
+/// `/api/...`: the core group, which has no name in its paths.
 async fn core_request(
-    State(server): State<Arc<ApiServer>>,
+    state: State<Arc<ApiServer>>,
     method: Method,
     Path(rest): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    query: Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-    match segments.as_slice() {
-        ["v1"] => discovery::resources(&server.registry, "", "v1").map_or_else(
-            || not_found_path().into_response(),
-            |doc| axum::Json(doc).into_response(),
-        ),
-        ["v1", rest @ ..] => {
-            let request = Request::new(query, headers, body);
-            server.dispatch(method, "", "v1", rest, request).await
-        }
-        _ => not_found_path().into_response(),
-    }
+    api_request(state, method, format!("/{rest}"), query, headers, body).await
 }
 
+/// `/apis/...`: named groups.
 async fn group_request(
-    State(server): State<Arc<ApiServer>>,
+    state: State<Arc<ApiServer>>,
     method: Method,
     Path(rest): Path<String>,
+    query: Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    api_request(state, method, rest, query, headers, body).await
+}
+
+/// `group/version/...` (the core group as an empty first segment): discovery documents, or a
+/// request for a resource.
+async fn api_request(
+    State(server): State<Arc<ApiServer>>,
+    method: Method,
+    path: String,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let core = path.starts_with('/');
+    let mut segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if core {
+        segments.insert(0, "");
+    }
+    let found = |doc: Option<serde_json::Value>| {
+        doc.map_or_else(
+            || not_found_path().into_response(),
+            |doc| axum::Json(doc).into_response(),
+        )
+    };
     match segments.as_slice() {
-        [group] => discovery::group(&server.registry, group).map_or_else(
-            || not_found_path().into_response(),
-            |doc| axum::Json(doc).into_response(),
-        ),
-        [group, version] => discovery::resources(&server.registry, group, version).map_or_else(
-            || not_found_path().into_response(),
-            |doc| axum::Json(doc).into_response(),
-        ),
+        [group] if !core => found(discovery::group(&server.registry, group)),
+        [group, version] => found(discovery::resources(&server.registry, group, version)),
         [group, version, rest @ ..] => {
             let request = Request::new(query, headers, body);
-            let (group, version) = ((*group).to_owned(), (*version).to_owned());
-            server
-                .dispatch(method, &group, &version, rest, request)
-                .await
+            server.dispatch(method, group, version, rest, request).await
         }
-        [] => not_found_path().into_response(),
+        _ => not_found_path().into_response(),
     }
 }
