@@ -11,7 +11,6 @@ pub mod relay;
 pub mod server;
 pub mod store;
 pub mod telemetry;
-pub mod validation;
 
 /// Selects ring as the process's TLS crypto provider (kube and the JWKS
 /// client both use rustls); safe to call more than once.

@@ -1,6 +1,7 @@
-//! The controller end to end: kube-runtime against the project's local
-//! Kubernetes API endpoint (the real HTTP protocol, in this process), and a
-//! real Postgres. Each rule of DESIGN §4 has a test that fails without it.
+//! The controller end to end: kube-runtime against the real Kubernetes API
+//! server (kube-apiserver + etcd, shared by the tests of this binary, a
+//! namespace each) and a real Postgres. Each reconciliation rule has a test
+//! that fails without it.
 
 mod support;
 
@@ -18,11 +19,12 @@ use voucher_operator::api::{Voucher, VoucherSpec};
 use voucher_operator::controller::metrics::Metrics;
 use voucher_operator::controller::{self, Context, FINALIZER, Settings};
 use voucher_operator::domain::Phase;
-use voucher_operator::local::apiserver::LocalApiConfig;
 use voucher_operator::store::Store;
 
 struct Harness {
     client: kube::Client,
+    /// This test's namespace; the controller watches only it.
+    ns: String,
     pool: PgPool,
     ctx: Arc<Context>,
     stop: CancellationToken,
@@ -31,13 +33,6 @@ struct Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         self.stop.cancel();
-    }
-}
-
-fn fast_bookmarks() -> LocalApiConfig {
-    LocalApiConfig {
-        bookmark_interval: Duration::from_millis(300),
-        ..Default::default()
     }
 }
 
@@ -51,18 +46,27 @@ fn settings() -> Settings {
     }
 }
 
-async fn harness_with(settings: Settings, api: LocalApiConfig) -> Harness {
+/// A controller for a namespace of its own, on a fresh database; with
+/// `faults`, it talks to the API server through the fault-injecting proxy.
+async fn harness_with(mut settings: Settings, faults: Option<support::faults::Faults>) -> Harness {
     support::init_tracing();
     let url = support::fresh_database("controller").await;
     let pool = support::pool(&url).await;
     let store = Store::from_pool(pool.clone());
     store.migrate().await.unwrap();
-    let (api_url, _) = support::local_api(api).await;
-    // A short read timeout, so that a hanging API server is an error the
-    // controller retries (watches get a bookmark well within it).
-    let mut config = kube::Config::new(api_url.parse().unwrap());
-    config.read_timeout = Some(Duration::from_secs(1));
-    let client = kube::Client::try_from(config).unwrap();
+    let (admin, ns) = support::cluster::setup("controller").await;
+    let client = match faults {
+        None => admin,
+        Some(faults) => {
+            let proxy = support::faults::proxy(faults).await;
+            // A short read timeout, so that a hanging request is an error
+            // the controller retries.
+            let mut config = kube::Config::new(proxy.parse().unwrap());
+            config.read_timeout = Some(Duration::from_secs(2));
+            kube::Client::try_from(config).unwrap()
+        }
+    };
+    settings.namespace = Some(ns.clone());
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
     let ctx = Context::new(client.clone(), store, metrics, settings);
@@ -70,6 +74,7 @@ async fn harness_with(settings: Settings, api: LocalApiConfig) -> Harness {
     tokio::spawn(controller::run(ctx.clone(), stop.clone()));
     Harness {
         client,
+        ns,
         pool,
         ctx,
         stop,
@@ -77,10 +82,27 @@ async fn harness_with(settings: Settings, api: LocalApiConfig) -> Harness {
 }
 
 async fn harness() -> Harness {
-    harness_with(settings(), fast_bookmarks()).await
+    harness_with(settings(), None).await
 }
 
 impl Harness {
+    /// Another namespace, watched by a second controller on the same
+    /// database (as a second installation sharing the billing database).
+    async fn second_namespace(&self, prefix: &str) -> String {
+        let ns = support::cluster::namespace(&self.client, prefix).await;
+        let ctx = Context::new(
+            self.client.clone(),
+            self.ctx.store.clone(),
+            self.ctx.metrics.clone(),
+            Settings {
+                namespace: Some(ns.clone()),
+                ..settings()
+            },
+        );
+        tokio::spawn(controller::run(ctx, self.stop.clone()));
+        ns
+    }
+
     fn vouchers(&self, namespace: &str) -> Api<Voucher> {
         Api::namespaced(self.client.clone(), namespace)
     }
@@ -133,7 +155,11 @@ impl Harness {
     }
 
     async fn events(&self, name: &str) -> Vec<(String, String)> {
-        let api: Api<K8sEvent> = Api::all(self.client.clone());
+        self.events_in(&self.ns, name).await
+    }
+
+    async fn events_in(&self, namespace: &str, name: &str) -> Vec<(String, String)> {
+        let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), namespace);
         let params = ListParams::default().fields(&format!("regarding.name={name}"));
         api.list(&params)
             .await
@@ -190,13 +216,13 @@ fn condition(v: &Voucher, type_: &str) -> Option<(String, String)> {
 async fn a_new_voucher_gets_its_row_binding_finalizer_and_status() {
     let h = harness().await;
     h.create(
-        "default",
+        &h.ns,
         "launch-50",
         json!({"creditOMR": 50, "maxRedemptions": 10}),
     )
     .await;
     let v = h
-        .until("default", "launch-50", "status Active", |v| {
+        .until(&h.ns, "launch-50", "status Active", |v| {
             phase(v) == Some(Phase::Active)
         })
         .await;
@@ -236,9 +262,9 @@ async fn a_new_voucher_gets_its_row_binding_finalizer_and_status() {
 #[tokio::test]
 async fn a_no_op_resync_writes_nothing() {
     let h = harness().await;
-    h.create("default", "steady", json!({"creditOMR": 5})).await;
+    h.create(&h.ns, "steady", json!({"creditOMR": 5})).await;
     let v = h
-        .until("default", "steady", "Active", |v| {
+        .until(&h.ns, "steady", "Active", |v| {
             phase(v) == Some(Phase::Active)
         })
         .await;
@@ -249,7 +275,7 @@ async fn a_no_op_resync_writes_nothing() {
     );
 
     for _ in 0..3 {
-        let current = h.vouchers("default").get("steady").await.unwrap();
+        let current = h.vouchers(&h.ns).get("steady").await.unwrap();
         controller::reconcile(Arc::new(current), h.ctx.clone())
             .await
             .unwrap();
@@ -260,7 +286,7 @@ async fn a_no_op_resync_writes_nothing() {
         audits,
         "an audit record was written"
     );
-    let after = h.vouchers("default").get("steady").await.unwrap();
+    let after = h.vouchers(&h.ns).get("steady").await.unwrap();
     assert_eq!(
         after.metadata.resource_version, rv,
         "the status was patched"
@@ -270,19 +296,19 @@ async fn a_no_op_resync_writes_nothing() {
 #[tokio::test]
 async fn a_spec_change_is_one_update_and_one_audit_record() {
     let h = harness().await;
-    h.create("default", "change-me", json!({"creditOMR": 5}))
+    h.create(&h.ns, "change-me", json!({"creditOMR": 5}))
         .await;
-    h.until("default", "change-me", "Active", |v| {
+    h.until(&h.ns, "change-me", "Active", |v| {
         phase(v) == Some(Phase::Active)
     })
     .await;
 
     let patch = json!({"spec": {"creditOMR": 9}});
-    h.vouchers("default")
+    h.vouchers(&h.ns)
         .patch("change-me", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
-    h.until("default", "change-me", "generation 2 observed", |v| {
+    h.until(&h.ns, "change-me", "generation 2 observed", |v| {
         v.status.as_ref().and_then(|s| s.observed_generation) == Some(2)
     })
     .await;
@@ -290,11 +316,11 @@ async fn a_spec_change_is_one_update_and_one_audit_record() {
     assert_eq!(h.audit_kinds("CHANGE-ME").await, ["created", "updated"]);
 
     let patch = json!({"spec": {"active": false}});
-    h.vouchers("default")
+    h.vouchers(&h.ns)
         .patch("change-me", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
-    h.until("default", "change-me", "Inactive", |v| {
+    h.until(&h.ns, "change-me", "Inactive", |v| {
         phase(v) == Some(Phase::Inactive)
     })
     .await;
@@ -315,13 +341,13 @@ async fn an_existing_row_is_adopted_with_its_counters() {
     .await
     .unwrap();
     h.create(
-        "default",
+        &h.ns,
         "legacy-7",
         json!({"creditOMR": 8, "maxRedemptions": 10}),
     )
     .await;
     let v = h
-        .until("default", "legacy-7", "Active", |v| {
+        .until(&h.ns, "legacy-7", "Active", |v| {
             phase(v) == Some(Phase::Active)
         })
         .await;
@@ -344,32 +370,26 @@ async fn an_existing_row_is_adopted_with_its_counters() {
 #[tokio::test]
 async fn a_second_claim_on_a_code_is_a_conflict_that_touches_nothing() {
     let h = harness().await;
-    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(h.client.clone());
-    let ns: k8s_openapi::api::core::v1::Namespace =
-        serde_json::from_value(json!({"metadata": {"name": "franchise"}})).unwrap();
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
+    let franchise = h.second_namespace("franchise").await;
 
     h.create(
-        "default",
+        &h.ns,
         "first",
         json!({"code": "SHARED-1", "creditOMR": 5}),
     )
     .await;
-    h.until("default", "first", "Active", |v| {
+    h.until(&h.ns, "first", "Active", |v| {
         phase(v) == Some(Phase::Active)
     })
     .await;
     h.create(
-        "franchise",
+        &franchise,
         "second",
         json!({"code": "shared-1", "creditOMR": 500}),
     )
     .await;
     let v = h
-        .until("franchise", "second", "Conflict", |v| {
+        .until(&franchise, "second", "Conflict", |v| {
             phase(v) == Some(Phase::Conflict)
         })
         .await;
@@ -380,28 +400,28 @@ async fn a_second_claim_on_a_code_is_a_conflict_that_touches_nothing() {
         Some(("True".into(), "CodeConflict".into())),
         "kstatus (Flux) sees a failure"
     );
-    let winner = h.vouchers("default").get("first").await.unwrap();
+    let winner = h.vouchers(&h.ns).get("first").await.unwrap();
     assert_eq!(condition(&winner, "Stalled"), None);
     assert_eq!(h.row("SHARED-1").await.unwrap().0, 5, "the row was changed");
     assert!(
-        h.events("second")
+        h.events_in(&franchise, "second")
             .await
             .contains(&("Warning".into(), "CodeConflict".into()))
     );
     // A resync of the loser records the conflict once, not per pass.
-    let current = h.vouchers("franchise").get("second").await.unwrap();
+    let current = h.vouchers(&franchise).get("second").await.unwrap();
     controller::reconcile(Arc::new(current), h.ctx.clone())
         .await
         .unwrap();
     assert_eq!(h.audit_kinds("SHARED-1").await, ["created", "conflict"]);
 
     // Deleting the loser leaves the owner's row alone.
-    h.vouchers("franchise")
+    h.vouchers(&franchise)
         .delete("second", &DeleteParams::default())
         .await
         .unwrap();
     eventually("loser gone", || async {
-        h.vouchers("franchise")
+        h.vouchers(&franchise)
             .get_opt("second")
             .await
             .unwrap()
@@ -415,9 +435,9 @@ async fn a_second_claim_on_a_code_is_a_conflict_that_touches_nothing() {
 #[tokio::test]
 async fn an_out_of_band_edit_is_reverted_and_audited() {
     let h = harness().await;
-    h.create("default", "guarded", json!({"creditOMR": 5}))
+    h.create(&h.ns, "guarded", json!({"creditOMR": 5}))
         .await;
-    h.until("default", "guarded", "Active", |v| {
+    h.until(&h.ns, "guarded", "Active", |v| {
         phase(v) == Some(Phase::Active)
     })
     .await;
@@ -455,12 +475,12 @@ async fn an_out_of_band_edit_is_reverted_and_audited() {
 async fn a_redemption_in_the_database_reaches_status_within_seconds() {
     let h = harness().await;
     h.create(
-        "default",
+        &h.ns,
         "hot",
         json!({"creditOMR": 5, "maxRedemptions": 3}),
     )
     .await;
-    h.until("default", "hot", "Active", |v| {
+    h.until(&h.ns, "hot", "Active", |v| {
         phase(v) == Some(Phase::Active)
     })
     .await;
@@ -471,7 +491,7 @@ async fn a_redemption_in_the_database_reaches_status_within_seconds() {
         .await
         .unwrap();
     let v = h
-        .until("default", "hot", "timesRedeemed 1", |v| {
+        .until(&h.ns, "hot", "timesRedeemed 1", |v| {
             v.status.as_ref().and_then(|s| s.times_redeemed) == Some(1)
         })
         .await;
@@ -486,7 +506,7 @@ async fn a_redemption_in_the_database_reaches_status_within_seconds() {
         .execute(&h.pool)
         .await
         .unwrap();
-    h.until("default", "hot", "Exhausted", |v| {
+    h.until(&h.ns, "hot", "Exhausted", |v| {
         phase(v) == Some(Phase::Exhausted)
     })
     .await;
@@ -496,9 +516,9 @@ async fn a_redemption_in_the_database_reaches_status_within_seconds() {
 async fn a_hot_code_does_not_flood_the_api_server() {
     let mut s = settings();
     s.status_min_interval = Duration::from_secs(2);
-    let h = harness_with(s, fast_bookmarks()).await;
-    h.create("default", "flood", json!({"creditOMR": 5})).await;
-    h.until("default", "flood", "Active", |v| {
+    let h = harness_with(s, None).await;
+    h.create(&h.ns, "flood", json!({"creditOMR": 5})).await;
+    h.until(&h.ns, "flood", "Active", |v| {
         phase(v) == Some(Phase::Active)
     })
     .await;
@@ -513,7 +533,7 @@ async fn a_hot_code_does_not_flood_the_api_server() {
         .unwrap();
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    h.until("default", "flood", "all 20 redemptions", |v| {
+    h.until(&h.ns, "flood", "all 20 redemptions", |v| {
         v.status.as_ref().and_then(|s| s.times_redeemed) == Some(20)
     })
     .await;
@@ -528,18 +548,18 @@ async fn a_hot_code_does_not_flood_the_api_server() {
 #[tokio::test]
 async fn deletion_with_revoke_tombstones_the_row() {
     let h = harness().await;
-    h.create("default", "revoke-me", json!({"creditOMR": 5}))
+    h.create(&h.ns, "revoke-me", json!({"creditOMR": 5}))
         .await;
-    h.until("default", "revoke-me", "Active", |v| {
+    h.until(&h.ns, "revoke-me", "Active", |v| {
         phase(v) == Some(Phase::Active)
     })
     .await;
-    h.vouchers("default")
+    h.vouchers(&h.ns)
         .delete("revoke-me", &DeleteParams::default())
         .await
         .unwrap();
     eventually("resource gone", || async {
-        h.vouchers("default")
+        h.vouchers(&h.ns)
             .get_opt("revoke-me")
             .await
             .unwrap()
@@ -563,21 +583,21 @@ async fn deletion_with_revoke_tombstones_the_row() {
 async fn deletion_with_orphan_leaves_the_row() {
     let h = harness().await;
     h.create(
-        "default",
+        &h.ns,
         "keep-me",
         json!({"creditOMR": 5, "deletionPolicy": "Orphan"}),
     )
     .await;
-    h.until("default", "keep-me", "Active", |v| {
+    h.until(&h.ns, "keep-me", "Active", |v| {
         phase(v) == Some(Phase::Active)
     })
     .await;
-    h.vouchers("default")
+    h.vouchers(&h.ns)
         .delete("keep-me", &DeleteParams::default())
         .await
         .unwrap();
     eventually("resource gone", || async {
-        h.vouchers("default")
+        h.vouchers(&h.ns)
             .get_opt("keep-me")
             .await
             .unwrap()
@@ -590,12 +610,12 @@ async fn deletion_with_orphan_leaves_the_row() {
     assert_eq!(h.audit_kinds("KEEP-ME").await, ["created", "orphaned"]);
     // Released: a new resource adopts it.
     h.create(
-        "default",
+        &h.ns,
         "keep-me-again",
         json!({"code": "KEEP-ME", "creditOMR": 6}),
     )
     .await;
-    h.until("default", "keep-me-again", "Active", |v| {
+    h.until(&h.ns, "keep-me-again", "Active", |v| {
         phase(v) == Some(Phase::Active)
     })
     .await;
@@ -612,21 +632,21 @@ async fn the_validity_window_flips_the_phase_on_time_and_audits_once() {
     let from = (now + chrono::Duration::seconds(2)).to_rfc3339();
     let until = (now + chrono::Duration::seconds(4)).to_rfc3339();
     h.create(
-        "default",
+        &h.ns,
         "window",
         json!({"creditOMR": 5, "validFrom": from, "expiresAt": until}),
     )
     .await;
-    h.until("default", "window", "Scheduled", |v| {
+    h.until(&h.ns, "window", "Scheduled", |v| {
         phase(v) == Some(Phase::Scheduled)
     })
     .await;
-    h.until("default", "window", "Active", |v| {
+    h.until(&h.ns, "window", "Active", |v| {
         phase(v) == Some(Phase::Active)
     })
     .await;
     let v = h
-        .until("default", "window", "Expired", |v| {
+        .until(&h.ns, "window", "Expired", |v| {
             phase(v) == Some(Phase::Expired)
         })
         .await;
@@ -640,19 +660,15 @@ async fn the_validity_window_flips_the_phase_on_time_and_audits_once() {
 
 #[tokio::test]
 async fn api_server_errors_are_retried_without_duplicate_audit_records() {
-    let faults = voucher_operator::local::apiserver::Faults::default();
-    let api = LocalApiConfig {
-        faults: faults.clone(),
-        ..fast_bookmarks()
-    };
-    let h = harness_with(settings(), api).await;
+    let faults = support::faults::Faults::default();
+    let h = harness_with(settings(), Some(faults.clone())).await;
     // The first status writes fail with 500, then 409, then time out.
     faults.inject("PATCH", "/status", 500, 2);
     faults.inject("PATCH", "/status", 409, 1);
     faults.delay("PATCH", "/status", Duration::from_secs(3), 1);
-    h.create("default", "flaky", json!({"creditOMR": 5})).await;
+    h.create(&h.ns, "flaky", json!({"creditOMR": 5})).await;
     // Backoff after four failures: 1 + 2 + 4 + 8 s.
-    let api = h.vouchers("default");
+    let api = h.vouchers(&h.ns);
     eventually_within(
         Duration::from_secs(30),
         "Active despite failures",
@@ -690,7 +706,7 @@ async fn two_controllers_sharing_a_lease_never_reconcile_together() {
     let pool = support::pool(&url).await;
     let store = Store::from_pool(pool.clone());
     store.migrate().await.unwrap();
-    let (_, client) = support::local_api(fast_bookmarks()).await;
+    let (client, ns) = support::cluster::setup("leader").await;
 
     let start = |identity: &'static str| {
         let mut registry = prometheus_client::registry::Registry::default();
@@ -701,13 +717,14 @@ async fn two_controllers_sharing_a_lease_never_reconcile_together() {
             metrics,
             Settings {
                 identity: identity.into(),
+                namespace: Some(ns.clone()),
                 ..settings()
             },
         );
         let stop = CancellationToken::new();
         let lease = LeaseSettings {
             name: "voucher-operator".into(),
-            namespace: "default".into(),
+            namespace: ns.clone(),
             identity: identity.into(),
             duration: Duration::from_secs(3),
         };
@@ -737,7 +754,7 @@ async fn two_controllers_sharing_a_lease_never_reconcile_together() {
 
     let (ctx_a, stop_a, task_a) = start("replica-a");
     let (ctx_b, stop_b, task_b) = start("replica-b");
-    let vouchers: Api<Voucher> = Api::namespaced(client.clone(), "default");
+    let vouchers: Api<Voucher> = Api::namespaced(client.clone(), &ns);
     for i in 0..3 {
         let spec: VoucherSpec = serde_json::from_value(json!({"creditOMR": 5})).unwrap();
         vouchers
@@ -795,7 +812,7 @@ async fn two_controllers_sharing_a_lease_never_reconcile_together() {
     .await;
     assert!(reconciles(follower) > 0);
     let holder: k8s_openapi::api::coordination::v1::Lease =
-        Api::namespaced(client.clone(), "default")
+        Api::namespaced(client.clone(), &ns)
             .get("voucher-operator")
             .await
             .unwrap();
@@ -806,12 +823,12 @@ async fn two_controllers_sharing_a_lease_never_reconcile_together() {
 async fn a_code_bound_to_a_vanished_voucher_is_released_and_adopted() {
     let h = harness().await;
     h.create(
-        "default",
+        &h.ns,
         "first-owner",
         json!({"code": "ORPHANED-1", "creditOMR": 5}),
     )
     .await;
-    h.until("default", "first-owner", "Active", |v| {
+    h.until(&h.ns, "first-owner", "Active", |v| {
         phase(v) == Some(Phase::Active)
     })
     .await;
@@ -819,7 +836,7 @@ async fn a_code_bound_to_a_vanished_voucher_is_released_and_adopted() {
     // (a running one would put the finalizer straight back): the binding stays.
     h.stop.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let api = h.vouchers("default");
+    let api = h.vouchers(&h.ns);
     let clear = json!({"metadata": {"finalizers": null}});
     api.patch(
         "first-owner",
@@ -843,13 +860,13 @@ async fn a_code_bound_to_a_vanished_voucher_is_released_and_adopted() {
     assert_eq!(bound, 1, "the stale binding this test is about");
 
     h.create(
-        "default",
+        &h.ns,
         "second-owner",
         json!({"code": "ORPHANED-1", "creditOMR": 6}),
     )
     .await;
     let v = h
-        .until("default", "second-owner", "Active, not Conflict", |v| {
+        .until(&h.ns, "second-owner", "Active, not Conflict", |v| {
             phase(v) == Some(Phase::Active)
         })
         .await;

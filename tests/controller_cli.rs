@@ -6,8 +6,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{free_port, kubeconfig};
-use voucher_operator::local::apiserver::LocalApiConfig;
+use support::free_port;
 
 fn controller(kubeconfig: &std::path::Path, database: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_voucher-operator"));
@@ -23,7 +22,12 @@ fn controller(kubeconfig: &std::path::Path, database: &str) -> Command {
 async fn an_unreachable_api_server_is_a_clear_start_up_error() {
     let database = support::fresh_database("ctlcli").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), &format!("http://127.0.0.1:{}", free_port()));
+    // A kubeconfig that is valid but points at a port nothing listens on.
+    let text = support::cluster::cluster()
+        .kubeconfig_text("default")
+        .replace(&support::cluster::cluster().url, &format!("https://127.0.0.1:{}", free_port()));
+    let config = dir.path().join("kubeconfig");
+    std::fs::write(&config, text).unwrap();
     let output = controller(&config, &database).output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -35,9 +39,8 @@ async fn an_unreachable_api_server_is_a_clear_start_up_error() {
 
 #[tokio::test]
 async fn an_unreachable_database_is_a_clear_start_up_error() {
-    let (url, _) = support::local_api(LocalApiConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), &url);
+    let config = support::cluster::cluster().kubeconfig(dir.path(), "default");
     let database = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
     let output =
         tokio::task::spawn_blocking(move || controller(&config, &database).output().unwrap())
@@ -54,9 +57,9 @@ async fn an_unreachable_database_is_a_clear_start_up_error() {
 #[tokio::test]
 async fn sigterm_stops_the_controller_and_releases_the_lease() {
     let database = support::fresh_database("ctlcli").await;
-    let (url, client) = support::local_api(LocalApiConfig::default()).await;
+    let (client, ns) = support::cluster::setup("ctlcli").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), &url);
+    let config = support::cluster::cluster().kubeconfig(dir.path(), &ns);
     let port = free_port();
     let mut child = controller(&config, &database)
         .args([
@@ -64,6 +67,10 @@ async fn sigterm_stops_the_controller_and_releases_the_lease() {
             &format!("127.0.0.1:{port}"),
             "--identity",
             "replica-1",
+            "--watch-namespace",
+            &ns,
+            "--lease-namespace",
+            &ns,
         ])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("controller.log")).unwrap())
@@ -72,7 +79,7 @@ async fn sigterm_stops_the_controller_and_releases_the_lease() {
     let log = || std::fs::read_to_string(dir.path().join("controller.log")).unwrap_or_default();
 
     let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
-        kube::Api::namespaced(client, "default");
+        kube::Api::namespaced(client, &ns);
     let holder = || async {
         leases
             .get_opt("voucher-operator")

@@ -1,13 +1,57 @@
 //! The Voucher CRD: the committed manifest is the generated one, every example
-//! is accepted, and each kind of invalid manifest is rejected with a reason a
-//! person understands (OpenAPI schema, strict fields and CEL rules, as the API
-//! server checks them; CEL is evaluated by kube's `cel` feature).
+//! is accepted, and each kind of invalid manifest is refused with a reason a
+//! person understands — by the real API server (OpenAPI schema, strict field
+//! validation, CEL rules including transition rules), through the real
+//! `kubectl`, each case in a namespace of its own.
 
+mod support;
+
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
-use voucher_operator::validation::Validator;
+
+/// Applies `old` (when given), then `doc`, with `kubectl apply` (strict field
+/// validation, as kubectl does by default) in a fresh namespace: Ok, or
+/// kubectl's error output.
+async fn apply(doc: &Value, old: Option<&Value>) -> Result<(), String> {
+    let (_, ns) = support::cluster::setup("crd").await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = support::cluster::cluster().kubeconfig(dir.path(), &ns);
+    let run = |doc: &Value| {
+        let mut child = support::cluster::cluster()
+            .kubectl(&kubeconfig)
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(doc.to_string().as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    };
+    if let Some(old) = old {
+        run(old).map_err(|e| format!("the old object was refused: {e}"))?;
+    }
+    run(doc)
+}
+
+async fn assert_valid(doc: &Value, old: Option<&Value>) {
+    if let Err(refused) = apply(doc, old).await {
+        panic!("refused, but should be accepted: {doc}\n{refused}");
+    }
+}
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -54,9 +98,8 @@ fn documents(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-#[test]
-fn every_example_voucher_is_valid() {
-    let validator = Validator::for_vouchers();
+#[tokio::test]
+async fn every_example_voucher_is_valid() {
     let mut files = Vec::new();
     yaml_files(&repo().join("examples"), &mut files);
     let mut vouchers = 0;
@@ -64,7 +107,7 @@ fn every_example_voucher_is_valid() {
         for doc in documents(file) {
             if doc["kind"] == "Voucher" {
                 vouchers += 1;
-                if let Err(invalid) = validator.validate(&doc, None) {
+                if let Err(invalid) = apply(&doc, None).await {
                     panic!("{}: {invalid}", file.display());
                 }
             }
@@ -78,13 +121,13 @@ fn every_example_voucher_is_valid() {
 
 /// `kubectl kustomize` (the real kubectl's kustomize) builds the example kustomization into
 /// every example Voucher file: a Voucher added to examples/vouchers cannot be left out of it.
-#[test]
-fn the_example_kustomization_lists_every_example_voucher() {
+#[tokio::test]
+async fn the_example_kustomization_lists_every_example_voucher() {
     let dir = repo().join("examples/vouchers");
-    let output = Command::new("kubectl")
+    let output = Command::new(support::cluster::cluster().binaries.kubectl())
         .args(["kustomize", dir.to_str().unwrap()])
         .output()
-        .expect("kubectl (the README's test command installs it)");
+        .expect("run kubectl kustomize");
     assert!(
         output.status.success(),
         "{}",
@@ -94,12 +137,10 @@ fn the_example_kustomization_lists_every_example_voucher() {
         serde_yaml::Deserializer::from_str(std::str::from_utf8(&output.stdout).unwrap())
             .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
             .collect();
-    let validator = Validator::for_vouchers();
     let mut names: Vec<String> = built
         .iter()
         .map(|doc| {
             assert_eq!(doc["kind"], "Voucher");
-            validator.validate(doc, None).unwrap();
             assert_eq!(
                 doc["metadata"]["labels"]["catalyst.openova.io/source"],
                 "examples"
@@ -124,7 +165,7 @@ fn base() -> Value {
     json!({
         "apiVersion": "catalyst.openova.io/v1alpha1",
         "kind": "Voucher",
-        "metadata": {"name": "launch-50", "namespace": "sales"},
+        "metadata": {"name": "launch-50"},
         "spec": {"creditOMR": 50, "maxRedemptions": 10}
     })
 }
@@ -151,12 +192,10 @@ fn json_merge(target: &mut Value, patch: Value) {
     }
 }
 
-#[track_caller]
-fn assert_rejected(doc: Value, old: Option<Value>, expected: &[&str]) {
-    let validator = Validator::for_vouchers();
-    let message = match validator.validate(&doc, old.as_ref()) {
+async fn assert_rejected(doc: Value, old: Option<Value>, expected: &[&str]) {
+    let message = match apply(&doc, old.as_ref()).await {
         Ok(()) => panic!("accepted, but should be rejected: {doc}"),
-        Err(invalid) => invalid.to_string(),
+        Err(refused) => refused,
     };
     for part in expected {
         assert!(
@@ -166,13 +205,13 @@ fn assert_rejected(doc: Value, old: Option<Value>, expected: &[&str]) {
     }
 }
 
-#[test]
-fn the_base_manifest_is_valid() {
-    Validator::for_vouchers().validate(&base(), None).unwrap();
+#[tokio::test]
+async fn the_base_manifest_is_valid() {
+    assert_valid(&base(), None).await;
 }
 
-#[test]
-fn credit_below_one_is_rejected() {
+#[tokio::test]
+async fn credit_below_one_is_rejected() {
     assert_rejected(
         with(json!({"spec": {"creditOMR": 0}})),
         None,
@@ -180,11 +219,11 @@ fn credit_below_one_is_rejected() {
             "spec.creditOMR: Invalid value: 0",
             "should be greater than or equal to 1",
         ],
-    );
+    ).await;
 }
 
-#[test]
-fn negative_max_redemptions_is_rejected() {
+#[tokio::test]
+async fn negative_max_redemptions_is_rejected() {
     assert_rejected(
         with(json!({"spec": {"maxRedemptions": -1}})),
         None,
@@ -192,29 +231,29 @@ fn negative_max_redemptions_is_rejected() {
             "spec.maxRedemptions: Invalid value: -1",
             "greater than or equal to 0",
         ],
-    );
+    ).await;
 }
 
-#[test]
-fn credit_is_required() {
+#[tokio::test]
+async fn credit_is_required() {
     assert_rejected(
         with(json!({"spec": {"creditOMR": null}})),
         None,
         &["spec.creditOMR: Required value"],
-    );
+    ).await;
 }
 
-#[test]
-fn credit_must_be_an_integer() {
+#[tokio::test]
+async fn credit_must_be_an_integer() {
     assert_rejected(
         with(json!({"spec": {"creditOMR": "50"}})),
         None,
         &["spec.creditOMR", "must be of type integer"],
-    );
+    ).await;
 }
 
-#[test]
-fn code_outside_the_grammar_is_rejected() {
+#[tokio::test]
+async fn code_outside_the_grammar_is_rejected() {
     for bad in ["summer sale", "-LAUNCH", "AB", "CAFÉ10"] {
         assert_rejected(
             with(json!({"spec": {"code": bad}})),
@@ -223,40 +262,40 @@ fn code_outside_the_grammar_is_rejected() {
                 "spec.code",
                 "should match '^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$'",
             ],
-        );
+        ).await;
     }
     assert_rejected(
         with(json!({"spec": {"code": "A".repeat(65)}})),
         None,
         &["spec.code: Too long: may not be more than 64"],
-    );
+    ).await;
 }
 
-#[test]
-fn unknown_fields_are_rejected_not_pruned() {
+#[tokio::test]
+async fn unknown_fields_are_rejected_not_pruned() {
     assert_rejected(
         with(json!({"spec": {"credit": 50}})),
         None,
         &["unknown field \"spec.credit\""],
-    );
+    ).await;
     assert_rejected(
         with(json!({"extra": true})),
         None,
         &["unknown field \"extra\""],
-    );
+    ).await;
 }
 
-#[test]
-fn bad_dates_are_rejected() {
+#[tokio::test]
+async fn bad_dates_are_rejected() {
     assert_rejected(
         with(json!({"spec": {"expiresAt": "next tuesday"}})),
         None,
         &["spec.expiresAt", "must be of type date-time"],
-    );
+    ).await;
 }
 
-#[test]
-fn window_must_end_after_it_starts() {
+#[tokio::test]
+async fn window_must_end_after_it_starts() {
     assert_rejected(
         with(json!({"spec": {
             "validFrom": "2027-01-02T00:00:00Z",
@@ -264,7 +303,7 @@ fn window_must_end_after_it_starts() {
         }})),
         None,
         &["spec.expiresAt must be later than spec.validFrom"],
-    );
+    ).await;
     // Equal instants in different offsets are still an empty window.
     assert_rejected(
         with(json!({"spec": {
@@ -273,20 +312,19 @@ fn window_must_end_after_it_starts() {
         }})),
         None,
         &["spec.expiresAt must be later than spec.validFrom"],
-    );
-    Validator::for_vouchers()
-        .validate(
-            &with(json!({"spec": {
-                "validFrom": "2027-01-01T00:00:00Z",
-                "expiresAt": "2027-01-01T00:00:01Z"
-            }})),
-            None,
-        )
-        .unwrap();
+    ).await;
+    assert_valid(
+        &with(json!({"spec": {
+            "validFrom": "2027-01-01T00:00:00Z",
+            "expiresAt": "2027-01-01T00:00:01Z"
+        }})),
+        None,
+    )
+    .await;
 }
 
-#[test]
-fn unknown_deletion_policy_is_rejected() {
+#[tokio::test]
+async fn unknown_deletion_policy_is_rejected() {
     assert_rejected(
         with(json!({"spec": {"deletionPolicy": "Delete"}})),
         None,
@@ -294,89 +332,85 @@ fn unknown_deletion_policy_is_rejected() {
             "spec.deletionPolicy: Unsupported value: \"Delete\"",
             "\"Revoke\", \"Orphan\"",
         ],
-    );
+    ).await;
 }
 
-#[test]
-fn a_name_that_cannot_be_a_code_needs_an_explicit_code() {
+#[tokio::test]
+async fn a_name_that_cannot_be_a_code_needs_an_explicit_code() {
     let dotted = with(json!({"metadata": {"name": "launch.2026"}}));
-    assert_rejected(dotted.clone(), None, &["metadata.name becomes the code"]);
+    assert_rejected(dotted.clone(), None, &["metadata.name becomes the code"]).await;
     let mut explicit = dotted;
     explicit["spec"]["code"] = json!("LAUNCH-2026");
-    Validator::for_vouchers().validate(&explicit, None).unwrap();
+    assert_valid(&explicit, None).await;
 }
 
-#[test]
-fn object_names_must_be_dns_subdomains() {
+#[tokio::test]
+async fn object_names_must_be_dns_subdomains() {
     assert_rejected(
         with(json!({"metadata": {"name": "Launch_50"}})),
         None,
         &["metadata.name", "RFC 1123"],
-    );
+    ).await;
 }
 
-#[test]
-fn wrong_api_version_is_rejected() {
+#[tokio::test]
+async fn wrong_api_version_is_rejected() {
     assert_rejected(
         with(json!({"apiVersion": "catalyst.openova.io/v1"})),
         None,
-        &["apiVersion", "catalyst.openova.io/v1alpha1"],
-    );
+        &["no matches for kind \"Voucher\" in version \"catalyst.openova.io/v1\""],
+    ).await;
 }
 
-#[test]
-fn code_is_immutable_once_created() {
+#[tokio::test]
+async fn code_is_immutable_once_created() {
     let old = with(json!({"spec": {"code": "LAUNCH-50"}}));
     let immutable = "spec.code is immutable";
     assert_rejected(
         with(json!({"spec": {"code": "LAUNCH-60"}})),
         Some(old.clone()),
         &[immutable],
-    );
-    assert_rejected(base(), Some(old.clone()), &[immutable]);
+    ).await;
+    assert_rejected(base(), Some(old.clone()), &[immutable]).await;
     assert_rejected(
         with(json!({"spec": {"code": "LAUNCH-50"}})),
         Some(base()),
         &[immutable],
-    );
+    ).await;
 
     // Other fields stay editable, and an unchanged code passes the transition rule.
     let edited = with(json!({"spec": {"code": "LAUNCH-50", "creditOMR": 75, "active": false}}));
-    Validator::for_vouchers()
-        .validate(&edited, Some(&old))
-        .unwrap();
-    Validator::for_vouchers()
-        .validate(&base(), Some(&base()))
-        .unwrap();
+    assert_valid(&edited, Some(&old)).await;
+    assert_valid(&base(), Some(&base())).await;
 }
 
-#[test]
-fn several_problems_are_reported_together() {
+#[tokio::test]
+async fn several_problems_are_reported_together() {
     assert_rejected(
         with(json!({"spec": {"creditOMR": 0, "maxRedemptions": -5}})),
         None,
         &["spec.creditOMR", "spec.maxRedemptions"],
-    );
+    ).await;
 }
 
-/// The messages quoted in the README, verbatim.
-#[test]
-fn readme_messages_are_what_the_validator_prints() {
-    let validator = Validator::for_vouchers();
-    let low = validator
-        .validate(&with(json!({"spec": {"creditOMR": 0}})), None)
+/// The messages quoted in the README, verbatim: what kubectl prints.
+#[tokio::test]
+async fn readme_messages_are_what_the_api_server_answers() {
+    let low = apply(&with(json!({"spec": {"creditOMR": 0}})), None)
+        .await
         .unwrap_err();
-    let immutable = validator
-        .validate(
-            &with(json!({"spec": {"code": "LAUNCH-60"}})),
-            Some(&with(json!({"spec": {"code": "LAUNCH-50"}}))),
-        )
-        .unwrap_err();
+    let immutable = apply(
+        &with(json!({"spec": {"code": "LAUNCH-60"}})),
+        Some(&with(json!({"spec": {"code": "LAUNCH-50"}}))),
+    )
+    .await
+    .unwrap_err();
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
-    for message in [low.to_string(), immutable.to_string()] {
+    for message in [low, immutable] {
+        let message = message.trim();
         assert!(
-            readme.contains(&message),
-            "README does not quote: {message}"
+            readme.contains(message),
+            "README does not quote: {message:?}"
         );
     }
 }

@@ -29,9 +29,9 @@ INSERT INTO promo_codes (code, credit_omr, description, active, max_redemptions,
   ('OLD-PROMO', 5, '', false, 0, 9, '2024-06-01T00:00:00Z', '2025-01-15T00:00:00Z');
 ";
 
-fn export(database: &str, extra: &[&str]) -> (String, String) {
+fn export(database: &str, namespace: &str, extra: &[&str]) -> (String, String) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
-        .args(["export", "--namespace", "default"])
+        .args(["export", "--namespace", namespace])
         .args(extra)
         .env("DATABASE_URL", database)
         .output()
@@ -58,9 +58,10 @@ async fn exported_codes_are_adopted_with_their_history() {
     let database = support::fresh_database("export").await;
     let pool = support::pool(&database).await;
     sqlx::raw_sql(BILLING).execute(&pool).await.unwrap();
+    let (client, ns) = support::cluster::setup("export").await;
 
-    let db = database.clone();
-    let (yaml, report) = tokio::task::spawn_blocking(move || export(&db, &[]))
+    let (db, namespace) = (database.clone(), ns.clone());
+    let (yaml, report) = tokio::task::spawn_blocking(move || export(&db, &namespace, &[]))
         .await
         .unwrap();
     let vouchers = documents(&yaml);
@@ -77,21 +78,13 @@ async fn exported_codes_are_adopted_with_their_history() {
         report.contains("skipped \"FREE-1\": credit_omr is 0"),
         "{report}"
     );
-    let validator = voucher_operator::validation::Validator::for_vouchers();
-    for v in &vouchers {
-        validator
-            .validate(&serde_json::to_value(v).unwrap(), None)
-            .unwrap();
-    }
+    // Whether the API server accepts them (schema, CEL, names) shows when they are created below.
     let spring = &vouchers[1];
     assert!(!spring.spec.active);
-    assert!(voucher_operator::validation::is_dns1123_subdomain(
-        spring.metadata.name.as_deref().unwrap()
-    ));
 
-    let db = database.clone();
+    let (db, namespace) = (database.clone(), ns.clone());
     let (with_deleted, _) =
-        tokio::task::spawn_blocking(move || export(&db, &["--include-deleted"]))
+        tokio::task::spawn_blocking(move || export(&db, &namespace, &["--include-deleted"]))
             .await
             .unwrap();
     let all = documents(&with_deleted);
@@ -104,12 +97,11 @@ async fn exported_codes_are_adopted_with_their_history() {
     // The round trip: the operator migrates the billing database and adopts.
     let store = Store::from_pool(pool.clone());
     store.migrate().await.unwrap();
-    let (_, client) = support::local_api(Default::default()).await;
     let mut registry = prometheus_client::registry::Registry::default();
     let settings = Settings {
         resync_interval: Duration::from_secs(3600),
         status_min_interval: Duration::from_millis(100),
-        namespace: None,
+        namespace: Some(ns.clone()),
         identity: "export".into(),
         concurrency: 2,
     };
@@ -121,7 +113,7 @@ async fn exported_codes_are_adopted_with_their_history() {
     );
     let stop = CancellationToken::new();
     tokio::spawn(controller::run(ctx, stop.clone()));
-    let api: Api<Voucher> = Api::namespaced(client, "default");
+    let api: Api<Voucher> = Api::namespaced(client, &ns);
     for v in &vouchers {
         api.create(&PostParams::default(), v).await.unwrap();
     }

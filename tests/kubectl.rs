@@ -1,6 +1,7 @@
-//! End to end with the real `kubectl`: the project's local Kubernetes API
-//! endpoint, the controller and the HTTP server (in this process), a real
-//! Postgres. What a platform engineer types, and what they should see.
+//! End to end with the real `kubectl` (built with the API server, of the same
+//! version): the real Kubernetes API server, the controller and the HTTP
+//! server (in this process), a real Postgres. What a platform engineer
+//! types, and what they should see.
 
 mod support;
 
@@ -12,12 +13,13 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use voucher_operator::controller::metrics::Metrics;
 use voucher_operator::controller::{self, Context, Settings};
-use voucher_operator::local::apiserver::LocalApiConfig;
 use voucher_operator::server::auth::AuthSettings;
 use voucher_operator::store::Store;
 
 struct Stack {
     kubeconfig: std::path::PathBuf,
+    /// The `kubectl` built with the test API server (the same version).
+    kubectl: std::path::PathBuf,
     _dir: Option<tempfile::TempDir>,
     http: String,
     jwt_secret: String,
@@ -41,26 +43,17 @@ async fn real_cluster() -> Option<Stack> {
         })
     };
     let pool = support::pool(&need("VOUCHER_E2E_DATABASE_URL")).await;
+    let binaries = voucher_operator::local::control_plane::Binaries::find_or_build()
+        .unwrap_or_else(|e| panic!("{e:#}"));
     Some(Stack {
         kubeconfig: kubeconfig.into(),
+        kubectl: binaries.kubectl(),
         _dir: None,
         http: need("VOUCHER_E2E_HTTP_URL"),
         jwt_secret: need("VOUCHER_E2E_JWT_SECRET"),
         pool,
         stops: Vec::new(),
     })
-}
-
-fn kubectl_binary() -> std::path::PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|d| d.join("kubectl"))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!("kubectl is not installed: apt-get install -y kubectl (bash .ci/test does this)")
-        })
 }
 
 async fn stack() -> Stack {
@@ -72,16 +65,12 @@ async fn stack() -> Stack {
     let pool = support::pool(&url).await;
     let store = Store::from_pool(pool.clone());
     store.migrate().await.unwrap();
-    let api = LocalApiConfig {
-        bookmark_interval: Duration::from_millis(300),
-        ..Default::default()
-    };
-    let (api_url, client) = support::local_api(api).await;
+    let (client, ns) = support::cluster::setup("e2e").await;
     let mut registry = prometheus_client::registry::Registry::default();
     let settings = Settings {
         resync_interval: Duration::from_secs(3600),
         status_min_interval: Duration::from_millis(200),
-        namespace: None,
+        namespace: Some(ns.clone()),
         identity: "e2e".into(),
         concurrency: 4,
     };
@@ -100,18 +89,10 @@ async fn stack() -> Stack {
     let (http, http_stop) =
         support::serve_http(store, support::server_settings(), auth, Some(client)).await;
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("config");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: local, cluster: {{server: \"{api_url}\"}}}}]\n\
-             users: [{{name: dev, user: {{}}}}]\ncontexts: [{{name: local, context: {{cluster: local, namespace: default, user: dev}}}}]\n\
-             current-context: local\n"
-        ),
-    )
-    .unwrap();
+    let kubeconfig = support::cluster::cluster().kubeconfig(dir.path(), &ns);
     Stack {
         kubeconfig,
+        kubectl: support::cluster::cluster().binaries.kubectl(),
         _dir: Some(dir),
         http,
         jwt_secret: "e2e".into(),
@@ -124,7 +105,7 @@ impl Stack {
     /// Runs kubectl; (success, stdout, stderr).
     async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
         use tokio::io::AsyncWriteExt;
-        let mut child = tokio::process::Command::new(kubectl_binary())
+        let mut child = tokio::process::Command::new(&self.kubectl)
             .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
             .current_dir(env!("CARGO_MANIFEST_DIR"))

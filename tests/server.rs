@@ -665,8 +665,16 @@ async fn issue_and_revoke_act_on_voucher_resources() {
     use kube::api::Api;
     use voucher_operator::api::Voucher;
 
-    let (_, client) = support::local_api(Default::default()).await;
-    let s = start_with(settings(), auth(), Some(client.clone())).await;
+    let (client, ns) = support::cluster::setup("admin").await;
+    let s = start_with(
+        ServerSettings {
+            admin_namespace: ns.clone(),
+            ..settings()
+        },
+        auth(),
+        Some(client.clone()),
+    )
+    .await;
     let admin = token("root", Some("sovereign-admin"), 300);
     let issue = s
         .http
@@ -683,7 +691,7 @@ async fn issue_and_revoke_act_on_voucher_resources() {
         (Some("SPRING_SALE"), Some(15))
     );
 
-    let vouchers: Api<Voucher> = Api::namespaced(client, "default");
+    let vouchers: Api<Voucher> = Api::namespaced(client, &ns);
     let created = vouchers.list(&Default::default()).await.unwrap().items;
     assert_eq!(created.len(), 1);
     let voucher = &created[0];
@@ -706,7 +714,7 @@ async fn issue_and_revoke_act_on_voucher_resources() {
     let name = voucher.metadata.name.clone().unwrap();
     s.seed(&format!(
         "INSERT INTO promo_codes (code, credit_omr) VALUES ('SPRING_SALE', 15); \
-         INSERT INTO voucher_bindings (code, namespace, name, uid) VALUES ('SPRING_SALE', 'default', '{name}', '{}')",
+         INSERT INTO voucher_bindings (code, namespace, name, uid) VALUES ('SPRING_SALE', '{ns}', '{name}', '{}')",
         voucher.metadata.uid.clone().unwrap()
     ))
     .await;

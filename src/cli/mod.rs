@@ -60,8 +60,9 @@ pub enum Command {
     /// Only reads the database.
     Export(ExportOptions),
     /// The whole product on loopback for development: Postgres and nats-server (installed from
-    /// Debian packages when missing), a local Kubernetes API endpoint for kubectl, and the
-    /// operator (controller, audit relay, HTTP server). Ctrl-C stops everything.
+    /// Debian packages when missing), a real kube-apiserver and etcd (built from source on
+    /// first use) or an existing cluster (--kubeconfig), and the operator (controller, audit
+    /// relay, HTTP server). Ctrl-C stops everything.
     Local(LocalOptions),
     /// Run the controller and the server in one process (development, small installations).
     Run {
@@ -211,9 +212,19 @@ pub struct LocalOptions {
     #[arg(long, default_value_t = 24222)]
     pub nats_port: u16,
 
-    /// Port of the local Kubernetes API endpoint (kubectl talks to it).
+    /// Port of the local kube-apiserver (HTTPS; kubectl and the operator talk to it).
     #[arg(long, default_value_t = 26443)]
     pub api_port: u16,
+
+    /// Client port of the local etcd (the API server's storage).
+    #[arg(long, default_value_t = 22379)]
+    pub etcd_port: u16,
+
+    /// Use this existing cluster (kind, k3d, minikube or a real one) instead of starting
+    /// kube-apiserver and etcd: the CRD and the examples are applied there, in the
+    /// kubeconfig's namespace. A KUBECONFIG of the environment is not used unless given here.
+    #[arg(long, env = "LOCAL_KUBECONFIG")]
+    pub kubeconfig: Option<std::path::PathBuf>,
 
     /// Port of the HTTP API (preview, redeem, admin).
     #[arg(long, default_value_t = 28080)]
@@ -459,7 +470,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 postgres_port: options.postgres_port,
                 nats_port: options.nats_port,
                 api_port: options.api_port,
+                etcd_port: options.etcd_port,
                 http_port: options.http_port,
+                kubeconfig: options.kubeconfig,
             };
             crate::local::stack::run(settings, options.smoke).await
         }

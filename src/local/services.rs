@@ -52,20 +52,13 @@ pub fn postgres_bin_dir() -> Option<PathBuf> {
 
 /// Installs the Debian packages that provide what is missing, when we may;
 /// otherwise says exactly what to install.
-pub fn ensure_packages(
-    need_postgres: bool,
-    need_nats: bool,
-    need_kubectl: bool,
-) -> anyhow::Result<()> {
+pub fn ensure_packages(need_postgres: bool, need_nats: bool) -> anyhow::Result<()> {
     let mut missing = Vec::new();
     if need_postgres && postgres_bin_dir().is_none() {
         missing.push("postgresql");
     }
     if need_nats && find_on_path("nats-server").is_none() {
         missing.push("nats-server");
-    }
-    if need_kubectl && find_on_path("kubectl").is_none() {
-        missing.push("kubernetes-client");
     }
     if missing.is_empty() {
         return Ok(());

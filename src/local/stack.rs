@@ -1,6 +1,7 @@
 //! `voucher-operator local`: the whole product on loopback, for a person or
 //! for CI (`--smoke`). Postgres and nats-server from the machine's packages,
-//! the local Kubernetes API endpoint, the real kubectl, and the operator
+//! a real kube-apiserver and etcd built from their upstream modules (or an
+//! existing cluster), the kubectl of the same build, and the operator
 //! (controller, audit relay, HTTP server) in this process.
 
 use std::net::Ipv4Addr;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use super::apiserver::{ApiServer, LocalApiConfig};
+use super::control_plane::{self, Binaries, Pki};
 use super::services;
 use crate::controller::{self, Context, Settings, metrics::Metrics};
 use crate::relay::{self, EventQuery, RelayMetrics, RelaySettings};
@@ -26,7 +27,10 @@ pub struct StackSettings {
     pub postgres_port: u16,
     pub nats_port: u16,
     pub api_port: u16,
+    pub etcd_port: u16,
     pub http_port: u16,
+    /// An existing cluster to use instead of starting one.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// The example Vouchers the stack applies, embedded so that it runs from anywhere.
@@ -150,9 +154,24 @@ async fn start_nats(settings: &StackSettings) -> anyhow::Result<Process> {
     Ok(process)
 }
 
-/// Runs kubectl against the stack; its stdout, or an error with its stderr.
-async fn kubectl(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new("kubectl")
+/// The cluster the stack uses: how to reach it, and which kubectl to run.
+struct Cluster {
+    kubeconfig: PathBuf,
+    kubectl: PathBuf,
+    client: kube::Client,
+    /// The kubeconfig's namespace: where the examples and admin-issued Vouchers go.
+    namespace: String,
+}
+
+impl Cluster {
+    /// Runs kubectl against the stack's cluster; its stdout, or an error with its stderr.
+    async fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        kubectl(&self.kubectl, &self.kubeconfig, args).await
+    }
+}
+
+async fn kubectl(binary: &Path, kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(binary)
         .args(args)
         .env("KUBECONFIG", kubeconfig)
         .output()
@@ -167,15 +186,70 @@ async fn kubectl(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-fn write_kubeconfig(path: &Path, api_port: u16) -> std::io::Result<()> {
-    std::fs::write(
-        path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: voucher-operator-local\n  cluster:\n    server: http://127.0.0.1:{api_port}\n\
-             users:\n- name: developer\n  user: {{}}\ncontexts:\n- name: voucher-operator-local\n  context:\n    cluster: voucher-operator-local\n    namespace: default\n    user: developer\n\
-             current-context: voucher-operator-local\n"
-        ),
-    )
+/// etcd and kube-apiserver on loopback, state and certificates kept in the
+/// state directory (so a second run finds its Vouchers again).
+async fn start_control_plane(
+    settings: &StackSettings,
+    binaries: &Binaries,
+) -> anyhow::Result<(Vec<Process>, Cluster)> {
+    let dir = settings.state_dir.join("kubernetes");
+    std::fs::create_dir_all(&dir)?;
+    let pki = Pki::ensure(&dir.join("pki"))?;
+    let etcd_log = dir.join("etcd.log");
+    let etcd = spawn(
+        control_plane::etcd_command(binaries, &dir.join("etcd"), settings.etcd_port),
+        &etcd_log,
+        "etcd",
+        libc::SIGTERM,
+    )?;
+    wait_for_port(settings.etcd_port, "etcd", &etcd_log).await?;
+    let api_log = dir.join("kube-apiserver.log");
+    let mut apiserver = spawn(
+        control_plane::apiserver_command(binaries, &pki, settings.etcd_port, settings.api_port, None),
+        &api_log,
+        "kube-apiserver",
+        libc::SIGTERM,
+    )?;
+    let kubeconfig = settings.state_dir.join("kubeconfig");
+    let text = pki.admin_kubeconfig(&format!("https://127.0.0.1:{}", settings.api_port), "default")?;
+    std::fs::write(&kubeconfig, &text)?;
+    let client = control_plane::client_for(&text).await?;
+    control_plane::wait_ready(&client, Duration::from_secs(90), &api_log, || {
+        matches!(apiserver.child.try_wait(), Ok(None))
+    })
+    .await?;
+    let cluster = Cluster {
+        kubeconfig,
+        kubectl: binaries.kubectl(),
+        client,
+        namespace: "default".into(),
+    };
+    // Stopped in reverse order: the API server before its storage.
+    Ok((vec![etcd, apiserver], cluster))
+}
+
+/// An existing cluster, from its kubeconfig; kubectl from PATH, else the one built here.
+async fn existing_cluster(kubeconfig: &Path) -> anyhow::Result<Cluster> {
+    let text = std::fs::read_to_string(kubeconfig)
+        .map_err(|e| anyhow::anyhow!("cannot read the kubeconfig {}: {e}", kubeconfig.display()))?;
+    let parsed = kube::config::Kubeconfig::from_yaml(&text)?;
+    let config = kube::Config::from_custom_kubeconfig(parsed, &Default::default()).await?;
+    let namespace = config.default_namespace.clone();
+    eprintln!(
+        "using the existing cluster at {} (kubeconfig {}, namespace {namespace})",
+        config.cluster_url,
+        kubeconfig.display()
+    );
+    let kubectl = match services::find_on_path("kubectl") {
+        Some(path) => path,
+        None => Binaries::find_or_build()?.kubectl(),
+    };
+    Ok(Cluster {
+        kubeconfig: kubeconfig.to_path_buf(),
+        kubectl,
+        client: kube::Client::try_from(config)?,
+        namespace,
+    })
 }
 
 /// A development token: HS256 with this run's secret, an admin, valid one day.
@@ -221,7 +295,12 @@ async fn ensure_database(settings: &StackSettings) -> anyhow::Result<String> {
 /// Starts everything, prints what to try (or runs the smoke check), and
 /// stops everything on Ctrl-C / SIGTERM (or when the smoke check ends).
 pub async fn run(settings: StackSettings, smoke: bool) -> anyhow::Result<()> {
-    services::ensure_packages(true, true, true)?;
+    services::ensure_packages(true, true)?;
+    // Built before anything starts: the first build takes a while.
+    let binaries = match settings.kubeconfig {
+        None => Some(Binaries::find_or_build()?),
+        Some(_) => None,
+    };
     std::fs::create_dir_all(&settings.state_dir)?;
     if services::is_root() {
         // Postgres runs unprivileged and must reach its directory inside.
@@ -232,7 +311,20 @@ pub async fn run(settings: StackSettings, smoke: bool) -> anyhow::Result<()> {
     let postgres = start_postgres(&settings).await?;
     let result = async {
         let nats = start_nats(&settings).await?;
-        let outcome = run_operator(&settings, smoke, stop.clone()).await;
+        let outcome = async {
+            let (processes, cluster) = match (&settings.kubeconfig, &binaries) {
+                (Some(kubeconfig), _) => (Vec::new(), existing_cluster(kubeconfig).await?),
+                (None, Some(binaries)) => start_control_plane(&settings, binaries).await?,
+                (None, None) => unreachable!("the binaries are built when no cluster is given"),
+            };
+            let outcome = run_operator(&settings, &cluster, smoke, stop.clone()).await;
+            stop.cancel();
+            for process in processes.into_iter().rev() {
+                process.stop().await;
+            }
+            outcome
+        }
+        .await;
         stop.cancel();
         nats.stop().await;
         outcome
@@ -245,6 +337,7 @@ pub async fn run(settings: StackSettings, smoke: bool) -> anyhow::Result<()> {
 
 async fn run_operator(
     settings: &StackSettings,
+    cluster: &Cluster,
     smoke: bool,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -257,38 +350,21 @@ async fn run_operator(
     .await?;
     store.migrate().await?;
 
-    let api = ApiServer::new(LocalApiConfig {
-        state_file: Some(settings.state_dir.join("api-state.json")),
-        ..Default::default()
-    })?;
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, settings.api_port))
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on 127.0.0.1:{} for the local API: {e}",
-                settings.api_port
-            )
-        })?;
-    let api_stop = stop.clone();
-    tokio::spawn(api.serve(listener, async move { api_stop.cancelled().await }));
-    let kubeconfig = settings.state_dir.join("kubeconfig");
-    write_kubeconfig(&kubeconfig, settings.api_port)?;
-
+    // The CRD first, established, then the examples that use it.
+    control_plane::install_crd(&cluster.client).await?;
     let manifests = settings.state_dir.join("manifests");
     std::fs::create_dir_all(&manifests)?;
-    std::fs::write(manifests.join("00-crd.yaml"), crate::api::crd_yaml())?;
     for (name, text) in EXAMPLES {
         std::fs::write(manifests.join(name), text)?;
     }
-    let kubeconfig_str = kubeconfig.to_string_lossy().into_owned();
     print!(
         "{}",
-        kubectl(&kubeconfig, &["apply", "-f", &manifests.to_string_lossy()]).await?
+        cluster
+            .kubectl(&["apply", "-n", &cluster.namespace, "-f", &manifests.to_string_lossy()])
+            .await?
     );
-
-    let client = kube::Client::try_from(kube::Config::new(
-        format!("http://127.0.0.1:{}", settings.api_port).parse()?,
-    ))?;
+    let kubeconfig_str = cluster.kubeconfig.to_string_lossy().into_owned();
+    let client = cluster.client.clone();
     let mut registry = prometheus_client::registry::Registry::default();
     let ctx = Context::new(
         client.clone(),
@@ -324,7 +400,7 @@ async fn run_operator(
         rate_limit_per_minute: 600,
         rate_limit_burst: 100,
         trusted_proxies: Vec::new(),
-        admin_namespace: "default".into(),
+        admin_namespace: cluster.namespace.clone(),
         body_limit: 16 * 1024,
         request_timeout: Duration::from_secs(10),
     };
@@ -348,11 +424,13 @@ async fn run_operator(
     let base = format!("http://127.0.0.1:{}", settings.http_port);
 
     if smoke {
-        return smoke_check(&kubeconfig, &base, &token, &relay_settings).await;
+        return smoke_check(cluster, &base, &token, &relay_settings).await;
     }
     println!(
         "\nvoucher-operator is running locally (state in {state}). Try:\n\n\
          export KUBECONFIG={kubeconfig_str}\n\
+         export PATH={kubectl_dir}:$PATH   # the kubectl built with the API server\n\
+         kubectl version\n\
          kubectl get vouchers\n\
          kubectl describe voucher omantel-muscat-200\n\
          curl -s {base}/billing/vouchers/redeem-preview -d '{{\"code\":\"omantel-muscat-200\"}}'\n\
@@ -362,6 +440,11 @@ async fn run_operator(
          psql {database_url}\n\n\
          Ctrl-C stops everything.",
         state = settings.state_dir.display(),
+        kubectl_dir = cluster
+            .kubectl
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
         nats = settings.nats_port,
         exe = std::env::current_exe()
             .map(|p| p.display().to_string())
@@ -374,7 +457,7 @@ async fn run_operator(
 /// The main flow once: every example Ready, a redemption, REDEEMED 1 in
 /// `kubectl get vouchers`, and the `redeemed` event in JetStream.
 async fn smoke_check(
-    kubeconfig: &Path,
+    cluster: &Cluster,
     base: &str,
     token: &str,
     relay: &RelaySettings,
@@ -388,11 +471,16 @@ async fn smoke_check(
         Ok(())
     };
     loop {
-        let phases = kubectl(
-            kubeconfig,
-            &["get", "vouchers", "-o", "jsonpath={.items[*].status.phase}"],
-        )
-        .await?;
+        let phases = cluster
+            .kubectl(&[
+                "get",
+                "vouchers",
+                "-n",
+                &cluster.namespace,
+                "-o",
+                "jsonpath={.items[*].status.phase}",
+            ])
+            .await?;
         if phases.split_whitespace().count() == EXAMPLES.len() {
             println!("smoke: every example Voucher reconciled: {phases}");
             break;
@@ -412,7 +500,9 @@ async fn smoke_check(
     }
     println!("smoke: redeemed OMANTEL-MUSCAT-200: {body}");
     let table = loop {
-        let table = kubectl(kubeconfig, &["get", "vouchers"]).await?;
+        let table = cluster
+            .kubectl(&["get", "vouchers", "-n", &cluster.namespace])
+            .await?;
         let redeemed = table
             .lines()
             .find(|l| l.starts_with("omantel-muscat-200"))

@@ -90,12 +90,21 @@ fn render(values: Value) -> Rendered {
     render_chart(chart_dir(), values)
 }
 
+/// Renders the chart with `values` into the release namespace `namespace`.
+fn render_in(namespace: &str, values: Value) -> Rendered {
+    render_chart_in(chart_dir(), namespace, values)
+}
+
 fn render_chart(chart: PathBuf, values: Value) -> Rendered {
+    render_chart_in(chart, NAMESPACE, values)
+}
+
+fn render_chart_in(chart: PathBuf, namespace: &str, values: Value) -> Rendered {
     let request = json!({
         "chart": chart,
         "values": values,
         "release": RELEASE,
-        "namespace": NAMESPACE,
+        "namespace": namespace,
         "kube_versions": KUBE_VERSIONS,
     });
     let mut child = Command::new(python())

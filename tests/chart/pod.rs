@@ -1,15 +1,19 @@
 //! The pod the chart renders, run: each container's args and environment exactly as rendered,
-//! with a cleared environment, against real Postgres, a real nats-server and the project's local
-//! Kubernetes API endpoint (no real API server can run here). Only what a cluster supplies is
-//! filled in: Secret values, the downward API, loopback ports for the declared container ports,
-//! and KUBECONFIG in place of the in-cluster service account.
+//! with a cleared environment, against real Postgres, a real nats-server and the real Kubernetes
+//! API server, as the chart's ServiceAccount with the chart's RBAC applied. Only what a cluster
+//! supplies is filled in: Secret values, the downward API, loopback ports for the declared
+//! container ports, and KUBECONFIG (with the ServiceAccount's token from the TokenRequest API) in
+//! place of the in-cluster token mount.
+//!
+//! Least privilege is checked both ways from the API server's audit log: nothing the pod does is
+//! refused, and every rule the chart grants was used (an unused grant fails the test: remove it,
+//! or exercise it here).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use k8s_openapi::api::coordination::v1::Lease;
-use voucher_operator::local::apiserver::LocalApiConfig;
 
 use super::*;
 
@@ -18,6 +22,7 @@ const POD_NAME: &str = "vo-voucher-operator-7d9c-abcde";
 
 struct Pod {
     dir: tempfile::TempDir,
+    namespace: String,
     kubeconfig: std::path::PathBuf,
     database: String,
     /// Declared container port → the loopback port standing in for it.
@@ -39,7 +44,7 @@ impl Pod {
                 (_, from) if from["secretKeyRef"]["name"] == "billing-db" => self.database.clone(),
                 (_, from) if from["secretKeyRef"]["name"] == "billing-jwt" => JWT_SECRET.into(),
                 (_, from) if from["fieldRef"]["fieldPath"] == "metadata.namespace" => {
-                    NAMESPACE.into()
+                    self.namespace.clone()
                 }
                 (_, from) if from["fieldRef"]["fieldPath"] == "metadata.name" => POD_NAME.into(),
                 (_, from) => panic!("{name}: nothing supplies {from}"),
@@ -126,29 +131,90 @@ async fn stop(child: &mut Child, pod: &Pod) -> std::process::ExitStatus {
 }
 
 #[tokio::test]
-async fn the_rendered_pod_migrates_leads_serves_and_stops() {
-    let rendered = render(with(json!({
-        // A server list, as a cluster's NATS is usually given (here the same server twice).
-        "nats": {"url": format!("{0},{0}", support::nats().url)},
-        "audit": {"stream": "CHART_POD_AUDIT", "subjectPrefix": "chartpod.vouchers"},
-    })));
+async fn the_rendered_pod_migrates_leads_serves_and_stops_under_its_cluster_wide_rbac() {
+    run_rendered_pod(NAMESPACE, json!({})).await;
+}
+
+#[tokio::test]
+async fn the_rendered_pod_watching_one_namespace_needs_only_that_namespace() {
+    run_rendered_pod(
+        "catalyst-ops",
+        json!({"controller": {"watchNamespace": "billing-vouchers"}}),
+    )
+    .await;
+}
+
+/// Installs the release's RBAC in `namespace` as Helm would, then runs the pod there.
+async fn run_rendered_pod(namespace: &str, values: Value) {
+    let stream = format!("CHART_POD_{}", namespace.replace('-', "_").to_uppercase());
+    let prefix = format!("chartpod.{namespace}");
+    let mut values = with(values);
+    merge(
+        &mut values,
+        json!({
+            // A server list, as a cluster's NATS is usually given (here the same server twice).
+            "nats": {"url": format!("{0},{0}", support::nats().url)},
+            "audit": {"stream": stream, "subjectPrefix": prefix},
+        }),
+    );
+    let rendered = render_in(namespace, values);
     rendered.assert_valid();
     let deployment = rendered.one("Deployment");
     let spec = &deployment["spec"]["template"]["spec"];
-    let (api_url, client) = support::local_api(LocalApiConfig::default()).await;
-    // The release namespace exists before the pod does.
-    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
-        kube::Api::all(client.clone());
-    namespaces
-        .create(
-            &Default::default(),
-            &serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    let cluster = support::cluster::cluster();
+    let client = cluster.client().await;
     let dir = tempfile::tempdir().unwrap();
+
+    // The release's namespace and every namespace its RBAC names exist before the release does;
+    // then its ServiceAccount, (Cluster)Roles and bindings are applied as rendered.
+    let rbac: Vec<Value> = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]
+        .iter()
+        .flat_map(|kind| rendered.all(kind))
+        .cloned()
+        .collect();
+    let mut namespaces: Vec<String> = rbac
+        .iter()
+        .filter_map(|o| o["metadata"]["namespace"].as_str().map(str::to_owned))
+        .collect();
+    namespaces.push(namespace.to_owned());
+    namespaces.sort();
+    namespaces.dedup();
+    for ns in &namespaces {
+        let _ = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+            .create(
+                &Default::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+            )
+            .await;
+    }
+    let admin = cluster.kubeconfig(dir.path(), namespace);
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
+    let mut apply = cluster
+        .kubectl(&admin)
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    apply
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(list.to_string().as_bytes())
+        .unwrap();
+    let applied = apply.wait_with_output().unwrap();
+    assert!(
+        applied.status.success(),
+        "kubectl apply of the chart's RBAC: {}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let service_account = spec["serviceAccountName"].as_str().unwrap();
+    let kubeconfig = cluster.service_account_kubeconfig(dir.path(), namespace, service_account);
+
     let pod = Pod {
-        kubeconfig: support::kubeconfig(dir.path(), &api_url),
+        kubeconfig,
+        namespace: namespace.to_owned(),
         database: support::fresh_database("chartpod").await,
         ports: containers(deployment)
             .iter()
@@ -185,7 +251,7 @@ async fn the_rendered_pod_migrates_leads_serves_and_stops() {
 
     // The controller leads through the Lease the chart named, in the pod's namespace.
     let lease_name = env_value(controller, "LEASE_NAME").unwrap().to_owned();
-    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), NAMESPACE);
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), namespace);
     wait_for("the Lease", &pod, async || {
         leases
             .get_opt(&lease_name)
@@ -199,9 +265,10 @@ async fn the_rendered_pod_migrates_leads_serves_and_stops() {
 
     // An admin issues a code through the server (token from the chart's Secret, Voucher in the
     // chart's admin namespace); the controller reconciles it; the public preview finds it.
+    let admin_namespace = env_value(server, "ADMIN_NAMESPACE").unwrap().to_owned();
     let http = format!("http://127.0.0.1:{}", pod.port(server, "http"));
     let now = chrono::Utc::now().timestamp();
-    let admin = encode(
+    let admin_token = encode(
         &Header::new(Algorithm::HS256),
         &json!({"sub": "root", "role": "superadmin", "exp": now + 300, "iat": now}),
         &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
@@ -210,7 +277,7 @@ async fn the_rendered_pod_migrates_leads_serves_and_stops() {
     let web = reqwest::Client::new();
     let issued = web
         .post(format!("{http}/billing/vouchers/issue"))
-        .bearer_auth(&admin)
+        .bearer_auth(&admin_token)
         .json(
             &json!({"code": "CHART-POD-25", "credit_omr": 25, "description": "chart pod",
                       "max_redemptions": 10}),
@@ -220,7 +287,7 @@ async fn the_rendered_pod_migrates_leads_serves_and_stops() {
         .unwrap();
     assert_eq!(issued.status(), 200, "{}", pod.logs());
     let vouchers: kube::Api<voucher_operator::api::Voucher> =
-        kube::Api::namespaced(client.clone(), NAMESPACE);
+        kube::Api::namespaced(client.clone(), &admin_namespace);
     assert_eq!(
         vouchers
             .list(&Default::default())
@@ -239,15 +306,54 @@ async fn the_rendered_pod_migrates_leads_serves_and_stops() {
     })
     .await;
 
+    // Two out-of-band edits of the row: each is reverted and reported, the second as a repeat
+    // of the first Event (the Event's series is patched).
+    let database = support::pool(&pod.database).await;
+    for credit in [999, 998] {
+        sqlx::query("UPDATE promo_codes SET credit_omr = $1 WHERE code = 'CHART-POD-25'")
+            .bind(credit)
+            .execute(&database)
+            .await
+            .unwrap();
+        wait_for("the edit reverted", &pod, async || {
+            sqlx::query_scalar::<_, i32>(
+                "SELECT credit_omr FROM promo_codes WHERE code = 'CHART-POD-25'",
+            )
+            .fetch_one(&database)
+            .await
+            .unwrap()
+                == 25
+        })
+        .await;
+    }
+
+    // The admin revoke deletes the Voucher; the controller's finalizer tombstones the row.
+    let revoked = web
+        .delete(format!("{http}/billing/vouchers/revoke/CHART-POD-25"))
+        .bearer_auth(&admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200, "{}", pod.logs());
+    wait_for("the Voucher gone", &pod, async || {
+        vouchers
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    })
+    .await;
+
     // The leader's relay publishes the audit events on the chart's stream and subjects.
     let jetstream =
         async_nats::jetstream::new(async_nats::connect(&support::nats().url).await.unwrap());
     wait_for(
-        "audit events on CHART_POD_AUDIT",
+        &format!("audit events on {stream}"),
         &pod,
-        async || match jetstream.get_stream("CHART_POD_AUDIT").await {
-            Ok(mut stream) => stream.info().await.is_ok_and(|i| {
-                i.state.messages >= 1 && i.config.subjects == ["chartpod.vouchers.>".to_owned()]
+        async || match jetstream.get_stream(&stream).await {
+            Ok(mut s) => s.info().await.is_ok_and(|i| {
+                i.state.messages >= 1 && i.config.subjects == [format!("{prefix}.>")]
             }),
             Err(_) => false,
         },
@@ -268,4 +374,65 @@ async fn the_rendered_pod_migrates_leads_serves_and_stops() {
         .spec
         .and_then(|s| s.holder_identity);
     assert_eq!(holder, None, "released on stop");
+
+    assert_least_privilege(&rendered, namespace, service_account, &pod);
+}
+
+/// From the API server's audit log: no request of the pod's ServiceAccount was refused, and
+/// every rule the chart grants it was used by one of them.
+fn assert_least_privilege(rendered: &Rendered, namespace: &str, service_account: &str, pod: &Pod) {
+    let user = format!("system:serviceaccount:{namespace}:{service_account}");
+    let requests = support::cluster::cluster().requests_of(&user);
+    assert!(!requests.is_empty(), "no request of {user} was audited");
+    let refused: Vec<_> = requests.iter().filter(|r| r.code == 403).collect();
+    assert!(
+        refused.is_empty(),
+        "the chart's RBAC refused the pod: {refused:#?}\n{}",
+        pod.logs()
+    );
+    let roles = rendered.all("Role").into_iter().chain(rendered.all("ClusterRole"));
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().map(|s| s.as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default()
+    };
+    let mut unused = Vec::new();
+    for role in roles {
+        let role_namespace = role["metadata"]["namespace"].as_str();
+        for rule in role["rules"].as_array().unwrap() {
+            let names = strings(&rule["resourceNames"]);
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    for verb in strings(&rule["verbs"]) {
+                        let used = requests.iter().any(|r| {
+                            r.api_group == group
+                                && r.resource == resource
+                                // A server-side apply that creates the object is authorized as
+                                // create too, and audited as a patch answered 201.
+                                && (r.verb == verb
+                                    || (verb == "create" && r.verb == "patch" && r.code == 201))
+                                && role_namespace.is_none_or(|ns| r.namespace == ns)
+                                && (names.is_empty() || names.contains(&r.name))
+                        });
+                        if !used {
+                            unused.push(format!(
+                                "{} {verb} {group}/{resource}{}",
+                                role["metadata"]["name"].as_str().unwrap(),
+                                if names.is_empty() { String::new() } else { format!(" {names:?}") }
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let seen: std::collections::BTreeSet<String> = requests
+        .iter()
+        .map(|r| format!("{} {}/{} ({})", r.verb, r.api_group, r.resource, r.code))
+        .collect();
+    assert!(
+        unused.is_empty(),
+        "granted but never used (remove them from the chart, or exercise them here): {unused:#?}\n\
+         what the pod asked: {seen:#?}"
+    );
 }

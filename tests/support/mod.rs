@@ -1,5 +1,6 @@
-//! Real services for the integration tests: a throwaway Postgres cluster and a
-//! nats-server with JetStream, each started once per test binary on a free
+//! Real services for the integration tests: a throwaway Postgres cluster, a
+//! nats-server with JetStream and a Kubernetes API server (`cluster`), each
+//! started once per test binary on a free
 //! loopback port in a temporary directory, and stopped and removed when the
 //! test binary exits (or dies: they get SIGTERM when it does).
 //!
@@ -21,6 +22,9 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use voucher_operator::local::services;
+
+pub mod cluster;
+pub mod faults;
 
 pub struct Postgres {
     pub port: u16,
@@ -232,7 +236,7 @@ static SUPERVISED: Mutex<Vec<Supervised>> = Mutex::new(Vec::new());
 /// lives as long as the process (the parent-death signal fires when the
 /// spawning *thread* ends), and with an exit hook that stops it and removes
 /// its directory.
-fn supervise(mut cmd: Command, stop_signal: i32, dir: PathBuf) {
+fn supervise(mut cmd: Command, stop_signal: i32, dir: PathBuf) -> u32 {
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<SpawnRequest>();
@@ -262,11 +266,24 @@ fn supervise(mut cmd: Command, stop_signal: i32, dir: PathBuf) {
     let (reply_tx, reply_rx) = mpsc::channel();
     spawner.lock().unwrap().send((cmd, reply_tx)).unwrap();
     let child = reply_rx.recv().expect("the spawner thread answers");
+    let pid = child.id();
     SUPERVISED.lock().unwrap().push(Supervised {
         child,
         stop_signal,
         dir,
     });
+    pid
+}
+
+/// Whether our child `pid` still runs (an exited child stays a zombie until waited for).
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.to_owned();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
 }
 
 extern "C" fn stop_all() {
@@ -289,38 +306,6 @@ extern "C" fn stop_all() {
         let _ = service.child.wait();
         let _ = std::fs::remove_dir_all(&service.dir);
     }
-}
-
-/// A local Kubernetes API endpoint (the project's own, see `src/local`) on a
-/// free loopback port, served from this test's runtime, and a kube client for it.
-pub async fn local_api(
-    config: voucher_operator::local::apiserver::LocalApiConfig,
-) -> (String, kube::Client) {
-    let server =
-        voucher_operator::local::apiserver::ApiServer::new(config).expect("start the local API");
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(server.serve(listener, std::future::pending()));
-    let config = kube::Config::new(url.parse().unwrap());
-    let client = kube::Client::try_from(config).expect("a kube client");
-    (url, client)
-}
-
-/// A kubeconfig in `dir` for the API server at `server` (a local API endpoint), without credentials.
-pub fn kubeconfig(dir: &Path, server: &str) -> PathBuf {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: local, cluster: {{server: \"{server}\"}}}}]\n\
-             users: [{{name: dev, user: {{}}}}]\ncontexts: [{{name: local, context: {{cluster: local, user: dev}}}}]\n\
-             current-context: local\n"
-        ),
-    )
-    .unwrap();
-    path
 }
 
 /// Logs of the code under test, shown for failing tests; RUST_LOG filters them.

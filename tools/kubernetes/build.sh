@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Builds the real Kubernetes control plane that the tests and `voucher-operator local` run —
+# kube-apiserver, etcd and kubectl, from the upstream Go modules pinned in go.mod — into
+# target/kubernetes/<version>/bin, once per machine. Prints that directory on its last line.
+#
+#   bash tools/kubernetes/build.sh            # build what is missing (first run: ~15 min on 2 cores)
+#   KUBE_BIN_DIR=$(bash tools/kubernetes/build.sh | tail -1)
+#
+# Go's module and build caches (~/go/pkg/mod, ~/.cache/go-build) make a rebuild after
+# `cargo clean` take about a minute.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+
+if ! command -v go >/dev/null 2>&1; then
+  echo "error: the Go toolchain (go 1.26 or newer) is needed to build kube-apiserver, etcd and kubectl;" >&2
+  echo "       install it (Debian: apt-get install golang-go, or https://go.dev/doc/install) and run again" >&2
+  exit 1
+fi
+
+# The version is the one go.mod pins; the binaries report it (kubectl version, /version).
+version="$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ { print $2; exit }' "$here/go.mod")"
+[ -n "$version" ] || { echo "error: no k8s.io/kubernetes version in $here/go.mod" >&2; exit 1; }
+target="${CARGO_TARGET_DIR:-$root/target}"
+out="$target/kubernetes/$version/bin"
+mkdir -p "$out"
+# One build at a time per machine (test binaries and `local` may ask at once).
+exec 9>"$out/.lock"
+flock 9
+
+minor="${version#v1.}"; minor="${minor%%.*}"
+# What Kubernetes' own release build stamps (hack/lib/version.sh); "archive" is its tree state
+# for a build from a source archive rather than a git checkout.
+stamp=""
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  stamp+=" -X $pkg.gitVersion=$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+  stamp+=" -X $pkg.gitCommit= -X $pkg.gitTreeState=archive -X $pkg.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+done
+
+build() { # name package
+  local name="$1" pkg="$2"
+  if [ -x "$out/$name" ]; then return 0; fi
+  echo "==> building $name $version from $pkg (Go $(go env GOVERSION))" >&2
+  local started=$SECONDS
+  # -v names each package as it compiles: count them so that a long first build shows progress.
+  if ! (cd "$here" && go build -v -trimpath -buildvcs=false -ldflags "-s -w$stamp" -o "$out/$name.partial" "$pkg") 2>&1 |
+    awk -v name="$name" '/^(go: |#|.*\.go:[0-9])/ { print; next } { n++; if (n % 250 == 0) printf "    %s: %d packages compiled\n", name, n }' >&2
+  then
+    echo "error: building $name failed (output above)" >&2
+    exit 1
+  fi
+  mv "$out/$name.partial" "$out/$name"
+  echo "    $name built in $((SECONDS - started)) s" >&2
+}
+
+build etcd ./etcd
+build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
+build kubectl k8s.io/kubernetes/cmd/kubectl
+echo "$out"
