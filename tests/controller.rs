@@ -296,8 +296,7 @@ async fn a_no_op_resync_writes_nothing() {
 #[tokio::test]
 async fn a_spec_change_is_one_update_and_one_audit_record() {
     let h = harness().await;
-    h.create(&h.ns, "change-me", json!({"creditOMR": 5}))
-        .await;
+    h.create(&h.ns, "change-me", json!({"creditOMR": 5})).await;
     h.until(&h.ns, "change-me", "Active", |v| {
         phase(v) == Some(Phase::Active)
     })
@@ -372,12 +371,8 @@ async fn a_second_claim_on_a_code_is_a_conflict_that_touches_nothing() {
     let h = harness().await;
     let franchise = h.second_namespace("franchise").await;
 
-    h.create(
-        &h.ns,
-        "first",
-        json!({"code": "SHARED-1", "creditOMR": 5}),
-    )
-    .await;
+    h.create(&h.ns, "first", json!({"code": "SHARED-1", "creditOMR": 5}))
+        .await;
     h.until(&h.ns, "first", "Active", |v| {
         phase(v) == Some(Phase::Active)
     })
@@ -435,8 +430,7 @@ async fn a_second_claim_on_a_code_is_a_conflict_that_touches_nothing() {
 #[tokio::test]
 async fn an_out_of_band_edit_is_reverted_and_audited() {
     let h = harness().await;
-    h.create(&h.ns, "guarded", json!({"creditOMR": 5}))
-        .await;
+    h.create(&h.ns, "guarded", json!({"creditOMR": 5})).await;
     h.until(&h.ns, "guarded", "Active", |v| {
         phase(v) == Some(Phase::Active)
     })
@@ -474,16 +468,10 @@ async fn an_out_of_band_edit_is_reverted_and_audited() {
 #[tokio::test]
 async fn a_redemption_in_the_database_reaches_status_within_seconds() {
     let h = harness().await;
-    h.create(
-        &h.ns,
-        "hot",
-        json!({"creditOMR": 5, "maxRedemptions": 3}),
-    )
-    .await;
-    h.until(&h.ns, "hot", "Active", |v| {
-        phase(v) == Some(Phase::Active)
-    })
-    .await;
+    h.create(&h.ns, "hot", json!({"creditOMR": 5, "maxRedemptions": 3}))
+        .await;
+    h.until(&h.ns, "hot", "Active", |v| phase(v) == Some(Phase::Active))
+        .await;
 
     let started = std::time::Instant::now();
     sqlx::query("UPDATE promo_codes SET times_redeemed = times_redeemed + 1 WHERE code = 'HOT'")
@@ -548,8 +536,7 @@ async fn a_hot_code_does_not_flood_the_api_server() {
 #[tokio::test]
 async fn deletion_with_revoke_tombstones_the_row() {
     let h = harness().await;
-    h.create(&h.ns, "revoke-me", json!({"creditOMR": 5}))
-        .await;
+    h.create(&h.ns, "revoke-me", json!({"creditOMR": 5})).await;
     h.until(&h.ns, "revoke-me", "Active", |v| {
         phase(v) == Some(Phase::Active)
     })
@@ -811,11 +798,10 @@ async fn two_controllers_sharing_a_lease_never_reconcile_together() {
     )
     .await;
     assert!(reconciles(follower) > 0);
-    let holder: k8s_openapi::api::coordination::v1::Lease =
-        Api::namespaced(client.clone(), &ns)
-            .get("voucher-operator")
-            .await
-            .unwrap();
+    let holder: k8s_openapi::api::coordination::v1::Lease = Api::namespaced(client.clone(), &ns)
+        .get("voucher-operator")
+        .await
+        .unwrap();
     assert!(holder.spec.unwrap().holder_identity.is_some());
 }
 

@@ -25,7 +25,10 @@ async fn an_unreachable_api_server_is_a_clear_start_up_error() {
     // A kubeconfig that is valid but points at a port nothing listens on.
     let text = support::cluster::cluster()
         .kubeconfig_text("default")
-        .replace(&support::cluster::cluster().url, &format!("https://127.0.0.1:{}", free_port()));
+        .replace(
+            &support::cluster::cluster().url,
+            &format!("https://127.0.0.1:{}", free_port()),
+        );
     let config = dir.path().join("kubeconfig");
     std::fs::write(&config, text).unwrap();
     let output = controller(&config, &database).output().unwrap();

@@ -219,7 +219,8 @@ async fn credit_below_one_is_rejected() {
             "spec.creditOMR: Invalid value: 0",
             "should be greater than or equal to 1",
         ],
-    ).await;
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -231,7 +232,8 @@ async fn negative_max_redemptions_is_rejected() {
             "spec.maxRedemptions: Invalid value: -1",
             "greater than or equal to 0",
         ],
-    ).await;
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -240,7 +242,8 @@ async fn credit_is_required() {
         with(json!({"spec": {"creditOMR": null}})),
         None,
         &["spec.creditOMR: Required value"],
-    ).await;
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -249,7 +252,8 @@ async fn credit_must_be_an_integer() {
         with(json!({"spec": {"creditOMR": "50"}})),
         None,
         &["spec.creditOMR", "must be of type integer"],
-    ).await;
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -262,13 +266,15 @@ async fn code_outside_the_grammar_is_rejected() {
                 "spec.code",
                 "should match '^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$'",
             ],
-        ).await;
+        )
+        .await;
     }
     assert_rejected(
         with(json!({"spec": {"code": "A".repeat(65)}})),
         None,
         &["spec.code: Too long: may not be more than 64"],
-    ).await;
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -277,12 +283,14 @@ async fn unknown_fields_are_rejected_not_pruned() {
         with(json!({"spec": {"credit": 50}})),
         None,
         &["unknown field \"spec.credit\""],
-    ).await;
+    )
+    .await;
     assert_rejected(
         with(json!({"extra": true})),
         None,
         &["unknown field \"extra\""],
-    ).await;
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -291,7 +299,8 @@ async fn bad_dates_are_rejected() {
         with(json!({"spec": {"expiresAt": "next tuesday"}})),
         None,
         &["spec.expiresAt", "must be of type date-time"],
-    ).await;
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -303,7 +312,8 @@ async fn window_must_end_after_it_starts() {
         }})),
         None,
         &["spec.expiresAt must be later than spec.validFrom"],
-    ).await;
+    )
+    .await;
     // Equal instants in different offsets are still an empty window.
     assert_rejected(
         with(json!({"spec": {
@@ -312,7 +322,8 @@ async fn window_must_end_after_it_starts() {
         }})),
         None,
         &["spec.expiresAt must be later than spec.validFrom"],
-    ).await;
+    )
+    .await;
     assert_valid(
         &with(json!({"spec": {
             "validFrom": "2027-01-01T00:00:00Z",
@@ -332,7 +343,8 @@ async fn unknown_deletion_policy_is_rejected() {
             "spec.deletionPolicy: Unsupported value: \"Delete\"",
             "\"Revoke\", \"Orphan\"",
         ],
-    ).await;
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -350,7 +362,8 @@ async fn object_names_must_be_dns_subdomains() {
         with(json!({"metadata": {"name": "Launch_50"}})),
         None,
         &["metadata.name", "RFC 1123"],
-    ).await;
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -359,7 +372,8 @@ async fn wrong_api_version_is_rejected() {
         with(json!({"apiVersion": "catalyst.openova.io/v1"})),
         None,
         &["no matches for kind \"Voucher\" in version \"catalyst.openova.io/v1\""],
-    ).await;
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -370,13 +384,15 @@ async fn code_is_immutable_once_created() {
         with(json!({"spec": {"code": "LAUNCH-60"}})),
         Some(old.clone()),
         &[immutable],
-    ).await;
+    )
+    .await;
     assert_rejected(base(), Some(old.clone()), &[immutable]).await;
     assert_rejected(
         with(json!({"spec": {"code": "LAUNCH-50"}})),
         Some(base()),
         &[immutable],
-    ).await;
+    )
+    .await;
 
     // Other fields stay editable, and an unchanged code passes the transition rule.
     let edited = with(json!({"spec": {"code": "LAUNCH-50", "creditOMR": 75, "active": false}}));
@@ -390,7 +406,8 @@ async fn several_problems_are_reported_together() {
         with(json!({"spec": {"creditOMR": 0, "maxRedemptions": -5}})),
         None,
         &["spec.creditOMR", "spec.maxRedemptions"],
-    ).await;
+    )
+    .await;
 }
 
 /// The messages quoted in the README, verbatim: what kubectl prints.

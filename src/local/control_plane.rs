@@ -134,7 +134,10 @@ impl Pki {
         let admin_cert = admin.signed_by(&admin_key, &issuer)?;
 
         let sa_key = KeyPair::generate()?;
-        std::fs::write(pki.dir.join("service-accounts.pub"), sa_key.public_key_pem())?;
+        std::fs::write(
+            pki.dir.join("service-accounts.pub"),
+            sa_key.public_key_pem(),
+        )?;
         write_private(&pki.dir.join("apiserver.key"), &serving_key.serialize_pem())?;
         write_private(&pki.dir.join("admin.key"), &admin_key.serialize_pem())?;
         std::fs::write(pki.dir.join("ca.crt"), ca_cert.pem())?;
@@ -267,7 +270,10 @@ pub fn apiserver_command(
         .arg(format!("--tls-cert-file={}", file("apiserver.crt")))
         .arg(format!("--tls-private-key-file={}", file("apiserver.key")))
         .arg(format!("--client-ca-file={}", file("ca.crt")))
-        .arg(format!("--service-account-key-file={}", file("service-accounts.pub")))
+        .arg(format!(
+            "--service-account-key-file={}",
+            file("service-accounts.pub")
+        ))
         .arg(format!(
             "--service-account-signing-key-file={}",
             file("service-accounts.key")

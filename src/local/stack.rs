@@ -205,13 +205,22 @@ async fn start_control_plane(
     wait_for_port(settings.etcd_port, "etcd", &etcd_log).await?;
     let api_log = dir.join("kube-apiserver.log");
     let mut apiserver = spawn(
-        control_plane::apiserver_command(binaries, &pki, settings.etcd_port, settings.api_port, None),
+        control_plane::apiserver_command(
+            binaries,
+            &pki,
+            settings.etcd_port,
+            settings.api_port,
+            None,
+        ),
         &api_log,
         "kube-apiserver",
         libc::SIGTERM,
     )?;
     let kubeconfig = settings.state_dir.join("kubeconfig");
-    let text = pki.admin_kubeconfig(&format!("https://127.0.0.1:{}", settings.api_port), "default")?;
+    let text = pki.admin_kubeconfig(
+        &format!("https://127.0.0.1:{}", settings.api_port),
+        "default",
+    )?;
     std::fs::write(&kubeconfig, &text)?;
     let client = control_plane::client_for(&text).await?;
     control_plane::wait_ready(&client, Duration::from_secs(90), &api_log, || {
@@ -360,7 +369,13 @@ async fn run_operator(
     print!(
         "{}",
         cluster
-            .kubectl(&["apply", "-n", &cluster.namespace, "-f", &manifests.to_string_lossy()])
+            .kubectl(&[
+                "apply",
+                "-n",
+                &cluster.namespace,
+                "-f",
+                &manifests.to_string_lossy()
+            ])
             .await?
     );
     let kubeconfig_str = cluster.kubeconfig.to_string_lossy().into_owned();

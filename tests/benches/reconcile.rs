@@ -211,8 +211,8 @@ async fn main() {
         voucher_requests(&client, "PATCH", "status").await,
     );
     tokio::time::sleep(RESYNC + Duration::from_secs(10)).await;
-    let resynced = metric(port, "voucher_operator_reconciles_total{result=\"ok\"}").await
-        - reconciles_before;
+    let resynced =
+        metric(port, "voucher_operator_reconciles_total{result=\"ok\"}").await - reconciles_before;
     let resync_writes = voucher_requests(&client, "PATCH", "").await - patches_mid
         + voucher_requests(&client, "PATCH", "status").await
         - status_mid;

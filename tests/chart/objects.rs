@@ -269,7 +269,7 @@ fn rbac_grants_only_what_the_operator_uses() {
         .map(|(k, ns, g, r, v)| format!("{k}/{ns} {g} {r} {v}"))
         .collect();
     let expected: BTreeSet<String> = [
-        // The controller, cluster-wide: Vouchers, their status and finalizers, Events; and the
+        // The controller, cluster-wide: Vouchers and their status, Events; and the
         // revoke endpoint's delete, wherever the Voucher of a code is.
         "ClusterRole/ catalyst.openova.io vouchers get",
         "ClusterRole/ catalyst.openova.io vouchers list",
@@ -277,7 +277,6 @@ fn rbac_grants_only_what_the_operator_uses() {
         "ClusterRole/ catalyst.openova.io vouchers patch",
         "ClusterRole/ catalyst.openova.io vouchers delete",
         "ClusterRole/ catalyst.openova.io vouchers/status patch",
-        "ClusterRole/ catalyst.openova.io vouchers/finalizers update",
         "ClusterRole/ events.k8s.io events create",
         "ClusterRole/ events.k8s.io events patch",
         // Leader election, in the release namespace.
@@ -362,7 +361,6 @@ fn one_watched_namespace_needs_nothing_cluster_wide() {
     let expected: BTreeSet<String> = [
         "billing catalyst.openova.io vouchers",
         "billing catalyst.openova.io vouchers/status",
-        "billing catalyst.openova.io vouchers/finalizers",
         "billing events.k8s.io events",
         "catalyst coordination.k8s.io leases",
     ]

@@ -144,8 +144,12 @@ async fn the_rendered_pod_watching_one_namespace_needs_only_that_namespace() {
     .await;
 }
 
-/// Installs the release's RBAC in `namespace` as Helm would, then runs the pod there.
+/// Installs the release's RBAC in `namespace` as Helm would, then runs the pod there. One pod at
+/// a time: a controller watching every namespace would also reconcile the other pod's Vouchers
+/// (into its own database), as two installations in one cluster would.
 async fn run_rendered_pod(namespace: &str, values: Value) {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = ONE_AT_A_TIME.lock().await;
     let stream = format!("CHART_POD_{}", namespace.replace('-', "_").to_uppercase());
     let prefix = format!("chartpod.{namespace}");
     let mut values = with(values);
@@ -167,11 +171,17 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
 
     // The release's namespace and every namespace its RBAC names exist before the release does;
     // then its ServiceAccount, (Cluster)Roles and bindings are applied as rendered.
-    let rbac: Vec<Value> = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]
-        .iter()
-        .flat_map(|kind| rendered.all(kind))
-        .cloned()
-        .collect();
+    let rbac: Vec<Value> = [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    ]
+    .iter()
+    .flat_map(|kind| rendered.all(kind))
+    .cloned()
+    .collect();
     let mut namespaces: Vec<String> = rbac
         .iter()
         .filter_map(|o| o["metadata"]["namespace"].as_str().map(str::to_owned))
@@ -327,6 +337,38 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
         .await;
     }
 
+    // A second Voucher claiming the same code is a Conflict (the controller first looks up
+    // whether the owner still exists) and changes nothing; deleted, it leaves the code alone.
+    let copy: voucher_operator::api::Voucher = serde_json::from_value(json!({
+        "apiVersion": "catalyst.openova.io/v1alpha1", "kind": "Voucher",
+        "metadata": {"name": "chart-pod-25-copy"},
+        "spec": {"code": "CHART-POD-25", "creditOMR": 500},
+    }))
+    .unwrap();
+    vouchers.create(&Default::default(), &copy).await.unwrap();
+    wait_for("the copy in Conflict", &pod, async || {
+        vouchers
+            .get("chart-pod-25-copy")
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.phase)
+            == Some(voucher_operator::domain::Phase::Conflict)
+    })
+    .await;
+    vouchers
+        .delete("chart-pod-25-copy", &Default::default())
+        .await
+        .unwrap();
+    wait_for("the copy gone", &pod, async || {
+        vouchers
+            .get_opt("chart-pod-25-copy")
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await;
+
     // The admin revoke deletes the Voucher; the controller's finalizer tombstones the row.
     let revoked = web
         .delete(format!("{http}/billing/vouchers/revoke/CHART-POD-25"))
@@ -390,7 +432,10 @@ fn assert_least_privilege(rendered: &Rendered, namespace: &str, service_account:
         "the chart's RBAC refused the pod: {refused:#?}\n{}",
         pod.logs()
     );
-    let roles = rendered.all("Role").into_iter().chain(rendered.all("ClusterRole"));
+    let roles = rendered
+        .all("Role")
+        .into_iter()
+        .chain(rendered.all("ClusterRole"));
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
             .map(|a| a.iter().map(|s| s.as_str().unwrap().to_owned()).collect())
@@ -418,7 +463,11 @@ fn assert_least_privilege(rendered: &Rendered, namespace: &str, service_account:
                             unused.push(format!(
                                 "{} {verb} {group}/{resource}{}",
                                 role["metadata"]["name"].as_str().unwrap(),
-                                if names.is_empty() { String::new() } else { format!(" {names:?}") }
+                                if names.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(" {names:?}")
+                                }
                             ));
                         }
                     }
