@@ -300,10 +300,12 @@ pub async fn client_for(kubeconfig: &str) -> anyhow::Result<kube::Client> {
 }
 
 /// Waits until the API server reports ready (`/readyz`: etcd reachable,
-/// RBAC's bootstrap roles in place); `log` is shown when it does not, or
-/// when `running` says the process has exited.
+/// RBAC's bootstrap roles in place), asking with kubectl (quietly: a kube
+/// client would log every refused attempt); `log` is shown when it does not
+/// become ready, or when `running` says the process has exited.
 pub async fn wait_ready(
-    client: &kube::Client,
+    binaries: &Binaries,
+    kubeconfig: &Path,
     within: Duration,
     log: &Path,
     mut running: impl FnMut() -> bool,
@@ -315,12 +317,15 @@ pub async fn wait_ready(
             last = "it exited".into();
             break;
         }
-        let request = http::Request::get("/readyz").body(Vec::new())?;
-        match client.request_text(request).await {
-            Ok(body) if body.trim() == "ok" => return Ok(()),
-            Ok(body) => last = body,
-            Err(error) => last = error.to_string(),
+        let output = tokio::process::Command::new(binaries.kubectl())
+            .args(["get", "--raw", "/readyz", "--request-timeout=2s"])
+            .env("KUBECONFIG", kubeconfig)
+            .output()
+            .await?;
+        if output.status.success() {
+            return Ok(());
         }
+        last = String::from_utf8_lossy(&output.stderr).trim().to_owned();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let tail: String = {

@@ -222,11 +222,15 @@ async fn start_control_plane(
         "default",
     )?;
     std::fs::write(&kubeconfig, &text)?;
-    let client = control_plane::client_for(&text).await?;
-    control_plane::wait_ready(&client, Duration::from_secs(90), &api_log, || {
-        matches!(apiserver.child.try_wait(), Ok(None))
-    })
+    control_plane::wait_ready(
+        binaries,
+        &kubeconfig,
+        Duration::from_secs(90),
+        &api_log,
+        || matches!(apiserver.child.try_wait(), Ok(None)),
+    )
     .await?;
+    let client = control_plane::client_for(&text).await?;
     let cluster = Cluster {
         kubeconfig,
         kubectl: binaries.kubectl(),

@@ -71,6 +71,8 @@ fn start() -> Cluster {
     };
     // Readiness and the CRD, on a runtime of their own: each test has its own.
     let kubeconfig = cluster.kubeconfig_text("default");
+    let kubeconfig_path = cluster.kubeconfig(&cluster.dir, "default");
+    let binaries = cluster.binaries.clone();
     let log = cluster.dir.join("kube-apiserver.log");
     std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
@@ -79,11 +81,15 @@ fn start() -> Cluster {
             .unwrap()
             .block_on(async {
                 voucher_operator::install_tls_provider();
-                let client = control_plane::client_for(&kubeconfig).await?;
-                control_plane::wait_ready(&client, Duration::from_secs(90), &log, || {
-                    super::is_running(pid)
-                })
+                control_plane::wait_ready(
+                    &binaries,
+                    &kubeconfig_path,
+                    Duration::from_secs(90),
+                    &log,
+                    || super::is_running(pid),
+                )
                 .await?;
+                let client = control_plane::client_for(&kubeconfig).await?;
                 control_plane::install_crd(&client).await
             })
     })
