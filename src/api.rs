@@ -37,7 +37,6 @@ pub const PLURAL: &str = "vouchers";
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("has(self.spec.code) || self.metadata.name.matches('^[a-z0-9][a-z0-9-]{2,63}$')")
         .message("metadata.name becomes the code when spec.code is absent, so it must be 3 to 64 characters of a-z, 0-9 and '-'; otherwise set spec.code"),
-    cel
 )]
 #[x_kube(
     validation = Rule::new("has(self.code) == has(oldSelf.code) && (!has(self.code) || self.code == oldSelf.code)")

@@ -1,6 +1,6 @@
 //! `voucher-operator export` on a database in the billing service's shape
 //! (never touched by the operator), then the round trip: the manifests
-//! applied to the local API endpoint are adopted by the controller, with
+//! applied to the real API server are adopted by the controller, with
 //! their counters and creation times unchanged and no `created` record.
 
 mod support;

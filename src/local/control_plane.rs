@@ -282,7 +282,6 @@ pub fn apiserver_command(
         .arg("--authorization-mode=RBAC")
         .arg("--service-cluster-ip-range=10.0.0.0/24")
         .arg("--allow-privileged=true")
-        .arg("--profiling=false")
         .stdout(Stdio::null());
     if let Some(audit) = audit {
         cmd.arg(format!("--audit-policy-file={}", audit.policy.display()))

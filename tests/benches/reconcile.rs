@@ -51,15 +51,16 @@ async fn metric(port: u16, name: &str) -> f64 {
 /// Resync interval of the measured controller: one no-op pass over every Voucher is measured.
 const RESYNC: Duration = Duration::from_secs(20);
 
-/// The API server's request counter for Vouchers, by verb and subresource ("" or "status").
-async fn voucher_requests(client: &kube::Client, verb: &str, subresource: &str) -> f64 {
+/// The API server's count of writes to Vouchers (PATCH, and APPLY for a server-side apply), by
+/// subresource ("" or "status").
+async fn voucher_writes(client: &kube::Client, subresource: &str) -> f64 {
     let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
     let text = client.request_text(request).await.unwrap();
     text.lines()
         .filter(|l| l.starts_with("apiserver_request_total{"))
         .filter(|l| {
             l.contains("resource=\"vouchers\"")
-                && l.contains(&format!("verb=\"{verb}\""))
+                && (l.contains("verb=\"PATCH\"") || l.contains("verb=\"APPLY\""))
                 && l.contains(&format!("subresource=\"{subresource}\""))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -161,8 +162,8 @@ async fn main() {
     while support::http_get(port, "/readyz").await.is_empty() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let patches_before = voucher_requests(&client, "PATCH", "").await;
-    let status_before = voucher_requests(&client, "PATCH", "status").await;
+    let patches_before = voucher_writes(&client, "").await;
+    let status_before = voucher_writes(&client, "status").await;
     let vouchers: Api<Voucher> = Api::namespaced(client.clone(), &bench_ns);
     let started = Instant::now();
     futures::stream::iter(0..n)
@@ -200,21 +201,21 @@ async fn main() {
     let after_last_apply = elapsed - applied;
     // Let the last status patches land before counting.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let finalizer_patches = voucher_requests(&client, "PATCH", "").await - patches_before;
-    let status_patches = voucher_requests(&client, "PATCH", "status").await - status_before;
+    let finalizer_patches = voucher_writes(&client, "").await - patches_before;
+    let status_patches = voucher_writes(&client, "status").await - status_before;
     let settled_rss = rss_kib(child.id(), "VmRSS:");
 
     // A no-op resync: every Voucher is reconciled again and nothing is written.
     let reconciles_before = metric(port, "voucher_operator_reconciles_total{result=\"ok\"}").await;
     let (patches_mid, status_mid) = (
-        voucher_requests(&client, "PATCH", "").await,
-        voucher_requests(&client, "PATCH", "status").await,
+        voucher_writes(&client, "").await,
+        voucher_writes(&client, "status").await,
     );
     tokio::time::sleep(RESYNC + Duration::from_secs(10)).await;
     let resynced =
         metric(port, "voucher_operator_reconciles_total{result=\"ok\"}").await - reconciles_before;
-    let resync_writes = voucher_requests(&client, "PATCH", "").await - patches_mid
-        + voucher_requests(&client, "PATCH", "status").await
+    let resync_writes = voucher_writes(&client, "").await - patches_mid
+        + voucher_writes(&client, "status").await
         - status_mid;
     let hwm = rss_kib(child.id(), "VmHWM:");
     let _ = child.kill();

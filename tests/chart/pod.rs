@@ -99,6 +99,18 @@ impl Pod {
     }
 }
 
+/// The running containers; killed if the test fails before it stops them.
+struct Containers(Vec<Child>);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 async fn wait_for(what: &str, pod: &Pod, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !check().await {
@@ -111,8 +123,7 @@ async fn wait_for(what: &str, pod: &Pod, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
-/// SIGTERM, as the kubelet sends at the end of a pod; waits without blocking the runtime that
-/// serves the local API endpoint (the controller releases its Lease there on the way out).
+/// SIGTERM, as the kubelet sends at the end of a pod; waits without blocking the test's runtime.
 async fn stop(child: &mut Child, pod: &Pod) -> std::process::ExitStatus {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -241,10 +252,12 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
 
     let controller = container(deployment, "controller");
     let server = container(deployment, "server");
-    let mut running: Vec<Child> = [controller, server]
-        .iter()
-        .map(|c| pod.command(c).spawn().unwrap())
-        .collect();
+    let mut running = Containers(
+        [controller, server]
+            .iter()
+            .map(|c| pod.command(c).spawn().unwrap())
+            .collect(),
+    );
 
     // Both readiness probes pass, at the paths and ports the chart gives the kubelet.
     for c in [controller, server] {
@@ -405,7 +418,7 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
     // SIGTERM (a rollout, a drain): both stop cleanly within the grace period, the Lease is let go.
     let grace = Duration::from_secs(spec["terminationGracePeriodSeconds"].as_u64().unwrap());
     let started = Instant::now();
-    for child in &mut running {
+    for child in &mut running.0 {
         assert!(stop(child, &pod).await.success(), "{}", pod.logs());
     }
     assert!(started.elapsed() < grace, "{:?}", started.elapsed());

@@ -13,8 +13,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 
 if ! command -v go >/dev/null 2>&1; then
-  echo "error: the Go toolchain (go 1.26 or newer) is needed to build kube-apiserver, etcd and kubectl;" >&2
-  echo "       install it (Debian: apt-get install golang-go, or https://go.dev/doc/install) and run again" >&2
+  echo "error: the Go toolchain is needed to build kube-apiserver, etcd and kubectl: install Go 1.26" >&2
+  echo "       or newer (the project's machine image has it in /usr/local/go/bin), put it on PATH and run again" >&2
   exit 1
 fi
 
