@@ -6,9 +6,8 @@
 
 mod support;
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde_json::{Value, json};
 
@@ -18,29 +17,9 @@ use serde_json::{Value, json};
 async fn apply(doc: &Value, old: Option<&Value>) -> Result<(), String> {
     let (_, ns) = support::cluster::setup("crd").await;
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = support::cluster::cluster().kubeconfig(dir.path(), &ns);
-    let run = |doc: &Value| {
-        let mut child = support::cluster::cluster()
-            .kubectl(&kubeconfig)
-            .args(["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(doc.to_string().as_bytes())
-            .unwrap();
-        let output = child.wait_with_output().unwrap();
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&output.stderr).into_owned())
-        }
-    };
+    let cluster = support::cluster::cluster();
+    let kubeconfig = cluster.kubeconfig(dir.path(), &ns);
+    let run = |doc: &Value| cluster.apply(&kubeconfig, doc);
     if let Some(old) = old {
         run(old).map_err(|e| format!("the old object was refused: {e}"))?;
     }

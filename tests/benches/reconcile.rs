@@ -38,6 +38,23 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command; in clock ticks.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks as f64 / per_second
+}
+
 async fn metric(port: u16, name: &str) -> f64 {
     support::http_get(port, "/metrics")
         .await
@@ -62,6 +79,22 @@ async fn voucher_writes(client: &kube::Client, subresource: &str) -> f64 {
             l.contains("resource=\"vouchers\"")
                 && (l.contains("verb=\"PATCH\"") || l.contains("verb=\"APPLY\""))
                 && l.contains(&format!("subresource=\"{subresource}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every write the API server has answered (creates, patches, applies, updates, deletes of any
+/// resource: the bench's creates, the controller's patches and its Events).
+async fn all_writes(client: &kube::Client) -> f64 {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(request).await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            ["POST", "PATCH", "APPLY", "PUT", "DELETE"]
+                .iter()
+                .any(|verb| l.contains(&format!("verb=\"{verb}\"")))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -165,6 +198,8 @@ async fn main() {
     let patches_before = voucher_writes(&client, "").await;
     let status_before = voucher_writes(&client, "status").await;
     let vouchers: Api<Voucher> = Api::namespaced(client.clone(), &bench_ns);
+    let apiserver_cpu_before = cpu_seconds(cluster.apiserver_pid);
+    let writes_before = all_writes(&client).await;
     let started = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
@@ -199,6 +234,9 @@ async fn main() {
     }
     let elapsed = started.elapsed();
     let after_last_apply = elapsed - applied;
+    let apiserver_cpu = cpu_seconds(cluster.apiserver_pid) - apiserver_cpu_before;
+    let controller_cpu = cpu_seconds(child.id());
+    let writes = all_writes(&client).await - writes_before;
     // Let the last status patches land before counting.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let finalizer_patches = voucher_writes(&client, "").await - patches_before;
@@ -253,6 +291,19 @@ async fn main() {
     println!(
         "  ratio to the database baseline: {:.2}x the time",
         elapsed.as_secs_f64() / baseline.as_secs_f64()
+    );
+    println!(
+        "  CPU time until all reconciled: kube-apiserver {apiserver_cpu:.1} s ({:.0}% of one core), \
+         controller {controller_cpu:.1} s; {} cores in all",
+        100.0 * apiserver_cpu / elapsed.as_secs_f64(),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!(
+        "  writes the API server answered until then: {writes} ({:.1} per Voucher: create, finalizer, \
+         status, Event), {:.0} per second, {:.1} ms of its CPU each",
+        writes / n as f64,
+        writes / elapsed.as_secs_f64(),
+        1000.0 * apiserver_cpu / writes
     );
     println!("  writes to the API server per Voucher (its apiserver_request_total):");
     println!(

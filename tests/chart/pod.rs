@@ -210,26 +210,9 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
     }
     let admin = cluster.kubeconfig(dir.path(), namespace);
     let list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
-    let mut apply = cluster
-        .kubectl(&admin)
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    apply
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(list.to_string().as_bytes())
-        .unwrap();
-    let applied = apply.wait_with_output().unwrap();
-    assert!(
-        applied.status.success(),
-        "kubectl apply of the chart's RBAC: {}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    if let Err(refused) = cluster.apply(&admin, &list) {
+        panic!("kubectl apply of the chart's RBAC: {refused}");
+    }
     let service_account = spec["serviceAccountName"].as_str().unwrap();
     let kubeconfig = cluster.service_account_kubeconfig(dir.path(), namespace, service_account);
 

@@ -22,6 +22,8 @@ pub struct Cluster {
     pub binaries: Binaries,
     /// Requests made by service accounts (user, verb, resource, response code).
     pub audit_log: PathBuf,
+    /// The kube-apiserver process (benchmarks read its CPU time).
+    pub apiserver_pid: u32,
     pki: Pki,
     dir: PathBuf,
 }
@@ -66,6 +68,7 @@ fn start() -> Cluster {
         url: format!("https://127.0.0.1:{port}"),
         binaries,
         audit_log: audit.log,
+        apiserver_pid: pid,
         pki,
         dir,
     };
@@ -112,6 +115,33 @@ impl Cluster {
         let path = dir.join("kubeconfig");
         std::fs::write(&path, self.kubeconfig_text(namespace)).unwrap();
         path
+    }
+
+    /// `kubectl apply -f -` of `manifest` (strict field validation, kubectl's default):
+    /// Ok, or kubectl's error output.
+    pub fn apply(&self, kubeconfig: &Path, manifest: &serde_json::Value) -> Result<(), String> {
+        use std::io::Write as _;
+        use std::process::Stdio;
+        let mut child = self
+            .kubectl(kubeconfig)
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(manifest.to_string().as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
     }
 
     /// A kubeconfig in `dir` that acts as the service account `namespace/name`,
