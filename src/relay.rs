@@ -217,11 +217,17 @@ pub async fn run(
     metrics: std::sync::Arc<RelayMetrics>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client = async_nats::ConnectOptions::new()
+    let connect = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
-        .connect(server_addresses(&settings.nats_url)?)
-        .await?;
+        .connect(server_addresses(&settings.nats_url)?);
+    // The first connection is retried for as long as NATS is away: a stop
+    // must not wait for it (a controller asked to stop while NATS is down
+    // would otherwise never exit).
+    let client = tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        client = connect => client?,
+    };
     let js = jetstream::new(client);
     let mut wake = Box::pin(store.listen(OUTBOX_CHANNEL));
     let mut backoff = Duration::from_millis(100);

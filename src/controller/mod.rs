@@ -612,7 +612,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         })
         .reflect(writer)
         .applied_objects();
-    Controller::for_stream(vouchers, cache)
+    let controller = Controller::for_stream(vouchers, cache)
         .with_config(config)
         .reconcile_on(rows_changed)
         .reconcile_all_on(catch_up)
@@ -622,6 +622,22 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             if let Err(error) = result {
                 tracing::debug!(%error, "reconcile result");
             }
-        })
-        .await;
+        });
+    // Graceful shutdown lets running reconciles finish. Stopped before the
+    // first list completed, kube-runtime's runner keeps waiting for a cache
+    // that nothing fills any more: after a grace period, stop regardless.
+    let grace = async {
+        stop.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        _ = controller => {}
+        _ = grace => tracing::warn!(
+            grace = ?SHUTDOWN_GRACE,
+            "the controller had not stopped within its grace period; stopping regardless"
+        ),
+    }
 }
+
+/// How long running reconciles get to finish once a stop is asked for.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
