@@ -62,7 +62,9 @@ fn start() -> Cluster {
     let mut apiserver =
         control_plane::apiserver_command(&binaries, &pki, etcd_port, port, Some(&audit));
     apiserver.stderr(super::log_file(dir.join("kube-apiserver.log")));
-    let pid = super::supervise(apiserver, libc::SIGTERM, dir.clone());
+    // Killed outright: a throwaway API server needs no graceful shutdown, and
+    // one that outlives its etcd retries it for minutes.
+    let pid = super::supervise(apiserver, libc::SIGKILL, dir.clone());
 
     let cluster = Cluster {
         url: format!("https://127.0.0.1:{port}"),

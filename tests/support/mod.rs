@@ -256,8 +256,8 @@ fn supervise(mut cmd: Command, stop_signal: i32, dir: PathBuf) -> u32 {
     });
     // SAFETY: prctl is async-signal-safe and runs in the forked child only.
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, stop_signal) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
