@@ -1,16 +1,22 @@
 //! voucher-operator: billing vouchers as a Kubernetes custom resource.
 //!
-//! The domain is plain Rust; every other module is an adapter around it.
+//! The domain is plain Rust in its own crate (`voucher-core`); every module
+//! here is an adapter around it. Development tools (`voucher-dev local`, the
+//! test control plane in `voucher-testenv`) are other crates: nothing of them
+//! is in this binary.
+
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod cli;
 pub mod controller;
-pub mod domain;
-pub mod local;
 pub mod relay;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+
+/// The domain, from its own crate (no I/O; see crates/voucher-core).
+pub use voucher_core as domain;
 
 /// Selects ring as the process's TLS crypto provider (kube and the JWKS
 /// client both use rustls); safe to call more than once.

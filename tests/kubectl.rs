@@ -43,7 +43,7 @@ async fn real_cluster() -> Option<Stack> {
         })
     };
     let pool = support::pool(&need("VOUCHER_E2E_DATABASE_URL")).await;
-    let binaries = voucher_operator::local::control_plane::Binaries::find_or_build()
+    let binaries = voucher_testenv::control_plane::Binaries::find_or_build()
         .unwrap_or_else(|e| panic!("{e:#}"));
     Some(Stack {
         kubeconfig: kubeconfig.into(),

@@ -59,11 +59,6 @@ pub enum Command {
     /// YAML), to commit to Git and let the controller adopt them with their redemptions kept.
     /// Only reads the database.
     Export(ExportOptions),
-    /// The whole product on loopback for development: Postgres and nats-server (installed from
-    /// Debian packages when missing), a real kube-apiserver and etcd (built from source on
-    /// first use) or an existing cluster (--kubeconfig), and the operator (controller, audit
-    /// relay, HTTP server). Ctrl-C stops everything.
-    Local(LocalOptions),
     /// Run the controller and the server in one process (development, small installations).
     Run {
         #[command(flatten)]
@@ -196,44 +191,6 @@ pub struct ExportOptions {
     /// Write to this file instead of standard output.
     #[arg(long, short = 'o')]
     pub output: Option<std::path::PathBuf>,
-}
-
-#[derive(Debug, Args)]
-pub struct LocalOptions {
-    /// Where the stack keeps its databases, kubeconfig and logs (kept between runs).
-    #[arg(long, env = "LOCAL_STATE_DIR", default_value_os_t = std::env::temp_dir().join("voucher-operator-local"))]
-    pub state_dir: std::path::PathBuf,
-
-    /// Postgres port on 127.0.0.1.
-    #[arg(long, default_value_t = 25432)]
-    pub postgres_port: u16,
-
-    /// nats-server port on 127.0.0.1.
-    #[arg(long, default_value_t = 24222)]
-    pub nats_port: u16,
-
-    /// Port of the local kube-apiserver (HTTPS; kubectl and the operator talk to it).
-    #[arg(long, default_value_t = 26443)]
-    pub api_port: u16,
-
-    /// Client port of the local etcd (the API server's storage).
-    #[arg(long, default_value_t = 22379)]
-    pub etcd_port: u16,
-
-    /// Use this existing cluster (kind, k3d, minikube or a real one) instead of starting
-    /// kube-apiserver and etcd: the CRD and the examples are applied there, in the
-    /// kubeconfig's namespace. A KUBECONFIG of the environment is not used unless given here.
-    #[arg(long, env = "LOCAL_KUBECONFIG")]
-    pub kubeconfig: Option<std::path::PathBuf>,
-
-    /// Port of the HTTP API (preview, redeem, admin).
-    #[arg(long, default_value_t = 28080)]
-    pub http_port: u16,
-
-    /// Run the main flow once (examples Ready, a redemption, REDEEMED 1 in kubectl, the
-    /// event in JetStream) in a fresh state directory, then stop; non-zero exit on any failure.
-    #[arg(long)]
-    pub smoke: bool,
 }
 
 #[derive(Debug, Args)]
@@ -459,23 +416,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Events(options) => commands::print_events(options).await,
         Command::Export(options) => commands::export(options).await,
-        Command::Local(options) => {
-            let fresh = options.smoke.then(tempfile::TempDir::new).transpose()?;
-            let state_dir = fresh
-                .as_ref()
-                .map(|d| d.path().to_path_buf())
-                .unwrap_or(options.state_dir);
-            let settings = crate::local::stack::StackSettings {
-                state_dir,
-                postgres_port: options.postgres_port,
-                nats_port: options.nats_port,
-                api_port: options.api_port,
-                etcd_port: options.etcd_port,
-                http_port: options.http_port,
-                kubeconfig: options.kubeconfig,
-            };
-            crate::local::stack::run(settings, options.smoke).await
-        }
         Command::Migrate(db) => {
             let store = Store::connect(&db.settings()).await?;
             let report = store.migrate().await?;

@@ -262,7 +262,7 @@ async fn main() {
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
     println!(
         "reconcile of {n} Vouchers (controller binary, real kube-apiserver {}, real Postgres)",
-        voucher_operator::local::control_plane::version(&client).await
+        voucher_testenv::control_plane::version(&client).await
     );
     println!("  {:<52} {:>10} {:>14}", "", "seconds", "vouchers/s");
     println!(

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
-use voucher_operator::local::control_plane::{self, Audit, Binaries, Pki};
+use voucher_testenv::control_plane::{self, Audit, Binaries, Pki};
 
 pub struct Cluster {
     /// `https://127.0.0.1:<port>`.
@@ -95,7 +95,7 @@ fn start() -> Cluster {
                 )
                 .await?;
                 let client = control_plane::client_for(&kubeconfig).await?;
-                control_plane::install_crd(&client).await
+                control_plane::install_crd(&client, &voucher_operator::api::crd()).await
             })
     })
     .join()

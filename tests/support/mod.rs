@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use voucher_operator::local::services;
+use voucher_testenv::services;
 
 pub mod cluster;
 pub mod faults;

@@ -82,7 +82,7 @@ impl Claim {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::voucher::Terms;
+    use crate::voucher::Terms;
     use chrono::Utc;
 
     fn owner(uid: &str) -> Owner {

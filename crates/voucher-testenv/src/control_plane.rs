@@ -2,7 +2,7 @@
 //! controller-runtime's envtest starts it: `etcd` and `kube-apiserver` built
 //! from their upstream Go modules (`tools/kubernetes`), certificates made
 //! here, RBAC authorization, no kubelet and no controller-manager (a CRD
-//! operator needs neither). Shared by `voucher-operator local` and the test
+//! operator needs neither). Shared by `voucher-dev local` and the test
 //! tooling, which supervise the processes each their way.
 
 use std::path::{Path, PathBuf};
@@ -19,7 +19,10 @@ use rcgen::{
 
 /// Where `tools/kubernetes/build.sh` is: the binaries are built from this
 /// checkout's pinned Go module.
-const BUILD_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/kubernetes/build.sh");
+const BUILD_SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tools/kubernetes/build.sh"
+);
 
 /// The directory holding `etcd`, `kube-apiserver` and `kubectl`.
 #[derive(Clone, Debug)]
@@ -338,16 +341,18 @@ pub async fn wait_ready(
     )
 }
 
-/// Creates or updates the Voucher CRD (server-side apply) and waits until
-/// the API server serves the kind.
-pub async fn install_crd(client: &kube::Client) -> anyhow::Result<()> {
+/// Creates or updates a CRD (server-side apply) and waits until the API
+/// server serves its kind.
+pub async fn install_crd(
+    client: &kube::Client,
+    crd: &CustomResourceDefinition,
+) -> anyhow::Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = crate::api::crd();
     let name = crd.metadata.name.clone().unwrap_or_default();
     crds.patch(
         &name,
         &PatchParams::apply("voucher-operator-local").force(),
-        &Patch::Apply(&crd),
+        &Patch::Apply(crd),
     )
     .await
     .with_context(|| format!("cannot apply the CRD {name}"))?;

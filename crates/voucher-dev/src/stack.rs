@@ -1,4 +1,4 @@
-//! `voucher-operator local`: the whole product on loopback, for a person or
+//! `voucher-dev local`: the whole product on loopback, for a person or
 //! for CI (`--smoke`). Postgres and nats-server from the machine's packages,
 //! a real kube-apiserver and etcd built from their upstream modules (or an
 //! existing cluster), the kubectl of the same build, and the operator
@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use super::control_plane::{self, Binaries, Pki};
-use super::services;
-use crate::controller::{self, Context, Settings, metrics::Metrics};
-use crate::relay::{self, EventQuery, RelayMetrics, RelaySettings};
-use crate::server::auth::{AuthSettings, Verifier};
-use crate::server::{self, AppState, ServerSettings};
-use crate::store::{DatabaseSettings, Store};
+use voucher_operator::controller::{self, Context, Settings, metrics::Metrics};
+use voucher_operator::relay::{self, EventQuery, RelayMetrics, RelaySettings};
+use voucher_operator::server::auth::{AuthSettings, Verifier};
+use voucher_operator::server::{self, AppState, ServerSettings};
+use voucher_operator::store::{DatabaseSettings, Store};
+use voucher_testenv::control_plane::{self, Binaries, Pki};
+use voucher_testenv::services;
 
 /// Where the stack keeps its state and which loopback ports it uses.
 #[derive(Clone, Debug)]
@@ -37,19 +37,19 @@ pub struct StackSettings {
 const EXAMPLES: [(&str, &str); 4] = [
     (
         "launch-campaign.yaml",
-        include_str!("../../examples/vouchers/launch-campaign.yaml"),
+        include_str!("../../../examples/vouchers/launch-campaign.yaml"),
     ),
     (
         "unlimited.yaml",
-        include_str!("../../examples/vouchers/unlimited.yaml"),
+        include_str!("../../../examples/vouchers/unlimited.yaml"),
     ),
     (
         "scheduled-window.yaml",
-        include_str!("../../examples/vouchers/scheduled-window.yaml"),
+        include_str!("../../../examples/vouchers/scheduled-window.yaml"),
     ),
     (
         "orphan-on-delete.yaml",
-        include_str!("../../examples/vouchers/orphan-on-delete.yaml"),
+        include_str!("../../../examples/vouchers/orphan-on-delete.yaml"),
     ),
 ];
 
@@ -320,7 +320,7 @@ pub async fn run(settings: StackSettings, smoke: bool) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&settings.state_dir, std::fs::Permissions::from_mode(0o711))?;
     }
-    let stop = crate::telemetry::shutdown_signal();
+    let stop = voucher_operator::telemetry::shutdown_signal();
     let postgres = start_postgres(&settings).await?;
     let result = async {
         let nats = start_nats(&settings).await?;
@@ -364,7 +364,7 @@ async fn run_operator(
     store.migrate().await?;
 
     // The CRD first, established, then the examples that use it.
-    control_plane::install_crd(&cluster.client).await?;
+    control_plane::install_crd(&cluster.client, &voucher_operator::api::crd()).await?;
     let manifests = settings.state_dir.join("manifests");
     std::fs::create_dir_all(&manifests)?;
     for (name, text) in EXAMPLES {
