@@ -11,7 +11,7 @@ async fn main() -> std::process::ExitCode {
     match cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", cli::describe(&*error));
+            eprintln!("error: {}", voucher_operator::telemetry::describe(&*error));
             std::process::ExitCode::FAILURE
         }
     }

@@ -89,3 +89,19 @@ pub fn shutdown_signal() -> CancellationToken {
     });
     token
 }
+
+/// An error and its causes on one line, without repeating a cause that a
+/// library already folded into the message above it.
+pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = cause.source();
+    }
+    text
+}

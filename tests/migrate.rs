@@ -29,8 +29,9 @@ fn assert_migrated(output: &Output) {
     );
 }
 
-/// The billing service's schema exactly as DESIGN §2 lists it, written the way
-/// that service writes it (not with the operator's migration).
+/// The billing service's schema exactly as that service defines it (the README's "The billing
+/// database" names the tables), written the way that service writes it (not with the
+/// operator's migration).
 const BILLING_SCHEMA: &str = r#"
 CREATE TABLE customers (id UUID PRIMARY KEY DEFAULT gen_random_uuid(), user_id TEXT UNIQUE NOT NULL,
   tenant_id TEXT NOT NULL, stripe_customer_id TEXT UNIQUE, email TEXT NOT NULL,

@@ -1,5 +1,5 @@
-//! The HTTP API against a real Postgres: every answer of DESIGN §5 from its
-//! own cause, bearer tokens (HS256 and RS256 through a JWKS), idempotent
+//! The HTTP API against a real Postgres: every answer the README documents,
+//! each from its own cause, bearer tokens (HS256 and RS256 through a JWKS), idempotent
 //! redemption, and exactly min(N, cap) grants under contention.
 
 mod support;

@@ -83,8 +83,9 @@ pub struct Verifier {
 const JWKS_REFRESH: Duration = Duration::from_secs(30);
 
 impl Verifier {
+    /// Fetching a JWKS over HTTPS needs the process's TLS provider, which
+    /// `main` installs (`crate::install_tls_provider`).
     pub fn new(settings: AuthSettings) -> Self {
-        crate::install_tls_provider();
         let hs256 = settings
             .hs256_secret
             .as_ref()

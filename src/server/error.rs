@@ -21,6 +21,9 @@ pub struct HttpError {
     pub status: StatusCode,
     pub message: String,
     pub retry_after: Option<u64>,
+    /// What really failed, for the log (never for the client); logged when
+    /// the answer is rendered.
+    pub cause: Option<String>,
 }
 
 impl HttpError {
@@ -29,6 +32,7 @@ impl HttpError {
             status,
             message: message.into(),
             retry_after: None,
+            cause: None,
         }
     }
 
@@ -45,17 +49,20 @@ impl From<AuthError> for HttpError {
 
 impl From<StoreError> for HttpError {
     fn from(error: StoreError) -> Self {
-        tracing::error!(error = %crate::cli::describe(&error), "database request failed");
         Self {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: "the billing database is unavailable; please try again shortly".into(),
             retry_after: Some(2),
+            cause: Some(crate::telemetry::describe(&error)),
         }
     }
 }
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
+        if let Some(cause) = &self.cause {
+            tracing::error!(status = self.status.as_u16(), error = %cause, "request failed");
+        }
         let mut response = (
             self.status,
             Json(ErrorBody {

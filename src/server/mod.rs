@@ -168,6 +168,7 @@ impl AppState {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 message: "too many requests from this client; slow down".into(),
                 retry_after: Some(wait.as_secs().max(1)),
+                cause: None,
             }
         })
     }
@@ -244,6 +245,7 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message: "the request took too long; please try again".into(),
                 retry_after: Some(1),
+                cause: None,
             }
             .into_response(),
         };

@@ -362,6 +362,8 @@ pub async fn serve_http(
     kube: Option<kube::Client>,
 ) -> (String, tokio_util::sync::CancellationToken) {
     use voucher_operator::server::{self, AppState, auth::Verifier};
+    // As main does before anything uses TLS.
+    voucher_operator::install_tls_provider();
     let state = AppState::new(
         store,
         Verifier::new(auth),
