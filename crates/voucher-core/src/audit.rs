@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::ownership::Owner;
+use super::owner::Owner;
 use super::voucher::{CodeRecord, TermField};
 
 /// One kind of audit event. Its name appears in the CloudEvents `type`

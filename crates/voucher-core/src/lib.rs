@@ -7,10 +7,12 @@
 
 pub mod audit;
 pub mod code;
+pub mod owner;
 pub mod ownership;
 pub mod voucher;
 
 pub use audit::{Actor, AuditData, AuditKind};
 pub use code::{Code, CodeError};
-pub use ownership::{Claim, Owner};
+pub use owner::Owner;
+pub use ownership::Claim;
 pub use voucher::{CodeRecord, Phase, Redeemability, TermField, Terms};

@@ -1,22 +1,8 @@
 //! Which resource owns a code, and what applying a resource to the row means.
 
 use super::audit::AuditKind;
+use super::owner::Owner;
 use super::voucher::{CodeRecord, TermField};
-
-/// The Kubernetes object a code is bound to. Compared by `uid`, so a
-/// resource deleted and re-created under the same name is a new owner.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Owner {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-}
-
-impl std::fmt::Display for Owner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// What a resource may do with the code it names.
 #[derive(Clone, Debug, PartialEq, Eq)]
