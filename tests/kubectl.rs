@@ -43,11 +43,16 @@ async fn real_cluster() -> Option<Stack> {
         })
     };
     let pool = support::pool(&need("VOUCHER_E2E_DATABASE_URL")).await;
-    let binaries = voucher_testenv::control_plane::Binaries::find_or_build()
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    // The cluster's own kubectl when there is one on PATH (within its version skew), else
+    // the one built with the test API server.
+    let kubectl = voucher_testenv::services::find_on_path("kubectl").unwrap_or_else(|| {
+        voucher_testenv::control_plane::Binaries::find_or_build()
+            .unwrap_or_else(|e| panic!("{e:#}"))
+            .kubectl()
+    });
     Some(Stack {
         kubeconfig: kubeconfig.into(),
-        kubectl: binaries.kubectl(),
+        kubectl,
         _dir: None,
         http: need("VOUCHER_E2E_HTTP_URL"),
         jwt_secret: need("VOUCHER_E2E_JWT_SECRET"),

@@ -192,7 +192,12 @@ async fn main() {
 
     let port = support::free_port();
     let mut child = controller(&kubeconfig, &database, port, &bench_ns);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while support::http_get(port, "/readyz").await.is_empty() {
+        assert!(
+            matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline,
+            "the controller did not become ready"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let patches_before = voucher_writes(&client, "").await;

@@ -1,6 +1,6 @@
 //! A fault-injecting HTTP proxy in front of the real API server (test code
 //! only): requests pass through with the admin credentials, except those a
-//! test asked to fail (an HTTP status) or to hang (a delay) a number of times.
+//! test asked to fail (an HTTP status) or to hang a number of times.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,8 +32,9 @@ impl Faults {
         self.push(method, path_contains, Action::Fail(status), times);
     }
 
-    /// The next `times` such requests wait `delay` before they pass.
-    pub fn delay(&self, method: &str, path_contains: &str, delay: Duration, times: usize) {
+    /// The next `times` such requests hang for `delay`, then time out as the
+    /// API server's own request timeout answers: 504, nothing done.
+    pub fn hang(&self, method: &str, path_contains: &str, delay: Duration, times: usize) {
         self.push(method, path_contains, Action::Delay(delay), times);
     }
 
@@ -82,19 +83,25 @@ pub async fn proxy(faults: Faults) -> String {
     url
 }
 
+/// An answer in the API server's shape for a failed request.
+fn failure(code: u16) -> Response {
+    let status = axum::http::StatusCode::from_u16(code).unwrap();
+    let body = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("injected by the test proxy: {code}"),
+        "reason": status.canonical_reason().unwrap_or("Unknown"), "code": code,
+    });
+    (status, axum::Json(body)).into_response()
+}
+
 async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
     let (mut parts, body) = request.into_parts();
     match proxy.faults.take(parts.method.as_str(), parts.uri.path()) {
-        Some(Action::Fail(code)) => {
-            let status = axum::http::StatusCode::from_u16(code).unwrap();
-            let body = serde_json::json!({
-                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": format!("injected by the test proxy: {code}"),
-                "reason": status.canonical_reason().unwrap_or("Unknown"), "code": code,
-            });
-            return (status, axum::Json(body)).into_response();
+        Some(Action::Fail(code)) => return failure(code),
+        Some(Action::Delay(delay)) => {
+            tokio::time::sleep(delay).await;
+            return failure(504);
         }
-        Some(Action::Delay(delay)) => tokio::time::sleep(delay).await,
         None => {}
     }
     let Ok(bytes) = axum::body::to_bytes(body, 64 << 20).await else {

@@ -1,8 +1,8 @@
 //! Real services for the integration tests: a throwaway Postgres cluster, a
 //! nats-server with JetStream and a Kubernetes API server (`cluster`), each
-//! started once per test binary on a free
-//! loopback port in a temporary directory, and stopped and removed when the
-//! test binary exits (or dies: they get SIGTERM when it does).
+//! started once per test binary on a free loopback port in a temporary
+//! directory, and stopped and removed when the test binary exits (or dies:
+//! each then gets its stop signal).
 //!
 //! A missing server binary is a test failure with the command that installs
 //! it, never a skip.

@@ -1,4 +1,4 @@
-// The real Kubernetes control plane the tests and `voucher-operator local` run:
+// The real Kubernetes control plane the tests and `voucher-dev local` run:
 // kube-apiserver, etcd and kubectl built from their upstream modules (see build.sh).
 module voucher-operator/tools/kubernetes
 

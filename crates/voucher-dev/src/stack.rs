@@ -76,18 +76,33 @@ impl Process {
     }
 }
 
-async fn wait_for_port(port: u16, what: &str, log: &Path) -> anyhow::Result<()> {
+/// Waits until `process` listens on `port`. A port that answers while our
+/// process has exited belongs to someone else (e.g. a leftover of an earlier
+/// run): that is an error, not a ready service.
+async fn wait_for_port(process: &mut Process, port: u16, log: &Path) -> anyhow::Result<()> {
+    let what = process.name;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
+    let exited = |process: &mut Process| !matches!(process.child.try_wait(), Ok(None));
+    while Instant::now() < deadline && !exited(process) {
         if tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
             .await
             .is_ok()
         {
-            return Ok(());
+            // A server that cannot bind exits promptly: give it that moment.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if !exited(process) {
+                return Ok(());
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let log = std::fs::read_to_string(log).unwrap_or_default();
+    if exited(process) {
+        anyhow::bail!(
+            "{what} exited at start (is something else using port {port}, e.g. a stack left \
+             running?); its log:\n{log}"
+        )
+    }
     anyhow::bail!("{what} did not start on port {port} within 30 s; its log:\n{log}")
 }
 
@@ -128,13 +143,13 @@ async fn start_postgres(settings: &StackSettings) -> anyhow::Result<Process> {
         }
     }
     let log = dir.join("postgres.log");
-    let process = spawn(
+    let mut process = spawn(
         services::postgres_command(&bin, &data, settings.postgres_port, &dir),
         &log,
         "postgres",
         libc::SIGINT,
     )?;
-    wait_for_port(settings.postgres_port, "postgres", &log).await?;
+    wait_for_port(&mut process, settings.postgres_port, &log).await?;
     Ok(process)
 }
 
@@ -144,13 +159,13 @@ async fn start_nats(settings: &StackSettings) -> anyhow::Result<Process> {
     let dir = settings.state_dir.join("nats");
     std::fs::create_dir_all(&dir)?;
     let log = dir.join("nats.log");
-    let process = spawn(
+    let mut process = spawn(
         services::nats_command(&binary, &dir.join("jetstream"), settings.nats_port),
         &log,
         "nats-server",
         libc::SIGTERM,
     )?;
-    wait_for_port(settings.nats_port, "nats-server", &log).await?;
+    wait_for_port(&mut process, settings.nats_port, &log).await?;
     Ok(process)
 }
 
@@ -161,6 +176,9 @@ struct Cluster {
     client: kube::Client,
     /// The kubeconfig's namespace: where the examples and admin-issued Vouchers go.
     namespace: String,
+    /// Someone else's cluster (`--kubeconfig`): the controller watches only
+    /// `namespace`, and an installed CRD is left as it is.
+    existing: bool,
 }
 
 impl Cluster {
@@ -196,13 +214,13 @@ async fn start_control_plane(
     std::fs::create_dir_all(&dir)?;
     let pki = Pki::ensure(&dir.join("pki"))?;
     let etcd_log = dir.join("etcd.log");
-    let etcd = spawn(
+    let mut etcd = spawn(
         control_plane::etcd_command(binaries, &dir.join("etcd"), settings.etcd_port),
         &etcd_log,
         "etcd",
         libc::SIGTERM,
     )?;
-    wait_for_port(settings.etcd_port, "etcd", &etcd_log).await?;
+    wait_for_port(&mut etcd, settings.etcd_port, &etcd_log).await?;
     let api_log = dir.join("kube-apiserver.log");
     let mut apiserver = spawn(
         control_plane::apiserver_command(
@@ -236,6 +254,7 @@ async fn start_control_plane(
         kubectl: binaries.kubectl(),
         client,
         namespace: "default".into(),
+        existing: false,
     };
     // Stopped in reverse order: the API server before its storage.
     Ok((vec![etcd, apiserver], cluster))
@@ -262,6 +281,7 @@ async fn existing_cluster(kubeconfig: &Path) -> anyhow::Result<Cluster> {
         kubectl,
         client: kube::Client::try_from(config)?,
         namespace,
+        existing: true,
     })
 }
 
@@ -364,7 +384,17 @@ async fn run_operator(
     store.migrate().await?;
 
     // The CRD first, established, then the examples that use it.
-    control_plane::install_crd(&cluster.client, &voucher_operator::api::crd()).await?;
+    let crd = voucher_operator::api::crd();
+    let crd_name = crd.metadata.name.clone().unwrap_or_default();
+    let crds: kube::Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = kube::Api::all(cluster.client.clone());
+    if cluster.existing && crds.get_opt(&crd_name).await?.is_some() {
+        // Installed by its owner (Helm, Flux): neither taken over nor changed.
+        eprintln!("the CRD {crd_name} is installed already; left as it is");
+    } else {
+        control_plane::install_crd(&cluster.client, &crd).await?;
+    }
     let manifests = settings.state_dir.join("manifests");
     std::fs::create_dir_all(&manifests)?;
     for (name, text) in EXAMPLES {
@@ -392,7 +422,8 @@ async fn run_operator(
         Settings {
             resync_interval: Duration::from_secs(300),
             status_min_interval: Duration::from_secs(1),
-            namespace: None,
+            // On someone else's cluster, only the namespace the examples went to.
+            namespace: cluster.existing.then(|| cluster.namespace.clone()),
             identity: "local".into(),
             concurrency: 4,
         },
@@ -455,7 +486,7 @@ async fn run_operator(
          curl -s {base}/billing/vouchers/redeem-preview -d '{{\"code\":\"omantel-muscat-200\"}}'\n\
          export TOKEN={token}\n\
          curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"OMANTEL-MUSCAT-200\",\"tenant_id\":\"acme\"}}'\n\
-         {exe} events --nats-url nats://127.0.0.1:{nats} --follow\n\
+         cargo run -- events --nats-url nats://127.0.0.1:{nats} --follow\n\
          psql {database_url}\n\n\
          Ctrl-C stops everything.",
         state = settings.state_dir.display(),
@@ -465,9 +496,6 @@ async fn run_operator(
             .map(|d| d.display().to_string())
             .unwrap_or_default(),
         nats = settings.nats_port,
-        exe = std::env::current_exe()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| "voucher-operator".into()),
     );
     stop.cancelled().await;
     Ok(())

@@ -1,6 +1,6 @@
 //! Postgres and nats-server on loopback, from the machine's packages: how to
-//! find them, install them, and start them. Shared by `voucher-operator
-//! local` and the test tooling, which supervise the processes each their way.
+//! find them, install them, and start them. Shared by `voucher-dev local`
+//! and the test tooling, which supervise the processes each their way.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
