@@ -68,36 +68,56 @@ async fn metric(port: u16, name: &str) -> f64 {
 /// Resync interval of the measured controller: one no-op pass over every Voucher is measured.
 const RESYNC: Duration = Duration::from_secs(20);
 
-/// The API server's count of writes to Vouchers (PATCH, and APPLY for a server-side apply), by
-/// subresource ("" or "status").
-async fn voucher_writes(client: &kube::Client, subresource: &str) -> f64 {
-    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
-    let text = client.request_text(request).await.unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-        .filter(|l| {
-            l.contains("resource=\"vouchers\"")
-                && (l.contains("verb=\"PATCH\"") || l.contains("verb=\"APPLY\""))
-                && l.contains(&format!("subresource=\"{subresource}\""))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// The writes the API server has answered so far, from one read of its
+/// `apiserver_request_total`.
+#[derive(Clone, Copy, Default)]
+struct Writes {
+    /// PATCH and APPLY (server-side apply) of Vouchers: the finalizer.
+    vouchers: f64,
+    /// The same on their status subresource.
+    status: f64,
+    /// Every write of any resource: the bench's creates, the controller's patches, its Events.
+    all: f64,
 }
 
-/// Every write the API server has answered (creates, patches, applies, updates, deletes of any
-/// resource: the bench's creates, the controller's patches and its Events).
-async fn all_writes(client: &kube::Client) -> f64 {
-    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
-    let text = client.request_text(request).await.unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-        .filter(|l| {
-            ["POST", "PATCH", "APPLY", "PUT", "DELETE"]
+impl Writes {
+    async fn read(client: &kube::Client) -> Self {
+        let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+        let text = client.request_text(request).await.unwrap();
+        let mut writes = Self::default();
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("apiserver_request_total{"))
+        {
+            let Some(count) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+                continue;
+            };
+            let verb = |v: &str| line.contains(&format!("verb=\"{v}\""));
+            if !["POST", "PATCH", "APPLY", "PUT", "DELETE"]
                 .iter()
-                .any(|verb| l.contains(&format!("verb=\"{verb}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+                .any(|v| verb(v))
+            {
+                continue;
+            }
+            writes.all += count;
+            if line.contains("resource=\"vouchers\"") && (verb("PATCH") || verb("APPLY")) {
+                if line.contains("subresource=\"status\"") {
+                    writes.status += count;
+                } else if line.contains("subresource=\"\"") {
+                    writes.vouchers += count;
+                }
+            }
+        }
+        writes
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            vouchers: self.vouchers - before.vouchers,
+            status: self.status - before.status,
+            all: self.all - before.all,
+        }
+    }
 }
 
 fn controller(kubeconfig: &std::path::Path, database: &str, port: u16, namespace: &str) -> Child {
@@ -200,11 +220,9 @@ async fn main() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let patches_before = voucher_writes(&client, "").await;
-    let status_before = voucher_writes(&client, "status").await;
     let vouchers: Api<Voucher> = Api::namespaced(client.clone(), &bench_ns);
     let apiserver_cpu_before = cpu_seconds(cluster.apiserver_pid);
-    let writes_before = all_writes(&client).await;
+    let writes_before = Writes::read(&client).await;
     let started = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
@@ -241,25 +259,24 @@ async fn main() {
     let after_last_apply = elapsed - applied;
     let apiserver_cpu = cpu_seconds(cluster.apiserver_pid) - apiserver_cpu_before;
     let controller_cpu = cpu_seconds(child.id());
-    let writes = all_writes(&client).await - writes_before;
+    let writes = Writes::read(&client).await.since(writes_before).all;
     // Let the last status patches land before counting.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let finalizer_patches = voucher_writes(&client, "").await - patches_before;
-    let status_patches = voucher_writes(&client, "status").await - status_before;
+    let first = Writes::read(&client).await;
+    let Writes {
+        vouchers: finalizer_patches,
+        status: status_patches,
+        ..
+    } = first.since(writes_before);
     let settled_rss = rss_kib(child.id(), "VmRSS:");
 
     // A no-op resync: every Voucher is reconciled again and nothing is written.
     let reconciles_before = metric(port, "voucher_operator_reconciles_total{result=\"ok\"}").await;
-    let (patches_mid, status_mid) = (
-        voucher_writes(&client, "").await,
-        voucher_writes(&client, "status").await,
-    );
     tokio::time::sleep(RESYNC + Duration::from_secs(10)).await;
     let resynced =
         metric(port, "voucher_operator_reconciles_total{result=\"ok\"}").await - reconciles_before;
-    let resync_writes = voucher_writes(&client, "").await - patches_mid
-        + voucher_writes(&client, "status").await
-        - status_mid;
+    let resync = Writes::read(&client).await.since(first);
+    let resync_writes = resync.vouchers + resync.status;
     let hwm = rss_kib(child.id(), "VmHWM:");
     let _ = child.kill();
     let _ = child.wait();

@@ -11,9 +11,8 @@
 //! fail: they never skip.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -107,20 +106,9 @@ fn render_chart_in(chart: PathBuf, namespace: &str, values: Value) -> Rendered {
         "namespace": namespace,
         "kube_versions": KUBE_VERSIONS,
     });
-    let mut child = Command::new(python())
-        .arg(repo().join("tests/chart/engine.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the chart engine");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.to_string().as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let mut engine = Command::new(python());
+    engine.arg(repo().join("tests/chart/engine.py"));
+    let output = support::run_with_input(&mut engine, request.to_string().as_bytes());
     assert!(
         output.status.success(),
         "the chart engine failed: {}",

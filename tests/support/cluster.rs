@@ -122,23 +122,9 @@ impl Cluster {
     /// `kubectl apply -f -` of `manifest` (strict field validation, kubectl's default):
     /// Ok, or kubectl's error output.
     pub fn apply(&self, kubeconfig: &Path, manifest: &serde_json::Value) -> Result<(), String> {
-        use std::io::Write as _;
-        use std::process::Stdio;
-        let mut child = self
-            .kubectl(kubeconfig)
-            .args(["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(manifest.to_string().as_bytes())
-            .unwrap();
-        let output = child.wait_with_output().unwrap();
+        let mut apply = self.kubectl(kubeconfig);
+        apply.args(["apply", "-f", "-"]);
+        let output = super::run_with_input(&mut apply, manifest.to_string().as_bytes());
         if output.status.success() {
             Ok(())
         } else {
