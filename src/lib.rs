@@ -7,7 +7,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod relay;
@@ -15,6 +14,8 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 
+/// The `Voucher` resource types and CRD, from their own crate (crates/voucher-api).
+pub use voucher_api as api;
 /// The domain, from its own crate (no I/O; see crates/voucher-core).
 pub use voucher_core as domain;
 

@@ -75,7 +75,7 @@ async fn exported_codes_are_adopted_with_their_history() {
         "live, valid codes only"
     );
     assert!(
-        report.contains("skipped \"FREE-1\": credit_omr is 0"),
+        report.contains("skipped \"FREE-1\": the credit is 0 OMR; a voucher grants at least 1 OMR"),
         "{report}"
     );
     // Whether the API server accepts them (schema, CEL, names) shows when they are created below.

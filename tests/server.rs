@@ -662,6 +662,7 @@ async fn admin_endpoints_need_an_admin_and_the_kubernetes_api() {
 
 #[tokio::test]
 async fn issue_and_revoke_act_on_voucher_resources() {
+    use kube::ResourceExt;
     use kube::api::Api;
     use voucher_operator::api::Voucher;
 
@@ -690,12 +691,39 @@ async fn issue_and_revoke_act_on_voucher_resources() {
         (body["code"].as_str(), body["credit_omr"].as_i64()),
         (Some("SPRING_SALE"), Some(15))
     );
+    // Terms outside the voucher rules are refused before anything is written.
+    for (body, says) in [
+        (json!({"code": "FREE-0", "credit_omr": 0}), "at least 1 OMR"),
+        (
+            json!({"code": "CAP-1", "credit_omr": 5, "max_redemptions": -1}),
+            "redemption cap is -1",
+        ),
+    ] {
+        let refused = s
+            .http
+            .post(format!("{}/billing/vouchers/issue", s.base))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{body}");
+        let error: Value = refused.json().await.unwrap();
+        assert!(error["error"].as_str().unwrap().contains(says), "{error}");
+    }
 
     let vouchers: Api<Voucher> = Api::namespaced(client, &ns);
     let created = vouchers.list(&Default::default()).await.unwrap().items;
     assert_eq!(created.len(), 1);
     let voucher = &created[0];
     assert_eq!(voucher.spec.code.as_deref(), Some("SPRING_SALE"));
+    assert_eq!(
+        voucher
+            .labels()
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("voucher-operator-admin")
+    );
     assert_eq!(
         (voucher.spec.credit_omr, voucher.spec.max_redemptions),
         (15, 100)

@@ -17,12 +17,13 @@ use super::AppState;
 use super::auth::Principal;
 use super::body::JsonBody;
 use super::error::{ErrorBody, HttpError};
-use crate::api::Voucher;
+use crate::api::{DeletionPolicy, Voucher, VoucherSpec};
 use crate::domain::{Code, CodeRecord};
 use crate::store::{StoreError, bindings, promo_codes};
 
 /// The field manager of Vouchers written through the admin endpoints.
 pub const ADMIN_FIELD_MANAGER: &str = "voucher-operator-admin";
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct IssueRequest {
@@ -138,29 +139,28 @@ pub async fn issue(
 ) -> Result<Json<PromoCode>, HttpError> {
     admin(&state, &headers).await?;
     let code = Code::parse(&request.code).map_err(|e| HttpError::bad_request(e.to_string()))?;
-    if request.credit_omr < 1 || request.max_redemptions < 0 {
-        return Err(HttpError::bad_request(
-            "credit_omr must be at least 1 and max_redemptions at least 0",
-        ));
-    }
+    let spec = VoucherSpec {
+        code: Some(code.to_string()),
+        credit_omr: request.credit_omr,
+        description: request.description.clone(),
+        active: request.active,
+        max_redemptions: request.max_redemptions,
+        valid_from: None,
+        expires_at: None,
+        deletion_policy: DeletionPolicy::default(),
+    };
+    spec.terms()
+        .validate()
+        .map_err(|e| HttpError::bad_request(e.to_string()))?;
     let api = vouchers(&state, &state.settings.admin_namespace)?;
     let name = crate::api::resource_name(&code);
-    let manifest = json!({
-        "apiVersion": "catalyst.openova.io/v1alpha1",
-        "kind": "Voucher",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": ADMIN_FIELD_MANAGER}},
-        "spec": {
-            "code": code.as_str(),
-            "creditOMR": request.credit_omr,
-            "description": request.description,
-            "maxRedemptions": request.max_redemptions,
-            "active": request.active,
-        }
-    });
+    let mut voucher = Voucher::new(&name, spec);
+    voucher.metadata.labels =
+        Some([(MANAGED_BY.to_owned(), ADMIN_FIELD_MANAGER.to_owned())].into());
     api.patch(
         &name,
         &PatchParams::apply(ADMIN_FIELD_MANAGER),
-        &Patch::Apply(&manifest),
+        &Patch::Apply(&voucher),
     )
     .await
     .map_err(kube_error)?;

@@ -7,6 +7,10 @@ pub const MAX_CODE_LEN: usize = 64;
 /// Shortest code (1 + 2 characters): shorter codes are too easy to guess.
 pub const MIN_CODE_LEN: usize = 3;
 
+/// What a code may look like as written in a manifest, before normalisation
+/// (lower case is upper-cased): the CRD's schema checks it.
+pub const CODE_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$";
+
 /// The billing service's normalisation: surrounding whitespace trimmed, ASCII upper-cased.
 /// Applied to every code before lookup, on every surface (preview, redemption, issue).
 pub fn normalize(input: &str) -> String {

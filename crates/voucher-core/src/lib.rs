@@ -15,4 +15,4 @@ pub use audit::{Actor, AuditData, AuditKind};
 pub use code::{Code, CodeError};
 pub use owner::Owner;
 pub use ownership::Claim;
-pub use voucher::{CodeRecord, Phase, Redeemability, TermField, Terms};
+pub use voucher::{CodeRecord, Phase, Redeemability, TermError, TermField, Terms};

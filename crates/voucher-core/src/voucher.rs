@@ -170,7 +170,51 @@ impl Phase {
     }
 }
 
+/// Smallest credit a voucher grants, in whole OMR.
+pub const MIN_CREDIT_OMR: i32 = 1;
+/// `max_redemptions` below this is meaningless (0 means unlimited).
+pub const MIN_MAX_REDEMPTIONS: i32 = 0;
+/// Longest description shown to customers, in characters.
+pub const MAX_DESCRIPTION_LEN: usize = 1024;
+
+/// Why a set of terms cannot be a voucher. The same rules are checked by the
+/// CRD's schema (built from the constants above), by adoption of existing rows
+/// and by the admin endpoints, so every surface refuses the same things.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TermError {
+    #[error("the credit is {0} OMR; a voucher grants at least {MIN_CREDIT_OMR} OMR")]
+    CreditTooSmall(i32),
+    #[error(
+        "the redemption cap is {0}; it must be at least {MIN_MAX_REDEMPTIONS} (0 means unlimited)"
+    )]
+    NegativeCap(i32),
+    #[error("the description has {0} characters; at most {MAX_DESCRIPTION_LEN} are allowed")]
+    DescriptionTooLong(usize),
+    #[error("the redemption window is empty: the expiry must be later than the start")]
+    EmptyWindow,
+}
+
 impl Terms {
+    /// Checks the rules every voucher's terms follow.
+    pub fn validate(&self) -> Result<(), TermError> {
+        if self.credit_omr < MIN_CREDIT_OMR {
+            return Err(TermError::CreditTooSmall(self.credit_omr));
+        }
+        if self.max_redemptions < MIN_MAX_REDEMPTIONS {
+            return Err(TermError::NegativeCap(self.max_redemptions));
+        }
+        let len = self.description.chars().count();
+        if len > MAX_DESCRIPTION_LEN {
+            return Err(TermError::DescriptionTooLong(len));
+        }
+        if let (Some(from), Some(until)) = (self.valid_from, self.expires_at)
+            && until <= from
+        {
+            return Err(TermError::EmptyWindow);
+        }
+        Ok(())
+    }
+
     /// The next instant at which the phase changes by the clock alone, so the
     /// controller can requeue exactly then.
     pub fn next_boundary(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -273,6 +317,35 @@ mod tests {
             created_at: at(0),
             deleted_at: None,
         }
+    }
+
+    #[test]
+    fn terms_outside_the_voucher_rules_are_refused() {
+        let ok = record().terms;
+        assert_eq!(ok.validate(), Ok(()));
+        let with = |f: fn(&mut Terms)| {
+            let mut t = ok.clone();
+            f(&mut t);
+            t.validate()
+        };
+        assert_eq!(
+            with(|t| t.credit_omr = 0),
+            Err(TermError::CreditTooSmall(0))
+        );
+        assert_eq!(
+            with(|t| t.max_redemptions = -1),
+            Err(TermError::NegativeCap(-1))
+        );
+        assert_eq!(with(|t| t.max_redemptions = 0), Ok(()));
+        assert_eq!(
+            with(|t| t.description = "x".repeat(MAX_DESCRIPTION_LEN + 1)),
+            Err(TermError::DescriptionTooLong(MAX_DESCRIPTION_LEN + 1))
+        );
+        assert_eq!(
+            with(|t| t.expires_at = t.valid_from),
+            Err(TermError::EmptyWindow)
+        );
+        assert_eq!(with(|t| t.valid_from = None), Ok(()));
     }
 
     #[test]

@@ -1,5 +1,10 @@
 //! The `Voucher` custom resource (`catalyst.openova.io/v1alpha1`): Kubernetes API
 //! types, their OpenAPI schema with CEL rules, and the generated CRD.
+//!
+//! The schema's bounds are the domain's term rules (`voucher_core`), so the API
+//! server refuses what the controller and the admin endpoints would refuse.
+
+#![forbid(unsafe_code)]
 
 use chrono::{DateTime, SubsecRound, Utc};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -9,7 +14,9 @@ use kube::{CustomResource, KubeSchema, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Code, CodeError, Phase, Terms};
+use voucher_core::code::CODE_PATTERN;
+use voucher_core::voucher::{MAX_DESCRIPTION_LEN, MIN_CREDIT_OMR, MIN_MAX_REDEMPTIONS};
+use voucher_core::{Code, CodeError, CodeRecord, Phase, TermError, Terms};
 
 pub const GROUP: &str = "catalyst.openova.io";
 pub const VERSION: &str = "v1alpha1";
@@ -49,17 +56,17 @@ pub struct VoucherSpec {
     /// The code customers enter, e.g. OMANTEL-MUSCAT-200. Upper-cased by the operator;
     /// defaults to the upper-cased resource name. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$"), length(max = 64))]
+    #[schemars(regex(pattern = CODE_PATTERN), length(max = voucher_core::code::MAX_CODE_LEN))]
     pub code: Option<String>,
 
     /// Credit granted on redemption, in whole Omani Rial (at least 1).
     #[serde(rename = "creditOMR")]
-    #[schemars(extend("minimum" = 1))]
+    #[schemars(extend("minimum" = MIN_CREDIT_OMR))]
     pub credit_omr: i32,
 
     /// Free text shown to customers on the redemption page.
     #[serde(default)]
-    #[schemars(length(max = 1024))]
+    #[schemars(length(max = MAX_DESCRIPTION_LEN))]
     pub description: String,
 
     /// Whether the code can be redeemed. Set false to pause a campaign without deleting it.
@@ -68,7 +75,7 @@ pub struct VoucherSpec {
 
     /// Redemptions allowed in total, across all customers; 0 means unlimited.
     #[serde(default)]
-    #[schemars(extend("minimum" = 0))]
+    #[schemars(extend("minimum" = MIN_MAX_REDEMPTIONS))]
     pub max_redemptions: i32,
 
     /// Start of the redemption window (RFC 3339). Before it the phase is Scheduled.
@@ -181,26 +188,19 @@ pub fn resource_name(code: &Code) -> String {
     format!("{base}-{:02x}{:02x}{:02x}", hash[0], hash[1], hash[2])
 }
 
+/// Why a `promo_codes` row cannot become a Voucher as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error(transparent)]
+    Code(#[from] CodeError),
+    #[error(transparent)]
+    Terms(#[from] TermError),
+}
+
 /// A Voucher that adopts an existing `promo_codes` row as it is.
-pub fn voucher_for(record: &crate::domain::CodeRecord, namespace: &str) -> Result<Voucher, String> {
-    let code = Code::parse(&record.code).map_err(|e| e.to_string())?;
-    if record.terms.credit_omr < 1 {
-        return Err(format!(
-            "credit_omr is {}, a Voucher needs at least 1",
-            record.terms.credit_omr
-        ));
-    }
-    if record.terms.max_redemptions < 0 {
-        return Err(format!(
-            "max_redemptions is {}, a Voucher needs at least 0",
-            record.terms.max_redemptions
-        ));
-    }
-    if let (Some(from), Some(until)) = (record.terms.valid_from, record.terms.expires_at)
-        && until <= from
-    {
-        return Err("expires_at is not after valid_from".into());
-    }
+pub fn voucher_for(record: &CodeRecord, namespace: &str) -> Result<Voucher, AdoptError> {
+    let code = Code::parse(&record.code)?;
+    record.terms.validate()?;
     let mut voucher = Voucher::new(
         &resource_name(&code),
         VoucherSpec {
@@ -302,6 +302,58 @@ mod tests {
         assert!(spec.active);
         assert_eq!(spec.max_redemptions, 0);
         assert_eq!(spec.deletion_policy, DeletionPolicy::Revoke);
+    }
+
+    /// The schema the API server checks, as generated.
+    fn spec_schema() -> serde_json::Value {
+        let crd = serde_json::to_value(crd()).unwrap();
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone()
+    }
+
+    #[test]
+    fn the_crd_schema_enforces_the_domain_term_rules() {
+        let spec = spec_schema();
+        let props = &spec["properties"];
+        // OpenAPI's minimum is a number; the API server compares integers to it.
+        assert_eq!(props["creditOMR"]["minimum"], f64::from(MIN_CREDIT_OMR));
+        assert_eq!(
+            props["maxRedemptions"]["minimum"],
+            f64::from(MIN_MAX_REDEMPTIONS)
+        );
+        assert_eq!(props["description"]["maxLength"], MAX_DESCRIPTION_LEN);
+        assert_eq!(props["code"]["pattern"], CODE_PATTERN);
+        // The window rule is a CEL rule on the spec.
+        let rules = spec["x-kubernetes-validations"].to_string();
+        assert!(rules.contains("self.expiresAt > self.validFrom"), "{rules}");
+    }
+
+    proptest::proptest! {
+        /// A code the schema admits is one the domain parses, and the other
+        /// way round (for input without surrounding blanks, which the
+        /// domain trims and the schema refuses).
+        #[test]
+        fn the_crd_code_pattern_admits_exactly_the_domain_codes(input in "[A-Za-z0-9_ .-]{0,70}") {
+            let pattern = regex::Regex::new(CODE_PATTERN).unwrap();
+            proptest::prop_assume!(input.trim() == input);
+            proptest::prop_assert_eq!(pattern.is_match(&input), Code::parse(&input).is_ok());
+        }
+    }
+
+    #[test]
+    fn rows_outside_the_term_rules_are_not_adopted() {
+        let mut row = CodeRecord {
+            code: "FREE-1".into(),
+            terms: voucher("free-1", None).spec.terms(),
+            times_redeemed: 0,
+            created_at: chrono::Utc::now(),
+            deleted_at: None,
+        };
+        assert!(voucher_for(&row, "billing").is_ok());
+        row.terms.credit_omr = 0;
+        assert!(matches!(
+            voucher_for(&row, "billing"),
+            Err(AdoptError::Terms(TermError::CreditTooSmall(0)))
+        ));
     }
 
     #[test]
