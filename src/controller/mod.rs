@@ -7,6 +7,7 @@
 
 pub mod leader;
 pub mod metrics;
+mod plan;
 pub mod status;
 
 use std::collections::HashMap;
@@ -26,12 +27,12 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{DeletionPolicy, Voucher, VoucherStatus};
-use crate::domain::{AuditKind, CodeError, Owner, Phase};
+use crate::domain::{Actor, AuditKind, Code, EventWording, Facts, Owner, Phase, Severity};
 use crate::store::notify::{CODES_CHANNEL, Notification};
 use crate::store::sync::{Released, Synced, Wanted};
 use crate::store::{Store, StoreError, bindings};
 use metrics::{KindLabel, Metrics, PhaseLabel, ReasonLabel, ResultLabel};
-use status::Outcome;
+use plan::{Found, Next, Seen};
 
 /// The finalizer that holds a Voucher until its row is revoked or orphaned.
 pub const FINALIZER: &str = "catalyst.openova.io/voucher-cleanup";
@@ -127,11 +128,15 @@ impl Context {
         Ok(Api::namespaced(self.client.clone(), &namespace))
     }
 
-    async fn publish(&self, voucher: &Voucher, type_: EventType, reason: &str, note: String) {
+    async fn publish(&self, voucher: &Voucher, event: EventWording) {
+        let reason = event.reason;
         let event = Event {
-            type_,
+            type_: match event.severity {
+                Severity::Normal => EventType::Normal,
+                Severity::Warning => EventType::Warning,
+            },
             reason: reason.into(),
-            note: Some(note),
+            note: Some(event.note),
             action: "Reconcile".into(),
             secondary: None,
         };
@@ -222,128 +227,104 @@ impl Context {
         Ok(None)
     }
 
-    async fn apply(&self, voucher: &Voucher) -> Result<Action, Error> {
-        let generation = voucher.metadata.generation.unwrap_or_default();
-        let now = Utc::now();
-        let previous = voucher.status.as_ref();
-        let code = match voucher.code() {
-            Ok(code) => code,
-            Err(error) => return self.invalid_code(voucher, error, generation).await,
-        };
-        let owner = Owner {
+    /// The owner a Voucher is bound as: compared by uid, so a resource
+    /// re-created under the same name is a new owner.
+    fn owner(voucher: &Voucher) -> Result<Owner, Error> {
+        Ok(Owner {
             namespace: voucher.namespace().ok_or(Error::NotNamespaced)?,
             name: voucher.name_any(),
             uid: voucher.uid().unwrap_or_default(),
+        })
+    }
+
+    /// Counts an audit record the reconcile caused: the one place that does.
+    fn count_audit(&self, kind: AuditKind) {
+        self.metrics
+            .audit_records
+            .get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            })
+            .inc();
+    }
+
+    /// Applies a Voucher: gathers what `plan::decide` needs, then carries out its plan.
+    async fn apply(&self, voucher: &Voucher) -> Result<Action, Error> {
+        let owner = Self::owner(voucher)?;
+        let code = voucher.code();
+        let now = Utc::now();
+        let (found, failure) = match &code {
+            Err(error) => (Found::InvalidCode(error.clone()), None),
+            Ok(code) => match self.sync(voucher, code, &owner, now).await {
+                Ok(synced) => (Found::Synced(synced), None),
+                Err(error) => (Found::DatabaseUnavailable(error.to_string()), Some(error)),
+            },
         };
+        let seen = Seen {
+            code: code.as_ref().ok(),
+            owner: &owner,
+            generation: voucher.metadata.generation.unwrap_or_default(),
+            previous: voucher.status.as_ref(),
+            now,
+            resync: self.settings.resync_interval,
+        };
+        let plan = plan::decide(found, seen);
+        if let (Some(holder), Ok(code)) = (&plan.audit_conflict, &code) {
+            self.store.audit_conflict(code, &owner, holder).await?;
+        }
+        for kind in &plan.audited {
+            self.count_audit(*kind);
+        }
+        for event in plan.events {
+            self.publish(voucher, event).await;
+        }
+        let written = self.write_status(voucher, plan.status).await;
+        self.remember_phase(voucher, Some(plan.phase));
+        if let Some(error) = failure {
+            // The database error is what gets retried; the status was best effort.
+            return Err(error.into());
+        }
+        Ok(match plan.next.at_most(written?) {
+            Next::After(delay) => Action::requeue(delay),
+            Next::AwaitChange | Next::Retry => Action::await_change(),
+        })
+    }
+
+    /// Brings the row to the spec. A binding whose Voucher is gone (deleted
+    /// without its finalizer running, e.g. forced by hand) would hold the code
+    /// forever: it is released and the code claimed again.
+    async fn sync(
+        &self,
+        voucher: &Voucher,
+        code: &Code,
+        owner: &Owner,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<Synced, StoreError> {
         let terms = voucher.spec.terms();
         let wanted = Wanted {
-            code: &code,
-            owner: &owner,
-            generation,
+            code,
+            owner,
+            generation: voucher.metadata.generation.unwrap_or_default(),
             terms: &terms,
             now,
         };
-        let mut synced = self.store.sync_voucher(&wanted).await;
-        // A binding whose Voucher is gone (deleted without its finalizer running,
-        // e.g. forced by hand) would hold the code forever: release it, claim again.
-        if let Ok(Synced::Conflict { owner: holder }) = &synced
-            && self.is_gone(holder).await
-        {
-            tracing::warn!(code = %code, holder = %holder, "releasing the binding of a Voucher that no longer exists");
-            self.store.release_stale_binding(&code, holder).await?;
-            let note = format!(
-                "code {code} was bound to Voucher {holder}, which no longer exists; released"
-            );
-            self.publish(voucher, EventType::Warning, "StaleBindingReleased", note)
-                .await;
-            synced = self.store.sync_voucher(&wanted).await;
-        }
-        let synced = match synced {
-            Ok(synced) => synced,
-            Err(error) => {
-                let message = format!("cannot reach the billing database: {error}");
-                let outcome = Outcome::Failed {
-                    phase: Phase::Error,
-                    reason: "DatabaseUnavailable",
-                    message,
-                    retrying: true,
-                };
-                // Best effort: the database error is what gets retried.
-                let _ = self
-                    .write_status(voucher, status::desired(outcome, generation, now, previous))
-                    .await;
-                self.remember_phase(voucher, Some(Phase::Error));
-                return Err(error.into());
-            }
+        let synced = self.store.sync_voucher(&wanted).await?;
+        let Synced::Conflict { owner: holder } = &synced else {
+            return Ok(synced);
         };
-        match synced {
-            Synced::Conflict { owner: holder } => {
-                if previous.and_then(|s| s.phase) != Some(Phase::Conflict) {
-                    self.store.audit_conflict(&code, &owner, &holder).await?;
-                    self.metrics
-                        .audit_records
-                        .get_or_create(&KindLabel {
-                            kind: AuditKind::Conflict.as_str(),
-                        })
-                        .inc();
-                    let note = format!(
-                        "code {code} is already owned by Voucher {holder}; nothing was changed"
-                    );
-                    self.publish(voucher, EventType::Warning, "CodeConflict", note)
-                        .await;
-                }
-                let outcome = Outcome::Conflict {
-                    code: code.as_str(),
-                    holder: &holder,
-                };
-                let wanted = status::desired(outcome, generation, now, previous);
-                let retry = self.write_status(voucher, wanted).await?;
-                self.remember_phase(voucher, Some(Phase::Conflict));
-                Ok(Action::requeue(
-                    retry.unwrap_or(self.settings.resync_interval),
-                ))
-            }
-            Synced::Applied {
-                record,
-                phase,
-                audited,
-                changed,
-                ..
-            } => {
-                for kind in &audited {
-                    self.metrics
-                        .audit_records
-                        .get_or_create(&KindLabel {
-                            kind: kind.as_str(),
-                        })
-                        .inc();
-                    let (type_, reason, note) = event_for(*kind, &record.code, &changed);
-                    self.publish(voucher, type_, reason, note).await;
-                }
-                let wanted = status::desired(
-                    Outcome::Synced {
-                        record: &record,
-                        phase,
-                    },
-                    generation,
-                    now,
-                    previous,
-                );
-                let retry = self.write_status(voucher, wanted).await?;
-                self.remember_phase(voucher, Some(phase));
-                let until_boundary = record
-                    .terms
-                    .next_boundary(now)
-                    .and_then(|at| (at - now).to_std().ok())
-                    .map(|d| d + Duration::from_millis(50));
-                let next = [Some(self.settings.resync_interval), until_boundary, retry]
-                    .into_iter()
-                    .flatten()
-                    .min()
-                    .unwrap_or(self.settings.resync_interval);
-                Ok(Action::requeue(next))
-            }
+        if !self.is_gone(holder).await {
+            return Ok(synced);
         }
+        tracing::warn!(code = %code, holder = %holder, "releasing the binding of a Voucher that no longer exists");
+        self.store.release_stale_binding(code, holder).await?;
+        let note =
+            format!("code {code} was bound to Voucher {holder}, which no longer exists; released");
+        let event = EventWording {
+            severity: Severity::Warning,
+            reason: "StaleBindingReleased",
+            note,
+        };
+        self.publish(voucher, event).await;
+        self.store.sync_voucher(&wanted).await
     }
 
     /// Whether the resource a binding names is gone (absent, or re-created
@@ -357,117 +338,30 @@ impl Context {
         }
     }
 
-    async fn invalid_code(
-        &self,
-        voucher: &Voucher,
-        error: CodeError,
-        generation: i64,
-    ) -> Result<Action, Error> {
-        let message = format!("this Voucher has no valid code: {error}; set spec.code");
-        self.publish(voucher, EventType::Warning, "InvalidCode", message.clone())
-            .await;
-        let outcome = Outcome::Failed {
-            phase: Phase::Error,
-            reason: "InvalidCode",
-            message,
-            retrying: false,
-        };
-        let wanted = status::desired(outcome, generation, Utc::now(), voucher.status.as_ref());
-        self.write_status(voucher, wanted).await?;
-        self.remember_phase(voucher, Some(Phase::Error));
-        Ok(Action::await_change())
-    }
-
     async fn cleanup(&self, voucher: &Voucher) -> Result<Action, Error> {
         self.remember_phase(voucher, None);
         let Ok(code) = voucher.code() else {
             return Ok(Action::await_change());
         };
-        let owner = Owner {
-            namespace: voucher.namespace().ok_or(Error::NotNamespaced)?,
-            name: voucher.name_any(),
-            uid: voucher.uid().unwrap_or_default(),
-        };
+        let owner = Self::owner(voucher)?;
         let revoke = voucher.spec.deletion_policy == DeletionPolicy::Revoke;
-        match self.store.release_voucher(&code, &owner, revoke).await? {
-            Released::Revoked(_) => {
-                self.metrics
-                    .audit_records
-                    .get_or_create(&KindLabel {
-                        kind: AuditKind::Revoked.as_str(),
-                    })
-                    .inc();
-                let note = format!(
-                    "code {code} soft-deleted (deletionPolicy Revoke); redemption history is kept"
-                );
-                self.publish(voucher, EventType::Normal, "Revoked", note)
-                    .await;
+        let kind = match self.store.release_voucher(&code, &owner, revoke).await? {
+            Released::Revoked(_) => Some(AuditKind::Revoked),
+            Released::Orphaned(_) => Some(AuditKind::Orphaned),
+            Released::NotOwner => None,
+        };
+        if let Some(kind) = kind {
+            self.count_audit(kind);
+            let actor = Actor::from(&owner);
+            if let Some(event) = kind.wording(&Facts::new(code.as_str(), &actor)).event {
+                self.publish(voucher, event).await;
             }
-            Released::Orphaned(_) => {
-                self.metrics
-                    .audit_records
-                    .get_or_create(&KindLabel {
-                        kind: AuditKind::Orphaned.as_str(),
-                    })
-                    .inc();
-                let note = format!("code {code} left as it is (deletionPolicy Orphan)");
-                self.publish(voucher, EventType::Normal, "Orphaned", note)
-                    .await;
-            }
-            Released::NotOwner => {}
         }
         let mut memory = self.memory.lock().unwrap();
         let key = ObjectRef::from_obj(voucher);
         memory.last_status_write.remove(&key);
         memory.failures.remove(&key);
         Ok(Action::await_change())
-    }
-}
-
-/// The Kubernetes Event that goes with an audit record.
-fn event_for(
-    kind: AuditKind,
-    code: &str,
-    changed: &[crate::domain::TermField],
-) -> (EventType, &'static str, String) {
-    let fields = crate::domain::TermField::join(changed);
-    match kind {
-        AuditKind::Created => (EventType::Normal, "Created", format!("created code {code}")),
-        AuditKind::Adopted => (
-            EventType::Normal,
-            "Adopted",
-            format!("adopted the existing code {code}; its redemptions are kept"),
-        ),
-        AuditKind::Updated => (
-            EventType::Normal,
-            "Updated",
-            format!("updated {fields} of code {code}"),
-        ),
-        AuditKind::Activated => (
-            EventType::Normal,
-            "Activated",
-            format!("code {code} can be redeemed again"),
-        ),
-        AuditKind::Deactivated => (
-            EventType::Normal,
-            "Deactivated",
-            format!("code {code} is switched off"),
-        ),
-        AuditKind::DriftCorrected => (
-            EventType::Warning,
-            "DriftCorrected",
-            format!("reverted an out-of-band edit of {fields} on code {code}"),
-        ),
-        AuditKind::Expired => (
-            EventType::Normal,
-            "Expired",
-            format!("code {code} reached spec.expiresAt"),
-        ),
-        other => (
-            EventType::Normal,
-            "Synced",
-            format!("{other} on code {code}"),
-        ),
     }
 }
 

@@ -120,6 +120,83 @@ fn phase_message(record: &CodeRecord, phase: Phase) -> (&'static str, String) {
     }
 }
 
+/// What the status says about an outcome, before the conditions are stamped.
+struct Said<'a> {
+    phase: Phase,
+    code: Option<String>,
+    times_redeemed: Option<i32>,
+    remaining: Option<i32>,
+    ready: Wanted<'a>,
+    synced: Wanted<'a>,
+    /// The kstatus condition, if any, that accompanies Ready=False.
+    progress: Option<&'static str>,
+}
+
+fn said<'a>(outcome: Outcome<'a>, previous: Option<&VoucherStatus>) -> Said<'a> {
+    match outcome {
+        Outcome::Synced { record, phase } => {
+            let (reason, message) = phase_message(record, phase);
+            Said {
+                phase,
+                code: Some(record.code.clone()),
+                times_redeemed: Some(record.times_redeemed),
+                remaining: record.remaining(),
+                ready: Wanted {
+                    status: true,
+                    reason,
+                    message,
+                },
+                synced: Wanted {
+                    status: true,
+                    reason: "Reconciled",
+                    message: format!("the promo_codes row of {} matches the spec", record.code),
+                },
+                progress: None,
+            }
+        }
+        Outcome::Conflict { code, holder } => {
+            let unready = Wanted {
+                status: false,
+                reason: "CodeConflict",
+                message: format!(
+                    "code {code} is owned by Voucher {holder}; this resource changes nothing until that one is deleted or uses another code"
+                ),
+            };
+            Said {
+                phase: Phase::Conflict,
+                code: Some(code.to_owned()),
+                times_redeemed: None,
+                remaining: None,
+                ready: unready.clone(),
+                synced: unready,
+                progress: Some(STALLED),
+            }
+        }
+        Outcome::Failed {
+            phase,
+            reason,
+            message,
+            retrying,
+        } => {
+            // The counters last seen stay: a failure says nothing new about them.
+            let unready = Wanted {
+                status: false,
+                reason,
+                message,
+            };
+            Said {
+                phase,
+                code: previous.and_then(|p| p.code.clone()),
+                times_redeemed: previous.and_then(|p| p.times_redeemed),
+                remaining: previous.and_then(|p| p.remaining),
+                ready: unready.clone(),
+                synced: unready,
+                progress: Some(if retrying { RECONCILING } else { STALLED }),
+            }
+        }
+    }
+}
+
 /// The status for `outcome`. `lastSyncedAt` is carried over from `previous`;
 /// the caller stamps it when it writes a changed status.
 pub fn desired(
@@ -128,88 +205,19 @@ pub fn desired(
     now: DateTime<Utc>,
     previous: Option<&VoucherStatus>,
 ) -> VoucherStatus {
-    // Which kstatus condition, if any, accompanies Ready=False.
-    let mut progress: Option<&str> = None;
-    let (phase, code, times_redeemed, remaining, ready, synced) = match outcome {
-        Outcome::Synced { record, phase } => {
-            let (reason, message) = phase_message(record, phase);
-            let synced_message = format!("the promo_codes row of {} matches the spec", record.code);
-            (
-                phase,
-                Some(record.code.clone()),
-                Some(record.times_redeemed),
-                record.remaining(),
-                Wanted {
-                    status: true,
-                    reason,
-                    message,
-                },
-                Wanted {
-                    status: true,
-                    reason: "Reconciled",
-                    message: synced_message,
-                },
-            )
-        }
-        Outcome::Conflict { code, holder } => {
-            let message = format!(
-                "code {code} is owned by Voucher {holder}; this resource changes nothing until that one is deleted or uses another code"
-            );
-            progress = Some(STALLED);
-            (
-                Phase::Conflict,
-                Some(code.to_owned()),
-                None,
-                None,
-                Wanted {
-                    status: false,
-                    reason: "CodeConflict",
-                    message: message.clone(),
-                },
-                Wanted {
-                    status: false,
-                    reason: "CodeConflict",
-                    message,
-                },
-            )
-        }
-        Outcome::Failed {
-            phase,
-            reason,
-            message,
-            retrying,
-        } => {
-            progress = Some(if retrying { RECONCILING } else { STALLED });
-            let previous_counts = previous.map(|p| (p.code.clone(), p.times_redeemed, p.remaining));
-            let (code, times, remaining) = previous_counts.unwrap_or_default();
-            (
-                phase,
-                code,
-                times,
-                remaining,
-                Wanted {
-                    status: false,
-                    reason,
-                    message: message.clone(),
-                },
-                Wanted {
-                    status: false,
-                    reason,
-                    message,
-                },
-            )
-        }
-    };
+    let said = said(outcome, previous);
+    let condition = |type_, wanted| condition(type_, wanted, generation, now, previous);
     VoucherStatus {
         observed_generation: Some(generation),
-        code,
-        phase: Some(phase),
-        times_redeemed,
-        remaining,
+        code: said.code,
+        phase: Some(said.phase),
+        times_redeemed: said.times_redeemed,
+        remaining: said.remaining,
         conditions: [
-            Some(condition(READY, ready.clone(), generation, now, previous)),
-            Some(condition(SYNCED, synced, generation, now, previous)),
-            progress.map(|type_| condition(type_, ready.made_true(), generation, now, previous)),
+            Some(condition(READY, said.ready.clone())),
+            Some(condition(SYNCED, said.synced)),
+            said.progress
+                .map(|type_| condition(type_, said.ready.made_true())),
         ]
         .into_iter()
         .flatten()

@@ -5,7 +5,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::Result;
-use crate::domain::AuditKind;
+use crate::domain::{AuditData, AuditKind};
 
 /// An audit record waiting to be published.
 #[derive(Clone, Debug, PartialEq)]
@@ -42,6 +42,17 @@ pub async fn append(conn: &mut PgConnection, record: &NewAuditRecord) -> Result<
     .fetch_one(conn)
     .await?;
     Ok(seq)
+}
+
+/// Appends the audit record of one change (see [`AuditData::of`]) in the
+/// caller's transaction: every change of the operator's is recorded this way.
+pub async fn append_audit(
+    conn: &mut PgConnection,
+    kind: AuditKind,
+    data: &AuditData,
+) -> Result<i64> {
+    let payload = serde_json::to_value(data).expect("audit data serialises");
+    append(conn, &NewAuditRecord::new(data.code.clone(), kind, payload)).await
 }
 
 /// A stored audit record.

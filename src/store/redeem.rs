@@ -5,9 +5,9 @@
 use chrono::{DateTime, Utc};
 
 use super::idempotency::{self, Claimed};
-use super::outbox::{self, NewAuditRecord};
+use super::outbox;
 use super::{Result, Store, customers, ledger, promo_codes, redemptions};
-use crate::domain::{Actor, AuditData, AuditKind, Code, Redeemability};
+use crate::domain::{Actor, AuditData, AuditKind, Code, Facts, Redeemability};
 
 /// Who redeems what.
 pub struct Redemption<'a> {
@@ -129,25 +129,16 @@ impl Store {
         if after.is_capped() {
             kinds.push(AuditKind::Exhausted);
         }
+        let actor = Actor::Subject {
+            subject: request.subject.to_owned(),
+        };
+        let facts = Facts {
+            credit_omr: Some(credit),
+            ..Facts::new(code.as_str(), &actor)
+        };
         for kind in kinds {
-            let reason = match kind {
-                AuditKind::Exhausted => {
-                    format!("the redemption by {} reached the cap", request.subject)
-                }
-                _ => format!("redeemed by {} for {credit} OMR", request.subject),
-            };
-            let data = AuditData {
-                code: code.to_string(),
-                before: Some(before.clone()),
-                after: Some(after.clone()),
-                changed: Vec::new(),
-                actor: Actor::Subject {
-                    subject: request.subject.to_owned(),
-                },
-                reason,
-            };
-            let payload = serde_json::to_value(&data).expect("audit data serialises");
-            outbox::append(tx, &NewAuditRecord::new(code.as_str(), kind, payload)).await?;
+            let data = AuditData::of(kind, &facts, Some(before.clone()), Some(after.clone()));
+            outbox::append_audit(tx, kind, &data).await?;
         }
         Ok(Redeemed::Granted {
             code: code.to_string(),

@@ -3,10 +3,10 @@
 
 use chrono::{DateTime, Utc};
 
-use super::outbox::{self, NewAuditRecord};
+use super::outbox;
 use super::{Result, Store, bindings, promo_codes};
 use crate::domain::{
-    Actor, AuditData, AuditKind, Claim, Code, CodeRecord, Owner, Phase, TermField, Terms,
+    Actor, AuditData, AuditKind, Claim, Code, CodeRecord, Facts, Owner, Phase, TermField, Terms,
 };
 
 /// A Voucher as the controller applies it.
@@ -41,28 +41,6 @@ pub enum Released {
     NotOwner,
 }
 
-fn reason(kind: AuditKind, owner: &Owner, changed: &[TermField]) -> String {
-    let fields = || TermField::join(changed);
-    match kind {
-        AuditKind::Created => format!("created by Voucher {owner}"),
-        AuditKind::Adopted => format!("existing code adopted by Voucher {owner}"),
-        AuditKind::Updated => format!("Voucher {owner} changed {}", fields()),
-        AuditKind::Activated => format!("Voucher {owner} activated the code"),
-        AuditKind::Deactivated => format!("Voucher {owner} deactivated the code"),
-        AuditKind::DriftCorrected => format!(
-            "out-of-band edit of {} reverted to Voucher {owner}",
-            fields()
-        ),
-        AuditKind::Expired => "the redemption window ended".into(),
-        AuditKind::Revoked => format!("Voucher {owner} deleted with deletionPolicy Revoke"),
-        AuditKind::Orphaned => {
-            format!("Voucher {owner} deleted with deletionPolicy Orphan; the row is left as it is")
-        }
-        AuditKind::Conflict => format!("Voucher {owner} claims a code that another resource owns"),
-        AuditKind::Exhausted | AuditKind::Redeemed => kind.to_string(),
-    }
-}
-
 impl Store {
     /// Claims the code for the resource and brings the row to its spec,
     /// writing only what differs, with one audit record per change.
@@ -94,21 +72,19 @@ impl Store {
         if !binding_current {
             bindings::bind(&mut tx, wanted.code, wanted.owner, wanted.generation, phase).await?;
         }
+        let actor = Actor::from(wanted.owner);
+        let facts = Facts {
+            changed: &applied.changed,
+            ..Facts::new(wanted.code.as_str(), &actor)
+        };
         for kind in &kinds {
-            let data = AuditData {
-                code: wanted.code.to_string(),
-                before: applied.before.clone(),
-                after: Some(applied.after.clone()),
-                changed: applied.changed.clone(),
-                actor: Actor::from(wanted.owner),
-                reason: reason(*kind, wanted.owner, &applied.changed),
-            };
-            let payload = serde_json::to_value(&data).expect("audit data serialises");
-            outbox::append(
-                &mut tx,
-                &NewAuditRecord::new(wanted.code.as_str(), *kind, payload),
-            )
-            .await?;
+            let data = AuditData::of(
+                *kind,
+                &facts,
+                applied.before.clone(),
+                Some(applied.after.clone()),
+            );
+            outbox::append_audit(&mut tx, *kind, &data).await?;
         }
         tx.commit().await?;
         Ok(Synced::Applied {
@@ -130,22 +106,13 @@ impl Store {
     ) -> Result<()> {
         let mut conn = self.pool().acquire().await?;
         let row = promo_codes::find_live(&mut conn, code).await?;
-        let data = AuditData {
-            code: code.to_string(),
-            before: row.clone(),
-            after: row,
-            changed: Vec::new(),
-            actor: Actor::from(claimant),
-            reason: format!(
-                "Voucher {claimant} claims code {code}, which Voucher {holder} owns; nothing was changed"
-            ),
+        let actor = Actor::from(claimant);
+        let facts = Facts {
+            holder: Some(holder),
+            ..Facts::new(code.as_str(), &actor)
         };
-        let payload = serde_json::to_value(&data).expect("audit data serialises");
-        outbox::append(
-            &mut conn,
-            &NewAuditRecord::new(code.as_str(), AuditKind::Conflict, payload),
-        )
-        .await?;
+        let data = AuditData::of(AuditKind::Conflict, &facts, row.clone(), row);
+        outbox::append_audit(&mut conn, AuditKind::Conflict, &data).await?;
         Ok(())
     }
 
@@ -190,16 +157,9 @@ impl Store {
             )
         };
         bindings::release(&mut tx, code, &owner.uid).await?;
-        let data = AuditData {
-            code: code.to_string(),
-            before,
-            after,
-            changed: Vec::new(),
-            actor: Actor::from(owner),
-            reason: reason(kind, owner, &[]),
-        };
-        let payload = serde_json::to_value(&data).expect("audit data serialises");
-        outbox::append(&mut tx, &NewAuditRecord::new(code.as_str(), kind, payload)).await?;
+        let actor = Actor::from(owner);
+        let data = AuditData::of(kind, &Facts::new(code.as_str(), &actor), before, after);
+        outbox::append_audit(&mut tx, kind, &data).await?;
         tx.commit().await?;
         Ok(released)
     }

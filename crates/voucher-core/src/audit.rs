@@ -91,6 +91,17 @@ pub enum Actor {
     Subject { subject: String },
 }
 
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Actor::Resource {
+                namespace, name, ..
+            } => write!(f, "Voucher {namespace}/{name}"),
+            Actor::Subject { subject } => f.write_str(subject),
+        }
+    }
+}
+
 impl From<&Owner> for Actor {
     fn from(owner: &Owner) -> Self {
         Actor::Resource {
@@ -113,6 +124,187 @@ pub struct AuditData {
     pub reason: String,
 }
 
+impl AuditData {
+    /// The record of one change, its reason worded by [`AuditKind::wording`].
+    pub fn of(
+        kind: AuditKind,
+        facts: &Facts<'_>,
+        before: Option<CodeRecord>,
+        after: Option<CodeRecord>,
+    ) -> Self {
+        Self {
+            code: facts.code.to_owned(),
+            before,
+            after,
+            changed: facts.changed.to_vec(),
+            actor: facts.actor.clone(),
+            reason: kind.wording(facts).reason,
+        }
+    }
+}
+
+/// What a change's wording draws on.
+#[derive(Clone, Copy, Debug)]
+pub struct Facts<'a> {
+    pub code: &'a str,
+    pub actor: &'a Actor,
+    /// The fields an update, activation or drift correction changed.
+    pub changed: &'a [TermField],
+    /// For a conflict: the resource that owns the code.
+    pub holder: Option<&'a Owner>,
+    /// For a redemption: the credit granted.
+    pub credit_omr: Option<i32>,
+}
+
+impl<'a> Facts<'a> {
+    pub fn new(code: &'a str, actor: &'a Actor) -> Self {
+        Self {
+            code,
+            actor,
+            changed: &[],
+            holder: None,
+            credit_omr: None,
+        }
+    }
+}
+
+/// Whether a Kubernetes Event reports normal operation or asks for attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    Normal,
+    Warning,
+}
+
+/// The Kubernetes Event that accompanies an audit record on the Voucher.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventWording {
+    pub severity: Severity,
+    /// The Event's `reason`: CamelCase, stable, documented in the README.
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// A change as people read it: the audit record's reason and, for the changes
+/// a Voucher's reconcile makes, the Event on that Voucher.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wording {
+    pub reason: String,
+    pub event: Option<EventWording>,
+}
+
+impl AuditKind {
+    /// The one table of what each kind of change is called.
+    pub fn wording(self, facts: &Facts<'_>) -> Wording {
+        use Severity::{Normal, Warning};
+        let Facts {
+            code,
+            actor,
+            changed,
+            holder,
+            credit_omr,
+        } = *facts;
+        let fields = TermField::join(changed);
+        let holder = holder.map_or("another resource".into(), |h| format!("Voucher {h}"));
+        let event = |severity, reason, note: String| {
+            Some(EventWording {
+                severity,
+                reason,
+                note,
+            })
+        };
+        let (reason, event) = match self {
+            Self::Created => (
+                format!("created by {actor}"),
+                event(Normal, "Created", format!("created code {code}")),
+            ),
+            Self::Adopted => (
+                format!("existing code adopted by {actor}"),
+                event(
+                    Normal,
+                    "Adopted",
+                    format!("adopted the existing code {code}; its redemptions are kept"),
+                ),
+            ),
+            Self::Updated => (
+                format!("{actor} changed {fields}"),
+                event(
+                    Normal,
+                    "Updated",
+                    format!("updated {fields} of code {code}"),
+                ),
+            ),
+            Self::Activated => (
+                format!("{actor} activated the code"),
+                event(
+                    Normal,
+                    "Activated",
+                    format!("code {code} can be redeemed again"),
+                ),
+            ),
+            Self::Deactivated => (
+                format!("{actor} deactivated the code"),
+                event(
+                    Normal,
+                    "Deactivated",
+                    format!("code {code} is switched off"),
+                ),
+            ),
+            Self::DriftCorrected => (
+                format!("out-of-band edit of {fields} reverted to {actor}"),
+                event(
+                    Warning,
+                    "DriftCorrected",
+                    format!("reverted an out-of-band edit of {fields} on code {code}"),
+                ),
+            ),
+            Self::Expired => (
+                "the redemption window ended".into(),
+                event(
+                    Normal,
+                    "Expired",
+                    format!("code {code} reached spec.expiresAt"),
+                ),
+            ),
+            Self::Revoked => (
+                format!("{actor} deleted with deletionPolicy Revoke"),
+                event(
+                    Normal,
+                    "Revoked",
+                    format!(
+                        "code {code} soft-deleted (deletionPolicy Revoke); redemption history is kept"
+                    ),
+                ),
+            ),
+            Self::Orphaned => (
+                format!("{actor} deleted with deletionPolicy Orphan; the row is left as it is"),
+                event(
+                    Normal,
+                    "Orphaned",
+                    format!("code {code} left as it is (deletionPolicy Orphan)"),
+                ),
+            ),
+            Self::Conflict => (
+                format!("{actor} claims code {code}, which {holder} owns; nothing was changed"),
+                event(
+                    Warning,
+                    "CodeConflict",
+                    format!("code {code} is already owned by {holder}; nothing was changed"),
+                ),
+            ),
+            // Redemptions happen at checkout, not in a reconcile: no Event.
+            Self::Redeemed => (
+                format!(
+                    "redeemed by {actor} for {} OMR",
+                    credit_omr.unwrap_or_default()
+                ),
+                None,
+            ),
+            Self::Exhausted => (format!("the redemption by {actor} reached the cap"), None),
+        };
+        Wording { reason, event }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +321,45 @@ mod tests {
             );
         }
         assert_eq!(AuditKind::parse("deleted"), None);
+    }
+
+    #[test]
+    fn every_kind_is_worded_and_reconcile_kinds_have_an_event() {
+        let actor = Actor::from(&Owner {
+            namespace: "billing".into(),
+            name: "launch".into(),
+            uid: "u-1".into(),
+        });
+        let holder = Owner {
+            namespace: "team-a".into(),
+            name: "other".into(),
+            uid: "u-2".into(),
+        };
+        let facts = Facts {
+            changed: &[TermField::CreditOmr, TermField::Active],
+            holder: Some(&holder),
+            ..Facts::new("LAUNCH", &actor)
+        };
+        for kind in AuditKind::ALL {
+            let wording = kind.wording(&facts);
+            assert!(!wording.reason.is_empty(), "{kind}");
+            let at_checkout = matches!(kind, AuditKind::Redeemed | AuditKind::Exhausted);
+            assert_eq!(wording.event.is_none(), at_checkout, "{kind}");
+        }
+        let conflict = AuditKind::Conflict.wording(&facts);
+        assert_eq!(
+            conflict.reason,
+            "Voucher billing/launch claims code LAUNCH, which Voucher team-a/other owns; nothing was changed"
+        );
+        let event = conflict.event.unwrap();
+        assert_eq!(
+            (event.severity, event.reason),
+            (Severity::Warning, "CodeConflict")
+        );
+        assert_eq!(
+            AuditKind::Updated.wording(&facts).reason,
+            "Voucher billing/launch changed credit_omr, active"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod owner;
 pub mod ownership;
 pub mod voucher;
 
-pub use audit::{Actor, AuditData, AuditKind};
+pub use audit::{Actor, AuditData, AuditKind, EventWording, Facts, Severity, Wording};
 pub use code::{Code, CodeError};
 pub use owner::Owner;
 pub use ownership::Claim;

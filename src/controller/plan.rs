@@ -1,0 +1,376 @@
+//! What a reconcile does, decided from what it found and nothing else: the
+//! status to write, the audit records and Events that report it, and when to
+//! look again. `Context::apply` gathers the facts (the database, the API
+//! server) and carries the plan out; everything it decides is here, tested
+//! without either.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::status::{self, Outcome};
+use crate::api::VoucherStatus;
+use crate::domain::{
+    Actor, AuditKind, Code, CodeError, EventWording, Facts, Owner, Phase, Severity,
+};
+use crate::store::sync::Synced;
+
+/// What applying a Voucher met.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one value per reconcile, moved once into decide"
+)]
+pub enum Found {
+    /// The resource names no valid code; nothing was written.
+    InvalidCode(CodeError),
+    /// The billing database could not be asked.
+    DatabaseUnavailable(String),
+    /// The store's answer: a conflict, or the row as synced.
+    Synced(Synced),
+}
+
+/// The resource as the reconcile saw it.
+#[derive(Clone, Copy, Debug)]
+pub struct Seen<'a> {
+    pub code: Option<&'a Code>,
+    pub owner: &'a Owner,
+    pub generation: i64,
+    pub previous: Option<&'a VoucherStatus>,
+    pub now: DateTime<Utc>,
+    /// Every Voucher is looked at again at least this often.
+    pub resync: Duration,
+}
+
+/// When to reconcile this Voucher again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    After(Duration),
+    /// Only when the resource changes (a person must act).
+    AwaitChange,
+    /// Report the failure, so kube-runtime retries with backoff.
+    Retry,
+}
+
+impl Next {
+    /// The sooner of the two, for a status write that asks to be retried.
+    pub fn at_most(self, delay: Option<Duration>) -> Self {
+        match (self, delay) {
+            (Next::After(next), Some(delay)) => Next::After(next.min(delay)),
+            (Next::AwaitChange, Some(delay)) => Next::After(delay),
+            (next, _) => next,
+        }
+    }
+}
+
+/// The reconcile's decisions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub status: VoucherStatus,
+    pub phase: Phase,
+    /// A conflict's audit record, to write (the owner holding the code):
+    /// once per episode, on the first reconcile that meets it.
+    pub audit_conflict: Option<Owner>,
+    /// Audit records this reconcile caused (already committed by the store,
+    /// or `audit_conflict`), for the metrics.
+    pub audited: Vec<AuditKind>,
+    /// Events to publish on the Voucher.
+    pub events: Vec<EventWording>,
+    pub next: Next,
+}
+
+/// How long after a time boundary (validFrom, expiresAt) the reconcile
+/// runs, so that the row's phase has certainly changed.
+const AFTER_BOUNDARY: Duration = Duration::from_millis(50);
+
+/// Decides what a reconcile that met `found` does.
+pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
+    let Seen {
+        code,
+        owner,
+        generation,
+        previous,
+        now,
+        resync,
+    } = seen;
+    let status = |outcome| status::desired(outcome, generation, now, previous);
+    let actor = Actor::from(owner);
+    match found {
+        Found::InvalidCode(error) => {
+            let message = format!("this Voucher has no valid code: {error}; set spec.code");
+            Plan {
+                status: status(Outcome::Failed {
+                    phase: Phase::Error,
+                    reason: "InvalidCode",
+                    message: message.clone(),
+                    retrying: false,
+                }),
+                phase: Phase::Error,
+                audit_conflict: None,
+                audited: Vec::new(),
+                events: vec![EventWording {
+                    severity: Severity::Warning,
+                    reason: "InvalidCode",
+                    note: message,
+                }],
+                next: Next::AwaitChange,
+            }
+        }
+        Found::DatabaseUnavailable(error) => Plan {
+            status: status(Outcome::Failed {
+                phase: Phase::Error,
+                reason: "DatabaseUnavailable",
+                message: format!("cannot reach the billing database: {error}"),
+                retrying: true,
+            }),
+            phase: Phase::Error,
+            audit_conflict: None,
+            audited: Vec::new(),
+            events: Vec::new(),
+            next: Next::Retry,
+        },
+        Found::Synced(Synced::Conflict { owner: holder }) => {
+            let code = code.map(Code::as_str).unwrap_or_default();
+            // Reported once, when the conflict begins; the status keeps saying it.
+            let begins = previous.and_then(|s| s.phase) != Some(Phase::Conflict);
+            let facts = Facts {
+                holder: Some(&holder),
+                ..Facts::new(code, &actor)
+            };
+            let events = begins
+                .then(|| AuditKind::Conflict.wording(&facts).event)
+                .flatten()
+                .into_iter()
+                .collect();
+            Plan {
+                status: status(Outcome::Conflict {
+                    code,
+                    holder: &holder,
+                }),
+                phase: Phase::Conflict,
+                audited: if begins {
+                    vec![AuditKind::Conflict]
+                } else {
+                    Vec::new()
+                },
+                events,
+                audit_conflict: begins.then_some(holder.clone()),
+                next: Next::After(resync),
+            }
+        }
+        Found::Synced(Synced::Applied {
+            record,
+            phase,
+            changed,
+            audited,
+            ..
+        }) => {
+            let facts = Facts {
+                changed: &changed,
+                ..Facts::new(&record.code, &actor)
+            };
+            let events = audited
+                .iter()
+                .filter_map(|kind| kind.wording(&facts).event)
+                .collect();
+            let until_boundary = record
+                .terms
+                .next_boundary(now)
+                .and_then(|at| (at - now).to_std().ok())
+                .map(|d| d + AFTER_BOUNDARY);
+            Plan {
+                status: status(Outcome::Synced {
+                    record: &record,
+                    phase,
+                }),
+                phase,
+                audit_conflict: None,
+                audited,
+                events,
+                next: Next::After(until_boundary.map_or(resync, |d| d.min(resync))),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Claim, CodeRecord, TermField, Terms};
+
+    const RESYNC: Duration = Duration::from_secs(300);
+
+    fn owner(name: &str) -> Owner {
+        Owner {
+            namespace: "billing".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+        }
+    }
+
+    fn record(terms: Terms) -> CodeRecord {
+        CodeRecord {
+            code: "LAUNCH".into(),
+            terms,
+            times_redeemed: 0,
+            created_at: Utc::now(),
+            deleted_at: None,
+        }
+    }
+
+    fn terms() -> Terms {
+        Terms {
+            credit_omr: 5,
+            description: String::new(),
+            active: true,
+            max_redemptions: 0,
+            valid_from: None,
+            expires_at: None,
+        }
+    }
+
+    fn applied(record: CodeRecord, audited: Vec<AuditKind>) -> Found {
+        Found::Synced(Synced::Applied {
+            claim: Claim::Create,
+            phase: Phase::of(&record, Utc::now()),
+            record,
+            changed: vec![TermField::CreditOmr],
+            audited,
+        })
+    }
+
+    fn decide_for(found: Found, previous: Option<&VoucherStatus>) -> Plan {
+        let code = Code::parse("LAUNCH").unwrap();
+        let me = owner("launch");
+        decide(
+            found,
+            Seen {
+                code: Some(&code),
+                owner: &me,
+                generation: 2,
+                previous,
+                now: Utc::now(),
+                resync: RESYNC,
+            },
+        )
+    }
+
+    fn reasons(plan: &Plan) -> Vec<(Severity, &str)> {
+        plan.events.iter().map(|e| (e.severity, e.reason)).collect()
+    }
+
+    #[test]
+    fn each_committed_audit_record_is_reported_by_an_event() {
+        let plan = decide_for(
+            applied(
+                record(terms()),
+                vec![AuditKind::Created, AuditKind::Updated],
+            ),
+            None,
+        );
+        assert_eq!(plan.audited, [AuditKind::Created, AuditKind::Updated]);
+        assert_eq!(
+            reasons(&plan),
+            [(Severity::Normal, "Created"), (Severity::Normal, "Updated")]
+        );
+        assert_eq!(plan.events[1].note, "updated credit_omr of code LAUNCH");
+        assert_eq!(plan.audit_conflict, None);
+        assert_eq!(
+            (plan.phase, plan.next),
+            (Phase::Active, Next::After(RESYNC))
+        );
+        assert_eq!(plan.status.observed_generation, Some(2));
+    }
+
+    #[test]
+    fn a_time_boundary_brings_the_next_reconcile_forward() {
+        let soon = Utc::now() + chrono::Duration::seconds(10);
+        let plan = decide_for(
+            applied(
+                record(Terms {
+                    valid_from: Some(soon),
+                    ..terms()
+                }),
+                vec![],
+            ),
+            None,
+        );
+        assert_eq!(plan.phase, Phase::Scheduled);
+        let Next::After(after) = plan.next else {
+            panic!("{:?}", plan.next)
+        };
+        assert!(
+            after > Duration::from_secs(9) && after <= Duration::from_secs(10) + AFTER_BOUNDARY,
+            "{after:?}"
+        );
+        let far = Utc::now() + chrono::Duration::days(30);
+        let plan = decide_for(
+            applied(
+                record(Terms {
+                    expires_at: Some(far),
+                    ..terms()
+                }),
+                vec![],
+            ),
+            None,
+        );
+        assert_eq!(plan.next, Next::After(RESYNC), "never later than a resync");
+    }
+
+    #[test]
+    fn a_conflict_is_audited_and_reported_once_per_episode() {
+        let holder = owner("first");
+        let conflict = || {
+            Found::Synced(Synced::Conflict {
+                owner: holder.clone(),
+            })
+        };
+        let first = decide_for(conflict(), None);
+        assert_eq!(first.audit_conflict, Some(holder.clone()));
+        assert_eq!(first.audited, [AuditKind::Conflict]);
+        assert_eq!(reasons(&first), [(Severity::Warning, "CodeConflict")]);
+        assert!(first.events[0].note.contains("billing/first"));
+        assert_eq!(first.phase, Phase::Conflict);
+
+        let again = decide_for(conflict(), Some(&first.status));
+        assert_eq!(again.audit_conflict, None);
+        assert!(again.audited.is_empty() && again.events.is_empty());
+        assert_eq!(again.next, Next::After(RESYNC));
+    }
+
+    #[test]
+    fn an_invalid_code_waits_for_a_person() {
+        let plan = decide_for(Found::InvalidCode(CodeError::Empty), None);
+        assert_eq!((plan.phase, plan.next), (Phase::Error, Next::AwaitChange));
+        assert_eq!(reasons(&plan), [(Severity::Warning, "InvalidCode")]);
+        assert!(plan.events[0].note.contains("set spec.code"));
+    }
+
+    #[test]
+    fn an_unreachable_database_is_retried_and_keeps_the_counters() {
+        let synced = decide_for(applied(record(terms()), vec![]), None);
+        let plan = decide_for(
+            Found::DatabaseUnavailable("connection refused".into()),
+            Some(&synced.status),
+        );
+        assert_eq!((plan.phase, plan.next), (Phase::Error, Next::Retry));
+        assert!(plan.events.is_empty() && plan.audited.is_empty());
+        assert_eq!(plan.status.times_redeemed, synced.status.times_redeemed);
+        assert!(
+            plan.status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == status::RECONCILING && c.message.contains("connection refused"))
+        );
+    }
+
+    #[test]
+    fn a_status_write_asking_to_wait_shortens_only() {
+        let five = Duration::from_secs(5);
+        assert_eq!(Next::After(RESYNC).at_most(Some(five)), Next::After(five));
+        assert_eq!(Next::After(five).at_most(Some(RESYNC)), Next::After(five));
+        assert_eq!(Next::AwaitChange.at_most(Some(five)), Next::After(five));
+        assert_eq!(Next::Retry.at_most(Some(five)), Next::Retry);
+        assert_eq!(Next::AwaitChange.at_most(None), Next::AwaitChange);
+    }
+}
