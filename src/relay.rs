@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -19,7 +20,8 @@ use crate::store::Store;
 use crate::store::notify::OUTBOX_CHANNEL;
 use crate::store::outbox::{self, AuditRecord};
 
-/// Where and how audit events are published.
+/// Where and how audit events are published. Its `Default` is the command
+/// line's (see `cli::AuditOptions`), where each default is declared once.
 #[derive(Clone, Debug)]
 pub struct RelaySettings {
     pub nats_url: String,
@@ -40,23 +42,8 @@ pub struct RelaySettings {
     pub retention: Duration,
 }
 
-impl Default for RelaySettings {
-    fn default() -> Self {
-        Self {
-            nats_url: "nats://127.0.0.1:4222".into(),
-            stream: "VOUCHER_AUDIT".into(),
-            subject_prefix: "catalyst.vouchers".into(),
-            source: "/catalyst/voucher-operator".into(),
-            storage: stream::StorageType::File,
-            replicas: 1,
-            max_age: Duration::from_secs(90 * 24 * 3600),
-            duplicate_window: Duration::from_secs(2 * 3600),
-            batch_size: 256,
-            poll_interval: Duration::from_secs(5),
-            retention: Duration::from_secs(7 * 24 * 3600),
-        }
-    }
-}
+/// Records read from the outbox and published per round.
+pub const BATCH_SIZE: i64 = 256;
 
 /// The subject of one event: a consumer can filter one code or one kind.
 pub fn subject(prefix: &str, code: &str, kind: &str) -> String {
@@ -230,7 +217,13 @@ pub async fn run(
     };
     let js = jetstream::new(client);
     let mut wake = Box::pin(store.listen(OUTBOX_CHANNEL));
-    let mut backoff = Duration::from_millis(100);
+    // While NATS (or the database) is down: 100 ms, 200 ms … at most 30 s, with jitter.
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times();
+    let mut backoff = policy.build();
     let mut stream_ready = false;
     let mut last_prune = Instant::now() - Duration::from_secs(3600);
     loop {
@@ -265,7 +258,7 @@ pub async fn run(
         }
         match round {
             Ok(()) => {
-                backoff = Duration::from_millis(100);
+                backoff = policy.build();
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
                     _ = wake.next() => {}
@@ -275,12 +268,12 @@ pub async fn run(
             Err(error) => {
                 // While NATS (or the database) is down, new records only wait.
                 metrics.failures.inc();
-                tracing::warn!(error = %error, retry_in = ?backoff, "publishing audit events failed");
+                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                tracing::warn!(error = %error, retry_in = ?delay, "publishing audit events failed");
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }

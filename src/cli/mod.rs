@@ -282,8 +282,21 @@ impl AuditOptions {
             duplicate_window: self.audit_duplicate_window,
             retention: self.audit_retention,
             poll_interval: self.audit_poll_interval,
-            ..Default::default()
+            batch_size: crate::relay::BATCH_SIZE,
         }
+    }
+}
+
+impl Default for crate::relay::RelaySettings {
+    /// The defaults of [`AuditOptions`], without reading the environment.
+    fn default() -> Self {
+        use clap::FromArgMatches;
+        let command = AuditOptions::augment_args(clap::Command::new("defaults"))
+            .mut_args(|arg| arg.env(None));
+        let matches = command.get_matches_from(["defaults"]);
+        AuditOptions::from_arg_matches(&matches)
+            .expect("every audit option has a default")
+            .settings()
     }
 }
 
@@ -429,5 +442,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::RelaySettings;
+
+    #[test]
+    fn relay_defaults_are_the_command_lines() {
+        let settings = RelaySettings::default();
+        assert_eq!(
+            (settings.stream.as_str(), settings.subject_prefix.as_str()),
+            ("VOUCHER_AUDIT", "catalyst.vouchers")
+        );
+        assert_eq!(settings.max_age, Duration::from_secs(90 * 24 * 3600));
+        assert_eq!(settings.replicas, 1);
+        assert_eq!(settings.batch_size, crate::relay::BATCH_SIZE);
     }
 }

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use futures::StreamExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -413,10 +414,21 @@ pub fn error_policy(voucher: Arc<Voucher>, error: &Error, ctx: Arc<Context>) -> 
         *count = count.saturating_add(1);
         *count
     };
-    let delay =
-        Duration::from_secs(1 << failures.saturating_sub(1).min(9)).min(Duration::from_secs(300));
+    let delay = retry_delay(failures);
     tracing::warn!(voucher = %voucher.name_any(), %error, failures, ?delay, "reconcile failed; retrying");
     Action::requeue(delay)
+}
+
+/// The wait before retrying a Voucher that failed `failures` times in a row.
+fn retry_delay(failures: u32) -> Duration {
+    const MAX: Duration = Duration::from_secs(300);
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(MAX)
+        .without_max_times()
+        .build()
+        .nth(failures.saturating_sub(1).min(16) as usize)
+        .unwrap_or(MAX)
 }
 
 /// Checks that the Kubernetes API answers and serves the Voucher kind, so a
@@ -535,3 +547,17 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
 
 /// How long running reconciles get to finish once a stop is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_reconciles_back_off_exponentially_up_to_five_minutes() {
+        let delays: Vec<u64> = [1, 2, 3, 4, 9, 10, 1000]
+            .into_iter()
+            .map(|n| retry_delay(n).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 256, 300, 300]);
+    }
+}

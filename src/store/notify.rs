@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::Stream;
 use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
@@ -33,7 +34,13 @@ impl Store {
         let pool = self.pool().clone();
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
+            // 200 ms, 400 ms … at most 10 s, with jitter; from the start once connected.
+            let policy = ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(10))
+                .with_jitter()
+                .without_max_times();
+            let mut backoff = policy.build();
             loop {
                 let connected = async {
                     let mut listener = PgListener::connect_with(&pool).await?;
@@ -45,12 +52,12 @@ impl Store {
                     Ok(listener) => listener,
                     Err(error) => {
                         tracing::warn!(%error, channel, "cannot listen for database notifications; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+                        tokio::time::sleep(delay).await;
                         continue;
                     }
                 };
-                backoff = Duration::from_millis(200);
+                backoff = policy.build();
                 if tx.send(Notification::Connected).await.is_err() {
                     return;
                 }
