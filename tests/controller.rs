@@ -256,6 +256,61 @@ async fn a_new_voucher_gets_its_row_binding_finalizer_and_status() {
 }
 
 #[tokio::test]
+async fn a_failing_database_is_reported_with_the_operation_and_code_then_retried() {
+    let h = harness().await;
+    h.create(&h.ns, "lost-1", json!({"creditOMR": 5})).await;
+    h.until(&h.ns, "lost-1", "status Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    // The bindings table goes missing: every sync fails until it is back.
+    sqlx::query("ALTER TABLE voucher_bindings RENAME TO voucher_bindings_away")
+        .execute(&h.pool)
+        .await
+        .unwrap();
+    h.vouchers(&h.ns)
+        .patch(
+            "lost-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"creditOMR": 6}})),
+        )
+        .await
+        .unwrap();
+    let failed = h
+        .until(&h.ns, "lost-1", "status Error", |v| {
+            phase(v) == Some(Phase::Error)
+        })
+        .await;
+    let conditions = &failed.status.as_ref().unwrap().conditions;
+    let reconciling = conditions
+        .iter()
+        .find(|c| c.type_ == "Reconciling")
+        .expect("a retried failure is Reconciling");
+    assert_eq!(reconciling.reason, "DatabaseUnavailable");
+    assert!(
+        reconciling.message.contains("cannot sync code LOST-1")
+            && reconciling.message.contains("voucher_bindings"),
+        "{}",
+        reconciling.message
+    );
+    assert_eq!(
+        h.row("LOST-1").await,
+        Some((5, true, 0, None)),
+        "nothing half-written"
+    );
+
+    sqlx::query("ALTER TABLE voucher_bindings_away RENAME TO voucher_bindings")
+        .execute(&h.pool)
+        .await
+        .unwrap();
+    h.until(&h.ns, "lost-1", "Active again after a retry", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    assert_eq!(h.row("LOST-1").await, Some((6, true, 0, None)));
+}
+
+#[tokio::test]
 async fn a_no_op_resync_writes_nothing() {
     let h = harness().await;
     h.create(&h.ns, "steady", json!({"creditOMR": 5})).await;

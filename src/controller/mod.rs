@@ -31,7 +31,7 @@ use crate::api::{DeletionPolicy, Voucher, VoucherStatus};
 use crate::domain::{Actor, AuditKind, Code, EventWording, Facts, Owner, Phase, Severity};
 use crate::store::notify::{CODES_CHANNEL, Notification};
 use crate::store::sync::{Released, Synced, Wanted};
-use crate::store::{Store, StoreError, bindings};
+use crate::store::{Store, StoreError};
 use metrics::{KindLabel, Metrics, PhaseLabel, ReasonLabel, ResultLabel};
 use plan::{Found, Next, Seen};
 
@@ -257,7 +257,10 @@ impl Context {
             Err(error) => (Found::InvalidCode(error.clone()), None),
             Ok(code) => match self.sync(voucher, code, &owner, now).await {
                 Ok(synced) => (Found::Synced(synced), None),
-                Err(error) => (Found::DatabaseUnavailable(error.to_string()), Some(error)),
+                Err(error) => (
+                    Found::DatabaseUnavailable(crate::telemetry::describe(&error)),
+                    Some(error),
+                ),
             },
         };
         let seen = Seen {
@@ -477,10 +480,9 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                 };
                 match next {
                     Some(Notification::Payload(code)) => {
-                        let owner = match store.pool().acquire().await {
-                            Ok(mut conn) => {
-                                bindings::owner_of(&mut conn, &code).await.ok().flatten()
-                            }
+                        // A payload that is no code, or an unreachable database, wakes nothing.
+                        let owner = match Code::parse(&code) {
+                            Ok(code) => store.owner_of(&code).await.ok().flatten(),
                             Err(_) => None,
                         };
                         if let Some(owner) = owner

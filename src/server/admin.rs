@@ -19,7 +19,6 @@ use super::body::JsonBody;
 use super::error::{ErrorBody, HttpError};
 use crate::api::{DeletionPolicy, Voucher, VoucherSpec};
 use crate::domain::{Code, CodeRecord};
-use crate::store::{StoreError, bindings, promo_codes};
 
 /// The field manager of Vouchers written through the admin endpoints.
 pub const ADMIN_FIELD_MANAGER: &str = "voucher-operator-admin";
@@ -164,13 +163,7 @@ pub async fn issue(
     )
     .await
     .map_err(kube_error)?;
-    let mut conn = state
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(StoreError::from)?;
-    let existing = promo_codes::find_live(&mut conn, &code).await?;
+    let existing = state.store.find_live(&code).await?;
     Ok(Json(PromoCode {
         code: code.to_string(),
         credit_omr: request.credit_omr,
@@ -198,13 +191,7 @@ pub async fn list(
     headers: HeaderMap,
 ) -> Result<Json<Vec<PromoCode>>, HttpError> {
     admin(&state, &headers).await?;
-    let mut conn = state
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(StoreError::from)?;
-    let rows = promo_codes::list_live(&mut conn).await?;
+    let rows = state.store.list_live().await?;
     Ok(Json(rows.into_iter().map(PromoCode::from).collect()))
 }
 
@@ -229,20 +216,12 @@ pub async fn revoke(
 ) -> Result<Json<serde_json::Value>, HttpError> {
     admin(&state, &headers).await?;
     let code = Code::parse(&code).map_err(|e| HttpError::bad_request(e.to_string()))?;
-    let mut conn = state
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(StoreError::from)?;
-    let owner = bindings::owner_of(&mut conn, code.as_str())
-        .await?
-        .ok_or_else(|| {
-            HttpError::new(
-                StatusCode::NOT_FOUND,
-                format!("no Voucher resource owns the code {code}"),
-            )
-        })?;
+    let owner = state.store.owner_of(&code).await?.ok_or_else(|| {
+        HttpError::new(
+            StatusCode::NOT_FOUND,
+            format!("no Voucher resource owns the code {code}"),
+        )
+    })?;
     let api = vouchers(&state, &owner.namespace)?;
     match api.delete(&owner.name, &DeleteParams::default()).await {
         Ok(_) => {}

@@ -15,7 +15,6 @@ use super::body::JsonBody;
 use super::error::{ErrorBody, HttpError};
 use super::{AppState, OutcomeLabel, Peer};
 use crate::domain::{Code, Redeemability};
-use crate::store::promo_codes;
 use crate::store::redeem::{Answer, Redeemed, Redemption};
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -81,13 +80,7 @@ pub async fn preview(
 ) -> Result<Response, HttpError> {
     state.check_rate(state.client_ip(peer.0.ip(), &headers))?;
     let code = code_of(request.code.as_deref())?;
-    let mut conn = state
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(crate::store::StoreError::from)?;
-    let record = promo_codes::find_live(&mut conn, &code).await?;
+    let record = state.store.find_live(&code).await?;
     let verdict = Redeemability::of(record.as_ref(), Utc::now());
     let Some(record) = record.filter(|_| !verdict.is_hidden()) else {
         return Err(HttpError::new(

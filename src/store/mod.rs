@@ -21,7 +21,7 @@ use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 
-use crate::domain::Code;
+use crate::domain::{Code, CodeRecord, Owner};
 
 /// The operator records its migrations in a table of its own, so they never
 /// mix with a `_sqlx_migrations` table the billing service may keep.
@@ -43,6 +43,53 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("the binding of code {code} is held by another resource")]
     BindingTaken { code: String },
+    /// What the store was doing, and to which code, when a step failed.
+    #[error("cannot {operation} {}", .code.as_ref().map_or("codes".into(), |c| format!("code {c}")))]
+    Failed {
+        operation: Operation,
+        code: Option<String>,
+        #[source]
+        source: Box<StoreError>,
+    },
+}
+
+/// An operation of the store, as its errors name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    Sync,
+    AuditConflict,
+    ReleaseStaleBinding,
+    Release,
+    Redeem,
+    Find,
+    List,
+    FindOwner,
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Sync => "sync",
+            Self::AuditConflict => "audit the conflict over",
+            Self::ReleaseStaleBinding => "release the stale binding of",
+            Self::Release => "release",
+            Self::Redeem => "redeem",
+            Self::Find => "look up",
+            Self::List => "list",
+            Self::FindOwner => "find the owner of",
+        })
+    }
+}
+
+impl StoreError {
+    /// This error, said as a failure of `operation` on `code`.
+    fn during(self, operation: Operation, code: Option<&Code>) -> Self {
+        Self::Failed {
+            operation,
+            code: code.map(Code::to_string),
+            source: Box::new(self),
+        }
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -115,6 +162,36 @@ impl Store {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The live row of `code`, if any.
+    pub async fn find_live(&self, code: &Code) -> Result<Option<CodeRecord>> {
+        let find = async {
+            let mut conn = self.pool.acquire().await?;
+            promo_codes::find_live(&mut conn, code).await
+        };
+        find.await
+            .map_err(|e: StoreError| e.during(Operation::Find, Some(code)))
+    }
+
+    /// Every live row, by code.
+    pub async fn list_live(&self) -> Result<Vec<CodeRecord>> {
+        let list = async {
+            let mut conn = self.pool.acquire().await?;
+            promo_codes::list_live(&mut conn).await
+        };
+        list.await
+            .map_err(|e: StoreError| e.during(Operation::List, None))
+    }
+
+    /// The resource `code` is bound to, if any.
+    pub async fn owner_of(&self, code: &Code) -> Result<Option<Owner>> {
+        let find = async {
+            let mut conn = self.pool.acquire().await?;
+            bindings::owner_of(&mut conn, code.as_str()).await
+        };
+        find.await
+            .map_err(|e: StoreError| e.during(Operation::FindOwner, Some(code)))
     }
 
     /// Brings the schema up to date. Idempotent, safe on a database the billing

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 
 use super::idempotency::{self, Claimed};
 use super::outbox;
-use super::{Result, Store, customers, ledger, promo_codes, redemptions};
+use super::{Operation, Result, Store, StoreError, customers, ledger, promo_codes, redemptions};
 use crate::domain::{Actor, AuditData, AuditKind, Code, Facts, Redeemability};
 
 /// Who redeems what.
@@ -59,40 +59,44 @@ impl Store {
         request: &Redemption<'_>,
         render: impl Fn(&Redeemed) -> (u16, serde_json::Value),
     ) -> Result<Answer> {
-        let mut tx = self.pool().begin().await?;
-        if let Some((key, hash)) = &request.idempotency {
-            match idempotency::claim(&mut tx, request.subject, key, hash).await? {
-                Claimed::New => {}
-                Claimed::Replay { status, response } => {
-                    tx.rollback().await?;
-                    return Ok(Answer::Replayed {
-                        status,
-                        body: response,
-                    });
+        let run = async {
+            let mut tx = self.pool().begin().await?;
+            if let Some((key, hash)) = &request.idempotency {
+                match idempotency::claim(&mut tx, request.subject, key, hash).await? {
+                    Claimed::New => {}
+                    Claimed::Replay { status, response } => {
+                        tx.rollback().await?;
+                        return Ok(Answer::Replayed {
+                            status,
+                            body: response,
+                        });
+                    }
+                    Claimed::Mismatch => {
+                        tx.rollback().await?;
+                        return Ok(Answer::KeyReused);
+                    }
                 }
-                Claimed::Mismatch => {
-                    tx.rollback().await?;
-                    return Ok(Answer::KeyReused);
+            }
+            let outcome = self.redeem_in(&mut tx, request).await?;
+            match &request.idempotency {
+                Some((key, _)) => {
+                    let (status, body) = render(&outcome);
+                    idempotency::answer(&mut tx, request.subject, key, status, &body).await?;
+                    tx.commit().await?;
                 }
+                None if matches!(
+                    outcome,
+                    Redeemed::Granted { .. } | Redeemed::AlreadyRedeemed
+                ) =>
+                {
+                    tx.commit().await?
+                }
+                None => tx.rollback().await?,
             }
-        }
-        let outcome = self.redeem_in(&mut tx, request).await?;
-        match &request.idempotency {
-            Some((key, _)) => {
-                let (status, body) = render(&outcome);
-                idempotency::answer(&mut tx, request.subject, key, status, &body).await?;
-                tx.commit().await?;
-            }
-            None if matches!(
-                outcome,
-                Redeemed::Granted { .. } | Redeemed::AlreadyRedeemed
-            ) =>
-            {
-                tx.commit().await?
-            }
-            None => tx.rollback().await?,
-        }
-        Ok(Answer::Fresh(outcome))
+            Ok(Answer::Fresh(outcome))
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Redeem, Some(request.code)))
     }
 
     async fn redeem_in(

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use super::outbox;
-use super::{Result, Store, bindings, promo_codes};
+use super::{Operation, Result, Store, StoreError, bindings, promo_codes};
 use crate::domain::{
     Actor, AuditData, AuditKind, Claim, Code, CodeRecord, Facts, Owner, Phase, TermField, Terms,
 };
@@ -45,55 +45,60 @@ impl Store {
     /// Claims the code for the resource and brings the row to its spec,
     /// writing only what differs, with one audit record per change.
     pub async fn sync_voucher(&self, wanted: &Wanted<'_>) -> Result<Synced> {
-        let mut tx = self.pool().begin().await?;
-        let state = bindings::claim(&mut tx, wanted.code, wanted.owner).await?;
-        if let Claim::Conflict { owner } = state.claim {
-            tx.rollback().await?;
-            return Ok(Synced::Conflict { owner });
-        }
-        let applied = promo_codes::apply(&mut tx, wanted.code, wanted.terms).await?;
-        let spec_changed = state
-            .binding
-            .as_ref()
-            .is_none_or(|b| b.generation != wanted.generation);
-        let mut kinds =
-            state
-                .claim
-                .audit_kinds(&applied.changed, applied.after.terms.active, spec_changed);
-        let phase = Phase::of(&applied.after, wanted.now);
-        let last_phase = state.binding.as_ref().and_then(|b| b.phase);
-        if phase == Phase::Expired && last_phase != Some(Phase::Expired) {
-            kinds.push(AuditKind::Expired);
-        }
-        let binding_current = state
-            .binding
-            .as_ref()
-            .is_some_and(|b| b.generation == wanted.generation && b.phase == Some(phase));
-        if !binding_current {
-            bindings::bind(&mut tx, wanted.code, wanted.owner, wanted.generation, phase).await?;
-        }
-        let actor = Actor::from(wanted.owner);
-        let facts = Facts {
-            changed: &applied.changed,
-            ..Facts::new(wanted.code.as_str(), &actor)
+        let run = async {
+            let mut tx = self.pool().begin().await?;
+            let state = bindings::claim(&mut tx, wanted.code, wanted.owner).await?;
+            if let Claim::Conflict { owner } = state.claim {
+                tx.rollback().await?;
+                return Ok(Synced::Conflict { owner });
+            }
+            let applied = promo_codes::apply(&mut tx, wanted.code, wanted.terms).await?;
+            let spec_changed = state
+                .binding
+                .as_ref()
+                .is_none_or(|b| b.generation != wanted.generation);
+            let mut kinds =
+                state
+                    .claim
+                    .audit_kinds(&applied.changed, applied.after.terms.active, spec_changed);
+            let phase = Phase::of(&applied.after, wanted.now);
+            let last_phase = state.binding.as_ref().and_then(|b| b.phase);
+            if phase == Phase::Expired && last_phase != Some(Phase::Expired) {
+                kinds.push(AuditKind::Expired);
+            }
+            let binding_current = state
+                .binding
+                .as_ref()
+                .is_some_and(|b| b.generation == wanted.generation && b.phase == Some(phase));
+            if !binding_current {
+                bindings::bind(&mut tx, wanted.code, wanted.owner, wanted.generation, phase)
+                    .await?;
+            }
+            let actor = Actor::from(wanted.owner);
+            let facts = Facts {
+                changed: &applied.changed,
+                ..Facts::new(wanted.code.as_str(), &actor)
+            };
+            for kind in &kinds {
+                let data = AuditData::of(
+                    *kind,
+                    &facts,
+                    applied.before.clone(),
+                    Some(applied.after.clone()),
+                );
+                outbox::append_audit(&mut tx, *kind, &data).await?;
+            }
+            tx.commit().await?;
+            Ok(Synced::Applied {
+                claim: state.claim,
+                record: applied.after,
+                phase,
+                changed: applied.changed,
+                audited: kinds,
+            })
         };
-        for kind in &kinds {
-            let data = AuditData::of(
-                *kind,
-                &facts,
-                applied.before.clone(),
-                Some(applied.after.clone()),
-            );
-            outbox::append_audit(&mut tx, *kind, &data).await?;
-        }
-        tx.commit().await?;
-        Ok(Synced::Applied {
-            claim: state.claim,
-            record: applied.after,
-            phase,
-            changed: applied.changed,
-            audited: kinds,
-        })
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Sync, Some(wanted.code)))
     }
 
     /// Records that a resource lost a conflict (once per episode: the caller
@@ -104,26 +109,34 @@ impl Store {
         claimant: &Owner,
         holder: &Owner,
     ) -> Result<()> {
-        let mut conn = self.pool().acquire().await?;
-        let row = promo_codes::find_live(&mut conn, code).await?;
-        let actor = Actor::from(claimant);
-        let facts = Facts {
-            holder: Some(holder),
-            ..Facts::new(code.as_str(), &actor)
+        let run = async {
+            let mut conn = self.pool().acquire().await?;
+            let row = promo_codes::find_live(&mut conn, code).await?;
+            let actor = Actor::from(claimant);
+            let facts = Facts {
+                holder: Some(holder),
+                ..Facts::new(code.as_str(), &actor)
+            };
+            let data = AuditData::of(AuditKind::Conflict, &facts, row.clone(), row);
+            outbox::append_audit(&mut conn, AuditKind::Conflict, &data).await?;
+            Ok(())
         };
-        let data = AuditData::of(AuditKind::Conflict, &facts, row.clone(), row);
-        outbox::append_audit(&mut conn, AuditKind::Conflict, &data).await?;
-        Ok(())
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::AuditConflict, Some(code)))
     }
 
     /// Drops the binding of a resource that no longer exists, leaving the row
     /// as it is, so that another resource can adopt the code.
     pub async fn release_stale_binding(&self, code: &Code, holder: &Owner) -> Result<bool> {
-        let mut tx = self.pool().begin().await?;
-        super::lock_code(&mut tx, code).await?;
-        let released = bindings::release(&mut tx, code, &holder.uid).await?;
-        tx.commit().await?;
-        Ok(released)
+        let run = async {
+            let mut tx = self.pool().begin().await?;
+            super::lock_code(&mut tx, code).await?;
+            let released = bindings::release(&mut tx, code, &holder.uid).await?;
+            tx.commit().await?;
+            Ok(released)
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::ReleaseStaleBinding, Some(code)))
     }
 
     /// Releases the code of a deleted resource: soft-deletes the row
@@ -134,33 +147,37 @@ impl Store {
         owner: &Owner,
         revoke: bool,
     ) -> Result<Released> {
-        let mut tx = self.pool().begin().await?;
-        super::lock_code(&mut tx, code).await?;
-        let bound = bindings::find(&mut tx, code).await?;
-        if bound.is_none_or(|b| b.owner.uid != owner.uid) {
-            tx.rollback().await?;
-            return Ok(Released::NotOwner);
-        }
-        let before = promo_codes::find_live(&mut tx, code).await?;
-        let (kind, after, released) = if revoke {
-            let tombstone = promo_codes::soft_delete(&mut tx, code).await?;
-            (
-                AuditKind::Revoked,
-                tombstone.clone(),
-                Released::Revoked(tombstone),
-            )
-        } else {
-            (
-                AuditKind::Orphaned,
-                before.clone(),
-                Released::Orphaned(before.clone()),
-            )
+        let run = async {
+            let mut tx = self.pool().begin().await?;
+            super::lock_code(&mut tx, code).await?;
+            let bound = bindings::find(&mut tx, code).await?;
+            if bound.is_none_or(|b| b.owner.uid != owner.uid) {
+                tx.rollback().await?;
+                return Ok(Released::NotOwner);
+            }
+            let before = promo_codes::find_live(&mut tx, code).await?;
+            let (kind, after, released) = if revoke {
+                let tombstone = promo_codes::soft_delete(&mut tx, code).await?;
+                (
+                    AuditKind::Revoked,
+                    tombstone.clone(),
+                    Released::Revoked(tombstone),
+                )
+            } else {
+                (
+                    AuditKind::Orphaned,
+                    before.clone(),
+                    Released::Orphaned(before.clone()),
+                )
+            };
+            bindings::release(&mut tx, code, &owner.uid).await?;
+            let actor = Actor::from(owner);
+            let data = AuditData::of(kind, &Facts::new(code.as_str(), &actor), before, after);
+            outbox::append_audit(&mut tx, kind, &data).await?;
+            tx.commit().await?;
+            Ok(released)
         };
-        bindings::release(&mut tx, code, &owner.uid).await?;
-        let actor = Actor::from(owner);
-        let data = AuditData::of(kind, &Facts::new(code.as_str(), &actor), before, after);
-        outbox::append_audit(&mut tx, kind, &data).await?;
-        tx.commit().await?;
-        Ok(released)
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Release, Some(code)))
     }
 }
