@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde::{Deserialize, Serialize};
@@ -67,10 +67,7 @@ impl From<CodeRecord> for PromoCode {
 }
 
 async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Principal, HttpError> {
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let principal = state.verifier.verify(authorization).await?;
+    let principal = state.verifier.verify(headers).await?;
     if !principal.is_admin() {
         return Err(HttpError::new(
             StatusCode::FORBIDDEN,

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
+use axum::http;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
@@ -124,9 +125,11 @@ impl Verifier {
         validation
     }
 
-    /// Checks the value of an `Authorization` header.
-    pub async fn verify(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
-        let token = authorization
+    /// Checks a request's `Authorization` header.
+    pub async fn verify(&self, headers: &http::HeaderMap) -> Result<Principal, AuthError> {
+        let token = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
             .and_then(|h| {
                 h.strip_prefix("Bearer ")
                     .or_else(|| h.strip_prefix("bearer "))

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -153,6 +153,30 @@ fn outcome_label(outcome: &Redeemed) -> &'static str {
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
+/// The `Idempotency-Key` of a redemption and the hash of the request as it
+/// was understood (same code and tenant = same request), if a key was sent.
+fn idempotency<'a>(
+    headers: &'a HeaderMap,
+    code: &Code,
+    tenant: Option<&str>,
+) -> Result<Option<(&'a str, Vec<u8>)>, HttpError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
+        .ok_or_else(|| {
+            HttpError::bad_request(format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+            ))
+        })?;
+    let hash = Sha256::digest(format!("{}\n{}", code, tenant.unwrap_or_default())).to_vec();
+    Ok(Some((key, hash)))
+}
+
 /// Redeem a voucher code for the token's customer
 #[utoipa::path(
     post,
@@ -178,65 +202,24 @@ pub async fn redeem(
     JsonBody(request): JsonBody<RedeemRequest>,
 ) -> Result<Response, HttpError> {
     state.check_rate(state.client_ip(peer.0.ip(), &headers))?;
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let principal = state.verifier.verify(authorization).await?;
+    let principal = state.verifier.verify(&headers).await?;
     let code = code_of(request.code.as_deref())?;
     let tenant = request
         .tenant_id
         .as_deref()
         .map(str::trim)
         .filter(|t| !t.is_empty());
-
-    let idempotency = match headers.get("idempotency-key") {
-        None => None,
-        Some(value) => {
-            let key = value
-                .to_str()
-                .ok()
-                .map(str::trim)
-                .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY)
-                .ok_or_else(|| {
-                    HttpError::bad_request(format!(
-                        "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
-                    ))
-                })?;
-            // The request as it was understood: same code and tenant = same request.
-            let hash = Sha256::digest(format!("{}\n{}", code, tenant.unwrap_or_default())).to_vec();
-            Some((key, hash))
-        }
-    };
     let redemption = Redemption {
         code: &code,
         subject: &principal.subject,
         tenant,
         email: &principal.email,
-        idempotency,
+        idempotency: idempotency(&headers, &code, tenant)?,
         now: Utc::now(),
     };
-    let answer = state.store.redeem(&redemption, render).await?;
-    let (status, body) = match answer {
-        Answer::Fresh(outcome) => {
-            state
-                .metrics
-                .redemptions
-                .get_or_create(&OutcomeLabel {
-                    outcome: outcome_label(&outcome),
-                })
-                .inc();
-            render(&outcome)
-        }
-        Answer::Replayed { status, body } => {
-            state
-                .metrics
-                .redemptions
-                .get_or_create(&OutcomeLabel {
-                    outcome: "replayed",
-                })
-                .inc();
-            (status, body)
-        }
+    let (outcome, (status, body)) = match state.store.redeem(&redemption, render).await? {
+        Answer::Fresh(outcome) => (outcome_label(&outcome), render(&outcome)),
+        Answer::Replayed { status, body } => ("replayed", (status, body)),
         Answer::KeyReused => {
             return Err(HttpError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -244,6 +227,11 @@ pub async fn redeem(
             ));
         }
     };
+    state
+        .metrics
+        .redemptions
+        .get_or_create(&OutcomeLabel { outcome })
+        .inc();
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     Ok((status, Json(body)).into_response())
 }
