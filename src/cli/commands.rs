@@ -26,7 +26,7 @@ pub(super) async fn run_controller(
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use crate::controller::{self, Context, Settings, leader, metrics::Metrics};
+    use crate::controller::{self, Role, Settings, leader};
 
     let client = kube::Client::try_default().await.map_err(|e| {
         anyhow::anyhow!(
@@ -36,14 +36,10 @@ pub(super) async fn run_controller(
     controller::check_api(&client, options.watch_namespace.as_deref()).await?;
 
     let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = Arc::new(Metrics::register(&mut registry));
-    let relay_metrics = Arc::new(crate::relay::RelayMetrics::register(&mut registry));
-    let relay = audit.audit_relay.then(|| audit.settings());
     let identity = options.identity();
-    let ctx = Context::new(
+    let role = Role::new(
         client.clone(),
-        store.clone(),
-        metrics,
+        store,
         Settings {
             resync_interval: options.resync_interval,
             status_min_interval: options.status_min_interval,
@@ -51,6 +47,8 @@ pub(super) async fn run_controller(
             identity: identity.clone(),
             concurrency: options.concurrency,
         },
+        audit.audit_relay.then(|| audit.settings()),
+        &mut registry,
     );
     let ready = Arc::new(AtomicBool::new(false));
     let telemetry = tokio::spawn(crate::telemetry::serve(
@@ -68,43 +66,13 @@ pub(super) async fn run_controller(
             identity,
             duration: options.lease_duration,
         };
-        leader::run_while_leader(client, lease, shutdown.clone(), |term| {
-            leader_work(
-                ctx.clone(),
-                store.clone(),
-                relay.clone(),
-                relay_metrics.clone(),
-                term,
-            )
-        })
-        .await?;
+        leader::run_while_leader(client, lease, shutdown.clone(), |term| role.start(term)).await?;
     } else {
-        leader_work(ctx, store, relay, relay_metrics, shutdown.clone()).await?;
+        role.start(shutdown.clone()).await?;
     }
     shutdown.cancel();
     telemetry.await??;
     Ok(())
-}
-
-/// What the leader runs: the controller and the audit relay.
-async fn leader_work(
-    ctx: std::sync::Arc<crate::controller::Context>,
-    store: Store,
-    relay: Option<crate::relay::RelaySettings>,
-    relay_metrics: std::sync::Arc<crate::relay::RelayMetrics>,
-    term: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<()> {
-    let relay = async {
-        match relay {
-            // Said when it happens, not at shutdown: until then audit events wait in the outbox.
-            Some(settings) => crate::relay::run(store, settings, relay_metrics, term.clone())
-                .await
-                .inspect_err(|e| tracing::error!(error = %e, "the audit relay stopped")),
-            None => Ok(()),
-        }
-    };
-    let (_, relayed) = tokio::join!(crate::controller::run(ctx, term.clone()), relay);
-    relayed
 }
 
 pub(super) async fn run_server(

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{DeletionPolicy, Voucher, VoucherStatus};
 use crate::domain::{Actor, AuditKind, Code, EventWording, Facts, Owner, Phase, Severity};
+use crate::relay::{RelayMetrics, RelaySettings};
 use crate::store::notify::{CODES_CHANNEL, Notification};
 use crate::store::sync::{Released, Synced, Wanted};
 use crate::store::{Store, StoreError};
@@ -544,6 +545,52 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             grace = ?SHUTDOWN_GRACE,
             "the controller had not stopped within its grace period; stopping regardless"
         ),
+    }
+}
+
+/// The controller role: the reconciler and the audit relay, which run
+/// together (on the leader, when leader election is on).
+pub struct Role {
+    pub ctx: Arc<Context>,
+    relay: Option<(RelaySettings, Arc<RelayMetrics>)>,
+}
+
+impl Role {
+    /// The role's parts, their metrics registered in `registry`; `relay` is
+    /// `None` where no NATS exists (records then wait in the outbox).
+    pub fn new(
+        client: kube::Client,
+        store: Store,
+        settings: Settings,
+        relay: Option<RelaySettings>,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Self {
+        let metrics = Arc::new(Metrics::register(registry));
+        let relay_metrics = Arc::new(RelayMetrics::register(registry));
+        Self {
+            ctx: Context::new(client, store, metrics, settings),
+            relay: relay.map(|settings| (settings, relay_metrics)),
+        }
+    }
+
+    /// Runs the reconciler and the relay until `stop`.
+    pub async fn start(&self, stop: CancellationToken) -> anyhow::Result<()> {
+        let relay = async {
+            let Some((settings, metrics)) = &self.relay else {
+                return Ok(());
+            };
+            // Said when it happens, not at shutdown: until then audit events wait in the outbox.
+            crate::relay::run(
+                self.ctx.store.clone(),
+                settings.clone(),
+                metrics.clone(),
+                stop.clone(),
+            )
+            .await
+            .inspect_err(|e| tracing::error!(error = %e, "the audit relay stopped"))
+        };
+        let (_, relayed) = tokio::join!(run(self.ctx.clone(), stop.clone()), relay);
+        relayed
     }
 }
 

@@ -6,14 +6,13 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use voucher_operator::controller::{self, Context, Settings, metrics::Metrics};
-use voucher_operator::relay::{self, EventQuery, RelayMetrics, RelaySettings};
+use voucher_operator::controller::{Role, Settings};
+use voucher_operator::relay::{self, EventQuery, RelaySettings};
 use voucher_operator::server::auth::{AuthSettings, Verifier};
 use voucher_operator::server::{self, AppState, ServerSettings};
 use voucher_operator::store::{DatabaseSettings, Store};
@@ -415,10 +414,13 @@ async fn run_operator(
     let kubeconfig_str = cluster.kubeconfig.to_string_lossy().into_owned();
     let client = cluster.client.clone();
     let mut registry = prometheus_client::registry::Registry::default();
-    let ctx = Context::new(
+    let relay_settings = RelaySettings {
+        nats_url: format!("nats://127.0.0.1:{}", settings.nats_port),
+        ..Default::default()
+    };
+    let role = Role::new(
         client.clone(),
         store.clone(),
-        Arc::new(Metrics::register(&mut registry)),
         Settings {
             resync_interval: Duration::from_secs(300),
             status_min_interval: Duration::from_secs(1),
@@ -427,19 +429,11 @@ async fn run_operator(
             identity: "local".into(),
             concurrency: 4,
         },
+        Some(relay_settings.clone()),
+        &mut registry,
     );
-    tokio::spawn(controller::run(ctx, stop.clone()));
-    let relay_settings = RelaySettings {
-        nats_url: format!("nats://127.0.0.1:{}", settings.nats_port),
-        ..Default::default()
-    };
-    let relay_metrics = Arc::new(RelayMetrics::register(&mut registry));
-    tokio::spawn(relay::run(
-        store.clone(),
-        relay_settings.clone(),
-        relay_metrics,
-        stop.clone(),
-    ));
+    let role_stop = stop.clone();
+    tokio::spawn(async move { role.start(role_stop).await });
 
     let secret = uuid::Uuid::new_v4().simple().to_string();
     let auth = AuthSettings {
