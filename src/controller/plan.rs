@@ -219,14 +219,7 @@ mod tests {
     }
 
     fn terms() -> Terms {
-        Terms {
-            credit_omr: 5,
-            description: String::new(),
-            active: true,
-            max_redemptions: 0,
-            valid_from: None,
-            expires_at: None,
-        }
+        Terms::granting(5)
     }
 
     fn applied(record: CodeRecord, audited: Vec<AuditKind>) -> Found {

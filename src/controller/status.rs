@@ -253,12 +253,8 @@ mod tests {
         CodeRecord {
             code: "LAUNCH".into(),
             terms: Terms {
-                credit_omr: 5,
-                description: String::new(),
-                active: true,
                 max_redemptions: 10,
-                valid_from: None,
-                expires_at: None,
+                ..Terms::granting(5)
             },
             times_redeemed: times,
             created_at: Utc::now(),

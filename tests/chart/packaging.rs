@@ -185,14 +185,7 @@ fn the_flux_health_expressions_judge_the_statuses_the_controller_writes() {
     };
     let record = CodeRecord {
         code: "LAUNCH".into(),
-        terms: Terms {
-            credit_omr: 5,
-            description: String::new(),
-            active: true,
-            max_redemptions: 0,
-            valid_from: None,
-            expires_at: None,
-        },
+        terms: Terms::granting(5),
         times_redeemed: 0,
         created_at: now,
         deleted_at: None,

@@ -82,14 +82,7 @@ mod tests {
     fn row(deleted: bool) -> CodeRecord {
         CodeRecord {
             code: "LAUNCH".into(),
-            terms: Terms {
-                credit_omr: 5,
-                description: String::new(),
-                active: true,
-                max_redemptions: 0,
-                valid_from: None,
-                expires_at: None,
-            },
+            terms: Terms::granting(5),
             times_redeemed: 2,
             created_at: Utc::now(),
             deleted_at: deleted.then(Utc::now),

@@ -195,6 +195,18 @@ pub enum TermError {
 }
 
 impl Terms {
+    /// A voucher granting `credit_omr`: active, unlimited, without a window.
+    pub fn granting(credit_omr: i32) -> Self {
+        Self {
+            credit_omr,
+            description: String::new(),
+            active: true,
+            max_redemptions: 0,
+            valid_from: None,
+            expires_at: None,
+        }
+    }
+
     /// Checks the rules every voucher's terms follow.
     pub fn validate(&self) -> Result<(), TermError> {
         if self.credit_omr < MIN_CREDIT_OMR {

@@ -1,6 +1,8 @@
 //! `voucher-dev`: development tools that never ship in the production binary
 //! or image. `voucher-dev local` runs the whole product on loopback.
 
+#![forbid(unsafe_code)]
+
 mod stack;
 
 use clap::{Args, Parser, Subcommand};

@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use rustix::process::Signal;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
@@ -56,14 +57,15 @@ const EXAMPLES: [(&str, &str); 4] = [
 struct Process {
     name: &'static str,
     child: Child,
-    signal: i32,
+    signal: Signal,
 }
 
 impl Process {
     async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid as i32, self.signal) };
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, self.signal);
+            }
         }
         if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
             .await
@@ -109,7 +111,7 @@ fn spawn(
     mut cmd: std::process::Command,
     log: &Path,
     name: &'static str,
-    signal: i32,
+    signal: Signal,
 ) -> anyhow::Result<Process> {
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -146,7 +148,7 @@ async fn start_postgres(settings: &StackSettings) -> anyhow::Result<Process> {
         services::postgres_command(&bin, &data, settings.postgres_port, &dir),
         &log,
         "postgres",
-        libc::SIGINT,
+        Signal::INT,
     )?;
     wait_for_port(&mut process, settings.postgres_port, &log).await?;
     Ok(process)
@@ -162,7 +164,7 @@ async fn start_nats(settings: &StackSettings) -> anyhow::Result<Process> {
         services::nats_command(&binary, &dir.join("jetstream"), settings.nats_port),
         &log,
         "nats-server",
-        libc::SIGTERM,
+        Signal::TERM,
     )?;
     wait_for_port(&mut process, settings.nats_port, &log).await?;
     Ok(process)
@@ -217,7 +219,7 @@ async fn start_control_plane(
         control_plane::etcd_command(binaries, &dir.join("etcd"), settings.etcd_port),
         &etcd_log,
         "etcd",
-        libc::SIGTERM,
+        Signal::TERM,
     )?;
     wait_for_port(&mut etcd, settings.etcd_port, &etcd_log).await?;
     let api_log = dir.join("kube-apiserver.log");
@@ -231,7 +233,7 @@ async fn start_control_plane(
         ),
         &api_log,
         "kube-apiserver",
-        libc::SIGTERM,
+        Signal::TERM,
     )?;
     let kubeconfig = settings.state_dir.join("kubeconfig");
     let text = pki.admin_kubeconfig(

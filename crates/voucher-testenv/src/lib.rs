@@ -4,5 +4,7 @@
 //! packages, on loopback. Shared by `voucher-dev local` and the integration
 //! tests, which supervise the processes each their way.
 
+#![forbid(unsafe_code)]
+
 pub mod control_plane;
 pub mod services;

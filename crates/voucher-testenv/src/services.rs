@@ -10,8 +10,7 @@ use std::process::{Command, Stdio};
 pub const UNPRIVILEGED: u32 = 65534;
 
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }
 
 pub fn find_on_path(name: &str) -> Option<PathBuf> {
