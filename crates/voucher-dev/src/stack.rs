@@ -62,10 +62,10 @@ struct Process {
 
 impl Process {
     async fn stop(mut self) {
-        if let Some(pid) = self.child.id() {
-            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-                let _ = rustix::process::kill_process(pid, self.signal);
-            }
+        if let Some(pid) = self.child.id()
+            && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
+        {
+            let _ = rustix::process::kill_process(pid, self.signal);
         }
         if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
             .await
