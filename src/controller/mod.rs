@@ -28,7 +28,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{DeletionPolicy, Voucher, VoucherStatus};
-use crate::domain::{Actor, AuditKind, Code, EventWording, Facts, Owner, Phase, Severity};
+use crate::domain::{Actor, AuditKind, Code, EventWording, Facts, Owner, Phase, Severity, Terms};
 use crate::relay::{RelayMetrics, RelaySettings};
 use crate::store::notify::{CODES_CHANNEL, Notification};
 use crate::store::sync::{Released, Synced, Wanted};
@@ -254,9 +254,11 @@ impl Context {
         let owner = Self::owner(voucher)?;
         let code = voucher.code();
         let now = Utc::now();
-        let (found, failure) = match &code {
-            Err(error) => (Found::InvalidCode(error.clone()), None),
-            Ok(code) => match self.sync(voucher, code, &owner, now).await {
+        let terms = voucher.spec.terms();
+        let (found, failure) = match (&code, terms.validate()) {
+            (Err(error), _) => (Found::InvalidCode(error.clone()), None),
+            (_, Err(error)) => (Found::InvalidTerms(error), None),
+            (Ok(code), Ok(())) => match self.sync(code, &owner, &terms, voucher, now).await {
                 Ok(synced) => (Found::Synced(synced), None),
                 Err(error) => (
                     Found::DatabaseUnavailable(crate::telemetry::describe(&error)),
@@ -299,17 +301,17 @@ impl Context {
     /// forever: it is released and the code claimed again.
     async fn sync(
         &self,
-        voucher: &Voucher,
         code: &Code,
         owner: &Owner,
+        terms: &Terms,
+        voucher: &Voucher,
         now: chrono::DateTime<Utc>,
     ) -> Result<Synced, StoreError> {
-        let terms = voucher.spec.terms();
         let wanted = Wanted {
             code,
             owner,
             generation: voucher.metadata.generation.unwrap_or_default(),
-            terms: &terms,
+            terms,
             now,
         };
         let synced = self.store.sync_voucher(&wanted).await?;

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use super::status::{self, Outcome};
 use crate::api::VoucherStatus;
 use crate::domain::{
-    Actor, AuditKind, Code, CodeError, EventWording, Facts, Owner, Phase, Severity,
+    Actor, AuditKind, Code, CodeError, EventWording, Facts, Owner, Phase, Severity, TermError,
 };
 use crate::store::sync::Synced;
 
@@ -24,6 +24,9 @@ use crate::store::sync::Synced;
 pub enum Found {
     /// The resource names no valid code; nothing was written.
     InvalidCode(CodeError),
+    /// The terms break a voucher rule (the CRD's schema refuses them, so
+    /// only a resource written past it gets here); nothing was written.
+    InvalidTerms(TermError),
     /// The billing database could not be asked.
     DatabaseUnavailable(String),
     /// The store's answer: a conflict, or the row as synced.
@@ -96,26 +99,16 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
     let status = |outcome| status::desired(outcome, generation, now, previous);
     let actor = Actor::from(owner);
     match found {
-        Found::InvalidCode(error) => {
-            let message = format!("this Voucher has no valid code: {error}; set spec.code");
-            Plan {
-                status: status(Outcome::Failed {
-                    phase: Phase::Error,
-                    reason: "InvalidCode",
-                    message: message.clone(),
-                    retrying: false,
-                }),
-                phase: Phase::Error,
-                audit_conflict: None,
-                audited: Vec::new(),
-                events: vec![EventWording {
-                    severity: Severity::Warning,
-                    reason: "InvalidCode",
-                    note: message,
-                }],
-                next: Next::AwaitChange,
-            }
-        }
+        Found::InvalidCode(error) => refused(
+            "InvalidCode",
+            format!("this Voucher has no valid code: {error}; set spec.code"),
+            &seen,
+        ),
+        Found::InvalidTerms(error) => refused(
+            "InvalidTerms",
+            format!("the spec breaks a voucher rule: {error}; nothing was written"),
+            &seen,
+        ),
         Found::DatabaseUnavailable(error) => Plan {
             status: status(Outcome::Failed {
                 phase: Phase::Error,
@@ -190,6 +183,29 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
                 next: Next::After(until_boundary.map_or(resync, |d| d.min(resync))),
             }
         }
+    }
+}
+
+/// A resource that waits for a person to change it: nothing written, a
+/// Warning, Stalled.
+fn refused(reason: &'static str, message: String, seen: &Seen<'_>) -> Plan {
+    let outcome = Outcome::Failed {
+        phase: Phase::Error,
+        reason,
+        message: message.clone(),
+        retrying: false,
+    };
+    Plan {
+        status: status::desired(outcome, seen.generation, seen.now, seen.previous),
+        phase: Phase::Error,
+        audit_conflict: None,
+        audited: Vec::new(),
+        events: vec![EventWording {
+            severity: Severity::Warning,
+            reason,
+            note: message,
+        }],
+        next: Next::AwaitChange,
     }
 }
 
@@ -337,6 +353,15 @@ mod tests {
         assert_eq!((plan.phase, plan.next), (Phase::Error, Next::AwaitChange));
         assert_eq!(reasons(&plan), [(Severity::Warning, "InvalidCode")]);
         assert!(plan.events[0].note.contains("set spec.code"));
+    }
+
+    #[test]
+    fn terms_outside_the_rules_are_refused_without_writing() {
+        let plan = decide_for(Found::InvalidTerms(TermError::CreditTooSmall(0)), None);
+        assert_eq!((plan.phase, plan.next), (Phase::Error, Next::AwaitChange));
+        assert_eq!(reasons(&plan), [(Severity::Warning, "InvalidTerms")]);
+        assert!(plan.events[0].note.contains("at least 1 OMR"));
+        assert!(plan.audited.is_empty() && plan.audit_conflict.is_none());
     }
 
     #[test]

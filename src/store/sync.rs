@@ -6,7 +6,8 @@ use chrono::{DateTime, Utc};
 use super::outbox;
 use super::{Operation, Result, Store, StoreError, bindings, promo_codes};
 use crate::domain::{
-    Actor, AuditData, AuditKind, Claim, Code, CodeRecord, Facts, Owner, Phase, TermField, Terms,
+    Actor, Applied, AuditData, AuditKind, Claim, Code, CodeRecord, Facts, Owner, Phase, TermField,
+    Terms,
 };
 
 /// A Voucher as the controller applies it.
@@ -57,15 +58,14 @@ impl Store {
                 .binding
                 .as_ref()
                 .is_none_or(|b| b.generation != wanted.generation);
-            let mut kinds =
-                state
-                    .claim
-                    .audit_kinds(&applied.changed, applied.after.terms.active, spec_changed);
             let phase = Phase::of(&applied.after, wanted.now);
-            let last_phase = state.binding.as_ref().and_then(|b| b.phase);
-            if phase == Phase::Expired && last_phase != Some(Phase::Expired) {
-                kinds.push(AuditKind::Expired);
-            }
+            let kinds = state.claim.audit_kinds(&Applied {
+                changed: &applied.changed,
+                now_active: applied.after.terms.active,
+                spec_changed,
+                phase,
+                last_phase: state.binding.as_ref().and_then(|b| b.phase),
+            });
             let binding_current = state
                 .binding
                 .as_ref()

@@ -79,7 +79,11 @@ fn the_containerfile_builds_the_binary_the_chart_runs() {
         .collect();
     assert_eq!(stages.len(), 2, "multi-stage: build, then a small runtime");
     assert!(stages[1].contains("distroless") && stages[1].contains("nonroot"));
-    assert!(containerfile.contains("cargo build --release --locked --bin voucher-operator"));
+    // Only the operator package: the development crates never reach the image.
+    assert!(
+        containerfile
+            .contains("cargo build --release --locked -p voucher-operator --bin voucher-operator")
+    );
     assert!(containerfile.contains(r#"ENTRYPOINT ["/usr/local/bin/voucher-operator"]"#));
     assert_eq!(image_user(), 65532);
     let rust: Vec<u32> = containerfile

@@ -2,7 +2,7 @@
 
 use super::audit::AuditKind;
 use super::owner::Owner;
-use super::voucher::{CodeRecord, TermField};
+use super::voucher::{CodeRecord, Phase, TermField};
 
 /// What a resource may do with the code it names.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,27 +33,22 @@ impl Claim {
         }
     }
 
-    /// The audit records an apply produces. `spec_changed` tells a new
-    /// generation of the resource from an out-of-band edit of the row.
-    pub fn audit_kinds(
-        &self,
-        changed: &[TermField],
-        now_active: bool,
-        spec_changed: bool,
-    ) -> Vec<AuditKind> {
-        match self {
+    /// The audit records an apply produces.
+    pub fn audit_kinds(&self, applied: &Applied<'_>) -> Vec<AuditKind> {
+        let changed = applied.changed;
+        let mut kinds = match self {
             Self::Create | Self::Resurrect => vec![AuditKind::Created],
             Self::Adopt => vec![AuditKind::Adopted],
             Self::Conflict { .. } => vec![AuditKind::Conflict],
             Self::Keep if changed.is_empty() => Vec::new(),
-            Self::Keep if !spec_changed => vec![AuditKind::DriftCorrected],
+            Self::Keep if !applied.spec_changed => vec![AuditKind::DriftCorrected],
             Self::Keep => {
                 let mut kinds = Vec::new();
                 if changed.iter().any(|f| *f != TermField::Active) {
                     kinds.push(AuditKind::Updated);
                 }
                 if changed.contains(&TermField::Active) {
-                    kinds.push(if now_active {
+                    kinds.push(if applied.now_active {
                         AuditKind::Activated
                     } else {
                         AuditKind::Deactivated
@@ -61,8 +56,26 @@ impl Claim {
                 }
                 kinds
             }
+        };
+        // The end of the window is recorded once, by the first apply that sees it.
+        if applied.phase == Phase::Expired && applied.last_phase != Some(Phase::Expired) {
+            kinds.push(AuditKind::Expired);
         }
+        kinds
     }
+}
+
+/// What applying a resource did to its row, as far as its audit goes.
+#[derive(Clone, Copy, Debug)]
+pub struct Applied<'a> {
+    /// The columns the apply wrote.
+    pub changed: &'a [TermField],
+    pub now_active: bool,
+    /// A new generation of the resource, rather than an out-of-band edit of the row.
+    pub spec_changed: bool,
+    /// The row's phase now, and as recorded by the last apply.
+    pub phase: Phase,
+    pub last_phase: Option<Phase>,
 }
 
 #[cfg(test)]
@@ -104,33 +117,62 @@ mod tests {
         );
     }
 
+    /// An apply by the resource that already owns the code, of an active row.
+    fn keep(changed: &[TermField], now_active: bool, spec_changed: bool) -> Vec<AuditKind> {
+        Claim::Keep.audit_kinds(&Applied {
+            changed,
+            now_active,
+            spec_changed,
+            phase: Phase::Active,
+            last_phase: Some(Phase::Active),
+        })
+    }
+
+    #[test]
+    fn the_end_of_the_window_is_audited_once() {
+        let applied = |last_phase| Applied {
+            changed: &[],
+            now_active: true,
+            spec_changed: false,
+            phase: Phase::Expired,
+            last_phase,
+        };
+        assert_eq!(
+            Claim::Keep.audit_kinds(&applied(Some(Phase::Active))),
+            vec![AuditKind::Expired]
+        );
+        assert!(
+            Claim::Keep
+                .audit_kinds(&applied(Some(Phase::Expired)))
+                .is_empty()
+        );
+        assert_eq!(
+            Claim::Create.audit_kinds(&applied(None)),
+            vec![AuditKind::Created, AuditKind::Expired]
+        );
+    }
+
     #[test]
     fn a_no_op_resync_audits_nothing() {
-        assert!(Claim::Keep.audit_kinds(&[], true, false).is_empty());
-        assert!(Claim::Keep.audit_kinds(&[], true, true).is_empty());
+        assert!(keep(&[], true, false).is_empty());
+        assert!(keep(&[], true, true).is_empty());
     }
 
     #[test]
     fn spec_changes_and_drift_are_told_apart() {
         let changed = [TermField::CreditOmr];
-        assert_eq!(
-            Claim::Keep.audit_kinds(&changed, true, true),
-            vec![AuditKind::Updated]
-        );
-        assert_eq!(
-            Claim::Keep.audit_kinds(&changed, true, false),
-            vec![AuditKind::DriftCorrected]
-        );
+        assert_eq!(keep(&changed, true, true), vec![AuditKind::Updated]);
+        assert_eq!(keep(&changed, true, false), vec![AuditKind::DriftCorrected]);
     }
 
     #[test]
     fn switching_active_is_its_own_event() {
         assert_eq!(
-            Claim::Keep.audit_kinds(&[TermField::Active], false, true),
+            keep(&[TermField::Active], false, true),
             vec![AuditKind::Deactivated]
         );
         assert_eq!(
-            Claim::Keep.audit_kinds(&[TermField::Active, TermField::Description], true, true),
+            keep(&[TermField::Active, TermField::Description], true, true),
             vec![AuditKind::Updated, AuditKind::Activated]
         );
     }
