@@ -1,7 +1,5 @@
 //! What each subcommand does, once its flags are parsed.
 
-use std::time::Duration;
-
 use super::{
     AuditOptions, ControllerOptions, DatabaseOptions, EventsOptions, ExportOptions, ServerOptions,
 };
@@ -80,7 +78,7 @@ pub(super) async fn run_server(
     options: ServerOptions,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    use crate::server::{self, AppState, ServerSettings, auth};
+    use crate::server::{self, AppState, auth};
 
     let auth = auth::AuthSettings {
         hs256_secret: options.jwt_hs256_secret.clone(),
@@ -101,14 +99,7 @@ pub(super) async fn run_server(
             None
         }
     };
-    let settings = ServerSettings {
-        rate_limit_per_minute: options.rate_limit_per_minute,
-        rate_limit_burst: options.rate_limit_burst,
-        trusted_proxies: options.trusted_proxies.clone(),
-        admin_namespace: options.admin_namespace.clone(),
-        body_limit: options.body_limit,
-        request_timeout: options.request_timeout,
-    };
+    let settings = options.settings();
     let state = AppState::new(
         store,
         verifier,
@@ -181,11 +172,10 @@ pub(super) async fn export(options: ExportOptions) -> anyhow::Result<()> {
     let store = Store::connect(&DatabaseSettings {
         url: options.database_url.clone(),
         max_connections: 1,
-        connect_timeout: Duration::from_secs(10),
+        ..Default::default()
     })
     .await?;
-    let mut conn = store.pool().acquire().await?;
-    let rows = crate::store::promo_codes::export_rows(&mut conn, options.include_deleted).await?;
+    let rows = store.export_rows(options.include_deleted).await?;
     let mut out = String::from(
         "# Exported by `voucher-operator export` from the billing database's promo_codes.\n\
          # Applying these adopts each code: times_redeemed and created_at stay as they are.\n",

@@ -287,16 +287,31 @@ impl AuditOptions {
     }
 }
 
+/// The values an options struct's flags default to, without reading the
+/// environment: the one place each default is declared is its flag. `args`
+/// supplies the flags that have no default.
+fn defaults<T: Args + clap::FromArgMatches>(args: &[&str]) -> T {
+    let command = T::augment_args(clap::Command::new("defaults")).mut_args(|arg| arg.env(None));
+    let matches = command.get_matches_from(std::iter::once("defaults").chain(args.iter().copied()));
+    T::from_arg_matches(&matches).expect("the flags without a default are given")
+}
+
 impl Default for crate::relay::RelaySettings {
-    /// The defaults of [`AuditOptions`], without reading the environment.
     fn default() -> Self {
-        use clap::FromArgMatches;
-        let command = AuditOptions::augment_args(clap::Command::new("defaults"))
-            .mut_args(|arg| arg.env(None));
-        let matches = command.get_matches_from(["defaults"]);
-        AuditOptions::from_arg_matches(&matches)
-            .expect("every audit option has a default")
-            .settings()
+        defaults::<AuditOptions>(&[]).settings()
+    }
+}
+
+impl Default for crate::server::ServerSettings {
+    fn default() -> Self {
+        defaults::<ServerOptions>(&[]).settings()
+    }
+}
+
+impl Default for DatabaseSettings {
+    /// With an empty `url`, which every user of it sets.
+    fn default() -> Self {
+        defaults::<DatabaseOptions>(&["--database-url", ""]).settings()
     }
 }
 
@@ -361,6 +376,19 @@ impl ControllerOptions {
                 .unwrap_or_else(|_| "voucher-operator".into());
             format!("{host}-{}", std::process::id())
         })
+    }
+}
+
+impl ServerOptions {
+    pub fn settings(&self) -> crate::server::ServerSettings {
+        crate::server::ServerSettings {
+            rate_limit_per_minute: self.rate_limit_per_minute,
+            rate_limit_burst: self.rate_limit_burst,
+            trusted_proxies: self.trusted_proxies.clone(),
+            admin_namespace: self.admin_namespace.clone(),
+            body_limit: self.body_limit,
+            request_timeout: self.request_timeout,
+        }
     }
 }
 
@@ -449,6 +477,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::relay::RelaySettings;
+
+    #[test]
+    fn server_and_database_defaults_are_the_command_lines() {
+        let server = crate::server::ServerSettings::default();
+        assert_eq!(
+            (server.rate_limit_per_minute, server.body_limit),
+            (60, 16 * 1024)
+        );
+        assert_eq!(server.request_timeout, Duration::from_secs(10));
+        let database = DatabaseSettings::default();
+        assert_eq!(database.max_connections, 10);
+        assert_eq!(database.connect_timeout, Duration::from_secs(10));
+    }
 
     #[test]
     fn relay_defaults_are_the_command_lines() {

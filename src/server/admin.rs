@@ -32,12 +32,8 @@ pub struct IssueRequest {
     pub description: String,
     #[serde(default)]
     pub max_redemptions: i32,
-    #[serde(default = "active_default")]
+    #[serde(default = "crate::api::default_active")]
     pub active: bool,
-}
-
-fn active_default() -> bool {
-    true
 }
 
 /// A promo code as the billing service's admin API shows it.

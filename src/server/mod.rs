@@ -3,11 +3,11 @@
 //! OpenAPI document. Handlers are thin: the decisions are the domain's, the
 //! transactions the store's.
 
-pub mod admin;
+mod admin;
 pub mod auth;
 mod body;
-pub mod error;
-pub mod public;
+mod error;
+mod public;
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;

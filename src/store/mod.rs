@@ -5,14 +5,14 @@
 //! commit together.
 
 pub mod bindings;
-pub mod customers;
-pub mod idempotency;
-pub mod ledger;
-pub mod notify;
+mod customers;
+mod idempotency;
+mod ledger;
+pub(crate) mod notify;
 pub mod outbox;
 pub mod promo_codes;
 pub mod redeem;
-pub mod redemptions;
+mod redemptions;
 pub mod sync;
 
 use std::time::Duration;
@@ -64,6 +64,7 @@ pub enum Operation {
     Find,
     List,
     FindOwner,
+    Export,
 }
 
 impl std::fmt::Display for Operation {
@@ -77,6 +78,7 @@ impl std::fmt::Display for Operation {
             Self::Find => "look up",
             Self::List => "list",
             Self::FindOwner => "find the owner of",
+            Self::Export => "export",
         })
     }
 }
@@ -182,6 +184,18 @@ impl Store {
         };
         list.await
             .map_err(|e: StoreError| e.during(Operation::List, None))
+    }
+
+    /// Every row to export as a Voucher manifest (live ones, and with
+    /// `include_deleted` the soft-deleted ones too).
+    pub async fn export_rows(&self, include_deleted: bool) -> Result<Vec<CodeRecord>> {
+        let export = async {
+            let mut conn = self.pool.acquire().await?;
+            promo_codes::export_rows(&mut conn, include_deleted).await
+        };
+        export
+            .await
+            .map_err(|e: StoreError| e.during(Operation::Export, None))
     }
 
     /// The resource `code` is bound to, if any.

@@ -92,7 +92,8 @@ pub struct VoucherSpec {
     pub deletion_policy: DeletionPolicy,
 }
 
-fn default_active() -> bool {
+/// A voucher is active unless it says otherwise.
+pub fn default_active() -> bool {
     true
 }
 

@@ -308,7 +308,7 @@ async fn ensure_database(settings: &StackSettings) -> anyhow::Result<String> {
             settings.postgres_port
         ),
         max_connections: 1,
-        connect_timeout: Duration::from_secs(10),
+        ..Default::default()
     })
     .await?;
     let exists: bool =
@@ -379,7 +379,7 @@ async fn run_operator(
     let store = Store::connect(&DatabaseSettings {
         url: database_url.clone(),
         max_connections: 20,
-        connect_timeout: Duration::from_secs(10),
+        ..Default::default()
     })
     .await?;
     store.migrate().await?;
@@ -442,13 +442,12 @@ async fn run_operator(
         hs256_secret: Some(secret.clone()),
         ..Default::default()
     };
+    // Generous limits: a person trying the API by hand should not hit them.
     let server_settings = ServerSettings {
         rate_limit_per_minute: 600,
         rate_limit_burst: 100,
-        trusted_proxies: Vec::new(),
         admin_namespace: cluster.namespace.clone(),
-        body_limit: 16 * 1024,
-        request_timeout: Duration::from_secs(10),
+        ..Default::default()
     };
     let state = AppState::new(
         store,
