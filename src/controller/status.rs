@@ -81,43 +81,27 @@ pub enum Outcome<'a> {
 
 fn phase_message(record: &CodeRecord, phase: Phase) -> (&'static str, String) {
     let code = &record.code;
-    match phase {
-        Phase::Active => ("Reconciled", format!("{code} is redeemable")),
-        Phase::Inactive => (
-            "Inactive",
-            format!("{code} is switched off (spec.active is false)"),
+    let at = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339()).unwrap_or_default();
+    let message = match phase {
+        Phase::Active => format!("{code} is redeemable"),
+        Phase::Inactive => format!("{code} is switched off (spec.active is false)"),
+        Phase::Scheduled => format!(
+            "{code} becomes redeemable at {}",
+            at(record.terms.valid_from)
         ),
-        Phase::Scheduled => (
-            "Scheduled",
-            format!(
-                "{code} becomes redeemable at {}",
-                record
-                    .terms
-                    .valid_from
-                    .map(|t| t.to_rfc3339())
-                    .unwrap_or_default()
-            ),
+        Phase::Expired => format!("{code} expired at {}", at(record.terms.expires_at)),
+        Phase::Exhausted => format!(
+            "{code} reached its cap of {} redemptions",
+            record.terms.max_redemptions
         ),
-        Phase::Expired => (
-            "Expired",
-            format!(
-                "{code} expired at {}",
-                record
-                    .terms
-                    .expires_at
-                    .map(|t| t.to_rfc3339())
-                    .unwrap_or_default()
-            ),
-        ),
-        Phase::Exhausted => (
-            "Exhausted",
-            format!(
-                "{code} reached its cap of {} redemptions",
-                record.terms.max_redemptions
-            ),
-        ),
-        Phase::Conflict | Phase::Error => ("Reconciled", String::new()),
-    }
+        Phase::Conflict | Phase::Error => String::new(),
+    };
+    // Ready's reason names the phase that keeps a synced code from being redeemed.
+    let reason = match phase {
+        Phase::Active | Phase::Conflict | Phase::Error => "Reconciled",
+        waiting => waiting.as_str(),
+    };
+    (reason, message)
 }
 
 /// What the status says about an outcome, before the conditions are stamped.
