@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use voucher_operator::api::{Voucher, VoucherSpec};
 use voucher_operator::controller::metrics::Metrics;
 use voucher_operator::controller::{self, Context, FINALIZER, Settings};
-use voucher_operator::domain::Phase;
+use voucher_operator::domain::{Issuers, Phase};
 use voucher_operator::store::Store;
 
 struct Harness {
@@ -43,6 +43,8 @@ fn settings() -> Settings {
         namespace: None,
         identity: "test".into(),
         concurrency: 4,
+        // Set to the test's namespace by the harness unless a test says otherwise.
+        issuers: Issuers::new(Vec::<String>::new()),
     }
 }
 
@@ -63,6 +65,9 @@ async fn harness_with(mut settings: Settings, faults: Option<support::faults::Fa
         }
     };
     settings.namespace = Some(ns.clone());
+    if settings.issuers == Issuers::new(Vec::<String>::new()) {
+        settings.issuers = Issuers::new([ns.clone()]);
+    }
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
     let ctx = Context::new(client.clone(), store, metrics, settings);
@@ -92,6 +97,7 @@ impl Harness {
             self.ctx.metrics.clone(),
             Settings {
                 namespace: Some(ns.clone()),
+                issuers: Issuers::new([ns.clone()]),
                 ..settings()
             },
         );
@@ -381,7 +387,7 @@ async fn a_spec_change_is_one_update_and_one_audit_record() {
 }
 
 #[tokio::test]
-async fn an_existing_row_is_adopted_with_its_counters() {
+async fn an_existing_row_is_adopted_only_on_request_with_its_counters() {
     let h = harness().await;
     sqlx::query(
         "INSERT INTO promo_codes (code, credit_omr, times_redeemed, max_redemptions, created_at) \
@@ -390,12 +396,43 @@ async fn an_existing_row_is_adopted_with_its_counters() {
     .execute(&h.pool)
     .await
     .unwrap();
+    // Without the request: a Conflict that says how to ask, and the row untouched.
     h.create(
         &h.ns,
         "legacy-7",
-        json!({"creditOMR": 8, "maxRedemptions": 10}),
+        json!({"creditOMR": 99999, "maxRedemptions": 10}),
     )
     .await;
+    let refused = h
+        .until(&h.ns, "legacy-7", "Conflict", |v| {
+            phase(v) == Some(Phase::Conflict)
+        })
+        .await;
+    assert_eq!(
+        ready(&refused),
+        Some(("False".into(), "AdoptionNotRequested".into()))
+    );
+    assert_eq!(
+        condition(&refused, "Stalled"),
+        Some(("True".into(), "AdoptionNotRequested".into()))
+    );
+    assert_eq!(h.row("LEGACY-7").await, Some((7, true, 4, None)));
+    assert!(h.audit_kinds("LEGACY-7").await.is_empty());
+    assert!(
+        h.events("legacy-7")
+            .await
+            .contains(&("Warning".into(), "AdoptionNotRequested".into()))
+    );
+
+    // With it (and sane terms): adopted, counters and creation time kept.
+    h.vouchers(&h.ns)
+        .patch(
+            "legacy-7",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"adopt": true, "creditOMR": 8}})),
+        )
+        .await
+        .unwrap();
     let v = h
         .until(&h.ns, "legacy-7", "Active", |v| {
             phase(v) == Some(Phase::Active)
@@ -646,11 +683,11 @@ async fn deletion_with_orphan_leaves_the_row() {
 
     assert_eq!(h.row("KEEP-ME").await, Some((5, true, 0, None)));
     assert_eq!(h.audit_kinds("KEEP-ME").await, ["created", "orphaned"]);
-    // Released: a new resource adopts it.
+    // Released: a new resource that asks for it adopts it.
     h.create(
         &h.ns,
         "keep-me-again",
-        json!({"code": "KEEP-ME", "creditOMR": 6}),
+        json!({"code": "KEEP-ME", "creditOMR": 6, "adopt": true}),
     )
     .await;
     h.until(&h.ns, "keep-me-again", "Active", |v| {
@@ -756,6 +793,7 @@ async fn two_controllers_sharing_a_lease_never_reconcile_together() {
             Settings {
                 identity: identity.into(),
                 namespace: Some(ns.clone()),
+                issuers: Issuers::new([ns.clone()]),
                 ..settings()
             },
         );
@@ -856,8 +894,167 @@ async fn two_controllers_sharing_a_lease_never_reconcile_together() {
     assert!(holder.spec.unwrap().holder_identity.is_some());
 }
 
+/// Removes a Voucher without its finalizer while no controller runs (a
+/// running one would put the finalizer straight back), so that its binding
+/// stays behind; then starts the controller again.
+async fn vanish(h: &Harness, name: &str) -> tokio_util::sync::DropGuard {
+    h.stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let api = h.vouchers(&h.ns);
+    let clear = json!({"metadata": {"finalizers": null}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&clear))
+        .await
+        .unwrap();
+    api.delete(name, &DeleteParams::default()).await.unwrap();
+    assert!(api.get_opt(name).await.unwrap().is_none());
+    let restarted = CancellationToken::new();
+    tokio::spawn(controller::run(h.ctx.clone(), restarted.clone()));
+    restarted.drop_guard()
+}
+
+async fn bound(h: &Harness, code: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM voucher_bindings WHERE code = $1")
+        .bind(code)
+        .fetch_one(&h.pool)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
-async fn a_code_bound_to_a_vanished_voucher_is_released_and_adopted() {
+async fn a_vanished_vouchers_binding_is_swept_with_its_recorded_policy() {
+    let h = harness().await;
+    for (name, policy) in [("gone-revoke", "Revoke"), ("gone-orphan", "Orphan")] {
+        h.create(
+            &h.ns,
+            name,
+            json!({"creditOMR": 5, "deletionPolicy": policy}),
+        )
+        .await;
+        h.until(&h.ns, name, "Active", |v| phase(v) == Some(Phase::Active))
+            .await;
+    }
+    h.stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let api = h.vouchers(&h.ns);
+    for name in ["gone-revoke", "gone-orphan"] {
+        let clear = json!({"metadata": {"finalizers": null}});
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&clear))
+            .await
+            .unwrap();
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    assert_eq!(
+        bound(&h, "GONE-REVOKE").await,
+        1,
+        "the stale binding this test is about"
+    );
+    // The sweep runs once the restarted controller's cache is complete.
+    let restarted = CancellationToken::new();
+    tokio::spawn(controller::run(h.ctx.clone(), restarted.clone()));
+    let _stop_restarted = restarted.drop_guard();
+    eventually("both bindings swept", || async {
+        (bound(&h, "GONE-REVOKE").await + bound(&h, "GONE-ORPHAN").await == 0).then_some(())
+    })
+    .await;
+    let (_, active, _, deleted) = h.row("GONE-REVOKE").await.unwrap();
+    assert!(!active && deleted.is_some(), "Revoke, as recorded: revoked");
+    assert_eq!(
+        h.row("GONE-ORPHAN").await,
+        Some((5, true, 0, None)),
+        "Orphan: left"
+    );
+    assert_eq!(h.audit_kinds("GONE-REVOKE").await, ["created", "revoked"]);
+    assert_eq!(h.audit_kinds("GONE-ORPHAN").await, ["created", "orphaned"]);
+    assert!(
+        h.events("gone-revoke")
+            .await
+            .contains(&("Warning".into(), "Revoked".into())),
+        "an Event on the vanished Voucher"
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_code_is_not_revived_by_a_waiting_conflict() {
+    // A short resync: the waiting Voucher looks again and again.
+    let h = harness_with(
+        Settings {
+            resync_interval: Duration::from_secs(1),
+            ..settings()
+        },
+        None,
+    )
+    .await;
+    h.create(
+        &h.ns,
+        "owner-1",
+        json!({"code": "WAITED-1", "creditOMR": 5}),
+    )
+    .await;
+    h.until(&h.ns, "owner-1", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    h.create(
+        &h.ns,
+        "waiter",
+        json!({"code": "WAITED-1", "creditOMR": 777}),
+    )
+    .await;
+    h.until(&h.ns, "waiter", "Conflict", |v| {
+        phase(v) == Some(Phase::Conflict)
+    })
+    .await;
+
+    // The owner goes, with deletionPolicy Revoke (the default).
+    h.vouchers(&h.ns)
+        .delete("owner-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("owner-1 revoked", || async {
+        h.row("WAITED-1").await.unwrap().3.map(|_| ())
+    })
+    .await;
+    // The waiter is looked at every second; it must say why and stay away.
+    let waiting = h
+        .until(&h.ns, "waiter", "ReissueNotRequested", |v| {
+            ready(v).is_some_and(|(_, reason)| reason == "ReissueNotRequested")
+        })
+        .await;
+    assert_eq!(phase(&waiting), Some(Phase::Conflict));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (credit, active, _, deleted) = h.row("WAITED-1").await.unwrap();
+    assert!(
+        credit == 5 && !active && deleted.is_some(),
+        "still revoked, with the owner's terms"
+    );
+    assert_eq!(bound(&h, "WAITED-1").await, 0);
+    assert_eq!(
+        h.audit_kinds("WAITED-1").await,
+        ["created", "conflict", "revoked"]
+    );
+
+    // A person asks: reissued, audited as such, with the waiter's terms.
+    h.vouchers(&h.ns)
+        .patch(
+            "waiter",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"reissue": true}})),
+        )
+        .await
+        .unwrap();
+    h.until(&h.ns, "waiter", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    assert_eq!(h.row("WAITED-1").await, Some((777, true, 0, None)));
+    assert_eq!(
+        h.audit_kinds("WAITED-1").await,
+        ["created", "conflict", "revoked", "reissued"]
+    );
+}
+
+#[tokio::test]
+async fn a_conflict_with_a_vanished_owner_releases_the_binding_but_takes_nothing() {
     let h = harness().await;
     h.create(
         &h.ns,
@@ -869,33 +1066,7 @@ async fn a_code_bound_to_a_vanished_voucher_is_released_and_adopted() {
         phase(v) == Some(Phase::Active)
     })
     .await;
-    // Force the resource away without its finalizer while no controller runs
-    // (a running one would put the finalizer straight back): the binding stays.
-    h.stop.cancel();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let api = h.vouchers(&h.ns);
-    let clear = json!({"metadata": {"finalizers": null}});
-    api.patch(
-        "first-owner",
-        &PatchParams::default(),
-        &Patch::Merge(&clear),
-    )
-    .await
-    .unwrap();
-    api.delete("first-owner", &DeleteParams::default())
-        .await
-        .unwrap();
-    assert!(api.get_opt("first-owner").await.unwrap().is_none());
-    let restarted = CancellationToken::new();
-    tokio::spawn(controller::run(h.ctx.clone(), restarted.clone()));
-    let _stop_restarted = restarted.drop_guard();
-    let bound: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM voucher_bindings WHERE code = 'ORPHANED-1'")
-            .fetch_one(&h.pool)
-            .await
-            .unwrap();
-    assert_eq!(bound, 1, "the stale binding this test is about");
-
+    let _restarted = vanish(&h, "first-owner").await;
     h.create(
         &h.ns,
         "second-owner",
@@ -903,16 +1074,74 @@ async fn a_code_bound_to_a_vanished_voucher_is_released_and_adopted() {
     )
     .await;
     let v = h
-        .until(&h.ns, "second-owner", "Active, not Conflict", |v| {
-            phase(v) == Some(Phase::Active)
-        })
+        .until(
+            &h.ns,
+            "second-owner",
+            "Conflict: reissue not requested",
+            |v| ready(v).is_some_and(|(_, reason)| reason == "ReissueNotRequested"),
+        )
         .await;
-    assert_eq!(v.status.unwrap().code.as_deref(), Some("ORPHANED-1"));
-    assert_eq!(h.row("ORPHANED-1").await.unwrap().0, 6);
-    assert_eq!(h.audit_kinds("ORPHANED-1").await, ["created", "adopted"]);
+    assert_eq!(phase(&v), Some(Phase::Conflict));
+    assert_eq!(bound(&h, "ORPHANED-1").await, 0, "released");
+    let (credit, active, _, deleted) = h.row("ORPHANED-1").await.unwrap();
     assert!(
-        h.events("second-owner")
-            .await
-            .contains(&("Warning".into(), "StaleBindingReleased".into()))
+        credit == 5 && !active && deleted.is_some(),
+        "revoked as recorded, not handed on"
     );
+    assert_eq!(h.audit_kinds("ORPHANED-1").await, ["created", "revoked"]);
+}
+
+#[tokio::test]
+async fn a_voucher_outside_the_issuer_namespaces_writes_nothing() {
+    let h = harness_with(
+        Settings {
+            issuers: Issuers::new(["billing-only"]),
+            ..settings()
+        },
+        None,
+    )
+    .await;
+    sqlx::query("INSERT INTO promo_codes (code, credit_omr) VALUES ('RVW-A1', 10)")
+        .execute(&h.pool)
+        .await
+        .unwrap();
+    for (name, spec) in [
+        ("rvw-a1", json!({"creditOMR": 99999, "adopt": true})),
+        ("brand-new", json!({"creditOMR": 50})),
+    ] {
+        h.create(&h.ns, name, spec).await;
+        let v = h
+            .until(&h.ns, name, "Forbidden", |v| {
+                phase(v) == Some(Phase::Forbidden)
+            })
+            .await;
+        let stalled = v
+            .status
+            .as_ref()
+            .unwrap()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Stalled")
+            .cloned()
+            .unwrap();
+        assert_eq!(stalled.reason, "NotAnIssuerNamespace");
+        assert!(
+            stalled.message.contains("--issuer-namespaces"),
+            "{}",
+            stalled.message
+        );
+        assert!(
+            h.events(name)
+                .await
+                .contains(&("Warning".into(), "NotAnIssuerNamespace".into()))
+        );
+    }
+    assert_eq!(
+        h.row("RVW-A1").await,
+        Some((10, true, 0, None)),
+        "not adopted"
+    );
+    assert_eq!(h.row("BRAND-NEW").await, None, "not created");
+    assert_eq!(bound(&h, "RVW-A1").await + bound(&h, "BRAND-NEW").await, 0);
+    assert!(h.audit_kinds("RVW-A1").await.is_empty());
 }

@@ -104,6 +104,7 @@ async fn exported_codes_are_adopted_with_their_history() {
         namespace: Some(ns.clone()),
         identity: "export".into(),
         concurrency: 2,
+        issuers: voucher_operator::domain::Issuers::new([ns.clone()]),
     };
     let ctx = Context::new(
         client.clone(),

@@ -78,6 +78,7 @@ async fn stack() -> Stack {
         namespace: Some(ns.clone()),
         identity: "e2e".into(),
         concurrency: 4,
+        issuers: voucher_operator::domain::Issuers::new([ns.clone()]),
     };
     let ctx = Context::new(
         client.clone(),

@@ -13,7 +13,7 @@ use async_nats::jetstream;
 use chrono::Utc;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use voucher_operator::domain::{Code, Owner, Terms};
+use voucher_operator::domain::{Code, DeletionPolicy, Owner, Request, Terms};
 use voucher_operator::relay::{self, RelayMetrics, RelaySettings};
 use voucher_operator::store::redeem::Redemption;
 use voucher_operator::store::sync::Wanted;
@@ -129,6 +129,12 @@ async fn sync(store: &Store, code: &str, who: &Owner, generation: i64, terms: Te
             owner: who,
             generation,
             terms: &terms,
+            // Adopt and reissue when there is something to take.
+            request: Request {
+                adopt: true,
+                reissue: true,
+            },
+            deletion_policy: DeletionPolicy::Revoke,
             now: Utc::now(),
         })
         .await
@@ -205,13 +211,15 @@ async fn every_event_type_arrives_once_as_a_valid_cloudevent() {
         .unwrap();
     // revoked, orphaned
     store
-        .release_voucher(&Code::parse("ALPHA-1").unwrap(), &a, true)
+        .release_voucher(&Code::parse("ALPHA-1").unwrap(), &a, DeletionPolicy::Revoke)
         .await
         .unwrap();
     store
-        .release_voucher(&Code::parse("BETA-1").unwrap(), &b, false)
+        .release_voucher(&Code::parse("BETA-1").unwrap(), &b, DeletionPolicy::Orphan)
         .await
         .unwrap();
+    // reissued: the revoked code, asked for by another resource
+    sync(&store, "ALPHA-1", &owner("e"), 1, terms(6)).await;
 
     let settings = settings("types");
     let (stop, task) = start_relay(&store, &settings);
@@ -227,7 +235,7 @@ async fn every_event_type_arrives_once_as_a_valid_cloudevent() {
     let kinds: HashSet<&str> = records.iter().map(|(_, k)| k.as_str()).collect();
     assert_eq!(
         kinds.len(),
-        12,
+        voucher_operator::domain::AuditKind::ALL.len(),
         "every event type has a cause here: {kinds:?}"
     );
 

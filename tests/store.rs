@@ -6,7 +6,10 @@ mod support;
 
 use chrono::{TimeZone, Utc};
 use sqlx::PgPool;
-use voucher_operator::domain::{AuditKind, Claim, Code, Owner, Phase, TermField, Terms};
+use voucher_operator::domain::{
+    AuditKind, Claim, Code, DeletionPolicy, Owner, Phase, Request, TermField, Terms, Unrequested,
+};
+use voucher_operator::store::bindings::Bound;
 use voucher_operator::store::outbox::{self, NewAuditRecord};
 use voucher_operator::store::{Store, StoreError, bindings, promo_codes};
 
@@ -142,6 +145,20 @@ async fn soft_delete_hides_the_code_and_apply_resurrects_it_with_its_counter() {
     assert_eq!(live, back.after);
 }
 
+/// Adoption and reissue both asked for.
+const ASK: Request = Request {
+    adopt: true,
+    reissue: true,
+};
+
+fn bound(generation: i64) -> Bound {
+    Bound {
+        generation,
+        phase: Phase::Active,
+        deletion_policy: DeletionPolicy::Revoke,
+    }
+}
+
 #[tokio::test]
 async fn claim_creates_adopts_keeps_and_detects_conflicts() {
     let store = store().await;
@@ -152,23 +169,24 @@ async fn claim_creates_adopts_keeps_and_detects_conflicts() {
     let mut tx = pool.begin().await.unwrap();
     let fresh = code("FRESH-1");
     assert_eq!(
-        bindings::claim(&mut tx, &fresh, &a).await.unwrap().claim,
+        bindings::claim(&mut tx, &fresh, &a, ASK)
+            .await
+            .unwrap()
+            .claim,
         Claim::Create
     );
     promo_codes::apply(&mut tx, &fresh, &terms(5))
         .await
         .unwrap();
-    bindings::bind(&mut tx, &fresh, &a, 1, Phase::Active)
-        .await
-        .unwrap();
+    bindings::bind(&mut tx, &fresh, &a, bound(1)).await.unwrap();
     tx.commit().await.unwrap();
 
     // Ours: keep, with the generation last applied.
     let mut conn = pool.acquire().await.unwrap();
-    let state = bindings::claim(&mut conn, &fresh, &a).await.unwrap();
+    let state = bindings::claim(&mut conn, &fresh, &a, ASK).await.unwrap();
     assert_eq!(state.claim, Claim::Keep);
     assert_eq!(state.binding.unwrap().generation, 1);
-    bindings::bind(&mut conn, &fresh, &a, 2, Phase::Active)
+    bindings::bind(&mut conn, &fresh, &a, bound(2))
         .await
         .unwrap();
     assert_eq!(
@@ -181,10 +199,10 @@ async fn claim_creates_adopts_keeps_and_detects_conflicts() {
     );
 
     // Someone else's: conflict, and binding it is refused.
-    let state = bindings::claim(&mut conn, &fresh, &b).await.unwrap();
+    let state = bindings::claim(&mut conn, &fresh, &b, ASK).await.unwrap();
     assert_eq!(state.claim, Claim::Conflict { owner: a.clone() });
     assert!(matches!(
-        bindings::bind(&mut conn, &fresh, &b, 1, Phase::Active).await,
+        bindings::bind(&mut conn, &fresh, &b, bound(1)).await,
         Err(StoreError::BindingTaken { .. })
     ));
 
@@ -197,7 +215,11 @@ async fn claim_creates_adopts_keeps_and_detects_conflicts() {
     .await
     .unwrap();
     let legacy = code("legacy-9");
-    let state = bindings::claim(&mut conn, &legacy, &b).await.unwrap();
+    let state = bindings::claim(&mut conn, &legacy, &b, Request::default())
+        .await
+        .unwrap();
+    assert_eq!(state.claim, Claim::NotRequested(Unrequested::Adopt));
+    let state = bindings::claim(&mut conn, &legacy, &b, ASK).await.unwrap();
     assert_eq!(state.claim, Claim::Adopt);
     let adopted = promo_codes::apply(&mut conn, &legacy, &terms(9))
         .await
@@ -208,18 +230,31 @@ async fn claim_creates_adopts_keeps_and_detects_conflicts() {
         Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap()
     );
 
-    // A tombstone: resurrect.
+    // A tombstone: reissue, when asked; never by itself.
     promo_codes::soft_delete(&mut conn, &legacy).await.unwrap();
     assert_eq!(
-        bindings::claim(&mut conn, &legacy, &b).await.unwrap().claim,
-        Claim::Resurrect
+        bindings::claim(&mut conn, &legacy, &b, ASK)
+            .await
+            .unwrap()
+            .claim,
+        Claim::Reissue
+    );
+    assert_eq!(
+        bindings::claim(&mut conn, &legacy, &b, Request::default())
+            .await
+            .unwrap()
+            .claim,
+        Claim::NotRequested(Unrequested::Reissue)
     );
 
     // Released bindings free the code for another resource.
     assert!(!bindings::release(&mut conn, &fresh, "b").await.unwrap());
     assert!(bindings::release(&mut conn, &fresh, "a").await.unwrap());
     assert_eq!(
-        bindings::claim(&mut conn, &fresh, &b).await.unwrap().claim,
+        bindings::claim(&mut conn, &fresh, &b, ASK)
+            .await
+            .unwrap()
+            .claim,
         Claim::Adopt
     );
 }
@@ -235,14 +270,16 @@ async fn concurrent_claims_of_one_new_code_bind_exactly_one_resource() {
         tasks.push(tokio::spawn(async move {
             let me = owner(&format!("uid-{i}"));
             let mut tx = pool.begin().await.unwrap();
-            let state = bindings::claim(&mut tx, &contested, &me).await.unwrap();
+            let state = bindings::claim(&mut tx, &contested, &me, ASK)
+                .await
+                .unwrap();
             if matches!(state.claim, Claim::Conflict { .. }) {
                 return false;
             }
             promo_codes::apply(&mut tx, &contested, &terms(1))
                 .await
                 .unwrap();
-            bindings::bind(&mut tx, &contested, &me, 1, Phase::Active)
+            bindings::bind(&mut tx, &contested, &me, bound(1))
                 .await
                 .unwrap();
             tx.commit().await.unwrap();

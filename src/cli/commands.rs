@@ -44,6 +44,7 @@ pub(super) async fn run_controller(
             namespace: options.watch_namespace.clone(),
             identity: identity.clone(),
             concurrency: options.concurrency,
+            issuers: crate::domain::Issuers::new(&options.issuer_namespaces),
         },
         audit.audit_relay.then(|| audit.settings()),
         &mut registry,

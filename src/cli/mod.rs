@@ -123,6 +123,17 @@ pub struct ControllerOptions {
     #[arg(long, env = "WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
 
+    /// Comma-separated namespaces whose Vouchers may claim codes (creating a Voucher mints
+    /// credit); a Voucher elsewhere gets phase Forbidden and writes nothing. Include the
+    /// server's --admin-namespace, where the admin endpoints issue.
+    #[arg(
+        long,
+        env = "ISSUER_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "default"
+    )]
+    pub issuer_namespaces: Vec<String>,
+
     /// How many Vouchers are reconciled at once.
     #[arg(long, env = "CONTROLLER_CONCURRENCY", default_value_t = 8)]
     pub concurrency: u16,

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -27,8 +28,10 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{DeletionPolicy, Voucher, VoucherStatus};
-use crate::domain::{Actor, AuditKind, Code, EventWording, Facts, Owner, Phase, Severity, Terms};
+use crate::api::{Voucher, VoucherStatus};
+use crate::domain::{
+    Actor, AuditKind, Code, EventWording, Facts, Issuers, Owner, Phase, Severity, Terms,
+};
 use crate::relay::{RelayMetrics, RelaySettings};
 use crate::store::notify::{CODES_CHANNEL, Notification};
 use crate::store::sync::{Released, Synced, Wanted};
@@ -83,6 +86,8 @@ pub struct Settings {
     pub identity: String,
     /// Reconciles running at once.
     pub concurrency: u16,
+    /// Namespaces whose Vouchers may claim codes.
+    pub issuers: Issuers,
 }
 
 /// What every reconcile shares.
@@ -131,6 +136,11 @@ impl Context {
     }
 
     async fn publish(&self, voucher: &Voucher, event: EventWording) {
+        self.publish_on(&voucher.object_ref(&()), event).await;
+    }
+
+    /// Publishes an Event regarding `regarding`, which may be gone already.
+    async fn publish_on(&self, regarding: &ObjectReference, event: EventWording) {
         let reason = event.reason;
         let event = Event {
             type_: match event.severity {
@@ -142,11 +152,7 @@ impl Context {
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(error) = self
-            .recorder
-            .publish(&event, &voucher.object_ref(&()))
-            .await
-        {
+        if let Err(error) = self.recorder.publish(&event, regarding).await {
             tracing::warn!(%error, reason, "cannot publish a Kubernetes event");
         }
     }
@@ -255,7 +261,9 @@ impl Context {
         let code = voucher.code();
         let now = Utc::now();
         let terms = voucher.spec.terms();
+        let issuer = self.settings.issuers.allows(&owner.namespace);
         let (found, failure) = match (&code, terms.validate()) {
+            _ if !issuer => (Found::Forbidden(self.settings.issuers.clone()), None),
             (Err(error), _) => (Found::InvalidCode(error.clone()), None),
             (_, Err(error)) => (Found::InvalidTerms(error), None),
             (Ok(code), Ok(())) => match self.sync(code, &owner, &terms, voucher, now).await {
@@ -312,6 +320,8 @@ impl Context {
             owner,
             generation: voucher.metadata.generation.unwrap_or_default(),
             terms,
+            request: voucher.request(),
+            deletion_policy: voucher.spec.deletion_policy,
             now,
         };
         let synced = self.store.sync_voucher(&wanted).await?;
@@ -322,9 +332,11 @@ impl Context {
             return Ok(synced);
         }
         tracing::warn!(code = %code, holder = %holder, "releasing the binding of a Voucher that no longer exists");
-        self.store.release_stale_binding(code, holder).await?;
-        let note =
-            format!("code {code} was bound to Voucher {holder}, which no longer exists; released");
+        let released = self.store.release_vanished(code, holder).await?;
+        let note = format!(
+            "code {code} was bound to Voucher {holder}, which no longer exists; released ({})",
+            released.said()
+        );
         let event = EventWording {
             severity: Severity::Warning,
             reason: "StaleBindingReleased",
@@ -332,6 +344,67 @@ impl Context {
         };
         self.publish(voucher, event).await;
         self.store.sync_voucher(&wanted).await
+    }
+
+    /// Releases the bindings whose Voucher vanished without its finalizer
+    /// (removed by hand), applying the deletion policy recorded in each, with
+    /// its audit record and an Event on the vanished object. `cache` must be
+    /// ready: an empty cache would make every binding look vanished, which is
+    /// why each is confirmed with the API server first.
+    async fn sweep(&self, cache: &reflector::Store<Voucher>) {
+        let bindings = match self
+            .store
+            .bindings(self.settings.namespace.as_deref())
+            .await
+        {
+            Ok(bindings) => bindings,
+            Err(error) => {
+                tracing::warn!(error = %crate::telemetry::describe(&error), "cannot sweep the bindings");
+                return;
+            }
+        };
+        for (code, binding) in bindings {
+            let holder = &binding.owner;
+            let key = ObjectRef::new(&holder.name).within(&holder.namespace);
+            if cache
+                .get(&key)
+                .is_some_and(|v| v.uid().as_deref() == Some(holder.uid.as_str()))
+                || !self.is_gone(holder).await
+            {
+                continue;
+            }
+            let Ok(code) = Code::parse(&code) else {
+                continue;
+            };
+            let kind = match self.store.release_vanished(&code, holder).await {
+                Ok(Released::Revoked(_)) => AuditKind::Revoked,
+                Ok(Released::Orphaned(_)) => AuditKind::Orphaned,
+                Ok(Released::NotOwner) => continue,
+                Err(error) => {
+                    tracing::warn!(error = %crate::telemetry::describe(&error), "cannot release a vanished Voucher's binding");
+                    continue;
+                }
+            };
+            tracing::warn!(code = %code, holder = %holder, %kind, "released the binding of a Voucher that vanished without its finalizer");
+            self.count_audit(kind);
+            let regarding = ObjectReference {
+                api_version: Some(Voucher::api_version(&()).into_owned()),
+                kind: Some(Voucher::kind(&()).into_owned()),
+                namespace: Some(holder.namespace.clone()),
+                name: Some(holder.name.clone()),
+                uid: Some(holder.uid.clone()),
+                ..ObjectReference::default()
+            };
+            let actor = Actor::from(holder);
+            if let Some(mut event) = kind.wording(&Facts::new(code.as_str(), &actor)).event {
+                event.severity = Severity::Warning;
+                event.note = format!(
+                    "{}; the Voucher was deleted without its finalizer, so its recorded deletion policy was applied by the sweep",
+                    event.note
+                );
+                self.publish_on(&regarding, event).await;
+            }
+        }
     }
 
     /// Whether the resource a binding names is gone (absent, or re-created
@@ -351,8 +424,11 @@ impl Context {
             return Ok(Action::await_change());
         };
         let owner = Self::owner(voucher)?;
-        let revoke = voucher.spec.deletion_policy == DeletionPolicy::Revoke;
-        let kind = match self.store.release_voucher(&code, &owner, revoke).await? {
+        let released = self
+            .store
+            .release_voucher(&code, &owner, voucher.spec.deletion_policy)
+            .await?;
+        let kind = match released {
             Released::Revoked(_) => Some(AuditKind::Revoked),
             Released::Orphaned(_) => Some(AuditKind::Orphaned),
             Released::NotOwner => None,
@@ -523,6 +599,24 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         })
         .reflect(writer)
         .applied_objects();
+    // Every resync interval, once the cache holds every Voucher: bindings
+    // whose Voucher vanished without its finalizer.
+    let sweeper = {
+        let (ctx, cache, stop) = (ctx.clone(), cache.clone(), stop.clone());
+        async move {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                ready = cache.wait_until_ready() => if ready.is_err() { return },
+            }
+            loop {
+                ctx.sweep(&cache).await;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(ctx.settings.resync_interval) => {}
+                }
+            }
+        }
+    };
     let controller = Controller::for_stream(vouchers, cache)
         .with_config(config)
         .reconcile_on(rows_changed)
@@ -541,6 +635,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         stop.cancelled().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
+    let controller = async { tokio::join!(controller, sweeper) };
     tokio::select! {
         _ = controller => {}
         _ = grace => tracing::warn!(

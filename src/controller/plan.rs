@@ -11,7 +11,8 @@ use chrono::{DateTime, Utc};
 use super::status::{self, Outcome};
 use crate::api::VoucherStatus;
 use crate::domain::{
-    Actor, AuditKind, Code, CodeError, EventWording, Facts, Owner, Phase, Severity, TermError,
+    Actor, AuditKind, Code, CodeError, EventWording, Facts, Issuers, Owner, Phase, Severity,
+    TermError, Unrequested,
 };
 use crate::store::sync::Synced;
 
@@ -22,6 +23,8 @@ use crate::store::sync::Synced;
     reason = "one value per reconcile, moved once into decide"
 )]
 pub enum Found {
+    /// The resource is outside the issuer namespaces; nothing was written.
+    Forbidden(Issuers),
     /// The resource names no valid code; nothing was written.
     InvalidCode(CodeError),
     /// The terms break a voucher rule (the CRD's schema refuses them, so
@@ -99,16 +102,56 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
     let status = |outcome| status::desired(outcome, generation, now, previous);
     let actor = Actor::from(owner);
     match found {
+        Found::Forbidden(issuers) => refused(
+            Phase::Forbidden,
+            "NotAnIssuerNamespace",
+            format!(
+                "namespace {} may not issue vouchers (issuer namespaces: {}); nothing was written. \
+                 To allow it, add it to the controller's --issuer-namespaces \
+                 (chart value controller.issuerNamespaces)",
+                owner.namespace,
+                issuers.list()
+            ),
+            &seen,
+        ),
         Found::InvalidCode(error) => refused(
+            Phase::Error,
             "InvalidCode",
             format!("this Voucher has no valid code: {error}; set spec.code"),
             &seen,
         ),
         Found::InvalidTerms(error) => refused(
+            Phase::Error,
             "InvalidTerms",
             format!("the spec breaks a voucher rule: {error}; nothing was written"),
             &seen,
         ),
+        Found::Synced(Synced::NotRequested(what)) => {
+            let code = code.map(Code::as_str).unwrap_or_default();
+            let (reason, message) = match what {
+                Unrequested::Adopt => (
+                    "AdoptionNotRequested",
+                    format!(
+                        "code {code} exists in the billing database without an owner; nothing was \
+                         written. To take it over with its redemptions, set spec.adopt: true \
+                         (allowed only to those the admission policy names)"
+                    ),
+                ),
+                Unrequested::Reissue => (
+                    "ReissueNotRequested",
+                    format!(
+                        "code {code} was revoked; nothing was written. To bring it back with its \
+                         redemptions, set spec.reissue: true (allowed only to those the admission \
+                         policy names)"
+                    ),
+                ),
+            };
+            // The row can change without this resource changing: look again.
+            Plan {
+                next: Next::After(resync),
+                ..refused(Phase::Conflict, reason, message, &seen)
+            }
+        }
         Found::DatabaseUnavailable(error) => Plan {
             status: status(Outcome::Failed {
                 phase: Phase::Error,
@@ -125,7 +168,7 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
         Found::Synced(Synced::Conflict { owner: holder }) => {
             let code = code.map(Code::as_str).unwrap_or_default();
             // Reported once, when the conflict begins; the status keeps saying it.
-            let begins = previous.and_then(|s| s.phase) != Some(Phase::Conflict);
+            let begins = ready_reason(previous) != Some(status::CODE_CONFLICT);
             let facts = Facts {
                 holder: Some(&holder),
                 ..Facts::new(code, &actor)
@@ -186,25 +229,39 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
     }
 }
 
-/// A resource that waits for a person to change it: nothing written, a
-/// Warning, Stalled.
-fn refused(reason: &'static str, message: String, seen: &Seen<'_>) -> Plan {
+/// The reason of the Ready condition the resource last showed.
+fn ready_reason(previous: Option<&VoucherStatus>) -> Option<&str> {
+    previous?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == status::READY)
+        .map(|c| c.reason.as_str())
+}
+
+/// A resource that waits for a person to change it: nothing written,
+/// Stalled, and a Warning when it begins (not on every look).
+fn refused(phase: Phase, reason: &'static str, message: String, seen: &Seen<'_>) -> Plan {
+    let begins = ready_reason(seen.previous) != Some(reason);
+    let events = begins
+        .then(|| EventWording {
+            severity: Severity::Warning,
+            reason,
+            note: message.clone(),
+        })
+        .into_iter()
+        .collect();
     let outcome = Outcome::Failed {
-        phase: Phase::Error,
+        phase,
         reason,
-        message: message.clone(),
+        message,
         retrying: false,
     };
     Plan {
         status: status::desired(outcome, seen.generation, seen.now, seen.previous),
-        phase: Phase::Error,
+        phase,
         audit_conflict: None,
         audited: Vec::new(),
-        events: vec![EventWording {
-            severity: Severity::Warning,
-            reason,
-            note: message,
-        }],
+        events,
         next: Next::AwaitChange,
     }
 }

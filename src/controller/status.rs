@@ -8,6 +8,8 @@ use crate::domain::{CodeRecord, Owner, Phase};
 
 pub const READY: &str = "Ready";
 pub const SYNCED: &str = "Synced";
+/// Ready's reason while another resource owns the code.
+pub const CODE_CONFLICT: &str = "CodeConflict";
 /// kstatus's abnormal-true conditions, which Flux's health checks read (they ignore Ready):
 /// present only while true. Reconciling: the controller is still working on this generation
 /// (retrying); Stalled: it cannot make progress until a person changes something.
@@ -94,11 +96,11 @@ fn phase_message(record: &CodeRecord, phase: Phase) -> (&'static str, String) {
             "{code} reached its cap of {} redemptions",
             record.terms.max_redemptions
         ),
-        Phase::Conflict | Phase::Error => String::new(),
+        Phase::Conflict | Phase::Forbidden | Phase::Error => String::new(),
     };
     // Ready's reason names the phase that keeps a synced code from being redeemed.
     let reason = match phase {
-        Phase::Active | Phase::Conflict | Phase::Error => "Reconciled",
+        Phase::Active | Phase::Conflict | Phase::Forbidden | Phase::Error => "Reconciled",
         waiting => waiting.as_str(),
     };
     (reason, message)
@@ -141,9 +143,9 @@ fn said<'a>(outcome: Outcome<'a>, previous: Option<&VoucherStatus>) -> Said<'a> 
         Outcome::Conflict { code, holder } => {
             let unready = Wanted {
                 status: false,
-                reason: "CodeConflict",
+                reason: CODE_CONFLICT,
                 message: format!(
-                    "code {code} is owned by Voucher {holder}; this resource changes nothing until that one is deleted or uses another code"
+                    "code {code} is owned by Voucher {holder}; this resource changes nothing. Once that one is gone, the code is revoked or unowned and stays so until a Voucher asks for it (spec.reissue or spec.adopt)"
                 ),
             };
             Said {

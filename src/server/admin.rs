@@ -109,6 +109,19 @@ fn kube_error(error: kube::Error) -> HttpError {
     }
 }
 
+/// The GitOps tool that manages `voucher`, from the labels Flux sets.
+fn gitops_owner(voucher: &Voucher) -> Option<&'static str> {
+    let labels = voucher.metadata.labels.as_ref()?;
+    let by = |prefix: &str| labels.keys().any(|k| k.starts_with(prefix));
+    if by("kustomize.toolkit.fluxcd.io/") {
+        Some("a Flux Kustomization")
+    } else if by("helm.toolkit.fluxcd.io/") {
+        Some("a Flux HelmRelease")
+    } else {
+        None
+    }
+}
+
 /// Issue (create or update) a code
 #[utoipa::path(
     post,
@@ -120,7 +133,7 @@ fn kube_error(error: kube::Error) -> HttpError {
         (status = 400, description = "Invalid code or body", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Not an administrator", body = ErrorBody),
-        (status = 409, description = "The Voucher is managed elsewhere", body = ErrorBody),
+        (status = 409, description = "The Voucher is managed elsewhere, or another Voucher owns the code", body = ErrorBody),
         (status = 503, description = "The Kubernetes API is unreachable", body = ErrorBody),
     )
 )]
@@ -140,12 +153,25 @@ pub async fn issue(
         valid_from: None,
         expires_at: None,
         deletion_policy: DeletionPolicy::default(),
+        // An administrator issuing a code that exists (from the admin page, or
+        // revoked) means to take it over: the billing service's issue did so.
+        adopt: true,
+        reissue: true,
     };
     spec.terms()
         .validate()
         .map_err(|e| HttpError::bad_request(e.to_string()))?;
     let api = vouchers(&state, &state.settings.admin_namespace)?;
     let name = crate::api::resource_name(&code);
+    // Issue never reports terms it did not apply: a code bound elsewhere is changed there.
+    if let Some(owner) = state.store.owner_of(&code).await?
+        && (owner.namespace != state.settings.admin_namespace || owner.name != name)
+    {
+        return Err(HttpError::new(
+            StatusCode::CONFLICT,
+            format!("code {code} is owned by Voucher {owner}; change it there"),
+        ));
+    }
     let mut voucher = Voucher::new(&name, spec);
     voucher.metadata.labels =
         Some([(MANAGED_BY.to_owned(), ADMIN_FIELD_MANAGER.to_owned())].into());
@@ -188,17 +214,18 @@ pub async fn list(
     Ok(Json(rows.into_iter().map(PromoCode::from).collect()))
 }
 
-/// Revoke a code by deleting its Voucher resource
+/// Revoke a code: soft-delete its row (whatever the deletion policy), then delete its Voucher
 #[utoipa::path(
     delete,
     path = "/billing/vouchers/revoke/{code}",
     params(("code" = String, Path, description = "The code; trimmed and upper-cased")),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The Voucher was deleted; the controller revokes the code"),
+        (status = 200, description = "The code was revoked and its Voucher deleted"),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Not an administrator", body = ErrorBody),
-        (status = 404, description = "No Voucher resource owns this code", body = ErrorBody),
+        (status = 404, description = "No such code", body = ErrorBody),
+        (status = 409, description = "The owning Voucher is managed by GitOps: remove it from Git", body = ErrorBody),
         (status = 503, description = "The Kubernetes API is unreachable", body = ErrorBody),
     )
 )]
@@ -207,23 +234,41 @@ pub async fn revoke(
     headers: HeaderMap,
     Path(code): Path<String>,
 ) -> Result<Json<serde_json::Value>, HttpError> {
-    admin(&state, &headers).await?;
+    let principal = admin(&state, &headers).await?;
     let code = Code::parse(&code).map_err(|e| HttpError::bad_request(e.to_string()))?;
-    let owner = state.store.owner_of(&code).await?.ok_or_else(|| {
-        HttpError::new(
-            StatusCode::NOT_FOUND,
-            format!("no Voucher resource owns the code {code}"),
-        )
-    })?;
-    let api = vouchers(&state, &owner.namespace)?;
-    match api.delete(&owner.name, &DeleteParams::default()).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 404 => {
+    // A Voucher that Git owns would be re-created by Flux: it must be removed there.
+    let bound = state.store.owner_of(&code).await?;
+    if let Some(owner) = &bound {
+        let found = vouchers(&state, &owner.namespace)?
+            .get_opt(&owner.name)
+            .await
+            .map_err(kube_error)?;
+        if let Some(gitops) = found.as_ref().and_then(gitops_owner) {
             return Err(HttpError::new(
-                StatusCode::NOT_FOUND,
-                format!("no Voucher resource owns the code {code}"),
+                StatusCode::CONFLICT,
+                format!(
+                    "the Voucher {owner} owning code {code} is managed by {gitops}; remove it from Git \
+                     (or set spec.active: false there) instead"
+                ),
             ));
         }
+    }
+    // The row is revoked first, whatever the Voucher's deletionPolicy: from here
+    // on nothing redeems it, and no Voucher brings it back without asking.
+    let revocation = state
+        .store
+        .revoke(&code, &principal.subject)
+        .await?
+        .ok_or_else(|| HttpError::new(StatusCode::NOT_FOUND, format!("no such code {code}")))?;
+    let Some(owner) = revocation.owner else {
+        return Ok(Json(json!({"code": code.as_str(), "revoked": true})));
+    };
+    match vouchers(&state, &owner.namespace)?
+        .delete(&owner.name, &DeleteParams::default())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
         Err(other) => return Err(kube_error(other)),
     }
     Ok(Json(

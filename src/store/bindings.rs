@@ -3,7 +3,7 @@
 use sqlx::PgConnection;
 
 use super::{Result, StoreError, promo_codes};
-use crate::domain::{Claim, Code, CodeRecord, Owner, Phase};
+use crate::domain::{Claim, Code, CodeRecord, DeletionPolicy, Owner, Phase, Request};
 
 /// A code's binding to a resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,6 +13,8 @@ pub struct Binding {
     pub generation: i64,
     /// The phase last recorded, for clock-driven audit records.
     pub phase: Option<Phase>,
+    /// The owner's deletion policy at the last bind.
+    pub deletion_policy: DeletionPolicy,
 }
 
 /// What a resource found when it claimed its code.
@@ -30,6 +32,7 @@ struct Row {
     uid: String,
     generation: i64,
     phase: Option<String>,
+    deletion_policy: String,
 }
 
 impl From<Row> for Binding {
@@ -42,13 +45,16 @@ impl From<Row> for Binding {
             },
             generation: row.generation,
             phase: row.phase.as_deref().and_then(Phase::parse),
+            // Unknown text is read as the safe side: revoke.
+            deletion_policy: DeletionPolicy::parse(&row.deletion_policy).unwrap_or_default(),
         }
     }
 }
 
 pub async fn find(conn: &mut PgConnection, code: &Code) -> Result<Option<Binding>> {
     let row: Option<Row> = sqlx::query_as(
-        "SELECT namespace, name, uid, generation, phase FROM voucher_bindings WHERE code = $1",
+        "SELECT namespace, name, uid, generation, phase, deletion_policy FROM voucher_bindings \
+         WHERE code = $1",
     )
     .bind(code.as_str())
     .fetch_optional(conn)
@@ -56,14 +62,48 @@ pub async fn find(conn: &mut PgConnection, code: &Code) -> Result<Option<Binding
     Ok(row.map(Into::into))
 }
 
-/// Locks the code and decides whether `me` may create, resurrect, adopt or
-/// keep it, or is in conflict with its owner. Call inside the transaction
-/// that then applies the outcome.
-pub async fn claim(conn: &mut PgConnection, code: &Code, me: &Owner) -> Result<ClaimState> {
+/// Every binding, with its code (namespaces: only those), for the sweep of
+/// bindings whose Voucher vanished.
+pub async fn list(
+    conn: &mut PgConnection,
+    namespace: Option<&str>,
+) -> Result<Vec<(String, Binding)>> {
+    #[derive(sqlx::FromRow)]
+    struct Listed {
+        code: String,
+        #[sqlx(flatten)]
+        row: Row,
+    }
+    let rows: Vec<Listed> = sqlx::query_as(
+        "SELECT code, namespace, name, uid, generation, phase, deletion_policy \
+         FROM voucher_bindings WHERE $1::text IS NULL OR namespace = $1 ORDER BY code",
+    )
+    .bind(namespace)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|listed| (listed.code, listed.row.into()))
+        .collect())
+}
+
+/// Locks the code and decides what `me` may do with it (see [`Claim`]).
+/// Call inside the transaction that then applies the outcome.
+pub async fn claim(
+    conn: &mut PgConnection,
+    code: &Code,
+    me: &Owner,
+    request: Request,
+) -> Result<ClaimState> {
     super::lock_code(conn, code).await?;
     let binding = find(conn, code).await?;
     let row = promo_codes::find_for_update(conn, code).await?;
-    let claim = Claim::decide(binding.as_ref().map(|b| &b.owner), row.as_ref(), me);
+    let claim = Claim::decide(
+        binding.as_ref().map(|b| &b.owner),
+        row.as_ref(),
+        me,
+        request,
+    );
     Ok(ClaimState {
         claim,
         binding,
@@ -71,27 +111,31 @@ pub async fn claim(conn: &mut PgConnection, code: &Code, me: &Owner) -> Result<C
     })
 }
 
-/// Binds `code` to `owner` at `generation` and `phase`, or moves an existing
-/// binding of the same owner on. Fails when another resource holds it.
-pub async fn bind(
-    conn: &mut PgConnection,
-    code: &Code,
-    owner: &Owner,
-    generation: i64,
-    phase: Phase,
-) -> Result<()> {
+/// What a bind records.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub generation: i64,
+    pub phase: Phase,
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// Binds `code` to `owner`, or moves an existing binding of the same owner
+/// on. Fails when another resource holds it.
+pub async fn bind(conn: &mut PgConnection, code: &Code, owner: &Owner, bound: Bound) -> Result<()> {
     let result = sqlx::query(
-        "INSERT INTO voucher_bindings (code, namespace, name, uid, generation, phase) \
-         VALUES ($1, $2, $3, $4, $5, $6) \
-         ON CONFLICT (code) DO UPDATE SET generation = EXCLUDED.generation, phase = EXCLUDED.phase \
+        "INSERT INTO voucher_bindings (code, namespace, name, uid, generation, phase, deletion_policy) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (code) DO UPDATE SET generation = EXCLUDED.generation, phase = EXCLUDED.phase, \
+         deletion_policy = EXCLUDED.deletion_policy \
          WHERE voucher_bindings.uid = EXCLUDED.uid",
     )
     .bind(code.as_str())
     .bind(&owner.namespace)
     .bind(&owner.name)
     .bind(&owner.uid)
-    .bind(generation)
-    .bind(phase.as_str())
+    .bind(bound.generation)
+    .bind(bound.phase.as_str())
+    .bind(bound.deletion_policy.as_str())
     .execute(conn)
     .await?;
     if result.rows_affected() == 0 {
@@ -100,6 +144,21 @@ pub async fn bind(
         });
     }
     Ok(())
+}
+
+/// Releases the binding of `code`, whoever holds it (the admin revoke).
+pub async fn release_any(conn: &mut PgConnection, code: &Code) -> Result<Option<Owner>> {
+    let row: Option<(String, String, String)> = sqlx::query_as(
+        "DELETE FROM voucher_bindings WHERE code = $1 RETURNING namespace, name, uid",
+    )
+    .bind(code.as_str())
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(namespace, name, uid)| Owner {
+        namespace,
+        name,
+        uid,
+    }))
 }
 
 /// Releases the binding if `uid` holds it; returns whether it did.

@@ -65,6 +65,8 @@ pub enum Operation {
     List,
     FindOwner,
     Export,
+    Revoke,
+    Sweep,
 }
 
 impl std::fmt::Display for Operation {
@@ -79,6 +81,8 @@ impl std::fmt::Display for Operation {
             Self::List => "list",
             Self::FindOwner => "find the owner of",
             Self::Export => "export",
+            Self::Revoke => "revoke",
+            Self::Sweep => "sweep the bindings of",
         })
     }
 }
@@ -196,6 +200,19 @@ impl Store {
         export
             .await
             .map_err(|e: StoreError| e.during(Operation::Export, None))
+    }
+
+    /// Every binding (in `namespace`, if given) with its code.
+    pub async fn bindings(
+        &self,
+        namespace: Option<&str>,
+    ) -> Result<Vec<(String, bindings::Binding)>> {
+        let list = async {
+            let mut conn = self.pool.acquire().await?;
+            bindings::list(&mut conn, namespace).await
+        };
+        list.await
+            .map_err(|e: StoreError| e.during(Operation::Sweep, None))
     }
 
     /// The resource `code` is bound to, if any.

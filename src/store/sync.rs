@@ -3,11 +3,12 @@
 
 use chrono::{DateTime, Utc};
 
+use super::bindings::{self, Bound};
 use super::outbox;
-use super::{Operation, Result, Store, StoreError, bindings, promo_codes};
+use super::{Operation, Result, Store, StoreError, promo_codes};
 use crate::domain::{
-    Actor, Applied, AuditData, AuditKind, Claim, Code, CodeRecord, Facts, Owner, Phase, TermField,
-    Terms,
+    Actor, Applied, AuditData, AuditKind, Claim, Code, CodeRecord, DeletionPolicy, Facts, Owner,
+    Phase, Request, TermField, Terms, Unrequested,
 };
 
 /// A Voucher as the controller applies it.
@@ -16,6 +17,9 @@ pub struct Wanted<'a> {
     pub owner: &'a Owner,
     pub generation: i64,
     pub terms: &'a Terms,
+    /// Adoption or reissue, if the resource asks for either.
+    pub request: Request,
+    pub deletion_policy: DeletionPolicy,
     pub now: DateTime<Utc>,
 }
 
@@ -23,6 +27,9 @@ pub struct Wanted<'a> {
 pub enum Synced {
     /// Another resource owns the code; nothing was written.
     Conflict { owner: Owner },
+    /// The row exists without an owner and the resource did not ask to adopt
+    /// (or reissue) it; nothing was written.
+    NotRequested(Unrequested),
     /// The row carries the spec.
     Applied {
         claim: Claim,
@@ -42,16 +49,34 @@ pub enum Released {
     NotOwner,
 }
 
+impl Released {
+    /// What happened to the row, for a sentence.
+    pub fn said(&self) -> &'static str {
+        match self {
+            Released::Revoked(_) => "the row was revoked, as its deletion policy says",
+            Released::Orphaned(_) => "the row was left as it is, as its deletion policy says",
+            Released::NotOwner => "it was already released",
+        }
+    }
+}
+
 impl Store {
     /// Claims the code for the resource and brings the row to its spec,
     /// writing only what differs, with one audit record per change.
     pub async fn sync_voucher(&self, wanted: &Wanted<'_>) -> Result<Synced> {
         let run = async {
             let mut tx = self.pool().begin().await?;
-            let state = bindings::claim(&mut tx, wanted.code, wanted.owner).await?;
-            if let Claim::Conflict { owner } = state.claim {
-                tx.rollback().await?;
-                return Ok(Synced::Conflict { owner });
+            let state = bindings::claim(&mut tx, wanted.code, wanted.owner, wanted.request).await?;
+            match state.claim {
+                Claim::Conflict { owner } => {
+                    tx.rollback().await?;
+                    return Ok(Synced::Conflict { owner });
+                }
+                Claim::NotRequested(what) => {
+                    tx.rollback().await?;
+                    return Ok(Synced::NotRequested(what));
+                }
+                _ => {}
             }
             let applied = promo_codes::apply(&mut tx, wanted.code, wanted.terms).await?;
             let spec_changed = state
@@ -66,13 +91,18 @@ impl Store {
                 phase,
                 last_phase: state.binding.as_ref().and_then(|b| b.phase),
             });
-            let binding_current = state
-                .binding
-                .as_ref()
-                .is_some_and(|b| b.generation == wanted.generation && b.phase == Some(phase));
+            let bound = Bound {
+                generation: wanted.generation,
+                phase,
+                deletion_policy: wanted.deletion_policy,
+            };
+            let binding_current = state.binding.as_ref().is_some_and(|b| {
+                b.generation == bound.generation
+                    && b.phase == Some(phase)
+                    && b.deletion_policy == bound.deletion_policy
+            });
             if !binding_current {
-                bindings::bind(&mut tx, wanted.code, wanted.owner, wanted.generation, phase)
-                    .await?;
+                bindings::bind(&mut tx, wanted.code, wanted.owner, bound).await?;
             }
             let actor = Actor::from(wanted.owner);
             let facts = Facts {
@@ -125,50 +155,59 @@ impl Store {
             .map_err(|e: StoreError| e.during(Operation::AuditConflict, Some(code)))
     }
 
-    /// Drops the binding of a resource that no longer exists, leaving the row
-    /// as it is, so that another resource can adopt the code.
-    pub async fn release_stale_binding(&self, code: &Code, holder: &Owner) -> Result<bool> {
-        let run = async {
-            let mut tx = self.pool().begin().await?;
-            super::lock_code(&mut tx, code).await?;
-            let released = bindings::release(&mut tx, code, &holder.uid).await?;
-            tx.commit().await?;
-            Ok(released)
-        };
-        run.await
-            .map_err(|e: StoreError| e.during(Operation::ReleaseStaleBinding, Some(code)))
-    }
-
     /// Releases the code of a deleted resource: soft-deletes the row
-    /// (`revoke`) or leaves it (orphan), and audits either.
+    /// (`Revoke`) or leaves it (`Orphan`), and audits either.
     pub async fn release_voucher(
         &self,
         code: &Code,
         owner: &Owner,
-        revoke: bool,
+        policy: DeletionPolicy,
+    ) -> Result<Released> {
+        self.release(code, owner, Some(policy), Operation::Release)
+            .await
+    }
+
+    /// Releases the binding of a resource that vanished without its
+    /// finalizer (removed by hand), applying the deletion policy recorded at
+    /// its last bind. The code goes to nobody: a resource waiting for it must
+    /// still ask to adopt or reissue it.
+    pub async fn release_vanished(&self, code: &Code, holder: &Owner) -> Result<Released> {
+        self.release(code, holder, None, Operation::ReleaseStaleBinding)
+            .await
+    }
+
+    async fn release(
+        &self,
+        code: &Code,
+        owner: &Owner,
+        policy: Option<DeletionPolicy>,
+        operation: Operation,
     ) -> Result<Released> {
         let run = async {
             let mut tx = self.pool().begin().await?;
             super::lock_code(&mut tx, code).await?;
-            let bound = bindings::find(&mut tx, code).await?;
-            if bound.is_none_or(|b| b.owner.uid != owner.uid) {
+            let Some(bound) = bindings::find(&mut tx, code)
+                .await?
+                .filter(|b| b.owner.uid == owner.uid)
+            else {
                 tx.rollback().await?;
                 return Ok(Released::NotOwner);
-            }
+            };
             let before = promo_codes::find_live(&mut tx, code).await?;
-            let (kind, after, released) = if revoke {
-                let tombstone = promo_codes::soft_delete(&mut tx, code).await?;
-                (
-                    AuditKind::Revoked,
-                    tombstone.clone(),
-                    Released::Revoked(tombstone),
-                )
-            } else {
-                (
+            let (kind, after, released) = match policy.unwrap_or(bound.deletion_policy) {
+                DeletionPolicy::Revoke => {
+                    let tombstone = promo_codes::soft_delete(&mut tx, code).await?;
+                    (
+                        AuditKind::Revoked,
+                        tombstone.clone(),
+                        Released::Revoked(tombstone),
+                    )
+                }
+                DeletionPolicy::Orphan => (
                     AuditKind::Orphaned,
                     before.clone(),
                     Released::Orphaned(before.clone()),
-                )
+                ),
             };
             bindings::release(&mut tx, code, &owner.uid).await?;
             let actor = Actor::from(owner);
@@ -178,6 +217,43 @@ impl Store {
             Ok(released)
         };
         run.await
-            .map_err(|e: StoreError| e.during(Operation::Release, Some(code)))
+            .map_err(|e: StoreError| e.during(operation, Some(code)))
     }
+
+    /// The admin revoke: soft-deletes the row and releases its binding,
+    /// whoever holds it and whatever its deletion policy, with the audit
+    /// record, in one transaction. `None` when there was nothing to revoke.
+    pub async fn revoke(&self, code: &Code, subject: &str) -> Result<Option<Revocation>> {
+        let run = async {
+            let mut tx = self.pool().begin().await?;
+            super::lock_code(&mut tx, code).await?;
+            let before = promo_codes::find_live(&mut tx, code).await?;
+            let owner = bindings::release_any(&mut tx, code).await?;
+            let live = before.as_ref().is_some_and(|r| !r.is_tombstoned());
+            if !live && owner.is_none() {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            if live {
+                let after = promo_codes::soft_delete(&mut tx, code).await?;
+                let actor = Actor::Subject {
+                    subject: subject.to_owned(),
+                };
+                let kind = AuditKind::Revoked;
+                let data = AuditData::of(kind, &Facts::new(code.as_str(), &actor), before, after);
+                outbox::append_audit(&mut tx, kind, &data).await?;
+            }
+            tx.commit().await?;
+            Ok(Some(Revocation { owner }))
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Revoke, Some(code)))
+    }
+}
+
+/// What the admin revoke did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Revocation {
+    /// The Voucher the code was bound to, to delete next.
+    pub owner: Option<Owner>,
 }

@@ -139,6 +139,8 @@ fn controller(kubeconfig: &std::path::Path, database: &str, port: u16, namespace
             &format!("127.0.0.1:{port}"),
             "--watch-namespace",
             namespace,
+            "--issuer-namespaces",
+            namespace,
         ])
         .env("KUBECONFIG", kubeconfig)
         .env("DATABASE_URL", database)
@@ -178,6 +180,8 @@ async fn main() {
                         owner: &owner,
                         generation: 1,
                         terms: &terms,
+                        request: Default::default(),
+                        deletion_policy: Default::default(),
                         now: chrono::Utc::now(),
                     })
                     .await

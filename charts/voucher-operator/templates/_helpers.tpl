@@ -51,6 +51,15 @@ app.kubernetes.io/part-of: catalyst
 {{- end -}}
 
 {{/* Where the admin endpoints create Vouchers: a namespace the controller watches. */}}
+{{/* The namespaces whose Vouchers may claim codes: the values', or the admin namespace. */}}
+{{- define "voucher-operator.issuerNamespaces" -}}
+{{- if .Values.controller.issuerNamespaces -}}
+{{- join "," .Values.controller.issuerNamespaces -}}
+{{- else -}}
+{{- include "voucher-operator.adminNamespace" . -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "voucher-operator.adminNamespace" -}}
 {{- default (default .Release.Namespace .Values.controller.watchNamespace) .Values.server.adminNamespace -}}
 {{- end -}}

@@ -14,9 +14,12 @@ use kube::{CustomResource, KubeSchema, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use voucher_core::DeletionPolicy;
 use voucher_core::code::CODE_PATTERN;
-use voucher_core::voucher::{MAX_DESCRIPTION_LEN, MIN_CREDIT_OMR, MIN_MAX_REDEMPTIONS};
-use voucher_core::{Code, CodeError, CodeRecord, Phase, TermError, Terms};
+use voucher_core::voucher::{
+    MAX_CREDIT_OMR, MAX_DESCRIPTION_LEN, MIN_CREDIT_OMR, MIN_MAX_REDEMPTIONS,
+};
+use voucher_core::{Code, CodeError, CodeRecord, Phase, Request, TermError, Terms};
 
 pub const GROUP: &str = "catalyst.openova.io";
 pub const VERSION: &str = "v1alpha1";
@@ -49,7 +52,9 @@ pub const PLURAL: &str = "vouchers";
     validation = Rule::new("has(self.code) == has(oldSelf.code) && (!has(self.code) || self.code == oldSelf.code)")
         .message("spec.code is immutable: it cannot be added, changed or removed once the Voucher exists; create a new Voucher instead"),
     validation = Rule::new("!has(self.validFrom) || !has(self.expiresAt) || self.expiresAt > self.validFrom")
-        .message("spec.expiresAt must be later than spec.validFrom")
+        .message("spec.expiresAt must be later than spec.validFrom"),
+    validation = Rule::new("self.deletionPolicy == oldSelf.deletionPolicy || !oldSelf.active")
+        .message("spec.deletionPolicy can change only while the Voucher is inactive: set spec.active to false first, then change the policy")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VoucherSpec {
@@ -59,9 +64,10 @@ pub struct VoucherSpec {
     #[schemars(regex(pattern = CODE_PATTERN), length(max = voucher_core::code::MAX_CODE_LEN))]
     pub code: Option<String>,
 
-    /// Credit granted on redemption, in whole Omani Rial (at least 1).
+    /// Credit granted on redemption, in whole Omani Rial (1 to 100000; a namespace may be
+    /// held lower by the label catalyst.openova.io/max-credit-omr).
     #[serde(rename = "creditOMR")]
-    #[schemars(extend("minimum" = MIN_CREDIT_OMR))]
+    #[schemars(extend("minimum" = MIN_CREDIT_OMR, "maximum" = MAX_CREDIT_OMR))]
     pub credit_omr: i32,
 
     /// Free text shown to customers on the redemption page.
@@ -90,21 +96,22 @@ pub struct VoucherSpec {
     /// (redemption history is kept), Orphan leaves it untouched.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+
+    /// Take over a billing row that exists without an owner (written by the admin page, or
+    /// left by an Orphan deletion), keeping its redemptions. Without it such a row is a
+    /// Conflict. Only those the chart's admission policy allows may set it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopt: bool,
+
+    /// Bring back a revoked (soft-deleted) code, keeping its redemptions. Without it a revoked
+    /// code stays revoked. Only those the chart's admission policy allows may set it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reissue: bool,
 }
 
 /// A voucher is active unless it says otherwise.
 pub fn default_active() -> bool {
     true
-}
-
-/// What deleting a Voucher does to its billing row.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub enum DeletionPolicy {
-    /// Soft-delete the row: deleted_at = now(), active = false.
-    #[default]
-    Revoke,
-    /// Leave the row as it is and release the binding.
-    Orphan,
 }
 
 /// Observed state of a voucher, written by the controller.
@@ -160,6 +167,14 @@ impl VoucherSpec {
 }
 
 impl Voucher {
+    /// What this resource asks for beyond a code nobody has.
+    pub fn request(&self) -> Request {
+        Request {
+            adopt: self.spec.adopt,
+            reissue: self.spec.reissue,
+        }
+    }
+
     /// The code this resource owns: `spec.code`, or the resource name, normalised.
     pub fn code(&self) -> Result<Code, CodeError> {
         match &self.spec.code {
@@ -213,6 +228,9 @@ pub fn voucher_for(record: &CodeRecord, namespace: &str) -> Result<Voucher, Adop
             valid_from: record.terms.valid_from,
             expires_at: record.terms.expires_at,
             deletion_policy: DeletionPolicy::Revoke,
+            // The point of an exported manifest is to take the row over as it is.
+            adopt: !record.is_tombstoned(),
+            reissue: record.is_tombstoned(),
         },
     );
     voucher.metadata.namespace = Some(namespace.to_owned());
@@ -248,6 +266,8 @@ mod tests {
                 valid_from: None,
                 expires_at: None,
                 deletion_policy: DeletionPolicy::Revoke,
+                adopt: false,
+                reissue: false,
             },
         );
         v.metadata.namespace = Some("default".into());
@@ -317,6 +337,7 @@ mod tests {
         let props = &spec["properties"];
         // OpenAPI's minimum is a number; the API server compares integers to it.
         assert_eq!(props["creditOMR"]["minimum"], f64::from(MIN_CREDIT_OMR));
+        assert_eq!(props["creditOMR"]["maximum"], f64::from(MAX_CREDIT_OMR));
         assert_eq!(
             props["maxRedemptions"]["minimum"],
             f64::from(MIN_MAX_REDEMPTIONS)

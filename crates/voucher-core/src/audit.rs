@@ -16,6 +16,7 @@ pub enum AuditKind {
     Activated,
     Deactivated,
     Adopted,
+    Reissued,
     Conflict,
     DriftCorrected,
     Exhausted,
@@ -29,12 +30,13 @@ pub enum AuditKind {
 pub const EVENT_TYPE_PREFIX: &str = "io.openova.catalyst.voucher";
 
 impl AuditKind {
-    pub const ALL: [AuditKind; 12] = [
+    pub const ALL: [AuditKind; 13] = [
         AuditKind::Created,
         AuditKind::Updated,
         AuditKind::Activated,
         AuditKind::Deactivated,
         AuditKind::Adopted,
+        AuditKind::Reissued,
         AuditKind::Conflict,
         AuditKind::DriftCorrected,
         AuditKind::Exhausted,
@@ -51,6 +53,7 @@ impl AuditKind {
             Self::Activated => "activated",
             Self::Deactivated => "deactivated",
             Self::Adopted => "adopted",
+            Self::Reissued => "reissued",
             Self::Conflict => "conflict",
             Self::DriftCorrected => "drift_corrected",
             Self::Exhausted => "exhausted",
@@ -225,6 +228,14 @@ impl AuditKind {
                     format!("adopted the existing code {code}; its redemptions are kept"),
                 ),
             ),
+            Self::Reissued => (
+                format!("revoked code reissued by {actor}"),
+                event(
+                    Normal,
+                    "Reissued",
+                    format!("reissued the revoked code {code}; its redemptions are kept"),
+                ),
+            ),
             Self::Updated => (
                 format!("{actor} changed {fields}"),
                 event(
@@ -266,7 +277,10 @@ impl AuditKind {
                 ),
             ),
             Self::Revoked => (
-                format!("{actor} deleted with deletionPolicy Revoke"),
+                match actor {
+                    Actor::Subject { .. } => format!("revoked by {actor} through the admin API"),
+                    Actor::Resource { .. } => format!("{actor} deleted with deletionPolicy Revoke"),
+                },
                 event(
                     Normal,
                     "Revoked",

@@ -14,5 +14,5 @@ pub mod voucher;
 pub use audit::{Actor, AuditData, AuditKind, EventWording, Facts, Severity, Wording};
 pub use code::{Code, CodeError};
 pub use owner::Owner;
-pub use ownership::{Applied, Claim};
+pub use ownership::{Applied, Claim, DeletionPolicy, Issuers, Request, Unrequested};
 pub use voucher::{CodeRecord, Phase, Redeemability, TermError, TermField, Terms};

@@ -1,45 +1,140 @@
-//! Which resource owns a code, and what applying a resource to the row means.
+//! Who may mint credit: which resource owns a code, what it may do with a
+//! row that already exists, and what applying it means for the audit.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::audit::AuditKind;
 use super::owner::Owner;
 use super::voucher::{CodeRecord, Phase, TermField};
+
+/// What a resource asks for beyond a code nobody has: taking over a row that
+/// exists without an owner, or bringing back a revoked one. Both are
+/// requests only some people may make (the chart's admission policy), so
+/// neither ever happens by accident.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Request {
+    pub adopt: bool,
+    pub reissue: bool,
+}
+
+/// What deleting a Voucher does to its billing row. Recorded in the binding,
+/// so that it applies even when the Voucher vanished without its finalizer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Soft-delete the row: deleted_at = now(), active = false.
+    #[default]
+    Revoke,
+    /// Leave the row as it is and release the binding.
+    Orphan,
+}
+
+impl DeletionPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Revoke => "Revoke",
+            Self::Orphan => "Orphan",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::Revoke, Self::Orphan]
+            .into_iter()
+            .find(|p| p.as_str() == name)
+    }
+}
+
+/// The namespaces whose Vouchers may claim codes: creating a Voucher mints
+/// money, so namespace RBAC is the boundary, and a claim never crosses it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issuers(Vec<String>);
+
+impl Issuers {
+    pub fn new(namespaces: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        let mut namespaces: Vec<String> = namespaces.into_iter().map(Into::into).collect();
+        namespaces.sort();
+        namespaces.dedup();
+        Self(namespaces)
+    }
+
+    pub fn allows(&self, namespace: &str) -> bool {
+        self.0.iter().any(|n| n == namespace)
+    }
+
+    /// `a, b`: for messages.
+    pub fn list(&self) -> String {
+        self.0.join(", ")
+    }
+}
+
+/// A row that exists although nobody owns it, and that the resource did not
+/// ask to take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unrequested {
+    /// A live row (written by the admin page before the lift, or left by an
+    /// Orphan deletion): needs `spec.adopt`.
+    Adopt,
+    /// A revoked row: needs `spec.reissue`.
+    Reissue,
+}
 
 /// What a resource may do with the code it names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
     /// No row: create it and bind it.
     Create,
-    /// Only a tombstone: bring it back (keeping `times_redeemed`) and bind it.
-    Resurrect,
-    /// A live row nobody owns (written by the admin page before the lift):
-    /// bind it, keep its counters and creation time.
+    /// A revoked row, and the resource asked to reissue it: bring it back
+    /// (keeping `times_redeemed`) and bind it.
+    Reissue,
+    /// A live row nobody owns, and the resource asked to adopt it: bind it,
+    /// keep its counters and creation time.
     Adopt,
     /// Already ours.
     Keep,
     /// Another resource owns it: touch nothing.
     Conflict { owner: Owner },
+    /// A row nobody owns that the resource did not ask for: touch nothing.
+    NotRequested(Unrequested),
 }
 
 impl Claim {
-    pub fn decide(binding: Option<&Owner>, row: Option<&CodeRecord>, me: &Owner) -> Self {
+    pub fn decide(
+        binding: Option<&Owner>,
+        row: Option<&CodeRecord>,
+        me: &Owner,
+        request: Request,
+    ) -> Self {
         match (binding, row) {
             (Some(owner), _) if owner.uid != me.uid => Self::Conflict {
                 owner: owner.clone(),
             },
             (Some(_), _) => Self::Keep,
             (None, None) => Self::Create,
-            (None, Some(row)) if row.is_tombstoned() => Self::Resurrect,
-            (None, Some(_)) => Self::Adopt,
+            (None, Some(row)) if row.is_tombstoned() => match request.reissue {
+                true => Self::Reissue,
+                false => Self::NotRequested(Unrequested::Reissue),
+            },
+            (None, Some(_)) => match request.adopt {
+                true => Self::Adopt,
+                false => Self::NotRequested(Unrequested::Adopt),
+            },
         }
+    }
+
+    /// Whether the resource may write the row.
+    pub fn may_write(&self) -> bool {
+        !matches!(self, Self::Conflict { .. } | Self::NotRequested(_))
     }
 
     /// The audit records an apply produces.
     pub fn audit_kinds(&self, applied: &Applied<'_>) -> Vec<AuditKind> {
         let changed = applied.changed;
         let mut kinds = match self {
-            Self::Create | Self::Resurrect => vec![AuditKind::Created],
+            Self::Create => vec![AuditKind::Created],
+            Self::Reissue => vec![AuditKind::Reissued],
             Self::Adopt => vec![AuditKind::Adopted],
             Self::Conflict { .. } => vec![AuditKind::Conflict],
+            Self::NotRequested(_) => Vec::new(),
             Self::Keep if changed.is_empty() => Vec::new(),
             Self::Keep if !applied.spec_changed => vec![AuditKind::DriftCorrected],
             Self::Keep => {
@@ -102,19 +197,69 @@ mod tests {
         }
     }
 
+    const NONE: Request = Request {
+        adopt: false,
+        reissue: false,
+    };
+    const BOTH: Request = Request {
+        adopt: true,
+        reissue: true,
+    };
+
     #[test]
     fn decides_every_claim() {
         let me = owner("a");
         let live = row(false);
         let tomb = row(true);
-        assert_eq!(Claim::decide(None, None, &me), Claim::Create);
-        assert_eq!(Claim::decide(None, Some(&tomb), &me), Claim::Resurrect);
-        assert_eq!(Claim::decide(None, Some(&live), &me), Claim::Adopt);
-        assert_eq!(Claim::decide(Some(&me), Some(&live), &me), Claim::Keep);
+        assert_eq!(Claim::decide(None, None, &me, NONE), Claim::Create);
+        assert_eq!(Claim::decide(None, Some(&tomb), &me, BOTH), Claim::Reissue);
+        assert_eq!(Claim::decide(None, Some(&live), &me, BOTH), Claim::Adopt);
         assert_eq!(
-            Claim::decide(Some(&owner("b")), Some(&live), &me),
+            Claim::decide(Some(&me), Some(&live), &me, NONE),
+            Claim::Keep
+        );
+        assert_eq!(
+            Claim::decide(Some(&owner("b")), Some(&live), &me, BOTH),
             Claim::Conflict { owner: owner("b") }
         );
+    }
+
+    #[test]
+    fn an_existing_row_is_taken_only_on_request() {
+        let me = owner("a");
+        let (live, tomb) = (row(false), row(true));
+        let adopt_only = Request {
+            adopt: true,
+            reissue: false,
+        };
+        let claim = Claim::decide(None, Some(&live), &me, NONE);
+        assert_eq!(claim, Claim::NotRequested(Unrequested::Adopt));
+        assert!(!claim.may_write());
+        // Adoption does not extend to a revoked code: that is its own request.
+        assert_eq!(
+            Claim::decide(None, Some(&tomb), &me, adopt_only),
+            Claim::NotRequested(Unrequested::Reissue)
+        );
+        assert!(
+            Claim::NotRequested(Unrequested::Reissue)
+                .audit_kinds(&Applied {
+                    changed: &[],
+                    now_active: true,
+                    spec_changed: true,
+                    phase: Phase::Active,
+                    last_phase: None,
+                })
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn only_issuer_namespaces_may_claim() {
+        let issuers = Issuers::new(["billing", "sales", "billing"]);
+        assert!(issuers.allows("sales"));
+        assert!(!issuers.allows("team-a"));
+        assert!(!issuers.allows(""));
+        assert_eq!(issuers.list(), "billing, sales");
     }
 
     /// An apply by the resource that already owns the code, of an active row.

@@ -122,25 +122,29 @@ pub enum Phase {
     Expired,
     /// `spec.maxRedemptions` reached.
     Exhausted,
-    /// Another Voucher resource owns the code; nothing was written.
+    /// Another Voucher resource owns the code, or the row exists and the
+    /// resource did not ask to adopt or reissue it; nothing was written.
     Conflict,
+    /// The resource is outside the issuer namespaces; nothing was written.
+    Forbidden,
     /// The last reconcile failed; see the conditions.
     Error,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::Active,
         Phase::Inactive,
         Phase::Scheduled,
         Phase::Expired,
         Phase::Exhausted,
         Phase::Conflict,
+        Phase::Forbidden,
         Phase::Error,
     ];
 
-    /// The phase of a synced row. `Conflict` and `Error` are decided by the
-    /// controller, not by the row.
+    /// The phase of a synced row. `Conflict`, `Forbidden` and `Error` are
+    /// decided by the controller, not by the row.
     pub fn of(record: &CodeRecord, now: DateTime<Utc>) -> Self {
         match Redeemability::of(Some(record), now) {
             Redeemability::Redeemable => Self::Active,
@@ -165,6 +169,7 @@ impl Phase {
             Self::Expired => "Expired",
             Self::Exhausted => "Exhausted",
             Self::Conflict => "Conflict",
+            Self::Forbidden => "Forbidden",
             Self::Error => "Error",
         }
     }
@@ -172,6 +177,9 @@ impl Phase {
 
 /// Smallest credit a voucher grants, in whole OMR.
 pub const MIN_CREDIT_OMR: i32 = 1;
+/// Largest credit one voucher grants, in whole OMR: a typo must not mint a
+/// fortune. A namespace can be held lower by the chart's admission policy.
+pub const MAX_CREDIT_OMR: i32 = 100_000;
 /// `max_redemptions` below this is meaningless (0 means unlimited).
 pub const MIN_MAX_REDEMPTIONS: i32 = 0;
 /// Longest description shown to customers, in characters.
@@ -184,6 +192,8 @@ pub const MAX_DESCRIPTION_LEN: usize = 1024;
 pub enum TermError {
     #[error("the credit is {0} OMR; a voucher grants at least {MIN_CREDIT_OMR} OMR")]
     CreditTooSmall(i32),
+    #[error("the credit is {0} OMR; a voucher grants at most {MAX_CREDIT_OMR} OMR")]
+    CreditTooLarge(i32),
     #[error(
         "the redemption cap is {0}; it must be at least {MIN_MAX_REDEMPTIONS} (0 means unlimited)"
     )]
@@ -211,6 +221,9 @@ impl Terms {
     pub fn validate(&self) -> Result<(), TermError> {
         if self.credit_omr < MIN_CREDIT_OMR {
             return Err(TermError::CreditTooSmall(self.credit_omr));
+        }
+        if self.credit_omr > MAX_CREDIT_OMR {
+            return Err(TermError::CreditTooLarge(self.credit_omr));
         }
         if self.max_redemptions < MIN_MAX_REDEMPTIONS {
             return Err(TermError::NegativeCap(self.max_redemptions));

@@ -430,6 +430,8 @@ async fn run_operator(
             namespace: cluster.existing.then(|| cluster.namespace.clone()),
             identity: "local".into(),
             concurrency: 4,
+            // The examples and the admin endpoints both use this namespace.
+            issuers: voucher_operator::domain::Issuers::new([cluster.namespace.clone()]),
         },
         Some(relay_settings.clone()),
         &mut registry,
