@@ -763,6 +763,192 @@ async fn issue_and_revoke_act_on_voucher_resources() {
     );
 }
 
+/// A server whose admin endpoints write to a namespace of their own.
+async fn admin_server(prefix: &str) -> (Server, kube::Client, String) {
+    let (client, ns) = support::cluster::setup(prefix).await;
+    let s = start_with(
+        ServerSettings {
+            admin_namespace: ns.clone(),
+            ..settings()
+        },
+        auth(),
+        Some(client.clone()),
+    )
+    .await;
+    (s, client, ns)
+}
+
+/// A Voucher as the controller would have bound it: the resource, its row and its binding.
+async fn bound_voucher(
+    s: &Server,
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    spec: Value,
+    labels: Value,
+) -> voucher_operator::api::Voucher {
+    let vouchers: kube::Api<voucher_operator::api::Voucher> =
+        kube::Api::namespaced(client.clone(), ns);
+    let voucher = serde_json::from_value(json!({
+        "apiVersion": "catalyst.openova.io/v1alpha1", "kind": "Voucher",
+        "metadata": {"name": name, "labels": labels}, "spec": spec,
+    }))
+    .unwrap();
+    let voucher = vouchers
+        .create(&Default::default(), &voucher)
+        .await
+        .unwrap();
+    let code = voucher.code().unwrap();
+    s.seed(&format!(
+        "INSERT INTO promo_codes (code, credit_omr) VALUES ('{code}', {}); \
+         INSERT INTO voucher_bindings (code, namespace, name, uid, deletion_policy) \
+         VALUES ('{code}', '{ns}', '{name}', '{}', '{}')",
+        voucher.spec.credit_omr,
+        voucher.metadata.uid.clone().unwrap(),
+        voucher.spec.deletion_policy.as_str(),
+    ))
+    .await;
+    voucher
+}
+
+async fn revoke(s: &Server, code: &str) -> (StatusCode, Value) {
+    let admin = token("root", Some("sovereign-admin"), 300);
+    let response = s
+        .http
+        .delete(format!("{}/billing/vouchers/revoke/{code}", s.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    (response.status(), response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn revoke_soft_deletes_an_orphan_policy_voucher() {
+    let (s, client, ns) = admin_server("revoke").await;
+    let voucher = bound_voucher(
+        &s,
+        &client,
+        &ns,
+        "keep-me",
+        json!({"creditOMR": 50, "deletionPolicy": "Orphan"}),
+        json!({}),
+    )
+    .await;
+    let (status, body) = revoke(&s, "keep-me").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The row is revoked although the Voucher said Orphan, in one transaction with its audit.
+    let (active, deleted, bound): (bool, bool, i64) = sqlx::query_as(
+        "SELECT active, deleted_at IS NOT NULL, \
+         (SELECT count(*) FROM voucher_bindings WHERE code = 'KEEP-ME') \
+         FROM promo_codes WHERE code = 'KEEP-ME'",
+    )
+    .fetch_one(&s.pool)
+    .await
+    .unwrap();
+    assert_eq!((active, deleted, bound), (false, true, 0));
+    let (kind, actor): (String, Value) = sqlx::query_as(
+        "SELECT kind, payload->'actor' FROM voucher_audit_outbox WHERE code = 'KEEP-ME'",
+    )
+    .fetch_one(&s.pool)
+    .await
+    .unwrap();
+    assert_eq!(kind, "revoked");
+    assert_eq!(actor, json!({"type": "subject", "subject": "root"}));
+    let vouchers: kube::Api<voucher_operator::api::Voucher> = kube::Api::namespaced(client, &ns);
+    assert!(
+        vouchers
+            .get_opt(&voucher.metadata.name.unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Nothing redeems it any more.
+    assert_eq!(
+        s.preview(r#"{"code": "KEEP-ME"}"#).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        revoke(&s, "KEEP-ME").await.0,
+        StatusCode::NOT_FOUND,
+        "already revoked"
+    );
+}
+
+#[tokio::test]
+async fn revoke_refuses_a_gitops_owned_voucher() {
+    let (s, client, ns) = admin_server("gitops").await;
+    bound_voucher(
+        &s,
+        &client,
+        &ns,
+        "from-git",
+        json!({"creditOMR": 5}),
+        json!({"kustomize.toolkit.fluxcd.io/name": "vouchers", "kustomize.toolkit.fluxcd.io/namespace": "flux-system"}),
+    )
+    .await;
+    let (status, body) = revoke(&s, "FROM-GIT").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.contains("Flux Kustomization") && message.contains("Git"),
+        "{message}"
+    );
+    let live: bool =
+        sqlx::query_scalar("SELECT deleted_at IS NULL FROM promo_codes WHERE code = 'FROM-GIT'")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+    assert!(live, "nothing revoked");
+}
+
+#[tokio::test]
+async fn issue_on_a_code_owned_elsewhere_is_a_conflict() {
+    let (s, client, ns) = admin_server("elsewhere").await;
+    let other = support::cluster::namespace(&client, "team").await;
+    bound_voucher(
+        &s,
+        &client,
+        &other,
+        "theirs",
+        json!({"creditOMR": 5}),
+        json!({}),
+    )
+    .await;
+    let admin = token("root", Some("sovereign-admin"), 300);
+    let response = s
+        .http
+        .post(format!("{}/billing/vouchers/issue", s.base))
+        .bearer_auth(&admin)
+        .json(&json!({"code": "THEIRS", "credit_omr": 500}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{other}/theirs")),
+        "{body}"
+    );
+    let mine: kube::Api<voucher_operator::api::Voucher> = kube::Api::namespaced(client, &ns);
+    assert!(
+        mine.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let credit: i32 =
+        sqlx::query_scalar("SELECT credit_omr FROM promo_codes WHERE code = 'THEIRS'")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+    assert_eq!(credit, 5);
+}
+
 #[tokio::test]
 async fn probes_metrics_and_openapi() {
     let s = start().await;
