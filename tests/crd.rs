@@ -203,6 +203,48 @@ async fn credit_below_one_is_rejected() {
 }
 
 #[tokio::test]
+async fn credit_above_the_maximum_is_rejected() {
+    assert_rejected(
+        with(json!({"spec": {"creditOMR": 100_001}})),
+        None,
+        &[
+            "spec.creditOMR: Invalid value: 100001",
+            "should be less than or equal to 100000",
+        ],
+    )
+    .await;
+    assert_valid(&with(json!({"spec": {"creditOMR": 100_000}})), None).await;
+}
+
+#[tokio::test]
+async fn deletion_policy_changes_only_while_inactive() {
+    let orphan = "spec.deletionPolicy can change only while the Voucher is inactive";
+    // Switching to Orphan just before a delete would skip the revoke.
+    assert_rejected(
+        with(json!({"spec": {"deletionPolicy": "Orphan"}})),
+        Some(base()),
+        &[orphan],
+    )
+    .await;
+    // Also not together with deactivating: the old object must be inactive.
+    assert_rejected(
+        with(json!({"spec": {"deletionPolicy": "Orphan", "active": false}})),
+        Some(base()),
+        &[orphan],
+    )
+    .await;
+    let inactive = with(json!({"spec": {"active": false}}));
+    assert_valid(
+        &with(json!({"spec": {"deletionPolicy": "Orphan", "active": false}})),
+        Some(&inactive),
+    )
+    .await;
+    // Created with either policy; unchanged policy passes.
+    assert_valid(&with(json!({"spec": {"deletionPolicy": "Orphan"}})), None).await;
+    assert_valid(&with(json!({"spec": {"creditOMR": 60}})), Some(&base())).await;
+}
+
+#[tokio::test]
 async fn negative_max_redemptions_is_rejected() {
     assert_rejected(
         with(json!({"spec": {"maxRedemptions": -1}})),

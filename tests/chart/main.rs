@@ -4,7 +4,8 @@
 //! fail). `engine.py` runs both engines; the assertions are in Rust.
 //!
 //! Modules: `objects` (what the chart renders), `values` (what it accepts and refuses),
-//! `packaging` (the CRD, the Containerfile, the Flux examples), `pod` (the rendered pod, run).
+//! `packaging` (the CRD, the Containerfile, the Flux examples), `pod` (the rendered pod, run),
+//! `admission` (the admission policy, applied and tried).
 //!
 //! The engines come from `tests/chart/requirements.txt`; the README's test command installs them
 //! into `target/chart-venv` (or set CHART_PYTHON to a Python that has them). Missing, the tests
@@ -20,12 +21,18 @@ use serde_json::{Value, json};
 #[path = "../support/mod.rs"]
 mod support;
 
+mod admission;
 mod objects;
 mod packaging;
 mod pod;
 mod values;
 
 const RELEASE: &str = "vo";
+
+/// Held while applying the release's cluster-scoped objects (the admission policy, the adopter
+/// ClusterRole), which several tests apply to the one API server: two creating at once would
+/// both find them absent.
+static CLUSTER_SCOPED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const NAMESPACE: &str = "catalyst";
 /// The chart's kubeVersion floor and the newest schemas kubernetes-validate carries.
 const KUBE_VERSIONS: [&str; 2] = ["1.30", "1.37"];

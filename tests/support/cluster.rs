@@ -132,6 +132,23 @@ impl Cluster {
         }
     }
 
+    /// `kubectl apply --server-side` of `manifest`: one request per object that creates or
+    /// updates it, for cluster-scoped objects that several tests apply to the one API server.
+    pub fn apply_server_side(
+        &self,
+        kubeconfig: &Path,
+        manifest: &serde_json::Value,
+    ) -> Result<(), String> {
+        let mut apply = self.kubectl(kubeconfig);
+        apply.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]);
+        let output = super::run_with_input(&mut apply, manifest.to_string().as_bytes());
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    }
+
     /// A kubeconfig in `dir` that acts as the service account `namespace/name`,
     /// with a token from the TokenRequest API (as a pod's projected token).
     pub fn service_account_kubeconfig(&self, dir: &Path, namespace: &str, name: &str) -> PathBuf {

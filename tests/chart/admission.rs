@@ -1,0 +1,209 @@
+//! The chart's admission policy, applied as rendered to the real API server and tried through
+//! the real `kubectl` by ServiceAccounts with and without the adopter role: who may ask to take
+//! over an existing or revoked code, and a namespace's credit ceiling.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// A ServiceAccount of `ns` that may create and change Vouchers there (and nothing about
+/// adoption), optionally bound to the chart's adopter ClusterRole too.
+fn account(name: &str, ns: &str, adopter: Option<&str>) -> Vec<Value> {
+    let mut objects = vec![
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": name, "namespace": ns}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": format!("{name}-edit"), "namespace": ns},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "voucher-editor"},
+               "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]}),
+    ];
+    if let Some(role) = adopter {
+        objects.push(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": format!("{name}-adopt"), "namespace": ns},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+               "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]}));
+    }
+    objects
+}
+
+fn voucher(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "catalyst.openova.io/v1alpha1", "kind": "Voucher",
+           "metadata": {"name": name}, "spec": spec})
+}
+
+#[tokio::test]
+async fn the_admission_policy_refuses_adopt_from_a_non_admin() {
+    let rendered = render(required());
+    rendered.assert_valid();
+    let adopter_role = rendered
+        .all("ClusterRole")
+        .into_iter()
+        .find(|r| {
+            r["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .ends_with("-adopter")
+        })
+        .expect("the adopter ClusterRole")
+        .clone();
+    let adopter = adopter_role["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cluster = support::cluster::cluster();
+    let (client, ns) = support::cluster::setup("tenant").await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = cluster.kubeconfig(dir.path(), &ns);
+
+    let mut objects: Vec<Value> = [
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ]
+    .iter()
+    .flat_map(|kind| rendered.all(kind))
+    .cloned()
+    .collect();
+    objects.push(adopter_role);
+    objects.push(
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "voucher-editor", "namespace": ns},
+        "rules": [{"apiGroups": ["catalyst.openova.io"], "resources": ["vouchers"],
+                   "verbs": ["get", "list", "create", "update", "patch"]}]}),
+    );
+    objects.extend(account("tenant", &ns, None));
+    objects.extend(account("billing-admin", &ns, Some(&adopter)));
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+    {
+        let _cluster_scoped = CLUSTER_SCOPED.lock().await;
+        cluster
+            .apply_server_side(&admin, &list)
+            .expect("the policy and the accounts");
+    }
+    let tenant = cluster.service_account_kubeconfig(dir.path(), &ns, "tenant");
+    let billing_admin = cluster.service_account_kubeconfig(dir.path(), &ns, "billing-admin");
+    let vouchers: kube::Api<voucher_operator::api::Voucher> =
+        kube::Api::namespaced(client.clone(), &ns);
+
+    // A policy takes effect a moment after it is created: until the tenant is refused, what
+    // slipped through is removed and tried again.
+    let asks_adopt = voucher("rvw-a1", json!({"creditOMR": 99999, "adopt": true}));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        match cluster.apply(&tenant, &asks_adopt) {
+            Err(refused) => break refused,
+            Ok(()) => {
+                vouchers
+                    .delete("rvw-a1", &Default::default())
+                    .await
+                    .unwrap();
+                assert!(
+                    Instant::now() < deadline,
+                    "the policy never refused the tenant"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    assert!(
+        refused.contains("spec.adopt takes over a code that already exists or was revoked")
+            && refused.contains(&format!("ClusterRole {adopter}"))
+            && refused.contains(&format!("system:serviceaccount:{ns}:tenant")),
+        "{refused}"
+    );
+
+    // What the tenant may do: a new code; and not ask for more later, nor for a reissue.
+    cluster
+        .apply(&tenant, &voucher("plain-1", json!({"creditOMR": 10})))
+        .expect("a Voucher without a request");
+    let later = cluster
+        .apply(
+            &tenant,
+            &voucher("plain-1", json!({"creditOMR": 10, "adopt": true})),
+        )
+        .unwrap_err();
+    assert!(later.contains("spec.adopt takes over"), "{later}");
+    let reissue = cluster
+        .apply(
+            &tenant,
+            &voucher("revived", json!({"creditOMR": 10, "reissue": true})),
+        )
+        .unwrap_err();
+    assert!(reissue.contains("spec.reissue takes over"), "{reissue}");
+
+    // The adopter may; and once set, editing other fields needs nothing more.
+    cluster
+        .apply(&billing_admin, &asks_adopt)
+        .expect("the adopter sets spec.adopt");
+    cluster
+        .apply(
+            &tenant,
+            &voucher("rvw-a1", json!({"creditOMR": 50, "adopt": true})),
+        )
+        .expect("an edit that leaves spec.adopt as it was");
+    assert!(vouchers.get_opt("revived").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_namespace_label_caps_the_credit_of_its_vouchers() {
+    let rendered = render(required());
+    let cluster = support::cluster::cluster();
+    let (client, ns) = support::cluster::setup("capped").await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = cluster.kubeconfig(dir.path(), &ns);
+    let objects: Vec<Value> = [
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ]
+    .iter()
+    .flat_map(|kind| rendered.all(kind))
+    .cloned()
+    .collect();
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+    {
+        let _cluster_scoped = CLUSTER_SCOPED.lock().await;
+        cluster
+            .apply_server_side(&admin, &list)
+            .expect("the policy");
+    }
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
+    namespaces
+        .patch(
+            &ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"metadata": {"labels": {"catalyst.openova.io/max-credit-omr": "100"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut attempt = 0;
+    let refused = loop {
+        attempt += 1;
+        let name = format!("too-much-{attempt}");
+        match cluster.apply(&admin, &voucher(&name, json!({"creditOMR": 500}))) {
+            Err(refused) => break refused,
+            Ok(()) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the policy never capped the credit"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    assert!(
+        refused.contains(&format!(
+            "spec.creditOMR is 500 OMR; namespace {ns} allows at most 100"
+        )),
+        "{refused}"
+    );
+    cluster
+        .apply(&admin, &voucher("enough", json!({"creditOMR": 100})))
+        .expect("at the ceiling");
+    let raised = cluster
+        .apply(&admin, &voucher("enough", json!({"creditOMR": 101})))
+        .unwrap_err();
+    assert!(raised.contains("allows at most 100"), "{raised}");
+}
