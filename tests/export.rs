@@ -81,6 +81,8 @@ async fn exported_codes_are_adopted_with_their_history() {
     // Whether the API server accepts them (schema, CEL, names) shows when they are created below.
     let spring = &vouchers[1];
     assert!(!spring.spec.active);
+    // The point of an exported manifest is to take its row over: it asks to.
+    assert!(vouchers.iter().all(|v| v.spec.adopt && !v.spec.reissue));
 
     let (db, namespace) = (database.clone(), ns.clone());
     let (with_deleted, _) =
@@ -93,6 +95,10 @@ async fn exported_codes_are_adopted_with_their_history() {
         .find(|v| v.spec.code.as_deref() == Some("OLD-PROMO"))
         .expect("the tombstone, on request");
     assert!(!old.spec.active);
+    assert!(
+        old.spec.reissue && !old.spec.adopt,
+        "a revoked code asks to be reissued"
+    );
 
     // The round trip: the operator migrates the billing database and adopts.
     let store = Store::from_pool(pool.clone());

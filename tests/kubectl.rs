@@ -89,7 +89,7 @@ async fn stack() -> Stack {
     let stop = CancellationToken::new();
     tokio::spawn(controller::run(ctx, stop.clone()));
     let auth = AuthSettings {
-        hs256_secret: Some("e2e".into()),
+        hs256_secret: Some("e2e-shared-secret-of-at-least-32-bytes".into()),
         ..Default::default()
     };
     let (http, http_stop) =
@@ -101,7 +101,7 @@ async fn stack() -> Stack {
         kubectl: support::cluster::cluster().binaries.kubectl(),
         _dir: Some(dir),
         http,
-        jwt_secret: "e2e".into(),
+        jwt_secret: "e2e-shared-secret-of-at-least-32-bytes".into(),
         pool,
         stops: vec![stop, http_stop],
     }

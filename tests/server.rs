@@ -17,7 +17,7 @@ use voucher_operator::server::ServerSettings;
 use voucher_operator::server::auth::AuthSettings;
 use voucher_operator::store::Store;
 
-const SECRET: &str = "test-shared-secret";
+const SECRET: &str = "test-shared-secret-of-at-least-32-bytes";
 
 struct Server {
     base: String,
@@ -397,6 +397,41 @@ async fn tokens_are_checked_strictly() {
     assert_eq!(s.counts("LIVE-10").await, (0, 0, 0));
 }
 
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive_and_roles_may_be_a_list() {
+    let s = start().await;
+    s.seed(SEED).await;
+    let now = chrono::Utc::now().timestamp();
+    let signed = |claims: Value| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let list = |authorization: String| {
+        s.http
+            .get(format!("{}/billing/vouchers/list", s.base))
+            .header("authorization", authorization)
+            .send()
+    };
+    let admins = signed(json!({"sub": "ops", "exp": now + 300, "role": ["viewer", "superadmin"]}));
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let response = list(format!("{scheme} {admins}")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{scheme}");
+    }
+    let viewers = signed(json!({"sub": "ops", "exp": now + 300, "role": ["viewer"]}));
+    assert_eq!(
+        list(format!("Bearer {viewers}")).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        list(format!("Basic {admins}")).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
 /// A base64url encoder for hand-made tokens.
 mod base64_url {
     pub fn encode(input: &str) -> String {
@@ -432,15 +467,17 @@ async fn rs256_tokens_are_verified_through_the_jwks_and_cannot_confuse_algorithm
     let settings_auth = AuthSettings {
         jwks_url: Some(format!("http://{jwks_addr}/certs")),
         issuer: Some("https://keycloak.example/realms/catalyst".into()),
+        audience: Some("billing".into()),
         ..auth()
     };
     let s = start_with(settings(), settings_auth, None).await;
     s.seed(SEED).await;
     let key = EncodingKey::from_rsa_pem(include_bytes!("fixtures/jwt-rs256.key.pem")).unwrap();
-    let claims = |iss: &str| {
-        json!({"sub": "kc-user", "email": "kc@example.om", "iss": iss, "exp": chrono::Utc::now().timestamp() + 300,
+    let claims_for = |iss: &str, aud: &str| {
+        json!({"sub": "kc-user", "email": "kc@example.om", "iss": iss, "aud": aud, "exp": chrono::Utc::now().timestamp() + 300,
                                     "realm_access": {"roles": ["sovereign-admin"]}})
     };
+    let claims = |iss: &str| claims_for(iss, "billing");
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some("test-rs256".into());
     let good = encode(
@@ -458,6 +495,22 @@ async fn rs256_tokens_are_verified_through_the_jwks_and_cannot_confuse_algorithm
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
+    // A token of the realm, but issued for another service.
+    let other_audience = encode(
+        &header,
+        &claims_for(
+            "https://keycloak.example/realms/catalyst",
+            "some-other-service",
+        ),
+        &key,
+    )
+    .unwrap();
+    assert_eq!(
+        s.redeem(Some(&other_audience), json!({"code": "LIVE-10"}), None)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
     let wrong_issuer = encode(&header, &claims("https://evil.example"), &key).unwrap();
     assert_eq!(
         s.redeem(Some(&wrong_issuer), json!({"code": "LIVE-10"}), None)

@@ -115,7 +115,7 @@ fn arbitrary_requests_never_get_a_server_error() {
             ..support::server_settings()
         };
         let auth = AuthSettings {
-            hs256_secret: Some("secret".into()),
+            hs256_secret: Some("fuzz-shared-secret-of-at-least-32-bytes".into()),
             ..Default::default()
         };
         support::serve_http(store, settings, auth, None).await

@@ -6,6 +6,10 @@ mod support;
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+
+/// The HS256 secret of these tests (at least 32 bytes, as the server requires).
+const SECRET: &str = "shared-secret-of-at-least-32-bytes-long";
+
 use reqwest::StatusCode;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +21,7 @@ fn token(subject: &str) -> String {
     encode(
         &Header::new(Algorithm::HS256),
         &claims,
-        &EncodingKey::from_secret(b"s"),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap()
 }
@@ -33,7 +37,7 @@ async fn start(database: &str) -> (String, CancellationToken, Store) {
     .unwrap();
     store.migrate().await.unwrap();
     let auth = AuthSettings {
-        hs256_secret: Some("s".into()),
+        hs256_secret: Some(SECRET.into()),
         ..Default::default()
     };
     let (base, stop) =

@@ -88,10 +88,7 @@ pub(super) async fn run_server(
         audience: options.jwt_audience.clone(),
         leeway: options.jwt_leeway,
     };
-    let verifier = auth::Verifier::new(auth);
-    if !verifier.configured() {
-        anyhow::bail!("no way to check bearer tokens: set JWT_HS256_SECRET and/or JWKS_URL");
-    }
+    let verifier = auth::Verifier::new(auth)?;
     // The admin endpoints need the Kubernetes API; without it they answer 503.
     let kube = match kube::Client::try_default().await {
         Ok(client) => Some(client),

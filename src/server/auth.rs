@@ -40,6 +40,27 @@ impl Principal {
     }
 }
 
+/// Shortest HS256 secret accepted, in bytes: a key as long as the hash
+/// (RFC 7518, section 3.2); a shorter one can be guessed offline from any token.
+pub const MIN_HS256_SECRET: usize = 32;
+
+/// Why tokens could not be checked as configured; start-up stops with it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthConfigError {
+    #[error("no way to check bearer tokens: set JWT_HS256_SECRET and/or JWKS_URL")]
+    Nothing,
+    #[error(
+        "the HS256 secret has {0} bytes; at least {MIN_HS256_SECRET} are needed, or anyone could \
+         guess it and sign admin tokens (generate one with: openssl rand -base64 48)"
+    )]
+    WeakSecret(usize),
+    #[error(
+        "JWKS_URL needs JWT_ISSUER and JWT_AUDIENCE: without them a token of any realm, issued \
+         for any other service, would be accepted"
+    )]
+    JwksWithoutIssuerAndAudience,
+}
+
 /// Why a request is not authenticated; the message is safe to show.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -57,13 +78,21 @@ struct RealmAccess {
     roles: Vec<String>,
 }
 
+/// `role` as one string or a list of them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Roles {
+    One(String),
+    Many(Vec<String>),
+}
+
 #[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
     #[serde(default)]
     email: Option<String>,
     #[serde(default)]
-    role: Option<String>,
+    role: Option<Roles>,
     #[serde(default)]
     realm_access: Option<RealmAccess>,
 }
@@ -84,14 +113,27 @@ pub struct Verifier {
 const JWKS_REFRESH: Duration = Duration::from_secs(30);
 
 impl Verifier {
-    /// Fetching a JWKS over HTTPS needs the process's TLS provider, which
-    /// `main` installs (`crate::install_tls_provider`).
-    pub fn new(settings: AuthSettings) -> Self {
+    /// Checks the settings: a way to check tokens, a strong HS256 secret,
+    /// issuer and audience with a JWKS. Fetching a JWKS over HTTPS needs the
+    /// process's TLS provider, which `main` installs.
+    pub fn new(settings: AuthSettings) -> Result<Self, AuthConfigError> {
+        if settings.hs256_secret.is_none() && settings.jwks_url.is_none() {
+            return Err(AuthConfigError::Nothing);
+        }
+        if let Some(secret) = &settings.hs256_secret
+            && secret.len() < MIN_HS256_SECRET
+        {
+            return Err(AuthConfigError::WeakSecret(secret.len()));
+        }
+        if settings.jwks_url.is_some() && (settings.issuer.is_none() || settings.audience.is_none())
+        {
+            return Err(AuthConfigError::JwksWithoutIssuerAndAudience);
+        }
         let hs256 = settings
             .hs256_secret
             .as_ref()
             .map(|s| DecodingKey::from_secret(s.as_bytes()));
-        Self {
+        Ok(Self {
             settings,
             hs256,
             jwks: RwLock::new(Jwks {
@@ -102,12 +144,7 @@ impl Verifier {
                 .timeout(Duration::from_secs(5))
                 .build()
                 .expect("an HTTP client"),
-        }
-    }
-
-    /// Whether any way of checking tokens is configured.
-    pub fn configured(&self) -> bool {
-        self.hs256.is_some() || self.settings.jwks_url.is_some()
+        })
     }
 
     fn validation(&self, algorithm: Algorithm) -> Validation {
@@ -130,11 +167,10 @@ impl Verifier {
         let token = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .map(str::trim)
+            // The scheme is case-insensitive (RFC 9110, section 11.1).
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Missing)?;
         let header = decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
@@ -156,7 +192,11 @@ impl Verifier {
             .filter(|s| !s.is_empty())
             .ok_or_else(|| AuthError::Invalid("the token has no subject".into()))?;
         let mut roles: Vec<String> = claims.realm_access.map(|r| r.roles).unwrap_or_default();
-        roles.extend(claims.role);
+        match claims.role {
+            Some(Roles::One(role)) => roles.push(role),
+            Some(Roles::Many(more)) => roles.extend(more),
+            None => {}
+        }
         Ok(Principal {
             subject,
             email: claims.email.unwrap_or_default(),
@@ -226,5 +266,54 @@ impl Verifier {
         jwks.keys = keys;
         jwks.fetched = Some(Instant::now());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(settings: AuthSettings) -> Result<(), AuthConfigError> {
+        // The JWKS client needs the provider that main installs.
+        crate::install_tls_provider();
+        Verifier::new(settings).map(|_| ())
+    }
+
+    #[test]
+    fn an_empty_or_short_hs256_secret_stops_the_start() {
+        let secret = |s: &str| AuthSettings {
+            hs256_secret: Some(s.into()),
+            ..Default::default()
+        };
+        assert_eq!(with(secret("")), Err(AuthConfigError::WeakSecret(0)));
+        assert_eq!(
+            with(secret(&"x".repeat(MIN_HS256_SECRET - 1))),
+            Err(AuthConfigError::WeakSecret(MIN_HS256_SECRET - 1))
+        );
+        assert_eq!(with(secret(&"x".repeat(MIN_HS256_SECRET))), Ok(()));
+        assert_eq!(with(AuthSettings::default()), Err(AuthConfigError::Nothing));
+        assert!(
+            AuthConfigError::WeakSecret(0)
+                .to_string()
+                .contains("openssl rand")
+        );
+    }
+
+    #[test]
+    fn a_jwks_without_issuer_and_audience_stops_the_start() {
+        let jwks = |issuer: Option<&str>, audience: Option<&str>| AuthSettings {
+            jwks_url: Some("https://keycloak.example/certs".into()),
+            issuer: issuer.map(Into::into),
+            audience: audience.map(Into::into),
+            ..Default::default()
+        };
+        let refused = Err(AuthConfigError::JwksWithoutIssuerAndAudience);
+        assert_eq!(with(jwks(None, None)), refused);
+        assert_eq!(with(jwks(Some("https://kc/realms/x"), None)), refused);
+        assert_eq!(with(jwks(None, Some("billing"))), refused);
+        assert_eq!(
+            with(jwks(Some("https://kc/realms/x"), Some("billing"))),
+            Ok(())
+        );
     }
 }

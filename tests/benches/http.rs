@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+
+/// The HS256 secret of these tests (at least 32 bytes, as the server requires).
+const SECRET: &str = "shared-secret-of-at-least-32-bytes-long";
+
 use serde_json::json;
 use sqlx::PgPool;
 use voucher_operator::server::ServerSettings;
@@ -24,7 +28,7 @@ fn token(subject: &str) -> String {
     encode(
         &Header::new(Algorithm::HS256),
         &claims,
-        &EncodingKey::from_secret(b"bench"),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap()
 }
@@ -102,7 +106,7 @@ async fn main() {
         ..support::server_settings()
     };
     let auth = AuthSettings {
-        hs256_secret: Some("bench".into()),
+        hs256_secret: Some(SECRET.into()),
         ..Default::default()
     };
     let (base, stop) = support::serve_http(store, settings, auth, None).await;

@@ -17,7 +17,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 
 use super::*;
 
-const JWT_SECRET: &str = "chart-pod-test-secret";
+const JWT_SECRET: &str = "chart-pod-test-secret-of-32-bytes-at-least";
 const POD_NAME: &str = "vo-voucher-operator-7d9c-abcde";
 
 struct Pod {

@@ -380,7 +380,7 @@ pub async fn serve_http(
     voucher_operator::install_tls_provider();
     let state = AppState::new(
         store,
-        Verifier::new(auth),
+        Verifier::new(auth).expect("valid token settings"),
         kube,
         settings,
         Default::default(),

@@ -453,7 +453,7 @@ async fn run_operator(
     };
     let state = AppState::new(
         store,
-        Verifier::new(auth),
+        Verifier::new(auth)?,
         Some(client),
         server_settings,
         registry,
