@@ -1092,6 +1092,30 @@ async fn a_conflict_with_a_vanished_owner_releases_the_binding_but_takes_nothing
 }
 
 #[tokio::test]
+async fn a_code_revoked_out_of_band_is_not_revived_by_its_own_voucher() {
+    let h = harness().await;
+    h.create(&h.ns, "revoked-1", json!({"creditOMR": 5})).await;
+    h.until(&h.ns, "revoked-1", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    // The admin page (or a person with psql) soft-deletes it: the row's change wakes the Voucher.
+    sqlx::query(
+        "UPDATE promo_codes SET deleted_at = now(), active = false WHERE code = 'REVOKED-1'",
+    )
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    h.until(&h.ns, "revoked-1", "ReissueNotRequested", |v| {
+        ready(v).is_some_and(|(_, reason)| reason == "ReissueNotRequested")
+    })
+    .await;
+    let (_, active, _, deleted) = h.row("REVOKED-1").await.unwrap();
+    assert!(!active && deleted.is_some(), "still revoked");
+    assert_eq!(h.audit_kinds("REVOKED-1").await, ["created"]);
+}
+
+#[tokio::test]
 async fn a_voucher_outside_the_issuer_namespaces_writes_nothing() {
     let h = harness_with(
         Settings {

@@ -234,6 +234,13 @@ async fn deletion_policy_changes_only_while_inactive() {
     )
     .await;
     let inactive = with(json!({"spec": {"active": false}}));
+    // Nor while activating: the change happens while the code cannot be redeemed.
+    assert_rejected(
+        with(json!({"spec": {"deletionPolicy": "Orphan", "active": true}})),
+        Some(inactive.clone()),
+        &[orphan],
+    )
+    .await;
     assert_valid(
         &with(json!({"spec": {"deletionPolicy": "Orphan", "active": false}})),
         Some(&inactive),

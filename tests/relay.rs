@@ -211,11 +211,19 @@ async fn every_event_type_arrives_once_as_a_valid_cloudevent() {
         .unwrap();
     // revoked, orphaned
     store
-        .release_voucher(&Code::parse("ALPHA-1").unwrap(), &a, DeletionPolicy::Revoke)
+        .release_voucher(
+            &Code::parse("ALPHA-1").unwrap(),
+            &a,
+            Some(DeletionPolicy::Revoke),
+        )
         .await
         .unwrap();
     store
-        .release_voucher(&Code::parse("BETA-1").unwrap(), &b, DeletionPolicy::Orphan)
+        .release_voucher(
+            &Code::parse("BETA-1").unwrap(),
+            &b,
+            Some(DeletionPolicy::Orphan),
+        )
         .await
         .unwrap();
     // reissued: the revoked code, asked for by another resource

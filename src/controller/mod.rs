@@ -352,6 +352,17 @@ impl Context {
     /// ready: an empty cache would make every binding look vanished, which is
     /// why each is confirmed with the API server first.
     async fn sweep(&self, cache: &reflector::Store<Voucher>) {
+        // A Voucher API that is not served (the CRD being removed, a version
+        // dropped) answers 404 for every Voucher: that is no evidence that
+        // any of them vanished, so the sweep waits for a list that works.
+        let api: Api<Voucher> = match &self.settings.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        };
+        if let Err(error) = api.list_metadata(&ListParams::default().limit(1)).await {
+            tracing::warn!(%error, "the Voucher API does not answer a list; no sweep this time");
+            return;
+        }
         let bindings = match self
             .store
             .bindings(self.settings.namespace.as_deref())
@@ -424,10 +435,7 @@ impl Context {
             return Ok(Action::await_change());
         };
         let owner = Self::owner(voucher)?;
-        let released = self
-            .store
-            .release_voucher(&code, &owner, voucher.spec.deletion_policy)
-            .await?;
+        let released = self.store.release_voucher(&code, &owner, None).await?;
         let kind = match released {
             Released::Revoked(_) => Some(AuditKind::Revoked),
             Released::Orphaned(_) => Some(AuditKind::Orphaned),

@@ -109,14 +109,24 @@ fn kube_error(error: kube::Error) -> HttpError {
     }
 }
 
-/// The GitOps tool that manages `voucher`, from the labels Flux sets.
+/// The GitOps tool that manages `voucher`, from the labels and annotations
+/// Flux and Argo CD set.
 fn gitops_owner(voucher: &Voucher) -> Option<&'static str> {
-    let labels = voucher.metadata.labels.as_ref()?;
-    let by = |prefix: &str| labels.keys().any(|k| k.starts_with(prefix));
-    if by("kustomize.toolkit.fluxcd.io/") {
+    let marked = |keys: Option<&std::collections::BTreeMap<String, String>>, prefix: &str| {
+        keys.is_some_and(|keys| keys.keys().any(|k| k.starts_with(prefix)))
+    };
+    let (labels, annotations) = (
+        voucher.metadata.labels.as_ref(),
+        voucher.metadata.annotations.as_ref(),
+    );
+    if marked(labels, "kustomize.toolkit.fluxcd.io/") {
         Some("a Flux Kustomization")
-    } else if by("helm.toolkit.fluxcd.io/") {
+    } else if marked(labels, "helm.toolkit.fluxcd.io/") {
         Some("a Flux HelmRelease")
+    } else if marked(labels, "argocd.argoproj.io/instance")
+        || marked(annotations, "argocd.argoproj.io/tracking-id")
+    {
+        Some("an Argo CD Application")
     } else {
         None
     }
@@ -144,6 +154,11 @@ pub async fn issue(
 ) -> Result<Json<PromoCode>, HttpError> {
     admin(&state, &headers).await?;
     let code = Code::parse(&request.code).map_err(|e| HttpError::bad_request(e.to_string()))?;
+    // An administrator issuing a code that exists (from the admin page, or
+    // revoked) means to take it over, as the billing service's issue did: the
+    // Voucher asks for exactly what this code needs now, and nothing more.
+    let existing = state.store.find(&code).await?;
+    let revoked = existing.as_ref().is_some_and(|r| r.is_tombstoned());
     let spec = VoucherSpec {
         code: Some(code.to_string()),
         credit_omr: request.credit_omr,
@@ -153,10 +168,8 @@ pub async fn issue(
         valid_from: None,
         expires_at: None,
         deletion_policy: DeletionPolicy::default(),
-        // An administrator issuing a code that exists (from the admin page, or
-        // revoked) means to take it over: the billing service's issue did so.
-        adopt: true,
-        reissue: true,
+        adopt: existing.is_some() && !revoked,
+        reissue: revoked,
     };
     spec.terms()
         .validate()
@@ -182,7 +195,7 @@ pub async fn issue(
     )
     .await
     .map_err(kube_error)?;
-    let existing = state.store.find_live(&code).await?;
+    let existing = existing.filter(|r| !r.is_tombstoned());
     Ok(Json(PromoCode {
         code: code.to_string(),
         credit_omr: request.credit_omr,
@@ -238,39 +251,50 @@ pub async fn revoke(
     let code = Code::parse(&code).map_err(|e| HttpError::bad_request(e.to_string()))?;
     // A Voucher that Git owns would be re-created by Flux: it must be removed there.
     let bound = state.store.owner_of(&code).await?;
+    // The Voucher goes first (this very one: a uid precondition), so that it
+    // cannot bring the code back after the revoke; its finalizer finds the
+    // code released, or releases it as its policy says before the revoke
+    // below makes the row revoked regardless. A Voucher that Git owns would
+    // be re-created: it must be removed there.
     if let Some(owner) = &bound {
-        let found = vouchers(&state, &owner.namespace)?
-            .get_opt(&owner.name)
-            .await
-            .map_err(kube_error)?;
-        if let Some(gitops) = found.as_ref().and_then(gitops_owner) {
-            return Err(HttpError::new(
-                StatusCode::CONFLICT,
-                format!(
-                    "the Voucher {owner} owning code {code} is managed by {gitops}; remove it from Git \
-                     (or set spec.active: false there) instead"
-                ),
-            ));
+        let api = vouchers(&state, &owner.namespace)?;
+        let found = api.get_opt(&owner.name).await.map_err(kube_error)?;
+        if let Some(voucher) = found.filter(|v| v.metadata.uid.as_deref() == Some(&owner.uid)) {
+            if let Some(gitops) = gitops_owner(&voucher) {
+                return Err(HttpError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "the Voucher {owner} owning code {code} is managed by {gitops}; remove it \
+                         from Git (or set spec.active: false there) instead"
+                    ),
+                ));
+            }
+            let this_one = DeleteParams {
+                preconditions: Some(kube::api::Preconditions {
+                    uid: Some(owner.uid.clone()),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&owner.name, &this_one).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(other) => return Err(kube_error(other)),
+            }
         }
     }
-    // The row is revoked first, whatever the Voucher's deletionPolicy: from here
-    // on nothing redeems it, and no Voucher brings it back without asking.
-    let revocation = state
-        .store
-        .revoke(&code, &principal.subject)
-        .await?
-        .ok_or_else(|| HttpError::new(StatusCode::NOT_FOUND, format!("no such code {code}")))?;
-    let Some(owner) = revocation.owner else {
+    // Whatever the Voucher's deletionPolicy: soft-deleted, with its audit record.
+    let revocation = state.store.revoke(&code, &principal.subject).await?;
+    if revocation.is_none() && bound.is_none() {
+        return Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            format!("no such code {code}"),
+        ));
+    }
+    // Nothing left to revoke after the Voucher went: its own deletion revoked it.
+    let Some(owner) = revocation.and_then(|r| r.owner).or(bound) else {
         return Ok(Json(json!({"code": code.as_str(), "revoked": true})));
     };
-    match vouchers(&state, &owner.namespace)?
-        .delete(&owner.name, &DeleteParams::default())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 404 => {}
-        Err(other) => return Err(kube_error(other)),
-    }
     Ok(Json(
         json!({"code": code.as_str(), "revoked": true, "voucher": format!("{}/{}", owner.namespace, owner.name)}),
     ))

@@ -180,6 +180,16 @@ impl Store {
             .map_err(|e: StoreError| e.during(Operation::Find, Some(code)))
     }
 
+    /// The row of `code`, revoked or not.
+    pub async fn find(&self, code: &Code) -> Result<Option<CodeRecord>> {
+        let find = async {
+            let mut conn = self.pool.acquire().await?;
+            promo_codes::find(&mut conn, code).await
+        };
+        find.await
+            .map_err(|e: StoreError| e.during(Operation::Find, Some(code)))
+    }
+
     /// Every live row, by code.
     pub async fn list_live(&self) -> Result<Vec<CodeRecord>> {
         let list = async {

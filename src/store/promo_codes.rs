@@ -86,6 +86,19 @@ pub async fn find_live(conn: &mut PgConnection, code: &Code) -> Result<Option<Co
     Ok(row.map(Into::into))
 }
 
+/// The row, tombstone or not.
+pub async fn find(conn: &mut PgConnection, code: &Code) -> Result<Option<CodeRecord>> {
+    let row: Option<Row> = sqlx::query_as(concat!(
+        "SELECT ",
+        returning!(),
+        " FROM promo_codes WHERE code = $1"
+    ))
+    .bind(code.as_str())
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(Into::into))
+}
+
 /// The row, tombstone or not, locked until the transaction ends.
 pub async fn find_for_update(conn: &mut PgConnection, code: &Code) -> Result<Option<CodeRecord>> {
     let row: Option<Row> = sqlx::query_as(concat!(

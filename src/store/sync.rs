@@ -156,15 +156,17 @@ impl Store {
     }
 
     /// Releases the code of a deleted resource: soft-deletes the row
-    /// (`Revoke`) or leaves it (`Orphan`), and audits either.
+    /// (`Revoke`) or leaves it (`Orphan`), and audits either. `policy`
+    /// `None` applies the one recorded at the last bind: what the controller
+    /// last applied, not a spec edited since (perhaps while it could not be
+    /// applied, outside the issuer namespaces).
     pub async fn release_voucher(
         &self,
         code: &Code,
         owner: &Owner,
-        policy: DeletionPolicy,
+        policy: Option<DeletionPolicy>,
     ) -> Result<Released> {
-        self.release(code, owner, Some(policy), Operation::Release)
-            .await
+        self.release(code, owner, policy, Operation::Release).await
     }
 
     /// Releases the binding of a resource that vanished without its

@@ -288,9 +288,6 @@ fn rbac_grants_only_what_the_operator_uses() {
         // The issue endpoint, in the admin namespace.
         "Role/catalyst catalyst.openova.io vouchers create",
         "Role/catalyst catalyst.openova.io vouchers patch",
-        // Not a request: the admission policy asks for it before spec.adopt or spec.reissue is
-        // set (the ClusterRole is bound to the server in the admin namespace only).
-        "ClusterRole/ catalyst.openova.io vouchers adopt",
     ]
     .map(String::from)
     .into();
@@ -357,20 +354,10 @@ fn one_watched_namespace_needs_nothing_cluster_wide() {
         "controller": {"watchNamespace": "billing"},
     })));
     rendered.assert_valid();
-    // The only ClusterRole is the adopter's, which grants nothing until a namespace binds it.
-    let cluster_roles: Vec<&str> = rendered
-        .all("ClusterRole")
-        .iter()
-        .map(|r| r["metadata"]["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        cluster_roles,
-        [format!("{RELEASE}-voucher-operator-adopter")]
-    );
+    assert!(rendered.all("ClusterRole").is_empty());
     assert!(rendered.all("ClusterRoleBinding").is_empty());
     let namespaces: BTreeSet<String> = grants(&rendered)
         .into_iter()
-        .filter(|(kind, ..)| kind == "Role")
         .map(|(_, ns, g, r, _)| format!("{ns} {g} {r}"))
         .collect();
     let expected: BTreeSet<String> = [

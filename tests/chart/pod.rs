@@ -452,12 +452,6 @@ fn assert_least_privilege(rendered: &Rendered, namespace: &str, service_account:
             for group in strings(&rule["apiGroups"]) {
                 for resource in strings(&rule["resources"]) {
                     for verb in strings(&rule["verbs"]) {
-                        // The admission policy asks the authorizer for `adopt` when the server
-                        // issues a code; no request carries it. The issue above passing the
-                        // policy is its use (and tests/chart/admission.rs its refusal).
-                        if verb == "adopt" {
-                            continue;
-                        }
                         let used = requests.iter().any(|r| {
                             r.api_group == group
                                 && r.resource == resource

@@ -53,8 +53,8 @@ pub const PLURAL: &str = "vouchers";
         .message("spec.code is immutable: it cannot be added, changed or removed once the Voucher exists; create a new Voucher instead"),
     validation = Rule::new("!has(self.validFrom) || !has(self.expiresAt) || self.expiresAt > self.validFrom")
         .message("spec.expiresAt must be later than spec.validFrom"),
-    validation = Rule::new("self.deletionPolicy == oldSelf.deletionPolicy || !oldSelf.active")
-        .message("spec.deletionPolicy can change only while the Voucher is inactive: set spec.active to false first, then change the policy")
+    validation = Rule::new("self.deletionPolicy == oldSelf.deletionPolicy || (!oldSelf.active && !self.active)")
+        .message("spec.deletionPolicy can change only while the Voucher is inactive, before and after: set spec.active to false first, then change the policy")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VoucherSpec {

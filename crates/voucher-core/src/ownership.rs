@@ -108,6 +108,12 @@ impl Claim {
             (Some(owner), _) if owner.uid != me.uid => Self::Conflict {
                 owner: owner.clone(),
             },
+            // Ours, but revoked behind our back (the admin page, by hand): it
+            // stays revoked unless this resource asks to reissue it.
+            (Some(_), Some(row)) if row.is_tombstoned() => match request.reissue {
+                true => Self::Reissue,
+                false => Self::NotRequested(Unrequested::Reissue),
+            },
             (Some(_), _) => Self::Keep,
             (None, None) => Self::Create,
             (None, Some(row)) if row.is_tombstoned() => match request.reissue {
