@@ -398,6 +398,95 @@ async fn tokens_are_checked_strictly() {
 }
 
 #[tokio::test]
+async fn control_characters_and_odd_tenants_are_a_400_before_any_query() {
+    let s = start().await;
+    s.seed(SEED).await;
+    let now = chrono::Utc::now().timestamp();
+    let nul_subject = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "alice\u{0}", "exp": now + 300}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let (status, body) = s
+        .redeem(
+            Some(&nul_subject),
+            json!({"code": "LIVE-10", "tenant_id": "t1"}),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("control character")
+    );
+
+    let alice = token("alice", None, 300);
+    let long = "t".repeat(65);
+    for tenant in ["t\u{0}1", long.as_str(), "acme corp", "-acme", "ac/me"] {
+        let (status, body) = s
+            .redeem(
+                Some(&alice),
+                json!({"code": "LIVE-10", "tenant_id": tenant}),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{tenant:?}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("tenant_id must be")
+        );
+    }
+    assert_eq!(s.counts("LIVE-10").await, (0, 0, 0), "nothing written");
+    let (status, body) = s
+        .redeem(
+            Some(&alice),
+            json!({"code": "LIVE-10", "tenant_id": "acme-1.eu_west"}),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn a_tenant_claim_in_the_token_wins_over_the_body() {
+    let s = start_with(
+        settings(),
+        AuthSettings {
+            tenant_claim: Some("tenant_id".into()),
+            ..auth()
+        },
+        None,
+    )
+    .await;
+    s.seed(SEED).await;
+    let claimed = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "bob", "tenant_id": "from-token", "exp": chrono::Utc::now().timestamp() + 300}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let (status, body) = s
+        .redeem(
+            Some(&claimed),
+            json!({"code": "LIVE-10", "tenant_id": "from-body"}),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let tenant: String =
+        sqlx::query_scalar("SELECT tenant_id FROM customers WHERE user_id = 'bob'")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+    assert_eq!(tenant, "from-token");
+}
+
+#[tokio::test]
 async fn the_bearer_scheme_is_case_insensitive_and_roles_may_be_a_list() {
     let s = start().await;
     s.seed(SEED).await;

@@ -87,6 +87,7 @@ pub(super) async fn run_server(
         issuer: options.jwt_issuer.clone(),
         audience: options.jwt_audience.clone(),
         leeway: options.jwt_leeway,
+        tenant_claim: options.jwt_tenant_claim.clone(),
     };
     let verifier = auth::Verifier::new(auth)?;
     // The admin endpoints need the Kubernetes API; without it they answer 503.

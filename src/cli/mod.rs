@@ -353,6 +353,11 @@ pub struct ServerOptions {
     #[arg(long, env = "JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
     pub jwt_leeway: Duration,
 
+    /// The token claim that names the customer's tenant (e.g. tenant_id); when a token has it,
+    /// it wins over the request's tenant_id.
+    #[arg(long, env = "JWT_TENANT_CLAIM")]
+    pub jwt_tenant_claim: Option<String>,
+
     /// Requests per minute per client on redeem-preview and redeem.
     #[arg(long, env = "RATE_LIMIT_PER_MINUTE", default_value_t = 60)]
     pub rate_limit_per_minute: u32,

@@ -21,6 +21,9 @@ pub struct AuthSettings {
     pub audience: Option<String>,
     /// Allowed clock skew for `exp` and `nbf`.
     pub leeway: Duration,
+    /// The claim that names the customer's tenant, when the identity
+    /// provider sets one: it then wins over what the request body says.
+    pub tenant_claim: Option<String>,
 }
 
 /// The roles that may administer vouchers.
@@ -32,6 +35,8 @@ pub struct Principal {
     pub subject: String,
     pub email: String,
     pub roles: Vec<String>,
+    /// The tenant the token names (see `AuthSettings::tenant_claim`).
+    pub tenant: Option<String>,
 }
 
 impl Principal {
@@ -95,6 +100,9 @@ struct Claims {
     role: Option<Roles>,
     #[serde(default)]
     realm_access: Option<RealmAccess>,
+    /// Every other claim, for the configured tenant claim.
+    #[serde(flatten)]
+    other: HashMap<String, serde_json::Value>,
 }
 
 struct Jwks {
@@ -197,10 +205,18 @@ impl Verifier {
             Some(Roles::Many(more)) => roles.extend(more),
             None => {}
         }
+        let tenant = self
+            .settings
+            .tenant_claim
+            .as_ref()
+            .and_then(|name| claims.other.get(name))
+            .and_then(|value| value.as_str())
+            .map(str::to_owned);
         Ok(Principal {
             subject,
             email: claims.email.unwrap_or_default(),
             roles,
+            tenant,
         })
     }
 

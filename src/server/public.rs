@@ -153,6 +153,18 @@ fn outcome_label(outcome: &Redeemed) -> &'static str {
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
+/// Longest tenant id accepted.
+const MAX_TENANT: usize = 64;
+
+/// A tenant id as the billing service's tenants are named.
+fn valid_tenant(tenant: &str) -> bool {
+    tenant.len() <= MAX_TENANT
+        && tenant.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 /// The `Idempotency-Key` of a redemption and the hash of the request as it
 /// was understood (same code and tenant = same request), if a key was sent.
 fn idempotency<'a>(
@@ -204,11 +216,30 @@ pub async fn redeem(
     state.check_rate(state.client_ip(peer.0.ip(), &headers))?;
     let principal = state.verifier.verify(&headers).await?;
     let code = code_of(request.code.as_deref())?;
-    let tenant = request
-        .tenant_id
-        .as_deref()
-        .map(str::trim)
-        .filter(|t| !t.is_empty());
+    // Nothing a token or a body says reaches a query unchecked.
+    for (what, text) in [("sub", &principal.subject), ("email", &principal.email)] {
+        if text.chars().any(char::is_control) {
+            return Err(HttpError::bad_request(format!(
+                "the token's {what} contains a control character"
+            )));
+        }
+    }
+    let tenant = match principal.tenant.as_deref() {
+        Some(from_token) => Some(from_token),
+        None => request
+            .tenant_id
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty()),
+    };
+    if let Some(tenant) = tenant
+        && !valid_tenant(tenant)
+    {
+        return Err(HttpError::bad_request(format!(
+            "tenant_id must be 1 to {MAX_TENANT} characters of letters, digits, '.', '_' and '-', \
+             starting with a letter or digit"
+        )));
+    }
     let redemption = Redemption {
         code: &code,
         subject: &principal.subject,

@@ -266,6 +266,18 @@ fn wrong_values_are_rejected_naming_the_key() {
         rendered.error()
     );
 
+    // A JWKS alone would accept the tokens of any realm, for any service.
+    let rendered = render(with(
+        json!({"auth": {"jwksUrl": "https://keycloak.example/certs"}}),
+    ));
+    assert!(
+        rendered
+            .error()
+            .contains("auth.jwksUrl needs auth.issuer and auth.audience"),
+        "{}",
+        rendered.error()
+    );
+
     // The two settings without a default are named when missing.
     let rendered = render(json!({}));
     assert!(

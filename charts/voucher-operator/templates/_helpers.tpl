@@ -105,6 +105,9 @@ seccompProfile:
 {{- fail (printf "server.adminNamespace (%s) must be controller.watchNamespace (%s): the controller would never reconcile the Vouchers the admin endpoints create" $.Values.server.adminNamespace .) -}}
 {{- end -}}
 {{- end -}}
+{{- if and .Values.auth.jwksUrl (not (and .Values.auth.issuer .Values.auth.audience)) -}}
+{{- fail "auth.jwksUrl needs auth.issuer and auth.audience: without them a token of any realm, issued for any other service, would be accepted" -}}
+{{- end -}}
 {{- if not (or .Values.auth.existingSecret .Values.auth.jwksUrl) -}}
 {{- fail "set auth.existingSecret (a Secret holding the HS256 secret) or auth.jwksUrl: the redeem and admin endpoints verify bearer tokens" -}}
 {{- end -}}
