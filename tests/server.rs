@@ -540,6 +540,139 @@ mod base64_url {
     }
 }
 
+/// A JWKS endpoint that counts its fetches and serves `keys` (a 500 while it is `None`), with
+/// `Cache-Control: max-age=1`.
+struct JwksServer {
+    url: String,
+    fetches: Arc<std::sync::atomic::AtomicUsize>,
+    keys: Arc<std::sync::Mutex<Option<Value>>>,
+}
+
+async fn jwks_server(keys: Option<Value>) -> JwksServer {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(std::sync::Mutex::new(keys));
+    let (count, keys) = (fetches.clone(), served.clone());
+    let app = axum::Router::new().route(
+        "/certs",
+        axum::routing::get(move || {
+            count.fetch_add(1, Ordering::SeqCst);
+            let keys = keys.lock().unwrap().clone();
+            async move {
+                use axum::response::IntoResponse;
+                match keys {
+                    Some(keys) => {
+                        ([("cache-control", "public, max-age=1")], axum::Json(keys)).into_response()
+                    }
+                    None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/certs", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    JwksServer {
+        url,
+        fetches,
+        keys: served,
+    }
+}
+
+fn rs256_token(kid: &str) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.into());
+    let claims = json!({"sub": "kc-user", "iss": "https://kc.example/realms/r", "aud": "billing",
+                        "exp": chrono::Utc::now().timestamp() + 300});
+    let key = EncodingKey::from_rsa_pem(include_bytes!("fixtures/jwt-rs256.key.pem")).unwrap();
+    encode(&header, &claims, &key).unwrap()
+}
+
+async fn jwks_client(jwks: &JwksServer) -> Server {
+    let auth = AuthSettings {
+        jwks_url: Some(jwks.url.clone()),
+        issuer: Some("https://kc.example/realms/r".into()),
+        audience: Some("billing".into()),
+        ..auth()
+    };
+    let s = start_with(settings(), auth, None).await;
+    s.seed(SEED).await;
+    s
+}
+
+#[tokio::test]
+async fn an_unreachable_jwks_is_fetched_once_and_not_hammered() {
+    use std::sync::atomic::Ordering;
+    let jwks = jwks_server(None).await;
+    let s = jwks_client(&jwks).await;
+    let token = rs256_token("test-rs256");
+    let attempts = (0..50).map(|_| {
+        s.redeem(
+            Some(&token),
+            json!({"code": "LIVE-10", "tenant_id": "t1"}),
+            None,
+        )
+    });
+    for (status, body) in futures::future::join_all(attempts).await {
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let message = body["error"].as_str().unwrap();
+        assert!(message.contains("cannot be fetched right now"), "{message}");
+        assert!(
+            !message.contains(&jwks.url) && !message.contains("127.0.0.1"),
+            "{message}"
+        );
+    }
+    assert_eq!(
+        jwks.fetches.load(Ordering::SeqCst),
+        1,
+        "one fetch for 50 requests"
+    );
+    // The identity provider is back, but the next try waits its retry interval.
+    *jwks.keys.lock().unwrap() =
+        Some(serde_json::from_str(include_str!("fixtures/jwks.json")).unwrap());
+    assert_eq!(
+        s.redeem(Some(&token), json!({"code": "LIVE-10"}), None)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(jwks.fetches.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn jwks_keys_expire_and_only_signing_keys_count() {
+    use std::sync::atomic::Ordering;
+    let mut set: Value = serde_json::from_str(include_str!("fixtures/jwks.json")).unwrap();
+    // The same key again, marked for encryption: never a signing key.
+    let mut encryption = set["keys"][0].clone();
+    encryption["kid"] = json!("enc-key");
+    encryption["use"] = json!("enc");
+    set["keys"].as_array_mut().unwrap().push(encryption);
+    let jwks = jwks_server(Some(set)).await;
+    let s = jwks_client(&jwks).await;
+    let body = json!({"code": "LIVE-10", "tenant_id": "t1"});
+    let (status, answer) = s
+        .redeem(Some(&rs256_token("test-rs256")), body.clone(), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        s.redeem(Some(&rs256_token("enc-key")), body.clone(), None)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    // The key is removed from the set; after its max-age it is no longer accepted.
+    *jwks.keys.lock().unwrap() = Some(json!({"keys": []}));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, answer) = s.redeem(Some(&rs256_token("test-rs256")), body, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
+    assert_eq!(
+        jwks.fetches.load(Ordering::SeqCst),
+        2,
+        "fetched again at expiry"
+    );
+}
+
 #[tokio::test]
 async fn rs256_tokens_are_verified_through_the_jwks_and_cannot_confuse_algorithms() {
     let jwks: Value = serde_json::from_str(include_str!("fixtures/jwks.json")).unwrap();

@@ -105,20 +105,51 @@ struct Claims {
     other: HashMap<String, serde_json::Value>,
 }
 
+/// The signing keys of the JWKS, as last fetched.
+#[derive(Default)]
 struct Jwks {
     keys: HashMap<String, (Algorithm, DecodingKey)>,
+    /// When the last fetch succeeded, and until when its keys hold.
     fetched: Option<Instant>,
+    expires: Option<Instant>,
+    /// When the last fetch failed.
+    failed: Option<Instant>,
+}
+
+impl Jwks {
+    /// Whether a fetch may go out now: never sooner than [`JWKS_RETRY`]
+    /// after a failure (an unreachable identity provider is not hammered);
+    /// at expiry; or for an unknown `kid` (a rotation) at most every
+    /// [`JWKS_UNKNOWN_KID`].
+    fn may_fetch(&self, unknown_kid: bool, now: Instant) -> bool {
+        if self.failed.is_some_and(|at| now < at + JWKS_RETRY) {
+            return false;
+        }
+        let expired = self.expires.is_none_or(|at| now >= at);
+        let rotation = unknown_kid && self.fetched.is_none_or(|at| now >= at + JWKS_UNKNOWN_KID);
+        expired || rotation
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|at| now >= at)
+    }
 }
 
 pub struct Verifier {
     settings: AuthSettings,
     hs256: Option<DecodingKey>,
     jwks: RwLock<Jwks>,
+    /// One fetch in flight: concurrent requests wait for it, then read its keys.
+    fetching: tokio::sync::Mutex<()>,
     http: reqwest::Client,
 }
 
-/// A JWKS is fetched again at most this often when an unknown `kid` shows up.
-const JWKS_REFRESH: Duration = Duration::from_secs(30);
+/// A JWKS is fetched again at most this often for an unknown `kid`.
+const JWKS_UNKNOWN_KID: Duration = Duration::from_secs(30);
+/// After a failed fetch, the next waits at least this long.
+const JWKS_RETRY: Duration = Duration::from_secs(30);
+/// How long keys hold when the response has no `Cache-Control: max-age`.
+const JWKS_MAX_AGE: Duration = Duration::from_secs(600);
 
 impl Verifier {
     /// Checks the settings: a way to check tokens, a strong HS256 secret,
@@ -144,10 +175,8 @@ impl Verifier {
         Ok(Self {
             settings,
             hs256,
-            jwks: RwLock::new(Jwks {
-                keys: HashMap::new(),
-                fetched: None,
-            }),
+            jwks: RwLock::new(Jwks::default()),
+            fetching: tokio::sync::Mutex::new(()),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .build()
@@ -225,24 +254,35 @@ impl Verifier {
             return Err(AuthError::Algorithm(format!("{alg:?}")));
         };
         let kid = kid.ok_or_else(|| AuthError::Invalid("the token has no key id (kid)".into()))?;
-        let lookup = |jwks: &Jwks| jwks.keys.get(kid).cloned();
-        let known = lookup(&self.jwks.read().unwrap());
-        let (key_alg, key) = match known {
+        let lookup = |jwks: &Jwks| {
+            let now = Instant::now();
+            (!jwks.expired(now))
+                .then(|| jwks.keys.get(kid).cloned())
+                .flatten()
+        };
+        // (Each read guard is dropped before any await: the future stays Send.)
+        let cached = lookup(&self.jwks.read().unwrap());
+        let found = match cached {
             Some(found) => found,
             None => {
-                let stale = self
-                    .jwks
-                    .read()
-                    .unwrap()
-                    .fetched
-                    .is_none_or(|at| at.elapsed() > JWKS_REFRESH);
-                if stale {
-                    self.refresh(url).await?;
+                let _one_fetch = self.fetching.lock().await;
+                // The fetch this request waited for may have brought the key.
+                let fetched_meanwhile = lookup(&self.jwks.read().unwrap());
+                if let Some(found) = fetched_meanwhile {
+                    found
+                } else {
+                    let may_fetch = self.jwks.read().unwrap().may_fetch(true, Instant::now());
+                    if may_fetch {
+                        self.refresh(url).await?;
+                    } else if self.jwks.read().unwrap().expired(Instant::now()) {
+                        return Err(AuthError::Invalid(SIGNING_KEYS_UNAVAILABLE.into()));
+                    }
+                    lookup(&self.jwks.read().unwrap())
+                        .ok_or_else(|| AuthError::Invalid(format!("unknown signing key {kid:?}")))?
                 }
-                lookup(&self.jwks.read().unwrap())
-                    .ok_or_else(|| AuthError::Invalid(format!("unknown signing key {kid:?}")))?
             }
         };
+        let (key_alg, key) = found;
         if key_alg != alg {
             return Err(AuthError::Invalid(format!(
                 "key {kid:?} is not a {alg:?} key"
@@ -251,38 +291,88 @@ impl Verifier {
         Ok(key)
     }
 
+    /// Fetches the key set; the caller holds `fetching`. What went wrong is
+    /// logged; the client hears only that keys are unavailable.
     async fn refresh(&self, url: &str) -> Result<(), AuthError> {
-        let unavailable =
-            |e: String| AuthError::Invalid(format!("cannot fetch the signing keys: {e}"));
-        let set: JwkSet = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| unavailable(e.to_string()))?
-            .json()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        let mut keys = HashMap::new();
-        for jwk in &set.keys {
-            let Some(kid) = jwk.common.key_id.clone() else {
-                continue;
-            };
-            let alg = match &jwk.algorithm {
-                jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
-                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
-                _ => continue,
-            };
-            if let Ok(key) = DecodingKey::from_jwk(jwk) {
-                keys.insert(kid, (alg, key));
-            }
+        let fetched = async {
+            let response = self.http.get(url).send().await?.error_for_status()?;
+            let max_age = response
+                .headers()
+                .get(reqwest::header::CACHE_CONTROL)
+                .and_then(|v| v.to_str().ok())
+                .and_then(max_age);
+            let set: JwkSet = response.json().await?;
+            Ok::<_, reqwest::Error>((set, max_age))
         }
+        .await;
+        let now = Instant::now();
+        let (set, max_age) = match fetched {
+            Ok(fetched) => fetched,
+            Err(error) => {
+                tracing::warn!(%error, "cannot fetch the JWKS; retrying no sooner than {JWKS_RETRY:?}");
+                self.jwks.write().unwrap().failed = Some(now);
+                return Err(AuthError::Invalid(SIGNING_KEYS_UNAVAILABLE.into()));
+            }
+        };
+        let keys = signing_keys(&set);
         let mut jwks = self.jwks.write().unwrap();
         jwks.keys = keys;
-        jwks.fetched = Some(Instant::now());
+        jwks.fetched = Some(now);
+        jwks.expires = Some(now + max_age.unwrap_or(JWKS_MAX_AGE).min(JWKS_MAX_AGE));
+        jwks.failed = None;
         Ok(())
     }
+}
+
+/// What a client hears while the identity provider's keys cannot be had.
+const SIGNING_KEYS_UNAVAILABLE: &str =
+    "the signing keys cannot be fetched right now; try again shortly";
+
+/// `max-age` of a `Cache-Control` value.
+fn max_age(cache_control: &str) -> Option<Duration> {
+    cache_control.split(',').find_map(|directive| {
+        let seconds = directive.trim().strip_prefix("max-age=")?;
+        seconds.parse().ok().map(Duration::from_secs)
+    })
+}
+
+/// The keys of `set` that sign (`use` absent or `sig`) with an algorithm
+/// accepted here, by `kid`. A JWK that names another `alg` is left out.
+fn signing_keys(set: &JwkSet) -> HashMap<String, (Algorithm, DecodingKey)> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, KeyAlgorithm, PublicKeyUse};
+    let mut keys = HashMap::new();
+    for jwk in &set.keys {
+        let Some(kid) = jwk.common.key_id.clone() else {
+            continue;
+        };
+        if jwk
+            .common
+            .public_key_use
+            .as_ref()
+            .is_some_and(|u| *u != PublicKeyUse::Signature)
+        {
+            continue;
+        }
+        let alg = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+            _ => continue,
+        };
+        let named = jwk.common.key_algorithm;
+        let matches = match named {
+            None => true,
+            Some(KeyAlgorithm::RS256) => alg == Algorithm::RS256,
+            Some(KeyAlgorithm::ES256) => alg == Algorithm::ES256,
+            Some(_) => false,
+        };
+        if !matches {
+            continue;
+        }
+        if let Ok(key) = DecodingKey::from_jwk(jwk) {
+            keys.insert(kid, (alg, key));
+        }
+    }
+    keys
 }
 
 #[cfg(test)]
