@@ -297,6 +297,14 @@ async fn redeem_answers_each_case_with_its_status() {
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(body["error"].as_str().unwrap().contains("already redeemed"));
+    // A retry without an Idempotency-Key (the first answer was lost) can still reconcile.
+    assert_eq!(
+        (&body["code"], &body["credit_omr"]),
+        (&json!("LIVE-10"), &json!(10))
+    );
+    let redeemed_at: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(body["redeemed_at"].clone()).expect("when it was granted");
+    assert!(chrono::Utc::now() - redeemed_at < chrono::Duration::minutes(1));
 
     assert_eq!(
         s.redeem(Some(&alice), json!({"code": "NOPE-10"}), None)
@@ -484,6 +492,44 @@ async fn a_tenant_claim_in_the_token_wins_over_the_body() {
             .await
             .unwrap();
     assert_eq!(tenant, "from-token");
+}
+
+#[tokio::test]
+async fn idempotency_keys_are_pruned_after_their_retention() {
+    let s = start_with(
+        ServerSettings {
+            idempotency_retention: Duration::from_secs(1),
+            ..settings()
+        },
+        auth(),
+        None,
+    )
+    .await;
+    s.seed(SEED).await;
+    let alice = token("alice", None, 300);
+    let (status, _) = s
+        .redeem(
+            Some(&alice),
+            json!({"code": "LIVE-10", "tenant_id": "t1"}),
+            Some("order-1"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let keys = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM voucher_idempotency_keys")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(keys().await, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while keys().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key was never pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]

@@ -382,6 +382,11 @@ pub struct ServerOptions {
     /// Longest a request may take before it is answered with 503.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
+
+    /// How long an Idempotency-Key and its answer are kept (a retry later than this is a new
+    /// request; 24h as Stripe keeps them).
+    #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub idempotency_retention: Duration,
 }
 
 impl ControllerOptions {
@@ -404,6 +409,7 @@ impl ServerOptions {
             admin_namespace: self.admin_namespace.clone(),
             body_limit: self.body_limit,
             request_timeout: self.request_timeout,
+            idempotency_retention: self.idempotency_retention,
         }
     }
 }

@@ -48,6 +48,8 @@ pub struct ServerSettings {
     pub admin_namespace: String,
     pub body_limit: usize,
     pub request_timeout: Duration,
+    /// An `Idempotency-Key` and its answer are kept this long, then pruned.
+    pub idempotency_retention: Duration,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -300,6 +302,7 @@ pub async fn serve(
             }
         }
     });
+    tokio::spawn(prune_idempotency_keys(state.clone(), stop.clone()));
     axum::serve(
         listener,
         router(state).into_make_service_with_connect_info::<SocketAddr>(),
@@ -307,6 +310,27 @@ pub async fn serve(
     .with_graceful_shutdown(async move { stop.cancelled().await })
     .await?;
     Ok(())
+}
+
+/// Deletes `Idempotency-Key` answers older than the retention, a few times
+/// per retention period (at least every 10 minutes).
+async fn prune_idempotency_keys(state: Arc<AppState>, stop: CancellationToken) {
+    let retention = state.settings.idempotency_retention;
+    let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match state.store.prune_idempotency_keys(retention).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::debug!(pruned, "pruned old Idempotency-Keys"),
+            Err(error) => {
+                tracing::warn!(error = %crate::telemetry::describe(&error), "cannot prune Idempotency-Keys")
+            }
+        }
+    }
 }
 
 /// The peer address of a request (axum's connect info).

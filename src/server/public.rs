@@ -127,9 +127,18 @@ fn render(outcome: &Redeemed) -> (u16, serde_json::Value) {
             Redeemability::Unknown.public_reason(),
         ),
         Redeemed::Gone(verdict) => error(StatusCode::GONE, verdict.public_reason()),
-        Redeemed::AlreadyRedeemed => error(
-            StatusCode::CONFLICT,
-            "you have already redeemed this voucher code".into(),
+        Redeemed::AlreadyRedeemed {
+            code,
+            credit_omr,
+            redeemed_at,
+        } => (
+            StatusCode::CONFLICT.as_u16(),
+            serde_json::json!({
+                "error": "you have already redeemed this voucher code",
+                "code": code,
+                "credit_omr": credit_omr,
+                "redeemed_at": redeemed_at,
+            }),
         ),
         Redeemed::TenantRequired => error(
             StatusCode::BAD_REQUEST,
@@ -145,7 +154,7 @@ fn outcome_label(outcome: &Redeemed) -> &'static str {
         Redeemed::Gone(Redeemability::Capped { .. }) => "capped",
         Redeemed::Gone(Redeemability::Inactive) => "inactive",
         Redeemed::Gone(_) => "outside_window",
-        Redeemed::AlreadyRedeemed => "already_redeemed",
+        Redeemed::AlreadyRedeemed { .. } => "already_redeemed",
         Redeemed::TenantRequired => "tenant_required",
     }
 }
@@ -201,7 +210,7 @@ fn idempotency<'a>(
         (status = 400, description = "Malformed body or code", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such code", body = ErrorBody),
-        (status = 409, description = "This customer already redeemed the code", body = ErrorBody),
+        (status = 409, description = "This customer already redeemed the code; the body also carries the original grant: code, credit_omr, redeemed_at", body = ErrorBody),
         (status = 410, description = "Inactive, fully redeemed or outside its window", body = ErrorBody),
         (status = 422, description = "Idempotency-Key reused with another body", body = ErrorBody),
         (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody),

@@ -4,6 +4,17 @@ use sqlx::PgConnection;
 
 use super::Result;
 
+/// Deletes the keys recorded longer ago than `retention`; returns how many.
+pub async fn prune(conn: &mut PgConnection, retention: std::time::Duration) -> Result<u64> {
+    let result = sqlx::query(
+        "DELETE FROM voucher_idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(retention.as_secs_f64())
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected())
+}
+
 /// What an `Idempotency-Key` already stands for.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Claimed {

@@ -44,7 +44,7 @@ pub enum StoreError {
     #[error("the binding of code {code} is held by another resource")]
     BindingTaken { code: String },
     /// What the store was doing, and to which code, when a step failed.
-    #[error("cannot {operation} {}", .code.as_ref().map_or("codes".into(), |c| format!("code {c}")))]
+    #[error("cannot {operation}{}", .code.as_ref().map_or(String::new(), |c| format!(" code {c}")))]
     Failed {
         operation: Operation,
         code: Option<String>,
@@ -67,6 +67,7 @@ pub enum Operation {
     Export,
     Revoke,
     Sweep,
+    PruneIdempotencyKeys,
 }
 
 impl std::fmt::Display for Operation {
@@ -78,11 +79,12 @@ impl std::fmt::Display for Operation {
             Self::Release => "release",
             Self::Redeem => "redeem",
             Self::Find => "look up",
-            Self::List => "list",
+            Self::List => "list codes",
             Self::FindOwner => "find the owner of",
-            Self::Export => "export",
+            Self::Export => "export codes",
             Self::Revoke => "revoke",
-            Self::Sweep => "sweep the bindings of",
+            Self::Sweep => "sweep the bindings",
+            Self::PruneIdempotencyKeys => "prune old Idempotency-Keys",
         })
     }
 }
@@ -188,6 +190,17 @@ impl Store {
         };
         find.await
             .map_err(|e: StoreError| e.during(Operation::Find, Some(code)))
+    }
+
+    /// Forgets `Idempotency-Key` answers older than `retention`.
+    pub async fn prune_idempotency_keys(&self, retention: Duration) -> Result<u64> {
+        let prune = async {
+            let mut conn = self.pool.acquire().await?;
+            idempotency::prune(&mut conn, retention).await
+        };
+        prune
+            .await
+            .map_err(|e: StoreError| e.during(Operation::PruneIdempotencyKeys, None))
     }
 
     /// Every live row, by code.

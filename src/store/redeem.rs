@@ -34,7 +34,13 @@ pub enum Redeemed {
     NotFound,
     /// Exists but cannot be redeemed now, and why.
     Gone(Redeemability),
-    AlreadyRedeemed,
+    /// This customer redeemed the code before: when, and for how much, so
+    /// that a retry without its Idempotency-Key can still reconcile.
+    AlreadyRedeemed {
+        code: String,
+        credit_omr: Option<i32>,
+        redeemed_at: Option<DateTime<Utc>>,
+    },
     /// The customer does not exist and the request named no tenant.
     TenantRequired,
 }
@@ -86,7 +92,7 @@ impl Store {
                 }
                 None if matches!(
                     outcome,
-                    Redeemed::Granted { .. } | Redeemed::AlreadyRedeemed
+                    Redeemed::Granted { .. } | Redeemed::AlreadyRedeemed { .. }
                 ) =>
                 {
                     tx.commit().await?
@@ -123,7 +129,12 @@ impl Store {
             },
         };
         if !redemptions::insert(tx, customer, code.as_str()).await? {
-            return Ok(Redeemed::AlreadyRedeemed);
+            let grant = redemptions::grant_of(tx, customer, code.as_str()).await?;
+            return Ok(Redeemed::AlreadyRedeemed {
+                code: code.to_string(),
+                credit_omr: grant.and_then(|(_, credit)| credit),
+                redeemed_at: grant.map(|(at, _)| at),
+            });
         }
         let after = promo_codes::count_redemption(tx, code.as_str()).await?;
         let credit = after.terms.credit_omr;

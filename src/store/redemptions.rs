@@ -5,6 +5,24 @@ use uuid::Uuid;
 
 use super::Result;
 
+/// When `customer` redeemed `code`, and the credit the ledger granted for it.
+pub async fn grant_of(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    code: &str,
+) -> Result<Option<(chrono::DateTime<chrono::Utc>, Option<i32>)>> {
+    Ok(sqlx::query_as(
+        "SELECT r.created_at, (SELECT l.amount_omr FROM credit_ledger l \
+           WHERE l.customer_id = r.customer_id AND l.reason = 'promo:' || r.code \
+           ORDER BY l.created_at LIMIT 1) \
+         FROM promo_redemptions r WHERE r.customer_id = $1 AND r.code = $2",
+    )
+    .bind(customer)
+    .bind(code)
+    .fetch_optional(conn)
+    .await?)
+}
+
 /// Records that `customer` redeemed `code`; `false` when it already had.
 pub async fn insert(conn: &mut PgConnection, customer: Uuid, code: &str) -> Result<bool> {
     let result = sqlx::query(

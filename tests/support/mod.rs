@@ -364,6 +364,7 @@ pub fn server_settings() -> voucher_operator::server::ServerSettings {
         admin_namespace: "default".into(),
         body_limit: 4096,
         request_timeout: Duration::from_secs(10),
+        idempotency_retention: Duration::from_secs(24 * 3600),
     }
 }
 
