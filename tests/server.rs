@@ -272,6 +272,102 @@ async fn a_trusted_proxy_names_the_client() {
         from("198.51.100.1").await.unwrap().status(),
         StatusCode::TOO_MANY_REQUESTS
     );
+    // An entry with a port is the same client, not a reason to trust the one to its left.
+    assert_eq!(
+        from("203.0.113.66, 198.51.100.1:4711")
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // IPv6 clients are counted by their /64.
+    assert_eq!(
+        from("2001:db8:5:5::1").await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        from("[2001:db8:5:5::2]:4711").await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "another address of the same /64"
+    );
+}
+
+#[tokio::test]
+async fn each_subject_and_each_failing_client_has_a_budget() {
+    let s = start_with(
+        ServerSettings {
+            rate_limit_per_subject: 2,
+            auth_failures_per_minute: 2,
+            ..settings()
+        },
+        auth(),
+        None,
+    )
+    .await;
+    s.seed(SEED).await;
+    // Per subject: the third redemption attempt of alice's token waits; bob's does not.
+    let alice = token("alice", None, 300);
+    for _ in 0..2 {
+        s.redeem(
+            Some(&alice),
+            json!({"code": "LIVE-10", "tenant_id": "t1"}),
+            None,
+        )
+        .await;
+    }
+    let (status, body) = s
+        .redeem(Some(&alice), json!({"code": "LIVE-10"}), None)
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("for this account"));
+    let bob = token("bob", Some("superadmin"), 300);
+    assert_eq!(
+        s.redeem(
+            Some(&bob),
+            json!({"code": "LIVE-10", "tenant_id": "t1"}),
+            None
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    // The admin endpoints count too.
+    let list = || {
+        s.http
+            .get(format!("{}/billing/vouchers/list", s.base))
+            .bearer_auth(&bob)
+            .send()
+    };
+    assert_eq!(list().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        list().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // Failed authentications: beyond the budget, the client is refused even a valid token.
+    for _ in 0..3 {
+        assert_eq!(
+            s.redeem(Some("not-a-jwt"), json!({"code": "LIVE-10"}), None)
+                .await
+                .0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let carol = token("carol", None, 300);
+    let (status, body) = s
+        .redeem(
+            Some(&carol),
+            json!({"code": "LIVE-10", "tenant_id": "t1"}),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("failed authentications")
+    );
 }
 
 #[tokio::test]

@@ -366,6 +366,16 @@ pub struct ServerOptions {
     #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 20)]
     pub rate_limit_burst: u32,
 
+    /// Requests per minute per token subject on redeem and the admin endpoints (one customer
+    /// behind a shared address cannot spend everybody's budget, nor one token many addresses').
+    #[arg(long, env = "RATE_LIMIT_PER_SUBJECT", default_value_t = 30)]
+    pub rate_limit_per_subject: u32,
+
+    /// Failed authentications per minute per client; beyond, the client is refused (429) until
+    /// its budget refills.
+    #[arg(long, env = "AUTH_FAILURES_PER_MINUTE", default_value_t = 10)]
+    pub auth_failures_per_minute: u32,
+
     /// Comma-separated CIDRs (10.0.0.0/8; 10.0.0.5/32 for one address) of proxies whose
     /// X-Forwarded-For is trusted to name the client (e.g. the ingress controller's pod network).
     #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
@@ -405,6 +415,8 @@ impl ServerOptions {
         crate::server::ServerSettings {
             rate_limit_per_minute: self.rate_limit_per_minute,
             rate_limit_burst: self.rate_limit_burst,
+            rate_limit_per_subject: self.rate_limit_per_subject,
+            auth_failures_per_minute: self.auth_failures_per_minute,
             trusted_proxies: self.trusted_proxies.clone(),
             admin_namespace: self.admin_namespace.clone(),
             body_limit: self.body_limit,

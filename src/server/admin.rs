@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
-use super::AppState;
 use super::auth::Principal;
 use super::body::JsonBody;
 use super::error::{ErrorBody, HttpError};
+use super::{AppState, Peer};
 use crate::api::{DeletionPolicy, Voucher, VoucherSpec};
 use crate::domain::{Code, CodeRecord};
 
@@ -62,8 +62,11 @@ impl From<CodeRecord> for PromoCode {
     }
 }
 
-async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Principal, HttpError> {
-    let principal = state.verifier.verify(headers).await?;
+/// An administrator's request, within the client's and the subject's budgets.
+async fn admin(state: &AppState, peer: Peer, headers: &HeaderMap) -> Result<Principal, HttpError> {
+    let client = state.client_ip(peer.0.ip(), headers);
+    state.check_rate(client)?;
+    let principal = state.authenticate(client, headers).await?;
     if !principal.is_admin() {
         return Err(HttpError::new(
             StatusCode::FORBIDDEN,
@@ -149,10 +152,11 @@ fn gitops_owner(voucher: &Voucher) -> Option<&'static str> {
 )]
 pub async fn issue(
     State(state): State<Arc<AppState>>,
+    peer: Peer,
     headers: HeaderMap,
     JsonBody(request): JsonBody<IssueRequest>,
 ) -> Result<Json<PromoCode>, HttpError> {
-    admin(&state, &headers).await?;
+    admin(&state, peer, &headers).await?;
     let code = Code::parse(&request.code).map_err(|e| HttpError::bad_request(e.to_string()))?;
     // An administrator issuing a code that exists (from the admin page, or
     // revoked) means to take it over, as the billing service's issue did: the
@@ -220,9 +224,10 @@ pub async fn issue(
 )]
 pub async fn list(
     State(state): State<Arc<AppState>>,
+    peer: Peer,
     headers: HeaderMap,
 ) -> Result<Json<Vec<PromoCode>>, HttpError> {
-    admin(&state, &headers).await?;
+    admin(&state, peer, &headers).await?;
     let rows = state.store.list_live().await?;
     Ok(Json(rows.into_iter().map(PromoCode::from).collect()))
 }
@@ -244,10 +249,11 @@ pub async fn list(
 )]
 pub async fn revoke(
     State(state): State<Arc<AppState>>,
+    peer: Peer,
     headers: HeaderMap,
     Path(code): Path<String>,
 ) -> Result<Json<serde_json::Value>, HttpError> {
-    let principal = admin(&state, &headers).await?;
+    let principal = admin(&state, peer, &headers).await?;
     let code = Code::parse(&code).map_err(|e| HttpError::bad_request(e.to_string()))?;
     // A Voucher that Git owns would be re-created by Flux: it must be removed there.
     let bound = state.store.owner_of(&code).await?;

@@ -7,10 +7,10 @@ mod admin;
 pub mod auth;
 mod body;
 mod error;
+mod limits;
 mod public;
 
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,12 +20,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +33,7 @@ use utoipa::OpenApi;
 use crate::store::Store;
 use auth::Verifier;
 use error::HttpError;
+use limits::{LimitSettings, Limits};
 
 /// How the server behaves.
 #[derive(Clone, Debug)]
@@ -42,6 +42,10 @@ pub struct ServerSettings {
     pub rate_limit_per_minute: u32,
     /// Requests a client may send at once before the rate applies.
     pub rate_limit_burst: u32,
+    /// Requests per minute per token subject on redeem and the admin endpoints.
+    pub rate_limit_per_subject: u32,
+    /// Failed authentications per minute per client before it is refused.
+    pub auth_failures_per_minute: u32,
     /// Peers whose `X-Forwarded-For` is believed (ingress, load balancer).
     pub trusted_proxies: Vec<IpNet>,
     /// Namespace of the Vouchers that the admin endpoints create and delete.
@@ -72,6 +76,8 @@ pub struct ServerMetrics {
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<RouteLabel, Histogram>,
     pub redemptions: Family<OutcomeLabel, Counter>,
+    /// Clients and subjects the rate limiters remember.
+    pub rate_limit_keys: Gauge,
 }
 
 impl ServerMetrics {
@@ -82,6 +88,7 @@ impl ServerMetrics {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
             }),
             redemptions: Family::default(),
+            rate_limit_keys: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("voucher_operator_http");
         r.register(
@@ -99,6 +106,11 @@ impl ServerMetrics {
             "Redemption requests by outcome",
             metrics.redemptions.clone(),
         );
+        r.register(
+            "rate_limit_keys",
+            "Clients and subjects the rate limiters remember",
+            metrics.rate_limit_keys.clone(),
+        );
         metrics
     }
 }
@@ -111,7 +123,7 @@ pub struct AppState {
     pub settings: ServerSettings,
     pub metrics: ServerMetrics,
     pub registry: Registry,
-    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    limits: Limits,
 }
 
 impl AppState {
@@ -123,13 +135,17 @@ impl AppState {
         mut registry: Registry,
     ) -> Arc<Self> {
         let metrics = ServerMetrics::register(&mut registry);
-        let per_minute = NonZeroU32::new(settings.rate_limit_per_minute.max(1)).unwrap();
-        let burst = NonZeroU32::new(settings.rate_limit_burst.max(1)).unwrap();
+        let limits = Limits::new(LimitSettings {
+            per_minute: settings.rate_limit_per_minute,
+            burst: settings.rate_limit_burst,
+            per_subject_per_minute: settings.rate_limit_per_subject,
+            auth_failures_per_minute: settings.auth_failures_per_minute,
+        });
         Arc::new(Self {
             store,
             verifier,
             kube,
-            limiter: RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(burst)),
+            limits,
             settings,
             metrics,
             registry,
@@ -153,7 +169,7 @@ impl AppState {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+            .filter_map(limits::forwarded_ip)
             .collect::<Vec<_>>();
         forwarded
             .into_iter()
@@ -164,15 +180,43 @@ impl AppState {
 
     /// Counts a request of `client` against its budget.
     pub fn check_rate(&self, client: IpAddr) -> Result<(), HttpError> {
-        self.limiter.check_key(&client).map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            HttpError {
-                status: StatusCode::TOO_MANY_REQUESTS,
-                message: "too many requests from this client; slow down".into(),
-                retry_after: Some(wait.as_secs().max(1)),
-                cause: None,
+        self.limits.client(client).map_err(too_many)
+    }
+
+    /// The principal of a request's bearer token, within the budgets: the
+    /// client's for failed authentications, then the subject's.
+    pub async fn authenticate(
+        &self,
+        client: IpAddr,
+        headers: &HeaderMap,
+    ) -> Result<auth::Principal, HttpError> {
+        self.limits.auth_blocked(client).map_err(too_many)?;
+        let principal = match self.verifier.verify(headers).await {
+            Ok(principal) => principal,
+            Err(error) => {
+                self.limits.auth_failed(client);
+                return Err(error.into());
             }
-        })
+        };
+        self.limits.subject(&principal.subject).map_err(too_many)?;
+        Ok(principal)
+    }
+}
+
+/// A 429 for a spent budget, saying which and when to come back.
+fn too_many(wait: limits::Wait) -> HttpError {
+    let message = match wait.what {
+        limits::Budget::Client => "too many requests from this client; slow down",
+        limits::Budget::Subject => "too many requests for this account; slow down",
+        limits::Budget::AuthFailures => {
+            "too many failed authentications from this client; try again later"
+        }
+    };
+    HttpError {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        message: message.into(),
+        retry_after: Some(wait.retry_after.as_secs().max(1)),
+        cause: None,
     }
 }
 
@@ -293,12 +337,17 @@ pub async fn serve(
     let limiter_state = state.clone();
     let cleanup_stop = stop.clone();
     tokio::spawn(async move {
-        // Forget idle clients so the limiter's memory stays bounded.
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        // Forget clients whose budgets refilled, so the limiters' memory
+        // follows the clients of the last seconds only.
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
         loop {
             tokio::select! {
                 _ = cleanup_stop.cancelled() => return,
-                _ = tick.tick() => limiter_state.limiter.retain_recent(),
+                _ = tick.tick() => {
+                    limiter_state.limits.retain_recent();
+                    let keys = i64::try_from(limiter_state.limits.tracked()).unwrap_or(i64::MAX);
+                    limiter_state.metrics.rate_limit_keys.set(keys);
+                }
             }
         }
     });

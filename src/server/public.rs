@@ -222,8 +222,9 @@ pub async fn redeem(
     headers: HeaderMap,
     JsonBody(request): JsonBody<RedeemRequest>,
 ) -> Result<Response, HttpError> {
-    state.check_rate(state.client_ip(peer.0.ip(), &headers))?;
-    let principal = state.verifier.verify(&headers).await?;
+    let client = state.client_ip(peer.0.ip(), &headers);
+    state.check_rate(client)?;
+    let principal = state.authenticate(client, &headers).await?;
     let code = code_of(request.code.as_deref())?;
     // Nothing a token or a body says reaches a query unchecked.
     for (what, text) in [("sub", &principal.subject), ("email", &principal.email)] {

@@ -1,0 +1,245 @@
+//! Rate limits of the HTTP API, in the process (governor): per client
+//! address (an IPv6 client by its /64, which one subscriber gets whole), per
+//! token subject on the authenticated endpoints, and on failed
+//! authentications per client. Every limiter forgets clients whose budget is
+//! full again, so memory follows the clients of the last moments only.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+/// How many requests each budget allows.
+#[derive(Clone, Copy, Debug)]
+pub struct LimitSettings {
+    /// Per client on every public and admin endpoint, and its burst.
+    pub per_minute: u32,
+    pub burst: u32,
+    /// Per token subject on redeem and the admin endpoints (a customer, or
+    /// an administrator's script).
+    pub per_subject_per_minute: u32,
+    /// Failed authentications per client before it is refused outright
+    /// until its budget refills.
+    pub auth_failures_per_minute: u32,
+}
+
+/// Why a request must wait, and how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wait {
+    pub what: Budget,
+    pub retry_after: Duration,
+}
+
+/// Which budget ran out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Budget {
+    Client,
+    Subject,
+    AuthFailures,
+}
+
+pub struct Limits {
+    clients: DefaultKeyedRateLimiter<IpAddr>,
+    subjects: DefaultKeyedRateLimiter<String>,
+    failures: DefaultKeyedRateLimiter<IpAddr>,
+    /// Clients that failed authentication too often, until when.
+    blocked: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+fn quota(per_minute: u32, burst: u32) -> Quota {
+    let per_minute = NonZeroU32::new(per_minute.max(1)).expect("at least 1");
+    let burst = NonZeroU32::new(burst.max(1)).expect("at least 1");
+    Quota::per_minute(per_minute).allow_burst(burst)
+}
+
+fn wait(what: Budget, not_until: governor::NotUntil<governor::clock::QuantaInstant>) -> Wait {
+    Wait {
+        what,
+        retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+    }
+}
+
+impl Limits {
+    pub fn new(settings: LimitSettings) -> Self {
+        let per_subject = settings.per_subject_per_minute;
+        let failures = settings.auth_failures_per_minute;
+        Self {
+            clients: RateLimiter::keyed(quota(settings.per_minute, settings.burst)),
+            subjects: RateLimiter::keyed(quota(per_subject, per_subject)),
+            failures: RateLimiter::keyed(quota(failures, failures)),
+            blocked: Mutex::default(),
+        }
+    }
+
+    /// Counts a request of the client at `ip`.
+    pub fn client(&self, ip: IpAddr) -> Result<(), Wait> {
+        self.clients
+            .check_key(&client_key(ip))
+            .map_err(|n| wait(Budget::Client, n))
+    }
+
+    /// Counts a request of an authenticated `subject`.
+    pub fn subject(&self, subject: &str) -> Result<(), Wait> {
+        self.subjects
+            .check_key(&subject.to_owned())
+            .map_err(|n| wait(Budget::Subject, n))
+    }
+
+    /// Whether the client at `ip` is refused for its failed authentications.
+    pub fn auth_blocked(&self, ip: IpAddr) -> Result<(), Wait> {
+        let key = client_key(ip);
+        let now = Instant::now();
+        let mut blocked = self.blocked.lock().unwrap();
+        match blocked.get(&key) {
+            Some(until) if *until > now => Err(Wait {
+                what: Budget::AuthFailures,
+                retry_after: *until - now,
+            }),
+            Some(_) => {
+                blocked.remove(&key);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a failed authentication of the client at `ip`; once its budget
+    /// is spent, it is blocked until the budget has room again.
+    pub fn auth_failed(&self, ip: IpAddr) {
+        let key = client_key(ip);
+        if let Err(not_until) = self.failures.check_key(&key) {
+            let retry = wait(Budget::AuthFailures, not_until).retry_after;
+            self.blocked
+                .lock()
+                .unwrap()
+                .insert(key, Instant::now() + retry.max(Duration::from_secs(1)));
+        }
+    }
+
+    /// Forgets every client and subject whose budget is full again.
+    pub fn retain_recent(&self) {
+        self.clients.retain_recent();
+        self.subjects.retain_recent();
+        self.failures.retain_recent();
+        let now = Instant::now();
+        self.blocked.lock().unwrap().retain(|_, until| *until > now);
+    }
+
+    /// How many keys the limiters hold (for the memory bound).
+    pub fn tracked(&self) -> usize {
+        self.clients.len() + self.subjects.len() + self.failures.len()
+    }
+}
+
+/// The key a client is limited by: its IPv4 address, or the /64 of its IPv6
+/// address (a subscriber's prefix: rotating inside it gains nothing).
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(prefix))
+            }
+        },
+    }
+}
+
+/// One `X-Forwarded-For` entry: an address, `v4:port`, `[v6]` or `[v6]:port`.
+pub fn forwarded_ip(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            entry
+                .strip_prefix('[')
+                .and_then(|e| e.strip_suffix(']'))
+                .and_then(|e| e.parse().ok())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits::new(LimitSettings {
+            per_minute: 60,
+            burst: 2,
+            per_subject_per_minute: 3,
+            auth_failures_per_minute: 2,
+        })
+    }
+
+    #[test]
+    fn an_ipv6_client_is_limited_by_its_64() {
+        let l = limits();
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:fffe".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(l.client(a).is_ok() && l.client(b).is_ok());
+        assert_eq!(l.client(a).unwrap_err().what, Budget::Client, "same /64");
+        assert!(l.client(other).is_ok(), "another /64");
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(client_key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn forwarded_entries_with_ports_are_parsed() {
+        let ip = |s: &str| forwarded_ip(s);
+        assert_eq!(ip(" 192.0.2.7 "), Some("192.0.2.7".parse().unwrap()));
+        assert_eq!(ip("192.0.2.7:4711"), Some("192.0.2.7".parse().unwrap()));
+        assert_eq!(
+            ip("[2001:db8::1]:4711"),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(ip("[2001:db8::1]"), Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(ip("2001:db8::1"), Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(ip("unknown"), None);
+    }
+
+    #[test]
+    fn subjects_and_failed_authentications_have_budgets_of_their_own() {
+        let l = limits();
+        for _ in 0..3 {
+            l.subject("alice").unwrap();
+        }
+        assert_eq!(l.subject("alice").unwrap_err().what, Budget::Subject);
+        assert!(l.subject("bob").is_ok());
+        let client: IpAddr = "192.0.2.9".parse().unwrap();
+        l.auth_failed(client);
+        l.auth_failed(client);
+        assert!(l.auth_blocked(client).is_ok(), "within its budget");
+        l.auth_failed(client);
+        let blocked = l.auth_blocked(client).unwrap_err();
+        assert_eq!(blocked.what, Budget::AuthFailures);
+        assert!(blocked.retry_after > Duration::ZERO);
+    }
+
+    /// A million distinct clients (each within its budget) are forgotten
+    /// once their budgets refill; a million addresses of one /64 are one key.
+    #[test]
+    fn the_limiters_memory_stays_bounded_under_a_million_keys() {
+        let l = limits();
+        for i in 0..1_000_000u32 {
+            let _ = l.client(IpAddr::V4(i.into()));
+        }
+        assert_eq!(l.tracked(), 1_000_000);
+        // One request each: refilled a second later (60 a minute); with room to spare.
+        std::thread::sleep(Duration::from_millis(2500));
+        l.retain_recent();
+        assert_eq!(l.tracked(), 0);
+        let base = u128::from("2001:db8:7:7::".parse::<Ipv6Addr>().unwrap());
+        for i in 0..1_000_000u128 {
+            let _ = l.client(IpAddr::V6(Ipv6Addr::from(base | i)));
+        }
+        assert_eq!(l.tracked(), 1);
+    }
+}
