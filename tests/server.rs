@@ -628,6 +628,119 @@ async fn idempotency_keys_are_pruned_after_their_retention() {
     }
 }
 
+/// Reads from `stream` until the server closes it; whether it did within `limit`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+fn address(s: &Server) -> String {
+    s.base.trim_start_matches("http://").to_owned()
+}
+
+#[tokio::test]
+async fn a_client_trickling_its_headers_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let s = start_with(
+        ServerSettings {
+            header_read_timeout: Duration::from_secs(1),
+            ..settings()
+        },
+        auth(),
+        None,
+    )
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(address(&s)).await.unwrap();
+    slow.write_all(b"POST /billing/vouchers/redeem-preview HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // A header byte every 300 ms: the connection moves, but its headers never end.
+    let trickle = async {
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if slow.write_all(b"X").await.is_err() {
+                return;
+            }
+        }
+    };
+    trickle.await;
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(1)).await,
+        "the trickling client still holds its connection"
+    );
+    // Others are served meanwhile.
+    assert_eq!(
+        s.preview(r#"{"code": "NOPE-1"}"#).await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed() {
+    use tokio::io::AsyncWriteExt;
+    let s = start_with(
+        ServerSettings {
+            idle_timeout: Duration::from_secs(1),
+            ..settings()
+        },
+        auth(),
+        None,
+    )
+    .await;
+    let mut idle = tokio::net::TcpStream::connect(address(&s)).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // The answer arrives, then nothing more: closed after the idle timeout.
+    let started = std::time::Instant::now();
+    assert!(closed_within(&mut idle, Duration::from_secs(5)).await);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_at_once() {
+    let s = start_with(
+        ServerSettings {
+            max_connections: 2,
+            ..settings()
+        },
+        auth(),
+        None,
+    )
+    .await;
+    let held: Vec<_> =
+        futures::future::join_all((0..2).map(|_| tokio::net::TcpStream::connect(address(&s))))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = tokio::net::TcpStream::connect(address(&s)).await.unwrap();
+    assert!(
+        closed_within(&mut third, Duration::from_secs(2)).await,
+        "over the cap"
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        s.preview(r#"{"code": "NOPE-1"}"#).await.0,
+        StatusCode::NOT_FOUND,
+        "room again"
+    );
+}
+
 #[tokio::test]
 async fn the_bearer_scheme_is_case_insensitive_and_roles_may_be_a_list() {
     let s = start().await;

@@ -397,6 +397,20 @@ pub struct ServerOptions {
     /// request; 24h as Stripe keeps them).
     #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
     pub idempotency_retention: Duration,
+
+    /// A client must send a request's headers within this time, or its connection is closed
+    /// (a slow client cannot hold a connection open by trickling them).
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A connection that carries nothing for this long is closed.
+    #[arg(long, env = "IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Connections served at once; more are closed as they arrive.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
 }
 
 impl ControllerOptions {
@@ -422,6 +436,9 @@ impl ServerOptions {
             body_limit: self.body_limit,
             request_timeout: self.request_timeout,
             idempotency_retention: self.idempotency_retention,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections as usize,
         }
     }
 }

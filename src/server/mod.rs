@@ -6,6 +6,7 @@
 mod admin;
 pub mod auth;
 mod body;
+mod connections;
 mod error;
 mod limits;
 mod public;
@@ -54,6 +55,12 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// An `Idempotency-Key` and its answer are kept this long, then pruned.
     pub idempotency_retention: Duration,
+    /// A client must send a request's headers within this time.
+    pub header_read_timeout: Duration,
+    /// A connection that carries nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections served at once; more are closed as they arrive.
+    pub max_connections: usize,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -352,13 +359,7 @@ pub async fn serve(
         }
     });
     tokio::spawn(prune_idempotency_keys(state.clone(), stop.clone()));
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { stop.cancelled().await })
-    .await?;
-    Ok(())
+    connections::serve(listener, router(state.clone()), &state.settings, stop).await
 }
 
 /// Deletes `Idempotency-Key` answers older than the retention, a few times

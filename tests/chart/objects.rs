@@ -63,7 +63,11 @@ fn default_values_render_lint_and_match_the_kubernetes_schemas() {
     }
     assert!(rendered.notes.contains("kubectl get vouchers"));
     // Without trusted proxies, everyone behind an ingress shares one budget: said loudly.
-    assert!(rendered.notes.contains("WARNING: server.trustedProxies is empty"));
+    assert!(
+        rendered
+            .notes
+            .contains("WARNING: server.trustedProxies is empty")
+    );
     let behind = render(with(json!({"server": {"trustedProxies": ["10.0.0.0/8"]}})));
     assert!(!behind.notes.contains("WARNING"), "{}", behind.notes);
 }

@@ -367,6 +367,9 @@ pub fn server_settings() -> voucher_operator::server::ServerSettings {
         body_limit: 4096,
         request_timeout: Duration::from_secs(10),
         idempotency_retention: Duration::from_secs(24 * 3600),
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 4096,
     }
 }
 
