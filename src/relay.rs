@@ -40,6 +40,10 @@ pub struct RelaySettings {
     pub poll_interval: Duration,
     /// Published records are deleted from the outbox after this long.
     pub retention: Duration,
+    /// Bring an existing stream's settings to these. Off, an existing stream
+    /// is used as it is (only warned about): its owner may keep history
+    /// longer, and a smaller max age here would purge it.
+    pub manage_stream: bool,
 }
 
 /// Records read from the outbox and published per round.
@@ -62,6 +66,62 @@ pub fn stream_config(settings: &RelaySettings) -> stream::Config {
         description: Some("voucher-operator audit events (CloudEvents 1.0, JSON)".into()),
         ..Default::default()
     }
+}
+
+/// Creates the stream when it is missing; an existing one is used as it is,
+/// with a warning for each setting that differs from ours, unless the relay
+/// is told to manage it.
+async fn prepare_stream(js: &jetstream::Context, settings: &RelaySettings) -> anyhow::Result<()> {
+    let wanted = stream_config(settings);
+    if settings.manage_stream {
+        js.create_or_update_stream(wanted).await?;
+        tracing::info!(stream = %settings.stream, "audit stream ready (managed)");
+        return Ok(());
+    }
+    let stream = js.get_or_create_stream(wanted.clone()).await?;
+    let found = &stream.cached_info().config;
+    for difference in stream_differences(found, &wanted) {
+        tracing::warn!(stream = %settings.stream, %difference, "the audit stream's settings differ from the relay's; left as they are (--audit-manage-stream changes them)");
+    }
+    tracing::info!(stream = %settings.stream, "audit stream ready");
+    Ok(())
+}
+
+/// How an existing stream's settings differ from the wanted ones, said per setting.
+pub fn stream_differences(found: &stream::Config, wanted: &stream::Config) -> Vec<String> {
+    let mut differences = Vec::new();
+    let mut differ = |what: &str, found: String, wanted: String| {
+        if found != wanted {
+            differences.push(format!("{what} is {found}, the relay's is {wanted}"));
+        }
+    };
+    differ(
+        "max_age",
+        format!("{:?}", found.max_age),
+        format!("{:?}", wanted.max_age),
+    );
+    differ(
+        "storage",
+        format!("{:?}", found.storage),
+        format!("{:?}", wanted.storage),
+    );
+    differ(
+        "replicas",
+        found.num_replicas.to_string(),
+        wanted.num_replicas.to_string(),
+    );
+    differ(
+        "duplicate_window",
+        format!("{:?}", found.duplicate_window),
+        format!("{:?}", wanted.duplicate_window),
+    );
+    if !wanted.subjects.iter().all(|s| found.subjects.contains(s)) {
+        differences.push(format!(
+            "subjects are {:?} and do not include {:?}: publishing will fail",
+            found.subjects, wanted.subjects
+        ));
+    }
+    differences
 }
 
 /// The CloudEvents 1.0 structured-mode JSON envelope of a record.
@@ -232,9 +292,8 @@ pub async fn run(
         }
         let work = async {
             if !stream_ready {
-                js.create_or_update_stream(stream_config(&settings)).await?;
+                prepare_stream(&js, &settings).await?;
                 stream_ready = true;
-                tracing::info!(stream = %settings.stream, "audit stream ready");
             }
             while publish_batch(&store, &js, &settings, &metrics).await? > 0 {}
             if last_prune.elapsed() > Duration::from_secs(60) {

@@ -488,3 +488,59 @@ async fn the_events_command_shows_one_codes_events() {
         "header and two created events: {table}"
     );
 }
+
+#[tokio::test]
+async fn an_existing_stream_keeps_its_settings_unless_the_relay_manages_it() {
+    let _serial = NATS.lock().await;
+    let store = store().await;
+    let settings = settings("kept");
+    let client = async_nats::connect(&settings.nats_url).await.unwrap();
+    let js = jetstream::new(client);
+    // The stream's owner keeps history for a year.
+    let year = Duration::from_secs(365 * 24 * 3600);
+    js.create_stream(jetstream::stream::Config {
+        max_age: year,
+        ..voucher_operator::relay::stream_config(&settings)
+    })
+    .await
+    .unwrap();
+    let max_age = || async {
+        js.get_stream(&settings.stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .max_age
+    };
+
+    sync(&store, "KEPT-1", &owner("k"), 1, terms(5)).await;
+    let (stop, task) = start_relay(&store, &settings);
+    drained(&store).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(max_age().await, year, "never shrunk, so never purged");
+    let differences = voucher_operator::relay::stream_differences(
+        &js.get_stream(&settings.stream)
+            .await
+            .unwrap()
+            .cached_info()
+            .config,
+        &voucher_operator::relay::stream_config(&settings),
+    );
+    assert_eq!(differences.len(), 1, "{differences:?}");
+    assert!(differences[0].starts_with("max_age"), "{differences:?}");
+
+    // Told to manage it, the relay brings it to its settings.
+    let managed = RelaySettings {
+        manage_stream: true,
+        ..settings.clone()
+    };
+    sync(&store, "KEPT-1", &owner("k"), 2, terms(6)).await;
+    let (stop, task) = start_relay(&store, &managed);
+    drained(&store).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(max_age().await, managed.max_age);
+}

@@ -274,6 +274,12 @@ pub struct AuditOptions {
     /// The relay also looks at the outbox this often, in case a notification was missed.
     #[arg(long, env = "AUDIT_POLL_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub audit_poll_interval: Duration,
+
+    /// Bring an existing stream's settings (max age, storage, replicas, duplicate window) to
+    /// these flags. Off, the relay creates a missing stream and leaves an existing one as it is,
+    /// warning about each difference: a stream kept longer elsewhere is never purged by it.
+    #[arg(long, env = "AUDIT_MANAGE_STREAM", default_value_t = false, action = clap::ArgAction::Set)]
+    pub audit_manage_stream: bool,
 }
 
 impl AuditOptions {
@@ -294,6 +300,7 @@ impl AuditOptions {
             retention: self.audit_retention,
             poll_interval: self.audit_poll_interval,
             batch_size: crate::relay::BATCH_SIZE,
+            manage_stream: self.audit_manage_stream,
         }
     }
 }
