@@ -152,6 +152,8 @@ pub struct RelayMetrics {
     pub oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub published: Counter,
     pub failures: Counter,
+    pub truncated: Counter,
+    pub dead_letters: Counter,
 }
 
 impl RelayMetrics {
@@ -161,6 +163,8 @@ impl RelayMetrics {
             oldest_age_seconds: Gauge::default(),
             published: Counter::default(),
             failures: Counter::default(),
+            truncated: Counter::default(),
+            dead_letters: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("voucher_operator_audit");
         r.register(
@@ -183,17 +187,80 @@ impl RelayMetrics {
             "Failed publish attempts",
             metrics.failures.clone(),
         );
+        r.register(
+            "truncated",
+            "Events published with their free text shortened to fit NATS",
+            metrics.truncated.clone(),
+        );
+        r.register(
+            "dead_letters",
+            "Audit records moved to voucher_audit_dead_letters: they cannot be published",
+            metrics.dead_letters.clone(),
+        );
         metrics
     }
 }
 
+/// Longest free text kept in an event that does not fit as it is.
+const KEPT_CHARS: usize = 256;
+
+/// The event's body within `limit` bytes: as it is, or with its free text
+/// (descriptions before and after, the reason) shortened, marked
+/// `data.truncated`; `None` when even that does not fit.
+pub fn fit(mut envelope: Value, limit: usize) -> Option<(Vec<u8>, bool)> {
+    let body = serde_json::to_vec(&envelope).ok()?;
+    if body.len() <= limit {
+        return Some((body, false));
+    }
+    let shorten = |value: &mut Value| {
+        if let Some(text) = value.as_str()
+            && text.chars().count() > KEPT_CHARS
+        {
+            let kept: String = text.chars().take(KEPT_CHARS).collect();
+            let total = text.chars().count();
+            *value = Value::String(format!("{kept}… [truncated from {total} characters]"));
+        }
+    };
+    let data = &mut envelope["data"];
+    for side in ["before", "after"] {
+        if let Some(description) = data
+            .get_mut(side)
+            .and_then(|s| s.get_mut("terms"))
+            .and_then(|t| t.get_mut("description"))
+        {
+            shorten(description);
+        }
+    }
+    if let Some(reason) = data.get_mut("reason") {
+        shorten(reason);
+    }
+    if let Some(data) = data.as_object_mut() {
+        data.insert("truncated".into(), Value::Bool(true));
+    }
+    let body = serde_json::to_vec(&envelope).ok()?;
+    (body.len() <= limit).then_some((body, true))
+}
+
+/// The largest event body sent: well under the server's `max_payload`
+/// (headers travel in it too).
+fn event_limit(client: &async_nats::Client) -> usize {
+    const MOST: usize = 64 * 1024;
+    client
+        .server_info()
+        .max_payload
+        .saturating_sub(1024)
+        .clamp(1024, MOST)
+}
+
 /// Publishes one batch: every record is sent before any ack is awaited, then
-/// the acknowledged prefix is marked published. Returns how many were.
+/// the acknowledged prefix is marked published. A record that cannot fit is
+/// moved to the dead letters. Returns how many records left the outbox.
 async fn publish_batch(
     store: &Store,
     js: &jetstream::Context,
     settings: &RelaySettings,
     metrics: &RelayMetrics,
+    limit: usize,
 ) -> anyhow::Result<usize> {
     let mut conn = store.pool().acquire().await?;
     let records = outbox::pending(&mut conn, settings.batch_size).await?;
@@ -202,11 +269,22 @@ async fn publish_batch(
     }
     let mut acks = Vec::with_capacity(records.len());
     let mut send_error = None;
+    let mut dead = 0;
     for record in &records {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", record.event_id.to_string().as_str());
         headers.insert("Content-Type", "application/cloudevents+json");
-        let body = serde_json::to_vec(&envelope(record, &settings.source))?;
+        let Some((body, truncated)) = fit(envelope(record, &settings.source), limit) else {
+            let error = format!("larger than {limit} bytes even with its free text shortened");
+            tracing::error!(seq = record.seq, code = %record.code, kind = %record.kind, %error, "audit record moved to the dead letters");
+            outbox::dead_letter(&mut conn, record.seq, &error).await?;
+            metrics.dead_letters.inc();
+            dead += 1;
+            continue;
+        };
+        if truncated {
+            metrics.truncated.inc();
+        }
         let subject = subject(&settings.subject_prefix, &record.code, &record.kind);
         match js.publish_with_headers(subject, headers, body.into()).await {
             Ok(ack) => acks.push((record.seq, ack)),
@@ -235,7 +313,7 @@ async fn publish_batch(
     }
     match send_error.or(ack_error) {
         Some(error) => Err(error),
-        None => Ok(published.len()),
+        None => Ok(published.len() + dead),
     }
 }
 
@@ -275,7 +353,9 @@ pub async fn run(
         _ = stop.cancelled() => return Ok(()),
         client = connect => client?,
     };
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
+    // Known once connected: the stream is prepared over the same connection.
+    let mut limit = 0;
     let mut wake = Box::pin(store.listen(OUTBOX_CHANNEL));
     // While NATS (or the database) is down: 100 ms, 200 ms … at most 30 s, with jitter.
     let policy = ExponentialBuilder::default()
@@ -293,9 +373,10 @@ pub async fn run(
         let work = async {
             if !stream_ready {
                 prepare_stream(&js, &settings).await?;
+                limit = event_limit(&client);
                 stream_ready = true;
             }
-            while publish_batch(&store, &js, &settings, &metrics).await? > 0 {}
+            while publish_batch(&store, &js, &settings, &metrics, limit).await? > 0 {}
             if last_prune.elapsed() > Duration::from_secs(60) {
                 let mut conn = store.pool().acquire().await?;
                 outbox::prune(&mut conn, settings.retention).await?;
@@ -415,5 +496,41 @@ pub async fn follow_events(
         if !query.follow && message.info().is_ok_and(|info| info.pending == 0) {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chart's alert rules read these names.
+    #[test]
+    fn the_metrics_the_alerts_read_are_exported_under_their_names() {
+        let mut registry = Registry::default();
+        let metrics = RelayMetrics::register(&mut registry);
+        metrics.dead_letters.inc();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let rules = include_str!("../charts/voucher-operator/templates/prometheusrule.yaml");
+        for name in [
+            "voucher_operator_audit_dead_letters_total",
+            "voucher_operator_audit_outbox_oldest_age_seconds",
+        ] {
+            assert!(text.contains(name), "{name} in {text}");
+            assert!(rules.contains(name), "{name} in the alert rules");
+        }
+    }
+
+    #[test]
+    fn an_oversized_event_is_shortened_and_marked() {
+        let envelope = json!({"data": {"reason": "r".repeat(5000),
+                              "after": {"terms": {"description": "d".repeat(5000)}}}});
+        let (small, truncated) = fit(envelope.clone(), 100_000).unwrap();
+        assert!(!truncated && small.len() > 10_000, "fits as it is");
+        let (body, truncated) = fit(envelope.clone(), 2048).unwrap();
+        assert!(truncated && body.len() <= 2048);
+        let shortened: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(shortened["data"]["truncated"], true);
+        assert!(fit(envelope, 100).is_none(), "cannot fit at all");
     }
 }

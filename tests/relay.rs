@@ -544,3 +544,74 @@ async fn an_existing_stream_keeps_its_settings_unless_the_relay_manages_it() {
     task.await.unwrap().unwrap();
     assert_eq!(max_age().await, managed.max_age);
 }
+
+#[tokio::test]
+async fn an_event_too_large_for_nats_is_shortened_or_dead_lettered_and_blocks_nothing() {
+    let _serial = NATS.lock().await;
+    let store = store().await;
+    let settings = settings("large");
+    // A description edited out of band to 200,000 characters: shortened, marked, published.
+    sync(
+        &store,
+        "LARGE-1",
+        &owner("l"),
+        1,
+        Terms {
+            description: "d".repeat(200_000),
+            ..terms(5)
+        },
+    )
+    .await;
+    // A record nothing can shorten enough: moved aside, with why.
+    let mut conn = store.pool().acquire().await.unwrap();
+    outbox::append(
+        &mut conn,
+        &outbox::NewAuditRecord::new(
+            "HUGE-1",
+            voucher_operator::domain::AuditKind::Updated,
+            serde_json::json!({"code": "HUGE-1", "blob": "x".repeat(2_000_000)}),
+        ),
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    // And what comes after them still goes out.
+    sync(&store, "AFTER-1", &owner("a"), 1, terms(5)).await;
+
+    let (stop, task) = start_relay(&store, &settings);
+    drained(&store).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+
+    let messages = stream_messages(&settings).await;
+    let codes: Vec<&str> = messages
+        .iter()
+        .map(|(_, _, e)| e["subject"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        codes,
+        ["LARGE-1", "AFTER-1"],
+        "in order, the dead letter left out"
+    );
+    let large = &messages[0].2;
+    assert_eq!(large["data"]["truncated"], true);
+    let description = large["data"]["after"]["terms"]["description"]
+        .as_str()
+        .unwrap();
+    assert!(
+        description.ends_with("[truncated from 200000 characters]"),
+        "{}",
+        &description[description.len() - 60..]
+    );
+    assert!(large.to_string().len() <= 64 * 1024);
+    let (code, error): (String, String) =
+        sqlx::query_as("SELECT code, error FROM voucher_audit_dead_letters")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(code, "HUGE-1");
+    assert!(
+        error.contains("even with its free text shortened"),
+        "{error}"
+    );
+}

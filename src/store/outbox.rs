@@ -85,6 +85,22 @@ pub async fn mark_published(conn: &mut PgConnection, seqs: &[i64]) -> Result<()>
     Ok(())
 }
 
+/// Moves a record the relay cannot publish to `voucher_audit_dead_letters`,
+/// with why: out of the outbox, so that the records after it go out.
+pub async fn dead_letter(conn: &mut PgConnection, seq: i64, error: &str) -> Result<()> {
+    sqlx::query(
+        "WITH moved AS (DELETE FROM voucher_audit_outbox WHERE seq = $1 \
+           RETURNING seq, event_id, code, kind, occurred_at, payload) \
+         INSERT INTO voucher_audit_dead_letters (seq, event_id, code, kind, occurred_at, payload, error) \
+         SELECT seq, event_id, code, kind, occurred_at, payload, $2 FROM moved",
+    )
+    .bind(seq)
+    .bind(error)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Deletes records published longer ago than `retention`; returns how many.
 pub async fn prune(conn: &mut PgConnection, retention: std::time::Duration) -> Result<u64> {
     let result = sqlx::query(

@@ -27,7 +27,7 @@ fn default_values_render_lint_and_match_the_kubernetes_schemas() {
     .into();
     assert_eq!(kinds, expected);
     assert!(
-        rendered.all("ServiceMonitor").is_empty(),
+        rendered.all("ServiceMonitor").is_empty() && rendered.all("PrometheusRule").is_empty(),
         "optional, off by default"
     );
     assert!(

@@ -121,6 +121,23 @@ fn variants_render_and_match_the_kubernetes_schemas() {
                 assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
                 assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
                 assert_eq!(monitor["spec"]["endpoints"][0]["interval"], "30s");
+                let rules = rendered.one("PrometheusRule");
+                let alerts: Vec<&str> = rules["spec"]["groups"][0]["rules"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r["alert"].as_str().unwrap())
+                    .collect();
+                assert_eq!(
+                    alerts,
+                    ["VoucherAuditDeadLetters", "VoucherAuditBacklogStale"]
+                );
+                assert!(
+                    rules["spec"]["groups"][0]["rules"][0]["expr"]
+                        .as_str()
+                        .unwrap()
+                        .contains("voucher_operator_audit_dead_letters_total")
+                );
             }
             v if v["networkPolicy"]["enabled"] == false => {
                 assert!(!kinds.contains(&"NetworkPolicy".into()));
