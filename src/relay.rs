@@ -20,11 +20,50 @@ use crate::store::Store;
 use crate::store::notify::OUTBOX_CHANNEL;
 use crate::store::outbox::{self, AuditRecord};
 
+/// How to authenticate to NATS and whether to insist on TLS.
+#[derive(Clone, Debug, Default)]
+pub struct NatsAuth {
+    /// A credentials file (user JWT and NKey seed, as `nsc` writes it).
+    pub creds_file: Option<std::path::PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// CA certificates (PEM) the server's certificate must chain to; implies TLS.
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub tls_required: bool,
+}
+
+/// The options of every NATS connection the operator opens: a connect
+/// timeout, and the credentials and TLS of `auth`.
+pub async fn connect_options(auth: &NatsAuth) -> anyhow::Result<async_nats::ConnectOptions> {
+    let mut options = match &auth.creds_file {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read the NATS credentials file {}: {e}",
+                    path.display()
+                )
+            })?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let Some(user) = &auth.user {
+        let password = auth.password.clone().unwrap_or_default();
+        options = options.user_and_password(user.clone(), password);
+    }
+    if let Some(ca) = &auth.tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    Ok(options
+        .require_tls(auth.tls_required || auth.tls_ca.is_some())
+        .connection_timeout(Duration::from_secs(5)))
+}
+
 /// Where and how audit events are published. Its `Default` is the command
 /// line's (see `cli::AuditOptions`), where each default is declared once.
 #[derive(Clone, Debug)]
 pub struct RelaySettings {
     pub nats_url: String,
+    pub nats_auth: NatsAuth,
     pub stream: String,
     /// Subjects are `<prefix>.<CODE>.<kind>`.
     pub subject_prefix: String,
@@ -342,9 +381,9 @@ pub async fn run(
     metrics: std::sync::Arc<RelayMetrics>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let connect = async_nats::ConnectOptions::new()
+    let connect = connect_options(&settings.nats_auth)
+        .await?
         .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(5))
         .connect(server_addresses(&settings.nats_url)?);
     // The first connection is retried for as long as NATS is away: a stop
     // must not wait for it (a controller asked to stop while NATS is down
@@ -443,6 +482,7 @@ pub fn filter_subject(prefix: &str, query: &EventQuery) -> String {
 /// to `print`, oldest first; without `follow` it stops when caught up.
 pub async fn follow_events(
     nats_url: &str,
+    auth: &NatsAuth,
     stream_name: &str,
     prefix: &str,
     query: &EventQuery,
@@ -450,8 +490,8 @@ pub async fn follow_events(
 ) -> anyhow::Result<()> {
     use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
+    let client = connect_options(auth)
+        .await?
         .connect(server_addresses(nats_url)?)
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {nats_url}: {e}"))?;

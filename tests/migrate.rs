@@ -252,3 +252,153 @@ fn migrate_without_a_database_url_says_what_is_missing() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--database-url"), "{stderr}");
 }
+
+/// The runtime's least privilege, as the README gives it: with exactly these grants a role
+/// runs every query of the controller, the relay and the server, and can change no schema.
+#[tokio::test]
+async fn the_runtime_works_with_exactly_the_documented_grants() {
+    use chrono::Utc;
+    use voucher_operator::domain::{Actor, AuditKind, Code, DeletionPolicy, Owner, Request, Terms};
+    use voucher_operator::store::redeem::Redemption;
+    use voucher_operator::store::sync::{Synced, Wanted};
+    use voucher_operator::store::{DatabaseSettings, Store, outbox};
+
+    let grants = include_str!("../src/store/runtime-grants.sql");
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(
+        readme.contains(grants.trim()),
+        "the README gives the grants as committed"
+    );
+
+    let url = support::fresh_database("grants");
+    let url = url.await;
+    assert_migrated(&migrate(&url));
+    let owner = support::pool(&url).await;
+    let role = format!("runtime_{}", std::process::id());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN; {}",
+        grants.replace("voucher_runtime", &role)
+    )))
+    .execute(&owner)
+    .await
+    .unwrap();
+    let runtime_url = url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let store = Store::connect(&DatabaseSettings {
+        url: runtime_url,
+        max_connections: 4,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // The controller: create, change, conflict, release; the sweep's and the admin's queries.
+    let code = Code::parse("GRANTED-1").unwrap();
+    let me = Owner {
+        namespace: "billing".into(),
+        name: "granted-1".into(),
+        uid: "uid-1".into(),
+    };
+    let terms = Terms::granting(5);
+    let wanted = |generation, terms| Wanted {
+        code: &code,
+        owner: &me,
+        generation,
+        terms,
+        request: Request::default(),
+        deletion_policy: DeletionPolicy::Revoke,
+        now: Utc::now(),
+    };
+    assert!(matches!(
+        store.sync_voucher(&wanted(1, &terms)).await.unwrap(),
+        Synced::Applied { .. }
+    ));
+    let more = Terms::granting(6);
+    store.sync_voucher(&wanted(2, &more)).await.unwrap();
+    let other = Owner {
+        uid: "uid-2".into(),
+        ..me.clone()
+    };
+    store.audit_conflict(&code, &other, &me).await.unwrap();
+    assert_eq!(store.owner_of(&code).await.unwrap(), Some(me.clone()));
+    assert_eq!(store.bindings(None).await.unwrap().len(), 1);
+    assert_eq!(store.list_live().await.unwrap().len(), 1);
+    assert_eq!(store.export_rows(true).await.unwrap().len(), 1);
+
+    // The server: a redemption (new customer, ledger), its replay, a repeat, the pruning.
+    let redeem = |key: Option<(&'static str, Vec<u8>)>| Redemption {
+        code: &code,
+        subject: "alice",
+        tenant: Some("t1"),
+        email: "alice@example.om",
+        idempotency: key,
+        now: Utc::now(),
+    };
+    let render = |_: &_| (200, serde_json::Value::Null);
+    store
+        .redeem(&redeem(Some(("k1", vec![1]))), render)
+        .await
+        .unwrap();
+    store
+        .redeem(&redeem(Some(("k1", vec![1]))), render)
+        .await
+        .unwrap();
+    store.redeem(&redeem(None), render).await.unwrap();
+    store
+        .prune_idempotency_keys(std::time::Duration::ZERO)
+        .await
+        .unwrap();
+
+    // The relay: read, publish, dead-letter, prune.
+    let mut conn = store.pool().acquire().await.unwrap();
+    let pending = outbox::pending(&mut conn, 100).await.unwrap();
+    assert!(pending.len() >= 4, "{pending:?}");
+    outbox::dead_letter(&mut conn, pending[0].seq, "a test")
+        .await
+        .unwrap();
+    let seqs: Vec<i64> = pending[1..].iter().map(|r| r.seq).collect();
+    outbox::mark_published(&mut conn, &seqs).await.unwrap();
+    outbox::prune(&mut conn, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    outbox::backlog(&mut conn).await.unwrap();
+    let actor = Actor::Subject {
+        subject: "root".into(),
+    };
+    let data = voucher_operator::domain::AuditData::of(
+        AuditKind::Revoked,
+        &voucher_operator::domain::Facts::new("GRANTED-1", &actor),
+        None,
+        None,
+    );
+    outbox::append_audit(&mut conn, AuditKind::Revoked, &data)
+        .await
+        .unwrap();
+    drop(conn);
+
+    // Deletion and the admin revoke.
+    store.release_voucher(&code, &me, None).await.unwrap();
+    store
+        .sync_voucher(&Wanted {
+            request: Request {
+                adopt: false,
+                reissue: true,
+            },
+            ..wanted(3, &more)
+        })
+        .await
+        .unwrap();
+    store.release_vanished(&code, &me).await.unwrap();
+    store.revoke(&code, "root").await.unwrap();
+
+    // And nothing of the schema.
+    let refused = sqlx::query("ALTER TABLE promo_codes ADD COLUMN evil TEXT")
+        .execute(store.pool())
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("must be owner"), "{refused}");
+    assert!(
+        store.migrate().await.is_err(),
+        "migrate needs the owner's credentials"
+    );
+}

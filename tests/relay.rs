@@ -615,3 +615,39 @@ async fn an_event_too_large_for_nats_is_shortened_or_dead_lettered_and_blocks_no
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn the_relay_authenticates_to_nats_as_configured() {
+    let store = store().await;
+    let nats = support::nats_with_password("relay", "relay-secret");
+    let settings = RelaySettings {
+        nats_url: nats.url.clone(),
+        nats_auth: relay::NatsAuth {
+            user: Some("relay".into()),
+            password: Some("relay-secret".into()),
+            ..Default::default()
+        },
+        ..settings("auth")
+    };
+    sync(&store, "AUTH-1", &owner("a"), 1, terms(5)).await;
+    let (stop, task) = start_relay(&store, &settings);
+    drained(&store).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let client = relay::connect_options(&settings.nats_auth)
+        .await
+        .unwrap()
+        .connect(nats.url.as_str())
+        .await
+        .unwrap();
+    let mut stream = jetstream::new(client)
+        .get_stream(&settings.stream)
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    // Without the password, the server says no.
+    let refused = async_nats::ConnectOptions::new()
+        .connect(nats.url.as_str())
+        .await;
+    assert!(refused.is_err(), "an anonymous client was admitted");
+}

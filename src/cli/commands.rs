@@ -131,6 +131,7 @@ pub(super) async fn print_events(options: EventsOptions) -> anyhow::Result<()> {
     let json = options.json;
     crate::relay::follow_events(
         &options.stream.nats_url,
+        &options.stream.auth(),
         &options.stream.audit_stream,
         &options.stream.audit_subject_prefix,
         &query,

@@ -182,6 +182,43 @@ pub struct StreamOptions {
         default_value = "catalyst.vouchers"
     )]
     pub audit_subject_prefix: String,
+
+    /// NATS credentials file (user JWT and NKey seed, as `nsc` writes it).
+    #[arg(long, env = "NATS_CREDS_FILE")]
+    pub nats_creds_file: Option<std::path::PathBuf>,
+
+    /// NATS user, with --nats-password.
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+
+    /// NATS password of --nats-user.
+    #[arg(
+        long,
+        env = "NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
+    pub nats_password: Option<String>,
+
+    /// CA certificates (PEM file) the NATS server's certificate must chain to; implies TLS.
+    #[arg(long, env = "NATS_TLS_CA")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+
+    /// Refuse a NATS connection without TLS.
+    #[arg(long, env = "NATS_TLS_REQUIRED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub nats_tls_required: bool,
+}
+
+impl StreamOptions {
+    pub fn auth(&self) -> crate::relay::NatsAuth {
+        crate::relay::NatsAuth {
+            creds_file: self.nats_creds_file.clone(),
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_required: self.nats_tls_required,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -286,6 +323,7 @@ impl AuditOptions {
     pub fn settings(&self) -> crate::relay::RelaySettings {
         crate::relay::RelaySettings {
             nats_url: self.stream.nats_url.clone(),
+            nats_auth: self.stream.auth(),
             stream: self.stream.audit_stream.clone(),
             subject_prefix: self.stream.audit_subject_prefix.clone(),
             source: self.audit_source.clone(),

@@ -357,6 +357,37 @@ fn rbac_grants_only_what_the_operator_uses() {
 }
 
 #[test]
+fn the_migration_may_run_with_the_schema_owner_and_the_containers_without() {
+    let url_of = |c: &Value| env(c, "DATABASE_URL").unwrap()["valueFrom"]["secretKeyRef"].clone();
+    let rendered = render(required());
+    let deployment = rendered.one("Deployment");
+    let init = &deployment["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(
+        url_of(init),
+        url_of(container(deployment, "server")),
+        "one URL by default"
+    );
+
+    let rendered = render(with(
+        json!({"database": {"migrationSecret": "billing-db-owner"}}),
+    ));
+    rendered.assert_valid();
+    let deployment = rendered.one("Deployment");
+    let init = &deployment["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(
+        url_of(init),
+        json!({"name": "billing-db-owner", "key": "url"})
+    );
+    for name in ["controller", "server"] {
+        assert_eq!(
+            url_of(container(deployment, name))["name"],
+            required()["database"]["existingSecret"],
+            "{name} runs with the runtime role"
+        );
+    }
+}
+
+#[test]
 fn one_watched_namespace_needs_nothing_cluster_wide() {
     let rendered = render(with(json!({
         "controller": {"watchNamespace": "billing"},

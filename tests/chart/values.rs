@@ -74,7 +74,8 @@ fn every_variable_the_chart_sets_is_read_and_accepted_by_the_binary() {
             "database": {"maxConnections": 1000, "connectTimeout": "1m 30s"},
             "audit": {"relay": false, "storage": "memory", "replicas": 3, "maxAge": "1year",
                       "duplicateWindow": "1h", "retention": "1day"},
-            "nats": {"url": "nats://a:4222,nats://b:4222"},
+            "nats": {"url": "nats://a:4222,nats://b:4222", "existingSecret": "nats-relay",
+                     "credsKey": "relay.creds", "caKey": "ca.crt", "tlsRequired": true},
             "logging": {"format": "text", "level": "debug,sqlx=info"},
         })),
     ] {

@@ -167,6 +167,24 @@ fn start_nats() -> Nats {
     nats
 }
 
+/// Another nats-server (JetStream enabled) that admits only `user` with `password`.
+pub fn nats_with_password(user: &str, password: &str) -> Nats {
+    let binary = services::find_on_path("nats-server").expect("nats-server is installed");
+    let port = free_port();
+    let nats = Nats {
+        port,
+        url: format!("nats://127.0.0.1:{port}"),
+        binary,
+        dir: scratch_dir("nats-auth"),
+    };
+    let mut cmd = services::nats_command(&nats.binary, &nats.dir.join("jetstream"), port);
+    cmd.args(["--user", user, "--pass", password]);
+    cmd.stderr(log_file(nats.dir.join("nats.log")));
+    supervise(cmd, libc::SIGTERM, nats.dir.clone());
+    wait_for_port(port, "nats-server", &nats.dir.join("nats.log"));
+    nats
+}
+
 impl Nats {
     /// Starts the server (again) on the same port and JetStream store.
     pub fn start(&self) {

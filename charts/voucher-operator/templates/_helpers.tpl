@@ -76,16 +76,22 @@ seccompProfile:
 {{- end -}}
 
 {{/* The database settings every container that opens the database reads. */}}
+{{/* The database variables; `migration` true for the init container (the schema owner's URL, when given). */}}
 {{- define "voucher-operator.databaseEnv" -}}
 - name: DATABASE_URL
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.database.existingSecret }}
-      key: {{ .Values.database.urlKey }}
+      {{- if and .migration .root.Values.database.migrationSecret }}
+      name: {{ .root.Values.database.migrationSecret }}
+      key: {{ .root.Values.database.migrationUrlKey }}
+      {{- else }}
+      name: {{ .root.Values.database.existingSecret }}
+      key: {{ .root.Values.database.urlKey }}
+      {{- end }}
 - name: DATABASE_MAX_CONNECTIONS
-  value: {{ .Values.database.maxConnections | int64 | quote }}
+  value: {{ .root.Values.database.maxConnections | int64 | quote }}
 - name: DATABASE_CONNECT_TIMEOUT
-  value: {{ .Values.database.connectTimeout | quote }}
+  value: {{ .root.Values.database.connectTimeout | quote }}
 {{- end -}}
 
 {{- define "voucher-operator.loggingEnv" -}}

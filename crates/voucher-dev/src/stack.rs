@@ -566,6 +566,7 @@ async fn smoke_check(
         let mut found = 0;
         let read = relay::follow_events(
             &relay.nats_url,
+            &relay.nats_auth,
             &relay.stream,
             &relay.subject_prefix,
             &query,

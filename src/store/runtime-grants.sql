@@ -1,0 +1,9 @@
+-- What voucher-operator's runtime (controller, server, run) needs of the billing
+-- database: rows read and written, no schema changed. Run as the schema's owner after
+-- `voucher-operator migrate` (which needs the owner's credentials), for a role of yours:
+--   CREATE ROLE voucher_runtime LOGIN PASSWORD '…';
+GRANT SELECT, INSERT, UPDATE ON promo_codes TO voucher_runtime;
+GRANT SELECT, INSERT ON customers, promo_redemptions, credit_ledger TO voucher_runtime;
+GRANT SELECT, INSERT, UPDATE, DELETE ON voucher_bindings, voucher_audit_outbox, voucher_idempotency_keys TO voucher_runtime;
+GRANT SELECT, INSERT ON voucher_audit_dead_letters TO voucher_runtime;
+GRANT USAGE ON SEQUENCE voucher_audit_outbox_seq_seq TO voucher_runtime;
