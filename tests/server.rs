@@ -742,6 +742,66 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
 }
 
 #[tokio::test]
+async fn with_an_admin_address_the_public_port_serves_only_customers() {
+    use voucher_operator::server::{self, AppState, auth::Verifier};
+    let url = support::fresh_database("split").await;
+    let store = Store::from_pool(support::pool(&url).await);
+    store.migrate().await.unwrap();
+    voucher_operator::install_tls_provider();
+    let state = AppState::new(
+        store,
+        Verifier::new(auth()).unwrap(),
+        None,
+        settings(),
+        Default::default(),
+    );
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let (public, admin) = (bind().await.unwrap(), bind().await.unwrap());
+    let public_base = format!("http://{}", public.local_addr().unwrap());
+    let admin_base = format!("http://{}", admin.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    tokio::spawn(server::serve(public, Some(admin), state, stop));
+    let http = reqwest::Client::new();
+    let root = token("root", Some("superadmin"), 300);
+    let get = |base: &str, path: &str| http.get(format!("{base}{path}")).bearer_auth(&root).send();
+    for path in ["/metrics", "/openapi.json", "/billing/vouchers/list"] {
+        assert_eq!(
+            get(&public_base, path).await.unwrap().status(),
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
+        assert_eq!(
+            get(&admin_base, path).await.unwrap().status(),
+            StatusCode::OK,
+            "{path}"
+        );
+    }
+    let preview = |base: &str| {
+        http.post(format!("{base}/billing/vouchers/redeem-preview"))
+            .json(&json!({"code": "NOPE-1"}))
+            .send()
+    };
+    assert_eq!(
+        preview(&public_base).await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    let body: Value = preview(&admin_base).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        body["error"], "no such endpoint",
+        "the admin port has no public endpoints"
+    );
+    assert_eq!(
+        get(&public_base, "/healthz").await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&admin_base, "/healthz").await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
 async fn the_bearer_scheme_is_case_insensitive_and_roles_may_be_a_list() {
     let s = start().await;
     s.seed(SEED).await;

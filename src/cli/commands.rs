@@ -110,7 +110,16 @@ pub(super) async fn run_server(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.listen_address))?;
     tracing::info!(address = %options.listen_address, "server listening");
-    let served = server::serve(listener, state, shutdown.clone()).await;
+    let admin = match options.admin_address {
+        Some(address) => Some(tokio::net::TcpListener::bind(address).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on {address} for the admin endpoints: {e}")
+        })?),
+        None => None,
+    };
+    if let Some(address) = options.admin_address {
+        tracing::info!(%address, "admin endpoints and metrics listening");
+    }
+    let served = server::serve(listener, admin, state, shutdown.clone()).await;
     shutdown.cancel();
     served
 }

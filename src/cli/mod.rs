@@ -377,6 +377,12 @@ pub struct ServerOptions {
     #[arg(long, env = "LISTEN_ADDRESS", default_value = "0.0.0.0:8080")]
     pub listen_address: std::net::SocketAddr,
 
+    /// A second address for the admin endpoints, /metrics and /openapi.json, which the first
+    /// then no longer serves (so a public Service exposes only preview and redeem). Unset: one
+    /// address serves everything.
+    #[arg(long, env = "ADMIN_ADDRESS")]
+    pub admin_address: Option<std::net::SocketAddr>,
+
     /// Shared secret of HS256 bearer tokens (what the billing service signs with today).
     #[arg(long, env = "JWT_HS256_SECRET", hide_env_values = true)]
     pub jwt_hs256_secret: Option<String>,

@@ -256,20 +256,44 @@ impl utoipa::Modify for BearerScheme {
 )]
 pub struct ApiDoc;
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// What customers reach: preview, redemption, and the probes.
+fn public_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/billing/vouchers/redeem-preview", post(public::preview))
         .route("/billing/vouchers/redeem", post(public::redeem))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+}
+
+/// What only the platform reaches: the admin endpoints, metrics, the API document.
+fn admin_routes() -> Router<Arc<AppState>> {
+    Router::new()
         .route("/billing/vouchers/issue", post(admin::issue))
         .route("/billing/vouchers/list", get(admin::list))
         .route("/billing/vouchers/revoke/{code}", delete(admin::revoke))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route(
             "/openapi.json",
             get(|| async { axum::Json(ApiDoc::openapi()) }),
         )
+}
+
+/// Which endpoints a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoints {
+    /// Everything on one port (development, `run`, tests).
+    All,
+    Public,
+    Admin,
+}
+
+pub fn router(state: Arc<AppState>, endpoints: Endpoints) -> Router {
+    let routes = match endpoints {
+        Endpoints::All => public_routes().merge(admin_routes()),
+        Endpoints::Public => public_routes(),
+        Endpoints::Admin => admin_routes().route("/healthz", get(|| async { "ok" })),
+    };
+    routes
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             HttpError::new(
@@ -336,8 +360,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// Serves until `stop` is cancelled, then finishes the requests in flight.
+/// Serves until `stop` is cancelled: everything on `listener`, or, with an
+/// `admin` listener, the admin endpoints and metrics there and only what
+/// customers need on `listener`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    admin: Option<tokio::net::TcpListener>,
     state: Arc<AppState>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -359,7 +387,17 @@ pub async fn serve(
         }
     });
     tokio::spawn(prune_idempotency_keys(state.clone(), stop.clone()));
-    connections::serve(listener, router(state.clone()), &state.settings, stop).await
+    let Some(admin) = admin else {
+        let all = router(state.clone(), Endpoints::All);
+        return connections::serve(listener, all, &state.settings, stop).await;
+    };
+    let public = router(state.clone(), Endpoints::Public);
+    let admin_router = router(state.clone(), Endpoints::Admin);
+    let (served, admin_served) = tokio::join!(
+        connections::serve(listener, public, &state.settings, stop.clone()),
+        connections::serve(admin, admin_router, &state.settings, stop),
+    );
+    served.and(admin_served)
 }
 
 /// Deletes `Idempotency-Key` answers older than the retention, a few times

@@ -126,6 +126,7 @@ fn the_ports_the_probes_services_and_network_policy_name_exist() {
         }
     }
     assert_eq!(ports["http"], 8080);
+    assert_eq!(ports["admin"], 8081);
     assert_eq!(ports["metrics"], 9090);
     // The addresses the containers listen on are the ports they declare.
     assert_eq!(
@@ -133,9 +134,26 @@ fn the_ports_the_probes_services_and_network_policy_name_exist() {
         Some("0.0.0.0:8080")
     );
     assert_eq!(
+        env_value(container(deployment, "server"), "ADMIN_ADDRESS"),
+        Some("0.0.0.0:8081")
+    );
+    assert_eq!(
         env_value(container(deployment, "controller"), "METRICS_ADDRESS"),
         Some("0.0.0.0:9090")
     );
+    // The public Service exposes the customers' port only; the admin port has its own, internal one.
+    let public = rendered
+        .all("Service")
+        .into_iter()
+        .find(|s| s["metadata"]["labels"]["app.kubernetes.io/component"].is_null())
+        .expect("the public Service");
+    let exposed: Vec<&str> = public["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["targetPort"].as_str().unwrap())
+        .collect();
+    assert_eq!(exposed, ["http"]);
     let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
     for service in rendered.all("Service") {
         for (k, v) in service["spec"]["selector"].as_object().unwrap() {
@@ -193,7 +211,7 @@ fn the_ports_the_probes_services_and_network_policy_name_exist() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(scraped, ["metrics", "http"]);
+    assert_eq!(scraped, ["metrics", "admin"]);
     assert!(scraped.iter().all(|p| service_ports.contains(p)));
 }
 

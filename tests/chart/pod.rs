@@ -280,6 +280,7 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
     // chart's admin namespace); the controller reconciles it; the public preview finds it.
     let admin_namespace = env_value(server, "ADMIN_NAMESPACE").unwrap().to_owned();
     let http = format!("http://127.0.0.1:{}", pod.port(server, "http"));
+    let admin_port = format!("http://127.0.0.1:{}", pod.port(server, "admin"));
     let now = chrono::Utc::now().timestamp();
     let admin_token = encode(
         &Header::new(Algorithm::HS256),
@@ -289,7 +290,7 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
     .unwrap();
     let web = reqwest::Client::new();
     let issued = web
-        .post(format!("{http}/billing/vouchers/issue"))
+        .post(format!("{admin_port}/billing/vouchers/issue"))
         .bearer_auth(&admin_token)
         .json(
             &json!({"code": "CHART-POD-25", "credit_omr": 25, "description": "chart pod",
@@ -372,9 +373,17 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
     })
     .await;
 
-    // The admin revoke deletes the Voucher; the controller's finalizer tombstones the row.
-    let revoked = web
+    // Not on the public port, which a public Service exposes.
+    let public = web
         .delete(format!("{http}/billing/vouchers/revoke/CHART-POD-25"))
+        .bearer_auth(&admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(public.status(), 404, "the admin endpoints are not public");
+    // The admin revoke deletes the Voucher and revokes the row.
+    let revoked = web
+        .delete(format!("{admin_port}/billing/vouchers/revoke/CHART-POD-25"))
         .bearer_auth(&admin_token)
         .send()
         .await

@@ -414,6 +414,6 @@ pub async fn serve_http(
         .unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(server::serve(listener, state, stop.clone()));
+    tokio::spawn(server::serve(listener, None, state, stop.clone()));
     (base, stop)
 }

@@ -466,7 +466,7 @@ async fn run_operator(
                 settings.http_port
             )
         })?;
-    tokio::spawn(server::serve(http, state, stop.clone()));
+    tokio::spawn(server::serve(http, None, state, stop.clone()));
     let token = dev_token(&secret)?;
     let base = format!("http://127.0.0.1:{}", settings.http_port);
 
