@@ -402,3 +402,62 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
         "migrate needs the owner's credentials"
     );
 }
+
+/// A customer's balance must not read the whole ledger: the index is there, the planner uses it
+/// on a ledger of size, and a build that was interrupted (an invalid index) is done again.
+#[tokio::test]
+async fn the_ledger_is_indexed_by_customer_and_an_interrupted_build_is_redone() {
+    let url = support::fresh_database("ledger_index").await;
+    assert_migrated(&migrate(&url));
+    let pool = support::pool(&url).await;
+    let valid = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT indisvalid FROM pg_index \
+             WHERE indexrelid = to_regclass('voucher_operator_credit_ledger_customer')",
+        )
+        .fetch_optional(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(valid().await, Some(true));
+
+    sqlx::raw_sql(
+        "INSERT INTO customers (user_id, tenant_id, email) \
+           SELECT 'user-' || i, 't', '' FROM generate_series(1, 2000) i; \
+         INSERT INTO credit_ledger (customer_id, amount_omr, reason) \
+           SELECT c.id, 1, 'seed' FROM customers c, generate_series(1, 100); \
+         ANALYZE credit_ledger;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT COALESCE(SUM(amount_omr), 0) FROM credit_ledger \
+         WHERE customer_id = (SELECT id FROM customers LIMIT 1) AND status = 'active'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("voucher_operator_credit_ledger_customer"),
+        "a balance reads the ledger by the index:\n{plan}"
+    );
+
+    // As if a build had been interrupted: the next migrate builds it again.
+    sqlx::query(
+        "UPDATE pg_index SET indisvalid = false \
+         WHERE indexrelid = to_regclass('voucher_operator_credit_ledger_customer')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let again = migrate(&url);
+    assert_migrated(&again);
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("1 migration(s) applied now"),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+    assert_eq!(valid().await, Some(true));
+}

@@ -255,16 +255,69 @@ impl Store {
         let mut conn = self.pool.acquire().await?;
         let before = applied_versions(&mut conn).await?;
         migrator.run(&self.pool).await?;
-        let applied = migrator
+        let mut applied: Vec<String> = migrator
             .iter()
             .filter(|m| !before.contains(&m.version))
             .map(|m| format!("{} {}", m.version, m.description))
             .collect();
+        applied.extend(ensure_indexes(&mut conn).await?);
         Ok(MigrationReport {
             applied,
             already_applied: before.len(),
         })
     }
+}
+
+/// Indexes the request path needs on the billing service's tables (a
+/// customer's balance sums its ledger rows: without this every redemption
+/// would read the whole ledger). Built CONCURRENTLY, outside a transaction, so
+/// writes go on meanwhile on a live billing database.
+const INDEXES: [(&str, &str); 1] = [(
+    "voucher_operator_credit_ledger_customer",
+    "CREATE INDEX CONCURRENTLY IF NOT EXISTS voucher_operator_credit_ledger_customer \
+     ON credit_ledger (customer_id)",
+)];
+
+/// Builds the missing [`INDEXES`]; one that an interrupted build left invalid
+/// is dropped and built again. Replicas take turns (a session advisory
+/// lock). Returns what it built.
+async fn ensure_indexes(conn: &mut PgConnection) -> Result<Vec<String>> {
+    const LOCK: &str = "voucher_operator_indexes";
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+        .bind(LOCK)
+        .execute(&mut *conn)
+        .await?;
+    let built = async {
+        let mut built = Vec::new();
+        for (name, create) in INDEXES {
+            let valid: Option<bool> = sqlx::query_scalar(
+                "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)",
+            )
+            .bind(name)
+            .fetch_optional(&mut *conn)
+            .await?;
+            match valid {
+                Some(true) => continue,
+                Some(false) => {
+                    // The name is a constant of this module, not input.
+                    let drop = format!("DROP INDEX CONCURRENTLY IF EXISTS {name}");
+                    sqlx::query(sqlx::AssertSqlSafe(drop))
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                None => {}
+            }
+            sqlx::query(create).execute(&mut *conn).await?;
+            built.push(format!("index {name}"));
+        }
+        Ok::<_, StoreError>(built)
+    }
+    .await;
+    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+        .bind(LOCK)
+        .execute(&mut *conn)
+        .await?;
+    built
 }
 
 fn migrator() -> Migrator {
