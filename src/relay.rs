@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, stream};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
@@ -19,6 +20,7 @@ use crate::domain::AuditKind;
 use crate::store::Store;
 use crate::store::notify::OUTBOX_CHANNEL;
 use crate::store::outbox::{self, AuditRecord};
+use crate::telemetry::describe;
 
 /// How to authenticate to NATS and whether to insist on TLS.
 #[derive(Clone, Debug, Default)]
@@ -291,6 +293,27 @@ fn event_limit(client: &async_nats::Client) -> usize {
         .clamp(1024, MOST)
 }
 
+/// Whether JetStream answered the publish with an error of its own (as
+/// opposed to a timeout or a lost connection, which a retry may cure).
+fn refused_by_stream(error: &async_nats::jetstream::context::PublishError) -> bool {
+    error.kind() == PublishErrorKind::Other
+        && std::error::Error::source(error)
+            .is_some_and(|source| source.is::<async_nats::jetstream::Error>())
+}
+
+/// Moves a record that can never be published to the dead letters, with why.
+async fn set_aside(
+    conn: &mut sqlx::PgConnection,
+    metrics: &RelayMetrics,
+    seq: i64,
+    why: &str,
+) -> anyhow::Result<()> {
+    tracing::error!(seq, error = %why, "audit record refused for good; moved to the dead letters");
+    outbox::dead_letter(conn, seq, why).await?;
+    metrics.dead_letters.inc();
+    Ok(())
+}
+
 /// Publishes one batch: every record is sent before any ack is awaited, then
 /// the acknowledged prefix is marked published. A record that cannot fit is
 /// moved to the dead letters. Returns how many records left the outbox.
@@ -314,10 +337,8 @@ async fn publish_batch(
         headers.insert("Nats-Msg-Id", record.event_id.to_string().as_str());
         headers.insert("Content-Type", "application/cloudevents+json");
         let Some((body, truncated)) = fit(envelope(record, &settings.source), limit) else {
-            let error = format!("larger than {limit} bytes even with its free text shortened");
-            tracing::error!(seq = record.seq, code = %record.code, kind = %record.kind, %error, "audit record moved to the dead letters");
-            outbox::dead_letter(&mut conn, record.seq, &error).await?;
-            metrics.dead_letters.inc();
+            let why = format!("larger than {limit} bytes even with its free text shortened");
+            set_aside(&mut conn, metrics, record.seq, &why).await?;
             dead += 1;
             continue;
         };
@@ -327,6 +348,10 @@ async fn publish_batch(
         let subject = subject(&settings.subject_prefix, &record.code, &record.kind);
         match js.publish_with_headers(subject, headers, body.into()).await {
             Ok(ack) => acks.push((record.seq, ack)),
+            Err(error) if error.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                set_aside(&mut conn, metrics, record.seq, &describe(&error)).await?;
+                dead += 1;
+            }
             Err(error) => {
                 send_error = Some(anyhow::Error::from(error));
                 break;
@@ -338,6 +363,13 @@ async fn publish_batch(
     for (seq, ack) in acks {
         match ack.await {
             Ok(_) => published.push(seq),
+            // The stream itself refuses this one (its size limit, say): it
+            // would be refused again forever, so it is set aside and the
+            // records after it go on.
+            Err(error) if refused_by_stream(&error) => {
+                set_aside(&mut conn, metrics, seq, &describe(&error)).await?;
+                dead += 1;
+            }
             Err(error) => {
                 // Keep order: nothing after a failed ack counts as published;
                 // re-sent copies are dropped by the duplicate window.

@@ -651,3 +651,47 @@ async fn the_relay_authenticates_to_nats_as_configured() {
         .await;
     assert!(refused.is_err(), "an anonymous client was admitted");
 }
+
+#[tokio::test]
+async fn an_event_the_stream_refuses_is_set_aside_and_the_rest_keep_their_order() {
+    let _serial = NATS.lock().await;
+    let store = store().await;
+    let settings = settings("refused");
+    let client = async_nats::connect(&settings.nats_url).await.unwrap();
+    // The stream's owner caps its messages at 4 KiB: under what the relay would shorten.
+    jetstream::new(client)
+        .create_stream(jetstream::stream::Config {
+            max_message_size: 4096,
+            ..voucher_operator::relay::stream_config(&settings)
+        })
+        .await
+        .unwrap();
+    sync(&store, "ORDER-1", &owner("o"), 1, terms(5)).await;
+    let wordy = Terms {
+        description: "w".repeat(6000),
+        ..terms(5)
+    };
+    sync(&store, "WORDY-1", &owner("w"), 1, wordy).await;
+    sync(&store, "ORDER-1", &owner("o"), 2, terms(7)).await;
+
+    let (stop, task) = start_relay(&store, &settings);
+    drained(&store).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+
+    let messages = stream_messages(&settings).await;
+    let credits: Vec<i64> = messages
+        .iter()
+        .map(|(_, _, e)| e["data"]["after"]["terms"]["credit_omr"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        credits,
+        [5, 7],
+        "the refused one left out, the others in order"
+    );
+    let error: String = sqlx::query_scalar("SELECT error FROM voucher_audit_dead_letters")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert!(error.contains("size"), "{error}");
+}
