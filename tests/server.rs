@@ -63,6 +63,11 @@ async fn start_with(
     }
 }
 
+/// A server with `settings`, the test tokens and no Kubernetes API.
+async fn start_tuned(settings: ServerSettings) -> Server {
+    start_with(settings, auth(), None).await
+}
+
 async fn start() -> Server {
     start_with(settings(), auth(), None).await
 }
@@ -82,6 +87,45 @@ fn token(subject: &str, role: Option<&str>, expires_in: i64) -> String {
 }
 
 impl Server {
+    /// A redemption that is granted.
+    async fn assert_redeems(&self, token: Option<&str>, body: Value) {
+        let (status, answer) = self.redeem(token, body, None).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+
+    /// `POST /billing/vouchers/issue` with `token` and `body`.
+    async fn issue(&self, token: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/billing/vouchers/issue", self.base))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// One value the test database answers `sql` with.
+    async fn scalar<T>(&self, sql: &'static str) -> T
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+    {
+        sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
+    }
+
+    /// A redemption refused with `status` and an error that says `says`.
+    async fn assert_refused(
+        &self,
+        token: Option<&str>,
+        body: Value,
+        status: StatusCode,
+        says: &str,
+    ) {
+        let (answered, answer) = self.redeem(token, body, None).await;
+        assert_eq!(answered, status, "{answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "{error:?} does not say {says:?}");
+    }
+
     async fn seed(&self, sql: &str) {
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
             .execute(&self.pool)
@@ -294,15 +338,11 @@ async fn a_trusted_proxy_names_the_client() {
 
 #[tokio::test]
 async fn each_subject_and_each_failing_client_has_a_budget() {
-    let s = start_with(
-        ServerSettings {
-            rate_limit_per_subject: 2,
-            auth_failures_per_minute: 2,
-            ..settings()
-        },
-        auth(),
-        None,
-    )
+    let s = start_tuned(ServerSettings {
+        rate_limit_per_subject: 2,
+        auth_failures_per_minute: 2,
+        ..settings()
+    })
     .await;
     s.seed(SEED).await;
     // Per subject: the third redemption attempt of alice's token waits; bob's does not.
@@ -354,20 +394,13 @@ async fn each_subject_and_each_failing_client_has_a_budget() {
         );
     }
     let carol = token("carol", None, 300);
-    let (status, body) = s
-        .redeem(
-            Some(&carol),
-            json!({"code": "LIVE-10", "tenant_id": "t1"}),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap()
-            .contains("failed authentications")
-    );
+    s.assert_refused(
+        Some(&carol),
+        json!({"code": "LIVE-10", "tenant_id": "t1"}),
+        StatusCode::TOO_MANY_REQUESTS,
+        "failed authentications",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -512,20 +545,13 @@ async fn control_characters_and_odd_tenants_are_a_400_before_any_query() {
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap();
-    let (status, body) = s
-        .redeem(
-            Some(&nul_subject),
-            json!({"code": "LIVE-10", "tenant_id": "t1"}),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap()
-            .contains("control character")
-    );
+    s.assert_refused(
+        Some(&nul_subject),
+        json!({"code": "LIVE-10", "tenant_id": "t1"}),
+        StatusCode::BAD_REQUEST,
+        "control character",
+    )
+    .await;
 
     let alice = token("alice", None, 300);
     let long = "t".repeat(65);
@@ -546,14 +572,11 @@ async fn control_characters_and_odd_tenants_are_a_400_before_any_query() {
         );
     }
     assert_eq!(s.counts("LIVE-10").await, (0, 0, 0), "nothing written");
-    let (status, body) = s
-        .redeem(
-            Some(&alice),
-            json!({"code": "LIVE-10", "tenant_id": "acme-1.eu_west"}),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    s.assert_redeems(
+        Some(&alice),
+        json!({"code": "LIVE-10", "tenant_id": "acme-1.eu_west"}),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -574,32 +597,23 @@ async fn a_tenant_claim_in_the_token_wins_over_the_body() {
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap();
-    let (status, body) = s
-        .redeem(
-            Some(&claimed),
-            json!({"code": "LIVE-10", "tenant_id": "from-body"}),
-            None,
-        )
+    s.assert_redeems(
+        Some(&claimed),
+        json!({"code": "LIVE-10", "tenant_id": "from-body"}),
+    )
+    .await;
+    let tenant: String = s
+        .scalar("SELECT tenant_id FROM customers WHERE user_id = 'bob'")
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    let tenant: String =
-        sqlx::query_scalar("SELECT tenant_id FROM customers WHERE user_id = 'bob'")
-            .fetch_one(&s.pool)
-            .await
-            .unwrap();
     assert_eq!(tenant, "from-token");
 }
 
 #[tokio::test]
 async fn idempotency_keys_are_pruned_after_their_retention() {
-    let s = start_with(
-        ServerSettings {
-            idempotency_retention: Duration::from_secs(1),
-            ..settings()
-        },
-        auth(),
-        None,
-    )
+    let s = start_tuned(ServerSettings {
+        idempotency_retention: Duration::from_secs(1),
+        ..settings()
+    })
     .await;
     s.seed(SEED).await;
     let alice = token("alice", None, 300);
@@ -612,10 +626,8 @@ async fn idempotency_keys_are_pruned_after_their_retention() {
         .await;
     assert_eq!(status, StatusCode::OK);
     let keys = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM voucher_idempotency_keys")
-            .fetch_one(&s.pool)
+        s.scalar::<i64>("SELECT count(*) FROM voucher_idempotency_keys")
             .await
-            .unwrap()
     };
     assert_eq!(keys().await, 1);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -646,22 +658,27 @@ fn address(s: &Server) -> String {
     s.base.trim_start_matches("http://").to_owned()
 }
 
+/// A raw connection to the server that has sent `bytes`.
+async fn sent(s: &Server, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(address(s)).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    stream
+}
+
 #[tokio::test]
 async fn a_client_trickling_its_headers_is_cut_off() {
     use tokio::io::AsyncWriteExt;
-    let s = start_with(
-        ServerSettings {
-            header_read_timeout: Duration::from_secs(1),
-            ..settings()
-        },
-        auth(),
-        None,
+    let s = start_tuned(ServerSettings {
+        header_read_timeout: Duration::from_secs(1),
+        ..settings()
+    })
+    .await;
+    let mut slow = sent(
+        &s,
+        b"POST /billing/vouchers/redeem-preview HTTP/1.1\r\nHost: x\r\n",
     )
     .await;
-    let mut slow = tokio::net::TcpStream::connect(address(&s)).await.unwrap();
-    slow.write_all(b"POST /billing/vouchers/redeem-preview HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
     // A header byte every 300 ms: the connection moves, but its headers never end.
     let trickle = async {
         for _ in 0..30 {
@@ -685,20 +702,12 @@ async fn a_client_trickling_its_headers_is_cut_off() {
 
 #[tokio::test]
 async fn an_idle_connection_is_closed() {
-    use tokio::io::AsyncWriteExt;
-    let s = start_with(
-        ServerSettings {
-            idle_timeout: Duration::from_secs(1),
-            ..settings()
-        },
-        auth(),
-        None,
-    )
+    let s = start_tuned(ServerSettings {
+        idle_timeout: Duration::from_secs(1),
+        ..settings()
+    })
     .await;
-    let mut idle = tokio::net::TcpStream::connect(address(&s)).await.unwrap();
-    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let mut idle = sent(&s, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     // The answer arrives, then nothing more: closed after the idle timeout.
     let started = std::time::Instant::now();
     assert!(closed_within(&mut idle, Duration::from_secs(5)).await);
@@ -711,14 +720,10 @@ async fn an_idle_connection_is_closed() {
 
 #[tokio::test]
 async fn connections_beyond_the_cap_are_closed_at_once() {
-    let s = start_with(
-        ServerSettings {
-            max_connections: 2,
-            ..settings()
-        },
-        auth(),
-        None,
-    )
+    let s = start_tuned(ServerSettings {
+        max_connections: 2,
+        ..settings()
+    })
     .await;
     let held: Vec<_> =
         futures::future::join_all((0..2).map(|_| tokio::net::TcpStream::connect(address(&s))))
@@ -1023,14 +1028,8 @@ async fn rs256_tokens_are_verified_through_the_jwks_and_cannot_confuse_algorithm
         &key,
     )
     .unwrap();
-    let (status, body) = s
-        .redeem(
-            Some(&good),
-            json!({"code": "LIVE-10", "tenant_id": "t1"}),
-            None,
-        )
+    s.assert_redeems(Some(&good), json!({"code": "LIVE-10", "tenant_id": "t1"}))
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
 
     // A token of the realm, but issued for another service.
     let other_audience = encode(
@@ -1238,13 +1237,8 @@ async fn admin_endpoints_need_an_admin_and_the_kubernetes_api() {
     );
 
     let issue = s
-        .http
-        .post(format!("{}/billing/vouchers/issue", s.base))
-        .bearer_auth(&admin)
-        .json(&json!({"code": "NEW-1", "credit_omr": 5}))
-        .send()
-        .await
-        .unwrap();
+        .issue(&admin, &json!({"code": "NEW-1", "credit_omr": 5}))
+        .await;
     assert_eq!(issue.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body: Value = issue.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("Kubernetes API"));
@@ -1267,14 +1261,7 @@ async fn issue_and_revoke_act_on_voucher_resources() {
     )
     .await;
     let admin = token("root", Some("sovereign-admin"), 300);
-    let issue = s
-        .http
-        .post(format!("{}/billing/vouchers/issue", s.base))
-        .bearer_auth(&admin)
-        .json(&json!({"code": "spring_sale", "credit_omr": 15, "description": "spring", "max_redemptions": 100}))
-        .send()
-        .await
-        .unwrap();
+    let issue = s.issue(&admin, &json!({"code": "spring_sale", "credit_omr": 15, "description": "spring", "max_redemptions": 100})).await;
     assert_eq!(issue.status(), StatusCode::OK);
     let body: Value = issue.json().await.unwrap();
     assert_eq!(
@@ -1289,14 +1276,7 @@ async fn issue_and_revoke_act_on_voucher_resources() {
             "redemption cap is -1",
         ),
     ] {
-        let refused = s
-            .http
-            .post(format!("{}/billing/vouchers/issue", s.base))
-            .bearer_auth(&admin)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let refused = s.issue(&admin, &body).await;
         assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{body}");
         let error: Value = refused.json().await.unwrap();
         assert!(error["error"].as_str().unwrap().contains(says), "{error}");
@@ -1484,11 +1464,9 @@ async fn revoke_refuses_a_gitops_owned_voucher() {
         message.contains("Flux Kustomization") && message.contains("Git"),
         "{message}"
     );
-    let live: bool =
-        sqlx::query_scalar("SELECT deleted_at IS NULL FROM promo_codes WHERE code = 'FROM-GIT'")
-            .fetch_one(&s.pool)
-            .await
-            .unwrap();
+    let live: bool = s
+        .scalar("SELECT deleted_at IS NULL FROM promo_codes WHERE code = 'FROM-GIT'")
+        .await;
     assert!(live, "nothing revoked");
 }
 
@@ -1507,13 +1485,8 @@ async fn issue_on_a_code_owned_elsewhere_is_a_conflict() {
     .await;
     let admin = token("root", Some("sovereign-admin"), 300);
     let response = s
-        .http
-        .post(format!("{}/billing/vouchers/issue", s.base))
-        .bearer_auth(&admin)
-        .json(&json!({"code": "THEIRS", "credit_omr": 500}))
-        .send()
-        .await
-        .unwrap();
+        .issue(&admin, &json!({"code": "THEIRS", "credit_omr": 500}))
+        .await;
     assert_eq!(response.status(), StatusCode::CONFLICT);
     let body: Value = response.json().await.unwrap();
     assert!(
@@ -1531,11 +1504,9 @@ async fn issue_on_a_code_owned_elsewhere_is_a_conflict() {
             .items
             .is_empty()
     );
-    let credit: i32 =
-        sqlx::query_scalar("SELECT credit_omr FROM promo_codes WHERE code = 'THEIRS'")
-            .fetch_one(&s.pool)
-            .await
-            .unwrap();
+    let credit: i32 = s
+        .scalar("SELECT credit_omr FROM promo_codes WHERE code = 'THEIRS'")
+        .await;
     assert_eq!(credit, 5);
 }
 

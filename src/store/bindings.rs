@@ -154,11 +154,16 @@ pub async fn release_any(conn: &mut PgConnection, code: &Code) -> Result<Option<
     .bind(code.as_str())
     .fetch_optional(conn)
     .await?;
-    Ok(row.map(|(namespace, name, uid)| Owner {
+    Ok(row.map(owner))
+}
+
+/// An owner as its binding's columns hold it.
+fn owner((namespace, name, uid): (String, String, String)) -> Owner {
+    Owner {
         namespace,
         name,
         uid,
-    }))
+    }
 }
 
 /// Releases the binding if `uid` holds it; returns whether it did.
@@ -179,9 +184,5 @@ pub async fn owner_of(conn: &mut PgConnection, code: &str) -> Result<Option<Owne
             .bind(code)
             .fetch_optional(conn)
             .await?;
-    Ok(row.map(|(namespace, name, uid)| Owner {
-        namespace,
-        name,
-        uid,
-    }))
+    Ok(row.map(owner))
 }

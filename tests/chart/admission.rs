@@ -36,14 +36,7 @@ async fn the_admission_policy_refuses_adopt_from_a_non_admin() {
     let dir = tempfile::tempdir().unwrap();
     let admin = cluster.kubeconfig(dir.path(), &ns);
 
-    let mut objects: Vec<Value> = [
-        "ValidatingAdmissionPolicy",
-        "ValidatingAdmissionPolicyBinding",
-    ]
-    .iter()
-    .flat_map(|kind| rendered.all(kind))
-    .cloned()
-    .collect();
+    let mut objects = rendered.of_kinds(&ADMISSION);
     objects.push(
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
         "metadata": {"name": "voucher-editor", "namespace": ns},
@@ -52,13 +45,9 @@ async fn the_admission_policy_refuses_adopt_from_a_non_admin() {
     );
     objects.extend(account("tenant", &ns));
     objects.extend(account("billing-admin", &ns));
-    let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
-    {
-        let _cluster_scoped = CLUSTER_SCOPED.lock().await;
-        cluster
-            .apply_server_side(&admin, &list)
-            .expect("the policy and the accounts");
-    }
+    apply_as_admin(&admin, objects)
+        .await
+        .expect("the policy and the accounts");
     let tenant = cluster.service_account_kubeconfig(dir.path(), &ns, "tenant");
     let billing_admin = cluster.service_account_kubeconfig(dir.path(), &ns, "billing-admin");
     let vouchers: kube::Api<voucher_operator::api::Voucher> =
@@ -130,21 +119,8 @@ async fn a_namespace_label_caps_the_credit_of_its_vouchers() {
     let (client, ns) = support::cluster::setup("capped").await;
     let dir = tempfile::tempdir().unwrap();
     let admin = cluster.kubeconfig(dir.path(), &ns);
-    let objects: Vec<Value> = [
-        "ValidatingAdmissionPolicy",
-        "ValidatingAdmissionPolicyBinding",
-    ]
-    .iter()
-    .flat_map(|kind| rendered.all(kind))
-    .cloned()
-    .collect();
-    let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
-    {
-        let _cluster_scoped = CLUSTER_SCOPED.lock().await;
-        cluster
-            .apply_server_side(&admin, &list)
-            .expect("the policy");
-    }
+    let objects = rendered.of_kinds(&ADMISSION);
+    apply_as_admin(&admin, objects).await.expect("the policy");
     let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
     namespaces
         .patch(

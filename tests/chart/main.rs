@@ -33,6 +33,19 @@ const RELEASE: &str = "vo";
 /// ClusterRole), which several tests apply to the one API server: two creating at once would
 /// both find them absent.
 static CLUSTER_SCOPED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The release's admission policy and its binding, as rendered.
+const ADMISSION: [&str; 2] = [
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+];
+
+/// Applies `objects` (some cluster-scoped) as the cluster's administrator, one test at a time.
+async fn apply_as_admin(admin: &std::path::Path, objects: Vec<Value>) -> Result<(), String> {
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+    let _cluster_scoped = CLUSTER_SCOPED.lock().await;
+    support::cluster::cluster().apply_server_side(admin, &list)
+}
 const NAMESPACE: &str = "catalyst";
 /// The chart's kubeVersion floor and the newest schemas kubernetes-validate carries.
 const KUBE_VERSIONS: [&str; 2] = ["1.30", "1.37"];
@@ -196,6 +209,15 @@ impl Rendered {
             .iter()
             .map(|o| &o.object)
             .filter(|o| o["kind"] == kind)
+            .collect()
+    }
+
+    /// Every object of these kinds, to apply.
+    fn of_kinds(&self, kinds: &[&str]) -> Vec<Value> {
+        kinds
+            .iter()
+            .flat_map(|kind| self.all(kind))
+            .cloned()
             .collect()
     }
 

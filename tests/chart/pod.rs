@@ -183,19 +183,14 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
     // The release's namespace and every namespace its RBAC names exist before the release does;
     // then its ServiceAccount, (Cluster)Roles and bindings are applied as rendered.
     // The admission policy too: the admin issue must pass it.
-    let rbac: Vec<Value> = [
+    let mut rbac = rendered.of_kinds(&[
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
         "Role",
         "RoleBinding",
-        "ValidatingAdmissionPolicy",
-        "ValidatingAdmissionPolicyBinding",
-    ]
-    .iter()
-    .flat_map(|kind| rendered.all(kind))
-    .cloned()
-    .collect();
+    ]);
+    rbac.extend(rendered.of_kinds(&ADMISSION));
     let mut namespaces: Vec<String> = rbac
         .iter()
         .filter_map(|o| o["metadata"]["namespace"].as_str().map(str::to_owned))
@@ -212,12 +207,7 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
             .await;
     }
     let admin = cluster.kubeconfig(dir.path(), namespace);
-    let list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
-    let applied = {
-        let _cluster_scoped = CLUSTER_SCOPED.lock().await;
-        cluster.apply_server_side(&admin, &list)
-    };
-    if let Err(refused) = applied {
+    if let Err(refused) = apply_as_admin(&admin, rbac).await {
         panic!("kubectl apply of the chart's RBAC: {refused}");
     }
     let service_account = spec["serviceAccountName"].as_str().unwrap();
