@@ -111,13 +111,13 @@ pub fn stream_config(settings: &RelaySettings) -> stream::Config {
 
 /// Creates the stream when it is missing; an existing one is used as it is,
 /// with a warning for each setting that differs from ours, unless the relay
-/// is told to manage it.
-async fn prepare_stream(js: &jetstream::Context, settings: &RelaySettings) -> anyhow::Result<()> {
+/// is told to manage it. Returns the stream's message size limit (-1: none).
+async fn prepare_stream(js: &jetstream::Context, settings: &RelaySettings) -> anyhow::Result<i32> {
     let wanted = stream_config(settings);
     if settings.manage_stream {
-        js.create_or_update_stream(wanted).await?;
+        let info = js.create_or_update_stream(wanted).await?;
         tracing::info!(stream = %settings.stream, "audit stream ready (managed)");
-        return Ok(());
+        return Ok(info.config.max_message_size);
     }
     let stream = js.get_or_create_stream(wanted.clone()).await?;
     let found = &stream.cached_info().config;
@@ -125,7 +125,7 @@ async fn prepare_stream(js: &jetstream::Context, settings: &RelaySettings) -> an
         tracing::warn!(stream = %settings.stream, %difference, "the audit stream's settings differ from the relay's; left as they are (--audit-manage-stream changes them)");
     }
     tracing::info!(stream = %settings.stream, "audit stream ready");
-    Ok(())
+    Ok(found.max_message_size)
 }
 
 /// How an existing stream's settings differ from the wanted ones, said per setting.
@@ -282,23 +282,27 @@ pub fn fit(mut envelope: Value, limit: usize) -> Option<(Vec<u8>, bool)> {
     (body.len() <= limit).then_some((body, true))
 }
 
-/// The largest event body sent: well under the server's `max_payload`
-/// (headers travel in it too).
-fn event_limit(client: &async_nats::Client) -> usize {
+/// The largest event body sent: well under the server's `max_payload` and
+/// the stream's own message size limit (headers travel in both).
+fn event_limit(client: &async_nats::Client, stream_max: i32) -> usize {
     const MOST: usize = 64 * 1024;
-    client
-        .server_info()
-        .max_payload
-        .saturating_sub(1024)
-        .clamp(1024, MOST)
+    let server = client.server_info().max_payload;
+    let stream = usize::try_from(stream_max)
+        .ok()
+        .filter(|m| *m > 0)
+        .unwrap_or(usize::MAX);
+    server.min(stream).saturating_sub(1024).clamp(1024, MOST)
 }
 
-/// Whether JetStream answered the publish with an error of its own (as
-/// opposed to a timeout or a lost connection, which a retry may cure).
+/// Whether the stream refused this message for good: it is larger than the
+/// stream allows. Every other refusal (a full stream, no leader, too few
+/// resources) passes, so the record is retried, never set aside.
 fn refused_by_stream(error: &async_nats::jetstream::context::PublishError) -> bool {
+    use async_nats::jetstream::ErrorCode;
     error.kind() == PublishErrorKind::Other
         && std::error::Error::source(error)
-            .is_some_and(|source| source.is::<async_nats::jetstream::Error>())
+            .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
+            .is_some_and(|e| e.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
 }
 
 /// Moves a record that can never be published to the dead letters, with why.
@@ -443,8 +447,8 @@ pub async fn run(
         }
         let work = async {
             if !stream_ready {
-                prepare_stream(&js, &settings).await?;
-                limit = event_limit(&client);
+                let stream_max = prepare_stream(&js, &settings).await?;
+                limit = event_limit(&client, stream_max);
                 stream_ready = true;
             }
             while publish_batch(&store, &js, &settings, &metrics, limit).await? > 0 {}

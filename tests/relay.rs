@@ -657,24 +657,25 @@ async fn an_event_the_stream_refuses_is_set_aside_and_the_rest_keep_their_order(
     let _serial = NATS.lock().await;
     let store = store().await;
     let settings = settings("refused");
+    sync(&store, "ORDER-1", &owner("o"), 1, terms(5)).await;
+    let (stop, task) = start_relay(&store, &settings);
+    drained(&store).await;
+    // While the relay runs, the stream's owner caps its messages at 4 KiB: a larger event is
+    // refused by the stream itself, for good.
     let client = async_nats::connect(&settings.nats_url).await.unwrap();
-    // The stream's owner caps its messages at 4 KiB: under what the relay would shorten.
     jetstream::new(client)
-        .create_stream(jetstream::stream::Config {
+        .update_stream(jetstream::stream::Config {
             max_message_size: 4096,
             ..voucher_operator::relay::stream_config(&settings)
         })
         .await
         .unwrap();
-    sync(&store, "ORDER-1", &owner("o"), 1, terms(5)).await;
     let wordy = Terms {
         description: "w".repeat(6000),
         ..terms(5)
     };
     sync(&store, "WORDY-1", &owner("w"), 1, wordy).await;
     sync(&store, "ORDER-1", &owner("o"), 2, terms(7)).await;
-
-    let (stop, task) = start_relay(&store, &settings);
     drained(&store).await;
     stop.cancel();
     task.await.unwrap().unwrap();
@@ -693,5 +694,32 @@ async fn an_event_the_stream_refuses_is_set_aside_and_the_rest_keep_their_order(
         .fetch_one(store.pool())
         .await
         .unwrap();
-    assert!(error.contains("size"), "{error}");
+    assert!(error.contains("maximum"), "{error}");
+}
+
+#[tokio::test]
+async fn events_are_shortened_to_the_streams_own_limit() {
+    let _serial = NATS.lock().await;
+    let store = store().await;
+    let settings = settings("capped");
+    let client = async_nats::connect(&settings.nats_url).await.unwrap();
+    jetstream::new(client)
+        .create_stream(jetstream::stream::Config {
+            max_message_size: 4096,
+            ..voucher_operator::relay::stream_config(&settings)
+        })
+        .await
+        .unwrap();
+    let wordy = Terms {
+        description: "w".repeat(6000),
+        ..terms(5)
+    };
+    sync(&store, "WORDY-2", &owner("w"), 1, wordy).await;
+    let (stop, task) = start_relay(&store, &settings);
+    drained(&store).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let messages = stream_messages(&settings).await;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].2["data"]["truncated"], true);
 }

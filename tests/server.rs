@@ -934,7 +934,7 @@ async fn an_unreachable_jwks_is_fetched_once_and_not_hammered() {
         )
     });
     for (status, body) in futures::future::join_all(attempts).await {
-        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         let message = body["error"].as_str().unwrap();
         assert!(message.contains("cannot be fetched right now"), "{message}");
         assert!(
@@ -954,9 +954,37 @@ async fn an_unreachable_jwks_is_fetched_once_and_not_hammered() {
         s.redeem(Some(&token), json!({"code": "LIVE-10"}), None)
             .await
             .0,
-        StatusCode::UNAUTHORIZED
+        StatusCode::SERVICE_UNAVAILABLE
     );
     assert_eq!(jwks.fetches.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn the_last_good_keys_count_while_the_identity_provider_is_down() {
+    use std::sync::atomic::Ordering;
+    let jwks = jwks_server(Some(
+        serde_json::from_str(include_str!("fixtures/jwks.json")).unwrap(),
+    ))
+    .await;
+    let s = jwks_client(&jwks).await;
+    let body = json!({"code": "LIVE-10", "tenant_id": "t1"});
+    s.assert_redeems(Some(&rs256_token("test-rs256")), body)
+        .await;
+    // The keys expire while the identity provider is down: they keep counting.
+    *jwks.keys.lock().unwrap() = None;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let bob = rs256_token("test-rs256");
+    let (status, answer) = s.redeem(Some(&bob), json!({"code": "OFF-10"}), None).await;
+    assert_eq!(
+        status,
+        StatusCode::GONE,
+        "checked with the last good key: {answer}"
+    );
+    assert_eq!(
+        jwks.fetches.load(Ordering::SeqCst),
+        2,
+        "a refresh was tried"
+    );
 }
 
 #[tokio::test]

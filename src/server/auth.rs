@@ -75,6 +75,10 @@ pub enum AuthError {
     Invalid(String),
     #[error("tokens signed with {0} are not accepted here")]
     Algorithm(String),
+    /// The identity provider's keys cannot be fetched and none are known:
+    /// not the client's fault, so not counted against it.
+    #[error("{SIGNING_KEYS_UNAVAILABLE}")]
+    Unavailable,
 }
 
 #[derive(Deserialize)]
@@ -254,31 +258,46 @@ impl Verifier {
             return Err(AuthError::Algorithm(format!("{alg:?}")));
         };
         let kid = kid.ok_or_else(|| AuthError::Invalid("the token has no key id (kid)".into()))?;
-        let lookup = |jwks: &Jwks| {
-            let now = Instant::now();
-            (!jwks.expired(now))
+        let fresh = |jwks: &Jwks| {
+            (!jwks.expired(Instant::now()))
                 .then(|| jwks.keys.get(kid).cloned())
                 .flatten()
         };
+        // Expired or not: while the identity provider cannot be reached, the
+        // last keys it served keep counting.
+        let last_good = |jwks: &Jwks| jwks.keys.get(kid).cloned();
         // (Each read guard is dropped before any await: the future stays Send.)
-        let cached = lookup(&self.jwks.read().unwrap());
+        let cached = fresh(&self.jwks.read().unwrap());
         let found = match cached {
             Some(found) => found,
             None => {
                 let _one_fetch = self.fetching.lock().await;
                 // The fetch this request waited for may have brought the key.
-                let fetched_meanwhile = lookup(&self.jwks.read().unwrap());
-                if let Some(found) = fetched_meanwhile {
-                    found
-                } else {
-                    let may_fetch = self.jwks.read().unwrap().may_fetch(true, Instant::now());
-                    if may_fetch {
-                        self.refresh(url).await?;
-                    } else if self.jwks.read().unwrap().expired(Instant::now()) {
-                        return Err(AuthError::Invalid(SIGNING_KEYS_UNAVAILABLE.into()));
+                let fetched_meanwhile = fresh(&self.jwks.read().unwrap());
+                match fetched_meanwhile {
+                    Some(found) => found,
+                    None => {
+                        let may_fetch = self.jwks.read().unwrap().may_fetch(true, Instant::now());
+                        let refreshed = if may_fetch {
+                            self.refresh(url).await
+                        } else {
+                            Ok(())
+                        };
+                        let (ever_fetched, known) = {
+                            let jwks = self.jwks.read().unwrap();
+                            (jwks.fetched.is_some(), last_good(&jwks))
+                        };
+                        match (known, refreshed) {
+                            (Some(found), _) => found,
+                            (None, Err(unavailable)) => return Err(unavailable),
+                            (None, Ok(())) if !ever_fetched => return Err(AuthError::Unavailable),
+                            (None, Ok(())) => {
+                                return Err(AuthError::Invalid(format!(
+                                    "unknown signing key {kid:?}"
+                                )));
+                            }
+                        }
                     }
-                    lookup(&self.jwks.read().unwrap())
-                        .ok_or_else(|| AuthError::Invalid(format!("unknown signing key {kid:?}")))?
                 }
             }
         };
@@ -311,7 +330,7 @@ impl Verifier {
             Err(error) => {
                 tracing::warn!(%error, "cannot fetch the JWKS; retrying no sooner than {JWKS_RETRY:?}");
                 self.jwks.write().unwrap().failed = Some(now);
-                return Err(AuthError::Invalid(SIGNING_KEYS_UNAVAILABLE.into()));
+                return Err(AuthError::Unavailable);
             }
         };
         let keys = signing_keys(&set);
@@ -325,7 +344,7 @@ impl Verifier {
 }
 
 /// What a client hears while the identity provider's keys cannot be had.
-const SIGNING_KEYS_UNAVAILABLE: &str =
+pub const SIGNING_KEYS_UNAVAILABLE: &str =
     "the signing keys cannot be fetched right now; try again shortly";
 
 /// `max-age` of a `Cache-Control` value.

@@ -32,7 +32,9 @@ pub async fn serve(
     settings: &ServerSettings,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1 only: HTTP/2 without TLS (what would reach this port) has no
+    // header read timeout, and its PINGs would keep an idle connection alive.
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())

@@ -43,7 +43,15 @@ impl HttpError {
 
 impl From<AuthError> for HttpError {
     fn from(error: AuthError) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, error.to_string())
+        match error {
+            AuthError::Unavailable => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: error.to_string(),
+                retry_after: Some(30),
+                cause: None,
+            },
+            other => Self::new(StatusCode::UNAUTHORIZED, other.to_string()),
+        }
     }
 }
 

@@ -200,6 +200,8 @@ impl AppState {
         self.limits.auth_blocked(client).map_err(too_many)?;
         let principal = match self.verifier.verify(headers).await {
             Ok(principal) => principal,
+            // Keys that cannot be had are not the client's failure.
+            Err(error @ auth::AuthError::Unavailable) => return Err(error.into()),
             Err(error) => {
                 self.limits.auth_failed(client);
                 return Err(error.into());
@@ -291,7 +293,10 @@ pub fn router(state: Arc<AppState>, endpoints: Endpoints) -> Router {
     let routes = match endpoints {
         Endpoints::All => public_routes().merge(admin_routes()),
         Endpoints::Public => public_routes(),
-        Endpoints::Admin => admin_routes().route("/healthz", get(|| async { "ok" })),
+        // The probes too: a flood of the public port must not fail them.
+        Endpoints::Admin => admin_routes()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz)),
     };
     routes
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint") })

@@ -280,13 +280,22 @@ const INDEXES: [(&str, &str); 1] = [(
 
 /// Builds the missing [`INDEXES`]; one that an interrupted build left invalid
 /// is dropped and built again. Replicas take turns (a session advisory
-/// lock). Returns what it built.
+/// lock), waiting between tries rather than in a statement: a statement
+/// waiting for the lock would hold a snapshot that the other's concurrent
+/// build waits for, a deadlock. Returns what it built.
 async fn ensure_indexes(conn: &mut PgConnection) -> Result<Vec<String>> {
     const LOCK: &str = "voucher_operator_indexes";
-    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
-        .bind(LOCK)
-        .execute(&mut *conn)
-        .await?;
+    loop {
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                .bind(LOCK)
+                .fetch_one(&mut *conn)
+                .await?;
+        if locked {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let built = async {
         let mut built = Vec::new();
         for (name, create) in INDEXES {
