@@ -807,6 +807,36 @@ async fn with_an_admin_address_the_public_port_serves_only_customers() {
 }
 
 #[tokio::test]
+async fn one_client_cannot_take_every_connection_but_a_trusted_proxy_may() {
+    for (trusted, third_served) in [
+        (vec![], false),
+        (vec!["127.0.0.0/8".parse().unwrap()], true),
+    ] {
+        let s = start_tuned(ServerSettings {
+            max_connections_per_client: 2,
+            trusted_proxies: trusted,
+            ..settings()
+        })
+        .await;
+        let held: Vec<_> =
+            futures::future::join_all((0..2).map(|_| tokio::net::TcpStream::connect(address(&s))))
+                .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut third = sent(
+            &s,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let mut answer = Vec::new();
+        use tokio::io::AsyncReadExt;
+        let _ = tokio::time::timeout(Duration::from_secs(2), third.read_to_end(&mut answer)).await;
+        let served = String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200");
+        assert_eq!(served, third_served, "{}", String::from_utf8_lossy(&answer));
+        drop(held);
+    }
+}
+
+#[tokio::test]
 async fn the_bearer_scheme_is_case_insensitive_and_roles_may_be_a_list() {
     let s = start().await;
     s.seed(SEED).await;

@@ -462,6 +462,12 @@ pub struct ServerOptions {
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
+
+    /// Connections of one client address at once (an IPv6 client by its /64); the
+    /// --trusted-proxies are exempt, since every customer behind them shares their addresses.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_CLIENT", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections_per_client: u32,
 }
 
 impl ControllerOptions {
@@ -490,6 +496,7 @@ impl ServerOptions {
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
             max_connections: self.max_connections as usize,
+            max_connections_per_client: self.max_connections_per_client as usize,
         }
     }
 }

@@ -41,6 +41,7 @@ pub async fn serve(
         .header_read_timeout(settings.header_read_timeout);
     let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
+    let per_client = Arc::new(PerClient::new(settings));
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -57,6 +58,10 @@ pub async fn serve(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, max = settings.max_connections, "too many connections; closing a new one");
+            continue;
+        };
+        let Some(client_slot) = per_client.take(peer.ip()) else {
+            tracing::warn!(%peer, max = settings.max_connections_per_client, "too many connections from one client; closing a new one");
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -89,6 +94,7 @@ pub async fn serve(
                     tracing::debug!(%peer, ?idle, "closing an idle connection");
                 }
             }
+            drop(client_slot);
             drop(slot);
         });
     }
@@ -100,6 +106,60 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Connections per client address (an IPv6 client by its /64), so that one
+/// client cannot take the whole cap. Trusted proxies are exempt: every
+/// customer behind them arrives from their addresses.
+struct PerClient {
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    max: usize,
+    trusted: Vec<ipnet::IpNet>,
+}
+
+/// A connection counted against its client until it ends.
+struct ClientSlot {
+    clients: Option<(Arc<PerClient>, std::net::IpAddr)>,
+}
+
+impl PerClient {
+    fn new(settings: &ServerSettings) -> Self {
+        Self {
+            open: Default::default(),
+            max: settings.max_connections_per_client.max(1),
+            trusted: settings.trusted_proxies.clone(),
+        }
+    }
+
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<ClientSlot> {
+        if self.trusted.iter().any(|net| net.contains(&ip)) {
+            return Some(ClientSlot { clients: None });
+        }
+        let key = super::limits::client_key(ip);
+        let mut open = self.open.lock().unwrap();
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            clients: Some((self.clone(), key)),
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Some((clients, key)) = self.clients.take() {
+            let mut open = clients.open.lock().unwrap();
+            if let Some(count) = open.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    open.remove(&key);
+                }
+            }
+        }
+    }
 }
 
 /// When a connection last moved a byte, in milliseconds since `start`.

@@ -61,6 +61,8 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
     /// Connections served at once; more are closed as they arrive.
     pub max_connections: usize,
+    /// Connections of one client address (trusted proxies exempt).
+    pub max_connections_per_client: usize,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -388,6 +388,7 @@ pub fn server_settings() -> voucher_operator::server::ServerSettings {
         header_read_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
         max_connections: 4096,
+        max_connections_per_client: 4096,
     }
 }
 
