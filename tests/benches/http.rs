@@ -2,7 +2,12 @@
 //! HTTP server, each beside the same work done directly in SQL (the
 //! baseline), measured in the same run against the same Postgres.
 //!
-//! Run: cargo bench --bench http               (REQUESTS=2000 by default)
+//! The database first gets a ledger the size of a billing service's in
+//! service (LEDGER_ROWS, by default 1,000,000 rows over 100,000 customers),
+//! and HTTP redemption is measured twice: with the index `migrate` builds on
+//! `credit_ledger (customer_id)`, and without it.
+//!
+//! Run: cargo bench --bench http               (REQUESTS=2000, LEDGER_ROWS=1000000 by default)
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -94,11 +99,41 @@ async fn main() {
     let store = Store::from_pool(pool.clone());
     store.migrate().await.unwrap();
     sqlx::raw_sql(
-        "INSERT INTO promo_codes (code, credit_omr) VALUES ('HOT-SQL', 1), ('HOT-HTTP', 1)",
+        "INSERT INTO promo_codes (code, credit_omr) VALUES ('HOT-SQL', 1), ('HOT-HTTP', 1), ('HOT-NOINDEX', 1)",
     )
     .execute(&pool)
     .await
     .unwrap();
+    let ledger_rows: i64 = std::env::var("LEDGER_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let seeding = Instant::now();
+    sqlx::query(
+        "INSERT INTO customers (user_id, tenant_id, email) \
+           SELECT 'seed-' || i, 't', '' FROM generate_series(1, GREATEST($1 / 10, 1)) i",
+    )
+    .bind(ledger_rows)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO credit_ledger (customer_id, amount_omr, reason) \
+           SELECT c.id, 1, 'seed' FROM customers c, generate_series(1, 10) \
+           LIMIT $1",
+    )
+    .bind(ledger_rows)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql("ANALYZE customers; ANALYZE credit_ledger")
+        .execute(&pool)
+        .await
+        .unwrap();
+    println!(
+        "seeded {ledger_rows} ledger rows in {:.1} s",
+        seeding.elapsed().as_secs_f64()
+    );
     let settings = ServerSettings {
         rate_limit_per_minute: u32::MAX,
         rate_limit_burst: u32::MAX,
@@ -125,6 +160,26 @@ async fn main() {
                 .post(format!("{base}/billing/vouchers/redeem"))
                 .bearer_auth(token)
                 .json(&json!({"code": "HOT-HTTP", "tenant_id": "t"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    })
+    .await;
+    // The same, on a database without the ledger's index (as before `migrate` built it).
+    sqlx::raw_sql("DROP INDEX voucher_operator_credit_ledger_customer")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let no_index_tokens: Vec<String> = (0..n).map(|i| token(&format!("noindex-{i}"))).collect();
+    let http_redeem_no_index = timed(n, |i| {
+        let (http, base, token) = (http.clone(), base.clone(), no_index_tokens[i].clone());
+        async move {
+            let response = http
+                .post(format!("{base}/billing/vouchers/redeem"))
+                .bearer_auth(token)
+                .json(&json!({"code": "HOT-NOINDEX", "tenant_id": "t"}))
                 .send()
                 .await
                 .unwrap();
@@ -161,7 +216,9 @@ async fn main() {
     stop.cancel();
 
     let rate = |count: usize, d: Duration| count as f64 / d.as_secs_f64();
-    println!("HTTP server against Postgres, {CONCURRENCY} requests in flight");
+    println!(
+        "HTTP server against Postgres ({ledger_rows} ledger rows), {CONCURRENCY} requests in flight"
+    );
     println!(
         "  {:<52} {:>8} {:>10} {:>10}",
         "", "requests", "seconds", "per second"
@@ -176,6 +233,11 @@ async fn main() {
             "redeem one hot code: POST /billing/vouchers/redeem",
             n,
             http_redeem,
+        ),
+        (
+            "  the same without the ledger's customer index",
+            n,
+            http_redeem_no_index,
         ),
         (
             "preview: baseline, the SELECT in SQL",
@@ -194,4 +256,8 @@ async fn main() {
             rate(count, d)
         );
     }
+    println!(
+        "  HTTP redeem with the index / without: {:.1}x",
+        http_redeem_no_index.as_secs_f64() / http_redeem.as_secs_f64()
+    );
 }
