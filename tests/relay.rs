@@ -652,6 +652,26 @@ async fn the_relay_authenticates_to_nats_as_configured() {
     assert!(refused.is_err(), "an anonymous client was admitted");
 }
 
+/// Caps the messages of `settings`' stream at `bytes`, creating it when missing.
+async fn cap_messages(settings: &RelaySettings, bytes: i32) {
+    let client = async_nats::connect(&settings.nats_url).await.unwrap();
+    jetstream::new(client)
+        .create_or_update_stream(jetstream::stream::Config {
+            max_message_size: bytes,
+            ..voucher_operator::relay::stream_config(settings)
+        })
+        .await
+        .unwrap();
+}
+
+/// Terms whose audit event is larger than 4 KiB (and smaller than the relay's own limit).
+fn wordy_terms() -> Terms {
+    Terms {
+        description: "w".repeat(6000),
+        ..terms(5)
+    }
+}
+
 #[tokio::test]
 async fn an_event_the_stream_refuses_is_set_aside_and_the_rest_keep_their_order() {
     let _serial = NATS.lock().await;
@@ -662,18 +682,8 @@ async fn an_event_the_stream_refuses_is_set_aside_and_the_rest_keep_their_order(
     drained(&store).await;
     // While the relay runs, the stream's owner caps its messages at 4 KiB: a larger event is
     // refused by the stream itself, for good.
-    let client = async_nats::connect(&settings.nats_url).await.unwrap();
-    jetstream::new(client)
-        .update_stream(jetstream::stream::Config {
-            max_message_size: 4096,
-            ..voucher_operator::relay::stream_config(&settings)
-        })
-        .await
-        .unwrap();
-    let wordy = Terms {
-        description: "w".repeat(6000),
-        ..terms(5)
-    };
+    cap_messages(&settings, 4096).await;
+    let wordy = wordy_terms();
     sync(&store, "WORDY-1", &owner("w"), 1, wordy).await;
     sync(&store, "ORDER-1", &owner("o"), 2, terms(7)).await;
     drained(&store).await;
@@ -702,18 +712,8 @@ async fn events_are_shortened_to_the_streams_own_limit() {
     let _serial = NATS.lock().await;
     let store = store().await;
     let settings = settings("capped");
-    let client = async_nats::connect(&settings.nats_url).await.unwrap();
-    jetstream::new(client)
-        .create_stream(jetstream::stream::Config {
-            max_message_size: 4096,
-            ..voucher_operator::relay::stream_config(&settings)
-        })
-        .await
-        .unwrap();
-    let wordy = Terms {
-        description: "w".repeat(6000),
-        ..terms(5)
-    };
+    cap_messages(&settings, 4096).await;
+    let wordy = wordy_terms();
     sync(&store, "WORDY-2", &owner("w"), 1, wordy).await;
     let (stop, task) = start_relay(&store, &settings);
     drained(&store).await;

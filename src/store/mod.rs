@@ -174,12 +174,7 @@ impl Store {
 
     /// The live row of `code`, if any.
     pub async fn find_live(&self, code: &Code) -> Result<Option<CodeRecord>> {
-        let find = async {
-            let mut conn = self.pool.acquire().await?;
-            promo_codes::find_live(&mut conn, code).await
-        };
-        find.await
-            .map_err(|e: StoreError| e.during(Operation::Find, Some(code)))
+        Ok(self.find(code).await?.filter(|r| !r.is_tombstoned()))
     }
 
     /// The row of `code`, revoked or not.
