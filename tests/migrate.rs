@@ -292,6 +292,12 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
     .await
     .unwrap();
 
+    // The server's readiness: the schema is current.
+    assert_eq!(
+        store.missing_migrations().await.unwrap(),
+        Vec::<String>::new()
+    );
+
     // The controller: create, change, conflict, release; the sweep's and the admin's queries.
     let code = Code::parse("GRANTED-1").unwrap();
     let me = Owner {

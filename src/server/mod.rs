@@ -351,9 +351,22 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
     response
 }
 
+/// Ready while the billing database answers with the schema this server's
+/// queries need: a server started before the migration (the chart's server
+/// pods do not migrate) waits here rather than failing requests.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    match sqlx::query("SELECT 1").execute(state.store.pool()).await {
-        Ok(_) => (StatusCode::OK, "ready").into_response(),
+    match state.store.missing_migrations().await {
+        Ok(missing) if missing.is_empty() => (StatusCode::OK, "ready").into_response(),
+        Ok(missing) => HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the billing database lacks {} migration(s) this server needs (first: {}): \
+                 waiting for `voucher-operator migrate`",
+                missing.len(),
+                missing[0]
+            ),
+        )
+        .into_response(),
         Err(_) => HttpError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the billing database is unreachable",

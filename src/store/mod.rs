@@ -243,6 +243,19 @@ impl Store {
             .map_err(|e: StoreError| e.during(Operation::FindOwner, Some(code)))
     }
 
+    /// The migrations this binary needs that the database has not applied
+    /// (`version description`), for a readiness that waits for whoever
+    /// migrates; empty when the schema is current.
+    pub async fn missing_migrations(&self) -> Result<Vec<String>> {
+        let mut conn = self.pool.acquire().await?;
+        let applied = applied_versions(&mut conn).await?;
+        Ok(migrator()
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .map(|m| format!("{} {}", m.version, m.description))
+            .collect())
+    }
+
     /// Brings the schema up to date. Idempotent, safe on a database the billing
     /// service created, and serialised between replicas by an advisory lock.
     pub async fn migrate(&self) -> Result<MigrationReport> {

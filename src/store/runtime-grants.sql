@@ -7,3 +7,4 @@ GRANT SELECT, INSERT ON customers, promo_redemptions, credit_ledger TO voucher_r
 GRANT SELECT, INSERT, UPDATE, DELETE ON voucher_bindings, voucher_audit_outbox, voucher_idempotency_keys TO voucher_runtime;
 GRANT SELECT, INSERT ON voucher_audit_dead_letters TO voucher_runtime;
 GRANT USAGE ON SEQUENCE voucher_audit_outbox_seq_seq TO voucher_runtime;
+GRANT SELECT ON voucher_operator_migrations TO voucher_runtime;

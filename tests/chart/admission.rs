@@ -45,7 +45,7 @@ async fn the_admission_policy_refuses_adopt_from_a_non_admin() {
     );
     objects.extend(account("tenant", &ns));
     objects.extend(account("billing-admin", &ns));
-    apply_as_admin(&admin, objects)
+    let _policy = apply_as_admin(&admin, objects)
         .await
         .expect("the policy and the accounts");
     let tenant = cluster.service_account_kubeconfig(dir.path(), &ns, "tenant");
@@ -53,25 +53,27 @@ async fn the_admission_policy_refuses_adopt_from_a_non_admin() {
     let vouchers: kube::Api<voucher_operator::api::Voucher> =
         kube::Api::namespaced(client.clone(), &ns);
 
-    // A policy takes effect a moment after it is created: until the tenant is refused, what
-    // slipped through is removed and tried again.
+    // A policy takes effect a moment after it is created or changed (another test may have
+    // applied it with other adopters): until the tenant is refused and the adopter admitted,
+    // what slipped through is removed and tried again.
     let asks_adopt = voucher("rvw-a1", json!({"creditOMR": 99999, "adopt": true}));
+    let probe = voucher("rvw-probe", json!({"creditOMR": 1, "adopt": true}));
     let deadline = Instant::now() + Duration::from_secs(20);
     let refused = loop {
-        match cluster.apply(&tenant, &asks_adopt) {
-            Err(refused) => break refused,
-            Ok(()) => {
-                vouchers
-                    .delete("rvw-a1", &Default::default())
-                    .await
-                    .unwrap();
-                assert!(
-                    Instant::now() < deadline,
-                    "the policy never refused the tenant"
-                );
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
+        let tenant_refused = cluster.apply(&tenant, &asks_adopt).err();
+        let adopter_admitted = cluster.apply(&billing_admin, &probe).is_ok();
+        for name in ["rvw-a1", "rvw-probe"] {
+            let _ = vouchers.delete(name, &Default::default()).await;
         }
+        if let (Some(refused), true) = (&tenant_refused, adopter_admitted) {
+            break refused.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the policy never took effect: the tenant {tenant_refused:?}, the adopter admitted: \
+             {adopter_admitted}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     };
     assert!(
         refused.contains("spec.adopt takes over a code that already exists or was revoked")
@@ -120,7 +122,7 @@ async fn a_namespace_label_caps_the_credit_of_its_vouchers() {
     let dir = tempfile::tempdir().unwrap();
     let admin = cluster.kubeconfig(dir.path(), &ns);
     let objects = rendered.of_kinds(&ADMISSION);
-    apply_as_admin(&admin, objects).await.expect("the policy");
+    let _policy = apply_as_admin(&admin, objects).await.expect("the policy");
     let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
     namespaces
         .patch(

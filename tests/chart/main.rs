@@ -29,9 +29,10 @@ mod values;
 
 const RELEASE: &str = "vo";
 
-/// Held while applying the release's cluster-scoped objects (the admission policy, the adopter
-/// ClusterRole), which several tests apply to the one API server: two creating at once would
-/// both find them absent.
+/// Held by a test from applying the release's cluster-scoped objects (the admission policy,
+/// which several tests apply to the one API server, each with its own values) to its end: two
+/// applying at once would both find them absent, and one would change the policy the other is
+/// trying.
 static CLUSTER_SCOPED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The release's admission policy and its binding, as rendered.
@@ -40,11 +41,16 @@ const ADMISSION: [&str; 2] = [
     "ValidatingAdmissionPolicyBinding",
 ];
 
-/// Applies `objects` (some cluster-scoped) as the cluster's administrator, one test at a time.
-async fn apply_as_admin(admin: &std::path::Path, objects: Vec<Value>) -> Result<(), String> {
+/// Applies `objects` (some cluster-scoped) as the cluster's administrator, one test at a time:
+/// keep the guard until the test no longer relies on them.
+async fn apply_as_admin(
+    admin: &std::path::Path,
+    objects: Vec<Value>,
+) -> Result<tokio::sync::MutexGuard<'static, ()>, String> {
     let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
-    let _cluster_scoped = CLUSTER_SCOPED.lock().await;
-    support::cluster::cluster().apply_server_side(admin, &list)
+    let cluster_scoped = CLUSTER_SCOPED.lock().await;
+    support::cluster::cluster().apply_server_side(admin, &list)?;
+    Ok(cluster_scoped)
 }
 const NAMESPACE: &str = "catalyst";
 /// The chart's kubeVersion floor and the newest schemas kubernetes-validate carries.
@@ -137,11 +143,16 @@ fn render_chart_in(chart: PathBuf, namespace: &str, values: Value) -> Rendered {
     serde_json::from_slice(&output.stdout).expect("the engine's answer")
 }
 
-/// The two values without a default.
+/// The values without a default: the two Secrets, and where the database and the API server
+/// are (egress goes only to named destinations).
 fn required() -> Value {
     json!({
         "database": {"existingSecret": "billing-db"},
         "auth": {"existingSecret": "billing-jwt"},
+        "networkPolicy": {"egress": {
+            "database": {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "billing"}}}]},
+            "kubernetesApi": {"to": [{"ipBlock": {"cidr": "172.18.0.2/32"}}]},
+        }},
     })
 }
 
@@ -224,6 +235,29 @@ impl Rendered {
     fn one(&self, kind: &str) -> &Value {
         let found = self.all(kind);
         assert_eq!(found.len(), 1, "one {kind}: {:?}", self.kinds());
+        found[0]
+    }
+
+    /// The Deployment of `component` (controller or server).
+    fn deployment(&self, component: &str) -> &Value {
+        let found: Vec<&Value> = self
+            .all("Deployment")
+            .into_iter()
+            .filter(|d| d["metadata"]["labels"]["app.kubernetes.io/component"] == component)
+            .collect();
+        assert_eq!(found.len(), 1, "one {component} Deployment");
+        found[0]
+    }
+
+    /// The container named `name` (controller, server, migrate) in whichever Deployment runs it.
+    fn container(&self, name: &str) -> &Value {
+        let found: Vec<&Value> = self
+            .all("Deployment")
+            .into_iter()
+            .flat_map(containers)
+            .filter(|c| c["name"] == name)
+            .collect();
+        assert_eq!(found.len(), 1, "one container {name}");
         found[0]
     }
 

@@ -35,23 +35,49 @@ fn default_values_render_lint_and_match_the_kubernetes_schemas() {
         "secrets are referenced, never rendered"
     );
 
-    let deployment = rendered.one("Deployment");
-    assert_eq!(deployment["spec"]["replicas"], 2);
-    let pod = &deployment["spec"]["template"]["spec"];
-    let names: Vec<&str> = pod["containers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["controller", "server"], "two containers, one pod");
-    assert_eq!(pod["initContainers"][0]["args"], json!(["migrate"]));
+    // Two Deployments, each with its own ServiceAccount: the internet-facing server does not
+    // carry the controller's rights.
+    assert_eq!(rendered.all("Deployment").len(), 2);
+    let mut accounts = BTreeSet::new();
+    for (component, init) in [("controller", Some("migrate")), ("server", None)] {
+        let deployment = rendered.deployment(component);
+        assert_eq!(deployment["spec"]["replicas"], 2, "{component}");
+        let pod = &deployment["spec"]["template"]["spec"];
+        let names: Vec<&str> = pod["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, [component], "one container a pod");
+        assert_eq!(container(deployment, component)["args"], json!([component]));
+        assert_eq!(
+            pod["initContainers"][0]["name"].as_str(),
+            init,
+            "{component}: the controller's pod migrates, the server's waits for the schema"
+        );
+        accounts.insert(pod["serviceAccountName"].as_str().unwrap().to_owned());
+        for (k, v) in deployment["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .unwrap()
+        {
+            assert_eq!(&deployment["spec"]["template"]["metadata"]["labels"][k], v);
+        }
+    }
     assert_eq!(
-        container(deployment, "controller")["args"],
-        json!(["controller"])
+        accounts,
+        BTreeSet::from([
+            "vo-voucher-operator-controller".into(),
+            "vo-voucher-operator-server".into()
+        ])
     );
-    assert_eq!(container(deployment, "server")["args"], json!(["server"]));
-    for c in containers(deployment) {
+    let created: BTreeSet<String> = rendered
+        .all("ServiceAccount")
+        .iter()
+        .map(|a| a["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(created, accounts);
+    for c in rendered.all("Deployment").into_iter().flat_map(containers) {
         assert_eq!(
             c["image"],
             format!(
@@ -75,19 +101,20 @@ fn default_values_render_lint_and_match_the_kubernetes_schemas() {
 #[test]
 fn every_container_runs_restricted_with_probes_and_resources() {
     let rendered = render(required());
-    let deployment = rendered.one("Deployment");
-    let pod = &deployment["spec"]["template"]["spec"];
-    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
-    assert_eq!(
-        pod["securityContext"]["seccompProfile"]["type"],
-        "RuntimeDefault"
-    );
-    assert_eq!(
-        pod["securityContext"]["runAsUser"],
-        image_user(),
-        "the image's USER"
-    );
-    for c in containers(deployment) {
+    for deployment in rendered.all("Deployment") {
+        let pod = &deployment["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(
+            pod["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        assert_eq!(
+            pod["securityContext"]["runAsUser"],
+            image_user(),
+            "the image's USER"
+        );
+    }
+    for c in rendered.all("Deployment").into_iter().flat_map(containers) {
         let name = c["name"].as_str().unwrap();
         let sc = &c["securityContext"];
         assert_eq!(sc["runAsNonRoot"], true, "{name}");
@@ -105,7 +132,7 @@ fn every_container_runs_restricted_with_probes_and_resources() {
     }
     // The server is probed on its admin port: a flood of the public one must not fail it.
     for (name, port) in [("controller", "metrics"), ("server", "admin")] {
-        let c = container(deployment, name);
+        let c = rendered.container(name);
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{name}");
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{name}");
         assert_eq!(c["livenessProbe"]["httpGet"]["port"], port, "{name}");
@@ -113,36 +140,58 @@ fn every_container_runs_restricted_with_probes_and_resources() {
     }
 }
 
+/// Named ports of a Deployment's containers → their numbers.
+fn ports_of(deployment: &Value) -> BTreeMap<String, u64> {
+    containers(deployment)
+        .into_iter()
+        .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["containerPort"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Whether `selector` (matchLabels) selects the pods of `deployment`.
+fn selects(selector: &Value, deployment: &Value) -> bool {
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    selector
+        .as_object()
+        .unwrap()
+        .iter()
+        .all(|(k, v)| &labels[k] == v)
+}
+
 #[test]
 fn the_ports_the_probes_services_and_network_policy_name_exist() {
     let rendered = render(with(json!({"serviceMonitor": {"enabled": true}})));
-    let deployment = rendered.one("Deployment");
-    let mut ports = BTreeMap::new();
-    for c in containers(deployment) {
-        for p in c["ports"].as_array().into_iter().flatten() {
-            ports.insert(
-                p["name"].as_str().unwrap().to_owned(),
-                p["containerPort"].as_u64().unwrap(),
-            );
-        }
-    }
-    assert_eq!(ports["http"], 8080);
-    assert_eq!(ports["admin"], 8081);
-    assert_eq!(ports["metrics"], 9090);
+    let (controller, server) = (
+        rendered.deployment("controller"),
+        rendered.deployment("server"),
+    );
+    let (controller_ports, server_ports) = (ports_of(controller), ports_of(server));
+    assert_eq!(controller_ports, BTreeMap::from([("metrics".into(), 9090)]));
+    assert_eq!(
+        server_ports,
+        BTreeMap::from([("http".into(), 8080), ("admin".into(), 8081)])
+    );
     // The addresses the containers listen on are the ports they declare.
     assert_eq!(
-        env_value(container(deployment, "server"), "LISTEN_ADDRESS"),
+        env_value(rendered.container("server"), "LISTEN_ADDRESS"),
         Some("0.0.0.0:8080")
     );
     assert_eq!(
-        env_value(container(deployment, "server"), "ADMIN_ADDRESS"),
+        env_value(rendered.container("server"), "ADMIN_ADDRESS"),
         Some("0.0.0.0:8081")
     );
     assert_eq!(
-        env_value(container(deployment, "controller"), "METRICS_ADDRESS"),
+        env_value(rendered.container("controller"), "METRICS_ADDRESS"),
         Some("0.0.0.0:9090")
     );
-    // The public Service exposes the customers' port only; the admin port has its own, internal one.
+    // The public Service exposes the customers' port of the servers only; the admin port has its
+    // own, internal one.
     let public = rendered
         .all("Service")
         .into_iter()
@@ -155,35 +204,70 @@ fn the_ports_the_probes_services_and_network_policy_name_exist() {
         .map(|p| p["targetPort"].as_str().unwrap())
         .collect();
     assert_eq!(exposed, ["http"]);
-    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert!(selects(&public["spec"]["selector"], server));
+    assert!(!selects(&public["spec"]["selector"], controller));
+    // Every port of every Service is a port of a pod it selects.
     for service in rendered.all("Service") {
-        for (k, v) in service["spec"]["selector"].as_object().unwrap() {
-            assert_eq!(&pod_labels[k], v, "the Service selects the pods");
-        }
+        let selected: Vec<&Value> = [controller, server]
+            .into_iter()
+            .filter(|d| selects(&service["spec"]["selector"], d))
+            .collect();
+        assert!(
+            !selected.is_empty(),
+            "{} selects no pod",
+            service["metadata"]["name"]
+        );
         for p in service["spec"]["ports"].as_array().unwrap() {
             let target = p["targetPort"].as_str().unwrap();
-            assert!(ports.contains_key(target), "targetPort {target}");
+            assert!(
+                selected.iter().any(|d| ports_of(d).contains_key(target)),
+                "targetPort {target}"
+            );
         }
     }
-    let policy = rendered.one("NetworkPolicy");
-    for rule in policy["spec"]["ingress"].as_array().unwrap() {
-        for p in rule["ports"].as_array().unwrap() {
-            let port = p["port"].as_str().unwrap();
-            assert!(ports.contains_key(port), "NetworkPolicy port {port}");
+    // One NetworkPolicy per Deployment, for its ports; egress only to named destinations, and
+    // no route from the server to NATS.
+    for (deployment, needed, never) in [
+        (controller, vec![53, 5432, 4222, 443, 6443], vec![]),
+        (server, vec![53, 5432, 443, 6443], vec![4222]),
+    ] {
+        let policies: Vec<&Value> = rendered
+            .all("NetworkPolicy")
+            .into_iter()
+            .filter(|p| {
+                p["spec"]["podSelector"]["matchLabels"]
+                    == deployment["spec"]["selector"]["matchLabels"]
+            })
+            .collect();
+        assert_eq!(policies.len(), 1);
+        let policy = policies[0];
+        let ports = ports_of(deployment);
+        for rule in policy["spec"]["ingress"].as_array().unwrap() {
+            for p in rule["ports"].as_array().unwrap() {
+                let port = p["port"].as_str().unwrap();
+                assert!(ports.contains_key(port), "NetworkPolicy port {port}");
+            }
         }
-    }
-    let egress_ports: BTreeSet<u64> = policy["spec"]["egress"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|r| r["ports"].as_array().unwrap())
-        .map(|p| p["port"].as_u64().unwrap())
-        .collect();
-    for needed in [53, 5432, 4222, 443, 6443] {
-        assert!(
-            egress_ports.contains(&needed),
-            "egress to {needed}: {egress_ports:?}"
+        let rules = policy["spec"]["egress"].as_array().unwrap();
+        let egress_ports: BTreeSet<u64> = rules
+            .iter()
+            .flat_map(|r| r["ports"].as_array().unwrap())
+            .map(|p| p["port"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            egress_ports,
+            needed.into_iter().collect(),
+            "{}",
+            policy["metadata"]["name"]
         );
+        assert!(never.iter().all(|p| !egress_ports.contains(p)));
+        for rule in rules {
+            let dns = rule["ports"][0]["port"] == 53;
+            assert!(
+                dns || rule["to"].as_array().is_some_and(|to| !to.is_empty()),
+                "egress only to named destinations: {rule}"
+            );
+        }
     }
     let monitor = rendered.one("ServiceMonitor");
     let metrics_service = rendered
@@ -191,6 +275,8 @@ fn the_ports_the_probes_services_and_network_policy_name_exist() {
         .into_iter()
         .find(|s| s["metadata"]["labels"]["app.kubernetes.io/component"] == "metrics")
         .expect("a metrics Service");
+    assert!(selects(&metrics_service["spec"]["selector"], controller));
+    assert!(selects(&metrics_service["spec"]["selector"], server));
     for (k, v) in monitor["spec"]["selector"]["matchLabels"]
         .as_object()
         .unwrap()
@@ -217,38 +303,108 @@ fn the_ports_the_probes_services_and_network_policy_name_exist() {
 }
 
 #[test]
+fn egress_goes_only_to_destinations_the_values_name() {
+    for (unset, key) in [
+        (
+            json!({"database": {"to": []}}),
+            "networkPolicy.egress.database.to",
+        ),
+        (
+            json!({"kubernetesApi": {"to": []}}),
+            "networkPolicy.egress.kubernetesApi.to",
+        ),
+        (json!({"nats": {"to": []}}), "networkPolicy.egress.nats.to"),
+    ] {
+        let rendered = render(with(json!({"networkPolicy": {"egress": unset}})));
+        assert!(
+            rendered.error().contains(&format!("set {key}")),
+            "{key}: {}",
+            rendered.error()
+        );
+    }
+    // Without the relay, NATS is not needed (and not reachable).
+    let rendered = render(with(
+        json!({"audit": {"relay": false}, "networkPolicy": {"egress": {"nats": {"to": []}}}}),
+    ));
+    rendered.assert_valid();
+    for policy in rendered.all("NetworkPolicy") {
+        assert!(
+            !policy["spec"]["egress"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["ports"][0]["port"] == 4222)
+        );
+    }
+    // A JWKS needs its identity provider named; the server alone may reach it.
+    let jwks = json!({"auth": {"jwksUrl": "https://keycloak.example/certs",
+                               "issuer": "https://keycloak.example", "audience": "billing"}});
+    let rendered = render(with(jwks.clone()));
+    assert!(
+        rendered
+            .error()
+            .contains("set networkPolicy.egress.identityProvider.to"),
+        "{}",
+        rendered.error()
+    );
+    let mut values = with(jwks);
+    merge(
+        &mut values,
+        json!({"networkPolicy": {"egress": {"identityProvider": {"to": [{"ipBlock": {"cidr": "203.0.113.7/32"}}]}}}}),
+    );
+    let rendered = render(values);
+    rendered.assert_valid();
+    let reaches_idp = |component: &str| {
+        rendered.all("NetworkPolicy").into_iter().any(|p| {
+            p["metadata"]["labels"]["app.kubernetes.io/component"] == component
+                && p["spec"]["egress"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["to"][0]["ipBlock"]["cidr"] == "203.0.113.7/32")
+        })
+    };
+    assert!(reaches_idp("server"));
+    assert!(!reaches_idp("controller"));
+}
+
+#[test]
 fn secrets_are_read_from_existing_secrets() {
     let rendered = render(with(json!({
         "database": {"existingSecret": "pg-url", "urlKey": "dsn"},
         "auth": {"existingSecret": "tokens", "hs256SecretKey": "hs256"},
     })));
     rendered.assert_valid();
-    let deployment = rendered.one("Deployment");
-    for c in containers(deployment) {
+    for c in rendered.all("Deployment").into_iter().flat_map(containers) {
         let url = env(c, "DATABASE_URL").expect("DATABASE_URL");
         assert_eq!(
             url["valueFrom"]["secretKeyRef"],
             json!({"name": "pg-url", "key": "dsn"})
         );
     }
-    let server = container(deployment, "server");
+    let server = rendered.container("server");
     assert_eq!(
         env(server, "JWT_HS256_SECRET").unwrap()["valueFrom"]["secretKeyRef"],
         json!({"name": "tokens", "key": "hs256"})
     );
     assert!(
-        env(container(deployment, "controller"), "JWT_HS256_SECRET").is_none(),
+        env(rendered.container("controller"), "JWT_HS256_SECRET").is_none(),
         "only the server verifies tokens"
     );
 
     // JWKS only: no shared secret at all.
-    let rendered = render(json!({
-        "database": {"existingSecret": "pg-url"},
-        "auth": {"jwksUrl": "https://keycloak.example/realms/catalyst/protocol/openid-connect/certs",
-                 "issuer": "https://keycloak.example/realms/catalyst", "audience": "billing"},
-    }));
+    let mut values = required();
+    merge(
+        &mut values,
+        json!({
+            "auth": {"existingSecret": "", "jwksUrl": "https://keycloak.example/realms/catalyst/protocol/openid-connect/certs",
+                     "issuer": "https://keycloak.example/realms/catalyst", "audience": "billing"},
+            "networkPolicy": {"egress": {"identityProvider": {"to": [{"ipBlock": {"cidr": "203.0.113.7/32"}}]}}},
+        }),
+    );
+    let rendered = render(values);
     rendered.assert_valid();
-    let server = container(rendered.one("Deployment"), "server");
+    let server = rendered.container("server");
     assert!(env(server, "JWT_HS256_SECRET").is_none());
     assert_eq!(
         env_value(server, "JWKS_URL"),
@@ -298,13 +454,11 @@ fn rbac_grants_only_what_the_operator_uses() {
         .map(|(k, ns, g, r, v)| format!("{k}/{ns} {g} {r} {v}"))
         .collect();
     let expected: BTreeSet<String> = [
-        // The controller, cluster-wide: Vouchers and their status, Events; and the
-        // revoke endpoint's delete, wherever the Voucher of a code is.
+        // The controller, cluster-wide: Vouchers and their status, Events.
         "ClusterRole/ catalyst.openova.io vouchers get",
         "ClusterRole/ catalyst.openova.io vouchers list",
         "ClusterRole/ catalyst.openova.io vouchers watch",
         "ClusterRole/ catalyst.openova.io vouchers patch",
-        "ClusterRole/ catalyst.openova.io vouchers delete",
         "ClusterRole/ catalyst.openova.io vouchers/status patch",
         "ClusterRole/ events.k8s.io events create",
         "ClusterRole/ events.k8s.io events patch",
@@ -312,9 +466,12 @@ fn rbac_grants_only_what_the_operator_uses() {
         "Role/catalyst coordination.k8s.io leases create",
         "Role/catalyst coordination.k8s.io leases get",
         "Role/catalyst coordination.k8s.io leases patch",
-        // The issue endpoint, in the admin namespace.
+        // The server's issue endpoint, in the admin namespace, and its revoke endpoint in
+        // the issuer namespaces (by default the admin namespace).
         "Role/catalyst catalyst.openova.io vouchers create",
         "Role/catalyst catalyst.openova.io vouchers patch",
+        "Role/catalyst catalyst.openova.io vouchers get",
+        "Role/catalyst catalyst.openova.io vouchers delete",
     ]
     .map(String::from)
     .into();
@@ -334,19 +491,15 @@ fn rbac_grants_only_what_the_operator_uses() {
         .unwrap();
     assert_eq!(named["resourceNames"], json!(["vo-voucher-operator"]));
     assert_eq!(
-        env_value(
-            container(rendered.one("Deployment"), "controller"),
-            "LEASE_NAME"
-        ),
+        env_value(rendered.container("controller"), "LEASE_NAME"),
         Some("vo-voucher-operator")
     );
 
-    // Every binding names the pod's ServiceAccount and a rendered role.
-    let account = rendered.one("ServiceAccount")["metadata"]["name"].clone();
-    assert_eq!(
-        rendered.one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"],
-        account
-    );
+    // Every binding names a rendered role and the ServiceAccount of the one Deployment that
+    // uses it: the server's account holds the admin endpoints' rights and nothing else.
+    let account = |component: &str| {
+        rendered.deployment(component)["spec"]["template"]["spec"]["serviceAccountName"].clone()
+    };
     let roles: BTreeSet<(String, String)> = rendered
         .all("Role")
         .into_iter()
@@ -363,9 +516,16 @@ fn rbac_grants_only_what_the_operator_uses() {
         .into_iter()
         .chain(rendered.all("ClusterRoleBinding"))
     {
+        let name = binding["metadata"]["name"].as_str().unwrap();
+        let component = if name.contains("-admin-") {
+            "server"
+        } else {
+            "controller"
+        };
         assert_eq!(
             binding["subjects"],
-            json!([{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}])
+            json!([{"kind": "ServiceAccount", "name": account(component), "namespace": NAMESPACE}]),
+            "{name}"
         );
         let role = (
             binding["roleRef"]["kind"].as_str().unwrap().to_owned(),
@@ -379,11 +539,9 @@ fn rbac_grants_only_what_the_operator_uses() {
 fn the_migration_may_run_with_the_schema_owner_and_the_containers_without() {
     let url_of = |c: &Value| env(c, "DATABASE_URL").unwrap()["valueFrom"]["secretKeyRef"].clone();
     let rendered = render(required());
-    let deployment = rendered.one("Deployment");
-    let init = &deployment["spec"]["template"]["spec"]["initContainers"][0];
     assert_eq!(
-        url_of(init),
-        url_of(container(deployment, "server")),
+        url_of(rendered.container("migrate")),
+        url_of(rendered.container("server")),
         "one URL by default"
     );
 
@@ -391,15 +549,13 @@ fn the_migration_may_run_with_the_schema_owner_and_the_containers_without() {
         json!({"database": {"migrationSecret": "billing-db-owner"}}),
     ));
     rendered.assert_valid();
-    let deployment = rendered.one("Deployment");
-    let init = &deployment["spec"]["template"]["spec"]["initContainers"][0];
     assert_eq!(
-        url_of(init),
+        url_of(rendered.container("migrate")),
         json!({"name": "billing-db-owner", "key": "url"})
     );
     for name in ["controller", "server"] {
         assert_eq!(
-            url_of(container(deployment, name))["name"],
+            url_of(rendered.container(name))["name"],
             required()["database"]["existingSecret"],
             "{name} runs with the runtime role"
         );
@@ -427,14 +583,62 @@ fn one_watched_namespace_needs_nothing_cluster_wide() {
     .map(String::from)
     .into();
     assert_eq!(namespaces, expected);
-    let deployment = rendered.one("Deployment");
     assert_eq!(
-        env_value(container(deployment, "controller"), "WATCH_NAMESPACE"),
+        env_value(rendered.container("controller"), "WATCH_NAMESPACE"),
         Some("billing")
     );
     assert_eq!(
-        env_value(container(deployment, "server"), "ADMIN_NAMESPACE"),
+        env_value(rendered.container("server"), "ADMIN_NAMESPACE"),
         Some("billing"),
         "the admin endpoints create Vouchers where the controller looks"
     );
+}
+
+#[test]
+fn the_server_may_delete_vouchers_only_in_the_issuer_namespaces() {
+    let rendered = render(with(json!({
+        "controller": {"issuerNamespaces": ["billing", "partners"]},
+        "server": {"adminNamespace": "billing"},
+    })));
+    rendered.assert_valid();
+    let server_account =
+        rendered.deployment("server")["spec"]["template"]["spec"]["serviceAccountName"].clone();
+    let mut server_rights = BTreeSet::new();
+    for binding in rendered
+        .all("RoleBinding")
+        .into_iter()
+        .chain(rendered.all("ClusterRoleBinding"))
+        .filter(|b| b["subjects"][0]["name"] == server_account)
+    {
+        assert_eq!(binding["kind"], "RoleBinding", "nothing cluster-wide");
+        let role = rendered
+            .all("Role")
+            .into_iter()
+            .find(|r| {
+                r["metadata"]["name"] == binding["roleRef"]["name"]
+                    && r["metadata"]["namespace"] == binding["metadata"]["namespace"]
+            })
+            .unwrap();
+        for rule in role["rules"].as_array().unwrap() {
+            for verb in rule["verbs"].as_array().unwrap() {
+                server_rights.insert(format!(
+                    "{} {} {}",
+                    role["metadata"]["namespace"].as_str().unwrap(),
+                    rule["resources"][0].as_str().unwrap(),
+                    verb.as_str().unwrap()
+                ));
+            }
+        }
+    }
+    let expected: BTreeSet<String> = [
+        "billing vouchers create",
+        "billing vouchers patch",
+        "billing vouchers get",
+        "billing vouchers delete",
+        "partners vouchers get",
+        "partners vouchers delete",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(server_rights, expected);
 }

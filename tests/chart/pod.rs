@@ -1,13 +1,13 @@
-//! The pod the chart renders, run: each container's args and environment exactly as rendered,
-//! with a cleared environment, against real Postgres, a real nats-server and the real Kubernetes
-//! API server, as the chart's ServiceAccount with the chart's RBAC applied. Only what a cluster
-//! supplies is filled in: Secret values, the downward API, loopback ports for the declared
-//! container ports, and KUBECONFIG (with the ServiceAccount's token from the TokenRequest API) in
-//! place of the in-cluster token mount.
+//! The pods the chart renders (the controller's and the server's), run: each container's args and
+//! environment exactly as rendered, with a cleared environment, against real Postgres, a real
+//! nats-server and the real Kubernetes API server, each as its Deployment's ServiceAccount with
+//! the chart's RBAC applied. Only what a cluster supplies is filled in: Secret values, the
+//! downward API, loopback ports for the declared container ports, and KUBECONFIG (with the
+//! ServiceAccount's token from the TokenRequest API) in place of the in-cluster token mount.
 //!
-//! Least privilege is checked both ways from the API server's audit log: nothing the pod does is
-//! refused, and every rule the chart grants was used (an unused grant fails the test: remove it,
-//! or exercise it here).
+//! Least privilege is checked both ways from the API server's audit log, for each ServiceAccount:
+//! nothing its pod does is refused, and every rule the chart grants it was used (an unused grant
+//! fails the test: remove it, or exercise it here).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,17 +23,23 @@ const POD_NAME: &str = "vo-voucher-operator-7d9c-abcde";
 struct Pod {
     dir: tempfile::TempDir,
     namespace: String,
-    kubeconfig: std::path::PathBuf,
+    /// ServiceAccount name → a kubeconfig with its token.
+    kubeconfigs: BTreeMap<String, std::path::PathBuf>,
     database: String,
     /// Declared container port → the loopback port standing in for it.
     ports: BTreeMap<u64, u16>,
 }
 
 impl Pod {
-    /// The container's command line and environment, as the kubelet would start it.
-    fn command(&self, container: &Value) -> Command {
+    /// The container's command line and environment, as the kubelet would start it in a pod of
+    /// `deployment`.
+    fn command(&self, deployment: &Value, container: &Value) -> Command {
+        let account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_voucher-operator"));
-        cmd.env_clear().env("KUBECONFIG", &self.kubeconfig);
+        cmd.env_clear()
+            .env("KUBECONFIG", &self.kubeconfigs[account]);
         for arg in container["args"].as_array().unwrap() {
             cmd.arg(arg.as_str().unwrap());
         }
@@ -174,8 +180,11 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
     );
     let rendered = render_in(namespace, values);
     rendered.assert_valid();
-    let deployment = rendered.one("Deployment");
-    let spec = &deployment["spec"]["template"]["spec"];
+    let (controller_pod, server_pod) = (
+        rendered.deployment("controller"),
+        rendered.deployment("server"),
+    );
+    let spec = &controller_pod["spec"]["template"]["spec"];
     let cluster = support::cluster::cluster();
     let client = cluster.client().await;
     let dir = tempfile::tempdir().unwrap();
@@ -207,37 +216,75 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
             .await;
     }
     let admin = cluster.kubeconfig(dir.path(), namespace);
-    if let Err(refused) = apply_as_admin(&admin, rbac).await {
-        panic!("kubectl apply of the chart's RBAC: {refused}");
-    }
-    let service_account = spec["serviceAccountName"].as_str().unwrap();
-    let kubeconfig = cluster.service_account_kubeconfig(dir.path(), namespace, service_account);
+    let _policy = match apply_as_admin(&admin, rbac).await {
+        Ok(guard) => guard,
+        Err(refused) => panic!("kubectl apply of the chart's RBAC: {refused}"),
+    };
+    let accounts: Vec<String> = [controller_pod, server_pod]
+        .iter()
+        .map(|d| {
+            d["spec"]["template"]["spec"]["serviceAccountName"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let kubeconfigs = accounts
+        .iter()
+        .map(|a| {
+            (
+                a.clone(),
+                cluster.service_account_kubeconfig(dir.path(), namespace, a),
+            )
+        })
+        .collect();
 
     let pod = Pod {
-        kubeconfig,
+        kubeconfigs,
         namespace: namespace.to_owned(),
         database: support::fresh_database("chartpod").await,
-        ports: containers(deployment)
-            .iter()
+        ports: [controller_pod, server_pod]
+            .into_iter()
+            .flat_map(containers)
             .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
             .map(|p| (p["containerPort"].as_u64().unwrap(), support::free_port()))
             .collect(),
         dir,
     };
 
+    let controller = container(controller_pod, "controller");
+    let server = container(server_pod, "server");
+    // The server's pod has no migration of its own: on an empty database it is not ready (its
+    // readiness says the schema is missing), and turns ready once the controller's pod migrated.
+    let mut running = Containers(vec![pod.command(server_pod, server).spawn().unwrap()]);
+    let readiness = |c: &Value| {
+        let probe = &c["readinessProbe"]["httpGet"];
+        (
+            pod.port(c, probe["port"].as_str().unwrap()),
+            probe["path"].as_str().unwrap().to_owned(),
+        )
+    };
+    let (port, path) = readiness(server);
+    wait_for("the server's readiness to answer", &pod, async || {
+        support::http_get(port, &path)
+            .await
+            .starts_with("HTTP/1.0 503")
+    })
+    .await;
+    assert!(
+        support::http_get(port, &path)
+            .await
+            .contains("voucher-operator migrate"),
+        "the server says what it waits for"
+    );
+
     // The init container migrates the empty billing database, then exits.
     let migrate = &spec["initContainers"][0];
-    let status = pod.command(migrate).status().unwrap();
+    let status = pod.command(controller_pod, migrate).status().unwrap();
     assert!(status.success(), "migrate: {}", pod.logs());
-
-    let controller = container(deployment, "controller");
-    let server = container(deployment, "server");
-    let mut running = Containers(
-        [controller, server]
-            .iter()
-            .map(|c| pod.command(c).spawn().unwrap())
-            .collect(),
-    );
+    running
+        .0
+        .push(pod.command(controller_pod, controller).spawn().unwrap());
 
     // Both readiness probes pass, at the paths and ports the chart gives the kubelet.
     for c in [controller, server] {
@@ -405,7 +452,11 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
     .await;
 
     // SIGTERM (a rollout, a drain): both stop cleanly within the grace period, the Lease is let go.
-    let grace = Duration::from_secs(spec["terminationGracePeriodSeconds"].as_u64().unwrap());
+    let grace = Duration::from_secs(
+        server_pod["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap(),
+    );
     let started = Instant::now();
     for child in &mut running.0 {
         assert!(stop(child, &pod).await.success(), "{}", pod.logs());
@@ -419,11 +470,13 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
         .and_then(|s| s.holder_identity);
     assert_eq!(holder, None, "released on stop");
 
-    assert_least_privilege(&rendered, namespace, service_account, &pod);
+    for account in &accounts {
+        assert_least_privilege(&rendered, namespace, account, &pod);
+    }
 }
 
-/// From the API server's audit log: no request of the pod's ServiceAccount was refused, and
-/// every rule the chart grants it was used by one of them.
+/// From the API server's audit log: no request of a pod's ServiceAccount was refused, and
+/// every rule the chart grants that account was used by one of them.
 fn assert_least_privilege(rendered: &Rendered, namespace: &str, service_account: &str, pod: &Pod) {
     let user = format!("system:serviceaccount:{namespace}:{service_account}");
     let requests = support::cluster::cluster().requests_of(&user);
@@ -431,13 +484,26 @@ fn assert_least_privilege(rendered: &Rendered, namespace: &str, service_account:
     let refused: Vec<_> = requests.iter().filter(|r| r.code == 403).collect();
     assert!(
         refused.is_empty(),
-        "the chart's RBAC refused the pod: {refused:#?}\n{}",
+        "the chart's RBAC refused {user}: {refused:#?}\n{}",
         pod.logs()
     );
+    // The roles bound to this account.
+    let bound: Vec<(&Value, Option<&str>)> = rendered
+        .all("RoleBinding")
+        .into_iter()
+        .chain(rendered.all("ClusterRoleBinding"))
+        .filter(|b| b["subjects"][0]["name"] == service_account)
+        .map(|b| (&b["roleRef"]["name"], b["metadata"]["namespace"].as_str()))
+        .collect();
     let roles = rendered
         .all("Role")
         .into_iter()
-        .chain(rendered.all("ClusterRole"));
+        .chain(rendered.all("ClusterRole"))
+        .filter(|r| {
+            bound.iter().any(|(name, ns)| {
+                &&r["metadata"]["name"] == name && r["metadata"]["namespace"].as_str() == *ns
+            })
+        });
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
             .map(|a| a.iter().map(|s| s.as_str().unwrap().to_owned()).collect())
@@ -486,4 +552,144 @@ fn assert_least_privilege(rendered: &Rendered, namespace: &str, service_account:
         "granted but never used (remove them from the chart, or exercise them here): {unused:#?}\n\
          what the pod asked: {seen:#?}"
     );
+}
+
+/// The server faces the internet: its ServiceAccount may create Vouchers in the admin namespace
+/// and delete them in the issuer namespaces, and nothing more; the controller's may not delete.
+/// Tried through the real `kubectl` against the real API server with the chart's RBAC applied.
+#[tokio::test]
+async fn the_servers_account_is_refused_everything_but_issue_and_revoke() {
+    let cluster = support::cluster::cluster();
+    let (_, release) = support::cluster::setup("sa-split").await;
+    let (_, elsewhere) = support::cluster::setup("sa-other").await;
+    let rendered = render_in(&release, required());
+    let dir = tempfile::tempdir().unwrap();
+    let admin = cluster.kubeconfig(dir.path(), &release);
+    // Cluster-scoped objects get a name of this test's own, so that no other test's release
+    // changes (or is changed by) them.
+    let mut rbac = rendered.of_kinds(&["ServiceAccount", "Role", "RoleBinding"]);
+    for mut object in rendered.of_kinds(&["ClusterRole", "ClusterRoleBinding"]) {
+        let renamed = format!("{}-{release}", object["metadata"]["name"].as_str().unwrap());
+        object["metadata"]["name"] = json!(renamed);
+        if object["roleRef"].is_object() {
+            object["roleRef"]["name"] = json!(renamed);
+        }
+        rbac.push(object);
+    }
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
+    cluster
+        .apply_server_side(&admin, &list)
+        .expect("the chart's RBAC");
+    let account = |component: &str| {
+        let name = rendered.deployment(component)["spec"]["template"]["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        cluster.service_account_kubeconfig(dir.path(), &release, &name)
+    };
+    let (server, controller) = (account("server"), account("controller"));
+    let voucher = |name: &str| {
+        json!({"apiVersion": "catalyst.openova.io/v1alpha1", "kind": "Voucher",
+               "metadata": {"name": name}, "spec": {"code": name.to_uppercase(), "creditOMR": 5}})
+    };
+    for ns in [&release, &elsewhere] {
+        let mut create = cluster.kubectl(&admin);
+        create.args(["create", "-n", ns, "-f", "-"]);
+        let output = support::run_with_input(&mut create, voucher("sa-v1").to_string().as_bytes());
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let kubectl = |kubeconfig: &std::path::Path, args: &[&str], input: Option<Value>| {
+        let mut cmd = cluster.kubectl(kubeconfig);
+        cmd.args(args);
+        let output = support::run_with_input(
+            &mut cmd,
+            input.map(|v| v.to_string()).unwrap_or_default().as_bytes(),
+        );
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let status = r#"{"status":{"phase":"Active"}}"#;
+    let refused: [(&std::path::Path, Vec<&str>, Option<Value>, &str); 6] = [
+        (
+            &server,
+            vec!["delete", "voucher", "sa-v1", "-n", &elsewhere],
+            None,
+            "delete a Voucher outside the issuer namespaces",
+        ),
+        (
+            &server,
+            vec!["create", "-n", &elsewhere, "-f", "-"],
+            Some(voucher("sa-v2")),
+            "create a Voucher outside the admin namespace",
+        ),
+        (
+            &server,
+            vec![
+                "patch",
+                "voucher",
+                "sa-v1",
+                "-n",
+                &release,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                status,
+            ],
+            None,
+            "write a Voucher's status",
+        ),
+        (
+            &server,
+            vec!["get", "vouchers", "-A"],
+            None,
+            "list Vouchers everywhere",
+        ),
+        (
+            &server,
+            vec!["get", "secrets", "-n", &release],
+            None,
+            "read Secrets",
+        ),
+        (
+            &controller,
+            vec!["delete", "voucher", "sa-v1", "-n", &release],
+            None,
+            "the controller: delete a Voucher",
+        ),
+    ];
+    for (who, args, input, what) in refused {
+        let (ok, stderr) = kubectl(who, &args, input);
+        assert!(
+            !ok && stderr.contains("Forbidden"),
+            "{what} was not refused: {stderr}"
+        );
+    }
+    // What they may do (the refusals above are not a broken account).
+    let (ok, stderr) = kubectl(
+        &controller,
+        &[
+            "patch",
+            "voucher",
+            "sa-v1",
+            "-n",
+            &release,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"labels":{"patched":"yes"}}}"#,
+        ],
+        None,
+    );
+    assert!(ok, "the controller patches Vouchers: {stderr}");
+    let (ok, stderr) = kubectl(
+        &server,
+        &["delete", "voucher", "sa-v1", "-n", &release],
+        None,
+    );
+    assert!(ok, "the server revokes in an issuer namespace: {stderr}");
 }

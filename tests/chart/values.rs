@@ -78,11 +78,12 @@ fn every_variable_the_chart_sets_is_read_and_accepted_by_the_binary() {
             "nats": {"url": "nats://a:4222,nats://b:4222", "existingSecret": "nats-relay",
                      "credsKey": "relay.creds", "caKey": "ca.crt", "tlsRequired": true},
             "logging": {"format": "text", "level": "debug,sqlx=info"},
+            "networkPolicy": {"egress": {"identityProvider": {"to": [{"ipBlock": {"cidr": "203.0.113.7/32"}}]}}},
         })),
     ] {
         let rendered = render(values);
         rendered.assert_valid();
-        for c in containers(rendered.one("Deployment")) {
+        for c in rendered.all("Deployment").into_iter().flat_map(containers) {
             if let Err(e) = parse_container(c) {
                 panic!("container {}: {e}", c["name"]);
             }
@@ -95,10 +96,12 @@ fn variants_render_and_match_the_kubernetes_schemas() {
     let variants = [
         json!({"serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}}}),
         json!({"networkPolicy": {"enabled": false}, "podDisruptionBudget": {"enabled": false}}),
-        json!({"replicaCount": 1, "podDisruptionBudget": {"maxUnavailable": "50%"}}),
+        json!({"controller": {"replicas": 1}, "server": {"replicas": 3},
+               "podDisruptionBudget": {"maxUnavailable": "50%"}}),
         json!({"image": {"digest": format!("sha256:{}", "a".repeat(64))}}),
         json!({"database": {"migrate": false}}),
-        json!({"serviceAccount": {"create": false, "name": "billing-operator"}}),
+        json!({"serviceAccount": {"create": false, "controllerName": "billing-operator",
+                                  "serverName": "billing-api"}}),
         json!({"fullnameOverride": "vouchers", "service": {"type": "LoadBalancer", "port": 8443}}),
         json!({"networkPolicy": {
             "httpFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}],
@@ -113,7 +116,7 @@ fn variants_render_and_match_the_kubernetes_schemas() {
     for variant in variants {
         let rendered = render(with(variant.clone()));
         rendered.assert_valid();
-        let deployment = rendered.one("Deployment");
+        let deployment = rendered.deployment("server");
         let pod = &deployment["spec"]["template"]["spec"];
         let kinds = rendered.kinds();
         match &variant {
@@ -145,12 +148,20 @@ fn variants_render_and_match_the_kubernetes_schemas() {
                 assert!(!kinds.contains(&"NetworkPolicy".into()));
                 assert!(!kinds.contains(&"PodDisruptionBudget".into()));
             }
-            v if v["replicaCount"] == 1 => {
-                assert_eq!(deployment["spec"]["replicas"], 1);
-                assert_eq!(
-                    rendered.one("PodDisruptionBudget")["spec"]["maxUnavailable"],
-                    "50%"
-                );
+            v if v["controller"]["replicas"] == 1 => {
+                assert_eq!(rendered.deployment("controller")["spec"]["replicas"], 1);
+                assert_eq!(deployment["spec"]["replicas"], 3);
+                let budgets = rendered.all("PodDisruptionBudget");
+                assert_eq!(budgets.len(), 2, "one a Deployment");
+                for budget in budgets {
+                    assert_eq!(budget["spec"]["maxUnavailable"], "50%");
+                    let selected = rendered
+                        .all("Deployment")
+                        .into_iter()
+                        .filter(|d| d["spec"]["selector"] == budget["spec"]["selector"])
+                        .count();
+                    assert_eq!(selected, 1, "a pod is covered by one budget");
+                }
             }
             v if v["image"]["digest"].is_string() => {
                 assert_eq!(
@@ -162,23 +173,33 @@ fn variants_render_and_match_the_kubernetes_schemas() {
                 );
             }
             v if v["database"]["migrate"] == false => {
-                assert!(pod["initContainers"].is_null());
-                for c in containers(deployment) {
+                for d in rendered.all("Deployment") {
+                    assert!(d["spec"]["template"]["spec"]["initContainers"].is_null());
+                }
+                for c in rendered.all("Deployment").into_iter().flat_map(containers) {
                     assert_eq!(env_value(c, "SKIP_MIGRATIONS"), Some("true"));
                 }
             }
             v if v["serviceAccount"]["create"] == false => {
                 assert!(!kinds.contains(&"ServiceAccount".into()));
-                assert_eq!(pod["serviceAccountName"], "billing-operator");
+                assert_eq!(pod["serviceAccountName"], "billing-api");
+                assert_eq!(
+                    rendered.deployment("controller")["spec"]["template"]["spec"]["serviceAccountName"],
+                    "billing-operator"
+                );
             }
             v if v["fullnameOverride"].is_string() => {
-                assert_eq!(deployment["metadata"]["name"], "vouchers");
+                assert_eq!(deployment["metadata"]["name"], "vouchers-server");
                 let service = &rendered.all("Service")[0];
                 assert_eq!(service["spec"]["type"], "LoadBalancer");
                 assert_eq!(service["spec"]["ports"][0]["port"], 8443);
             }
             v if v["networkPolicy"]["httpFrom"].is_array() => {
-                let policy = rendered.one("NetworkPolicy");
+                let policy = rendered
+                    .all("NetworkPolicy")
+                    .into_iter()
+                    .find(|p| p["metadata"]["labels"]["app.kubernetes.io/component"] == "server")
+                    .unwrap();
                 assert_eq!(
                     policy["spec"]["ingress"][0]["from"],
                     variant["networkPolicy"]["httpFrom"]
@@ -217,9 +238,12 @@ fn variants_render_and_match_the_kubernetes_schemas() {
 #[test]
 fn wrong_values_are_rejected_naming_the_key() {
     let cases = [
-        (json!({"replicaCount": "two"}), "/replicaCount"),
-        (json!({"replicaCount": 0}), "/replicaCount"),
-        (json!({"replicaCont": 3}), "replicaCont"),
+        (json!({"server": {"replicas": "two"}}), "/server/replicas"),
+        (
+            json!({"controller": {"replicas": 0}}),
+            "/controller/replicas",
+        ),
+        (json!({"replicaCount": 3}), "replicaCount"),
         (json!({"audit": {"storage": "disk"}}), "/audit/storage"),
         (json!({"audit": {"replicas": 7}}), "/audit/replicas"),
         (
@@ -320,7 +344,7 @@ fn an_invalid_object_would_be_caught() {
     let broken = tempfile::tempdir().unwrap();
     let copy = broken.path().join("voucher-operator");
     copy_dir(&chart_dir(), &copy);
-    let deployment = copy.join("templates/deployment.yaml");
+    let deployment = copy.join("templates/deployment-server.yaml");
     let text = std::fs::read_to_string(&deployment).unwrap();
     std::fs::write(
         &deployment,
@@ -331,7 +355,7 @@ fn an_invalid_object_would_be_caught() {
     let deployment = rendered
         .objects
         .iter()
-        .find(|o| o.object["kind"] == "Deployment")
+        .find(|o| o.object["kind"] == "Deployment" && o.source.ends_with("deployment-server.yaml"))
         .unwrap();
     for version in KUBE_VERSIONS {
         let why = deployment.validation[version].clone().unwrap_or_default();

@@ -30,11 +30,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: catalyst
 {{- end -}}
 
+{{/* The pods of one Deployment: `component` is controller or server. */}}
+{{- define "voucher-operator.componentSelectorLabels" -}}
+{{ include "voucher-operator.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* The ServiceAccount of `component` (controller or server): each Deployment has its own. */}}
 {{- define "voucher-operator.serviceAccountName" -}}
-{{- if .Values.serviceAccount.create -}}
-{{- default (include "voucher-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- $values := .root.Values.serviceAccount -}}
+{{- $name := get $values (printf "%sName" .component) -}}
+{{- if $values.create -}}
+{{- default (printf "%s-%s" (include "voucher-operator.fullname" .root | trunc 52 | trimSuffix "-") .component) $name -}}
 {{- else -}}
-{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- required (printf "serviceAccount.%sName is required when serviceAccount.create is false" .component) $name -}}
 {{- end -}}
 {{- end -}}
 
@@ -117,4 +126,65 @@ seccompProfile:
 {{- if not (or .Values.auth.existingSecret .Values.auth.jwksUrl) -}}
 {{- fail "set auth.existingSecret (a Secret holding the HS256 secret) or auth.jwksUrl: the redeem and admin endpoints verify bearer tokens" -}}
 {{- end -}}
+{{- if .Values.networkPolicy.enabled -}}
+{{- $egress := .Values.networkPolicy.egress -}}
+{{- if not $egress.database.to -}}
+{{- fail "set networkPolicy.egress.database.to: where the billing database is, as NetworkPolicy peers (e.g. [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: billing}}}] or [{ipBlock: {cidr: 10.0.5.7/32}}]); egress goes only to named destinations (or set networkPolicy.enabled: false)" -}}
+{{- end -}}
+{{- if not $egress.kubernetesApi.to -}}
+{{- fail "set networkPolicy.egress.kubernetesApi.to: the API server's addresses as ipBlocks (kubectl get endpointslice -n default kubernetes -o jsonpath='{.endpoints[*].addresses[*]}', each as <ip>/32); egress goes only to named destinations (or set networkPolicy.enabled: false)" -}}
+{{- end -}}
+{{- if and .Values.audit.relay (not $egress.nats.to) -}}
+{{- fail "set networkPolicy.egress.nats.to: where NATS runs, as NetworkPolicy peers; egress goes only to named destinations" -}}
+{{- end -}}
+{{- if and .Values.auth.jwksUrl (not $egress.identityProvider.to) -}}
+{{- fail "set networkPolicy.egress.identityProvider.to: the host of auth.jwksUrl, as NetworkPolicy peers (an ipBlock for an outside identity provider); egress goes only to named destinations" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* What both Deployments' pods share, before the containers (dict root component). */}}
+{{- define "voucher-operator.podCommon" -}}
+{{- $values := .root.Values -}}
+{{- with $values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+# On SIGTERM the controller releases the Lease (another replica leads within
+# controller.leaseDuration); the server waits for its endpoints to go, then drains.
+terminationGracePeriodSeconds: {{ $values.terminationGracePeriodSeconds }}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 65532
+  runAsGroup: 65532
+  fsGroup: 65532
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{/* Where both Deployments' pods run (dict root component); spread by the pods of one Deployment. */}}
+{{- define "voucher-operator.podPlacement" -}}
+{{- $values := .root.Values -}}
+{{- $selector := include "voucher-operator.componentSelectorLabels" . | fromYaml -}}
+{{- with $values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- range . }}
+  - {{- toYaml (merge (deepCopy .) (dict "labelSelector" (dict "matchLabels" $selector))) | nindent 4 }}
+  {{- end }}
+{{- end }}
 {{- end -}}
