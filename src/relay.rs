@@ -318,9 +318,14 @@ async fn set_aside(
     Ok(())
 }
 
-/// Publishes one batch: every record is sent before any ack is awaited, then
-/// the acknowledged prefix is marked published. A record that cannot fit is
-/// moved to the dead letters. Returns how many records left the outbox.
+/// Publishes one batch, pipelined: records are sent without waiting for
+/// their acks, except that a record waits for the ack of its code's previous
+/// one. A code whose event is refused or lost sends nothing more in this
+/// batch, so no later event of that code is ever stored ahead of it, while
+/// the other codes go on; the next round (after a back-off) starts again
+/// from its first record not acknowledged. A record that cannot fit is moved
+/// to the dead letters. Returns how many records left the outbox, or the
+/// first failure once the rest of the batch is done.
 async fn publish_batch(
     store: &Store,
     js: &jetstream::Context,
@@ -333,17 +338,22 @@ async fn publish_batch(
     if records.is_empty() {
         return Ok(0);
     }
-    let mut acks = Vec::with_capacity(records.len());
-    let mut send_error = None;
-    let mut dead = 0;
+    let mut batch = Acks::default();
     for record in &records {
+        if batch.in_flight(&record.code) {
+            // Its code's previous event must be stored first.
+            batch.settle(&mut conn, metrics).await?;
+        }
+        if batch.blocked.contains(&record.code) {
+            continue;
+        }
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", record.event_id.to_string().as_str());
         headers.insert("Content-Type", "application/cloudevents+json");
         let Some((body, truncated)) = fit(envelope(record, &settings.source), limit) else {
             let why = format!("larger than {limit} bytes even with its free text shortened");
             set_aside(&mut conn, metrics, record.seq, &why).await?;
-            dead += 1;
+            batch.dead += 1;
             continue;
         };
         if truncated {
@@ -351,44 +361,76 @@ async fn publish_batch(
         }
         let subject = subject(&settings.subject_prefix, &record.code, &record.kind);
         match js.publish_with_headers(subject, headers, body.into()).await {
-            Ok(ack) => acks.push((record.seq, ack)),
+            Ok(ack) => batch.pending.push((record.seq, record.code.clone(), ack)),
             Err(error) if error.kind() == PublishErrorKind::MaxPayloadExceeded => {
                 set_aside(&mut conn, metrics, record.seq, &describe(&error)).await?;
-                dead += 1;
+                batch.dead += 1;
             }
+            // Not sent (the connection is gone): nothing more is.
             Err(error) => {
-                send_error = Some(anyhow::Error::from(error));
+                batch.failure.get_or_insert(anyhow::Error::from(error));
                 break;
             }
         }
     }
-    let mut published = Vec::with_capacity(acks.len());
-    let mut ack_error = None;
-    for (seq, ack) in acks {
-        match ack.await {
-            Ok(_) => published.push(seq),
-            // The stream itself refuses this one (its size limit, say): it
-            // would be refused again forever, so it is set aside and the
-            // records after it go on.
-            Err(error) if refused_by_stream(&error) => {
-                set_aside(&mut conn, metrics, seq, &describe(&error)).await?;
-                dead += 1;
-            }
-            Err(error) => {
-                // Keep order: nothing after a failed ack counts as published;
-                // re-sent copies are dropped by the duplicate window.
-                ack_error = Some(anyhow::Error::from(error));
-                break;
-            }
-        }
+    batch.settle(&mut conn, metrics).await?;
+    if !batch.published.is_empty() {
+        outbox::mark_published(&mut conn, &batch.published).await?;
+        metrics.published.inc_by(batch.published.len() as u64);
     }
-    if !published.is_empty() {
-        outbox::mark_published(&mut conn, &published).await?;
-        metrics.published.inc_by(published.len() as u64);
-    }
-    match send_error.or(ack_error) {
+    match batch.failure {
         Some(error) => Err(error),
-        None => Ok(published.len() + dead),
+        None => Ok(batch.published.len() + batch.dead),
+    }
+}
+
+/// A batch's records sent and awaiting their acks, and the outcome so far.
+#[derive(Default)]
+struct Acks {
+    pending: Vec<(
+        i64,
+        String,
+        async_nats::jetstream::context::PublishAckFuture,
+    )>,
+    published: Vec<i64>,
+    dead: usize,
+    /// Codes with an event refused or lost in this batch: nothing more of
+    /// theirs is sent until the next round.
+    blocked: std::collections::HashSet<String>,
+    failure: Option<anyhow::Error>,
+}
+
+impl Acks {
+    fn in_flight(&self, code: &str) -> bool {
+        self.pending.iter().any(|(_, c, _)| c == code)
+    }
+
+    /// Awaits every pending ack (the error is the database's).
+    async fn settle(
+        &mut self,
+        conn: &mut sqlx::PgConnection,
+        metrics: &RelayMetrics,
+    ) -> anyhow::Result<()> {
+        for (seq, code, ack) in std::mem::take(&mut self.pending) {
+            match ack.await {
+                Ok(_) => self.published.push(seq),
+                // The stream itself refuses this one (its size limit, say): it
+                // would be refused again forever, so it is set aside and the
+                // records after it go on.
+                Err(error) if refused_by_stream(&error) => {
+                    set_aside(conn, metrics, seq, &describe(&error)).await?;
+                    self.dead += 1;
+                }
+                // Retried next round, first of its code; a copy that was
+                // stored after all is dropped by the duplicate window.
+                Err(error) => {
+                    tracing::debug!(seq, %code, error = %error, "audit event not acknowledged");
+                    self.blocked.insert(code);
+                    self.failure.get_or_insert(anyhow::Error::from(error));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

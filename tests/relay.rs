@@ -723,3 +723,86 @@ async fn events_are_shortened_to_the_streams_own_limit() {
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].2["data"]["truncated"], true);
 }
+
+/// Whether the stream holds a message on `subject`.
+async fn has_subject(settings: &RelaySettings, subject: &str) -> bool {
+    stream_messages(settings)
+        .await
+        .iter()
+        .any(|(s, _, _)| s == subject)
+}
+
+#[tokio::test]
+async fn a_code_whose_event_is_refused_sends_nothing_after_it_until_it_lands() {
+    let _serial = NATS.lock().await;
+    let store = store().await;
+    let settings = settings("percode");
+    let client = async_nats::connect(&settings.nats_url).await.unwrap();
+    let js = jetstream::new(client);
+    // One message a subject, new ones refused: the stream refuses HOLD-1's `created` event
+    // while a message fills its subject (a transient refusal: it is retried, never set aside).
+    let limited = jetstream::stream::Config {
+        max_messages_per_subject: 1,
+        discard: jetstream::stream::DiscardPolicy::New,
+        discard_new_per_subject: true,
+        ..relay::stream_config(&settings)
+    };
+    js.create_or_update_stream(limited.clone()).await.unwrap();
+    let held = relay::subject(&settings.subject_prefix, "HOLD-1", "created");
+    js.publish(held.clone(), r#"{"fills": "the subject"}"#.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    sync(&store, "HOLD-1", &owner("h"), 1, terms(1)).await;
+    sync(&store, "OTHER-1", &owner("o"), 1, terms(1)).await;
+    sync(&store, "HOLD-1", &owner("h"), 2, terms(2)).await;
+    sync(&store, "OTHER-2", &owner("p"), 1, terms(1)).await;
+    let (stop, task) = start_relay(&store, &settings);
+
+    // The other codes' events go on, also those after HOLD-1's later one; that one waits for
+    // its refused one, so it never lands ahead of it.
+    for code in ["OTHER-1", "OTHER-2"] {
+        let other = relay::subject(&settings.subject_prefix, code, "created");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !has_subject(&settings, &other).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{code} never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = relay::subject(&settings.subject_prefix, "HOLD-1", "updated");
+    assert!(
+        !has_subject(&settings, &later).await,
+        "HOLD-1's update landed before its creation"
+    );
+    assert_eq!(
+        unpublished(&store).await,
+        2,
+        "HOLD-1's two events wait, the others are done"
+    );
+
+    // The stream's owner lifts the limit: both arrive, in order.
+    js.update_stream(jetstream::stream::Config {
+        max_messages_per_subject: -1,
+        discard_new_per_subject: false,
+        discard: jetstream::stream::DiscardPolicy::Old,
+        ..limited
+    })
+    .await
+    .unwrap();
+    drained(&store).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    // The relay's messages (the filler has no Nats-Msg-Id).
+    let subjects: Vec<String> = stream_messages(&settings)
+        .await
+        .into_iter()
+        .filter(|(s, id, _)| s.contains("HOLD-1") && !id.is_empty())
+        .map(|(s, _, _)| s)
+        .collect();
+    assert_eq!(subjects, [held, later]);
+}
