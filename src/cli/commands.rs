@@ -86,6 +86,8 @@ pub(super) async fn run_server(
         jwks_url: options.jwks_url.clone(),
         issuer: options.jwt_issuer.clone(),
         audience: options.jwt_audience.clone(),
+        hs256_issuer: options.jwt_hs256_issuer.clone(),
+        hs256_audience: options.jwt_hs256_audience.clone(),
         leeway: options.jwt_leeway,
         tenant_claim: options.jwt_tenant_claim.clone(),
     };

@@ -392,13 +392,23 @@ pub struct ServerOptions {
     #[arg(long, env = "JWKS_URL")]
     pub jwks_url: Option<String>,
 
-    /// Required `iss` of bearer tokens (not checked when unset).
+    /// Required `iss` of bearer tokens: of the JWKS's (required with --jwks-url), and of HS256
+    /// tokens unless --jwt-hs256-issuer is set (not checked for them when neither is).
     #[arg(long, env = "JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
 
-    /// Required `aud` of bearer tokens (not checked when unset).
+    /// Required `aud` of bearer tokens, as --jwt-issuer.
     #[arg(long, env = "JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+
+    /// Required `iss` of HS256 tokens, when the billing service's differs from the identity
+    /// provider's (--jwt-issuer).
+    #[arg(long, env = "JWT_HS256_ISSUER")]
+    pub jwt_hs256_issuer: Option<String>,
+
+    /// Required `aud` of HS256 tokens, when it differs from --jwt-audience.
+    #[arg(long, env = "JWT_HS256_AUDIENCE")]
+    pub jwt_hs256_audience: Option<String>,
 
     /// Clock skew allowed when checking `exp` and `nbf`.
     #[arg(long, env = "JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]

@@ -17,8 +17,14 @@ use serde::Deserialize;
 pub struct AuthSettings {
     pub hs256_secret: Option<String>,
     pub jwks_url: Option<String>,
+    /// The `iss` and `aud` tokens must carry: the JWKS's (required with it),
+    /// and the HS256 tokens' unless these have their own below.
     pub issuer: Option<String>,
     pub audience: Option<String>,
+    /// The `iss` and `aud` of HS256 tokens, when the billing service's
+    /// differ from the identity provider's.
+    pub hs256_issuer: Option<String>,
+    pub hs256_audience: Option<String>,
     /// Allowed clock skew for `exp` and `nbf`.
     pub leeway: Duration,
     /// The claim that names the customer's tenant, when the identity
@@ -193,11 +199,24 @@ impl Verifier {
         validation.leeway = self.settings.leeway.as_secs();
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        match &self.settings.audience {
+        // Each key source has its own issuer and audience (HS256 falls back
+        // to the shared ones).
+        let settings = &self.settings;
+        let (issuer, audience) = match algorithm {
+            Algorithm::HS256 => (
+                settings.hs256_issuer.as_ref().or(settings.issuer.as_ref()),
+                settings
+                    .hs256_audience
+                    .as_ref()
+                    .or(settings.audience.as_ref()),
+            ),
+            _ => (settings.issuer.as_ref(), settings.audience.as_ref()),
+        };
+        match audience {
             Some(audience) => validation.set_audience(&[audience]),
             None => validation.validate_aud = false,
         }
-        if let Some(issuer) = &self.settings.issuer {
+        if let Some(issuer) = issuer {
             validation.set_issuer(&[issuer]);
         }
         validation
@@ -421,6 +440,84 @@ mod tests {
             AuthConfigError::WeakSecret(0)
                 .to_string()
                 .contains("openssl rand")
+        );
+    }
+
+    #[tokio::test]
+    async fn each_key_source_checks_its_own_issuer_and_audience() {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        crate::install_tls_provider();
+        let secret = "s".repeat(MIN_HS256_SECRET);
+        let verifier = Verifier::new(AuthSettings {
+            hs256_secret: Some(secret.clone()),
+            jwks_url: Some("https://keycloak.example/certs".into()),
+            issuer: Some("https://keycloak.example/realms/catalyst".into()),
+            audience: Some("voucher-operator".into()),
+            hs256_issuer: Some("billing-service".into()),
+            hs256_audience: Some("billing".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let hs256 = |iss: &str, aud: &str| {
+            let exp = chrono::Utc::now().timestamp() + 300;
+            let token = encode(
+                &Header::new(Algorithm::HS256),
+                &serde_json::json!({"sub": "u", "iss": iss, "aud": aud, "exp": exp}),
+                &EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap();
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                http::header::AUTHORIZATION,
+                format!("Bearer {token}").parse().unwrap(),
+            );
+            headers
+        };
+        assert!(
+            verifier
+                .verify(&hs256("billing-service", "billing"))
+                .await
+                .is_ok()
+        );
+        // The identity provider's issuer and audience are not the billing service's.
+        for (iss, aud) in [
+            (
+                "https://keycloak.example/realms/catalyst",
+                "voucher-operator",
+            ),
+            ("billing-service", "voucher-operator"),
+            ("https://keycloak.example/realms/catalyst", "billing"),
+        ] {
+            assert!(
+                matches!(
+                    verifier.verify(&hs256(iss, aud)).await,
+                    Err(AuthError::Invalid(_))
+                ),
+                "iss {iss}, aud {aud} was accepted"
+            );
+        }
+        // Without their own, HS256 tokens are held to the shared ones.
+        let shared = Verifier::new(AuthSettings {
+            hs256_secret: Some(secret.clone()),
+            issuer: Some("https://keycloak.example/realms/catalyst".into()),
+            audience: Some("voucher-operator".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            shared
+                .verify(&hs256("billing-service", "billing"))
+                .await
+                .is_err()
+        );
+        assert!(
+            shared
+                .verify(&hs256(
+                    "https://keycloak.example/realms/catalyst",
+                    "voucher-operator"
+                ))
+                .await
+                .is_ok()
         );
     }
 

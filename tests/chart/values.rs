@@ -65,7 +65,8 @@ fn every_variable_the_chart_sets_is_read_and_accepted_by_the_binary() {
         required(),
         with(json!({
             "auth": {"jwksUrl": "https://keycloak.example/certs", "issuer": "https://keycloak.example",
-                     "audience": "billing", "leeway": "1m", "tenantClaim": "tenant_id"},
+                     "audience": "billing", "leeway": "1m", "tenantClaim": "tenant_id",
+                     "hs256Issuer": "billing-service", "hs256Audience": "vouchers"},
             "controller": {"watchNamespace": "billing", "concurrency": 16, "resyncInterval": "10m",
                            "statusMinInterval": "500ms", "leaseName": "vouchers", "leaseDuration": "20s"},
             "server": {"adminNamespace": "billing", "trustedProxies": ["10.0.0.0/8", "fd00::/8"],
