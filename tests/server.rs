@@ -1231,6 +1231,18 @@ async fn a_capped_code_is_never_over_redeemed() {
         .await
         .unwrap();
         assert_eq!(exhausted, 1);
+        // One audit record a grant, each with the counter its redemption made.
+        let mut counted: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT (payload->'before'->>'times_redeemed')::bigint, \
+                    (payload->'after'->>'times_redeemed')::bigint \
+             FROM voucher_audit_outbox WHERE code = $1 AND kind = 'redeemed'",
+        )
+        .bind(&code)
+        .fetch_all(&s.pool)
+        .await
+        .unwrap();
+        counted.sort();
+        assert_eq!(counted, (0..50).map(|n| (n, n + 1)).collect::<Vec<_>>());
     }
 }
 

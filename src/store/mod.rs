@@ -43,6 +43,9 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("the binding of code {code} is held by another resource")]
     BindingTaken { code: String },
+    /// A redemption found the code's terms changed under it on every attempt.
+    #[error("the code's terms changed during each of {attempts} attempts")]
+    Contended { attempts: usize },
     /// What the store was doing, and to which code, when a step failed.
     #[error("cannot {operation}{}", .code.as_ref().map_or(String::new(), |c| format!(" code {c}")))]
     Failed {

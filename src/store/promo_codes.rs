@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::Result;
+use super::outbox::NewAuditRecord;
 use crate::domain::{Code, CodeRecord, TermField, Terms};
 
 /// The columns every query returns, in [`Row`]'s order. A macro so that each
@@ -194,16 +195,63 @@ pub async fn soft_delete(conn: &mut PgConnection, code: &Code) -> Result<Option<
     Ok(row.map(Into::into))
 }
 
-/// Counts one redemption; the caller holds the row lock.
-pub async fn count_redemption(conn: &mut PgConnection, code: &str) -> Result<CodeRecord> {
-    let row: Row = sqlx::query_as(concat!(
-        "UPDATE promo_codes SET times_redeemed = times_redeemed + 1 WHERE code = $1 RETURNING ",
-        returning!()
-    ))
-    .bind(code)
-    .fetch_one(conn)
-    .await?;
-    Ok(row.into())
+/// Counts one redemption of the code `seen` describes and appends its audit
+/// records (`redeemed`, and `exhausted` when this one reaches the cap), in
+/// one statement: the one that takes the code's row lock, held until the
+/// commit that follows. Counts only while the row is live, active, in its
+/// window at `now`, under its cap (re-checked on the row it locks, so the cap
+/// is exact) and carries the terms of `seen`; `None` otherwise. The records'
+/// `before`/`after` are those of `seen`, their counters set from the row.
+pub async fn count_redemption(
+    conn: &mut PgConnection,
+    seen: &CodeRecord,
+    now: DateTime<Utc>,
+    redeemed: &NewAuditRecord,
+    exhausted: &NewAuditRecord,
+) -> Result<Option<CodeRecord>> {
+    const COUNT: &str = concat!(
+        "WITH counted AS ( \
+           UPDATE promo_codes SET times_redeemed = times_redeemed + 1 \
+           WHERE code = $1 AND deleted_at IS NULL AND active \
+             AND (valid_from IS NULL OR valid_from <= $2) \
+             AND (expires_at IS NULL OR expires_at > $2) \
+             AND (max_redemptions = 0 OR times_redeemed < max_redemptions) \
+             AND credit_omr = $3 AND description = $4 AND max_redemptions = $5 \
+             AND valid_from IS NOT DISTINCT FROM $6 AND expires_at IS NOT DISTINCT FROM $7 \
+           RETURNING ",
+        returning!(),
+        "), redeemed AS ( \
+           INSERT INTO voucher_audit_outbox (event_id, code, kind, payload) \
+           SELECT $8, code, $9, jsonb_set(jsonb_set($10::jsonb, '{before,times_redeemed}', \
+             to_jsonb(times_redeemed - 1)), '{after,times_redeemed}', to_jsonb(times_redeemed)) \
+           FROM counted \
+         ), exhausted AS ( \
+           INSERT INTO voucher_audit_outbox (event_id, code, kind, payload) \
+           SELECT $11, code, $12, jsonb_set(jsonb_set($13::jsonb, '{before,times_redeemed}', \
+             to_jsonb(times_redeemed - 1)), '{after,times_redeemed}', to_jsonb(times_redeemed)) \
+           FROM counted WHERE max_redemptions > 0 AND times_redeemed >= max_redemptions \
+         ) SELECT ",
+        returning!(),
+        " FROM counted"
+    );
+    let terms = &seen.terms;
+    let row: Option<Row> = sqlx::query_as(COUNT)
+        .bind(&seen.code)
+        .bind(now)
+        .bind(terms.credit_omr)
+        .bind(&terms.description)
+        .bind(terms.max_redemptions)
+        .bind(terms.valid_from)
+        .bind(terms.expires_at)
+        .bind(redeemed.event_id)
+        .bind(redeemed.kind.as_str())
+        .bind(&redeemed.payload)
+        .bind(exhausted.event_id)
+        .bind(exhausted.kind.as_str())
+        .bind(&exhausted.payload)
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.map(Into::into))
 }
 
 /// Every row, for export: read through `to_jsonb` so that it also works on a

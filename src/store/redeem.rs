@@ -1,11 +1,11 @@
-//! The redemption checkout performs: one transaction that locks the code,
-//! checks it, records the redemption, counts it, grants the credit and
-//! audits it — or changes nothing.
+//! The redemption checkout performs: one transaction that records the
+//! redemption, grants the credit, counts it and audits it — or changes
+//! nothing. The code's row lock is held for its last statement only.
 
 use chrono::{DateTime, Utc};
 
 use super::idempotency::{self, Claimed};
-use super::outbox;
+use super::outbox::NewAuditRecord;
 use super::{Operation, Result, Store, StoreError, customers, ledger, promo_codes, redemptions};
 use crate::domain::{Actor, AuditData, AuditKind, Code, Facts, Redeemability};
 
@@ -57,108 +57,200 @@ pub enum Answer {
     KeyReused,
 }
 
+/// How far one attempt at a redemption got.
+enum Attempt {
+    /// Decided: commit what was written (a grant; nothing, for a refusal
+    /// before any write) with the answer recorded for its key.
+    Decided(Redeemed),
+    /// Refused after the grant was written (the cap was reached, or the code
+    /// switched off, meanwhile): the transaction is rolled back, and the
+    /// refusal answered.
+    Undone(Redeemed),
+    /// The code's terms changed between the read and the count: try again.
+    Changed,
+}
+
+/// Attempts before a redemption whose code keeps changing gives up (each
+/// retry means an administrator changed the terms in the meantime).
+const ATTEMPTS: usize = 3;
+
 impl Store {
     /// Redeems in one transaction. `render` turns the outcome into the HTTP
     /// answer stored for the idempotency key, inside the same transaction.
+    ///
+    /// The code's row is locked by one statement only, the last before the
+    /// commit: everything that does not need the lock (the key, the customer,
+    /// the redemption row, the ledger grant, the balance, the answer) comes
+    /// first, checked against an unlocked read; then one conditional update
+    /// counts the redemption — only if the code is still live, active, in
+    /// its window, under its cap and carrying the terms read — and writes its
+    /// audit records. The cap stays exact: the update re-checks the row it
+    /// locks.
     pub async fn redeem(
         &self,
         request: &Redemption<'_>,
         render: impl Fn(&Redeemed) -> (u16, serde_json::Value),
     ) -> Result<Answer> {
         let run = async {
-            let mut tx = self.pool().begin().await?;
-            if let Some((key, hash)) = &request.idempotency {
-                match idempotency::claim(&mut tx, request.subject, key, hash).await? {
-                    Claimed::New => {}
-                    Claimed::Replay { status, response } => {
-                        tx.rollback().await?;
-                        return Ok(Answer::Replayed {
-                            status,
-                            body: response,
-                        });
+            for _ in 0..ATTEMPTS {
+                let mut tx = self.pool().begin().await?;
+                if let Some(answer) = claim_key(&mut tx, request).await? {
+                    tx.rollback().await?;
+                    return Ok(answer);
+                }
+                match attempt(&mut tx, request, &render).await? {
+                    Attempt::Decided(outcome) => {
+                        let wrote = matches!(outcome, Redeemed::Granted { .. });
+                        match &request.idempotency {
+                            Some((key, _)) => {
+                                if !wrote {
+                                    let (status, body) = render(&outcome);
+                                    idempotency::answer(
+                                        &mut tx,
+                                        request.subject,
+                                        key,
+                                        status,
+                                        &body,
+                                    )
+                                    .await?;
+                                }
+                                tx.commit().await?;
+                            }
+                            None if wrote => tx.commit().await?,
+                            None => tx.rollback().await?,
+                        }
+                        return Ok(Answer::Fresh(outcome));
                     }
-                    Claimed::Mismatch => {
+                    Attempt::Undone(outcome) => {
                         tx.rollback().await?;
-                        return Ok(Answer::KeyReused);
+                        let Some((key, _)) = &request.idempotency else {
+                            return Ok(Answer::Fresh(outcome));
+                        };
+                        // The refusal is the key's answer, in a transaction
+                        // of its own (a concurrent request with the key may
+                        // have answered first).
+                        let mut tx = self.pool().begin().await?;
+                        if let Some(answer) = claim_key(&mut tx, request).await? {
+                            tx.rollback().await?;
+                            return Ok(answer);
+                        }
+                        let (status, body) = render(&outcome);
+                        idempotency::answer(&mut tx, request.subject, key, status, &body).await?;
+                        tx.commit().await?;
+                        return Ok(Answer::Fresh(outcome));
                     }
+                    Attempt::Changed => tx.rollback().await?,
                 }
             }
-            let outcome = self.redeem_in(&mut tx, request).await?;
-            match &request.idempotency {
-                Some((key, _)) => {
-                    let (status, body) = render(&outcome);
-                    idempotency::answer(&mut tx, request.subject, key, status, &body).await?;
-                    tx.commit().await?;
-                }
-                None if matches!(
-                    outcome,
-                    Redeemed::Granted { .. } | Redeemed::AlreadyRedeemed { .. }
-                ) =>
-                {
-                    tx.commit().await?
-                }
-                None => tx.rollback().await?,
-            }
-            Ok(Answer::Fresh(outcome))
+            Err(StoreError::Contended { attempts: ATTEMPTS })
         };
         run.await
             .map_err(|e: StoreError| e.during(Operation::Redeem, Some(request.code)))
     }
+}
 
-    async fn redeem_in(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        request: &Redemption<'_>,
-    ) -> Result<Redeemed> {
-        let code = request.code;
-        let before = promo_codes::find_for_update(tx, code).await?;
-        let verdict = Redeemability::of(before.as_ref(), request.now);
-        if verdict.is_hidden() {
-            return Ok(Redeemed::NotFound);
-        }
-        let Some(before) = before.filter(|_| verdict.is_redeemable()) else {
-            return Ok(Redeemed::Gone(verdict));
-        };
-        let customer = match customers::find(tx, request.subject).await? {
-            Some(id) => id,
-            None => match request.tenant {
-                Some(tenant) => {
-                    customers::ensure(tx, request.subject, tenant, request.email).await?
-                }
-                None => return Ok(Redeemed::TenantRequired),
-            },
-        };
-        if !redemptions::insert(tx, customer, code.as_str()).await? {
-            let grant = redemptions::grant_of(tx, customer, code.as_str()).await?;
-            return Ok(Redeemed::AlreadyRedeemed {
-                code: code.to_string(),
-                credit_omr: grant.and_then(|(_, credit)| credit),
-                redeemed_at: grant.map(|(at, _)| at),
-            });
-        }
-        let after = promo_codes::count_redemption(tx, code.as_str()).await?;
-        let credit = after.terms.credit_omr;
-        ledger::append(tx, customer, credit, &ledger::promo_reason(code.as_str())).await?;
-        let balance = ledger::balance(tx, customer).await?;
-        let mut kinds = vec![AuditKind::Redeemed];
-        if after.is_capped() {
-            kinds.push(AuditKind::Exhausted);
-        }
-        let actor = Actor::Subject {
-            subject: request.subject.to_owned(),
-        };
-        let facts = Facts {
-            credit_omr: Some(credit),
-            ..Facts::new(code.as_str(), &actor)
-        };
-        for kind in kinds {
-            let data = AuditData::of(kind, &facts, Some(before.clone()), Some(after.clone()));
-            outbox::append_audit(tx, kind, &data).await?;
-        }
-        Ok(Redeemed::Granted {
-            code: code.to_string(),
-            credit_omr: credit,
-            balance_omr: balance,
-        })
+/// Claims the request's Idempotency-Key, if it has one: `Some` when the key
+/// already has an answer (or another request's body).
+async fn claim_key(
+    tx: &mut sqlx::PgConnection,
+    request: &Redemption<'_>,
+) -> Result<Option<Answer>> {
+    let Some((key, hash)) = &request.idempotency else {
+        return Ok(None);
+    };
+    Ok(
+        match idempotency::claim(tx, request.subject, key, hash).await? {
+            Claimed::New => None,
+            Claimed::Replay { status, response } => Some(Answer::Replayed {
+                status,
+                body: response,
+            }),
+            Claimed::Mismatch => Some(Answer::KeyReused),
+        },
+    )
+}
+
+/// One attempt, in `tx`: the writes that need no lock, then the one
+/// statement that takes it.
+async fn attempt(
+    tx: &mut sqlx::PgConnection,
+    request: &Redemption<'_>,
+    render: &impl Fn(&Redeemed) -> (u16, serde_json::Value),
+) -> Result<Attempt> {
+    let code = request.code;
+    // What the code says now, unlocked: most refusals end here.
+    let seen = promo_codes::find(tx, code).await?;
+    let verdict = Redeemability::of(seen.as_ref(), request.now);
+    if verdict.is_hidden() {
+        return Ok(Attempt::Decided(Redeemed::NotFound));
     }
+    let Some(seen) = seen.filter(|_| verdict.is_redeemable()) else {
+        return Ok(Attempt::Decided(Redeemed::Gone(verdict)));
+    };
+    let customer = match customers::find(tx, request.subject).await? {
+        Some(id) => id,
+        None => match request.tenant {
+            Some(tenant) => customers::ensure(tx, request.subject, tenant, request.email).await?,
+            None => return Ok(Attempt::Decided(Redeemed::TenantRequired)),
+        },
+    };
+    // One per customer: the unique row, not the code's lock, decides.
+    if !redemptions::insert(tx, customer, code.as_str()).await? {
+        let grant = redemptions::grant_of(tx, customer, code.as_str()).await?;
+        return Ok(Attempt::Decided(Redeemed::AlreadyRedeemed {
+            code: code.to_string(),
+            credit_omr: grant.and_then(|(_, credit)| credit),
+            redeemed_at: grant.map(|(at, _)| at),
+        }));
+    }
+    let credit = seen.terms.credit_omr;
+    ledger::append(tx, customer, credit, &ledger::promo_reason(code.as_str())).await?;
+    let balance = ledger::balance(tx, customer).await?;
+    let granted = Redeemed::Granted {
+        code: code.to_string(),
+        credit_omr: credit,
+        balance_omr: balance,
+    };
+    if let Some((key, _)) = &request.idempotency {
+        let (status, body) = render(&granted);
+        idempotency::answer(tx, request.subject, key, status, &body).await?;
+    }
+    // The lock, as late as possible: the counter and the audit records.
+    let actor = Actor::Subject {
+        subject: request.subject.to_owned(),
+    };
+    let facts = Facts {
+        credit_omr: Some(credit),
+        ..Facts::new(code.as_str(), &actor)
+    };
+    let audit = |kind| {
+        let data = AuditData::of(kind, &facts, Some(seen.clone()), Some(seen.clone()));
+        NewAuditRecord::new(
+            code.as_str(),
+            kind,
+            serde_json::to_value(&data).expect("audit data serialises"),
+        )
+    };
+    if promo_codes::count_redemption(
+        tx,
+        &seen,
+        request.now,
+        &audit(AuditKind::Redeemed),
+        &audit(AuditKind::Exhausted),
+    )
+    .await?
+    .is_some()
+    {
+        return Ok(Attempt::Decided(granted));
+    }
+    // Not counted: why, from the row as it is now.
+    let current = promo_codes::find(tx, code).await?;
+    let verdict = Redeemability::of(current.as_ref(), request.now);
+    Ok(if verdict.is_hidden() {
+        Attempt::Undone(Redeemed::NotFound)
+    } else if !verdict.is_redeemable() {
+        Attempt::Undone(Redeemed::Gone(verdict))
+    } else {
+        Attempt::Changed
+    })
 }
