@@ -1,32 +1,44 @@
-//! Benchmark: redemptions of one hot code, and redeem-previews, through the
-//! HTTP server, each beside the same work done directly in SQL (the
-//! baseline), measured in the same run against the same Postgres.
+//! Benchmark at production scale: redemption and redeem-preview through the
+//! HTTP server (the release binary, run as its own process), each beside the
+//! same work done directly in SQL, measured in one run against one Postgres.
 //!
-//! The database first gets a ledger the size of a billing service's in
-//! service (LEDGER_ROWS, by default 1,000,000 rows over 100,000 customers),
-//! and HTTP redemption is measured twice: with the index `migrate` builds on
-//! `credit_ledger (customer_id)`, and without it.
+//! The database is filled first like a billing database in service:
+//! LEDGER_ROWS ledger rows (1,000,000 by default) over a tenth as many
+//! customers, 10,000 codes, and a redemption per customer. Printed, each with
+//! throughput, p50 and p99 at 32 requests in flight:
+//!   - the baselines: the seed's redemption SQL (its five statements under
+//!     the code's row lock), the single-statement hot-row update, and the
+//!     prepared SELECT by code;
+//!   - HTTP redeem of one hot code, and spread over 1,000 codes, each followed
+//!     by an exactness check (counter = redemption rows = ledger grants =
+//!     audit records, or the run fails);
+//!   - HTTP preview of the hot code;
+//!   - HTTP redeem of one hot code on a ledger a hundred times smaller (the
+//!     cost must not grow with the ledger) and on the large ledger without
+//!     the index `migrate` builds on credit_ledger (customer_id);
+//!   - the server's peak resident memory, sampled throughout.
 //!
-//! Run: cargo bench --bench http               (REQUESTS=2000, LEDGER_ROWS=1000000 by default)
+//! Run: cargo bench --bench http      (REQUESTS=2000, LEDGER_ROWS=1000000 by default)
 
 #[path = "../support/mod.rs"]
 mod support;
 
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::json;
+use sqlx::PgPool;
+use voucher_operator::store::Store;
 
 /// The HS256 secret of these tests (at least 32 bytes, as the server requires).
 const SECRET: &str = "shared-secret-of-at-least-32-bytes-long";
-
-use serde_json::json;
-use sqlx::PgPool;
-use voucher_operator::server::ServerSettings;
-use voucher_operator::server::auth::AuthSettings;
-use voucher_operator::store::Store;
-
 const CONCURRENCY: usize = 32;
+const CODES: i64 = 10_000;
+const SPREAD: usize = 1_000;
 
 fn token(subject: &str) -> String {
     let claims = json!({"sub": subject, "exp": chrono::Utc::now().timestamp() + 3600});
@@ -38,9 +50,184 @@ fn token(subject: &str) -> String {
     .unwrap()
 }
 
-/// The redemption transaction written directly in SQL: what the server does
-/// minus HTTP, auth and the audit record.
-async fn sql_redemption(pool: &PgPool, code: &str, customer: &str) {
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Fills a migrated database like a billing database in service.
+async fn seed(pool: &PgPool, ledger_rows: i64) {
+    let started = Instant::now();
+    sqlx::query(
+        "INSERT INTO promo_codes (code, credit_omr, description) \
+           SELECT 'C-' || lpad(i::text, 5, '0'), 1 + i % 50, 'campaign ' || i \
+           FROM generate_series(1, $1) i",
+    )
+    .bind(CODES)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO customers (user_id, tenant_id, email) \
+           SELECT 'seed-' || i, 'tenant-' || i % 100, 'seed-' || i || '@example.om' \
+           FROM generate_series(1, GREATEST($1 / 10, 1)) i",
+    )
+    .bind(ledger_rows)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO credit_ledger (customer_id, amount_omr, reason) \
+           SELECT c.id, 1 + g % 20, 'seed' FROM customers c, generate_series(1, 10) g \
+           LIMIT $1",
+    )
+    .bind(ledger_rows)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO promo_redemptions (customer_id, code) \
+           SELECT c.id, 'C-' || lpad((1 + abs(hashtext(c.user_id)) % 10000)::text, 5, '0') \
+           FROM customers c; \
+         UPDATE promo_codes p SET times_redeemed = r.n \
+           FROM (SELECT code, count(*) AS n FROM promo_redemptions GROUP BY code) r \
+           WHERE r.code = p.code; \
+         INSERT INTO promo_codes (code, credit_omr) VALUES \
+           ('HOT-SQL', 1), ('HOT-UPDATE', 1), ('HOT-HTTP', 1), ('HOT-NOINDEX', 1)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    // On its own: VACUUM cannot run in the transaction a multi-statement query is.
+    sqlx::raw_sql("VACUUM ANALYZE").execute(pool).await.unwrap();
+    println!(
+        "seeded {ledger_rows} ledger rows, {} customers, {CODES} codes in {:.1} s",
+        (ledger_rows / 10).max(1),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// A migrated database filled with `ledger_rows` ledger rows.
+async fn dataset(ledger_rows: i64) -> (String, PgPool) {
+    let url = support::fresh_database("bench_http").await;
+    let pool = support::pool(&url).await;
+    Store::from_pool(pool.clone()).migrate().await.unwrap();
+    seed(&pool, ledger_rows).await;
+    (url, pool)
+}
+
+/// The release binary serving HTTP on `url`'s database, its peak RSS sampled.
+struct Server {
+    child: Child,
+    base: String,
+    peak_rss_kib: Arc<AtomicU64>,
+}
+
+impl Server {
+    async fn start(url: &str) -> Self {
+        let port = support::free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+            .arg("server")
+            .env("DATABASE_URL", url)
+            .env("SKIP_MIGRATIONS", "true")
+            .env("LISTEN_ADDRESS", format!("127.0.0.1:{port}"))
+            .env("JWT_HS256_SECRET", SECRET)
+            .env("RATE_LIMIT_PER_MINUTE", "1000000")
+            .env("RATE_LIMIT_BURST", "1000000")
+            .env("RATE_LIMIT_PER_SUBJECT", "1000000")
+            .env("MAX_CONNECTIONS_PER_CLIENT", "4096")
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the server");
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !support::http_get(port, "/readyz")
+            .await
+            .starts_with("HTTP/1.0 200")
+        {
+            assert!(Instant::now() < deadline, "the server did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let peak_rss_kib = Arc::new(AtomicU64::new(0));
+        let (pid, peak) = (child.id(), peak_rss_kib.clone());
+        tokio::spawn(async move {
+            while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                if let Some(kib) = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+                {
+                    peak.fetch_max(kib, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        Self {
+            child,
+            base,
+            peak_rss_kib,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What one measured run did.
+struct Run {
+    label: String,
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+    }
+}
+
+/// Runs `f(0..n)` with CONCURRENCY in flight, timing each call.
+async fn measure<F, Fut>(label: &str, n: usize, f: F) -> Run
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let started = Instant::now();
+    let latencies = futures::stream::iter(0..n)
+        .map(|i| {
+            let call = f(i);
+            async move {
+                let began = Instant::now();
+                call.await;
+                began.elapsed()
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+    Run {
+        label: label.to_owned(),
+        latencies,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// The seed's redemption: five statements under the code's row lock.
+async fn seed_redemption(pool: &PgPool, code: &str, customer: &str) {
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM promo_codes WHERE code = $1 FOR UPDATE")
         .bind(code)
@@ -65,199 +252,245 @@ async fn sql_redemption(pool: &PgPool, code: &str, customer: &str) {
         .execute(&mut *tx)
         .await
         .unwrap();
-    sqlx::query("INSERT INTO credit_ledger (customer_id, amount_omr, reason) VALUES ($1, 1, 'promo:' || $2)")
-        .bind(id)
-        .bind(code)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO credit_ledger (customer_id, amount_omr, reason) VALUES ($1, 1, 'promo:' || $2)",
+    )
+    .bind(id)
+    .bind(code)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
 }
 
-async fn timed<F, Fut>(n: usize, f: F) -> Duration
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let started = Instant::now();
-    futures::stream::iter(0..n)
-        .map(f)
-        .buffer_unordered(CONCURRENCY)
-        .collect::<Vec<_>>()
-        .await;
-    started.elapsed()
+/// HTTP redemptions of `code_of(i)` by new customers `{prefix}-{i}`, every one granted.
+async fn http_redeem(
+    label: &str,
+    server: &Server,
+    prefix: &str,
+    n: usize,
+    code_of: impl Fn(usize) -> String,
+) -> Run {
+    let http = reqwest::Client::new();
+    let tokens: Vec<String> = (0..n).map(|i| token(&format!("{prefix}-{i}"))).collect();
+    measure(label, n, |i| {
+        let (http, url, token, code) = (
+            http.clone(),
+            format!("{}/billing/vouchers/redeem", server.base),
+            tokens[i].clone(),
+            code_of(i),
+        );
+        async move {
+            let response = http
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"code": code, "tenant_id": "t"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+        }
+    })
+    .await
+}
+
+/// Counter = redemption rows = ledger grants = audit records, for `codes`
+/// (their counts before the run subtracted); panics otherwise.
+async fn exact(pool: &PgPool, codes: &[String], before: i64, granted: usize) {
+    let (counter, redemptions, grants, audits): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT \
+           (SELECT COALESCE(sum(times_redeemed), 0) FROM promo_codes WHERE code = ANY($1))::bigint, \
+           (SELECT count(*) FROM promo_redemptions WHERE code = ANY($1)), \
+           (SELECT count(*) FROM credit_ledger WHERE reason = ANY(SELECT 'promo:' || c FROM unnest($1) c)), \
+           (SELECT count(*) FROM voucher_audit_outbox WHERE kind = 'redeemed' AND code = ANY($1))",
+    )
+    .bind(codes)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let granted = granted as i64;
+    assert_eq!(
+        (counter - before, redemptions - before, grants, audits),
+        (granted, granted, granted, granted),
+        "counter, redemption rows, ledger grants, audit records after {granted} grants"
+    );
 }
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::var("REQUESTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    let url = support::fresh_database("bench_http").await;
-    let pool = support::pool(&url).await;
-    let store = Store::from_pool(pool.clone());
-    store.migrate().await.unwrap();
-    sqlx::raw_sql(
-        "INSERT INTO promo_codes (code, credit_omr) VALUES ('HOT-SQL', 1), ('HOT-HTTP', 1), ('HOT-NOINDEX', 1)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let ledger_rows: i64 = std::env::var("LEDGER_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
-    let seeding = Instant::now();
-    sqlx::query(
-        "INSERT INTO customers (user_id, tenant_id, email) \
-           SELECT 'seed-' || i, 't', '' FROM generate_series(1, GREATEST($1 / 10, 1)) i",
-    )
-    .bind(ledger_rows)
-    .execute(&pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO credit_ledger (customer_id, amount_omr, reason) \
-           SELECT c.id, 1, 'seed' FROM customers c, generate_series(1, 10) \
-           LIMIT $1",
-    )
-    .bind(ledger_rows)
-    .execute(&pool)
-    .await
-    .unwrap();
-    sqlx::raw_sql("ANALYZE customers; ANALYZE credit_ledger")
-        .execute(&pool)
-        .await
-        .unwrap();
-    println!(
-        "seeded {ledger_rows} ledger rows in {:.1} s",
-        seeding.elapsed().as_secs_f64()
-    );
-    let settings = ServerSettings {
-        rate_limit_per_minute: u32::MAX,
-        rate_limit_burst: u32::MAX,
-        request_timeout: Duration::from_secs(30),
-        ..support::server_settings()
-    };
-    let auth = AuthSettings {
-        hs256_secret: Some(SECRET.into()),
-        ..Default::default()
-    };
-    let (base, stop) = support::serve_http(store, settings, auth, None).await;
-    let http = reqwest::Client::new();
-    let tokens: Vec<String> = (0..n).map(|i| token(&format!("http-{i}"))).collect();
+    voucher_operator::install_tls_provider();
+    let n = env_number("REQUESTS", 2000) as usize;
+    let ledger_rows = env_number("LEDGER_ROWS", 1_000_000) as i64;
+    let small_rows = (ledger_rows / 100).max(1000);
+    let (url, pool) = dataset(ledger_rows).await;
+    let (small_url, _small_pool) = dataset(small_rows).await;
+    let server = Server::start(&url).await;
 
-    let sql_redeem = timed(n, |i| {
-        let pool = pool.clone();
-        async move { sql_redemption(&pool, "HOT-SQL", &format!("sql-{i}")).await }
-    })
-    .await;
-    let http_redeem = timed(n, |i| {
-        let (http, base, token) = (http.clone(), base.clone(), tokens[i].clone());
-        async move {
-            let response = http
-                .post(format!("{base}/billing/vouchers/redeem"))
-                .bearer_auth(token)
-                .json(&json!({"code": "HOT-HTTP", "tenant_id": "t"}))
-                .send()
+    let mut runs = Vec::new();
+    runs.push(
+        measure(
+            "seed's redemption SQL, one hot code (5 statements)",
+            n,
+            |i| {
+                let pool = pool.clone();
+                async move { seed_redemption(&pool, "HOT-SQL", &format!("sql-{i}")).await }
+            },
+        )
+        .await,
+    );
+    runs.push(
+        measure("single-statement hot-row update", n, |_| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query(
+                    "UPDATE promo_codes SET times_redeemed = times_redeemed + 1 WHERE code = $1",
+                )
+                .bind("HOT-UPDATE")
+                .execute(&pool)
                 .await
                 .unwrap();
-            assert_eq!(response.status(), 200);
-        }
-    })
-    .await;
-    // The same, on a database without the ledger's index (as before `migrate` built it).
-    sqlx::raw_sql("DROP INDEX voucher_operator_credit_ledger_customer")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let no_index_tokens: Vec<String> = (0..n).map(|i| token(&format!("noindex-{i}"))).collect();
-    let http_redeem_no_index = timed(n, |i| {
-        let (http, base, token) = (http.clone(), base.clone(), no_index_tokens[i].clone());
-        async move {
-            let response = http
-                .post(format!("{base}/billing/vouchers/redeem"))
-                .bearer_auth(token)
-                .json(&json!({"code": "HOT-NOINDEX", "tenant_id": "t"}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-        }
-    })
-    .await;
-    let previews = n * 5;
-    let sql_preview = timed(previews, |_| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query("SELECT code, credit_omr, description, active, max_redemptions, times_redeemed, valid_from, expires_at \
-                         FROM promo_codes WHERE code = $1 AND deleted_at IS NULL")
+            }
+        })
+        .await,
+    );
+    runs.push(
+        measure("prepared SELECT by code", n * 5, |_| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query(
+                    "SELECT code, credit_omr, description, active, max_redemptions, \
+                     times_redeemed, valid_from, expires_at \
+                     FROM promo_codes WHERE code = $1 AND deleted_at IS NULL",
+                )
                 .bind("HOT-HTTP")
                 .fetch_one(&pool)
                 .await
                 .unwrap();
-        }
-    })
-    .await;
-    let http_preview = timed(previews, |_| {
-        let (http, base) = (http.clone(), base.clone());
-        async move {
-            let response = http
-                .post(format!("{base}/billing/vouchers/redeem-preview"))
-                .json(&json!({"code": " hot-http "}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-        }
-    })
-    .await;
-    stop.cancel();
+            }
+        })
+        .await,
+    );
+    runs.push(
+        http_redeem("HTTP redeem, one hot code", &server, "hot", n, |_| {
+            "HOT-HTTP".into()
+        })
+        .await,
+    );
+    exact(&pool, &["HOT-HTTP".into()], 0, n).await;
 
-    let rate = |count: usize, d: Duration| count as f64 / d.as_secs_f64();
+    let spread: Vec<String> = (1..=SPREAD).map(|i| format!("C-{i:05}")).collect();
+    let before: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(times_redeemed), 0)::bigint FROM promo_codes WHERE code = ANY($1)",
+    )
+    .bind(&spread)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    runs.push(
+        http_redeem(
+            "HTTP redeem, spread over 1,000 codes",
+            &server,
+            "spread",
+            n,
+            |i| spread[i % SPREAD].clone(),
+        )
+        .await,
+    );
+    exact(&pool, &spread, before, n).await;
+
+    let http = reqwest::Client::new();
+    runs.push(
+        measure("HTTP preview, the hot code", n * 5, |_| {
+            let (http, url) = (
+                http.clone(),
+                format!("{}/billing/vouchers/redeem-preview", server.base),
+            );
+            async move {
+                let response = http
+                    .post(url)
+                    .json(&json!({"code": " hot-http "}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+            }
+        })
+        .await,
+    );
+
+    let small = Server::start(&small_url).await;
+    runs.push(
+        http_redeem(
+            &format!("HTTP redeem, one hot code, {small_rows} ledger rows"),
+            &small,
+            "small",
+            n,
+            |_| "HOT-HTTP".into(),
+        )
+        .await,
+    );
+    drop(small);
+
+    // As before `migrate` built the ledger's index (slow: a tenth of the requests).
+    sqlx::raw_sql("DROP INDEX voucher_operator_credit_ledger_customer")
+        .execute(&pool)
+        .await
+        .unwrap();
+    runs.push(
+        http_redeem(
+            "HTTP redeem, one hot code, no ledger index",
+            &server,
+            "noindex",
+            (n / 10).max(CONCURRENCY),
+            |_| "HOT-NOINDEX".into(),
+        )
+        .await,
+    );
+    let peak_rss_mib = server.peak_rss_kib.load(Ordering::Relaxed) as f64 / 1024.0;
+    drop(server);
+
     println!(
-        "HTTP server against Postgres ({ledger_rows} ledger rows), {CONCURRENCY} requests in flight"
+        "\n{ledger_rows} ledger rows, {CONCURRENCY} requests in flight, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "  {:<52} {:>8} {:>10} {:>10}",
-        "", "requests", "seconds", "per second"
+        "  {:<58} {:>8} {:>10} {:>9} {:>9}",
+        "", "requests", "per second", "p50 ms", "p99 ms"
     );
-    for (label, count, d) in [
-        (
-            "redeem one hot code: baseline, the transaction in SQL",
-            n,
-            sql_redeem,
-        ),
-        (
-            "redeem one hot code: POST /billing/vouchers/redeem",
-            n,
-            http_redeem,
-        ),
-        (
-            "  the same without the ledger's customer index",
-            n,
-            http_redeem_no_index,
-        ),
-        (
-            "preview: baseline, the SELECT in SQL",
-            previews,
-            sql_preview,
-        ),
-        (
-            "preview: POST /billing/vouchers/redeem-preview",
-            previews,
-            http_preview,
-        ),
-    ] {
+    for run in &runs {
         println!(
-            "  {label:<52} {count:>8} {:>10.2} {:>10.0}",
-            d.as_secs_f64(),
-            rate(count, d)
+            "  {:<58} {:>8} {:>10.0} {:>9.2} {:>9.2}",
+            run.label,
+            run.latencies.len(),
+            run.rate(),
+            run.percentile(0.50).as_secs_f64() * 1000.0,
+            run.percentile(0.99).as_secs_f64() * 1000.0
         );
     }
+    let rate = |i: usize| runs[i].rate();
     println!(
-        "  HTTP redeem with the index / without: {:.1}x",
-        http_redeem_no_index.as_secs_f64() / http_redeem.as_secs_f64()
+        "  exactness: counter = redemption rows = ledger grants = audit records, after each HTTP redeem run"
+    );
+    println!("  server peak RSS: {peak_rss_mib:.1} MiB");
+    println!("ratios:");
+    println!(
+        "  HTTP redeem (hot) / seed's redemption SQL:        {:.2}x",
+        rate(3) / rate(0)
+    );
+    println!(
+        "  HTTP redeem (hot) / single-statement update:      {:.2}x",
+        rate(3) / rate(1)
+    );
+    println!(
+        "  HTTP preview / prepared SELECT:                   {:.2}x",
+        rate(5) / rate(2)
+    );
+    println!(
+        "  HTTP redeem (hot), {ledger_rows} / {small_rows} ledger rows: {:.2}x",
+        rate(3) / rate(6)
+    );
+    println!(
+        "  HTTP redeem (hot), with / without the ledger index: {:.1}x",
+        rate(3) / rate(7)
     );
 }
