@@ -253,6 +253,102 @@ async fn preview_answers_each_case_with_its_status() {
     assert!(error["error"].is_string());
 }
 
+/// Waits (at most 1 s) until the preview of `code` answers `status`.
+async fn preview_follows(s: &Server, code: &str, status: StatusCode) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let (seen, body) = s.preview(&json!({"code": code}).to_string()).await;
+        if seen == status {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{code}: still {seen} {body} after 1 s, not {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `preview_lookups` counter of `source` (memory or database), from /metrics.
+async fn preview_lookups(s: &Server, source: &str) -> u64 {
+    let text = s
+        .http
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("voucher_operator_http_preview_lookups_total{{source=\"{source}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn the_preview_answers_from_memory_and_follows_out_of_band_changes_within_a_second() {
+    let s = start().await;
+    s.seed(SEED).await;
+    // Once the server hears the database's notifications, a code read once is answered from
+    // memory, and so is a code known not to exist.
+    preview_follows(&s, "LIVE-10", StatusCode::OK).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while preview_lookups(&s, "memory").await == 0 {
+        assert!(std::time::Instant::now() < deadline, "never from memory");
+        s.preview(r#"{"code": "LIVE-10"}"#).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.preview(r#"{"code": "LATER-10"}"#).await;
+    let from_database = preview_lookups(&s, "database").await;
+    for code in ["LIVE-10", "LATER-10", "LIVE-10", "LATER-10"] {
+        s.preview(&json!({"code": code}).to_string()).await;
+    }
+    assert_eq!(
+        preview_lookups(&s, "database").await,
+        from_database,
+        "repeated previews, known or unknown, stay off the database"
+    );
+
+    // Changed out of band, as the billing service's admin page does: each followed within 1 s.
+    s.seed("UPDATE promo_codes SET credit_omr = 12, description = 'twelve' WHERE code = 'LIVE-10'")
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let (_, body) = s.preview(r#"{"code": "LIVE-10"}"#).await;
+        if body["credit_omr"] == 12 {
+            assert_eq!(body["description"], "twelve");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the credit change was not followed: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.seed("UPDATE promo_codes SET active = false WHERE code = 'LIVE-10'")
+        .await;
+    preview_follows(&s, "LIVE-10", StatusCode::GONE).await;
+    s.seed("UPDATE promo_codes SET active = true, deleted_at = now() WHERE code = 'LIVE-10'")
+        .await;
+    preview_follows(&s, "LIVE-10", StatusCode::NOT_FOUND).await;
+    // A code created after it was previewed as unknown.
+    s.seed("INSERT INTO promo_codes (code, credit_omr) VALUES ('LATER-10', 3)")
+        .await;
+    let body = preview_follows(&s, "LATER-10", StatusCode::OK).await;
+    assert_eq!(body["credit_omr"], 3);
+    // The last redemption under the cap closes it for the preview too.
+    s.seed("INSERT INTO promo_codes (code, credit_omr, max_redemptions) VALUES ('ONE-10', 1, 1)")
+        .await;
+    preview_follows(&s, "ONE-10", StatusCode::OK).await;
+    s.assert_redeems(
+        Some(&token("frank", None, 300)),
+        json!({"code": "ONE-10", "tenant_id": "t"}),
+    )
+    .await;
+    preview_follows(&s, "ONE-10", StatusCode::GONE).await;
+}
+
 #[tokio::test]
 async fn preview_is_rate_limited_per_client() {
     let mut limited = settings();

@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 use voucher_operator::server::auth::AuthSettings;
 use voucher_operator::store::{DatabaseSettings, Store};
 
+/// The tests that restart the shared Postgres take turns.
+static RESTARTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn token(subject: &str) -> String {
     let claims = json!({"sub": subject, "exp": chrono::Utc::now().timestamp() + 600});
     encode(
@@ -68,6 +71,7 @@ async fn redeem(http: &reqwest::Client, base: &str, customer: &str, code: &str) 
 
 #[tokio::test]
 async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart() {
+    let _alone = RESTARTS.lock().await;
     let database = support::fresh_database("restart").await;
     let (base, _stop, store) = start(&database).await;
     sqlx::query(
@@ -146,4 +150,60 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
         redeem(&http, &base, "after-restart", "STORM-1").await,
         StatusCode::OK
     );
+}
+
+/// The preview's memory is trusted only while the database's notifications are heard: a change
+/// made right after a Postgres restart, before the server listens again (its notification is
+/// lost), is still followed within a second.
+#[tokio::test]
+async fn the_preview_forgets_what_it_remembers_when_a_restart_cuts_the_notifications() {
+    let _alone = RESTARTS.lock().await;
+    let database = support::fresh_database("preview_restart").await;
+    let (base, _stop, store) = start(&database).await;
+    sqlx::query("INSERT INTO promo_codes (code, credit_omr) VALUES ('MEMO-1', 4)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let preview = async || {
+        let response = http
+            .post(format!("{base}/billing/vouchers/redeem-preview"))
+            .json(&json!({"code": "MEMO-1"}))
+            .send()
+            .await;
+        match response {
+            Ok(r) => r.json::<serde_json::Value>().await.unwrap_or_default()["credit_omr"].clone(),
+            Err(_) => serde_json::Value::Null,
+        }
+    };
+    // Read once (remembered once the listener is up), then many times from memory.
+    for _ in 0..20 {
+        assert_eq!(preview().await, 4);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::task::spawn_blocking(|| support::postgres().restart())
+        .await
+        .unwrap();
+    // At once, before the server's listener is back.
+    let mut changed = false;
+    for _ in 0..50 {
+        if sqlx::query("UPDATE promo_codes SET credit_omr = 9 WHERE code = 'MEMO-1'")
+            .execute(store.pool())
+            .await
+            .is_ok()
+        {
+            changed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(changed, "the database did not come back");
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while preview().await != 9 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the preview still shows the old credit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -587,6 +587,8 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                             return;
                         }
                     }
+                    // The pass on reconnecting catches up.
+                    Some(Notification::Disconnected) => {}
                     None => return,
                 }
             }

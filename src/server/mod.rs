@@ -6,6 +6,7 @@
 mod admin;
 pub mod auth;
 mod body;
+mod codes;
 mod connections;
 mod error;
 mod limits;
@@ -81,12 +82,22 @@ pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// `memory` or `database`.
+    pub source: &'static str,
+}
+
 pub struct ServerMetrics {
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<RouteLabel, Histogram>,
     pub redemptions: Family<OutcomeLabel, Counter>,
     /// Clients and subjects the rate limiters remember.
     pub rate_limit_keys: Gauge,
+    /// Previews by where their code was found.
+    pub preview_lookups: Family<SourceLabel, Counter>,
+    /// Codes the preview remembers (existing and unknown).
+    pub preview_cache_entries: Gauge,
 }
 
 impl ServerMetrics {
@@ -98,6 +109,8 @@ impl ServerMetrics {
             }),
             redemptions: Family::default(),
             rate_limit_keys: Gauge::default(),
+            preview_lookups: Family::default(),
+            preview_cache_entries: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("voucher_operator_http");
         r.register(
@@ -120,6 +133,16 @@ impl ServerMetrics {
             "Clients and subjects the rate limiters remember",
             metrics.rate_limit_keys.clone(),
         );
+        r.register(
+            "preview_lookups",
+            "Redeem-previews by where the code was found (memory or database)",
+            metrics.preview_lookups.clone(),
+        );
+        r.register(
+            "preview_cache_entries",
+            "Codes the redeem-preview remembers, existing and unknown",
+            metrics.preview_cache_entries.clone(),
+        );
         metrics
     }
 }
@@ -133,6 +156,8 @@ pub struct AppState {
     pub metrics: ServerMetrics,
     pub registry: Registry,
     limits: Limits,
+    /// The preview's codes, from memory.
+    codes: Arc<codes::Codes>,
 }
 
 impl AppState {
@@ -158,6 +183,7 @@ impl AppState {
             settings,
             metrics,
             registry,
+            codes: Arc::default(),
         })
     }
 
@@ -402,11 +428,19 @@ pub async fn serve(
                     limiter_state.limits.retain_recent();
                     let keys = i64::try_from(limiter_state.limits.tracked()).unwrap_or(i64::MAX);
                     limiter_state.metrics.rate_limit_keys.set(keys);
+                    let entries = i64::try_from(limiter_state.codes.entries()).unwrap_or(i64::MAX);
+                    limiter_state.metrics.preview_cache_entries.set(entries);
                 }
             }
         }
     });
     tokio::spawn(prune_idempotency_keys(state.clone(), stop.clone()));
+    tokio::spawn(
+        state
+            .codes
+            .clone()
+            .follow(state.store.clone(), stop.clone()),
+    );
     let Some(admin) = admin else {
         let all = router(state.clone(), Endpoints::All);
         return connections::serve(listener, all, &state.settings, stop).await;

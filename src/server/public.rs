@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 use super::body::JsonBody;
+use super::codes::Source;
 use super::error::{ErrorBody, HttpError};
 use super::{AppState, OutcomeLabel, Peer};
 use crate::domain::{Code, Redeemability};
@@ -80,8 +81,18 @@ pub async fn preview(
 ) -> Result<Response, HttpError> {
     state.check_rate(state.client_ip(peer.0.ip(), &headers))?;
     let code = code_of(request.code.as_deref())?;
-    let record = state.store.find_live(&code).await?;
-    let verdict = Redeemability::of(record.as_ref(), Utc::now());
+    let (record, source) = state.codes.find_live(&state.store, &code).await?;
+    state
+        .metrics
+        .preview_lookups
+        .get_or_create(&super::SourceLabel {
+            source: match source {
+                Source::Memory => "memory",
+                Source::Database => "database",
+            },
+        })
+        .inc();
+    let verdict = Redeemability::of(record.as_deref(), Utc::now());
     let Some(record) = record.filter(|_| !verdict.is_hidden()) else {
         return Err(HttpError::new(
             StatusCode::NOT_FOUND,
@@ -89,9 +100,9 @@ pub async fn preview(
         ));
     };
     let body = PreviewResponse {
-        code: record.code,
+        code: record.code.clone(),
         credit_omr: record.terms.credit_omr,
-        description: record.terms.description,
+        description: record.terms.description.clone(),
         active: record.terms.active,
         accepting_redemptions: verdict.is_redeemable(),
     };

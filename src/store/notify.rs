@@ -22,6 +22,8 @@ pub enum Notification {
     /// The connection was (re-)established: notifications sent while it was
     /// down are lost, so listeners should catch up by a full pass.
     Connected,
+    /// The connection was lost: until `Connected`, changes go unheard.
+    Disconnected,
 }
 
 impl Store {
@@ -75,13 +77,17 @@ impl Store {
                             if tx.send(payload).await.is_err() {
                                 return;
                             }
+                            continue;
                         }
-                        Ok(None) => break,
+                        Ok(None) => {}
                         Err(error) => {
                             tracing::warn!(%error, channel, "database notification stream failed; reconnecting");
-                            break;
                         }
                     }
+                    if tx.send(Notification::Disconnected).await.is_err() {
+                        return;
+                    }
+                    break;
                 }
             }
         });
