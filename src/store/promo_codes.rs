@@ -195,39 +195,43 @@ pub async fn soft_delete(conn: &mut PgConnection, code: &Code) -> Result<Option<
     Ok(row.map(Into::into))
 }
 
-/// Counts one redemption of the code `seen` describes and appends its audit
-/// records (`redeemed`, and `exhausted` when this one reaches the cap), in
+/// Counts the redemptions `redeemed` stands for (one audit record each, in
+/// the order they are counted) of the code `seen` describes, and appends
+/// their audit records (and `exhausted` when the last reaches the cap), in
 /// one statement: the one that takes the code's row lock, held until the
 /// commit that follows. Counts only while the row is live, active, in its
-/// window at `now`, under its cap (re-checked on the row it locks, so the cap
-/// is exact) and carries the terms of `seen`; `None` otherwise. The records'
-/// `before`/`after` are those of `seen`, their counters set from the row.
-pub async fn count_redemption(
+/// window at `now`, with room under its cap for all of them (re-checked on
+/// the row it locks, so the cap is exact) and carries the terms of `seen`;
+/// `None` otherwise, and nothing is written. The records' `before`/`after`
+/// are those of `seen`, their counters set from the row.
+pub async fn count_redemptions(
     conn: &mut PgConnection,
     seen: &CodeRecord,
     now: DateTime<Utc>,
-    redeemed: &NewAuditRecord,
+    redeemed: &[NewAuditRecord],
     exhausted: &NewAuditRecord,
 ) -> Result<Option<CodeRecord>> {
     const COUNT: &str = concat!(
         "WITH counted AS ( \
-           UPDATE promo_codes SET times_redeemed = times_redeemed + 1 \
+           UPDATE promo_codes SET times_redeemed = times_redeemed + $8 \
            WHERE code = $1 AND deleted_at IS NULL AND active \
              AND (valid_from IS NULL OR valid_from <= $2) \
              AND (expires_at IS NULL OR expires_at > $2) \
-             AND (max_redemptions = 0 OR times_redeemed < max_redemptions) \
+             AND (max_redemptions = 0 OR times_redeemed + $8 <= max_redemptions) \
              AND credit_omr = $3 AND description = $4 AND max_redemptions = $5 \
              AND valid_from IS NOT DISTINCT FROM $6 AND expires_at IS NOT DISTINCT FROM $7 \
            RETURNING ",
         returning!(),
         "), redeemed AS ( \
            INSERT INTO voucher_audit_outbox (event_id, code, kind, payload) \
-           SELECT $8, code, $9, jsonb_set(jsonb_set($10::jsonb, '{before,times_redeemed}', \
-             to_jsonb(times_redeemed - 1)), '{after,times_redeemed}', to_jsonb(times_redeemed)) \
-           FROM counted \
+           SELECT e.id, counted.code, $9, jsonb_set(jsonb_set(e.payload, \
+             '{before,times_redeemed}', to_jsonb(counted.times_redeemed - $8 + e.n - 1)), \
+             '{after,times_redeemed}', to_jsonb(counted.times_redeemed - $8 + e.n)) \
+           FROM counted, unnest($10::uuid[], $11::jsonb[]) WITH ORDINALITY AS e(id, payload, n) \
+           ORDER BY e.n \
          ), exhausted AS ( \
            INSERT INTO voucher_audit_outbox (event_id, code, kind, payload) \
-           SELECT $11, code, $12, jsonb_set(jsonb_set($13::jsonb, '{before,times_redeemed}', \
+           SELECT $12, code, $13, jsonb_set(jsonb_set($14::jsonb, '{before,times_redeemed}', \
              to_jsonb(times_redeemed - 1)), '{after,times_redeemed}', to_jsonb(times_redeemed)) \
            FROM counted WHERE max_redemptions > 0 AND times_redeemed >= max_redemptions \
          ) SELECT ",
@@ -235,6 +239,10 @@ pub async fn count_redemption(
         " FROM counted"
     );
     let terms = &seen.terms;
+    let count = i32::try_from(redeemed.len()).expect("a batch fits an i32");
+    let kind = redeemed.first().map_or("redeemed", |r| r.kind.as_str());
+    let ids: Vec<uuid::Uuid> = redeemed.iter().map(|r| r.event_id).collect();
+    let payloads: Vec<&serde_json::Value> = redeemed.iter().map(|r| &r.payload).collect();
     let row: Option<Row> = sqlx::query_as(COUNT)
         .bind(&seen.code)
         .bind(now)
@@ -243,9 +251,10 @@ pub async fn count_redemption(
         .bind(terms.max_redemptions)
         .bind(terms.valid_from)
         .bind(terms.expires_at)
-        .bind(redeemed.event_id)
-        .bind(redeemed.kind.as_str())
-        .bind(&redeemed.payload)
+        .bind(count)
+        .bind(kind)
+        .bind(&ids)
+        .bind(&payloads)
         .bind(exhausted.event_id)
         .bind(exhausted.kind.as_str())
         .bind(&exhausted.payload)

@@ -231,11 +231,11 @@ async fn attempt(
             serde_json::to_value(&data).expect("audit data serialises"),
         )
     };
-    if promo_codes::count_redemption(
+    if promo_codes::count_redemptions(
         tx,
         &seen,
         request.now,
-        &audit(AuditKind::Redeemed),
+        &[audit(AuditKind::Redeemed)],
         &audit(AuditKind::Exhausted),
     )
     .await?
