@@ -158,6 +158,8 @@ pub struct AppState {
     limits: Limits,
     /// The preview's codes, from memory.
     codes: Arc<codes::Codes>,
+    /// Redemptions, grouped per code while one is under way.
+    redeemer: Arc<crate::store::group::GroupCommit>,
 }
 
 impl AppState {
@@ -175,7 +177,9 @@ impl AppState {
             per_subject_per_minute: settings.rate_limit_per_subject,
             auth_failures_per_minute: settings.auth_failures_per_minute,
         });
+        let redeemer = crate::store::group::GroupCommit::new(store.clone(), public::render);
         Arc::new(Self {
+            redeemer,
             store,
             verifier,
             kube,

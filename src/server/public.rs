@@ -16,7 +16,8 @@ use super::codes::Source;
 use super::error::{ErrorBody, HttpError};
 use super::{AppState, OutcomeLabel, Peer};
 use crate::domain::{Code, Redeemability};
-use crate::store::redeem::{Answer, Redeemed, Redemption};
+use crate::store::group;
+use crate::store::redeem::{Answer, Redeemed};
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct PreviewRequest {
@@ -115,7 +116,7 @@ pub async fn preview(
 }
 
 /// How a redemption outcome is answered (and replayed for its Idempotency-Key).
-fn render(outcome: &Redeemed) -> (u16, serde_json::Value) {
+pub(super) fn render(outcome: &Redeemed) -> (u16, serde_json::Value) {
     let error = |status: StatusCode, message: String| {
         (status.as_u16(), serde_json::json!({"error": message}))
     };
@@ -261,15 +262,17 @@ pub async fn redeem(
              starting with a letter or digit"
         )));
     }
-    let redemption = Redemption {
-        code: &code,
-        subject: &principal.subject,
-        tenant,
-        email: &principal.email,
-        idempotency: idempotency(&headers, &code, tenant)?,
+    let idempotency =
+        idempotency(&headers, &code, tenant)?.map(|(key, hash)| (key.to_owned(), hash));
+    let redemption = group::Request {
+        code: code.clone(),
+        subject: principal.subject.clone(),
+        tenant: tenant.map(str::to_owned),
+        email: principal.email.clone(),
+        idempotency,
         now: Utc::now(),
     };
-    let (outcome, (status, body)) = match state.store.redeem(&redemption, render).await? {
+    let (outcome, (status, body)) = match state.redeemer.redeem(redemption).await? {
         Answer::Fresh(outcome) => (outcome_label(&outcome), render(&outcome)),
         Answer::Replayed { status, body } => ("replayed", (status, body)),
         Answer::KeyReused => {

@@ -88,3 +88,61 @@ pub async fn answer(
         .await?;
     Ok(())
 }
+
+/// [`claim`] for the keys of several requests at once (`(subject, key,
+/// request hash)`, no subject twice), in the caller's transaction: what each
+/// key stands for, in the same order.
+pub async fn claim_many(
+    conn: &mut PgConnection,
+    claims: &[(&str, &str, &[u8])],
+) -> Result<Vec<Claimed>> {
+    let subjects: Vec<&str> = claims.iter().map(|c| c.0).collect();
+    let keys: Vec<&str> = claims.iter().map(|c| c.1).collect();
+    let hashes: Vec<&[u8]> = claims.iter().map(|c| c.2).collect();
+    let inserted: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO voucher_idempotency_keys (subject, key, request_hash) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) \
+         ON CONFLICT (subject, key) DO NOTHING RETURNING subject",
+    )
+    .bind(&subjects)
+    .bind(&keys)
+    .bind(&hashes)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut claimed = Vec::with_capacity(claims.len());
+    for (subject, key, hash) in claims {
+        if inserted.iter().any(|s| s == subject) {
+            claimed.push(Claimed::New);
+        } else {
+            // A statement of its own: it sees a claim committed meanwhile.
+            claimed.push(claim(conn, subject, key, hash).await?);
+        }
+    }
+    Ok(claimed)
+}
+
+/// [`answer`] for several claimed keys: `(subject, key, status, response)`.
+pub async fn answer_many(
+    conn: &mut PgConnection,
+    answers: &[(&str, &str, u16, serde_json::Value)],
+) -> Result<()> {
+    if answers.is_empty() {
+        return Ok(());
+    }
+    let subjects: Vec<&str> = answers.iter().map(|a| a.0).collect();
+    let keys: Vec<&str> = answers.iter().map(|a| a.1).collect();
+    let statuses: Vec<i16> = answers.iter().map(|a| a.2 as i16).collect();
+    let responses: Vec<&serde_json::Value> = answers.iter().map(|a| &a.3).collect();
+    sqlx::query(
+        "UPDATE voucher_idempotency_keys k SET status = a.status, response = a.response \
+         FROM unnest($1::text[], $2::text[], $3::int2[], $4::jsonb[]) AS a(subject, key, status, response) \
+         WHERE k.subject = a.subject AND k.key = a.key",
+    )
+    .bind(&subjects)
+    .bind(&keys)
+    .bind(&statuses)
+    .bind(&responses)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

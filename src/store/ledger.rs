@@ -36,3 +36,37 @@ pub async fn balance(conn: &mut PgConnection, customer: Uuid) -> Result<i64> {
     .fetch_one(conn)
     .await?)
 }
+
+/// [`append`] of the same grant to several customers.
+pub async fn append_many(
+    conn: &mut PgConnection,
+    customers: &[Uuid],
+    amount_omr: i32,
+    reason: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO credit_ledger (customer_id, amount_omr, reason) \
+         SELECT unnest($1::uuid[]), $2, $3",
+    )
+    .bind(customers)
+    .bind(amount_omr)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// [`balance`] of several customers, by customer.
+pub async fn balances(
+    conn: &mut PgConnection,
+    customers: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, i64>> {
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT customer_id, COALESCE(SUM(amount_omr), 0)::BIGINT FROM credit_ledger \
+         WHERE customer_id = ANY($1) AND status = 'active' GROUP BY customer_id",
+    )
+    .bind(customers)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}

@@ -6,6 +6,7 @@
 
 pub mod bindings;
 mod customers;
+pub mod group;
 mod idempotency;
 mod ledger;
 pub(crate) mod notify;
@@ -43,6 +44,10 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("the binding of code {code} is held by another resource")]
     BindingTaken { code: String },
+    /// A group of redemptions was sent to commit and no answer came back:
+    /// each was committed with all the others, or none was.
+    #[error("the outcome of the commit is unknown: {cause}")]
+    CommitOutcomeUnknown { cause: String },
     /// A redemption found the code's terms changed under it on every attempt.
     #[error("the code's terms changed during each of {attempts} attempts")]
     Contended { attempts: usize },

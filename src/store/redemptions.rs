@@ -35,3 +35,21 @@ pub async fn insert(conn: &mut PgConnection, customer: Uuid, code: &str) -> Resu
     .await?;
     Ok(result.rows_affected() == 1)
 }
+
+/// [`insert`] for several customers of one code: the customers recorded now
+/// (the others had redeemed it before).
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    customers: &[Uuid],
+    code: &str,
+) -> Result<std::collections::HashSet<Uuid>> {
+    let inserted: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO promo_redemptions (customer_id, code) SELECT unnest($1::uuid[]), $2 \
+         ON CONFLICT (customer_id, code) DO NOTHING RETURNING customer_id",
+    )
+    .bind(customers)
+    .bind(code)
+    .fetch_all(conn)
+    .await?;
+    Ok(inserted.into_iter().collect())
+}
