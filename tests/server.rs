@@ -1748,3 +1748,223 @@ async fn shutdown_finishes_the_redemptions_in_flight() {
         "new connections are refused after shutdown"
     );
 }
+
+/// A counter of the server's /metrics (0 when not yet reported).
+async fn metric(s: &Server, name: &str) -> u64 {
+    let text = s
+        .http
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn concurrent_redemptions_of_one_code_commit_together_each_with_its_own_answer() {
+    let s = Arc::new(start().await);
+    // Customers whose balances all differ, so that an answer given to the wrong one shows.
+    s.seed(
+        "INSERT INTO promo_codes (code, credit_omr) VALUES ('GROUP-7', 7); \
+         INSERT INTO customers (user_id, tenant_id, email) \
+           SELECT 'g-' || i, 't', '' FROM generate_series(0, 63) i; \
+         INSERT INTO credit_ledger (customer_id, amount_omr, reason) \
+           SELECT id, 100 * substr(user_id, 3)::int, 'seed' FROM customers WHERE user_id LIKE 'g-%'",
+    )
+    .await;
+    let mut rounds = 0;
+    while metric(&s, "voucher_operator_http_grouped_redemptions_total").await == 0 {
+        rounds += 1;
+        assert!(rounds <= 5, "no redemptions were ever grouped");
+        s.seed(
+            "DELETE FROM promo_redemptions; DELETE FROM credit_ledger WHERE reason <> 'seed'; \
+                DELETE FROM voucher_idempotency_keys; UPDATE promo_codes SET times_redeemed = 0",
+        )
+        .await;
+        let requests: Vec<_> = (0..64)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let t = token(&format!("g-{i}"), None, 300);
+                    // Every other one with an Idempotency-Key.
+                    let key = (i % 2 == 0).then(|| format!("key-{i}"));
+                    let answer = s
+                        .redeem(Some(&t), json!({"code": "GROUP-7"}), key.as_deref())
+                        .await;
+                    (i, key, answer)
+                })
+            })
+            .collect();
+        for request in requests {
+            let (i, key, (status, body)) = request.await.unwrap();
+            assert_eq!(status, StatusCode::OK, "g-{i}: {body}");
+            assert_eq!(
+                body["balance_omr"],
+                100 * i + 7,
+                "g-{i} got another's answer"
+            );
+            if let Some(key) = key {
+                // Its key replays exactly this answer.
+                let t = token(&format!("g-{i}"), None, 300);
+                let replay = s
+                    .redeem(Some(&t), json!({"code": "GROUP-7"}), Some(&key))
+                    .await;
+                assert_eq!(replay, (StatusCode::OK, body));
+            }
+        }
+        assert_eq!(s.counts("GROUP-7").await, (64, 64, 64));
+        let actors: std::collections::BTreeSet<String> = sqlx::query_scalar(
+            "SELECT payload->'actor'->>'subject' FROM voucher_audit_outbox \
+             WHERE code = 'GROUP-7' AND kind = 'redeemed'",
+        )
+        .fetch_all(&s.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+        assert_eq!(actors, (0..64).map(|i| format!("g-{i}")).collect());
+    }
+}
+
+#[tokio::test]
+async fn a_group_with_a_failing_request_is_redeemed_one_by_one_and_fails_no_one_else() {
+    let s = Arc::new(start().await);
+    // The billing database refuses one customer (as a constraint or a trigger of its own would).
+    s.seed(
+        "INSERT INTO promo_codes (code, credit_omr) VALUES ('POISON-1', 1); \
+         CREATE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN \
+           IF NEW.user_id LIKE 'poison-%' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; \
+         END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON customers \
+           FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    )
+    .await;
+    let mut granted = 0;
+    for round in 0..10 {
+        let requests: Vec<_> = (0..32)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    // The poisoned one in the middle of the crowd.
+                    let who = if i == 16 {
+                        format!("poison-{round}")
+                    } else {
+                        format!("p-{round}-{i}")
+                    };
+                    let t = token(&who, None, 300);
+                    let answer = s
+                        .redeem(
+                            Some(&t),
+                            json!({"code": "POISON-1", "tenant_id": "t"}),
+                            None,
+                        )
+                        .await;
+                    (who, answer)
+                })
+            })
+            .collect();
+        for request in requests {
+            let (who, (status, body)) = request.await.unwrap();
+            if who.starts_with("poison") {
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{who}: {body}");
+            } else {
+                assert_eq!(status, StatusCode::OK, "{who}: {body}");
+                granted += 1;
+            }
+        }
+        if metric(
+            &s,
+            "voucher_operator_http_redemption_groups_one_by_one_total",
+        )
+        .await
+            > 0
+        {
+            break;
+        }
+    }
+    assert!(
+        metric(
+            &s,
+            "voucher_operator_http_redemption_groups_one_by_one_total"
+        )
+        .await
+            > 0,
+        "the poisoned request never landed in a group"
+    );
+    assert_eq!(
+        s.counts("POISON-1").await,
+        (granted, granted as i64, granted as i64)
+    );
+}
+
+#[tokio::test]
+async fn two_servers_on_one_database_never_over_redeem_a_capped_code() {
+    let s = Arc::new(start().await);
+    // A second server process's worth: its own pool and group commit, the same database.
+    let database = s.pool.connect_options().get_database().unwrap().to_owned();
+    let url = support::postgres().url_for(&database);
+    let other_store = Store::from_pool(support::pool(&url).await);
+    let (other_base, other_stop) = support::serve_http(other_store, settings(), auth(), None).await;
+    let _stop_other = scopeguard(other_stop);
+    for round in 0..10 {
+        let code = format!("TWO50-{round:02}");
+        s.seed(&format!(
+            "INSERT INTO promo_codes (code, credit_omr, max_redemptions) VALUES ('{code}', 5, 50)"
+        ))
+        .await;
+        let requests: Vec<_> = (0..200)
+            .map(|i| {
+                let (http, code) = (s.http.clone(), code.clone());
+                let base = if i % 2 == 0 {
+                    s.base.clone()
+                } else {
+                    other_base.clone()
+                };
+                tokio::spawn(async move {
+                    let t = token(&format!("two-{round}-{i}"), None, 300);
+                    http.post(format!("{base}/billing/vouchers/redeem"))
+                        .bearer_auth(t)
+                        .json(&json!({"code": code, "tenant_id": "t"}))
+                        .send()
+                        .await
+                        .unwrap()
+                        .status()
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        for request in requests {
+            match request.await.unwrap() {
+                StatusCode::OK => ok += 1,
+                StatusCode::GONE => {}
+                other => panic!("unexpected {other}"),
+            }
+        }
+        assert_eq!(ok, 50, "round {round}");
+        assert_eq!(s.counts(&code).await, (50, 50, 50), "round {round}");
+        let audits: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM voucher_audit_outbox WHERE code = $1 AND kind = 'redeemed'",
+        )
+        .bind(&code)
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+        assert_eq!(audits, 50, "round {round}");
+    }
+}
+
+/// Cancels `token` when dropped.
+fn scopeguard(token: CancellationToken) -> impl Drop {
+    struct Guard(CancellationToken);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.cancel();
+        }
+    }
+    Guard(token)
+}

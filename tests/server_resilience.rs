@@ -48,10 +48,12 @@ async fn start(database: &str) -> (String, CancellationToken, Store) {
     (base, stop, store)
 }
 
+/// A redemption by `customer`, with the customer's name as its Idempotency-Key.
 async fn redeem(http: &reqwest::Client, base: &str, customer: &str, code: &str) -> StatusCode {
     match http
         .post(format!("{base}/billing/vouchers/redeem"))
         .bearer_auth(token(customer))
+        .header("Idempotency-Key", customer)
         .json(&json!({"code": code, "tenant_id": "t"}))
         .send()
         .await
@@ -95,8 +97,12 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
                         })
                     })
                     .collect();
-                for r in requests {
-                    answers.push((r.await.unwrap(), std::time::Instant::now()));
+                for (i, r) in requests.into_iter().enumerate() {
+                    answers.push((
+                        format!("c-{wave}-{i}"),
+                        r.await.unwrap(),
+                        std::time::Instant::now(),
+                    ));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -111,11 +117,11 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
     let restart_ended = std::time::Instant::now();
     let timed = load.await.unwrap();
     assert!(
-        timed.iter().any(|(_, at)| *at < restart_began)
-            && timed.iter().any(|(_, at)| *at > restart_ended),
+        timed.iter().any(|(_, _, at)| *at < restart_began)
+            && timed.iter().any(|(_, _, at)| *at > restart_ended),
         "the restart did not fall inside the load; the test proves nothing"
     );
-    let answers: Vec<StatusCode> = timed.into_iter().map(|(status, _)| status).collect();
+    let answers: Vec<StatusCode> = timed.iter().map(|(_, status, _)| *status).collect();
 
     let granted = answers.iter().filter(|s| **s == StatusCode::OK).count() as i64;
     let unavailable = answers
@@ -149,6 +155,29 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
     assert_eq!(
         redeem(&http, &base, "after-restart", "STORM-1").await,
         StatusCode::OK
+    );
+    // Each customer answered 503 retries with its Idempotency-Key: a redemption whose (group)
+    // commit landed replays its grant, one that did not redeems now. Each is granted once.
+    for (customer, status, _) in &timed {
+        if *status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(
+                redeem(&http, &base, customer, "STORM-1").await,
+                StatusCode::OK,
+                "{customer}'s retry"
+            );
+        }
+    }
+    let (counter, rows): (i32, i64) = sqlx::query_as(
+        "SELECT (SELECT times_redeemed FROM promo_codes WHERE code = 'STORM-1'), \
+                (SELECT count(*) FROM promo_redemptions WHERE code = 'STORM-1')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        (counter as usize, rows as usize),
+        (timed.len() + 1, timed.len() + 1),
+        "every customer granted exactly once"
     );
 }
 

@@ -98,6 +98,8 @@ pub struct ServerMetrics {
     pub preview_lookups: Family<SourceLabel, Counter>,
     /// Codes the preview remembers (existing and unknown).
     pub preview_cache_entries: Gauge,
+    /// Redemptions of a hot code committed together.
+    pub groups: crate::store::group::GroupMetrics,
 }
 
 impl ServerMetrics {
@@ -111,6 +113,7 @@ impl ServerMetrics {
             rate_limit_keys: Gauge::default(),
             preview_lookups: Family::default(),
             preview_cache_entries: Gauge::default(),
+            groups: Default::default(),
         };
         let r = registry.sub_registry_with_prefix("voucher_operator_http");
         r.register(
@@ -142,6 +145,21 @@ impl ServerMetrics {
             "preview_cache_entries",
             "Codes the redeem-preview remembers, existing and unknown",
             metrics.preview_cache_entries.clone(),
+        );
+        r.register(
+            "redemption_groups",
+            "Groups of concurrent redemptions of one code committed in one transaction",
+            metrics.groups.groups.clone(),
+        );
+        r.register(
+            "grouped_redemptions",
+            "Redemption requests committed in a group",
+            metrics.groups.grouped.clone(),
+        );
+        r.register(
+            "redemption_groups_one_by_one",
+            "Groups undone and redeemed one by one (the cap within reach, or a failure)",
+            metrics.groups.one_by_one.clone(),
         );
         metrics
     }
@@ -177,7 +195,11 @@ impl AppState {
             per_subject_per_minute: settings.rate_limit_per_subject,
             auth_failures_per_minute: settings.auth_failures_per_minute,
         });
-        let redeemer = crate::store::group::GroupCommit::new(store.clone(), public::render);
+        let redeemer = crate::store::group::GroupCommit::new(
+            store.clone(),
+            public::render,
+            metrics.groups.clone(),
+        );
         Arc::new(Self {
             redeemer,
             store,

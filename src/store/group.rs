@@ -68,9 +68,21 @@ struct Queue {
     waiting: VecDeque<Waiting>,
 }
 
+/// What group commit did, for the metrics.
+#[derive(Clone, Debug, Default)]
+pub struct GroupMetrics {
+    /// Groups of two or more redemptions committed together.
+    pub groups: prometheus_client::metrics::counter::Counter,
+    /// The redemption requests in them.
+    pub grouped: prometheus_client::metrics::counter::Counter,
+    /// Groups undone and redeemed one by one (the cap, or a failure).
+    pub one_by_one: prometheus_client::metrics::counter::Counter,
+}
+
 pub struct GroupCommit {
     store: Store,
     render: Render,
+    metrics: GroupMetrics,
     /// Codes with a transaction under way → who waits for the next.
     codes: Mutex<HashMap<String, Queue>>,
 }
@@ -83,10 +95,11 @@ enum Group {
 }
 
 impl GroupCommit {
-    pub fn new(store: Store, render: Render) -> Arc<Self> {
+    pub fn new(store: Store, render: Render, metrics: GroupMetrics) -> Arc<Self> {
         Arc::new(Self {
             store,
             render,
+            metrics,
             codes: Mutex::default(),
         })
     }
@@ -149,11 +162,14 @@ impl GroupCommit {
         let code = group[0].request.code.clone();
         match self.store.redeem_together(&requests, self.render).await {
             Ok(Group::Answered(answers)) => {
+                self.metrics.groups.inc();
+                self.metrics.grouped.inc_by(answers.len() as u64);
                 for (waiting, answer) in group.into_iter().zip(answers) {
                     let _ = waiting.reply.send(Ok(answer));
                 }
             }
             Ok(Group::OneByOne) => {
+                self.metrics.one_by_one.inc();
                 drop(requests);
                 for Waiting { request, reply } in group {
                     let _ = reply.send(self.store.redeem(&request.borrow(), self.render).await);
