@@ -318,23 +318,67 @@ async fn set_aside(
     Ok(())
 }
 
-/// Publishes one batch, pipelined: records are sent without waiting for
-/// their acks, except that a record waits for the ack of its code's previous
-/// one. A code whose event is refused or lost sends nothing more in this
-/// batch, so no later event of that code is ever stored ahead of it, while
-/// the other codes go on; the next round (after a back-off) starts again
-/// from its first record not acknowledged. A record that cannot fit is moved
-/// to the dead letters. Returns how many records left the outbox, or the
-/// first failure once the rest of the batch is done.
+/// What a round of publishing keeps from batch to batch.
+#[derive(Default)]
+struct Round {
+    /// Codes with an event refused or lost this round: nothing more of
+    /// theirs is sent (nor read) until the next round, so no later event of
+    /// that code is ever stored ahead of it, while the other codes go on.
+    blocked: std::collections::HashSet<String>,
+    /// The first failure; the round ends with it once the others are done.
+    failure: Option<anyhow::Error>,
+    /// NATS itself failed (not sent, or no ack in time): nothing more is
+    /// tried this round.
+    stopped: bool,
+}
+
+/// Publishes the outbox: batches until nothing more can go this round.
+async fn publish_round(
+    store: &Store,
+    js: &jetstream::Context,
+    settings: &RelaySettings,
+    metrics: &RelayMetrics,
+    limit: usize,
+) -> anyhow::Result<()> {
+    let mut round = Round::default();
+    while !round.stopped
+        && publish_batch(store, js, settings, metrics, limit, &mut round).await? > 0
+    {}
+    match round.failure {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// Whether an ack's failure is NATS's as a whole (the connection, the
+/// stream, the server's time) rather than the stream refusing this message.
+fn failed_for_all(error: &async_nats::jetstream::context::PublishError) -> bool {
+    matches!(
+        error.kind(),
+        PublishErrorKind::TimedOut
+            | PublishErrorKind::BrokenPipe
+            | PublishErrorKind::StreamNotFound
+            | PublishErrorKind::MaxAckPending
+    )
+}
+
+/// Publishes one batch of the records not held back, pipelined: records are
+/// sent without waiting for their acks, except that a record waits for the
+/// ack of its code's previous one. A record that cannot fit is moved to the
+/// dead letters. Returns how many records it read: none, when nothing more
+/// can go this round (each batch moves records or holds back their codes,
+/// which the next one does not read). The error is the database's.
 async fn publish_batch(
     store: &Store,
     js: &jetstream::Context,
     settings: &RelaySettings,
     metrics: &RelayMetrics,
     limit: usize,
+    round: &mut Round,
 ) -> anyhow::Result<usize> {
     let mut conn = store.pool().acquire().await?;
-    let records = outbox::pending(&mut conn, settings.batch_size).await?;
+    let held: Vec<String> = round.blocked.iter().cloned().collect();
+    let records = outbox::pending_except(&mut conn, settings.batch_size, &held).await?;
     if records.is_empty() {
         return Ok(0);
     }
@@ -342,9 +386,12 @@ async fn publish_batch(
     for record in &records {
         if batch.in_flight(&record.code) {
             // Its code's previous event must be stored first.
-            batch.settle(&mut conn, metrics).await?;
+            batch.settle(&mut conn, metrics, round).await?;
         }
-        if batch.blocked.contains(&record.code) {
+        if round.stopped {
+            break;
+        }
+        if round.blocked.contains(&record.code) {
             continue;
         }
         let mut headers = async_nats::HeaderMap::new();
@@ -353,7 +400,6 @@ async fn publish_batch(
         let Some((body, truncated)) = fit(envelope(record, &settings.source), limit) else {
             let why = format!("larger than {limit} bytes even with its free text shortened");
             set_aside(&mut conn, metrics, record.seq, &why).await?;
-            batch.dead += 1;
             continue;
         };
         if truncated {
@@ -364,27 +410,24 @@ async fn publish_batch(
             Ok(ack) => batch.pending.push((record.seq, record.code.clone(), ack)),
             Err(error) if error.kind() == PublishErrorKind::MaxPayloadExceeded => {
                 set_aside(&mut conn, metrics, record.seq, &describe(&error)).await?;
-                batch.dead += 1;
             }
             // Not sent (the connection is gone): nothing more is.
             Err(error) => {
-                batch.failure.get_or_insert(anyhow::Error::from(error));
+                round.failure.get_or_insert(anyhow::Error::from(error));
+                round.stopped = true;
                 break;
             }
         }
     }
-    batch.settle(&mut conn, metrics).await?;
+    batch.settle(&mut conn, metrics, round).await?;
     if !batch.published.is_empty() {
         outbox::mark_published(&mut conn, &batch.published).await?;
         metrics.published.inc_by(batch.published.len() as u64);
     }
-    match batch.failure {
-        Some(error) => Err(error),
-        None => Ok(batch.published.len() + batch.dead),
-    }
+    Ok(records.len())
 }
 
-/// A batch's records sent and awaiting their acks, and the outcome so far.
+/// A batch's records sent and awaiting their acks, and what left the outbox.
 #[derive(Default)]
 struct Acks {
     pending: Vec<(
@@ -393,11 +436,6 @@ struct Acks {
         async_nats::jetstream::context::PublishAckFuture,
     )>,
     published: Vec<i64>,
-    dead: usize,
-    /// Codes with an event refused or lost in this batch: nothing more of
-    /// theirs is sent until the next round.
-    blocked: std::collections::HashSet<String>,
-    failure: Option<anyhow::Error>,
 }
 
 impl Acks {
@@ -410,8 +448,15 @@ impl Acks {
         &mut self,
         conn: &mut sqlx::PgConnection,
         metrics: &RelayMetrics,
+        round: &mut Round,
     ) -> anyhow::Result<()> {
         for (seq, code, ack) in std::mem::take(&mut self.pending) {
+            if round.stopped {
+                // NATS failed as a whole: the rest are not waited for (each
+                // would wait out its own timeout); they are sent again next
+                // round, and a copy already stored is dropped as a duplicate.
+                break;
+            }
             match ack.await {
                 Ok(_) => self.published.push(seq),
                 // The stream itself refuses this one (its size limit, say): it
@@ -419,14 +464,16 @@ impl Acks {
                 // records after it go on.
                 Err(error) if refused_by_stream(&error) => {
                     set_aside(conn, metrics, seq, &describe(&error)).await?;
-                    self.dead += 1;
                 }
                 // Retried next round, first of its code; a copy that was
                 // stored after all is dropped by the duplicate window.
                 Err(error) => {
                     tracing::debug!(seq, %code, error = %error, "audit event not acknowledged");
-                    self.blocked.insert(code);
-                    self.failure.get_or_insert(anyhow::Error::from(error));
+                    if failed_for_all(&error) {
+                        round.stopped = true;
+                    }
+                    round.blocked.insert(code);
+                    round.failure.get_or_insert(anyhow::Error::from(error));
                 }
             }
         }
@@ -493,7 +540,7 @@ pub async fn run(
                 limit = event_limit(&client, stream_max);
                 stream_ready = true;
             }
-            while publish_batch(&store, &js, &settings, &metrics, limit).await? > 0 {}
+            publish_round(&store, &js, &settings, &metrics, limit).await?;
             if last_prune.elapsed() > Duration::from_secs(60) {
                 let mut conn = store.pool().acquire().await?;
                 outbox::prune(&mut conn, settings.retention).await?;

@@ -736,7 +736,12 @@ async fn has_subject(settings: &RelaySettings, subject: &str) -> bool {
 async fn a_code_whose_event_is_refused_sends_nothing_after_it_until_it_lands() {
     let _serial = NATS.lock().await;
     let store = store().await;
-    let settings = settings("percode");
+    // Batches of two: HOLD-1's waiting events fill a whole batch, and must not hold back the
+    // other codes' behind them.
+    let settings = RelaySettings {
+        batch_size: 2,
+        ..settings("percode")
+    };
     let client = async_nats::connect(&settings.nats_url).await.unwrap();
     let js = jetstream::new(client);
     // One message a subject, new ones refused: the stream refuses HOLD-1's `created` event
@@ -755,8 +760,9 @@ async fn a_code_whose_event_is_refused_sends_nothing_after_it_until_it_lands() {
         .await
         .unwrap();
     sync(&store, "HOLD-1", &owner("h"), 1, terms(1)).await;
-    sync(&store, "OTHER-1", &owner("o"), 1, terms(1)).await;
     sync(&store, "HOLD-1", &owner("h"), 2, terms(2)).await;
+    sync(&store, "HOLD-1", &owner("h"), 3, terms(3)).await;
+    sync(&store, "OTHER-1", &owner("o"), 1, terms(1)).await;
     sync(&store, "OTHER-2", &owner("p"), 1, terms(1)).await;
     let (stop, task) = start_relay(&store, &settings);
 
@@ -781,8 +787,8 @@ async fn a_code_whose_event_is_refused_sends_nothing_after_it_until_it_lands() {
     );
     assert_eq!(
         unpublished(&store).await,
-        2,
-        "HOLD-1's two events wait, the others are done"
+        3,
+        "HOLD-1's three events wait, the others are done"
     );
 
     // The stream's owner lifts the limit: both arrive, in order.
@@ -804,5 +810,5 @@ async fn a_code_whose_event_is_refused_sends_nothing_after_it_until_it_lands() {
         .filter(|(s, id, _)| s.contains("HOLD-1") && !id.is_empty())
         .map(|(s, _, _)| s)
         .collect();
-    assert_eq!(subjects, [held, later]);
+    assert_eq!(subjects, [held, later.clone(), later]);
 }

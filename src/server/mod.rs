@@ -312,18 +312,20 @@ impl utoipa::Modify for BearerScheme {
 )]
 pub struct ApiDoc;
 
-/// What customers reach: preview, redemption, and the probes.
+/// What customers reach: preview, redemption, and liveness (which costs
+/// nothing; readiness queries the database, so it is not public).
 fn public_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/billing/vouchers/redeem-preview", post(public::preview))
         .route("/billing/vouchers/redeem", post(public::redeem))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
 }
 
-/// What only the platform reaches: the admin endpoints, metrics, the API document.
+/// What only the platform reaches: the admin endpoints, readiness, metrics,
+/// the API document.
 fn admin_routes() -> Router<Arc<AppState>> {
     Router::new()
+        .route("/readyz", get(readyz))
         .route("/billing/vouchers/issue", post(admin::issue))
         .route("/billing/vouchers/list", get(admin::list))
         .route("/billing/vouchers/revoke/{code}", delete(admin::revoke))
@@ -348,9 +350,7 @@ pub fn router(state: Arc<AppState>, endpoints: Endpoints) -> Router {
         Endpoints::All => public_routes().merge(admin_routes()),
         Endpoints::Public => public_routes(),
         // The probes too: a flood of the public port must not fail them.
-        Endpoints::Admin => admin_routes()
-            .route("/healthz", get(|| async { "ok" }))
-            .route("/readyz", get(readyz)),
+        Endpoints::Admin => admin_routes().route("/healthz", get(|| async { "ok" })),
     };
     routes
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint") })

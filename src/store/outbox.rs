@@ -68,11 +68,22 @@ pub struct AuditRecord {
 
 /// The oldest unpublished records, in outbox order.
 pub async fn pending(conn: &mut PgConnection, limit: i64) -> Result<Vec<AuditRecord>> {
+    pending_except(conn, limit, &[]).await
+}
+
+/// The oldest unpublished records of codes other than `codes` (those the
+/// relay holds back this round).
+pub async fn pending_except(
+    conn: &mut PgConnection,
+    limit: i64,
+    codes: &[String],
+) -> Result<Vec<AuditRecord>> {
     Ok(sqlx::query_as(
         "SELECT seq, event_id, code, kind, occurred_at, payload FROM voucher_audit_outbox \
-         WHERE published_at IS NULL ORDER BY seq LIMIT $1",
+         WHERE published_at IS NULL AND code <> ALL($2) ORDER BY seq LIMIT $1",
     )
     .bind(limit)
+    .bind(codes)
     .fetch_all(conn)
     .await?)
 }

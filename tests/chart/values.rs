@@ -245,6 +245,10 @@ fn wrong_values_are_rejected_naming_the_key() {
             "/controller/replicas",
         ),
         (json!({"replicaCount": 3}), "replicaCount"),
+        (
+            json!({"controller": {"issuerNamespaces": [""]}}),
+            "/controller/issuerNamespaces/0",
+        ),
         (json!({"audit": {"storage": "disk"}}), "/audit/storage"),
         (json!({"audit": {"replicas": 7}}), "/audit/replicas"),
         (
