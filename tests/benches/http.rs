@@ -181,11 +181,71 @@ impl Drop for Server {
     }
 }
 
+/// CPU seconds used so far: by the server process, by every Postgres
+/// process, and by this benchmark (the load generator).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    server: f64,
+    postgres: f64,
+    generator: f64,
+}
+
+/// utime + stime of a /proc/<pid>/stat, in seconds.
+fn cpu_seconds(stat: &str) -> f64 {
+    // SAFETY: sysconf only reads a constant of the system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    // The fields after the command name (which may hold spaces), from its ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (field(11) + field(12)) / ticks
+}
+
+impl Cpu {
+    fn now(server: u32) -> Self {
+        let read =
+            |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let mut postgres = 0.0;
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            if pid.chars().all(|c| c.is_ascii_digit())
+                && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.trim() == "postgres")
+            {
+                postgres += cpu_seconds(&read(&pid));
+            }
+        }
+        Self {
+            server: cpu_seconds(&read(&server.to_string())),
+            postgres,
+            generator: cpu_seconds(&read("self")),
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            server: self.server - before.server,
+            postgres: self.postgres - before.postgres,
+            generator: self.generator - before.generator,
+        }
+    }
+}
+
 /// What one measured run did.
 struct Run {
     label: String,
     latencies: Vec<Duration>,
     elapsed: Duration,
+    /// CPU used during the run (HTTP runs).
+    cpu: Option<Cpu>,
 }
 
 impl Run {
@@ -223,6 +283,7 @@ where
         label: label.to_owned(),
         latencies,
         elapsed: started.elapsed(),
+        cpu: None,
     }
 }
 
@@ -273,7 +334,8 @@ async fn http_redeem(
 ) -> Run {
     let http = reqwest::Client::new();
     let tokens: Vec<String> = (0..n).map(|i| token(&format!("{prefix}-{i}"))).collect();
-    measure(label, n, |i| {
+    let before = Cpu::now(server.child.id());
+    let mut run = measure(label, n, |i| {
         let (http, url, token, code) = (
             http.clone(),
             format!("{}/billing/vouchers/redeem", server.base),
@@ -291,7 +353,9 @@ async fn http_redeem(
             assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
         }
     })
-    .await
+    .await;
+    run.cpu = Some(Cpu::now(server.child.id()).since(before));
+    run
 }
 
 /// Counter = redemption rows = ledger grants = audit records, for `codes`
@@ -399,24 +463,25 @@ async fn main() {
     exact(&pool, &spread, before, n).await;
 
     let http = reqwest::Client::new();
-    runs.push(
-        measure("HTTP preview, the hot code", n * 5, |_| {
-            let (http, url) = (
-                http.clone(),
-                format!("{}/billing/vouchers/redeem-preview", server.base),
-            );
-            async move {
-                let response = http
-                    .post(url)
-                    .json(&json!({"code": " hot-http "}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 200);
-            }
-        })
-        .await,
-    );
+    let before = Cpu::now(server.child.id());
+    let mut preview = measure("HTTP preview, the hot code", n * 5, |_| {
+        let (http, url) = (
+            http.clone(),
+            format!("{}/billing/vouchers/redeem-preview", server.base),
+        );
+        async move {
+            let response = http
+                .post(url)
+                .json(&json!({"code": " hot-http "}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    })
+    .await;
+    preview.cpu = Some(Cpu::now(server.child.id()).since(before));
+    runs.push(preview);
 
     let small = Server::start(&small_url).await;
     runs.push(
@@ -466,6 +531,23 @@ async fn main() {
             run.percentile(0.50).as_secs_f64() * 1000.0,
             run.percentile(0.99).as_secs_f64() * 1000.0
         );
+    }
+    println!("  CPU per request, ms (2 cores = 2,000 ms a second):");
+    println!(
+        "  {:<58} {:>8} {:>10} {:>9}",
+        "", "server", "Postgres", "load gen."
+    );
+    for run in &runs {
+        if let Some(cpu) = run.cpu {
+            let per = |seconds: f64| seconds * 1000.0 / run.latencies.len() as f64;
+            println!(
+                "  {:<58} {:>8.3} {:>10.3} {:>9.3}",
+                run.label,
+                per(cpu.server),
+                per(cpu.postgres),
+                per(cpu.generator)
+            );
+        }
     }
     let rate = |i: usize| runs[i].rate();
     println!(
