@@ -1974,3 +1974,59 @@ fn scopeguard(token: CancellationToken) -> impl Drop {
     }
     Guard(token)
 }
+
+#[tokio::test]
+async fn when_a_group_would_pass_the_cap_exactly_the_earliest_arrivals_are_granted() {
+    let s = Arc::new(start().await);
+    s.seed("INSERT INTO promo_codes (code, credit_omr, max_redemptions) VALUES ('EARLY-4', 2, 4)")
+        .await;
+    // Hold the code's row lock, so that the first redemption waits in its count and the
+    // next ones queue behind it in a known order.
+    let mut holder = s.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM promo_codes WHERE code = 'EARLY-4' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let redeem = |who: String| {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let t = token(&who, None, 300);
+            let (status, _) = s
+                .redeem(Some(&t), json!({"code": "EARLY-4", "tenant_id": "t"}), None)
+                .await;
+            (who, status)
+        })
+    };
+    let first = redeem("first".into());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut queued = Vec::new();
+    for i in 0..10 {
+        queued.push(redeem(format!("queued-{i}")));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    holder.rollback().await.unwrap();
+    assert_eq!(first.await.unwrap().1, StatusCode::OK);
+    let mut granted = Vec::new();
+    for request in queued {
+        let (who, status) = request.await.unwrap();
+        match status {
+            StatusCode::OK => granted.push(who),
+            StatusCode::GONE => {}
+            other => panic!("{who}: {other}"),
+        }
+    }
+    assert_eq!(
+        granted,
+        ["queued-0", "queued-1", "queued-2"],
+        "the earliest three"
+    );
+    assert_eq!(s.counts("EARLY-4").await, (4, 4, 4));
+    assert!(
+        metric(
+            &s,
+            "voucher_operator_http_redemption_groups_one_by_one_total"
+        )
+        .await
+            >= 1
+    );
+}
