@@ -271,19 +271,11 @@ async fn preview_follows(s: &Server, code: &str, status: StatusCode) -> Value {
 
 /// The `preview_lookups` counter of `source` (memory or database), from /metrics.
 async fn preview_lookups(s: &Server, source: &str) -> u64 {
-    let text = s
-        .http
-        .get(format!("{}/metrics", s.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let series = format!("voucher_operator_http_preview_lookups_total{{source=\"{source}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series.as_str()))
-        .map_or(0, |v| v.trim().parse().unwrap())
+    metric(
+        s,
+        &format!("voucher_operator_http_preview_lookups_total{{source=\"{source}\"}}"),
+    )
+    .await
 }
 
 #[tokio::test]

@@ -555,24 +555,17 @@ async fn main() {
     );
     println!("  server peak RSS: {peak_rss_mib:.1} MiB");
     println!("ratios:");
-    println!(
-        "  HTTP redeem (hot) / seed's redemption SQL:        {:.2}x",
-        rate(3) / rate(0)
-    );
-    println!(
-        "  HTTP redeem (hot) / single-statement update:      {:.2}x",
-        rate(3) / rate(1)
-    );
-    println!(
-        "  HTTP preview / prepared SELECT:                   {:.2}x",
-        rate(5) / rate(2)
-    );
-    println!(
-        "  HTTP redeem (hot), {ledger_rows} / {small_rows} ledger rows: {:.2}x",
-        rate(3) / rate(6)
-    );
-    println!(
-        "  HTTP redeem (hot), with / without the ledger index: {:.1}x",
-        rate(3) / rate(7)
-    );
+    for (label, a, b) in [
+        ("HTTP redeem (hot) / seed's redemption SQL", 3, 0),
+        ("HTTP redeem (hot) / single-statement update", 3, 1),
+        ("HTTP preview / prepared SELECT", 5, 2),
+        (
+            &*format!("HTTP redeem (hot), {ledger_rows} / {small_rows} ledger rows"),
+            3,
+            6,
+        ),
+        ("HTTP redeem (hot), with / without the ledger index", 3, 7),
+    ] {
+        println!("  {label:<58} {:>6.2}x", rate(a) / rate(b));
+    }
 }
