@@ -8,10 +8,11 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     voucher_operator::install_tls_provider();
     cli::init_logging(&cli.logging);
+    let logging = cli.logging.clone();
     match cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", voucher_operator::telemetry::describe(&*error));
+            cli::report_fatal(&logging, &*error);
             std::process::ExitCode::FAILURE
         }
     }

@@ -605,13 +605,22 @@ pub fn filter_subject(prefix: &str, query: &EventQuery) -> String {
 
 /// Streams the events that match `query` from an ephemeral ordered consumer
 /// to `print`, oldest first; without `follow` it stops when caught up.
+/// Where `follow_events` hands the events.
+pub trait EventSink {
+    /// One event, in stream order.
+    fn event(&mut self, event: &Value) -> std::io::Result<()>;
+    /// Every event stored when the query began has been handed over (later
+    /// ones, with `follow`, come as they arrive).
+    fn caught_up(&mut self) -> std::io::Result<()>;
+}
+
 pub async fn follow_events(
     nats_url: &str,
     auth: &NatsAuth,
     stream_name: &str,
     prefix: &str,
     query: &EventQuery,
-    mut print: impl FnMut(&Value),
+    sink: &mut impl EventSink,
 ) -> anyhow::Result<()> {
     use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 
@@ -625,8 +634,12 @@ pub async fn follow_events(
         .get_stream(stream_name)
         .await
         .map_err(|e| anyhow::anyhow!("no audit stream {stream_name}: {e}"))?;
-    if !query.follow && stream.info().await?.state.messages == 0 {
-        return Ok(());
+    let stored = stream.info().await?.state.messages;
+    if stored == 0 {
+        sink.caught_up()?;
+        if !query.follow {
+            return Ok(());
+        }
     }
     let deliver_policy = match query.since {
         Some(since) => DeliverPolicy::ByStartTime {
@@ -642,14 +655,23 @@ pub async fn follow_events(
         })
         .await?;
     let mut messages = consumer.messages().await?;
+    let mut caught_up = stored == 0;
     loop {
-        let next = if query.follow {
+        let next = if caught_up {
             messages.next().await
         } else {
-            // Caught up when nothing more arrives shortly after the last one.
+            // Caught up when nothing more arrives shortly after the last one
+            // (a filter may match nothing at all).
             match tokio::time::timeout(Duration::from_millis(500), messages.next()).await {
                 Ok(next) => next,
-                Err(_) => return Ok(()),
+                Err(_) => {
+                    sink.caught_up()?;
+                    if !query.follow {
+                        return Ok(());
+                    }
+                    caught_up = true;
+                    continue;
+                }
             }
         };
         let Some(message) = next else { return Ok(()) };
@@ -657,9 +679,13 @@ pub async fn follow_events(
         let event: Value = serde_json::from_slice(&message.payload).unwrap_or_else(
             |_| json!({"error": "not a JSON event", "subject": message.subject.as_str()}),
         );
-        print(&event);
-        if !query.follow && message.info().is_ok_and(|info| info.pending == 0) {
-            return Ok(());
+        sink.event(&event)?;
+        if !caught_up && message.info().is_ok_and(|info| info.pending == 0) {
+            sink.caught_up()?;
+            if !query.follow {
+                return Ok(());
+            }
+            caught_up = true;
         }
     }
 }

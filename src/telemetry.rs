@@ -12,10 +12,18 @@ use axum::routing::get;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
+/// The listener of the metrics endpoint, bound before anything starts: a
+/// taken port stops the start at once, naming the address.
+pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {address} for metrics: {e}"))
+}
+
 /// Serves `GET /metrics` (Prometheus text format), `/healthz` and `/readyz`
-/// (200 once `ready` is set) on `address` until `stop` is cancelled.
+/// (200 once `ready` is set) on `listener` until `stop` is cancelled.
 pub async fn serve(
-    address: SocketAddr,
+    listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
     ready: Arc<AtomicBool>,
     stop: CancellationToken,
@@ -42,9 +50,6 @@ pub async fn serve(
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {address} for metrics: {e}"))?;
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await?;
@@ -84,8 +89,10 @@ pub fn shutdown_signal() -> CancellationToken {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate => {}
         }
-        tracing::info!("shutting down");
+        // First: nothing that follows (a log line to a closed pipe) may keep
+        // the process from stopping.
         trigger.cancel();
+        tracing::info!("shutting down");
     });
     token
 }

@@ -120,3 +120,90 @@ async fn sigterm_stops_the_controller_and_releases_the_lease() {
     assert!(status.success(), "{status}; its log:\n{}", log());
     assert_eq!(holder().await, None, "the lease was not released");
 }
+
+#[tokio::test]
+async fn a_taken_metrics_port_stops_the_controller_at_once_naming_the_address() {
+    let database = support::fresh_database("ctlcli").await;
+    let (client, ns) = support::cluster::setup("ctlport").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::cluster::cluster().kubeconfig(dir.path(), &ns);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let started = Instant::now();
+    let args = [
+        "--metrics-address",
+        &address,
+        "--watch-namespace",
+        &ns,
+        "--lease-namespace",
+        &ns,
+    ];
+    let output = {
+        let mut cmd = controller(&config, &database);
+        cmd.args(args);
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap()
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {address} for metrics")),
+        "{stderr}"
+    );
+    // Before it led anything: no Lease was taken.
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(client, &ns);
+    assert!(leases.get_opt("voucher-operator").await.unwrap().is_none());
+    println!("stopped after {:?}", started.elapsed());
+}
+
+/// A process whose log goes to a pipe its reader closes still stops on SIGTERM (the server
+/// used to keep running, its shutdown lost to the closed pipe).
+#[tokio::test]
+async fn sigterm_stops_the_server_after_its_log_reader_went_away() {
+    let database = support::fresh_database("ctlpipe").await;
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+        .args(["server", "--listen-address", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", &database)
+        .env("JWT_HS256_SECRET", "x".repeat(32))
+        .env("KUBECONFIG", "/nonexistent")
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The readers read a little, then go, as `| head -2` does.
+    let stderr = child.stderr.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let _ = lines.next();
+    }
+    drop(stdout);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !support::http_get(port, "/healthz").await.contains("ok") {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the server stopped before it served: {status}");
+        }
+        assert!(Instant::now() < deadline, "the server never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // It logs into the closed pipe meanwhile (requests at debug level).
+    for _ in 0..5 {
+        support::http_get(port, "/healthz").await;
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM was ignored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -407,21 +407,29 @@ async fn wrong_api_version_is_rejected() {
 #[tokio::test]
 async fn code_is_immutable_once_created() {
     let old = with(json!({"spec": {"code": "LAUNCH-50"}}));
-    let immutable = "spec.code is immutable";
+    let immutable = "the code is immutable";
     assert_rejected(
         with(json!({"spec": {"code": "LAUNCH-60"}})),
         Some(old.clone()),
         &[immutable],
     )
     .await;
-    assert_rejected(base(), Some(old.clone()), &[immutable]).await;
+    // Added as another code than the name gave, or removed when it was another.
     assert_rejected(
-        with(json!({"spec": {"code": "LAUNCH-50"}})),
+        with(json!({"spec": {"code": "OTHER-1"}})),
         Some(base()),
         &[immutable],
     )
     .await;
+    let promo = with(json!({"spec": {"code": "PROMO-X"}}));
+    assert_rejected(base(), Some(promo), &[immutable]).await;
 
+    // Written out as the code it already is (from the name, in either case), or
+    // removed when the name gives the same code: accepted.
+    for same in ["LAUNCH-50", "launch-50"] {
+        assert_valid(&with(json!({"spec": {"code": same}})), Some(&base())).await;
+    }
+    assert_valid(&base(), Some(&old)).await;
     // Other fields stay editable, and an unchanged code passes the transition rule.
     let edited = with(json!({"spec": {"code": "LAUNCH-50", "creditOMR": 75, "active": false}}));
     assert_valid(&edited, Some(&old)).await;

@@ -183,20 +183,40 @@ async fn a_platform_engineers_day_with_kubectl() {
         .until(&["get", "vouchers"], "every phase", |t| {
             t.lines().skip(1).count() == 4
                 && !t.contains("<none>")
-                && t.lines().skip(1).all(|l| l.split_whitespace().count() >= 8)
+                && t.lines()
+                    .skip(1)
+                    .all(|l| l.split_whitespace().count() >= 10)
         })
         .await;
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
         [
-            "NAME", "CODE", "CREDIT", "ACTIVE", "REDEEMED", "MAX", "PHASE", "AGE"
+            "NAME", "CODE", "CREDIT", "ACTIVE", "REDEEMED", "MAX", "PHASE", "READY", "REASON",
+            "AGE"
         ]
     );
     assert_eq!(
-        &row(&table, "omantel-muscat-200")[1..7],
-        ["OMANTEL-MUSCAT-200", "200", "true", "0", "200", "Active"]
+        &row(&table, "omantel-muscat-200")[1..9],
+        [
+            "OMANTEL-MUSCAT-200",
+            "200",
+            "true",
+            "0",
+            "200",
+            "Active",
+            "True",
+            "Reconciled"
+        ]
     );
+    // -o wide: what is left under the cap, and the window.
+    let wide = s.ok(&["get", "vouchers", "-o", "wide"]).await;
+    let wide_header: Vec<&str> = wide.lines().next().unwrap().split_whitespace().collect();
+    for column in ["REMAINING", "VALID-FROM", "EXPIRES"] {
+        assert!(wide_header.contains(&column), "{wide}");
+    }
+    let remaining = wide_header.iter().position(|c| *c == "REMAINING").unwrap();
+    assert_eq!(row(&wide, "omantel-muscat-200")[remaining], "200", "{wide}");
     assert_eq!(row(&table, "eid-al-fitr-2027")[6], "Scheduled");
     assert_eq!(row(&table, "franchise-sohar-50")[6], "Inactive");
     assert!(

@@ -467,3 +467,19 @@ async fn the_ledger_is_indexed_by_customer_and_an_interrupted_build_is_redone() 
     );
     assert_eq!(valid().await, Some(true));
 }
+
+#[test]
+fn a_database_url_of_another_database_is_refused_without_repeating_it() {
+    let output = Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+        .args([
+            "migrate",
+            "--database-url",
+            "mysql://root:s3cret@127.0.0.1/billing",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not a mysql:// URL"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "the password leaked: {stderr}");
+}

@@ -812,3 +812,84 @@ async fn a_code_whose_event_is_refused_sends_nothing_after_it_until_it_lands() {
         .collect();
     assert_eq!(subjects, [held, later.clone(), later]);
 }
+
+#[tokio::test]
+async fn events_piped_into_a_reader_that_goes_away_stops_quietly() {
+    let _serial = NATS.lock().await;
+    let store = store().await;
+    let settings = settings("pipe");
+    // More than a pipe holds (64 KiB), so that the reader's going is felt.
+    for generation in 1..=300 {
+        sync(
+            &store,
+            "PIPED-1",
+            &owner("p"),
+            generation,
+            terms(generation as i32),
+        )
+        .await;
+    }
+    let (stop, task) = start_relay(&store, &settings);
+    drained(&store).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let output = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+            .args([
+                "events",
+                "--nats-url",
+                &settings.nats_url,
+                "--audit-stream",
+                &settings.stream,
+            ])
+            .args([
+                "--audit-subject-prefix",
+                &settings.subject_prefix,
+                "--json",
+                "--tail",
+                "all",
+            ])
+            .env("RUST_BACKTRACE", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // `| head -1`
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        assert!(lines.next().unwrap().unwrap().starts_with('{'));
+        drop(lines);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
+async fn events_refuses_a_bad_code_before_connecting_or_printing() {
+    // No NATS at this address: the code is checked first.
+    let output = tokio::task::spawn_blocking(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+            .args([
+                "events",
+                "--nats-url",
+                "nats://127.0.0.1:1",
+                "--code",
+                "bad code",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    assert!(output.stdout.is_empty(), "nothing printed before the error");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--code") && !stderr.contains("JetStream"),
+        "{stderr}"
+    );
+}

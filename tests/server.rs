@@ -1432,6 +1432,7 @@ async fn issue_and_revoke_act_on_voucher_resources() {
         (body["code"].as_str(), body["credit_omr"].as_i64()),
         (Some("SPRING_SALE"), Some(15))
     );
+    let applied = body["voucher"].as_str().unwrap_or_default().to_owned();
     // Terms outside the voucher rules are refused before anything is written.
     for (body, says) in [
         (json!({"code": "FREE-0", "credit_omr": 0}), "at least 1 OMR"),
@@ -1448,6 +1449,11 @@ async fn issue_and_revoke_act_on_voucher_resources() {
 
     let vouchers: Api<Voucher> = Api::namespaced(client, &ns);
     let created = vouchers.list(&Default::default()).await.unwrap().items;
+    assert_eq!(
+        applied,
+        format!("{ns}/{}", created[0].name_any()),
+        "issue names the Voucher it applied"
+    );
     assert_eq!(created.len(), 1);
     let voucher = &created[0];
     assert_eq!(voucher.spec.code.as_deref(), Some("SPRING_SALE"));
@@ -1607,6 +1613,24 @@ async fn revoke_soft_deletes_an_orphan_policy_voucher() {
         StatusCode::NOT_FOUND,
         "already revoked"
     );
+}
+
+#[tokio::test]
+async fn revoke_soft_deletes_a_legacy_code_that_no_voucher_owns() {
+    let (s, _client, _ns) = admin_server("legacy").await;
+    s.seed("INSERT INTO promo_codes (code, credit_omr) VALUES ('LEGACY-9', 9)")
+        .await;
+    let (status, body) = revoke(&s, " legacy-9 ").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"code": "LEGACY-9", "revoked": true}));
+    let (deleted, kind): (bool, String) = sqlx::query_as(
+        "SELECT p.deleted_at IS NOT NULL, a.kind FROM promo_codes p \
+         JOIN voucher_audit_outbox a ON a.code = p.code WHERE p.code = 'LEGACY-9'",
+    )
+    .fetch_one(&s.pool)
+    .await
+    .unwrap();
+    assert_eq!((deleted, kind.as_str()), (true, "revoked"));
 }
 
 #[tokio::test]

@@ -1,5 +1,14 @@
 //! What each subcommand does, once its flags are parsed.
 
+/// A line for the person at the terminal, on stderr; dropped when stderr is
+/// a closed pipe (eprintln! would panic).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 use super::{
     AuditOptions, ControllerOptions, DatabaseOptions, EventsOptions, ExportOptions, ServerOptions,
 };
@@ -26,6 +35,8 @@ pub(super) async fn run_controller(
 
     use crate::controller::{self, Role, Settings, leader};
 
+    let metrics_listener = crate::telemetry::bind(options.metrics_address).await?;
+
     let client = kube::Client::try_default().await.map_err(|e| {
         anyhow::anyhow!(
             "cannot configure the Kubernetes client ({e}): set KUBECONFIG, or run in a cluster"
@@ -51,7 +62,7 @@ pub(super) async fn run_controller(
     );
     let ready = Arc::new(AtomicBool::new(false));
     let telemetry = tokio::spawn(crate::telemetry::serve(
-        options.metrics_address,
+        metrics_listener,
         Arc::new(registry),
         ready.clone(),
         shutdown.clone(),
@@ -127,56 +138,51 @@ pub(super) async fn run_server(
 }
 
 pub(super) async fn print_events(options: EventsOptions) -> anyhow::Result<()> {
+    // Checked before any connection, and before any output.
+    let code = options
+        .code
+        .as_deref()
+        .map(crate::domain::Code::parse)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--code: {e}"))?;
     let query = crate::relay::EventQuery {
-        code: options.code.clone(),
+        code: code.map(|c| c.to_string()),
         kind: options.kind.clone(),
         since: options.since,
         follow: options.follow,
     };
-    if !options.json {
-        println!(
-            "{:<25} {:<22} {:<16} {:<28} REASON",
-            "TIME", "CODE", "TYPE", "ACTOR"
-        );
-    }
-    let json = options.json;
-    crate::relay::follow_events(
+    let mut table = super::events::EventTable::new(
+        std::io::stdout().lock(),
+        options.json,
+        options.utc,
+        options.tail,
+    );
+    let followed = crate::relay::follow_events(
         &options.stream.nats_url,
         &options.stream.auth(),
         &options.stream.audit_stream,
         &options.stream.audit_subject_prefix,
         &query,
-        |event| {
-            if json {
-                println!("{event}");
-                return;
-            }
-            let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
-            let kind = text(&event["type"])
-                .trim_start_matches(crate::domain::audit::EVENT_TYPE_PREFIX)
-                .trim_start_matches('.')
-                .trim_end_matches(".v1")
-                .to_owned();
-            let actor = &event["data"]["actor"];
-            let actor = match actor["type"].as_str() {
-                Some("resource") => {
-                    format!("{}/{}", text(&actor["namespace"]), text(&actor["name"]))
-                }
-                Some("subject") => format!("sub:{}", text(&actor["subject"])),
-                _ => String::new(),
-            };
-            let time = text(&event["time"]).chars().take(23).collect::<String>();
-            println!(
-                "{:<25} {:<22} {:<16} {:<28} {}",
-                time,
-                text(&event["subject"]),
-                kind,
-                actor,
-                text(&event["data"]["reason"])
-            );
-        },
+        &mut table,
     )
-    .await
+    .await;
+    match followed {
+        // The reader went away (`| head`): done, quietly.
+        Err(error)
+            if error
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        Err(error) => Err(error),
+        Ok(()) => {
+            if table.printed == 0 {
+                note!("no audit events match");
+            }
+            Ok(())
+        }
+    }
 }
 
 pub(super) async fn export(options: ExportOptions) -> anyhow::Result<()> {
@@ -197,14 +203,14 @@ pub(super) async fn export(options: ExportOptions) -> anyhow::Result<()> {
         let voucher = match api::voucher_for(row, &options.namespace) {
             Ok(voucher) => voucher,
             Err(reason) => {
-                eprintln!("skipped {:?}: {reason}", row.code);
+                note!("skipped {:?}: {reason}", row.code);
                 skipped += 1;
                 continue;
             }
         };
         let name = voucher.metadata.name.clone().unwrap_or_default();
         if let Some(first) = names.insert(name.clone(), row.code.clone()) {
-            eprintln!(
+            note!(
                 "skipped {:?}: it names the same Voucher ({name}) as {first:?}",
                 row.code
             );
@@ -222,6 +228,6 @@ pub(super) async fn export(options: ExportOptions) -> anyhow::Result<()> {
         Some(path) => std::fs::write(path, out)?,
         None => print!("{out}"),
     }
-    eprintln!("exported {written} code(s), skipped {skipped}");
+    note!("exported {written} code(s), skipped {skipped}");
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! Subcommands appear here only once they work; `commands` runs them.
 
 mod commands;
+mod events;
 
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ pub enum Command {
     Crd,
     /// Create or update the database schema, then exit: the billing tables when absent
     /// and the operator's own tables. Idempotent and safe on a live billing database.
-    Migrate(DatabaseOptions),
+    Migrate(ConnectOptions),
     /// Run the controller: reconcile Voucher resources into the billing database and keep
     /// their status live. Uses KUBECONFIG, or the in-cluster service account.
     Controller {
@@ -72,7 +73,7 @@ pub enum Command {
     },
 }
 
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct LogOptions {
     /// Log line format. The log level is set with RUST_LOG (default: info).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -87,8 +88,21 @@ pub enum LogFormat {
     Json,
 }
 
+/// The database of the roles that run (controller, server, run): where it
+/// is, and whether to bring its schema up to date at start-up.
 #[derive(Debug, Args)]
 pub struct DatabaseOptions {
+    #[command(flatten)]
+    pub connect: ConnectOptions,
+
+    /// Do not create or update the database schema at start-up (controller, server, run).
+    #[arg(long, env = "SKIP_MIGRATIONS")]
+    pub skip_migrations: bool,
+}
+
+/// Where the billing database is.
+#[derive(Debug, Args)]
+pub struct ConnectOptions {
     /// Postgres URL of the billing database, e.g. postgres://billing:secret@db:5432/billing.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
@@ -102,10 +116,6 @@ pub struct DatabaseOptions {
     #[arg(long, env = "DATABASE_CONNECT_TIMEOUT", default_value = "10s",
           value_parser = humantime::parse_duration)]
     pub database_connect_timeout: Duration,
-
-    /// Do not create or update the database schema at start-up (controller, server, run).
-    #[arg(long, env = "SKIP_MIGRATIONS")]
-    pub skip_migrations: bool,
 }
 
 #[derive(Debug, Args)]
@@ -135,7 +145,8 @@ pub struct ControllerOptions {
     pub issuer_namespaces: Vec<String>,
 
     /// How many Vouchers are reconciled at once.
-    #[arg(long, env = "CONTROLLER_CONCURRENCY", default_value_t = 8)]
+    #[arg(long, env = "CONTROLLER_CONCURRENCY", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
 
     /// Address of the metrics and probe endpoint (/metrics, /healthz, /readyz).
@@ -260,12 +271,59 @@ pub struct EventsOptions {
     pub since: Option<Duration>,
 
     /// Keep printing new events as they arrive (Ctrl-C to stop).
-    #[arg(long)]
+    #[arg(long, short = 'f')]
     pub follow: bool,
+
+    /// How many of the matching events to print (the last ones): a number, or `all`.
+    #[arg(long, default_value = "50", value_parser = parse_tail)]
+    pub tail: usize,
+
+    /// Times in UTC (`Z`) rather than the local time zone.
+    #[arg(long)]
+    pub utc: bool,
 
     /// Print each event as one JSON line (the CloudEvents envelope).
     #[arg(long)]
     pub json: bool,
+}
+
+/// An http(s) URL.
+fn parse_http_url(value: &str) -> Result<String, String> {
+    match reqwest::Url::parse(value) {
+        Ok(url) if matches!(url.scheme(), "https" | "http") && url.host().is_some() => {
+            Ok(value.to_owned())
+        }
+        _ => Err(format!(
+            "{value:?} is not an http(s) URL, e.g. https://keycloak.example/realms/catalyst/protocol/openid-connect/certs"
+        )),
+    }
+}
+
+/// A CIDR; a bare address gets a hint.
+fn parse_cidr(value: &str) -> Result<ipnet::IpNet, String> {
+    let value = value.trim();
+    value
+        .parse::<ipnet::IpNet>()
+        .map_err(|_| match value.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(_)) => {
+                format!("{value} is an address, not a CIDR: write {value}/32 for it alone")
+            }
+            Ok(std::net::IpAddr::V6(_)) => {
+                format!("{value} is an address, not a CIDR: write {value}/128 for it alone")
+            }
+            Err(_) => format!("{value:?} is not a CIDR such as 10.0.0.0/8 or 10.0.0.5/32"),
+        })
+}
+
+/// `--tail`: a positive number, or `all`.
+fn parse_tail(value: &str) -> Result<usize, String> {
+    match value {
+        "all" => Ok(usize::MAX),
+        n => match n.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("{value:?} is not a positive number or `all`")),
+        },
+    }
 }
 
 /// The audit relay of the controller role.
@@ -367,7 +425,10 @@ impl Default for crate::server::ServerSettings {
 impl Default for DatabaseSettings {
     /// With an empty `url`, which every user of it sets.
     fn default() -> Self {
-        defaults::<DatabaseOptions>(&["--database-url", ""]).settings()
+        DatabaseSettings {
+            url: String::new(),
+            ..defaults::<ConnectOptions>(&["--database-url", "postgres://"]).settings()
+        }
     }
 }
 
@@ -389,7 +450,7 @@ pub struct ServerOptions {
 
     /// JWKS URL whose keys verify RS256/ES256 bearer tokens (Keycloak:
     /// https://<host>/realms/<realm>/protocol/openid-connect/certs).
-    #[arg(long, env = "JWKS_URL")]
+    #[arg(long, env = "JWKS_URL", value_parser = parse_http_url)]
     pub jwks_url: Option<String>,
 
     /// Required `iss` of bearer tokens: of the JWKS's (required with --jwks-url), and of HS256
@@ -420,26 +481,30 @@ pub struct ServerOptions {
     pub jwt_tenant_claim: Option<String>,
 
     /// Requests per minute per client on redeem-preview and redeem.
-    #[arg(long, env = "RATE_LIMIT_PER_MINUTE", default_value_t = 60)]
+    #[arg(long, env = "RATE_LIMIT_PER_MINUTE", default_value_t = 60,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_per_minute: u32,
 
     /// Requests a client may send in a burst before the per-minute rate applies.
-    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 20)]
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_burst: u32,
 
     /// Requests per minute per token subject on redeem and the admin endpoints (one customer
     /// behind a shared address cannot spend everybody's budget, nor one token many addresses').
-    #[arg(long, env = "RATE_LIMIT_PER_SUBJECT", default_value_t = 30)]
+    #[arg(long, env = "RATE_LIMIT_PER_SUBJECT", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_per_subject: u32,
 
     /// Failed authentications per minute per client; beyond, the client is refused (429) until
     /// its budget refills.
-    #[arg(long, env = "AUTH_FAILURES_PER_MINUTE", default_value_t = 10)]
+    #[arg(long, env = "AUTH_FAILURES_PER_MINUTE", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub auth_failures_per_minute: u32,
 
     /// Comma-separated CIDRs (10.0.0.0/8; 10.0.0.5/32 for one address) of proxies whose
     /// X-Forwarded-For is trusted to name the client (e.g. the ingress controller's pod network).
-    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_cidr)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
 
     /// Namespace of the Vouchers that the admin endpoints issue.
@@ -513,6 +578,12 @@ impl ServerOptions {
 
 impl DatabaseOptions {
     pub fn settings(&self) -> DatabaseSettings {
+        self.connect.settings()
+    }
+}
+
+impl ConnectOptions {
+    pub fn settings(&self) -> DatabaseSettings {
         DatabaseSettings {
             url: self.database_url.clone(),
             max_connections: self.database_max_connections,
@@ -524,12 +595,32 @@ impl DatabaseOptions {
 pub fn init_logging(options: &LogOptions) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,async_nats=warn"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours for a person at a terminal, never into a file or a collector.
+        .with_ansi(std::io::stderr().is_terminal())
+        // A log line that cannot be written (the reader of a pipe went away) is
+        // dropped: reporting it on stderr would panic the process.
+        .log_internal_errors(false);
     match options.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Says why the process stops: a line on stderr, or with `--log-format json`
+/// a JSON log record like every other line.
+pub fn report_fatal(options: &LogOptions, error: &(dyn std::error::Error + 'static)) {
+    let message = crate::telemetry::describe(error);
+    match options.log_format {
+        LogFormat::Json => tracing::error!(error = %message, "stopped"),
+        LogFormat::Text => {
+            use std::io::Write;
+            // Not eprintln!, which panics when stderr is a closed pipe.
+            let _ = writeln!(std::io::stderr(), "error: {message}");
+        }
     }
 }
 
@@ -620,5 +711,79 @@ mod tests {
         assert_eq!(settings.max_age, Duration::from_secs(90 * 24 * 3600));
         assert_eq!(settings.replicas, 1);
         assert_eq!(settings.batch_size, crate::relay::BATCH_SIZE);
+    }
+
+    #[test]
+    fn every_environment_fallback_is_the_one_the_readme_names() {
+        use clap::CommandFactory;
+        let readme = include_str!("../../README.md");
+        let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `--")).collect();
+        let mut command = Cli::command();
+        command.build();
+        let mut missing = Vec::new();
+        for sub in command.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) else {
+                    continue;
+                };
+                let (flag, env) = (
+                    format!("`--{long}`"),
+                    format!("`{}`", env.to_string_lossy()),
+                );
+                if !rows
+                    .iter()
+                    .any(|row| row.contains(&flag) && row.contains(&env))
+                {
+                    missing.push(format!("{} {flag} {env}", sub.get_name()));
+                }
+            }
+        }
+        missing.sort();
+        missing.dedup();
+        assert!(
+            missing.is_empty(),
+            "not in the README's table as such: {missing:#?}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_what_to_write_instead() {
+        use clap::Parser;
+        let refused = |args: &[&str]| {
+            let argv = [
+                "voucher-operator",
+                "server",
+                "--database-url",
+                "postgres://db/billing",
+            ];
+            match Cli::try_parse_from(argv.iter().chain(args)) {
+                Ok(_) => panic!("{args:?} was accepted"),
+                Err(error) => error.to_string(),
+            }
+        };
+        assert!(refused(&["--trusted-proxies", "10.0.0.5"]).contains("10.0.0.5/32"));
+        assert!(refused(&["--trusted-proxies", "fd00::5"]).contains("fd00::5/128"));
+        assert!(refused(&["--jwks-url", "not-a-url"]).contains("https://"));
+        assert!(refused(&["--rate-limit-per-minute", "0"]).contains("rate-limit-per-minute"));
+        let zero = Cli::try_parse_from([
+            "voucher-operator",
+            "controller",
+            "--database-url",
+            "postgres://db/x",
+            "--concurrency",
+            "0",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(zero.contains("concurrency"), "{zero}");
+        // And the migration has no flag to skip itself.
+        let skip = Cli::try_parse_from([
+            "voucher-operator",
+            "migrate",
+            "--database-url",
+            "postgres://db/x",
+            "--skip-migrations",
+        ]);
+        assert!(skip.is_err());
     }
 }

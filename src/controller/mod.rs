@@ -30,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{Voucher, VoucherStatus};
 use crate::domain::{
-    Actor, AuditKind, Code, EventWording, Facts, Issuers, Owner, Phase, Severity, Terms,
+    Actor, AuditKind, Code, DeletionPolicy, EventWording, Facts, Issuers, Owner, Phase, Severity,
+    Terms,
 };
 use crate::relay::{RelayMetrics, RelaySettings};
 use crate::store::notify::{CODES_CHANNEL, Notification};
@@ -54,6 +55,16 @@ pub enum Error {
     Finalizer(#[source] Box<finalizer::Error<Error>>),
     #[error("the Voucher has no namespace")]
     NotNamespaced,
+    /// Whether the Voucher CRD is being deleted could not be told, so a
+    /// deletion neither revokes nor orphans yet.
+    #[error(
+        "cannot tell whether the Voucher CRD is being deleted (get customresourcedefinitions/{crd}): {source}"
+    )]
+    CrdCheck {
+        crd: &'static str,
+        #[source]
+        source: kube::Error,
+    },
 }
 
 impl Error {
@@ -68,6 +79,7 @@ impl Error {
                 _ => "finalizer",
             },
             Error::NotNamespaced => "invalid",
+            Error::CrdCheck { .. } => "kubernetes",
         }
     }
 }
@@ -429,13 +441,48 @@ impl Context {
         }
     }
 
+    /// Whether the Voucher CRD is being deleted (or gone): then the API
+    /// server is deleting every Voucher, and revoking their codes would
+    /// revoke every code at once.
+    async fn crd_going(&self) -> Result<bool, Error> {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        const CRD: &str = "vouchers.catalyst.openova.io";
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        match crds.get_opt(CRD).await {
+            Ok(Some(crd)) => Ok(crd.metadata.deletion_timestamp.is_some()),
+            Ok(None) => Ok(true),
+            Err(source) => Err(Error::CrdCheck { crd: CRD, source }),
+        }
+    }
+
     async fn cleanup(&self, voucher: &Voucher) -> Result<Action, Error> {
         self.remember_phase(voucher, None);
         let Ok(code) = voucher.code() else {
             return Ok(Action::await_change());
         };
         let owner = Self::owner(voucher)?;
-        let released = self.store.release_voucher(&code, &owner, None).await?;
+        // Deleting the CRD (by mistake, an uninstall, a prune) deletes every
+        // Voucher: their codes are orphaned, never revoked, and it is said.
+        let crd_going = self.crd_going().await?;
+        let policy = crd_going.then_some(DeletionPolicy::Orphan);
+        let released = self.store.release_voucher(&code, &owner, policy).await?;
+        if crd_going && matches!(released, Released::Orphaned(_)) {
+            tracing::warn!(code = %code, voucher = %voucher.name_any(),
+                "the Voucher CRD is being deleted: the code is orphaned, not revoked");
+            self.publish(
+                voucher,
+                EventWording {
+                    severity: Severity::Warning,
+                    reason: "OrphanedWhileCRDDeleted",
+                    note: format!(
+                        "the Voucher CRD is being deleted, so code {code} was orphaned (left live in \
+                         the billing database), not revoked; to manage it again, re-create the CRD \
+                         and a Voucher with spec.adopt: true"
+                    ),
+                },
+            )
+            .await;
+        }
         let kind = match released {
             Released::Revoked(_) => Some(AuditKind::Revoked),
             Released::Orphaned(_) => Some(AuditKind::Orphaned),

@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use super::status::{self, Outcome};
 use crate::api::VoucherStatus;
 use crate::domain::{
-    Actor, AuditKind, Code, CodeError, EventWording, Facts, Issuers, Owner, Phase, Severity,
-    TermError, Unrequested,
+    Actor, AuditKind, Code, CodeError, CodeRecord, EventWording, Facts, Issuers, Owner, Phase,
+    Severity, TermError, Unrequested,
 };
 use crate::store::sync::Synced;
 
@@ -205,10 +205,16 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
                 changed: &changed,
                 ..Facts::new(&record.code, &actor)
             };
-            let events = audited
+            let mut events: Vec<EventWording> = audited
                 .iter()
                 .filter_map(|kind| kind.wording(&facts).event)
                 .collect();
+            events.extend(phase_change(
+                previous.and_then(|p| p.phase),
+                phase,
+                &record,
+                &audited,
+            ));
             let until_boundary = record
                 .terms
                 .next_boundary(now)
@@ -226,6 +232,42 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
                 next: Next::After(until_boundary.map_or(resync, |d| d.min(resync))),
             }
         }
+    }
+}
+
+/// The Event of a phase the row reached without an audit record of the
+/// reconcile saying so: the cap reached by redemptions at checkout, or a
+/// code that can be redeemed again (a raised cap, a moved window). Once, on
+/// the reconcile that sees the change.
+fn phase_change(
+    before: Option<Phase>,
+    now: Phase,
+    record: &CodeRecord,
+    audited: &[AuditKind],
+) -> Option<EventWording> {
+    let before = before?;
+    let code = &record.code;
+    match (before, now) {
+        (Phase::Exhausted, Phase::Exhausted) => None,
+        (_, Phase::Exhausted) => Some(EventWording {
+            severity: Severity::Normal,
+            reason: "Exhausted",
+            note: format!(
+                "code {code} reached its cap of {} redemptions; raise spec.maxRedemptions to \
+                 accept more",
+                record.terms.max_redemptions
+            ),
+        }),
+        (Phase::Exhausted | Phase::Expired, Phase::Active)
+            if !audited.contains(&AuditKind::Activated) =>
+        {
+            Some(EventWording {
+                severity: Severity::Normal,
+                reason: "Reactivated",
+                note: format!("code {code} can be redeemed again"),
+            })
+        }
+        _ => None,
     }
 }
 
@@ -323,6 +365,42 @@ mod tests {
 
     fn reasons(plan: &Plan) -> Vec<(Severity, &str)> {
         plan.events.iter().map(|e| (e.severity, e.reason)).collect()
+    }
+
+    #[test]
+    fn exhaustion_and_reactivation_are_reported_once_each() {
+        let capped = |times_redeemed| CodeRecord {
+            times_redeemed,
+            ..record(Terms {
+                max_redemptions: 3,
+                ..terms()
+            })
+        };
+        let seen_as = |phase| VoucherStatus {
+            phase: Some(phase),
+            ..Default::default()
+        };
+        // The last redemption at checkout: the next reconcile says so, once.
+        let plan = decide_for(applied(capped(3), vec![]), Some(&seen_as(Phase::Active)));
+        assert_eq!(
+            (plan.phase, reasons(&plan)),
+            (Phase::Exhausted, vec![(Severity::Normal, "Exhausted")])
+        );
+        assert!(plan.events[0].note.contains("cap of 3"));
+        let again = decide_for(applied(capped(3), vec![]), Some(&seen_as(Phase::Exhausted)));
+        assert!(again.events.is_empty());
+        // The cap raised: redeemable again.
+        let raised = decide_for(applied(capped(2), vec![]), Some(&seen_as(Phase::Exhausted)));
+        assert_eq!(
+            (raised.phase, reasons(&raised)),
+            (Phase::Active, vec![(Severity::Normal, "Reactivated")])
+        );
+        // An activation says it by its own Event.
+        let activated = decide_for(
+            applied(capped(2), vec![AuditKind::Activated]),
+            Some(&seen_as(Phase::Exhausted)),
+        );
+        assert_eq!(reasons(&activated), [(Severity::Normal, "Activated")]);
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct PromoCode {
     pub max_redemptions: i32,
     pub times_redeemed: i32,
     pub created_at: Option<DateTime<Utc>>,
+    /// The Voucher that issue applied, `namespace/name` (issue only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voucher: Option<String>,
 }
 
 impl From<CodeRecord> for PromoCode {
@@ -58,6 +61,7 @@ impl From<CodeRecord> for PromoCode {
             max_redemptions: r.terms.max_redemptions,
             times_redeemed: r.times_redeemed,
             created_at: Some(r.created_at),
+            voucher: None,
         }
     }
 }
@@ -208,6 +212,7 @@ pub async fn issue(
         max_redemptions: request.max_redemptions,
         times_redeemed: existing.as_ref().map_or(0, |r| r.times_redeemed),
         created_at: existing.map(|r| r.created_at),
+        voucher: Some(format!("{}/{name}", state.settings.admin_namespace)),
     }))
 }
 

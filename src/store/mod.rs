@@ -38,6 +38,9 @@ pub enum StoreError {
     },
     #[error("cannot connect to the database at {target}: no answer within {after:?}")]
     ConnectTimeout { target: String, after: Duration },
+    /// The URL names another database than Postgres (never repeated: it holds a password).
+    #[error("a Postgres URL is needed (postgres://user:password@host:5432/database), not {}", if .scheme.is_empty() { "this one".to_owned() } else { format!("a {}:// URL", .scheme) })]
+    NotPostgres { scheme: String },
     #[error("database migration failed")]
     Migrate(#[from] MigrateError),
     #[error("database query failed")]
@@ -133,6 +136,13 @@ pub struct MigrationReport {
 
 impl Store {
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self> {
+        // sqlx takes any URL for Postgres (mysql://… would be tried on 5432).
+        let scheme = settings.url.split_once("://").map(|(scheme, _)| scheme);
+        if !matches!(scheme, Some("postgres" | "postgresql")) {
+            return Err(StoreError::NotPostgres {
+                scheme: scheme.unwrap_or("").to_owned(),
+            });
+        }
         let options: PgConnectOptions =
             settings
                 .url

@@ -462,6 +462,8 @@ fn rbac_grants_only_what_the_operator_uses() {
         "ClusterRole/ catalyst.openova.io vouchers/status patch",
         "ClusterRole/ events.k8s.io events create",
         "ClusterRole/ events.k8s.io events patch",
+        // Whether the Voucher CRD is being deleted (by name, below).
+        "ClusterRole/ apiextensions.k8s.io customresourcedefinitions get",
         // Leader election, in the release namespace.
         "Role/catalyst coordination.k8s.io leases create",
         "Role/catalyst coordination.k8s.io leases get",
@@ -568,13 +570,21 @@ fn one_watched_namespace_needs_nothing_cluster_wide() {
         "controller": {"watchNamespace": "billing"},
     })));
     rendered.assert_valid();
-    assert!(rendered.all("ClusterRole").is_empty());
-    assert!(rendered.all("ClusterRoleBinding").is_empty());
+    // Cluster-wide, only: get of the Voucher CRD itself, by name.
+    let cluster_wide = rendered.all("ClusterRole");
+    assert_eq!(cluster_wide.len(), 1);
+    assert_eq!(
+        cluster_wide[0]["rules"],
+        json!([{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+                "resourceNames": ["vouchers.catalyst.openova.io"], "verbs": ["get"]}])
+    );
+    assert_eq!(rendered.all("ClusterRoleBinding").len(), 1);
     let namespaces: BTreeSet<String> = grants(&rendered)
         .into_iter()
         .map(|(_, ns, g, r, _)| format!("{ns} {g} {r}"))
         .collect();
     let expected: BTreeSet<String> = [
+        " apiextensions.k8s.io customresourcedefinitions",
         "billing catalyst.openova.io vouchers",
         "billing catalyst.openova.io vouchers/status",
         "billing events.k8s.io events",

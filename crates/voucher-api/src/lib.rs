@@ -44,13 +44,21 @@ pub const PLURAL: &str = "vouchers";
     printcolumn(name = "Redeemed", type_ = "integer", json_path = ".status.timesRedeemed"),
     printcolumn(name = "Max", type_ = "integer", json_path = ".spec.maxRedemptions", description = "0 means unlimited"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(name = "Remaining", type_ = "integer", json_path = ".status.remaining", priority = 1, description = "Redemptions left before the cap; empty when unlimited"),
+    printcolumn(name = "Valid-From", type_ = "string", json_path = ".spec.validFrom", priority = 1),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".spec.expiresAt", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("has(self.spec.code) || self.metadata.name.matches('^[a-z0-9][a-z0-9-]{2,63}$')")
         .message("metadata.name becomes the code when spec.code is absent, so it must be 3 to 64 characters of a-z, 0-9 and '-'; otherwise set spec.code"),
+    // The effective code never changes: spec.code may be written out as the code the name
+    // gave (in either case), but not changed, added as another or removed.
+    validation = Rule::new("(has(self.spec.code) ? self.spec.code.upperAscii() : self.metadata.name.upperAscii()) == (has(oldSelf.spec.code) ? oldSelf.spec.code.upperAscii() : oldSelf.metadata.name.upperAscii())")
+        .message("the code is immutable (spec.code, or the upper-cased name without it): it cannot change once the Voucher exists; create a new Voucher instead")
+        .field_path(".spec.code"),
 )]
 #[x_kube(
-    validation = Rule::new("has(self.code) == has(oldSelf.code) && (!has(self.code) || self.code == oldSelf.code)")
-        .message("spec.code is immutable: it cannot be added, changed or removed once the Voucher exists; create a new Voucher instead"),
     validation = Rule::new("!has(self.validFrom) || !has(self.expiresAt) || self.expiresAt > self.validFrom")
         .message("spec.expiresAt must be later than spec.validFrom"),
     validation = Rule::new("self.deletionPolicy == oldSelf.deletionPolicy || (!oldSelf.active && !self.active)")
@@ -237,9 +245,22 @@ pub fn voucher_for(record: &CodeRecord, namespace: &str) -> Result<Voucher, Adop
     Ok(voucher)
 }
 
-/// The CRD as installed in a cluster, generated from the types above.
+/// The CRD as installed in a cluster, generated from the types above. Marked
+/// to be kept by Helm (uninstall) and by Flux (prune): deleting it deletes
+/// every Voucher at once (the controller then orphans their codes rather than
+/// revoking them, but every Voucher is gone).
 pub fn crd() -> CustomResourceDefinition {
-    Voucher::crd()
+    let mut crd = Voucher::crd();
+    crd.metadata.annotations = Some(
+        [
+            ("helm.sh/resource-policy", "keep"),
+            ("kustomize.toolkit.fluxcd.io/prune", "disabled"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+    );
+    crd
 }
 
 /// The CRD as the YAML document committed in `crds/voucher.yaml`.
@@ -385,18 +406,42 @@ mod tests {
         assert_eq!(crd.spec.names.categories, Some(vec!["catalyst".into()]));
         let version = &crd.spec.versions[0];
         assert!(version.subresources.as_ref().unwrap().status.is_some());
-        let columns: Vec<_> = version
-            .additional_printer_columns
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|c| c.name.to_uppercase())
-            .collect();
+        let columns = |wide: bool| -> Vec<String> {
+            version
+                .additional_printer_columns
+                .as_ref()
+                .unwrap()
+                .iter()
+                .filter(|c| wide || c.priority.unwrap_or(0) == 0)
+                .map(|c| c.name.to_uppercase())
+                .collect()
+        };
         assert_eq!(
-            columns,
+            columns(false),
             [
-                "CODE", "CREDIT", "ACTIVE", "REDEEMED", "MAX", "PHASE", "AGE"
+                "CODE", "CREDIT", "ACTIVE", "REDEEMED", "MAX", "PHASE", "READY", "REASON", "AGE"
             ]
         );
+        assert_eq!(
+            columns(true),
+            [
+                "CODE",
+                "CREDIT",
+                "ACTIVE",
+                "REDEEMED",
+                "MAX",
+                "PHASE",
+                "READY",
+                "REASON",
+                "REMAINING",
+                "VALID-FROM",
+                "EXPIRES",
+                "AGE"
+            ]
+        );
+        // Kept by Helm and by Flux: deleting it deletes every Voucher.
+        let annotations = crd.metadata.annotations.unwrap();
+        assert_eq!(annotations["helm.sh/resource-policy"], "keep");
+        assert_eq!(annotations["kustomize.toolkit.fluxcd.io/prune"], "disabled");
     }
 }

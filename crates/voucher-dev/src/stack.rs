@@ -562,18 +562,29 @@ async fn smoke_check(
         kind: Some("redeemed".into()),
         ..Default::default()
     };
+    /// Counts the events it is handed.
+    struct Count(usize);
+    impl relay::EventSink for Count {
+        fn event(&mut self, _: &serde_json::Value) -> std::io::Result<()> {
+            self.0 += 1;
+            Ok(())
+        }
+        fn caught_up(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
     loop {
-        let mut found = 0;
+        let mut found = Count(0);
         let read = relay::follow_events(
             &relay.nats_url,
             &relay.nats_auth,
             &relay.stream,
             &relay.subject_prefix,
             &query,
-            |_| found += 1,
+            &mut found,
         )
         .await;
-        if read.is_ok() && found > 0 {
+        if read.is_ok() && found.0 > 0 {
             println!(
                 "smoke: the redeemed event reached JetStream ({} on {})",
                 relay.stream, relay.subject_prefix

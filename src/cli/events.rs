@@ -1,0 +1,204 @@
+//! How `voucher-operator events` prints: the last events of a query as a
+//! table whose columns fit them (or JSON lines), then, with `--follow`, each
+//! new one as it arrives.
+
+use std::collections::VecDeque;
+use std::io::Write;
+
+use serde_json::Value;
+
+use crate::relay::EventSink;
+
+/// Widest ACTOR column; longer actors are shortened with "…".
+const ACTOR_WIDTH: usize = 40;
+
+/// One event as a row: time, code, type, actor, reason.
+struct Row([String; 5]);
+
+pub(super) struct EventTable<W: Write> {
+    out: W,
+    json: bool,
+    utc: bool,
+    /// Events kept until caught up: the last `tail`.
+    tail: usize,
+    kept: VecDeque<Value>,
+    /// Column widths, set when the kept events are printed.
+    widths: Option<[usize; 4]>,
+    /// Events printed.
+    pub printed: usize,
+}
+
+impl<W: Write> EventTable<W> {
+    pub fn new(out: W, json: bool, utc: bool, tail: usize) -> Self {
+        Self {
+            out,
+            json,
+            utc,
+            tail,
+            kept: VecDeque::new(),
+            widths: None,
+            printed: 0,
+        }
+    }
+
+    fn row(&self, event: &Value) -> Row {
+        let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
+        let kind = text(&event["type"])
+            .trim_start_matches(crate::domain::audit::EVENT_TYPE_PREFIX)
+            .trim_start_matches('.')
+            .trim_end_matches(".v1")
+            .to_owned();
+        let actor = &event["data"]["actor"];
+        let actor = match actor["type"].as_str() {
+            Some("resource") => format!("{}/{}", text(&actor["namespace"]), text(&actor["name"])),
+            Some("subject") => format!("sub:{}", text(&actor["subject"])),
+            _ => String::new(),
+        };
+        Row([
+            self.time(&text(&event["time"])),
+            text(&event["subject"]),
+            kind,
+            actor,
+            text(&event["data"]["reason"]),
+        ])
+    }
+
+    /// RFC 3339 to the second, with the zone: local time, or UTC (`Z`).
+    fn time(&self, time: &str) -> String {
+        match chrono::DateTime::parse_from_rfc3339(time) {
+            Ok(at) if self.utc => at
+                .with_timezone(&chrono::Utc)
+                .format("%Y-%m-%dT%H:%M:%SZ")
+                .to_string(),
+            Ok(at) => at
+                .with_timezone(&chrono::Local)
+                .format("%Y-%m-%dT%H:%M:%S%:z")
+                .to_string(),
+            Err(_) => time.to_owned(),
+        }
+    }
+
+    fn print_row(&mut self, row: &Row, widths: [usize; 4]) -> std::io::Result<()> {
+        let [time, code, kind, actor, reason] = &row.0;
+        let actor = shorten(actor, widths[3]);
+        writeln!(
+            self.out,
+            "{time:<w0$} {code:<w1$} {kind:<w2$} {actor:<w3$} {reason}",
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3],
+        )
+    }
+
+    fn print(&mut self, event: &Value) -> std::io::Result<()> {
+        self.printed += 1;
+        if self.json {
+            return writeln!(self.out, "{event}");
+        }
+        let row = self.row(event);
+        let widths = self.widths.expect("set when caught up");
+        self.print_row(&row, widths)
+    }
+}
+
+fn shorten(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_owned();
+    }
+    let kept: String = text.chars().take(width.saturating_sub(1)).collect();
+    format!("{kept}…")
+}
+
+impl<W: Write> EventSink for EventTable<W> {
+    fn event(&mut self, event: &Value) -> std::io::Result<()> {
+        if self.widths.is_some() {
+            self.print(event)?;
+            return self.out.flush();
+        }
+        self.kept.push_back(event.clone());
+        if self.kept.len() > self.tail {
+            self.kept.pop_front();
+        }
+        Ok(())
+    }
+
+    fn caught_up(&mut self) -> std::io::Result<()> {
+        if self.widths.is_some() {
+            return Ok(());
+        }
+        let rows: Vec<Row> = self.kept.iter().map(|e| self.row(e)).collect();
+        let header = Row(["TIME", "CODE", "TYPE", "ACTOR", "REASON"].map(String::from));
+        let mut widths = [0; 4];
+        for row in std::iter::once(&header).chain(&rows) {
+            for (width, cell) in widths.iter_mut().zip(&row.0) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        widths[3] = widths[3].min(ACTOR_WIDTH);
+        // New events later may bring longer codes and types: room for them.
+        widths[1] = widths[1].max(16);
+        widths[2] = widths[2].max("drift_corrected".len());
+        self.widths = Some(widths);
+        if !self.json && !rows.is_empty() {
+            self.print_row(&header, widths)?;
+        }
+        for event in std::mem::take(&mut self.kept) {
+            self.print(&event)?;
+        }
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(code: &str, actor: &str) -> Value {
+        json!({"time": "2026-11-27T20:27:17.123456Z", "subject": code,
+               "type": "io.openova.catalyst.voucher.redeemed.v1",
+               "data": {"actor": {"type": "subject", "subject": actor}, "reason": "redeemed"}})
+    }
+
+    #[test]
+    fn the_last_events_print_in_columns_that_hold_with_the_time_zone() {
+        let mut out = Vec::new();
+        let mut table = EventTable::new(&mut out, false, true, 2);
+        for (code, actor) in [
+            ("OLD-1", "a"),
+            ("A-VERY-LONG-CODE-OF-CAMPAIGN-2026", "b"),
+            ("C-1", &"x".repeat(80)),
+        ] {
+            table.event(&event(code, actor)).unwrap();
+        }
+        table.caught_up().unwrap();
+        table.event(&event("LIVE-1", "c")).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "header, the last two, one live: {text}");
+        assert!(lines[0].starts_with("TIME"));
+        assert!(!text.contains("OLD-1"), "only the tail");
+        assert!(
+            lines[1].starts_with("2026-11-27T20:27:17Z "),
+            "{}",
+            lines[1]
+        );
+        // Every column starts where the header's does, the live row's too (in characters:
+        // the shortened actor ends with a multi-byte "…").
+        let column = |line: &str, byte: usize| line[..byte].chars().count();
+        for line in &lines[1..] {
+            assert_eq!(lines[0].find("TYPE"), line.find("redeemed"), "{line}");
+            assert_eq!(
+                column(lines[0], lines[0].find("REASON").unwrap()),
+                column(line, line.rfind("redeemed").unwrap()),
+                "{line}"
+            );
+        }
+        assert!(
+            lines[2].contains('…'),
+            "a long actor is shortened: {}",
+            lines[2]
+        );
+    }
+}
