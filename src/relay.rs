@@ -573,7 +573,8 @@ pub async fn run(
                 // While NATS (or the database) is down, new records only wait.
                 metrics.failures.inc();
                 let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                tracing::warn!(error = %error, retry_in = ?delay, "publishing audit events failed");
+                tracing::warn!(error = %error, nats = %settings.nats_url, retry_in = ?delay,
+                    "publishing audit events failed");
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}

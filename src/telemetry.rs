@@ -97,6 +97,17 @@ pub fn shutdown_signal() -> CancellationToken {
     token
 }
 
+/// The innermost cause of `error` (e.g. "Connection refused (os error
+/// 111)" beneath a client library's wrappers), for a message that names
+/// the target itself.
+pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
 /// An error and its causes on one line, without repeating a cause that a
 /// library already folded into the message above it.
 pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {

@@ -35,7 +35,9 @@ async fn an_unreachable_api_server_is_a_clear_start_up_error() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("cannot reach the Kubernetes API server"),
+        stderr.contains("cannot reach the Kubernetes API server at https://127.0.0.1:")
+            && stderr.contains("onnection refused")
+            && !stderr.contains("ServiceError"),
         "{stderr}"
     );
 }
@@ -206,4 +208,36 @@ async fn sigterm_stops_the_server_after_its_log_reader_went_away() {
         assert!(Instant::now() < deadline, "SIGTERM was ignored");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn a_missing_lease_namespace_is_named_without_a_status_dump() {
+    let database = support::fresh_database("ctlcli").await;
+    let (_, ns) = support::cluster::setup("ctllease").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::cluster::cluster().kubeconfig(dir.path(), &ns);
+    let port = free_port();
+    let mut cmd = controller(&config, &database);
+    cmd.args([
+        "--metrics-address",
+        &format!("127.0.0.1:{port}"),
+        "--watch-namespace",
+        &ns,
+        "--lease-namespace",
+        "no-such-namespace",
+    ]);
+    let output = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the namespace no-such-namespace does not exist")
+            && stderr.contains("--lease-namespace"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("ListMeta") && !stderr.contains("Status {"),
+        "{stderr}"
+    );
 }

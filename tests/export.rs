@@ -47,9 +47,12 @@ fn export(database: &str, namespace: &str, extra: &[&str]) -> (String, String) {
     )
 }
 
+/// The Vouchers of a multi-document YAML (a document of comments only is none).
 fn documents(yaml: &str) -> Vec<Voucher> {
     serde_yaml::Deserializer::from_str(yaml)
-        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .map(|doc| <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap())
+        .filter(|doc| !doc.is_null())
+        .map(|doc| serde_yaml::from_value(doc).unwrap())
         .collect()
 }
 
@@ -176,5 +179,38 @@ async fn exported_codes_are_adopted_with_their_history() {
             ("SPRING_SALE".to_owned(), "adopted".to_owned())
         ],
         "one adopted record each, nothing created"
+    );
+
+    // Exported again, the codes the Vouchers now own are left out, naming their owner: applying
+    // them a second time could only conflict.
+    let (db, namespace) = (database.clone(), ns.clone());
+    let (again, report) = tokio::task::spawn_blocking(move || export(&db, &namespace, &[]))
+        .await
+        .unwrap();
+    assert!(documents(&again).is_empty(), "{again}");
+    assert!(
+        again.contains(&format!(
+            "# OMANTEL-MUSCAT-200 is owned by Voucher {ns}/omantel-muscat-200 (deletionPolicy Revoke): not exported"
+        )),
+        "{again}"
+    );
+    assert!(
+        report.contains("skipped \"SPRING_SALE\": owned by Voucher"),
+        "{report}"
+    );
+}
+
+#[test]
+fn export_takes_a_path_not_a_format_word() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+        .args(["export", "-o", "yaml"])
+        .env("DATABASE_URL", "postgres://127.0.0.1:1/none")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("-o vouchers.yaml") && stderr.contains("always YAML"),
+        "{stderr}"
     );
 }

@@ -37,12 +37,16 @@ pub(super) async fn run_controller(
 
     let metrics_listener = crate::telemetry::bind(options.metrics_address).await?;
 
-    let client = kube::Client::try_default().await.map_err(|e| {
+    let config = kube::Config::infer().await.map_err(|e| {
         anyhow::anyhow!(
-            "cannot configure the Kubernetes client ({e}): set KUBECONFIG, or run in a cluster"
+            "cannot configure the Kubernetes client ({}): set KUBECONFIG, or run in a cluster",
+            crate::telemetry::root_cause(&e)
         )
     })?;
-    controller::check_api(&client, options.watch_namespace.as_deref()).await?;
+    let server = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config)
+        .map_err(|e| anyhow::anyhow!("cannot configure the Kubernetes client for {server}: {e}"))?;
+    controller::check_api(&client, &server, options.watch_namespace.as_deref()).await?;
 
     let mut registry = prometheus_client::registry::Registry::default();
     let identity = options.identity();
@@ -193,6 +197,9 @@ pub(super) async fn export(options: ExportOptions) -> anyhow::Result<()> {
     })
     .await?;
     let rows = store.export_rows(options.include_deleted).await?;
+    // A code a Voucher owns already is managed: exporting it again would make
+    // a second Voucher that can only conflict with the first.
+    let owners = store.export_owners().await?;
     let mut out = String::from(
         "# Exported by `voucher-operator export` from the billing database's promo_codes.\n\
          # Applying these adopts each code: times_redeemed and created_at stay as they are.\n",
@@ -200,6 +207,24 @@ pub(super) async fn export(options: ExportOptions) -> anyhow::Result<()> {
     let mut names = std::collections::BTreeMap::new();
     let (mut written, mut skipped) = (0, 0);
     for row in &rows {
+        if let Some(bound) = owners.get(&row.code) {
+            let owner = &bound.owner;
+            out.push_str(&format!(
+                "# {} is owned by Voucher {}/{} (deletionPolicy {}): not exported\n",
+                row.code,
+                owner.namespace,
+                owner.name,
+                bound.deletion_policy.as_str()
+            ));
+            note!(
+                "skipped {:?}: owned by Voucher {}/{}",
+                row.code,
+                owner.namespace,
+                owner.name
+            );
+            skipped += 1;
+            continue;
+        }
         let voucher = match api::voucher_for(row, &options.namespace) {
             Ok(voucher) => voucher,
             Err(reason) => {

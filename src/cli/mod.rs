@@ -247,9 +247,21 @@ pub struct ExportOptions {
     #[arg(long)]
     pub include_deleted: bool,
 
-    /// Write to this file instead of standard output.
-    #[arg(long, short = 'o')]
+    /// Write to this file instead of standard output (always YAML).
+    #[arg(long, short = 'o', value_parser = parse_output_path)]
     pub output: Option<std::path::PathBuf>,
+}
+
+/// `export -o`: a file path, not a format word (kubectl's `-o yaml` habit).
+fn parse_output_path(value: &str) -> Result<std::path::PathBuf, String> {
+    if matches!(value, "yaml" | "yml" | "json" | "wide" | "name") {
+        return Err(
+            "-o takes the path of the file to write (e.g. -o vouchers.yaml), not a format: the \
+             output is always YAML; leave -o out to write to standard output"
+                .to_owned(),
+        );
+    }
+    Ok(value.into())
 }
 
 #[derive(Debug, Args)]

@@ -37,7 +37,21 @@ where
         .with_duration(duration)
         .with_grace((duration / 3).max(1))
         .build()
-        .await?;
+        .await
+        .map_err(|error| {
+            let (name, namespace) = (&settings.name, &settings.namespace);
+            match api_status(&error) {
+                Some(404) => anyhow::anyhow!(
+                    "cannot create the Lease {name}: the namespace {namespace} does not exist; \
+                     set --lease-namespace (POD_NAMESPACE) to an existing one"
+                ),
+                Some(403) => anyhow::anyhow!(
+                    "may not create or read the Lease {namespace}/{name}: grant the controller's \
+                     service account create, get and patch on leases there (the chart's RBAC does)"
+                ),
+                _ => anyhow::anyhow!("cannot create or read the Lease {namespace}/{name}: {error}"),
+            }
+        })?;
     let (mut leading, lease_task) = manager.watch().await;
     tracing::info!(lease = %settings.name, identity = %settings.identity, "waiting for leadership");
     loop {
@@ -82,4 +96,17 @@ where
         Err(_) => tracing::warn!("releasing the lease timed out"),
     }
     Ok(())
+}
+
+/// The HTTP status the API server answered, if `error` (or one of its
+/// causes) is such an answer.
+fn api_status(error: &(dyn std::error::Error + 'static)) -> Option<u16> {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(kube::Error::Api(status)) = error.downcast_ref::<kube::Error>() {
+            return Some(status.code);
+        }
+        next = error.source();
+    }
+    None
 }

@@ -570,11 +570,22 @@ fn retry_delay(failures: u32) -> Duration {
 
 /// Checks that the Kubernetes API answers and serves the Voucher kind, so a
 /// misconfiguration fails at start-up with a clear message.
-pub async fn check_api(client: &kube::Client, namespace: Option<&str>) -> anyhow::Result<()> {
+pub async fn check_api(
+    client: &kube::Client,
+    server: &str,
+    namespace: Option<&str>,
+) -> anyhow::Result<()> {
     let version = tokio::time::timeout(Duration::from_secs(10), client.apiserver_version())
         .await
-        .map_err(|_| anyhow::anyhow!("the Kubernetes API server did not answer within 10 s"))?
-        .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API server: {e}"))?;
+        .map_err(|_| {
+            anyhow::anyhow!("the Kubernetes API server at {server} did not answer within 10 s")
+        })?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the Kubernetes API server at {server}: {}",
+                crate::telemetry::root_cause(&e)
+            )
+        })?;
     tracing::info!(version = %version.git_version, "connected to the Kubernetes API server");
     let api: Api<Voucher> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),

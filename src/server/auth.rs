@@ -87,6 +87,35 @@ pub enum AuthError {
     Unavailable,
 }
 
+/// Why a token was refused, in words a client developer can act on (the
+/// library's own names, e.g. `ExpiredSignature`, only in the debug log).
+fn explain(error: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind;
+    tracing::debug!(%error, "token refused");
+    match error.kind() {
+        ErrorKind::ExpiredSignature => "the token has expired (its exp is past)".into(),
+        ErrorKind::ImmatureSignature => {
+            "the token is not valid yet (its nbf is in the future)".into()
+        }
+        ErrorKind::InvalidSignature => "the token's signature does not match".into(),
+        ErrorKind::InvalidIssuer => "the token was issued by another issuer (iss)".into(),
+        ErrorKind::InvalidAudience => "the token is meant for another audience (aud)".into(),
+        ErrorKind::InvalidSubject => "the token's subject (sub) is not accepted".into(),
+        ErrorKind::MissingRequiredClaim(claim) => format!("the token has no {claim} claim"),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            "the token's algorithm is not accepted here".into()
+        }
+        ErrorKind::InvalidToken
+        | ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_) => {
+            "not a JWT: expected three base64url parts (header.payload.signature) with JSON inside"
+                .into()
+        }
+        _ => "the token could not be verified".into(),
+    }
+}
+
 #[derive(Deserialize)]
 struct RealmAccess {
     #[serde(default)]
@@ -233,7 +262,7 @@ impl Verifier {
             .map(|(_, token)| token.trim())
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Missing)?;
-        let header = decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let header = decode_header(token).map_err(|e| AuthError::Invalid(explain(&e)))?;
         let key = match header.alg {
             Algorithm::HS256 => self
                 .hs256
@@ -245,7 +274,7 @@ impl Verifier {
             other => return Err(AuthError::Algorithm(format!("{other:?}"))),
         };
         let data = decode::<Claims>(token, &key, &self.validation(header.alg))
-            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+            .map_err(|e| AuthError::Invalid(explain(&e)))?;
         let claims = data.claims;
         let subject = claims
             .sub

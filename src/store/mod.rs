@@ -238,6 +238,27 @@ impl Store {
             .map_err(|e: StoreError| e.during(Operation::Export, None))
     }
 
+    /// The bindings of every code, for export: none on a billing database the
+    /// operator never migrated (export only reads, and works there too).
+    pub async fn export_owners(
+        &self,
+    ) -> Result<std::collections::HashMap<String, bindings::Binding>> {
+        let owners = async {
+            let mut conn = self.pool.acquire().await?;
+            let migrated: bool =
+                sqlx::query_scalar("SELECT to_regclass('voucher_bindings') IS NOT NULL")
+                    .fetch_one(&mut *conn)
+                    .await?;
+            if !migrated {
+                return Ok(Default::default());
+            }
+            Ok(bindings::list(&mut conn, None).await?.into_iter().collect())
+        };
+        owners
+            .await
+            .map_err(|e: StoreError| e.during(Operation::Export, None))
+    }
+
     /// Every binding (in `namespace`, if given) with its code.
     pub async fn bindings(
         &self,
