@@ -458,12 +458,12 @@ async fn readme_messages_are_what_the_api_server_answers() {
     )
     .await
     .unwrap_err();
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(repo().join("docs/reference.md")).unwrap();
     for message in [low, immutable] {
         let message = message.trim();
         assert!(
             readme.contains(message),
-            "README does not quote: {message:?}"
+            "docs/reference.md does not quote: {message:?}"
         );
     }
 }

@@ -265,10 +265,10 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
 
     let grants = include_str!("../src/store/runtime-grants.sql");
     let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/deploy.md")).unwrap();
     assert!(
         readme.contains(grants.trim()),
-        "the README gives the grants as committed"
+        "docs/deploy.md gives the grants as committed"
     );
 
     let url = support::fresh_database("grants");

@@ -726,9 +726,9 @@ mod tests {
     }
 
     #[test]
-    fn every_environment_fallback_is_the_one_the_readme_names() {
+    fn every_environment_fallback_is_the_one_the_reference_names() {
         use clap::CommandFactory;
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../docs/reference.md");
         let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `--")).collect();
         let mut command = Cli::command();
         command.build();
@@ -754,7 +754,7 @@ mod tests {
         missing.dedup();
         assert!(
             missing.is_empty(),
-            "not in the README's table as such: {missing:#?}"
+            "not in the table of docs/reference.md as such: {missing:#?}"
         );
     }
 

@@ -182,7 +182,7 @@ pub enum Severity {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventWording {
     pub severity: Severity,
-    /// The Event's `reason`: CamelCase, stable, documented in the README.
+    /// The Event's `reason`: CamelCase, stable, documented in docs/reference.md.
     pub reason: &'static str,
     pub note: String,
 }
