@@ -216,6 +216,30 @@ async fn credit_above_the_maximum_is_rejected() {
     assert_valid(&with(json!({"spec": {"creditOMR": 100_000}})), None).await;
 }
 
+/// A number beyond an int32 passed the schema once and then could not be read by the
+/// controller, which stalled without a word: every integer is bounded.
+#[tokio::test]
+async fn integers_beyond_their_bounds_are_rejected_not_stalled() {
+    for (field, value) in [
+        ("creditOMR", 3_000_000_000_i64),
+        ("maxRedemptions", 3_000_000_000),
+    ] {
+        let refused = apply(&with(json!({"spec": {field: value}})), None)
+            .await
+            .unwrap_err();
+        assert!(
+            refused.contains(&format!("spec.{field}")) && refused.contains("less than or equal to"),
+            "{field}: {refused}"
+        );
+    }
+    assert_rejected(
+        with(json!({"spec": {"maxRedemptions": 100_000_001}})),
+        None,
+        &["should be less than or equal to 100000000"],
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn deletion_policy_changes_only_while_inactive() {
     let orphan = "spec.deletionPolicy can change only while the Voucher is inactive";

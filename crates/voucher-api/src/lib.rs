@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub use voucher_core::DeletionPolicy;
 use voucher_core::code::CODE_PATTERN;
 use voucher_core::voucher::{
-    MAX_CREDIT_OMR, MAX_DESCRIPTION_LEN, MIN_CREDIT_OMR, MIN_MAX_REDEMPTIONS,
+    MAX_CREDIT_OMR, MAX_DESCRIPTION_LEN, MAX_MAX_REDEMPTIONS, MIN_CREDIT_OMR, MIN_MAX_REDEMPTIONS,
 };
 use voucher_core::{Code, CodeError, CodeRecord, Phase, Request, TermError, Terms};
 
@@ -89,7 +89,7 @@ pub struct VoucherSpec {
 
     /// Redemptions allowed in total, across all customers; 0 means unlimited.
     #[serde(default)]
-    #[schemars(extend("minimum" = MIN_MAX_REDEMPTIONS))]
+    #[schemars(extend("minimum" = MIN_MAX_REDEMPTIONS, "maximum" = MAX_MAX_REDEMPTIONS))]
     pub max_redemptions: i32,
 
     /// Start of the redemption window (RFC 3339). Before it the phase is Scheduled.
@@ -363,6 +363,19 @@ mod tests {
             props["maxRedemptions"]["minimum"],
             f64::from(MIN_MAX_REDEMPTIONS)
         );
+        assert_eq!(
+            props["maxRedemptions"]["maximum"],
+            f64::from(MAX_MAX_REDEMPTIONS)
+        );
+        // Every integer of the spec is bounded both ways.
+        for (name, field) in props.as_object().unwrap() {
+            if field["type"] == "integer" {
+                assert!(
+                    field["minimum"].is_number() && field["maximum"].is_number(),
+                    "{name}"
+                );
+            }
+        }
         assert_eq!(props["description"]["maxLength"], MAX_DESCRIPTION_LEN);
         assert_eq!(props["code"]["pattern"], CODE_PATTERN);
         // The window rule is a CEL rule on the spec.

@@ -182,6 +182,9 @@ pub const MIN_CREDIT_OMR: i32 = 1;
 pub const MAX_CREDIT_OMR: i32 = 100_000;
 /// `max_redemptions` below this is meaningless (0 means unlimited).
 pub const MIN_MAX_REDEMPTIONS: i32 = 0;
+/// The largest cap: a bound for every integer of the schema, so that no value
+/// can pass the API server and then fail to be read (an int32 overflow).
+pub const MAX_MAX_REDEMPTIONS: i32 = 100_000_000;
 /// Longest description shown to customers, in characters.
 pub const MAX_DESCRIPTION_LEN: usize = 1024;
 
@@ -198,6 +201,10 @@ pub enum TermError {
         "the redemption cap is {0}; it must be at least {MIN_MAX_REDEMPTIONS} (0 means unlimited)"
     )]
     NegativeCap(i32),
+    #[error(
+        "the redemption cap is {0}; it can be at most {MAX_MAX_REDEMPTIONS} (0 means unlimited)"
+    )]
+    CapTooLarge(i32),
     #[error("the description has {0} characters; at most {MAX_DESCRIPTION_LEN} are allowed")]
     DescriptionTooLong(usize),
     #[error("the redemption window is empty: the expiry must be later than the start")]
@@ -227,6 +234,9 @@ impl Terms {
         }
         if self.max_redemptions < MIN_MAX_REDEMPTIONS {
             return Err(TermError::NegativeCap(self.max_redemptions));
+        }
+        if self.max_redemptions > MAX_MAX_REDEMPTIONS {
+            return Err(TermError::CapTooLarge(self.max_redemptions));
         }
         let len = self.description.chars().count();
         if len > MAX_DESCRIPTION_LEN {
