@@ -5,8 +5,9 @@
 
 mod stack;
 
-use clap::{Args, Parser, Subcommand};
-use voucher_operator::cli::{self, LogOptions};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -15,8 +16,6 @@ use voucher_operator::cli::{self, LogOptions};
     about = "Development tools for voucher-operator"
 )]
 struct Cli {
-    #[command(flatten)]
-    logging: LogOptions,
     #[command(subcommand)]
     command: Command,
 }
@@ -27,11 +26,58 @@ enum Command {
     /// Debian packages when missing), a real kube-apiserver and etcd (built from source on
     /// first use) or an existing cluster (--kubeconfig), and the operator (controller, audit
     /// relay, HTTP server). Ctrl-C stops everything.
-    Local(LocalOptions),
+    Local(Local),
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Local {
+    #[command(subcommand)]
+    action: Option<LocalAction>,
+    #[command(flatten)]
+    options: LocalOptions,
+}
+
+#[derive(Debug, Subcommand)]
+enum LocalAction {
+    /// Print a development bearer token that the running stack accepts (signed with the
+    /// secret in its state directory), to try the redemption rules as several customers.
+    Token(TokenOptions),
+}
+
+#[derive(Debug, Args)]
+struct TokenOptions {
+    /// The token's subject: the customer (billing's customers.user_id) or the admin.
+    #[arg(long)]
+    sub: String,
+
+    /// What the subject may do: redeem as a customer, or administer.
+    #[arg(long, value_enum, default_value_t = TokenRole::Customer)]
+    role: TokenRole,
+
+    /// How long the token is valid (e.g. 1h, 30m).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    expires_in: Duration,
+
+    /// The state directory of the running stack.
+    #[arg(long, env = "LOCAL_STATE_DIR", default_value_os_t = std::env::temp_dir().join("voucher-operator-local"))]
+    state_dir: std::path::PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum TokenRole {
+    Customer,
+    SovereignAdmin,
+    Superadmin,
 }
 
 #[derive(Debug, Args)]
 struct LocalOptions {
+    /// Print the operator's log here too (-v info, -vv debug); it is always written to
+    /// operator.log in the state directory.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+
     /// Where the stack keeps its databases, kubeconfig and logs (kept between runs).
     #[arg(long, env = "LOCAL_STATE_DIR", default_value_os_t = std::env::temp_dir().join("voucher-operator-local"))]
     state_dir: std::path::PathBuf,
@@ -72,24 +118,76 @@ struct LocalOptions {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     voucher_operator::install_tls_provider();
-    cli::init_logging(&cli.logging);
     match run(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", voucher_operator::telemetry::describe(&*error));
+            use std::io::Write;
+            let message = voucher_operator::telemetry::describe(&*error);
+            let _ = writeln!(std::io::stderr(), "error: {message}");
             std::process::ExitCode::FAILURE
         }
     }
 }
 
+/// The operator's log: always into `operator.log` in the state directory, and
+/// on the console at `-v` (warnings and errors always).
+fn init_logging(state_dir: &std::path::Path, verbose: u8) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer, fmt};
+    std::fs::create_dir_all(state_dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state_dir.join("operator.log"))?;
+    let to_file = fmt::layer()
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .with_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,async_nats=warn")),
+        );
+    let console_level = match verbose {
+        0 => "warn",
+        1 => "info,sqlx=warn,async_nats=warn",
+        _ => "debug",
+    };
+    let to_console = fmt::layer()
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false)
+        .with_filter(EnvFilter::new(console_level));
+    tracing_subscriber::registry()
+        .with(to_file)
+        .with(to_console)
+        .try_init()?;
+    Ok(())
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Local(options) => {
+        Command::Local(Local {
+            action: Some(LocalAction::Token(token)),
+            ..
+        }) => {
+            let secret = stack::jwt_secret(&token.state_dir)?;
+            let role = match token.role {
+                TokenRole::Customer => None,
+                TokenRole::SovereignAdmin => Some("sovereign-admin"),
+                TokenRole::Superadmin => Some("superadmin"),
+            };
+            println!(
+                "{}",
+                stack::dev_token(&secret, &token.sub, role, token.expires_in)?
+            );
+            Ok(())
+        }
+        Command::Local(Local { options, .. }) => {
             let fresh = options.smoke.then(tempfile::TempDir::new).transpose()?;
             let state_dir = fresh
                 .as_ref()
                 .map(|d| d.path().to_path_buf())
                 .unwrap_or(options.state_dir);
+            init_logging(&state_dir, options.verbose)?;
             let settings = stack::StackSettings {
                 state_dir,
                 postgres_port: options.postgres_port,
@@ -101,5 +199,38 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             stack::run(settings, options.smoke).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use voucher_operator::server::auth::{AuthSettings, Verifier};
+
+    #[tokio::test]
+    async fn local_token_mints_what_the_running_stack_accepts() {
+        voucher_operator::install_tls_provider();
+        let state = tempfile::tempdir().unwrap();
+        // The stack made its secret on its first run; the token command reads the same.
+        let secret = stack::jwt_secret(state.path()).unwrap();
+        assert_eq!(stack::jwt_secret(state.path()).unwrap(), secret, "kept");
+        let verifier = Verifier::new(AuthSettings {
+            hs256_secret: Some(secret.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        let check = async |role| {
+            let token = stack::dev_token(&secret, "alice", role, Duration::from_secs(60)).unwrap();
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {token}").parse().unwrap(),
+            );
+            verifier.verify(&headers).await.unwrap()
+        };
+        let customer = check(None).await;
+        assert_eq!(customer.subject, "alice");
+        assert!(!customer.is_admin());
+        assert!(check(Some("sovereign-admin")).await.is_admin());
     }
 }

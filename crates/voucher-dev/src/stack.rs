@@ -287,13 +287,41 @@ async fn existing_cluster(kubeconfig: &Path) -> anyhow::Result<Cluster> {
 }
 
 /// A development token: HS256 with this run's secret, an admin, valid one day.
-fn dev_token(secret: &str) -> anyhow::Result<String> {
-    let claims = serde_json::json!({
-        "sub": "local-developer",
-        "email": "developer@localhost",
-        "role": "superadmin",
-        "exp": chrono::Utc::now().timestamp() + 24 * 3600,
+/// The stack's HS256 secret, kept in the state directory: made on the first
+/// run, so that `local token` mints tokens the running stack accepts.
+pub fn jwt_secret(state_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = state_dir.join("jwt-secret");
+    match std::fs::read_to_string(&path) {
+        Ok(secret) if secret.trim().len() >= 32 => Ok(secret.trim().to_owned()),
+        _ => {
+            std::fs::create_dir_all(state_dir)?;
+            let secret = format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            );
+            std::fs::write(&path, &secret)?;
+            Ok(secret)
+        }
+    }
+}
+
+/// A development token for the stack: `subject`, with `role` (none for a
+/// customer), valid for `valid_for`.
+pub fn dev_token(
+    secret: &str,
+    subject: &str,
+    role: Option<&str>,
+    valid_for: Duration,
+) -> anyhow::Result<String> {
+    let mut claims = serde_json::json!({
+        "sub": subject,
+        "email": format!("{subject}@localhost"),
+        "exp": chrono::Utc::now().timestamp() + valid_for.as_secs() as i64,
     });
+    if let Some(role) = role {
+        claims["role"] = serde_json::json!(role);
+    }
     Ok(jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,
@@ -436,10 +464,29 @@ async fn run_operator(
         Some(relay_settings.clone()),
         &mut registry,
     );
-    let role_stop = stop.clone();
-    tokio::spawn(async move { role.start(role_stop).await });
+    // Under a Lease, as a deployment runs it: a second controller started by
+    // hand against this cluster waits instead of reconciling too.
+    let lease = voucher_operator::controller::leader::LeaseSettings {
+        name: "voucher-operator".into(),
+        namespace: cluster.namespace.clone(),
+        identity: "local".into(),
+        duration: Duration::from_secs(15),
+    };
+    let (lease_client, role_stop) = (client.clone(), stop.clone());
+    tokio::spawn(async move {
+        let led = voucher_operator::controller::leader::run_while_leader(
+            lease_client,
+            lease,
+            role_stop,
+            |term| role.start(term),
+        )
+        .await;
+        if let Err(error) = led {
+            tracing::error!(error = %error, "the controller stopped");
+        }
+    });
 
-    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let secret = jwt_secret(&settings.state_dir)?;
     let auth = AuthSettings {
         hs256_secret: Some(secret.clone()),
         ..Default::default()
@@ -467,7 +514,12 @@ async fn run_operator(
             )
         })?;
     tokio::spawn(server::serve(http, None, state, stop.clone()));
-    let token = dev_token(&secret)?;
+    let token = dev_token(
+        &secret,
+        "local-developer",
+        Some("superadmin"),
+        Duration::from_secs(24 * 3600),
+    )?;
     let base = format!("http://127.0.0.1:{}", settings.http_port);
 
     if smoke {
@@ -484,6 +536,8 @@ async fn run_operator(
          export TOKEN={token}\n\
          curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"OMANTEL-MUSCAT-200\",\"tenant_id\":\"acme\"}}'\n\
          cargo run -- events --nats-url nats://127.0.0.1:{nats} --follow\n\
+         cargo local token --sub alice        # a customer's token (--role sovereign-admin for an admin)\n\
+         tail -f {state}/operator.log        # the operator's log (-v prints it here too)\n\
          psql {database_url}\n\n\
          Ctrl-C stops everything.",
         state = settings.state_dir.display(),
@@ -531,6 +585,22 @@ async fn smoke_check(
         }
         wait("every Voucher to get a phase").await?;
     }
+    // The controller leads through its Lease, as a deployment's does.
+    let holder = cluster
+        .kubectl(&[
+            "get",
+            "lease",
+            "voucher-operator",
+            "-n",
+            &cluster.namespace,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .await?;
+    if holder.trim() != "local" {
+        anyhow::bail!("smoke: the Lease voucher-operator is held by {holder:?}, not local");
+    }
+    println!("smoke: the controller holds the Lease voucher-operator");
     let response = reqwest::Client::new()
         .post(format!("{base}/billing/vouchers/redeem"))
         .bearer_auth(token)
