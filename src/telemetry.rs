@@ -111,10 +111,10 @@ pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
 /// An error and its causes on one line, without repeating a cause that a
 /// library already folded into the message above it.
 pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
+    let mut text = said(error);
     let mut source = error.source();
     while let Some(cause) = source {
-        let message = cause.to_string();
+        let message = said(cause);
         if !text.contains(&message) {
             text.push_str(": ");
             text.push_str(&message);
@@ -122,4 +122,43 @@ pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+/// One error's own words. Postgres's are its message and hint, without the
+/// line of Postgres's C source that sqlx appends ("… at line 948").
+fn said(error: &(dyn std::error::Error + 'static)) -> String {
+    let postgres = |db: &sqlx::postgres::PgDatabaseError| match db.hint() {
+        Some(hint) => format!("{} (hint: {hint})", db.message()),
+        None => db.message().to_owned(),
+    };
+    if let Some(db) = error.downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return postgres(db);
+    }
+    if let Some(sqlx::Error::Database(db)) = error.downcast_ref::<sqlx::Error>() {
+        return match db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+            Some(db) => format!("the database answered: {}", postgres(db)),
+            None => format!("the database answered: {}", db.message()),
+        };
+    }
+    // The same Postgres error reached through another wrapper.
+    let text = error.to_string();
+    match text.rsplit_once(" at line ") {
+        Some((message, line)) if !line.is_empty() && line.chars().all(|c| c.is_ascii_digit()) => {
+            message.to_owned()
+        }
+        _ => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_chain_reads_as_one_line_without_repeats() {
+        let inner = std::io::Error::other("connection refused");
+        let outer = anyhow::Error::new(inner).context("cannot reach NATS at nats://a:4222");
+        assert_eq!(
+            super::describe(outer.as_ref()),
+            "cannot reach NATS at nats://a:4222: connection refused"
+        );
+    }
 }
