@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod campaign;
 pub mod code;
 pub mod owner;
 pub mod ownership;
