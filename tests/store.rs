@@ -385,3 +385,53 @@ async fn published_records_are_pruned_after_the_retention_and_others_never() {
     let (backlog, _) = outbox::backlog(&mut conn).await.unwrap();
     assert_eq!(backlog, 1);
 }
+
+/// A redemption in flight holds a key-share lock on its code's row (the foreign key of
+/// promo_redemptions) until it commits; changing the code must not wait for it, or a busy
+/// code could never be switched off while redemptions overlap.
+#[tokio::test]
+async fn changing_a_code_does_not_wait_for_redemptions_in_flight() {
+    use voucher_operator::store::sync::Wanted;
+    let store = store().await;
+    let me = owner("busy");
+    let busy = code("BUSY-1");
+    let wanted = |generation, terms| Wanted {
+        code: &busy,
+        owner: &me,
+        generation,
+        terms,
+        request: Request::default(),
+        deletion_policy: DeletionPolicy::Revoke,
+        now: Utc::now(),
+    };
+    let on = terms(5);
+    store.sync_voucher(&wanted(1, &on)).await.unwrap();
+    // A redemption's first writes, not yet committed.
+    let mut in_flight = store.pool().begin().await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO customers (user_id, tenant_id, email) VALUES ('racer', 't', ''); \
+         INSERT INTO promo_redemptions (customer_id, code) \
+           SELECT id, 'BUSY-1' FROM customers WHERE user_id = 'racer'",
+    )
+    .execute(&mut *in_flight)
+    .await
+    .unwrap();
+    // Switching the code off goes through meanwhile (it blocked until the commit before).
+    let off = Terms {
+        active: false,
+        ..terms(5)
+    };
+    let changed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        store.sync_voucher(&wanted(2, &off)),
+    )
+    .await
+    .expect("the change waited for the redemption in flight");
+    changed.unwrap();
+    in_flight.commit().await.unwrap();
+    let active: bool = sqlx::query_scalar("SELECT active FROM promo_codes WHERE code = 'BUSY-1'")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert!(!active);
+}

@@ -92,18 +92,29 @@ impl Codes {
         let record = store.find_live(code).await?.map(Arc::new);
         // Cached only when no invalidation of this code (or emptying) came
         // after the read began, and while notifications are heard.
-        let overtaken = self.cleared.load(Ordering::Acquire) > started
-            || self.invalidated.get(key).is_some_and(|at| at > started);
-        if self.listening.load(Ordering::Acquire) && !overtaken {
+        if self.listening.load(Ordering::Acquire) && !self.overtaken(key, started) {
             match &record {
                 Some(record) => self.known.insert(key.to_owned(), record.clone()),
                 None => self.unknown.insert(key.to_owned(), ()),
+            }
+            // An invalidation may have run between the check and the insert
+            // (its marker is written before it removes): look again.
+            if self.overtaken(key, started) || !self.listening.load(Ordering::Acquire) {
+                self.known.invalidate(key);
+                self.unknown.invalidate(key);
             }
         }
         Ok((record, Source::Database))
     }
 
+    /// Whether an invalidation of `key`, or an emptying, came after `started`.
+    fn overtaken(&self, key: &str, started: u64) -> bool {
+        self.cleared.load(Ordering::Acquire) > started
+            || self.invalidated.get(key).is_some_and(|at| at > started)
+    }
+
     fn invalidate(&self, code: &str) {
+        // The marker first: a read that inserts after this sees it and undoes.
         let at = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         self.invalidated.insert(code.to_owned(), at);
         self.known.invalidate(code);
@@ -111,6 +122,7 @@ impl Codes {
     }
 
     fn empty(&self) {
+        // The marker first: a read that inserts after this sees it and undoes.
         let at = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         self.cleared.store(at, Ordering::Release);
         self.known.invalidate_all();

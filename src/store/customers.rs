@@ -60,9 +60,12 @@ pub async fn ensure_many(
     conn: &mut PgConnection,
     customers: &[(&str, &str, &str)],
 ) -> Result<std::collections::HashMap<String, Uuid>> {
-    let users: Vec<&str> = customers.iter().map(|c| c.0).collect();
-    let tenants: Vec<&str> = customers.iter().map(|c| c.1).collect();
-    let emails: Vec<&str> = customers.iter().map(|c| c.2).collect();
+    // Rows locked in one order by every server (see `redemptions::insert_many`).
+    let mut sorted = customers.to_vec();
+    sorted.sort();
+    let users: Vec<&str> = sorted.iter().map(|c| c.0).collect();
+    let tenants: Vec<&str> = sorted.iter().map(|c| c.1).collect();
+    let emails: Vec<&str> = sorted.iter().map(|c| c.2).collect();
     let mut ids: std::collections::HashMap<String, Uuid> = sqlx::query_as(
         "INSERT INTO customers (user_id, tenant_id, email) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) \

@@ -26,6 +26,10 @@ use crate::domain::{Actor, AuditData, AuditKind, Code, Facts, Redeemability};
 
 /// Most requests in one group.
 const MAX_GROUP: usize = 64;
+/// Most requests of one code waiting for a group: beyond, a request is
+/// answered at once with an error to retry, so that a stalled database does
+/// not make memory grow with arrivals.
+const MAX_WAITING: usize = 4096;
 
 /// How an answer is rendered for its Idempotency-Key.
 pub type Render = fn(&Redeemed) -> (u16, serde_json::Value);
@@ -112,6 +116,12 @@ impl GroupCommit {
         let first = {
             let mut codes = self.codes.lock().expect("the queues");
             match codes.get_mut(&code) {
+                Some(queue) if queue.waiting.len() >= MAX_WAITING => {
+                    return Err(StoreError::Busy {
+                        waiting: queue.waiting.len(),
+                    }
+                    .during(Operation::Redeem, Some(&request.code)));
+                }
                 Some(queue) => {
                     queue.waiting.push_back(Waiting { request, reply });
                     None
@@ -137,9 +147,17 @@ impl GroupCommit {
 
     /// Redeems `first`, then the groups that wait, until none does.
     async fn drain(self: Arc<Self>, code: String, first: Waiting) {
+        use futures::FutureExt;
         let mut group = vec![first];
         loop {
-            self.redeem_group(group).await;
+            // A panic fails this group's requests (their answers are dropped:
+            // 503), never the code: the next group still goes.
+            let redeemed = std::panic::AssertUnwindSafe(self.redeem_group(group))
+                .catch_unwind()
+                .await;
+            if redeemed.is_err() {
+                tracing::error!(code = %code, "a group of redemptions panicked; its requests were answered 503");
+            }
             let mut codes = self.codes.lock().expect("the queues");
             let Some(queue) = codes.get_mut(&code) else {
                 return;
@@ -242,7 +260,10 @@ async fn together(
     render: Render,
 ) -> Result<Option<Vec<Answer>>> {
     let code = requests[0].code;
-    let now = requests[0].now;
+    // One time for the group: the latest arrival's, so that no request is
+    // judged before it came (one that arrived after the window closed is not
+    // granted for having been grouped with an earlier one).
+    let now = requests.iter().map(|r| r.now).max().expect("a group");
     let mut answers: Vec<Option<Answer>> = vec![None; requests.len()];
     // Outcomes to record for the Idempotency-Keys claimed here.
     let mut decided: Vec<(usize, Redeemed)> = Vec::new();

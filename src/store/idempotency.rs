@@ -96,9 +96,13 @@ pub async fn claim_many(
     conn: &mut PgConnection,
     claims: &[(&str, &str, &[u8])],
 ) -> Result<Vec<Claimed>> {
-    let subjects: Vec<&str> = claims.iter().map(|c| c.0).collect();
-    let keys: Vec<&str> = claims.iter().map(|c| c.1).collect();
-    let hashes: Vec<&[u8]> = claims.iter().map(|c| c.2).collect();
+    // Rows locked in one order by every server: two groups of the same
+    // subjects never wait for each other crosswise.
+    let mut sorted = claims.to_vec();
+    sorted.sort();
+    let subjects: Vec<&str> = sorted.iter().map(|c| c.0).collect();
+    let keys: Vec<&str> = sorted.iter().map(|c| c.1).collect();
+    let hashes: Vec<&[u8]> = sorted.iter().map(|c| c.2).collect();
     let inserted: Vec<String> = sqlx::query_scalar(
         "INSERT INTO voucher_idempotency_keys (subject, key, request_hash) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) \

@@ -47,6 +47,9 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("the binding of code {code} is held by another resource")]
     BindingTaken { code: String },
+    /// Too many redemptions of one code wait in this server: retry.
+    #[error("{waiting} redemptions of this code are waiting already; try again shortly")]
+    Busy { waiting: usize },
     /// A group of redemptions was sent to commit and no answer came back:
     /// each was committed with all the others, or none was.
     #[error("the outcome of the commit is unknown: {cause}")]

@@ -100,12 +100,16 @@ pub async fn find(conn: &mut PgConnection, code: &Code) -> Result<Option<CodeRec
     Ok(row.map(Into::into))
 }
 
-/// The row, tombstone or not, locked until the transaction ends.
+/// The row, tombstone or not, locked until the transaction ends. `NO KEY
+/// UPDATE` (the code never changes): it does not wait for the key-share locks
+/// that redemptions in flight hold through their `promo_redemptions` foreign
+/// key, which would keep a change of a busy code waiting as long as
+/// redemptions overlap.
 pub async fn find_for_update(conn: &mut PgConnection, code: &Code) -> Result<Option<CodeRecord>> {
     let row: Option<Row> = sqlx::query_as(concat!(
         "SELECT ",
         returning!(),
-        " FROM promo_codes WHERE code = $1 FOR UPDATE"
+        " FROM promo_codes WHERE code = $1 FOR NO KEY UPDATE"
     ))
     .bind(code.as_str())
     .fetch_optional(conn)
