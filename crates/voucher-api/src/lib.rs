@@ -6,6 +6,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod campaign;
+
 use chrono::{DateTime, SubsecRound, Utc};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;

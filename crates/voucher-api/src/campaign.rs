@@ -1,0 +1,194 @@
+//! The `VoucherCampaign` custom resource (`catalyst.openova.io/v1alpha1`): one
+//! resource that issues many unique codes, each a pure function of the
+//! campaign's key (`voucher_core::campaign`), so that no code is ever written
+//! in the manifest, the status, an Event or a log line.
+//!
+//! Not installed yet: its controller does not exist, and a resource nobody
+//! reconciles would be a silent stall. The types and their schema are here so
+//! that the rules can be tried against a real API server.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::core::crd::CustomResourceExt;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use voucher_core::campaign::{DEFAULT_CODE_LENGTH, MAX_CODE_LENGTH, MAX_COUNT, MIN_CODE_LENGTH};
+use voucher_core::voucher::{
+    MAX_CREDIT_OMR, MAX_DESCRIPTION_LEN, MAX_MAX_REDEMPTIONS, MIN_CREDIT_OMR,
+};
+use voucher_core::{DeletionPolicy, Phase};
+
+/// The prefix of a campaign's codes: the code alphabet, possibly empty.
+pub const PREFIX_PATTERN: &str = r"^([A-Za-z0-9][A-Za-z0-9_-]{0,55})?$";
+
+/// Desired state of a campaign: `count` unique codes granting the same credit.
+// Printer columns of one type repeat `type_ = "integer"`: not a duplicate.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "catalyst.openova.io",
+    version = "v1alpha1",
+    kind = "VoucherCampaign",
+    plural = "vouchercampaigns",
+    namespaced,
+    status = "VoucherCampaignStatus",
+    shortname = "vcamp",
+    category = "catalyst",
+    doc = "A campaign of unique single-use voucher codes, generated from a secret key and never written down.",
+    printcolumn(name = "Prefix", type_ = "string", json_path = ".spec.prefix"),
+    printcolumn(name = "Credit", type_ = "integer", json_path = ".spec.creditOMR"),
+    printcolumn(name = "Codes", type_ = "integer", json_path = ".spec.count"),
+    printcolumn(name = "Redeemed", type_ = "integer", json_path = ".status.redeemed"),
+    printcolumn(name = "Active", type_ = "boolean", json_path = ".spec.active"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(
+    validation = Rule::new("self.count >= oldSelf.count")
+        .message("spec.count can grow but never shrink: codes already issued stay issued; deactivate the campaign or revoke single codes instead"),
+    validation = Rule::new("size(self.prefix) + self.codeLength <= 64")
+        .message("spec.prefix and spec.codeLength make codes longer than 64 characters"),
+    validation = Rule::new("!has(self.validFrom) || !has(self.expiresAt) || self.expiresAt > self.validFrom")
+        .message("spec.expiresAt must be later than spec.validFrom"),
+    validation = Rule::new("self.prefix == oldSelf.prefix && self.codeLength == oldSelf.codeLength && self.keySecretRef == oldSelf.keySecretRef")
+        .message("spec.prefix, spec.codeLength and spec.keySecretRef are immutable: they decide the codes already issued; create a new campaign instead"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VoucherCampaignSpec {
+    /// The start of every code, e.g. OMANTEL-BILL- (letters, digits, '-' and '_').
+    #[serde(default)]
+    #[schemars(regex(pattern = PREFIX_PATTERN))]
+    pub prefix: String,
+
+    /// How many codes the campaign issues (1 to 1000000). It may grow, never shrink.
+    #[schemars(extend("minimum" = 1, "maximum" = MAX_COUNT))]
+    pub count: i32,
+
+    /// Characters of each code's random part (Crockford base32, 5 bits each).
+    #[serde(default = "default_code_length")]
+    #[schemars(extend("minimum" = MIN_CODE_LENGTH, "maximum" = MAX_CODE_LENGTH))]
+    pub code_length: i32,
+
+    /// Credit each code grants, in whole Omani Rial.
+    #[serde(rename = "creditOMR")]
+    #[schemars(extend("minimum" = MIN_CREDIT_OMR, "maximum" = MAX_CREDIT_OMR))]
+    pub credit_omr: i32,
+
+    /// Free text shown to customers on the redemption page.
+    #[serde(default)]
+    #[schemars(length(max = MAX_DESCRIPTION_LEN))]
+    pub description: String,
+
+    /// Whether the codes can be redeemed; false pauses all of them at once.
+    #[serde(default = "crate::default_active")]
+    pub active: bool,
+
+    /// Start of the redemption window (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_from: Option<DateTime<Utc>>,
+
+    /// End of the redemption window (RFC 3339, exclusive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+
+    /// Redemptions each code allows (single-use: 1).
+    #[serde(default = "default_redemptions_per_code")]
+    #[schemars(extend("minimum" = 1, "maximum" = MAX_MAX_REDEMPTIONS))]
+    pub redemptions_per_code: i32,
+
+    /// What happens to the codes when the campaign is deleted.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+
+    /// The Secret (in the campaign's namespace) holding the generator key.
+    pub key_secret_ref: KeySecretRef,
+}
+
+/// Where a campaign's generator key is.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeySecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key of the generator key in the Secret (at least 32 bytes).
+    #[serde(default = "default_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_code_length() -> i32 {
+    DEFAULT_CODE_LENGTH as i32
+}
+
+fn default_redemptions_per_code() -> i32 {
+    1
+}
+
+fn default_key() -> String {
+    "key".into()
+}
+
+/// Observed state of a campaign, written by the controller.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VoucherCampaignStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Codes that exist in the billing database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generated: Option<i32>,
+    /// Redemptions of all its codes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redeemed: Option<i64>,
+    /// Codes that reached their redemptions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exhausted_codes: Option<i32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_synced_at: Option<DateTime<Utc>>,
+}
+
+/// The campaign CRD, generated from the types above (not installed yet).
+pub fn crd() -> CustomResourceDefinition {
+    VoucherCampaign::crd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schema_bounds_every_number_and_the_prefix() {
+        let crd = serde_json::to_value(crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let props = &spec["properties"];
+        assert_eq!(props["count"]["maximum"], f64::from(MAX_COUNT));
+        assert_eq!(props["codeLength"]["minimum"], MIN_CODE_LENGTH as f64);
+        assert_eq!(props["prefix"]["pattern"], PREFIX_PATTERN);
+        for (name, field) in props.as_object().unwrap() {
+            if field["type"] == "integer" {
+                assert!(
+                    field["minimum"].is_number() && field["maximum"].is_number(),
+                    "{name}"
+                );
+            }
+        }
+        let rules = spec["x-kubernetes-validations"].to_string();
+        assert!(rules.contains("self.count >= oldSelf.count"), "{rules}");
+        assert_eq!(
+            crd["spec"]["names"]["shortNames"],
+            serde_json::json!(["vcamp"])
+        );
+    }
+}

@@ -1,0 +1,114 @@
+//! The VoucherCampaign schema (not installed by the chart yet: no controller reconciles it)
+//! against the real API server, through the real kubectl: what a campaign may say, and the
+//! rules that keep issued codes issued.
+
+mod support;
+
+use serde_json::{Value, json};
+
+fn campaign(spec: Value) -> Value {
+    let mut base = json!({
+        "apiVersion": "catalyst.openova.io/v1alpha1",
+        "kind": "VoucherCampaign",
+        "metadata": {"name": "bill-2027"},
+        "spec": {"prefix": "OMANTEL-BILL-", "count": 2000, "creditOMR": 5,
+                 "keySecretRef": {"name": "bill-2027-key"}},
+    });
+    for (k, v) in spec.as_object().unwrap() {
+        base["spec"][k] = v.clone();
+    }
+    base
+}
+
+/// Applies `docs` in order in a fresh namespace: the last one's outcome.
+async fn apply(docs: &[Value]) -> Result<(), String> {
+    static CRD: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    let cluster = support::cluster::cluster();
+    CRD.get_or_init(|| async {
+        let client = cluster.client().await;
+        voucher_testenv::control_plane::install_crd(
+            &client,
+            &voucher_operator::api::campaign::crd(),
+        )
+        .await
+        .expect("the campaign CRD");
+    })
+    .await;
+    let (_, ns) = support::cluster::setup("campaign").await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = cluster.kubeconfig(dir.path(), &ns);
+    let mut last = Ok(());
+    for doc in docs {
+        last = cluster.apply(&kubeconfig, doc);
+    }
+    last
+}
+
+#[tokio::test]
+async fn a_campaign_is_accepted_with_its_defaults() {
+    apply(&[campaign(json!({}))]).await.unwrap();
+    apply(&[campaign(
+        json!({"prefix": "", "codeLength": 51, "count": 1_000_000}),
+    )])
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn count_grows_but_never_shrinks() {
+    apply(&[campaign(json!({})), campaign(json!({"count": 5000}))])
+        .await
+        .unwrap();
+    let refused = apply(&[campaign(json!({})), campaign(json!({"count": 1999}))])
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains("spec.count can grow but never shrink"),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn what_decides_the_codes_cannot_change() {
+    for change in [
+        json!({"prefix": "OTHER-"}),
+        json!({"codeLength": 12}),
+        json!({"keySecretRef": {"name": "another-key"}}),
+    ] {
+        let refused = apply(&[campaign(json!({})), campaign(change.clone())])
+            .await
+            .unwrap_err();
+        assert!(refused.contains("are immutable"), "{change}: {refused}");
+    }
+    // What does not decide the codes may change.
+    apply(&[
+        campaign(json!({})),
+        campaign(json!({"creditOMR": 7, "active": false})),
+    ])
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn weak_or_impossible_campaigns_are_refused_by_the_schema() {
+    for (spec, says) in [
+        (json!({"count": 0}), "spec.count"),
+        (json!({"count": 1_000_001}), "spec.count"),
+        (json!({"codeLength": 7}), "spec.codeLength"),
+        (json!({"prefix": "-BAD"}), "spec.prefix"),
+        (json!({"prefix": "HAS SPACE"}), "spec.prefix"),
+        (
+            json!({"prefix": "P".repeat(20), "codeLength": 51}),
+            "longer than 64 characters",
+        ),
+        (json!({"creditOMR": 0}), "spec.creditOMR"),
+        (json!({"redemptionsPerCode": 0}), "spec.redemptionsPerCode"),
+        (
+            json!({"keySecretRef": {"name": ""}}),
+            "spec.keySecretRef.name",
+        ),
+    ] {
+        let refused = apply(&[campaign(spec.clone())]).await.unwrap_err();
+        assert!(refused.contains(says), "{spec}: {refused}");
+    }
+}
