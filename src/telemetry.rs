@@ -131,9 +131,6 @@ fn said(error: &(dyn std::error::Error + 'static)) -> String {
         Some(hint) => format!("{} (hint: {hint})", db.message()),
         None => db.message().to_owned(),
     };
-    if let Some(db) = error.downcast_ref::<sqlx::postgres::PgDatabaseError>() {
-        return postgres(db);
-    }
     if let Some(sqlx::Error::Database(db)) = error.downcast_ref::<sqlx::Error>() {
         return match db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
             Some(db) => format!("the database answered: {}", postgres(db)),

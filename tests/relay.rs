@@ -411,6 +411,21 @@ async fn two_relays_at_once_publish_each_event_once() {
     assert_eq!(ids.len() as i64, records);
 }
 
+/// `voucher-operator events` reading the stream of `settings`.
+fn events_command(settings: &RelaySettings) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"));
+    command.args([
+        "events",
+        "--nats-url",
+        &settings.nats_url,
+        "--audit-stream",
+        &settings.stream,
+        "--audit-subject-prefix",
+        &settings.subject_prefix,
+    ]);
+    command
+}
+
 #[tokio::test]
 async fn the_events_command_shows_one_codes_events() {
     let _serial = NATS.lock().await;
@@ -427,18 +442,7 @@ async fn the_events_command_shows_one_codes_events() {
     let cli = settings.clone();
     let run = move |extra: &[&str]| {
         let settings = &cli;
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
-            .args([
-                "events",
-                "--nats-url",
-                &settings.nats_url,
-                "--audit-stream",
-                &settings.stream,
-            ])
-            .args(["--audit-subject-prefix", &settings.subject_prefix])
-            .args(extra)
-            .output()
-            .unwrap();
+        let output = events_command(settings).args(extra).output().unwrap();
         assert!(
             output.status.success(),
             "{}",
@@ -457,20 +461,8 @@ async fn the_events_command_shows_one_codes_events() {
     assert!(events.iter().all(|e| e["subject"] == "SHOWN-1"));
     let settings2 = settings.clone();
     let table = tokio::task::spawn_blocking(move || {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
-            .args([
-                "events",
-                "--nats-url",
-                &settings2.nats_url,
-                "--audit-stream",
-                &settings2.stream,
-            ])
-            .args([
-                "--audit-subject-prefix",
-                &settings2.subject_prefix,
-                "--type",
-                "created",
-            ])
+        let output = events_command(&settings2)
+            .args(["--type", "created"])
             .output()
             .unwrap();
         String::from_utf8(output.stdout).unwrap()
@@ -835,21 +827,8 @@ async fn events_piped_into_a_reader_that_goes_away_stops_quietly() {
     task.await.unwrap().unwrap();
     let output = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
-            .args([
-                "events",
-                "--nats-url",
-                &settings.nats_url,
-                "--audit-stream",
-                &settings.stream,
-            ])
-            .args([
-                "--audit-subject-prefix",
-                &settings.subject_prefix,
-                "--json",
-                "--tail",
-                "all",
-            ])
+        let mut child = events_command(&settings)
+            .args(["--json", "--tail", "all"])
             .env("RUST_BACKTRACE", "1")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

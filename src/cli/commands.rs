@@ -1,14 +1,5 @@
 //! What each subcommand does, once its flags are parsed.
 
-/// A line for the person at the terminal, on stderr; dropped when stderr is
-/// a closed pipe (eprintln! would panic).
-macro_rules! note {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
-    }};
-}
-
 use super::{
     AuditOptions, ControllerOptions, DatabaseOptions, EventsOptions, ExportOptions, ServerOptions,
 };

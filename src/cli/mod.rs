@@ -1,6 +1,15 @@
 //! Command-line wiring: flags with environment fallbacks, and the subcommands.
 //! Subcommands appear here only once they work; `commands` runs them.
 
+/// A line for the person at the terminal, on stderr; dropped when stderr is
+/// a closed pipe (eprintln! would panic).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod commands;
 mod events;
 
@@ -628,11 +637,7 @@ pub fn report_fatal(options: &LogOptions, error: &(dyn std::error::Error + 'stat
     let message = crate::telemetry::describe(error);
     match options.log_format {
         LogFormat::Json => tracing::error!(error = %message, "stopped"),
-        LogFormat::Text => {
-            use std::io::Write;
-            // Not eprintln!, which panics when stderr is a closed pipe.
-            let _ = writeln!(std::io::stderr(), "error: {message}");
-        }
+        LogFormat::Text => note!("error: {message}"),
     }
 }
 
