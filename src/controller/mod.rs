@@ -5,6 +5,7 @@
 //! `error_policy` are the pair it calls, with a [`Context`] that carries the
 //! clients, the metrics and the per-voucher bookkeeping.
 
+pub mod campaign;
 pub mod leader;
 pub mod metrics;
 mod plan;
@@ -445,14 +446,10 @@ impl Context {
     /// server is deleting every Voucher, and revoking their codes would
     /// revoke every code at once.
     async fn crd_going(&self) -> Result<bool, Error> {
-        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
         const CRD: &str = "vouchers.catalyst.openova.io";
-        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
-        match crds.get_opt(CRD).await {
-            Ok(Some(crd)) => Ok(crd.metadata.deletion_timestamp.is_some()),
-            Ok(None) => Ok(true),
-            Err(source) => Err(Error::CrdCheck { crd: CRD, source }),
-        }
+        crd_going(&self.client, CRD)
+            .await
+            .map_err(|source| Error::CrdCheck { crd: CRD, source })
     }
 
     async fn cleanup(&self, voucher: &Voucher) -> Result<Action, Error> {
@@ -611,48 +608,11 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     };
     // A change of a row (a redemption, an edit by another writer) wakes the
     // resource that owns it; after a reconnect every resource is checked.
-    let (rows_changed, catch_up) = {
-        let (tx_one, rx_one) = futures::channel::mpsc::unbounded::<ObjectRef<Voucher>>();
-        let (tx_all, rx_all) = futures::channel::mpsc::unbounded::<()>();
-        let store = ctx.store.clone();
-        let mut notifications = Box::pin(ctx.store.listen(CODES_CHANNEL));
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    next = notifications.next() => next,
-                };
-                match next {
-                    Some(Notification::Payload(code)) => {
-                        // A payload that is no code, or an unreachable database, wakes nothing.
-                        let owner = match Code::parse(&code) {
-                            Ok(code) => store.owner_of(&code).await.ok().flatten(),
-                            Err(_) => None,
-                        };
-                        if let Some(owner) = owner
-                            && tx_one
-                                .unbounded_send(
-                                    ObjectRef::new(&owner.name).within(&owner.namespace),
-                                )
-                                .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Some(Notification::Connected) => {
-                        if tx_all.unbounded_send(()).is_err() {
-                            return;
-                        }
-                    }
-                    // The pass on reconnecting catches up.
-                    Some(Notification::Disconnected) => {}
-                    None => return,
-                }
-            }
-        });
-        (rx_one, rx_all)
-    };
+    let store = ctx.store.clone();
+    let (rows_changed, catch_up) = wake_on_rows(&ctx.store, stop.clone(), move |code| {
+        let store = store.clone();
+        async move { store.owner_of(&code).await.ok().flatten() }
+    });
     let config = kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency);
     let shutdown = stop.clone();
     // The cache keeps what reconciles read: managedFields and kubectl's
@@ -696,14 +656,18 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                 tracing::debug!(%error, "reconcile result");
             }
         });
-    // Graceful shutdown lets running reconciles finish. Stopped before the
-    // first list completed, kube-runtime's runner keeps waiting for a cache
-    // that nothing fills any more: after a grace period, stop regardless.
+    until_stopped(async { tokio::join!(controller, sweeper) }, stop).await;
+}
+
+/// Runs `controller` until it ends. Graceful shutdown lets running reconciles
+/// finish; stopped before the first list completed, kube-runtime's runner
+/// keeps waiting for a cache that nothing fills any more: a grace period
+/// after `stop`, it is stopped regardless.
+async fn until_stopped(controller: impl std::future::Future, stop: CancellationToken) {
     let grace = async {
         stop.cancelled().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
-    let controller = async { tokio::join!(controller, sweeper) };
     tokio::select! {
         _ = controller => {}
         _ = grace => tracing::warn!(
@@ -713,10 +677,79 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     }
 }
 
+/// Follows the changes of `promo_codes` rows until `stop`: each changed code
+/// that `owner` maps to a resource wakes that resource (first stream); each
+/// (re)connection, after which changes may have gone unheard, wakes all
+/// (second stream). A payload that is no code, or an unreachable database,
+/// wakes nothing.
+fn wake_on_rows<K, F, Fut>(
+    store: &Store,
+    stop: CancellationToken,
+    owner: F,
+) -> (
+    futures::channel::mpsc::UnboundedReceiver<ObjectRef<K>>,
+    futures::channel::mpsc::UnboundedReceiver<()>,
+)
+where
+    K: kube::Resource<DynamicType = ()> + 'static,
+    F: Fn(Code) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Option<Owner>> + Send,
+{
+    let (tx_one, rx_one) = futures::channel::mpsc::unbounded::<ObjectRef<K>>();
+    let (tx_all, rx_all) = futures::channel::mpsc::unbounded::<()>();
+    let mut notifications = Box::pin(store.listen(CODES_CHANNEL));
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                next = notifications.next() => next,
+            };
+            match next {
+                Some(Notification::Payload(code)) => {
+                    let owner = match Code::parse(&code) {
+                        Ok(code) => owner(code).await,
+                        Err(_) => None,
+                    };
+                    if let Some(owner) = owner
+                        && tx_one
+                            .unbounded_send(ObjectRef::new(&owner.name).within(&owner.namespace))
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+                Some(Notification::Connected) => {
+                    if tx_all.unbounded_send(()).is_err() {
+                        return;
+                    }
+                }
+                // The pass on reconnecting catches up.
+                Some(Notification::Disconnected) => {}
+                None => return,
+            }
+        }
+    });
+    (rx_one, rx_all)
+}
+
+/// Whether the CRD `name` is being deleted (or gone): then the API server is
+/// deleting every resource of its kind, and revoking their codes would
+/// revoke every code at once.
+async fn crd_going(client: &kube::Client, name: &str) -> Result<bool, kube::Error> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    match crds.get_opt(name).await {
+        Ok(Some(crd)) => Ok(crd.metadata.deletion_timestamp.is_some()),
+        Ok(None) => Ok(true),
+        Err(error) => Err(error),
+    }
+}
+
 /// The controller role: the reconciler and the audit relay, which run
 /// together (on the leader, when leader election is on).
 pub struct Role {
     pub ctx: Arc<Context>,
+    pub campaigns: Arc<campaign::Context>,
     relay: Option<(RelaySettings, Arc<RelayMetrics>)>,
 }
 
@@ -733,6 +766,7 @@ impl Role {
         let metrics = Arc::new(Metrics::register(registry));
         let relay_metrics = Arc::new(RelayMetrics::register(registry));
         Self {
+            campaigns: campaign::Context::new(client.clone(), store.clone(), settings.clone()),
             ctx: Context::new(client, store, metrics, settings),
             relay: relay.map(|settings| (settings, relay_metrics)),
         }
@@ -754,7 +788,11 @@ impl Role {
             .await
             .inspect_err(|e| tracing::error!(error = %e, "the audit relay stopped"))
         };
-        let (_, relayed) = tokio::join!(run(self.ctx.clone(), stop.clone()), relay);
+        let (_, _, relayed) = tokio::join!(
+            run(self.ctx.clone(), stop.clone()),
+            campaign::run(self.campaigns.clone(), stop.clone()),
+            relay
+        );
         relayed
     }
 }

@@ -126,6 +126,18 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
             format!("the spec breaks a voucher rule: {error}; nothing was written"),
             &seen,
         ),
+        Found::Synced(Synced::CampaignCode { campaign }) => {
+            let code = code.map(Code::as_str).unwrap_or_default();
+            let message = format!(
+                "code {code} was issued by VoucherCampaign {campaign}; a Voucher can neither claim, \
+                 adopt nor reissue it, and nothing was written. Change it through the campaign, or \
+                 revoke it alone with the admin revoke"
+            );
+            Plan {
+                next: Next::After(resync),
+                ..refused(Phase::Conflict, "CampaignCode", message, &seen)
+            }
+        }
         Found::Synced(Synced::NotRequested(what)) => {
             let code = code.map(Code::as_str).unwrap_or_default();
             let (reason, message) = match what {

@@ -38,17 +38,19 @@ fn time(at: DateTime<Utc>) -> Time {
     Time(k8s_openapi::jiff::Timestamp::from_second(at.timestamp()).unwrap_or_default())
 }
 
-/// A condition, keeping its transition time when its status did not change.
-fn condition(
+/// A condition, keeping its transition time when its status did not change
+/// (`previous`: the conditions the resource has now).
+pub(crate) fn condition(
     type_: &str,
     wanted: Wanted<'_>,
     generation: i64,
     now: DateTime<Utc>,
-    previous: Option<&VoucherStatus>,
+    previous: &[Condition],
 ) -> Condition {
     let status = if wanted.status { "True" } else { "False" };
     let transition = previous
-        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+        .iter()
+        .find(|c| c.type_ == type_)
         .filter(|c| c.status == status)
         .map(|c| c.last_transition_time.clone())
         .unwrap_or_else(|| time(now));
@@ -192,7 +194,8 @@ pub fn desired(
     previous: Option<&VoucherStatus>,
 ) -> VoucherStatus {
     let said = said(outcome, previous);
-    let condition = |type_, wanted| condition(type_, wanted, generation, now, previous);
+    let before = previous.map_or(&[][..], |p| p.conditions.as_slice());
+    let condition = |type_, wanted| condition(type_, wanted, generation, now, before);
     VoucherStatus {
         observed_generation: Some(generation),
         code: said.code,
@@ -212,6 +215,14 @@ pub fn desired(
     }
 }
 
+/// Clears what only moves with a condition's status (its transition time),
+/// to compare conditions by what they say.
+pub(crate) fn without_times(conditions: &mut [Condition]) {
+    for c in conditions {
+        c.last_transition_time = Time(Default::default());
+    }
+}
+
 /// Whether writing `wanted` over `current` changes anything a person or a
 /// health check reads. Timestamps alone do not count: `lastSyncedAt`, and a
 /// condition's `lastTransitionTime`, which only moves with its status.
@@ -222,9 +233,7 @@ pub fn differs(current: Option<&VoucherStatus>, wanted: &VoucherStatus) -> bool 
     let strip = |s: &VoucherStatus| {
         let mut s = s.clone();
         s.last_synced_at = None;
-        for c in &mut s.conditions {
-            c.last_transition_time = Time(Default::default());
-        }
+        without_times(&mut s.conditions);
         s
     };
     strip(current) != strip(wanted)

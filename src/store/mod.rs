@@ -5,6 +5,7 @@
 //! commit together.
 
 pub mod bindings;
+pub mod campaigns;
 mod customers;
 pub mod group;
 mod idempotency;
@@ -82,6 +83,8 @@ pub enum Operation {
     Revoke,
     Sweep,
     PruneIdempotencyKeys,
+    Campaign,
+    Generate,
 }
 
 impl std::fmt::Display for Operation {
@@ -99,6 +102,8 @@ impl std::fmt::Display for Operation {
             Self::Revoke => "revoke",
             Self::Sweep => "sweep the bindings",
             Self::PruneIdempotencyKeys => "prune old Idempotency-Keys",
+            Self::Campaign => "update the campaign's codes",
+            Self::Generate => "generate the campaign's codes",
         })
     }
 }

@@ -11,6 +11,9 @@ use super::Store;
 
 /// The channel the `promo_codes` trigger notifies, with the code as payload.
 pub const CODES_CHANNEL: &str = "voucher_operator_codes";
+/// The payload of a campaign's bulk change on [`CODES_CHANNEL`]: any code
+/// may have changed (never a code: codes hold no '*').
+pub const ALL_CODES: &str = "*";
 /// The channel the outbox trigger notifies.
 pub const OUTBOX_CHANNEL: &str = "voucher_operator_outbox";
 

@@ -207,7 +207,8 @@ pub async fn soft_delete(conn: &mut PgConnection, code: &Code) -> Result<Option<
 /// window at `now`, with room under its cap for all of them (re-checked on
 /// the row it locks, so the cap is exact) and carries the terms of `seen`;
 /// `None` otherwise, and nothing is written. The records' `before`/`after`
-/// are those of `seen`, their counters set from the row.
+/// are those of `seen`, their counters set from the row; a campaign's code's
+/// records name the campaign.
 pub async fn count_redemptions(
     conn: &mut PgConnection,
     seen: &CodeRecord,
@@ -226,12 +227,19 @@ pub async fn count_redemptions(
              AND valid_from IS NOT DISTINCT FROM $6 AND expires_at IS NOT DISTINCT FROM $7 \
            RETURNING ",
         returning!(),
-        "), redeemed AS ( \
+        "), issued AS ( \
+           SELECT COALESCE((SELECT jsonb_build_object('campaign', jsonb_build_object( \
+             'namespace', c.namespace, 'name', c.name)) \
+             FROM voucher_campaign_codes cc JOIN voucher_campaigns c ON c.uid = cc.campaign_uid \
+             WHERE cc.code = $1), '{}'::jsonb) AS campaign \
+         ), redeemed AS ( \
            INSERT INTO voucher_audit_outbox (event_id, code, kind, payload) \
            SELECT e.id, counted.code, $9, jsonb_set(jsonb_set(e.payload, \
              '{before,times_redeemed}', to_jsonb(counted.times_redeemed - $8 + e.n - 1)), \
              '{after,times_redeemed}', to_jsonb(counted.times_redeemed - $8 + e.n)) \
-           FROM counted, unnest($10::uuid[], $11::jsonb[]) WITH ORDINALITY AS e(id, payload, n) \
+             || issued.campaign \
+           FROM counted, issued, \
+             unnest($10::uuid[], $11::jsonb[]) WITH ORDINALITY AS e(id, payload, n) \
            ORDER BY e.n \
          ), exhausted AS ( \
            INSERT INTO voucher_audit_outbox (event_id, code, kind, payload) \

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use super::bindings::{self, Bound};
+use super::campaigns;
 use super::outbox;
 use super::{Operation, Result, Store, StoreError, promo_codes};
 use crate::domain::{
@@ -27,6 +28,9 @@ pub struct Wanted<'a> {
 pub enum Synced {
     /// Another resource owns the code; nothing was written.
     Conflict { owner: Owner },
+    /// A VoucherCampaign issued the code: no Voucher may claim, adopt or
+    /// reissue it; nothing was written.
+    CampaignCode { campaign: Owner },
     /// The row exists without an owner and the resource did not ask to adopt
     /// (or reissue) it; nothing was written.
     NotRequested(Unrequested),
@@ -67,6 +71,10 @@ impl Store {
         let run = async {
             let mut tx = self.pool().begin().await?;
             let state = bindings::claim(&mut tx, wanted.code, wanted.owner, wanted.request).await?;
+            if let Some(campaign) = campaigns::owner_of(&mut tx, wanted.code.as_str()).await? {
+                tx.rollback().await?;
+                return Ok(Synced::CampaignCode { campaign });
+            }
             match state.claim {
                 Claim::Conflict { owner } => {
                     tx.rollback().await?;

@@ -24,13 +24,25 @@ pub enum AuditKind {
     Revoked,
     Orphaned,
     Redeemed,
+    /// A campaign's codes were generated (one record per pass, naming the range).
+    CampaignGenerated,
+    /// A campaign's terms changed and were applied to all its codes.
+    CampaignUpdated,
+    /// Out-of-band edits of a campaign's codes were reverted.
+    CampaignDriftCorrected,
+    /// A deleted campaign's codes were revoked (deletionPolicy Revoke).
+    CampaignRevoked,
+    /// A deleted campaign's codes were left live, unowned (deletionPolicy Orphan).
+    CampaignOrphaned,
+    /// Somebody downloaded (a range of) a campaign's codes.
+    CampaignCodesDownloaded,
 }
 
 /// Prefix of every CloudEvents `type` the operator emits.
 pub const EVENT_TYPE_PREFIX: &str = "io.openova.catalyst.voucher";
 
 impl AuditKind {
-    pub const ALL: [AuditKind; 13] = [
+    pub const ALL: [AuditKind; 19] = [
         AuditKind::Created,
         AuditKind::Updated,
         AuditKind::Activated,
@@ -44,6 +56,12 @@ impl AuditKind {
         AuditKind::Revoked,
         AuditKind::Orphaned,
         AuditKind::Redeemed,
+        AuditKind::CampaignGenerated,
+        AuditKind::CampaignUpdated,
+        AuditKind::CampaignDriftCorrected,
+        AuditKind::CampaignRevoked,
+        AuditKind::CampaignOrphaned,
+        AuditKind::CampaignCodesDownloaded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,11 +79,22 @@ impl AuditKind {
             Self::Revoked => "revoked",
             Self::Orphaned => "orphaned",
             Self::Redeemed => "redeemed",
+            Self::CampaignGenerated => "campaign_generated",
+            Self::CampaignUpdated => "campaign_updated",
+            Self::CampaignDriftCorrected => "campaign_drift_corrected",
+            Self::CampaignRevoked => "campaign_revoked",
+            Self::CampaignOrphaned => "campaign_orphaned",
+            Self::CampaignCodesDownloaded => "campaign_codes_downloaded",
         }
     }
 
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+
+    /// Whether the record concerns a whole campaign (its subject is the campaign's, not a code).
+    pub fn is_campaign(self) -> bool {
+        self.as_str().starts_with("campaign_")
     }
 
     /// The CloudEvents `type` attribute.
@@ -90,6 +119,12 @@ pub enum Actor {
         name: String,
         uid: String,
     },
+    /// A VoucherCampaign resource, through the controller.
+    Campaign {
+        namespace: String,
+        name: String,
+        uid: String,
+    },
     /// A token subject, through the HTTP API.
     Subject { subject: String },
 }
@@ -100,6 +135,9 @@ impl fmt::Display for Actor {
             Actor::Resource {
                 namespace, name, ..
             } => write!(f, "Voucher {namespace}/{name}"),
+            Actor::Campaign {
+                namespace, name, ..
+            } => write!(f, "VoucherCampaign {namespace}/{name}"),
             Actor::Subject { subject } => f.write_str(subject),
         }
     }
@@ -125,6 +163,9 @@ pub struct AuditData {
     pub changed: Vec<TermField>,
     pub actor: Actor,
     pub reason: String,
+    /// The campaign that issued the code (its redemptions name it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<crate::campaign::CampaignName>,
 }
 
 impl AuditData {
@@ -142,6 +183,7 @@ impl AuditData {
             changed: facts.changed.to_vec(),
             actor: facts.actor.clone(),
             reason: kind.wording(facts).reason,
+            campaign: None,
         }
     }
 }
@@ -157,6 +199,8 @@ pub struct Facts<'a> {
     pub holder: Option<&'a Owner>,
     /// For a redemption: the credit granted.
     pub credit_omr: Option<i32>,
+    /// For a campaign's record: how many of its codes it concerns.
+    pub codes: Option<u32>,
 }
 
 impl<'a> Facts<'a> {
@@ -167,6 +211,7 @@ impl<'a> Facts<'a> {
             changed: &[],
             holder: None,
             credit_omr: None,
+            codes: None,
         }
     }
 }
@@ -205,7 +250,9 @@ impl AuditKind {
             changed,
             holder,
             credit_omr,
+            codes,
         } = *facts;
+        let codes = codes.unwrap_or_default();
         let fields = TermField::join(changed);
         let holder = holder.map_or("another resource".into(), |h| format!("Voucher {h}"));
         let event = |severity, reason, note: String| {
@@ -279,7 +326,9 @@ impl AuditKind {
             Self::Revoked => (
                 match actor {
                     Actor::Subject { .. } => format!("revoked by {actor} through the admin API"),
-                    Actor::Resource { .. } => format!("{actor} deleted with deletionPolicy Revoke"),
+                    Actor::Resource { .. } | Actor::Campaign { .. } => {
+                        format!("{actor} deleted with deletionPolicy Revoke")
+                    }
                 },
                 event(
                     Normal,
@@ -314,6 +363,29 @@ impl AuditKind {
                 None,
             ),
             Self::Exhausted => (format!("the redemption by {actor} reached the cap"), None),
+            // A campaign's records: the campaign's own Events are published by its controller.
+            Self::CampaignGenerated => (format!("{actor} generated {codes} code(s)"), None),
+            Self::CampaignUpdated => (
+                format!("{actor} changed {fields} of its {codes} code(s)"),
+                None,
+            ),
+            Self::CampaignDriftCorrected => (
+                format!("out-of-band edits of {codes} code(s) reverted to {actor}"),
+                None,
+            ),
+            Self::CampaignRevoked => (
+                format!("{actor} deleted with deletionPolicy Revoke: {codes} code(s) revoked"),
+                None,
+            ),
+            Self::CampaignOrphaned => (
+                format!(
+                    "{actor} deleted with deletionPolicy Orphan: {codes} code(s) left as they are"
+                ),
+                None,
+            ),
+            Self::CampaignCodesDownloaded => {
+                (format!("{actor} downloaded {codes} code(s) of {code}"), None)
+            }
         };
         Wording { reason, event }
     }
@@ -357,8 +429,9 @@ mod tests {
         for kind in AuditKind::ALL {
             let wording = kind.wording(&facts);
             assert!(!wording.reason.is_empty(), "{kind}");
-            let at_checkout = matches!(kind, AuditKind::Redeemed | AuditKind::Exhausted);
-            assert_eq!(wording.event.is_none(), at_checkout, "{kind}");
+            let elsewhere = matches!(kind, AuditKind::Redeemed | AuditKind::Exhausted)
+                || kind.is_campaign();
+            assert_eq!(wording.event.is_none(), elsewhere, "{kind}");
         }
         let conflict = AuditKind::Conflict.wording(&facts);
         assert_eq!(

@@ -5,9 +5,13 @@
 //! the same codes, and no code ever needs to be written down in configuration.
 
 use hmac::{Hmac, Mac};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use crate::audit::Actor;
 use crate::code::{Code, MAX_CODE_LEN};
+use crate::voucher::{TermField, Terms};
 
 /// Crockford's base32: digits and letters without I, L, O and U, which read
 /// as 1, 1, 0 and V on a printed bill insert.
@@ -116,6 +120,91 @@ impl Generator {
             code.push(char::from(ALPHABET[usize::from(value)]));
         }
         Code::parse(&code).expect("a prefix and base32 characters make a valid code")
+    }
+}
+
+/// The subject of a campaign's own audit records, where a code's records have
+/// the code: `CAMPAIGN:<NAMESPACE>/<NAME>`, upper-cased like codes (so that
+/// `events --code campaign:billing/bill-2027` finds them) and never a code
+/// (codes hold no ':').
+pub fn subject(namespace: &str, name: &str) -> String {
+    format!("CAMPAIGN:{namespace}/{name}").to_ascii_uppercase()
+}
+
+/// The lifecycle phase shown in a campaign's `.status.phase`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum CampaignPhase {
+    /// Codes are being written to the billing database.
+    Generating,
+    /// Every code exists and can be redeemed now.
+    Active,
+    /// Switched off by `spec.active: false`.
+    Inactive,
+    /// Before `spec.validFrom`.
+    Scheduled,
+    /// At or after `spec.expiresAt`.
+    Expired,
+    /// Cannot go on until a person acts (no key, a code collision, invalid terms).
+    Stalled,
+    /// The campaign is outside the issuer namespaces; nothing was written.
+    Forbidden,
+    /// The last reconcile failed (e.g. the database is unreachable); retrying.
+    Error,
+}
+
+impl CampaignPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Generating => "Generating",
+            Self::Active => "Active",
+            Self::Inactive => "Inactive",
+            Self::Scheduled => "Scheduled",
+            Self::Expired => "Expired",
+            Self::Stalled => "Stalled",
+            Self::Forbidden => "Forbidden",
+            Self::Error => "Error",
+        }
+    }
+}
+
+/// Which campaign a record or a code belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignName {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// The `data` of a campaign's own audit event: which campaign, which of its
+/// codes (indices `from..to`), the terms before and after, who, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignAuditData {
+    pub campaign: CampaignName,
+    pub codes: CodeRange,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Terms>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Terms>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<TermField>,
+    pub actor: Actor,
+    pub reason: String,
+}
+
+/// Code indices `from..to` of a campaign (`count` of them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeRange {
+    pub from: u32,
+    pub to: u32,
+    pub count: u32,
+}
+
+impl CodeRange {
+    pub fn new(from: u32, to: u32) -> Self {
+        Self {
+            from,
+            to,
+            count: to.saturating_sub(from),
+        }
     }
 }
 

@@ -1,0 +1,556 @@
+//! All SQL on the operator's campaign tables, and a campaign's bulk changes of
+//! its `promo_codes` rows: generated, updated and released a chunk at a time,
+//! each chunk one transaction, so that a crash or a leader change loses at
+//! most the chunk in flight and the next reconcile resumes where the last
+//! committed one ended: no duplicate, no gap.
+
+use futures::Stream;
+use sqlx::PgConnection;
+
+use super::{Operation, Result, Store, StoreError, outbox};
+use crate::domain::campaign::{self, CampaignAuditData, CampaignName, CodeRange};
+use crate::domain::{Actor, AuditKind, Code, DeletionPolicy, Facts, Owner, TermField, Terms};
+
+/// Codes written by one generation transaction: large enough that a million
+/// codes take 200 round trips, small enough that a chunk commits in well
+/// under a second and holds a few hundred kilobytes.
+pub const CHUNK: usize = 5_000;
+/// Codes one terms or release statement touches.
+pub const UPDATE_CHUNK: u32 = 20_000;
+/// Codes one page of the CSV download reads.
+const PAGE: i64 = 5_000;
+
+/// What the billing database holds of a campaign.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    /// Codes `0..generated` exist.
+    pub generated: u32,
+    /// The resource generation whose terms every code carries.
+    pub generation: i64,
+    /// Those terms (`None` before the first pass).
+    pub terms: Option<Terms>,
+}
+
+/// What one generation transaction did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Chunk {
+    /// The codes were written; `generated` now exist.
+    Generated { generated: u32 },
+    /// Code `index` exists already (another campaign's, a Voucher's, the admin
+    /// page's, or an earlier code of this one): nothing was written.
+    Collision { index: u32 },
+    /// Another writer moved the campaign on meanwhile: read its progress again.
+    Moved,
+}
+
+/// A campaign's aggregate counters, from one query over its codes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub codes: u32,
+    pub redeemed: i64,
+    pub exhausted: u32,
+    pub revoked: u32,
+}
+
+/// A campaign found by name, for the CSV download.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub owner: Owner,
+    pub generated: u32,
+}
+
+fn to_u32(value: i32) -> u32 {
+    u32::try_from(value).unwrap_or_default()
+}
+
+fn to_i32(value: u32) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+fn actor(owner: &Owner) -> Actor {
+    Actor::Campaign {
+        namespace: owner.namespace.clone(),
+        name: owner.name.clone(),
+        uid: owner.uid.clone(),
+    }
+}
+
+/// Marks the transaction's changes of `promo_codes` as bulk: its rows notify
+/// nobody one by one; `notify_all` says once that any code may have changed.
+async fn bulk(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("SELECT set_config('voucher_operator.bulk', 'on', true)")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn notify_all(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(super::notify::CODES_CHANNEL)
+        .bind(super::notify::ALL_CODES)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Appends a campaign's own audit record (its subject the campaign's).
+async fn audit(
+    conn: &mut PgConnection,
+    kind: AuditKind,
+    owner: &Owner,
+    codes: CodeRange,
+    before: Option<Terms>,
+    after: Option<Terms>,
+    changed: &[TermField],
+    by: Actor,
+) -> Result<()> {
+    let subject = campaign::subject(&owner.namespace, &owner.name);
+    let facts = Facts {
+        changed,
+        codes: Some(codes.count),
+        ..Facts::new(&subject, &by)
+    };
+    let data = CampaignAuditData {
+        campaign: CampaignName {
+            namespace: owner.namespace.clone(),
+            name: owner.name.clone(),
+        },
+        codes,
+        before,
+        after,
+        changed: changed.to_vec(),
+        reason: kind.wording(&facts).reason,
+        actor: by,
+    };
+    let payload = serde_json::to_value(&data).expect("audit data serialises");
+    outbox::append(
+        conn,
+        &outbox::NewAuditRecord::new(subject, kind, payload),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The campaign that issued `code`, if any.
+pub async fn owner_of(conn: &mut PgConnection, code: &str) -> Result<Option<Owner>> {
+    let row: Option<(String, String, String)> = sqlx::query_as(
+        "SELECT c.namespace, c.name, c.uid FROM voucher_campaign_codes cc \
+         JOIN voucher_campaigns c ON c.uid = cc.campaign_uid WHERE cc.code = $1",
+    )
+    .bind(code)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(namespace, name, uid)| Owner {
+        namespace,
+        name,
+        uid,
+    }))
+}
+
+impl Store {
+    /// Records the campaign (or its new deletion policy); how far it got.
+    pub async fn register_campaign(
+        &self,
+        owner: &Owner,
+        deletion_policy: DeletionPolicy,
+    ) -> Result<Progress> {
+        let run = async {
+            let row: (i32, i64, Option<serde_json::Value>) = sqlx::query_as(
+                "INSERT INTO voucher_campaigns (uid, namespace, name, deletion_policy) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (uid) DO UPDATE \
+                 SET deletion_policy = EXCLUDED.deletion_policy \
+                 RETURNING generated, generation, terms",
+            )
+            .bind(&owner.uid)
+            .bind(&owner.namespace)
+            .bind(&owner.name)
+            .bind(deletion_policy.as_str())
+            .fetch_one(self.pool())
+            .await?;
+            Ok(Progress {
+                generated: to_u32(row.0),
+                generation: row.1,
+                terms: row.2.and_then(|t| serde_json::from_value(t).ok()),
+            })
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Campaign, None))
+    }
+
+    /// Writes codes `from..from + codes.len()` of the campaign with `terms`,
+    /// in one transaction, unless one of them exists already (then nothing).
+    /// `of` is the campaign's `count`: the chunk that reaches it is audited,
+    /// naming every code generated since the last such record.
+    pub async fn generate_campaign_codes(
+        &self,
+        owner: &Owner,
+        from: u32,
+        codes: &[Code],
+        terms: &Terms,
+        of: u32,
+    ) -> Result<Chunk> {
+        let run = async {
+            let mut tx = self.pool().begin().await?;
+            let (generated, audited): (i32, i32) = sqlx::query_as(
+                "SELECT generated, audited FROM voucher_campaigns WHERE uid = $1 FOR UPDATE",
+            )
+            .bind(&owner.uid)
+            .fetch_one(&mut *tx)
+            .await?;
+            if to_u32(generated) != from {
+                tx.rollback().await?;
+                return Ok(Chunk::Moved);
+            }
+            bulk(&mut tx).await?;
+            let texts: Vec<&str> = codes.iter().map(Code::as_str).collect();
+            let inserted: Vec<String> = sqlx::query_scalar(
+                "INSERT INTO promo_codes (code, credit_omr, description, active, max_redemptions, \
+                 valid_from, expires_at) \
+                 SELECT c, $2, $3, $4, $5, $6, $7 FROM unnest($1::text[]) AS c \
+                 ON CONFLICT (code) DO NOTHING RETURNING code",
+            )
+            .bind(&texts)
+            .bind(terms.credit_omr)
+            .bind(&terms.description)
+            .bind(terms.active)
+            .bind(terms.max_redemptions)
+            .bind(terms.valid_from)
+            .bind(terms.expires_at)
+            .fetch_all(&mut *tx)
+            .await?;
+            if inserted.len() != codes.len() {
+                // The first code of the chunk that was not written: it existed,
+                // or an earlier code of the same chunk was the same code.
+                let written: std::collections::HashSet<&str> =
+                    inserted.iter().map(String::as_str).collect();
+                let mut seen = std::collections::HashSet::new();
+                let at = texts
+                    .iter()
+                    .position(|c| !written.contains(c) || !seen.insert(*c))
+                    .unwrap_or(0);
+                tx.rollback().await?;
+                return Ok(Chunk::Collision {
+                    index: from + at as u32,
+                });
+            }
+            sqlx::query(
+                "INSERT INTO voucher_campaign_codes (code, campaign_uid, code_index) \
+                 SELECT c, $2, $3 + n - 1 FROM unnest($1::text[]) WITH ORDINALITY AS t(c, n)",
+            )
+            .bind(&texts)
+            .bind(&owner.uid)
+            .bind(to_i32(from))
+            .execute(&mut *tx)
+            .await?;
+            let to = from + codes.len() as u32;
+            let done = to >= of;
+            sqlx::query(
+                "UPDATE voucher_campaigns SET generated = $2, \
+                 audited = CASE WHEN $3 THEN $2 ELSE audited END WHERE uid = $1",
+            )
+            .bind(&owner.uid)
+            .bind(to_i32(to))
+            .bind(done)
+            .execute(&mut *tx)
+            .await?;
+            if done {
+                let range = CodeRange::new(to_u32(audited), to);
+                let kind = AuditKind::CampaignGenerated;
+                let after = Some(terms.clone());
+                audit(&mut tx, kind, owner, range, None, after, &[], actor(owner)).await?;
+            }
+            notify_all(&mut tx).await?;
+            tx.commit().await?;
+            Ok(Chunk::Generated { generated: to })
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Generate, None))
+    }
+
+    /// Gives the live codes among `from..to` of the campaign `terms`, in one
+    /// statement; revoked codes stay revoked. Returns how many it changed.
+    pub async fn apply_campaign_terms(
+        &self,
+        owner: &Owner,
+        from: u32,
+        to: u32,
+        terms: &Terms,
+    ) -> Result<u64> {
+        let run = async {
+            let mut tx = self.pool().begin().await?;
+            bulk(&mut tx).await?;
+            let changed = sqlx::query(
+                "UPDATE promo_codes p SET credit_omr = $4, description = $5, active = $6, \
+                 max_redemptions = $7, valid_from = $8, expires_at = $9 \
+                 FROM voucher_campaign_codes c \
+                 WHERE c.campaign_uid = $1 AND c.code_index >= $2 AND c.code_index < $3 \
+                   AND p.code = c.code AND p.deleted_at IS NULL \
+                   AND (p.credit_omr, p.description, p.active, p.max_redemptions, p.valid_from, \
+                        p.expires_at) IS DISTINCT FROM ($4, $5, $6, $7, $8, $9)",
+            )
+            .bind(&owner.uid)
+            .bind(to_i32(from))
+            .bind(to_i32(to))
+            .bind(terms.credit_omr)
+            .bind(&terms.description)
+            .bind(terms.active)
+            .bind(terms.max_redemptions)
+            .bind(terms.valid_from)
+            .bind(terms.expires_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if changed > 0 {
+                notify_all(&mut tx).await?;
+            }
+            tx.commit().await?;
+            Ok(changed)
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Campaign, None))
+    }
+
+    /// Records that every code carries `terms` of `generation`, with one audit
+    /// record for the whole campaign: its terms changed (`before` differs), or
+    /// out-of-band edits of `corrected` codes were reverted.
+    pub async fn finish_campaign_terms(
+        &self,
+        owner: &Owner,
+        generation: i64,
+        before: Option<&Terms>,
+        terms: &Terms,
+        codes: u32,
+        corrected: u64,
+    ) -> Result<Option<AuditKind>> {
+        let run = async {
+            let mut tx = self.pool().begin().await?;
+            let value = serde_json::to_value(terms).expect("terms serialise");
+            sqlx::query("UPDATE voucher_campaigns SET generation = $2, terms = $3 WHERE uid = $1")
+                .bind(&owner.uid)
+                .bind(generation)
+                .bind(value)
+                .execute(&mut *tx)
+                .await?;
+            let changed = before.map(|b| terms.changes_from(b)).unwrap_or_default();
+            let kind = if !changed.is_empty() && codes > 0 {
+                Some(AuditKind::CampaignUpdated)
+            } else if corrected > 0 {
+                Some(AuditKind::CampaignDriftCorrected)
+            } else {
+                None
+            };
+            if let Some(kind) = kind {
+                let range = match kind {
+                    AuditKind::CampaignDriftCorrected => CodeRange {
+                        from: 0,
+                        to: codes,
+                        count: u32::try_from(corrected).unwrap_or(u32::MAX),
+                    },
+                    _ => CodeRange::new(0, codes),
+                };
+                let (before, after) = (before.cloned(), Some(terms.clone()));
+                audit(&mut tx, kind, owner, range, before, after, &changed, actor(owner)).await?;
+            }
+            tx.commit().await?;
+            Ok(kind)
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Campaign, None))
+    }
+
+    /// The campaign's counters, from one aggregate query over its codes.
+    pub async fn campaign_counts(&self, owner: &Owner) -> Result<Counts> {
+        let run = async {
+            let row: (i64, Option<i64>, i64, i64) = sqlx::query_as(
+                "SELECT count(*), sum(p.times_redeemed), \
+                 count(*) FILTER (WHERE p.max_redemptions > 0 \
+                                  AND p.times_redeemed >= p.max_redemptions), \
+                 count(*) FILTER (WHERE p.deleted_at IS NOT NULL) \
+                 FROM voucher_campaign_codes c JOIN promo_codes p ON p.code = c.code \
+                 WHERE c.campaign_uid = $1",
+            )
+            .bind(&owner.uid)
+            .fetch_one(self.pool())
+            .await?;
+            let count = |n: i64| u32::try_from(n).unwrap_or(u32::MAX);
+            Ok(Counts {
+                codes: count(row.0),
+                redeemed: row.1.unwrap_or_default(),
+                exhausted: count(row.2),
+                revoked: count(row.3),
+            })
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Campaign, None))
+    }
+
+    /// Releases up to [`UPDATE_CHUNK`] codes of a deleted campaign, revoking
+    /// them (`Revoke`) or leaving them live and unowned (`Orphan`); once none
+    /// is left, forgets the campaign with one audit record. Returns whether it
+    /// is done. A campaign never registered (refused) is done at once.
+    pub async fn release_campaign(
+        &self,
+        owner: &Owner,
+        policy: Option<DeletionPolicy>,
+    ) -> Result<bool> {
+        let run = async {
+            let mut tx = self.pool().begin().await?;
+            let row: Option<(i32, String)> = sqlx::query_as(
+                "SELECT generated, deletion_policy FROM voucher_campaigns WHERE uid = $1 FOR UPDATE",
+            )
+            .bind(&owner.uid)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((generated, recorded)) = row else {
+                tx.rollback().await?;
+                return Ok(true);
+            };
+            // Unknown text is read as the safe side: revoke.
+            let policy =
+                policy.unwrap_or_else(|| DeletionPolicy::parse(&recorded).unwrap_or_default());
+            bulk(&mut tx).await?;
+            let released: i64 = sqlx::query_scalar(
+                "WITH gone AS ( \
+                   DELETE FROM voucher_campaign_codes WHERE code IN ( \
+                     SELECT code FROM voucher_campaign_codes WHERE campaign_uid = $1 \
+                     ORDER BY code_index LIMIT $2) \
+                   RETURNING code \
+                 ), revoked AS ( \
+                   UPDATE promo_codes p SET deleted_at = now(), active = false FROM gone \
+                   WHERE $3 AND p.code = gone.code AND p.deleted_at IS NULL \
+                 ) SELECT count(*) FROM gone",
+            )
+            .bind(&owner.uid)
+            .bind(i64::from(UPDATE_CHUNK))
+            .bind(policy == DeletionPolicy::Revoke)
+            .fetch_one(&mut *tx)
+            .await?;
+            if released > 0 {
+                notify_all(&mut tx).await?;
+                tx.commit().await?;
+                return Ok(false);
+            }
+            sqlx::query("DELETE FROM voucher_campaigns WHERE uid = $1")
+                .bind(&owner.uid)
+                .execute(&mut *tx)
+                .await?;
+            let kind = match policy {
+                DeletionPolicy::Revoke => AuditKind::CampaignRevoked,
+                DeletionPolicy::Orphan => AuditKind::CampaignOrphaned,
+            };
+            let range = CodeRange::new(0, to_u32(generated));
+            audit(&mut tx, kind, owner, range, None, None, &[], actor(owner)).await?;
+            tx.commit().await?;
+            Ok(true)
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Campaign, None))
+    }
+
+    /// The campaign `namespace/name` (the newest, should an older one with
+    /// the same name still be being released).
+    pub async fn find_campaign(&self, namespace: &str, name: &str) -> Result<Option<Found>> {
+        let run = async {
+            let row: Option<(String, i32)> = sqlx::query_as(
+                "SELECT uid, generated FROM voucher_campaigns WHERE namespace = $1 AND name = $2 \
+                 ORDER BY created_at DESC LIMIT 1",
+            )
+            .bind(namespace)
+            .bind(name)
+            .fetch_optional(self.pool())
+            .await?;
+            Ok(row.map(|(uid, generated)| Found {
+                owner: Owner {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    uid,
+                },
+                generated: to_u32(generated),
+            }))
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Campaign, None))
+    }
+
+    /// Records that `subject` downloaded codes `range` of the campaign.
+    pub async fn audit_campaign_download(
+        &self,
+        owner: &Owner,
+        subject: &str,
+        range: CodeRange,
+    ) -> Result<()> {
+        let run = async {
+            let mut conn = self.pool().acquire().await?;
+            let by = Actor::Subject {
+                subject: subject.to_owned(),
+            };
+            let kind = AuditKind::CampaignCodesDownloaded;
+            audit(&mut conn, kind, owner, range, None, None, &[], by).await
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Campaign, None))
+    }
+
+    /// Codes `range` of the campaign in index order, read a page at a time
+    /// (memory does not grow with the range): `(index, code)`.
+    pub fn campaign_codes(
+        &self,
+        owner: &Owner,
+        range: CodeRange,
+    ) -> impl Stream<Item = Result<Vec<(u32, String)>>> + Send + 'static {
+        let (store, uid) = (self.clone(), owner.uid.clone());
+        futures::stream::try_unfold(range.from, move |next| {
+            let (store, uid) = (store.clone(), uid.clone());
+            async move {
+                if next >= range.to {
+                    return Ok(None);
+                }
+                let limit = PAGE.min(i64::from(range.to - next));
+                let rows: Vec<(i32, String)> = sqlx::query_as(
+                    "SELECT code_index, code FROM voucher_campaign_codes \
+                     WHERE campaign_uid = $1 AND code_index >= $2 ORDER BY code_index LIMIT $3",
+                )
+                .bind(&uid)
+                .bind(to_i32(next))
+                .bind(limit)
+                .fetch_all(store.pool())
+                .await
+                .map_err(|e| StoreError::from(e).during(Operation::Campaign, None))?;
+                let Some(last) = rows.last().map(|(i, _)| to_u32(*i)) else {
+                    return Ok(None);
+                };
+                let page = rows.into_iter().map(|(i, c)| (to_u32(i), c)).collect();
+                Ok(Some((page, last + 1)))
+            }
+        })
+    }
+
+    /// Which of `codes` exist as live rows issued by the campaign `owner`.
+    pub async fn campaign_holds(&self, owner: &Owner, codes: &[Code]) -> Result<Vec<bool>> {
+        let run = async {
+            let texts: Vec<&str> = codes.iter().map(Code::as_str).collect();
+            let held: Vec<String> = sqlx::query_scalar(
+                "SELECT c.code FROM voucher_campaign_codes c JOIN promo_codes p ON p.code = c.code \
+                 WHERE c.code = ANY($1) AND c.campaign_uid = $2 AND p.deleted_at IS NULL",
+            )
+            .bind(&texts)
+            .bind(&owner.uid)
+            .fetch_all(self.pool())
+            .await?;
+            let held: std::collections::HashSet<String> = held.into_iter().collect();
+            Ok(texts.iter().map(|c| held.contains(*c)).collect())
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Campaign, None))
+    }
+
+    /// The campaign that issued `code`, if any.
+    pub async fn campaign_of(&self, code: &Code) -> Result<Option<Owner>> {
+        let find = async {
+            let mut conn = self.pool().acquire().await?;
+            owner_of(&mut conn, code.as_str()).await
+        };
+        find.await
+            .map_err(|e: StoreError| e.during(Operation::FindOwner, Some(code)))
+    }
+}
