@@ -38,20 +38,29 @@ fn repo() -> PathBuf {
 
 #[test]
 fn committed_crd_is_the_generated_one() {
-    let output = Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
-        .arg("crd")
-        .output()
-        .expect("run voucher-operator crd");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let printed = String::from_utf8(output.stdout).unwrap();
-    let committed = std::fs::read_to_string(repo().join("crds/voucher.yaml")).unwrap();
-    assert!(
-        printed == committed,
-        "crds/voucher.yaml is out of date: regenerate it with `cargo run -- crd > crds/voucher.yaml`"
+    let printed = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+            .args(args)
+            .output()
+            .expect("run voucher-operator crd");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let committed = |file: &str| std::fs::read_to_string(repo().join("crds").join(file)).unwrap();
+    for (kind, file) in [("voucher", "voucher.yaml"), ("campaign", "vouchercampaign.yaml")] {
+        assert!(
+            printed(&["crd", "--kind", kind]) == committed(file),
+            "crds/{file} is out of date: regenerate it with `cargo run -- crd --kind {kind} > crds/{file}`"
+        );
+    }
+    // Without --kind: both, as one stream for `kubectl apply -f -`.
+    assert_eq!(
+        printed(&["crd"]),
+        format!("{}---\n{}", committed("voucher.yaml"), committed("vouchercampaign.yaml"))
     );
 }
 

@@ -1,7 +1,8 @@
 //! What each subcommand does, once its flags are parsed.
 
 use super::{
-    AuditOptions, ControllerOptions, DatabaseOptions, EventsOptions, ExportOptions, ServerOptions,
+    AuditOptions, CampaignCodesOptions, ControllerOptions, DatabaseOptions, EventsOptions,
+    ExportOptions, ServerOptions,
 };
 use crate::api;
 use crate::store::{DatabaseSettings, Store};
@@ -245,5 +246,107 @@ pub(super) async fn export(options: ExportOptions) -> anyhow::Result<()> {
         None => print!("{out}"),
     }
     note!("exported {written} code(s), skipped {skipped}");
+    Ok(())
+}
+
+pub(super) async fn campaign_codes(options: CampaignCodesOptions) -> anyhow::Result<()> {
+    use std::io::Write as _;
+
+    use crate::api::campaign::VoucherCampaign;
+    use crate::controller::campaign;
+    use crate::domain::campaign::CodeRange;
+
+    let client = kube::Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot configure the Kubernetes client ({}): set KUBECONFIG",
+            crate::telemetry::root_cause(&e)
+        )
+    })?;
+    let namespace = options
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    let name = &options.name;
+    let found = kube::Api::<VoucherCampaign>::namespaced(client.clone(), &namespace)
+        .get_opt(name)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read VoucherCampaign {namespace}/{name}: {e}"))?;
+    let Some(found) = found else {
+        anyhow::bail!(
+            "there is no VoucherCampaign {namespace}/{name} (kubectl get vouchercampaigns -n {namespace})"
+        );
+    };
+    let owner = campaign::owner(&found)?;
+    let generator = campaign::generator(&client, &found, &owner)
+        .await
+        .map_err(|why| anyhow::anyhow!(why))?;
+    let store = Store::connect(&DatabaseSettings {
+        url: options.database_url.clone(),
+        max_connections: 1,
+        ..Default::default()
+    })
+    .await?;
+    let count = u32::try_from(found.spec.count).unwrap_or_default();
+    if options.from > count {
+        anyhow::bail!("--from is {}, but the campaign has {count} code(s)", options.from);
+    }
+    let to = options
+        .from
+        .saturating_add(options.limit.unwrap_or(u32::MAX))
+        .min(count);
+    let range = CodeRange::new(options.from, to);
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let subject = format!("voucher-operator campaign codes (user {user})");
+    store
+        .audit_campaign_download(&owner, &subject, range)
+        .await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut missing = Vec::new();
+    let mut printed = 0u32;
+    let mut result: anyhow::Result<()> = writeln!(out, "code").map_err(Into::into);
+    let mut from = range.from;
+    while result.is_ok() && from < range.to {
+        let end = range.to.min(from + crate::store::campaigns::CHUNK as u32);
+        let codes: Vec<_> = (from..end).map(|i| generator.code(i)).collect();
+        let held = store.campaign_holds(&owner, &codes).await?;
+        for (i, (code, live)) in (from..end).zip(codes.iter().zip(held)) {
+            if live {
+                if let Err(error) = writeln!(out, "{code}") {
+                    result = Err(error.into());
+                    break;
+                }
+                printed += 1;
+            } else {
+                missing.push(i);
+            }
+        }
+        from = end;
+    }
+    let result = result.and_then(|()| Ok(out.flush()?));
+    match result {
+        // The reader went away (`| head`): done, quietly.
+        Err(error)
+            if error
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            return Ok(());
+        }
+        Err(error) => return Err(error),
+        Ok(()) => {}
+    }
+    if !missing.is_empty() {
+        let shown: Vec<String> = missing.iter().take(10).map(u32::to_string).collect();
+        anyhow::bail!(
+            "{} of {} code(s) are not live codes of VoucherCampaign {namespace}/{name} in the \
+             billing database (not generated yet, revoked, or issued by another) and were not \
+             printed; their indices: {}{}",
+            missing.len(),
+            range.count,
+            shown.join(", "),
+            if missing.len() > 10 { ", …" } else { "" }
+        );
+    }
+    note!("printed {printed} code(s) of VoucherCampaign {namespace}/{name}");
     Ok(())
 }

@@ -39,9 +39,13 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Print the Voucher CustomResourceDefinition generated from the code, as YAML
-    /// (the content of crds/voucher.yaml).
-    Crd,
+    /// Print the CustomResourceDefinitions generated from the code, as YAML: Voucher and
+    /// VoucherCampaign (the content of crds/), to pipe to `kubectl apply -f -`.
+    Crd {
+        /// Only this kind's CRD (voucher: crds/voucher.yaml; campaign: crds/vouchercampaign.yaml).
+        #[arg(long, value_enum)]
+        kind: Option<CrdKind>,
+    },
     /// Create or update the database schema, then exit: the billing tables when absent
     /// and the operator's own tables. Idempotent and safe on a live billing database.
     Migrate(ConnectOptions),
@@ -69,6 +73,9 @@ pub enum Command {
     /// YAML), to commit to Git and let the controller adopt them with their redemptions kept.
     /// Only reads the database.
     Export(ExportOptions),
+    /// VoucherCampaign tools.
+    #[command(subcommand)]
+    Campaign(CampaignCommand),
     /// Run the controller and the server in one process (development, small installations).
     Run {
         #[command(flatten)]
@@ -80,6 +87,13 @@ pub enum Command {
         #[command(flatten)]
         server: ServerOptions,
     },
+}
+
+/// A kind whose CRD `crd` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CrdKind {
+    Voucher,
+    Campaign,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -259,6 +273,37 @@ pub struct ExportOptions {
     /// Write to this file instead of standard output (always YAML).
     #[arg(long, short = 'o', value_parser = parse_output_path)]
     pub output: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CampaignCommand {
+    /// Print a campaign's codes as CSV (the header `code`, then one code a line in index
+    /// order), derived from its Secret's key and each checked against the billing database:
+    /// only live codes of the campaign are printed; any other makes the exit status 1, naming
+    /// its index. Audited like a download. Uses KUBECONFIG (get the campaign and its Secret).
+    Codes(CampaignCodesOptions),
+}
+
+#[derive(Debug, Args)]
+pub struct CampaignCodesOptions {
+    /// Postgres URL of the billing database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Namespace of the campaign (default: the kubeconfig's).
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+
+    /// Index of the first code to print (codes are numbered from 0).
+    #[arg(long, default_value_t = 0)]
+    pub from: u32,
+
+    /// How many codes to print (default: all from --from).
+    #[arg(long)]
+    pub limit: Option<u32>,
+
+    /// The VoucherCampaign's name.
+    pub name: String,
 }
 
 /// `export -o`: a file path, not a format word (kubectl's `-o yaml` habit).
@@ -644,8 +689,16 @@ pub fn report_fatal(options: &LogOptions, error: &(dyn std::error::Error + 'stat
 /// Runs the chosen subcommand.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Crd => {
-            print!("{}", api::crd_yaml());
+        Command::Crd { kind } => {
+            match kind {
+                Some(CrdKind::Voucher) => print!("{}", api::crd_yaml()),
+                Some(CrdKind::Campaign) => print!("{}", api::campaign::crd_yaml()),
+                None => print!(
+                    "{}---\n{}",
+                    api::crd_yaml(),
+                    api::campaign::crd_yaml()
+                ),
+            }
             Ok(())
         }
         Command::Controller {
@@ -684,6 +737,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Events(options) => commands::print_events(options).await,
         Command::Export(options) => commands::export(options).await,
+        Command::Campaign(CampaignCommand::Codes(options)) => {
+            commands::campaign_codes(options).await
+        }
         Command::Migrate(db) => {
             let store = Store::connect(&db.settings()).await?;
             let report = store.migrate().await?;

@@ -341,6 +341,69 @@ fn differs(current: Option<&VoucherCampaignStatus>, wanted: &VoucherCampaignStat
     strip(current) != strip(wanted)
 }
 
+/// The campaign's code generator, from its Secret's key; why not, in words
+/// that say what to do (never the key).
+pub async fn generator(
+    client: &kube::Client,
+    campaign: &VoucherCampaign,
+    owner: &Owner,
+) -> Result<Generator, String> {
+    let reference = &campaign.spec.key_secret_ref;
+    let (namespace, name, key) = (&owner.namespace, &reference.name, &reference.key);
+    let create = format!(
+        "create it with: kubectl create secret generic {name} -n {namespace} \
+         --from-literal={key}=$(openssl rand -hex 32)"
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = match secrets.get_opt(name).await {
+        Ok(Some(secret)) => secret,
+        Ok(None) => {
+            return Err(format!(
+                "the Secret {namespace}/{name} named by spec.keySecretRef does not exist; {create}"
+            ));
+        }
+        Err(kube::Error::Api(status)) if status.code == 403 => {
+            return Err(format!(
+                "the Secret {namespace}/{name} may not be read: the controller's service account \
+                 needs get on secrets in {namespace} (the chart grants it in every issuer \
+                 namespace)"
+            ));
+        }
+        Err(error) => {
+            return Err(format!(
+                "cannot read the Secret {namespace}/{name}: {}",
+                crate::telemetry::root_cause(&error)
+            ));
+        }
+    };
+    let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(key)) else {
+        return Err(format!(
+            "the Secret {namespace}/{name} has no key {key:?} (spec.keySecretRef.key); {create}"
+        ));
+    };
+    let spec = &campaign.spec;
+    Generator::new(
+        &bytes.0,
+        namespace,
+        &owner.name,
+        &spec.prefix,
+        usize::try_from(spec.code_length).unwrap_or_default(),
+    )
+    .map_err(|error| {
+        format!("the campaign cannot generate codes from the Secret {namespace}/{name}: {error}")
+    })
+}
+
+/// The owner a campaign's codes are bound to: compared by uid, so a campaign
+/// re-created under the same name is a new owner.
+pub fn owner(campaign: &VoucherCampaign) -> Result<Owner, Error> {
+    Ok(Owner {
+        namespace: campaign.namespace().ok_or(Error::NotNamespaced)?,
+        name: campaign.name_any(),
+        uid: campaign.uid().unwrap_or_default(),
+    })
+}
+
 /// What the loop remembers of a campaign between reconciles.
 struct Settled {
     uid: String,
@@ -377,14 +440,6 @@ impl Context {
         })
     }
 
-    fn owner(campaign: &VoucherCampaign) -> Result<Owner, Error> {
-        Ok(Owner {
-            namespace: campaign.namespace().ok_or(Error::NotNamespaced)?,
-            name: campaign.name_any(),
-            uid: campaign.uid().unwrap_or_default(),
-        })
-    }
-
     async fn publish(&self, campaign: &VoucherCampaign, event: EventWording) {
         let reason = event.reason;
         let event = Event {
@@ -404,56 +459,6 @@ impl Context {
         {
             tracing::warn!(%error, reason, "cannot publish a Kubernetes event");
         }
-    }
-
-    /// The campaign's code generator, from its Secret; why not, in words.
-    async fn generator(&self, campaign: &VoucherCampaign, owner: &Owner) -> Result<Generator, Found> {
-        let reference = &campaign.spec.key_secret_ref;
-        let (namespace, name, key) = (&owner.namespace, &reference.name, &reference.key);
-        let create = format!(
-            "create it with: kubectl create secret generic {name} -n {namespace} \
-             --from-literal={key}=$(openssl rand -hex 32)"
-        );
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        let secret = match secrets.get_opt(name).await {
-            Ok(Some(secret)) => secret,
-            Ok(None) => {
-                return Err(Found::KeyUnavailable(format!(
-                    "the Secret {namespace}/{name} named by spec.keySecretRef does not exist; {create}"
-                )));
-            }
-            Err(kube::Error::Api(status)) if status.code == 403 => {
-                return Err(Found::KeyUnavailable(format!(
-                    "the controller may not read the Secret {namespace}/{name}: its service \
-                     account needs get on secrets in {namespace} (the chart grants it in every \
-                     issuer namespace)"
-                )));
-            }
-            Err(error) => {
-                return Err(Found::KeyUnavailable(format!(
-                    "cannot read the Secret {namespace}/{name}: {}",
-                    crate::telemetry::root_cause(&error)
-                )));
-            }
-        };
-        let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(key)) else {
-            return Err(Found::KeyUnavailable(format!(
-                "the Secret {namespace}/{name} has no key {key:?} (spec.keySecretRef.key); {create}"
-            )));
-        };
-        let spec = &campaign.spec;
-        Generator::new(
-            &bytes.0,
-            namespace,
-            &owner.name,
-            &spec.prefix,
-            usize::try_from(spec.code_length).unwrap_or_default(),
-        )
-        .map_err(|error| {
-            Found::KeyUnavailable(format!(
-                "the campaign cannot generate codes from the Secret {namespace}/{name}: {error}"
-            ))
-        })
     }
 
     /// Brings the campaign's codes to its spec: the terms of the codes that
@@ -560,7 +565,7 @@ impl Context {
     }
 
     async fn apply(&self, campaign: &VoucherCampaign) -> Result<Action, Error> {
-        let owner = Self::owner(campaign)?;
+        let owner = owner(campaign)?;
         let spec = &campaign.spec;
         let terms = Terms {
             credit_omr: spec.credit_omr,
@@ -576,8 +581,8 @@ impl Context {
         } else if let Err(error) = terms.validate() {
             Found::InvalidTerms(error)
         } else {
-            match self.generator(campaign, &owner).await {
-                Err(found) => found,
+            match generator(&self.client, campaign, &owner).await {
+                Err(why) => Found::KeyUnavailable(why),
                 Ok(generator) => match self.work(campaign, &owner, &generator, &terms).await {
                     Ok(found) => found,
                     Err(error) => {
@@ -638,7 +643,7 @@ impl Context {
     }
 
     async fn cleanup(&self, campaign: &VoucherCampaign) -> Result<Action, Error> {
-        let owner = Self::owner(campaign)?;
+        let owner = owner(campaign)?;
         self.settled
             .lock()
             .unwrap()

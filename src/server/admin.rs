@@ -310,3 +310,113 @@ pub async fn revoke(
         json!({"code": code.as_str(), "revoked": true, "voucher": format!("{}/{}", owner.namespace, owner.name)}),
     ))
 }
+
+/// Which of a campaign's codes a download asks for: `?from=&limit=`.
+fn code_range(
+    query: &std::collections::HashMap<String, String>,
+    generated: u32,
+) -> Result<crate::domain::campaign::CodeRange, HttpError> {
+    if let Some(unknown) = query.keys().find(|k| !matches!(k.as_str(), "from" | "limit")) {
+        return Err(HttpError::bad_request(format!(
+            "unknown query parameter {unknown:?}: only from (the first code's index, from 0) and \
+             limit (how many codes) are understood"
+        )));
+    }
+    let number = |name: &str| -> Result<Option<u32>, HttpError> {
+        query
+            .get(name)
+            .map(|v| {
+                v.parse::<u32>().map_err(|_| {
+                    HttpError::bad_request(format!(
+                        "{name} must be a whole number from 0 to {}, not {v:?}",
+                        u32::MAX
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let from = number("from")?.unwrap_or(0);
+    let limit = number("limit")?.unwrap_or(u32::MAX);
+    if from > generated {
+        return Err(HttpError::bad_request(format!(
+            "from is {from}, but the campaign has {generated} code(s) so far (indices 0 to {})",
+            generated.saturating_sub(1)
+        )));
+    }
+    let to = from.saturating_add(limit).min(generated);
+    Ok(crate::domain::campaign::CodeRange::new(from, to))
+}
+
+/// Download a campaign's codes, for the printer: CSV, one code a line in index order
+#[utoipa::path(
+    get,
+    path = "/billing/vouchers/campaigns/{namespace}/{name}/codes",
+    params(
+        ("namespace" = String, Path, description = "The VoucherCampaign's namespace"),
+        ("name" = String, Path, description = "The VoucherCampaign's name"),
+        ("from" = Option<u32>, Query, description = "Index of the first code (default 0)"),
+        ("limit" = Option<u32>, Query, description = "How many codes (default: all from `from`)"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "`text/csv`: the header `code`, then one code a line", content_type = "text/csv"),
+        (status = 400, description = "A bad from or limit", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Not an administrator", body = ErrorBody),
+        (status = 404, description = "No such campaign in the billing database", body = ErrorBody),
+    )
+)]
+pub async fn campaign_codes(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Result<axum::response::Response, HttpError> {
+    use axum::response::IntoResponse;
+    use futures::StreamExt;
+    let principal = admin(&state, peer, &headers).await?;
+    let Some(found) = state.store.find_campaign(&namespace, &name).await? else {
+        return Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no VoucherCampaign {namespace}/{name} has codes in the billing database \
+                 (kubectl get vouchercampaigns -n {namespace} shows those that exist)"
+            ),
+        ));
+    };
+    let range = code_range(&query, found.generated)?;
+    // Audited before a single code leaves: who, which campaign, how many.
+    state
+        .store
+        .audit_campaign_download(&found.owner, &principal.subject, range)
+        .await?;
+    tracing::info!(campaign = %found.owner, subject = %principal.subject, from = range.from,
+        count = range.count, "campaign codes downloaded");
+    let campaign = found.owner.to_string();
+    let lines = state.store.campaign_codes(&found.owner, range).map(move |page| {
+        page.map(|codes| {
+            let mut text = String::with_capacity(codes.len() * 24);
+            for (_, code) in codes {
+                text.push_str(&code);
+                text.push('\n');
+            }
+            axum::body::Bytes::from(text)
+        })
+        .inspect_err(|error| {
+            tracing::error!(%campaign, error = %crate::telemetry::describe(error),
+                "a campaign download broke off: the client got part of the codes");
+        })
+    });
+    let header = futures::stream::once(async { Ok(axum::body::Bytes::from_static(b"code\n")) });
+    let body = axum::body::Body::from_stream(header.chain(lines));
+    let disposition = format!("attachment; filename=\"{namespace}-{name}-codes.csv\"");
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+            (axum::http::header::CONTENT_DISPOSITION, disposition),
+        ],
+        body,
+    )
+        .into_response())
+}

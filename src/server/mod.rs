@@ -304,7 +304,7 @@ impl utoipa::Modify for BearerScheme {
 #[openapi(
     modifiers(&BearerScheme),
     info(title = "voucher-operator", description = "Billing vouchers: public preview, checkout redemption, admin compatibility"),
-    paths(public::preview, public::redeem, admin::issue, admin::list, admin::revoke),
+    paths(public::preview, public::redeem, admin::issue, admin::list, admin::revoke, admin::campaign_codes),
     components(schemas(
         public::PreviewRequest, public::PreviewResponse, public::RedeemRequest, public::RedeemResponse,
         admin::IssueRequest, admin::PromoCode, error::ErrorBody
@@ -329,6 +329,10 @@ fn admin_routes() -> Router<Arc<AppState>> {
         .route("/billing/vouchers/issue", post(admin::issue))
         .route("/billing/vouchers/list", get(admin::list))
         .route("/billing/vouchers/revoke/{code}", delete(admin::revoke))
+        .route(
+            "/billing/vouchers/campaigns/{namespace}/{name}/codes",
+            get(admin::campaign_codes),
+        )
         .route("/metrics", get(metrics))
         .route(
             "/openapi.json",

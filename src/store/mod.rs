@@ -224,7 +224,7 @@ impl Store {
             .map_err(|e: StoreError| e.during(Operation::PruneIdempotencyKeys, None))
     }
 
-    /// Every live row, by code.
+    /// Every live row, by code, but campaign codes.
     pub async fn list_live(&self) -> Result<Vec<CodeRecord>> {
         let list = async {
             let mut conn = self.pool.acquire().await?;
@@ -234,7 +234,7 @@ impl Store {
             .map_err(|e: StoreError| e.during(Operation::List, None))
     }
 
-    /// Every row to export as a Voucher manifest (live ones, and with
+    /// Every row to export as a Voucher manifest, campaign codes aside (live ones, and with
     /// `include_deleted` the soft-deleted ones too).
     pub async fn export_rows(&self, include_deleted: bool) -> Result<Vec<CodeRecord>> {
         let export = async {

@@ -117,12 +117,14 @@ pub async fn find_for_update(conn: &mut PgConnection, code: &Code) -> Result<Opt
     Ok(row.map(Into::into))
 }
 
-/// Every live code, ordered by code.
+/// Every live code, ordered by code, but those campaigns issued (up to a
+/// million a campaign: they are downloaded a campaign at a time).
 pub async fn list_live(conn: &mut PgConnection) -> Result<Vec<CodeRecord>> {
     let rows: Vec<Row> = sqlx::query_as(concat!(
         "SELECT ",
         returning!(),
-        " FROM promo_codes WHERE deleted_at IS NULL ORDER BY code"
+        " FROM promo_codes WHERE deleted_at IS NULL AND NOT EXISTS \
+         (SELECT 1 FROM voucher_campaign_codes c WHERE c.code = promo_codes.code) ORDER BY code"
     ))
     .fetch_all(conn)
     .await?;
@@ -275,18 +277,34 @@ pub async fn count_redemptions(
     Ok(row.map(Into::into))
 }
 
-/// Every row, for export: read through `to_jsonb` so that it also works on a
+/// Every row but campaign codes, for export: read through `to_jsonb` so that it also works on a
 /// billing database the operator never migrated (no window columns yet).
 pub async fn export_rows(
     conn: &mut PgConnection,
     include_deleted: bool,
 ) -> Result<Vec<CodeRecord>> {
-    let rows: Vec<serde_json::Value> = sqlx::query_scalar(
-        "SELECT to_jsonb(p) FROM promo_codes p WHERE $1 OR deleted_at IS NULL ORDER BY code",
-    )
-    .bind(include_deleted)
-    .fetch_all(conn)
-    .await?;
+    // Campaign codes are the campaign's (a Voucher could only conflict with
+    // it); a database the operator never migrated has none.
+    let campaigns: bool =
+        sqlx::query_scalar("SELECT to_regclass('voucher_campaign_codes') IS NOT NULL")
+            .fetch_one(&mut *conn)
+            .await?;
+    let rows: Vec<serde_json::Value> = if campaigns {
+        sqlx::query_scalar(
+            "SELECT to_jsonb(p) FROM promo_codes p WHERE ($1 OR deleted_at IS NULL) AND NOT EXISTS \
+             (SELECT 1 FROM voucher_campaign_codes c WHERE c.code = p.code) ORDER BY code",
+        )
+        .bind(include_deleted)
+        .fetch_all(conn)
+        .await?
+    } else {
+        sqlx::query_scalar(
+            "SELECT to_jsonb(p) FROM promo_codes p WHERE $1 OR deleted_at IS NULL ORDER BY code",
+        )
+        .bind(include_deleted)
+        .fetch_all(conn)
+        .await?
+    };
     let time = |v: &serde_json::Value| {
         v.as_str()
             .and_then(|s| DateTime::parse_from_rfc3339(s).ok())

@@ -4,15 +4,26 @@ use super::*;
 
 #[test]
 fn the_chart_crd_is_the_generated_one() {
-    let committed = std::fs::read_to_string(chart_dir().join("crds/voucher.yaml")).unwrap();
-    assert!(
-        committed == voucher_operator::api::crd_yaml(),
-        "charts/voucher-operator/crds/voucher.yaml is out of date: \
-         cargo run -- crd > charts/voucher-operator/crds/voucher.yaml"
-    );
+    for (file, generated) in [
+        ("voucher.yaml", voucher_operator::api::crd_yaml()),
+        ("vouchercampaign.yaml", voucher_operator::api::campaign::crd_yaml()),
+    ] {
+        let committed = std::fs::read_to_string(chart_dir().join("crds").join(file)).unwrap();
+        assert!(
+            committed == generated,
+            "charts/voucher-operator/crds/{file} is out of date: cp crds/{file} charts/voucher-operator/crds/"
+        );
+    }
     let rendered = render(required());
-    let crd = rendered.one("CustomResourceDefinition");
-    assert_eq!(crd["metadata"]["name"], "vouchers.catalyst.openova.io");
+    let names: Vec<&Value> = rendered
+        .all("CustomResourceDefinition")
+        .into_iter()
+        .map(|crd| &crd["metadata"]["name"])
+        .collect();
+    assert_eq!(
+        names,
+        ["vouchers.catalyst.openova.io", "vouchercampaigns.catalyst.openova.io"]
+    );
 }
 
 fn flux_example(file: &str) -> Value {
