@@ -1,6 +1,5 @@
-//! The VoucherCampaign schema (not installed by the chart yet: no controller reconciles it)
-//! against the real API server, through the real kubectl: what a campaign may say, and the
-//! rules that keep issued codes issued.
+//! The VoucherCampaign schema against the real API server, through the real kubectl: what a
+//! campaign may say, and the rules that keep issued codes issued.
 
 mod support;
 
@@ -22,18 +21,7 @@ fn campaign(spec: Value) -> Value {
 
 /// Applies `docs` in order in a fresh namespace: the last one's outcome.
 async fn apply(docs: &[Value]) -> Result<(), String> {
-    static CRD: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     let cluster = support::cluster::cluster();
-    CRD.get_or_init(|| async {
-        let client = cluster.client().await;
-        voucher_testenv::control_plane::install_crd(
-            &client,
-            &voucher_operator::api::campaign::crd(),
-        )
-        .await
-        .expect("the campaign CRD");
-    })
-    .await;
     let (_, ns) = support::cluster::setup("campaign").await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = cluster.kubeconfig(dir.path(), &ns);

@@ -5,6 +5,8 @@
 
 mod support;
 
+use support::eventually_within;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,24 +181,6 @@ where
     Fut: Future<Output = Option<T>>,
 {
     eventually_within(Duration::from_secs(10), what, probe).await
-}
-
-async fn eventually_within<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(found) = probe().await {
-            return found;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn phase(v: &Voucher) -> Option<Phase> {

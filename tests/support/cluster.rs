@@ -1,7 +1,7 @@
 //! The real Kubernetes API server of this test binary: `etcd` and
 //! `kube-apiserver` built from their upstream Go modules
 //! (`tools/kubernetes/build.sh`, once per machine), started on first use on
-//! free loopback ports with a fresh PKI and RBAC, the Voucher CRD installed,
+//! free loopback ports with a fresh PKI and RBAC, the Voucher and VoucherCampaign CRDs installed,
 //! and stopped with the other services when the test binary exits. Tests
 //! share it and isolate themselves by namespace.
 
@@ -95,7 +95,8 @@ fn start() -> Cluster {
                 )
                 .await?;
                 let client = control_plane::client_for(&kubeconfig).await?;
-                control_plane::install_crd(&client, &voucher_operator::api::crd()).await
+                control_plane::install_crd(&client, &voucher_operator::api::crd()).await?;
+                control_plane::install_crd(&client, &voucher_operator::api::campaign::crd()).await
             })
     })
     .join()

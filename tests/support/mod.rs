@@ -418,3 +418,23 @@ pub async fn serve_http(
     tokio::spawn(server::serve(listener, None, state, stop.clone()));
     (base, stop)
 }
+
+/// Polls `probe` every 50 ms until it finds something, failing the test
+/// after `limit` with `what` it waited for.
+pub async fn eventually_within<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

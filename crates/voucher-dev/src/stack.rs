@@ -412,17 +412,21 @@ async fn run_operator(
     .await?;
     store.migrate().await?;
 
-    // The CRD first, established, then the examples that use it.
-    let crd = voucher_operator::api::crd();
-    let crd_name = crd.metadata.name.clone().unwrap_or_default();
+    // The CRDs first, established, then the examples that use them.
     let crds: kube::Api<
         k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     > = kube::Api::all(cluster.client.clone());
-    if cluster.existing && crds.get_opt(&crd_name).await?.is_some() {
-        // Installed by its owner (Helm, Flux): neither taken over nor changed.
-        eprintln!("the CRD {crd_name} is installed already; left as it is");
-    } else {
-        control_plane::install_crd(&cluster.client, &crd).await?;
+    for crd in [
+        voucher_operator::api::crd(),
+        voucher_operator::api::campaign::crd(),
+    ] {
+        let crd_name = crd.metadata.name.clone().unwrap_or_default();
+        if cluster.existing && crds.get_opt(&crd_name).await?.is_some() {
+            // Installed by its owner (Helm, Flux): neither taken over nor changed.
+            eprintln!("the CRD {crd_name} is installed already; left as it is");
+        } else {
+            control_plane::install_crd(&cluster.client, &crd).await?;
+        }
     }
     let manifests = settings.state_dir.join("manifests");
     std::fs::create_dir_all(&manifests)?;
