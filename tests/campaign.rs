@@ -197,8 +197,12 @@ impl Harness {
 
     /// The CSV download, as an administrator: its status and body.
     async fn csv(&self, name: &str, query: &str) -> (StatusCode, String) {
-        self.csv_as(name, query, Some(&token("printer", Some("sovereign-admin"))))
-            .await
+        self.csv_as(
+            name,
+            query,
+            Some(&token("printer", Some("sovereign-admin"))),
+        )
+        .await
     }
 
     async fn csv_as(&self, name: &str, query: &str, token: Option<&str>) -> (StatusCode, String) {
@@ -321,7 +325,10 @@ async fn a_campaign_applied_with_kubectl_issues_codes_each_redeemable_once() {
         .buffer_unordered(16)
         .collect()
         .await;
-    assert!(redeemed.iter().all(|s| *s == StatusCode::OK), "{redeemed:?}");
+    assert!(
+        redeemed.iter().all(|s| *s == StatusCode::OK),
+        "{redeemed:?}"
+    );
     let again = h.redeem("customer-x".into(), &codes[0]).await;
     assert_eq!(again, StatusCode::GONE, "single use");
     assert_eq!(counts(&h.previews(&codes).await, 410), 2000);
@@ -349,14 +356,18 @@ async fn a_campaign_applied_with_kubectl_issues_codes_each_redeemable_once() {
     .await
     .unwrap();
     assert_eq!(generated.len(), 1);
-    assert_eq!(generated[0]["codes"], json!({"from": 0, "to": 2000, "count": 2000}));
+    assert_eq!(
+        generated[0]["codes"],
+        json!({"from": 0, "to": 2000, "count": 2000})
+    );
 }
 
 #[tokio::test]
 async fn the_same_key_and_campaign_give_the_same_codes_in_a_fresh_database() {
     let h = harness().await;
     h.secret("bill-key").await;
-    h.apply(&manifest("restore", json!({"count": 300}))).unwrap();
+    h.apply(&manifest("restore", json!({"count": 300})))
+        .unwrap();
     h.ready("restore", 300).await;
     let before = h.codes("restore").await;
 
@@ -386,7 +397,9 @@ async fn the_same_key_and_campaign_give_the_same_codes_in_a_fresh_database() {
     })
     .await;
     let restored = harness_on(h.client.clone(), h.ns.clone(), true).await;
-    restored.apply(&manifest("restore", json!({"count": 300}))).unwrap();
+    restored
+        .apply(&manifest("restore", json!({"count": 300})))
+        .unwrap();
     restored.ready("restore", 300).await;
     assert_eq!(restored.codes("restore").await, before);
     assert_ne!(restored.url, h.url, "another database");
@@ -408,7 +421,10 @@ async fn count_grows_the_codes_issued_stay() {
     let refused = h
         .apply(&manifest("grows", json!({"count": 99})))
         .unwrap_err();
-    assert!(refused.contains("spec.count can grow but never shrink"), "{refused}");
+    assert!(
+        refused.contains("spec.count can grow but never shrink"),
+        "{refused}"
+    );
     // Paging: from and limit.
     let (_, page) = h.csv("grows", "?from=100&limit=3").await;
     assert_eq!(page, format!("code\n{}\n", all[100..103].join("\n")));
@@ -445,7 +461,10 @@ async fn deactivating_a_campaign_switches_every_code_off_at_once_with_one_audit_
     .await;
     // The preview cache heard of it too: every code answers 410 at once.
     assert_eq!(counts(&h.previews(&codes).await, 410), 300);
-    assert_eq!(h.redeem("someone".into(), &codes[7]).await, StatusCode::GONE);
+    assert_eq!(
+        h.redeem("someone".into(), &codes[7]).await,
+        StatusCode::GONE
+    );
     let updated: Vec<Value> = sqlx::query_scalar(
         "SELECT payload FROM voucher_audit_outbox WHERE kind = 'campaign_updated'",
     )
@@ -588,11 +607,13 @@ async fn a_code_collision_stalls_naming_the_index_and_leaves_the_row_alone() {
     let h = harness().await;
     h.secret("bill-key").await;
     let taken = h.generator("collide", "BILL-").code(7);
-    sqlx::query("INSERT INTO promo_codes (code, credit_omr, description) VALUES ($1, 77, 'admin page')")
-        .bind(taken.as_str())
-        .execute(&h.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO promo_codes (code, credit_omr, description) VALUES ($1, 77, 'admin page')",
+    )
+    .bind(taken.as_str())
+    .execute(&h.pool)
+    .await
+    .unwrap();
     h.apply(&manifest("collide", json!({"count": 20}))).unwrap();
     let c = h
         .until("collide", "Stalled on the collision", |c| {
@@ -683,7 +704,11 @@ async fn a_voucher_can_neither_claim_nor_adopt_a_campaign_code() {
         .find(|c| c.type_ == "Ready")
         .unwrap();
     assert_eq!(ready.reason, "CampaignCode");
-    assert!(ready.message.contains(&format!("VoucherCampaign {}/owned", h.ns)));
+    assert!(
+        ready
+            .message
+            .contains(&format!("VoucherCampaign {}/owned", h.ns))
+    );
     let credit: i32 = sqlx::query_scalar("SELECT credit_omr FROM promo_codes WHERE code = $1")
         .bind(&code)
         .fetch_one(&h.pool)
@@ -731,7 +756,10 @@ async fn only_administrators_download_codes_and_each_download_is_audited() {
     .unwrap();
     assert_eq!(downloads.len(), 1, "refused downloads leave nothing");
     assert_eq!(downloads[0]["actor"]["subject"], "printer");
-    assert_eq!(downloads[0]["codes"], json!({"from": 2, "to": 7, "count": 5}));
+    assert_eq!(
+        downloads[0]["codes"],
+        json!({"from": 2, "to": 7, "count": 5})
+    );
 }
 
 #[tokio::test]
@@ -784,7 +812,10 @@ async fn deleting_a_campaign_revokes_or_orphans_its_codes_as_its_policy_says() {
     h.ready("orphaned", 30).await;
     let (gone, kept) = (h.codes("revoked").await, h.codes("orphaned").await);
     for name in ["revoked", "orphaned"] {
-        h.campaigns().delete(name, &Default::default()).await.unwrap();
+        h.campaigns()
+            .delete(name, &Default::default())
+            .await
+            .unwrap();
     }
     eventually_within(WAIT, "both campaigns gone", || async {
         let left = h.campaigns().list(&Default::default()).await.unwrap().items;
@@ -846,11 +877,20 @@ async fn the_codes_subcommand_derives_the_codes_and_checks_each_against_the_data
     assert!(!stdout.contains(&third));
     assert_eq!(stdout.lines().count(), 40);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("1 of 40 code(s)") && stderr.contains("indices: 2"), "{stderr}");
-    assert!(!stderr.contains(&third), "never a code in a message: {stderr}");
+    assert!(
+        stderr.contains("1 of 40 code(s)") && stderr.contains("indices: 2"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(&third),
+        "never a code in a message: {stderr}"
+    );
 
     let output = run(&["missing"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains(&format!("no VoucherCampaign {}/missing", h.ns)), "{stderr}");
+    assert!(
+        stderr.contains(&format!("no VoucherCampaign {}/missing", h.ns)),
+        "{stderr}"
+    );
 }

@@ -100,3 +100,11 @@ async fn weak_or_impossible_campaigns_are_refused_by_the_schema() {
         assert!(refused.contains(says), "{spec}: {refused}");
     }
 }
+
+#[tokio::test]
+async fn a_campaign_name_is_a_dns_label() {
+    let mut dotted = campaign(json!({}));
+    dotted["metadata"]["name"] = json!("bill.2027");
+    let refused = apply(&[dotted]).await.unwrap_err();
+    assert!(refused.contains("must be a DNS label"), "{refused}");
+}

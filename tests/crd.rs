@@ -51,7 +51,10 @@ fn committed_crd_is_the_generated_one() {
         String::from_utf8(output.stdout).unwrap()
     };
     let committed = |file: &str| std::fs::read_to_string(repo().join("crds").join(file)).unwrap();
-    for (kind, file) in [("voucher", "voucher.yaml"), ("campaign", "vouchercampaign.yaml")] {
+    for (kind, file) in [
+        ("voucher", "voucher.yaml"),
+        ("campaign", "vouchercampaign.yaml"),
+    ] {
         assert!(
             printed(&["crd", "--kind", kind]) == committed(file),
             "crds/{file} is out of date: regenerate it with `cargo run -- crd --kind {kind} > crds/{file}`"
@@ -60,7 +63,11 @@ fn committed_crd_is_the_generated_one() {
     // Without --kind: both, as one stream for `kubectl apply -f -`.
     assert_eq!(
         printed(&["crd"]),
-        format!("{}---\n{}", committed("voucher.yaml"), committed("vouchercampaign.yaml"))
+        format!(
+            "{}---\n{}",
+            committed("voucher.yaml"),
+            committed("vouchercampaign.yaml")
+        )
     );
 }
 

@@ -397,6 +397,68 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
     store.release_vanished(&code, &me).await.unwrap();
     store.revoke(&code, "root").await.unwrap();
 
+    // A campaign: generated, its terms changed, counted, downloaded, redeemed, released.
+    let campaign = Owner {
+        namespace: "billing".into(),
+        name: "bill".into(),
+        uid: "uid-c".into(),
+    };
+    let generator = voucher_operator::domain::campaign::Generator::new(
+        &[7; 32], "billing", "bill", "GRANT-", 10,
+    )
+    .unwrap();
+    let codes: Vec<Code> = (0..3).map(|i| generator.code(i)).collect();
+    let progress = store
+        .register_campaign(&campaign, DeletionPolicy::Revoke)
+        .await
+        .unwrap();
+    assert_eq!(progress.generated, 0);
+    store
+        .generate_campaign_codes(&campaign, 0, &codes, &terms, 3)
+        .await
+        .unwrap();
+    store
+        .apply_campaign_terms(&campaign, 0, 3, &more)
+        .await
+        .unwrap();
+    store
+        .finish_campaign_terms(&campaign, 2, Some(&terms), &more, 3, 0)
+        .await
+        .unwrap();
+    assert_eq!(store.campaign_counts(&campaign).await.unwrap().codes, 3);
+    let found = store
+        .find_campaign("billing", "bill")
+        .await
+        .unwrap()
+        .unwrap();
+    let range = voucher_operator::domain::campaign::CodeRange::new(0, 3);
+    store
+        .audit_campaign_download(&found.owner, "root", range)
+        .await
+        .unwrap();
+    let pages: Vec<_> =
+        futures::StreamExt::collect::<Vec<_>>(store.campaign_codes(&campaign, range)).await;
+    assert_eq!(pages.len(), 1);
+    assert_eq!(
+        store.campaign_holds(&campaign, &codes).await.unwrap(),
+        [true; 3]
+    );
+    assert_eq!(
+        store.campaign_of(&codes[0]).await.unwrap(),
+        Some(campaign.clone())
+    );
+    store
+        .redeem(
+            &Redemption {
+                code: &codes[0],
+                ..redeem(None)
+            },
+            render,
+        )
+        .await
+        .unwrap();
+    while !store.release_campaign(&campaign, None).await.unwrap() {}
+
     // And nothing of the schema.
     let refused = sqlx::query("ALTER TABLE promo_codes ADD COLUMN evil TEXT")
         .execute(store.pool())

@@ -288,7 +288,10 @@ pub(super) async fn campaign_codes(options: CampaignCodesOptions) -> anyhow::Res
     .await?;
     let count = u32::try_from(found.spec.count).unwrap_or_default();
     if options.from > count {
-        anyhow::bail!("--from is {}, but the campaign has {count} code(s)", options.from);
+        anyhow::bail!(
+            "--from is {}, but the campaign has {count} code(s)",
+            options.from
+        );
     }
     let to = options
         .from

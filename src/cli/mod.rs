@@ -693,11 +693,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             match kind {
                 Some(CrdKind::Voucher) => print!("{}", api::crd_yaml()),
                 Some(CrdKind::Campaign) => print!("{}", api::campaign::crd_yaml()),
-                None => print!(
-                    "{}---\n{}",
-                    api::crd_yaml(),
-                    api::campaign::crd_yaml()
-                ),
+                None => print!("{}---\n{}", api::crd_yaml(), api::campaign::crd_yaml()),
             }
             Ok(())
         }

@@ -26,7 +26,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::status::{self, RECONCILING, READY, STALLED, Wanted};
+use super::status::{self, READY, RECONCILING, STALLED, Wanted};
 use super::{FIELD_MANAGER, Settings};
 use crate::api::campaign::{VoucherCampaign, VoucherCampaignStatus};
 use crate::domain::campaign::{CampaignPhase, Generator};
@@ -281,9 +281,7 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
         observed_generation: Some(generation),
         phase: Some(phase),
         generated: generated.map(|g| i32::try_from(g).unwrap_or(i32::MAX)),
-        redeemed: counts
-            .map(|c| c.redeemed)
-            .or_else(|| kept(|p| p.redeemed)),
+        redeemed: counts.map(|c| c.redeemed).or_else(|| kept(|p| p.redeemed)),
         exhausted_codes: counts
             .map(|c| i32::try_from(c.exhausted).unwrap_or(i32::MAX))
             .or_else(|| previous.and_then(|p| p.exhausted_codes)),
@@ -507,7 +505,10 @@ impl Context {
                 .apply_campaign_terms(owner, from, to, terms)
                 .await?;
         }
-        if progress.terms.as_ref() != Some(terms) || progress.generation != generation || corrected > 0 {
+        if progress.terms.as_ref() != Some(terms)
+            || progress.generation != generation
+            || corrected > 0
+        {
             self.store
                 .finish_campaign_terms(
                     owner,
@@ -885,14 +886,21 @@ mod tests {
             seen(&owner, &terms, None),
         );
         assert_eq!(plan.status.phase, Some(CampaignPhase::Stalled));
-        assert_eq!(ready(&plan.status), ("False".into(), "CodeCollision".into()));
+        assert_eq!(
+            ready(&plan.status),
+            ("False".into(), "CodeCollision".into())
+        );
         let stalled = plan
             .status
             .conditions
             .iter()
             .find(|c| c.type_ == STALLED)
             .unwrap();
-        assert!(stalled.message.contains("code number 1234"), "{}", stalled.message);
+        assert!(
+            stalled.message.contains("code number 1234"),
+            "{}",
+            stalled.message
+        );
         assert_eq!(plan.events[0].severity, Severity::Warning);
         assert_eq!(plan.status.generated, Some(1000));
     }

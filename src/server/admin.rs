@@ -316,7 +316,10 @@ fn code_range(
     query: &std::collections::HashMap<String, String>,
     generated: u32,
 ) -> Result<crate::domain::campaign::CodeRange, HttpError> {
-    if let Some(unknown) = query.keys().find(|k| !matches!(k.as_str(), "from" | "limit")) {
+    if let Some(unknown) = query
+        .keys()
+        .find(|k| !matches!(k.as_str(), "from" | "limit"))
+    {
         return Err(HttpError::bad_request(format!(
             "unknown query parameter {unknown:?}: only from (the first code's index, from 0) and \
              limit (how many codes) are understood"
@@ -394,26 +397,32 @@ pub async fn campaign_codes(
     tracing::info!(campaign = %found.owner, subject = %principal.subject, from = range.from,
         count = range.count, "campaign codes downloaded");
     let campaign = found.owner.to_string();
-    let lines = state.store.campaign_codes(&found.owner, range).map(move |page| {
-        page.map(|codes| {
-            let mut text = String::with_capacity(codes.len() * 24);
-            for (_, code) in codes {
-                text.push_str(&code);
-                text.push('\n');
-            }
-            axum::body::Bytes::from(text)
-        })
-        .inspect_err(|error| {
-            tracing::error!(%campaign, error = %crate::telemetry::describe(error),
+    let lines = state
+        .store
+        .campaign_codes(&found.owner, range)
+        .map(move |page| {
+            page.map(|codes| {
+                let mut text = String::with_capacity(codes.len() * 24);
+                for (_, code) in codes {
+                    text.push_str(&code);
+                    text.push('\n');
+                }
+                axum::body::Bytes::from(text)
+            })
+            .inspect_err(|error| {
+                tracing::error!(%campaign, error = %crate::telemetry::describe(error),
                 "a campaign download broke off: the client got part of the codes");
-        })
-    });
+            })
+        });
     let header = futures::stream::once(async { Ok(axum::body::Bytes::from_static(b"code\n")) });
     let body = axum::body::Body::from_stream(header.chain(lines));
     let disposition = format!("attachment; filename=\"{namespace}-{name}-codes.csv\"");
     Ok((
         [
-            (axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/csv; charset=utf-8".to_owned(),
+            ),
             (axum::http::header::CONTENT_DISPOSITION, disposition),
         ],
         body,

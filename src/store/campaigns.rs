@@ -93,41 +93,55 @@ async fn notify_all(conn: &mut PgConnection) -> Result<()> {
     Ok(())
 }
 
+/// What a campaign's audit record says beside its kind and campaign.
+struct Said<'a> {
+    codes: CodeRange,
+    before: Option<Terms>,
+    after: Option<Terms>,
+    changed: &'a [TermField],
+    by: Actor,
+}
+
+impl Said<'_> {
+    /// `by` did something to `codes`, terms aside.
+    fn of(by: Actor, codes: CodeRange) -> Self {
+        Self {
+            codes,
+            before: None,
+            after: None,
+            changed: &[],
+            by,
+        }
+    }
+}
+
 /// Appends a campaign's own audit record (its subject the campaign's).
 async fn audit(
     conn: &mut PgConnection,
     kind: AuditKind,
     owner: &Owner,
-    codes: CodeRange,
-    before: Option<Terms>,
-    after: Option<Terms>,
-    changed: &[TermField],
-    by: Actor,
+    said: Said<'_>,
 ) -> Result<()> {
     let subject = campaign::subject(&owner.namespace, &owner.name);
     let facts = Facts {
-        changed,
-        codes: Some(codes.count),
-        ..Facts::new(&subject, &by)
+        changed: said.changed,
+        codes: Some(said.codes.count),
+        ..Facts::new(&subject, &said.by)
     };
     let data = CampaignAuditData {
         campaign: CampaignName {
             namespace: owner.namespace.clone(),
             name: owner.name.clone(),
         },
-        codes,
-        before,
-        after,
-        changed: changed.to_vec(),
+        codes: said.codes,
+        before: said.before,
+        after: said.after,
+        changed: said.changed.to_vec(),
         reason: kind.wording(&facts).reason,
-        actor: by,
+        actor: said.by,
     };
     let payload = serde_json::to_value(&data).expect("audit data serialises");
-    outbox::append(
-        conn,
-        &outbox::NewAuditRecord::new(subject, kind, payload),
-    )
-    .await?;
+    outbox::append(conn, &outbox::NewAuditRecord::new(subject, kind, payload)).await?;
     Ok(())
 }
 
@@ -256,8 +270,11 @@ impl Store {
             if done {
                 let range = CodeRange::new(to_u32(audited), to);
                 let kind = AuditKind::CampaignGenerated;
-                let after = Some(terms.clone());
-                audit(&mut tx, kind, owner, range, None, after, &[], actor(owner)).await?;
+                let said = Said {
+                    after: Some(terms.clone()),
+                    ..Said::of(actor(owner), range)
+                };
+                audit(&mut tx, kind, owner, said).await?;
             }
             notify_all(&mut tx).await?;
             tx.commit().await?;
@@ -348,8 +365,13 @@ impl Store {
                     },
                     _ => CodeRange::new(0, codes),
                 };
-                let (before, after) = (before.cloned(), Some(terms.clone()));
-                audit(&mut tx, kind, owner, range, before, after, &changed, actor(owner)).await?;
+                let said = Said {
+                    before: before.cloned(),
+                    after: Some(terms.clone()),
+                    changed: &changed,
+                    ..Said::of(actor(owner), range)
+                };
+                audit(&mut tx, kind, owner, said).await?;
             }
             tx.commit().await?;
             Ok(kind)
@@ -439,7 +461,7 @@ impl Store {
                 DeletionPolicy::Orphan => AuditKind::CampaignOrphaned,
             };
             let range = CodeRange::new(0, to_u32(generated));
-            audit(&mut tx, kind, owner, range, None, None, &[], actor(owner)).await?;
+            audit(&mut tx, kind, owner, Said::of(actor(owner), range)).await?;
             tx.commit().await?;
             Ok(true)
         };
@@ -485,7 +507,7 @@ impl Store {
                 subject: subject.to_owned(),
             };
             let kind = AuditKind::CampaignCodesDownloaded;
-            audit(&mut conn, kind, owner, range, None, None, &[], by).await
+            audit(&mut conn, kind, owner, Said::of(by, range)).await
         };
         run.await
             .map_err(|e: StoreError| e.during(Operation::Campaign, None))

@@ -460,9 +460,14 @@ fn rbac_grants_only_what_the_operator_uses() {
         "ClusterRole/ catalyst.openova.io vouchers watch",
         "ClusterRole/ catalyst.openova.io vouchers patch",
         "ClusterRole/ catalyst.openova.io vouchers/status patch",
+        // The same for VoucherCampaigns, which nothing gets by name.
+        "ClusterRole/ catalyst.openova.io vouchercampaigns list",
+        "ClusterRole/ catalyst.openova.io vouchercampaigns watch",
+        "ClusterRole/ catalyst.openova.io vouchercampaigns patch",
+        "ClusterRole/ catalyst.openova.io vouchercampaigns/status patch",
         "ClusterRole/ events.k8s.io events create",
         "ClusterRole/ events.k8s.io events patch",
-        // Whether the Voucher CRD is being deleted (by name, below).
+        // Whether the Voucher or VoucherCampaign CRD is being deleted (by name, below).
         "ClusterRole/ apiextensions.k8s.io customresourcedefinitions get",
         // Leader election, in the release namespace.
         "Role/catalyst coordination.k8s.io leases create",
@@ -474,6 +479,8 @@ fn rbac_grants_only_what_the_operator_uses() {
         "Role/catalyst catalyst.openova.io vouchers patch",
         "Role/catalyst catalyst.openova.io vouchers get",
         "Role/catalyst catalyst.openova.io vouchers delete",
+        // A campaign's generator key, in the issuer namespaces only.
+        "Role/catalyst  secrets get",
     ]
     .map(String::from)
     .into();
@@ -570,13 +577,14 @@ fn one_watched_namespace_needs_nothing_cluster_wide() {
         "controller": {"watchNamespace": "billing"},
     })));
     rendered.assert_valid();
-    // Cluster-wide, only: get of the Voucher CRD itself, by name.
+    // Cluster-wide, only: get of the two CRDs themselves, by name.
     let cluster_wide = rendered.all("ClusterRole");
     assert_eq!(cluster_wide.len(), 1);
     assert_eq!(
         cluster_wide[0]["rules"],
         json!([{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
-                "resourceNames": ["vouchers.catalyst.openova.io"], "verbs": ["get"]}])
+                "resourceNames": ["vouchers.catalyst.openova.io", "vouchercampaigns.catalyst.openova.io"],
+                "verbs": ["get"]}])
     );
     assert_eq!(rendered.all("ClusterRoleBinding").len(), 1);
     let namespaces: BTreeSet<String> = grants(&rendered)
@@ -587,6 +595,9 @@ fn one_watched_namespace_needs_nothing_cluster_wide() {
         " apiextensions.k8s.io customresourcedefinitions",
         "billing catalyst.openova.io vouchers",
         "billing catalyst.openova.io vouchers/status",
+        "billing catalyst.openova.io vouchercampaigns",
+        "billing catalyst.openova.io vouchercampaigns/status",
+        "billing  secrets",
         "billing events.k8s.io events",
         "catalyst coordination.k8s.io leases",
     ]

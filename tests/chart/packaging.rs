@@ -6,7 +6,10 @@ use super::*;
 fn the_chart_crd_is_the_generated_one() {
     for (file, generated) in [
         ("voucher.yaml", voucher_operator::api::crd_yaml()),
-        ("vouchercampaign.yaml", voucher_operator::api::campaign::crd_yaml()),
+        (
+            "vouchercampaign.yaml",
+            voucher_operator::api::campaign::crd_yaml(),
+        ),
     ] {
         let committed = std::fs::read_to_string(chart_dir().join("crds").join(file)).unwrap();
         assert!(
@@ -22,7 +25,10 @@ fn the_chart_crd_is_the_generated_one() {
         .collect();
     assert_eq!(
         names,
-        ["vouchers.catalyst.openova.io", "vouchercampaigns.catalyst.openova.io"]
+        [
+            "vouchers.catalyst.openova.io",
+            "vouchercampaigns.catalyst.openova.io"
+        ]
     );
 }
 

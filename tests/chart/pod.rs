@@ -436,6 +436,80 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
     })
     .await;
 
+    // A campaign in the same namespace: its key read from its Secret, its codes generated, its
+    // status written; the printer's download on the admin port; deleted, its codes revoked.
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client.clone(), &admin_namespace);
+    secrets
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "chart-pod-key"},
+                "stringData": {"key": "0123456789abcdef0123456789abcdef"},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let campaigns: kube::Api<voucher_operator::api::campaign::VoucherCampaign> =
+        kube::Api::namespaced(client.clone(), &admin_namespace);
+    campaigns
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "catalyst.openova.io/v1alpha1", "kind": "VoucherCampaign",
+                "metadata": {"name": "chart-pod"},
+                "spec": {"prefix": "POD-", "count": 25, "creditOMR": 3,
+                         "keySecretRef": {"name": "chart-pod-key"}},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    wait_for("the campaign Ready", &pod, async || {
+        campaigns
+            .get("chart-pod")
+            .await
+            .unwrap()
+            .status
+            .is_some_and(|s| {
+                s.generated == Some(25)
+                    && s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+    })
+    .await;
+    let csv = web
+        .get(format!(
+            "{admin_port}/billing/vouchers/campaigns/{admin_namespace}/chart-pod/codes"
+        ))
+        .bearer_auth(&admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.status(), 200, "{}", pod.logs());
+    assert_eq!(
+        csv.text().await.unwrap().lines().count(),
+        26,
+        "the header and 25 codes"
+    );
+    campaigns
+        .delete("chart-pod", &Default::default())
+        .await
+        .unwrap();
+    wait_for("the campaign gone", &pod, async || {
+        campaigns.get_opt("chart-pod").await.unwrap().is_none()
+    })
+    .await;
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM promo_codes WHERE code LIKE 'POD-%' AND deleted_at IS NULL",
+    )
+    .fetch_one(&database)
+    .await
+    .unwrap();
+    assert_eq!(live, 0, "revoked with the campaign");
+
     // The leader's relay publishes the audit events on the chart's stream and subjects.
     let jetstream =
         async_nats::jetstream::new(async_nats::connect(&support::nats().url).await.unwrap());

@@ -12,13 +12,13 @@ use kube::core::crd::CustomResourceExt;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use voucher_core::DeletionPolicy;
 use voucher_core::campaign::{
     CampaignPhase, DEFAULT_CODE_LENGTH, MAX_CODE_LENGTH, MAX_COUNT, MIN_CODE_LENGTH,
 };
 use voucher_core::voucher::{
     MAX_CREDIT_OMR, MAX_DESCRIPTION_LEN, MAX_MAX_REDEMPTIONS, MIN_CREDIT_OMR,
 };
-use voucher_core::DeletionPolicy;
 
 /// The prefix of a campaign's codes: the code alphabet, possibly empty.
 pub const PREFIX_PATTERN: &str = r"^([A-Za-z0-9][A-Za-z0-9_-]{0,55})?$";

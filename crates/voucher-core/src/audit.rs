@@ -383,9 +383,10 @@ impl AuditKind {
                 ),
                 None,
             ),
-            Self::CampaignCodesDownloaded => {
-                (format!("{actor} downloaded {codes} code(s) of {code}"), None)
-            }
+            Self::CampaignCodesDownloaded => (
+                format!("{actor} downloaded {codes} code(s) of {code}"),
+                None,
+            ),
         };
         Wording { reason, event }
     }
@@ -429,8 +430,8 @@ mod tests {
         for kind in AuditKind::ALL {
             let wording = kind.wording(&facts);
             assert!(!wording.reason.is_empty(), "{kind}");
-            let elsewhere = matches!(kind, AuditKind::Redeemed | AuditKind::Exhausted)
-                || kind.is_campaign();
+            let elsewhere =
+                matches!(kind, AuditKind::Redeemed | AuditKind::Exhausted) || kind.is_campaign();
             assert_eq!(wording.event.is_none(), elsewhere, "{kind}");
         }
         let conflict = AuditKind::Conflict.wording(&facts);
