@@ -94,23 +94,26 @@ fn documents(path: &Path) -> Vec<Value> {
 }
 
 #[tokio::test]
-async fn every_example_voucher_is_valid() {
+async fn every_example_voucher_and_campaign_is_valid() {
     let mut files = Vec::new();
     yaml_files(&repo().join("examples"), &mut files);
-    let mut vouchers = 0;
+    let (mut vouchers, mut campaigns) = (0, 0);
     for file in &files {
         for doc in documents(file) {
-            if doc["kind"] == "Voucher" {
-                vouchers += 1;
-                if let Err(invalid) = apply(&doc, None).await {
-                    panic!("{}: {invalid}", file.display());
-                }
+            let counted = match doc["kind"].as_str() {
+                Some("Voucher") => &mut vouchers,
+                Some("VoucherCampaign") => &mut campaigns,
+                _ => continue,
+            };
+            *counted += 1;
+            if let Err(invalid) = apply(&doc, None).await {
+                panic!("{}: {invalid}", file.display());
             }
         }
     }
     assert!(
-        vouchers >= 4,
-        "expected the example Vouchers, found {vouchers}"
+        vouchers >= 4 && campaigns >= 1,
+        "expected the example Vouchers and campaign, found {vouchers} and {campaigns}"
     );
 }
 

@@ -417,12 +417,13 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
         .generate_campaign_codes(&campaign, 0, &codes, &terms, 3)
         .await
         .unwrap();
+    let change = voucher_operator::store::campaigns::TermsPass::Change {
+        generation: 2,
+        before: Some(&terms),
+        codes: 3,
+    };
     store
-        .apply_campaign_terms(&campaign, 0, 3, &more)
-        .await
-        .unwrap();
-    store
-        .finish_campaign_terms(&campaign, 2, Some(&terms), &more, 3, 0)
+        .apply_campaign_terms(&campaign, 0, 3, &more, &change)
         .await
         .unwrap();
     assert_eq!(store.campaign_counts(&campaign).await.unwrap().codes, 3);

@@ -31,7 +31,7 @@ use super::{FIELD_MANAGER, Settings};
 use crate::api::campaign::{VoucherCampaign, VoucherCampaignStatus};
 use crate::domain::campaign::{CampaignPhase, Generator};
 use crate::domain::{DeletionPolicy, EventWording, Issuers, Owner, Severity, TermError, Terms};
-use crate::store::campaigns::{CHUNK, Chunk, Counts, UPDATE_CHUNK};
+use crate::store::campaigns::{CHUNK, Chunk, Counts, TermsPass, UPDATE_CHUNK};
 use crate::store::{Store, StoreError};
 
 /// The finalizer that holds a campaign until its codes are revoked or orphaned.
@@ -90,10 +90,13 @@ pub enum Found {
     Collision { index: u32, generated: u32 },
     /// The billing database could not be asked.
     DatabaseUnavailable(String),
-    /// `generated` of the campaign's codes exist; with every code, its counters.
+    /// `generated` of the campaign's codes exist; with every code, its
+    /// counters, and how soon to count again when they were not read now (a
+    /// change of a code came sooner than the smallest interval between two).
     Progress {
         generated: u32,
         counts: Option<Counts>,
+        recount: Option<Duration>,
     },
 }
 
@@ -234,7 +237,11 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
             None,
             Some(Duration::ZERO),
         ),
-        Found::Progress { generated, counts } => {
+        Found::Progress {
+            generated,
+            counts,
+            recount,
+        } => {
             let phase = settled_phase(terms, now);
             // A time boundary ahead changes the phase: look again just after it.
             let boundary = [terms.valid_from, terms.expires_at]
@@ -271,7 +278,12 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
                 None,
                 Some(generated),
                 counts,
-                Some(boundary.map_or(resync, |b| b.min(resync))),
+                Some(
+                    [boundary, recount]
+                        .into_iter()
+                        .flatten()
+                        .fold(resync, Duration::min),
+                ),
             )
         }
     };
@@ -479,46 +491,52 @@ impl Context {
                 .then_some((s.counts, s.counted))
         });
         if let Some((counts, counted)) = settled {
-            let counts = if counted.elapsed() >= min_interval {
-                let fresh = self.store.campaign_counts(owner).await?;
-                if let Some(s) = self.settled.lock().unwrap().get_mut(&key) {
-                    (s.counts, s.counted) = (fresh, Instant::now());
-                }
-                fresh
-            } else {
-                counts
-            };
+            let since = counted.elapsed();
+            if since < min_interval {
+                return Ok(Found::Progress {
+                    generated: count,
+                    counts: Some(counts),
+                    recount: Some(min_interval - since),
+                });
+            }
+            let fresh = self.store.campaign_counts(owner).await?;
+            if let Some(s) = self.settled.lock().unwrap().get_mut(&key) {
+                (s.counts, s.counted) = (fresh, Instant::now());
+            }
             return Ok(Found::Progress {
                 generated: count,
-                counts: Some(counts),
+                counts: Some(fresh),
+                recount: None,
             });
         }
         let policy = campaign.spec.deletion_policy;
         let mut progress = self.store.register_campaign(owner, policy).await?;
-        // The codes that exist carry the spec's terms (one statement per chunk,
-        // out-of-band edits reverted), audited once for the campaign.
-        let mut corrected = 0;
-        for from in (0..progress.generated).step_by(UPDATE_CHUNK as usize) {
+        // The codes that exist carry the spec's terms: one statement per chunk,
+        // out-of-band edits reverted; a spec change is audited once, with its
+        // first chunk (the campaign's terms move on in that transaction).
+        let change = progress.terms.as_ref() != Some(terms) || progress.generation != generation;
+        let mut pass = if change {
+            TermsPass::Change {
+                generation,
+                before: progress.terms.as_ref(),
+                codes: progress.generated,
+            }
+        } else {
+            TermsPass::Drift
+        };
+        let mut from = 0;
+        loop {
             let to = (from + UPDATE_CHUNK).min(progress.generated);
-            corrected += self
-                .store
-                .apply_campaign_terms(owner, from, to, terms)
-                .await?;
-        }
-        if progress.terms.as_ref() != Some(terms)
-            || progress.generation != generation
-            || corrected > 0
-        {
             self.store
-                .finish_campaign_terms(
-                    owner,
-                    generation,
-                    progress.terms.as_ref(),
-                    terms,
-                    progress.generated,
-                    corrected,
-                )
+                .apply_campaign_terms(owner, from, to, terms, &pass)
                 .await?;
+            if matches!(pass, TermsPass::Change { .. }) {
+                pass = TermsPass::Continue;
+            }
+            if to >= progress.generated {
+                break;
+            }
+            from = to;
         }
         // More codes, a chunk per transaction, for one slice.
         let started = Instant::now();
@@ -546,6 +564,7 @@ impl Context {
             return Ok(Found::Progress {
                 generated: progress.generated,
                 counts: None,
+                recount: None,
             });
         }
         let counts = self.store.campaign_counts(owner).await?;
@@ -562,6 +581,7 @@ impl Context {
         Ok(Found::Progress {
             generated: progress.generated,
             counts: Some(counts),
+            recount: None,
         })
     }
 
@@ -816,6 +836,7 @@ mod tests {
         let found = Found::Progress {
             generated: 500,
             counts: None,
+            recount: None,
         };
         let plan = decide(found, seen(&owner, &terms, None));
         assert_eq!(plan.status.phase, Some(CampaignPhase::Generating));
@@ -834,6 +855,7 @@ mod tests {
             Found::Progress {
                 generated: 1000,
                 counts: None,
+                recount: None,
             },
             seen(&owner, &terms, Some(&plan.status)),
         );
@@ -852,6 +874,7 @@ mod tests {
         let found = Found::Progress {
             generated: 2000,
             counts: Some(counts),
+            recount: None,
         };
         let plan = decide(found, seen(&owner, &terms, None));
         assert_eq!(plan.status.phase, Some(CampaignPhase::Active));
@@ -869,10 +892,16 @@ mod tests {
             Found::Progress {
                 generated: 2000,
                 counts: Some(counts),
+                recount: Some(Duration::from_millis(300)),
             },
             seen(&owner, &inactive, None),
         );
         assert_eq!(plan.status.phase, Some(CampaignPhase::Inactive));
+        assert_eq!(
+            plan.next,
+            Some(Duration::from_millis(300)),
+            "counters read too recently are read again once allowed"
+        );
     }
 
     #[test]

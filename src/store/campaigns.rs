@@ -43,6 +43,24 @@ pub enum Chunk {
     Moved,
 }
 
+/// What a pass of the terms over a campaign's codes records, chunk by chunk.
+#[derive(Clone, Copy, Debug)]
+pub enum TermsPass<'a> {
+    /// The first chunk of a spec change: the campaign's terms and generation
+    /// move on, with one `campaign_updated` record when terms changed and
+    /// codes exist (`codes`: how many).
+    Change {
+        generation: i64,
+        before: Option<&'a Terms>,
+        codes: u32,
+    },
+    /// A later chunk of the same change: nothing more to record.
+    Continue,
+    /// A check of unchanged terms: codes edited out of band are reverted,
+    /// one `campaign_drift_corrected` record for those of the chunk.
+    Drift,
+}
+
 /// A campaign's aggregate counters, from one query over its codes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -285,13 +303,15 @@ impl Store {
     }
 
     /// Gives the live codes among `from..to` of the campaign `terms`, in one
-    /// statement; revoked codes stay revoked. Returns how many it changed.
+    /// statement; revoked codes stay revoked. The audit record commits with
+    /// the rows it describes, as `pass` says. Returns how many codes changed.
     pub async fn apply_campaign_terms(
         &self,
         owner: &Owner,
         from: u32,
         to: u32,
         terms: &Terms,
+        pass: &TermsPass<'_>,
     ) -> Result<u64> {
         let run = async {
             let mut tx = self.pool().begin().await?;
@@ -317,64 +337,52 @@ impl Store {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+            match pass {
+                TermsPass::Change {
+                    generation,
+                    before,
+                    codes,
+                } => {
+                    let value = serde_json::to_value(terms).expect("terms serialise");
+                    sqlx::query(
+                        "UPDATE voucher_campaigns SET generation = $2, terms = $3 WHERE uid = $1",
+                    )
+                    .bind(&owner.uid)
+                    .bind(generation)
+                    .bind(value)
+                    .execute(&mut *tx)
+                    .await?;
+                    let fields = before.map(|b| terms.changes_from(b)).unwrap_or_default();
+                    if !fields.is_empty() && *codes > 0 {
+                        let said = Said {
+                            before: before.cloned(),
+                            after: Some(terms.clone()),
+                            changed: &fields,
+                            ..Said::of(actor(owner), CodeRange::new(0, *codes))
+                        };
+                        audit(&mut tx, AuditKind::CampaignUpdated, owner, said).await?;
+                    }
+                }
+                TermsPass::Continue => {}
+                TermsPass::Drift if changed > 0 => {
+                    let range = CodeRange {
+                        from,
+                        to,
+                        count: u32::try_from(changed).unwrap_or(u32::MAX),
+                    };
+                    let said = Said {
+                        after: Some(terms.clone()),
+                        ..Said::of(actor(owner), range)
+                    };
+                    audit(&mut tx, AuditKind::CampaignDriftCorrected, owner, said).await?;
+                }
+                TermsPass::Drift => {}
+            }
             if changed > 0 {
                 notify_all(&mut tx).await?;
             }
             tx.commit().await?;
             Ok(changed)
-        };
-        run.await
-            .map_err(|e: StoreError| e.during(Operation::Campaign, None))
-    }
-
-    /// Records that every code carries `terms` of `generation`, with one audit
-    /// record for the whole campaign: its terms changed (`before` differs), or
-    /// out-of-band edits of `corrected` codes were reverted.
-    pub async fn finish_campaign_terms(
-        &self,
-        owner: &Owner,
-        generation: i64,
-        before: Option<&Terms>,
-        terms: &Terms,
-        codes: u32,
-        corrected: u64,
-    ) -> Result<Option<AuditKind>> {
-        let run = async {
-            let mut tx = self.pool().begin().await?;
-            let value = serde_json::to_value(terms).expect("terms serialise");
-            sqlx::query("UPDATE voucher_campaigns SET generation = $2, terms = $3 WHERE uid = $1")
-                .bind(&owner.uid)
-                .bind(generation)
-                .bind(value)
-                .execute(&mut *tx)
-                .await?;
-            let changed = before.map(|b| terms.changes_from(b)).unwrap_or_default();
-            let kind = if !changed.is_empty() && codes > 0 {
-                Some(AuditKind::CampaignUpdated)
-            } else if corrected > 0 {
-                Some(AuditKind::CampaignDriftCorrected)
-            } else {
-                None
-            };
-            if let Some(kind) = kind {
-                let range = match kind {
-                    AuditKind::CampaignDriftCorrected => CodeRange {
-                        from: 0,
-                        to: codes,
-                        count: u32::try_from(corrected).unwrap_or(u32::MAX),
-                    },
-                    _ => CodeRange::new(0, codes),
-                };
-                let said = Said {
-                    before: before.cloned(),
-                    after: Some(terms.clone()),
-                    changed: &changed,
-                    ..Said::of(actor(owner), range)
-                };
-                audit(&mut tx, kind, owner, said).await?;
-            }
-            tx.commit().await?;
-            Ok(kind)
         };
         run.await
             .map_err(|e: StoreError| e.during(Operation::Campaign, None))

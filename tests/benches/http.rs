@@ -20,6 +20,8 @@
 //!
 //! Run: cargo bench --bench http      (REQUESTS=2000, LEDGER_ROWS=1000000 by default)
 
+#[path = "common.rs"]
+mod common;
 #[path = "../support/mod.rs"]
 mod support;
 
@@ -37,7 +39,6 @@ use voucher_operator::store::Store;
 /// The HS256 secret of these tests (at least 32 bytes, as the server requires).
 const SECRET: &str = "shared-secret-of-at-least-32-bytes-long";
 const CONCURRENCY: usize = 32;
-const CODES: i64 = 10_000;
 const SPREAD: usize = 1_000;
 
 fn token(subject: &str) -> String {
@@ -57,64 +58,19 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Fills a migrated database like a billing database in service.
-async fn seed(pool: &PgPool, ledger_rows: i64) {
-    let started = Instant::now();
-    sqlx::query(
-        "INSERT INTO promo_codes (code, credit_omr, description) \
-           SELECT 'C-' || lpad(i::text, 5, '0'), 1 + i % 50, 'campaign ' || i \
-           FROM generate_series(1, $1) i",
-    )
-    .bind(CODES)
-    .execute(pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO customers (user_id, tenant_id, email) \
-           SELECT 'seed-' || i, 'tenant-' || i % 100, 'seed-' || i || '@example.om' \
-           FROM generate_series(1, GREATEST($1 / 10, 1)) i",
-    )
-    .bind(ledger_rows)
-    .execute(pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO credit_ledger (customer_id, amount_omr, reason) \
-           SELECT c.id, 1 + g % 20, 'seed' FROM customers c, generate_series(1, 10) g \
-           LIMIT $1",
-    )
-    .bind(ledger_rows)
-    .execute(pool)
-    .await
-    .unwrap();
-    sqlx::raw_sql(
-        "INSERT INTO promo_redemptions (customer_id, code) \
-           SELECT c.id, 'C-' || lpad((1 + abs(hashtext(c.user_id)) % 10000)::text, 5, '0') \
-           FROM customers c; \
-         UPDATE promo_codes p SET times_redeemed = r.n \
-           FROM (SELECT code, count(*) AS n FROM promo_redemptions GROUP BY code) r \
-           WHERE r.code = p.code; \
-         INSERT INTO promo_codes (code, credit_omr) VALUES \
-           ('HOT-SQL', 1), ('HOT-UPDATE', 1), ('HOT-HTTP', 1), ('HOT-NOINDEX', 1)",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
-    // On its own: VACUUM cannot run in the transaction a multi-statement query is.
-    sqlx::raw_sql("VACUUM ANALYZE").execute(pool).await.unwrap();
-    println!(
-        "seeded {ledger_rows} ledger rows, {} customers, {CODES} codes in {:.1} s",
-        (ledger_rows / 10).max(1),
-        started.elapsed().as_secs_f64()
-    );
-}
-
 /// A migrated database filled with `ledger_rows` ledger rows.
 async fn dataset(ledger_rows: i64) -> (String, PgPool) {
     let url = support::fresh_database("bench_http").await;
     let pool = support::pool(&url).await;
     Store::from_pool(pool.clone()).migrate().await.unwrap();
-    seed(&pool, ledger_rows).await;
+    common::seed(&pool, ledger_rows).await;
+    sqlx::query(
+        "INSERT INTO promo_codes (code, credit_omr) VALUES \
+           ('HOT-SQL', 1), ('HOT-UPDATE', 1), ('HOT-HTTP', 1), ('HOT-NOINDEX', 1)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     (url, pool)
 }
 

@@ -10,8 +10,12 @@
 //!
 //! Run: cargo bench --bench reconcile            (VOUCHERS=1000 for a quick run)
 
+#[path = "common.rs"]
+mod common;
 #[path = "../support/mod.rs"]
 mod support;
+
+use common::rss_kib;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,16 +30,6 @@ use voucher_operator::store::sync::Wanted;
 
 fn spec(i: usize) -> VoucherSpec {
     serde_json::from_value(json!({"creditOMR": 1 + (i % 500), "maxRedemptions": i % 7, "description": format!("bench voucher {i}")})).unwrap()
-}
-
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// CPU time (user + system) a process has used so far, in seconds.
