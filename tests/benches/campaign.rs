@@ -77,7 +77,7 @@ async fn baseline(pool: &PgPool, n: u32) -> Duration {
          SELECT $1 || '-' || lpad(i::text, 10, '0'), 5, 'baseline', 1 \
          FROM generate_series(0, $2 - 1) i",
     )
-    .bind(&uid.to_uppercase())
+    .bind(uid.to_uppercase())
     .bind(n as i32)
     .execute(&mut *tx)
     .await
@@ -86,7 +86,7 @@ async fn baseline(pool: &PgPool, n: u32) -> Duration {
         "INSERT INTO voucher_campaign_codes (code, campaign_uid, code_index) \
          SELECT $1 || '-' || lpad(i::text, 10, '0'), $2, i FROM generate_series(0, $3 - 1) i",
     )
-    .bind(&uid.to_uppercase())
+    .bind(uid.to_uppercase())
     .bind(&uid)
     .bind(n as i32)
     .execute(&mut *tx)
