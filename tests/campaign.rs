@@ -121,7 +121,9 @@ fn start_loop(
     settings: &Settings,
     stop: &CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let ctx = campaign::Context::new(client.clone(), store.clone(), settings.clone());
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(controller::metrics::Metrics::register(&mut registry));
+    let ctx = campaign::Context::new(client.clone(), store.clone(), metrics, settings.clone());
     tokio::spawn(campaign::run(ctx, stop.clone()))
 }
 

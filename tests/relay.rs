@@ -141,6 +141,58 @@ async fn sync(store: &Store, code: &str, who: &Owner, generation: i64, terms: Te
         .unwrap();
 }
 
+/// Every kind of a campaign's own audit record, through the store as the controller and the
+/// download write them.
+async fn campaign_records(store: &Store) {
+    use voucher_operator::domain::campaign::{CodeRange, Generator};
+    use voucher_operator::store::campaigns::TermsPass;
+    for (name, policy) in [
+        ("camp", DeletionPolicy::Revoke),
+        ("kept", DeletionPolicy::Orphan),
+    ] {
+        let campaign = owner(name);
+        let generator = Generator::new(&[9; 32], "audit", name, name, 8).unwrap();
+        let codes: Vec<Code> = (0..3).map(|i| generator.code(i)).collect();
+        store.register_campaign(&campaign, policy).await.unwrap();
+        let first = TermsPass::Change {
+            generation: 1,
+            before: None,
+            codes: 0,
+        };
+        store
+            .apply_campaign_terms(&campaign, 0, 0, &terms(5), &first)
+            .await
+            .unwrap();
+        store
+            .generate_campaign_codes(&campaign, 0, &codes, &terms(5), 3)
+            .await
+            .unwrap();
+        let change = TermsPass::Change {
+            generation: 2,
+            before: Some(&terms(5)),
+            codes: 3,
+        };
+        store
+            .apply_campaign_terms(&campaign, 0, 3, &terms(6), &change)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE promo_codes SET credit_omr = 99 WHERE code = $1")
+            .bind(codes[1].as_str())
+            .execute(store.pool())
+            .await
+            .unwrap();
+        store
+            .apply_campaign_terms(&campaign, 0, 3, &terms(6), &TermsPass::Drift)
+            .await
+            .unwrap();
+        store
+            .audit_campaign_download(&campaign, "printer", CodeRange::new(0, 3))
+            .await
+            .unwrap();
+        while !store.release_campaign(&campaign, None).await.unwrap() {}
+    }
+}
+
 #[tokio::test]
 async fn every_event_type_arrives_once_as_a_valid_cloudevent() {
     let _serial = NATS.lock().await;
@@ -228,6 +280,9 @@ async fn every_event_type_arrives_once_as_a_valid_cloudevent() {
         .unwrap();
     // reissued: the revoked code, asked for by another resource
     sync(&store, "ALPHA-1", &owner("e"), 1, terms(6)).await;
+    // A campaign's own records: generated, updated, drift corrected, downloaded, revoked; and
+    // another's orphaned.
+    campaign_records(&store).await;
 
     let settings = settings("types");
     let (stop, task) = start_relay(&store, &settings);

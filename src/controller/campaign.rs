@@ -26,6 +26,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::{Metrics, ResultLabel};
 use super::status::{self, READY, RECONCILING, STALLED, Wanted};
 use super::{FIELD_MANAGER, Settings};
 use crate::api::campaign::{VoucherCampaign, VoucherCampaignStatus};
@@ -430,12 +431,18 @@ pub struct Context {
     pub store: Store,
     pub recorder: Recorder,
     pub settings: Settings,
+    pub metrics: Arc<Metrics>,
     settled: Mutex<HashMap<ObjectRef<VoucherCampaign>, Settled>>,
     failures: Mutex<HashMap<ObjectRef<VoucherCampaign>, u32>>,
 }
 
 impl Context {
-    pub fn new(client: kube::Client, store: Store, settings: Settings) -> Arc<Self> {
+    pub fn new(
+        client: kube::Client,
+        store: Store,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+    ) -> Arc<Self> {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
             instance: Some(settings.identity.clone()),
@@ -445,6 +452,7 @@ impl Context {
             client,
             store,
             settings,
+            metrics,
             settled: Mutex::default(),
             failures: Mutex::default(),
         })
@@ -549,7 +557,12 @@ impl Context {
                 .generate_campaign_codes(owner, from, &codes, terms, count)
                 .await?
             {
-                Chunk::Generated { generated } => progress.generated = generated,
+                Chunk::Generated { generated } => {
+                    self.metrics
+                        .campaign_codes_generated
+                        .inc_by(u64::from(generated - from));
+                    progress.generated = generated;
+                }
                 Chunk::Collision { index } => {
                     tracing::warn!(campaign = %owner, index, "a campaign code exists already; generation stopped");
                     return Ok(Found::Collision {
@@ -724,6 +737,11 @@ pub async fn reconcile(campaign: Arc<VoucherCampaign>, ctx: Arc<Context>) -> Res
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
+    let label = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics
+        .campaign_reconciles
+        .get_or_create(&ResultLabel { result: label })
+        .inc();
     if result.is_ok() {
         ctx.failures
             .lock()

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub status_patches: Counter,
     pub status_patches_suppressed: Counter,
     pub audit_records: Family<KindLabel, Counter>,
+    pub campaign_reconciles: Family<ResultLabel, Counter>,
+    pub campaign_codes_generated: Counter,
 }
 
 impl Metrics {
@@ -49,6 +51,8 @@ impl Metrics {
             status_patches: Counter::default(),
             status_patches_suppressed: Counter::default(),
             audit_records: Family::default(),
+            campaign_reconciles: Family::default(),
+            campaign_codes_generated: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("voucher_operator");
         r.register(
@@ -85,6 +89,16 @@ impl Metrics {
             "controller_audit_records",
             "Audit records written by the controller, by kind",
             metrics.audit_records.clone(),
+        );
+        r.register(
+            "campaign_reconciles",
+            "VoucherCampaign reconciles by result (ok, error)",
+            metrics.campaign_reconciles.clone(),
+        );
+        r.register(
+            "campaign_codes_generated",
+            "Campaign codes written to the billing database",
+            metrics.campaign_codes_generated.clone(),
         );
         for phase in Phase::ALL {
             metrics

@@ -766,7 +766,12 @@ impl Role {
         let metrics = Arc::new(Metrics::register(registry));
         let relay_metrics = Arc::new(RelayMetrics::register(registry));
         Self {
-            campaigns: campaign::Context::new(client.clone(), store.clone(), settings.clone()),
+            campaigns: campaign::Context::new(
+                client.clone(),
+                store.clone(),
+                metrics.clone(),
+                settings.clone(),
+            ),
             ctx: Context::new(client, store, metrics, settings),
             relay: relay.map(|settings| (settings, relay_metrics)),
         }

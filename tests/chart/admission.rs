@@ -115,7 +115,7 @@ async fn the_admission_policy_refuses_adopt_from_a_non_admin() {
 }
 
 #[tokio::test]
-async fn a_namespace_label_caps_the_credit_of_its_vouchers() {
+async fn a_namespace_label_caps_the_credit_of_its_vouchers_and_campaigns() {
     let rendered = render(required());
     let cluster = support::cluster::cluster();
     let (client, ns) = support::cluster::setup("capped").await;
@@ -164,4 +164,20 @@ async fn a_namespace_label_caps_the_credit_of_its_vouchers() {
         .apply(&admin, &voucher("enough", json!({"creditOMR": 101})))
         .unwrap_err();
     assert!(raised.contains("allows at most 100"), "{raised}");
+    // A campaign's codes are held to the same ceiling.
+    let campaign = |credit: i32| {
+        json!({"apiVersion": "catalyst.openova.io/v1alpha1", "kind": "VoucherCampaign",
+               "metadata": {"name": "inserts"},
+               "spec": {"count": 10, "creditOMR": credit, "keySecretRef": {"name": "k"}}})
+    };
+    let refused = cluster.apply(&admin, &campaign(500)).unwrap_err();
+    assert!(
+        refused.contains(&format!(
+            "spec.creditOMR is 500 OMR; namespace {ns} allows at most 100"
+        )),
+        "{refused}"
+    );
+    cluster
+        .apply(&admin, &campaign(100))
+        .expect("a campaign at the ceiling");
 }
