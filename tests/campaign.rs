@@ -90,8 +90,13 @@ async fn harness_on(client: kube::Client, ns: String, issuer: bool) -> Harness {
         leeway: Duration::from_secs(5),
         ..Default::default()
     };
-    let (base, server_stop) =
-        support::serve_http(store.clone(), support::server_settings(), auth, None).await;
+    let (base, server_stop) = support::serve_http(
+        store.clone(),
+        support::server_settings(),
+        auth,
+        Some(client.clone()),
+    )
+    .await;
     let child = stop.child_token();
     tokio::spawn(async move {
         child.cancelled().await;
@@ -590,7 +595,7 @@ async fn a_campaign_without_its_secret_stalls_naming_it_then_resumes() {
     let secrets = Api::<Secret>::namespaced(h.client.clone(), &h.ns);
     secrets.create(&PostParams::default(), &weak).await.unwrap();
     h.until("no-key", "the weak key refused", |c| {
-        condition(c, "Stalled").is_some_and(|(_, _, m)| m.contains("at least 32"))
+        condition(c, "Stalled").is_some_and(|(_, _, m)| m.contains("shorter than 32 bytes"))
     })
     .await;
     secrets
@@ -782,6 +787,10 @@ async fn one_leaked_code_is_revoked_alone_and_stays_revoked() {
     let previews = h.previews(&codes).await;
     assert_eq!((counts(&previews, 200), counts(&previews, 404)), (19, 1));
     assert_eq!(h.preview(&codes[4]).await, StatusCode::NOT_FOUND);
+    // Nor is it printed any more.
+    let printed = h.codes("partner").await;
+    assert_eq!(printed.len(), 19);
+    assert!(!printed.contains(&codes[4]));
     // A change of the campaign's terms does not bring it back.
     h.apply(&manifest("partner", json!({"count": 20, "creditOMR": 6})))
         .unwrap();
@@ -834,12 +843,187 @@ async fn deleting_a_campaign_revokes_or_orphans_its_codes_as_its_policy_says() {
     .await
     .unwrap();
     assert_eq!(kinds, ["campaign_orphaned", "campaign_revoked"]);
-    // Nothing owns them any more: the orphans are the admin page's again.
+    // They stay the campaigns' own: no download lists them, the admin list neither, and no
+    // Voucher can take the orphans (see a_voucher_can_neither_claim_nor_adopt_a_campaign_code).
     let owned: i64 = sqlx::query_scalar("SELECT count(*) FROM voucher_campaign_codes")
         .fetch_one(&h.pool)
         .await
         .unwrap();
-    assert_eq!(owned, 0);
+    assert_eq!(owned, 60);
+    assert_eq!(h.csv("orphaned", "").await.0, StatusCode::NOT_FOUND);
+    let listed: Value = h
+        .http
+        .get(format!("{}/billing/vouchers/list", h.base))
+        .bearer_auth(token("root", Some("superadmin")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed,
+        json!([]),
+        "campaign codes are not in the admin list"
+    );
+}
+
+#[tokio::test]
+async fn deletion_applies_the_policy_of_the_last_apply_and_says_so() {
+    let mut h = harness().await;
+    h.secret("bill-key").await;
+    h.apply(&manifest(
+        "policy",
+        json!({"count": 10, "deletionPolicy": "Orphan"}),
+    ))
+    .unwrap();
+    h.ready("policy", 10).await;
+    let codes = h.codes("policy").await;
+    // Switched to Revoke (inactive, as the rule asks) and deleted while no controller runs.
+    h.task.abort();
+    h.apply(&manifest(
+        "policy",
+        json!({"count": 10, "active": false, "deletionPolicy": "Orphan"}),
+    ))
+    .unwrap();
+    h.apply(&manifest(
+        "policy",
+        json!({"count": 10, "active": false, "deletionPolicy": "Revoke"}),
+    ))
+    .unwrap();
+    h.campaigns()
+        .delete("policy", &Default::default())
+        .await
+        .unwrap();
+    h.task = start_loop(&h.client, &h.store, &h.settings, &h.stop);
+    eventually_within(WAIT, "the campaign gone", || async {
+        h.campaigns()
+            .get_opt("policy")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    // The policy last applied was Orphan: the codes are left, and the Event says so.
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM promo_codes WHERE code = ANY($1) AND deleted_at IS NULL",
+    )
+    .bind(&codes)
+    .fetch_one(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!(live, 10);
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(h.client.clone(), &h.ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items;
+    let reasons: Vec<String> = events
+        .iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("policy"))
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    assert!(reasons.contains(&"Orphaned".to_owned()), "{reasons:?}");
+    assert!(!reasons.contains(&"Revoked".to_owned()), "{reasons:?}");
+}
+
+#[tokio::test]
+async fn a_campaign_whose_secret_is_gone_can_still_be_switched_off() {
+    let h = harness().await;
+    h.secret("bill-key").await;
+    h.apply(&manifest("keyless", json!({"count": 40}))).unwrap();
+    h.ready("keyless", 40).await;
+    let codes = h.codes("keyless").await;
+    Api::<Secret>::namespaced(h.client.clone(), &h.ns)
+        .delete("bill-key", &Default::default())
+        .await
+        .unwrap();
+    h.apply(&manifest("keyless", json!({"count": 40, "active": false})))
+        .unwrap();
+    h.until("keyless", "Inactive without its key", |c| {
+        status(c).phase == Some(CampaignPhase::Inactive)
+    })
+    .await;
+    assert_eq!(counts(&h.previews(&codes).await, 410), 40);
+    // Growing it needs the key: it waits, saying to put the same key back.
+    h.apply(&manifest("keyless", json!({"count": 50, "active": false})))
+        .unwrap();
+    let c = h
+        .until("keyless", "Stalled for its key", |c| {
+            condition(c, "Stalled").is_some_and(|(_, r, _)| r == "KeyUnavailable")
+        })
+        .await;
+    let (_, _, message) = condition(&c, "Stalled").unwrap();
+    assert!(
+        message.contains("put back the key that generated its first 40 codes"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn another_key_never_extends_a_campaign() {
+    let h = harness().await;
+    h.secret("bill-key").await;
+    h.apply(&manifest("rotated", json!({"count": 30}))).unwrap();
+    h.ready("rotated", 30).await;
+    Api::<Secret>::namespaced(h.client.clone(), &h.ns)
+        .patch(
+            "bill-key",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"stringData": {"key": "another-key-of-at-least-32-bytes-long!!"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    h.apply(&manifest("rotated", json!({"count": 60}))).unwrap();
+    let c = h
+        .until("rotated", "Stalled on the other key", |c| {
+            condition(c, "Stalled").is_some_and(|(_, _, m)| m.contains("is not the one"))
+        })
+        .await;
+    assert_eq!(status(&c).generated, Some(30));
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM voucher_campaign_codes")
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 30, "nothing made from the other key");
+}
+
+#[tokio::test]
+async fn the_admin_issue_refuses_a_campaign_code() {
+    let h = harness().await;
+    h.secret("bill-key").await;
+    h.apply(&manifest("issued", json!({"count": 3}))).unwrap();
+    h.ready("issued", 3).await;
+    let code = h.codes("issued").await.remove(0);
+    let answer = h
+        .http
+        .post(format!("{}/billing/vouchers/issue", h.base))
+        .bearer_auth(token("root", Some("superadmin")))
+        .json(&json!({"code": code, "credit_omr": 500}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::CONFLICT);
+    let body: Value = answer.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("issued by VoucherCampaign {}/issued", h.ns)),
+        "{body}"
+    );
+    let vouchers: Api<voucher_operator::api::Voucher> =
+        Api::namespaced(h.client.clone(), "default");
+    assert!(
+        vouchers
+            .get_opt(&code.to_lowercase())
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test]

@@ -108,3 +108,24 @@ async fn a_campaign_name_is_a_dns_label() {
     let refused = apply(&[dotted]).await.unwrap_err();
     assert!(refused.contains("must be a DNS label"), "{refused}");
 }
+
+#[tokio::test]
+async fn the_deletion_policy_changes_only_while_inactive() {
+    let refused = apply(&[
+        campaign(json!({"deletionPolicy": "Revoke"})),
+        campaign(json!({"deletionPolicy": "Orphan"})),
+    ])
+    .await
+    .unwrap_err();
+    assert!(
+        refused.contains("only while the campaign is inactive"),
+        "{refused}"
+    );
+    apply(&[
+        campaign(json!({"deletionPolicy": "Revoke"})),
+        campaign(json!({"deletionPolicy": "Revoke", "active": false})),
+        campaign(json!({"deletionPolicy": "Orphan", "active": false})),
+    ])
+    .await
+    .unwrap();
+}

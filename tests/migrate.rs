@@ -259,6 +259,7 @@ fn migrate_without_a_database_url_says_what_is_missing() {
 async fn the_runtime_works_with_exactly_the_documented_grants() {
     use chrono::Utc;
     use voucher_operator::domain::{Actor, AuditKind, Code, DeletionPolicy, Owner, Request, Terms};
+    use voucher_operator::store::campaigns::{Batch, Chunk, Release, TermsPass};
     use voucher_operator::store::redeem::Redemption;
     use voucher_operator::store::sync::{Synced, Wanted};
     use voucher_operator::store::{DatabaseSettings, Store, outbox};
@@ -413,17 +414,27 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
         .await
         .unwrap();
     assert_eq!(progress.generated, 0);
-    store
-        .generate_campaign_codes(&campaign, 0, &codes, &terms, 3)
-        .await
-        .unwrap();
-    let change = voucher_operator::store::campaigns::TermsPass::Change {
-        generation: 2,
+    let batch = Batch {
+        from: 0,
+        codes: &codes,
+        terms: &terms,
+        of: 3,
+        generation: 0,
+        key_fingerprint: generator.fingerprint(),
+    };
+    assert_eq!(
+        store
+            .generate_campaign_codes(&campaign, &batch)
+            .await
+            .unwrap(),
+        Chunk::Generated { generated: 3 }
+    );
+    let change = TermsPass::Change {
         before: Some(&terms),
         codes: 3,
     };
     store
-        .apply_campaign_terms(&campaign, 0, 3, &more, &change)
+        .apply_campaign_terms(&campaign, (0, 3), &more, 2, &change)
         .await
         .unwrap();
     assert_eq!(store.campaign_counts(&campaign).await.unwrap().codes, 3);
@@ -458,7 +469,7 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
         )
         .await
         .unwrap();
-    while !store.release_campaign(&campaign, None).await.unwrap() {}
+    while store.release_campaign(&campaign, None).await.unwrap() == Release::More {}
 
     // And nothing of the schema.
     let refused = sqlx::query("ALTER TABLE promo_codes ADD COLUMN evil TEXT")

@@ -145,7 +145,7 @@ async fn sync(store: &Store, code: &str, who: &Owner, generation: i64, terms: Te
 /// download write them.
 async fn campaign_records(store: &Store) {
     use voucher_operator::domain::campaign::{CodeRange, Generator};
-    use voucher_operator::store::campaigns::TermsPass;
+    use voucher_operator::store::campaigns::{Batch, Chunk, Release, TermsPass};
     for (name, policy) in [
         ("camp", DeletionPolicy::Revoke),
         ("kept", DeletionPolicy::Orphan),
@@ -155,25 +155,34 @@ async fn campaign_records(store: &Store) {
         let codes: Vec<Code> = (0..3).map(|i| generator.code(i)).collect();
         store.register_campaign(&campaign, policy).await.unwrap();
         let first = TermsPass::Change {
-            generation: 1,
             before: None,
             codes: 0,
         };
         store
-            .apply_campaign_terms(&campaign, 0, 0, &terms(5), &first)
+            .apply_campaign_terms(&campaign, (0, 0), &terms(5), 1, &first)
             .await
             .unwrap();
-        store
-            .generate_campaign_codes(&campaign, 0, &codes, &terms(5), 3)
-            .await
-            .unwrap();
+        let batch = Batch {
+            from: 0,
+            codes: &codes,
+            terms: &terms(5),
+            of: 3,
+            generation: 1,
+            key_fingerprint: generator.fingerprint(),
+        };
+        assert_eq!(
+            store
+                .generate_campaign_codes(&campaign, &batch)
+                .await
+                .unwrap(),
+            Chunk::Generated { generated: 3 }
+        );
         let change = TermsPass::Change {
-            generation: 2,
             before: Some(&terms(5)),
             codes: 3,
         };
         store
-            .apply_campaign_terms(&campaign, 0, 3, &terms(6), &change)
+            .apply_campaign_terms(&campaign, (0, 3), &terms(6), 2, &change)
             .await
             .unwrap();
         sqlx::query("UPDATE promo_codes SET credit_omr = 99 WHERE code = $1")
@@ -181,15 +190,16 @@ async fn campaign_records(store: &Store) {
             .execute(store.pool())
             .await
             .unwrap();
-        store
-            .apply_campaign_terms(&campaign, 0, 3, &terms(6), &TermsPass::Drift)
+        let reverted = store
+            .apply_campaign_terms(&campaign, (0, 3), &terms(6), 2, &TermsPass::Drift)
             .await
             .unwrap();
+        assert_eq!(reverted, 1);
         store
             .audit_campaign_download(&campaign, "printer", CodeRange::new(0, 3))
             .await
             .unwrap();
-        while !store.release_campaign(&campaign, None).await.unwrap() {}
+        while store.release_campaign(&campaign, None).await.unwrap() == Release::More {}
     }
 }
 

@@ -277,7 +277,8 @@ pub(super) async fn campaign_codes(options: CampaignCodesOptions) -> anyhow::Res
         );
     };
     let owner = campaign::owner(&found)?;
-    let generator = campaign::generator(&client, &found, &owner)
+    let count = u32::try_from(found.spec.count).unwrap_or_default();
+    let generator = campaign::generator(&client, &found, &owner, count)
         .await
         .map_err(|why| anyhow::anyhow!(why))?;
     let store = Store::connect(&DatabaseSettings {
@@ -286,7 +287,6 @@ pub(super) async fn campaign_codes(options: CampaignCodesOptions) -> anyhow::Res
         ..Default::default()
     })
     .await?;
-    let count = u32::try_from(found.spec.count).unwrap_or_default();
     if options.from > count {
         anyhow::bail!(
             "--from is {}, but the campaign has {count} code(s)",

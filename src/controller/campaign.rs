@@ -32,7 +32,7 @@ use super::{FIELD_MANAGER, Settings};
 use crate::api::campaign::{VoucherCampaign, VoucherCampaignStatus};
 use crate::domain::campaign::{CampaignPhase, Generator};
 use crate::domain::{DeletionPolicy, EventWording, Issuers, Owner, Severity, TermError, Terms};
-use crate::store::campaigns::{CHUNK, Chunk, Counts, TermsPass, UPDATE_CHUNK};
+use crate::store::campaigns::{Batch, CHUNK, Chunk, Counts, Release, TermsPass, UPDATE_CHUNK};
 use crate::store::{Store, StoreError};
 
 /// The finalizer that holds a campaign until its codes are revoked or orphaned.
@@ -85,8 +85,9 @@ pub enum Found {
     Forbidden(Issuers),
     /// The terms break a voucher rule; nothing was written.
     InvalidTerms(TermError),
-    /// The generator key cannot be had (why, in words); nothing was written.
-    KeyUnavailable(String),
+    /// The generator key cannot be had (why, in words), so generation waits
+    /// with `generated` codes.
+    KeyUnavailable { why: String, generated: u32 },
     /// Code `index` exists already; generation stopped with `generated` codes.
     Collision { index: u32, generated: u32 },
     /// The billing database could not be asked.
@@ -184,15 +185,15 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
             None,
             Some(resync),
         ),
-        Found::KeyUnavailable(why) => (
+        Found::KeyUnavailable { why, generated } => (
             CampaignPhase::Stalled,
             Wanted {
                 status: false,
                 reason: "KeyUnavailable",
-                message: format!("{why}; no code was written"),
+                message: format!("{why}; no new code is written until then"),
             },
             Some(STALLED),
-            None,
+            Some(generated),
             None,
             Some(KEY_RETRY),
         ),
@@ -353,18 +354,27 @@ fn differs(current: Option<&VoucherCampaignStatus>, wanted: &VoucherCampaignStat
 }
 
 /// The campaign's code generator, from its Secret's key; why not, in words
-/// that say what to do (never the key).
+/// that say what to do (never the key, nor its length). `issued`: codes the
+/// campaign has already, which only the same key derives again.
 pub async fn generator(
     client: &kube::Client,
     campaign: &VoucherCampaign,
     owner: &Owner,
+    issued: u32,
 ) -> Result<Generator, String> {
     let reference = &campaign.spec.key_secret_ref;
     let (namespace, name, key) = (&owner.namespace, &reference.name, &reference.key);
-    let create = format!(
-        "create it with: kubectl create secret generic {name} -n {namespace} \
-         --from-literal={key}=$(openssl rand -hex 32)"
-    );
+    let create = if issued == 0 {
+        format!(
+            "create it with: kubectl create secret generic {name} -n {namespace} \
+             --from-literal={key}=$(openssl rand -hex 32)"
+        )
+    } else {
+        format!(
+            "put back the key that generated its first {issued} codes (a new key would make \
+             other codes)"
+        )
+    };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let secret = match secrets.get_opt(name).await {
         Ok(Some(secret)) => secret,
@@ -401,7 +411,9 @@ pub async fn generator(
         usize::try_from(spec.code_length).unwrap_or_default(),
     )
     .map_err(|error| {
-        format!("the campaign cannot generate codes from the Secret {namespace}/{name}: {error}")
+        format!(
+            "the campaign cannot generate codes from the Secret {namespace}/{name}: {error}; {create}"
+        )
     })
 }
 
@@ -416,13 +428,14 @@ pub fn owner(campaign: &VoucherCampaign) -> Result<Owner, Error> {
 }
 
 /// What the loop remembers of a campaign between reconciles.
-struct Settled {
+#[derive(Clone)]
+struct Remembered {
     uid: String,
     generation: i64,
     /// When every code was last compared with the terms (drift).
     checked: Instant,
-    counts: Counts,
-    counted: Instant,
+    /// With every code generated: the counters, and when they were read.
+    counted: Option<(Counts, Instant)>,
 }
 
 /// What every campaign reconcile shares.
@@ -432,7 +445,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
-    settled: Mutex<HashMap<ObjectRef<VoucherCampaign>, Settled>>,
+    remembered: Mutex<HashMap<ObjectRef<VoucherCampaign>, Remembered>>,
     failures: Mutex<HashMap<ObjectRef<VoucherCampaign>, u32>>,
 }
 
@@ -453,7 +466,7 @@ impl Context {
             store,
             settings,
             metrics,
-            settled: Mutex::default(),
+            remembered: Mutex::default(),
             failures: Mutex::default(),
         })
     }
@@ -480,12 +493,12 @@ impl Context {
     }
 
     /// Brings the campaign's codes to its spec: the terms of the codes that
-    /// exist, then more codes, for at most [`SLICE`].
+    /// exist (which needs no key: a campaign whose Secret is gone can still
+    /// be switched off), then more codes, for at most [`SLICE`].
     async fn work(
         &self,
         campaign: &VoucherCampaign,
         owner: &Owner,
-        generator: &Generator,
         terms: &Terms,
     ) -> Result<Found, StoreError> {
         let key = ObjectRef::from_obj(campaign);
@@ -493,12 +506,17 @@ impl Context {
         let count = u32::try_from(campaign.spec.count).unwrap_or_default();
         let resync = self.settings.resync_interval;
         let min_interval = self.settings.status_min_interval;
-        // A settled campaign only needs its counters, at most every min_interval.
-        let settled = self.settled.lock().unwrap().get(&key).and_then(|s| {
-            (s.uid == owner.uid && s.generation == generation && s.checked.elapsed() < resync)
-                .then_some((s.counts, s.counted))
-        });
-        if let Some((counts, counted)) = settled {
+        let remembered = self
+            .remembered
+            .lock()
+            .unwrap()
+            .get(&key)
+            .cloned()
+            .filter(|r| {
+                r.uid == owner.uid && r.generation == generation && r.checked.elapsed() < resync
+            });
+        // A complete campaign only needs its counters, at most every min_interval.
+        if let Some((counts, counted)) = remembered.as_ref().and_then(|r| r.counted) {
             let since = counted.elapsed();
             if since < min_interval {
                 return Ok(Found::Progress {
@@ -508,8 +526,8 @@ impl Context {
                 });
             }
             let fresh = self.store.campaign_counts(owner).await?;
-            if let Some(s) = self.settled.lock().unwrap().get_mut(&key) {
-                (s.counts, s.counted) = (fresh, Instant::now());
+            if let Some(r) = self.remembered.lock().unwrap().get_mut(&key) {
+                r.counted = Some((fresh, Instant::now()));
             }
             return Ok(Found::Progress {
                 generated: count,
@@ -519,78 +537,119 @@ impl Context {
         }
         let policy = campaign.spec.deletion_policy;
         let mut progress = self.store.register_campaign(owner, policy).await?;
-        // The codes that exist carry the spec's terms: one statement per chunk,
-        // out-of-band edits reverted; a spec change is audited once, with its
-        // first chunk (the campaign's terms move on in that transaction).
-        let change = progress.terms.as_ref() != Some(terms) || progress.generation != generation;
-        let mut pass = if change {
-            TermsPass::Change {
-                generation,
-                before: progress.terms.as_ref(),
-                codes: progress.generated,
-            }
-        } else {
-            TermsPass::Drift
-        };
-        let mut from = 0;
-        loop {
-            let to = (from + UPDATE_CHUNK).min(progress.generated);
-            self.store
-                .apply_campaign_terms(owner, from, to, terms, &pass)
-                .await?;
-            if matches!(pass, TermsPass::Change { .. }) {
-                pass = TermsPass::Continue;
-            }
-            if to >= progress.generated {
-                break;
-            }
-            from = to;
-        }
-        // More codes, a chunk per transaction, for one slice.
-        let started = Instant::now();
-        while progress.generated < count && started.elapsed() < SLICE {
-            let from = progress.generated;
-            let to = (from + CHUNK as u32).min(count);
-            let codes: Vec<_> = (from..to).map(|i| generator.code(i)).collect();
-            match self
-                .store
-                .generate_campaign_codes(owner, from, &codes, terms, count)
-                .await?
-            {
-                Chunk::Generated { generated } => {
-                    self.metrics
-                        .campaign_codes_generated
-                        .inc_by(u64::from(generated - from));
-                    progress.generated = generated;
+        if remembered.is_none() {
+            // The codes that exist carry the spec's terms: one statement per
+            // chunk, out-of-band edits reverted; a spec change is audited once,
+            // with its first chunk (the campaign's terms move on with it).
+            let change =
+                progress.terms.as_ref() != Some(terms) || progress.generation != generation;
+            let mut pass = if change {
+                TermsPass::Change {
+                    before: progress.terms.as_ref(),
+                    codes: progress.generated,
                 }
-                Chunk::Collision { index } => {
-                    tracing::warn!(campaign = %owner, index, "a campaign code exists already; generation stopped");
-                    return Ok(Found::Collision {
-                        index,
+            } else {
+                TermsPass::Drift
+            };
+            let mut from = 0;
+            loop {
+                let to = (from + UPDATE_CHUNK).min(progress.generated);
+                self.store
+                    .apply_campaign_terms(owner, (from, to), terms, generation, &pass)
+                    .await?;
+                if matches!(pass, TermsPass::Change { .. }) {
+                    pass = TermsPass::Continue;
+                }
+                if to >= progress.generated {
+                    break;
+                }
+                from = to;
+            }
+            progress.generation = generation;
+            self.remembered.lock().unwrap().insert(
+                key.clone(),
+                Remembered {
+                    uid: owner.uid.clone(),
+                    generation,
+                    checked: Instant::now(),
+                    counted: None,
+                },
+            );
+        }
+        if progress.generated < count {
+            // More codes, a chunk per transaction, for one slice: only now is the key needed.
+            let generator = match generator(&self.client, campaign, owner, progress.generated).await
+            {
+                Ok(generator) => generator,
+                Err(why) => {
+                    return Ok(Found::KeyUnavailable {
+                        why,
                         generated: progress.generated,
                     });
                 }
-                Chunk::Moved => progress = self.store.register_campaign(owner, policy).await?,
+            };
+            let started = Instant::now();
+            while progress.generated < count && started.elapsed() < SLICE {
+                let from = progress.generated;
+                let to = (from + CHUNK as u32).min(count);
+                let codes: Vec<_> = (from..to).map(|i| generator.code(i)).collect();
+                let batch = Batch {
+                    from,
+                    codes: &codes,
+                    terms,
+                    of: count,
+                    generation,
+                    key_fingerprint: generator.fingerprint(),
+                };
+                match self.store.generate_campaign_codes(owner, &batch).await? {
+                    Chunk::Generated { generated } => {
+                        self.metrics
+                            .campaign_codes_generated
+                            .inc_by(u64::from(generated - from));
+                        progress.generated = generated;
+                    }
+                    Chunk::Collision { index } => {
+                        tracing::warn!(campaign = %owner, index, "a campaign code exists already; generation stopped");
+                        return Ok(Found::Collision {
+                            index,
+                            generated: progress.generated,
+                        });
+                    }
+                    Chunk::KeyChanged => {
+                        let reference = &campaign.spec.key_secret_ref.name;
+                        return Ok(Found::KeyUnavailable {
+                            why: format!(
+                                "the key in the Secret {}/{reference} is not the one that \
+                                 generated this campaign's first {from} codes (a new key would \
+                                 make other codes); put that key back, or issue new codes from a \
+                                 new campaign",
+                                owner.namespace
+                            ),
+                            generated: from,
+                        });
+                    }
+                    // Another replica moved it on (a leader change): read where it is.
+                    Chunk::Moved => {
+                        self.remembered.lock().unwrap().remove(&key);
+                        progress = self.store.register_campaign(owner, policy).await?;
+                        if progress.generation != generation {
+                            break;
+                        }
+                    }
+                }
+            }
+            if progress.generated < count {
+                return Ok(Found::Progress {
+                    generated: progress.generated,
+                    counts: None,
+                    recount: None,
+                });
             }
         }
-        if progress.generated < count {
-            return Ok(Found::Progress {
-                generated: progress.generated,
-                counts: None,
-                recount: None,
-            });
-        }
         let counts = self.store.campaign_counts(owner).await?;
-        self.settled.lock().unwrap().insert(
-            key,
-            Settled {
-                uid: owner.uid.clone(),
-                generation,
-                checked: Instant::now(),
-                counts,
-                counted: Instant::now(),
-            },
-        );
+        if let Some(r) = self.remembered.lock().unwrap().get_mut(&key) {
+            r.counted = Some((counts, Instant::now()));
+        }
         Ok(Found::Progress {
             generated: progress.generated,
             counts: Some(counts),
@@ -615,16 +674,13 @@ impl Context {
         } else if let Err(error) = terms.validate() {
             Found::InvalidTerms(error)
         } else {
-            match generator(&self.client, campaign, &owner).await {
-                Err(why) => Found::KeyUnavailable(why),
-                Ok(generator) => match self.work(campaign, &owner, &generator, &terms).await {
-                    Ok(found) => found,
-                    Err(error) => {
-                        let said = crate::telemetry::describe(&error);
-                        failure = Some(error);
-                        Found::DatabaseUnavailable(said)
-                    }
-                },
+            match self.work(campaign, &owner, &terms).await {
+                Ok(found) => found,
+                Err(error) => {
+                    let said = crate::telemetry::describe(&error);
+                    failure = Some(error);
+                    Found::DatabaseUnavailable(said)
+                }
             }
         };
         let seen = Seen {
@@ -678,7 +734,7 @@ impl Context {
 
     async fn cleanup(&self, campaign: &VoucherCampaign) -> Result<Action, Error> {
         let owner = owner(campaign)?;
-        self.settled
+        self.remembered
             .lock()
             .unwrap()
             .remove(&ObjectRef::from_obj(campaign));
@@ -686,37 +742,45 @@ impl Context {
         let crd_going = super::crd_going(&self.client, CRD)
             .await
             .map_err(Error::CrdCheck)?;
-        let policy = crd_going.then_some(DeletionPolicy::Orphan);
-        while !self.store.release_campaign(&owner, policy).await? {}
-        let (reason, note) = match policy.unwrap_or(campaign.spec.deletion_policy) {
-            DeletionPolicy::Revoke => (
+        let asked = crd_going.then_some(DeletionPolicy::Orphan);
+        let applied = loop {
+            if let Release::Done(applied) = self.store.release_campaign(&owner, asked).await? {
+                break applied;
+            }
+        };
+        // Said as the store applied it: the policy of the campaign's last apply.
+        let said = match applied {
+            None => None,
+            Some(DeletionPolicy::Revoke) => Some((
+                Severity::Normal,
                 "Revoked",
                 "the campaign's codes were revoked (deletionPolicy Revoke); redemption history is kept",
-            ),
-            DeletionPolicy::Orphan if crd_going => (
+            )),
+            Some(DeletionPolicy::Orphan) if crd_going => Some((
+                Severity::Warning,
                 "OrphanedWhileCRDDeleted",
                 "the VoucherCampaign CRD is being deleted, so the campaign's codes were orphaned \
                  (left live in the billing database), not revoked",
-            ),
-            DeletionPolicy::Orphan => (
+            )),
+            Some(DeletionPolicy::Orphan) => Some((
+                Severity::Normal,
                 "Orphaned",
-                "the campaign's codes were left as they are (deletionPolicy Orphan)",
-            ),
+                "the campaign's codes were left live as they are (deletionPolicy Orphan); they \
+                 stay the campaign's: no Voucher can take them, the admin revoke revokes one",
+            )),
         };
-        let severity = if crd_going {
-            Severity::Warning
-        } else {
-            Severity::Normal
-        };
-        self.publish(
-            campaign,
-            EventWording {
-                severity,
-                reason,
-                note: note.into(),
-            },
-        )
-        .await;
+        if let Some((severity, reason, note)) = said {
+            let note = note.into();
+            self.publish(
+                campaign,
+                EventWording {
+                    severity,
+                    reason,
+                    note,
+                },
+            )
+            .await;
+        }
         self.failures
             .lock()
             .unwrap()
@@ -956,7 +1020,10 @@ mod tests {
     fn a_missing_key_is_looked_for_again_soon() {
         let (owner, terms) = (owner(), Terms::granting(5));
         let plan = decide(
-            Found::KeyUnavailable("the Secret billing/k does not exist".into()),
+            Found::KeyUnavailable {
+                why: "the Secret billing/k does not exist".into(),
+                generated: 0,
+            },
             seen(&owner, &terms, None),
         );
         assert_eq!(plan.next, Some(KEY_RETRY));

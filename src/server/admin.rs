@@ -150,7 +150,7 @@ fn gitops_owner(voucher: &Voucher) -> Option<&'static str> {
         (status = 400, description = "Invalid code or body", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Not an administrator", body = ErrorBody),
-        (status = 409, description = "The Voucher is managed elsewhere, or another Voucher owns the code", body = ErrorBody),
+        (status = 409, description = "The Voucher is managed elsewhere, or another Voucher or a campaign owns the code", body = ErrorBody),
         (status = 503, description = "The Kubernetes API is unreachable", body = ErrorBody),
     )
 )]
@@ -191,6 +191,15 @@ pub async fn issue(
         return Err(HttpError::new(
             StatusCode::CONFLICT,
             format!("code {code} is owned by Voucher {owner}; change it there"),
+        ));
+    }
+    if let Some(campaign) = state.store.campaign_of(&code).await? {
+        return Err(HttpError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "code {code} was issued by VoucherCampaign {campaign}; change the campaign, or \
+                 revoke this code alone with the admin revoke"
+            ),
         ));
     }
     let mut voucher = Voucher::new(&name, spec);

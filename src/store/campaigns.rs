@@ -19,6 +19,8 @@ pub const CHUNK: usize = 5_000;
 pub const UPDATE_CHUNK: u32 = 20_000;
 /// Codes one page of the CSV download reads.
 const PAGE: i64 = 5_000;
+/// Codes generated between two `campaign_generated` records at most.
+const AUDIT_EVERY: u32 = 100_000;
 
 /// What the billing database holds of a campaign.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,6 +31,31 @@ pub struct Progress {
     pub generation: i64,
     /// Those terms (`None` before the first pass).
     pub terms: Option<Terms>,
+    /// The fingerprint of the key that generated the codes (`None` before any).
+    pub key_fingerprint: Option<String>,
+}
+
+/// One chunk of codes to generate: codes `from..from + codes.len()`.
+pub struct Batch<'a> {
+    pub from: u32,
+    pub codes: &'a [Code],
+    pub terms: &'a Terms,
+    /// The campaign's `count`.
+    pub of: u32,
+    /// The resource generation whose terms these are.
+    pub generation: i64,
+    /// The fingerprint of the key that made the codes.
+    pub key_fingerprint: &'a str,
+}
+
+/// What one step of deleting a campaign did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Some codes were released; more remain.
+    More,
+    /// Every code is released, as this policy says (`None`: the campaign
+    /// never wrote anything, e.g. it was refused).
+    Done(Option<DeletionPolicy>),
 }
 
 /// What one generation transaction did.
@@ -41,6 +68,8 @@ pub enum Chunk {
     Collision { index: u32 },
     /// Another writer moved the campaign on meanwhile: read its progress again.
     Moved,
+    /// The key is not the one that generated the codes so far: nothing was written.
+    KeyChanged,
 }
 
 /// What a pass of the terms over a campaign's codes records, chunk by chunk.
@@ -50,7 +79,6 @@ pub enum TermsPass<'a> {
     /// move on, with one `campaign_updated` record when terms changed and
     /// codes exist (`codes`: how many).
     Change {
-        generation: i64,
         before: Option<&'a Terms>,
         codes: u32,
     },
@@ -75,6 +103,14 @@ pub struct Counts {
 pub struct Found {
     pub owner: Owner,
     pub generated: u32,
+}
+
+/// Refuses to write the terms of generation `mine` over a newer `stored` one.
+fn superseded(stored: i64, mine: i64) -> Result<()> {
+    if stored > mine {
+        return Err(StoreError::Superseded { stored, mine });
+    }
+    Ok(())
 }
 
 fn to_u32(value: i32) -> u32 {
@@ -187,11 +223,11 @@ impl Store {
         deletion_policy: DeletionPolicy,
     ) -> Result<Progress> {
         let run = async {
-            let row: (i32, i64, Option<serde_json::Value>) = sqlx::query_as(
+            let row: (i32, i64, Option<serde_json::Value>, Option<String>) = sqlx::query_as(
                 "INSERT INTO voucher_campaigns (uid, namespace, name, deletion_policy) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT (uid) DO UPDATE \
                  SET deletion_policy = EXCLUDED.deletion_policy \
-                 RETURNING generated, generation, terms",
+                 RETURNING generated, generation, terms, key_fingerprint",
             )
             .bind(&owner.uid)
             .bind(&owner.namespace)
@@ -203,35 +239,45 @@ impl Store {
                 generated: to_u32(row.0),
                 generation: row.1,
                 terms: row.2.and_then(|t| serde_json::from_value(t).ok()),
+                key_fingerprint: row.3,
             })
         };
         run.await
             .map_err(|e: StoreError| e.during(Operation::Campaign, None))
     }
 
-    /// Writes codes `from..from + codes.len()` of the campaign with `terms`,
-    /// in one transaction, unless one of them exists already (then nothing).
-    /// `of` is the campaign's `count`: the chunk that reaches it is audited,
-    /// naming every code generated since the last such record.
-    pub async fn generate_campaign_codes(
-        &self,
-        owner: &Owner,
-        from: u32,
-        codes: &[Code],
-        terms: &Terms,
-        of: u32,
-    ) -> Result<Chunk> {
+    /// Writes a chunk of codes with their terms, in one transaction, unless
+    /// one of them exists already (then nothing, and the codes generated so
+    /// far are audited). At least every [`AUDIT_EVERY`] codes, and with the
+    /// chunk that reaches `count`, one `campaign_generated` record names the
+    /// codes generated since the last one.
+    pub async fn generate_campaign_codes(&self, owner: &Owner, batch: &Batch<'_>) -> Result<Chunk> {
         let run = async {
+            let Batch {
+                from,
+                codes,
+                terms,
+                of,
+                generation,
+                key_fingerprint,
+            } = *batch;
             let mut tx = self.pool().begin().await?;
-            let (generated, audited): (i32, i32) = sqlx::query_as(
-                "SELECT generated, audited FROM voucher_campaigns WHERE uid = $1 FOR UPDATE",
-            )
-            .bind(&owner.uid)
-            .fetch_one(&mut *tx)
-            .await?;
-            if to_u32(generated) != from {
+            let (generated, audited, stored, fingerprint): (i32, i32, i64, Option<String>) =
+                sqlx::query_as(
+                    "SELECT generated, audited, generation, key_fingerprint FROM voucher_campaigns \
+                     WHERE uid = $1 FOR UPDATE",
+                )
+                .bind(&owner.uid)
+                .fetch_one(&mut *tx)
+                .await?;
+            superseded(stored, generation)?;
+            if to_u32(generated) != from || stored != generation {
                 tx.rollback().await?;
                 return Ok(Chunk::Moved);
+            }
+            if fingerprint.as_deref().is_some_and(|f| f != key_fingerprint) {
+                tx.rollback().await?;
+                return Ok(Chunk::KeyChanged);
             }
             bulk(&mut tx).await?;
             let texts: Vec<&str> = codes.iter().map(Code::as_str).collect();
@@ -261,6 +307,7 @@ impl Store {
                     .position(|c| !written.contains(c) || !seen.insert(*c))
                     .unwrap_or(0);
                 tx.rollback().await?;
+                self.audit_generated(owner, terms).await?;
                 return Ok(Chunk::Collision {
                     index: from + at as u32,
                 });
@@ -275,24 +322,23 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             let to = from + codes.len() as u32;
-            let done = to >= of;
+            let audit_now = to >= of || to - to_u32(audited) >= AUDIT_EVERY;
             sqlx::query(
-                "UPDATE voucher_campaigns SET generated = $2, \
+                "UPDATE voucher_campaigns SET generated = $2, key_fingerprint = $4, \
                  audited = CASE WHEN $3 THEN $2 ELSE audited END WHERE uid = $1",
             )
             .bind(&owner.uid)
             .bind(to_i32(to))
-            .bind(done)
+            .bind(audit_now)
+            .bind(key_fingerprint)
             .execute(&mut *tx)
             .await?;
-            if done {
-                let range = CodeRange::new(to_u32(audited), to);
-                let kind = AuditKind::CampaignGenerated;
+            if audit_now {
                 let said = Said {
                     after: Some(terms.clone()),
-                    ..Said::of(actor(owner), range)
+                    ..Said::of(actor(owner), CodeRange::new(to_u32(audited), to))
                 };
-                audit(&mut tx, kind, owner, said).await?;
+                audit(&mut tx, AuditKind::CampaignGenerated, owner, said).await?;
             }
             notify_all(&mut tx).await?;
             tx.commit().await?;
@@ -302,19 +348,53 @@ impl Store {
             .map_err(|e: StoreError| e.during(Operation::Generate, None))
     }
 
-    /// Gives the live codes among `from..to` of the campaign `terms`, in one
-    /// statement; revoked codes stay revoked. The audit record commits with
-    /// the rows it describes, as `pass` says. Returns how many codes changed.
+    /// Names the codes generated since the last `campaign_generated` record
+    /// in one more (when generation stops before `count`).
+    async fn audit_generated(&self, owner: &Owner, terms: &Terms) -> Result<()> {
+        let mut tx = self.pool().begin().await?;
+        let row: Option<(i32, i32)> = sqlx::query_as(
+            "WITH before AS (SELECT audited FROM voucher_campaigns WHERE uid = $1 FOR UPDATE) \
+             UPDATE voucher_campaigns SET audited = generated FROM before \
+             WHERE uid = $1 AND voucher_campaigns.audited < generated \
+             RETURNING before.audited, generated",
+        )
+        .bind(&owner.uid)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((from, to)) = row {
+            let said = Said {
+                after: Some(terms.clone()),
+                ..Said::of(actor(owner), CodeRange::new(to_u32(from), to_u32(to)))
+            };
+            audit(&mut tx, AuditKind::CampaignGenerated, owner, said).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Gives the live codes among `from..to` of the campaign `terms` (of the
+    /// resource's `generation`), in one statement; revoked codes stay revoked.
+    /// The audit record commits with the rows it describes, as `pass` says.
+    /// Returns how many codes changed.
     pub async fn apply_campaign_terms(
         &self,
         owner: &Owner,
-        from: u32,
-        to: u32,
+        (from, to): (u32, u32),
         terms: &Terms,
+        generation: i64,
         pass: &TermsPass<'_>,
     ) -> Result<u64> {
         let run = async {
             let mut tx = self.pool().begin().await?;
+            // Serialised with generation; a replica that lost its lease (still
+            // finishing a reconcile) never writes an older spec over a newer.
+            let stored: i64 = sqlx::query_scalar(
+                "SELECT generation FROM voucher_campaigns WHERE uid = $1 FOR UPDATE",
+            )
+            .bind(&owner.uid)
+            .fetch_one(&mut *tx)
+            .await?;
+            superseded(stored, generation)?;
             bulk(&mut tx).await?;
             let changed = sqlx::query(
                 "UPDATE promo_codes p SET credit_omr = $4, description = $5, active = $6, \
@@ -338,11 +418,7 @@ impl Store {
             .await?
             .rows_affected();
             match pass {
-                TermsPass::Change {
-                    generation,
-                    before,
-                    codes,
-                } => {
+                TermsPass::Change { before, codes } => {
                     let value = serde_json::to_value(terms).expect("terms serialise");
                     sqlx::query(
                         "UPDATE voucher_campaigns SET generation = $2, terms = $3 WHERE uid = $1",
@@ -414,53 +490,63 @@ impl Store {
             .map_err(|e: StoreError| e.during(Operation::Campaign, None))
     }
 
-    /// Releases up to [`UPDATE_CHUNK`] codes of a deleted campaign, revoking
-    /// them (`Revoke`) or leaving them live and unowned (`Orphan`); once none
-    /// is left, forgets the campaign with one audit record. Returns whether it
-    /// is done. A campaign never registered (refused) is done at once.
+    /// Releases the next [`UPDATE_CHUNK`] codes of a deleted campaign,
+    /// revoking them (`Revoke`) or leaving them live (`Orphan`), as `policy`
+    /// or else the policy recorded at its last apply says; when every code
+    /// is, marks the campaign released with one audit record. Its codes stay
+    /// its own: no Voucher adopts or revives them, no download lists them.
     pub async fn release_campaign(
         &self,
         owner: &Owner,
         policy: Option<DeletionPolicy>,
-    ) -> Result<bool> {
+    ) -> Result<Release> {
         let run = async {
             let mut tx = self.pool().begin().await?;
-            let row: Option<(i32, String)> = sqlx::query_as(
-                "SELECT generated, deletion_policy FROM voucher_campaigns WHERE uid = $1 FOR UPDATE",
+            let row: Option<(i32, i32, String, bool)> = sqlx::query_as(
+                "SELECT generated, released, deletion_policy, released_at IS NOT NULL \
+                 FROM voucher_campaigns WHERE uid = $1 FOR UPDATE",
             )
             .bind(&owner.uid)
             .fetch_optional(&mut *tx)
             .await?;
-            let Some((generated, recorded)) = row else {
+            let Some((generated, released, recorded, done)) = row else {
                 tx.rollback().await?;
-                return Ok(true);
+                return Ok(Release::Done(None));
             };
             // Unknown text is read as the safe side: revoke.
             let policy =
                 policy.unwrap_or_else(|| DeletionPolicy::parse(&recorded).unwrap_or_default());
-            bulk(&mut tx).await?;
-            let released: i64 = sqlx::query_scalar(
-                "WITH gone AS ( \
-                   DELETE FROM voucher_campaign_codes WHERE code IN ( \
-                     SELECT code FROM voucher_campaign_codes WHERE campaign_uid = $1 \
-                     ORDER BY code_index LIMIT $2) \
-                   RETURNING code \
-                 ), revoked AS ( \
-                   UPDATE promo_codes p SET deleted_at = now(), active = false FROM gone \
-                   WHERE $3 AND p.code = gone.code AND p.deleted_at IS NULL \
-                 ) SELECT count(*) FROM gone",
-            )
-            .bind(&owner.uid)
-            .bind(i64::from(UPDATE_CHUNK))
-            .bind(policy == DeletionPolicy::Revoke)
-            .fetch_one(&mut *tx)
-            .await?;
-            if released > 0 {
-                notify_all(&mut tx).await?;
-                tx.commit().await?;
-                return Ok(false);
+            if done {
+                tx.rollback().await?;
+                return Ok(Release::Done(Some(policy)));
             }
-            sqlx::query("DELETE FROM voucher_campaigns WHERE uid = $1")
+            let (released, generated) = (to_u32(released), to_u32(generated));
+            if released < generated {
+                let to = (released + UPDATE_CHUNK).min(generated);
+                if policy == DeletionPolicy::Revoke {
+                    bulk(&mut tx).await?;
+                    sqlx::query(
+                        "UPDATE promo_codes p SET deleted_at = now(), active = false \
+                         FROM voucher_campaign_codes c \
+                         WHERE c.campaign_uid = $1 AND c.code_index >= $2 AND c.code_index < $3 \
+                           AND p.code = c.code AND p.deleted_at IS NULL",
+                    )
+                    .bind(&owner.uid)
+                    .bind(to_i32(released))
+                    .bind(to_i32(to))
+                    .execute(&mut *tx)
+                    .await?;
+                    notify_all(&mut tx).await?;
+                }
+                sqlx::query("UPDATE voucher_campaigns SET released = $2 WHERE uid = $1")
+                    .bind(&owner.uid)
+                    .bind(to_i32(to))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                return Ok(Release::More);
+            }
+            sqlx::query("UPDATE voucher_campaigns SET released_at = now() WHERE uid = $1")
                 .bind(&owner.uid)
                 .execute(&mut *tx)
                 .await?;
@@ -468,10 +554,10 @@ impl Store {
                 DeletionPolicy::Revoke => AuditKind::CampaignRevoked,
                 DeletionPolicy::Orphan => AuditKind::CampaignOrphaned,
             };
-            let range = CodeRange::new(0, to_u32(generated));
+            let range = CodeRange::new(0, generated);
             audit(&mut tx, kind, owner, Said::of(actor(owner), range)).await?;
             tx.commit().await?;
-            Ok(true)
+            Ok(Release::Done(Some(policy)))
         };
         run.await
             .map_err(|e: StoreError| e.during(Operation::Campaign, None))
@@ -483,7 +569,7 @@ impl Store {
         let run = async {
             let row: Option<(String, i32)> = sqlx::query_as(
                 "SELECT uid, generated FROM voucher_campaigns WHERE namespace = $1 AND name = $2 \
-                 ORDER BY created_at DESC LIMIT 1",
+                 AND released_at IS NULL ORDER BY created_at DESC LIMIT 1",
             )
             .bind(namespace)
             .bind(name)
@@ -521,8 +607,9 @@ impl Store {
             .map_err(|e: StoreError| e.during(Operation::Campaign, None))
     }
 
-    /// Codes `range` of the campaign in index order, read a page at a time
-    /// (memory does not grow with the range): `(index, code)`.
+    /// The live codes among `range` of the campaign in index order (a code
+    /// revoked alone is left out), read a page at a time (memory does not
+    /// grow with the range): `(index, code)`.
     pub fn campaign_codes(
         &self,
         owner: &Owner,
@@ -537,12 +624,16 @@ impl Store {
                 }
                 let limit = PAGE.min(i64::from(range.to - next));
                 let rows: Vec<(i32, String)> = sqlx::query_as(
-                    "SELECT code_index, code FROM voucher_campaign_codes \
-                     WHERE campaign_uid = $1 AND code_index >= $2 ORDER BY code_index LIMIT $3",
+                    "SELECT c.code_index, c.code FROM voucher_campaign_codes c \
+                     JOIN promo_codes p ON p.code = c.code \
+                     WHERE c.campaign_uid = $1 AND c.code_index >= $2 AND c.code_index < $4 \
+                       AND p.deleted_at IS NULL \
+                     ORDER BY c.code_index LIMIT $3",
                 )
                 .bind(&uid)
                 .bind(to_i32(next))
                 .bind(limit)
+                .bind(to_i32(range.to))
                 .fetch_all(store.pool())
                 .await
                 .map_err(|e| StoreError::from(e).during(Operation::Campaign, None))?;

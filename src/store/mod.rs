@@ -58,6 +58,11 @@ pub enum StoreError {
     /// A redemption found the code's terms changed under it on every attempt.
     #[error("the code's terms changed during each of {attempts} attempts")]
     Contended { attempts: usize },
+    /// Another replica applied a newer spec of the campaign meanwhile.
+    #[error(
+        "the campaign's generation {stored} was applied already (by another replica); this one ({mine}) is older and was not"
+    )]
+    Superseded { stored: i64, mine: i64 },
     /// What the store was doing, and to which code, when a step failed.
     #[error("cannot {operation}{}", .code.as_ref().map_or(String::new(), |c| format!(" code {c}")))]
     Failed {

@@ -247,7 +247,9 @@ pub async fn count_redemptions(
            INSERT INTO voucher_audit_outbox (event_id, code, kind, payload) \
            SELECT $12, code, $13, jsonb_set(jsonb_set($14::jsonb, '{before,times_redeemed}', \
              to_jsonb(times_redeemed - 1)), '{after,times_redeemed}', to_jsonb(times_redeemed)) \
-           FROM counted WHERE max_redemptions > 0 AND times_redeemed >= max_redemptions \
+             || issued.campaign \
+           FROM counted, issued \
+           WHERE max_redemptions > 0 AND times_redeemed >= max_redemptions \
          ) SELECT ",
         returning!(),
         " FROM counted"

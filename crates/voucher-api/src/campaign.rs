@@ -59,6 +59,8 @@ pub const PREFIX_PATTERN: &str = r"^([A-Za-z0-9][A-Za-z0-9_-]{0,55})?$";
         .message("spec.prefix and spec.codeLength make codes longer than 64 characters"),
     validation = Rule::new("!has(self.validFrom) || !has(self.expiresAt) || self.expiresAt > self.validFrom")
         .message("spec.expiresAt must be later than spec.validFrom"),
+    validation = Rule::new("self.deletionPolicy == oldSelf.deletionPolicy || (!oldSelf.active && !self.active)")
+        .message("spec.deletionPolicy can change only while the campaign is inactive, before and after: set spec.active to false first, then change the policy"),
     validation = Rule::new("self.prefix == oldSelf.prefix && self.codeLength == oldSelf.codeLength && self.keySecretRef == oldSelf.keySecretRef")
         .message("spec.prefix, spec.codeLength and spec.keySecretRef are immutable: they decide the codes already issued; create a new campaign instead"),
 )]

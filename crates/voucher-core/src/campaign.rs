@@ -30,10 +30,8 @@ pub const MIN_KEY_LEN: usize = 32;
 /// Why a campaign cannot generate codes; the message is shown to people as is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CampaignError {
-    #[error(
-        "the generator key has {0} bytes; at least {MIN_KEY_LEN} are needed \
-         (create one with: openssl rand -hex 32)"
-    )]
+    /// Its length is not said: a campaign may name any Secret of its namespace.
+    #[error("the generator key is shorter than {MIN_KEY_LEN} bytes")]
     WeakKey(usize),
     #[error(
         "the random part of a code must have {MIN_CODE_LENGTH} to {MAX_CODE_LENGTH} characters, \
@@ -57,6 +55,7 @@ pub struct Generator {
     mac: Hmac<Sha256>,
     prefix: String,
     length: usize,
+    fingerprint: String,
 }
 
 impl Generator {
@@ -89,6 +88,15 @@ impl Generator {
         if prefix.len() + length > MAX_CODE_LEN {
             return Err(CampaignError::TooLong(prefix.len() + length));
         }
+        // Which key made a campaign's codes, recorded with them: a key that
+        // changes later would make other codes. Keyed, so it tells nothing
+        // of the key.
+        let mut tag = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+        tag.update(b"voucher-operator/campaign/key-fingerprint/v1");
+        let fingerprint = tag.finalize().into_bytes()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
         // The campaign's identity, each part with its length, so that no two
         // (namespace, name) pairs feed the same bytes.
@@ -101,7 +109,14 @@ impl Generator {
             mac,
             prefix,
             length,
+            fingerprint,
         })
+    }
+
+    /// A fingerprint of the key (32 hex digits), the same for the same key
+    /// whatever the campaign: to tell whether a key is the one recorded.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// Code number `index` (0-based).
@@ -298,9 +313,21 @@ mod tests {
         assert!(new(KEY, "bill-", 8).is_none(), "lower case is upper-cased");
         assert!(new(KEY, "", 8).is_none(), "no prefix at all");
         assert!(
-            CampaignError::WeakKey(0)
-                .to_string()
-                .contains("openssl rand")
+            !CampaignError::WeakKey(5).to_string().contains('5'),
+            "never a Secret's length"
+        );
+    }
+
+    #[test]
+    fn the_fingerprint_tells_keys_apart_and_nothing_of_them() {
+        let a = generator("billing", "bill-2027");
+        assert_eq!(a.fingerprint(), generator("other", "name").fingerprint());
+        let other = Generator::new(&[7; 32], "billing", "bill-2027", "P-", 10).unwrap();
+        assert_ne!(a.fingerprint(), other.fingerprint());
+        assert_eq!(a.fingerprint().len(), 32);
+        assert!(
+            !a.fingerprint().contains("3031"),
+            "not the key's bytes in hex"
         );
     }
 

@@ -14,6 +14,14 @@ CREATE TABLE IF NOT EXISTS voucher_campaigns (
     generation BIGINT NOT NULL DEFAULT 0,
     terms JSONB NULL,
     deletion_policy TEXT NOT NULL DEFAULT 'Revoke',
+    -- A keyed fingerprint of the generator key that made codes 0 .. generated - 1:
+    -- another key would make other codes.
+    key_fingerprint TEXT NULL,
+    -- Deleting the campaign: codes 0 .. released - 1 are revoked (or left, with
+    -- Orphan); when every code is, released_at is set. The campaign's codes stay
+    -- its own after that, so that nothing adopts or revives them implicitly.
+    released INT NOT NULL DEFAULT 0,
+    released_at TIMESTAMPTZ NULL,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
