@@ -18,7 +18,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::Recorder;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -456,12 +456,8 @@ impl Context {
         metrics: Arc<Metrics>,
         settings: Settings,
     ) -> Arc<Self> {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: Some(settings.identity.clone()),
-        };
         Arc::new(Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: super::recorder(&client, &settings.identity),
             client,
             store,
             settings,
@@ -472,24 +468,7 @@ impl Context {
     }
 
     async fn publish(&self, campaign: &VoucherCampaign, event: EventWording) {
-        let reason = event.reason;
-        let event = Event {
-            type_: match event.severity {
-                Severity::Normal => EventType::Normal,
-                Severity::Warning => EventType::Warning,
-            },
-            reason: reason.into(),
-            note: Some(event.note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(error) = self
-            .recorder
-            .publish(&event, &campaign.object_ref(&()))
-            .await
-        {
-            tracing::warn!(%error, reason, "cannot publish a Kubernetes event");
-        }
+        super::publish(&self.recorder, &campaign.object_ref(&()), event).await;
     }
 
     /// Brings the campaign's codes to its spec: the terms of the codes that
@@ -856,11 +835,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     let (cache, writer) = reflector::store();
     let campaigns = watcher(api, watcher::Config::default())
         .default_backoff()
-        .modify(|c| {
-            c.managed_fields_mut().clear();
-            c.annotations_mut()
-                .remove("kubectl.kubernetes.io/last-applied-configuration");
-        })
+        .modify(super::trim)
         .reflect(writer)
         .applied_objects();
     let config = kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency);

@@ -129,12 +129,8 @@ impl Context {
         metrics: Arc<Metrics>,
         settings: Settings,
     ) -> Arc<Self> {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: Some(settings.identity.clone()),
-        };
         Arc::new(Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: recorder(&client, &settings.identity),
             client,
             store,
             metrics,
@@ -154,20 +150,7 @@ impl Context {
 
     /// Publishes an Event regarding `regarding`, which may be gone already.
     async fn publish_on(&self, regarding: &ObjectReference, event: EventWording) {
-        let reason = event.reason;
-        let event = Event {
-            type_: match event.severity {
-                Severity::Normal => EventType::Normal,
-                Severity::Warning => EventType::Warning,
-            },
-            reason: reason.into(),
-            note: Some(event.note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(error) = self.recorder.publish(&event, regarding).await {
-            tracing::warn!(%error, reason, "cannot publish a Kubernetes event");
-        }
+        publish(&self.recorder, regarding, event).await;
     }
 
     fn remember_phase(&self, voucher: &Voucher, phase: Option<Phase>) {
@@ -615,16 +598,10 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     });
     let config = kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency);
     let shutdown = stop.clone();
-    // The cache keeps what reconciles read: managedFields and kubectl's
-    // last-applied annotation are most of an object's size, and unused here.
     let (cache, writer) = reflector::store();
     let vouchers = watcher(api, watcher::Config::default())
         .default_backoff()
-        .modify(|v| {
-            v.managed_fields_mut().clear();
-            v.annotations_mut()
-                .remove("kubectl.kubernetes.io/last-applied-configuration");
-        })
+        .modify(trim)
         .reflect(writer)
         .applied_objects();
     // Every resync interval, once the cache holds every Voucher: bindings
@@ -730,6 +707,44 @@ where
         }
     });
     (rx_one, rx_all)
+}
+
+/// The Event recorder of this replica.
+fn recorder(client: &kube::Client, identity: &str) -> Recorder {
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.into(),
+        instance: Some(identity.to_owned()),
+    };
+    Recorder::new(client.clone(), reporter)
+}
+
+/// Publishes an Event regarding `regarding`, which may be gone already; a
+/// failure is logged, never a failed reconcile.
+async fn publish(recorder: &Recorder, regarding: &ObjectReference, event: EventWording) {
+    let reason = event.reason;
+    let event = Event {
+        type_: match event.severity {
+            Severity::Normal => EventType::Normal,
+            Severity::Warning => EventType::Warning,
+        },
+        reason: reason.into(),
+        note: Some(event.note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, regarding).await {
+        tracing::warn!(%error, reason, "cannot publish a Kubernetes event");
+    }
+}
+
+/// What the caches keep of a watched object: what reconciles read.
+/// managedFields and kubectl's last-applied annotation are most of an
+/// object's size, and unused here.
+fn trim<K: ResourceExt>(object: &mut K) {
+    object.managed_fields_mut().clear();
+    object
+        .annotations_mut()
+        .remove("kubectl.kubernetes.io/last-applied-configuration");
 }
 
 /// Whether the CRD `name` is being deleted (or gone): then the API server is

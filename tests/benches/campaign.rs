@@ -20,7 +20,6 @@ mod common;
 #[path = "../support/mod.rs"]
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
@@ -33,30 +32,6 @@ use voucher_operator::domain::campaign::CampaignPhase;
 use voucher_operator::store::Store;
 
 const SIZES: [u32; 2] = [100_000, 1_000_000];
-
-fn controller(kubeconfig: &std::path::Path, database: &str, namespace: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
-        .args([
-            "controller",
-            "--leader-election",
-            "false",
-            "--skip-migrations",
-            "--audit-relay",
-            "false",
-            "--metrics-address",
-            &format!("127.0.0.1:{}", support::free_port()),
-            "--watch-namespace",
-            namespace,
-            "--issuer-namespaces",
-            namespace,
-        ])
-        .env("KUBECONFIG", kubeconfig)
-        .env("DATABASE_URL", database)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start the controller")
-}
 
 /// Writes `n` codes and their campaign rows in two statements inside Postgres.
 async fn baseline(pool: &PgPool, n: u32) -> Duration {
@@ -142,19 +117,20 @@ async fn main() {
     store.migrate().await.unwrap();
     common::seed(&pool, ledger_rows).await;
 
-    // Baselines: the rows written inside Postgres, then removed again.
-    let mut floors = Vec::new();
-    for n in SIZES {
-        floors.push(baseline(&pool, n).await);
-        sqlx::raw_sql(
-            "DELETE FROM voucher_campaign_codes WHERE campaign_uid LIKE 'baseline-%'; \
-             DELETE FROM promo_codes WHERE code LIKE 'BASELINE-%'; \
-             DELETE FROM voucher_campaigns WHERE uid LIKE 'baseline-%'; VACUUM ANALYZE",
-        )
-        .execute(&pool)
+    // Baselines: the rows written inside Postgres, in a database seeded the same way (rows
+    // cannot be removed cheaply again: each deleted code is looked up in promo_redemptions).
+    let baseline_url = support::fresh_database("bench_campaign_baseline").await;
+    let baseline_pool = support::pool(&baseline_url).await;
+    Store::from_pool(baseline_pool.clone())
+        .migrate()
         .await
         .unwrap();
+    common::seed(&baseline_pool, ledger_rows).await;
+    let mut floors = Vec::new();
+    for n in SIZES {
+        floors.push(baseline(&baseline_pool, n).await);
     }
+    baseline_pool.close().await;
 
     let (client, ns) = support::cluster::setup("bench-campaign").await;
     let dir = tempfile::tempdir().unwrap();
@@ -168,7 +144,9 @@ async fn main() {
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
-    let mut child = controller(&kubeconfig, &url, &ns);
+    let mut child = common::controller(&kubeconfig, &url, support::free_port(), &ns)
+        .spawn()
+        .expect("start the controller");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle_hwm = common::rss_kib(child.id(), "VmHWM:");
     let api: Api<VoucherCampaign> = Api::namespaced(client.clone(), &ns);

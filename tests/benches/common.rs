@@ -2,6 +2,7 @@
 
 #![allow(dead_code)] // each benchmark uses its own part
 
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use sqlx::PgPool;
@@ -68,4 +69,36 @@ pub fn rss_kib(pid: u32, field: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// The controller's release binary watching (and issuing in) `namespace` alone, without
+/// leader election, migrations or the relay, its metrics on `port`; each benchmark adds its
+/// own flags, then spawns it.
+pub fn controller(
+    kubeconfig: &std::path::Path,
+    database: &str,
+    port: u16,
+    namespace: &str,
+) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_voucher-operator"));
+    command
+        .args([
+            "controller",
+            "--leader-election",
+            "false",
+            "--skip-migrations",
+        ])
+        .args(["--audit-relay", "false"])
+        .args(["--metrics-address", &format!("127.0.0.1:{port}")])
+        .args([
+            "--watch-namespace",
+            namespace,
+            "--issuer-namespaces",
+            namespace,
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("DATABASE_URL", database)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    command
 }

@@ -17,7 +17,7 @@ mod support;
 
 use common::rss_kib;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -115,32 +115,10 @@ impl Writes {
 }
 
 fn controller(kubeconfig: &std::path::Path, database: &str, port: u16, namespace: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
-        .args([
-            "controller",
-            "--leader-election",
-            "false",
-            "--status-min-interval",
-            "0s",
-            "--skip-migrations",
-            "--audit-relay",
-            "false",
-            "--resync-interval",
-            &format!("{}s", RESYNC.as_secs()),
-        ])
-        .args([
-            "--metrics-address",
-            &format!("127.0.0.1:{port}"),
-            "--watch-namespace",
-            namespace,
-            "--issuer-namespaces",
-            namespace,
-        ])
-        .env("KUBECONFIG", kubeconfig)
-        .env("DATABASE_URL", database)
+    common::controller(kubeconfig, database, port, namespace)
+        .args(["--status-min-interval", "0s"])
+        .args(["--resync-interval", &format!("{}s", RESYNC.as_secs())])
         .env("DATABASE_MAX_CONNECTIONS", "16")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
         .spawn()
         .expect("start the controller")
 }
