@@ -434,8 +434,17 @@ struct Remembered {
     generation: i64,
     /// When every code was last compared with the terms (drift).
     checked: Instant,
-    /// With every code generated: the counters, and when they were read.
-    counted: Option<(Counts, Instant)>,
+    /// With every code generated: the counters, when they were read, and
+    /// how long before they may be read again.
+    counted: Option<(Counts, Instant, Duration)>,
+}
+
+/// How long counters that took `took` to aggregate wait before the next
+/// read: `--status-min-interval`, or ten times the query (a million codes
+/// take about a second), so that counting takes at most a tenth of a
+/// Postgres core however hot the campaign.
+fn recount_after(min_interval: Duration, took: Duration) -> Duration {
+    min_interval.max(took * 10)
 }
 
 /// What every campaign reconcile shares.
@@ -494,19 +503,21 @@ impl Context {
             .filter(|r| {
                 r.uid == owner.uid && r.generation == generation && r.checked.elapsed() < resync
             });
-        // A complete campaign only needs its counters, at most every min_interval.
-        if let Some((counts, counted)) = remembered.as_ref().and_then(|r| r.counted) {
+        // A complete campaign only needs its counters, read at most so often.
+        if let Some((counts, counted, wait)) = remembered.as_ref().and_then(|r| r.counted) {
             let since = counted.elapsed();
-            if since < min_interval {
+            if since < wait {
                 return Ok(Found::Progress {
                     generated: count,
                     counts: Some(counts),
-                    recount: Some(min_interval - since),
+                    recount: Some(wait - since),
                 });
             }
+            let started = Instant::now();
             let fresh = self.store.campaign_counts(owner).await?;
+            let wait = recount_after(min_interval, started.elapsed());
             if let Some(r) = self.remembered.lock().unwrap().get_mut(&key) {
-                r.counted = Some((fresh, Instant::now()));
+                r.counted = Some((fresh, Instant::now(), wait));
             }
             return Ok(Found::Progress {
                 generated: count,
@@ -625,9 +636,11 @@ impl Context {
                 });
             }
         }
+        let started = Instant::now();
         let counts = self.store.campaign_counts(owner).await?;
+        let wait = recount_after(min_interval, started.elapsed());
         if let Some(r) = self.remembered.lock().unwrap().get_mut(&key) {
-            r.counted = Some((counts, Instant::now()));
+            r.counted = Some((counts, Instant::now(), wait));
         }
         Ok(Found::Progress {
             generated: progress.generated,
@@ -989,6 +1002,16 @@ mod tests {
         );
         assert_eq!(plan.events[0].severity, Severity::Warning);
         assert_eq!(plan.status.generated, Some(1000));
+    }
+
+    #[test]
+    fn counting_a_large_campaign_takes_a_tenth_of_the_time_at_most() {
+        let min = Duration::from_secs(2);
+        assert_eq!(recount_after(min, Duration::from_millis(5)), min);
+        assert_eq!(
+            recount_after(min, Duration::from_millis(900)),
+            Duration::from_secs(9)
+        );
     }
 
     #[test]
