@@ -989,6 +989,20 @@ async fn another_key_never_extends_a_campaign() {
         .await
         .unwrap();
     assert_eq!(rows, 30, "nothing made from the other key");
+    // The subcommand, which derives codes from the key, says so too instead of printing others.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+        .args(["campaign", "codes", "-n", &h.ns, "rotated"])
+        .env("KUBECONFIG", &h.kubeconfig)
+        .env("DATABASE_URL", &h.url)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(output.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("is not the one that generated the codes"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

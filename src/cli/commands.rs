@@ -293,6 +293,20 @@ pub(super) async fn campaign_codes(options: CampaignCodesOptions) -> anyhow::Res
             options.from
         );
     }
+    // Another key would derive other codes, none of them the campaign's: say so at once.
+    let recorded = store.find_campaign(&namespace, name).await?;
+    if let Some(recorded) = recorded.filter(|r| r.owner.uid == owner.uid)
+        && recorded
+            .key_fingerprint
+            .is_some_and(|f| f != generator.fingerprint())
+    {
+        anyhow::bail!(
+            "the key in the Secret {namespace}/{} is not the one that generated the codes of \
+             VoucherCampaign {namespace}/{name}; put that key back (or download the codes from \
+             the admin endpoint, which needs no key)",
+            found.spec.key_secret_ref.name
+        );
+    }
     let to = options
         .from
         .saturating_add(options.limit.unwrap_or(u32::MAX))

@@ -103,6 +103,8 @@ pub struct Counts {
 pub struct Found {
     pub owner: Owner,
     pub generated: u32,
+    /// The fingerprint of the key that generated its codes (`None` before any).
+    pub key_fingerprint: Option<String>,
 }
 
 /// Refuses to write the terms of generation `mine` over a newer `stored` one.
@@ -567,21 +569,23 @@ impl Store {
     /// the same name still be being released).
     pub async fn find_campaign(&self, namespace: &str, name: &str) -> Result<Option<Found>> {
         let run = async {
-            let row: Option<(String, i32)> = sqlx::query_as(
-                "SELECT uid, generated FROM voucher_campaigns WHERE namespace = $1 AND name = $2 \
-                 AND released_at IS NULL ORDER BY created_at DESC LIMIT 1",
+            let row: Option<(String, i32, Option<String>)> = sqlx::query_as(
+                "SELECT uid, generated, key_fingerprint FROM voucher_campaigns \
+                 WHERE namespace = $1 AND name = $2 AND released_at IS NULL \
+                 ORDER BY created_at DESC LIMIT 1",
             )
             .bind(namespace)
             .bind(name)
             .fetch_optional(self.pool())
             .await?;
-            Ok(row.map(|(uid, generated)| Found {
+            Ok(row.map(|(uid, generated, key_fingerprint)| Found {
                 owner: Owner {
                     namespace: namespace.to_owned(),
                     name: name.to_owned(),
                     uid,
                 },
                 generated: to_u32(generated),
+                key_fingerprint,
             }))
         };
         run.await
