@@ -939,7 +939,6 @@ mod tests {
             codes: 2000,
             redeemed: 7,
             exhausted: 6,
-            revoked: 1,
         };
         let found = Found::Progress {
             generated: 2000,

@@ -7,6 +7,7 @@
 use futures::Stream;
 use sqlx::PgConnection;
 
+use super::promo_codes::bind_terms;
 use super::{Operation, Result, Store, StoreError, outbox};
 use crate::domain::campaign::{self, CampaignAuditData, CampaignName, CodeRange};
 use crate::domain::{Actor, AuditKind, Code, DeletionPolicy, Facts, Owner, TermField, Terms};
@@ -95,7 +96,6 @@ pub struct Counts {
     pub codes: u32,
     pub redeemed: i64,
     pub exhausted: u32,
-    pub revoked: u32,
 }
 
 /// A campaign found by name, for the CSV download.
@@ -283,21 +283,15 @@ impl Store {
             }
             bulk(&mut tx).await?;
             let texts: Vec<&str> = codes.iter().map(Code::as_str).collect();
-            let inserted: Vec<String> = sqlx::query_scalar(
+            let insert = sqlx::query_scalar(
                 "INSERT INTO promo_codes (code, credit_omr, description, active, max_redemptions, \
                  valid_from, expires_at) \
                  SELECT c, $2, $3, $4, $5, $6, $7 FROM unnest($1::text[]) AS c \
                  ON CONFLICT (code) DO NOTHING RETURNING code",
-            )
-            .bind(&texts)
-            .bind(terms.credit_omr)
-            .bind(&terms.description)
-            .bind(terms.active)
-            .bind(terms.max_redemptions)
-            .bind(terms.valid_from)
-            .bind(terms.expires_at)
-            .fetch_all(&mut *tx)
-            .await?;
+            );
+            let inserted: Vec<String> = bind_terms!(insert.bind(&texts), terms)
+                .fetch_all(&mut *tx)
+                .await?;
             if inserted.len() != codes.len() {
                 // The first code of the chunk that was not written: it existed,
                 // or an earlier code of the same chunk was the same code.
@@ -398,7 +392,7 @@ impl Store {
             .await?;
             superseded(stored, generation)?;
             bulk(&mut tx).await?;
-            let changed = sqlx::query(
+            let update = sqlx::query(
                 "UPDATE promo_codes p SET credit_omr = $4, description = $5, active = $6, \
                  max_redemptions = $7, valid_from = $8, expires_at = $9 \
                  FROM voucher_campaign_codes c \
@@ -409,16 +403,11 @@ impl Store {
             )
             .bind(&owner.uid)
             .bind(to_i32(from))
-            .bind(to_i32(to))
-            .bind(terms.credit_omr)
-            .bind(&terms.description)
-            .bind(terms.active)
-            .bind(terms.max_redemptions)
-            .bind(terms.valid_from)
-            .bind(terms.expires_at)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            .bind(to_i32(to));
+            let changed = bind_terms!(update, terms)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             match pass {
                 TermsPass::Change { before, codes } => {
                     let value = serde_json::to_value(terms).expect("terms serialise");
@@ -469,11 +458,10 @@ impl Store {
     /// The campaign's counters, from one aggregate query over its codes.
     pub async fn campaign_counts(&self, owner: &Owner) -> Result<Counts> {
         let run = async {
-            let row: (i64, Option<i64>, i64, i64) = sqlx::query_as(
+            let row: (i64, Option<i64>, i64) = sqlx::query_as(
                 "SELECT count(*), sum(p.times_redeemed), \
                  count(*) FILTER (WHERE p.max_redemptions > 0 \
-                                  AND p.times_redeemed >= p.max_redemptions), \
-                 count(*) FILTER (WHERE p.deleted_at IS NOT NULL) \
+                                  AND p.times_redeemed >= p.max_redemptions) \
                  FROM voucher_campaign_codes c JOIN promo_codes p ON p.code = c.code \
                  WHERE c.campaign_uid = $1",
             )
@@ -485,7 +473,6 @@ impl Store {
                 codes: count(row.0),
                 redeemed: row.1.unwrap_or_default(),
                 exhausted: count(row.2),
-                revoked: count(row.3),
             })
         };
         run.await

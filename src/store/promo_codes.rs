@@ -16,6 +16,23 @@ macro_rules! returning {
     };
 }
 
+/// Binds `terms` as the next six parameters, in the order of the table's
+/// columns (credit_omr, description, active, max_redemptions, valid_from,
+/// expires_at): every statement that writes terms, whatever its query type.
+macro_rules! bind_terms {
+    ($query:expr, $terms:expr) => {{
+        let terms: &crate::domain::Terms = $terms;
+        $query
+            .bind(terms.credit_omr)
+            .bind(&terms.description)
+            .bind(terms.active)
+            .bind(terms.max_redemptions)
+            .bind(terms.valid_from)
+            .bind(terms.expires_at)
+    }};
+}
+pub(crate) use bind_terms;
+
 #[derive(sqlx::FromRow)]
 struct Row {
     code: String,
@@ -173,14 +190,7 @@ async fn write(
     code: &Code,
     terms: &Terms,
 ) -> Result<CodeRecord> {
-    let row: Row = sqlx::query_as(sql)
-        .bind(code.as_str())
-        .bind(terms.credit_omr)
-        .bind(&terms.description)
-        .bind(terms.active)
-        .bind(terms.max_redemptions)
-        .bind(terms.valid_from)
-        .bind(terms.expires_at)
+    let row: Row = bind_terms!(sqlx::query_as(sql).bind(code.as_str()), terms)
         .fetch_one(conn)
         .await?;
     Ok(row.into())
