@@ -61,6 +61,8 @@ fn settings(ns: &str, issuers: &[&str]) -> Settings {
         identity: "test".into(),
         concurrency: 4,
         issuers: Issuers::new(issuers.iter().copied()),
+        // The keys of these tests live beside their campaigns.
+        key_namespace: ns.to_owned(),
     }
 }
 
@@ -269,7 +271,9 @@ impl Harness {
     }
 
     fn generator(&self, name: &str, prefix: &str) -> Generator {
-        Generator::new(KEY.as_bytes(), &self.ns, name, prefix, 10).unwrap()
+        // The manifests leave codeLength to its default.
+        let length = voucher_operator::domain::campaign::DEFAULT_CODE_LENGTH;
+        Generator::new(KEY.as_bytes(), &self.ns, name, prefix, length).unwrap()
     }
 }
 
@@ -466,11 +470,12 @@ async fn deactivating_a_campaign_switches_every_code_off_at_once_with_one_audit_
         status(c).phase == Some(CampaignPhase::Inactive)
     })
     .await;
-    // The preview cache heard of it too: every code answers 410 at once.
-    assert_eq!(counts(&h.previews(&codes).await, 410), 300);
+    // The preview cache heard of it too: every code answers at once as a code that never
+    // existed would (a switched-off campaign's codes are no oracle).
+    assert_eq!(counts(&h.previews(&codes).await, 404), 300);
     assert_eq!(
         h.redeem("someone".into(), &codes[7]).await,
-        StatusCode::GONE
+        StatusCode::NOT_FOUND
     );
     let updated: Vec<Value> = sqlx::query_scalar(
         "SELECT payload FROM voucher_audit_outbox WHERE kind = 'campaign_updated'",
@@ -506,6 +511,55 @@ async fn deactivating_a_campaign_switches_every_code_off_at_once_with_one_audit_
     .await
     .unwrap();
     assert_eq!(corrected["codes"]["count"], 1, "{corrected}");
+}
+
+#[tokio::test]
+async fn a_campaign_code_before_launch_answers_exactly_like_an_unknown_code() {
+    let h = harness().await;
+    h.secret("bill-key").await;
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    h.apply(&manifest(
+        "scheduled",
+        json!({"count": 20, "validFrom": tomorrow}),
+    ))
+    .unwrap();
+    h.until("scheduled", "generated", |c| {
+        status(c).generated == Some(20)
+    })
+    .await;
+    let codes = h.codes("scheduled").await;
+    let answer = |path: &'static str, code: String, auth: bool| {
+        let mut request = h
+            .http
+            .post(format!("{}/billing/vouchers/{path}", h.base))
+            .json(&json!({"code": code, "tenant_id": "t1"}));
+        if auth {
+            request = request.bearer_auth(token("guesser", None));
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.text().await.unwrap())
+        }
+    };
+    let unknown = h.generator("never-made", "BILL-").code(0).to_string();
+    for (path, auth) in [("redeem-preview", false), ("redeem", true)] {
+        let guessed = answer(path, unknown.clone(), auth).await;
+        assert_eq!(guessed.0, StatusCode::NOT_FOUND, "{path}: {guessed:?}");
+        for code in &codes[..3] {
+            assert_eq!(
+                answer(path, code.clone(), auth).await,
+                guessed,
+                "{path}: a scheduled campaign code tells itself apart from a guess"
+            );
+        }
+    }
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM promo_redemptions")
+            .fetch_one(&h.pool)
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 #[tokio::test]

@@ -47,6 +47,7 @@ fn settings() -> Settings {
         concurrency: 4,
         // Set to the test's namespace by the harness unless a test says otherwise.
         issuers: Issuers::new(Vec::<String>::new()),
+        key_namespace: "voucher-campaign-keys".into(),
     }
 }
 
@@ -1002,11 +1003,11 @@ async fn a_revoked_code_is_not_revived_by_a_waiting_conflict() {
     .await;
     // The waiter is looked at every second; it must say why and stay away.
     let waiting = h
-        .until(&h.ns, "waiter", "ReissueNotRequested", |v| {
-            ready(v).is_some_and(|(_, reason)| reason == "ReissueNotRequested")
+        .until(&h.ns, "waiter", "Revoked", |v| {
+            ready(v).is_some_and(|(_, reason)| reason == "Revoked")
         })
         .await;
-    assert_eq!(phase(&waiting), Some(Phase::Conflict));
+    assert_eq!(phase(&waiting), Some(Phase::Revoked));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (credit, active, _, deleted) = h.row("WAITED-1").await.unwrap();
     assert!(
@@ -1019,12 +1020,12 @@ async fn a_revoked_code_is_not_revived_by_a_waiting_conflict() {
         ["created", "conflict", "revoked"]
     );
 
-    // A person asks: reissued, audited as such, with the waiter's terms.
+    // A person asks, naming the revocation: reissued, audited as such, with the waiter's terms.
     h.vouchers(&h.ns)
         .patch(
             "waiter",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"reissue": true}})),
+            &Patch::Merge(json!({"spec": {"reissue": {"revokedAt": micros(deleted.unwrap())}}})),
         )
         .await
         .unwrap();
@@ -1063,11 +1064,11 @@ async fn a_conflict_with_a_vanished_owner_releases_the_binding_but_takes_nothing
         .until(
             &h.ns,
             "second-owner",
-            "Conflict: reissue not requested",
-            |v| ready(v).is_some_and(|(_, reason)| reason == "ReissueNotRequested"),
+            "Revoked: reissue not requested",
+            |v| ready(v).is_some_and(|(_, reason)| reason == "Revoked"),
         )
         .await;
-    assert_eq!(phase(&v), Some(Phase::Conflict));
+    assert_eq!(phase(&v), Some(Phase::Revoked));
     assert_eq!(bound(&h, "ORPHANED-1").await, 0, "released");
     let (credit, active, _, deleted) = h.row("ORPHANED-1").await.unwrap();
     assert!(
@@ -1092,13 +1093,78 @@ async fn a_code_revoked_out_of_band_is_not_revived_by_its_own_voucher() {
     .execute(&h.pool)
     .await
     .unwrap();
-    h.until(&h.ns, "revoked-1", "ReissueNotRequested", |v| {
-        ready(v).is_some_and(|(_, reason)| reason == "ReissueNotRequested")
+    h.until(&h.ns, "revoked-1", "Revoked", |v| {
+        ready(v).is_some_and(|(_, reason)| reason == "Revoked")
     })
     .await;
     let (_, active, _, deleted) = h.row("REVOKED-1").await.unwrap();
     assert!(!active && deleted.is_some(), "still revoked");
     assert_eq!(h.audit_kinds("REVOKED-1").await, ["created"]);
+}
+
+/// RFC 3339 to the microsecond, as the status shows a revocation.
+fn micros(at: chrono::DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+#[tokio::test]
+async fn a_spent_reissue_never_undoes_a_later_revoke() {
+    let h = harness().await;
+    h.create(&h.ns, "spent-1", json!({"creditOMR": 5})).await;
+    h.until(&h.ns, "spent-1", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    let revoke_by_hand = || async {
+        sqlx::query(
+            "UPDATE promo_codes SET deleted_at = now(), active = false WHERE code = 'SPENT-1'",
+        )
+        .execute(&h.pool)
+        .await
+        .unwrap();
+        h.row("SPENT-1").await.unwrap().3.unwrap()
+    };
+    let first = revoke_by_hand().await;
+    // The status names the revocation, for the reissue to copy.
+    let revoked = h
+        .until(&h.ns, "spent-1", "Revoked", |v| {
+            phase(v) == Some(Phase::Revoked)
+        })
+        .await;
+    let status = revoked.status.as_ref().unwrap();
+    let message = &status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap()
+        .message;
+    assert!(
+        message.contains(&format!("spec.reissue.revokedAt: \"{}\"", micros(first))),
+        "{message}"
+    );
+    h.vouchers(&h.ns)
+        .patch(
+            "spent-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"reissue": {"revokedAt": micros(first)}}})),
+        )
+        .await
+        .unwrap();
+    h.until(&h.ns, "spent-1", "Active again", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    // Incident response revokes it again; the standing request names the old revocation.
+    let second = revoke_by_hand().await;
+    assert!(second > first);
+    h.until(&h.ns, "spent-1", "Revoked again", |v| {
+        phase(v) == Some(Phase::Revoked)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, active, _, deleted) = h.row("SPENT-1").await.unwrap();
+    assert_eq!((active, deleted), (false, Some(second)), "stays revoked");
+    assert_eq!(h.audit_kinds("SPENT-1").await, ["created", "reissued"]);
 }
 
 #[tokio::test]

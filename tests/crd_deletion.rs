@@ -45,6 +45,7 @@ async fn deleting_the_crd_orphans_every_code_and_revokes_none() {
             identity: "test".into(),
             concurrency: 4,
             issuers: Issuers::new([ns.clone()]),
+            key_namespace: ns.clone(),
         },
     );
     let stop = CancellationToken::new();

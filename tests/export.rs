@@ -85,7 +85,11 @@ async fn exported_codes_are_adopted_with_their_history() {
     let spring = &vouchers[1];
     assert!(!spring.spec.active);
     // The point of an exported manifest is to take its row over: it asks to.
-    assert!(vouchers.iter().all(|v| v.spec.adopt && !v.spec.reissue));
+    assert!(
+        vouchers
+            .iter()
+            .all(|v| v.spec.adopt && v.spec.reissue.is_none())
+    );
 
     let (db, namespace) = (database.clone(), ns.clone());
     let (with_deleted, _) =
@@ -98,10 +102,19 @@ async fn exported_codes_are_adopted_with_their_history() {
         .find(|v| v.spec.code.as_deref() == Some("OLD-PROMO"))
         .expect("the tombstone, on request");
     assert!(!old.spec.active);
-    assert!(
-        old.spec.reissue && !old.spec.adopt,
-        "a revoked code asks to be reissued"
+    // It asks to bring back this revocation, and no later one: re-applied after another
+    // revoke, the manifest revives nothing.
+    let revoked_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT deleted_at FROM promo_codes WHERE code = 'OLD-PROMO'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        old.spec.reissue.as_ref().map(|r| r.revoked_at),
+        Some(revoked_at),
+        "a revoked code asks to be reissued, naming its revocation"
     );
+    assert!(!old.spec.adopt);
 
     // The round trip: the operator migrates the billing database and adopts.
     let store = Store::from_pool(pool.clone());
@@ -114,6 +127,7 @@ async fn exported_codes_are_adopted_with_their_history() {
         identity: "export".into(),
         concurrency: 2,
         issuers: voucher_operator::domain::Issuers::new([ns.clone()]),
+        key_namespace: ns.clone(),
     };
     let ctx = Context::new(
         client.clone(),

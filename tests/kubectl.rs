@@ -79,6 +79,7 @@ async fn stack() -> Stack {
         identity: "e2e".into(),
         concurrency: 4,
         issuers: voucher_operator::domain::Issuers::new([ns.clone()]),
+        key_namespace: ns.clone(),
     };
     let ctx = Context::new(
         client.clone(),

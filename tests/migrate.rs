@@ -261,7 +261,7 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
     use voucher_operator::domain::{Actor, AuditKind, Code, DeletionPolicy, Owner, Request, Terms};
     use voucher_operator::store::campaigns::{Batch, Chunk, Release, TermsPass};
     use voucher_operator::store::redeem::Redemption;
-    use voucher_operator::store::sync::{Synced, Wanted};
+    use voucher_operator::store::sync::{Released, Synced, Wanted};
     use voucher_operator::store::{DatabaseSettings, Store, outbox};
 
     let grants = include_str!("../src/store/runtime-grants.sql");
@@ -384,12 +384,15 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
     drop(conn);
 
     // Deletion and the admin revoke.
-    store.release_voucher(&code, &me, None).await.unwrap();
+    let revoked = store.release_voucher(&code, &me, None).await.unwrap();
+    let Released::Revoked(Some(tomb)) = revoked else {
+        panic!("revoked: {revoked:?}")
+    };
     store
         .sync_voucher(&Wanted {
             request: Request {
                 adopt: false,
-                reissue: true,
+                reissue: tomb.deleted_at,
             },
             ..wanted(3, &more)
         })

@@ -123,6 +123,7 @@ fn owner(name: &str) -> Owner {
 
 async fn sync(store: &Store, code: &str, who: &Owner, generation: i64, terms: Terms) {
     let code = Code::parse(code).unwrap();
+    let revoked = store.find(&code).await.unwrap().and_then(|r| r.deleted_at);
     store
         .sync_voucher(&Wanted {
             code: &code,
@@ -132,7 +133,7 @@ async fn sync(store: &Store, code: &str, who: &Owner, generation: i64, terms: Te
             // Adopt and reissue when there is something to take.
             request: Request {
                 adopt: true,
-                reissue: true,
+                reissue: revoked,
             },
             deletion_policy: DeletionPolicy::Revoke,
             now: Utc::now(),
@@ -544,6 +545,54 @@ async fn the_events_command_shows_one_codes_events() {
         3,
         "header and two created events: {table}"
     );
+}
+
+#[tokio::test]
+async fn the_events_command_shows_a_campaigns_own_records_as_the_docs_say() {
+    let _serial = NATS.lock().await;
+    let store = store().await;
+    let settings = settings("clicampaign");
+    campaign_records(&store).await;
+    sync(&store, "OTHER-1", &owner("o"), 1, terms(1)).await;
+    let (stop, task) = start_relay(&store, &settings);
+    drained(&store).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+
+    let cli = settings.clone();
+    let json = tokio::task::spawn_blocking(move || {
+        let output = events_command(&cli)
+            .args(["--code", "campaign:audit/camp", "--json", "--tail", "all"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    })
+    .await
+    .unwrap();
+    let events: Vec<Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert!(
+        events.iter().all(|e| e["subject"] == "CAMPAIGN:AUDIT/CAMP"),
+        "{json}"
+    );
+    for kind in [
+        "campaign_generated",
+        "campaign_codes_downloaded",
+        "campaign_revoked",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k.contains(kind)),
+            "{kind} missing: {kinds:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -568,6 +568,57 @@ async fn redeem_answers_each_case_with_its_status() {
 }
 
 #[tokio::test]
+async fn a_repeat_is_answered_as_a_repeat_whatever_the_code_says_now() {
+    let s = start().await;
+    s.seed(
+        "INSERT INTO promo_codes (code, credit_omr, max_redemptions) VALUES \
+         ('ONCE-1', 7, 1), ('TWICE-2', 8, 2), ('LATER-OFF', 9, 0)",
+    )
+    .await;
+    let (alice, bob) = (token("alice", None, 300), token("bob", None, 300));
+    for (who, code) in [
+        (&alice, "ONCE-1"),
+        (&alice, "TWICE-2"),
+        (&bob, "TWICE-2"),
+        (&alice, "LATER-OFF"),
+    ] {
+        let (status, body) = s
+            .redeem(Some(who), json!({"code": code, "tenant_id": "t1"}), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{code}: {body}");
+    }
+    s.seed("UPDATE promo_codes SET active = false WHERE code = 'LATER-OFF'")
+        .await;
+    // Used up by alice herself, used up by others, switched off since: to alice, each is her
+    // own redemption — 409 with the grant, never "fully redeemed" — with a key or without.
+    for (code, credit, key) in [
+        ("ONCE-1", 7, None),
+        ("TWICE-2", 8, None),
+        ("LATER-OFF", 9, None),
+        ("ONCE-1", 7, Some("retry-once-1")),
+    ] {
+        let (status, body) = s.redeem(Some(&alice), json!({"code": code}), key).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{code}: {body}");
+        assert_eq!(
+            (&body["code"], &body["credit_omr"]),
+            (&json!(code), &json!(credit))
+        );
+        assert!(body["redeemed_at"].is_string(), "{body}");
+    }
+    // Anyone else still hears why the code cannot be redeemed.
+    let carol = token("carol", None, 300);
+    let (status, body) = s
+        .redeem(
+            Some(&carol),
+            json!({"code": "ONCE-1", "tenant_id": "t1"}),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::GONE, "{body}");
+    assert_eq!(s.counts("ONCE-1").await, (1, 1, 1));
+}
+
+#[tokio::test]
 async fn tokens_are_checked_strictly() {
     let s = start().await;
     s.seed(SEED).await;
@@ -1653,28 +1704,85 @@ async fn revoke_soft_deletes_a_legacy_code_that_no_voucher_owns() {
 }
 
 #[tokio::test]
-async fn revoke_refuses_a_gitops_owned_voucher() {
+async fn revoke_revokes_a_gitops_owned_voucher_and_keeps_the_resource() {
     let (s, client, ns) = admin_server("gitops").await;
-    bound_voucher(
-        &s,
-        &client,
-        &ns,
-        "from-git",
-        json!({"creditOMR": 5}),
-        json!({"kustomize.toolkit.fluxcd.io/name": "vouchers", "kustomize.toolkit.fluxcd.io/namespace": "flux-system"}),
-    )
-    .await;
-    let (status, body) = revoke(&s, "FROM-GIT").await;
-    assert_eq!(status, StatusCode::CONFLICT);
-    let message = body["error"].as_str().unwrap();
-    assert!(
-        message.contains("Flux Kustomization") && message.contains("Git"),
-        "{message}"
-    );
-    let live: bool = s
-        .scalar("SELECT deleted_at IS NULL FROM promo_codes WHERE code = 'FROM-GIT'")
-        .await;
-    assert!(live, "nothing revoked");
+    let vouchers: kube::Api<voucher_operator::api::Voucher> =
+        kube::Api::namespaced(client.clone(), &ns);
+    // Every marker the GitOps tools set — and a label anyone who edits the Voucher could add,
+    // which must not keep a leaked code alive: the row is revoked whatever it says.
+    for (name, labels, annotations, tool) in [
+        (
+            "flux-ks",
+            json!({"kustomize.toolkit.fluxcd.io/name": "vouchers",
+                           "kustomize.toolkit.fluxcd.io/namespace": "flux-system"}),
+            json!({}),
+            "Flux Kustomization",
+        ),
+        (
+            "flux-hr",
+            json!({"helm.toolkit.fluxcd.io/name": "vouchers"}),
+            json!({}),
+            "Flux HelmRelease",
+        ),
+        (
+            "argo-label",
+            json!({"argocd.argoproj.io/instance": "vouchers"}),
+            json!({}),
+            "Argo CD Application",
+        ),
+        (
+            "argo-tracking",
+            json!({}),
+            json!({"argocd.argoproj.io/tracking-id": "vouchers:catalyst.openova.io/Voucher:x/y"}),
+            "Argo CD Application",
+        ),
+        (
+            "faked",
+            json!({"kustomize.toolkit.fluxcd.io/name": "x"}),
+            json!({}),
+            "Flux Kustomization",
+        ),
+    ] {
+        bound_voucher(&s, &client, &ns, name, json!({"creditOMR": 5}), labels).await;
+        if annotations != json!({}) {
+            vouchers
+                .patch(
+                    name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(json!({"metadata": {"annotations": annotations}})),
+                )
+                .await
+                .unwrap();
+        }
+        let code = name.to_ascii_uppercase();
+        let (status, body) = revoke(&s, &code).await;
+        assert_eq!(status, StatusCode::OK, "{name}: {body}");
+        assert_eq!(body["revoked"], true, "{body}");
+        assert_eq!(body["voucher"], format!("{ns}/{name}"), "{body}");
+        assert_eq!(body["voucher_deleted"], false, "{body}");
+        let note = body["note"].as_str().unwrap();
+        assert!(
+            note.contains(tool) && note.contains("phase Revoked"),
+            "{name}: {note}"
+        );
+        let revoked: bool = sqlx::query_scalar(
+            "SELECT deleted_at IS NOT NULL AND NOT active FROM promo_codes WHERE code = $1",
+        )
+        .bind(&code)
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+        assert!(revoked, "{name}: the row is revoked");
+        assert!(
+            vouchers.get_opt(name).await.unwrap().is_some(),
+            "{name}: the Voucher stays (Git would re-create it)"
+        );
+        assert_eq!(
+            s.preview(&format!(r#"{{"code": "{code}"}}"#)).await.0,
+            StatusCode::NOT_FOUND,
+            "{name}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -145,10 +145,10 @@ async fn soft_delete_hides_the_code_and_apply_resurrects_it_with_its_counter() {
     assert_eq!(live, back.after);
 }
 
-/// Adoption and reissue both asked for.
+/// Adoption asked for (a reissue must name its tombstone: see below).
 const ASK: Request = Request {
     adopt: true,
-    reissue: true,
+    reissue: None,
 };
 
 fn bound(generation: i64) -> Bound {
@@ -230,22 +230,32 @@ async fn claim_creates_adopts_keeps_and_detects_conflicts() {
         Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap()
     );
 
-    // A tombstone: reissue, when asked; never by itself.
-    promo_codes::soft_delete(&mut conn, &legacy).await.unwrap();
+    // A tombstone: reissue, when asked for this very revocation; never by itself.
+    let tomb = promo_codes::soft_delete(&mut conn, &legacy)
+        .await
+        .unwrap()
+        .unwrap();
+    let revoked_at = tomb.deleted_at.unwrap();
+    let reissue = Request {
+        adopt: false,
+        reissue: Some(revoked_at),
+    };
     assert_eq!(
-        bindings::claim(&mut conn, &legacy, &b, ASK)
+        bindings::claim(&mut conn, &legacy, &b, reissue)
             .await
             .unwrap()
             .claim,
         Claim::Reissue
     );
-    assert_eq!(
-        bindings::claim(&mut conn, &legacy, &b, Request::default())
-            .await
-            .unwrap()
-            .claim,
-        Claim::NotRequested(Unrequested::Reissue)
-    );
+    for other in [Request::default(), ASK] {
+        assert_eq!(
+            bindings::claim(&mut conn, &legacy, &b, other)
+                .await
+                .unwrap()
+                .claim,
+            Claim::NotRequested(Unrequested::Reissue { revoked_at })
+        );
+    }
 
     // Released bindings free the code for another resource.
     assert!(!bindings::release(&mut conn, &fresh, "b").await.unwrap());

@@ -52,6 +52,7 @@ pub(super) async fn run_controller(
             identity: identity.clone(),
             concurrency: options.concurrency,
             issuers: crate::domain::Issuers::new(&options.issuer_namespaces),
+            key_namespace: options.campaign_key_namespace.clone(),
         },
         audit.audit_relay.then(|| audit.settings()),
         &mut registry,
@@ -90,6 +91,7 @@ pub(super) async fn run_server(
 
     let auth = auth::AuthSettings {
         hs256_secret: options.jwt_hs256_secret.clone(),
+        hs256_previous_secret: options.jwt_hs256_previous_secret.clone(),
         jwks_url: options.jwks_url.clone(),
         issuer: options.jwt_issuer.clone(),
         audience: options.jwt_audience.clone(),
@@ -138,11 +140,11 @@ pub(super) async fn print_events(options: EventsOptions) -> anyhow::Result<()> {
     let code = options
         .code
         .as_deref()
-        .map(crate::domain::Code::parse)
+        .map(super::events::subject_of)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--code: {e}"))?;
     let query = crate::relay::EventQuery {
-        code: code.map(|c| c.to_string()),
+        code,
         kind: options.kind.clone(),
         since: options.since,
         follow: options.follow,
@@ -278,7 +280,7 @@ pub(super) async fn campaign_codes(options: CampaignCodesOptions) -> anyhow::Res
     };
     let owner = campaign::owner(&found)?;
     let count = u32::try_from(found.spec.count).unwrap_or_default();
-    let generator = campaign::generator(&client, &found, &owner, count)
+    let generator = campaign::generator(&client, &options.key_namespace, &found, &owner, count)
         .await
         .map_err(|why| anyhow::anyhow!(why))?;
     let store = Store::connect(&DatabaseSettings {
@@ -301,9 +303,10 @@ pub(super) async fn campaign_codes(options: CampaignCodesOptions) -> anyhow::Res
             .is_some_and(|f| f != generator.fingerprint())
     {
         anyhow::bail!(
-            "the key in the Secret {namespace}/{} is not the one that generated the codes of \
+            "the key in the Secret {}/{} is not the one that generated the codes of \
              VoucherCampaign {namespace}/{name}; put that key back (or download the codes from \
              the admin endpoint, which needs no key)",
+            options.key_namespace,
             found.spec.key_secret_ref.name
         );
     }

@@ -12,6 +12,35 @@ use crate::relay::EventSink;
 /// Widest ACTOR column; longer actors are shortened with "…".
 const ACTOR_WIDTH: usize = 40;
 
+/// The event subject `--code` asks for: a code, or `campaign:<namespace>/<name>` for a
+/// campaign's own records (whose subject is `CAMPAIGN:<NAMESPACE>/<NAME>`).
+pub(super) fn subject_of(wanted: &str) -> Result<String, String> {
+    let trimmed = wanted.trim();
+    let campaign = trimmed
+        .get(..9)
+        .filter(|p| p.eq_ignore_ascii_case("campaign:"))
+        .map(|_| &trimmed[9..]);
+    let Some(campaign) = campaign else {
+        return crate::domain::Code::parse(wanted)
+            .map(|c| c.to_string())
+            .map_err(|e| e.to_string());
+    };
+    // Both parts are DNS labels: nothing a subject filter would read as a wildcard.
+    let label = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 63
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    match campaign.split_once('/') {
+        Some((namespace, name)) if label(namespace) && label(name) => {
+            Ok(crate::domain::campaign::subject(namespace, name))
+        }
+        _ => Err(format!(
+            "{wanted:?} is not campaign:<namespace>/<name>, e.g. campaign:billing/bill-2027"
+        )),
+    }
+}
+
 /// One event as a row: time, code, type, actor, reason.
 struct Row([String; 5]);
 
@@ -110,8 +139,28 @@ fn shorten(text: &str, width: usize) -> String {
     format!("{kept}…")
 }
 
+impl<W: Write> EventTable<W> {
+    /// Columns fixed before any event is seen: wide enough for times, the
+    /// usual codes and every type; the actor shortened as always.
+    fn streaming_widths(&self) -> [usize; 4] {
+        let time = if self.utc { 20 } else { 25 };
+        [time, 16, "drift_corrected".len(), ACTOR_WIDTH]
+    }
+}
+
 impl<W: Write> EventSink for EventTable<W> {
     fn event(&mut self, event: &Value) -> std::io::Result<()> {
+        // `--tail all` keeps nothing back: every event is printed as it
+        // comes, in columns fixed up front (holding a whole stream in memory
+        // to measure it would grow without bound).
+        if self.widths.is_none() && self.tail == usize::MAX {
+            let widths = self.streaming_widths();
+            self.widths = Some(widths);
+            if !self.json {
+                let header = Row(["TIME", "CODE", "TYPE", "ACTOR", "REASON"].map(String::from));
+                self.print_row(&header, widths)?;
+            }
+        }
         if self.widths.is_some() {
             self.print(event)?;
             return self.out.flush();
@@ -200,5 +249,53 @@ mod tests {
             "a long actor is shortened: {}",
             lines[2]
         );
+    }
+
+    #[test]
+    fn a_campaign_is_asked_for_by_namespace_and_name() {
+        assert_eq!(
+            subject_of("campaign:billing/bill-2027").unwrap(),
+            "CAMPAIGN:BILLING/BILL-2027"
+        );
+        assert_eq!(
+            subject_of(" Campaign:billing/bill-2027 ").unwrap(),
+            "CAMPAIGN:BILLING/BILL-2027"
+        );
+        assert_eq!(subject_of(" launch-50 ").unwrap(), "LAUNCH-50");
+        for wrong in [
+            "campaign:billing",
+            "campaign:billing/*",
+            "campaign:/x",
+            "campaign:a/b.c",
+        ] {
+            assert!(
+                subject_of(wrong)
+                    .unwrap_err()
+                    .contains("campaign:<namespace>/<name>"),
+                "{wrong}"
+            );
+        }
+        assert!(subject_of("a b").is_err());
+    }
+
+    #[test]
+    fn tail_all_prints_each_event_as_it_comes_and_keeps_none() {
+        let mut table = EventTable::new(Vec::new(), false, true, usize::MAX);
+        table.event(&event("FIRST-1", "a")).unwrap();
+        // Printed before the stream is caught up, and nothing held back.
+        assert!(table.kept.is_empty());
+        let text = String::from_utf8(table.out.clone()).unwrap();
+        assert!(text.starts_with("TIME"), "{text}");
+        assert!(text.contains("FIRST-1"), "{text}");
+        table.event(&event("SECOND-2", "b")).unwrap();
+        table.caught_up().unwrap();
+        assert!(table.kept.is_empty());
+        let text = String::from_utf8(table.out).unwrap();
+        assert_eq!(
+            text.lines().count(),
+            3,
+            "the header once, then both: {text}"
+        );
+        assert_eq!(table.printed, 2);
     }
 }

@@ -167,6 +167,12 @@ pub struct ControllerOptions {
     )]
     pub issuer_namespaces: Vec<String>,
 
+    /// Namespace of the Secrets holding campaigns' generator keys (spec.keySecretRef names one
+    /// there): the controller reads Secrets there only, so keep it for keys alone — never the
+    /// operator's own namespace, whose Secrets hold its credentials.
+    #[arg(long, env = "CAMPAIGN_KEY_NAMESPACE", default_value = DEFAULT_KEY_NAMESPACE)]
+    pub campaign_key_namespace: String,
+
     /// How many Vouchers are reconciled at once.
     #[arg(long, env = "CONTROLLER_CONCURRENCY", default_value_t = 8,
           value_parser = clap::value_parser!(u16).range(1..))]
@@ -294,6 +300,10 @@ pub struct CampaignCodesOptions {
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
 
+    /// Namespace of the generator key's Secret, as the controller's --campaign-key-namespace.
+    #[arg(long, env = "CAMPAIGN_KEY_NAMESPACE", default_value = DEFAULT_KEY_NAMESPACE)]
+    pub key_namespace: String,
+
     /// Index of the first code to print (codes are numbered from 0).
     #[arg(long, default_value_t = 0)]
     pub from: u32,
@@ -380,6 +390,9 @@ fn parse_cidr(value: &str) -> Result<ipnet::IpNet, String> {
             Err(_) => format!("{value:?} is not a CIDR such as 10.0.0.0/8 or 10.0.0.5/32"),
         })
 }
+
+/// Where campaigns' generator keys are, unless configured (the chart's default too).
+pub const DEFAULT_KEY_NAMESPACE: &str = "voucher-campaign-keys";
 
 /// `--tail`: a positive number, or `all`.
 fn parse_tail(value: &str) -> Result<usize, String> {
@@ -514,6 +527,11 @@ pub struct ServerOptions {
     #[arg(long, env = "JWT_HS256_SECRET", hide_env_values = true)]
     pub jwt_hs256_secret: Option<String>,
 
+    /// The HS256 secret before --jwt-hs256-secret, accepted too while a rotation is under way
+    /// (same strength rule); remove it once every signer uses the new one.
+    #[arg(long, env = "JWT_HS256_PREVIOUS_SECRET", hide_env_values = true)]
+    pub jwt_hs256_previous_secret: Option<String>,
+
     /// JWKS URL whose keys verify RS256/ES256 bearer tokens (Keycloak:
     /// https://<host>/realms/<realm>/protocol/openid-connect/certs).
     #[arg(long, env = "JWKS_URL", value_parser = parse_http_url)]
@@ -537,7 +555,7 @@ pub struct ServerOptions {
     #[arg(long, env = "JWT_HS256_AUDIENCE")]
     pub jwt_hs256_audience: Option<String>,
 
-    /// Clock skew allowed when checking `exp` and `nbf`.
+    /// Clock skew allowed when checking `exp` and `nbf` (at most 5m).
     #[arg(long, env = "JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
     pub jwt_leeway: Duration,
 

@@ -358,12 +358,13 @@ fn differs(current: Option<&VoucherCampaignStatus>, wanted: &VoucherCampaignStat
 /// campaign has already, which only the same key derives again.
 pub async fn generator(
     client: &kube::Client,
+    key_namespace: &str,
     campaign: &VoucherCampaign,
     owner: &Owner,
     issued: u32,
 ) -> Result<Generator, String> {
     let reference = &campaign.spec.key_secret_ref;
-    let (namespace, name, key) = (&owner.namespace, &reference.name, &reference.key);
+    let (namespace, name, key) = (key_namespace, &reference.name, &reference.key);
     let create = if issued == 0 {
         format!(
             "create it with: kubectl create secret generic {name} -n {namespace} \
@@ -386,8 +387,8 @@ pub async fn generator(
         Err(kube::Error::Api(status)) if status.code == 403 => {
             return Err(format!(
                 "the Secret {namespace}/{name} may not be read: the controller's service account \
-                 needs get on secrets in {namespace} (the chart grants it in every issuer \
-                 namespace)"
+                 needs get on secrets in {namespace} (the chart grants it in \
+                 campaigns.keyNamespace, and there only)"
             ));
         }
         Err(error) => {
@@ -403,14 +404,17 @@ pub async fn generator(
         ));
     };
     let spec = &campaign.spec;
-    Generator::new(
-        &bytes.0,
-        namespace,
-        &owner.name,
-        &spec.prefix,
-        usize::try_from(spec.code_length).unwrap_or_default(),
-    )
-    .map_err(|error| {
+    let length = usize::try_from(spec.code_length).unwrap_or_default();
+    // A campaign created before the API server checked it: no more codes
+    // than its length keeps out of a guesser's reach.
+    let count = u32::try_from(spec.count).unwrap_or_default();
+    crate::domain::campaign::check_guessing(count.max(issued), length).map_err(|error| {
+        format!(
+            "the campaign cannot generate more codes: {error}; codeLength cannot change, so create \
+             a new campaign for the rest"
+        )
+    })?;
+    Generator::new(&bytes.0, &owner.namespace, &owner.name, &spec.prefix, length).map_err(|error| {
         format!(
             "the campaign cannot generate codes from the Secret {namespace}/{name}: {error}; {create}"
         )
@@ -568,7 +572,14 @@ impl Context {
         }
         if progress.generated < count {
             // More codes, a chunk per transaction, for one slice: only now is the key needed.
-            let generator = match generator(&self.client, campaign, owner, progress.generated).await
+            let generator = match generator(
+                &self.client,
+                &self.settings.key_namespace,
+                campaign,
+                owner,
+                progress.generated,
+            )
+            .await
             {
                 Ok(generator) => generator,
                 Err(why) => {

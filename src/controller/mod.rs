@@ -101,6 +101,9 @@ pub struct Settings {
     pub concurrency: u16,
     /// Namespaces whose Vouchers may claim codes.
     pub issuers: Issuers,
+    /// Namespace of the campaigns' generator-key Secrets, the only one whose
+    /// Secrets the controller reads.
+    pub key_namespace: String,
 }
 
 /// What every reconcile shares.

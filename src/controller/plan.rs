@@ -140,8 +140,9 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
         }
         Found::Synced(Synced::NotRequested(what)) => {
             let code = code.map(Code::as_str).unwrap_or_default();
-            let (reason, message) = match what {
+            let (phase, reason, message) = match what {
                 Unrequested::Adopt => (
+                    Phase::Conflict,
                     "AdoptionNotRequested",
                     format!(
                         "code {code} exists in the billing database without an owner; nothing was \
@@ -149,19 +150,24 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
                          (allowed only to those the admission policy names)"
                     ),
                 ),
-                Unrequested::Reissue => (
-                    "ReissueNotRequested",
-                    format!(
-                        "code {code} was revoked; nothing was written. To bring it back with its \
-                         redemptions, set spec.reissue: true (allowed only to those the admission \
-                         policy names)"
-                    ),
-                ),
+                Unrequested::Reissue { revoked_at } => {
+                    let at = revoked_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                    (
+                        Phase::Revoked,
+                        "Revoked",
+                        format!(
+                            "code {code} was revoked at {at} (the admin revoke, the billing admin \
+                             page or by hand) and stays revoked; nothing was written. To bring it \
+                             back with its redemptions, set spec.reissue.revokedAt: \"{at}\" \
+                             (allowed only to those the admission policy names)"
+                        ),
+                    )
+                }
             };
             // The row can change without this resource changing: look again.
             Plan {
                 next: Next::After(resync),
-                ..refused(Phase::Conflict, reason, message, &seen)
+                ..refused(phase, reason, message, &seen)
             }
         }
         Found::DatabaseUnavailable(error) => Plan {
@@ -342,6 +348,7 @@ mod tests {
             times_redeemed: 0,
             created_at: Utc::now(),
             deleted_at: None,
+            campaign: false,
         }
     }
 

@@ -98,11 +98,13 @@ fn phase_message(record: &CodeRecord, phase: Phase) -> (&'static str, String) {
             "{code} reached its cap of {} redemptions",
             record.terms.max_redemptions
         ),
-        Phase::Conflict | Phase::Forbidden | Phase::Error => String::new(),
+        Phase::Conflict | Phase::Forbidden | Phase::Revoked | Phase::Error => String::new(),
     };
     // Ready's reason names the phase that keeps a synced code from being redeemed.
     let reason = match phase {
-        Phase::Active | Phase::Conflict | Phase::Forbidden | Phase::Error => "Reconciled",
+        Phase::Active | Phase::Conflict | Phase::Forbidden | Phase::Revoked | Phase::Error => {
+            "Reconciled"
+        }
         waiting => waiting.as_str(),
     };
     (reason, message)
@@ -147,7 +149,7 @@ fn said<'a>(outcome: Outcome<'a>, previous: Option<&VoucherStatus>) -> Said<'a> 
                 status: false,
                 reason: CODE_CONFLICT,
                 message: format!(
-                    "code {code} is owned by Voucher {holder}; this resource changes nothing. Once that one is gone, the code is revoked or unowned and stays so until a Voucher asks for it (spec.reissue or spec.adopt)"
+                    "code {code} is owned by Voucher {holder}; this resource changes nothing. Once that one is gone, the code is revoked or unowned and stays so until a Voucher asks for it (spec.reissue.revokedAt or spec.adopt)"
                 ),
             };
             Said {
@@ -254,6 +256,7 @@ mod tests {
             times_redeemed: times,
             created_at: Utc::now(),
             deleted_at: None,
+            campaign: false,
         }
     }
 

@@ -10,14 +10,13 @@ use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::ToSchema;
 
 use super::auth::Principal;
 use super::body::JsonBody;
 use super::error::{ErrorBody, HttpError};
 use super::{AppState, Peer};
-use crate::api::{DeletionPolicy, Voucher, VoucherSpec};
+use crate::api::{DeletionPolicy, Reissue, Voucher, VoucherSpec};
 use crate::domain::{Code, CodeRecord};
 
 /// The field manager of Vouchers written through the admin endpoints.
@@ -166,7 +165,7 @@ pub async fn issue(
     // revoked) means to take it over, as the billing service's issue did: the
     // Voucher asks for exactly what this code needs now, and nothing more.
     let existing = state.store.find(&code).await?;
-    let revoked = existing.as_ref().is_some_and(|r| r.is_tombstoned());
+    let revoked_at = existing.as_ref().and_then(|r| r.deleted_at);
     let spec = VoucherSpec {
         code: Some(code.to_string()),
         credit_omr: request.credit_omr,
@@ -176,8 +175,9 @@ pub async fn issue(
         valid_from: None,
         expires_at: None,
         deletion_policy: DeletionPolicy::default(),
-        adopt: existing.is_some() && !revoked,
-        reissue: revoked,
+        adopt: existing.is_some() && revoked_at.is_none(),
+        // This revocation only: the manifest cannot undo a later one.
+        reissue: revoked_at.map(|revoked_at| Reissue { revoked_at }),
     };
     spec.terms()
         .validate()
@@ -246,19 +246,17 @@ pub async fn list(
     Ok(Json(rows.into_iter().map(PromoCode::from).collect()))
 }
 
-/// Revoke a code: soft-delete its row (whatever the deletion policy), then delete its Voucher
+/// Revoke a code: soft-delete its row (whatever the deletion policy or owner), then delete its Voucher unless GitOps owns it
 #[utoipa::path(
     delete,
     path = "/billing/vouchers/revoke/{code}",
     params(("code" = String, Path, description = "The code; trimmed and upper-cased")),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The code was revoked and its Voucher deleted"),
+        (status = 200, description = "The code was revoked; its Voucher deleted, or kept (phase Revoked) when GitOps owns it", body = RevokeAnswer),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Not an administrator", body = ErrorBody),
         (status = 404, description = "No such code", body = ErrorBody),
-        (status = 409, description = "The owning Voucher is managed by GitOps: remove it from Git", body = ErrorBody),
-        (status = 503, description = "The Kubernetes API is unreachable", body = ErrorBody),
     )
 )]
 pub async fn revoke(
@@ -266,58 +264,91 @@ pub async fn revoke(
     peer: Peer,
     headers: HeaderMap,
     Path(code): Path<String>,
-) -> Result<Json<serde_json::Value>, HttpError> {
+) -> Result<Json<RevokeAnswer>, HttpError> {
     let principal = admin(&state, peer, &headers).await?;
     let code = Code::parse(&code).map_err(|e| HttpError::bad_request(e.to_string()))?;
-    // A Voucher that Git owns would be re-created by Flux: it must be removed there.
-    let bound = state.store.owner_of(&code).await?;
-    // The Voucher goes first (this very one: a uid precondition), so that it
-    // cannot bring the code back after the revoke; its finalizer finds the
-    // code released, or releases it as its policy says before the revoke
-    // below makes the row revoked regardless. A Voucher that Git owns would
-    // be re-created: it must be removed there.
-    if let Some(owner) = &bound {
-        let api = vouchers(&state, &owner.namespace)?;
-        let found = api.get_opt(&owner.name).await.map_err(kube_error)?;
-        if let Some(voucher) = found.filter(|v| v.metadata.uid.as_deref() == Some(&owner.uid)) {
-            if let Some(gitops) = gitops_owner(&voucher) {
-                return Err(HttpError::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "the Voucher {owner} owning code {code} is managed by {gitops}; remove it \
-                         from Git (or set spec.active: false there) instead"
-                    ),
-                ));
-            }
-            let this_one = DeleteParams {
-                preconditions: Some(kube::api::Preconditions {
-                    uid: Some(owner.uid.clone()),
-                    resource_version: None,
-                }),
-                ..DeleteParams::default()
-            };
-            match api.delete(&owner.name, &this_one).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(other) => return Err(kube_error(other)),
-            }
-        }
-    }
-    // Whatever the Voucher's deletionPolicy: soft-deleted, with its audit record.
-    let revocation = state.store.revoke(&code, &principal.subject).await?;
-    if revocation.is_none() && bound.is_none() {
+    // The row first, whoever owns it: a leaked code stops now, whatever the
+    // Kubernetes API or a label on the Voucher says. Its Voucher cannot bring
+    // it back: only a reissue naming this very revocation could.
+    let Some(revocation) = state.store.revoke(&code, &principal.subject).await? else {
         return Err(HttpError::new(
             StatusCode::NOT_FOUND,
             format!("no such code {code}"),
         ));
-    }
-    // Nothing left to revoke after the Voucher went: its own deletion revoked it.
-    let Some(owner) = revocation.and_then(|r| r.owner).or(bound) else {
-        return Ok(Json(json!({"code": code.as_str(), "revoked": true})));
     };
-    Ok(Json(
-        json!({"code": code.as_str(), "revoked": true, "voucher": format!("{}/{}", owner.namespace, owner.name)}),
-    ))
+    let mut answer = RevokeAnswer {
+        code: code.to_string(),
+        revoked: true,
+        voucher: None,
+        voucher_deleted: None,
+        note: None,
+    };
+    if let Some(owner) = revocation.owner {
+        answer.voucher = Some(owner.to_string());
+        answer.voucher_deleted = Some(false);
+        match delete_unless_gitops(&state, &owner).await {
+            Ok(None) => answer.voucher_deleted = Some(true),
+            Ok(Some(note)) => answer.note = Some(note),
+            Err(error) => {
+                tracing::warn!(voucher = %owner, error = %error.message,
+                    "the code is revoked, but its Voucher could not be deleted");
+                answer.note = Some(format!(
+                    "the code is revoked; its Voucher {owner} was not deleted ({}), and shows \
+                     phase Revoked until it is",
+                    error.message
+                ));
+            }
+        }
+    }
+    Ok(Json(answer))
+}
+
+/// What the admin revoke did.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RevokeAnswer {
+    pub code: String,
+    pub revoked: bool,
+    /// The Voucher the code was bound to, `namespace/name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voucher: Option<String>,
+    /// Whether that Voucher was deleted (not when GitOps owns it: Git would re-create it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voucher_deleted: Option<bool>,
+    /// Why the Voucher was kept, and what to do about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Deletes the Voucher `owner` (this very one: a uid precondition) unless
+/// GitOps manages it; `Some(why)` when it was kept. Whatever it says, the
+/// code is already revoked: a kept Voucher shows phase Revoked.
+async fn delete_unless_gitops(
+    state: &AppState,
+    owner: &crate::domain::Owner,
+) -> Result<Option<String>, HttpError> {
+    let api = vouchers(state, &owner.namespace)?;
+    let found = api.get_opt(&owner.name).await.map_err(kube_error)?;
+    let Some(voucher) = found.filter(|v| v.metadata.uid.as_deref() == Some(&owner.uid)) else {
+        return Ok(None);
+    };
+    if let Some(gitops) = gitops_owner(&voucher) {
+        return Ok(Some(format!(
+            "the Voucher {owner} is managed by {gitops}, which would re-create it: it stays, with \
+             phase Revoked; remove it from Git when the code should go for good"
+        )));
+    }
+    let this_one = DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: Some(owner.uid.clone()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(&owner.name, &this_one).await {
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+        Err(other) => Err(kube_error(other)),
+    }
 }
 
 /// Which of a campaign's codes a download asks for: `?from=&limit=`.

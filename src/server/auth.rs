@@ -16,6 +16,9 @@ use serde::Deserialize;
 #[derive(Clone, Debug, Default)]
 pub struct AuthSettings {
     pub hs256_secret: Option<String>,
+    /// The secret before the current one, accepted too while a rotation is
+    /// under way (every signer moved to the new one): then removed.
+    pub hs256_previous_secret: Option<String>,
     pub jwks_url: Option<String>,
     /// The `iss` and `aud` tokens must carry: the JWKS's (required with it),
     /// and the HS256 tokens' unless these have their own below.
@@ -25,7 +28,7 @@ pub struct AuthSettings {
     /// differ from the identity provider's.
     pub hs256_issuer: Option<String>,
     pub hs256_audience: Option<String>,
-    /// Allowed clock skew for `exp` and `nbf`.
+    /// Allowed clock skew for `exp` and `nbf` (at most [`MAX_LEEWAY`]).
     pub leeway: Duration,
     /// The claim that names the customer's tenant, when the identity
     /// provider sets one: it then wins over what the request body says.
@@ -51,6 +54,9 @@ impl Principal {
     }
 }
 
+/// The largest clock skew allowed: more would keep expired tokens alive.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+
 /// Shortest HS256 secret accepted, in bytes: a key as long as the hash
 /// (RFC 7518, section 3.2); a shorter one can be guessed offline from any token.
 pub const MIN_HS256_SECRET: usize = 32;
@@ -61,10 +67,18 @@ pub enum AuthConfigError {
     #[error("no way to check bearer tokens: set JWT_HS256_SECRET and/or JWKS_URL")]
     Nothing,
     #[error(
-        "the HS256 secret has {0} bytes; at least {MIN_HS256_SECRET} are needed, or anyone could \
-         guess it and sign admin tokens (generate one with: openssl rand -base64 48)"
+        "the {0} has {1} bytes; at least {MIN_HS256_SECRET} are needed, or anyone could guess it \
+         and sign admin tokens (generate one with: openssl rand -base64 48)"
     )]
-    WeakSecret(usize),
+    WeakSecret(&'static str, usize),
+    #[error(
+        "JWT_HS256_PREVIOUS_SECRET is set without JWT_HS256_SECRET: a rotation needs the new secret too"
+    )]
+    PreviousWithoutCurrent,
+    #[error(
+        "JWT_LEEWAY is {0:?}; at most {MAX_LEEWAY:?} is allowed, or expired tokens would stay valid that much longer"
+    )]
+    Leeway(Duration),
     #[error(
         "JWKS_URL needs JWT_ISSUER and JWT_AUDIENCE: without them a token of any realm, issued \
          for any other service, would be accepted"
@@ -176,7 +190,8 @@ impl Jwks {
 
 pub struct Verifier {
     settings: AuthSettings,
-    hs256: Option<DecodingKey>,
+    /// The current HS256 key, then the previous one during a rotation.
+    hs256: Vec<DecodingKey>,
     jwks: RwLock<Jwks>,
     /// One fetch in flight: concurrent requests wait for it, then read its keys.
     fetching: tokio::sync::Mutex<()>,
@@ -198,19 +213,31 @@ impl Verifier {
         if settings.hs256_secret.is_none() && settings.jwks_url.is_none() {
             return Err(AuthConfigError::Nothing);
         }
-        if let Some(secret) = &settings.hs256_secret
-            && secret.len() < MIN_HS256_SECRET
-        {
-            return Err(AuthConfigError::WeakSecret(secret.len()));
+        for (name, secret) in [
+            ("HS256 secret", &settings.hs256_secret),
+            ("previous HS256 secret", &settings.hs256_previous_secret),
+        ] {
+            if let Some(secret) = secret
+                && secret.len() < MIN_HS256_SECRET
+            {
+                return Err(AuthConfigError::WeakSecret(name, secret.len()));
+            }
+        }
+        if settings.hs256_previous_secret.is_some() && settings.hs256_secret.is_none() {
+            return Err(AuthConfigError::PreviousWithoutCurrent);
+        }
+        if settings.leeway > MAX_LEEWAY {
+            return Err(AuthConfigError::Leeway(settings.leeway));
         }
         if settings.jwks_url.is_some() && (settings.issuer.is_none() || settings.audience.is_none())
         {
             return Err(AuthConfigError::JwksWithoutIssuerAndAudience);
         }
-        let hs256 = settings
-            .hs256_secret
-            .as_ref()
-            .map(|s| DecodingKey::from_secret(s.as_bytes()));
+        let hs256 = [&settings.hs256_secret, &settings.hs256_previous_secret]
+            .into_iter()
+            .flatten()
+            .map(|s| DecodingKey::from_secret(s.as_bytes()))
+            .collect();
         Ok(Self {
             settings,
             hs256,
@@ -227,9 +254,9 @@ impl Verifier {
         let mut validation = Validation::new(algorithm);
         validation.leeway = self.settings.leeway.as_secs();
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
         // Each key source has its own issuer and audience (HS256 falls back
-        // to the shared ones).
+        // to the shared ones). A configured one is required: the library
+        // compares `iss` and `aud` only when a token carries them.
         let settings = &self.settings;
         let (issuer, audience) = match algorithm {
             Algorithm::HS256 => (
@@ -241,13 +268,19 @@ impl Verifier {
             ),
             _ => (settings.issuer.as_ref(), settings.audience.as_ref()),
         };
+        let mut required = vec!["exp", "sub"];
         match audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(issuer) = issuer {
             validation.set_issuer(&[issuer]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         validation
     }
 
@@ -263,19 +296,17 @@ impl Verifier {
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Missing)?;
         let header = decode_header(token).map_err(|e| AuthError::Invalid(explain(&e)))?;
-        let key = match header.alg {
-            Algorithm::HS256 => self
-                .hs256
-                .clone()
-                .ok_or_else(|| AuthError::Algorithm("HS256".into()))?,
+        let keys = match header.alg {
+            Algorithm::HS256 if self.hs256.is_empty() => {
+                return Err(AuthError::Algorithm("HS256".into()));
+            }
+            Algorithm::HS256 => self.hs256.clone(),
             Algorithm::RS256 | Algorithm::ES256 => {
-                self.jwks_key(header.kid.as_deref(), header.alg).await?
+                vec![self.jwks_key(header.kid.as_deref(), header.alg).await?]
             }
             other => return Err(AuthError::Algorithm(format!("{other:?}"))),
         };
-        let data = decode::<Claims>(token, &key, &self.validation(header.alg))
-            .map_err(|e| AuthError::Invalid(explain(&e)))?;
-        let claims = data.claims;
+        let claims = self.decode(token, &keys, header.alg)?;
         let subject = claims
             .sub
             .filter(|s| !s.is_empty())
@@ -286,19 +317,49 @@ impl Verifier {
             Some(Roles::Many(more)) => roles.extend(more),
             None => {}
         }
-        let tenant = self
-            .settings
-            .tenant_claim
-            .as_ref()
-            .and_then(|name| claims.other.get(name))
-            .and_then(|value| value.as_str())
-            .map(str::to_owned);
+        let tenant = match self.settings.tenant_claim.as_ref() {
+            Some(name) => match claims.other.get(name) {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(tenant)) => Some(tenant.clone()),
+                // Never fall back to the body's tenant_id for a token that says something else.
+                Some(_) => {
+                    return Err(AuthError::Invalid(format!(
+                        "the token's {name} claim must be a string (the tenant's id)"
+                    )));
+                }
+            },
+            None => None,
+        };
         Ok(Principal {
             subject,
             email: claims.email.unwrap_or_default(),
             roles,
             tenant,
         })
+    }
+
+    /// The claims of `token`, verified with the first of `keys` whose
+    /// signature matches (the current HS256 secret, then the previous one).
+    fn decode(
+        &self,
+        token: &str,
+        keys: &[DecodingKey],
+        alg: Algorithm,
+    ) -> Result<Claims, AuthError> {
+        use jsonwebtoken::errors::ErrorKind;
+        let validation = self.validation(alg);
+        let mut last = None;
+        for key in keys {
+            match decode::<Claims>(token, key, &validation) {
+                Ok(data) => return Ok(data.claims),
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => last = Some(e),
+                Err(e) => return Err(AuthError::Invalid(explain(&e))),
+            }
+        }
+        Err(AuthError::Invalid(last.map_or_else(
+            || "the token could not be verified".into(),
+            |e| explain(&e),
+        )))
     }
 
     async fn jwks_key(&self, kid: Option<&str>, alg: Algorithm) -> Result<DecodingKey, AuthError> {
@@ -458,18 +519,162 @@ mod tests {
             hs256_secret: Some(s.into()),
             ..Default::default()
         };
-        assert_eq!(with(secret("")), Err(AuthConfigError::WeakSecret(0)));
+        const CURRENT: &str = "HS256 secret";
+        assert_eq!(
+            with(secret("")),
+            Err(AuthConfigError::WeakSecret(CURRENT, 0))
+        );
         assert_eq!(
             with(secret(&"x".repeat(MIN_HS256_SECRET - 1))),
-            Err(AuthConfigError::WeakSecret(MIN_HS256_SECRET - 1))
+            Err(AuthConfigError::WeakSecret(CURRENT, MIN_HS256_SECRET - 1))
         );
         assert_eq!(with(secret(&"x".repeat(MIN_HS256_SECRET))), Ok(()));
         assert_eq!(with(AuthSettings::default()), Err(AuthConfigError::Nothing));
         assert!(
-            AuthConfigError::WeakSecret(0)
+            AuthConfigError::WeakSecret(CURRENT, 0)
                 .to_string()
                 .contains("openssl rand")
         );
+        // The previous secret of a rotation is held to the same rule.
+        assert_eq!(
+            with(AuthSettings {
+                hs256_previous_secret: Some("short".into()),
+                ..secret(&"x".repeat(MIN_HS256_SECRET))
+            }),
+            Err(AuthConfigError::WeakSecret("previous HS256 secret", 5))
+        );
+        assert_eq!(
+            with(AuthSettings {
+                hs256_previous_secret: Some("p".repeat(MIN_HS256_SECRET)),
+                jwks_url: Some("https://keycloak.example/certs".into()),
+                issuer: Some("i".into()),
+                audience: Some("a".into()),
+                ..Default::default()
+            }),
+            Err(AuthConfigError::PreviousWithoutCurrent)
+        );
+    }
+
+    #[test]
+    fn a_leeway_beyond_five_minutes_stops_the_start() {
+        let leeway = |secs| AuthSettings {
+            hs256_secret: Some("x".repeat(MIN_HS256_SECRET)),
+            leeway: Duration::from_secs(secs),
+            ..Default::default()
+        };
+        assert_eq!(with(leeway(300)), Ok(()));
+        assert_eq!(
+            with(leeway(301)),
+            Err(AuthConfigError::Leeway(Duration::from_secs(301)))
+        );
+    }
+
+    /// A bearer header with an HS256 token of `claims`, signed with `secret`.
+    fn bearer(secret: &str, claims: serde_json::Value) -> http::HeaderMap {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        let token = encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        headers
+    }
+
+    fn exp() -> i64 {
+        chrono::Utc::now().timestamp() + 300
+    }
+
+    #[tokio::test]
+    async fn a_configured_issuer_and_audience_are_required_claims() {
+        crate::install_tls_provider();
+        let secret = "s".repeat(MIN_HS256_SECRET);
+        let verifier = Verifier::new(AuthSettings {
+            hs256_secret: Some(secret.clone()),
+            issuer: Some("billing-service".into()),
+            audience: Some("billing".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let with_claims = |claims| bearer(&secret, claims);
+        let full = serde_json::json!({"sub": "u", "iss": "billing-service", "aud": "billing",
+                                      "exp": exp(), "role": "superadmin"});
+        assert!(verifier.verify(&with_claims(full.clone())).await.is_ok());
+        for missing in ["iss", "aud"] {
+            let mut claims = full.clone();
+            claims.as_object_mut().unwrap().remove(missing);
+            assert_eq!(
+                verifier.verify(&with_claims(claims)).await,
+                Err(AuthError::Invalid(format!(
+                    "the token has no {missing} claim"
+                ))),
+                "a token without {missing} was accepted"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tenant_claim_that_is_not_a_string_is_refused() {
+        crate::install_tls_provider();
+        let secret = "s".repeat(MIN_HS256_SECRET);
+        let verifier = Verifier::new(AuthSettings {
+            hs256_secret: Some(secret.clone()),
+            tenant_claim: Some("tenant_id".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let token = |tenant: serde_json::Value| {
+            bearer(
+                &secret,
+                serde_json::json!({"sub": "u", "exp": exp(), "tenant_id": tenant}),
+            )
+        };
+        let principal = verifier.verify(&token("acme".into())).await.unwrap();
+        assert_eq!(principal.tenant.as_deref(), Some("acme"));
+        for wrong in [serde_json::json!(["acme", "other"]), serde_json::json!(7)] {
+            assert!(
+                matches!(verifier.verify(&token(wrong.clone())).await,
+                    Err(AuthError::Invalid(m)) if m.contains("tenant_id claim must be a string")),
+                "{wrong} was taken"
+            );
+        }
+        // Absent: the request body names the tenant, as before.
+        let absent = bearer(&secret, serde_json::json!({"sub": "u", "exp": exp()}));
+        assert_eq!(verifier.verify(&absent).await.unwrap().tenant, None);
+    }
+
+    #[tokio::test]
+    async fn the_previous_secret_is_accepted_until_it_is_removed() {
+        crate::install_tls_provider();
+        let (old, new) = ("o".repeat(MIN_HS256_SECRET), "n".repeat(MIN_HS256_SECRET));
+        let claims = serde_json::json!({"sub": "u", "exp": exp()});
+        let rotating = Verifier::new(AuthSettings {
+            hs256_secret: Some(new.clone()),
+            hs256_previous_secret: Some(old.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(rotating.verify(&bearer(&new, claims.clone())).await.is_ok());
+        assert!(rotating.verify(&bearer(&old, claims.clone())).await.is_ok());
+        let forged = "f".repeat(MIN_HS256_SECRET);
+        assert_eq!(
+            rotating.verify(&bearer(&forged, claims.clone())).await,
+            Err(AuthError::Invalid(
+                "the token's signature does not match".into()
+            ))
+        );
+        let rotated = Verifier::new(AuthSettings {
+            hs256_secret: Some(new.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(rotated.verify(&bearer(&new, claims.clone())).await.is_ok());
+        assert!(rotated.verify(&bearer(&old, claims)).await.is_err());
     }
 
     #[tokio::test]

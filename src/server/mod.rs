@@ -307,7 +307,7 @@ impl utoipa::Modify for BearerScheme {
     paths(public::preview, public::redeem, admin::issue, admin::list, admin::revoke, admin::campaign_codes),
     components(schemas(
         public::PreviewRequest, public::PreviewResponse, public::RedeemRequest, public::RedeemResponse,
-        admin::IssueRequest, admin::PromoCode, error::ErrorBody
+        admin::IssueRequest, admin::PromoCode, admin::RevokeAnswer, error::ErrorBody
     ))
 )]
 pub struct ApiDoc;

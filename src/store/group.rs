@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use super::idempotency::{self, Claimed};
 use super::outbox::NewAuditRecord;
-use super::redeem::{Answer, Redeemed, Redemption};
+use super::redeem::{Answer, Redeemed, Redemption, refused};
 use super::{Operation, Result, Store, StoreError, customers, ledger, promo_codes, redemptions};
 use crate::domain::{Actor, AuditData, AuditKind, Code, Facts, Redeemability};
 
@@ -308,7 +308,10 @@ async fn together(
         None
     };
     if let Some(refusal) = refusal {
-        decided.extend(open.drain(..).map(|i| (i, refusal.clone())));
+        for i in open.drain(..) {
+            let answer = refused(tx, code, requests[i].subject, refusal.clone()).await?;
+            decided.push((i, answer));
+        }
     }
     let seen = seen.filter(|_| verdict.is_redeemable());
 
@@ -348,14 +351,7 @@ async fn together(
                 winners.push(i);
             } else {
                 let grant = redemptions::grant_of(tx, customer, code.as_str()).await?;
-                decided.push((
-                    i,
-                    Redeemed::AlreadyRedeemed {
-                        code: code.to_string(),
-                        credit_omr: grant.and_then(|(_, credit)| credit),
-                        redeemed_at: grant.map(|(at, _)| at),
-                    },
-                ));
+                decided.push((i, Redeemed::already(code, grant)));
             }
         }
     }

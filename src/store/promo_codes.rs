@@ -12,7 +12,8 @@ use crate::domain::{Code, CodeRecord, TermField, Terms};
 macro_rules! returning {
     () => {
         "code, credit_omr, description, active, max_redemptions, valid_from, expires_at, \
-         times_redeemed, created_at, deleted_at"
+         times_redeemed, created_at, deleted_at, EXISTS (SELECT 1 FROM voucher_campaign_codes cc \
+         WHERE cc.code = promo_codes.code) AS campaign"
     };
 }
 
@@ -45,6 +46,7 @@ struct Row {
     times_redeemed: i32,
     created_at: DateTime<Utc>,
     deleted_at: Option<DateTime<Utc>>,
+    campaign: bool,
 }
 
 impl From<Row> for CodeRecord {
@@ -62,6 +64,7 @@ impl From<Row> for CodeRecord {
             times_redeemed: row.times_redeemed,
             created_at: row.created_at,
             deleted_at: row.deleted_at,
+            campaign: row.campaign,
         }
     }
 }
@@ -260,9 +263,7 @@ pub async fn count_redemptions(
              || issued.campaign \
            FROM counted, issued \
            WHERE max_redemptions > 0 AND times_redeemed >= max_redemptions \
-         ) SELECT ",
-        returning!(),
-        " FROM counted"
+         ) SELECT * FROM counted"
     );
     let terms = &seen.terms;
     let count = i32::try_from(redeemed.len()).expect("a batch fits an i32");
@@ -338,6 +339,8 @@ pub async fn export_rows(
             times_redeemed: int(&r["times_redeemed"]),
             created_at: time(&r["created_at"]).unwrap_or_default(),
             deleted_at: time(&r["deleted_at"]),
+            // Export leaves campaign codes out.
+            campaign: false,
         })
         .collect())
 }

@@ -45,6 +45,37 @@ pub enum Redeemed {
     TenantRequired,
 }
 
+impl Redeemed {
+    /// The answer to a customer who redeemed `code` before (`grant`: when,
+    /// and the credit granted).
+    pub(super) fn already(code: &Code, grant: Option<(DateTime<Utc>, Option<i32>)>) -> Self {
+        Self::AlreadyRedeemed {
+            code: code.to_string(),
+            credit_omr: grant.and_then(|(_, credit)| credit),
+            redeemed_at: grant.map(|(at, _)| at),
+        }
+    }
+}
+
+/// A code that cannot be redeemed now, for `subject`: a repeat when the
+/// subject redeemed it before — whatever the code's state, checked before
+/// the cap, so that a checkout retrying without its Idempotency-Key hears
+/// "already redeemed, here is your grant", never "fully redeemed" — and
+/// `refusal` otherwise.
+pub(super) async fn refused(
+    tx: &mut sqlx::PgConnection,
+    code: &Code,
+    subject: &str,
+    refusal: Redeemed,
+) -> Result<Redeemed> {
+    Ok(
+        match redemptions::grant_of_subject(tx, subject, code.as_str()).await? {
+            Some(grant) => Redeemed::already(code, Some(grant)),
+            None => refusal,
+        },
+    )
+}
+
 /// The answer to a request, as it is replayed for its `Idempotency-Key`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Answer {
@@ -181,11 +212,13 @@ async fn attempt(
     // What the code says now, unlocked: most refusals end here.
     let seen = promo_codes::find(tx, code).await?;
     let verdict = Redeemability::of(seen.as_ref(), request.now);
-    if verdict.is_hidden() {
-        return Ok(Attempt::Decided(Redeemed::NotFound));
-    }
     let Some(seen) = seen.filter(|_| verdict.is_redeemable()) else {
-        return Ok(Attempt::Decided(Redeemed::Gone(verdict)));
+        let refusal = match verdict.is_hidden() {
+            true => Redeemed::NotFound,
+            false => Redeemed::Gone(verdict),
+        };
+        let answer = refused(tx, code, request.subject, refusal).await?;
+        return Ok(Attempt::Decided(answer));
     };
     let customer = match customers::find(tx, request.subject).await? {
         Some(id) => id,
@@ -197,11 +230,7 @@ async fn attempt(
     // One per customer: the unique row, not the code's lock, decides.
     if !redemptions::insert(tx, customer, code.as_str()).await? {
         let grant = redemptions::grant_of(tx, customer, code.as_str()).await?;
-        return Ok(Attempt::Decided(Redeemed::AlreadyRedeemed {
-            code: code.to_string(),
-            credit_omr: grant.and_then(|(_, credit)| credit),
-            redeemed_at: grant.map(|(at, _)| at),
-        }));
+        return Ok(Attempt::Decided(Redeemed::already(code, grant)));
     }
     let credit = seen.terms.credit_omr;
     ledger::append(tx, customer, credit, &ledger::promo_reason(code.as_str())).await?;

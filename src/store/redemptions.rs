@@ -23,6 +23,26 @@ pub async fn grant_of(
     .await?)
 }
 
+/// [`grant_of`] for the customer of a token subject: whether it redeemed
+/// `code` before, without creating the customer.
+pub async fn grant_of_subject(
+    conn: &mut PgConnection,
+    subject: &str,
+    code: &str,
+) -> Result<Option<(chrono::DateTime<chrono::Utc>, Option<i32>)>> {
+    Ok(sqlx::query_as(
+        "SELECT r.created_at, (SELECT l.amount_omr FROM credit_ledger l \
+           WHERE l.customer_id = r.customer_id AND l.reason = 'promo:' || r.code \
+           ORDER BY l.created_at LIMIT 1) \
+         FROM customers c JOIN promo_redemptions r ON r.customer_id = c.id \
+         WHERE c.user_id = $1 AND r.code = $2",
+    )
+    .bind(subject)
+    .bind(code)
+    .fetch_optional(conn)
+    .await?)
+}
+
 /// Records that `customer` redeemed `code`; `false` when it already had.
 pub async fn insert(conn: &mut PgConnection, customer: Uuid, code: &str) -> Result<bool> {
     let result = sqlx::query(

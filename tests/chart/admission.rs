@@ -96,7 +96,10 @@ async fn the_admission_policy_refuses_adopt_from_a_non_admin() {
     let reissue = cluster
         .apply(
             &tenant,
-            &voucher("revived", json!({"creditOMR": 10, "reissue": true})),
+            &voucher(
+                "revived",
+                json!({"creditOMR": 10, "reissue": {"revokedAt": "2026-12-01T09:00:00.123456Z"}}),
+            ),
         )
         .unwrap_err();
     assert!(reissue.contains("spec.reissue takes over"), "{reissue}");
@@ -180,4 +183,150 @@ async fn a_namespace_label_caps_the_credit_of_its_vouchers_and_campaigns() {
     cluster
         .apply(&admin, &campaign(100))
         .expect("a campaign at the ceiling");
+}
+
+#[tokio::test]
+async fn a_namespace_label_caps_a_campaigns_credit_in_all() {
+    let rendered = render(required());
+    let cluster = support::cluster::cluster();
+    let (client, ns) = support::cluster::setup("exposure").await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = cluster.kubeconfig(dir.path(), &ns);
+    let _policy = apply_as_admin(&admin, rendered.of_kinds(&ADMISSION))
+        .await
+        .expect("the policy");
+    kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
+        .patch(
+            &ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"metadata": {"labels": {"catalyst.openova.io/max-campaign-credit-omr": "1000"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let campaign = |name: &str, count: i32, per_code: i32, credit: i32| {
+        json!({"apiVersion": "catalyst.openova.io/v1alpha1", "kind": "VoucherCampaign",
+               "metadata": {"name": name},
+               "spec": {"count": count, "redemptionsPerCode": per_code, "creditOMR": credit,
+                        "keySecretRef": {"name": "k"}}})
+    };
+    // 10,000 codes of 100 OMR: a million OMR in all, while each code is modest.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        match cluster.apply(&admin, &campaign("wide", 10_000, 1, 100)) {
+            Err(refused) => break refused,
+            Ok(()) => {
+                let _ = cluster
+                    .kubectl(&admin)
+                    .args(["delete", "vcamp", "wide"])
+                    .output();
+                assert!(
+                    Instant::now() < deadline,
+                    "the policy never capped the total"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    assert!(
+        refused.contains(&format!(
+            "is 1000000 OMR in all; namespace {ns} allows a campaign at most 1000"
+        )),
+        "{refused}"
+    );
+    cluster
+        .apply(&admin, &campaign("inserts", 10, 1, 100))
+        .expect("at the ceiling: 10 x 1 x 100");
+    for (count, per_code, what) in [(11, 1, "more codes"), (10, 2, "more redemptions per code")] {
+        let grown = cluster
+            .apply(&admin, &campaign("inserts", count, per_code, 100))
+            .unwrap_err();
+        assert!(
+            grown.contains("allows a campaign at most 1000"),
+            "{what}: {grown}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_namespace_admin_cannot_lift_its_own_credit_cap() {
+    let rendered = render(required());
+    let cluster = support::cluster::cluster();
+    let (_client, ns) = support::cluster::setup("lift").await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = cluster.kubeconfig(dir.path(), &ns);
+    // What a namespace admin often holds: every verb on everything in its namespace — which
+    // Kubernetes also reads as a grant on the Namespace object itself.
+    let mut objects = rendered.of_kinds(&ADMISSION);
+    objects.push(
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "namespace-admin", "namespace": ns},
+        "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]}),
+    );
+    objects.push(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "ns-admin", "namespace": ns}}));
+    objects.push(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "ns-admin", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "namespace-admin"},
+        "subjects": [{"kind": "ServiceAccount", "name": "ns-admin", "namespace": ns}]}));
+    let _policy = apply_as_admin(&admin, objects).await.expect("the policy");
+    let tenant = cluster.service_account_kubeconfig(dir.path(), &ns, "ns-admin");
+    let label = |kubeconfig: &std::path::Path, change: &str| {
+        let output = cluster
+            .kubectl(kubeconfig)
+            .args(["label", "namespace", &ns, change, "--overwrite"])
+            .output()
+            .unwrap();
+        match output.status.success() {
+            true => Ok(()),
+            false => Err(String::from_utf8_lossy(&output.stderr).into_owned()),
+        }
+    };
+    const CAP: &str = "catalyst.openova.io/max-credit-omr";
+    label(&admin, &format!("{CAP}=100")).expect("an adopter (system:masters) sets the cap");
+    // RBAC lets the tenant relabel its namespace: an unrelated label goes through.
+    label(&tenant, "team=checkout").expect("the Role reaches the Namespace");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        match label(&tenant, &format!("{CAP}=100000")) {
+            Err(refused) => break refused,
+            Ok(()) => {
+                label(&admin, &format!("{CAP}=100")).unwrap();
+                assert!(
+                    Instant::now() < deadline,
+                    "the policy never guarded the cap"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    assert!(
+        refused.contains(&format!(
+            "the label {CAP} caps the credit of the Vouchers and campaigns of namespace {ns}"
+        )) && refused.contains(&format!(
+            "system:serviceaccount:{ns}:ns-admin is not one of them"
+        )),
+        "{refused}"
+    );
+    // Nor removed, nor the campaign cap set.
+    for change in [
+        format!("{CAP}-"),
+        "catalyst.openova.io/max-campaign-credit-omr=5".to_owned(),
+    ] {
+        let refused = label(&tenant, &change).unwrap_err();
+        assert!(refused.contains("only the adopters"), "{change}: {refused}");
+    }
+    let labels = cluster
+        .kubectl(&admin)
+        .args(["get", "namespace", &ns, "-o", "jsonpath={.metadata.labels}"])
+        .output()
+        .unwrap();
+    let labels: Value = serde_json::from_slice(&labels.stdout).unwrap();
+    assert_eq!(labels[CAP], "100", "{labels}");
+    assert!(
+        labels
+            .get("catalyst.openova.io/max-campaign-credit-omr")
+            .is_none()
+    );
 }

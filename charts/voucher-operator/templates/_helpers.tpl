@@ -120,6 +120,10 @@ seccompProfile:
 {{- fail (printf "server.adminNamespace (%s) must be controller.watchNamespace (%s): the controller would never reconcile the Vouchers the admin endpoints create" $.Values.server.adminNamespace .) -}}
 {{- end -}}
 {{- end -}}
+{{- $keys := .Values.controller.campaignKeyNamespace -}}
+{{- if or (eq $keys .Release.Namespace) (eq $keys (include "voucher-operator.adminNamespace" .)) -}}
+{{- fail (printf "controller.campaignKeyNamespace (%s) must be a namespace of its own: the controller may read every Secret there, and the release and admin namespaces hold the operator's credentials (its signing secret, database URLs, NATS credentials)" $keys) -}}
+{{- end -}}
 {{- if and .Values.auth.jwksUrl (not (and .Values.auth.issuer .Values.auth.audience)) -}}
 {{- fail "auth.jwksUrl needs auth.issuer and auth.audience: without them a token of any realm, issued for any other service, would be accepted" -}}
 {{- end -}}
@@ -128,6 +132,9 @@ seccompProfile:
 {{- end -}}
 {{- if .Values.networkPolicy.enabled -}}
 {{- $egress := .Values.networkPolicy.egress -}}
+{{- if not $egress.dns.to -}}
+{{- fail "set networkPolicy.egress.dns.to: the cluster's DNS resolver, as NetworkPolicy peers (the default names kube-system's k8s-app: kube-dns pods); port 53 to any address would carry data out" -}}
+{{- end -}}
 {{- if not $egress.database.to -}}
 {{- fail "set networkPolicy.egress.database.to: where the billing database is, as NetworkPolicy peers (e.g. [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: billing}}}] or [{ipBlock: {cidr: 10.0.5.7/32}}]); egress goes only to named destinations (or set networkPolicy.enabled: false)" -}}
 {{- end -}}

@@ -113,10 +113,21 @@ pub struct VoucherSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub adopt: bool,
 
-    /// Bring back a revoked (soft-deleted) code, keeping its redemptions. Without it a revoked
+    /// Bring back a revoked (soft-deleted) code, keeping its redemptions: the revocation it
+    /// undoes, as the status shows it. Without it, or naming another revocation, a revoked
     /// code stays revoked. Only those the chart's admission policy allows may set it.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub reissue: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reissue: Option<Reissue>,
+}
+
+/// Which revocation a reissue undoes: one request, spent once honoured, since a later
+/// revoke is another revocation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Reissue {
+    /// When the code was revoked (RFC 3339, to the microsecond), as the Voucher's
+    /// status.revokedAt (or the revoked audit event) shows it.
+    pub revoked_at: DateTime<Utc>,
 }
 
 /// A voucher is active unless it says otherwise.
@@ -181,7 +192,7 @@ impl Voucher {
     pub fn request(&self) -> Request {
         Request {
             adopt: self.spec.adopt,
-            reissue: self.spec.reissue,
+            reissue: self.spec.reissue.as_ref().map(|r| r.revoked_at),
         }
     }
 
@@ -240,7 +251,8 @@ pub fn voucher_for(record: &CodeRecord, namespace: &str) -> Result<Voucher, Adop
             deletion_policy: DeletionPolicy::Revoke,
             // The point of an exported manifest is to take the row over as it is.
             adopt: !record.is_tombstoned(),
-            reissue: record.is_tombstoned(),
+            // This revocation only: a later one stays.
+            reissue: record.deleted_at.map(|revoked_at| Reissue { revoked_at }),
         },
     );
     voucher.metadata.namespace = Some(namespace.to_owned());
@@ -290,7 +302,7 @@ mod tests {
                 expires_at: None,
                 deletion_policy: DeletionPolicy::Revoke,
                 adopt: false,
-                reissue: false,
+                reissue: None,
             },
         );
         v.metadata.namespace = Some("default".into());
@@ -405,6 +417,7 @@ mod tests {
             times_redeemed: 0,
             created_at: chrono::Utc::now(),
             deleted_at: None,
+            campaign: false,
         };
         assert!(voucher_for(&row, "billing").is_ok());
         row.terms.credit_omr = 0;

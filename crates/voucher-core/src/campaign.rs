@@ -18,14 +18,32 @@ use crate::voucher::{TermField, Terms};
 pub const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 /// Shortest random part: 8 characters of 5 bits, 40 bits per code.
 pub const MIN_CODE_LENGTH: usize = 8;
-/// The random part's length unless a campaign says otherwise (50 bits).
-pub const DEFAULT_CODE_LENGTH: usize = 10;
+/// The random part's length unless a campaign says otherwise (60 bits): long
+/// enough for [`MAX_COUNT`] codes under [`max_count`].
+pub const DEFAULT_CODE_LENGTH: usize = 12;
 /// Longest random part: an HMAC-SHA256 holds 51 characters of 5 bits.
 pub const MAX_CODE_LENGTH: usize = 51;
 /// Most codes one campaign issues.
 pub const MAX_COUNT: u32 = 1_000_000;
 /// Shortest generator key, in bytes (256 bits, the HMAC's own size).
 pub const MIN_KEY_LEN: usize = 32;
+
+/// Most codes a campaign whose random part has `length` characters may
+/// issue: so many that a guess still finds one at most once in 2^40 tries
+/// (32^length / count ≥ 2^40, i.e. count ≤ 32^(length − 8)). One in 1.1
+/// million, as 8 characters for a million codes would give, is found by a
+/// /48 of IPv6 within seconds whatever the per-client limits.
+pub fn max_count(length: usize) -> u64 {
+    let spare = length.saturating_sub(MIN_CODE_LENGTH).min(12);
+    1u64 << (5 * spare)
+}
+
+/// The shortest random part for `count` codes under [`max_count`].
+pub fn min_code_length(count: u32) -> usize {
+    (MIN_CODE_LENGTH..=MAX_CODE_LENGTH)
+        .find(|&length| u64::from(count) <= max_count(length))
+        .unwrap_or(MAX_CODE_LENGTH)
+}
 
 /// Why a campaign cannot generate codes; the message is shown to people as is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -47,6 +65,20 @@ pub enum CampaignError {
         "the prefix and the random part make {0} characters; a code has at most {MAX_CODE_LEN}"
     )]
     TooLong(usize),
+    #[error(
+        "{count} codes of {length} random characters could be guessed once in {} tries; \
+         {count} codes need a codeLength of at least {} (one in 2^40)",
+        (1u128 << (5 * (*length).min(25))) / u128::from(*count).max(1), min_code_length(*count)
+    )]
+    Guessable { count: u32, length: usize },
+}
+
+/// Refuses `count` codes of `length` random characters past [`max_count`].
+pub fn check_guessing(count: u32, length: usize) -> Result<(), CampaignError> {
+    match u64::from(count) <= max_count(length) {
+        true => Ok(()),
+        false => Err(CampaignError::Guessable { count, length }),
+    }
 }
 
 /// The codes of one campaign.
@@ -235,14 +267,42 @@ mod tests {
     /// description in this module: HMAC-SHA256 over the tag, the length-prefixed
     /// namespace and name and the big-endian index; 5 bits a character from the
     /// digest's first bit).
+    #[test]
+    fn a_valid_code_takes_at_least_two_to_the_forty_guesses() {
+        assert_eq!(max_count(8), 1);
+        assert_eq!(max_count(12), 1 << 20);
+        for count in [1, 2, 32, 33, 1024, 100_000, MAX_COUNT] {
+            let length = min_code_length(count);
+            let space = 1u128 << (5 * length);
+            assert!(
+                space / u128::from(count) >= 1 << 40,
+                "{count} codes of {length}"
+            );
+            // One character less would be guessable.
+            if length > MIN_CODE_LENGTH {
+                assert!((1u128 << (5 * (length - 1))) / u128::from(count) < 1 << 40);
+                assert!(check_guessing(count, length - 1).is_err());
+            }
+            assert_eq!(check_guessing(count, length), Ok(()));
+        }
+        assert_eq!(min_code_length(MAX_COUNT), DEFAULT_CODE_LENGTH);
+        // The finding: a million codes of 8 characters, one guess in 1.1 million.
+        let error = check_guessing(1_000_000, 8).unwrap_err().to_string();
+        assert!(error.contains("once in 1099511 tries"), "{error}");
+        assert!(error.contains("at least 12"), "{error}");
+    }
+
     const PINNED: [&str; 3] = [
         "OMANTEL-BILL-93N9DB6D2J",
         "OMANTEL-BILL-8J34P2M78Z",
         "OMANTEL-BILL-00RT2Z4JYF",
     ];
 
+    /// The length the pinned codes were printed with (the default then).
+    const PINNED_LENGTH: usize = 10;
+
     fn generator(namespace: &str, name: &str) -> Generator {
-        Generator::new(KEY, namespace, name, "OMANTEL-BILL-", DEFAULT_CODE_LENGTH).unwrap()
+        Generator::new(KEY, namespace, name, "OMANTEL-BILL-", PINNED_LENGTH).unwrap()
     }
 
     #[test]
@@ -271,7 +331,7 @@ mod tests {
         for i in 0..1000 {
             let code = g.code(i);
             let random = code.as_str().strip_prefix("OMANTEL-BILL-").unwrap();
-            assert_eq!(random.len(), DEFAULT_CODE_LENGTH);
+            assert_eq!(random.len(), PINNED_LENGTH);
             assert!(random.bytes().all(|b| ALPHABET.contains(&b)), "{code}");
             assert!(!random.contains(['I', 'L', 'O', 'U']), "{code}");
         }

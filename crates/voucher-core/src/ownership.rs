@@ -1,6 +1,7 @@
 //! Who may mint credit: which resource owns a code, what it may do with a
 //! row that already exists, and what applying it means for the audit.
 
+use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +16,24 @@ use super::voucher::{CodeRecord, Phase, TermField};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Request {
     pub adopt: bool,
-    pub reissue: bool,
+    /// The tombstone to bring back, named by when it was revoked. A request
+    /// is spent by the reissue it asked for: a later revoke makes another
+    /// tombstone, which it does not name, so a manifest that still carries it
+    /// (re-applied by Flux, exported, written by the admin issue) never
+    /// undoes that revoke.
+    pub reissue: Option<DateTime<Utc>>,
+}
+
+impl Request {
+    /// Whether this request names `row`'s tombstone (to the microsecond, the
+    /// database's precision).
+    fn reissues(&self, row: &CodeRecord) -> bool {
+        let micros = |at: DateTime<Utc>| at.timestamp_micros();
+        match (self.reissue, row.deleted_at) {
+            (Some(asked), Some(revoked)) => micros(asked) == micros(revoked),
+            _ => false,
+        }
+    }
 }
 
 /// What deleting a Voucher does to its billing row. Recorded in the binding,
@@ -74,8 +92,8 @@ pub enum Unrequested {
     /// A live row (written by the admin page before the lift, or left by an
     /// Orphan deletion): needs `spec.adopt`.
     Adopt,
-    /// A revoked row: needs `spec.reissue`.
-    Reissue,
+    /// A revoked row: needs `spec.reissue.revokedAt` naming this revocation.
+    Reissue { revoked_at: DateTime<Utc> },
 }
 
 /// What a resource may do with the code it names.
@@ -108,22 +126,27 @@ impl Claim {
             (Some(owner), _) if owner.uid != me.uid => Self::Conflict {
                 owner: owner.clone(),
             },
-            // Ours, but revoked behind our back (the admin page, by hand): it
-            // stays revoked unless this resource asks to reissue it.
-            (Some(_), Some(row)) if row.is_tombstoned() => match request.reissue {
-                true => Self::Reissue,
-                false => Self::NotRequested(Unrequested::Reissue),
-            },
+            // Ours, but revoked since (the admin revoke, the admin page, by
+            // hand): it stays revoked unless this resource names this very
+            // tombstone.
+            (Some(_), Some(row)) if row.is_tombstoned() => Self::reissue(row, request),
             (Some(_), _) => Self::Keep,
             (None, None) => Self::Create,
-            (None, Some(row)) if row.is_tombstoned() => match request.reissue {
-                true => Self::Reissue,
-                false => Self::NotRequested(Unrequested::Reissue),
-            },
+            (None, Some(row)) if row.is_tombstoned() => Self::reissue(row, request),
             (None, Some(_)) => match request.adopt {
                 true => Self::Adopt,
                 false => Self::NotRequested(Unrequested::Adopt),
             },
+        }
+    }
+
+    /// A tombstone: brought back only when the request names it.
+    fn reissue(row: &CodeRecord, request: Request) -> Self {
+        match row.deleted_at {
+            Some(revoked_at) if !request.reissues(row) => {
+                Self::NotRequested(Unrequested::Reissue { revoked_at })
+            }
+            _ => Self::Reissue,
         }
     }
 
@@ -199,18 +222,24 @@ mod tests {
             terms: Terms::granting(5),
             times_redeemed: 2,
             created_at: Utc::now(),
-            deleted_at: deleted.then(Utc::now),
+            // As the database keeps it: to the microsecond.
+            deleted_at: deleted.then(|| "2026-12-05T03:00:00.123456Z".parse().unwrap()),
+            campaign: false,
         }
     }
 
     const NONE: Request = Request {
         adopt: false,
-        reissue: false,
+        reissue: None,
     };
-    const BOTH: Request = Request {
-        adopt: true,
-        reissue: true,
-    };
+
+    /// Asks for adoption and for the reissue of `row`'s tombstone.
+    fn both(row: &CodeRecord) -> Request {
+        Request {
+            adopt: true,
+            reissue: row.deleted_at,
+        }
+    }
 
     #[test]
     fn decides_every_claim() {
@@ -218,14 +247,20 @@ mod tests {
         let live = row(false);
         let tomb = row(true);
         assert_eq!(Claim::decide(None, None, &me, NONE), Claim::Create);
-        assert_eq!(Claim::decide(None, Some(&tomb), &me, BOTH), Claim::Reissue);
-        assert_eq!(Claim::decide(None, Some(&live), &me, BOTH), Claim::Adopt);
+        assert_eq!(
+            Claim::decide(None, Some(&tomb), &me, both(&tomb)),
+            Claim::Reissue
+        );
+        assert_eq!(
+            Claim::decide(None, Some(&live), &me, both(&tomb)),
+            Claim::Adopt
+        );
         assert_eq!(
             Claim::decide(Some(&me), Some(&live), &me, NONE),
             Claim::Keep
         );
         assert_eq!(
-            Claim::decide(Some(&owner("b")), Some(&live), &me, BOTH),
+            Claim::decide(Some(&owner("b")), Some(&live), &me, both(&tomb)),
             Claim::Conflict { owner: owner("b") }
         );
     }
@@ -236,18 +271,19 @@ mod tests {
         let (live, tomb) = (row(false), row(true));
         let adopt_only = Request {
             adopt: true,
-            reissue: false,
+            reissue: None,
         };
+        let revoked_at = tomb.deleted_at.unwrap();
         let claim = Claim::decide(None, Some(&live), &me, NONE);
         assert_eq!(claim, Claim::NotRequested(Unrequested::Adopt));
         assert!(!claim.may_write());
         // Adoption does not extend to a revoked code: that is its own request.
         assert_eq!(
             Claim::decide(None, Some(&tomb), &me, adopt_only),
-            Claim::NotRequested(Unrequested::Reissue)
+            Claim::NotRequested(Unrequested::Reissue { revoked_at })
         );
         assert!(
-            Claim::NotRequested(Unrequested::Reissue)
+            Claim::NotRequested(Unrequested::Reissue { revoked_at })
                 .audit_kinds(&Applied {
                     changed: &[],
                     now_active: true,
@@ -256,6 +292,48 @@ mod tests {
                     last_phase: None,
                 })
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_reissue_is_spent_by_the_tombstone_it_names() {
+        let me = owner("a");
+        let first = row(true);
+        let asked = Request {
+            adopt: false,
+            reissue: first.deleted_at,
+        };
+        assert_eq!(
+            Claim::decide(Some(&me), Some(&first), &me, asked),
+            Claim::Reissue
+        );
+        // Revoked again later (a microsecond is enough): the standing request
+        // names the old tombstone and brings back nothing, bound or not.
+        let again = CodeRecord {
+            deleted_at: first
+                .deleted_at
+                .map(|at| at + chrono::Duration::microseconds(1)),
+            ..first.clone()
+        };
+        let revoked_at = again.deleted_at.unwrap();
+        for binding in [Some(&me), None] {
+            assert_eq!(
+                Claim::decide(binding, Some(&again), &me, asked),
+                Claim::NotRequested(Unrequested::Reissue { revoked_at }),
+                "bound: {}",
+                binding.is_some()
+            );
+        }
+        // Nanoseconds the database does not keep do not matter.
+        let nanos = Request {
+            adopt: false,
+            reissue: first
+                .deleted_at
+                .map(|at| at + chrono::Duration::nanoseconds(1)),
+        };
+        assert_eq!(
+            Claim::decide(Some(&me), Some(&first), &me, nanos),
+            Claim::Reissue
         );
     }
 

@@ -25,6 +25,8 @@ pub struct CodeRecord {
     pub times_redeemed: i32,
     pub created_at: DateTime<Utc>,
     pub deleted_at: Option<DateTime<Utc>>,
+    /// One of a VoucherCampaign's codes: a secret until it can be redeemed.
+    pub campaign: bool,
 }
 
 impl CodeRecord {
@@ -49,10 +51,20 @@ pub enum Redeemability {
     Redeemable,
     Unknown,
     Tombstoned,
+    /// A campaign's code that cannot be redeemed yet (its campaign switched
+    /// off, or before its window): told apart from an unknown code, it would
+    /// let anyone harvest a campaign's codes before launch.
+    Unlaunched,
     Inactive,
-    NotYetValid { valid_from: DateTime<Utc> },
-    Expired { expired_at: DateTime<Utc> },
-    Capped { max_redemptions: i32 },
+    NotYetValid {
+        valid_from: DateTime<Utc>,
+    },
+    Expired {
+        expired_at: DateTime<Utc>,
+    },
+    Capped {
+        max_redemptions: i32,
+    },
 }
 
 impl Redeemability {
@@ -64,8 +76,11 @@ impl Redeemability {
             return Self::Unknown;
         };
         let terms = &record.terms;
+        let scheduled = terms.valid_from.is_some_and(|from| now < from);
         if record.is_tombstoned() {
             Self::Tombstoned
+        } else if record.campaign && (!terms.active || scheduled) {
+            Self::Unlaunched
         } else if !terms.active {
             Self::Inactive
         } else if let Some(valid_from) = terms.valid_from.filter(|from| now < *from) {
@@ -85,9 +100,10 @@ impl Redeemability {
         self == Self::Redeemable
     }
 
-    /// Unknown and soft-deleted codes must look the same on every public surface.
+    /// Unknown and soft-deleted codes (and a campaign's codes before launch)
+    /// must look the same on every public surface.
     pub fn is_hidden(self) -> bool {
-        matches!(self, Self::Unknown | Self::Tombstoned)
+        matches!(self, Self::Unknown | Self::Tombstoned | Self::Unlaunched)
     }
 
     /// A sentence a checkout page can show as is. Never reveals counters, and
@@ -95,7 +111,7 @@ impl Redeemability {
     pub fn public_reason(self) -> String {
         match self {
             Self::Redeemable => "the code can be redeemed".into(),
-            Self::Unknown | Self::Tombstoned => "no such voucher code".into(),
+            Self::Unknown | Self::Tombstoned | Self::Unlaunched => "no such voucher code".into(),
             Self::Inactive => "this voucher code is not active".into(),
             Self::NotYetValid { valid_from } => format!(
                 "this voucher code can be redeemed from {}",
@@ -127,12 +143,15 @@ pub enum Phase {
     Conflict,
     /// The resource is outside the issuer namespaces; nothing was written.
     Forbidden,
+    /// The code was revoked (the admin revoke, the admin page, by hand) and
+    /// stays so: only a `spec.reissue` naming that revocation brings it back.
+    Revoked,
     /// The last reconcile failed; see the conditions.
     Error,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Active,
         Phase::Inactive,
         Phase::Scheduled,
@@ -140,6 +159,7 @@ impl Phase {
         Phase::Exhausted,
         Phase::Conflict,
         Phase::Forbidden,
+        Phase::Revoked,
         Phase::Error,
     ];
 
@@ -148,9 +168,10 @@ impl Phase {
     pub fn of(record: &CodeRecord, now: DateTime<Utc>) -> Self {
         match Redeemability::of(Some(record), now) {
             Redeemability::Redeemable => Self::Active,
-            Redeemability::Inactive | Redeemability::Tombstoned | Redeemability::Unknown => {
-                Self::Inactive
-            }
+            Redeemability::Inactive
+            | Redeemability::Tombstoned
+            | Redeemability::Unknown
+            | Redeemability::Unlaunched => Self::Inactive,
             Redeemability::NotYetValid { .. } => Self::Scheduled,
             Redeemability::Expired { .. } => Self::Expired,
             Redeemability::Capped { .. } => Self::Exhausted,
@@ -170,6 +191,7 @@ impl Phase {
             Self::Exhausted => "Exhausted",
             Self::Conflict => "Conflict",
             Self::Forbidden => "Forbidden",
+            Self::Revoked => "Revoked",
             Self::Error => "Error",
         }
     }
@@ -351,6 +373,7 @@ mod tests {
             times_redeemed: 1,
             created_at: at(0),
             deleted_at: None,
+            campaign: false,
         }
     }
 
@@ -381,6 +404,45 @@ mod tests {
             Err(TermError::EmptyWindow)
         );
         assert_eq!(with(|t| t.valid_from = None), Ok(()));
+    }
+
+    #[test]
+    fn a_campaign_code_before_launch_looks_unknown() {
+        let code = CodeRecord {
+            campaign: true,
+            ..record()
+        };
+        // Before its window, or switched off: no different from a guess.
+        let off = CodeRecord {
+            terms: Terms {
+                active: false,
+                ..code.terms.clone()
+            },
+            ..code.clone()
+        };
+        for (row, now) in [(&code, at(7)), (&off, at(9))] {
+            let verdict = Redeemability::of(Some(row), now);
+            assert_eq!(verdict, Redeemability::Unlaunched);
+            assert!(verdict.is_hidden());
+            assert_eq!(
+                verdict.public_reason(),
+                Redeemability::Unknown.public_reason()
+            );
+        }
+        assert_eq!(
+            Redeemability::of(Some(&code), at(9)),
+            Redeemability::Redeemable
+        );
+        // Once launched, its end is no secret: it was public while it ran.
+        assert!(matches!(
+            Redeemability::of(Some(&code), at(19)),
+            Redeemability::Expired { .. }
+        ));
+        // A Voucher's code keeps its reasons (410 with them).
+        assert_eq!(
+            Redeemability::of(Some(&record()), at(7)),
+            Redeemability::NotYetValid { valid_from: at(8) }
+        );
     }
 
     #[test]

@@ -464,6 +464,9 @@ async fn run_operator(
             concurrency: 4,
             // The examples and the admin endpoints both use this namespace.
             issuers: voucher_operator::domain::Issuers::new([cluster.namespace.clone()]),
+            // A development stack holds no operator credentials in the API server: campaign
+            // keys go beside the examples (a cluster's chart keeps them apart).
+            key_namespace: cluster.namespace.clone(),
         },
         Some(relay_settings.clone()),
         &mut registry,
