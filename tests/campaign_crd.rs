@@ -60,7 +60,7 @@ async fn count_grows_but_never_shrinks() {
 async fn what_decides_the_codes_cannot_change() {
     for change in [
         json!({"prefix": "OTHER-"}),
-        json!({"codeLength": 12}),
+        json!({"codeLength": 13}),
         json!({"keySecretRef": {"name": "another-key"}}),
     ] {
         let refused = apply(&[campaign(json!({})), campaign(change.clone())])
@@ -128,4 +128,29 @@ async fn the_deletion_policy_changes_only_while_inactive() {
     ])
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn the_guessing_bound_is_checked_by_the_api_server() {
+    // A million codes of 8 characters: one guess in 1.1 million finds one.
+    let refused = apply(&[campaign(json!({"codeLength": 8, "count": 1_000_000}))])
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains("spec.count is too large for spec.codeLength"),
+        "{refused}"
+    );
+    for (length, most) in [(9, 32), (10, 1024), (11, 32768)] {
+        apply(&[campaign(json!({"codeLength": length, "count": most}))])
+            .await
+            .unwrap_or_else(|e| panic!("{most} codes of {length}: {e}"));
+        // Growing past the bound later is refused the same way.
+        let grown = apply(&[
+            campaign(json!({"codeLength": length, "count": most})),
+            campaign(json!({"codeLength": length, "count": most + 1})),
+        ])
+        .await
+        .unwrap_err();
+        assert!(grown.contains("too large for spec.codeLength"), "{grown}");
+    }
 }

@@ -445,3 +445,95 @@ async fn changing_a_code_does_not_wait_for_redemptions_in_flight() {
         .unwrap();
     assert!(!active);
 }
+
+#[tokio::test]
+async fn a_former_leader_writes_no_codes_after_the_release_began() {
+    use voucher_operator::domain::campaign::Generator;
+    use voucher_operator::store::campaigns::{Batch, Chunk, Release, TermsPass};
+    let store = store().await;
+    let campaign = owner("campaign-uid");
+    let generator = Generator::new(&[7; 32], "sales", "launch", "LATE-", 12).unwrap();
+    let codes: Vec<Code> = (0..4).map(|i| generator.code(i)).collect();
+    store
+        .register_campaign(&campaign, DeletionPolicy::Revoke)
+        .await
+        .unwrap();
+    let first = TermsPass::Change {
+        before: None,
+        codes: 0,
+    };
+    store
+        .apply_campaign_terms(&campaign, (0, 0), &terms(5), 1, &first)
+        .await
+        .unwrap();
+    let five = terms(5);
+    let batch = |from: usize, to: usize| Batch {
+        from: from as u32,
+        codes: &codes[from..to],
+        terms: &five,
+        of: 4,
+        generation: 1,
+        key_fingerprint: generator.fingerprint(),
+    };
+    assert_eq!(
+        store
+            .generate_campaign_codes(&campaign, &batch(0, 2))
+            .await
+            .unwrap(),
+        Chunk::Generated { generated: 2 }
+    );
+    // The new leader deletes the campaign (Revoke) while the old one is mid-generation.
+    while store.release_campaign(&campaign, None).await.unwrap() == Release::More {}
+    assert_eq!(
+        store
+            .generate_campaign_codes(&campaign, &batch(2, 4))
+            .await
+            .unwrap(),
+        Chunk::Released,
+        "the old leader's next chunk"
+    );
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM promo_codes WHERE code LIKE 'LATE-%' AND deleted_at IS NULL",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    let all: i64 = sqlx::query_scalar("SELECT count(*) FROM promo_codes WHERE code LIKE 'LATE-%'")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!((live, all), (0, 2), "both revoked, none added");
+}
+
+#[tokio::test]
+async fn no_writer_hides_an_edit_by_saying_bulk() {
+    use sqlx::postgres::PgListener;
+    let store = store().await;
+    let pool = store.pool().clone();
+    sqlx::query("INSERT INTO promo_codes (code, credit_omr) VALUES ('PLAIN-1', 5)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut listener = PgListener::connect_with(&pool).await.unwrap();
+    listener.listen("voucher_operator_codes").await.unwrap();
+    // What psql or the admin page could do: claim to be a campaign's bulk change.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SELECT set_config('voucher_operator.bulk', 'on', true)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE promo_codes SET credit_omr = 999 WHERE code = 'PLAIN-1'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let heard = tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv())
+        .await
+        .expect("a notification")
+        .unwrap();
+    assert_eq!(
+        heard.payload(),
+        "PLAIN-1",
+        "named, so drift correction hears it"
+    );
+}

@@ -624,9 +624,17 @@ impl Context {
                                  generated this campaign's first {from} codes (a new key would \
                                  make other codes); put that key back, or issue new codes from a \
                                  new campaign",
-                                owner.namespace
+                                self.settings.key_namespace
                             ),
                             generated: from,
+                        });
+                    }
+                    // Being deleted (this replica may have lost its lease): no more codes.
+                    Chunk::Released => {
+                        return Ok(Found::Progress {
+                            generated: progress.generated,
+                            counts: None,
+                            recount: None,
                         });
                     }
                     // Another replica moved it on (a leader change): read where it is.

@@ -61,7 +61,8 @@ impl From<StoreError> for HttpError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: "the billing database is unavailable; please try again shortly".into(),
             retry_after: Some(2),
-            cause: Some(crate::telemetry::describe(&error)),
+            // The operation and the cause, never the code (the caller's input).
+            cause: Some(crate::telemetry::describe(&error.without_code())),
         }
     }
 }
@@ -89,5 +90,28 @@ impl IntoResponse for HttpError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Operation;
+
+    #[test]
+    fn a_failed_redemption_logs_its_operation_never_the_code() {
+        let failed = StoreError::Failed {
+            operation: Operation::Redeem,
+            code: Some("BILL-7Q2M9XK4TR1D".into()),
+            source: Box::new(StoreError::Contended { attempts: 3 }),
+        };
+        let answer = HttpError::from(failed);
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        let cause = answer.cause.unwrap();
+        assert!(!cause.contains("BILL-7Q2M9XK4TR1D"), "{cause}");
+        assert!(
+            cause.contains("changed during each of 3 attempts"),
+            "{cause}"
+        );
     }
 }

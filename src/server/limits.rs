@@ -165,6 +165,28 @@ pub fn forwarded_ip(entry: &str) -> Option<IpAddr> {
         })
 }
 
+/// The client of a request from `peer` that carried the `X-Forwarded-For`
+/// `entries`: read from the right, past the `trusted` proxies, the first
+/// address none of them is (the peer itself unless it is a trusted proxy).
+/// An entry that is not an address ends the walk at the hop that wrote it:
+/// skipping it would make the entry to its left — which the client may have
+/// written itself — the client.
+pub fn forwarded_client(peer: IpAddr, entries: &[&str], trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut hop = peer;
+    for entry in entries.iter().rev() {
+        match forwarded_ip(entry) {
+            Some(ip) if is_trusted(&ip) => hop = ip,
+            Some(ip) => return ip,
+            None => return hop,
+        }
+    }
+    peer
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +211,35 @@ mod tests {
         assert!(l.client(other).is_ok(), "another /64");
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
         assert_eq!(client_key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn an_entry_that_is_no_address_never_lets_the_client_name_itself() {
+        let proxies: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let peer: IpAddr = "10.0.0.5".parse().unwrap();
+        let client = |entries: &[&str]| forwarded_client(peer, entries, &proxies);
+        assert_eq!(
+            client(&["203.0.113.9"]),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client(&["198.51.100.1", "203.0.113.9", "10.0.0.7"]),
+            "203.0.113.9".parse::<IpAddr>().unwrap(),
+            "past the trusted hops, the first that is not one"
+        );
+        // "unknown" written by a hop: the client is not the forgeable entry to its left.
+        assert_eq!(
+            client(&["198.51.100.1", "unknown", "10.0.0.7"]),
+            "10.0.0.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client(&["198.51.100.1", "garbage"]), peer);
+        assert_eq!(client(&[]), peer);
+        // An untrusted peer is the client, whatever it says.
+        let outsider: IpAddr = "192.0.2.4".parse().unwrap();
+        assert_eq!(
+            forwarded_client(outsider, &["203.0.113.9"], &proxies),
+            outsider
+        );
     }
 
     #[test]

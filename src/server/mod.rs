@@ -216,27 +216,13 @@ impl AppState {
     /// The client's address: the socket peer, or the nearest address in
     /// `X-Forwarded-For` that is not a trusted proxy when the peer is one.
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-        let trusted = |ip: &IpAddr| {
-            self.settings
-                .trusted_proxies
-                .iter()
-                .any(|net| net.contains(ip))
-        };
-        if !trusted(&peer) {
-            return peer;
-        }
-        let forwarded = headers
+        let entries: Vec<&str> = headers
             .get_all("x-forwarded-for")
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(limits::forwarded_ip)
-            .collect::<Vec<_>>();
-        forwarded
-            .into_iter()
-            .rev()
-            .find(|ip| !trusted(ip))
-            .unwrap_or(peer)
+            .collect();
+        limits::forwarded_client(peer, &entries, &self.settings.trusted_proxies)
     }
 
     /// Counts a request of `client` against its budget.

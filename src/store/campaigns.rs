@@ -71,6 +71,10 @@ pub enum Chunk {
     Moved,
     /// The key is not the one that generated the codes so far: nothing was written.
     KeyChanged,
+    /// The campaign's deletion began (its codes are being, or were, released):
+    /// nothing was written, and nothing more is — a former leader still
+    /// generating never adds codes after a Revoke deletion.
+    Released,
 }
 
 /// What a pass of the terms over a campaign's codes records, chunk by chunk.
@@ -264,14 +268,25 @@ impl Store {
                 key_fingerprint,
             } = *batch;
             let mut tx = self.pool().begin().await?;
-            let (generated, audited, stored, fingerprint): (i32, i32, i64, Option<String>) =
-                sqlx::query_as(
-                    "SELECT generated, audited, generation, key_fingerprint FROM voucher_campaigns \
-                     WHERE uid = $1 FOR UPDATE",
-                )
-                .bind(&owner.uid)
-                .fetch_one(&mut *tx)
-                .await?;
+            let (generated, audited, stored, fingerprint, releasing): (
+                i32,
+                i32,
+                i64,
+                Option<String>,
+                bool,
+            ) = sqlx::query_as(
+                "SELECT generated, audited, generation, key_fingerprint, \
+                 released > 0 OR released_at IS NOT NULL FROM voucher_campaigns \
+                 WHERE uid = $1 FOR UPDATE",
+            )
+            .bind(&owner.uid)
+            .fetch_one(&mut *tx)
+            .await?;
+            // Under the campaign row's lock, which the release takes too.
+            if releasing {
+                tx.rollback().await?;
+                return Ok(Chunk::Released);
+            }
             superseded(stored, generation)?;
             if to_u32(generated) != from || stored != generation {
                 tx.rollback().await?;

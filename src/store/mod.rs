@@ -122,6 +122,22 @@ impl StoreError {
             source: Box::new(self),
         }
     }
+
+    /// This error without the code it names: for a log of the public
+    /// surfaces, where the code is the caller's input — a campaign's code not
+    /// yet redeemed, perhaps, which must never reach a log.
+    pub fn without_code(self) -> Self {
+        match self {
+            Self::Failed {
+                operation, source, ..
+            } => Self::Failed {
+                operation,
+                code: None,
+                source,
+            },
+            other => other,
+        }
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

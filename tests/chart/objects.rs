@@ -14,6 +14,8 @@ fn default_values_render_lint_and_match_the_kubernetes_schemas() {
         "ClusterRoleBinding",
         "CustomResourceDefinition",
         "Deployment",
+        // The campaigns' key namespace, kept on uninstall.
+        "Namespace",
         "NetworkPolicy",
         "PodDisruptionBudget",
         "Role",
@@ -314,6 +316,7 @@ fn egress_goes_only_to_destinations_the_values_name() {
             "networkPolicy.egress.kubernetesApi.to",
         ),
         (json!({"nats": {"to": []}}), "networkPolicy.egress.nats.to"),
+        (json!({"dns": {"to": []}}), "networkPolicy.egress.dns.to"),
     ] {
         let rendered = render(with(json!({"networkPolicy": {"egress": unset}})));
         assert!(
@@ -366,6 +369,76 @@ fn egress_goes_only_to_destinations_the_values_name() {
     };
     assert!(reaches_idp("server"));
     assert!(!reaches_idp("controller"));
+}
+
+#[test]
+fn dns_goes_only_to_the_clusters_resolver() {
+    let rendered = render(required());
+    for policy in rendered.all("NetworkPolicy") {
+        let dns: Vec<&Value> = policy["spec"]["egress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["ports"][0]["port"] == 53)
+            .collect();
+        assert_eq!(dns.len(), 1, "{policy}");
+        assert_eq!(
+            dns[0]["to"],
+            json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]),
+            "port 53 to any address would carry data out"
+        );
+    }
+}
+
+#[test]
+fn the_controller_reads_secrets_in_the_key_namespace_only() {
+    let rendered = render(required());
+    let secrets: BTreeSet<String> = grants(&rendered)
+        .into_iter()
+        .filter(|(_, _, _, resource, _)| resource == "secrets")
+        .map(|(kind, ns, _, _, verb)| format!("{kind}/{ns} {verb}"))
+        .collect();
+    assert_eq!(
+        secrets,
+        BTreeSet::from(["Role/voucher-campaign-keys get".to_owned()]),
+        "no Secret of the release namespace ({NAMESPACE}), which holds the signing secret"
+    );
+    assert_eq!(
+        env_value(rendered.container("controller"), "CAMPAIGN_KEY_NAMESPACE"),
+        Some("voucher-campaign-keys")
+    );
+    let namespace = &rendered.all("Namespace")[0];
+    assert_eq!(namespace["metadata"]["name"], "voucher-campaign-keys");
+    assert_eq!(
+        namespace["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+        "the keys derive every code: an uninstall keeps them"
+    );
+    // Values that would grant the operator's own Secrets are refused.
+    for (values, what) in [
+        (
+            json!({"controller": {"campaignKeyNamespace": NAMESPACE}}),
+            "the release namespace",
+        ),
+        (
+            json!({"controller": {"campaignKeyNamespace": "billing"},
+                   "server": {"adminNamespace": "billing"}}),
+            "the admin namespace",
+        ),
+    ] {
+        let rendered = render(with(values));
+        assert!(
+            rendered.error().contains("controller.campaignKeyNamespace")
+                && rendered.error().contains("must be a namespace of its own"),
+            "{what}: {}",
+            rendered.error()
+        );
+    }
+    let rendered = render(with(
+        json!({"controller": {"createCampaignKeyNamespace": false}}),
+    ));
+    rendered.assert_valid();
+    assert!(rendered.all("Namespace").is_empty());
 }
 
 #[test]
@@ -479,8 +552,8 @@ fn rbac_grants_only_what_the_operator_uses() {
         "Role/catalyst catalyst.openova.io vouchers patch",
         "Role/catalyst catalyst.openova.io vouchers get",
         "Role/catalyst catalyst.openova.io vouchers delete",
-        // A campaign's generator key, in the issuer namespaces only.
-        "Role/catalyst  secrets get",
+        // A campaign's generator key, in the key namespace only (never the release namespace).
+        "Role/voucher-campaign-keys  secrets get",
     ]
     .map(String::from)
     .into();
@@ -597,8 +670,8 @@ fn one_watched_namespace_needs_nothing_cluster_wide() {
         "billing catalyst.openova.io vouchers/status",
         "billing catalyst.openova.io vouchercampaigns",
         "billing catalyst.openova.io vouchercampaigns/status",
-        "billing  secrets",
         "billing events.k8s.io events",
+        "voucher-campaign-keys  secrets",
         "catalyst coordination.k8s.io leases",
     ]
     .map(String::from)

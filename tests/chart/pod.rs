@@ -176,6 +176,8 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
             // A server list, as a cluster's NATS is usually given (here the same server twice).
             "nats": {"url": format!("{0},{0}", support::nats().url)},
             "audit": {"stream": stream, "subjectPrefix": prefix},
+            // Each run's campaign keys apart (the Secret below is created in it).
+            "controller": {"campaignKeyNamespace": format!("{namespace}-keys")},
         }),
     );
     let rendered = render_in(namespace, values);
@@ -436,10 +438,12 @@ async fn run_rendered_pod(namespace: &str, values: Value) {
     })
     .await;
 
-    // A campaign in the same namespace: its key read from its Secret, its codes generated, its
-    // status written; the printer's download on the admin port; deleted, its codes revoked.
+    // A campaign in the same namespace: its key read from its Secret (in the key namespace, the
+    // only one whose Secrets the controller may read), its codes generated, its status written;
+    // the printer's download on the admin port; deleted, its codes revoked.
+    let key_namespace = env_value(controller, "CAMPAIGN_KEY_NAMESPACE").unwrap();
     let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
-        kube::Api::namespaced(client.clone(), &admin_namespace);
+        kube::Api::namespaced(client.clone(), key_namespace);
     secrets
         .create(
             &Default::default(),
@@ -636,12 +640,16 @@ async fn the_servers_account_is_refused_everything_but_issue_and_revoke() {
     let cluster = support::cluster::cluster();
     let (_, release) = support::cluster::setup("sa-split").await;
     let (_, elsewhere) = support::cluster::setup("sa-other").await;
-    let rendered = render_in(&release, required());
+    let rendered = render_in(
+        &release,
+        with(json!({"controller": {"campaignKeyNamespace": format!("{release}-keys")}})),
+    );
     let dir = tempfile::tempdir().unwrap();
     let admin = cluster.kubeconfig(dir.path(), &release);
     // Cluster-scoped objects get a name of this test's own, so that no other test's release
     // changes (or is changed by) them.
-    let mut rbac = rendered.of_kinds(&["ServiceAccount", "Role", "RoleBinding"]);
+    // The key namespace first: the chart creates it, and a Role of the controller's is there.
+    let mut rbac = rendered.of_kinds(&["Namespace", "ServiceAccount", "Role", "RoleBinding"]);
     for mut object in rendered.of_kinds(&["ClusterRole", "ClusterRoleBinding"]) {
         let renamed = format!("{}-{release}", object["metadata"]["name"].as_str().unwrap());
         object["metadata"]["name"] = json!(renamed);
@@ -689,7 +697,7 @@ async fn the_servers_account_is_refused_everything_but_issue_and_revoke() {
         )
     };
     let status = r#"{"status":{"phase":"Active"}}"#;
-    let refused: [(&std::path::Path, Vec<&str>, Option<Value>, &str); 6] = [
+    let refused: [(&std::path::Path, Vec<&str>, Option<Value>, &str); 7] = [
         (
             &server,
             vec!["delete", "voucher", "sa-v1", "-n", &elsewhere],
@@ -735,6 +743,12 @@ async fn the_servers_account_is_refused_everything_but_issue_and_revoke() {
             vec!["delete", "voucher", "sa-v1", "-n", &release],
             None,
             "the controller: delete a Voucher",
+        ),
+        (
+            &controller,
+            vec!["get", "secret", "billing-jwt", "-n", &release],
+            None,
+            "the controller: read the release namespace's Secrets (the signing secret)",
         ),
     ];
     for (who, args, input, what) in refused {
