@@ -2173,3 +2173,51 @@ async fn when_a_group_would_pass_the_cap_exactly_the_earliest_arrivals_are_grant
             >= 1
     );
 }
+
+#[tokio::test]
+async fn guessing_one_prefix_from_anywhere_is_refused_for_a_while_and_alerted() {
+    let s = start_tuned(ServerSettings {
+        guesses_per_minute: 3,
+        ..settings()
+    })
+    .await;
+    s.seed(SEED).await;
+    s.seed("INSERT INTO promo_codes (code, credit_omr) VALUES ('BILL-REAL1', 5)")
+        .await;
+    // Four unknown codes under BILL- (a guesser's many addresses share the prefix's budget).
+    for guess in ["BILL-G1", "BILL-G2", "BILL-G3", "BILL-G4"] {
+        assert_eq!(
+            s.preview(&format!(r#"{{"code": "{guess}"}}"#)).await.0,
+            StatusCode::NOT_FOUND
+        );
+    }
+    // Now every BILL- code waits, the real one too: refused before it is looked up, so the
+    // answer tells nothing of it — on the preview and on redeem.
+    let (status, body) = s.preview(r#"{"code": "BILL-REAL1"}"#).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("unknown codes"),
+        "{body}"
+    );
+    let (status, _) = s
+        .redeem(
+            Some(&token("alice", None, 300)),
+            json!({"code": "BILL-REAL1", "tenant_id": "t1"}),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    // Other prefixes are not held up.
+    assert_eq!(s.preview(r#"{"code": "LIVE-10"}"#).await.0, StatusCode::OK);
+    assert_eq!(
+        metric(&s, "voucher_operator_http_unknown_codes_total").await,
+        4
+    );
+    assert_eq!(
+        metric(&s, "voucher_operator_http_guessing_blocked_total").await,
+        1
+    );
+    let rules = include_str!("../charts/voucher-operator/templates/prometheusrule.yaml");
+    assert!(rules.contains("voucher_operator_http_guessing_blocked_total"));
+    assert_eq!(s.counts("BILL-REAL1").await, (0, 0, 0));
+}

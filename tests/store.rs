@@ -537,3 +537,39 @@ async fn no_writer_hides_an_edit_by_saying_bulk() {
         "named, so drift correction hears it"
     );
 }
+
+#[tokio::test]
+async fn a_former_leader_never_writes_an_older_spec_of_a_voucher() {
+    use voucher_operator::store::sync::Wanted;
+    let store = store().await;
+    let launch = code("ELDER-1");
+    let me = owner("voucher-uid");
+    let wanted = |generation: i64, credit: i32| (generation, terms(credit));
+    let sync = |(generation, terms): (i64, Terms)| {
+        let (store, launch, me) = (store.clone(), launch.clone(), me.clone());
+        async move {
+            store
+                .sync_voucher(&Wanted {
+                    code: &launch,
+                    owner: &me,
+                    generation,
+                    terms: &terms,
+                    request: Request::default(),
+                    deletion_policy: DeletionPolicy::Revoke,
+                    now: Utc::now(),
+                })
+                .await
+        }
+    };
+    sync(wanted(1, 5)).await.unwrap();
+    sync(wanted(2, 6)).await.unwrap();
+    // The replica that lost its lease finishes a reconcile of generation 1.
+    let stale = sync(wanted(1, 5)).await.unwrap_err();
+    assert!(stale.is_superseded(), "{stale}");
+    let credit: i32 =
+        sqlx::query_scalar("SELECT credit_omr FROM promo_codes WHERE code = 'ELDER-1'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(credit, 6, "generation 2's terms stay");
+}

@@ -586,6 +586,14 @@ pub struct ServerOptions {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub auth_failures_per_minute: u32,
 
+    /// Unknown codes per minute under one code prefix (the code up to its last '-' or '_', e.g. a
+    /// campaign's), from all clients together, on the preview and redeem; beyond, codes under
+    /// that prefix are refused (429) until the budget refills — a guesser spread over many
+    /// addresses still finds a campaign's code at most this often per minute.
+    #[arg(long, env = "GUESSES_PER_MINUTE", default_value_t = 120,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub guesses_per_minute: u32,
+
     /// Comma-separated CIDRs (10.0.0.0/8; 10.0.0.5/32 for one address) of proxies whose
     /// X-Forwarded-For is trusted to name the client (e.g. the ingress controller's pod network).
     #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_cidr)]
@@ -647,6 +655,7 @@ impl ServerOptions {
             rate_limit_burst: self.rate_limit_burst,
             rate_limit_per_subject: self.rate_limit_per_subject,
             auth_failures_per_minute: self.auth_failures_per_minute,
+            guesses_per_minute: self.guesses_per_minute,
             trusted_proxies: self.trusted_proxies.clone(),
             admin_namespace: self.admin_namespace.clone(),
             body_limit: self.body_limit,

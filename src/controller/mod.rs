@@ -267,6 +267,14 @@ impl Context {
             (_, Err(error)) => (Found::InvalidTerms(error), None),
             (Ok(code), Ok(())) => match self.sync(code, &owner, &terms, voucher, now).await {
                 Ok(synced) => (Found::Synced(synced), None),
+                // This replica's copy is older than what another applied: it
+                // writes nothing, the status neither; the watch brings the
+                // newer copy.
+                Err(error) if error.is_superseded() => {
+                    tracing::info!(voucher = %owner, error = %crate::telemetry::describe(&error),
+                        "an older copy of the Voucher: nothing written");
+                    return Ok(Action::requeue(std::time::Duration::from_secs(1)));
+                }
                 Err(error) => (
                     Found::DatabaseUnavailable(crate::telemetry::describe(&error)),
                     Some(error),

@@ -1,10 +1,13 @@
 //! Rate limits of the HTTP API, in the process (governor): per client
 //! address (an IPv6 client by its /64, which one subscriber gets whole), per
-//! token subject on the authenticated endpoints, and on failed
-//! authentications per client. Every limiter forgets clients whose budget is
-//! full again, so memory follows the clients of the last moments only.
+//! token subject on the authenticated endpoints, on failed authentications
+//! per client, and on unknown codes per code prefix (whoever asks: a guesser
+//! of a campaign's codes spread over many addresses still shares one
+//! budget). Every limiter forgets keys whose budget is full again, so memory
+//! follows the clients of the last moments only.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Mutex;
@@ -25,6 +28,9 @@ pub struct LimitSettings {
     /// Failed authentications per client before it is refused outright
     /// until its budget refills.
     pub auth_failures_per_minute: u32,
+    /// Unknown codes asked for under one prefix (by anyone), on the preview
+    /// and redeem, before that prefix is refused until its budget refills.
+    pub guesses_per_minute: u32,
 }
 
 /// Why a request must wait, and how long.
@@ -40,14 +46,70 @@ pub enum Budget {
     Client,
     Subject,
     AuthFailures,
+    Guesses,
+}
+
+/// Failures counted per key: once a key's budget is spent, it is refused
+/// outright until the budget has room again.
+struct Failures<K: Hash + Eq + Clone> {
+    budget: Budget,
+    limiter: DefaultKeyedRateLimiter<K>,
+    /// Keys that failed too often, until when.
+    blocked: Mutex<HashMap<K, Instant>>,
+}
+
+impl<K: Hash + Eq + Clone> Failures<K> {
+    fn new(budget: Budget, per_minute: u32) -> Self {
+        Self {
+            budget,
+            limiter: RateLimiter::keyed(quota(per_minute, per_minute)),
+            blocked: Mutex::default(),
+        }
+    }
+
+    /// Whether `key` is refused for its failures.
+    fn blocked(&self, key: &K) -> Result<(), Wait> {
+        let now = Instant::now();
+        let mut blocked = self.blocked.lock().unwrap();
+        match blocked.get(key) {
+            Some(until) if *until > now => Err(Wait {
+                what: self.budget,
+                retry_after: *until - now,
+            }),
+            Some(_) => {
+                blocked.remove(key);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a failure of `key`; `true` when it spent the budget (the key is
+    /// blocked from now on).
+    fn failed(&self, key: K) -> bool {
+        let Err(not_until) = self.limiter.check_key(&key) else {
+            return false;
+        };
+        let retry = wait(self.budget, not_until).retry_after;
+        self.blocked
+            .lock()
+            .unwrap()
+            .insert(key, Instant::now() + retry.max(Duration::from_secs(1)));
+        true
+    }
+
+    fn retain_recent(&self) {
+        self.limiter.retain_recent();
+        let now = Instant::now();
+        self.blocked.lock().unwrap().retain(|_, until| *until > now);
+    }
 }
 
 pub struct Limits {
     clients: DefaultKeyedRateLimiter<IpAddr>,
     subjects: DefaultKeyedRateLimiter<String>,
-    failures: DefaultKeyedRateLimiter<IpAddr>,
-    /// Clients that failed authentication too often, until when.
-    blocked: Mutex<HashMap<IpAddr, Instant>>,
+    auth_failures: Failures<IpAddr>,
+    guesses: Failures<String>,
 }
 
 fn quota(per_minute: u32, burst: u32) -> Quota {
@@ -66,12 +128,11 @@ fn wait(what: Budget, not_until: governor::NotUntil<governor::clock::QuantaInsta
 impl Limits {
     pub fn new(settings: LimitSettings) -> Self {
         let per_subject = settings.per_subject_per_minute;
-        let failures = settings.auth_failures_per_minute;
         Self {
             clients: RateLimiter::keyed(quota(settings.per_minute, settings.burst)),
             subjects: RateLimiter::keyed(quota(per_subject, per_subject)),
-            failures: RateLimiter::keyed(quota(failures, failures)),
-            blocked: Mutex::default(),
+            auth_failures: Failures::new(Budget::AuthFailures, settings.auth_failures_per_minute),
+            guesses: Failures::new(Budget::Guesses, settings.guesses_per_minute),
         }
     }
 
@@ -91,48 +152,50 @@ impl Limits {
 
     /// Whether the client at `ip` is refused for its failed authentications.
     pub fn auth_blocked(&self, ip: IpAddr) -> Result<(), Wait> {
-        let key = client_key(ip);
-        let now = Instant::now();
-        let mut blocked = self.blocked.lock().unwrap();
-        match blocked.get(&key) {
-            Some(until) if *until > now => Err(Wait {
-                what: Budget::AuthFailures,
-                retry_after: *until - now,
-            }),
-            Some(_) => {
-                blocked.remove(&key);
-                Ok(())
-            }
-            None => Ok(()),
-        }
+        self.auth_failures.blocked(&client_key(ip))
     }
 
     /// Counts a failed authentication of the client at `ip`; once its budget
     /// is spent, it is blocked until the budget has room again.
     pub fn auth_failed(&self, ip: IpAddr) {
-        let key = client_key(ip);
-        if let Err(not_until) = self.failures.check_key(&key) {
-            let retry = wait(Budget::AuthFailures, not_until).retry_after;
-            self.blocked
-                .lock()
-                .unwrap()
-                .insert(key, Instant::now() + retry.max(Duration::from_secs(1)));
-        }
+        self.auth_failures.failed(client_key(ip));
+    }
+
+    /// Whether codes under the prefix of `code` are refused for the unknown
+    /// codes asked for under it (checked before the code is looked up, so
+    /// that a refusal says nothing of the code).
+    pub fn guesses_blocked(&self, code: &str) -> Result<(), Wait> {
+        self.guesses.blocked(&guess_prefix(code).to_owned())
+    }
+
+    /// Counts an unknown code asked for; `true` when it spent its prefix's
+    /// budget.
+    pub fn guessed(&self, code: &str) -> bool {
+        self.guesses.failed(guess_prefix(code).to_owned())
     }
 
     /// Forgets every client and subject whose budget is full again.
     pub fn retain_recent(&self) {
         self.clients.retain_recent();
         self.subjects.retain_recent();
-        self.failures.retain_recent();
-        let now = Instant::now();
-        self.blocked.lock().unwrap().retain(|_, until| *until > now);
+        self.auth_failures.retain_recent();
+        self.guesses.retain_recent();
     }
 
     /// How many keys the limiters hold (for the memory bound).
     pub fn tracked(&self) -> usize {
-        self.clients.len() + self.subjects.len() + self.failures.len()
+        self.clients.len()
+            + self.subjects.len()
+            + self.auth_failures.limiter.len()
+            + self.guesses.limiter.len()
     }
+}
+
+/// What a guess of a campaign's code shares with every other guess of it: the
+/// code up to its last '-' or '_' (a campaign's prefix, as `OMANTEL-BILL-`),
+/// or nothing for a code without one (all such codes share one budget).
+pub fn guess_prefix(code: &str) -> &str {
+    code.rfind(['-', '_']).map_or("", |at| &code[..=at])
 }
 
 /// The key a client is limited by: its IPv4 address, or the /64 of its IPv6
@@ -197,6 +260,7 @@ mod tests {
             burst: 2,
             per_subject_per_minute: 3,
             auth_failures_per_minute: 2,
+            guesses_per_minute: 100,
         })
     }
 
@@ -211,6 +275,31 @@ mod tests {
         assert!(l.client(other).is_ok(), "another /64");
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
         assert_eq!(client_key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn guesses_of_one_prefix_share_a_budget_whoever_asks() {
+        assert_eq!(guess_prefix("OMANTEL-BILL-7Q2M9XK4TR1D"), "OMANTEL-BILL-");
+        assert_eq!(guess_prefix("SPRING_SALE"), "SPRING_");
+        assert_eq!(guess_prefix("LAUNCH50"), "");
+        let limits = Limits::new(LimitSettings {
+            per_minute: 1000,
+            burst: 1000,
+            per_subject_per_minute: 1000,
+            auth_failures_per_minute: 10,
+            guesses_per_minute: 3,
+        });
+        for guess in ["BILL-AAAA", "BILL-BBBB", "BILL-CCCC"] {
+            assert_eq!(limits.guesses_blocked(guess), Ok(()));
+            assert!(!limits.guessed(guess));
+        }
+        // The fourth unknown code under BILL- spends the budget: every BILL- code waits, a real
+        // one too (a refusal before the lookup says nothing of the code), other prefixes not.
+        assert!(limits.guessed("BILL-DDDD"));
+        let wait = limits.guesses_blocked("BILL-REAL").unwrap_err();
+        assert_eq!(wait.what, Budget::Guesses);
+        assert!(wait.retry_after > Duration::ZERO);
+        assert_eq!(limits.guesses_blocked("SPRING-1"), Ok(()));
     }
 
     #[test]

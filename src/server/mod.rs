@@ -48,6 +48,9 @@ pub struct ServerSettings {
     pub rate_limit_per_subject: u32,
     /// Failed authentications per minute per client before it is refused.
     pub auth_failures_per_minute: u32,
+    /// Unknown codes per minute under one prefix, from anyone, before the
+    /// prefix is refused (429) until its budget refills.
+    pub guesses_per_minute: u32,
     /// Peers whose `X-Forwarded-For` is believed (ingress, load balancer).
     pub trusted_proxies: Vec<IpNet>,
     /// Namespace of the Vouchers that the admin endpoints create and delete.
@@ -100,6 +103,10 @@ pub struct ServerMetrics {
     pub preview_cache_entries: Gauge,
     /// Redemptions of a hot code committed together.
     pub groups: crate::store::group::GroupMetrics,
+    /// Unknown codes asked for on the preview and redeem.
+    pub unknown_codes: Counter,
+    /// Times a prefix's budget of unknown codes was spent (guessing).
+    pub guessing_blocked: Counter,
 }
 
 impl ServerMetrics {
@@ -114,6 +121,8 @@ impl ServerMetrics {
             preview_lookups: Family::default(),
             preview_cache_entries: Gauge::default(),
             groups: Default::default(),
+            unknown_codes: Counter::default(),
+            guessing_blocked: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("voucher_operator_http");
         r.register(
@@ -145,6 +154,16 @@ impl ServerMetrics {
             "preview_cache_entries",
             "Codes the redeem-preview remembers, existing and unknown",
             metrics.preview_cache_entries.clone(),
+        );
+        r.register(
+            "unknown_codes",
+            "Codes asked for on the preview and redeem that do not exist (or are not launched)",
+            metrics.unknown_codes.clone(),
+        );
+        r.register(
+            "guessing_blocked",
+            "Times a code prefix spent its budget of unknown codes and was refused for a while",
+            metrics.guessing_blocked.clone(),
         );
         r.register(
             "redemption_groups",
@@ -194,6 +213,7 @@ impl AppState {
             burst: settings.rate_limit_burst,
             per_subject_per_minute: settings.rate_limit_per_subject,
             auth_failures_per_minute: settings.auth_failures_per_minute,
+            guesses_per_minute: settings.guesses_per_minute,
         });
         let redeemer = crate::store::group::GroupCommit::new(
             store.clone(),
@@ -223,6 +243,25 @@ impl AppState {
             .flat_map(|v| v.split(','))
             .collect();
         limits::forwarded_client(peer, &entries, &self.settings.trusted_proxies)
+    }
+
+    /// Refuses a code whose prefix spent its budget of unknown codes: before
+    /// the lookup, so that the refusal says nothing of the code itself.
+    pub fn check_guessing(&self, code: &crate::domain::Code) -> Result<(), HttpError> {
+        self.limits.guesses_blocked(code.as_str()).map_err(too_many)
+    }
+
+    /// Counts an unknown code asked for against its prefix's budget.
+    pub fn unknown_code(&self, code: &crate::domain::Code) {
+        self.metrics.unknown_codes.inc();
+        if self.limits.guessed(code.as_str()) {
+            self.metrics.guessing_blocked.inc();
+            tracing::warn!(
+                prefix = limits::guess_prefix(code.as_str()),
+                "unknown codes under one prefix came faster than its budget: refused for a while \
+                 (someone may be guessing a campaign's codes)"
+            );
+        }
     }
 
     /// Counts a request of `client` against its budget.
@@ -259,6 +298,9 @@ fn too_many(wait: limits::Wait) -> HttpError {
         limits::Budget::Subject => "too many requests for this account; slow down",
         limits::Budget::AuthFailures => {
             "too many failed authentications from this client; try again later"
+        }
+        limits::Budget::Guesses => {
+            "too many unknown codes were tried that start like this one; try again later"
         }
     };
     HttpError {

@@ -82,6 +82,7 @@ pub async fn preview(
 ) -> Result<Response, HttpError> {
     state.check_rate(state.client_ip(peer.0.ip(), &headers))?;
     let code = code_of(request.code.as_deref())?;
+    state.check_guessing(&code)?;
     let (record, source) = state.codes.find_live(&state.store, &code).await?;
     state
         .metrics
@@ -95,6 +96,7 @@ pub async fn preview(
         .inc();
     let verdict = Redeemability::of(record.as_deref(), Utc::now());
     let Some(record) = record.filter(|_| !verdict.is_hidden()) else {
+        state.unknown_code(&code);
         return Err(HttpError::new(
             StatusCode::NOT_FOUND,
             verdict.public_reason(),
@@ -238,6 +240,7 @@ pub async fn redeem(
     state.check_rate(client)?;
     let principal = state.authenticate(client, &headers).await?;
     let code = code_of(request.code.as_deref())?;
+    state.check_guessing(&code)?;
     // Nothing a token or a body says reaches a query unchecked.
     for (what, text) in [("sub", &principal.subject), ("email", &principal.email)] {
         if text.chars().any(char::is_control) {
@@ -273,7 +276,12 @@ pub async fn redeem(
         now: Utc::now(),
     };
     let (outcome, (status, body)) = match state.redeemer.redeem(redemption).await? {
-        Answer::Fresh(outcome) => (outcome_label(&outcome), render(&outcome)),
+        Answer::Fresh(outcome) => {
+            if outcome == Redeemed::NotFound {
+                state.unknown_code(&code);
+            }
+            (outcome_label(&outcome), render(&outcome))
+        }
         Answer::Replayed { status, body } => ("replayed", (status, body)),
         Answer::KeyReused => {
             return Err(HttpError::new(

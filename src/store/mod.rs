@@ -58,9 +58,9 @@ pub enum StoreError {
     /// A redemption found the code's terms changed under it on every attempt.
     #[error("the code's terms changed during each of {attempts} attempts")]
     Contended { attempts: usize },
-    /// Another replica applied a newer spec of the campaign meanwhile.
+    /// Another replica applied a newer spec of the resource meanwhile.
     #[error(
-        "the campaign's generation {stored} was applied already (by another replica); this one ({mine}) is older and was not"
+        "the resource's generation {stored} was applied already (by another replica); this one ({mine}) is older and was not"
     )]
     Superseded { stored: i64, mine: i64 },
     /// What the store was doing, and to which code, when a step failed.
@@ -120,6 +120,16 @@ impl StoreError {
             operation,
             code: code.map(Code::to_string),
             source: Box::new(self),
+        }
+    }
+
+    /// Whether a newer generation of the resource was applied already: the
+    /// older copy at hand has nothing to do.
+    pub fn is_superseded(&self) -> bool {
+        match self {
+            Self::Superseded { .. } => true,
+            Self::Failed { source, .. } => source.is_superseded(),
+            _ => false,
         }
     }
 

@@ -71,6 +71,21 @@ impl Store {
         let run = async {
             let mut tx = self.pool().begin().await?;
             let state = bindings::claim(&mut tx, wanted.code, wanted.owner, wanted.request).await?;
+            // Under the code's lock: a replica that lost its lease (still
+            // finishing a reconcile of an older copy) never writes an older
+            // spec over the one the new leader applied.
+            if let Some(newer) = state
+                .binding
+                .as_ref()
+                .filter(|b| b.owner.uid == wanted.owner.uid && b.generation > wanted.generation)
+            {
+                let stored = newer.generation;
+                tx.rollback().await?;
+                return Err(StoreError::Superseded {
+                    stored,
+                    mine: wanted.generation,
+                });
+            }
             if let Some(campaign) = campaigns::owner_of(&mut tx, wanted.code.as_str()).await? {
                 tx.rollback().await?;
                 return Ok(Synced::CampaignCode { campaign });

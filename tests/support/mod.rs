@@ -380,6 +380,7 @@ pub fn server_settings() -> voucher_operator::server::ServerSettings {
         rate_limit_burst: 100_000,
         rate_limit_per_subject: 1_000_000,
         auth_failures_per_minute: 1_000_000,
+        guesses_per_minute: 1_000_000,
         trusted_proxies: Vec::new(),
         admin_namespace: "default".into(),
         body_limit: 4096,
