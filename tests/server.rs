@@ -924,7 +924,11 @@ async fn with_an_admin_address_the_public_port_serves_only_customers() {
     let admin_base = format!("http://{}", admin.local_addr().unwrap());
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    tokio::spawn(server::serve(public, Some(admin), state, stop));
+    let extra = server::Extra {
+        admin: Some(admin),
+        metrics: None,
+    };
+    tokio::spawn(server::serve(public, extra, state, stop));
     let http = reqwest::Client::new();
     let root = token("root", Some("superadmin"), 300);
     let get = |base: &str, path: &str| http.get(format!("{base}{path}")).bearer_auth(&root).send();
@@ -2220,4 +2224,94 @@ async fn guessing_one_prefix_from_anywhere_is_refused_for_a_while_and_alerted() 
     let rules = include_str!("../charts/voucher-operator/templates/prometheusrule.yaml");
     assert!(rules.contains("voucher_operator_http_guessing_blocked_total"));
     assert_eq!(s.counts("BILL-REAL1").await, (0, 0, 0));
+}
+
+#[tokio::test]
+async fn admin_issue_of_a_revoked_code_revives_only_that_revocation() {
+    let (s, client, ns) = admin_server("reissue").await;
+    s.seed(
+        "INSERT INTO promo_codes (code, credit_omr, active, deleted_at) \
+         VALUES ('BACK-1', 5, false, now() - interval '1 hour')",
+    )
+    .await;
+    let revoked_at: chrono::DateTime<chrono::Utc> = s
+        .scalar("SELECT deleted_at FROM promo_codes WHERE code = 'BACK-1'")
+        .await;
+    let admin = token("root", Some("sovereign-admin"), 300);
+    let response = s
+        .issue(&admin, &json!({"code": "back-1", "credit_omr": 5}))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let vouchers: kube::Api<voucher_operator::api::Voucher> = kube::Api::namespaced(client, &ns);
+    let voucher = vouchers.get("back-1").await.unwrap();
+    // Not a standing flag: the manifest names this revocation, so a later revoke stays.
+    assert_eq!(voucher.spec.reissue.map(|r| r.revoked_at), Some(revoked_at));
+    assert!(!voucher.spec.adopt);
+}
+
+#[tokio::test]
+async fn with_a_metrics_address_scraping_reaches_no_admin_endpoint() {
+    use voucher_operator::server::{self, AppState, auth::Verifier};
+    let url = support::fresh_database("scrape").await;
+    let store = Store::from_pool(support::pool(&url).await);
+    store.migrate().await.unwrap();
+    voucher_operator::install_tls_provider();
+    let state = AppState::new(
+        store,
+        Verifier::new(auth()).unwrap(),
+        None,
+        settings(),
+        Default::default(),
+    );
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let (public, admin, metrics) = (
+        bind().await.unwrap(),
+        bind().await.unwrap(),
+        bind().await.unwrap(),
+    );
+    let base = |l: &tokio::net::TcpListener| format!("http://{}", l.local_addr().unwrap());
+    let (admin_base, metrics_base) = (base(&admin), base(&metrics));
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let extra = server::Extra {
+        admin: Some(admin),
+        metrics: Some(metrics),
+    };
+    tokio::spawn(server::serve(public, extra, state, stop));
+    let http = reqwest::Client::new();
+    let root = token("root", Some("superadmin"), 300);
+    let get = |base: &str, path: &str| http.get(format!("{base}{path}")).bearer_auth(&root).send();
+    let scraped = get(&metrics_base, "/metrics").await.unwrap();
+    assert_eq!(scraped.status(), StatusCode::OK);
+    assert!(
+        scraped
+            .text()
+            .await
+            .unwrap()
+            .contains("voucher_operator_http_unknown_codes_total")
+    );
+    assert_eq!(
+        get(&metrics_base, "/healthz").await.unwrap().status(),
+        StatusCode::OK
+    );
+    // Whoever may scrape reaches nothing else, even with an admin token.
+    for path in ["/billing/vouchers/list", "/openapi.json", "/readyz"] {
+        assert_eq!(
+            get(&metrics_base, path).await.unwrap().status(),
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
+    }
+    // And the metrics left the admin port.
+    assert_eq!(
+        get(&admin_base, "/metrics").await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(&admin_base, "/billing/vouchers/list")
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
 }

@@ -128,9 +128,25 @@ pub(super) async fn run_server(
         None => None,
     };
     if let Some(address) = options.admin_address {
-        tracing::info!(%address, "admin endpoints and metrics listening");
+        tracing::info!(%address, "admin endpoints listening");
     }
-    let served = server::serve(listener, admin, state, shutdown.clone()).await;
+    let metrics = match options.server_metrics_address {
+        Some(address) => {
+            let bound = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {address} for the metrics: {e}"))?;
+            tracing::info!(%address, "metrics listening");
+            Some(bound)
+        }
+        None => None,
+    };
+    let served = server::serve(
+        listener,
+        server::Extra { admin, metrics },
+        state,
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     served
 }

@@ -523,6 +523,12 @@ pub struct ServerOptions {
     #[arg(long, env = "ADMIN_ADDRESS")]
     pub admin_address: Option<std::net::SocketAddr>,
 
+    /// A third address for /metrics (and /healthz), which the others then no longer serve: a
+    /// Prometheus that may scrape the server need not reach its admin endpoints. Needs
+    /// --admin-address.
+    #[arg(long, env = "SERVER_METRICS_ADDRESS", requires = "admin_address")]
+    pub server_metrics_address: Option<std::net::SocketAddr>,
+
     /// Shared secret of HS256 bearer tokens (what the billing service signs with today).
     #[arg(long, env = "JWT_HS256_SECRET", hide_env_values = true)]
     pub jwt_hs256_secret: Option<String>,

@@ -349,10 +349,10 @@ fn public_routes() -> Router<Arc<AppState>> {
         .route("/healthz", get(|| async { "ok" }))
 }
 
-/// What only the platform reaches: the admin endpoints, readiness, metrics,
-/// the API document.
-fn admin_routes() -> Router<Arc<AppState>> {
-    Router::new()
+/// What only the platform reaches: the admin endpoints, readiness, the API
+/// document — and the metrics, unless they have a port of their own.
+fn admin_routes(metrics_here: bool) -> Router<Arc<AppState>> {
+    let routes = Router::new()
         .route("/readyz", get(readyz))
         .route("/billing/vouchers/issue", post(admin::issue))
         .route("/billing/vouchers/list", get(admin::list))
@@ -361,11 +361,14 @@ fn admin_routes() -> Router<Arc<AppState>> {
             "/billing/vouchers/campaigns/{namespace}/{name}/codes",
             get(admin::campaign_codes),
         )
-        .route("/metrics", get(metrics))
         .route(
             "/openapi.json",
             get(|| async { axum::Json(ApiDoc::openapi()) }),
-        )
+        );
+    match metrics_here {
+        true => routes.route("/metrics", get(metrics)),
+        false => routes,
+    }
 }
 
 /// Which endpoints a listener serves.
@@ -374,15 +377,24 @@ pub enum Endpoints {
     /// Everything on one port (development, `run`, tests).
     All,
     Public,
-    Admin,
+    /// The admin endpoints, with the metrics or without them.
+    Admin {
+        metrics: bool,
+    },
+    /// The metrics alone (and liveness), for the scraper.
+    Metrics,
 }
 
 pub fn router(state: Arc<AppState>, endpoints: Endpoints) -> Router {
+    let healthz = || get(|| async { "ok" });
     let routes = match endpoints {
-        Endpoints::All => public_routes().merge(admin_routes()),
+        Endpoints::All => public_routes().merge(admin_routes(true)),
         Endpoints::Public => public_routes(),
         // The probes too: a flood of the public port must not fail them.
-        Endpoints::Admin => admin_routes().route("/healthz", get(|| async { "ok" })),
+        Endpoints::Admin { metrics } => admin_routes(metrics).route("/healthz", healthz()),
+        Endpoints::Metrics => Router::new()
+            .route("/metrics", get(self::metrics))
+            .route("/healthz", healthz()),
     };
     routes
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -463,16 +475,26 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     crate::telemetry::metrics_response(&state.registry)
 }
 
-/// Serves until `stop` is cancelled, then finishes the requests in flight.
-/// Serves until `stop` is cancelled: everything on `listener`, or, with an
-/// `admin` listener, the admin endpoints and metrics there and only what
-/// customers need on `listener`.
+/// The listeners beside the public one.
+#[derive(Default)]
+pub struct Extra {
+    /// The admin endpoints (and the metrics, without a listener of their own).
+    pub admin: Option<tokio::net::TcpListener>,
+    /// The metrics alone; only with `admin`.
+    pub metrics: Option<tokio::net::TcpListener>,
+}
+
+/// Serves until `stop` is cancelled, then finishes the requests in flight:
+/// everything on `listener`, or, with an `admin` listener, the admin
+/// endpoints there (and the metrics, unless they have a listener of their
+/// own) and only what customers need on `listener`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    admin: Option<tokio::net::TcpListener>,
+    extra: Extra,
     state: Arc<AppState>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Extra { admin, metrics } = extra;
     let limiter_state = state.clone();
     let cleanup_stop = stop.clone();
     tokio::spawn(async move {
@@ -504,12 +526,25 @@ pub async fn serve(
         return connections::serve(listener, all, &state.settings, stop).await;
     };
     let public = router(state.clone(), Endpoints::Public);
-    let admin_router = router(state.clone(), Endpoints::Admin);
-    let (served, admin_served) = tokio::join!(
-        connections::serve(listener, public, &state.settings, stop.clone()),
-        connections::serve(admin, admin_router, &state.settings, stop),
+    let admin_router = router(
+        state.clone(),
+        Endpoints::Admin {
+            metrics: metrics.is_none(),
+        },
     );
-    served.and(admin_served)
+    let scrape = async {
+        let Some(metrics) = metrics else {
+            return Ok(());
+        };
+        let scraped = router(state.clone(), Endpoints::Metrics);
+        connections::serve(metrics, scraped, &state.settings, stop.clone()).await
+    };
+    let (served, admin_served, scraped) = tokio::join!(
+        connections::serve(listener, public, &state.settings, stop.clone()),
+        connections::serve(admin, admin_router, &state.settings, stop.clone()),
+        scrape,
+    );
+    served.and(admin_served).and(scraped)
 }
 
 /// Deletes `Idempotency-Key` answers older than the retention, a few times

@@ -177,7 +177,11 @@ fn the_ports_the_probes_services_and_network_policy_name_exist() {
     assert_eq!(controller_ports, BTreeMap::from([("metrics".into(), 9090)]));
     assert_eq!(
         server_ports,
-        BTreeMap::from([("http".into(), 8080), ("admin".into(), 8081)])
+        BTreeMap::from([
+            ("http".into(), 8080),
+            ("admin".into(), 8081),
+            ("metrics".into(), 9091)
+        ])
     );
     // The addresses the containers listen on are the ports they declare.
     assert_eq!(
@@ -187,6 +191,10 @@ fn the_ports_the_probes_services_and_network_policy_name_exist() {
     assert_eq!(
         env_value(rendered.container("server"), "ADMIN_ADDRESS"),
         Some("0.0.0.0:8081")
+    );
+    assert_eq!(
+        env_value(rendered.container("server"), "SERVER_METRICS_ADDRESS"),
+        Some("0.0.0.0:9091")
     );
     assert_eq!(
         env_value(rendered.container("controller"), "METRICS_ADDRESS"),
@@ -300,8 +308,42 @@ fn the_ports_the_probes_services_and_network_policy_name_exist() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(scraped, ["metrics", "admin"]);
-    assert!(scraped.iter().all(|p| service_ports.contains(p)));
+    // Scraping reaches the metrics ports alone, never the server's admin endpoints.
+    assert_eq!(scraped, ["metrics"]);
+    assert_eq!(service_ports, ["metrics"]);
+}
+
+#[test]
+fn the_admin_port_is_open_only_to_the_admin_page() {
+    let ingress_of = |rendered: &Rendered| {
+        let policy = rendered
+            .all("NetworkPolicy")
+            .into_iter()
+            .find(|p| p["metadata"]["labels"]["app.kubernetes.io/component"] == "server")
+            .unwrap()
+            .clone();
+        policy["spec"]["ingress"].as_array().unwrap().clone()
+    };
+    let reaching = |ingress: &[Value], port: &str| -> Vec<Value> {
+        ingress
+            .iter()
+            .filter(|r| r["ports"][0]["port"] == port)
+            .cloned()
+            .collect()
+    };
+    // By default no one: the monitoring namespace reaches the metrics port, nothing else.
+    let ingress = ingress_of(&render(required()));
+    assert!(reaching(&ingress, "admin").is_empty(), "{ingress:?}");
+    assert_eq!(
+        reaching(&ingress, "metrics")[0]["from"],
+        json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}])
+    );
+    let page =
+        json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "billing"}}}]);
+    let ingress = ingress_of(&render(with(
+        json!({"networkPolicy": {"adminFrom": page.clone()}}),
+    )));
+    assert_eq!(reaching(&ingress, "admin")[0]["from"], page);
 }
 
 #[test]

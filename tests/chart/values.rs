@@ -136,7 +136,11 @@ fn variants_render_and_match_the_kubernetes_schemas() {
                     .collect();
                 assert_eq!(
                     alerts,
-                    ["VoucherAuditDeadLetters", "VoucherAuditBacklogStale"]
+                    [
+                        "VoucherAuditDeadLetters",
+                        "VoucherAuditBacklogStale",
+                        "VoucherCodeGuessing"
+                    ]
                 );
                 assert!(
                     rules["spec"]["groups"][0]["rules"][0]["expr"]

@@ -416,7 +416,12 @@ pub async fn serve_http(
         .unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(server::serve(listener, None, state, stop.clone()));
+    tokio::spawn(server::serve(
+        listener,
+        Default::default(),
+        state,
+        stop.clone(),
+    ));
     (base, stop)
 }
 

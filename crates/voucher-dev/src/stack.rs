@@ -520,7 +520,7 @@ async fn run_operator(
                 settings.http_port
             )
         })?;
-    tokio::spawn(server::serve(http, None, state, stop.clone()));
+    tokio::spawn(server::serve(http, Default::default(), state, stop.clone()));
     let token = dev_token(
         &secret,
         "local-developer",
