@@ -533,30 +533,30 @@ impl Context {
         let mut progress = self.store.register_campaign(owner, policy).await?;
         if remembered.is_none() {
             // The codes that exist carry the spec's terms: one statement per
-            // chunk, out-of-band edits reverted; a spec change is audited once,
-            // with its first chunk (the campaign's terms move on with it).
+            // chunk, out-of-band edits reverted. A spec change first moves the
+            // campaign's own row on, alone (its terms, its one-row switch that
+            // every path reads at once, the one audit record); the codes' rows
+            // follow chunk by chunk.
             let change =
                 progress.terms.as_ref() != Some(terms) || progress.generation != generation;
-            let mut pass = if change {
-                TermsPass::Change {
+            let pass = if change {
+                let first = TermsPass::Change {
                     before: progress.terms.as_ref(),
                     codes: progress.generated,
-                }
+                };
+                self.store
+                    .apply_campaign_terms(owner, (0, 0), terms, generation, &first)
+                    .await?;
+                TermsPass::Continue
             } else {
                 TermsPass::Drift
             };
             let mut from = 0;
-            loop {
+            while from < progress.generated {
                 let to = (from + UPDATE_CHUNK).min(progress.generated);
                 self.store
                     .apply_campaign_terms(owner, (from, to), terms, generation, &pass)
                     .await?;
-                if matches!(pass, TermsPass::Change { .. }) {
-                    pass = TermsPass::Continue;
-                }
-                if to >= progress.generated {
-                    break;
-                }
                 from = to;
             }
             progress.generation = generation;

@@ -348,7 +348,8 @@ mod tests {
             times_redeemed: 0,
             created_at: Utc::now(),
             deleted_at: None,
-            campaign: false,
+            campaign_on: None,
+            suspended: false,
         }
     }
 

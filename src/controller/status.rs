@@ -98,6 +98,11 @@ fn phase_message(record: &CodeRecord, phase: Phase) -> (&'static str, String) {
             "{code} reached its cap of {} redemptions",
             record.terms.max_redemptions
         ),
+        Phase::Suspended => format!(
+            "{code} is suspended: nobody can redeem it, whatever the spec says, until the \
+             suspension is lifted (DELETE /billing/vouchers/suspend/{code}, or the \
+             annotation catalyst.openova.io/suspended removed, as it was set)"
+        ),
         Phase::Conflict | Phase::Forbidden | Phase::Revoked | Phase::Error => String::new(),
     };
     // Ready's reason names the phase that keeps a synced code from being redeemed.
@@ -256,7 +261,8 @@ mod tests {
             times_redeemed: times,
             created_at: Utc::now(),
             deleted_at: None,
-            campaign: false,
+            campaign_on: None,
+            suspended: false,
         }
     }
 

@@ -426,12 +426,17 @@ impl Store {
             match pass {
                 TermsPass::Change { before, codes } => {
                     let value = serde_json::to_value(terms).expect("terms serialise");
+                    // The campaign's switch is this one row: every path (the
+                    // preview, the redemption, the database's guard for any
+                    // writer) reads it before the codes' own rows, which follow.
                     sqlx::query(
-                        "UPDATE voucher_campaigns SET generation = $2, terms = $3 WHERE uid = $1",
+                        "UPDATE voucher_campaigns SET generation = $2, terms = $3, active = $4 \
+                         WHERE uid = $1",
                     )
                     .bind(&owner.uid)
                     .bind(generation)
                     .bind(value)
+                    .bind(terms.active)
                     .execute(&mut *tx)
                     .await?;
                     let fields = before.map(|b| terms.changes_from(b)).unwrap_or_default();
@@ -525,6 +530,21 @@ impl Store {
                 return Ok(Release::Done(Some(policy)));
             }
             let (released, generated) = (to_u32(released), to_u32(generated));
+            // A Revoke deletion first switches the campaign off, in its one
+            // row, at once on every path; the codes' rows follow chunk by chunk.
+            if policy == DeletionPolicy::Revoke && released == 0 && generated > 0 {
+                let switched: u64 = sqlx::query(
+                    "UPDATE voucher_campaigns SET active = false WHERE uid = $1 AND active",
+                )
+                .bind(&owner.uid)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if switched > 0 {
+                    tx.commit().await?;
+                    return Ok(Release::More);
+                }
+            }
             if released < generated {
                 let to = (released + UPDATE_CHUNK).min(generated);
                 if policy == DeletionPolicy::Revoke {

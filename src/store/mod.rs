@@ -123,6 +123,19 @@ impl StoreError {
         }
     }
 
+    /// Whether the database's guard refused the statement (a redemption
+    /// outside its window, of a switched-off campaign, of a suspended code:
+    /// `promo_redemptions`' trigger, SQLSTATE [`GUARD_SQLSTATE`]).
+    pub fn refused_by_guard(&self) -> bool {
+        match self {
+            Self::Query(sqlx::Error::Database(error)) => {
+                error.code().as_deref() == Some(GUARD_SQLSTATE)
+            }
+            Self::Failed { source, .. } => source.refused_by_guard(),
+            _ => false,
+        }
+    }
+
     /// Whether a newer generation of the resource was applied already: the
     /// older copy at hand has nothing to do.
     pub fn is_superseded(&self) -> bool {
@@ -151,6 +164,9 @@ impl StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The SQLSTATE of the guard's refusals (migration `…_guard.sql`).
+pub const GUARD_SQLSTATE: &str = "VG001";
 
 /// How to reach the database.
 #[derive(Clone, Debug)]

@@ -9,11 +9,43 @@ use crate::domain::{Code, CodeRecord, TermField, Terms};
 
 /// The columns every query returns, in [`Row`]'s order. A macro so that each
 /// statement stays a `&'static str` literal (no SQL is assembled at run time).
+/// A campaign's one-row switch for the code `$code` (an SQL expression):
+/// true or false for a campaign's code, NULL for any other.
+macro_rules! campaign_on {
+    ($code:literal) => {
+        concat!(
+            "(SELECT c.active FROM voucher_campaign_codes cc \
+              JOIN voucher_campaigns c ON c.uid = cc.campaign_uid WHERE cc.code = ",
+            $code,
+            ")"
+        )
+    };
+}
+
+/// Whether the code `$code`, or its campaign, is suspended (an SQL expression).
+macro_rules! suspended {
+    ($code:literal) => {
+        concat!(
+            "EXISTS (SELECT 1 FROM voucher_suspensions s WHERE s.target = ",
+            $code,
+            " OR s.target = (SELECT 'campaign:' || cc.campaign_uid \
+              FROM voucher_campaign_codes cc WHERE cc.code = ",
+            $code,
+            "))"
+        )
+    };
+}
+
 macro_rules! returning {
     () => {
-        "code, credit_omr, description, active, max_redemptions, valid_from, expires_at, \
-         times_redeemed, created_at, deleted_at, EXISTS (SELECT 1 FROM voucher_campaign_codes cc \
-         WHERE cc.code = promo_codes.code) AS campaign"
+        concat!(
+            "code, credit_omr, description, active, max_redemptions, valid_from, expires_at, \
+             times_redeemed, created_at, deleted_at, ",
+            campaign_on!("promo_codes.code"),
+            " AS campaign_on, ",
+            suspended!("promo_codes.code"),
+            " AS suspended"
+        )
     };
 }
 
@@ -46,7 +78,8 @@ struct Row {
     times_redeemed: i32,
     created_at: DateTime<Utc>,
     deleted_at: Option<DateTime<Utc>>,
-    campaign: bool,
+    campaign_on: Option<bool>,
+    suspended: bool,
 }
 
 impl From<Row> for CodeRecord {
@@ -64,7 +97,8 @@ impl From<Row> for CodeRecord {
             times_redeemed: row.times_redeemed,
             created_at: row.created_at,
             deleted_at: row.deleted_at,
-            campaign: row.campaign,
+            campaign_on: row.campaign_on,
+            suspended: row.suspended,
         }
     }
 }
@@ -234,7 +268,11 @@ pub async fn count_redemptions(
     const COUNT: &str = concat!(
         "WITH counted AS ( \
            UPDATE promo_codes SET times_redeemed = times_redeemed + $8 \
-           WHERE code = $1 AND deleted_at IS NULL AND active \
+           WHERE code = $1 AND deleted_at IS NULL AND COALESCE(",
+        campaign_on!("$1"),
+        ", active) AND NOT ",
+        suspended!("$1"),
+        " \
              AND (valid_from IS NULL OR valid_from <= $2) \
              AND (expires_at IS NULL OR expires_at > $2) \
              AND (max_redemptions = 0 OR times_redeemed + $8 <= max_redemptions) \
@@ -340,7 +378,8 @@ pub async fn export_rows(
             created_at: time(&r["created_at"]).unwrap_or_default(),
             deleted_at: time(&r["deleted_at"]),
             // Export leaves campaign codes out.
-            campaign: false,
+            campaign_on: None,
+            suspended: false,
         })
         .collect())
 }

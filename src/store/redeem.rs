@@ -227,8 +227,14 @@ async fn attempt(
             None => return Ok(Attempt::Decided(Redeemed::TenantRequired)),
         },
     };
-    // One per customer: the unique row, not the code's lock, decides.
-    if !redemptions::insert(tx, customer, code.as_str()).await? {
+    // One per customer: the unique row, not the code's lock, decides. The
+    // database's guard may refuse it (the code switched off or suspended
+    // since the read): the next attempt reads why.
+    let inserted = match redemptions::insert(tx, customer, code.as_str()).await {
+        Err(error) if error.refused_by_guard() => return Ok(Attempt::Changed),
+        inserted => inserted?,
+    };
+    if !inserted {
         let grant = redemptions::grant_of(tx, customer, code.as_str()).await?;
         return Ok(Attempt::Decided(Redeemed::already(code, grant)));
     }

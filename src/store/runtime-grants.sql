@@ -9,3 +9,4 @@ GRANT SELECT, INSERT ON voucher_audit_dead_letters TO voucher_runtime;
 GRANT USAGE ON SEQUENCE voucher_audit_outbox_seq_seq TO voucher_runtime;
 GRANT SELECT ON voucher_operator_migrations TO voucher_runtime;
 GRANT SELECT, INSERT, UPDATE, DELETE ON voucher_campaigns, voucher_campaign_codes TO voucher_runtime;
+GRANT SELECT, INSERT, DELETE ON voucher_suspensions TO voucher_runtime;

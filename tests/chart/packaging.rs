@@ -210,7 +210,8 @@ fn the_flux_health_expressions_judge_the_statuses_the_controller_writes() {
         times_redeemed: 0,
         created_at: now,
         deleted_at: None,
-        campaign: false,
+        campaign_on: None,
+        suspended: false,
     };
     let holder = Owner {
         namespace: "billing".into(),

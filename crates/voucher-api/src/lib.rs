@@ -417,7 +417,8 @@ mod tests {
             times_redeemed: 0,
             created_at: chrono::Utc::now(),
             deleted_at: None,
-            campaign: false,
+            campaign_on: None,
+            suspended: false,
         };
         assert!(voucher_for(&row, "billing").is_ok());
         row.terms.credit_omr = 0;

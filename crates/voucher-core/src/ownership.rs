@@ -224,7 +224,8 @@ mod tests {
             created_at: Utc::now(),
             // As the database keeps it: to the microsecond.
             deleted_at: deleted.then(|| "2026-12-05T03:00:00.123456Z".parse().unwrap()),
-            campaign: false,
+            campaign_on: None,
+            suspended: false,
         }
     }
 

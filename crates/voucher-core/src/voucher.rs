@@ -25,8 +25,13 @@ pub struct CodeRecord {
     pub times_redeemed: i32,
     pub created_at: DateTime<Utc>,
     pub deleted_at: Option<DateTime<Utc>>,
-    /// One of a VoucherCampaign's codes: a secret until it can be redeemed.
-    pub campaign: bool,
+    /// For one of a VoucherCampaign's codes, whether its campaign is switched
+    /// on — its one-row switch, which decides before the row's own `active`
+    /// (the rows follow in the background); `None` for any other code. A
+    /// campaign's code is a secret until it can be redeemed.
+    pub campaign_on: Option<bool>,
+    /// Suspended (the code, or its campaign): redeemed by no one until lifted.
+    pub suspended: bool,
 }
 
 impl CodeRecord {
@@ -55,6 +60,8 @@ pub enum Redeemability {
     /// off, or before its window): told apart from an unknown code, it would
     /// let anyone harvest a campaign's codes before launch.
     Unlaunched,
+    /// Suspended by an administrator (an incident): told like an inactive code.
+    Suspended,
     Inactive,
     NotYetValid {
         valid_from: DateTime<Utc>,
@@ -77,11 +84,15 @@ impl Redeemability {
         };
         let terms = &record.terms;
         let scheduled = terms.valid_from.is_some_and(|from| now < from);
+        let switched_on = record.campaign_on.unwrap_or(terms.active);
         if record.is_tombstoned() {
             Self::Tombstoned
-        } else if record.campaign && (!terms.active || scheduled) {
+        } else if record.campaign_on.is_some() && (!switched_on || record.suspended || scheduled)
+        {
             Self::Unlaunched
-        } else if !terms.active {
+        } else if record.suspended {
+            Self::Suspended
+        } else if !switched_on {
             Self::Inactive
         } else if let Some(valid_from) = terms.valid_from.filter(|from| now < *from) {
             Self::NotYetValid { valid_from }
@@ -112,7 +123,7 @@ impl Redeemability {
         match self {
             Self::Redeemable => "the code can be redeemed".into(),
             Self::Unknown | Self::Tombstoned | Self::Unlaunched => "no such voucher code".into(),
-            Self::Inactive => "this voucher code is not active".into(),
+            Self::Inactive | Self::Suspended => "this voucher code is not active".into(),
             Self::NotYetValid { valid_from } => format!(
                 "this voucher code can be redeemed from {}",
                 valid_from.to_rfc3339()
@@ -143,6 +154,10 @@ pub enum Phase {
     Conflict,
     /// The resource is outside the issuer namespaces; nothing was written.
     Forbidden,
+    /// Suspended by an administrator (the admin endpoint, or the resource's
+    /// `catalyst.openova.io/suspended` annotation): redeemed by no one until
+    /// lifted, whatever the spec says.
+    Suspended,
     /// The code was revoked (the admin revoke, the admin page, by hand) and
     /// stays so: only a `spec.reissue` naming that revocation brings it back.
     Revoked,
@@ -151,7 +166,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 9] = [
+    pub const ALL: [Phase; 10] = [
         Phase::Active,
         Phase::Inactive,
         Phase::Scheduled,
@@ -159,6 +174,7 @@ impl Phase {
         Phase::Exhausted,
         Phase::Conflict,
         Phase::Forbidden,
+        Phase::Suspended,
         Phase::Revoked,
         Phase::Error,
     ];
@@ -172,6 +188,7 @@ impl Phase {
             | Redeemability::Tombstoned
             | Redeemability::Unknown
             | Redeemability::Unlaunched => Self::Inactive,
+            Redeemability::Suspended => Self::Suspended,
             Redeemability::NotYetValid { .. } => Self::Scheduled,
             Redeemability::Expired { .. } => Self::Expired,
             Redeemability::Capped { .. } => Self::Exhausted,
@@ -191,6 +208,7 @@ impl Phase {
             Self::Exhausted => "Exhausted",
             Self::Conflict => "Conflict",
             Self::Forbidden => "Forbidden",
+            Self::Suspended => "Suspended",
             Self::Revoked => "Revoked",
             Self::Error => "Error",
         }
@@ -373,7 +391,8 @@ mod tests {
             times_redeemed: 1,
             created_at: at(0),
             deleted_at: None,
-            campaign: false,
+            campaign_on: None,
+            suspended: false,
         }
     }
 
@@ -409,18 +428,19 @@ mod tests {
     #[test]
     fn a_campaign_code_before_launch_looks_unknown() {
         let code = CodeRecord {
-            campaign: true,
+            campaign_on: Some(true),
             ..record()
         };
-        // Before its window, or switched off: no different from a guess.
+        // Before its window, switched off or suspended: no different from a guess.
         let off = CodeRecord {
-            terms: Terms {
-                active: false,
-                ..code.terms.clone()
-            },
+            campaign_on: Some(false),
             ..code.clone()
         };
-        for (row, now) in [(&code, at(7)), (&off, at(9))] {
+        let suspended = CodeRecord {
+            suspended: true,
+            ..code.clone()
+        };
+        for (row, now) in [(&code, at(7)), (&off, at(9)), (&suspended, at(9))] {
             let verdict = Redeemability::of(Some(row), now);
             assert_eq!(verdict, Redeemability::Unlaunched);
             assert!(verdict.is_hidden());
@@ -433,6 +453,24 @@ mod tests {
             Redeemability::of(Some(&code), at(9)),
             Redeemability::Redeemable
         );
+        // The campaign's one-row switch decides, not the row (which follows in the background):
+        // switched off while the row still says active, or back on while it still says inactive.
+        let row_lags_off = CodeRecord {
+            campaign_on: Some(false),
+            ..code.clone()
+        };
+        assert!(Redeemability::of(Some(&row_lags_off), at(9)).is_hidden());
+        let row_lags_on = CodeRecord {
+            terms: Terms {
+                active: false,
+                ..code.terms.clone()
+            },
+            ..code.clone()
+        };
+        assert_eq!(
+            Redeemability::of(Some(&row_lags_on), at(9)),
+            Redeemability::Redeemable
+        );
         // Once launched, its end is no secret: it was public while it ran.
         assert!(matches!(
             Redeemability::of(Some(&code), at(19)),
@@ -442,6 +480,23 @@ mod tests {
         assert_eq!(
             Redeemability::of(Some(&record()), at(7)),
             Redeemability::NotYetValid { valid_from: at(8) }
+        );
+    }
+
+    #[test]
+    fn a_suspended_voucher_is_redeemed_by_no_one_whatever_its_spec() {
+        let suspended = CodeRecord {
+            suspended: true,
+            ..record()
+        };
+        let verdict = Redeemability::of(Some(&suspended), at(9));
+        assert_eq!(verdict, Redeemability::Suspended);
+        assert!(!verdict.is_redeemable() && !verdict.is_hidden());
+        assert_eq!(Phase::of(&suspended, at(9)), Phase::Suspended);
+        // Told like an inactive code: an incident is nobody's business on the checkout page.
+        assert_eq!(
+            verdict.public_reason(),
+            Redeemability::Inactive.public_reason()
         );
     }
 
