@@ -1221,3 +1221,78 @@ async fn a_voucher_outside_the_issuer_namespaces_writes_nothing() {
     assert_eq!(bound(&h, "RVW-A1").await + bound(&h, "BRAND-NEW").await, 0);
     assert!(h.audit_kinds("RVW-A1").await.is_empty());
 }
+
+#[tokio::test]
+async fn a_suspension_by_annotation_holds_across_the_gitops_owners_next_apply() {
+    let h = harness().await;
+    let manifest = json!({"apiVersion": "catalyst.openova.io/v1alpha1", "kind": "Voucher",
+                          "metadata": {"name": "gitops-1"}, "spec": {"creditOMR": 5}});
+    // Flux's kustomize-controller owns the spec (server-side apply, forced, as it applies).
+    let flux = PatchParams::apply("kustomize-controller").force();
+    let vouchers = h.vouchers(&h.ns);
+    vouchers
+        .patch("gitops-1", &flux, &Patch::Apply(&manifest))
+        .await
+        .unwrap();
+    h.until(&h.ns, "gitops-1", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    // Incident response annotates it, as kubectl annotate does.
+    let annotate = |value: serde_json::Value| {
+        let vouchers = vouchers.clone();
+        async move {
+            vouchers
+                .patch(
+                    "gitops-1",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"annotations":
+                        {"catalyst.openova.io/suspended": value}}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    annotate(json!("true")).await;
+    let suspended = h
+        .until(&h.ns, "gitops-1", "Suspended", |v| {
+            phase(v) == Some(Phase::Suspended)
+        })
+        .await;
+    assert_eq!(
+        ready(&suspended).map(|(_, reason)| reason).as_deref(),
+        Some("Suspended")
+    );
+    // Refused to every writer: the database's guard, for a plain INSERT as psql would do it.
+    let refused = sqlx::raw_sql(
+        "INSERT INTO customers (user_id, tenant_id, email) VALUES ('mallory', 't', ''); \
+         INSERT INTO promo_redemptions (customer_id, code) \
+           SELECT id, 'GITOPS-1' FROM customers WHERE user_id = 'mallory'",
+    )
+    .execute(&h.pool)
+    .await
+    .unwrap_err();
+    assert!(refused.to_string().contains("is suspended"), "{refused}");
+    // Flux applies its manifest again: the annotation is not its field, and stays.
+    vouchers
+        .patch("gitops-1", &flux, &Patch::Apply(&manifest))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = vouchers.get("gitops-1").await.unwrap();
+    assert!(
+        controller::suspended_by_annotation(&after),
+        "the annotation stays"
+    );
+    assert_eq!(phase(&after), Some(Phase::Suspended));
+    // Lifted the way it was set.
+    annotate(serde_json::Value::Null).await;
+    h.until(&h.ns, "gitops-1", "Active again", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    assert_eq!(
+        h.audit_kinds("GITOPS-1").await,
+        ["created", "suspended", "suspension_lifted"]
+    );
+}

@@ -103,15 +103,26 @@ async fn the_legacy_checkout_cannot_redeem_outside_the_window() {
     .execute(&pool)
     .await
     .unwrap();
-    let refused = legacy_checkout(&pool, "EXPIRED-1", "alice").await.unwrap_err();
-    assert!(refused.contains("voucher code EXPIRED-1 expired at"), "{refused}");
-    let refused = legacy_checkout(&pool, "LATER-1", "alice").await.unwrap_err();
+    let refused = legacy_checkout(&pool, "EXPIRED-1", "alice")
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains("voucher code EXPIRED-1 expired at"),
+        "{refused}"
+    );
+    let refused = legacy_checkout(&pool, "LATER-1", "alice")
+        .await
+        .unwrap_err();
     assert!(
         refused.contains("voucher code LATER-1 cannot be redeemed before"),
         "{refused}"
     );
     for code in ["EXPIRED-1", "LATER-1"] {
-        assert_eq!(written(&pool, code).await, (0, 0, 0), "{code}: nothing written");
+        assert_eq!(
+            written(&pool, code).await,
+            (0, 0, 0),
+            "{code}: nothing written"
+        );
     }
     legacy_checkout(&pool, "LIVE-1", "alice")
         .await
@@ -305,17 +316,20 @@ async fn no_role_but_the_owner_can_switch_the_guard_off() {
     .fetch_one(&mut *tx)
     .await
     .unwrap();
-    let refused = sqlx::query("INSERT INTO promo_redemptions (customer_id, code) VALUES ($1, 'OLD-1')")
-        .bind(customer)
-        .execute(&mut *tx)
-        .await
-        .unwrap_err();
+    let refused =
+        sqlx::query("INSERT INTO promo_redemptions (customer_id, code) VALUES ($1, 'OLD-1')")
+            .bind(customer)
+            .execute(&mut *tx)
+            .await
+            .unwrap_err();
     assert!(refused.to_string().contains("expired at"), "{refused}");
     drop(tx);
     // The billing service's role passes through the guard without grants on the operator's
     // tables: refused by the rule, never by a permission.
     let billing_pool = as_role(&billing).await;
-    let refused = legacy_checkout(&billing_pool, "OLD-1", "erin").await.unwrap_err();
+    let refused = legacy_checkout(&billing_pool, "OLD-1", "erin")
+        .await
+        .unwrap_err();
     assert!(refused.contains("expired at"), "{refused}");
     legacy_checkout(&billing_pool, "FRESH-1", "erin")
         .await

@@ -314,6 +314,7 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
         terms,
         request: Request::default(),
         deletion_policy: DeletionPolicy::Revoke,
+        suspended: false,
         now: Utc::now(),
     };
     assert!(matches!(

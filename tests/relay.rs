@@ -136,6 +136,7 @@ async fn sync(store: &Store, code: &str, who: &Owner, generation: i64, terms: Te
                 reissue: revoked,
             },
             deletion_policy: DeletionPolicy::Revoke,
+            suspended: false,
             now: Utc::now(),
         })
         .await
@@ -200,6 +201,13 @@ async fn campaign_records(store: &Store) {
             .audit_campaign_download(&campaign, "printer", CodeRange::new(0, 3))
             .await
             .unwrap();
+        for on in [true, false] {
+            store
+                .suspend_campaign("audit", name, on, "root")
+                .await
+                .unwrap()
+                .unwrap();
+        }
         while store.release_campaign(&campaign, None).await.unwrap() == Release::More {}
     }
 }
@@ -291,8 +299,16 @@ async fn every_event_type_arrives_once_as_a_valid_cloudevent() {
         .unwrap();
     // reissued: the revoked code, asked for by another resource
     sync(&store, "ALPHA-1", &owner("e"), 1, terms(6)).await;
-    // A campaign's own records: generated, updated, drift corrected, downloaded, revoked; and
-    // another's orphaned.
+    // suspended and lifted, through the admin endpoint's store call
+    for on in [true, false] {
+        store
+            .suspend_code(&delta, on, "root")
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // A campaign's own records: generated, updated, drift corrected, downloaded, suspended and
+    // lifted, revoked; and another's orphaned.
     campaign_records(&store).await;
 
     let settings = settings("types");

@@ -2315,3 +2315,138 @@ async fn with_a_metrics_address_scraping_reaches_no_admin_endpoint() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn an_administrator_suspends_a_code_or_a_campaign_and_lifts_it() {
+    let s = start().await;
+    s.seed(SEED).await;
+    s.seed(
+        "INSERT INTO voucher_campaigns (uid, namespace, name, generated) \
+           VALUES ('camp-uid', 'billing', 'inserts', 1); \
+         INSERT INTO promo_codes (code, credit_omr, max_redemptions) VALUES ('INS-AAAA', 5, 1); \
+         INSERT INTO voucher_campaign_codes (code, campaign_uid, code_index) \
+           VALUES ('INS-AAAA', 'camp-uid', 0)",
+    )
+    .await;
+    let call = |method: reqwest::Method, path: &str, token: Option<String>| {
+        let mut request = s.http.request(method, format!("{}{path}", s.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let admin = || Some(token("root", Some("sovereign-admin"), 300));
+    let customer = || Some(token("alice", None, 300));
+    // Only an administrator: a customer's token and no token are refused, nothing suspended.
+    for path in [
+        "/billing/vouchers/suspend/LIVE-10",
+        "/billing/vouchers/suspend/campaigns/billing/inserts",
+    ] {
+        for method in [reqwest::Method::POST, reqwest::Method::DELETE] {
+            assert_eq!(
+                call(method.clone(), path, customer()).await.0,
+                StatusCode::FORBIDDEN,
+                "{path}"
+            );
+            assert_eq!(
+                call(method, path, None).await.0,
+                StatusCode::UNAUTHORIZED,
+                "{path}"
+            );
+        }
+    }
+    assert_eq!(s.preview(r#"{"code": "LIVE-10"}"#).await.0, StatusCode::OK);
+
+    let (status, body) = call(
+        reqwest::Method::POST,
+        "/billing/vouchers/suspend/live-10",
+        admin(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"target": "LIVE-10", "suspended": true, "changed": true})
+    );
+    let again = call(
+        reqwest::Method::POST,
+        "/billing/vouchers/suspend/LIVE-10",
+        admin(),
+    )
+    .await;
+    assert_eq!(again.1["changed"], false, "a repeat changes nothing");
+    let (status, body) = s.preview(r#"{"code": "LIVE-10"}"#).await;
+    assert_eq!(status, StatusCode::GONE, "{body}");
+    assert_eq!(body["accepting_redemptions"], false);
+    let (status, _) = s
+        .redeem(
+            customer().as_deref(),
+            json!({"code": "LIVE-10", "tenant_id": "t1"}),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::GONE);
+    assert_eq!(s.counts("LIVE-10").await, (0, 0, 0));
+    // Audited once, with the administrator.
+    let audited: Vec<(String, Value)> = sqlx::query_as(
+        "SELECT kind, payload->'actor' FROM voucher_audit_outbox WHERE code = 'LIVE-10' ORDER BY seq",
+    )
+    .fetch_all(&s.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        audited,
+        [(
+            "suspended".to_owned(),
+            json!({"type": "subject", "subject": "root"})
+        )]
+    );
+    let (status, body) = call(
+        reqwest::Method::DELETE,
+        "/billing/vouchers/suspend/LIVE-10",
+        admin(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["suspended"].clone()),
+        (StatusCode::OK, json!(false))
+    );
+    assert_eq!(s.preview(r#"{"code": "LIVE-10"}"#).await.0, StatusCode::OK);
+
+    // A campaign: every code at once, answered like an unknown code.
+    assert_eq!(s.preview(r#"{"code": "INS-AAAA"}"#).await.0, StatusCode::OK);
+    let (status, body) = call(
+        reqwest::Method::POST,
+        "/billing/vouchers/suspend/campaigns/billing/inserts",
+        admin(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["target"], "billing/inserts");
+    assert_eq!(
+        s.preview(r#"{"code": "INS-AAAA"}"#).await.0,
+        StatusCode::NOT_FOUND
+    );
+    call(
+        reqwest::Method::DELETE,
+        "/billing/vouchers/suspend/campaigns/billing/inserts",
+        admin(),
+    )
+    .await;
+    assert_eq!(s.preview(r#"{"code": "INS-AAAA"}"#).await.0, StatusCode::OK);
+    // Unknown targets: 404.
+    for path in [
+        "/billing/vouchers/suspend/NOPE-1",
+        "/billing/vouchers/suspend/campaigns/billing/nope",
+    ] {
+        assert_eq!(
+            call(reqwest::Method::POST, path, admin()).await.0,
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
+    }
+}

@@ -412,6 +412,7 @@ async fn changing_a_code_does_not_wait_for_redemptions_in_flight() {
         terms,
         request: Request::default(),
         deletion_policy: DeletionPolicy::Revoke,
+        suspended: false,
         now: Utc::now(),
     };
     let on = terms(5);
@@ -556,6 +557,7 @@ async fn a_former_leader_never_writes_an_older_spec_of_a_voucher() {
                     terms: &terms,
                     request: Request::default(),
                     deletion_policy: DeletionPolicy::Revoke,
+                    suspended: false,
                     now: Utc::now(),
                 })
                 .await

@@ -494,6 +494,13 @@ impl Context {
         terms: &Terms,
     ) -> Result<Found, StoreError> {
         let key = ObjectRef::from_obj(campaign);
+        // Its annotation's suspension, whoever owns the spec (an annotation
+        // moves no generation, so before anything remembered; idempotent,
+        // audited when it changes): every code at once, on every path.
+        let suspended = super::suspended_by_annotation(campaign);
+        self.store
+            .set_campaign_annotation_suspension(owner, suspended)
+            .await?;
         let generation = campaign.metadata.generation.unwrap_or_default();
         let count = u32::try_from(campaign.spec.count).unwrap_or_default();
         let resync = self.settings.resync_interval;

@@ -329,6 +329,7 @@ impl Context {
             terms,
             request: voucher.request(),
             deletion_policy: voucher.spec.deletion_policy,
+            suspended: suspended_by_annotation(voucher),
             now,
         };
         let synced = self.store.sync_voucher(&wanted).await?;
@@ -718,6 +719,20 @@ where
         }
     });
     (rx_one, rx_all)
+}
+
+/// The annotation that suspends a resource's codes whoever owns its spec (a
+/// GitOps apply leaves an annotation it did not set alone).
+pub const SUSPENDED_ANNOTATION: &str = "catalyst.openova.io/suspended";
+
+/// Whether `resource` carries `catalyst.openova.io/suspended: "true"`.
+pub fn suspended_by_annotation(resource: &impl kube::Resource) -> bool {
+    resource
+        .meta()
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SUSPENDED_ANNOTATION))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
 
 /// The Event recorder of this replica.

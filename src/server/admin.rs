@@ -469,3 +469,166 @@ pub async fn campaign_codes(
     )
         .into_response())
 }
+
+/// What a suspension request did.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SuspensionAnswer {
+    /// The code, or the campaign as `namespace/name`.
+    pub target: String,
+    /// Whether it is suspended now (by this endpoint or by its resource's annotation).
+    pub suspended: bool,
+    /// Whether this request changed anything (a repeat does not).
+    pub changed: bool,
+}
+
+fn suspension_answer(
+    target: String,
+    done: crate::store::suspensions::Suspension,
+) -> Json<SuspensionAnswer> {
+    Json(SuspensionAnswer {
+        target,
+        suspended: done.suspended,
+        changed: done.changed,
+    })
+}
+
+/// Suspend a code: nobody redeems it, on any path, whatever its Voucher or Git says, until lifted
+#[utoipa::path(
+    post,
+    path = "/billing/vouchers/suspend/{code}",
+    params(("code" = String, Path, description = "The code; trimmed and upper-cased")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Suspended (a repeat changes nothing)", body = SuspensionAnswer),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Not an administrator", body = ErrorBody),
+        (status = 404, description = "No such code", body = ErrorBody),
+    )
+)]
+pub async fn suspend(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    Path(code): Path<String>,
+) -> Result<Json<SuspensionAnswer>, HttpError> {
+    suspend_code(&state, peer, &headers, &code, true).await
+}
+
+/// Lift this endpoint's suspension of a code (its Voucher's annotation, if set, still holds)
+#[utoipa::path(
+    delete,
+    path = "/billing/vouchers/suspend/{code}",
+    params(("code" = String, Path, description = "The code; trimmed and upper-cased")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Lifted; `suspended` says whether the annotation still holds it", body = SuspensionAnswer),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Not an administrator", body = ErrorBody),
+        (status = 404, description = "No such code", body = ErrorBody),
+    )
+)]
+pub async fn resume(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    Path(code): Path<String>,
+) -> Result<Json<SuspensionAnswer>, HttpError> {
+    suspend_code(&state, peer, &headers, &code, false).await
+}
+
+async fn suspend_code(
+    state: &AppState,
+    peer: Peer,
+    headers: &HeaderMap,
+    code: &str,
+    on: bool,
+) -> Result<Json<SuspensionAnswer>, HttpError> {
+    let principal = admin(state, peer, headers).await?;
+    let code = Code::parse(code).map_err(|e| HttpError::bad_request(e.to_string()))?;
+    let Some(done) = state
+        .store
+        .suspend_code(&code, on, &principal.subject)
+        .await?
+    else {
+        return Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            format!("no such code {code}"),
+        ));
+    };
+    Ok(suspension_answer(code.to_string(), done))
+}
+
+/// Suspend a campaign: none of its codes is redeemed, on any path, until lifted
+#[utoipa::path(
+    post,
+    path = "/billing/vouchers/suspend/campaigns/{namespace}/{name}",
+    params(
+        ("namespace" = String, Path, description = "The VoucherCampaign's namespace"),
+        ("name" = String, Path, description = "The VoucherCampaign's name"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Suspended (a repeat changes nothing)", body = SuspensionAnswer),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Not an administrator", body = ErrorBody),
+        (status = 404, description = "No such campaign in the billing database", body = ErrorBody),
+    )
+)]
+pub async fn suspend_campaign(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Json<SuspensionAnswer>, HttpError> {
+    switch_campaign(&state, peer, &headers, &namespace, &name, true).await
+}
+
+/// Lift this endpoint's suspension of a campaign
+#[utoipa::path(
+    delete,
+    path = "/billing/vouchers/suspend/campaigns/{namespace}/{name}",
+    params(
+        ("namespace" = String, Path, description = "The VoucherCampaign's namespace"),
+        ("name" = String, Path, description = "The VoucherCampaign's name"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Lifted; `suspended` says whether the annotation still holds it", body = SuspensionAnswer),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Not an administrator", body = ErrorBody),
+        (status = 404, description = "No such campaign in the billing database", body = ErrorBody),
+    )
+)]
+pub async fn resume_campaign(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Json<SuspensionAnswer>, HttpError> {
+    switch_campaign(&state, peer, &headers, &namespace, &name, false).await
+}
+
+async fn switch_campaign(
+    state: &AppState,
+    peer: Peer,
+    headers: &HeaderMap,
+    namespace: &str,
+    name: &str,
+    on: bool,
+) -> Result<Json<SuspensionAnswer>, HttpError> {
+    let principal = admin(state, peer, headers).await?;
+    let done = state
+        .store
+        .suspend_campaign(namespace, name, on, &principal.subject)
+        .await?;
+    let Some(done) = done else {
+        return Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no VoucherCampaign {namespace}/{name} has codes in the billing database \
+                 (kubectl get vouchercampaigns -n {namespace} shows those that exist)"
+            ),
+        ));
+    };
+    Ok(suspension_answer(format!("{namespace}/{name}"), done))
+}

@@ -332,10 +332,12 @@ impl utoipa::Modify for BearerScheme {
 #[openapi(
     modifiers(&BearerScheme),
     info(title = "voucher-operator", description = "Billing vouchers: public preview, checkout redemption, admin compatibility"),
-    paths(public::preview, public::redeem, admin::issue, admin::list, admin::revoke, admin::campaign_codes),
+    paths(public::preview, public::redeem, admin::issue, admin::list, admin::revoke, admin::campaign_codes,
+          admin::suspend, admin::resume, admin::suspend_campaign, admin::resume_campaign),
     components(schemas(
         public::PreviewRequest, public::PreviewResponse, public::RedeemRequest, public::RedeemResponse,
-        admin::IssueRequest, admin::PromoCode, admin::RevokeAnswer, error::ErrorBody
+        admin::IssueRequest, admin::PromoCode, admin::RevokeAnswer, admin::SuspensionAnswer,
+        error::ErrorBody
     ))
 )]
 pub struct ApiDoc;
@@ -360,6 +362,14 @@ fn admin_routes(metrics_here: bool) -> Router<Arc<AppState>> {
         .route(
             "/billing/vouchers/campaigns/{namespace}/{name}/codes",
             get(admin::campaign_codes),
+        )
+        .route(
+            "/billing/vouchers/suspend/{code}",
+            post(admin::suspend).delete(admin::resume),
+        )
+        .route(
+            "/billing/vouchers/suspend/campaigns/{namespace}/{name}",
+            post(admin::suspend_campaign).delete(admin::resume_campaign),
         )
         .route(
             "/openapi.json",

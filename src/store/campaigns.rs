@@ -175,6 +175,27 @@ impl Said<'_> {
     }
 }
 
+/// A campaign's suspension by `by` (or its lifting), audited as the campaign's.
+pub(super) async fn audit_suspension(
+    conn: &mut PgConnection,
+    owner: &Owner,
+    on: bool,
+    by: Actor,
+) -> Result<()> {
+    let generated: i32 =
+        sqlx::query_scalar("SELECT generated FROM voucher_campaigns WHERE uid = $1")
+            .bind(&owner.uid)
+            .fetch_optional(&mut *conn)
+            .await?
+            .unwrap_or_default();
+    let kind = match on {
+        true => AuditKind::CampaignSuspended,
+        false => AuditKind::CampaignSuspensionLifted,
+    };
+    let said = Said::of(by, CodeRange::new(0, to_u32(generated)));
+    audit(conn, kind, owner, said).await
+}
+
 /// Appends a campaign's own audit record (its subject the campaign's).
 async fn audit(
     conn: &mut PgConnection,

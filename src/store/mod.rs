@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod promo_codes;
 pub mod redeem;
 mod redemptions;
+pub mod suspensions;
 pub mod sync;
 
 use std::time::Duration;
@@ -90,6 +91,7 @@ pub enum Operation {
     PruneIdempotencyKeys,
     Campaign,
     Generate,
+    Suspend,
 }
 
 impl std::fmt::Display for Operation {
@@ -109,6 +111,7 @@ impl std::fmt::Display for Operation {
             Self::PruneIdempotencyKeys => "prune old Idempotency-Keys",
             Self::Campaign => "update the campaign's codes",
             Self::Generate => "generate the campaign's codes",
+            Self::Suspend => "suspend or resume",
         })
     }
 }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use super::bindings::{self, Bound};
 use super::campaigns;
 use super::outbox;
-use super::{Operation, Result, Store, StoreError, promo_codes};
+use super::{Operation, Result, Store, StoreError, promo_codes, suspensions};
 use crate::domain::{
     Actor, Applied, AuditData, AuditKind, Claim, Code, CodeRecord, DeletionPolicy, Facts, Owner,
     Phase, Request, TermField, Terms, Unrequested,
@@ -21,6 +21,9 @@ pub struct Wanted<'a> {
     /// Adoption or reissue, if the resource asks for either.
     pub request: Request,
     pub deletion_policy: DeletionPolicy,
+    /// The resource's `catalyst.openova.io/suspended` annotation: honoured
+    /// whoever owns the spec (a GitOps apply does not remove it).
+    pub suspended: bool,
     pub now: DateTime<Utc>,
 }
 
@@ -101,19 +104,32 @@ impl Store {
                 }
                 _ => {}
             }
+            // The annotation's suspension first, so that the row read back (and
+            // the phase) carries it; only for the code this resource owns.
+            let actor = Actor::from(wanted.owner);
+            let target = suspensions::Target::Code(wanted.code);
+            let source = suspensions::Source::Annotation;
+            let suspension =
+                suspensions::set(&mut tx, &target, source, wanted.suspended, &actor).await?;
             let applied = promo_codes::apply(&mut tx, wanted.code, wanted.terms).await?;
             let spec_changed = state
                 .binding
                 .as_ref()
                 .is_none_or(|b| b.generation != wanted.generation);
             let phase = Phase::of(&applied.after, wanted.now);
-            let kinds = state.claim.audit_kinds(&Applied {
+            let mut kinds = state.claim.audit_kinds(&Applied {
                 changed: &applied.changed,
                 now_active: applied.after.terms.active,
                 spec_changed,
                 phase,
                 last_phase: state.binding.as_ref().and_then(|b| b.phase),
             });
+            if suspension {
+                kinds.push(match wanted.suspended {
+                    true => AuditKind::Suspended,
+                    false => AuditKind::SuspensionLifted,
+                });
+            }
             let bound = Bound {
                 generation: wanted.generation,
                 phase,
@@ -127,7 +143,6 @@ impl Store {
             if !binding_current {
                 bindings::bind(&mut tx, wanted.code, wanted.owner, bound).await?;
             }
-            let actor = Actor::from(wanted.owner);
             let facts = Facts {
                 changed: &applied.changed,
                 ..Facts::new(wanted.code.as_str(), &actor)
@@ -236,6 +251,10 @@ impl Store {
             };
             bindings::release(&mut tx, code, &owner.uid).await?;
             let actor = Actor::from(owner);
+            // Its annotation went with it (an admin's suspension stays).
+            let target = suspensions::Target::Code(code);
+            let source = suspensions::Source::Annotation;
+            suspensions::set(&mut tx, &target, source, false, &actor).await?;
             let data = AuditData::of(kind, &Facts::new(code.as_str(), &actor), before, after);
             outbox::append_audit(&mut tx, kind, &data).await?;
             tx.commit().await?;

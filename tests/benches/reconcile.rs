@@ -154,6 +154,7 @@ async fn main() {
                         terms: &terms,
                         request: Default::default(),
                         deletion_policy: Default::default(),
+                        suspended: false,
                         now: chrono::Utc::now(),
                     })
                     .await

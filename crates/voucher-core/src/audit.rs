@@ -36,13 +36,21 @@ pub enum AuditKind {
     CampaignOrphaned,
     /// Somebody downloaded (a range of) a campaign's codes.
     CampaignCodesDownloaded,
+    /// A code was suspended (the admin endpoint, or its Voucher's annotation).
+    Suspended,
+    /// A code's suspension was lifted (by the way it was set).
+    SuspensionLifted,
+    /// A campaign was suspended: all its codes at once.
+    CampaignSuspended,
+    /// A campaign's suspension was lifted.
+    CampaignSuspensionLifted,
 }
 
 /// Prefix of every CloudEvents `type` the operator emits.
 pub const EVENT_TYPE_PREFIX: &str = "io.openova.catalyst.voucher";
 
 impl AuditKind {
-    pub const ALL: [AuditKind; 19] = [
+    pub const ALL: [AuditKind; 23] = [
         AuditKind::Created,
         AuditKind::Updated,
         AuditKind::Activated,
@@ -62,6 +70,10 @@ impl AuditKind {
         AuditKind::CampaignRevoked,
         AuditKind::CampaignOrphaned,
         AuditKind::CampaignCodesDownloaded,
+        AuditKind::Suspended,
+        AuditKind::SuspensionLifted,
+        AuditKind::CampaignSuspended,
+        AuditKind::CampaignSuspensionLifted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +97,10 @@ impl AuditKind {
             Self::CampaignRevoked => "campaign_revoked",
             Self::CampaignOrphaned => "campaign_orphaned",
             Self::CampaignCodesDownloaded => "campaign_codes_downloaded",
+            Self::Suspended => "suspended",
+            Self::SuspensionLifted => "suspension_lifted",
+            Self::CampaignSuspended => "campaign_suspended",
+            Self::CampaignSuspensionLifted => "campaign_suspension_lifted",
         }
     }
 
@@ -387,6 +403,27 @@ impl AuditKind {
                 format!("{actor} downloaded {codes} code(s) of {code}"),
                 None,
             ),
+            Self::Suspended => (
+                format!("suspended by {actor}"),
+                event(
+                    Warning,
+                    "Suspended",
+                    format!("code {code} is suspended: nobody can redeem it until it is lifted"),
+                ),
+            ),
+            Self::SuspensionLifted => (
+                format!("suspension lifted by {actor}"),
+                event(
+                    Normal,
+                    "SuspensionLifted",
+                    format!("the suspension of code {code} by {actor} was lifted"),
+                ),
+            ),
+            Self::CampaignSuspended => (
+                format!("suspended by {actor}: none of its {codes} code(s) can be redeemed"),
+                None,
+            ),
+            Self::CampaignSuspensionLifted => (format!("suspension lifted by {actor}"), None),
         };
         Wording { reason, event }
     }

@@ -87,8 +87,7 @@ impl Redeemability {
         let switched_on = record.campaign_on.unwrap_or(terms.active);
         if record.is_tombstoned() {
             Self::Tombstoned
-        } else if record.campaign_on.is_some() && (!switched_on || record.suspended || scheduled)
-        {
+        } else if record.campaign_on.is_some() && (!switched_on || record.suspended || scheduled) {
             Self::Unlaunched
         } else if record.suspended {
             Self::Suspended
