@@ -147,7 +147,8 @@ pub struct VoucherStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
 
-    /// Lifecycle phase: Active, Inactive, Scheduled, Expired, Exhausted, Conflict or Error.
+    /// Lifecycle phase: Active, Inactive, Scheduled, Expired, Exhausted, Suspended, Conflict,
+    /// Forbidden, Revoked or Error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
 
