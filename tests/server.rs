@@ -904,20 +904,26 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
     );
 }
 
-#[tokio::test]
-async fn with_an_admin_address_the_public_port_serves_only_customers() {
-    use voucher_operator::server::{self, AppState, auth::Verifier};
-    let url = support::fresh_database("split").await;
+/// A server on a database of its own, to serve on listeners a test binds itself.
+async fn split_state(prefix: &str) -> Arc<voucher_operator::server::AppState> {
+    use voucher_operator::server::{AppState, auth::Verifier};
+    let url = support::fresh_database(prefix).await;
     let store = Store::from_pool(support::pool(&url).await);
     store.migrate().await.unwrap();
     voucher_operator::install_tls_provider();
-    let state = AppState::new(
+    AppState::new(
         store,
         Verifier::new(auth()).unwrap(),
         None,
         settings(),
         Default::default(),
-    );
+    )
+}
+
+#[tokio::test]
+async fn with_an_admin_address_the_public_port_serves_only_customers() {
+    use voucher_operator::server;
+    let state = split_state("split").await;
     let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
     let (public, admin) = (bind().await.unwrap(), bind().await.unwrap());
     let public_base = format!("http://{}", public.local_addr().unwrap());
@@ -2251,18 +2257,8 @@ async fn admin_issue_of_a_revoked_code_revives_only_that_revocation() {
 
 #[tokio::test]
 async fn with_a_metrics_address_scraping_reaches_no_admin_endpoint() {
-    use voucher_operator::server::{self, AppState, auth::Verifier};
-    let url = support::fresh_database("scrape").await;
-    let store = Store::from_pool(support::pool(&url).await);
-    store.migrate().await.unwrap();
-    voucher_operator::install_tls_provider();
-    let state = AppState::new(
-        store,
-        Verifier::new(auth()).unwrap(),
-        None,
-        settings(),
-        Default::default(),
-    );
+    use voucher_operator::server;
+    let state = split_state("scrape").await;
     let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
     let (public, admin, metrics) = (
         bind().await.unwrap(),

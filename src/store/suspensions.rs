@@ -93,6 +93,23 @@ async fn audit(
     }
 }
 
+/// [`set`], audited when it changed something: what it did, and whether
+/// `target` is suspended now by any source.
+async fn switch(
+    conn: &mut PgConnection,
+    target: &Target<'_>,
+    source: Source,
+    on: bool,
+    actor: &Actor,
+) -> Result<Suspension> {
+    let changed = set(conn, target, source, on, actor).await?;
+    if changed {
+        audit(conn, target, on, actor).await?;
+    }
+    let suspended = held(conn, target).await?;
+    Ok(Suspension { changed, suspended })
+}
+
 /// Whether `target` is suspended, by any source.
 async fn held(conn: &mut PgConnection, target: &Target<'_>) -> Result<bool> {
     Ok(
@@ -130,14 +147,9 @@ impl Store {
             let actor = Actor::Subject {
                 subject: subject.to_owned(),
             };
-            let target = Target::Code(code);
-            let changed = set(&mut tx, &target, Source::Admin, on, &actor).await?;
-            if changed {
-                audit(&mut tx, &target, on, &actor).await?;
-            }
-            let suspended = held(&mut tx, &target).await?;
+            let done = switch(&mut tx, &Target::Code(code), Source::Admin, on, &actor).await?;
             tx.commit().await?;
-            Ok(Some(Suspension { changed, suspended }))
+            Ok(Some(done))
         };
         run.await
             .map_err(|e: StoreError| e.during(Operation::Suspend, Some(code)))
@@ -161,13 +173,9 @@ impl Store {
                 subject: subject.to_owned(),
             };
             let target = Target::Campaign(&found.owner);
-            let changed = set(&mut tx, &target, Source::Admin, on, &actor).await?;
-            if changed {
-                audit(&mut tx, &target, on, &actor).await?;
-            }
-            let suspended = held(&mut tx, &target).await?;
+            let done = switch(&mut tx, &target, Source::Admin, on, &actor).await?;
             tx.commit().await?;
-            Ok(Some(Suspension { changed, suspended }))
+            Ok(Some(done))
         };
         run.await
             .map_err(|e: StoreError| e.during(Operation::Suspend, None))
@@ -188,12 +196,9 @@ impl Store {
                 uid: owner.uid.clone(),
             };
             let target = Target::Campaign(owner);
-            let changed = set(&mut tx, &target, Source::Annotation, on, &actor).await?;
-            if changed {
-                audit(&mut tx, &target, on, &actor).await?;
-            }
+            let done = switch(&mut tx, &target, Source::Annotation, on, &actor).await?;
             tx.commit().await?;
-            Ok(changed)
+            Ok(done.changed)
         };
         run.await
             .map_err(|e: StoreError| e.during(Operation::Suspend, None))
