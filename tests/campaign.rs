@@ -825,6 +825,58 @@ async fn only_administrators_download_codes_and_each_download_is_audited() {
 }
 
 #[tokio::test]
+async fn a_campaign_suspended_by_annotation_shows_it_and_no_code_redeems_until_lifted() {
+    let h = harness().await;
+    h.secret("bill-key").await;
+    h.apply(&manifest("incident", json!({"count": 30})))
+        .unwrap();
+    h.ready("incident", 30).await;
+    let codes = h.codes("incident").await;
+    let annotate = |value: Value| {
+        let campaigns = h.campaigns();
+        async move {
+            campaigns
+                .patch(
+                    "incident",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(json!({"metadata": {"annotations":
+                        {"catalyst.openova.io/suspended": value}}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    annotate(json!("true")).await;
+    let suspended = h
+        .until("incident", "Suspended", |c| {
+            status(c).phase == Some(CampaignPhase::Suspended)
+        })
+        .await;
+    let (_, reason, message) = condition(&suspended, "Ready").unwrap();
+    assert_eq!(reason, "Suspended");
+    assert!(message.contains("suspend/campaigns"), "{message}");
+    // Every code at once, answered like a guess; nothing redeemed.
+    assert_eq!(counts(&h.previews(&codes).await, 404), 30);
+    assert_eq!(
+        h.redeem("someone".into(), &codes[3]).await,
+        StatusCode::NOT_FOUND
+    );
+    let kinds: Vec<String> = sqlx::query_scalar(
+        "SELECT kind FROM voucher_audit_outbox WHERE kind LIKE 'campaign_suspen%' ORDER BY seq",
+    )
+    .fetch_all(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!(kinds, ["campaign_suspended"], "audited once");
+    annotate(Value::Null).await;
+    h.until("incident", "Active again", |c| {
+        status(c).phase == Some(CampaignPhase::Active)
+    })
+    .await;
+    assert_eq!(counts(&h.previews(&codes).await, 200), 30);
+}
+
+#[tokio::test]
 async fn one_leaked_code_is_revoked_alone_and_stays_revoked() {
     let h = harness().await;
     h.secret("bill-key").await;

@@ -112,6 +112,8 @@ pub struct Seen<'a> {
     pub previous: Option<&'a VoucherCampaignStatus>,
     pub now: DateTime<Utc>,
     pub resync: Duration,
+    /// Suspended (the admin endpoint or the annotation).
+    pub suspended: bool,
 }
 
 /// A reconcile's decisions.
@@ -146,6 +148,7 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
         previous,
         now,
         resync,
+        suspended,
     } = seen;
     let before = previous.map_or(&[][..], |p| p.conditions.as_slice());
     let condition = |type_, wanted| status::condition(type_, wanted, generation, now, before);
@@ -244,7 +247,10 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
             counts,
             recount,
         } => {
-            let phase = settled_phase(terms, now);
+            let phase = match suspended {
+                true => CampaignPhase::Suspended,
+                false => settled_phase(terms, now),
+            };
             // A time boundary ahead changes the phase: look again just after it.
             let boundary = [terms.valid_from, terms.expires_at]
                 .into_iter()
@@ -264,6 +270,13 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
                 CampaignPhase::Expired => format!(
                     "all {generated} codes exist and expired at {}",
                     terms.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+                ),
+                CampaignPhase::Suspended => format!(
+                    "all {generated} codes exist and are suspended: none can be redeemed, \
+                     whatever the spec says, until the suspension is lifted (DELETE \
+                     /billing/vouchers/suspend/campaigns/{}/{}, or the annotation \
+                     catalyst.openova.io/suspended removed, as it was set)",
+                    owner.namespace, owner.name
                 ),
                 _ => format!("all {generated} codes exist and are redeemable"),
             };
@@ -494,13 +507,6 @@ impl Context {
         terms: &Terms,
     ) -> Result<Found, StoreError> {
         let key = ObjectRef::from_obj(campaign);
-        // Its annotation's suspension, whoever owns the spec (an annotation
-        // moves no generation, so before anything remembered; idempotent,
-        // audited when it changes): every code at once, on every path.
-        let suspended = super::suspended_by_annotation(campaign);
-        self.store
-            .set_campaign_annotation_suspension(owner, suspended)
-            .await?;
         let generation = campaign.metadata.generation.unwrap_or_default();
         let count = u32::try_from(campaign.spec.count).unwrap_or_default();
         let resync = self.settings.resync_interval;
@@ -687,12 +693,25 @@ impl Context {
             expires_at: spec.expires_at,
         };
         let mut failure = None;
+        let mut suspended = false;
         let found = if !self.settings.issuers.allows(&owner.namespace) {
             Found::Forbidden(self.settings.issuers.clone())
         } else if let Err(error) = terms.validate() {
             Found::InvalidTerms(error)
         } else {
-            match self.work(campaign, &owner, &terms).await {
+            let worked = async {
+                // Its annotation's suspension, whoever owns the spec (idempotent,
+                // audited when it changes), before anything remembered: an
+                // annotation moves no generation. Every code at once, on every path.
+                let annotated = super::suspended_by_annotation(campaign);
+                let held = self
+                    .store
+                    .set_campaign_annotation_suspension(&owner, annotated)
+                    .await?;
+                suspended = held.suspended;
+                self.work(campaign, &owner, &terms).await
+            };
+            match worked.await {
                 Ok(found) => found,
                 Err(error) => {
                     let said = crate::telemetry::describe(&error);
@@ -709,6 +728,7 @@ impl Context {
             previous: campaign.status.as_ref(),
             now: Utc::now(),
             resync: self.settings.resync_interval,
+            suspended,
         };
         let plan = decide(found, seen);
         for event in plan.events {
@@ -918,6 +938,7 @@ mod tests {
             previous,
             now: Utc::now(),
             resync: Duration::from_secs(300),
+            suspended: false,
         }
     }
 

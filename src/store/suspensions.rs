@@ -182,12 +182,13 @@ impl Store {
     }
 
     /// A campaign's annotation, as its controller finds it: suspended (`on`)
-    /// or not, idempotent; `true` when that changed something.
+    /// or not, idempotent; what changed, and whether the campaign is
+    /// suspended now by any source (for its status).
     pub async fn set_campaign_annotation_suspension(
         &self,
         owner: &Owner,
         on: bool,
-    ) -> Result<bool> {
+    ) -> Result<Suspension> {
         let run = async {
             let mut tx = self.pool().begin().await?;
             let actor = Actor::Campaign {
@@ -198,7 +199,7 @@ impl Store {
             let target = Target::Campaign(owner);
             let done = switch(&mut tx, &target, Source::Annotation, on, &actor).await?;
             tx.commit().await?;
-            Ok(done.changed)
+            Ok(done)
         };
         run.await
             .map_err(|e: StoreError| e.during(Operation::Suspend, None))

@@ -191,6 +191,9 @@ pub enum CampaignPhase {
     Scheduled,
     /// At or after `spec.expiresAt`.
     Expired,
+    /// Suspended (the admin endpoint or its annotation): none of its codes can be
+    /// redeemed, whatever the spec says, until lifted.
+    Suspended,
     /// Cannot go on until a person acts (no key, a code collision, invalid terms).
     Stalled,
     /// The campaign is outside the issuer namespaces; nothing was written.
@@ -207,6 +210,7 @@ impl CampaignPhase {
             Self::Inactive => "Inactive",
             Self::Scheduled => "Scheduled",
             Self::Expired => "Expired",
+            Self::Suspended => "Suspended",
             Self::Stalled => "Stalled",
             Self::Forbidden => "Forbidden",
             Self::Error => "Error",
