@@ -8,8 +8,9 @@
 //!    beside the ratio of the two.
 //! 2. The kill switch: a campaign of 1,000,000 codes switched off — the one-row switch (the
 //!    campaign's row; then the time until its last code is refused to the legacy checkout's
-//!    INSERT) beside today's full rewrite of its rows (`UPDATE … SET active = false` over every
-//!    code: what stood between a leak and its last code refused before).
+//!    INSERT, and by the preview's lookup and the operator's redemption) beside today's full
+//!    rewrite of its rows (`UPDATE … SET active = false` over every code: what stood between a
+//!    leak and its last code refused before).
 //!
 //! Run: cargo bench --bench guard        (LEDGER_ROWS=10000 for a quick run)
 
@@ -206,6 +207,34 @@ async fn main() {
     let switched = started.elapsed();
     assert!(refused(&pool, &last).await, "the last code refused");
     let until_refused = started.elapsed();
+    // The operator's own paths read the same row: the preview's lookup and the redemption.
+    let code = Code::parse(&last).unwrap();
+    let record = store.find_live(&code).await.unwrap();
+    assert!(
+        voucher_operator::domain::Redeemability::of(record.as_ref(), chrono::Utc::now())
+            .is_hidden(),
+        "the preview answers 404"
+    );
+    let redemption = Redemption {
+        code: &code,
+        subject: "after-the-switch",
+        tenant: Some("bench"),
+        email: "",
+        idempotency: None,
+        now: chrono::Utc::now(),
+    };
+    let answer = store
+        .redeem(&redemption, |_| (404, serde_json::Value::Null))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        voucher_operator::store::redeem::Answer::Fresh(
+            voucher_operator::store::redeem::Redeemed::NotFound
+        ),
+        "the redemption answers 404"
+    );
+    let until_every_path = started.elapsed();
 
     // Today's way: every row rewritten before the last one is refused.
     let started = Instant::now();
@@ -222,9 +251,11 @@ async fn main() {
     println!("| switching off {CAMPAIGN} codes | until the last code is refused |");
     println!("|---|---|");
     println!(
-        "| the one-row switch (the guard) | {:.1} ms (the switch itself {:.1} ms) |",
+        "| the one-row switch (the guard) | {:.1} ms (the switch itself {:.1} ms; \
+         refused by the preview and the redemption too after {:.1} ms) |",
         ms(until_refused),
-        ms(switched)
+        ms(switched),
+        ms(until_every_path)
     );
     println!(
         "| the full rewrite of the rows (baseline) | {:.1} ms |",
