@@ -874,6 +874,22 @@ async fn a_campaign_suspended_by_annotation_shows_it_and_no_code_redeems_until_l
     })
     .await;
     assert_eq!(counts(&h.previews(&codes).await, 200), 30);
+    // The admin endpoint's suspension shows in the status too, at once (its notification wakes
+    // the campaign), and is lifted the same way.
+    let url = format!("{}/billing/vouchers/suspend/campaigns/{}/incident", h.base, h.ns);
+    let admin = token("incident-response", Some("sovereign-admin"));
+    let suspended = h.http.post(&url).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(suspended.status(), StatusCode::OK);
+    h.until("incident", "Suspended by the endpoint", |c| {
+        status(c).phase == Some(CampaignPhase::Suspended)
+    })
+    .await;
+    let lifted = h.http.delete(&url).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(lifted.status(), StatusCode::OK);
+    h.until("incident", "Active once lifted", |c| {
+        status(c).phase == Some(CampaignPhase::Active)
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -887,9 +887,17 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         _ => {}
     }
     let store = ctx.store.clone();
-    let (rows_changed, catch_up) = super::wake_on_rows(&ctx.store, stop.clone(), move |code| {
+    let (rows_changed, catch_up) = super::wake_on_rows(&ctx.store, stop.clone(), move |changed| {
+        use crate::store::notify::Changed;
         let store = store.clone();
-        async move { store.campaign_of(&code).await.ok().flatten() }
+        async move {
+            match changed {
+                Changed::Code(code) => store.campaign_of(&code).await.ok().flatten(),
+                // Its switch or its suspension: its status says so at once.
+                Changed::Campaign(uid) => store.campaign_by_uid(&uid).await.ok().flatten(),
+                Changed::Any => None,
+            }
+        }
     });
     let (cache, writer) = reflector::store();
     let campaigns = watcher(api, watcher::Config::default())

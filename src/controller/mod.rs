@@ -35,7 +35,7 @@ use crate::domain::{
     Terms,
 };
 use crate::relay::{RelayMetrics, RelaySettings};
-use crate::store::notify::{CODES_CHANNEL, Notification};
+use crate::store::notify::{CODES_CHANNEL, Changed, Notification};
 use crate::store::sync::{Released, Synced, Wanted};
 use crate::store::{Store, StoreError};
 use metrics::{KindLabel, Metrics, PhaseLabel, ReasonLabel, ResultLabel};
@@ -604,9 +604,14 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
     // A change of a row (a redemption, an edit by another writer) wakes the
     // resource that owns it; after a reconnect every resource is checked.
     let store = ctx.store.clone();
-    let (rows_changed, catch_up) = wake_on_rows(&ctx.store, stop.clone(), move |code| {
+    let (rows_changed, catch_up) = wake_on_rows(&ctx.store, stop.clone(), move |changed| {
         let store = store.clone();
-        async move { store.owner_of(&code).await.ok().flatten() }
+        async move {
+            match changed {
+                Changed::Code(code) => store.owner_of(&code).await.ok().flatten(),
+                Changed::Campaign(_) | Changed::Any => None,
+            }
+        }
     });
     let config = kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency);
     let shutdown = stop.clone();
@@ -681,7 +686,7 @@ fn wake_on_rows<K, F, Fut>(
 )
 where
     K: kube::Resource<DynamicType = ()> + 'static,
-    F: Fn(Code) -> Fut + Send + 'static,
+    F: Fn(Changed) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Option<Owner>> + Send,
 {
     let (tx_one, rx_one) = futures::channel::mpsc::unbounded::<ObjectRef<K>>();
@@ -694,11 +699,8 @@ where
                 next = notifications.next() => next,
             };
             match next {
-                Some(Notification::Payload(code)) => {
-                    let owner = match Code::parse(&code) {
-                        Ok(code) => owner(code).await,
-                        Err(_) => None,
-                    };
+                Some(Notification::Payload(payload)) => {
+                    let owner = owner(Changed::of(&payload)).await;
                     if let Some(owner) = owner
                         && tx_one
                             .unbounded_send(ObjectRef::new(&owner.name).within(&owner.namespace))

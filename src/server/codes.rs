@@ -17,7 +17,7 @@ use moka::sync::Cache;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Code, CodeRecord};
-use crate::store::notify::{ALL_CODES, CODES_CHANNEL, Notification};
+use crate::store::notify::{CODES_CHANNEL, Changed, Notification};
 use crate::store::{Result, Store};
 
 /// Codes remembered, existing and unknown each: bounds memory whatever the
@@ -143,9 +143,12 @@ impl Codes {
                 next = notifications.next() => next,
             };
             match next {
-                // A campaign's bulk change: any code may have changed.
-                Some(Notification::Payload(all)) if all == ALL_CODES => self.empty(),
-                Some(Notification::Payload(code)) => self.invalidate(&code),
+                Some(Notification::Payload(payload)) => match Changed::of(&payload) {
+                    Changed::Code(code) => self.invalidate(code.as_str()),
+                    // A campaign's bulk change, switch or suspension: any code
+                    // may have changed.
+                    Changed::Campaign(_) | Changed::Any => self.empty(),
+                },
                 Some(Notification::Connected) => {
                     // Whatever changed while nothing was heard is forgotten.
                     self.empty();

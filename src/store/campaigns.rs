@@ -608,6 +608,21 @@ impl Store {
             .map_err(|e: StoreError| e.during(Operation::Campaign, None))
     }
 
+    /// The campaign of `uid`, as a notification names it.
+    pub async fn campaign_by_uid(&self, uid: &str) -> Result<Option<Owner>> {
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT namespace, name FROM voucher_campaigns WHERE uid = $1")
+                .bind(uid)
+                .fetch_optional(self.pool())
+                .await
+                .map_err(|e| StoreError::from(e).during(Operation::FindOwner, None))?;
+        Ok(row.map(|(namespace, name)| Owner {
+            namespace,
+            name,
+            uid: uid.to_owned(),
+        }))
+    }
+
     /// The campaign `namespace/name` (the newest, should an older one with
     /// the same name still be being released).
     pub async fn find_campaign(&self, namespace: &str, name: &str) -> Result<Option<Found>> {

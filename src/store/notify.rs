@@ -14,6 +14,32 @@ pub const CODES_CHANNEL: &str = "voucher_operator_codes";
 /// The payload of a campaign's bulk change on [`CODES_CHANNEL`]: any code
 /// may have changed (never a code: codes hold no '*').
 pub const ALL_CODES: &str = "*";
+/// The prefix of a payload on [`CODES_CHANNEL`] that names a campaign (its
+/// switch or its suspension changed: every code of it, at once) by its uid.
+pub const CAMPAIGN_PREFIX: &str = "campaign:";
+
+/// What a notification on [`CODES_CHANNEL`] says changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changed {
+    /// One code (its row, or its suspension).
+    Code(crate::domain::Code),
+    /// Every code of the campaign with this uid.
+    Campaign(String),
+    /// Any code (a campaign's bulk statement), or a payload that names none.
+    Any,
+}
+
+impl Changed {
+    pub fn of(payload: &str) -> Self {
+        if let Some(uid) = payload.strip_prefix(CAMPAIGN_PREFIX) {
+            return Self::Campaign(uid.to_owned());
+        }
+        match crate::domain::Code::parse(payload) {
+            Ok(code) if payload != ALL_CODES => Self::Code(code),
+            _ => Self::Any,
+        }
+    }
+}
 /// The channel the outbox trigger notifies.
 pub const OUTBOX_CHANNEL: &str = "voucher_operator_outbox";
 
@@ -102,4 +128,23 @@ fn tokio_stream_from<T: Send + 'static>(
     mut rx: mpsc::Receiver<T>,
 ) -> impl Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_names_a_code_a_campaign_or_anything() {
+        assert_eq!(
+            Changed::of("LAUNCH-50"),
+            Changed::Code(crate::domain::Code::parse("LAUNCH-50").unwrap())
+        );
+        assert_eq!(
+            Changed::of("campaign:3f2a-uid"),
+            Changed::Campaign("3f2a-uid".into())
+        );
+        assert_eq!(Changed::of(ALL_CODES), Changed::Any);
+        assert_eq!(Changed::of("not a code"), Changed::Any);
+    }
 }

@@ -72,18 +72,12 @@ CREATE TRIGGER voucher_operator_guard
     BEFORE INSERT ON promo_redemptions
     FOR EACH ROW EXECUTE FUNCTION voucher_operator_guard_redemption();
 
--- A campaign switched, or a code or campaign suspended: the previews' memory forgets (one '*'
--- for a campaign, the code for a code).
+-- A campaign switched, or a code or campaign suspended: the previews' memory forgets, and the
+-- owner's reconcile wakes (the code for a code; 'campaign:' || its uid for a campaign).
 CREATE OR REPLACE FUNCTION voucher_operator_notify_switch() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    target TEXT := COALESCE(NEW.target, OLD.target);
 BEGIN
-    IF target LIKE 'campaign:%' THEN
-        PERFORM pg_notify('voucher_operator_codes', '*');
-    ELSE
-        PERFORM pg_notify('voucher_operator_codes', target);
-    END IF;
+    PERFORM pg_notify('voucher_operator_codes', COALESCE(NEW.target, OLD.target));
     RETURN NULL;
 END;
 $$;
@@ -97,7 +91,7 @@ CREATE OR REPLACE FUNCTION voucher_operator_notify_campaign_switch() RETURNS tri
 LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.active IS DISTINCT FROM OLD.active THEN
-        PERFORM pg_notify('voucher_operator_codes', '*');
+        PERFORM pg_notify('voucher_operator_codes', 'campaign:' || NEW.uid);
     END IF;
     RETURN NULL;
 END;
