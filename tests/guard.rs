@@ -324,6 +324,31 @@ async fn no_role_but_the_owner_can_switch_the_guard_off() {
             .unwrap_err();
     assert!(refused.to_string().contains("expired at"), "{refused}");
     drop(tx);
+    // Nor tables of its own that shadow the guard's: temporary tables come first in a
+    // session's search_path unless the function says otherwise.
+    let billing_pool = as_role(&billing).await;
+    let mut tx = billing_pool.begin().await.unwrap();
+    let customer: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO customers (user_id, tenant_id, email) VALUES ('trudy', 't', '') RETURNING id",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::raw_sql(
+        "CREATE TEMP TABLE promo_codes (code TEXT, valid_from TIMESTAMPTZ, expires_at TIMESTAMPTZ); \
+         CREATE TEMP TABLE voucher_suspensions (target TEXT)",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let refused =
+        sqlx::query("INSERT INTO public.promo_redemptions (customer_id, code) VALUES ($1, 'OLD-1')")
+            .bind(customer)
+            .execute(&mut *tx)
+            .await
+            .unwrap_err();
+    assert!(refused.to_string().contains("expired at"), "shadowed: {refused}");
+    drop(tx);
     // The billing service's role passes through the guard without grants on the operator's
     // tables: refused by the rule, never by a permission.
     let billing_pool = as_role(&billing).await;

@@ -595,6 +595,11 @@ impl Store {
                 .bind(&owner.uid)
                 .execute(&mut *tx)
                 .await?;
+            // Its suspensions went with it (its codes, orphaned, are no longer its).
+            sqlx::query("DELETE FROM voucher_suspensions WHERE target = $1")
+                .bind(format!("campaign:{}", owner.uid))
+                .execute(&mut *tx)
+                .await?;
             let kind = match policy {
                 DeletionPolicy::Revoke => AuditKind::CampaignRevoked,
                 DeletionPolicy::Orphan => AuditKind::CampaignOrphaned,

@@ -10,12 +10,14 @@ use crate::domain::{Code, CodeRecord, TermField, Terms};
 /// The columns every query returns, in [`Row`]'s order. A macro so that each
 /// statement stays a `&'static str` literal (no SQL is assembled at run time).
 /// A campaign's one-row switch for the code `$code` (an SQL expression):
-/// true or false for a campaign's code, NULL for any other.
+/// true or false for a campaign's code, NULL for any other — and for the
+/// codes of a deleted campaign, which an Orphan deletion leaves to themselves.
 macro_rules! campaign_on {
     ($code:literal) => {
         concat!(
             "(SELECT c.active FROM voucher_campaign_codes cc \
-              JOIN voucher_campaigns c ON c.uid = cc.campaign_uid WHERE cc.code = ",
+              JOIN voucher_campaigns c ON c.uid = cc.campaign_uid AND c.released_at IS NULL \
+              WHERE cc.code = ",
             $code,
             ")"
         )
@@ -28,8 +30,9 @@ macro_rules! suspended {
         concat!(
             "EXISTS (SELECT 1 FROM voucher_suspensions s WHERE s.target = ",
             $code,
-            " OR s.target = (SELECT 'campaign:' || cc.campaign_uid \
-              FROM voucher_campaign_codes cc WHERE cc.code = ",
+            " OR s.target = (SELECT 'campaign:' || c.uid FROM voucher_campaign_codes cc \
+              JOIN voucher_campaigns c ON c.uid = cc.campaign_uid AND c.released_at IS NULL \
+              WHERE cc.code = ",
             $code,
             "))"
         )

@@ -228,10 +228,16 @@ async fn attempt(
         },
     };
     // One per customer: the unique row, not the code's lock, decides. The
-    // database's guard may refuse it (the code switched off or suspended
-    // since the read): the next attempt reads why.
+    // database's guard may refuse it: the code was switched off or suspended
+    // since the read, or is outside its window by the database's clock. A
+    // refusal, as the code would be answered (a campaign's: like a guess).
     let inserted = match redemptions::insert(tx, customer, code.as_str()).await {
-        Err(error) if error.refused_by_guard() => return Ok(Attempt::Changed),
+        Err(error) if error.refused_by_guard() => {
+            return Ok(Attempt::Undone(match seen.campaign_on {
+                Some(_) => Redeemed::NotFound,
+                None => Redeemed::Gone(Redeemability::Inactive),
+            }));
+        }
         inserted => inserted?,
     };
     if !inserted {

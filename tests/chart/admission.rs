@@ -317,6 +317,18 @@ async fn a_namespace_admin_cannot_lift_its_own_credit_cap() {
         let refused = label(&tenant, &change).unwrap_err();
         assert!(refused.contains("only the adopters"), "{change}: {refused}");
     }
+    // Nor through the Namespace's status subresource, which carries its metadata too.
+    let patch = format!(r#"{{"metadata":{{"labels":{{"{CAP}":"100000"}}}}}}"#);
+    let through_status = cluster
+        .kubectl(&tenant)
+        .args(["patch", "namespace", &ns, "--subresource=status", "--type=merge", "-p", &patch])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&through_status.stderr);
+    assert!(
+        !through_status.status.success() && stderr.contains("only the adopters"),
+        "the status subresource: {stderr}"
+    );
     let labels = cluster
         .kubectl(&admin)
         .args(["get", "namespace", &ns, "-o", "jsonpath={.metadata.labels}"])

@@ -116,8 +116,32 @@ pub struct VoucherSpec {
     /// Bring back a revoked (soft-deleted) code, keeping its redemptions: the revocation it
     /// undoes, as the status shows it. Without it, or naming another revocation, a revoked
     /// code stays revoked. Only those the chart's admission policy allows may set it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "reissue_or_legacy_flag"
+    )]
     pub reissue: Option<Reissue>,
+}
+
+/// `reissue` as this version writes it, or the boolean of earlier ones: a
+/// stored `reissue: true` (or `false`) reads as no request — it named no
+/// revocation — rather than failing the watch of every Voucher.
+fn reissue_or_legacy_flag<'de, D>(deserializer: D) -> Result<Option<Reissue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Named(Reissue),
+        // Read to be accepted, then dropped: true or false named nothing.
+        LegacyFlag(#[allow(dead_code)] bool),
+    }
+    Ok(match Option::<Written>::deserialize(deserializer)? {
+        Some(Written::Named(reissue)) => Some(reissue),
+        Some(Written::LegacyFlag(_)) | None => None,
+    })
 }
 
 /// Which revocation a reissue undoes: one request, spent once honoured, since a later
@@ -308,6 +332,25 @@ mod tests {
         );
         v.metadata.namespace = Some("default".into());
         v
+    }
+
+    #[test]
+    fn a_legacy_reissue_flag_reads_as_no_request() {
+        for legacy in [serde_json::json!(true), serde_json::json!(false)] {
+            let voucher: Voucher = serde_json::from_value(serde_json::json!({
+                "apiVersion": "catalyst.openova.io/v1alpha1", "kind": "Voucher",
+                "metadata": {"name": "old"}, "spec": {"creditOMR": 5, "reissue": legacy}
+            }))
+            .expect("an earlier version's Voucher still reads");
+            assert_eq!(voucher.spec.reissue, None);
+        }
+        let named: Voucher = serde_json::from_value(serde_json::json!({
+            "apiVersion": "catalyst.openova.io/v1alpha1", "kind": "Voucher",
+            "metadata": {"name": "new"},
+            "spec": {"creditOMR": 5, "reissue": {"revokedAt": "2026-12-05T03:00:00.123456Z"}}
+        }))
+        .unwrap();
+        assert!(named.spec.reissue.is_some());
     }
 
     #[test]

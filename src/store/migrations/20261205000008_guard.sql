@@ -30,17 +30,18 @@ CREATE TABLE IF NOT EXISTS voucher_suspensions (
 );
 
 CREATE OR REPLACE FUNCTION voucher_operator_guard_redemption() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
     seen RECORD;
 BEGIN
-    SELECT p.valid_from, p.expires_at, cc.campaign_uid, c.namespace, c.name, c.active,
+    SELECT p.valid_from, p.expires_at, c.uid AS campaign_uid, c.namespace, c.name, c.active,
            EXISTS (SELECT 1 FROM voucher_suspensions s
-                    WHERE s.target = p.code OR s.target = 'campaign:' || cc.campaign_uid) AS suspended
+                    WHERE s.target = p.code OR s.target = 'campaign:' || c.uid) AS suspended
       INTO seen
       FROM promo_codes p
       LEFT JOIN voucher_campaign_codes cc ON cc.code = p.code
-      LEFT JOIN voucher_campaigns c ON c.uid = cc.campaign_uid
+      -- A released (deleted) campaign no longer decides for its codes (Orphan leaves them live).
+      LEFT JOIN voucher_campaigns c ON c.uid = cc.campaign_uid AND c.released_at IS NULL
      WHERE p.code = NEW.code;
     IF NOT FOUND THEN
         RETURN NEW; -- the foreign key refuses it
@@ -64,6 +65,17 @@ BEGIN
             USING ERRCODE = 'VG001', HINT = 'voucher-operator guard: suspension';
     END IF;
     RETURN NEW;
+END;
+$$;
+
+-- A SECURITY DEFINER function must not let its caller choose what its names mean: the schema
+-- the migration ran in, then pg_temp last (searched first otherwise, a temporary table of the
+-- caller's named voucher_suspensions or promo_codes would stand in for the real one).
+DO $$
+BEGIN
+    EXECUTE format(
+        'ALTER FUNCTION voucher_operator_guard_redemption() SET search_path = %I, pg_catalog, pg_temp',
+        current_schema());
 END;
 $$;
 
