@@ -153,7 +153,7 @@ fn manifest(name: &str, spec: Value) -> Value {
         "apiVersion": "catalyst.openova.io/v1alpha1",
         "kind": "VoucherCampaign",
         "metadata": {"name": name},
-        "spec": {"prefix": "BILL-", "count": 2000, "creditOMR": 5,
+        "spec": {"prefix": "BILL-", "count": 2000, "codeLength": 12, "creditOMR": 5,
                  "description": "bill insert", "keySecretRef": {"name": "bill-key"}},
     });
     for (k, v) in spec.as_object().unwrap() {
@@ -271,9 +271,8 @@ impl Harness {
     }
 
     fn generator(&self, name: &str, prefix: &str) -> Generator {
-        // The manifests leave codeLength to its default.
-        let length = voucher_operator::domain::campaign::DEFAULT_CODE_LENGTH;
-        Generator::new(KEY.as_bytes(), &self.ns, name, prefix, length).unwrap()
+        // The manifests' codeLength.
+        Generator::new(KEY.as_bytes(), &self.ns, name, prefix, 12).unwrap()
     }
 }
 
@@ -876,7 +875,10 @@ async fn a_campaign_suspended_by_annotation_shows_it_and_no_code_redeems_until_l
     assert_eq!(counts(&h.previews(&codes).await, 200), 30);
     // The admin endpoint's suspension shows in the status too, at once (its notification wakes
     // the campaign), and is lifted the same way.
-    let url = format!("{}/billing/vouchers/suspend/campaigns/{}/incident", h.base, h.ns);
+    let url = format!(
+        "{}/billing/vouchers/suspend/campaigns/{}/incident",
+        h.base, h.ns
+    );
     let admin = token("incident-response", Some("sovereign-admin"));
     let suspended = h.http.post(&url).bearer_auth(&admin).send().await.unwrap();
     assert_eq!(suspended.status(), StatusCode::OK);
@@ -884,7 +886,13 @@ async fn a_campaign_suspended_by_annotation_shows_it_and_no_code_redeems_until_l
         status(c).phase == Some(CampaignPhase::Suspended)
     })
     .await;
-    let lifted = h.http.delete(&url).bearer_auth(&admin).send().await.unwrap();
+    let lifted = h
+        .http
+        .delete(&url)
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(lifted.status(), StatusCode::OK);
     h.until("incident", "Active once lifted", |c| {
         status(c).phase == Some(CampaignPhase::Active)

@@ -10,7 +10,7 @@ fn campaign(spec: Value) -> Value {
         "apiVersion": "catalyst.openova.io/v1alpha1",
         "kind": "VoucherCampaign",
         "metadata": {"name": "bill-2027"},
-        "spec": {"prefix": "OMANTEL-BILL-", "count": 2000, "creditOMR": 5,
+        "spec": {"prefix": "OMANTEL-BILL-", "count": 2000, "codeLength": 12, "creditOMR": 5,
                  "keySecretRef": {"name": "bill-2027-key"}},
     });
     for (k, v) in spec.as_object().unwrap() {
@@ -132,6 +132,16 @@ async fn the_deletion_policy_changes_only_while_inactive() {
 
 #[tokio::test]
 async fn the_guessing_bound_is_checked_by_the_api_server() {
+    // The default length (10) takes 1,024 codes; more must say a longer one.
+    let mut defaulted = campaign(json!({"count": 1024}));
+    defaulted["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("codeLength");
+    apply(&[defaulted.clone()]).await.unwrap();
+    defaulted["spec"]["count"] = json!(1025);
+    let refused = apply(&[defaulted]).await.unwrap_err();
+    assert!(refused.contains("(default 10)"), "{refused}");
     // A million codes of 8 characters: one guess in 1.1 million finds one.
     let refused = apply(&[campaign(json!({"codeLength": 8, "count": 1_000_000}))])
         .await

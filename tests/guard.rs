@@ -341,13 +341,17 @@ async fn no_role_but_the_owner_can_switch_the_guard_off() {
     .execute(&mut *tx)
     .await
     .unwrap();
-    let refused =
-        sqlx::query("INSERT INTO public.promo_redemptions (customer_id, code) VALUES ($1, 'OLD-1')")
-            .bind(customer)
-            .execute(&mut *tx)
-            .await
-            .unwrap_err();
-    assert!(refused.to_string().contains("expired at"), "shadowed: {refused}");
+    let refused = sqlx::query(
+        "INSERT INTO public.promo_redemptions (customer_id, code) VALUES ($1, 'OLD-1')",
+    )
+    .bind(customer)
+    .execute(&mut *tx)
+    .await
+    .unwrap_err();
+    assert!(
+        refused.to_string().contains("expired at"),
+        "shadowed: {refused}"
+    );
     drop(tx);
     // The billing service's role passes through the guard without grants on the operator's
     // tables: refused by the rule, never by a permission.

@@ -401,7 +401,7 @@ pub async fn generator(
             return Err(format!(
                 "the Secret {namespace}/{name} may not be read: the controller's service account \
                  needs get on secrets in {namespace} (the chart grants it in \
-                 campaigns.keyNamespace, and there only)"
+                 controller.campaignKeyNamespace, and there only)"
             ));
         }
         Err(error) => {

@@ -257,6 +257,7 @@ pub async fn list(
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "Not an administrator", body = ErrorBody),
         (status = 404, description = "No such code", body = ErrorBody),
+        (status = 503, description = "The billing database is unreachable", body = ErrorBody),
     )
 )]
 pub async fn revoke(

@@ -157,7 +157,7 @@ async fn main() {
         let campaign: VoucherCampaign = serde_json::from_value(json!({
             "apiVersion": "catalyst.openova.io/v1alpha1", "kind": "VoucherCampaign",
             "metadata": {"name": name},
-            "spec": {"prefix": format!("B{}-", n / 1000), "count": n, "creditOMR": 5,
+            "spec": {"prefix": format!("B{}-", n / 1000), "count": n, "codeLength": 12, "creditOMR": 5,
                      "keySecretRef": {"name": "bench-key"}},
         }))
         .unwrap();

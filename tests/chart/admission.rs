@@ -208,8 +208,8 @@ async fn a_namespace_label_caps_a_campaigns_credit_in_all() {
     let campaign = |name: &str, count: i32, per_code: i32, credit: i32| {
         json!({"apiVersion": "catalyst.openova.io/v1alpha1", "kind": "VoucherCampaign",
                "metadata": {"name": name},
-               "spec": {"count": count, "redemptionsPerCode": per_code, "creditOMR": credit,
-                        "keySecretRef": {"name": "k"}}})
+               "spec": {"count": count, "codeLength": 12, "redemptionsPerCode": per_code,
+                        "creditOMR": credit, "keySecretRef": {"name": "k"}}})
     };
     // 10,000 codes of 100 OMR: a million OMR in all, while each code is modest.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -321,7 +321,15 @@ async fn a_namespace_admin_cannot_lift_its_own_credit_cap() {
     let patch = format!(r#"{{"metadata":{{"labels":{{"{CAP}":"100000"}}}}}}"#);
     let through_status = cluster
         .kubectl(&tenant)
-        .args(["patch", "namespace", &ns, "--subresource=status", "--type=merge", "-p", &patch])
+        .args([
+            "patch",
+            "namespace",
+            &ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch,
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&through_status.stderr);

@@ -65,7 +65,7 @@ pub const PREFIX_PATTERN: &str = r"^([A-Za-z0-9][A-Za-z0-9_-]{0,55})?$";
     // whenever count grows (a campaign created before the rule keeps what it has).
     validation = Rule::new("(oldSelf.hasValue() && oldSelf.value().count == self.count) || self.codeLength >= 12 || self.count <= [1, 32, 1024, 32768][self.codeLength - 8]")
         .optional_old_self(true)
-        .message("spec.count is too large for spec.codeLength: one guess in fewer than 2^40 would find a code. Allow 32^(codeLength - 8) codes at most: codeLength 9 for 32, 10 for 1024, 11 for 32768, 12 (the default) for 1000000"),
+        .message("spec.count is too large for spec.codeLength (default 10): one guess in fewer than 2^40 would find a code. Allow 32^(codeLength - 8) codes at most: codeLength 9 for 32, 10 for 1024, 11 for 32768, 12 for 1000000 (set it: it is immutable)"),
     validation = Rule::new("self.prefix == oldSelf.prefix && self.codeLength == oldSelf.codeLength && self.keySecretRef == oldSelf.keySecretRef")
         .message("spec.prefix, spec.codeLength and spec.keySecretRef are immutable: they decide the codes already issued; create a new campaign instead"),
 )]
@@ -80,9 +80,9 @@ pub struct VoucherCampaignSpec {
     #[schemars(extend("minimum" = 1, "maximum" = MAX_COUNT))]
     pub count: i32,
 
-    /// Characters of each code's random part (Crockford base32, 5 bits each): at least 8, and
-    /// enough that a guess finds a code at most once in 2^40 tries (count up to 32^(codeLength - 8):
-    /// 12, the default, allows 1000000).
+    /// Characters of each code's random part (Crockford base32, 5 bits each; default 10): at
+    /// least 8, and enough that a guess finds a code at most once in 2^40 tries (count up to
+    /// 32^(codeLength - 8): 10 allows 1024 codes, 12 allows 1000000).
     #[serde(default = "default_code_length")]
     #[schemars(extend("minimum" = MIN_CODE_LENGTH, "maximum" = MAX_CODE_LENGTH))]
     pub code_length: i32,

@@ -18,9 +18,11 @@ use crate::voucher::{TermField, Terms};
 pub const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 /// Shortest random part: 8 characters of 5 bits, 40 bits per code.
 pub const MIN_CODE_LENGTH: usize = 8;
-/// The random part's length unless a campaign says otherwise (60 bits): long
-/// enough for [`MAX_COUNT`] codes under [`max_count`].
-pub const DEFAULT_CODE_LENGTH: usize = 12;
+/// The random part's length unless a campaign says otherwise (50 bits: 1,024
+/// codes under [`max_count`]; more need a longer one, said explicitly). Never
+/// changed: a manifest that leaves it out must derive the same codes in any
+/// cluster, in any release.
+pub const DEFAULT_CODE_LENGTH: usize = 10;
 /// Longest random part: an HMAC-SHA256 holds 51 characters of 5 bits.
 pub const MAX_CODE_LENGTH: usize = 51;
 /// Most codes one campaign issues.
@@ -289,7 +291,8 @@ mod tests {
             }
             assert_eq!(check_guessing(count, length), Ok(()));
         }
-        assert_eq!(min_code_length(MAX_COUNT), DEFAULT_CODE_LENGTH);
+        assert_eq!(min_code_length(MAX_COUNT), 12);
+        assert_eq!(max_count(DEFAULT_CODE_LENGTH), 1024);
         // The finding: a million codes of 8 characters, one guess in 1.1 million.
         let error = check_guessing(1_000_000, 8).unwrap_err().to_string();
         assert!(error.contains("once in 1099511 tries"), "{error}");
