@@ -2447,3 +2447,212 @@ async fn an_administrator_suspends_a_code_or_a_campaign_and_lifts_it() {
         );
     }
 }
+
+#[tokio::test]
+async fn every_admin_endpoint_refuses_a_customer_and_an_anonymous_caller() {
+    let s = start().await;
+    s.seed(SEED).await;
+    s.seed(
+        "INSERT INTO voucher_campaigns (uid, namespace, name, generated) \
+           VALUES ('c-uid', 'billing', 'inserts', 0)",
+    )
+    .await;
+    let customer = token("alice", None, 300);
+    // Every admin route of the API document, with a body that would do something.
+    let calls: [(reqwest::Method, &str, Value); 8] = [
+        (
+            reqwest::Method::POST,
+            "/billing/vouchers/issue",
+            json!({"code": "MINTED-1", "credit_omr": 500}),
+        ),
+        (reqwest::Method::GET, "/billing/vouchers/list", Value::Null),
+        (
+            reqwest::Method::DELETE,
+            "/billing/vouchers/revoke/LIVE-10",
+            Value::Null,
+        ),
+        (
+            reqwest::Method::GET,
+            "/billing/vouchers/campaigns/billing/inserts/codes",
+            Value::Null,
+        ),
+        (
+            reqwest::Method::POST,
+            "/billing/vouchers/suspend/LIVE-10",
+            Value::Null,
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/billing/vouchers/suspend/LIVE-10",
+            Value::Null,
+        ),
+        (
+            reqwest::Method::POST,
+            "/billing/vouchers/suspend/campaigns/billing/inserts",
+            Value::Null,
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/billing/vouchers/suspend/campaigns/billing/inserts",
+            Value::Null,
+        ),
+    ];
+    for (method, path, body) in &calls {
+        for (who, bearer, refused) in [
+            ("a customer", Some(&customer), StatusCode::FORBIDDEN),
+            ("nobody", None, StatusCode::UNAUTHORIZED),
+        ] {
+            let mut request = s.http.request(method.clone(), format!("{}{path}", s.base));
+            if let Some(bearer) = bearer {
+                request = request.bearer_auth(bearer);
+            }
+            if !body.is_null() {
+                request = request.json(body);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), refused, "{who}: {method} {path}");
+        }
+    }
+    // Nothing happened: no code minted, none revoked or suspended, nothing audited.
+    let (minted, revoked, suspended, audited): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM promo_codes WHERE code = 'MINTED-1'), \
+                (SELECT count(*) FROM promo_codes WHERE code = 'LIVE-10' AND deleted_at IS NOT NULL), \
+                (SELECT count(*) FROM voucher_suspensions), \
+                (SELECT count(*) FROM voucher_audit_outbox)",
+    )
+    .fetch_one(&s.pool)
+    .await
+    .unwrap();
+    assert_eq!((minted, revoked, suspended, audited), (0, 0, 0, 0));
+    // Every admin route of the API document is in the list above.
+    let document: Value = s
+        .http
+        .get(format!("{}/openapi.json", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            let customers = path.ends_with("/redeem-preview") || path.ends_with("/redeem");
+            let listed = calls.iter().any(|(m, p, _)| {
+                m.as_str().eq_ignore_ascii_case(method) && template_matches(path, p)
+            });
+            assert!(customers || listed, "{method} {path} is not tried");
+        }
+    }
+}
+
+/// Whether the concrete `path` is an instance of the OpenAPI `template` (`{name}` segments).
+fn template_matches(template: &str, path: &str) -> bool {
+    let (t, p): (Vec<&str>, Vec<&str>) = (template.split('/').collect(), path.split('/').collect());
+    t.len() == p.len()
+        && t.iter()
+            .zip(&p)
+            .all(|(t, p)| (t.starts_with('{') && t.ends_with('}')) || t == p)
+}
+
+#[tokio::test]
+async fn with_an_admin_address_every_non_customer_route_of_the_document_is_absent_from_the_public_port()
+ {
+    use voucher_operator::server;
+    let state = split_state("enumerate").await;
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let (public, admin) = (bind().await.unwrap(), bind().await.unwrap());
+    let (public_base, admin_base) = (
+        format!("http://{}", public.local_addr().unwrap()),
+        format!("http://{}", admin.local_addr().unwrap()),
+    );
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let extra = server::Extra {
+        admin: Some(admin),
+        metrics: None,
+    };
+    tokio::spawn(server::serve(public, extra, state, stop));
+    let http = reqwest::Client::new();
+    let root = token("root", Some("superadmin"), 300);
+    let document: Value = http
+        .get(format!("{admin_base}/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut tried = 0;
+    for (template, item) in document["paths"].as_object().unwrap() {
+        if template.ends_with("/redeem-preview") || template.ends_with("/redeem") {
+            continue;
+        }
+        // Each `{name}` segment filled in with something that would exist.
+        let path: String = template
+            .split('/')
+            .map(|segment| match segment {
+                "{code}" => "LIVE-10",
+                "{namespace}" => "billing",
+                "{name}" => "inserts",
+                other => other,
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        for method in item.as_object().unwrap().keys() {
+            let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let response = http
+                .request(method.clone(), format!("{public_base}{path}"))
+                .bearer_auth(&root)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::NOT_FOUND,
+                "{method} {path} on the public port"
+            );
+            tried += 1;
+        }
+    }
+    assert!(tried >= 8, "every admin route of the document: {tried}");
+}
+
+#[tokio::test]
+async fn another_customer_reusing_an_idempotency_key_never_gets_the_first_ones_answer() {
+    let s = start().await;
+    s.seed(SEED).await;
+    // Alice has credit already, so her answer's balance is hers alone.
+    s.seed(
+        "INSERT INTO customers (user_id, tenant_id, email) VALUES ('alice', 't1', ''); \
+         INSERT INTO credit_ledger (customer_id, amount_omr, reason) \
+           SELECT id, 5, 'topup' FROM customers WHERE user_id = 'alice'",
+    )
+    .await;
+    let (alice, bob) = (token("alice", None, 300), token("bob", None, 300));
+    let body = json!({"code": "LIVE-10", "tenant_id": "t1"});
+    let (status, first) = s
+        .redeem(Some(&alice), body.clone(), Some("order-4711"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(first["balance_omr"], 15);
+    // Bob sends Alice's key with the same body: his own redemption, his own balance.
+    let (status, second) = s.redeem(Some(&bob), body, Some("order-4711")).await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    assert_eq!(
+        second["balance_omr"], 10,
+        "bob's own grant, never alice's answer: {second}"
+    );
+    assert_eq!(
+        s.counts("LIVE-10").await,
+        (2, 2, 2),
+        "two redemptions, one each"
+    );
+    let owners: Vec<String> = sqlx::query_scalar(
+        "SELECT c.user_id FROM promo_redemptions r JOIN customers c ON c.id = r.customer_id \
+         WHERE r.code = 'LIVE-10' ORDER BY c.user_id",
+    )
+    .fetch_all(&s.pool)
+    .await
+    .unwrap();
+    assert_eq!(owners, ["alice", "bob"]);
+}
