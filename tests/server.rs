@@ -904,37 +904,55 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
     );
 }
 
-/// A server on a database of its own, to serve on listeners a test binds itself.
-async fn split_state(prefix: &str) -> Arc<voucher_operator::server::AppState> {
-    use voucher_operator::server::{AppState, auth::Verifier};
+/// A server on a database of its own, on a public and an admin address (and a metrics one):
+/// their base URLs, serving until the value is dropped.
+struct Split {
+    public: String,
+    admin: String,
+    metrics: Option<String>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+async fn serve_split(prefix: &str, with_metrics: bool) -> Split {
+    use voucher_operator::server::{self, AppState, auth::Verifier};
     let url = support::fresh_database(prefix).await;
     let store = Store::from_pool(support::pool(&url).await);
     store.migrate().await.unwrap();
     voucher_operator::install_tls_provider();
-    AppState::new(
+    let state = AppState::new(
         store,
         Verifier::new(auth()).unwrap(),
         None,
         settings(),
         Default::default(),
-    )
+    );
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let base = |l: &tokio::net::TcpListener| format!("http://{}", l.local_addr().unwrap());
+    let (public, admin) = (bind().await.unwrap(), bind().await.unwrap());
+    let metrics = match with_metrics {
+        true => Some(bind().await.unwrap()),
+        false => None,
+    };
+    let urls = (base(&public), base(&admin), metrics.as_ref().map(base));
+    let stop = CancellationToken::new();
+    let guard = stop.clone().drop_guard();
+    let extra = server::Extra {
+        admin: Some(admin),
+        metrics,
+    };
+    tokio::spawn(server::serve(public, extra, state, stop));
+    Split {
+        public: urls.0,
+        admin: urls.1,
+        metrics: urls.2,
+        _stop: guard,
+    }
 }
 
 #[tokio::test]
 async fn with_an_admin_address_the_public_port_serves_only_customers() {
-    use voucher_operator::server;
-    let state = split_state("split").await;
-    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-    let (public, admin) = (bind().await.unwrap(), bind().await.unwrap());
-    let public_base = format!("http://{}", public.local_addr().unwrap());
-    let admin_base = format!("http://{}", admin.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
-    let extra = server::Extra {
-        admin: Some(admin),
-        metrics: None,
-    };
-    tokio::spawn(server::serve(public, extra, state, stop));
+    let split = serve_split("split", false).await;
+    let (public_base, admin_base) = (split.public.clone(), split.admin.clone());
     let http = reqwest::Client::new();
     let root = token("root", Some("superadmin"), 300);
     let get = |base: &str, path: &str| http.get(format!("{base}{path}")).bearer_auth(&root).send();
@@ -2258,23 +2276,8 @@ async fn admin_issue_of_a_revoked_code_revives_only_that_revocation() {
 
 #[tokio::test]
 async fn with_a_metrics_address_scraping_reaches_no_admin_endpoint() {
-    use voucher_operator::server;
-    let state = split_state("scrape").await;
-    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-    let (public, admin, metrics) = (
-        bind().await.unwrap(),
-        bind().await.unwrap(),
-        bind().await.unwrap(),
-    );
-    let base = |l: &tokio::net::TcpListener| format!("http://{}", l.local_addr().unwrap());
-    let (admin_base, metrics_base) = (base(&admin), base(&metrics));
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
-    let extra = server::Extra {
-        admin: Some(admin),
-        metrics: Some(metrics),
-    };
-    tokio::spawn(server::serve(public, extra, state, stop));
+    let split = serve_split("scrape", true).await;
+    let (admin_base, metrics_base) = (split.admin.clone(), split.metrics.clone().unwrap());
     let http = reqwest::Client::new();
     let root = token("root", Some("superadmin"), 300);
     let get = |base: &str, path: &str| http.get(format!("{base}{path}")).bearer_auth(&root).send();
@@ -2557,21 +2560,8 @@ fn template_matches(template: &str, path: &str) -> bool {
 #[tokio::test]
 async fn with_an_admin_address_every_non_customer_route_of_the_document_is_absent_from_the_public_port()
  {
-    use voucher_operator::server;
-    let state = split_state("enumerate").await;
-    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-    let (public, admin) = (bind().await.unwrap(), bind().await.unwrap());
-    let (public_base, admin_base) = (
-        format!("http://{}", public.local_addr().unwrap()),
-        format!("http://{}", admin.local_addr().unwrap()),
-    );
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
-    let extra = server::Extra {
-        admin: Some(admin),
-        metrics: None,
-    };
-    tokio::spawn(server::serve(public, extra, state, stop));
+    let split = serve_split("enumerate", false).await;
+    let (public_base, admin_base) = (split.public.clone(), split.admin.clone());
     let http = reqwest::Client::new();
     let root = token("root", Some("superadmin"), 300);
     let document: Value = http
