@@ -230,15 +230,18 @@ async fn deleting_the_campaign_crd_orphans_every_code_and_revokes_none() {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(kinds.last().map(String::as_str), Some("campaign_orphaned"), "{kinds:?}");
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("campaign_orphaned"),
+        "{kinds:?}"
+    );
     assert!(!kinds.iter().any(|k| k == "campaign_revoked"), "{kinds:?}");
     // The orphaned codes are their own: the deleted campaign decides nothing for them any more.
-    let first: String = sqlx::query_scalar(
-        "SELECT code FROM voucher_campaign_codes WHERE code_index = 0",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let first: String =
+        sqlx::query_scalar("SELECT code FROM voucher_campaign_codes WHERE code_index = 0")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     let record = store
         .find_live(&Code::parse(&first).unwrap())
         .await
