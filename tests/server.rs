@@ -2646,3 +2646,102 @@ async fn another_customer_reusing_an_idempotency_key_never_gets_the_first_ones_a
     .unwrap();
     assert_eq!(owners, ["alice", "bob"]);
 }
+
+/// Waits until a statement of this database waits for a row lock (the redemption, past its
+/// unlocked read, at its locked step).
+async fn until_a_redemption_waits_for_the_lock(s: &Server) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no redemption waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_code_switched_off_while_a_redemption_waits_for_its_lock_is_not_redeemed() {
+    let s = Arc::new(start().await);
+    s.seed("INSERT INTO promo_codes (code, credit_omr) VALUES ('RACE-OFF', 4)")
+        .await;
+    // An administrator's edit holds the row; the redemption read it active and now waits.
+    let mut edit = s.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM promo_codes WHERE code = 'RACE-OFF' FOR UPDATE")
+        .execute(&mut *edit)
+        .await
+        .unwrap();
+    let redemption = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let t = token("racer", None, 300);
+            s.redeem(
+                Some(&t),
+                json!({"code": "RACE-OFF", "tenant_id": "t"}),
+                None,
+            )
+            .await
+        })
+    };
+    until_a_redemption_waits_for_the_lock(&s).await;
+    sqlx::query("UPDATE promo_codes SET active = false WHERE code = 'RACE-OFF'")
+        .execute(&mut *edit)
+        .await
+        .unwrap();
+    edit.commit().await.unwrap();
+    let (status, body) = redemption.await.unwrap();
+    assert_eq!(status, StatusCode::GONE, "{body}");
+    assert_eq!(s.counts("RACE-OFF").await, (0, 0, 0), "nothing written");
+}
+
+#[tokio::test]
+async fn a_credit_changed_while_a_redemption_waits_for_its_lock_is_the_one_granted() {
+    let s = Arc::new(start().await);
+    s.seed("INSERT INTO promo_codes (code, credit_omr) VALUES ('RACE-CREDIT', 4)")
+        .await;
+    let mut edit = s.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM promo_codes WHERE code = 'RACE-CREDIT' FOR UPDATE")
+        .execute(&mut *edit)
+        .await
+        .unwrap();
+    let redemption = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let t = token("racer", None, 300);
+            s.redeem(
+                Some(&t),
+                json!({"code": "RACE-CREDIT", "tenant_id": "t"}),
+                None,
+            )
+            .await
+        })
+    };
+    until_a_redemption_waits_for_the_lock(&s).await;
+    sqlx::query("UPDATE promo_codes SET credit_omr = 9 WHERE code = 'RACE-CREDIT'")
+        .execute(&mut *edit)
+        .await
+        .unwrap();
+    edit.commit().await.unwrap();
+    let (status, body) = redemption.await.unwrap();
+    // The terms it read (4) are not the terms it counts under: it tries again and grants 9.
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["credit_omr"], 9, "{body}");
+    assert_eq!(s.counts("RACE-CREDIT").await, (1, 1, 1));
+    let granted: i32 = sqlx::query_scalar(
+        "SELECT amount_omr FROM credit_ledger WHERE reason = 'promo:RACE-CREDIT'",
+    )
+    .fetch_one(&s.pool)
+    .await
+    .unwrap();
+    assert_eq!(granted, 9);
+}
