@@ -25,6 +25,19 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// The controller's settings for the one namespace `ns`, the issuer and the keys' too.
+fn settings(ns: &str) -> Settings {
+    Settings {
+        resync_interval: Duration::from_secs(3600),
+        status_min_interval: Duration::from_millis(500),
+        namespace: Some(ns.to_owned()),
+        identity: "test".into(),
+        concurrency: 4,
+        issuers: Issuers::new([ns.to_owned()]),
+        key_namespace: ns.to_owned(),
+    }
+}
+
 #[tokio::test]
 async fn deleting_the_crd_orphans_every_code_and_revokes_none() {
     support::init_tracing();
@@ -38,15 +51,7 @@ async fn deleting_the_crd_orphans_every_code_and_revokes_none() {
         client.clone(),
         store,
         Arc::new(Metrics::register(&mut registry)),
-        Settings {
-            resync_interval: Duration::from_secs(3600),
-            status_min_interval: Duration::from_millis(500),
-            namespace: Some(ns.clone()),
-            identity: "test".into(),
-            concurrency: 4,
-            issuers: Issuers::new([ns.clone()]),
-            key_namespace: ns.clone(),
-        },
+        settings(&ns),
     );
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
@@ -152,15 +157,7 @@ async fn deleting_the_campaign_crd_orphans_every_code_and_revokes_none() {
         client.clone(),
         store.clone(),
         Arc::new(Metrics::register(&mut registry)),
-        Settings {
-            resync_interval: Duration::from_secs(3600),
-            status_min_interval: Duration::from_millis(500),
-            namespace: Some(ns.clone()),
-            identity: "test".into(),
-            concurrency: 4,
-            issuers: Issuers::new([ns.clone()]),
-            key_namespace: ns.clone(),
-        },
+        settings(&ns),
     );
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();

@@ -2677,69 +2677,58 @@ async fn until_a_redemption_waits_for_the_lock(s: &Server) {
     }
 }
 
-#[tokio::test]
-async fn a_code_switched_off_while_a_redemption_waits_for_its_lock_is_not_redeemed() {
+/// Races a redemption of `code` (credit 4) against an administrator's `edit` of its row: the
+/// edit holds the row's lock, the redemption is seen waiting for it past its unlocked read, then
+/// the edit commits. The redemption's answer.
+async fn redeem_racing(code: &str, edit: &str) -> (Arc<Server>, StatusCode, Value) {
     let s = Arc::new(start().await);
-    s.seed("INSERT INTO promo_codes (code, credit_omr) VALUES ('RACE-OFF', 4)")
-        .await;
-    // An administrator's edit holds the row; the redemption read it active and now waits.
-    let mut edit = s.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM promo_codes WHERE code = 'RACE-OFF' FOR UPDATE")
-        .execute(&mut *edit)
+    sqlx::query("INSERT INTO promo_codes (code, credit_omr) VALUES ($1, 4)")
+        .bind(code)
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    let mut holder = s.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM promo_codes WHERE code = $1 FOR UPDATE")
+        .bind(code)
+        .execute(&mut *holder)
         .await
         .unwrap();
     let redemption = {
-        let s = s.clone();
+        let (s, code) = (s.clone(), code.to_owned());
         tokio::spawn(async move {
             let t = token("racer", None, 300);
-            s.redeem(
-                Some(&t),
-                json!({"code": "RACE-OFF", "tenant_id": "t"}),
-                None,
-            )
-            .await
+            s.redeem(Some(&t), json!({"code": code, "tenant_id": "t"}), None)
+                .await
         })
     };
     until_a_redemption_waits_for_the_lock(&s).await;
-    sqlx::query("UPDATE promo_codes SET active = false WHERE code = 'RACE-OFF'")
-        .execute(&mut *edit)
+    sqlx::query(sqlx::AssertSqlSafe(edit.to_owned()))
+        .execute(&mut *holder)
         .await
         .unwrap();
-    edit.commit().await.unwrap();
+    holder.commit().await.unwrap();
     let (status, body) = redemption.await.unwrap();
+    (s, status, body)
+}
+
+#[tokio::test]
+async fn a_code_switched_off_while_a_redemption_waits_for_its_lock_is_not_redeemed() {
+    let (s, status, body) = redeem_racing(
+        "RACE-OFF",
+        "UPDATE promo_codes SET active = false WHERE code = 'RACE-OFF'",
+    )
+    .await;
     assert_eq!(status, StatusCode::GONE, "{body}");
     assert_eq!(s.counts("RACE-OFF").await, (0, 0, 0), "nothing written");
 }
 
 #[tokio::test]
 async fn a_credit_changed_while_a_redemption_waits_for_its_lock_is_the_one_granted() {
-    let s = Arc::new(start().await);
-    s.seed("INSERT INTO promo_codes (code, credit_omr) VALUES ('RACE-CREDIT', 4)")
-        .await;
-    let mut edit = s.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM promo_codes WHERE code = 'RACE-CREDIT' FOR UPDATE")
-        .execute(&mut *edit)
-        .await
-        .unwrap();
-    let redemption = {
-        let s = s.clone();
-        tokio::spawn(async move {
-            let t = token("racer", None, 300);
-            s.redeem(
-                Some(&t),
-                json!({"code": "RACE-CREDIT", "tenant_id": "t"}),
-                None,
-            )
-            .await
-        })
-    };
-    until_a_redemption_waits_for_the_lock(&s).await;
-    sqlx::query("UPDATE promo_codes SET credit_omr = 9 WHERE code = 'RACE-CREDIT'")
-        .execute(&mut *edit)
-        .await
-        .unwrap();
-    edit.commit().await.unwrap();
-    let (status, body) = redemption.await.unwrap();
+    let (s, status, body) = redeem_racing(
+        "RACE-CREDIT",
+        "UPDATE promo_codes SET credit_omr = 9 WHERE code = 'RACE-CREDIT'",
+    )
+    .await;
     // The terms it read (4) are not the terms it counts under: it tries again and grants 9.
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["credit_omr"], 9, "{body}");
