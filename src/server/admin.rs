@@ -277,6 +277,7 @@ pub async fn revoke(
             format!("no such code {code}"),
         ));
     };
+    state.codes.invalidate(code.as_str());
     let mut answer = RevokeAnswer {
         code: code.to_string(),
         revoked: true,
@@ -556,6 +557,9 @@ async fn suspend_code(
             format!("no such code {code}"),
         ));
     };
+    // This server's next preview shows the change, whenever the
+    // notification that tells every server arrives.
+    state.codes.invalidate(code.as_str());
     Ok(suspension_answer(code.to_string(), done))
 }
 
@@ -631,5 +635,6 @@ async fn switch_campaign(
             ),
         ));
     };
+    state.codes.empty();
     Ok(suspension_answer(format!("{namespace}/{name}"), done))
 }

@@ -113,7 +113,10 @@ impl Codes {
             || self.invalidated.get(key).is_some_and(|at| at > started)
     }
 
-    fn invalidate(&self, code: &str) {
+    /// Forgets `code`: called for each notification, and by this server at
+    /// once after its own change (its next preview must show it, whenever
+    /// the notification arrives).
+    pub(crate) fn invalidate(&self, code: &str) {
         // The marker first: a read that inserts after this sees it and undoes.
         let at = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         self.invalidated.insert(code.to_owned(), at);
@@ -121,7 +124,8 @@ impl Codes {
         self.unknown.invalidate(code);
     }
 
-    fn empty(&self) {
+    /// Forgets every code: a campaign's change, or a reconnect.
+    pub(crate) fn empty(&self) {
         // The marker first: a read that inserts after this sees it and undoes.
         let at = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         self.cleared.store(at, Ordering::Release);
