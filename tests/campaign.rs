@@ -130,7 +130,7 @@ fn start_loop(
 ) -> tokio::task::JoinHandle<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(controller::metrics::Metrics::register(&mut registry));
-    let ctx = campaign::Context::new(client.clone(), store.clone(), metrics, settings.clone());
+    let ctx = controller::Context::new(client.clone(), store.clone(), metrics, settings.clone());
     tokio::spawn(campaign::run(ctx, stop.clone()))
 }
 
@@ -736,7 +736,7 @@ async fn a_voucher_can_neither_claim_nor_adopt_a_campaign_code() {
         metrics,
         h.settings.clone(),
     );
-    tokio::spawn(controller::run(ctx, h.stop.clone()));
+    tokio::spawn(controller::voucher::run(ctx, h.stop.clone()));
     let vouchers: Api<voucher_operator::api::Voucher> = Api::namespaced(h.client.clone(), &h.ns);
     let voucher: voucher_operator::api::Voucher = serde_json::from_value(json!({
         "apiVersion": "catalyst.openova.io/v1alpha1", "kind": "Voucher",

@@ -19,7 +19,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use voucher_operator::api::{Voucher, VoucherSpec};
 use voucher_operator::controller::metrics::Metrics;
-use voucher_operator::controller::{self, Context, FINALIZER, Settings};
+use voucher_operator::controller::voucher::FINALIZER;
+use voucher_operator::controller::{self, Context, Settings};
 use voucher_operator::domain::{Issuers, Phase};
 use voucher_operator::store::Store;
 
@@ -75,7 +76,7 @@ async fn harness_with(mut settings: Settings, faults: Option<support::faults::Fa
     let metrics = Arc::new(Metrics::register(&mut registry));
     let ctx = Context::new(client.clone(), store, metrics, settings);
     let stop = CancellationToken::new();
-    tokio::spawn(controller::run(ctx.clone(), stop.clone()));
+    tokio::spawn(controller::voucher::run(ctx.clone(), stop.clone()));
     Harness {
         client,
         ns,
@@ -104,7 +105,7 @@ impl Harness {
                 ..settings()
             },
         );
-        tokio::spawn(controller::run(ctx, self.stop.clone()));
+        tokio::spawn(controller::voucher::run(ctx, self.stop.clone()));
         ns
     }
 
@@ -320,7 +321,7 @@ async fn a_no_op_resync_writes_nothing() {
 
     for _ in 0..3 {
         let current = h.vouchers(&h.ns).get("steady").await.unwrap();
-        controller::reconcile(Arc::new(current), h.ctx.clone())
+        controller::voucher::reconcile(Arc::new(current), h.ctx.clone())
             .await
             .unwrap();
     }
@@ -480,7 +481,7 @@ async fn a_second_claim_on_a_code_is_a_conflict_that_touches_nothing() {
     );
     // A resync of the loser records the conflict once, not per pass.
     let current = h.vouchers(&franchise).get("second").await.unwrap();
-    controller::reconcile(Arc::new(current), h.ctx.clone())
+    controller::voucher::reconcile(Arc::new(current), h.ctx.clone())
         .await
         .unwrap();
     assert_eq!(h.audit_kinds("SHARED-1").await, ["created", "conflict"]);
@@ -714,7 +715,7 @@ async fn the_validity_window_flips_the_phase_on_time_and_audits_once() {
         .await;
     assert_eq!(ready(&v), Some(("True".into(), "Expired".into())));
 
-    controller::reconcile(Arc::new(v), h.ctx.clone())
+    controller::voucher::reconcile(Arc::new(v), h.ctx.clone())
         .await
         .unwrap();
     assert_eq!(h.audit_kinds("WINDOW").await, ["created", "expired"]);
@@ -800,7 +801,7 @@ async fn two_controllers_sharing_a_lease_never_reconcile_together() {
                 move |term| {
                     let ctx = ctx.clone();
                     async move {
-                        controller::run(ctx, term).await;
+                        controller::voucher::run(ctx, term).await;
                         Ok(())
                     }
                 }
@@ -895,7 +896,7 @@ async fn vanish(h: &Harness, name: &str) -> tokio_util::sync::DropGuard {
     api.delete(name, &DeleteParams::default()).await.unwrap();
     assert!(api.get_opt(name).await.unwrap().is_none());
     let restarted = CancellationToken::new();
-    tokio::spawn(controller::run(h.ctx.clone(), restarted.clone()));
+    tokio::spawn(controller::voucher::run(h.ctx.clone(), restarted.clone()));
     restarted.drop_guard()
 }
 
@@ -937,7 +938,7 @@ async fn a_vanished_vouchers_binding_is_swept_with_its_recorded_policy() {
     );
     // The sweep runs once the restarted controller's cache is complete.
     let restarted = CancellationToken::new();
-    tokio::spawn(controller::run(h.ctx.clone(), restarted.clone()));
+    tokio::spawn(controller::voucher::run(h.ctx.clone(), restarted.clone()));
     let _stop_restarted = restarted.drop_guard();
     eventually("both bindings swept", || async {
         (bound(&h, "GONE-REVOKE").await + bound(&h, "GONE-ORPHAN").await == 0).then_some(())

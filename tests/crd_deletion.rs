@@ -55,7 +55,7 @@ async fn deleting_the_crd_orphans_every_code_and_revokes_none() {
     );
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    tokio::spawn(controller::run(ctx, stop));
+    tokio::spawn(controller::voucher::run(ctx, stop));
 
     let vouchers: Api<Voucher> = Api::namespaced(client.clone(), &ns);
     for name in ["kept-1", "kept-2", "deleted-1"] {
@@ -153,7 +153,7 @@ async fn deleting_the_campaign_crd_orphans_every_code_and_revokes_none() {
     store.migrate().await.unwrap();
     let (client, ns) = support::cluster::setup("campcrd").await;
     let mut registry = prometheus_client::registry::Registry::default();
-    let ctx = campaign::Context::new(
+    let ctx = controller::Context::new(
         client.clone(),
         store.clone(),
         Arc::new(Metrics::register(&mut registry)),

@@ -136,7 +136,7 @@ async fn exported_codes_are_adopted_with_their_history() {
         settings,
     );
     let stop = CancellationToken::new();
-    tokio::spawn(controller::run(ctx, stop.clone()));
+    tokio::spawn(controller::voucher::run(ctx, stop.clone()));
     let api: Api<Voucher> = Api::namespaced(client, &ns);
     for v in &vouchers {
         api.create(&PostParams::default(), v).await.unwrap();

@@ -88,7 +88,7 @@ async fn stack() -> Stack {
         settings,
     );
     let stop = CancellationToken::new();
-    tokio::spawn(controller::run(ctx, stop.clone()));
+    tokio::spawn(controller::voucher::run(ctx, stop.clone()));
     let auth = AuthSettings {
         hs256_secret: Some("e2e-shared-secret-of-at-least-32-bytes".into()),
         ..Default::default()

@@ -42,10 +42,8 @@ pub(super) async fn run_controller(
 
     let mut registry = prometheus_client::registry::Registry::default();
     let identity = options.identity();
-    let role = Role::new(
-        client.clone(),
-        store,
-        Settings {
+    let config = controller::Config {
+        settings: Settings {
             resync_interval: options.resync_interval,
             status_min_interval: options.status_min_interval,
             namespace: options.watch_namespace.clone(),
@@ -54,9 +52,15 @@ pub(super) async fn run_controller(
             issuers: crate::domain::Issuers::new(&options.issuer_namespaces),
             key_namespace: options.campaign_key_namespace.clone(),
         },
-        audit.audit_relay.then(|| audit.settings()),
-        &mut registry,
-    );
+        relay: audit.audit_relay.then(|| audit.settings()),
+        lease: options.leader_election.then(|| leader::LeaseSettings {
+            name: options.lease_name.clone(),
+            namespace: options.lease_namespace.clone(),
+            identity: identity.clone(),
+            duration: options.lease_duration,
+        }),
+    };
+    let role = Role::new(client, store, config, &mut registry);
     let ready = Arc::new(AtomicBool::new(false));
     let telemetry = tokio::spawn(crate::telemetry::serve(
         metrics_listener,
@@ -66,17 +70,7 @@ pub(super) async fn run_controller(
     ));
     ready.store(true, Ordering::Relaxed);
     tracing::info!(%identity, "controller started");
-    if options.leader_election {
-        let lease = leader::LeaseSettings {
-            name: options.lease_name.clone(),
-            namespace: options.lease_namespace.clone(),
-            identity,
-            duration: options.lease_duration,
-        };
-        leader::run_while_leader(client, lease, shutdown.clone(), |term| role.start(term)).await?;
-    } else {
-        role.start(shutdown.clone()).await?;
-    }
+    role.run(shutdown.clone()).await?;
     shutdown.cancel();
     telemetry.await??;
     Ok(())
@@ -294,7 +288,7 @@ pub(super) async fn campaign_codes(options: CampaignCodesOptions) -> anyhow::Res
             "there is no VoucherCampaign {namespace}/{name} (kubectl get vouchercampaigns -n {namespace})"
         );
     };
-    let owner = campaign::owner(&found)?;
+    let owner = crate::controller::owner(&found)?;
     let count = u32::try_from(found.spec.count).unwrap_or_default();
     let generator = campaign::generator(&client, &options.key_namespace, &found, &owner, count)
         .await

@@ -159,7 +159,7 @@ fn the_binary_needs_only_what_distroless_cc_has() {
 /// uses; Flux uses cel-go) on the statuses the controller writes.
 #[test]
 fn the_flux_health_expressions_judge_the_statuses_the_controller_writes() {
-    use voucher_operator::controller::status::{Outcome, desired};
+    use voucher_operator::controller::voucher::status::{Outcome, desired};
     use voucher_operator::domain::{CodeRecord, Owner, Phase, Terms};
 
     let vouchers = flux_example("vouchers.yaml");

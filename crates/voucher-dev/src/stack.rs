@@ -12,7 +12,8 @@ use rustix::process::Signal;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use voucher_operator::controller::{Role, Settings};
+use voucher_operator::controller::leader::LeaseSettings;
+use voucher_operator::controller::{Config, Role, Settings};
 use voucher_operator::relay::{self, EventQuery, RelaySettings};
 use voucher_operator::server::auth::{AuthSettings, Verifier};
 use voucher_operator::server::{self, AppState, ServerSettings};
@@ -452,10 +453,10 @@ async fn run_operator(
         nats_url: format!("nats://127.0.0.1:{}", settings.nats_port),
         ..Default::default()
     };
-    let role = Role::new(
-        client.clone(),
-        store.clone(),
-        Settings {
+    // Under a Lease, as a deployment runs it: a second controller started by
+    // hand against this cluster waits instead of reconciling too.
+    let config = Config {
+        settings: Settings {
             resync_interval: Duration::from_secs(300),
             status_min_interval: Duration::from_secs(1),
             // On someone else's cluster, only the namespace the examples went to.
@@ -468,27 +469,18 @@ async fn run_operator(
             // keys go beside the examples (a cluster's chart keeps them apart).
             key_namespace: cluster.namespace.clone(),
         },
-        Some(relay_settings.clone()),
-        &mut registry,
-    );
-    // Under a Lease, as a deployment runs it: a second controller started by
-    // hand against this cluster waits instead of reconciling too.
-    let lease = voucher_operator::controller::leader::LeaseSettings {
-        name: "voucher-operator".into(),
-        namespace: cluster.namespace.clone(),
-        identity: "local".into(),
-        duration: Duration::from_secs(15),
+        relay: Some(relay_settings.clone()),
+        lease: Some(LeaseSettings {
+            name: "voucher-operator".into(),
+            namespace: cluster.namespace.clone(),
+            identity: "local".into(),
+            duration: Duration::from_secs(15),
+        }),
     };
-    let (lease_client, role_stop) = (client.clone(), stop.clone());
+    let role = Role::new(client.clone(), store.clone(), config, &mut registry);
+    let role_stop = stop.clone();
     tokio::spawn(async move {
-        let led = voucher_operator::controller::leader::run_while_leader(
-            lease_client,
-            lease,
-            role_stop,
-            |term| role.start(term),
-        )
-        .await;
-        if let Err(error) = led {
+        if let Err(error) = role.run(role_stop).await {
             tracing::error!(error = %error, "the controller stopped");
         }
     });

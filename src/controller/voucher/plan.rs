@@ -1,6 +1,6 @@
 //! What a reconcile does, decided from what it found and nothing else: the
 //! status to write, the audit records and Events that report it, and when to
-//! look again. `Context::apply` gathers the facts (the database, the API
+//! look again. `reconcile::apply` gathers the facts (the database, the API
 //! server) and carries the plan out; everything it decides is here, tested
 //! without either.
 
@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 
 use super::status::{self, Outcome};
 use crate::api::VoucherStatus;
+use crate::controller::conditions::{CODE_CONFLICT, READY};
 use crate::domain::{
     Actor, AuditKind, Code, CodeError, CodeRecord, EventWording, Facts, Issuers, Owner, Phase,
     Severity, TermError, Unrequested,
@@ -22,7 +23,7 @@ use crate::store::sync::Synced;
     clippy::large_enum_variant,
     reason = "one value per reconcile, moved once into decide"
 )]
-pub enum Found {
+pub(crate) enum VoucherFound {
     /// The resource is outside the issuer namespaces; nothing was written.
     Forbidden(Issuers),
     /// The resource names no valid code; nothing was written.
@@ -38,19 +39,19 @@ pub enum Found {
 
 /// The resource as the reconcile saw it.
 #[derive(Clone, Copy, Debug)]
-pub struct Seen<'a> {
-    pub code: Option<&'a Code>,
-    pub owner: &'a Owner,
-    pub generation: i64,
-    pub previous: Option<&'a VoucherStatus>,
-    pub now: DateTime<Utc>,
+pub(crate) struct VoucherSeen<'a> {
+    pub(crate) code: Option<&'a Code>,
+    pub(crate) owner: &'a Owner,
+    pub(crate) generation: i64,
+    pub(crate) previous: Option<&'a VoucherStatus>,
+    pub(crate) now: DateTime<Utc>,
     /// Every Voucher is looked at again at least this often.
-    pub resync: Duration,
+    pub(crate) resync: Duration,
 }
 
 /// When to reconcile this Voucher again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Next {
+pub(crate) enum Next {
     After(Duration),
     /// Only when the resource changes (a person must act).
     AwaitChange,
@@ -60,7 +61,7 @@ pub enum Next {
 
 impl Next {
     /// The sooner of the two, for a status write that asks to be retried.
-    pub fn at_most(self, delay: Option<Duration>) -> Self {
+    pub(crate) fn at_most(self, delay: Option<Duration>) -> Self {
         match (self, delay) {
             (Next::After(next), Some(delay)) => Next::After(next.min(delay)),
             (Next::AwaitChange, Some(delay)) => Next::After(delay),
@@ -71,18 +72,18 @@ impl Next {
 
 /// The reconcile's decisions.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Plan {
-    pub status: VoucherStatus,
-    pub phase: Phase,
+pub(crate) struct VoucherPlan {
+    pub(crate) status: VoucherStatus,
+    pub(crate) phase: Phase,
     /// A conflict's audit record, to write (the owner holding the code):
     /// once per episode, on the first reconcile that meets it.
-    pub audit_conflict: Option<Owner>,
+    pub(crate) audit_conflict: Option<Owner>,
     /// Audit records this reconcile caused (already committed by the store,
     /// or `audit_conflict`), for the metrics.
-    pub audited: Vec<AuditKind>,
+    pub(crate) audited: Vec<AuditKind>,
     /// Events to publish on the Voucher.
-    pub events: Vec<EventWording>,
-    pub next: Next,
+    pub(crate) events: Vec<EventWording>,
+    pub(crate) next: Next,
 }
 
 /// How long after a time boundary (validFrom, expiresAt) the reconcile
@@ -90,8 +91,8 @@ pub struct Plan {
 const AFTER_BOUNDARY: Duration = Duration::from_millis(50);
 
 /// Decides what a reconcile that met `found` does.
-pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
-    let Seen {
+pub(crate) fn decide(found: VoucherFound, seen: VoucherSeen<'_>) -> VoucherPlan {
+    let VoucherSeen {
         code,
         owner,
         generation,
@@ -102,7 +103,7 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
     let status = |outcome| status::desired(outcome, generation, now, previous);
     let actor = Actor::from(owner);
     match found {
-        Found::Forbidden(issuers) => refused(
+        VoucherFound::Forbidden(issuers) => refused(
             Phase::Forbidden,
             "NotAnIssuerNamespace",
             format!(
@@ -114,31 +115,31 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
             ),
             &seen,
         ),
-        Found::InvalidCode(error) => refused(
+        VoucherFound::InvalidCode(error) => refused(
             Phase::Error,
             "InvalidCode",
             format!("this Voucher has no valid code: {error}; set spec.code"),
             &seen,
         ),
-        Found::InvalidTerms(error) => refused(
+        VoucherFound::InvalidTerms(error) => refused(
             Phase::Error,
             "InvalidTerms",
             format!("the spec breaks a voucher rule: {error}; nothing was written"),
             &seen,
         ),
-        Found::Synced(Synced::CampaignCode { campaign }) => {
+        VoucherFound::Synced(Synced::CampaignCode { campaign }) => {
             let code = code.map(Code::as_str).unwrap_or_default();
             let message = format!(
                 "code {code} was issued by VoucherCampaign {campaign}; a Voucher can neither claim, \
                  adopt nor reissue it, and nothing was written. Change it through the campaign, or \
                  revoke it alone with the admin revoke"
             );
-            Plan {
+            VoucherPlan {
                 next: Next::After(resync),
                 ..refused(Phase::Conflict, "CampaignCode", message, &seen)
             }
         }
-        Found::Synced(Synced::NotRequested(what)) => {
+        VoucherFound::Synced(Synced::NotRequested(what)) => {
             let code = code.map(Code::as_str).unwrap_or_default();
             let (phase, reason, message) = match what {
                 Unrequested::Adopt => (
@@ -165,12 +166,12 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
                 }
             };
             // The row can change without this resource changing: look again.
-            Plan {
+            VoucherPlan {
                 next: Next::After(resync),
                 ..refused(phase, reason, message, &seen)
             }
         }
-        Found::DatabaseUnavailable(error) => Plan {
+        VoucherFound::DatabaseUnavailable(error) => VoucherPlan {
             status: status(Outcome::Failed {
                 phase: Phase::Error,
                 reason: "DatabaseUnavailable",
@@ -183,10 +184,10 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
             events: Vec::new(),
             next: Next::Retry,
         },
-        Found::Synced(Synced::Conflict { owner: holder }) => {
+        VoucherFound::Synced(Synced::Conflict { owner: holder }) => {
             let code = code.map(Code::as_str).unwrap_or_default();
             // Reported once, when the conflict begins; the status keeps saying it.
-            let begins = ready_reason(previous) != Some(status::CODE_CONFLICT);
+            let begins = ready_reason(previous) != Some(CODE_CONFLICT);
             let facts = Facts {
                 holder: Some(&holder),
                 ..Facts::new(code, &actor)
@@ -196,7 +197,7 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
                 .flatten()
                 .into_iter()
                 .collect();
-            Plan {
+            VoucherPlan {
                 status: status(Outcome::Conflict {
                     code,
                     holder: &holder,
@@ -212,7 +213,7 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
                 next: Next::After(resync),
             }
         }
-        Found::Synced(Synced::Applied {
+        VoucherFound::Synced(Synced::Applied {
             record,
             phase,
             changed,
@@ -238,7 +239,7 @@ pub fn decide(found: Found, seen: Seen<'_>) -> Plan {
                 .next_boundary(now)
                 .and_then(|at| (at - now).to_std().ok())
                 .map(|d| d + AFTER_BOUNDARY);
-            Plan {
+            VoucherPlan {
                 status: status(Outcome::Synced {
                     record: &record,
                     phase,
@@ -294,13 +295,18 @@ fn ready_reason(previous: Option<&VoucherStatus>) -> Option<&str> {
     previous?
         .conditions
         .iter()
-        .find(|c| c.type_ == status::READY)
+        .find(|c| c.type_ == READY)
         .map(|c| c.reason.as_str())
 }
 
 /// A resource that waits for a person to change it: nothing written,
 /// Stalled, and a Warning when it begins (not on every look).
-fn refused(phase: Phase, reason: &'static str, message: String, seen: &Seen<'_>) -> Plan {
+fn refused(
+    phase: Phase,
+    reason: &'static str,
+    message: String,
+    seen: &VoucherSeen<'_>,
+) -> VoucherPlan {
     let begins = ready_reason(seen.previous) != Some(reason);
     let events = begins
         .then(|| EventWording {
@@ -316,7 +322,7 @@ fn refused(phase: Phase, reason: &'static str, message: String, seen: &Seen<'_>)
         message,
         retrying: false,
     };
-    Plan {
+    VoucherPlan {
         status: status::desired(outcome, seen.generation, seen.now, seen.previous),
         phase,
         audit_conflict: None,
@@ -329,6 +335,7 @@ fn refused(phase: Phase, reason: &'static str, message: String, seen: &Seen<'_>)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::conditions::RECONCILING;
     use crate::domain::{Claim, CodeRecord, TermField, Terms};
 
     const RESYNC: Duration = Duration::from_secs(300);
@@ -357,8 +364,8 @@ mod tests {
         Terms::granting(5)
     }
 
-    fn applied(record: CodeRecord, audited: Vec<AuditKind>) -> Found {
-        Found::Synced(Synced::Applied {
+    fn applied(record: CodeRecord, audited: Vec<AuditKind>) -> VoucherFound {
+        VoucherFound::Synced(Synced::Applied {
             claim: Claim::Create,
             phase: Phase::of(&record, Utc::now()),
             record,
@@ -367,12 +374,12 @@ mod tests {
         })
     }
 
-    fn decide_for(found: Found, previous: Option<&VoucherStatus>) -> Plan {
+    fn decide_for(found: VoucherFound, previous: Option<&VoucherStatus>) -> VoucherPlan {
         let code = Code::parse("LAUNCH").unwrap();
         let me = owner("launch");
         decide(
             found,
-            Seen {
+            VoucherSeen {
                 code: Some(&code),
                 owner: &me,
                 generation: 2,
@@ -383,7 +390,7 @@ mod tests {
         )
     }
 
-    fn reasons(plan: &Plan) -> Vec<(Severity, &str)> {
+    fn reasons(plan: &VoucherPlan) -> Vec<(Severity, &str)> {
         plan.events.iter().map(|e| (e.severity, e.reason)).collect()
     }
 
@@ -485,7 +492,7 @@ mod tests {
     fn a_conflict_is_audited_and_reported_once_per_episode() {
         let holder = owner("first");
         let conflict = || {
-            Found::Synced(Synced::Conflict {
+            VoucherFound::Synced(Synced::Conflict {
                 owner: holder.clone(),
             })
         };
@@ -504,7 +511,7 @@ mod tests {
 
     #[test]
     fn an_invalid_code_waits_for_a_person() {
-        let plan = decide_for(Found::InvalidCode(CodeError::Empty), None);
+        let plan = decide_for(VoucherFound::InvalidCode(CodeError::Empty), None);
         assert_eq!((plan.phase, plan.next), (Phase::Error, Next::AwaitChange));
         assert_eq!(reasons(&plan), [(Severity::Warning, "InvalidCode")]);
         assert!(plan.events[0].note.contains("set spec.code"));
@@ -512,7 +519,10 @@ mod tests {
 
     #[test]
     fn terms_outside_the_rules_are_refused_without_writing() {
-        let plan = decide_for(Found::InvalidTerms(TermError::CreditTooSmall(0)), None);
+        let plan = decide_for(
+            VoucherFound::InvalidTerms(TermError::CreditTooSmall(0)),
+            None,
+        );
         assert_eq!((plan.phase, plan.next), (Phase::Error, Next::AwaitChange));
         assert_eq!(reasons(&plan), [(Severity::Warning, "InvalidTerms")]);
         assert!(plan.events[0].note.contains("at least 1 OMR"));
@@ -523,7 +533,7 @@ mod tests {
     fn an_unreachable_database_is_retried_and_keeps_the_counters() {
         let synced = decide_for(applied(record(terms()), vec![]), None);
         let plan = decide_for(
-            Found::DatabaseUnavailable("connection refused".into()),
+            VoucherFound::DatabaseUnavailable("connection refused".into()),
             Some(&synced.status),
         );
         assert_eq!((plan.phase, plan.next), (Phase::Error, Next::Retry));
@@ -533,7 +543,7 @@ mod tests {
             plan.status
                 .conditions
                 .iter()
-                .any(|c| c.type_ == status::RECONCILING && c.message.contains("connection refused"))
+                .any(|c| c.type_ == RECONCILING && c.message.contains("connection refused"))
         );
     }
 

@@ -1,68 +1,12 @@
-//! The status the controller writes: phase, counters and kstatus conditions.
+//! A Voucher's status, computed purely: phase, counters and kstatus conditions.
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::VoucherStatus;
+use crate::controller::conditions::{
+    CODE_CONFLICT, ConditionState, READY, RECONCILING, STALLED, SYNCED, condition,
+};
 use crate::domain::{CodeRecord, Owner, Phase};
-
-pub const READY: &str = "Ready";
-pub const SYNCED: &str = "Synced";
-/// Ready's reason while another resource owns the code.
-pub const CODE_CONFLICT: &str = "CodeConflict";
-/// kstatus's abnormal-true conditions, which Flux's health checks read (they ignore Ready):
-/// present only while true. Reconciling: the controller is still working on this generation
-/// (retrying); Stalled: it cannot make progress until a person changes something.
-pub const RECONCILING: &str = "Reconciling";
-pub const STALLED: &str = "Stalled";
-
-/// One condition's wanted state.
-#[derive(Clone)]
-pub struct Wanted<'a> {
-    pub status: bool,
-    pub reason: &'a str,
-    pub message: String,
-}
-
-impl Wanted<'_> {
-    /// The same reason and message on an abnormal-true condition.
-    fn made_true(self) -> Self {
-        Self {
-            status: true,
-            ..self
-        }
-    }
-}
-
-fn time(at: DateTime<Utc>) -> Time {
-    Time(k8s_openapi::jiff::Timestamp::from_second(at.timestamp()).unwrap_or_default())
-}
-
-/// A condition, keeping its transition time when its status did not change
-/// (`previous`: the conditions the resource has now).
-pub(crate) fn condition(
-    type_: &str,
-    wanted: Wanted<'_>,
-    generation: i64,
-    now: DateTime<Utc>,
-    previous: &[Condition],
-) -> Condition {
-    let status = if wanted.status { "True" } else { "False" };
-    let transition = previous
-        .iter()
-        .find(|c| c.type_ == type_)
-        .filter(|c| c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| time(now));
-    Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: wanted.reason.into(),
-        message: wanted.message,
-        observed_generation: Some(generation),
-        last_transition_time: transition,
-    }
-}
 
 /// What a reconcile found, for the status.
 pub enum Outcome<'a> {
@@ -121,8 +65,8 @@ struct Said<'a> {
     code: Option<String>,
     times_redeemed: Option<i32>,
     remaining: Option<i32>,
-    ready: Wanted<'a>,
-    synced: Wanted<'a>,
+    ready: ConditionState<'a>,
+    synced: ConditionState<'a>,
     /// The kstatus condition, if any, that accompanies Ready=False.
     progress: Option<&'static str>,
 }
@@ -136,12 +80,12 @@ fn said<'a>(outcome: Outcome<'a>, previous: Option<&VoucherStatus>) -> Said<'a> 
                 code: Some(record.code.clone()),
                 times_redeemed: Some(record.times_redeemed),
                 remaining: record.remaining(),
-                ready: Wanted {
+                ready: ConditionState {
                     status: true,
                     reason,
                     message,
                 },
-                synced: Wanted {
+                synced: ConditionState {
                     status: true,
                     reason: "Reconciled",
                     message: format!("the promo_codes row of {} matches the spec", record.code),
@@ -150,7 +94,7 @@ fn said<'a>(outcome: Outcome<'a>, previous: Option<&VoucherStatus>) -> Said<'a> 
             }
         }
         Outcome::Conflict { code, holder } => {
-            let unready = Wanted {
+            let unready = ConditionState {
                 status: false,
                 reason: CODE_CONFLICT,
                 message: format!(
@@ -174,7 +118,7 @@ fn said<'a>(outcome: Outcome<'a>, previous: Option<&VoucherStatus>) -> Said<'a> 
             retrying,
         } => {
             // The counters last seen stay: a failure says nothing new about them.
-            let unready = Wanted {
+            let unready = ConditionState {
                 status: false,
                 reason,
                 message,
@@ -222,33 +166,10 @@ pub fn desired(
     }
 }
 
-/// Clears what only moves with a condition's status (its transition time),
-/// to compare conditions by what they say.
-pub(crate) fn without_times(conditions: &mut [Condition]) {
-    for c in conditions {
-        c.last_transition_time = Time(Default::default());
-    }
-}
-
-/// Whether writing `wanted` over `current` changes anything a person or a
-/// health check reads. Timestamps alone do not count: `lastSyncedAt`, and a
-/// condition's `lastTransitionTime`, which only moves with its status.
-pub fn differs(current: Option<&VoucherStatus>, wanted: &VoucherStatus) -> bool {
-    let Some(current) = current else {
-        return true;
-    };
-    let strip = |s: &VoucherStatus| {
-        let mut s = s.clone();
-        s.last_synced_at = None;
-        without_times(&mut s.conditions);
-        s
-    };
-    strip(current) != strip(wanted)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::conditions::differs;
     use crate::domain::Terms;
 
     fn record(times: i32) -> CodeRecord {

@@ -1,0 +1,45 @@
+//! The one error a reconcile of either kind returns: a variant per failed
+//! operation, each saying which, and a category for the metrics.
+
+use kube::runtime::finalizer;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("billing database: {0}")]
+    Store(#[from] StoreError),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+    #[error("the {kind} has no namespace")]
+    NotNamespaced { kind: String },
+    /// Whether a CRD is being deleted could not be told, so a deletion of
+    /// one of its resources neither revokes nor orphans yet.
+    #[error(
+        "cannot tell whether the CRD {crd} is being deleted (get customresourcedefinitions/{crd}): {source}"
+    )]
+    CrdCheck {
+        crd: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    /// The bounded label of the failures metric.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Store(_) => "database",
+            Error::Kube(_) | Error::CrdCheck { .. } => "kubernetes",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => {
+                    e.category()
+                }
+                _ => "finalizer",
+            },
+            Error::NotNamespaced { .. } => "invalid",
+        }
+    }
+}
