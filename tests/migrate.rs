@@ -335,14 +335,14 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
 
     // The server: a redemption (new customer, ledger), its replay, a repeat, the pruning.
     let redeem = |key: Option<(&'static str, Vec<u8>)>| Redemption {
-        code: &code,
-        subject: "alice",
-        tenant: Some("t1"),
-        email: "alice@example.om",
-        idempotency: key,
+        code: code.clone(),
+        subject: "alice".into(),
+        tenant: Some("t1".into()),
+        email: "alice@example.om".into(),
+        idempotency: key.map(|(key, hash)| (key.to_owned(), hash)),
         now: Utc::now(),
     };
-    let render = |_: &_| (200, serde_json::Value::Null);
+    let render: voucher_operator::store::redeem::Render = |_| (200, serde_json::Value::Null);
     store
         .redeem(&redeem(Some(("k1", vec![1]))), render)
         .await
@@ -466,7 +466,7 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
     store
         .redeem(
             &Redemption {
-                code: &codes[0],
+                code: codes[0].clone(),
                 ..redeem(None)
             },
             render,

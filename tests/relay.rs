@@ -269,10 +269,10 @@ async fn every_event_type_arrives_once_as_a_valid_cloudevent() {
     store
         .redeem(
             &Redemption {
-                code: &delta,
-                subject: "user-1",
-                tenant: Some("t"),
-                email: "",
+                code: delta.clone(),
+                subject: "user-1".into(),
+                tenant: Some("t".into()),
+                email: String::new(),
                 idempotency: None,
                 now: Utc::now(),
             },

@@ -9,6 +9,7 @@ mod body;
 mod codes;
 mod connections;
 mod error;
+mod group;
 mod limits;
 mod public;
 
@@ -102,7 +103,7 @@ pub struct ServerMetrics {
     /// Codes the preview remembers (existing and unknown).
     pub preview_cache_entries: Gauge,
     /// Redemptions of a hot code committed together.
-    pub groups: crate::store::group::GroupMetrics,
+    pub groups: group::GroupMetrics,
     /// Unknown codes asked for on the preview and redeem.
     pub unknown_codes: Counter,
     /// Times a prefix's budget of unknown codes was spent (guessing).
@@ -196,7 +197,7 @@ pub struct AppState {
     /// The preview's codes, from memory.
     codes: Arc<codes::Codes>,
     /// Redemptions, grouped per code while one is under way.
-    redeemer: Arc<crate::store::group::GroupCommit>,
+    redeemer: Arc<group::GroupCommit>,
 }
 
 impl AppState {
@@ -215,11 +216,8 @@ impl AppState {
             auth_failures_per_minute: settings.auth_failures_per_minute,
             guesses_per_minute: settings.guesses_per_minute,
         });
-        let redeemer = crate::store::group::GroupCommit::new(
-            store.clone(),
-            public::render,
-            metrics.groups.clone(),
-        );
+        let redeemer =
+            group::GroupCommit::new(store.clone(), public::render, metrics.groups.clone());
         Arc::new(Self {
             redeemer,
             store,

@@ -16,8 +16,7 @@ use super::codes::Source;
 use super::error::{ErrorBody, HttpError};
 use super::{AppState, OutcomeLabel, Peer};
 use crate::domain::{Code, Redeemability};
-use crate::store::group;
-use crate::store::redeem::{Answer, Redeemed};
+use crate::store::redeem::{Answer, Redeemed, Redemption};
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct PreviewRequest {
@@ -269,7 +268,7 @@ pub async fn redeem(
     }
     let idempotency =
         idempotency(&headers, &code, tenant)?.map(|(key, hash)| (key.to_owned(), hash));
-    let redemption = group::Request {
+    let redemption = Redemption {
         code: code.clone(),
         subject: principal.subject.clone(),
         tenant: tenant.map(str::to_owned),

@@ -32,7 +32,7 @@ pub enum Claimed {
 /// Claims `key` for `subject` and the request hash, in the caller's
 /// transaction. A concurrent request with the same key waits here until the
 /// first one commits, then replays its answer.
-pub async fn claim(
+async fn claim(
     conn: &mut PgConnection,
     subject: &str,
     key: &str,
@@ -71,24 +71,6 @@ pub async fn claim(
     })
 }
 
-/// Records the answer to a claimed key.
-pub async fn answer(
-    conn: &mut PgConnection,
-    subject: &str,
-    key: &str,
-    status: u16,
-    response: &serde_json::Value,
-) -> Result<()> {
-    sqlx::query("UPDATE voucher_idempotency_keys SET status = $3, response = $4 WHERE subject = $1 AND key = $2")
-        .bind(subject)
-        .bind(key)
-        .bind(status as i16)
-        .bind(response)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// [`claim`] for the keys of several requests at once (`(subject, key,
 /// request hash)`, no subject twice), in the caller's transaction: what each
 /// key stands for, in the same order.
@@ -125,7 +107,7 @@ pub async fn claim_many(
     Ok(claimed)
 }
 
-/// [`answer`] for several claimed keys: `(subject, key, status, response)`.
+/// Records the answers to claimed keys: `(subject, key, status, response)`.
 pub async fn answer_many(
     conn: &mut PgConnection,
     answers: &[(&str, &str, u16, serde_json::Value)],

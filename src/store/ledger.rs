@@ -10,34 +10,7 @@ pub fn promo_reason(code: &str) -> String {
     format!("promo:{code}")
 }
 
-/// Appends a grant (positive) or a spend (negative).
-pub async fn append(
-    conn: &mut PgConnection,
-    customer: Uuid,
-    amount_omr: i32,
-    reason: &str,
-) -> Result<()> {
-    sqlx::query("INSERT INTO credit_ledger (customer_id, amount_omr, reason) VALUES ($1, $2, $3)")
-        .bind(customer)
-        .bind(amount_omr)
-        .bind(reason)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// The customer's balance: the sum of its active ledger entries.
-pub async fn balance(conn: &mut PgConnection, customer: Uuid) -> Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT COALESCE(SUM(amount_omr), 0)::BIGINT FROM credit_ledger \
-         WHERE customer_id = $1 AND status = 'active'",
-    )
-    .bind(customer)
-    .fetch_one(conn)
-    .await?)
-}
-
-/// [`append`] of the same grant to several customers.
+/// Appends the same grant to the ledger of each of `customers`.
 pub async fn append_many(
     conn: &mut PgConnection,
     customers: &[Uuid],
@@ -56,7 +29,7 @@ pub async fn append_many(
     Ok(())
 }
 
-/// [`balance`] of several customers, by customer.
+/// The active balance of each of `customers` that has one, by customer.
 pub async fn balances(
     conn: &mut PgConnection,
     customers: &[Uuid],

@@ -7,7 +7,6 @@
 pub mod bindings;
 pub mod campaigns;
 mod customers;
-pub mod group;
 mod idempotency;
 mod ledger;
 pub(crate) mod notify;
@@ -118,7 +117,7 @@ impl std::fmt::Display for Operation {
 
 impl StoreError {
     /// This error, said as a failure of `operation` on `code`.
-    fn during(self, operation: Operation, code: Option<&Code>) -> Self {
+    pub(crate) fn during(self, operation: Operation, code: Option<&Code>) -> Self {
         Self::Failed {
             operation,
             code: code.map(Code::to_string),

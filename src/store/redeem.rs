@@ -1,24 +1,31 @@
-//! The redemption checkout performs: one transaction that records the
-//! redemption, grants the credit, counts it and audits it — or changes
-//! nothing. The code's row lock is held for its last statement only.
+//! The redemption checkout performs, written once: the steps of one
+//! transaction over a batch of requests for one code — the Idempotency-Keys
+//! claimed, the verdict, the customers, one redemption per customer, the
+//! grants, the answers recorded, then the counter and the audit records —
+//! that commits every answer or changes nothing. A single redemption is a
+//! batch of one. The code's row lock is held for the last statement only.
+
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use uuid::Uuid;
 
 use super::idempotency::{self, Claimed};
 use super::outbox::NewAuditRecord;
 use super::{Operation, Result, Store, StoreError, customers, ledger, promo_codes, redemptions};
-use crate::domain::{Actor, AuditData, AuditKind, Code, Facts, Redeemability};
+use crate::domain::{Actor, AuditData, AuditKind, Code, CodeRecord, Facts, Redeemability};
 
 /// Who redeems what.
-pub struct Redemption<'a> {
-    pub code: &'a Code,
+#[derive(Clone, Debug)]
+pub struct Redemption {
+    pub code: Code,
     /// The token subject: the billing service's `customers.user_id`.
-    pub subject: &'a str,
+    pub subject: String,
     /// Needed only to create the customer on a first redemption.
-    pub tenant: Option<&'a str>,
-    pub email: &'a str,
+    pub tenant: Option<String>,
+    pub email: String,
     /// `Idempotency-Key` and the hash of the request it came with.
-    pub idempotency: Option<(&'a str, Vec<u8>)>,
+    pub idempotency: Option<(String, Vec<u8>)>,
     pub now: DateTime<Utc>,
 }
 
@@ -48,32 +55,24 @@ pub enum Redeemed {
 impl Redeemed {
     /// The answer to a customer who redeemed `code` before (`grant`: when,
     /// and the credit granted).
-    pub(super) fn already(code: &Code, grant: Option<(DateTime<Utc>, Option<i32>)>) -> Self {
+    fn already(code: &Code, grant: Option<(DateTime<Utc>, Option<i32>)>) -> Self {
         Self::AlreadyRedeemed {
             code: code.to_string(),
             credit_omr: grant.and_then(|(_, credit)| credit),
             redeemed_at: grant.map(|(at, _)| at),
         }
     }
-}
 
-/// A code that cannot be redeemed now, for `subject`: a repeat when the
-/// subject redeemed it before — whatever the code's state, checked before
-/// the cap, so that a checkout retrying without its Idempotency-Key hears
-/// "already redeemed, here is your grant", never "fully redeemed" — and
-/// `refusal` otherwise.
-pub(super) async fn refused(
-    tx: &mut sqlx::PgConnection,
-    code: &Code,
-    subject: &str,
-    refusal: Redeemed,
-) -> Result<Redeemed> {
-    Ok(
-        match redemptions::grant_of_subject(tx, subject, code.as_str()).await? {
-            Some(grant) => Redeemed::already(code, Some(grant)),
-            None => refusal,
-        },
-    )
+    /// The refusal of a code whose verdict is `verdict`, if it refuses.
+    fn refusal(verdict: Redeemability) -> Option<Self> {
+        if verdict.is_hidden() {
+            Some(Self::NotFound)
+        } else if !verdict.is_redeemable() {
+            Some(Self::Gone(verdict))
+        } else {
+            None
+        }
+    }
 }
 
 /// The answer to a request, as it is replayed for its `Idempotency-Key`.
@@ -88,17 +87,20 @@ pub enum Answer {
     KeyReused,
 }
 
-/// How far one attempt at a redemption got.
-enum Attempt {
-    /// Decided: commit what was written (a grant; nothing, for a refusal
-    /// before any write) with the answer recorded for its key.
-    Decided(Redeemed),
-    /// Refused after the grant was written (the cap was reached, or the code
-    /// switched off, meanwhile): the transaction is rolled back, and the
-    /// refusal answered.
-    Undone(Redeemed),
-    /// The code's terms changed between the read and the count: try again.
-    Changed,
+/// How an outcome is recorded for its Idempotency-Key: the status and body
+/// a replay answers, given by the caller (the store renders nothing).
+pub type Render = fn(&Redeemed) -> (u16, serde_json::Value);
+
+/// What a batch's transaction came to.
+pub enum Batch {
+    /// Committed: an answer per request, in their order.
+    Answered(Vec<Answer>),
+    /// Undone, nothing written: the cap was reached, the code switched off
+    /// or changed since the unlocked read (`None`: read it again to say
+    /// which), or the database's guard refused it (the refusal).
+    Undone(Option<Redeemed>),
+    /// A statement failed before the commit; nothing written.
+    Failed(StoreError),
 }
 
 /// Attempts before a redemption whose code keeps changing gives up (each
@@ -106,192 +108,373 @@ enum Attempt {
 const ATTEMPTS: usize = 3;
 
 impl Store {
-    /// Redeems in one transaction. `render` turns the outcome into the HTTP
-    /// answer stored for the idempotency key, inside the same transaction.
-    ///
-    /// The code's row is locked by one statement only, the last before the
-    /// commit: everything that does not need the lock (the key, the customer,
-    /// the redemption row, the ledger grant, the balance, the answer) comes
-    /// first, checked against an unlocked read; then one conditional update
-    /// counts the redemption — only if the code is still live, active, in
-    /// its window, under its cap and carrying the terms read — and writes its
-    /// audit records. The cap stays exact: the update re-checks the row it
-    /// locks.
-    pub async fn redeem(
-        &self,
-        request: &Redemption<'_>,
-        render: impl Fn(&Redeemed) -> (u16, serde_json::Value),
-    ) -> Result<Answer> {
+    /// Redeems one request: a batch of one, tried again while the code's
+    /// terms change under it; a refusal found only after writing is
+    /// answered (and recorded for its key) on its own.
+    pub async fn redeem(&self, request: &Redemption, render: Render) -> Result<Answer> {
         let run = async {
             for _ in 0..ATTEMPTS {
-                let mut tx = self.pool().begin().await?;
-                if let Some(answer) = claim_key(&mut tx, request).await? {
-                    tx.rollback().await?;
-                    return Ok(answer);
-                }
-                match attempt(&mut tx, request, &render).await? {
-                    Attempt::Decided(outcome) => {
-                        let wrote = matches!(outcome, Redeemed::Granted { .. });
-                        match &request.idempotency {
-                            Some((key, _)) => {
-                                if !wrote {
-                                    let (status, body) = render(&outcome);
-                                    idempotency::answer(
-                                        &mut tx,
-                                        request.subject,
-                                        key,
-                                        status,
-                                        &body,
-                                    )
-                                    .await?;
-                                }
-                                tx.commit().await?;
-                            }
-                            None if wrote => tx.commit().await?,
-                            None => tx.rollback().await?,
+                let refusal = match self
+                    .redeem_batch(std::slice::from_ref(request), render)
+                    .await?
+                {
+                    Batch::Answered(mut answers) => return Ok(answers.remove(0)),
+                    Batch::Failed(error) => return Err(error),
+                    Batch::Undone(Some(refusal)) => refusal,
+                    Batch::Undone(None) => {
+                        // Not counted: why, from the row as it is now.
+                        let mut conn = self.pool().acquire().await?;
+                        let row = promo_codes::find(&mut conn, &request.code).await?;
+                        match Redeemed::refusal(Redeemability::of(row.as_ref(), request.now)) {
+                            Some(refusal) => refusal,
+                            None => continue,
                         }
-                        return Ok(Answer::Fresh(outcome));
                     }
-                    Attempt::Undone(outcome) => {
-                        tx.rollback().await?;
-                        let Some((key, _)) = &request.idempotency else {
-                            return Ok(Answer::Fresh(outcome));
-                        };
-                        // The refusal is the key's answer, in a transaction
-                        // of its own (a concurrent request with the key may
-                        // have answered first).
-                        let mut tx = self.pool().begin().await?;
-                        if let Some(answer) = claim_key(&mut tx, request).await? {
-                            tx.rollback().await?;
-                            return Ok(answer);
-                        }
-                        let (status, body) = render(&outcome);
-                        idempotency::answer(&mut tx, request.subject, key, status, &body).await?;
-                        tx.commit().await?;
-                        return Ok(Answer::Fresh(outcome));
-                    }
-                    Attempt::Changed => tx.rollback().await?,
-                }
+                };
+                return self.answer_refusal(request, refusal, render).await;
             }
             Err(StoreError::Contended { attempts: ATTEMPTS })
         };
         run.await
-            .map_err(|e: StoreError| e.during(Operation::Redeem, Some(request.code)))
+            .map_err(|e: StoreError| e.during(Operation::Redeem, Some(&request.code)))
+    }
+
+    /// Redeems `requests` (one code, no subject twice) in one transaction.
+    /// An error means the commit's outcome is unknown.
+    pub async fn redeem_batch(&self, requests: &[Redemption], render: Render) -> Result<Batch> {
+        let mut tx = self.pool().begin().await?;
+        match steps(&mut tx, requests, render).await {
+            Ok(Batch::Answered(answers)) => {
+                tx.commit().await?;
+                Ok(Batch::Answered(answers))
+            }
+            Ok(undone) => {
+                let _ = tx.rollback().await;
+                Ok(undone)
+            }
+            Err(error) => {
+                let _ = tx.rollback().await;
+                Ok(Batch::Failed(error))
+            }
+        }
+    }
+
+    /// Answers `refusal` to a request whose batch was undone, recording it
+    /// for its key in a transaction of its own (a concurrent request with
+    /// the key may have answered first).
+    async fn answer_refusal(
+        &self,
+        request: &Redemption,
+        refusal: Redeemed,
+        render: Render,
+    ) -> Result<Answer> {
+        let Some((key, hash)) = &request.idempotency else {
+            return Ok(Answer::Fresh(refusal));
+        };
+        let mut tx = self.pool().begin().await?;
+        let claimed = idempotency::claim_many(&mut tx, &[(&request.subject, key, hash)]).await?;
+        if let Some(answer) = replayed(claimed.into_iter().next().expect("one claim")) {
+            tx.rollback().await?;
+            return Ok(answer);
+        }
+        let (status, body) = render(&refusal);
+        idempotency::answer_many(&mut tx, &[(&request.subject, key, status, body)]).await?;
+        tx.commit().await?;
+        Ok(Answer::Fresh(refusal))
     }
 }
 
-/// Claims the request's Idempotency-Key, if it has one: `Some` when the key
-/// already has an answer (or another request's body).
-async fn claim_key(
-    tx: &mut sqlx::PgConnection,
-    request: &Redemption<'_>,
-) -> Result<Option<Answer>> {
-    let Some((key, hash)) = &request.idempotency else {
-        return Ok(None);
-    };
-    Ok(
-        match idempotency::claim(tx, request.subject, key, hash).await? {
-            Claimed::New => None,
-            Claimed::Replay { status, response } => Some(Answer::Replayed {
-                status,
-                body: response,
-            }),
-            Claimed::Mismatch => Some(Answer::KeyReused),
-        },
-    )
+/// What a claimed key answers already, if anything.
+fn replayed(claimed: Claimed) -> Option<Answer> {
+    match claimed {
+        Claimed::New => None,
+        Claimed::Replay { status, response } => Some(Answer::Replayed {
+            status,
+            body: response,
+        }),
+        Claimed::Mismatch => Some(Answer::KeyReused),
+    }
 }
 
-/// One attempt, in `tx`: the writes that need no lock, then the one
-/// statement that takes it.
-async fn attempt(
+/// A batch's requests and what has been decided for each so far.
+struct Decisions<'a> {
+    requests: &'a [Redemption],
+    code: &'a Code,
+    /// One time for the batch: the latest arrival's, so that no request is
+    /// judged before it came (one that arrived after the window closed is
+    /// not granted for having been grouped with an earlier one).
+    now: DateTime<Utc>,
+    /// Answered by their key (a replay, a reused key).
+    replays: Vec<Option<Answer>>,
+    /// Decided here, to be recorded for their keys.
+    decided: Vec<(usize, Redeemed)>,
+    /// Not decided yet.
+    open: Vec<usize>,
+}
+
+impl<'a> Decisions<'a> {
+    fn new(requests: &'a [Redemption]) -> Self {
+        Self {
+            requests,
+            code: &requests[0].code,
+            now: requests.iter().map(|r| r.now).max().expect("a batch"),
+            replays: vec![None; requests.len()],
+            decided: Vec::new(),
+            open: (0..requests.len()).collect(),
+        }
+    }
+
+    fn subject(&self, i: usize) -> &'a str {
+        &self.requests[i].subject
+    }
+
+    /// Every request's answer, in order.
+    fn answers(self) -> Vec<Answer> {
+        let mut answers = self.replays;
+        for (i, outcome) in self.decided {
+            answers[i] = Some(Answer::Fresh(outcome));
+        }
+        answers
+            .into_iter()
+            .map(|a| a.expect("every request answered"))
+            .collect()
+    }
+}
+
+/// The batch's statements, in `tx`, in their order.
+async fn steps(
     tx: &mut sqlx::PgConnection,
-    request: &Redemption<'_>,
-    render: &impl Fn(&Redeemed) -> (u16, serde_json::Value),
-) -> Result<Attempt> {
-    let code = request.code;
-    // What the code says now, unlocked: most refusals end here.
-    let seen = promo_codes::find(tx, code).await?;
-    let verdict = Redeemability::of(seen.as_ref(), request.now);
-    let Some(seen) = seen.filter(|_| verdict.is_redeemable()) else {
-        let refusal = match verdict.is_hidden() {
-            true => Redeemed::NotFound,
-            false => Redeemed::Gone(verdict),
+    requests: &[Redemption],
+    render: Render,
+) -> Result<Batch> {
+    let mut batch = Decisions::new(requests);
+    claim_keys(tx, &mut batch).await?;
+    let Some(seen) = verdict(tx, &mut batch).await? else {
+        record_answers(tx, &batch, render).await?;
+        return Ok(Batch::Answered(batch.answers()));
+    };
+    let ids = find_customers(tx, &mut batch).await?;
+    let winners = match one_per_customer(tx, &mut batch, &ids, &seen).await? {
+        Ok(winners) => winners,
+        Err(refusal) => return Ok(Batch::Undone(Some(refusal))),
+    };
+    if winners.is_empty() {
+        record_answers(tx, &batch, render).await?;
+        return Ok(Batch::Answered(batch.answers()));
+    }
+    // Room under the cap for all of them, as far as the unlocked read tells:
+    // otherwise undone (a group then goes one by one, so that exactly the
+    // earliest win).
+    if seen
+        .remaining()
+        .is_some_and(|left| (left as usize) < winners.len())
+    {
+        return Ok(Batch::Undone(None));
+    }
+    grant(tx, &mut batch, &seen, &ids, &winners).await?;
+    record_answers(tx, &batch, render).await?;
+    if !count(tx, &batch, &seen, &winners).await? {
+        return Ok(Batch::Undone(None));
+    }
+    Ok(Batch::Answered(batch.answers()))
+}
+
+/// Claims the Idempotency-Keys: a key answered before (or used with another
+/// body) answers its request now.
+async fn claim_keys(tx: &mut sqlx::PgConnection, batch: &mut Decisions<'_>) -> Result<()> {
+    let keyed: Vec<usize> = (0..batch.requests.len())
+        .filter(|&i| batch.requests[i].idempotency.is_some())
+        .collect();
+    if keyed.is_empty() {
+        return Ok(());
+    }
+    let claims: Vec<(&str, &str, &[u8])> = keyed
+        .iter()
+        .map(|&i| {
+            let (key, hash) = batch.requests[i].idempotency.as_ref().expect("keyed");
+            (batch.subject(i), key.as_str(), hash.as_slice())
+        })
+        .collect();
+    let claimed = idempotency::claim_many(tx, &claims).await?;
+    for (&i, claimed) in keyed.iter().zip(claimed) {
+        batch.replays[i] = replayed(claimed);
+    }
+    let replays = &batch.replays;
+    batch.open.retain(|&i| replays[i].is_none());
+    Ok(())
+}
+
+/// What the code says now, unlocked: most refusals end here, each a repeat
+/// when its customer redeemed the code before — whatever the code's state,
+/// checked before the cap, so that a checkout retrying without its
+/// Idempotency-Key hears "already redeemed, here is your grant", never
+/// "fully redeemed". `Some`: the row, redeemable as read.
+async fn verdict(
+    tx: &mut sqlx::PgConnection,
+    batch: &mut Decisions<'_>,
+) -> Result<Option<CodeRecord>> {
+    let seen = promo_codes::find(tx, batch.code).await?;
+    let verdict = Redeemability::of(seen.as_ref(), batch.now);
+    let Some(refusal) = Redeemed::refusal(verdict) else {
+        return Ok(seen);
+    };
+    for i in std::mem::take(&mut batch.open) {
+        let grant =
+            redemptions::grant_of_subject(tx, batch.subject(i), batch.code.as_str()).await?;
+        let answer = match grant {
+            Some(grant) => Redeemed::already(batch.code, Some(grant)),
+            None => refusal.clone(),
         };
-        let answer = refused(tx, code, request.subject, refusal).await?;
-        return Ok(Attempt::Decided(answer));
-    };
-    let customer = match customers::find(tx, request.subject).await? {
-        Some(id) => id,
-        None => match request.tenant {
-            Some(tenant) => customers::ensure(tx, request.subject, tenant, request.email).await?,
-            None => return Ok(Attempt::Decided(Redeemed::TenantRequired)),
-        },
-    };
-    // One per customer: the unique row, not the code's lock, decides. The
-    // database's guard may refuse it: the code was switched off or suspended
-    // since the read, or is outside its window by the database's clock. A
-    // refusal, as the code would be answered (a campaign's: like a guess).
-    let inserted = match redemptions::insert(tx, customer, code.as_str()).await {
+        batch.decided.push((i, answer));
+    }
+    Ok(None)
+}
+
+/// The customers of the open requests, created on a first redemption; a
+/// request of an unknown customer that names no tenant is refused.
+async fn find_customers(
+    tx: &mut sqlx::PgConnection,
+    batch: &mut Decisions<'_>,
+) -> Result<HashMap<String, Uuid>> {
+    let subjects: Vec<&str> = batch.open.iter().map(|&i| batch.subject(i)).collect();
+    let mut ids = customers::find_many(tx, &subjects).await?;
+    let new: Vec<(&str, &str, &str)> = batch
+        .open
+        .iter()
+        .map(|&i| &batch.requests[i])
+        .filter(|r| !ids.contains_key(&r.subject))
+        .filter_map(|r| {
+            let tenant = r.tenant.as_deref()?;
+            Some((r.subject.as_str(), tenant, r.email.as_str()))
+        })
+        .collect();
+    if !new.is_empty() {
+        ids.extend(customers::ensure_many(tx, &new).await?);
+    }
+    let (requests, decided) = (batch.requests, &mut batch.decided);
+    batch.open.retain(|&i| {
+        let known = ids.contains_key(&requests[i].subject);
+        if !known {
+            decided.push((i, Redeemed::TenantRequired));
+        }
+        known
+    });
+    Ok(ids)
+}
+
+/// One redemption per customer and code: the unique rows decide, not the
+/// code's lock. The winners, or the refusal of the database's guard (the
+/// code was switched off or suspended since the read, or is outside its
+/// window by the database's clock), answered as the code would be (a
+/// campaign's: like a guess).
+async fn one_per_customer(
+    tx: &mut sqlx::PgConnection,
+    batch: &mut Decisions<'_>,
+    ids: &HashMap<String, Uuid>,
+    seen: &CodeRecord,
+) -> Result<std::result::Result<Vec<usize>, Redeemed>> {
+    if batch.open.is_empty() {
+        return Ok(Ok(Vec::new()));
+    }
+    let code = batch.code.as_str();
+    let customers: Vec<Uuid> = batch.open.iter().map(|&i| ids[batch.subject(i)]).collect();
+    let inserted = match redemptions::insert_many(tx, &customers, code).await {
         Err(error) if error.refused_by_guard() => {
-            return Ok(Attempt::Undone(match seen.campaign_on {
+            return Ok(Err(match seen.campaign_on {
                 Some(_) => Redeemed::NotFound,
                 None => Redeemed::Gone(Redeemability::Inactive),
             }));
         }
         inserted => inserted?,
     };
-    if !inserted {
-        let grant = redemptions::grant_of(tx, customer, code.as_str()).await?;
-        return Ok(Attempt::Decided(Redeemed::already(code, grant)));
+    let mut winners = Vec::new();
+    for i in std::mem::take(&mut batch.open) {
+        let customer = ids[batch.subject(i)];
+        if inserted.contains(&customer) {
+            winners.push(i);
+        } else {
+            let grant = redemptions::grant_of(tx, customer, code).await?;
+            batch
+                .decided
+                .push((i, Redeemed::already(batch.code, grant)));
+        }
     }
+    Ok(Ok(winners))
+}
+
+/// The winners' credit in the ledger, and their balances.
+async fn grant(
+    tx: &mut sqlx::PgConnection,
+    batch: &mut Decisions<'_>,
+    seen: &CodeRecord,
+    ids: &HashMap<String, Uuid>,
+    winners: &[usize],
+) -> Result<()> {
     let credit = seen.terms.credit_omr;
-    ledger::append(tx, customer, credit, &ledger::promo_reason(code.as_str())).await?;
-    let balance = ledger::balance(tx, customer).await?;
-    let granted = Redeemed::Granted {
-        code: code.to_string(),
-        credit_omr: credit,
-        balance_omr: balance,
-    };
-    if let Some((key, _)) = &request.idempotency {
-        let (status, body) = render(&granted);
-        idempotency::answer(tx, request.subject, key, status, &body).await?;
+    let code = batch.code.as_str();
+    let customers: Vec<Uuid> = winners.iter().map(|&i| ids[batch.subject(i)]).collect();
+    ledger::append_many(tx, &customers, credit, &ledger::promo_reason(code)).await?;
+    let balances = ledger::balances(tx, &customers).await?;
+    for (&i, customer) in winners.iter().zip(&customers) {
+        let granted = Redeemed::Granted {
+            code: code.to_owned(),
+            credit_omr: credit,
+            balance_omr: balances.get(customer).copied().unwrap_or_default(),
+        };
+        batch.decided.push((i, granted));
     }
-    // The lock, as late as possible: the counter and the audit records.
-    let actor = Actor::Subject {
-        subject: request.subject.to_owned(),
-    };
-    let facts = Facts {
-        credit_omr: Some(credit),
-        ..Facts::new(code.as_str(), &actor)
-    };
-    let audit = |kind| {
+    Ok(())
+}
+
+/// The lock, as late as possible: the counter by all the winners, and their
+/// audit records, in one statement that re-checks the row it locks (so the
+/// cap is exact). `false`: not counted, nothing written by it.
+async fn count(
+    tx: &mut sqlx::PgConnection,
+    batch: &Decisions<'_>,
+    seen: &CodeRecord,
+    winners: &[usize],
+) -> Result<bool> {
+    let code = batch.code.as_str();
+    let audit = |i: usize, kind| {
+        let actor = Actor::Subject {
+            subject: batch.subject(i).to_owned(),
+        };
+        let facts = Facts {
+            credit_omr: Some(seen.terms.credit_omr),
+            ..Facts::new(code, &actor)
+        };
         let data = AuditData::of(kind, &facts, Some(seen.clone()), Some(seen.clone()));
-        NewAuditRecord::new(
-            code.as_str(),
-            kind,
-            serde_json::to_value(&data).expect("audit data serialises"),
-        )
+        let payload = serde_json::to_value(&data).expect("audit data serialises");
+        NewAuditRecord::new(code, kind, payload)
     };
-    if promo_codes::count_redemptions(
-        tx,
-        &seen,
-        request.now,
-        &[audit(AuditKind::Redeemed)],
-        &audit(AuditKind::Exhausted),
-    )
-    .await?
-    .is_some()
-    {
-        return Ok(Attempt::Decided(granted));
-    }
-    // Not counted: why, from the row as it is now.
-    let current = promo_codes::find(tx, code).await?;
-    let verdict = Redeemability::of(current.as_ref(), request.now);
-    Ok(if verdict.is_hidden() {
-        Attempt::Undone(Redeemed::NotFound)
-    } else if !verdict.is_redeemable() {
-        Attempt::Undone(Redeemed::Gone(verdict))
-    } else {
-        Attempt::Changed
-    })
+    let redeemed: Vec<NewAuditRecord> = winners
+        .iter()
+        .map(|&i| audit(i, AuditKind::Redeemed))
+        .collect();
+    let last = *winners.last().expect("winners");
+    let exhausted = audit(last, AuditKind::Exhausted);
+    let counted =
+        promo_codes::count_redemptions(tx, seen, batch.now, &redeemed, &exhausted).await?;
+    Ok(counted.is_some())
+}
+
+/// Records the outcome of each request that claimed an Idempotency-Key.
+async fn record_answers(
+    tx: &mut sqlx::PgConnection,
+    batch: &Decisions<'_>,
+    render: Render,
+) -> Result<()> {
+    let answers: Vec<(&str, &str, u16, serde_json::Value)> = batch
+        .decided
+        .iter()
+        .filter_map(|(i, outcome)| {
+            let r = &batch.requests[*i];
+            r.idempotency.as_ref().map(|(key, _)| {
+                let (status, body) = render(outcome);
+                (r.subject.as_str(), key.as_str(), status, body)
+            })
+        })
+        .collect();
+    idempotency::answer_many(tx, &answers).await
 }

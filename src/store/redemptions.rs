@@ -43,21 +43,8 @@ pub async fn grant_of_subject(
     .await?)
 }
 
-/// Records that `customer` redeemed `code`; `false` when it already had.
-pub async fn insert(conn: &mut PgConnection, customer: Uuid, code: &str) -> Result<bool> {
-    let result = sqlx::query(
-        "INSERT INTO promo_redemptions (customer_id, code) VALUES ($1, $2) \
-         ON CONFLICT (customer_id, code) DO NOTHING",
-    )
-    .bind(customer)
-    .bind(code)
-    .execute(conn)
-    .await?;
-    Ok(result.rows_affected() == 1)
-}
-
-/// [`insert`] for several customers of one code: the customers recorded now
-/// (the others had redeemed it before).
+/// Records a redemption of one code for each of `customers` (one per customer
+/// and code): the customers recorded now (the others had redeemed it before).
 pub async fn insert_many(
     conn: &mut PgConnection,
     customers: &[Uuid],

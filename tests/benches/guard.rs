@@ -50,10 +50,10 @@ async fn round(store: &Store, round: &str) -> f64 {
             let code = Code::parse(&format!("C-{:05}", 1 + (i * 7919) % 10_000)).unwrap();
             async move {
                 let redemption = Redemption {
-                    code: &code,
-                    subject: &subject,
-                    tenant: Some("bench"),
-                    email: "",
+                    code,
+                    subject,
+                    tenant: Some("bench".into()),
+                    email: String::new(),
                     idempotency: None,
                     now: chrono::Utc::now(),
                 };
@@ -216,10 +216,10 @@ async fn main() {
         "the preview answers 404"
     );
     let redemption = Redemption {
-        code: &code,
-        subject: "after-the-switch",
-        tenant: Some("bench"),
-        email: "",
+        code: code.clone(),
+        subject: "after-the-switch".into(),
+        tenant: Some("bench".into()),
+        email: String::new(),
         idempotency: None,
         now: chrono::Utc::now(),
     };
