@@ -88,7 +88,7 @@ pub struct RelaySettings {
 }
 
 /// Records read from the outbox and published per round.
-pub const BATCH_SIZE: i64 = 256;
+pub(crate) const BATCH_SIZE: i64 = 256;
 
 /// The subject of one event: a consumer can filter one code or one kind.
 pub fn subject(prefix: &str, code: &str, kind: &str) -> String {
@@ -190,11 +190,11 @@ pub fn envelope(record: &AuditRecord, source: &str) -> Value {
 
 pub struct RelayMetrics {
     pub backlog: Gauge,
-    pub oldest_age_seconds: Gauge<f64, AtomicU64>,
+    pub(crate) oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub published: Counter,
     pub failures: Counter,
     pub truncated: Counter,
-    pub dead_letters: Counter,
+    pub(crate) dead_letters: Counter,
 }
 
 impl RelayMetrics {
@@ -248,7 +248,7 @@ const KEPT_CHARS: usize = 256;
 /// The event's body within `limit` bytes: as it is, or with its free text
 /// (descriptions before and after, the reason) shortened, marked
 /// `data.truncated`; `None` when even that does not fit.
-pub fn fit(mut envelope: Value, limit: usize) -> Option<(Vec<u8>, bool)> {
+pub(crate) fn fit(mut envelope: Value, limit: usize) -> Option<(Vec<u8>, bool)> {
     let body = serde_json::to_vec(&envelope).ok()?;
     if body.len() <= limit {
         return Some((body, false));
@@ -482,7 +482,7 @@ impl Acks {
 }
 
 /// The servers of a comma-separated NATS URL list (`nats://a:4222,nats://b:4222`).
-pub fn server_addresses(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+pub(crate) fn server_addresses(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
     urls.split(',')
         .map(str::trim)
         .filter(|u| !u.is_empty())
@@ -554,12 +554,7 @@ pub async fn run(
             _ = stop.cancelled() => return Ok(()),
             round = work => round,
         };
-        if let Ok(mut conn) = store.pool().acquire().await
-            && let Ok((count, age)) = outbox::backlog(&mut conn).await
-        {
-            metrics.backlog.set(count);
-            metrics.oldest_age_seconds.set(age);
-        }
+        record_backlog(&store, &metrics).await;
         match round {
             Ok(()) => {
                 backoff = policy.build();
@@ -584,6 +579,16 @@ pub async fn run(
     }
 }
 
+/// Sets the backlog gauges from the outbox, when the database answers.
+async fn record_backlog(store: &Store, metrics: &RelayMetrics) {
+    if let Ok(mut conn) = store.pool().acquire().await
+        && let Ok((count, age)) = outbox::backlog(&mut conn).await
+    {
+        metrics.backlog.set(count);
+        metrics.oldest_age_seconds.set(age);
+    }
+}
+
 /// What `voucher-operator events` shows.
 #[derive(Clone, Debug, Default)]
 pub struct EventQuery {
@@ -594,7 +599,7 @@ pub struct EventQuery {
 }
 
 /// The subject filter of a query: one code, one kind, or both.
-pub fn filter_subject(prefix: &str, query: &EventQuery) -> String {
+pub(crate) fn filter_subject(prefix: &str, query: &EventQuery) -> String {
     let code = query
         .code
         .as_deref()

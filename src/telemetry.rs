@@ -57,7 +57,7 @@ pub async fn serve(
 }
 
 /// The registry in the OpenMetrics text format, as a `GET /metrics` answer (both containers).
-pub fn metrics_response(registry: &Registry) -> axum::response::Response {
+pub(crate) fn metrics_response(registry: &Registry) -> axum::response::Response {
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, registry) {
         Ok(()) => (
@@ -100,7 +100,7 @@ pub fn shutdown_signal() -> CancellationToken {
 /// The innermost cause of `error` (e.g. "Connection refused (os error
 /// 111)" beneath a client library's wrappers), for a message that names
 /// the target itself.
-pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = error;
     while let Some(next) = cause.source() {
         cause = next;

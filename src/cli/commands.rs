@@ -262,37 +262,22 @@ pub(super) async fn export(options: ExportOptions) -> anyhow::Result<()> {
 }
 
 pub(super) async fn campaign_codes(options: CampaignCodesOptions) -> anyhow::Result<()> {
-    use std::io::Write as _;
-
-    use crate::api::campaign::VoucherCampaign;
-    use crate::controller::campaign;
     use crate::domain::campaign::CodeRange;
 
-    let client = kube::Client::try_default().await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot configure the Kubernetes client ({}): set KUBECONFIG",
-            crate::telemetry::root_cause(&e)
-        )
-    })?;
-    let namespace = options
-        .namespace
-        .clone()
-        .unwrap_or_else(|| client.default_namespace().to_owned());
-    let name = &options.name;
-    let found = kube::Api::<VoucherCampaign>::namespaced(client.clone(), &namespace)
-        .get_opt(name)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot read VoucherCampaign {namespace}/{name}: {e}"))?;
-    let Some(found) = found else {
-        anyhow::bail!(
-            "there is no VoucherCampaign {namespace}/{name} (kubectl get vouchercampaigns -n {namespace})"
-        );
-    };
+    let (client, campaign) = find_campaign(&options).await?;
+    let (namespace, name) = (&campaign.namespace, &campaign.name);
+    let found = campaign.resource;
     let owner = crate::controller::owner(&found)?;
     let count = u32::try_from(found.spec.count).unwrap_or_default();
-    let generator = campaign::generator(&client, &options.key_namespace, &found, &owner, count)
-        .await
-        .map_err(|why| anyhow::anyhow!(why))?;
+    let generator = crate::controller::campaign::generator(
+        &client,
+        &options.key_namespace,
+        &found,
+        &owner,
+        count,
+    )
+    .await
+    .map_err(|why| anyhow::anyhow!(why))?;
     let store = Store::connect(&DatabaseSettings {
         url: options.database_url.clone(),
         max_connections: 1,
@@ -306,7 +291,7 @@ pub(super) async fn campaign_codes(options: CampaignCodesOptions) -> anyhow::Res
         );
     }
     // Another key would derive other codes, none of them the campaign's: say so at once.
-    let recorded = store.find_campaign(&namespace, name).await?;
+    let recorded = store.find_campaign(namespace, name).await?;
     if let Some(recorded) = recorded.filter(|r| r.owner.uid == owner.uid)
         && recorded
             .key_fingerprint
@@ -330,41 +315,10 @@ pub(super) async fn campaign_codes(options: CampaignCodesOptions) -> anyhow::Res
     store
         .audit_campaign_download(&owner, &subject, range)
         .await?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut missing = Vec::new();
-    let mut printed = 0u32;
-    let mut result: anyhow::Result<()> = writeln!(out, "code").map_err(Into::into);
-    let mut from = range.from;
-    while result.is_ok() && from < range.to {
-        let end = range.to.min(from + crate::store::campaigns::CHUNK as u32);
-        let codes: Vec<_> = (from..end).map(|i| generator.code(i)).collect();
-        let held = store.campaign_holds(&owner, &codes).await?;
-        for (i, (code, live)) in (from..end).zip(codes.iter().zip(held)) {
-            if live {
-                if let Err(error) = writeln!(out, "{code}") {
-                    result = Err(error.into());
-                    break;
-                }
-                printed += 1;
-            } else {
-                missing.push(i);
-            }
-        }
-        from = end;
-    }
-    let result = result.and_then(|()| Ok(out.flush()?));
-    match result {
+    let Some((printed, missing)) = print_codes(&store, &owner, &generator, range).await? else {
         // The reader went away (`| head`): done, quietly.
-        Err(error)
-            if error
-                .downcast_ref::<std::io::Error>()
-                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
-        {
-            return Ok(());
-        }
-        Err(error) => return Err(error),
-        Ok(()) => {}
-    }
+        return Ok(());
+    };
     if !missing.is_empty() {
         let shown: Vec<String> = missing.iter().take(10).map(u32::to_string).collect();
         anyhow::bail!(
@@ -379,4 +333,87 @@ pub(super) async fn campaign_codes(options: CampaignCodesOptions) -> anyhow::Res
     }
     note!("printed {printed} code(s) of VoucherCampaign {namespace}/{name}");
     Ok(())
+}
+
+/// A VoucherCampaign found by `campaign codes`.
+struct FoundCampaign {
+    namespace: String,
+    name: String,
+    resource: crate::api::campaign::VoucherCampaign,
+}
+
+/// The campaign `options` names, from the Kubernetes API.
+async fn find_campaign(
+    options: &CampaignCodesOptions,
+) -> anyhow::Result<(kube::Client, FoundCampaign)> {
+    use crate::api::campaign::VoucherCampaign;
+
+    let client = kube::Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot configure the Kubernetes client ({}): set KUBECONFIG",
+            crate::telemetry::root_cause(&e)
+        )
+    })?;
+    let namespace = options
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    let name = options.name.clone();
+    let found = kube::Api::<VoucherCampaign>::namespaced(client.clone(), &namespace)
+        .get_opt(&name)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read VoucherCampaign {namespace}/{name}: {e}"))?;
+    let Some(resource) = found else {
+        anyhow::bail!(
+            "there is no VoucherCampaign {namespace}/{name} (kubectl get vouchercampaigns -n {namespace})"
+        );
+    };
+    Ok((
+        client,
+        FoundCampaign {
+            namespace,
+            name,
+            resource,
+        },
+    ))
+}
+
+/// Prints the codes of `range` that are live codes of the campaign, chunk by
+/// chunk: how many were printed and the indices of those that are not;
+/// `None` when the reader went away.
+async fn print_codes(
+    store: &Store,
+    owner: &crate::domain::Owner,
+    generator: &crate::domain::campaign::Generator,
+    range: crate::domain::campaign::CodeRange,
+) -> anyhow::Result<Option<(u32, Vec<u32>)>> {
+    use std::io::Write as _;
+
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut missing = Vec::new();
+    let mut printed = 0u32;
+    let mut written: std::io::Result<()> = writeln!(out, "code");
+    let mut from = range.from;
+    while written.is_ok() && from < range.to {
+        let end = range.to.min(from + crate::store::campaigns::CHUNK as u32);
+        let codes: Vec<_> = (from..end).map(|i| generator.code(i)).collect();
+        let held = store.campaign_holds(owner, &codes).await?;
+        for (i, (code, live)) in (from..end).zip(codes.iter().zip(held)) {
+            if !live {
+                missing.push(i);
+                continue;
+            }
+            written = writeln!(out, "{code}");
+            if written.is_err() {
+                break;
+            }
+            printed += 1;
+        }
+        from = end;
+    }
+    match written.and_then(|()| out.flush()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(None),
+        Err(error) => Err(error.into()),
+        Ok(()) => Ok(Some((printed, missing))),
+    }
 }

@@ -42,7 +42,7 @@ pub(super) fn subject_of(wanted: &str) -> Result<String, String> {
 }
 
 /// One event as a row: time, code, type, actor, reason.
-struct Row([String; 5]);
+struct EventRow([String; 5]);
 
 pub(super) struct EventTable<W: Write> {
     out: W,
@@ -70,7 +70,7 @@ impl<W: Write> EventTable<W> {
         }
     }
 
-    fn row(&self, event: &Value) -> Row {
+    fn row(&self, event: &Value) -> EventRow {
         let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
         let kind = text(&event["type"])
             .trim_start_matches(crate::domain::audit::EVENT_TYPE_PREFIX)
@@ -83,7 +83,7 @@ impl<W: Write> EventTable<W> {
             Some("subject") => format!("sub:{}", text(&actor["subject"])),
             _ => String::new(),
         };
-        Row([
+        EventRow([
             self.time(&text(&event["time"])),
             text(&event["subject"]),
             kind,
@@ -107,7 +107,7 @@ impl<W: Write> EventTable<W> {
         }
     }
 
-    fn print_row(&mut self, row: &Row, widths: [usize; 4]) -> std::io::Result<()> {
+    fn print_row(&mut self, row: &EventRow, widths: [usize; 4]) -> std::io::Result<()> {
         let [time, code, kind, actor, reason] = &row.0;
         let actor = shorten(actor, widths[3]);
         writeln!(
@@ -157,7 +157,8 @@ impl<W: Write> EventSink for EventTable<W> {
             let widths = self.streaming_widths();
             self.widths = Some(widths);
             if !self.json {
-                let header = Row(["TIME", "CODE", "TYPE", "ACTOR", "REASON"].map(String::from));
+                let header =
+                    EventRow(["TIME", "CODE", "TYPE", "ACTOR", "REASON"].map(String::from));
                 self.print_row(&header, widths)?;
             }
         }
@@ -176,8 +177,8 @@ impl<W: Write> EventSink for EventTable<W> {
         if self.widths.is_some() {
             return Ok(());
         }
-        let rows: Vec<Row> = self.kept.iter().map(|e| self.row(e)).collect();
-        let header = Row(["TIME", "CODE", "TYPE", "ACTOR", "REASON"].map(String::from));
+        let rows: Vec<EventRow> = self.kept.iter().map(|e| self.row(e)).collect();
+        let header = EventRow(["TIME", "CODE", "TYPE", "ACTOR", "REASON"].map(String::from));
         let mut widths = [0; 4];
         for row in std::iter::once(&header).chain(&rows) {
             for (width, cell) in widths.iter_mut().zip(&row.0) {

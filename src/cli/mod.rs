@@ -100,11 +100,11 @@ pub enum CrdKind {
 pub struct LogOptions {
     /// Log line format. The log level is set with RUST_LOG (default: info).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line, for log collectors.
@@ -120,7 +120,7 @@ pub struct DatabaseOptions {
 
     /// Do not create or update the database schema at start-up (controller, server, run).
     #[arg(long, env = "SKIP_MIGRATIONS")]
-    pub skip_migrations: bool,
+    pub(crate) skip_migrations: bool,
 }
 
 /// Where the billing database is.
@@ -133,12 +133,12 @@ pub struct ConnectOptions {
     /// Largest number of pooled connections to the database.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub database_max_connections: u32,
+    pub(crate) database_max_connections: u32,
 
     /// How long to wait for a database connection before giving up (e.g. 10s, 1m).
     #[arg(long, env = "DATABASE_CONNECT_TIMEOUT", default_value = "10s",
           value_parser = humantime::parse_duration)]
-    pub database_connect_timeout: Duration,
+    pub(crate) database_connect_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -154,7 +154,7 @@ pub struct ControllerOptions {
 
     /// Reconcile the Vouchers of this namespace only (default: all namespaces).
     #[arg(long, env = "WATCH_NAMESPACE")]
-    pub watch_namespace: Option<String>,
+    pub(crate) watch_namespace: Option<String>,
 
     /// Comma-separated namespaces whose Vouchers may claim codes (creating a Voucher mints
     /// credit); a Voucher elsewhere gets phase Forbidden and writes nothing. Include the
@@ -165,13 +165,13 @@ pub struct ControllerOptions {
         value_delimiter = ',',
         default_value = "default"
     )]
-    pub issuer_namespaces: Vec<String>,
+    pub(crate) issuer_namespaces: Vec<String>,
 
     /// Namespace of the Secrets holding campaigns' generator keys (spec.keySecretRef names one
     /// there): the controller reads Secrets there only, so keep it for keys alone — never the
     /// operator's own namespace, whose Secrets hold its credentials.
     #[arg(long, env = "CAMPAIGN_KEY_NAMESPACE", default_value = DEFAULT_KEY_NAMESPACE)]
-    pub campaign_key_namespace: String,
+    pub(crate) campaign_key_namespace: String,
 
     /// How many Vouchers are reconciled at once.
     #[arg(long, env = "CONTROLLER_CONCURRENCY", default_value_t = 8,
@@ -180,12 +180,12 @@ pub struct ControllerOptions {
 
     /// Address of the metrics and probe endpoint (/metrics, /healthz, /readyz).
     #[arg(long, env = "METRICS_ADDRESS", default_value = "0.0.0.0:9090")]
-    pub metrics_address: std::net::SocketAddr,
+    pub(crate) metrics_address: std::net::SocketAddr,
 
     /// Elect a leader through a coordination.k8s.io Lease so that only one replica
     /// reconciles (disable only for a single replica outside Kubernetes).
     #[arg(long, env = "LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
-    pub leader_election: bool,
+    pub(crate) leader_election: bool,
 
     /// Name of the leader-election Lease.
     #[arg(long, env = "LEASE_NAME", default_value = "voucher-operator")]
@@ -193,11 +193,11 @@ pub struct ControllerOptions {
 
     /// Namespace of the leader-election Lease (the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    pub lease_namespace: String,
+    pub(crate) lease_namespace: String,
 
     /// How long a leader holds the Lease without renewing it.
     #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
-    pub lease_duration: Duration,
+    pub(crate) lease_duration: Duration,
 
     /// Name of this replica in the Lease and in Events (default: host name and process id).
     #[arg(long, env = "POD_NAME")]
@@ -213,7 +213,7 @@ pub struct StreamOptions {
 
     /// JetStream stream of the audit events.
     #[arg(long, env = "AUDIT_STREAM", default_value = "VOUCHER_AUDIT")]
-    pub audit_stream: String,
+    pub(crate) audit_stream: String,
 
     /// Subject prefix: events are published on <prefix>.<CODE>.<kind>.
     #[arg(
@@ -221,15 +221,15 @@ pub struct StreamOptions {
         env = "AUDIT_SUBJECT_PREFIX",
         default_value = "catalyst.vouchers"
     )]
-    pub audit_subject_prefix: String,
+    pub(crate) audit_subject_prefix: String,
 
     /// NATS credentials file (user JWT and NKey seed, as `nsc` writes it).
     #[arg(long, env = "NATS_CREDS_FILE")]
-    pub nats_creds_file: Option<std::path::PathBuf>,
+    pub(crate) nats_creds_file: Option<std::path::PathBuf>,
 
     /// NATS user, with --nats-password.
     #[arg(long, env = "NATS_USER")]
-    pub nats_user: Option<String>,
+    pub(crate) nats_user: Option<String>,
 
     /// NATS password of --nats-user.
     #[arg(
@@ -238,15 +238,15 @@ pub struct StreamOptions {
         hide_env_values = true,
         requires = "nats_user"
     )]
-    pub nats_password: Option<String>,
+    pub(crate) nats_password: Option<String>,
 
     /// CA certificates (PEM file) the NATS server's certificate must chain to; implies TLS.
     #[arg(long, env = "NATS_TLS_CA")]
-    pub nats_tls_ca: Option<std::path::PathBuf>,
+    pub(crate) nats_tls_ca: Option<std::path::PathBuf>,
 
     /// Refuse a NATS connection without TLS.
     #[arg(long, env = "NATS_TLS_REQUIRED", default_value_t = false, action = clap::ArgAction::Set)]
-    pub nats_tls_required: bool,
+    pub(crate) nats_tls_required: bool,
 }
 
 impl StreamOptions {
@@ -274,7 +274,7 @@ pub struct ExportOptions {
     /// Also export soft-deleted codes (as active: false). Applying them brings the row back,
     /// inactive, with its redemption history.
     #[arg(long)]
-    pub include_deleted: bool,
+    pub(crate) include_deleted: bool,
 
     /// Write to this file instead of standard output (always YAML).
     #[arg(long, short = 'o', value_parser = parse_output_path)]
@@ -356,7 +356,7 @@ pub struct EventsOptions {
 
     /// Times in UTC (`Z`) rather than the local time zone.
     #[arg(long)]
-    pub utc: bool,
+    pub(crate) utc: bool,
 
     /// Print each event as one JSON line (the CloudEvents envelope).
     #[arg(long)]
@@ -392,7 +392,7 @@ fn parse_cidr(value: &str) -> Result<ipnet::IpNet, String> {
 }
 
 /// Where campaigns' generator keys are, unless configured (the chart's default too).
-pub const DEFAULT_KEY_NAMESPACE: &str = "voucher-campaign-keys";
+pub(crate) const DEFAULT_KEY_NAMESPACE: &str = "voucher-campaign-keys";
 
 /// `--tail`: a positive number, or `all`.
 fn parse_tail(value: &str) -> Result<usize, String> {
@@ -414,7 +414,7 @@ pub struct AuditOptions {
     /// Publish the audit outbox to JetStream (leader only). Disable only where no NATS exists;
     /// records then accumulate in the outbox.
     #[arg(long, env = "AUDIT_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
-    pub audit_relay: bool,
+    pub(crate) audit_relay: bool,
 
     /// The CloudEvents `source` of every event (e.g. /sovereigns/<name>/voucher-operator).
     #[arg(
@@ -422,38 +422,38 @@ pub struct AuditOptions {
         env = "AUDIT_SOURCE",
         default_value = "/catalyst/voucher-operator"
     )]
-    pub audit_source: String,
+    pub(crate) audit_source: String,
 
     /// Stream storage: file or memory.
     #[arg(long, env = "AUDIT_STORAGE", default_value = "file", value_parser = ["file", "memory"])]
-    pub audit_storage: String,
+    pub(crate) audit_storage: String,
 
     /// Stream replicas (1 to 5).
     #[arg(long, env = "AUDIT_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
-    pub audit_replicas: u8,
+    pub(crate) audit_replicas: u8,
 
     /// How long the stream keeps events.
     #[arg(long, env = "AUDIT_MAX_AGE", default_value = "90days", value_parser = humantime::parse_duration)]
-    pub audit_max_age: Duration,
+    pub(crate) audit_max_age: Duration,
 
     /// JetStream drops an event id seen again within this window; keep it longer than any
     /// outage the relay retries through.
     #[arg(long, env = "AUDIT_DUPLICATE_WINDOW", default_value = "2h", value_parser = humantime::parse_duration)]
-    pub audit_duplicate_window: Duration,
+    pub(crate) audit_duplicate_window: Duration,
 
     /// Published records are deleted from the outbox after this long.
     #[arg(long, env = "AUDIT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
-    pub audit_retention: Duration,
+    pub(crate) audit_retention: Duration,
 
     /// The relay also looks at the outbox this often, in case a notification was missed.
     #[arg(long, env = "AUDIT_POLL_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub audit_poll_interval: Duration,
+    pub(crate) audit_poll_interval: Duration,
 
     /// Bring an existing stream's settings (max age, storage, replicas, duplicate window) to
     /// these flags. Off, the relay creates a missing stream and leaves an existing one as it is,
     /// warning about each difference: a stream kept longer elsewhere is never purged by it.
     #[arg(long, env = "AUDIT_MANAGE_STREAM", default_value_t = false, action = clap::ArgAction::Set)]
-    pub audit_manage_stream: bool,
+    pub(crate) audit_manage_stream: bool,
 }
 
 impl AuditOptions {
@@ -515,28 +515,28 @@ impl Default for DatabaseSettings {
 pub struct ServerOptions {
     /// Address the HTTP API listens on.
     #[arg(long, env = "LISTEN_ADDRESS", default_value = "0.0.0.0:8080")]
-    pub listen_address: std::net::SocketAddr,
+    pub(crate) listen_address: std::net::SocketAddr,
 
     /// A second address for the admin endpoints, /metrics and /openapi.json, which the first
     /// then no longer serves (so a public Service exposes only preview and redeem). Unset: one
     /// address serves everything.
     #[arg(long, env = "ADMIN_ADDRESS")]
-    pub admin_address: Option<std::net::SocketAddr>,
+    pub(crate) admin_address: Option<std::net::SocketAddr>,
 
     /// A third address for /metrics (and /healthz), which the others then no longer serve: a
     /// Prometheus that may scrape the server need not reach its admin endpoints. Needs
     /// --admin-address.
     #[arg(long, env = "SERVER_METRICS_ADDRESS", requires = "admin_address")]
-    pub server_metrics_address: Option<std::net::SocketAddr>,
+    pub(crate) server_metrics_address: Option<std::net::SocketAddr>,
 
     /// Shared secret of HS256 bearer tokens (what the billing service signs with today).
     #[arg(long, env = "JWT_HS256_SECRET", hide_env_values = true)]
-    pub jwt_hs256_secret: Option<String>,
+    pub(crate) jwt_hs256_secret: Option<String>,
 
     /// The HS256 secret before --jwt-hs256-secret, accepted too while a rotation is under way
     /// (same strength rule); remove it once every signer uses the new one.
     #[arg(long, env = "JWT_HS256_PREVIOUS_SECRET", hide_env_values = true)]
-    pub jwt_hs256_previous_secret: Option<String>,
+    pub(crate) jwt_hs256_previous_secret: Option<String>,
 
     /// JWKS URL whose keys verify RS256/ES256 bearer tokens (Keycloak:
     /// https://<host>/realms/<realm>/protocol/openid-connect/certs).
@@ -546,29 +546,29 @@ pub struct ServerOptions {
     /// Required `iss` of bearer tokens: of the JWKS's (required with --jwks-url), and of HS256
     /// tokens unless --jwt-hs256-issuer is set (not checked for them when neither is).
     #[arg(long, env = "JWT_ISSUER")]
-    pub jwt_issuer: Option<String>,
+    pub(crate) jwt_issuer: Option<String>,
 
     /// Required `aud` of bearer tokens, as --jwt-issuer.
     #[arg(long, env = "JWT_AUDIENCE")]
-    pub jwt_audience: Option<String>,
+    pub(crate) jwt_audience: Option<String>,
 
     /// Required `iss` of HS256 tokens, when the billing service's differs from the identity
     /// provider's (--jwt-issuer).
     #[arg(long, env = "JWT_HS256_ISSUER")]
-    pub jwt_hs256_issuer: Option<String>,
+    pub(crate) jwt_hs256_issuer: Option<String>,
 
     /// Required `aud` of HS256 tokens, when it differs from --jwt-audience.
     #[arg(long, env = "JWT_HS256_AUDIENCE")]
-    pub jwt_hs256_audience: Option<String>,
+    pub(crate) jwt_hs256_audience: Option<String>,
 
     /// Clock skew allowed when checking `exp` and `nbf` (at most 5m).
     #[arg(long, env = "JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub jwt_leeway: Duration,
+    pub(crate) jwt_leeway: Duration,
 
     /// The token claim that names the customer's tenant (e.g. tenant_id); when a token has it,
     /// it wins over the request's tenant_id.
     #[arg(long, env = "JWT_TENANT_CLAIM")]
-    pub jwt_tenant_claim: Option<String>,
+    pub(crate) jwt_tenant_claim: Option<String>,
 
     /// Requests per minute per client on redeem-preview and redeem.
     #[arg(long, env = "RATE_LIMIT_PER_MINUTE", default_value_t = 60,

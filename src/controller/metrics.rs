@@ -20,12 +20,12 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PhaseLabel {
+pub(crate) struct PhaseLabel {
     pub phase: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabel {
+pub(crate) struct KindLabel {
     pub kind: &'static str,
 }
 
@@ -33,12 +33,12 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabel, Counter>,
     pub failures: Family<ReasonLabel, Counter>,
     pub duration: Histogram,
-    pub vouchers: Family<PhaseLabel, Gauge>,
+    pub(crate) vouchers: Family<PhaseLabel, Gauge>,
     pub status_patches: Counter,
     pub status_patches_suppressed: Counter,
-    pub audit_records: Family<KindLabel, Counter>,
-    pub campaign_reconciles: Family<ResultLabel, Counter>,
-    pub campaign_codes_generated: Counter,
+    pub(crate) audit_records: Family<KindLabel, Counter>,
+    pub(crate) campaign_reconciles: Family<ResultLabel, Counter>,
+    pub(crate) campaign_codes_generated: Counter,
 }
 
 impl Metrics {

@@ -28,8 +28,9 @@ use crate::relay::{RelayMetrics, RelaySettings};
 use crate::store::Store;
 pub use error::Error;
 use metrics::{KindLabel, Metrics};
+pub(crate) use runtime::check_api;
 pub(crate) use runtime::owner;
-pub use runtime::{FIELD_MANAGER, SUSPENDED_ANNOTATION, check_api, suspended_by_annotation};
+pub use runtime::suspended_by_annotation;
 
 /// How the controller behaves.
 #[derive(Clone, Debug)]
@@ -56,11 +57,11 @@ pub struct Settings {
 pub struct Context {
     pub client: kube::Client,
     pub store: Store,
-    pub recorder: Recorder,
+    pub(crate) recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
-    vouchers: voucher::Memory,
-    campaigns: campaign::Memory,
+    vouchers: voucher::VoucherMemory,
+    campaigns: campaign::CampaignMemory,
 }
 
 impl Context {
@@ -76,8 +77,8 @@ impl Context {
             store,
             metrics,
             settings,
-            vouchers: voucher::Memory::default(),
-            campaigns: campaign::Memory::default(),
+            vouchers: voucher::VoucherMemory::default(),
+            campaigns: campaign::CampaignMemory::default(),
         })
     }
 

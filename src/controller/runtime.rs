@@ -34,7 +34,7 @@ use crate::store::Store;
 use crate::store::notify::{CODES_CHANNEL, Changed, Notification};
 
 /// The field manager of status writes (server-side apply).
-pub const FIELD_MANAGER: &str = "voucher-operator";
+pub(crate) const FIELD_MANAGER: &str = "voucher-operator";
 /// How long running reconciles get to finish once a stop is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -100,9 +100,9 @@ where
 }
 
 /// Failed reconciles in a row, per resource, for the backoff.
-pub(crate) struct Failures<K: Resource>(Mutex<HashMap<ObjectRef<K>, u32>>);
+pub(crate) struct Backoff<K: Resource>(Mutex<HashMap<ObjectRef<K>, u32>>);
 
-impl<K> Default for Failures<K>
+impl<K> Default for Backoff<K>
 where
     K: Resource,
     K::DynamicType: Hash + Eq,
@@ -112,7 +112,7 @@ where
     }
 }
 
-impl<K> Failures<K>
+impl<K> Backoff<K>
 where
     K: Resource<DynamicType = ()>,
 {
@@ -269,7 +269,7 @@ fn trim<K: ResourceExt>(object: &mut K) {
 
 /// The annotation that suspends a resource's codes whoever owns its spec (a
 /// GitOps apply leaves an annotation it did not set alone).
-pub const SUSPENDED_ANNOTATION: &str = "catalyst.openova.io/suspended";
+pub(crate) const SUSPENDED_ANNOTATION: &str = "catalyst.openova.io/suspended";
 
 /// Whether `resource` carries `catalyst.openova.io/suspended: "true"`.
 pub fn suspended_by_annotation(resource: &impl kube::Resource) -> bool {
@@ -324,7 +324,7 @@ pub(crate) async fn crd_going(client: &kube::Client, crd: &'static str) -> Resul
 
 /// Checks that the Kubernetes API answers and serves the Voucher kind, so a
 /// misconfiguration fails at start-up with a clear message.
-pub async fn check_api(
+pub(crate) async fn check_api(
     client: &kube::Client,
     server: &str,
     namespace: Option<&str>,

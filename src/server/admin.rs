@@ -20,11 +20,11 @@ use crate::api::{DeletionPolicy, Reissue, Voucher, VoucherSpec};
 use crate::domain::{Code, CodeRecord};
 
 /// The field manager of Vouchers written through the admin endpoints.
-pub const ADMIN_FIELD_MANAGER: &str = "voucher-operator-admin";
+pub(crate) const ADMIN_FIELD_MANAGER: &str = "voucher-operator-admin";
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct IssueRequest {
+pub(crate) struct IssueRequest {
     pub code: String,
     pub credit_omr: i32,
     #[serde(default)]
@@ -37,7 +37,7 @@ pub struct IssueRequest {
 
 /// A promo code as the billing service's admin API shows it.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct PromoCode {
+pub(crate) struct PromoCode {
     pub code: String,
     pub credit_omr: i32,
     pub description: String,
@@ -307,7 +307,7 @@ pub async fn revoke(
 
 /// What the admin revoke did.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct RevokeAnswer {
+pub(crate) struct RevokeAnswer {
     pub code: String,
     pub revoked: bool,
     /// The Voucher the code was bound to, `namespace/name`.
@@ -474,7 +474,7 @@ pub async fn campaign_codes(
 
 /// What a suspension request did.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct SuspensionAnswer {
+pub(crate) struct SuspensionAnswer {
     /// The code, or the campaign as `namespace/name`.
     pub target: String,
     /// Whether it is suspended now (by this endpoint or by its resource's annotation).
@@ -529,7 +529,7 @@ pub async fn suspend(
         (status = 404, description = "No such code", body = ErrorBody),
     )
 )]
-pub async fn resume(
+pub(crate) async fn resume(
     State(state): State<Arc<AppState>>,
     peer: Peer,
     headers: HeaderMap,
@@ -604,7 +604,7 @@ pub async fn suspend_campaign(
         (status = 404, description = "No such campaign in the billing database", body = ErrorBody),
     )
 )]
-pub async fn resume_campaign(
+pub(crate) async fn resume_campaign(
     State(state): State<Arc<AppState>>,
     peer: Peer,
     headers: HeaderMap,

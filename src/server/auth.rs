@@ -36,7 +36,7 @@ pub struct AuthSettings {
 }
 
 /// The roles that may administer vouchers.
-pub const ADMIN_ROLES: [&str; 2] = ["superadmin", "sovereign-admin"];
+pub(crate) const ADMIN_ROLES: [&str; 2] = ["superadmin", "sovereign-admin"];
 
 /// Who a valid token speaks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,11 +55,11 @@ impl Principal {
 }
 
 /// The largest clock skew allowed: more would keep expired tokens alive.
-pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+pub(crate) const MAX_LEEWAY: Duration = Duration::from_secs(300);
 
 /// Shortest HS256 secret accepted, in bytes: a key as long as the hash
 /// (RFC 7518, section 3.2); a shorter one can be guessed offline from any token.
-pub const MIN_HS256_SECRET: usize = 32;
+pub(crate) const MIN_HS256_SECRET: usize = 32;
 
 /// Why tokens could not be checked as configured; start-up stops with it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -453,7 +453,7 @@ impl Verifier {
 }
 
 /// What a client hears while the identity provider's keys cannot be had.
-pub const SIGNING_KEYS_UNAVAILABLE: &str =
+pub(crate) const SIGNING_KEYS_UNAVAILABLE: &str =
     "the signing keys cannot be fetched right now; try again shortly";
 
 /// `max-age` of a `Cache-Control` value.

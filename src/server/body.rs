@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::HttpError;
 
-pub struct JsonBody<T>(pub T);
+pub(crate) struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = HttpError;

@@ -44,7 +44,7 @@ pub struct Codes {
 
 /// How a preview found its code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Lookup {
     Memory,
     Database,
 }
@@ -78,14 +78,14 @@ impl Codes {
         &self,
         store: &Store,
         code: &Code,
-    ) -> Result<(Option<Arc<CodeRecord>>, Source)> {
+    ) -> Result<(Option<Arc<CodeRecord>>, Lookup)> {
         let key = code.as_str();
         if self.listening.load(Ordering::Acquire) {
             if let Some(record) = self.known.get(key) {
-                return Ok((Some(record), Source::Memory));
+                return Ok((Some(record), Lookup::Memory));
             }
             if self.unknown.contains_key(key) {
-                return Ok((None, Source::Memory));
+                return Ok((None, Lookup::Memory));
             }
         }
         let started = self.epoch.load(Ordering::Acquire);
@@ -104,7 +104,7 @@ impl Codes {
                 self.unknown.invalidate(key);
             }
         }
-        Ok((record, Source::Database))
+        Ok((record, Lookup::Database))
     }
 
     /// Whether an invalidation of `key`, or an emptying, came after `started`.
@@ -134,7 +134,7 @@ impl Codes {
     }
 
     /// Entries held (existing and unknown codes), for the metrics.
-    pub fn entries(&self) -> u64 {
+    pub(crate) fn entries(&self) -> u64 {
         self.known.entry_count() + self.unknown.entry_count()
     }
 

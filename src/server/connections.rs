@@ -84,16 +84,7 @@ pub async fn serve(
         );
         let idle = settings.idle_timeout;
         tokio::spawn(async move {
-            tokio::select! {
-                result = connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%peer, %error, "connection ended with an error");
-                    }
-                }
-                _ = activity.idle_for(idle) => {
-                    tracing::debug!(%peer, ?idle, "closing an idle connection");
-                }
-            }
+            until_idle(connection, activity, idle, peer).await;
             drop(client_slot);
             drop(slot);
         });
@@ -106,6 +97,25 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Serves `connection` until it ends, or carries nothing for `idle`.
+async fn until_idle<E: std::fmt::Display>(
+    connection: impl std::future::Future<Output = Result<(), E>>,
+    activity: Activity,
+    idle: Duration,
+    peer: std::net::SocketAddr,
+) {
+    tokio::select! {
+        result = connection => {
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        }
+        _ = activity.idle_for(idle) => {
+            tracing::debug!(%peer, ?idle, "closing an idle connection");
+        }
+    }
 }
 
 /// Connections per client address (an IPv6 client by its /64), so that one

@@ -11,16 +11,16 @@ use crate::store::StoreError;
 
 /// The body of every error answer.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     /// What went wrong, in words a checkout page can show.
     pub error: String,
 }
 
 #[derive(Debug)]
-pub struct HttpError {
+pub(crate) struct HttpError {
     pub status: StatusCode,
     pub message: String,
-    pub retry_after: Option<u64>,
+    pub(crate) retry_after: Option<u64>,
     /// What really failed, for the log (never for the client); logged when
     /// the answer is rendered.
     pub cause: Option<String>,
@@ -36,7 +36,7 @@ impl HttpError {
         }
     }
 
-    pub fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
 }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use crate::store::redeem::{Answer, Batch, Redemption, Render};
+use crate::store::redeem::{Answer, BatchOutcome, Redemption, Render};
 use crate::store::{Operation, Result, Store, StoreError};
 
 /// Most requests in one group.
@@ -41,16 +41,16 @@ struct Queue {
 
 /// What group commit did, for the metrics.
 #[derive(Clone, Debug, Default)]
-pub struct GroupMetrics {
+pub(crate) struct GroupMetrics {
     /// Groups of two or more redemptions committed together.
     pub groups: prometheus_client::metrics::counter::Counter,
     /// The redemption requests in them.
     pub grouped: prometheus_client::metrics::counter::Counter,
     /// Groups undone and redeemed one by one (the cap, or a failure).
-    pub one_by_one: prometheus_client::metrics::counter::Counter,
+    pub(crate) one_by_one: prometheus_client::metrics::counter::Counter,
 }
 
-pub struct GroupCommit {
+pub(crate) struct GroupCommit {
     store: Store,
     render: Render,
     metrics: GroupMetrics,
@@ -138,7 +138,7 @@ impl GroupCommit {
         }
         let requests: Vec<Redemption> = group.iter().map(|w| w.request.clone()).collect();
         match self.store.redeem_batch(&requests, self.render).await {
-            Ok(Batch::Answered(answers)) => {
+            Ok(BatchOutcome::Answered(answers)) => {
                 self.metrics.groups.inc();
                 self.metrics.grouped.inc_by(answers.len() as u64);
                 for (waiting, answer) in group.into_iter().zip(answers) {
@@ -148,7 +148,7 @@ impl GroupCommit {
             // Undone (the cap, a change, the guard) or failed before its
             // commit, nothing written: one by one, in their order of arrival.
             Ok(undone) => {
-                if let Batch::Failed(error) = &undone {
+                if let BatchOutcome::Failed(error) = &undone {
                     tracing::debug!(error = %crate::telemetry::describe(error),
                         "a group of redemptions failed; redeeming them one by one");
                 }

@@ -18,13 +18,13 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 /// How many requests each budget allows.
 #[derive(Clone, Copy, Debug)]
-pub struct LimitSettings {
+pub(crate) struct LimitSettings {
     /// Per client on every public and admin endpoint, and its burst.
-    pub per_minute: u32,
+    pub(crate) per_minute: u32,
     pub burst: u32,
     /// Per token subject on redeem and the admin endpoints (a customer, or
     /// an administrator's script).
-    pub per_subject_per_minute: u32,
+    pub(crate) per_subject_per_minute: u32,
     /// Failed authentications per client before it is refused outright
     /// until its budget refills.
     pub auth_failures_per_minute: u32,
@@ -35,14 +35,14 @@ pub struct LimitSettings {
 
 /// Why a request must wait, and how long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Wait {
+pub(crate) struct Wait {
     pub what: Budget,
-    pub retry_after: Duration,
+    pub(crate) retry_after: Duration,
 }
 
 /// Which budget ran out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Budget {
+pub(crate) enum Budget {
     Client,
     Subject,
     AuthFailures,
@@ -105,7 +105,7 @@ impl<K: Hash + Eq + Clone> Failures<K> {
     }
 }
 
-pub struct Limits {
+pub(crate) struct Limits {
     clients: DefaultKeyedRateLimiter<IpAddr>,
     subjects: DefaultKeyedRateLimiter<String>,
     auth_failures: Failures<IpAddr>,
@@ -151,20 +151,20 @@ impl Limits {
     }
 
     /// Whether the client at `ip` is refused for its failed authentications.
-    pub fn auth_blocked(&self, ip: IpAddr) -> Result<(), Wait> {
+    pub(crate) fn auth_blocked(&self, ip: IpAddr) -> Result<(), Wait> {
         self.auth_failures.blocked(&client_key(ip))
     }
 
     /// Counts a failed authentication of the client at `ip`; once its budget
     /// is spent, it is blocked until the budget has room again.
-    pub fn auth_failed(&self, ip: IpAddr) {
+    pub(crate) fn auth_failed(&self, ip: IpAddr) {
         self.auth_failures.failed(client_key(ip));
     }
 
     /// Whether codes under the prefix of `code` are refused for the unknown
     /// codes asked for under it (checked before the code is looked up, so
     /// that a refusal says nothing of the code).
-    pub fn guesses_blocked(&self, code: &str) -> Result<(), Wait> {
+    pub(crate) fn guesses_blocked(&self, code: &str) -> Result<(), Wait> {
         self.guesses.blocked(&guess_prefix(code).to_owned())
     }
 
@@ -175,7 +175,7 @@ impl Limits {
     }
 
     /// Forgets every client and subject whose budget is full again.
-    pub fn retain_recent(&self) {
+    pub(crate) fn retain_recent(&self) {
         self.clients.retain_recent();
         self.subjects.retain_recent();
         self.auth_failures.retain_recent();
@@ -183,7 +183,7 @@ impl Limits {
     }
 
     /// How many keys the limiters hold (for the memory bound).
-    pub fn tracked(&self) -> usize {
+    pub(crate) fn tracked(&self) -> usize {
         self.clients.len()
             + self.subjects.len()
             + self.auth_failures.limiter.len()
@@ -194,13 +194,13 @@ impl Limits {
 /// What a guess of a campaign's code shares with every other guess of it: the
 /// code up to its last '-' or '_' (a campaign's prefix, as `OMANTEL-BILL-`),
 /// or nothing for a code without one (all such codes share one budget).
-pub fn guess_prefix(code: &str) -> &str {
+pub(crate) fn guess_prefix(code: &str) -> &str {
     code.rfind(['-', '_']).map_or("", |at| &code[..=at])
 }
 
 /// The key a client is limited by: its IPv4 address, or the /64 of its IPv6
 /// address (a subscriber's prefix: rotating inside it gains nothing).
-pub fn client_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -214,7 +214,7 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
 }
 
 /// One `X-Forwarded-For` entry: an address, `v4:port`, `[v6]` or `[v6]:port`.
-pub fn forwarded_ip(entry: &str) -> Option<IpAddr> {
+pub(crate) fn forwarded_ip(entry: &str) -> Option<IpAddr> {
     let entry = entry.trim();
     entry
         .parse::<IpAddr>()
@@ -234,7 +234,7 @@ pub fn forwarded_ip(entry: &str) -> Option<IpAddr> {
 /// An entry that is not an address ends the walk at the hop that wrote it:
 /// skipping it would make the entry to its left — which the client may have
 /// written itself — the client.
-pub fn forwarded_client(peer: IpAddr, entries: &[&str], trusted: &[ipnet::IpNet]) -> IpAddr {
+pub(crate) fn forwarded_client(peer: IpAddr, entries: &[&str], trusted: &[ipnet::IpNet]) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
         return peer;

@@ -71,43 +71,43 @@ pub struct ServerSettings {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
+pub(crate) struct RequestLabels {
     pub route: String,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabel {
+pub(crate) struct RouteLabel {
     pub route: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
+pub(crate) struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SourceLabel {
+pub(crate) struct SourceLabel {
     /// `memory` or `database`.
     pub source: &'static str,
 }
 
-pub struct ServerMetrics {
+pub(crate) struct ServerMetrics {
     pub requests: Family<RequestLabels, Counter>,
-    pub latency: Family<RouteLabel, Histogram>,
+    pub(crate) latency: Family<RouteLabel, Histogram>,
     pub redemptions: Family<OutcomeLabel, Counter>,
     /// Clients and subjects the rate limiters remember.
-    pub rate_limit_keys: Gauge,
+    pub(crate) rate_limit_keys: Gauge,
     /// Previews by where their code was found.
     pub preview_lookups: Family<SourceLabel, Counter>,
     /// Codes the preview remembers (existing and unknown).
-    pub preview_cache_entries: Gauge,
+    pub(crate) preview_cache_entries: Gauge,
     /// Redemptions of a hot code committed together.
     pub groups: group::GroupMetrics,
     /// Unknown codes asked for on the preview and redeem.
-    pub unknown_codes: Counter,
+    pub(crate) unknown_codes: Counter,
     /// Times a prefix's budget of unknown codes was spent (guessing).
-    pub guessing_blocked: Counter,
+    pub(crate) guessing_blocked: Counter,
 }
 
 impl ServerMetrics {
@@ -191,7 +191,7 @@ pub struct AppState {
     pub verifier: Verifier,
     pub kube: Option<kube::Client>,
     pub settings: ServerSettings,
-    pub metrics: ServerMetrics,
+    pub(crate) metrics: ServerMetrics,
     pub registry: Registry,
     limits: Limits,
     /// The preview's codes, from memory.
@@ -233,7 +233,7 @@ impl AppState {
 
     /// The client's address: the socket peer, or the nearest address in
     /// `X-Forwarded-For` that is not a trusted proxy when the peer is one.
-    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    pub(crate) fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let entries: Vec<&str> = headers
             .get_all("x-forwarded-for")
             .iter()
@@ -245,12 +245,12 @@ impl AppState {
 
     /// Refuses a code whose prefix spent its budget of unknown codes: before
     /// the lookup, so that the refusal says nothing of the code itself.
-    pub fn check_guessing(&self, code: &crate::domain::Code) -> Result<(), HttpError> {
+    pub(crate) fn check_guessing(&self, code: &crate::domain::Code) -> Result<(), HttpError> {
         self.limits.guesses_blocked(code.as_str()).map_err(too_many)
     }
 
     /// Counts an unknown code asked for against its prefix's budget.
-    pub fn unknown_code(&self, code: &crate::domain::Code) {
+    pub(crate) fn unknown_code(&self, code: &crate::domain::Code) {
         self.metrics.unknown_codes.inc();
         if self.limits.guessed(code.as_str()) {
             self.metrics.guessing_blocked.inc();
@@ -263,13 +263,13 @@ impl AppState {
     }
 
     /// Counts a request of `client` against its budget.
-    pub fn check_rate(&self, client: IpAddr) -> Result<(), HttpError> {
+    pub(crate) fn check_rate(&self, client: IpAddr) -> Result<(), HttpError> {
         self.limits.client(client).map_err(too_many)
     }
 
     /// The principal of a request's bearer token, within the budgets: the
     /// client's for failed authentications, then the subject's.
-    pub async fn authenticate(
+    pub(crate) async fn authenticate(
         &self,
         client: IpAddr,
         headers: &HeaderMap,
@@ -338,7 +338,7 @@ impl utoipa::Modify for BearerScheme {
         error::ErrorBody
     ))
 )]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
 
 /// What customers reach: preview, redemption, and liveness (which costs
 /// nothing; readiness queries the database, so it is not public).
@@ -381,7 +381,7 @@ fn admin_routes(metrics_here: bool) -> Router<Arc<AppState>> {
 
 /// Which endpoints a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoints {
+pub(crate) enum Endpoints {
     /// Everything on one port (development, `run`, tests).
     All,
     Public,
@@ -393,7 +393,7 @@ pub enum Endpoints {
     Metrics,
 }
 
-pub fn router(state: Arc<AppState>, endpoints: Endpoints) -> Router {
+pub(crate) fn router(state: Arc<AppState>, endpoints: Endpoints) -> Router {
     let healthz = || get(|| async { "ok" });
     let routes = match endpoints {
         Endpoints::All => public_routes().merge(admin_routes(true)),
@@ -577,4 +577,4 @@ async fn prune_idempotency_keys(state: Arc<AppState>, stop: CancellationToken) {
 }
 
 /// The peer address of a request (axum's connect info).
-pub type Peer = ConnectInfo<SocketAddr>;
+pub(crate) type Peer = ConnectInfo<SocketAddr>;

@@ -12,21 +12,21 @@ use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 use super::body::JsonBody;
-use super::codes::Source;
+use super::codes::Lookup;
 use super::error::{ErrorBody, HttpError};
 use super::{AppState, OutcomeLabel, Peer};
 use crate::domain::{Code, Redeemability};
 use crate::store::redeem::{Answer, Redeemed, Redemption};
 
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct PreviewRequest {
+pub(crate) struct PreviewRequest {
     /// The code as the customer typed it; trimmed and upper-cased.
     pub code: Option<String>,
 }
 
 /// What the landing page may show about a code. Never its counters.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct PreviewResponse {
+pub(crate) struct PreviewResponse {
     pub code: String,
     pub credit_omr: i32,
     pub description: String,
@@ -36,14 +36,14 @@ pub struct PreviewResponse {
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct RedeemRequest {
+pub(crate) struct RedeemRequest {
     pub code: Option<String>,
     /// The customer's tenant, needed when this subject has no customer yet.
     pub tenant_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct RedeemResponse {
+pub(crate) struct RedeemResponse {
     pub code: String,
     pub credit_omr: i32,
     /// The customer's credit balance after this grant.
@@ -88,8 +88,8 @@ pub async fn preview(
         .preview_lookups
         .get_or_create(&super::SourceLabel {
             source: match source {
-                Source::Memory => "memory",
-                Source::Database => "database",
+                Lookup::Memory => "memory",
+                Lookup::Database => "database",
             },
         })
         .inc();

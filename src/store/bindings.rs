@@ -26,7 +26,7 @@ pub struct ClaimState {
 }
 
 #[derive(sqlx::FromRow)]
-struct Row {
+struct BindingRow {
     namespace: String,
     name: String,
     uid: String,
@@ -35,8 +35,8 @@ struct Row {
     deletion_policy: String,
 }
 
-impl From<Row> for Binding {
-    fn from(row: Row) -> Self {
+impl From<BindingRow> for Binding {
+    fn from(row: BindingRow) -> Self {
         Binding {
             owner: Owner {
                 namespace: row.namespace,
@@ -52,7 +52,7 @@ impl From<Row> for Binding {
 }
 
 pub async fn find(conn: &mut PgConnection, code: &Code) -> Result<Option<Binding>> {
-    let row: Option<Row> = sqlx::query_as(
+    let row: Option<BindingRow> = sqlx::query_as(
         "SELECT namespace, name, uid, generation, phase, deletion_policy FROM voucher_bindings \
          WHERE code = $1",
     )
@@ -64,7 +64,7 @@ pub async fn find(conn: &mut PgConnection, code: &Code) -> Result<Option<Binding
 
 /// Every binding, with its code (namespaces: only those), for the sweep of
 /// bindings whose Voucher vanished.
-pub async fn list(
+pub(crate) async fn list(
     conn: &mut PgConnection,
     namespace: Option<&str>,
 ) -> Result<Vec<(String, Binding)>> {
@@ -72,7 +72,7 @@ pub async fn list(
     struct Listed {
         code: String,
         #[sqlx(flatten)]
-        row: Row,
+        row: BindingRow,
     }
     let rows: Vec<Listed> = sqlx::query_as(
         "SELECT code, namespace, name, uid, generation, phase, deletion_policy \
@@ -147,7 +147,7 @@ pub async fn bind(conn: &mut PgConnection, code: &Code, owner: &Owner, bound: Bo
 }
 
 /// Releases the binding of `code`, whoever holds it (the admin revoke).
-pub async fn release_any(conn: &mut PgConnection, code: &Code) -> Result<Option<Owner>> {
+pub(crate) async fn release_any(conn: &mut PgConnection, code: &Code) -> Result<Option<Owner>> {
     let row: Option<(String, String, String)> = sqlx::query_as(
         "DELETE FROM voucher_bindings WHERE code = $1 RETURNING namespace, name, uid",
     )

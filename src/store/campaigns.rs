@@ -15,9 +15,9 @@ use crate::domain::{Actor, AuditKind, Code, DeletionPolicy, Facts, Owner, TermFi
 /// Codes written by one generation transaction: large enough that a million
 /// codes take 200 round trips, small enough that a chunk commits in well
 /// under a second and holds a few hundred kilobytes.
-pub const CHUNK: usize = 5_000;
+pub(crate) const CHUNK: usize = 5_000;
 /// Codes one terms or release statement touches.
-pub const UPDATE_CHUNK: u32 = 20_000;
+pub(crate) const UPDATE_CHUNK: u32 = 20_000;
 /// Codes one page of the CSV download reads.
 const PAGE: i64 = 5_000;
 /// Codes generated between two `campaign_generated` records at most.
@@ -280,98 +280,24 @@ impl Store {
     /// codes generated since the last one.
     pub async fn generate_campaign_codes(&self, owner: &Owner, batch: &Batch<'_>) -> Result<Chunk> {
         let run = async {
-            let Batch {
-                from,
-                codes,
-                terms,
-                of,
-                generation,
-                key_fingerprint,
-            } = *batch;
             let mut tx = self.pool().begin().await?;
-            let (generated, audited, stored, fingerprint, releasing): (
-                i32,
-                i32,
-                i64,
-                Option<String>,
-                bool,
-            ) = sqlx::query_as(
-                "SELECT generated, audited, generation, key_fingerprint, \
-                 released > 0 OR released_at IS NOT NULL FROM voucher_campaigns \
-                 WHERE uid = $1 FOR UPDATE",
-            )
-            .bind(&owner.uid)
-            .fetch_one(&mut *tx)
-            .await?;
-            // Under the campaign row's lock, which the release takes too.
-            if releasing {
-                tx.rollback().await?;
-                return Ok(Chunk::Released);
-            }
-            superseded(stored, generation)?;
-            if to_u32(generated) != from || stored != generation {
-                tx.rollback().await?;
-                return Ok(Chunk::Moved);
-            }
-            if fingerprint.as_deref().is_some_and(|f| f != key_fingerprint) {
-                tx.rollback().await?;
-                return Ok(Chunk::KeyChanged);
-            }
+            let audited = match may_generate(&mut tx, owner, batch).await? {
+                Ok(audited) => audited,
+                Err(stopped) => {
+                    tx.rollback().await?;
+                    return Ok(stopped);
+                }
+            };
             bulk(&mut tx).await?;
-            let texts: Vec<&str> = codes.iter().map(Code::as_str).collect();
-            let insert = sqlx::query_scalar(
-                "INSERT INTO promo_codes (code, credit_omr, description, active, max_redemptions, \
-                 valid_from, expires_at) \
-                 SELECT c, $2, $3, $4, $5, $6, $7 FROM unnest($1::text[]) AS c \
-                 ON CONFLICT (code) DO NOTHING RETURNING code",
-            );
-            let inserted: Vec<String> = bind_terms!(insert.bind(&texts), terms)
-                .fetch_all(&mut *tx)
-                .await?;
-            if inserted.len() != codes.len() {
-                // The first code of the chunk that was not written: it existed,
-                // or an earlier code of the same chunk was the same code.
-                let written: std::collections::HashSet<&str> =
-                    inserted.iter().map(String::as_str).collect();
-                let mut seen = std::collections::HashSet::new();
-                let at = texts
-                    .iter()
-                    .position(|c| !written.contains(c) || !seen.insert(*c))
-                    .unwrap_or(0);
+            if let Some(at) = insert_codes(&mut tx, owner, batch).await? {
                 tx.rollback().await?;
-                self.audit_generated(owner, terms).await?;
+                self.audit_generated(owner, batch.terms).await?;
                 return Ok(Chunk::Collision {
-                    index: from + at as u32,
+                    index: batch.from + at,
                 });
             }
-            sqlx::query(
-                "INSERT INTO voucher_campaign_codes (code, campaign_uid, code_index) \
-                 SELECT c, $2, $3 + n - 1 FROM unnest($1::text[]) WITH ORDINALITY AS t(c, n)",
-            )
-            .bind(&texts)
-            .bind(&owner.uid)
-            .bind(to_i32(from))
-            .execute(&mut *tx)
-            .await?;
-            let to = from + codes.len() as u32;
-            let audit_now = to >= of || to - to_u32(audited) >= AUDIT_EVERY;
-            sqlx::query(
-                "UPDATE voucher_campaigns SET generated = $2, key_fingerprint = $4, \
-                 audited = CASE WHEN $3 THEN $2 ELSE audited END WHERE uid = $1",
-            )
-            .bind(&owner.uid)
-            .bind(to_i32(to))
-            .bind(audit_now)
-            .bind(key_fingerprint)
-            .execute(&mut *tx)
-            .await?;
-            if audit_now {
-                let said = Said {
-                    after: Some(terms.clone()),
-                    ..Said::of(actor(owner), CodeRange::new(to_u32(audited), to))
-                };
-                audit(&mut tx, AuditKind::CampaignGenerated, owner, said).await?;
-            }
+            let to = batch.from + batch.codes.len() as u32;
+            record_generated(&mut tx, owner, batch, to, audited).await?;
             notify_all(&mut tx).await?;
             tx.commit().await?;
             Ok(Chunk::Generated { generated: to })
@@ -444,48 +370,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-            match pass {
-                TermsPass::Change { before, codes } => {
-                    let value = serde_json::to_value(terms).expect("terms serialise");
-                    // The campaign's switch is this one row: every path (the
-                    // preview, the redemption, the database's guard for any
-                    // writer) reads it before the codes' own rows, which follow.
-                    sqlx::query(
-                        "UPDATE voucher_campaigns SET generation = $2, terms = $3, active = $4 \
-                         WHERE uid = $1",
-                    )
-                    .bind(&owner.uid)
-                    .bind(generation)
-                    .bind(value)
-                    .bind(terms.active)
-                    .execute(&mut *tx)
-                    .await?;
-                    let fields = before.map(|b| terms.changes_from(b)).unwrap_or_default();
-                    if !fields.is_empty() && *codes > 0 {
-                        let said = Said {
-                            before: before.cloned(),
-                            after: Some(terms.clone()),
-                            changed: &fields,
-                            ..Said::of(actor(owner), CodeRange::new(0, *codes))
-                        };
-                        audit(&mut tx, AuditKind::CampaignUpdated, owner, said).await?;
-                    }
-                }
-                TermsPass::Continue => {}
-                TermsPass::Drift if changed > 0 => {
-                    let range = CodeRange {
-                        from,
-                        to,
-                        count: u32::try_from(changed).unwrap_or(u32::MAX),
-                    };
-                    let said = Said {
-                        after: Some(terms.clone()),
-                        ..Said::of(actor(owner), range)
-                    };
-                    audit(&mut tx, AuditKind::CampaignDriftCorrected, owner, said).await?;
-                }
-                TermsPass::Drift => {}
-            }
+            record_pass(&mut tx, owner, terms, generation, pass, (from, to), changed).await?;
             if changed > 0 {
                 notify_all(&mut tx).await?;
             }
@@ -568,26 +453,7 @@ impl Store {
             }
             if released < generated {
                 let to = (released + UPDATE_CHUNK).min(generated);
-                if policy == DeletionPolicy::Revoke {
-                    bulk(&mut tx).await?;
-                    sqlx::query(
-                        "UPDATE promo_codes p SET deleted_at = now(), active = false \
-                         FROM voucher_campaign_codes c \
-                         WHERE c.campaign_uid = $1 AND c.code_index >= $2 AND c.code_index < $3 \
-                           AND p.code = c.code AND p.deleted_at IS NULL",
-                    )
-                    .bind(&owner.uid)
-                    .bind(to_i32(released))
-                    .bind(to_i32(to))
-                    .execute(&mut *tx)
-                    .await?;
-                    notify_all(&mut tx).await?;
-                }
-                sqlx::query("UPDATE voucher_campaigns SET released = $2 WHERE uid = $1")
-                    .bind(&owner.uid)
-                    .bind(to_i32(to))
-                    .execute(&mut *tx)
-                    .await?;
+                release_chunk(&mut tx, owner, policy, (released, to)).await?;
                 tx.commit().await?;
                 return Ok(Release::More);
             }
@@ -614,7 +480,7 @@ impl Store {
     }
 
     /// The campaign of `uid`, as a notification names it.
-    pub async fn campaign_by_uid(&self, uid: &str) -> Result<Option<Owner>> {
+    pub(crate) async fn campaign_by_uid(&self, uid: &str) -> Result<Option<Owner>> {
         let row: Option<(String, String)> =
             sqlx::query_as("SELECT namespace, name FROM voucher_campaigns WHERE uid = $1")
                 .bind(uid)
@@ -741,4 +607,202 @@ impl Store {
         find.await
             .map_err(|e: StoreError| e.during(Operation::FindOwner, Some(code)))
     }
+}
+
+/// What a terms pass records: a change moves the campaign's own row on (its
+/// terms, its one-row switch that every path reads at once) and is audited
+/// once; drift corrected on codes is audited with their range.
+async fn record_pass(
+    tx: &mut sqlx::PgConnection,
+    owner: &Owner,
+    terms: &Terms,
+    generation: i64,
+    pass: &TermsPass<'_>,
+    (from, to): (u32, u32),
+    changed: u64,
+) -> Result<()> {
+    match pass {
+        TermsPass::Change { before, codes } => {
+            let value = serde_json::to_value(terms).expect("terms serialise");
+            // The campaign's switch is this one row: every path (the
+            // preview, the redemption, the database's guard for any
+            // writer) reads it before the codes' own rows, which follow.
+            sqlx::query(
+                "UPDATE voucher_campaigns SET generation = $2, terms = $3, active = $4 \
+                 WHERE uid = $1",
+            )
+            .bind(&owner.uid)
+            .bind(generation)
+            .bind(value)
+            .bind(terms.active)
+            .execute(&mut *tx)
+            .await?;
+            let fields = before.map(|b| terms.changes_from(b)).unwrap_or_default();
+            if !fields.is_empty() && *codes > 0 {
+                let said = Said {
+                    before: before.cloned(),
+                    after: Some(terms.clone()),
+                    changed: &fields,
+                    ..Said::of(actor(owner), CodeRange::new(0, *codes))
+                };
+                audit(tx, AuditKind::CampaignUpdated, owner, said).await?;
+            }
+        }
+        TermsPass::Continue => {}
+        TermsPass::Drift if changed > 0 => {
+            let range = CodeRange {
+                from,
+                to,
+                count: u32::try_from(changed).unwrap_or(u32::MAX),
+            };
+            let said = Said {
+                after: Some(terms.clone()),
+                ..Said::of(actor(owner), range)
+            };
+            audit(tx, AuditKind::CampaignDriftCorrected, owner, said).await?;
+        }
+        TermsPass::Drift => {}
+    }
+    Ok(())
+}
+
+/// Releases the codes `from..to` of a deleted campaign: revoked (as `policy`
+/// says) or left live, and the campaign's progress moved on.
+async fn release_chunk(
+    tx: &mut sqlx::PgConnection,
+    owner: &Owner,
+    policy: DeletionPolicy,
+    (from, to): (u32, u32),
+) -> Result<()> {
+    if policy == DeletionPolicy::Revoke {
+        bulk(tx).await?;
+        sqlx::query(
+            "UPDATE promo_codes p SET deleted_at = now(), active = false \
+             FROM voucher_campaign_codes c \
+             WHERE c.campaign_uid = $1 AND c.code_index >= $2 AND c.code_index < $3 \
+               AND p.code = c.code AND p.deleted_at IS NULL",
+        )
+        .bind(&owner.uid)
+        .bind(to_i32(from))
+        .bind(to_i32(to))
+        .execute(&mut *tx)
+        .await?;
+        notify_all(tx).await?;
+    }
+    sqlx::query("UPDATE voucher_campaigns SET released = $2 WHERE uid = $1")
+        .bind(&owner.uid)
+        .bind(to_i32(to))
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Locks the campaign's row (which the release takes too) and says whether
+/// `batch` goes on from where it stands: the codes audited so far, or why
+/// not (being released, moved on by another replica, another key).
+async fn may_generate(
+    tx: &mut sqlx::PgConnection,
+    owner: &Owner,
+    batch: &Batch<'_>,
+) -> Result<std::result::Result<u32, Chunk>> {
+    let (generated, audited, stored, fingerprint, releasing): (
+        i32,
+        i32,
+        i64,
+        Option<String>,
+        bool,
+    ) = sqlx::query_as(
+        "SELECT generated, audited, generation, key_fingerprint, \
+         released > 0 OR released_at IS NOT NULL FROM voucher_campaigns \
+         WHERE uid = $1 FOR UPDATE",
+    )
+    .bind(&owner.uid)
+    .fetch_one(&mut *tx)
+    .await?;
+    if releasing {
+        return Ok(Err(Chunk::Released));
+    }
+    superseded(stored, batch.generation)?;
+    if to_u32(generated) != batch.from || stored != batch.generation {
+        return Ok(Err(Chunk::Moved));
+    }
+    if fingerprint
+        .as_deref()
+        .is_some_and(|f| f != batch.key_fingerprint)
+    {
+        return Ok(Err(Chunk::KeyChanged));
+    }
+    Ok(Ok(to_u32(audited)))
+}
+
+/// Inserts the batch's codes with their terms, bound to the campaign, unless
+/// one exists: then `Some` the position in the batch of the first that was
+/// not written (it existed, or an earlier code of the same batch was the
+/// same code), and the transaction must be undone.
+async fn insert_codes(
+    tx: &mut sqlx::PgConnection,
+    owner: &Owner,
+    batch: &Batch<'_>,
+) -> Result<Option<u32>> {
+    let texts: Vec<&str> = batch.codes.iter().map(Code::as_str).collect();
+    let insert = sqlx::query_scalar(
+        "INSERT INTO promo_codes (code, credit_omr, description, active, max_redemptions, \
+         valid_from, expires_at) \
+         SELECT c, $2, $3, $4, $5, $6, $7 FROM unnest($1::text[]) AS c \
+         ON CONFLICT (code) DO NOTHING RETURNING code",
+    );
+    let inserted: Vec<String> = bind_terms!(insert.bind(&texts), batch.terms)
+        .fetch_all(&mut *tx)
+        .await?;
+    if inserted.len() != texts.len() {
+        let written: std::collections::HashSet<&str> =
+            inserted.iter().map(String::as_str).collect();
+        let mut seen = std::collections::HashSet::new();
+        let at = texts
+            .iter()
+            .position(|c| !written.contains(c) || !seen.insert(*c))
+            .unwrap_or(0);
+        return Ok(Some(at as u32));
+    }
+    sqlx::query(
+        "INSERT INTO voucher_campaign_codes (code, campaign_uid, code_index) \
+         SELECT c, $2, $3 + n - 1 FROM unnest($1::text[]) WITH ORDINALITY AS t(c, n)",
+    )
+    .bind(&texts)
+    .bind(&owner.uid)
+    .bind(to_i32(batch.from))
+    .execute(&mut *tx)
+    .await?;
+    Ok(None)
+}
+
+/// The campaign's progress moved to `to`; at least every [`AUDIT_EVERY`]
+/// codes, and with the chunk that reaches the count, one
+/// `campaign_generated` record names the codes generated since the last.
+async fn record_generated(
+    tx: &mut sqlx::PgConnection,
+    owner: &Owner,
+    batch: &Batch<'_>,
+    to: u32,
+    audited: u32,
+) -> Result<()> {
+    let audit_now = to >= batch.of || to - audited >= AUDIT_EVERY;
+    sqlx::query(
+        "UPDATE voucher_campaigns SET generated = $2, key_fingerprint = $4, \
+         audited = CASE WHEN $3 THEN $2 ELSE audited END WHERE uid = $1",
+    )
+    .bind(&owner.uid)
+    .bind(to_i32(to))
+    .bind(audit_now)
+    .bind(batch.key_fingerprint)
+    .execute(&mut *tx)
+    .await?;
+    if audit_now {
+        let said = Said {
+            after: Some(batch.terms.clone()),
+            ..Said::of(actor(owner), CodeRange::new(audited, to))
+        };
+        audit(tx, AuditKind::CampaignGenerated, owner, said).await?;
+    }
+    Ok(())
 }

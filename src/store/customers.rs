@@ -6,7 +6,7 @@ use uuid::Uuid;
 use super::Result;
 
 /// The customers of `user_ids` that exist, by user id.
-pub async fn find_many(
+pub(crate) async fn find_many(
     conn: &mut PgConnection,
     user_ids: &[&str],
 ) -> Result<std::collections::HashMap<String, Uuid>> {
@@ -20,7 +20,7 @@ pub async fn find_many(
 
 /// Creates the customers `(user id, tenant, email)` that do not exist yet (one created
 /// meanwhile by another request is found): their ids, by user id.
-pub async fn ensure_many(
+pub(crate) async fn ensure_many(
     conn: &mut PgConnection,
     customers: &[(&str, &str, &str)],
 ) -> Result<std::collections::HashMap<String, Uuid>> {

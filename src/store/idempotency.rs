@@ -17,7 +17,7 @@ pub async fn prune(conn: &mut PgConnection, retention: std::time::Duration) -> R
 
 /// What an `Idempotency-Key` already stands for.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Claimed {
+pub(crate) enum Claimed {
     /// First use: the caller answers and records the answer in this transaction.
     New,
     /// The same request was answered before: replay this answer.
@@ -74,7 +74,7 @@ async fn claim(
 /// [`claim`] for the keys of several requests at once (`(subject, key,
 /// request hash)`, no subject twice), in the caller's transaction: what each
 /// key stands for, in the same order.
-pub async fn claim_many(
+pub(crate) async fn claim_many(
     conn: &mut PgConnection,
     claims: &[(&str, &str, &[u8])],
 ) -> Result<Vec<Claimed>> {
@@ -108,7 +108,7 @@ pub async fn claim_many(
 }
 
 /// Records the answers to claimed keys: `(subject, key, status, response)`.
-pub async fn answer_many(
+pub(crate) async fn answer_many(
     conn: &mut PgConnection,
     answers: &[(&str, &str, u16, serde_json::Value)],
 ) -> Result<()> {

@@ -6,12 +6,12 @@ use uuid::Uuid;
 use super::Result;
 
 /// The ledger reason of a voucher grant, as the billing service writes it.
-pub fn promo_reason(code: &str) -> String {
+pub(crate) fn promo_reason(code: &str) -> String {
     format!("promo:{code}")
 }
 
 /// Appends the same grant to the ledger of each of `customers`.
-pub async fn append_many(
+pub(crate) async fn append_many(
     conn: &mut PgConnection,
     customers: &[Uuid],
     amount_omr: i32,

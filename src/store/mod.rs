@@ -27,7 +27,7 @@ use crate::domain::{Code, CodeRecord, Owner};
 
 /// The operator records its migrations in a table of its own, so they never
 /// mix with a `_sqlx_migrations` table the billing service may keep.
-pub const MIGRATIONS_TABLE: &str = "voucher_operator_migrations";
+pub(crate) const MIGRATIONS_TABLE: &str = "voucher_operator_migrations";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -128,7 +128,7 @@ impl StoreError {
     /// Whether the database's guard refused the statement (a redemption
     /// outside its window, of a switched-off campaign, of a suspended code:
     /// `promo_redemptions`' trigger, SQLSTATE [`GUARD_SQLSTATE`]).
-    pub fn refused_by_guard(&self) -> bool {
+    pub(crate) fn refused_by_guard(&self) -> bool {
         match self {
             Self::Query(sqlx::Error::Database(error)) => {
                 error.code().as_deref() == Some(GUARD_SQLSTATE)
@@ -151,7 +151,7 @@ impl StoreError {
     /// This error without the code it names: for a log of the public
     /// surfaces, where the code is the caller's input — a campaign's code not
     /// yet redeemed, perhaps, which must never reach a log.
-    pub fn without_code(self) -> Self {
+    pub(crate) fn without_code(self) -> Self {
         match self {
             Self::Failed {
                 operation, source, ..
@@ -168,7 +168,7 @@ impl StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The SQLSTATE of the guard's refusals (migration `…_guard.sql`).
-pub const GUARD_SQLSTATE: &str = "VG001";
+pub(crate) const GUARD_SQLSTATE: &str = "VG001";
 
 /// How to reach the database.
 #[derive(Clone, Debug)]
@@ -188,7 +188,7 @@ pub struct Store {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MigrationReport {
     pub applied: Vec<String>,
-    pub already_applied: usize,
+    pub(crate) already_applied: usize,
 }
 
 impl Store {
@@ -297,7 +297,7 @@ impl Store {
 
     /// The bindings of every code, for export: none on a billing database the
     /// operator never migrated (export only reads, and works there too).
-    pub async fn export_owners(
+    pub(crate) async fn export_owners(
         &self,
     ) -> Result<std::collections::HashMap<String, bindings::Binding>> {
         let owners = async {
@@ -456,7 +456,7 @@ async fn applied_versions(conn: &mut PgConnection) -> Result<Vec<i64>> {
 
 /// Serialises every change to one code (claim, apply, delete) for the rest of
 /// the transaction, including for codes that have no row yet.
-pub async fn lock_code(conn: &mut PgConnection, code: &Code) -> Result<()> {
+pub(crate) async fn lock_code(conn: &mut PgConnection, code: &Code) -> Result<()> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(code.as_str())
         .execute(conn)
@@ -465,7 +465,7 @@ pub async fn lock_code(conn: &mut PgConnection, code: &Code) -> Result<()> {
 }
 
 /// The URL without its password, for error messages and logs.
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
             let _ = parsed.set_password(Some("***"));

@@ -10,13 +10,13 @@ use tokio::sync::mpsc;
 use super::Store;
 
 /// The channel the `promo_codes` trigger notifies, with the code as payload.
-pub const CODES_CHANNEL: &str = "voucher_operator_codes";
+pub(crate) const CODES_CHANNEL: &str = "voucher_operator_codes";
 /// The payload of a campaign's bulk change on [`CODES_CHANNEL`]: any code
 /// may have changed (never a code: codes hold no '*').
-pub const ALL_CODES: &str = "*";
+pub(crate) const ALL_CODES: &str = "*";
 /// The prefix of a payload on [`CODES_CHANNEL`] that names a campaign (its
 /// switch or its suspension changed: every code of it, at once) by its uid.
-pub const CAMPAIGN_PREFIX: &str = "campaign:";
+pub(crate) const CAMPAIGN_PREFIX: &str = "campaign:";
 
 /// What a notification on [`CODES_CHANNEL`] says changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,7 +41,7 @@ impl Changed {
     }
 }
 /// The channel the outbox trigger notifies.
-pub const OUTBOX_CHANNEL: &str = "voucher_operator_outbox";
+pub(crate) const OUTBOX_CHANNEL: &str = "voucher_operator_outbox";
 
 /// What a listener hears.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -73,7 +73,7 @@ pub async fn pending(conn: &mut PgConnection, limit: i64) -> Result<Vec<AuditRec
 
 /// The oldest unpublished records of codes other than `codes` (those the
 /// relay holds back this round).
-pub async fn pending_except(
+pub(crate) async fn pending_except(
     conn: &mut PgConnection,
     limit: i64,
     codes: &[String],

@@ -108,7 +108,7 @@ impl From<Row> for CodeRecord {
 
 /// The outcome of [`apply`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Applied {
+pub struct AppliedTerms {
     /// The row before, tombstone included; `None` when it was created.
     pub before: Option<CodeRecord>,
     pub after: CodeRecord,
@@ -116,7 +116,7 @@ pub struct Applied {
     pub changed: Vec<TermField>,
 }
 
-impl Applied {
+impl AppliedTerms {
     pub fn created(&self) -> bool {
         self.before.is_none()
     }
@@ -162,7 +162,10 @@ pub async fn find(conn: &mut PgConnection, code: &Code) -> Result<Option<CodeRec
 /// that redemptions in flight hold through their `promo_redemptions` foreign
 /// key, which would keep a change of a busy code waiting as long as
 /// redemptions overlap.
-pub async fn find_for_update(conn: &mut PgConnection, code: &Code) -> Result<Option<CodeRecord>> {
+pub(crate) async fn find_for_update(
+    conn: &mut PgConnection,
+    code: &Code,
+) -> Result<Option<CodeRecord>> {
     let row: Option<Row> = sqlx::query_as(concat!(
         "SELECT ",
         returning!(),
@@ -190,7 +193,7 @@ pub async fn list_live(conn: &mut PgConnection) -> Result<Vec<CodeRecord>> {
 
 /// Makes the row carry `wanted`, writing only when something differs. A
 /// tombstone is resurrected; `times_redeemed` and `created_at` are never touched.
-pub async fn apply(conn: &mut PgConnection, code: &Code, wanted: &Terms) -> Result<Applied> {
+pub async fn apply(conn: &mut PgConnection, code: &Code, wanted: &Terms) -> Result<AppliedTerms> {
     let before = find_for_update(conn, code).await?;
     let changed = match &before {
         Some(current) => wanted.changes_from(&current.terms),
@@ -217,7 +220,7 @@ pub async fn apply(conn: &mut PgConnection, code: &Code, wanted: &Terms) -> Resu
             write(conn, INSERT, code, wanted).await?
         }
     };
-    Ok(Applied {
+    Ok(AppliedTerms {
         before,
         after,
         changed,
@@ -261,7 +264,7 @@ pub async fn soft_delete(conn: &mut PgConnection, code: &Code) -> Result<Option<
 /// `None` otherwise, and nothing is written. The records' `before`/`after`
 /// are those of `seen`, their counters set from the row; a campaign's code's
 /// records name the campaign.
-pub async fn count_redemptions(
+pub(crate) async fn count_redemptions(
     conn: &mut PgConnection,
     seen: &CodeRecord,
     now: DateTime<Utc>,

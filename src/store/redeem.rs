@@ -92,7 +92,7 @@ pub enum Answer {
 pub type Render = fn(&Redeemed) -> (u16, serde_json::Value);
 
 /// What a batch's transaction came to.
-pub enum Batch {
+pub(crate) enum BatchOutcome {
     /// Committed: an answer per request, in their order.
     Answered(Vec<Answer>),
     /// Undone, nothing written: the cap was reached, the code switched off
@@ -118,10 +118,10 @@ impl Store {
                     .redeem_batch(std::slice::from_ref(request), render)
                     .await?
                 {
-                    Batch::Answered(mut answers) => return Ok(answers.remove(0)),
-                    Batch::Failed(error) => return Err(error),
-                    Batch::Undone(Some(refusal)) => refusal,
-                    Batch::Undone(None) => {
+                    BatchOutcome::Answered(mut answers) => return Ok(answers.remove(0)),
+                    BatchOutcome::Failed(error) => return Err(error),
+                    BatchOutcome::Undone(Some(refusal)) => refusal,
+                    BatchOutcome::Undone(None) => {
                         // Not counted: why, from the row as it is now.
                         let mut conn = self.pool().acquire().await?;
                         let row = promo_codes::find(&mut conn, &request.code).await?;
@@ -141,12 +141,16 @@ impl Store {
 
     /// Redeems `requests` (one code, no subject twice) in one transaction.
     /// An error means the commit's outcome is unknown.
-    pub async fn redeem_batch(&self, requests: &[Redemption], render: Render) -> Result<Batch> {
+    pub(crate) async fn redeem_batch(
+        &self,
+        requests: &[Redemption],
+        render: Render,
+    ) -> Result<BatchOutcome> {
         let mut tx = self.pool().begin().await?;
         match steps(&mut tx, requests, render).await {
-            Ok(Batch::Answered(answers)) => {
+            Ok(BatchOutcome::Answered(answers)) => {
                 tx.commit().await?;
-                Ok(Batch::Answered(answers))
+                Ok(BatchOutcome::Answered(answers))
             }
             Ok(undone) => {
                 let _ = tx.rollback().await;
@@ -154,7 +158,7 @@ impl Store {
             }
             Err(error) => {
                 let _ = tx.rollback().await;
-                Ok(Batch::Failed(error))
+                Ok(BatchOutcome::Failed(error))
             }
         }
     }
@@ -246,21 +250,21 @@ async fn steps(
     tx: &mut sqlx::PgConnection,
     requests: &[Redemption],
     render: Render,
-) -> Result<Batch> {
+) -> Result<BatchOutcome> {
     let mut batch = Decisions::new(requests);
     claim_keys(tx, &mut batch).await?;
     let Some(seen) = verdict(tx, &mut batch).await? else {
         record_answers(tx, &batch, render).await?;
-        return Ok(Batch::Answered(batch.answers()));
+        return Ok(BatchOutcome::Answered(batch.answers()));
     };
     let ids = find_customers(tx, &mut batch).await?;
     let winners = match one_per_customer(tx, &mut batch, &ids, &seen).await? {
         Ok(winners) => winners,
-        Err(refusal) => return Ok(Batch::Undone(Some(refusal))),
+        Err(refusal) => return Ok(BatchOutcome::Undone(Some(refusal))),
     };
     if winners.is_empty() {
         record_answers(tx, &batch, render).await?;
-        return Ok(Batch::Answered(batch.answers()));
+        return Ok(BatchOutcome::Answered(batch.answers()));
     }
     // Room under the cap for all of them, as far as the unlocked read tells:
     // otherwise undone (a group then goes one by one, so that exactly the
@@ -269,14 +273,14 @@ async fn steps(
         .remaining()
         .is_some_and(|left| (left as usize) < winners.len())
     {
-        return Ok(Batch::Undone(None));
+        return Ok(BatchOutcome::Undone(None));
     }
     grant(tx, &mut batch, &seen, &ids, &winners).await?;
     record_answers(tx, &batch, render).await?;
     if !count(tx, &batch, &seen, &winners).await? {
-        return Ok(Batch::Undone(None));
+        return Ok(BatchOutcome::Undone(None));
     }
-    Ok(Batch::Answered(batch.answers()))
+    Ok(BatchOutcome::Answered(batch.answers()))
 }
 
 /// Claims the Idempotency-Keys: a key answered before (or used with another

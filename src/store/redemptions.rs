@@ -6,7 +6,7 @@ use uuid::Uuid;
 use super::Result;
 
 /// When `customer` redeemed `code`, and the credit the ledger granted for it.
-pub async fn grant_of(
+pub(crate) async fn grant_of(
     conn: &mut PgConnection,
     customer: Uuid,
     code: &str,
@@ -25,7 +25,7 @@ pub async fn grant_of(
 
 /// [`grant_of`] for the customer of a token subject: whether it redeemed
 /// `code` before, without creating the customer.
-pub async fn grant_of_subject(
+pub(crate) async fn grant_of_subject(
     conn: &mut PgConnection,
     subject: &str,
     code: &str,
@@ -45,7 +45,7 @@ pub async fn grant_of_subject(
 
 /// Records a redemption of one code for each of `customers` (one per customer
 /// and code): the customers recorded now (the others had redeemed it before).
-pub async fn insert_many(
+pub(crate) async fn insert_many(
     conn: &mut PgConnection,
     customers: &[Uuid],
     code: &str,

@@ -11,7 +11,7 @@ use crate::domain::{Actor, AuditData, AuditKind, Code, Facts, Owner};
 
 /// Who set a suspension (and so may lift it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     /// `POST /billing/vouchers/suspend/…`.
     Admin,
     /// The resource's `catalyst.openova.io/suspended: "true"` annotation.
@@ -29,7 +29,7 @@ impl Source {
 
 /// What a suspension holds.
 #[derive(Clone, Debug)]
-pub enum Target<'a> {
+pub(crate) enum Target<'a> {
     Code(&'a Code),
     Campaign(&'a Owner),
 }
@@ -184,7 +184,7 @@ impl Store {
     /// A campaign's annotation, as its controller finds it: suspended (`on`)
     /// or not, idempotent; what changed, and whether the campaign is
     /// suspended now by any source (for its status).
-    pub async fn set_campaign_annotation_suspension(
+    pub(crate) async fn set_campaign_annotation_suspension(
         &self,
         owner: &Owner,
         on: bool,

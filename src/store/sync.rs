@@ -74,96 +74,20 @@ impl Store {
         let run = async {
             let mut tx = self.pool().begin().await?;
             let state = bindings::claim(&mut tx, wanted.code, wanted.owner, wanted.request).await?;
-            // Under the code's lock: a replica that lost its lease (still
-            // finishing a reconcile of an older copy) never writes an older
-            // spec over the one the new leader applied.
-            if let Some(newer) = state
-                .binding
-                .as_ref()
-                .filter(|b| b.owner.uid == wanted.owner.uid && b.generation > wanted.generation)
-            {
-                let stored = newer.generation;
-                tx.rollback().await?;
-                return Err(StoreError::Superseded {
-                    stored,
-                    mine: wanted.generation,
-                });
-            }
-            if let Some(campaign) = campaigns::owner_of(&mut tx, wanted.code.as_str()).await? {
-                tx.rollback().await?;
-                return Ok(Synced::CampaignCode { campaign });
-            }
-            match state.claim {
-                Claim::Conflict { owner } => {
+            match refused(&mut tx, wanted, &state).await {
+                Ok(None) => {}
+                Ok(Some(synced)) => {
                     tx.rollback().await?;
-                    return Ok(Synced::Conflict { owner });
+                    return Ok(synced);
                 }
-                Claim::NotRequested(what) => {
+                Err(error) => {
                     tx.rollback().await?;
-                    return Ok(Synced::NotRequested(what));
+                    return Err(error);
                 }
-                _ => {}
             }
-            // The annotation's suspension first, so that the row read back (and
-            // the phase) carries it; only for the code this resource owns.
-            let actor = Actor::from(wanted.owner);
-            let target = suspensions::Target::Code(wanted.code);
-            let source = suspensions::Source::Annotation;
-            let suspension =
-                suspensions::set(&mut tx, &target, source, wanted.suspended, &actor).await?;
-            let applied = promo_codes::apply(&mut tx, wanted.code, wanted.terms).await?;
-            let spec_changed = state
-                .binding
-                .as_ref()
-                .is_none_or(|b| b.generation != wanted.generation);
-            let phase = Phase::of(&applied.after, wanted.now);
-            let mut kinds = state.claim.audit_kinds(&Applied {
-                changed: &applied.changed,
-                now_active: applied.after.terms.active,
-                spec_changed,
-                phase,
-                last_phase: state.binding.as_ref().and_then(|b| b.phase),
-            });
-            if suspension {
-                kinds.push(match wanted.suspended {
-                    true => AuditKind::Suspended,
-                    false => AuditKind::SuspensionLifted,
-                });
-            }
-            let bound = Bound {
-                generation: wanted.generation,
-                phase,
-                deletion_policy: wanted.deletion_policy,
-            };
-            let binding_current = state.binding.as_ref().is_some_and(|b| {
-                b.generation == bound.generation
-                    && b.phase == Some(phase)
-                    && b.deletion_policy == bound.deletion_policy
-            });
-            if !binding_current {
-                bindings::bind(&mut tx, wanted.code, wanted.owner, bound).await?;
-            }
-            let facts = Facts {
-                changed: &applied.changed,
-                ..Facts::new(wanted.code.as_str(), &actor)
-            };
-            for kind in &kinds {
-                let data = AuditData::of(
-                    *kind,
-                    &facts,
-                    applied.before.clone(),
-                    Some(applied.after.clone()),
-                );
-                outbox::append_audit(&mut tx, *kind, &data).await?;
-            }
+            let synced = apply(&mut tx, wanted, state).await?;
             tx.commit().await?;
-            Ok(Synced::Applied {
-                claim: state.claim,
-                record: applied.after,
-                phase,
-                changed: applied.changed,
-                audited: kinds,
-            })
+            Ok(synced)
         };
         run.await
             .map_err(|e: StoreError| e.during(Operation::Sync, Some(wanted.code)))
@@ -300,4 +224,101 @@ impl Store {
 pub struct Revocation {
     /// The Voucher the code was bound to, to delete next.
     pub owner: Option<Owner>,
+}
+
+/// Why the resource may not write the row, if it may not: an older copy
+/// (an error: a replica that lost its lease, still finishing a reconcile,
+/// never writes an older spec over the one the new leader applied), a
+/// campaign's code, a conflict, a request the spec does not make.
+async fn refused(
+    tx: &mut sqlx::PgConnection,
+    wanted: &Wanted<'_>,
+    state: &bindings::ClaimState,
+) -> Result<Option<Synced>> {
+    if let Some(newer) = state
+        .binding
+        .as_ref()
+        .filter(|b| b.owner.uid == wanted.owner.uid && b.generation > wanted.generation)
+    {
+        return Err(StoreError::Superseded {
+            stored: newer.generation,
+            mine: wanted.generation,
+        });
+    }
+    if let Some(campaign) = campaigns::owner_of(tx, wanted.code.as_str()).await? {
+        return Ok(Some(Synced::CampaignCode { campaign }));
+    }
+    Ok(match &state.claim {
+        Claim::Conflict { owner } => Some(Synced::Conflict {
+            owner: owner.clone(),
+        }),
+        Claim::NotRequested(what) => Some(Synced::NotRequested(*what)),
+        _ => None,
+    })
+}
+
+/// Brings the row to the spec under the code's lock: the annotation's
+/// suspension first (so that the row read back, and the phase, carry it),
+/// the terms, the binding, one audit record per change.
+async fn apply(
+    tx: &mut sqlx::PgConnection,
+    wanted: &Wanted<'_>,
+    state: bindings::ClaimState,
+) -> Result<Synced> {
+    let actor = Actor::from(wanted.owner);
+    let target = suspensions::Target::Code(wanted.code);
+    let source = suspensions::Source::Annotation;
+    let suspension = suspensions::set(tx, &target, source, wanted.suspended, &actor).await?;
+    let applied = promo_codes::apply(tx, wanted.code, wanted.terms).await?;
+    let spec_changed = state
+        .binding
+        .as_ref()
+        .is_none_or(|b| b.generation != wanted.generation);
+    let phase = Phase::of(&applied.after, wanted.now);
+    let mut kinds = state.claim.audit_kinds(&Applied {
+        changed: &applied.changed,
+        now_active: applied.after.terms.active,
+        spec_changed,
+        phase,
+        last_phase: state.binding.as_ref().and_then(|b| b.phase),
+    });
+    if suspension {
+        kinds.push(match wanted.suspended {
+            true => AuditKind::Suspended,
+            false => AuditKind::SuspensionLifted,
+        });
+    }
+    let bound = Bound {
+        generation: wanted.generation,
+        phase,
+        deletion_policy: wanted.deletion_policy,
+    };
+    let binding_current = state.binding.as_ref().is_some_and(|b| {
+        b.generation == bound.generation
+            && b.phase == Some(phase)
+            && b.deletion_policy == bound.deletion_policy
+    });
+    if !binding_current {
+        bindings::bind(tx, wanted.code, wanted.owner, bound).await?;
+    }
+    let facts = Facts {
+        changed: &applied.changed,
+        ..Facts::new(wanted.code.as_str(), &actor)
+    };
+    for kind in &kinds {
+        let data = AuditData::of(
+            *kind,
+            &facts,
+            applied.before.clone(),
+            Some(applied.after.clone()),
+        );
+        outbox::append_audit(tx, *kind, &data).await?;
+    }
+    Ok(Synced::Applied {
+        claim: state.claim,
+        record: applied.after,
+        phase,
+        changed: applied.changed,
+        audited: kinds,
+    })
 }

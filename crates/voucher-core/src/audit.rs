@@ -257,7 +257,8 @@ pub struct Wording {
 }
 
 impl AuditKind {
-    /// The one table of what each kind of change is called.
+    /// The one table of what each kind of change is called: declarative, one
+    /// arm per kind, so it stays one function however many kinds there are.
     pub fn wording(self, facts: &Facts<'_>) -> Wording {
         use Severity::{Normal, Warning};
         let Facts {

@@ -15,13 +15,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     version,
     about = "Development tools for voucher-operator"
 )]
-struct Cli {
+struct DevCli {
     #[command(subcommand)]
-    command: Command,
+    command: DevCommand,
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {
+enum DevCommand {
     /// The whole product on loopback for development: Postgres and nats-server (installed from
     /// Debian packages when missing), a real kube-apiserver and etcd (built from source on
     /// first use) or an existing cluster (--kubeconfig), and the operator (controller, audit
@@ -116,7 +116,7 @@ struct LocalOptions {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = DevCli::parse();
     voucher_operator::install_tls_provider();
     match run(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -163,9 +163,9 @@ fn init_logging(state_dir: &std::path::Path, verbose: u8) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(command: DevCommand) -> anyhow::Result<()> {
     match command {
-        Command::Local(Local {
+        DevCommand::Local(Local {
             action: Some(LocalAction::Token(token)),
             ..
         }) => {
@@ -181,7 +181,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Local(Local { options, .. }) => {
+        DevCommand::Local(Local { options, .. }) => {
             let fresh = options.smoke.then(tempfile::TempDir::new).transpose()?;
             let state_dir = fresh
                 .as_ref()

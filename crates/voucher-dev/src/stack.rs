@@ -413,70 +413,14 @@ async fn run_operator(
     .await?;
     store.migrate().await?;
 
-    // The CRDs first, established, then the examples that use them.
-    let crds: kube::Api<
-        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-    > = kube::Api::all(cluster.client.clone());
-    for crd in [
-        voucher_operator::api::crd(),
-        voucher_operator::api::campaign::crd(),
-    ] {
-        let crd_name = crd.metadata.name.clone().unwrap_or_default();
-        if cluster.existing && crds.get_opt(&crd_name).await?.is_some() {
-            // Installed by its owner (Helm, Flux): neither taken over nor changed.
-            eprintln!("the CRD {crd_name} is installed already; left as it is");
-        } else {
-            control_plane::install_crd(&cluster.client, &crd).await?;
-        }
-    }
-    let manifests = settings.state_dir.join("manifests");
-    std::fs::create_dir_all(&manifests)?;
-    for (name, text) in EXAMPLES {
-        std::fs::write(manifests.join(name), text)?;
-    }
-    print!(
-        "{}",
-        cluster
-            .kubectl(&[
-                "apply",
-                "-n",
-                &cluster.namespace,
-                "-f",
-                &manifests.to_string_lossy()
-            ])
-            .await?
-    );
-    let kubeconfig_str = cluster.kubeconfig.to_string_lossy().into_owned();
+    install_examples(settings, cluster).await?;
     let client = cluster.client.clone();
     let mut registry = prometheus_client::registry::Registry::default();
     let relay_settings = RelaySettings {
         nats_url: format!("nats://127.0.0.1:{}", settings.nats_port),
         ..Default::default()
     };
-    // Under a Lease, as a deployment runs it: a second controller started by
-    // hand against this cluster waits instead of reconciling too.
-    let config = Config {
-        settings: Settings {
-            resync_interval: Duration::from_secs(300),
-            status_min_interval: Duration::from_secs(1),
-            // On someone else's cluster, only the namespace the examples went to.
-            namespace: cluster.existing.then(|| cluster.namespace.clone()),
-            identity: "local".into(),
-            concurrency: 4,
-            // The examples and the admin endpoints both use this namespace.
-            issuers: voucher_operator::domain::Issuers::new([cluster.namespace.clone()]),
-            // A development stack holds no operator credentials in the API server: campaign
-            // keys go beside the examples (a cluster's chart keeps them apart).
-            key_namespace: cluster.namespace.clone(),
-        },
-        relay: Some(relay_settings.clone()),
-        lease: Some(LeaseSettings {
-            name: "voucher-operator".into(),
-            namespace: cluster.namespace.clone(),
-            identity: "local".into(),
-            duration: Duration::from_secs(15),
-        }),
-    };
+    let config = controller_config(cluster, &relay_settings);
     let role = Role::new(client.clone(), store.clone(), config, &mut registry);
     let role_stop = stop.clone();
     tokio::spawn(async move {
@@ -524,6 +468,85 @@ async fn run_operator(
     if smoke {
         return smoke_check(cluster, &base, &token, &relay_settings).await;
     }
+    print_try(settings, cluster, &base, &token, &database_url);
+    stop.cancelled().await;
+    Ok(())
+}
+
+/// The CRDs first, established, then the examples that use them.
+async fn install_examples(settings: &StackSettings, cluster: &Cluster) -> anyhow::Result<()> {
+    let crds: kube::Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = kube::Api::all(cluster.client.clone());
+    for crd in [
+        voucher_operator::api::crd(),
+        voucher_operator::api::campaign::crd(),
+    ] {
+        let crd_name = crd.metadata.name.clone().unwrap_or_default();
+        if cluster.existing && crds.get_opt(&crd_name).await?.is_some() {
+            // Installed by its owner (Helm, Flux): neither taken over nor changed.
+            eprintln!("the CRD {crd_name} is installed already; left as it is");
+        } else {
+            control_plane::install_crd(&cluster.client, &crd).await?;
+        }
+    }
+    let manifests = settings.state_dir.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    for (name, text) in EXAMPLES {
+        std::fs::write(manifests.join(name), text)?;
+    }
+    print!(
+        "{}",
+        cluster
+            .kubectl(&[
+                "apply",
+                "-n",
+                &cluster.namespace,
+                "-f",
+                &manifests.to_string_lossy()
+            ])
+            .await?
+    );
+    Ok(())
+}
+
+/// The controller as a deployment runs it, under a Lease: a second
+/// controller started by hand against this cluster waits instead of
+/// reconciling too.
+fn controller_config(cluster: &Cluster, relay: &RelaySettings) -> Config {
+    Config {
+        settings: Settings {
+            resync_interval: Duration::from_secs(300),
+            status_min_interval: Duration::from_secs(1),
+            // On someone else's cluster, only the namespace the examples went to.
+            namespace: cluster.existing.then(|| cluster.namespace.clone()),
+            identity: "local".into(),
+            concurrency: 4,
+            // The examples and the admin endpoints both use this namespace.
+            issuers: voucher_operator::domain::Issuers::new([cluster.namespace.clone()]),
+            // A development stack holds no operator credentials in the API server: campaign
+            // keys go beside the examples (a cluster's chart keeps them apart).
+            key_namespace: cluster.namespace.clone(),
+        },
+        relay: Some(relay.clone()),
+        lease: Some(LeaseSettings {
+            name: "voucher-operator".into(),
+            namespace: cluster.namespace.clone(),
+            identity: "local".into(),
+            duration: Duration::from_secs(15),
+        }),
+    }
+}
+
+/// What to try, once everything runs.
+fn print_try(
+    settings: &StackSettings,
+    cluster: &Cluster,
+    base: &str,
+    token: &str,
+    database_url: &str,
+) {
+    let kubeconfig_str = cluster.kubeconfig.to_string_lossy().into_owned();
     println!(
         "\nvoucher-operator is running locally (state in {state}). Try:\n\n\
          export KUBECONFIG={kubeconfig_str}\n\
@@ -547,8 +570,6 @@ async fn run_operator(
             .unwrap_or_default(),
         nats = settings.nats_port,
     );
-    stop.cancelled().await;
-    Ok(())
 }
 
 /// The main flow once: every example Ready, a redemption, REDEEMED 1 in
@@ -560,13 +581,7 @@ async fn smoke_check(
     relay: &RelaySettings,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let wait = |what: &'static str| async move {
-        if Instant::now() > deadline {
-            anyhow::bail!("smoke: timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        Ok(())
-    };
+    let wait = |what: &'static str| wait_until(deadline, what);
     loop {
         let phases = cluster
             .kubectl(&[
@@ -626,6 +641,20 @@ async fn smoke_check(
         wait("REDEEMED 1 in kubectl get vouchers").await?;
     };
     print!("{table}");
+    smoke_event(relay, deadline).await
+}
+
+/// Sleeps a moment before looking again, unless `deadline` passed.
+async fn wait_until(deadline: Instant, what: &'static str) -> anyhow::Result<()> {
+    if Instant::now() > deadline {
+        anyhow::bail!("smoke: timed out waiting for {what}");
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    Ok(())
+}
+
+/// Waits for the smoke redemption's audit event in JetStream.
+async fn smoke_event(relay: &RelaySettings, deadline: Instant) -> anyhow::Result<()> {
     let query = EventQuery {
         code: Some("OMANTEL-MUSCAT-200".into()),
         kind: Some("redeemed".into()),
@@ -660,6 +689,6 @@ async fn smoke_check(
             );
             return Ok(());
         }
-        wait("the redeemed event in JetStream").await?;
+        wait_until(deadline, "the redeemed event in JetStream").await?;
     }
 }

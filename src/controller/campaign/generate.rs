@@ -208,57 +208,82 @@ async fn generate(
             generation,
             key_fingerprint: generator.fingerprint(),
         };
-        match ctx.store.generate_campaign_codes(owner, &batch).await? {
-            Chunk::Generated { generated } => {
-                ctx.metrics
-                    .campaign_codes_generated
-                    .inc_by(u64::from(generated - from));
-                progress.generated = generated;
-            }
-            Chunk::Collision { index } => {
-                tracing::warn!(campaign = %owner, index, "a campaign code exists already; generation stopped");
-                return Ok(Some(CampaignFound::Collision {
-                    index,
-                    generated: progress.generated,
-                }));
-            }
-            Chunk::KeyChanged => {
-                let reference = &campaign.spec.key_secret_ref.name;
-                return Ok(Some(CampaignFound::KeyUnavailable {
-                    why: format!(
-                        "the key in the Secret {key_namespace}/{reference} is not the one that \
-                         generated this campaign's first {from} codes (a new key would make \
-                         other codes); put that key back, or issue new codes from a new campaign"
-                    ),
-                    generated: from,
-                }));
-            }
-            // Being deleted (this replica may have lost its lease): no more codes.
-            Chunk::Released => {
-                return Ok(Some(CampaignFound::Progress {
-                    generated: progress.generated,
-                    counts: None,
-                    recount: None,
-                }));
-            }
-            // Another replica moved it on (a leader change): read where it is.
-            Chunk::Moved => {
-                ctx.campaigns
-                    .remembered
-                    .lock()
-                    .unwrap()
-                    .remove(&ObjectRef::from_obj(campaign));
-                *progress = ctx
-                    .store
-                    .register_campaign(owner, campaign.spec.deletion_policy)
-                    .await?;
-                if progress.generation != generation {
-                    break;
-                }
-            }
+        let chunk = ctx.store.generate_campaign_codes(owner, &batch).await?;
+        match after_chunk(ctx, campaign, owner, chunk, from, progress).await? {
+            AfterChunk::Go => {}
+            AfterChunk::Stop(found) => return Ok(Some(found)),
+            AfterChunk::Yield => break,
         }
     }
     Ok(None)
+}
+
+/// What generation does after a chunk.
+enum AfterChunk {
+    Go,
+    /// Generation stopped, and why.
+    Stop(CampaignFound),
+    /// Another replica moved the campaign to another generation: this
+    /// reconcile yields.
+    Yield,
+}
+
+/// Takes in what writing a chunk from `from` came to.
+async fn after_chunk(
+    ctx: &Context,
+    campaign: &VoucherCampaign,
+    owner: &Owner,
+    chunk: Chunk,
+    from: u32,
+    progress: &mut Progress,
+) -> Result<AfterChunk, StoreError> {
+    Ok(match chunk {
+        Chunk::Generated { generated } => {
+            ctx.metrics
+                .campaign_codes_generated
+                .inc_by(u64::from(generated - from));
+            progress.generated = generated;
+            AfterChunk::Go
+        }
+        Chunk::Collision { index } => {
+            tracing::warn!(campaign = %owner, index, "a campaign code exists already; generation stopped");
+            AfterChunk::Stop(CampaignFound::Collision {
+                index,
+                generated: progress.generated,
+            })
+        }
+        Chunk::KeyChanged => {
+            let reference = &campaign.spec.key_secret_ref.name;
+            let key_namespace = &ctx.settings.key_namespace;
+            AfterChunk::Stop(CampaignFound::KeyUnavailable {
+                why: format!(
+                    "the key in the Secret {key_namespace}/{reference} is not the one that \
+                     generated this campaign's first {from} codes (a new key would make \
+                     other codes); put that key back, or issue new codes from a new campaign"
+                ),
+                generated: from,
+            })
+        }
+        // Being deleted (this replica may have lost its lease): no more codes.
+        Chunk::Released => AfterChunk::Stop(CampaignFound::Progress {
+            generated: progress.generated,
+            counts: None,
+            recount: None,
+        }),
+        // Another replica moved it on (a leader change): read where it is.
+        Chunk::Moved => {
+            ctx.campaigns.forget(campaign);
+            let generation = campaign.metadata.generation.unwrap_or_default();
+            *progress = ctx
+                .store
+                .register_campaign(owner, campaign.spec.deletion_policy)
+                .await?;
+            match progress.generation == generation {
+                true => AfterChunk::Go,
+                false => AfterChunk::Yield,
+            }
+        }
+    })
 }
 
 /// The campaign's code generator, from its Secret's key; why not, in words

@@ -21,7 +21,7 @@ use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use tokio_util::sync::CancellationToken;
 
-use super::runtime::{self, Failures};
+use super::runtime::{self, Backoff};
 use super::{Context, Error};
 use crate::api::campaign::VoucherCampaign;
 use crate::store::notify::Changed;
@@ -34,12 +34,12 @@ pub const CRD: &str = "vouchercampaigns.catalyst.openova.io";
 
 /// Per-campaign bookkeeping kept between reconciles.
 #[derive(Default)]
-pub(crate) struct Memory {
+pub(crate) struct CampaignMemory {
     remembered: Mutex<HashMap<ObjectRef<VoucherCampaign>, generate::Remembered>>,
-    failures: Failures<VoucherCampaign>,
+    failures: Backoff<VoucherCampaign>,
 }
 
-impl Memory {
+impl CampaignMemory {
     fn forget(&self, campaign: &VoucherCampaign) {
         self.remembered
             .lock()
@@ -67,7 +67,11 @@ pub async fn reconcile(campaign: Arc<VoucherCampaign>, ctx: Arc<Context>) -> Res
 
 /// Called by kube-runtime when `reconcile` fails: retry with a per-campaign
 /// exponential backoff.
-pub fn error_policy(campaign: Arc<VoucherCampaign>, error: &Error, ctx: Arc<Context>) -> Action {
+pub(crate) fn error_policy(
+    campaign: Arc<VoucherCampaign>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     let delay = ctx.campaigns.failures.failed(campaign.as_ref());
     tracing::warn!(campaign = %campaign.name_any(), %error, ?delay, "campaign reconcile failed; retrying");
     Action::requeue(delay)

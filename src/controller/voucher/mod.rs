@@ -21,7 +21,7 @@ use kube::runtime::reflector::ObjectRef;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::{PhaseLabel, ReasonLabel};
-use super::runtime::{self, Failures};
+use super::runtime::{self, Backoff};
 use super::{Context, Error};
 use crate::api::{Voucher, VoucherStatus};
 use crate::domain::Phase;
@@ -34,14 +34,14 @@ const CRD: &str = "vouchers.catalyst.openova.io";
 
 /// Per-Voucher bookkeeping kept between reconciles.
 #[derive(Default)]
-pub(crate) struct Memory {
+pub(crate) struct VoucherMemory {
     /// The last status this replica wrote for each Voucher, and when.
     status_writes: Mutex<HashMap<ObjectRef<Voucher>, (VoucherStatus, Instant)>>,
     phases: Mutex<HashMap<ObjectRef<Voucher>, Phase>>,
-    failures: Failures<Voucher>,
+    failures: Backoff<Voucher>,
 }
 
-impl Memory {
+impl VoucherMemory {
     /// Notes `voucher`'s phase (`None`: gone) and sets the phase gauges.
     fn remember_phase(&self, ctx: &Context, voucher: &Voucher, phase: Option<Phase>) {
         let mut phases = self.phases.lock().unwrap();
@@ -92,7 +92,7 @@ pub async fn reconcile(voucher: Arc<Voucher>, ctx: Arc<Context>) -> Result<Actio
 
 /// Called by kube-runtime when `reconcile` fails: retry with a per-voucher
 /// exponential backoff (1 s, 2 s, 4 s … at most 5 min).
-pub fn error_policy(voucher: Arc<Voucher>, error: &Error, ctx: Arc<Context>) -> Action {
+pub(crate) fn error_policy(voucher: Arc<Voucher>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .failures
         .get_or_create(&ReasonLabel {

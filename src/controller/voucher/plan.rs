@@ -13,7 +13,7 @@ use crate::api::VoucherStatus;
 use crate::controller::conditions::{CODE_CONFLICT, READY};
 use crate::domain::{
     Actor, AuditKind, Code, CodeError, CodeRecord, EventWording, Facts, Issuers, Owner, Phase,
-    Severity, TermError, Unrequested,
+    Severity, TermError, TermField, Unrequested,
 };
 use crate::store::sync::Synced;
 
@@ -92,16 +92,7 @@ const AFTER_BOUNDARY: Duration = Duration::from_millis(50);
 
 /// Decides what a reconcile that met `found` does.
 pub(crate) fn decide(found: VoucherFound, seen: VoucherSeen<'_>) -> VoucherPlan {
-    let VoucherSeen {
-        code,
-        owner,
-        generation,
-        previous,
-        now,
-        resync,
-    } = seen;
-    let status = |outcome| status::desired(outcome, generation, now, previous);
-    let actor = Actor::from(owner);
+    let code = seen.code.map(Code::as_str).unwrap_or_default();
     match found {
         VoucherFound::Forbidden(issuers) => refused(
             Phase::Forbidden,
@@ -110,7 +101,7 @@ pub(crate) fn decide(found: VoucherFound, seen: VoucherSeen<'_>) -> VoucherPlan 
                 "namespace {} may not issue vouchers (issuer namespaces: {}); nothing was written. \
                  To allow it, add it to the controller's --issuer-namespaces \
                  (chart value controller.issuerNamespaces)",
-                owner.namespace,
+                seen.owner.namespace,
                 issuers.list()
             ),
             &seen,
@@ -128,129 +119,150 @@ pub(crate) fn decide(found: VoucherFound, seen: VoucherSeen<'_>) -> VoucherPlan 
             &seen,
         ),
         VoucherFound::Synced(Synced::CampaignCode { campaign }) => {
-            let code = code.map(Code::as_str).unwrap_or_default();
             let message = format!(
                 "code {code} was issued by VoucherCampaign {campaign}; a Voucher can neither claim, \
                  adopt nor reissue it, and nothing was written. Change it through the campaign, or \
                  revoke it alone with the admin revoke"
             );
             VoucherPlan {
-                next: Next::After(resync),
+                next: Next::After(seen.resync),
                 ..refused(Phase::Conflict, "CampaignCode", message, &seen)
             }
         }
-        VoucherFound::Synced(Synced::NotRequested(what)) => {
-            let code = code.map(Code::as_str).unwrap_or_default();
-            let (phase, reason, message) = match what {
-                Unrequested::Adopt => (
-                    Phase::Conflict,
-                    "AdoptionNotRequested",
-                    format!(
-                        "code {code} exists in the billing database without an owner; nothing was \
-                         written. To take it over with its redemptions, set spec.adopt: true \
-                         (allowed only to those the admission policy names)"
-                    ),
-                ),
-                Unrequested::Reissue { revoked_at } => {
-                    let at = revoked_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-                    (
-                        Phase::Revoked,
-                        "Revoked",
-                        format!(
-                            "code {code} was revoked at {at} (the admin revoke, the billing admin \
-                             page or by hand) and stays revoked; nothing was written. To bring it \
-                             back with its redemptions, set spec.reissue.revokedAt: \"{at}\" \
-                             (allowed only to those the admission policy names)"
-                        ),
-                    )
-                }
-            };
-            // The row can change without this resource changing: look again.
-            VoucherPlan {
-                next: Next::After(resync),
-                ..refused(phase, reason, message, &seen)
-            }
-        }
+        VoucherFound::Synced(Synced::NotRequested(what)) => not_requested(code, what, &seen),
         VoucherFound::DatabaseUnavailable(error) => VoucherPlan {
-            status: status(Outcome::Failed {
-                phase: Phase::Error,
-                reason: "DatabaseUnavailable",
-                message: format!("cannot reach the billing database: {error}"),
-                retrying: true,
-            }),
+            status: status::desired(
+                Outcome::Failed {
+                    phase: Phase::Error,
+                    reason: "DatabaseUnavailable",
+                    message: format!("cannot reach the billing database: {error}"),
+                    retrying: true,
+                },
+                seen.generation,
+                seen.now,
+                seen.previous,
+            ),
             phase: Phase::Error,
             audit_conflict: None,
             audited: Vec::new(),
             events: Vec::new(),
             next: Next::Retry,
         },
-        VoucherFound::Synced(Synced::Conflict { owner: holder }) => {
-            let code = code.map(Code::as_str).unwrap_or_default();
-            // Reported once, when the conflict begins; the status keeps saying it.
-            let begins = ready_reason(previous) != Some(CODE_CONFLICT);
-            let facts = Facts {
-                holder: Some(&holder),
-                ..Facts::new(code, &actor)
-            };
-            let events = begins
-                .then(|| AuditKind::Conflict.wording(&facts).event)
-                .flatten()
-                .into_iter()
-                .collect();
-            VoucherPlan {
-                status: status(Outcome::Conflict {
-                    code,
-                    holder: &holder,
-                }),
-                phase: Phase::Conflict,
-                audited: if begins {
-                    vec![AuditKind::Conflict]
-                } else {
-                    Vec::new()
-                },
-                events,
-                audit_conflict: begins.then_some(holder.clone()),
-                next: Next::After(resync),
-            }
-        }
+        VoucherFound::Synced(Synced::Conflict { owner: holder }) => conflict(code, holder, &seen),
         VoucherFound::Synced(Synced::Applied {
             record,
             phase,
             changed,
             audited,
             ..
-        }) => {
-            let facts = Facts {
-                changed: &changed,
-                ..Facts::new(&record.code, &actor)
-            };
-            let mut events: Vec<EventWording> = audited
-                .iter()
-                .filter_map(|kind| kind.wording(&facts).event)
-                .collect();
-            events.extend(phase_change(
-                previous.and_then(|p| p.phase),
-                phase,
-                &record,
-                &audited,
-            ));
-            let until_boundary = record
-                .terms
-                .next_boundary(now)
-                .and_then(|at| (at - now).to_std().ok())
-                .map(|d| d + AFTER_BOUNDARY);
-            VoucherPlan {
-                status: status(Outcome::Synced {
-                    record: &record,
-                    phase,
-                }),
-                phase,
-                audit_conflict: None,
-                audited,
-                events,
-                next: Next::After(until_boundary.map_or(resync, |d| d.min(resync))),
-            }
+        }) => applied(&record, phase, &changed, audited, &seen),
+    }
+}
+
+/// A code that needs a request the spec does not make: adoption of an
+/// unowned row, or a reissue of a revoked one.
+fn not_requested(code: &str, what: Unrequested, seen: &VoucherSeen<'_>) -> VoucherPlan {
+    let (phase, reason, message) = match what {
+        Unrequested::Adopt => (
+            Phase::Conflict,
+            "AdoptionNotRequested",
+            format!(
+                "code {code} exists in the billing database without an owner; nothing was \
+                 written. To take it over with its redemptions, set spec.adopt: true \
+                 (allowed only to those the admission policy names)"
+            ),
+        ),
+        Unrequested::Reissue { revoked_at } => {
+            let at = revoked_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            (
+                Phase::Revoked,
+                "Revoked",
+                format!(
+                    "code {code} was revoked at {at} (the admin revoke, the billing admin \
+                     page or by hand) and stays revoked; nothing was written. To bring it \
+                     back with its redemptions, set spec.reissue.revokedAt: \"{at}\" \
+                     (allowed only to those the admission policy names)"
+                ),
+            )
         }
+    };
+    // The row can change without this resource changing: look again.
+    VoucherPlan {
+        next: Next::After(seen.resync),
+        ..refused(phase, reason, message, seen)
+    }
+}
+
+/// Another resource holds the code: reported (and audited) once, when the
+/// conflict begins; the status keeps saying it.
+fn conflict(code: &str, holder: Owner, seen: &VoucherSeen<'_>) -> VoucherPlan {
+    let begins = ready_reason(seen.previous) != Some(CODE_CONFLICT);
+    let actor = Actor::from(seen.owner);
+    let facts = Facts {
+        holder: Some(&holder),
+        ..Facts::new(code, &actor)
+    };
+    let events = begins
+        .then(|| AuditKind::Conflict.wording(&facts).event)
+        .flatten()
+        .into_iter()
+        .collect();
+    let outcome = Outcome::Conflict {
+        code,
+        holder: &holder,
+    };
+    VoucherPlan {
+        status: status::desired(outcome, seen.generation, seen.now, seen.previous),
+        phase: Phase::Conflict,
+        audited: if begins {
+            vec![AuditKind::Conflict]
+        } else {
+            Vec::new()
+        },
+        events,
+        audit_conflict: begins.then_some(holder.clone()),
+        next: Next::After(seen.resync),
+    }
+}
+
+/// The row as synced: its audit records' Events, a phase reached without
+/// one, and a look again just after the next time boundary.
+fn applied(
+    record: &CodeRecord,
+    phase: Phase,
+    changed: &[TermField],
+    audited: Vec<AuditKind>,
+    seen: &VoucherSeen<'_>,
+) -> VoucherPlan {
+    let actor = Actor::from(seen.owner);
+    let facts = Facts {
+        changed,
+        ..Facts::new(&record.code, &actor)
+    };
+    let mut events: Vec<EventWording> = audited
+        .iter()
+        .filter_map(|kind| kind.wording(&facts).event)
+        .collect();
+    let before = seen.previous.and_then(|p| p.phase);
+    events.extend(phase_change(before, phase, record, &audited));
+    let now = seen.now;
+    let until_boundary = record
+        .terms
+        .next_boundary(now)
+        .and_then(|at| (at - now).to_std().ok())
+        .map(|d| d + AFTER_BOUNDARY);
+    VoucherPlan {
+        status: status::desired(
+            Outcome::Synced { record, phase },
+            seen.generation,
+            now,
+            seen.previous,
+        ),
+        phase,
+        audit_conflict: None,
+        audited,
+        events,
+        next: Next::After(until_boundary.map_or(seen.resync, |d| d.min(seen.resync))),
     }
 }
 

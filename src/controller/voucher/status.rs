@@ -60,7 +60,7 @@ fn phase_message(record: &CodeRecord, phase: Phase) -> (&'static str, String) {
 }
 
 /// What the status says about an outcome, before the conditions are stamped.
-struct Said<'a> {
+struct Summary<'a> {
     phase: Phase,
     code: Option<String>,
     times_redeemed: Option<i32>,
@@ -71,11 +71,11 @@ struct Said<'a> {
     progress: Option<&'static str>,
 }
 
-fn said<'a>(outcome: Outcome<'a>, previous: Option<&VoucherStatus>) -> Said<'a> {
+fn said<'a>(outcome: Outcome<'a>, previous: Option<&VoucherStatus>) -> Summary<'a> {
     match outcome {
         Outcome::Synced { record, phase } => {
             let (reason, message) = phase_message(record, phase);
-            Said {
+            Summary {
                 phase,
                 code: Some(record.code.clone()),
                 times_redeemed: Some(record.times_redeemed),
@@ -101,7 +101,7 @@ fn said<'a>(outcome: Outcome<'a>, previous: Option<&VoucherStatus>) -> Said<'a> 
                     "code {code} is owned by Voucher {holder}; this resource changes nothing. Once that one is gone, the code is revoked or unowned and stays so until a Voucher asks for it (spec.reissue.revokedAt or spec.adopt)"
                 ),
             };
-            Said {
+            Summary {
                 phase: Phase::Conflict,
                 code: Some(code.to_owned()),
                 times_redeemed: None,
@@ -123,7 +123,7 @@ fn said<'a>(outcome: Outcome<'a>, previous: Option<&VoucherStatus>) -> Said<'a> 
                 reason,
                 message,
             };
-            Said {
+            Summary {
                 phase,
                 code: previous.and_then(|p| p.code.clone()),
                 times_redeemed: previous.and_then(|p| p.times_redeemed),
