@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod controller;
+pub mod events;
 pub mod relay;
 pub mod server;
 pub mod store;

@@ -153,7 +153,7 @@ pub(super) async fn print_events(options: EventsOptions) -> anyhow::Result<()> {
         .map(super::events::subject_of)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--code: {e}"))?;
-    let query = crate::relay::EventQuery {
+    let query = crate::events::EventQuery {
         code,
         kind: options.kind.clone(),
         since: options.since,
@@ -165,7 +165,7 @@ pub(super) async fn print_events(options: EventsOptions) -> anyhow::Result<()> {
         options.utc,
         options.tail,
     );
-    let followed = crate::relay::follow_events(
+    let followed = crate::events::follow_events(
         &options.stream.nats_url,
         &options.stream.auth(),
         &options.stream.audit_stream,

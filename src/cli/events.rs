@@ -7,7 +7,7 @@ use std::io::Write;
 
 use serde_json::Value;
 
-use crate::relay::EventSink;
+use crate::events::EventSink;
 
 /// Widest ACTOR column; longer actors are shortened with "…".
 const ACTOR_WIDTH: usize = 40;

@@ -9,7 +9,8 @@ use sqlx::PgConnection;
 
 use super::promo_codes::bind_terms;
 use super::{Operation, Result, Store, StoreError, outbox};
-use crate::domain::campaign::{self, CampaignAuditData, CampaignName, CodeRange};
+use crate::domain::audit::CampaignAuditData;
+use crate::domain::campaign::{self, CampaignName, CodeRange};
 use crate::domain::{Actor, AuditKind, Code, DeletionPolicy, Facts, Owner, TermField, Terms};
 
 /// Codes written by one generation transaction: large enough that a million

@@ -4,8 +4,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::campaign::{CampaignName, CodeRange};
 use super::owner::Owner;
-use super::voucher::{CodeRecord, TermField};
+use super::voucher::{CodeRecord, TermField, Terms};
 
 /// One kind of audit event. Its name appears in the CloudEvents `type`
 /// (`io.openova.catalyst.voucher.<name>.v1`) and in the NATS subject.
@@ -181,7 +182,7 @@ pub struct AuditData {
     pub reason: String,
     /// The campaign that issued the code (its redemptions name it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub campaign: Option<crate::campaign::CampaignName>,
+    pub campaign: Option<CampaignName>,
 }
 
 impl AuditData {
@@ -246,6 +247,22 @@ pub struct EventWording {
     /// The Event's `reason`: CamelCase, stable, documented in docs/reference.md.
     pub reason: &'static str,
     pub note: String,
+}
+
+/// The `data` of a campaign's own audit event: which campaign, which of its
+/// codes (indices `from..to`), the terms before and after, who, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignAuditData {
+    pub campaign: CampaignName,
+    pub codes: CodeRange,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Terms>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Terms>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<TermField>,
+    pub actor: Actor,
+    pub reason: String,
 }
 
 /// A change as people read it: the audit record's reason and, for the changes

@@ -9,9 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::audit::Actor;
 use crate::code::{Code, MAX_CODE_LEN};
-use crate::voucher::{TermField, Terms};
 
 /// Crockford's base32: digits and letters without I, L, O and U, which read
 /// as 1, 1, 0 and V on a printed bill insert.
@@ -225,22 +223,6 @@ impl CampaignPhase {
 pub struct CampaignName {
     pub namespace: String,
     pub name: String,
-}
-
-/// The `data` of a campaign's own audit event: which campaign, which of its
-/// codes (indices `from..to`), the terms before and after, who, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CampaignAuditData {
-    pub campaign: CampaignName,
-    pub codes: CodeRange,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub before: Option<Terms>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub after: Option<Terms>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub changed: Vec<TermField>,
-    pub actor: Actor,
-    pub reason: String,
 }
 
 /// Code indices `from..to` of a campaign (`count` of them).

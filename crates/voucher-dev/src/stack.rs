@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use voucher_operator::controller::leader::LeaseSettings;
 use voucher_operator::controller::{Config, Role, Settings};
-use voucher_operator::relay::{self, EventQuery, RelaySettings};
+use voucher_operator::events::{self, EventQuery};
+use voucher_operator::relay::RelaySettings;
 use voucher_operator::server::auth::{AuthSettings, Verifier};
 use voucher_operator::server::{self, AppState, ServerSettings};
 use voucher_operator::store::{DatabaseSettings, Store};
@@ -662,7 +663,7 @@ async fn smoke_event(relay: &RelaySettings, deadline: Instant) -> anyhow::Result
     };
     /// Counts the events it is handed.
     struct Count(usize);
-    impl relay::EventSink for Count {
+    impl events::EventSink for Count {
         fn event(&mut self, _: &serde_json::Value) -> std::io::Result<()> {
             self.0 += 1;
             Ok(())
@@ -673,7 +674,7 @@ async fn smoke_event(relay: &RelaySettings, deadline: Instant) -> anyhow::Result
     }
     loop {
         let mut found = Count(0);
-        let read = relay::follow_events(
+        let read = events::follow_events(
             &relay.nats_url,
             &relay.nats_auth,
             &relay.stream,
