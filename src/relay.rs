@@ -23,7 +23,7 @@ use crate::store::outbox::{self, AuditRecord};
 use crate::telemetry::describe;
 
 /// How to authenticate to NATS and whether to insist on TLS.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NatsAuth {
     /// A credentials file (user JWT and NKey seed, as `nsc` writes it).
     pub creds_file: Option<std::path::PathBuf>,
@@ -60,9 +60,9 @@ pub async fn connect_options(auth: &NatsAuth) -> anyhow::Result<async_nats::Conn
         .connection_timeout(Duration::from_secs(5)))
 }
 
-/// Where and how audit events are published. Its `Default` is the command
-/// line's (see `cli::AuditOptions`), where each default is declared once.
-#[derive(Clone, Debug)]
+/// Where and how audit events are published. Its `Default` is what the
+/// flags default to (`voucher-operator controller --help`).
+#[derive(Clone, Debug, PartialEq)]
 pub struct RelaySettings {
     pub nats_url: String,
     pub nats_auth: NatsAuth,
@@ -85,6 +85,26 @@ pub struct RelaySettings {
     /// is used as it is (only warned about): its owner may keep history
     /// longer, and a smaller max age here would purge it.
     pub manage_stream: bool,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_auth: NatsAuth::default(),
+            stream: "VOUCHER_AUDIT".into(),
+            subject_prefix: "catalyst.vouchers".into(),
+            source: "/catalyst/voucher-operator".into(),
+            storage: stream::StorageType::File,
+            replicas: 1,
+            max_age: Duration::from_secs(90 * 24 * 3600),
+            duplicate_window: Duration::from_secs(2 * 3600),
+            batch_size: BATCH_SIZE,
+            poll_interval: Duration::from_secs(5),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            manage_stream: false,
+        }
+    }
 }
 
 /// Records read from the outbox and published per round.

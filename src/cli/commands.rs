@@ -25,7 +25,7 @@ pub(super) async fn run_controller(
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use crate::controller::{self, Role, Settings, leader};
+    use crate::controller::{self, Role};
 
     let metrics_listener = crate::telemetry::bind(options.metrics_address).await?;
 
@@ -43,22 +43,9 @@ pub(super) async fn run_controller(
     let mut registry = prometheus_client::registry::Registry::default();
     let identity = options.identity();
     let config = controller::Config {
-        settings: Settings {
-            resync_interval: options.resync_interval,
-            status_min_interval: options.status_min_interval,
-            namespace: options.watch_namespace.clone(),
-            identity: identity.clone(),
-            concurrency: options.concurrency,
-            issuers: crate::domain::Issuers::new(&options.issuer_namespaces),
-            key_namespace: options.campaign_key_namespace.clone(),
-        },
+        settings: options.settings(),
         relay: audit.audit_relay.then(|| audit.settings()),
-        lease: options.leader_election.then(|| leader::LeaseSettings {
-            name: options.lease_name.clone(),
-            namespace: options.lease_namespace.clone(),
-            identity: identity.clone(),
-            duration: options.lease_duration,
-        }),
+        lease: options.lease(),
     };
     let role = Role::new(client, store, config, &mut registry);
     let ready = Arc::new(AtomicBool::new(false));

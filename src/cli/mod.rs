@@ -131,12 +131,12 @@ pub struct ConnectOptions {
     pub database_url: String,
 
     /// Largest number of pooled connections to the database.
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10,
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = DatabaseSettings::default().max_connections,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub(crate) database_max_connections: u32,
 
     /// How long to wait for a database connection before giving up (e.g. 10s, 1m).
-    #[arg(long, env = "DATABASE_CONNECT_TIMEOUT", default_value = "10s",
+    #[arg(long, env = "DATABASE_CONNECT_TIMEOUT", default_value = text(DatabaseSettings::default().connect_timeout),
           value_parser = humantime::parse_duration)]
     pub(crate) database_connect_timeout: Duration,
 }
@@ -144,12 +144,12 @@ pub struct ConnectOptions {
 #[derive(Debug, Args)]
 pub struct ControllerOptions {
     /// Compare every Voucher with its row at least this often; reverts out-of-band edits.
-    #[arg(long, env = "RESYNC_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RESYNC_INTERVAL", default_value = text(crate::controller::Settings::default().resync_interval), value_parser = humantime::parse_duration)]
     pub resync_interval: Duration,
 
     /// Smallest interval between two status writes of one Voucher when only its
     /// redemption counters changed (protects the API server from a hot code).
-    #[arg(long, env = "STATUS_MIN_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "STATUS_MIN_INTERVAL", default_value = text(crate::controller::Settings::default().status_min_interval), value_parser = humantime::parse_duration)]
     pub status_min_interval: Duration,
 
     /// Reconcile the Vouchers of this namespace only (default: all namespaces).
@@ -163,18 +163,18 @@ pub struct ControllerOptions {
         long,
         env = "ISSUER_NAMESPACES",
         value_delimiter = ',',
-        default_value = "default"
+        default_value = crate::controller::Settings::default().issuers.list().replace(", ", ",")
     )]
     pub(crate) issuer_namespaces: Vec<String>,
 
     /// Namespace of the Secrets holding campaigns' generator keys (spec.keySecretRef names one
     /// there): the controller reads Secrets there only, so keep it for keys alone — never the
     /// operator's own namespace, whose Secrets hold its credentials.
-    #[arg(long, env = "CAMPAIGN_KEY_NAMESPACE", default_value = DEFAULT_KEY_NAMESPACE)]
+    #[arg(long, env = "CAMPAIGN_KEY_NAMESPACE", default_value = crate::controller::DEFAULT_KEY_NAMESPACE)]
     pub(crate) campaign_key_namespace: String,
 
     /// How many Vouchers are reconciled at once.
-    #[arg(long, env = "CONTROLLER_CONCURRENCY", default_value_t = 8,
+    #[arg(long, env = "CONTROLLER_CONCURRENCY", default_value_t = crate::controller::Settings::default().concurrency,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
 
@@ -188,15 +188,15 @@ pub struct ControllerOptions {
     pub(crate) leader_election: bool,
 
     /// Name of the leader-election Lease.
-    #[arg(long, env = "LEASE_NAME", default_value = "voucher-operator")]
+    #[arg(long, env = "LEASE_NAME", default_value = crate::controller::leader::LeaseSettings::default().name)]
     pub lease_name: String,
 
     /// Namespace of the leader-election Lease (the operator's own namespace).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    #[arg(long, env = "POD_NAMESPACE", default_value = crate::controller::leader::LeaseSettings::default().namespace)]
     pub(crate) lease_namespace: String,
 
     /// How long a leader holds the Lease without renewing it.
-    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LEASE_DURATION", default_value = text(crate::controller::leader::LeaseSettings::default().duration), value_parser = humantime::parse_duration)]
     pub(crate) lease_duration: Duration,
 
     /// Name of this replica in the Lease and in Events (default: host name and process id).
@@ -208,18 +208,18 @@ pub struct ControllerOptions {
 #[derive(Debug, Args)]
 pub struct StreamOptions {
     /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(long, env = "NATS_URL", default_value = crate::relay::RelaySettings::default().nats_url)]
     pub nats_url: String,
 
     /// JetStream stream of the audit events.
-    #[arg(long, env = "AUDIT_STREAM", default_value = "VOUCHER_AUDIT")]
+    #[arg(long, env = "AUDIT_STREAM", default_value = crate::relay::RelaySettings::default().stream)]
     pub(crate) audit_stream: String,
 
     /// Subject prefix: events are published on <prefix>.<CODE>.<kind>.
     #[arg(
         long,
         env = "AUDIT_SUBJECT_PREFIX",
-        default_value = "catalyst.vouchers"
+        default_value = crate::relay::RelaySettings::default().subject_prefix
     )]
     pub(crate) audit_subject_prefix: String,
 
@@ -245,7 +245,7 @@ pub struct StreamOptions {
     pub(crate) nats_tls_ca: Option<std::path::PathBuf>,
 
     /// Refuse a NATS connection without TLS.
-    #[arg(long, env = "NATS_TLS_REQUIRED", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "NATS_TLS_REQUIRED", default_value_t = crate::relay::RelaySettings::default().nats_auth.tls_required, action = clap::ArgAction::Set)]
     pub(crate) nats_tls_required: bool,
 }
 
@@ -301,7 +301,7 @@ pub struct CampaignCodesOptions {
     pub namespace: Option<String>,
 
     /// Namespace of the generator key's Secret, as the controller's --campaign-key-namespace.
-    #[arg(long, env = "CAMPAIGN_KEY_NAMESPACE", default_value = DEFAULT_KEY_NAMESPACE)]
+    #[arg(long, env = "CAMPAIGN_KEY_NAMESPACE", default_value = crate::controller::DEFAULT_KEY_NAMESPACE)]
     pub key_namespace: String,
 
     /// Index of the first code to print (codes are numbered from 0).
@@ -391,9 +391,6 @@ fn parse_cidr(value: &str) -> Result<ipnet::IpNet, String> {
         })
 }
 
-/// Where campaigns' generator keys are, unless configured (the chart's default too).
-pub(crate) const DEFAULT_KEY_NAMESPACE: &str = "voucher-campaign-keys";
-
 /// `--tail`: a positive number, or `all`.
 fn parse_tail(value: &str) -> Result<usize, String> {
     match value {
@@ -420,39 +417,39 @@ pub struct AuditOptions {
     #[arg(
         long,
         env = "AUDIT_SOURCE",
-        default_value = "/catalyst/voucher-operator"
+        default_value = crate::relay::RelaySettings::default().source
     )]
     pub(crate) audit_source: String,
 
     /// Stream storage: file or memory.
-    #[arg(long, env = "AUDIT_STORAGE", default_value = "file", value_parser = ["file", "memory"])]
+    #[arg(long, env = "AUDIT_STORAGE", default_value = storage_name(crate::relay::RelaySettings::default().storage), value_parser = ["file", "memory"])]
     pub(crate) audit_storage: String,
 
     /// Stream replicas (1 to 5).
-    #[arg(long, env = "AUDIT_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    #[arg(long, env = "AUDIT_REPLICAS", default_value_t = u8::try_from(crate::relay::RelaySettings::default().replicas).unwrap_or(1), value_parser = clap::value_parser!(u8).range(1..=5))]
     pub(crate) audit_replicas: u8,
 
     /// How long the stream keeps events.
-    #[arg(long, env = "AUDIT_MAX_AGE", default_value = "90days", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "AUDIT_MAX_AGE", default_value = text(crate::relay::RelaySettings::default().max_age), value_parser = humantime::parse_duration)]
     pub(crate) audit_max_age: Duration,
 
     /// JetStream drops an event id seen again within this window; keep it longer than any
     /// outage the relay retries through.
-    #[arg(long, env = "AUDIT_DUPLICATE_WINDOW", default_value = "2h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "AUDIT_DUPLICATE_WINDOW", default_value = text(crate::relay::RelaySettings::default().duplicate_window), value_parser = humantime::parse_duration)]
     pub(crate) audit_duplicate_window: Duration,
 
     /// Published records are deleted from the outbox after this long.
-    #[arg(long, env = "AUDIT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "AUDIT_RETENTION", default_value = text(crate::relay::RelaySettings::default().retention), value_parser = humantime::parse_duration)]
     pub(crate) audit_retention: Duration,
 
     /// The relay also looks at the outbox this often, in case a notification was missed.
-    #[arg(long, env = "AUDIT_POLL_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "AUDIT_POLL_INTERVAL", default_value = text(crate::relay::RelaySettings::default().poll_interval), value_parser = humantime::parse_duration)]
     pub(crate) audit_poll_interval: Duration,
 
     /// Bring an existing stream's settings (max age, storage, replicas, duplicate window) to
     /// these flags. Off, the relay creates a missing stream and leaves an existing one as it is,
     /// warning about each difference: a stream kept longer elsewhere is never purged by it.
-    #[arg(long, env = "AUDIT_MANAGE_STREAM", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "AUDIT_MANAGE_STREAM", default_value_t = crate::relay::RelaySettings::default().manage_stream, action = clap::ArgAction::Set)]
     pub(crate) audit_manage_stream: bool,
 }
 
@@ -480,34 +477,24 @@ impl AuditOptions {
     }
 }
 
-/// The values an options struct's flags default to, without reading the
-/// environment: the one place each default is declared is its flag. `args`
-/// supplies the flags that have no default.
-fn defaults<T: Args + clap::FromArgMatches>(args: &[&str]) -> T {
-    let command = T::augment_args(clap::Command::new("defaults")).mut_args(|arg| arg.env(None));
-    let matches = command.get_matches_from(std::iter::once("defaults").chain(args.iter().copied()));
-    T::from_arg_matches(&matches).expect("the flags without a default are given")
-}
-
-impl Default for crate::relay::RelaySettings {
-    fn default() -> Self {
-        defaults::<AuditOptions>(&[]).settings()
+/// A default duration as its flag shows and parses it (`5m`, `90days`): in
+/// its largest whole unit from two of them on (days from a week on).
+fn text(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    match secs {
+        _ if duration.subsec_nanos() != 0 || secs == 0 => format!("{}ms", duration.as_millis()),
+        _ if secs >= 7 * 86_400 && secs.is_multiple_of(86_400) => format!("{}days", secs / 86_400),
+        _ if secs >= 2 * 3_600 && secs.is_multiple_of(3_600) => format!("{}h", secs / 3_600),
+        _ if secs >= 2 * 60 && secs.is_multiple_of(60) => format!("{}m", secs / 60),
+        _ => format!("{secs}s"),
     }
 }
 
-impl Default for crate::server::ServerSettings {
-    fn default() -> Self {
-        defaults::<ServerOptions>(&[]).settings()
-    }
-}
-
-impl Default for DatabaseSettings {
-    /// With an empty `url`, which every user of it sets.
-    fn default() -> Self {
-        DatabaseSettings {
-            url: String::new(),
-            ..defaults::<ConnectOptions>(&["--database-url", "postgres://"]).settings()
-        }
+/// The `--audit-storage` value of `storage`.
+fn storage_name(storage: async_nats::jetstream::stream::StorageType) -> &'static str {
+    match storage {
+        async_nats::jetstream::stream::StorageType::Memory => "memory",
+        async_nats::jetstream::stream::StorageType::File => "file",
     }
 }
 
@@ -562,7 +549,7 @@ pub struct ServerOptions {
     pub(crate) jwt_hs256_audience: Option<String>,
 
     /// Clock skew allowed when checking `exp` and `nbf` (at most 5m).
-    #[arg(long, env = "JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "JWT_LEEWAY", default_value = text(crate::server::auth::AuthSettings::default().leeway), value_parser = humantime::parse_duration)]
     pub(crate) jwt_leeway: Duration,
 
     /// The token claim that names the customer's tenant (e.g. tenant_id); when a token has it,
@@ -571,24 +558,24 @@ pub struct ServerOptions {
     pub(crate) jwt_tenant_claim: Option<String>,
 
     /// Requests per minute per client on redeem-preview and redeem.
-    #[arg(long, env = "RATE_LIMIT_PER_MINUTE", default_value_t = 60,
+    #[arg(long, env = "RATE_LIMIT_PER_MINUTE", default_value_t = crate::server::ServerSettings::default().rate_limit_per_minute,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_per_minute: u32,
 
     /// Requests a client may send in a burst before the per-minute rate applies.
-    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 20,
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = crate::server::ServerSettings::default().rate_limit_burst,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_burst: u32,
 
     /// Requests per minute per token subject on redeem and the admin endpoints (one customer
     /// behind a shared address cannot spend everybody's budget, nor one token many addresses').
-    #[arg(long, env = "RATE_LIMIT_PER_SUBJECT", default_value_t = 30,
+    #[arg(long, env = "RATE_LIMIT_PER_SUBJECT", default_value_t = crate::server::ServerSettings::default().rate_limit_per_subject,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_per_subject: u32,
 
     /// Failed authentications per minute per client; beyond, the client is refused (429) until
     /// its budget refills.
-    #[arg(long, env = "AUTH_FAILURES_PER_MINUTE", default_value_t = 10,
+    #[arg(long, env = "AUTH_FAILURES_PER_MINUTE", default_value_t = crate::server::ServerSettings::default().auth_failures_per_minute,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub auth_failures_per_minute: u32,
 
@@ -596,7 +583,7 @@ pub struct ServerOptions {
     /// campaign's), from all clients together, on the preview and redeem; beyond, codes under
     /// that prefix are refused (429) until the budget refills — a guesser spread over many
     /// addresses still finds a campaign's code at most this often per minute.
-    #[arg(long, env = "GUESSES_PER_MINUTE", default_value_t = 120,
+    #[arg(long, env = "GUESSES_PER_MINUTE", default_value_t = crate::server::ServerSettings::default().guesses_per_minute,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub guesses_per_minute: u32,
 
@@ -606,51 +593,72 @@ pub struct ServerOptions {
     pub trusted_proxies: Vec<ipnet::IpNet>,
 
     /// Namespace of the Vouchers that the admin endpoints issue.
-    #[arg(long, env = "ADMIN_NAMESPACE", default_value = "default")]
+    #[arg(long, env = "ADMIN_NAMESPACE", default_value = crate::server::ServerSettings::default().admin_namespace)]
     pub admin_namespace: String,
 
     /// Largest accepted request body, in bytes.
-    #[arg(long, env = "BODY_LIMIT", default_value_t = 16 * 1024)]
+    #[arg(long, env = "BODY_LIMIT", default_value_t = crate::server::ServerSettings::default().body_limit)]
     pub body_limit: usize,
 
     /// Longest a request may take before it is answered with 503.
-    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = text(crate::server::ServerSettings::default().request_timeout), value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
     /// How long an Idempotency-Key and its answer are kept (a retry later than this is a new
     /// request; 24h as Stripe keeps them).
-    #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = text(crate::server::ServerSettings::default().idempotency_retention), value_parser = humantime::parse_duration)]
     pub idempotency_retention: Duration,
 
     /// A client must send a request's headers within this time, or its connection is closed
     /// (a slow client cannot hold a connection open by trickling them).
-    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = text(crate::server::ServerSettings::default().header_read_timeout), value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
 
     /// A connection that carries nothing for this long is closed.
-    #[arg(long, env = "IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDLE_TIMEOUT", default_value = text(crate::server::ServerSettings::default().idle_timeout), value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
     /// Connections served at once; more are closed as they arrive.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096,
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = u32::try_from(crate::server::ServerSettings::default().max_connections).unwrap_or(u32::MAX),
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
 
     /// Connections of one client address at once (an IPv6 client by its /64); the
     /// --trusted-proxies are exempt, since every customer behind them shares their addresses.
-    #[arg(long, env = "MAX_CONNECTIONS_PER_CLIENT", default_value_t = 64,
+    #[arg(long, env = "MAX_CONNECTIONS_PER_CLIENT", default_value_t = u32::try_from(crate::server::ServerSettings::default().max_connections_per_client).unwrap_or(u32::MAX),
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections_per_client: u32,
 }
 
 impl ControllerOptions {
+    /// How the controller behaves, from these flags.
+    pub(crate) fn settings(&self) -> crate::controller::Settings {
+        crate::controller::Settings {
+            resync_interval: self.resync_interval,
+            status_min_interval: self.status_min_interval,
+            namespace: self.watch_namespace.clone(),
+            identity: self.identity(),
+            concurrency: self.concurrency,
+            issuers: crate::domain::Issuers::new(&self.issuer_namespaces),
+            key_namespace: self.campaign_key_namespace.clone(),
+        }
+    }
+
+    /// The Lease to lead through, when leader election is on.
+    pub(crate) fn lease(&self) -> Option<crate::controller::leader::LeaseSettings> {
+        self.leader_election
+            .then(|| crate::controller::leader::LeaseSettings {
+                name: self.lease_name.clone(),
+                namespace: self.lease_namespace.clone(),
+                identity: self.identity(),
+                duration: self.lease_duration,
+            })
+    }
+
     pub fn identity(&self) -> String {
-        self.identity.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "voucher-operator".into());
-            format!("{host}-{}", std::process::id())
-        })
+        self.identity
+            .clone()
+            .unwrap_or_else(|| crate::controller::Settings::default().identity)
     }
 }
 
@@ -790,29 +798,66 @@ mod tests {
     use super::*;
     use crate::relay::RelaySettings;
 
-    #[test]
-    fn server_and_database_defaults_are_the_command_lines() {
-        let server = crate::server::ServerSettings::default();
-        assert_eq!(
-            (server.rate_limit_per_minute, server.body_limit),
-            (60, 16 * 1024)
-        );
-        assert_eq!(server.request_timeout, Duration::from_secs(10));
-        let database = DatabaseSettings::default();
-        assert_eq!(database.max_connections, 10);
-        assert_eq!(database.connect_timeout, Duration::from_secs(10));
+    /// The options a command line without these flags (and without the
+    /// environment) parses to; `args` supplies the flags that have no default.
+    fn parsed<T: Args + clap::FromArgMatches>(args: &[&str]) -> T {
+        let command = T::augment_args(clap::Command::new("defaults")).mut_args(|arg| arg.env(None));
+        let matches =
+            command.get_matches_from(std::iter::once("defaults").chain(args.iter().copied()));
+        T::from_arg_matches(&matches).expect("the flags without a default are given")
     }
 
     #[test]
-    fn relay_defaults_are_the_command_lines() {
-        let settings = RelaySettings::default();
+    fn every_settings_default_is_what_its_flags_default_to() {
         assert_eq!(
-            (settings.stream.as_str(), settings.subject_prefix.as_str()),
-            ("VOUCHER_AUDIT", "catalyst.vouchers")
+            parsed::<ServerOptions>(&[]).settings(),
+            crate::server::ServerSettings::default()
         );
-        assert_eq!(settings.max_age, Duration::from_secs(90 * 24 * 3600));
-        assert_eq!(settings.replicas, 1);
-        assert_eq!(settings.batch_size, crate::relay::BATCH_SIZE);
+        assert_eq!(
+            parsed::<AuditOptions>(&[]).settings(),
+            RelaySettings::default()
+        );
+        assert_eq!(
+            parsed::<ConnectOptions>(&["--database-url", "postgres://db/billing"]).settings(),
+            DatabaseSettings {
+                url: "postgres://db/billing".into(),
+                ..DatabaseSettings::default()
+            }
+        );
+        let controller = parsed::<ControllerOptions>(&["--identity", "me"]);
+        let defaults = crate::controller::Settings::default();
+        let settings = controller.settings();
+        assert_eq!(
+            (
+                settings.resync_interval,
+                settings.status_min_interval,
+                settings.concurrency,
+                settings.issuers.list(),
+                settings.key_namespace,
+            ),
+            (
+                defaults.resync_interval,
+                defaults.status_min_interval,
+                defaults.concurrency,
+                defaults.issuers.list(),
+                defaults.key_namespace,
+            )
+        );
+        let lease = controller
+            .lease()
+            .expect("leader election is on by default");
+        assert_eq!(
+            lease,
+            crate::controller::leader::LeaseSettings {
+                identity: "me".into(),
+                ..Default::default()
+            }
+        );
+        let jwt_leeway = parsed::<ServerOptions>(&[]).jwt_leeway;
+        assert_eq!(
+            jwt_leeway,
+            crate::server::auth::AuthSettings::default().leeway
+        );
     }
 
     #[test]

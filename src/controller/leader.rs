@@ -9,12 +9,25 @@ use kube_lease_manager::LeaseManagerBuilder;
 use tokio_util::sync::CancellationToken;
 
 /// Where the lease is and who we are.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseSettings {
     pub name: String,
     pub namespace: String,
     pub identity: String,
     pub duration: Duration,
+}
+
+impl Default for LeaseSettings {
+    /// The defaults of the leader-election flags; `identity` is the
+    /// controller's ([`super::Settings`]).
+    fn default() -> Self {
+        Self {
+            name: "voucher-operator".into(),
+            namespace: "default".into(),
+            identity: super::Settings::default().identity,
+            duration: Duration::from_secs(15),
+        }
+    }
 }
 
 /// Runs `work` whenever this replica leads, until `shutdown` is cancelled.

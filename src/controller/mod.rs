@@ -53,6 +53,30 @@ pub struct Settings {
     pub key_namespace: String,
 }
 
+/// The namespace of campaigns' generator-key Secrets, unless told otherwise.
+pub const DEFAULT_KEY_NAMESPACE: &str = "voucher-campaign-keys";
+
+impl Default for Settings {
+    /// The defaults of the controller's flags (`voucher-operator controller --help`).
+    fn default() -> Self {
+        Self {
+            resync_interval: Duration::from_secs(5 * 60),
+            status_min_interval: Duration::from_secs(2),
+            namespace: None,
+            // The host name and process id: unique among replicas.
+            identity: {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "voucher-operator".into());
+                format!("{host}-{}", std::process::id())
+            },
+            concurrency: 8,
+            issuers: Issuers::new(["default"]),
+            key_namespace: DEFAULT_KEY_NAMESPACE.to_owned(),
+        }
+    }
+}
+
 /// What every reconcile of either kind shares.
 pub struct Context {
     pub client: kube::Client,

@@ -13,7 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
 
 /// How tokens are checked.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct AuthSettings {
     pub hs256_secret: Option<String>,
     /// The secret before the current one, accepted too while a rotation is
@@ -33,6 +33,24 @@ pub struct AuthSettings {
     /// The claim that names the customer's tenant, when the identity
     /// provider sets one: it then wins over what the request body says.
     pub tenant_claim: Option<String>,
+}
+
+impl Default for AuthSettings {
+    /// Nothing to check tokens with yet (a start refuses it), and the
+    /// flags' clock leeway.
+    fn default() -> Self {
+        Self {
+            hs256_secret: None,
+            hs256_previous_secret: None,
+            jwks_url: None,
+            issuer: None,
+            audience: None,
+            hs256_issuer: None,
+            hs256_audience: None,
+            leeway: Duration::from_secs(30),
+            tenant_claim: None,
+        }
+    }
 }
 
 /// The roles that may administer vouchers.

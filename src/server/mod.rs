@@ -38,8 +38,9 @@ use auth::Verifier;
 use error::HttpError;
 use limits::{LimitSettings, Limits};
 
-/// How the server behaves.
-#[derive(Clone, Debug)]
+/// How the server behaves. Its `Default` is what the flags default to
+/// (`voucher-operator server --help`).
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServerSettings {
     /// Requests per minute per client on the public and checkout endpoints.
     pub rate_limit_per_minute: u32,
@@ -68,6 +69,27 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// Connections of one client address (trusted proxies exempt).
     pub max_connections_per_client: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            rate_limit_per_minute: 60,
+            rate_limit_burst: 20,
+            rate_limit_per_subject: 30,
+            auth_failures_per_minute: 10,
+            guesses_per_minute: 120,
+            trusted_proxies: Vec::new(),
+            admin_namespace: "default".into(),
+            body_limit: 16 * 1024,
+            request_timeout: Duration::from_secs(10),
+            idempotency_retention: Duration::from_secs(24 * 3600),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            max_connections_per_client: 64,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -171,11 +171,22 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub(crate) const GUARD_SQLSTATE: &str = "VG001";
 
 /// How to reach the database.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatabaseSettings {
     pub url: String,
     pub max_connections: u32,
     pub connect_timeout: Duration,
+}
+
+impl Default for DatabaseSettings {
+    /// The flags' defaults, with an empty `url`, which every user of it sets.
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            max_connections: 10,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// A pool of connections to the billing database.
