@@ -5,6 +5,19 @@
 //! test control plane in `voucher-testenv`) are other crates: nothing of them
 //! is in this binary.
 
+//!
+//! The public surface is what the binaries (`voucher-operator`, `voucher-dev`)
+//! and the integration tests use; everything else is `pub(crate)`:
+//! - [`cli`]: the command line (`Cli`, `run`, logging);
+//! - [`controller`]: `Config`, `Settings`, `Role`, `Context`, each kind's
+//!   `reconcile`/`run` (`voucher`, `campaign`), `leader`, `metrics`;
+//! - [`server`]: `ServerSettings`, `AppState`, `serve`, `auth` (`AuthSettings`,
+//!   `Verifier`);
+//! - [`store`]: `Store`, `DatabaseSettings`, and the statements the tests
+//!   drive directly (`redeem`, `sync`, `campaigns`, `outbox`, `bindings`);
+//! - [`relay`] and [`events`]: the audit stream written and read back;
+//! - [`api`] and [`domain`]: the resource types and the domain, re-exported.
+
 #![forbid(unsafe_code)]
 
 pub mod cli;

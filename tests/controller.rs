@@ -845,15 +845,32 @@ async fn two_controllers_sharing_a_lease_never_reconcile_together() {
         (a > 0) != (b > 0),
         "exactly one replica reconciles: a={a} b={b}"
     );
-    let (leader_stop, leader_task, follower) = if a > 0 {
-        (stop_a, task_a, &ctx_b)
+    let (leader_stop, leader_task, follower, leader) = if a > 0 {
+        (stop_a, task_a, &ctx_b, "replica-a")
     } else {
-        (stop_b, task_b, &ctx_a)
+        (stop_b, task_b, &ctx_a, "replica-b")
     };
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), &ns);
+    let holder = || async {
+        leases
+            .get("voucher-operator")
+            .await
+            .unwrap()
+            .spec
+            .and_then(|s| s.holder_identity)
+    };
+    assert_eq!(holder().await.as_deref(), Some(leader));
 
-    // The leader steps down (and releases the lease): the follower takes over.
+    // The leader steps down and releases the lease — seen at once, before expiry could have
+    // freed it — and the follower takes over.
     leader_stop.cancel();
     leader_task.await.unwrap().unwrap();
+    assert_ne!(
+        holder().await.as_deref(),
+        Some(leader),
+        "the lease was not released when the leader stepped down"
+    );
     let spec: VoucherSpec = serde_json::from_value(json!({"creditOMR": 7})).unwrap();
     vouchers
         .create(
@@ -886,18 +903,25 @@ async fn two_controllers_sharing_a_lease_never_reconcile_together() {
 /// running one would put the finalizer straight back), so that its binding
 /// stays behind; then starts the controller again.
 async fn vanish(h: &Harness, name: &str) -> tokio_util::sync::DropGuard {
-    h.stop.cancel();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let api = h.vouchers(&h.ns);
-    let clear = json!({"metadata": {"finalizers": null}});
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&clear))
-        .await
-        .unwrap();
-    api.delete(name, &DeleteParams::default()).await.unwrap();
-    assert!(api.get_opt(name).await.unwrap().is_none());
+    remove_without_finalizer(h, &[name]).await;
     let restarted = CancellationToken::new();
     tokio::spawn(controller::voucher::run(h.ctx.clone(), restarted.clone()));
     restarted.drop_guard()
+}
+
+/// Stops the controller, then removes `names` without their finalizer: their bindings stay.
+async fn remove_without_finalizer(h: &Harness, names: &[&str]) {
+    h.stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let api = h.vouchers(&h.ns);
+    for name in names {
+        let clear = json!({"metadata": {"finalizers": null}});
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&clear))
+            .await
+            .unwrap();
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+        assert!(api.get_opt(name).await.unwrap().is_none());
+    }
 }
 
 async fn bound(h: &Harness, code: &str) -> i64 {
@@ -921,16 +945,7 @@ async fn a_vanished_vouchers_binding_is_swept_with_its_recorded_policy() {
         h.until(&h.ns, name, "Active", |v| phase(v) == Some(Phase::Active))
             .await;
     }
-    h.stop.cancel();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let api = h.vouchers(&h.ns);
-    for name in ["gone-revoke", "gone-orphan"] {
-        let clear = json!({"metadata": {"finalizers": null}});
-        api.patch(name, &PatchParams::default(), &Patch::Merge(&clear))
-            .await
-            .unwrap();
-        api.delete(name, &DeleteParams::default()).await.unwrap();
-    }
+    remove_without_finalizer(&h, &["gone-revoke", "gone-orphan"]).await;
     assert_eq!(
         bound(&h, "GONE-REVOKE").await,
         1,
@@ -959,6 +974,73 @@ async fn a_vanished_vouchers_binding_is_swept_with_its_recorded_policy() {
             .contains(&("Warning".into(), "Revoked".into())),
         "an Event on the vanished Voucher"
     );
+}
+
+/// The sweep releases a binding only on evidence that its Voucher is gone: while the Voucher
+/// API does not answer a list, it sweeps nothing; while a vanished Voucher's get fails, that
+/// binding stays (the others go).
+#[tokio::test]
+async fn the_sweep_releases_nothing_it_could_not_confirm_gone() {
+    let faults = support::faults::Faults::default();
+    let h = harness_with(
+        Settings {
+            // The sweep runs every resync interval.
+            resync_interval: Duration::from_millis(500),
+            ..settings()
+        },
+        Some(faults.clone()),
+    )
+    .await;
+    for name in ["unlisted", "unread"] {
+        h.create(&h.ns, name, json!({"creditOMR": 5})).await;
+        h.until(&h.ns, name, "Active", |v| phase(v) == Some(Phase::Active))
+            .await;
+    }
+    remove_without_finalizer(&h, &["unlisted", "unread"]).await;
+    let both = || async { bound(&h, "UNLISTED").await + bound(&h, "UNREAD").await };
+    assert_eq!(both().await, 2, "the stale bindings this test is about");
+
+    // The sweep's list (limit=1; the watch lists in pages of 500) fails: nothing is swept.
+    const MANY: usize = 1_000;
+    faults.inject("GET", "limit=1", 500, MANY);
+    let restarted = CancellationToken::new();
+    tokio::spawn(controller::voucher::run(h.ctx.clone(), restarted.clone()));
+    eventually("three sweeps refused their list", || async {
+        (faults.pending() <= MANY - 3).then_some(())
+    })
+    .await;
+    assert_eq!(both().await, 2, "a sweep without a list released a binding");
+    restarted.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The list works; the get of one vanished Voucher fails: that one stays.
+    faults.clear();
+    faults.inject("GET", "/vouchers/unread", 500, MANY);
+    let restarted = CancellationToken::new();
+    tokio::spawn(controller::voucher::run(h.ctx.clone(), restarted.clone()));
+    let _stop_restarted = restarted.drop_guard();
+    eventually("the confirmed one swept", || async {
+        (bound(&h, "UNLISTED").await == 0).then_some(())
+    })
+    .await;
+    eventually("a get of the other refused", || async {
+        (faults.pending() < MANY).then_some(())
+    })
+    .await;
+    // Two more sweeps: whatever that sweep did with the refused get is done.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(faults.pending() < MANY - 1, "the sweep asked again");
+    assert_eq!(
+        bound(&h, "UNREAD").await,
+        1,
+        "released without a get that said gone"
+    );
+    // Once the get answers, it goes too.
+    faults.clear();
+    eventually("the other swept once its get answers", || async {
+        (bound(&h, "UNREAD").await == 0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

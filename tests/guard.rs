@@ -19,65 +19,6 @@ async fn migrated(prefix: &str) -> (String, PgPool, Store) {
     (url, pool, store)
 }
 
-/// The billing service's checkout, as it runs today: lock the code and check it as it knows
-/// codes (live, active, under its cap), refuse a second redemption by the customer, then the
-/// redemption, the counter and the ledger grant — knowing nothing of windows, campaigns or
-/// suspensions. The database's error message, as the checkout would show it, on a refusal.
-async fn legacy_checkout(pool: &PgPool, code: &str, user: &str) -> Result<(), String> {
-    let run = async {
-        let mut tx = pool.begin().await?;
-        let customer: uuid::Uuid = sqlx::query_scalar(
-            "INSERT INTO customers (user_id, tenant_id, email) VALUES ($1, 't', '') \
-             ON CONFLICT (user_id) DO UPDATE SET email = EXCLUDED.email RETURNING id",
-        )
-        .bind(user)
-        .fetch_one(&mut *tx)
-        .await?;
-        let (credit, usable): (i32, bool) = sqlx::query_as(
-            "SELECT credit_omr, deleted_at IS NULL AND active \
-               AND (max_redemptions = 0 OR times_redeemed < max_redemptions) \
-             FROM promo_codes WHERE code = $1 FOR UPDATE",
-        )
-        .bind(code)
-        .fetch_one(&mut *tx)
-        .await?;
-        let again: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM promo_redemptions WHERE customer_id = $1 AND code = $2)",
-        )
-        .bind(customer)
-        .bind(code)
-        .fetch_one(&mut *tx)
-        .await?;
-        if !usable || again {
-            return Ok::<_, sqlx::Error>(Err("the checkout's own checks refused it".to_owned()));
-        }
-        sqlx::query("INSERT INTO promo_redemptions (customer_id, code) VALUES ($1, $2)")
-            .bind(customer)
-            .bind(code)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE promo_codes SET times_redeemed = times_redeemed + 1 WHERE code = $1")
-            .bind(code)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO credit_ledger (customer_id, amount_omr, reason) VALUES ($1, $2, 'promo:' || $3)",
-        )
-        .bind(customer)
-        .bind(credit)
-        .bind(code)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Ok(()))
-    };
-    match run.await {
-        Ok(outcome) => outcome,
-        Err(sqlx::Error::Database(error)) => Err(error.message().to_owned()),
-        Err(other) => panic!("{other}"),
-    }
-}
-
 /// Redemptions, counter and ledger grants of `code`: all three move together or none does.
 async fn written(pool: &PgPool, code: &str) -> (i64, i32, i64) {
     sqlx::query_as(
@@ -103,14 +44,14 @@ async fn the_legacy_checkout_cannot_redeem_outside_the_window() {
     .execute(&pool)
     .await
     .unwrap();
-    let refused = legacy_checkout(&pool, "EXPIRED-1", "alice")
+    let refused = support::seed_checkout(&pool, "EXPIRED-1", "alice")
         .await
         .unwrap_err();
     assert!(
         refused.contains("voucher code EXPIRED-1 expired at"),
         "{refused}"
     );
-    let refused = legacy_checkout(&pool, "LATER-1", "alice")
+    let refused = support::seed_checkout(&pool, "LATER-1", "alice")
         .await
         .unwrap_err();
     assert!(
@@ -124,7 +65,7 @@ async fn the_legacy_checkout_cannot_redeem_outside_the_window() {
             "{code}: nothing written"
         );
     }
-    legacy_checkout(&pool, "LIVE-1", "alice")
+    support::seed_checkout(&pool, "LIVE-1", "alice")
         .await
         .expect("a live code in its window still redeems");
     assert_eq!(written(&pool, "LIVE-1").await, (1, 1, 1));
@@ -184,7 +125,9 @@ async fn a_switched_off_campaigns_code_is_refused_to_every_writer_whatever_its_r
         .await
         .unwrap();
     assert!(active, "the row was not rewritten");
-    let refused = legacy_checkout(&pool, "OFF-2", "bob").await.unwrap_err();
+    let refused = support::seed_checkout(&pool, "OFF-2", "bob")
+        .await
+        .unwrap_err();
     assert!(
         refused.contains("belongs to VoucherCampaign billing/camp-off, which is switched off"),
         "{refused}"
@@ -211,7 +154,7 @@ async fn a_switched_off_campaigns_code_is_refused_to_every_writer_whatever_its_r
         )
         .await
         .unwrap();
-    legacy_checkout(&pool, "OFF-2", "bob")
+    support::seed_checkout(&pool, "OFF-2", "bob")
         .await
         .expect("switched on again");
 }
@@ -229,7 +172,9 @@ async fn a_suspended_code_or_campaign_is_refused_to_every_writer() {
     .await
     .unwrap();
     for code in ["PLAIN-9", "SUS-1"] {
-        let refused = legacy_checkout(&pool, code, "carol").await.unwrap_err();
+        let refused = support::seed_checkout(&pool, code, "carol")
+            .await
+            .unwrap_err();
         assert!(
             refused.contains(&format!("voucher code {code} is suspended")),
             "{refused}"
@@ -250,7 +195,7 @@ async fn a_suspended_code_or_campaign_is_refused_to_every_writer() {
         .execute(&pool)
         .await
         .unwrap();
-    legacy_checkout(&pool, "PLAIN-9", "carol")
+    support::seed_checkout(&pool, "PLAIN-9", "carol")
         .await
         .expect("lifted");
 }
@@ -356,11 +301,11 @@ async fn no_role_but_the_owner_can_switch_the_guard_off() {
     // The billing service's role passes through the guard without grants on the operator's
     // tables: refused by the rule, never by a permission.
     let billing_pool = as_role(&billing).await;
-    let refused = legacy_checkout(&billing_pool, "OLD-1", "erin")
+    let refused = support::seed_checkout(&billing_pool, "OLD-1", "erin")
         .await
         .unwrap_err();
     assert!(refused.contains("expired at"), "{refused}");
-    legacy_checkout(&billing_pool, "FRESH-1", "erin")
+    support::seed_checkout(&billing_pool, "FRESH-1", "erin")
         .await
         .expect("its checkout works as before");
 }

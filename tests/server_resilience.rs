@@ -1,5 +1,6 @@
-//! The server through a Postgres crash and restart, and through its own
-//! graceful shutdown. Its own test binary, so the restart touches no other test.
+//! The server through a Postgres crash and restart, cut off from Postgres by a proxy (a lost
+//! COMMIT acknowledgement, a partition), and through its own graceful shutdown. Its own test
+//! binary, so the restart touches no other test.
 
 mod support;
 
@@ -46,6 +47,21 @@ async fn start(database: &str) -> (String, CancellationToken, Store) {
     let (base, stop) =
         support::serve_http(store.clone(), support::server_settings(), auth, None).await;
     (base, stop, store)
+}
+
+/// [`start`], the server reaching `database` through a fault-injecting proxy.
+async fn start_proxied(
+    database: &str,
+) -> (
+    support::pg_faults::PgFaults,
+    (String, CancellationToken, Store),
+) {
+    let faults = support::pg_faults::PgFaults::default();
+    let upstream = support::postgres().port;
+    let port = support::pg_faults::proxy(upstream, faults.clone()).await;
+    let proxied = database.replace(&format!(":{upstream}/"), &format!(":{port}/"));
+    assert_ne!(proxied, database, "the server goes through the proxy");
+    (faults, start(&proxied).await)
 }
 
 /// A redemption by `customer`, with the customer's name as its Idempotency-Key.
@@ -111,7 +127,9 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
     };
     tokio::time::sleep(Duration::from_millis(400)).await;
     let restart_began = std::time::Instant::now();
-    tokio::task::spawn_blocking(|| support::postgres().restart())
+    // Down longer than the server waits for a connection (2 s): the requests meanwhile are
+    // answered 503, those in flight lose their transaction.
+    tokio::task::spawn_blocking(|| support::postgres().restart_after(Duration::from_secs(3)))
         .await
         .unwrap();
     let restart_ended = std::time::Instant::now();
@@ -133,6 +151,11 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
         answers.len(),
         "only 200 or 503: {answers:?}"
     );
+    assert!(
+        unavailable > 0,
+        "no request met the restart (all {} granted); the retries below would prove nothing",
+        answers.len()
+    );
 
     let (counter, rows, grants, audits): (i32, i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT times_redeemed FROM promo_codes WHERE code = 'STORM-1'), \
@@ -148,7 +171,6 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
         (counter as i64, counter as i64, counter as i64),
         "a half-written redemption"
     );
-    // A commit whose acknowledgement was lost counts but was answered 503.
     assert!(rows >= granted, "{rows} rows for {granted} grants answered");
 
     // The same server process serves again.
@@ -181,16 +203,66 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
     );
 }
 
-/// The preview's memory is trusted only while the database's notifications are heard: a change
-/// made right after a Postgres restart, before the server listens again (its notification is
-/// lost), is still followed within a second.
+/// A COMMIT whose acknowledgement is lost (the redemption committed; the server cannot know):
+/// answered 503, never a grant nor a refusal; the retry with its Idempotency-Key replays the
+/// grant, and the code is counted once. The acknowledgement is lost on purpose, by a proxy in
+/// front of the real Postgres.
 #[tokio::test]
-async fn the_preview_forgets_what_it_remembers_when_a_restart_cuts_the_notifications() {
+async fn a_lost_commit_acknowledgement_is_a_503_and_the_retry_replays_the_one_grant() {
     let _alone = RESTARTS.lock().await;
-    let database = support::fresh_database("preview_restart").await;
-    let (base, _stop, store) = start(&database).await;
+    let database = support::fresh_database("lost_ack").await;
+    let (faults, (base, _stop, store)) = start_proxied(&database).await;
+    sqlx::query(
+        "INSERT INTO promo_codes (code, credit_omr, max_redemptions) VALUES ('LOST-1', 4, 10)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let counts = || async {
+        let direct = support::pool(&database).await;
+        let counts: (i32, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT times_redeemed FROM promo_codes WHERE code = 'LOST-1'), \
+                    (SELECT count(*) FROM promo_redemptions WHERE code = 'LOST-1'), \
+                    (SELECT count(*) FROM credit_ledger WHERE reason = 'promo:LOST-1')",
+        )
+        .fetch_one(&direct)
+        .await
+        .unwrap();
+        direct.close().await;
+        counts
+    };
+    let http = reqwest::Client::new();
+
+    faults.lose_next_commits(1);
+    let first = redeem(&http, &base, "lost-ack", "LOST-1").await;
+    assert_eq!(
+        faults.lost(),
+        1,
+        "the redemption's COMMIT lost its acknowledgement"
+    );
+    assert_eq!(
+        first,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "an unknown outcome is a 503"
+    );
+    assert_eq!(counts().await, (1, 1, 1), "the redemption did commit");
+
+    let retry = redeem(&http, &base, "lost-ack", "LOST-1").await;
+    assert_eq!(retry, StatusCode::OK, "the retry replays the grant");
+    assert_eq!(counts().await, (1, 1, 1), "granted once");
+}
+
+/// The preview's memory is trusted only while the database's notifications are heard: a change
+/// made while the server is cut off from Postgres (its notification reaches no listener of
+/// this server: proven from pg_stat_activity) is followed within a second once it reconnects.
+#[tokio::test]
+async fn the_preview_forgets_what_it_remembers_when_a_cut_loses_its_notifications() {
+    let _alone = RESTARTS.lock().await;
+    let database = support::fresh_database("preview_cut").await;
+    let (faults, (base, _stop, _store)) = start_proxied(&database).await;
+    let direct = support::pool(&database).await;
     sqlx::query("INSERT INTO promo_codes (code, credit_omr) VALUES ('MEMO-1', 4)")
-        .execute(store.pool())
+        .execute(&direct)
         .await
         .unwrap();
     let http = reqwest::Client::new();
@@ -205,34 +277,61 @@ async fn the_preview_forgets_what_it_remembers_when_a_restart_cuts_the_notificat
             Err(_) => serde_json::Value::Null,
         }
     };
-    // Read once (remembered once the listener is up), then many times from memory.
-    for _ in 0..20 {
-        assert_eq!(preview().await, 4);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::task::spawn_blocking(|| support::postgres().restart())
+    let listeners = async || -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+        )
+        .fetch_one(&direct)
         .await
-        .unwrap();
-    // At once, before the server's listener is back.
-    let mut changed = false;
-    for _ in 0..50 {
-        if sqlx::query("UPDATE promo_codes SET credit_omr = 9 WHERE code = 'MEMO-1'")
-            .execute(store.pool())
-            .await
-            .is_ok()
-        {
-            changed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(changed, "the database did not come back");
-    let deadline = std::time::Instant::now() + Duration::from_secs(1);
-    while preview().await != 9 {
+        .unwrap()
+    };
+    // Read once (remembered once the listener is up), then from memory.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while listeners().await == 0 {
         assert!(
             std::time::Instant::now() < deadline,
-            "the preview still shows the old credit"
+            "the server never listened"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(preview().await, 4);
+    }
+
+    // Cut off: its connections (the listener's too) end, new ones are refused.
+    faults.partition();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while listeners().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the listener's session never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut tx = direct.begin().await.unwrap();
+    sqlx::query("UPDATE promo_codes SET credit_omr = 9 WHERE code = 'MEMO-1'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        listeners().await,
+        0,
+        "no listener of this server was there to hear the change"
+    );
+    faults.heal();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while listeners().await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never listened again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Listening again, it trusts its memory again: what it remembered from before the cut
+    // must be gone.
+    for _ in 0..20 {
+        assert_eq!(preview().await, 9, "the preview still shows the old credit");
     }
 }

@@ -6,9 +6,10 @@
 //! LEDGER_ROWS ledger rows (1,000,000 by default) over a tenth as many
 //! customers, 10,000 codes, and a redemption per customer. Printed, each with
 //! throughput, p50 and p99 at 32 requests in flight:
-//!   - the baselines: the seed's redemption SQL (its five statements under
-//!     the code's row lock), the single-statement hot-row update, and the
-//!     prepared SELECT by code;
+//!   - the baselines, on a pool with a connection per request in flight: the
+//!     seed's redemption SQL (`support::seed_checkout`: the customer, then its
+//!     five statements under the code's row lock), the single-statement
+//!     hot-row update, and the prepared SELECT by code;
 //!   - HTTP redeem of one hot code, and spread over 1,000 codes, each followed
 //!     by an exactness check (counter = redemption rows = ledger grants =
 //!     audit records, or the run fails);
@@ -243,43 +244,6 @@ where
     }
 }
 
-/// The seed's redemption: five statements under the code's row lock.
-async fn seed_redemption(pool: &PgPool, code: &str, customer: &str) {
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM promo_codes WHERE code = $1 FOR UPDATE")
-        .bind(code)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let id: uuid::Uuid = sqlx::query_scalar(
-        "INSERT INTO customers (user_id, tenant_id, email) VALUES ($1, 't', '') RETURNING id",
-    )
-    .bind(customer)
-    .fetch_one(&mut *tx)
-    .await
-    .unwrap();
-    sqlx::query("INSERT INTO promo_redemptions (customer_id, code) VALUES ($1, $2)")
-        .bind(id)
-        .bind(code)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE promo_codes SET times_redeemed = times_redeemed + 1 WHERE code = $1")
-        .bind(code)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO credit_ledger (customer_id, amount_omr, reason) VALUES ($1, 1, 'promo:' || $2)",
-    )
-    .bind(id)
-    .bind(code)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
-}
-
 /// HTTP redemptions of `code_of(i)` by new customers `{prefix}-{i}`, every one granted.
 async fn http_redeem(
     label: &str,
@@ -343,8 +307,14 @@ async fn main() {
     let ledger_rows = env_number("LEDGER_ROWS", 1_000_000) as i64;
     let small_rows = (ledger_rows / 100).max(1000);
     let (url, pool) = dataset(ledger_rows).await;
-    let (small_url, _small_pool) = dataset(small_rows).await;
+    let (small_url, small_pool) = dataset(small_rows).await;
     let server = Server::start(&url).await;
+    // The baselines get a connection for each request in flight.
+    let seed_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(CONCURRENCY as u32)
+        .connect(&url)
+        .await
+        .unwrap();
 
     let mut runs = Vec::new();
     runs.push(
@@ -352,15 +322,19 @@ async fn main() {
             "seed's redemption SQL, one hot code (5 statements)",
             n,
             |i| {
-                let pool = pool.clone();
-                async move { seed_redemption(&pool, "HOT-SQL", &format!("sql-{i}")).await }
+                let pool = seed_pool.clone();
+                async move {
+                    support::seed_checkout(&pool, "HOT-SQL", &format!("sql-{i}"))
+                        .await
+                        .unwrap()
+                }
             },
         )
         .await,
     );
     runs.push(
         measure("single-statement hot-row update", n, |_| {
-            let pool = pool.clone();
+            let pool = seed_pool.clone();
             async move {
                 sqlx::query(
                     "UPDATE promo_codes SET times_redeemed = times_redeemed + 1 WHERE code = $1",
@@ -375,7 +349,7 @@ async fn main() {
     );
     runs.push(
         measure("prepared SELECT by code", n * 5, |_| {
-            let pool = pool.clone();
+            let pool = seed_pool.clone();
             async move {
                 sqlx::query(
                     "SELECT code, credit_omr, description, active, max_redemptions, \
@@ -451,22 +425,25 @@ async fn main() {
         .await,
     );
     drop(small);
+    exact(&small_pool, &["HOT-HTTP".into()], 0, n).await;
 
     // As before `migrate` built the ledger's index (slow: a tenth of the requests).
     sqlx::raw_sql("DROP INDEX voucher_operator_credit_ledger_customer")
         .execute(&pool)
         .await
         .unwrap();
+    let without_index = (n / 10).max(CONCURRENCY);
     runs.push(
         http_redeem(
             "HTTP redeem, one hot code, no ledger index",
             &server,
             "noindex",
-            (n / 10).max(CONCURRENCY),
+            without_index,
             |_| "HOT-NOINDEX".into(),
         )
         .await,
     );
+    exact(&pool, &["HOT-NOINDEX".into()], 0, without_index).await;
     let peak_rss_mib = server.peak_rss_kib.load(Ordering::Relaxed) as f64 / 1024.0;
     drop(server);
 
@@ -507,7 +484,7 @@ async fn main() {
     }
     let rate = |i: usize| runs[i].rate();
     println!(
-        "  exactness: counter = redemption rows = ledger grants = audit records, after each HTTP redeem run"
+        "  exactness: counter = redemption rows = ledger grants = audit records, after each of the 4 HTTP redeem runs"
     );
     println!("  server peak RSS: {peak_rss_mib:.1} MiB");
     println!("ratios:");

@@ -252,6 +252,10 @@ async fn main() {
     tokio::time::sleep(RESYNC + Duration::from_secs(10)).await;
     let resynced =
         metric(port, "voucher_operator_reconciles_total{result=\"ok\"}").await - reconciles_before;
+    assert!(
+        resynced >= n as f64,
+        "the resync reconciled {resynced} of {n} Vouchers: it measured nothing"
+    );
     let resync = Writes::read(&client).await.since(first);
     let resync_writes = resync.vouchers + resync.status;
     let hwm = rss_kib(child.id(), "VmHWM:");

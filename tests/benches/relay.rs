@@ -109,6 +109,14 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drain = started.elapsed();
+    assert_eq!(
+        (
+            stored(&js, "BENCH_BASELINE").await,
+            stored(&js, "BENCH_RELAY").await
+        ),
+        (n as u64, n as u64),
+        "every event in each stream, once"
+    );
 
     // Lag at a steady rate: changes committed one by one at half the drain rate.
     let rate = ((n as f64 / drain.as_secs_f64()) / 2.0).max(100.0);
@@ -142,6 +150,11 @@ async fn main() {
     .unwrap();
     stop.cancel();
     task.await.unwrap().unwrap();
+    assert_eq!(
+        stored(&js, "BENCH_RELAY").await,
+        (n + steady) as u64,
+        "every steady change in the stream, once"
+    );
 
     let per_second = |d: Duration| n as f64 / d.as_secs_f64();
     println!("audit relay into a local JetStream (file storage), {n} events");
@@ -162,4 +175,10 @@ async fn main() {
         "  publish lag while {steady} changes are committed one by one, aiming at {rate:.0}/s, achieved {achieved:.0}/s:"
     );
     println!("    p50 {p50:.1} ms   p99 {p99:.1} ms   max {max:.1} ms");
+}
+
+/// The messages stream `name` holds.
+async fn stored(js: &jetstream::Context, name: &str) -> u64 {
+    let mut stream = js.get_stream(name).await.unwrap();
+    stream.info().await.unwrap().state.messages
 }

@@ -345,6 +345,48 @@ async fn revoke_revokes_a_gitops_owned_voucher_and_keeps_the_resource() {
     }
 }
 
+/// Revoke deletes the very Voucher the code is bound to (compared by uid), never another
+/// one that took its name since: a Voucher re-created under the same name, bound to nothing
+/// yet, stays.
+#[tokio::test]
+async fn revoke_deletes_only_the_bound_voucher_never_one_recreated_under_its_name() {
+    let (s, client, ns) = admin_server("same-name").await;
+    let vouchers: kube::Api<voucher_operator::api::Voucher> =
+        kube::Api::namespaced(client.clone(), &ns);
+    let first = bound_voucher(
+        &s,
+        &client,
+        &ns,
+        "spring",
+        json!({"code": "SPRING-1", "creditOMR": 5}),
+        json!({}),
+    )
+    .await;
+    // Deleted without the controller (no finalizer here), and re-created under the same name
+    // for another code: the binding still names the first one.
+    vouchers
+        .delete("spring", &Default::default())
+        .await
+        .unwrap();
+    let second: voucher_operator::api::Voucher = serde_json::from_value(json!({
+        "apiVersion": "catalyst.openova.io/v1alpha1", "kind": "Voucher",
+        "metadata": {"name": "spring"}, "spec": {"code": "SPRING-2", "creditOMR": 5},
+    }))
+    .unwrap();
+    let second = vouchers.create(&Default::default(), &second).await.unwrap();
+    assert_ne!(second.metadata.uid, first.metadata.uid);
+
+    let (status, body) = revoke(&s, "SPRING-1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["revoked"], true, "{body}");
+    let kept = vouchers.get_opt("spring").await.unwrap();
+    assert_eq!(
+        kept.and_then(|v| v.metadata.uid),
+        second.metadata.uid,
+        "the Voucher that took the name stays: {body}"
+    );
+}
+
 #[tokio::test]
 async fn issue_on_a_code_owned_elsewhere_is_a_conflict() {
     let (s, client, ns) = admin_server("elsewhere").await;

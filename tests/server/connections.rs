@@ -192,16 +192,19 @@ async fn a_client_trickling_its_headers_is_cut_off() {
         b"POST /billing/vouchers/redeem-preview HTTP/1.1\r\nHost: x\r\n",
     )
     .await;
-    // A header byte every 300 ms: the connection moves, but its headers never end.
-    let trickle = async {
-        for _ in 0..30 {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            if slow.write_all(b"X").await.is_err() {
-                return;
-            }
+    // A header byte every 300 ms: the connection moves, but its headers never end. Cut by the
+    // 1 s header timeout, it is refused a write within a few more bytes — long before the 15
+    // bytes of a trickle that a longer timeout (or an idle one, which moving bytes reset) would
+    // let finish.
+    let mut cut = false;
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if slow.write_all(b"X").await.is_err() {
+            cut = true;
+            break;
         }
-    };
-    trickle.await;
+    }
+    assert!(cut, "the trickling client was never cut off");
     assert!(
         closed_within(&mut slow, Duration::from_secs(1)).await,
         "the trickling client still holds its connection"

@@ -27,7 +27,8 @@ struct Fault {
 pub struct Faults(Arc<Mutex<Vec<Fault>>>);
 
 impl Faults {
-    /// The next `times` requests of `method` whose path contains `path_contains` answer `status`.
+    /// The next `times` requests of `method` whose path (with its query) contains
+    /// `path_contains` answer `status`.
     pub fn inject(&self, method: &str, path_contains: &str, status: u16, times: usize) {
         self.push(method, path_contains, Action::Fail(status), times);
     }
@@ -36,6 +37,11 @@ impl Faults {
     /// API server's own request timeout answers: 504, nothing done.
     pub fn hang(&self, method: &str, path_contains: &str, delay: Duration, times: usize) {
         self.push(method, path_contains, Action::Delay(delay), times);
+    }
+
+    /// Forgets the injections that have not happened.
+    pub fn clear(&self) {
+        self.0.lock().unwrap().clear();
     }
 
     /// How many injections have not happened yet.
@@ -96,7 +102,12 @@ fn failure(code: u16) -> Response {
 
 async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
     let (mut parts, body) = request.into_parts();
-    match proxy.faults.take(parts.method.as_str(), parts.uri.path()) {
+    // Matched against the path and its query (a list's `limit=1` tells it from a watch's).
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
+    match proxy.faults.take(parts.method.as_str(), &target) {
         Some(Action::Fail(code)) => return failure(code),
         Some(Action::Delay(delay)) => {
             tokio::time::sleep(delay).await;

@@ -25,6 +25,7 @@ use voucher_testenv::services;
 
 pub mod cluster;
 pub mod faults;
+pub mod pg_faults;
 
 pub struct Postgres {
     pub port: u16,
@@ -83,6 +84,66 @@ pub async fn fresh_database(prefix: &str) -> String {
     server.url_for(&name)
 }
 
+/// The billing service's checkout, as the seed runs it: the customer (found or created), then
+/// five statements under the code's row lock — lock the code and check it as it knows
+/// codes (live, active, under its cap), refuse a second redemption by the customer, then the
+/// redemption, the counter and the ledger grant — knowing nothing of windows, campaigns or
+/// suspensions. The database's error message, as the checkout would show it, on a refusal.
+pub async fn seed_checkout(pool: &PgPool, code: &str, user: &str) -> Result<(), String> {
+    let run = async {
+        let mut tx = pool.begin().await?;
+        let customer: uuid::Uuid = sqlx::query_scalar(
+            "INSERT INTO customers (user_id, tenant_id, email) VALUES ($1, 't', '') \
+             ON CONFLICT (user_id) DO UPDATE SET email = EXCLUDED.email RETURNING id",
+        )
+        .bind(user)
+        .fetch_one(&mut *tx)
+        .await?;
+        let (credit, usable): (i32, bool) = sqlx::query_as(
+            "SELECT credit_omr, deleted_at IS NULL AND active \
+               AND (max_redemptions = 0 OR times_redeemed < max_redemptions) \
+             FROM promo_codes WHERE code = $1 FOR UPDATE",
+        )
+        .bind(code)
+        .fetch_one(&mut *tx)
+        .await?;
+        let again: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM promo_redemptions WHERE customer_id = $1 AND code = $2)",
+        )
+        .bind(customer)
+        .bind(code)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !usable || again {
+            return Ok::<_, sqlx::Error>(Err("the checkout's own checks refused it".to_owned()));
+        }
+        sqlx::query("INSERT INTO promo_redemptions (customer_id, code) VALUES ($1, $2)")
+            .bind(customer)
+            .bind(code)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE promo_codes SET times_redeemed = times_redeemed + 1 WHERE code = $1")
+            .bind(code)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO credit_ledger (customer_id, amount_omr, reason) VALUES ($1, $2, 'promo:' || $3)",
+        )
+        .bind(customer)
+        .bind(credit)
+        .bind(code)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    };
+    match run.await {
+        Ok(outcome) => outcome,
+        Err(sqlx::Error::Database(error)) => Err(error.message().to_owned()),
+        Err(other) => panic!("{other}"),
+    }
+}
+
 pub async fn pool(url: &str) -> PgPool {
     PgPoolOptions::new()
         .max_connections(20)
@@ -137,6 +198,11 @@ impl Postgres {
     /// is cut, open transactions are lost) and starts it again on the same
     /// data and port, like a crash and restart of the database.
     pub fn restart(&self) {
+        self.restart_after(Duration::ZERO);
+    }
+
+    /// [`Self::restart`], the server staying down for `down` first.
+    pub fn restart_after(&self, down: Duration) {
         let mut running = SUPERVISED.lock().unwrap();
         if let Some(i) = running.iter().position(|s| s.dir == self.dir) {
             let mut old = running.remove(i);
@@ -145,6 +211,7 @@ impl Postgres {
             let _ = old.child.wait();
         }
         drop(running);
+        std::thread::sleep(down);
         self.launch();
     }
 }
