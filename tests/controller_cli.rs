@@ -104,9 +104,7 @@ async fn sigterm_stops_the_controller_and_releases_the_lease() {
     let metrics = support::http_get(port, "/metrics").await;
     assert!(metrics.contains("voucher_operator_vouchers"), "{metrics}");
     assert!(support::http_get(port, "/readyz").await.contains("ready"));
-
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    voucher_testenv::supervisor::signal(child.id(), voucher_testenv::supervisor::Signal::TERM);
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -211,8 +209,7 @@ async fn sigterm_stops_the_server_after_its_log_reader_went_away() {
     for _ in 0..5 {
         support::http_get(port, "/healthz").await;
     }
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    voucher_testenv::supervisor::signal(child.id(), voucher_testenv::supervisor::Signal::TERM);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = child.try_wait().unwrap() {

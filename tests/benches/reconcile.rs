@@ -44,8 +44,7 @@ fn cpu_seconds(pid: u32) -> f64 {
         .iter()
         .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
         .sum();
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let per_second = voucher_testenv::supervisor::clock_ticks_per_second() as f64;
     ticks as f64 / per_second
 }
 

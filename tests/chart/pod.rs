@@ -131,8 +131,7 @@ async fn wait_for(what: &str, pod: &Pod, mut check: impl AsyncFnMut() -> bool) {
 
 /// SIGTERM, as the kubelet sends at the end of a pod; waits without blocking the test's runtime.
 async fn stop(child: &mut Child, pod: &Pod) -> std::process::ExitStatus {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    voucher_testenv::supervisor::signal(child.id(), voucher_testenv::supervisor::Signal::TERM);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -55,7 +55,7 @@ fn start() -> Cluster {
     let etcd_port = super::free_port();
     let mut etcd = control_plane::etcd_command(&binaries, &dir.join("etcd"), etcd_port);
     etcd.stderr(super::log_file(dir.join("etcd.log")));
-    super::supervise(etcd, libc::SIGTERM, dir.clone());
+    super::supervise(etcd, super::Signal::TERM, dir.clone());
     super::wait_for_port(etcd_port, "etcd", &dir.join("etcd.log"));
 
     let port = super::free_port();
@@ -64,7 +64,7 @@ fn start() -> Cluster {
     apiserver.stderr(super::log_file(dir.join("kube-apiserver.log")));
     // Killed outright: a throwaway API server needs no graceful shutdown, and
     // one that outlives its etcd retries it for minutes.
-    let pid = super::supervise(apiserver, libc::SIGKILL, dir.clone());
+    let pid = super::supervise(apiserver, super::Signal::KILL, dir.clone());
 
     let cluster = Cluster {
         url: format!("https://127.0.0.1:{port}"),

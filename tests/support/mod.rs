@@ -11,17 +11,16 @@
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use voucher_testenv::services;
+use voucher_testenv::supervisor::{self, Signal};
 
 pub mod cluster;
 pub mod faults;
@@ -190,7 +189,7 @@ impl Postgres {
         let mut postgres =
             services::postgres_command(&self.bin, &self.dir.join("data"), self.port, &self.dir);
         postgres.stderr(log_file(self.dir.join("postgres.log")));
-        supervise(postgres, libc::SIGINT, self.dir.clone());
+        supervise(postgres, Signal::INT, self.dir.clone());
         wait_for_port(self.port, "postgres", &self.dir.join("postgres.log"));
     }
 
@@ -203,14 +202,8 @@ impl Postgres {
 
     /// [`Self::restart`], the server staying down for `down` first.
     pub fn restart_after(&self, down: Duration) {
-        let mut running = SUPERVISED.lock().unwrap();
-        if let Some(i) = running.iter().position(|s| s.dir == self.dir) {
-            let mut old = running.remove(i);
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(old.child.id() as i32, libc::SIGQUIT) };
-            let _ = old.child.wait();
-        }
-        drop(running);
+        // SIGQUIT: Postgres's immediate shutdown.
+        stop_service(&self.dir, Some(Signal::QUIT));
         std::thread::sleep(down);
         self.launch();
     }
@@ -247,7 +240,7 @@ pub fn nats_with_password(user: &str, password: &str) -> Nats {
     let mut cmd = services::nats_command(&nats.binary, &nats.dir.join("jetstream"), port);
     cmd.args(["--user", user, "--pass", password]);
     cmd.stderr(log_file(nats.dir.join("nats.log")));
-    supervise(cmd, libc::SIGTERM, nats.dir.clone());
+    supervise(cmd, Signal::TERM, nats.dir.clone());
     wait_for_port(port, "nats-server", &nats.dir.join("nats.log"));
     nats
 }
@@ -257,31 +250,52 @@ impl Nats {
     pub fn start(&self) {
         let mut nats = services::nats_command(&self.binary, &self.dir.join("jetstream"), self.port);
         nats.stderr(log_file(self.dir.join("nats.log")));
-        supervise(nats, libc::SIGTERM, self.dir.clone());
+        supervise(nats, Signal::TERM, self.dir.clone());
         wait_for_port(self.port, "nats-server", &self.dir.join("nats.log"));
     }
 
     /// Stops the server; its JetStream data stays for `start`.
     pub fn stop(&self) {
-        let mut running = SUPERVISED.lock().unwrap();
-        if let Some(i) = running.iter().position(|s| s.dir == self.dir) {
-            let mut old = running.remove(i);
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(old.child.id() as i32, libc::SIGTERM) };
-            let _ = old.child.wait();
-        }
+        stop_service(&self.dir, None);
     }
 }
 
+/// A directory of this test binary's own, removed by the first test binary
+/// that starts after this one ended (its services end with it).
 fn scratch_dir(what: &str) -> PathBuf {
+    static SWEPT: OnceLock<()> = OnceLock::new();
+    SWEPT.get_or_init(remove_stale_scratch_dirs);
     let dir = tempfile::Builder::new()
-        .prefix(&format!("voucher-operator-test-{what}-"))
+        .prefix(&format!(
+            "voucher-operator-test-{}-{what}-",
+            std::process::id()
+        ))
         .tempdir()
         .expect("create a temporary directory")
         .keep();
     services::own_for_unprivileged(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     dir
+}
+
+/// Removes the scratch directories of test binaries that are no longer running.
+fn remove_stale_scratch_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let owner = name
+            .strip_prefix("voucher-operator-test-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = owner
+            && pid != std::process::id()
+            && !supervisor::is_running(pid)
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Runs `cmd` with `input` on its standard input; its output, captured.
@@ -322,49 +336,17 @@ fn wait_for_port(port: u16, what: &str, log: &Path) {
 
 struct Supervised {
     child: Child,
-    stop_signal: i32,
+    stop_signal: Signal,
     dir: PathBuf,
 }
 
-/// A command to start, and where to send the started child.
-type SpawnRequest = (Command, mpsc::Sender<Child>);
-
 static SUPERVISED: Mutex<Vec<Supervised>> = Mutex::new(Vec::new());
 
-/// Starts `cmd` so that it cannot outlive this process: from a thread that
-/// lives as long as the process (the parent-death signal fires when the
-/// spawning *thread* ends), and with an exit hook that stops it and removes
-/// its directory.
-fn supervise(mut cmd: Command, stop_signal: i32, dir: PathBuf) -> u32 {
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
-    let spawner = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnRequest>();
-        std::thread::spawn(move || {
-            for (mut cmd, reply) in rx {
-                let child = cmd.spawn().expect("start test service");
-                let _ = reply.send(child);
-            }
-            // Keep the thread, and so the parent-death link, alive.
-            loop {
-                std::thread::park();
-            }
-        });
-        // SAFETY: `stop_all` is a plain `extern "C" fn` that only uses std.
-        unsafe { libc::atexit(stop_all) };
-        Mutex::new(tx)
-    });
-    // SAFETY: prctl is async-signal-safe and runs in the forked child only.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, stop_signal) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let (reply_tx, reply_rx) = mpsc::channel();
-    spawner.lock().unwrap().send((cmd, reply_tx)).unwrap();
-    let child = reply_rx.recv().expect("the spawner thread answers");
+/// Starts `cmd` (a service command of `voucher_testenv`) under the one
+/// supervisor: it cannot outlive this test binary, however the binary ends.
+/// Its directory goes with the next test binary's start (see `scratch_dir`).
+fn supervise(cmd: Command, stop_signal: Signal, dir: PathBuf) -> u32 {
+    let child = supervisor::start(cmd).expect("start test service");
     let pid = child.id();
     SUPERVISED.lock().unwrap().push(Supervised {
         child,
@@ -374,42 +356,20 @@ fn supervise(mut cmd: Command, stop_signal: i32, dir: PathBuf) -> u32 {
     pid
 }
 
-/// Whether our child `pid` still runs (an exited child stays a zombie until waited for).
-fn is_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let state = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .next()?
-                .to_owned();
-            Some(state != "Z" && state != "X")
-        })
-        .unwrap_or(false)
+/// Stops the supervised service whose directory is `dir` with `signal`
+/// (its own stop signal unless told otherwise), and waits for it.
+fn stop_service(dir: &Path, signal: Option<Signal>) {
+    let mut running = SUPERVISED.lock().unwrap();
+    if let Some(i) = running.iter().position(|s| s.dir == dir) {
+        let mut old = running.remove(i);
+        let signal = signal.unwrap_or(old.stop_signal);
+        supervisor::stop(&mut old.child, signal, Duration::from_secs(10));
+    }
 }
 
-extern "C" fn stop_all() {
-    let Ok(mut services) = SUPERVISED.lock() else {
-        return;
-    };
-    for service in services.iter_mut() {
-        // SAFETY: sending a signal to our own child.
-        unsafe { libc::kill(service.child.id() as i32, service.stop_signal) };
-    }
-    for mut service in services.drain(..) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if matches!(service.child.try_wait(), Ok(Some(_))) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = service.child.kill();
-        let _ = service.child.wait();
-        let _ = std::fs::remove_dir_all(&service.dir);
-    }
+/// Whether our child `pid` still runs (an exited child stays a zombie until waited for).
+fn is_running(pid: u32) -> bool {
+    supervisor::is_running(pid)
 }
 
 /// Logs of the code under test, shown for failing tests; RUST_LOG filters them.

@@ -8,8 +8,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rustix::process::Signal;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use voucher_operator::controller::leader::LeaseSettings;
@@ -21,6 +20,7 @@ use voucher_operator::server::{self, AppState, ServerSettings};
 use voucher_operator::store::{DatabaseSettings, Store};
 use voucher_testenv::control_plane::{self, Binaries, Pki};
 use voucher_testenv::services;
+use voucher_testenv::supervisor::{self, Signal};
 
 /// Where the stack keeps its state and which loopback ports it uses.
 #[derive(Clone, Debug)]
@@ -55,27 +55,27 @@ const EXAMPLES: [(&str, &str); 4] = [
     ),
 ];
 
-/// A child process stopped with `signal` when the stack ends.
+/// A service of the stack (started under `voucher_testenv`'s supervisor, so
+/// it ends with this process whatever happens), stopped with `signal` when
+/// the stack ends.
 struct Process {
     name: &'static str,
-    child: Child,
+    child: std::process::Child,
     signal: Signal,
 }
 
 impl Process {
-    async fn stop(mut self) {
-        if let Some(pid) = self.child.id()
-            && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
-        {
-            let _ = rustix::process::kill_process(pid, self.signal);
-        }
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
-        eprintln!("stopped {}", self.name);
+    async fn stop(self) {
+        let Process {
+            name,
+            mut child,
+            signal,
+        } = self;
+        let _ = tokio::task::spawn_blocking(move || {
+            supervisor::stop(&mut child, signal, Duration::from_secs(10));
+        })
+        .await;
+        eprintln!("stopped {name}");
     }
 }
 
@@ -120,11 +120,7 @@ fn spawn(
         .append(true)
         .open(log)?;
     cmd.stderr(file);
-    let mut cmd = Command::from(cmd);
-    cmd.kill_on_drop(true);
-    let child = cmd
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start {name}: {e}"))?;
+    let child = supervisor::start(cmd).map_err(|e| anyhow::anyhow!("cannot start {name}: {e}"))?;
     Ok(Process {
         name,
         child,

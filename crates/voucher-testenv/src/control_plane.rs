@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::supervisor::{self, Signal};
+
 use anyhow::Context as _;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams};
@@ -218,7 +220,7 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 /// fsync is off: the data is throwaway or a developer's.
 pub fn etcd_command(binaries: &Binaries, data_dir: &Path, port: u16) -> Command {
     let client_url = format!("http://127.0.0.1:{port}");
-    let mut cmd = Command::new(binaries.etcd());
+    let mut cmd = supervisor::command(binaries.etcd(), Signal::TERM);
     cmd.arg(format!("--data-dir={}", data_dir.display()))
         .arg(format!("--listen-client-urls={client_url}"))
         .arg(format!("--advertise-client-urls={client_url}"))
@@ -265,7 +267,9 @@ pub fn apiserver_command(
     audit: Option<&Audit>,
 ) -> Command {
     let file = |name: &str| pki.dir.join(name).display().to_string();
-    let mut cmd = Command::new(binaries.kube_apiserver());
+    // Killed outright should its starter die: a throwaway API server needs no
+    // graceful shutdown, and one that outlives its etcd retries it for minutes.
+    let mut cmd = supervisor::command(binaries.kube_apiserver(), Signal::KILL);
     cmd.arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
         .arg("--bind-address=127.0.0.1")
         .arg(format!("--secure-port={port}"))

@@ -1,10 +1,12 @@
 //! Postgres and nats-server on loopback, from the machine's packages: how to
-//! find them, install them, and start them. Shared by `voucher-dev local`
-//! and the test tooling, which supervise the processes each their way.
+//! find them, install them, and the commands that start them (supervised:
+//! see [`crate::supervisor`]). Shared by `voucher-dev local` and the tests.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+use crate::supervisor::{self, Signal};
 
 /// The uid/gid Postgres runs as when we are root (it refuses to run as root).
 pub const UNPRIVILEGED: u32 = 65534;
@@ -121,7 +123,8 @@ pub fn initdb_command(bin: &Path, data: &Path) -> Command {
 /// is throwaway), but synchronous commits, so an acknowledged commit
 /// survives a crash of the server process.
 pub fn postgres_command(bin: &Path, data: &Path, port: u16, socket_dir: &Path) -> Command {
-    let mut cmd = Command::new(bin.join("postgres"));
+    // SIGINT: Postgres's fast shutdown.
+    let mut cmd = supervisor::command(bin.join("postgres"), Signal::INT);
     cmd.arg("-D")
         .arg(data)
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-k"])
@@ -141,7 +144,7 @@ pub fn postgres_command(bin: &Path, data: &Path, port: u16, socket_dir: &Path) -
 
 /// `nats-server` with JetStream on 127.0.0.1:`port`, storing in `store_dir`.
 pub fn nats_command(binary: &Path, store_dir: &Path, port: u16) -> Command {
-    let mut cmd = Command::new(binary);
+    let mut cmd = supervisor::command(binary, Signal::TERM);
     cmd.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(store_dir)
         .stdout(Stdio::null());
