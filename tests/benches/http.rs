@@ -333,6 +333,7 @@ async fn main() {
     seed.cpu = Some(Cpu::now(server.child.id()).since(before));
     runs.push(seed);
     let before = Cpu::now(server.child.id());
+    let statements = Statements::start(&pool).await;
     let mut update = measure("single-statement hot-row update", n, |_| {
         let pool = seed_pool.clone();
         async move {
@@ -348,6 +349,7 @@ async fn main() {
     .await;
     update.cpu = Some(Cpu::now(server.child.id()).since(before));
     runs.push(update);
+    let update_statements = statements.read(n).await;
     runs.push(
         measure("prepared SELECT by code", n * 5, |_| {
             let pool = seed_pool.clone();
@@ -365,12 +367,14 @@ async fn main() {
         })
         .await,
     );
+    let statements = Statements::start(&pool).await;
     runs.push(
         http_redeem("HTTP redeem, one hot code", &server, "hot", n, |_| {
             "HOT-HTTP".into()
         })
         .await,
     );
+    let redeem_statements = statements.read(n).await;
     exact(&pool, &["HOT-HTTP".into()], 0, n).await;
 
     let spread: Vec<String> = (1..=SPREAD).map(|i| format!("C-{i:05}")).collect();
@@ -502,6 +506,12 @@ async fn main() {
     ] {
         println!("  {label:<58} {:>6.2}x", rate(a) / rate(b));
     }
+    for (label, rows) in [
+        ("single-statement hot-row update", &update_statements),
+        ("HTTP redeem, one hot code", &redeem_statements),
+    ] {
+        Statements::print(label, rows);
+    }
     // What the database pays per redemption, beside the least a counted grant can cost it.
     let postgres_per = |i: usize| {
         runs[i].cpu.map_or(f64::NAN, |cpu| {
@@ -514,5 +524,79 @@ async fn main() {
         ("Postgres CPU: seed's redemption SQL / hot-row update", 0),
     ] {
         println!("  {label:<58} {:>6.2}x", postgres_per(a) / postgres_per(1));
+    }
+}
+
+/// What Postgres spent per statement during a run (pg_stat_statements, where the test
+/// Postgres loads it): time, buffers and WAL, per request of the run.
+struct Statements {
+    pool: Option<PgPool>,
+}
+
+/// One statement's cost per request: (statement, calls, exec ms, shared blocks, WAL bytes,
+/// whether a client sent it — not a trigger's, whose cost its statement's includes).
+type StatementCost = (String, f64, f64, f64, f64, bool);
+
+impl Statements {
+    async fn start(pool: &PgPool) -> Self {
+        let loaded = sqlx::raw_sql(
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()",
+        )
+        .execute(pool)
+        .await
+        .is_ok();
+        Self {
+            pool: loaded.then(|| pool.clone()),
+        }
+    }
+
+    /// The statements of this database since `start`, most expensive first, per request.
+    async fn read(self, requests: usize) -> Vec<StatementCost> {
+        let Some(pool) = self.pool else {
+            return Vec::new();
+        };
+        let rows: Vec<(String, i64, f64, i64, f64, bool)> = sqlx::query_as(
+            "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, \
+                    shared_blks_hit + shared_blks_read + shared_blks_dirtied, wal_bytes::float8, \
+                    toplevel \
+             FROM pg_stat_statements \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND query NOT ILIKE '%pg_stat_statements%' \
+             ORDER BY total_exec_time DESC LIMIT 12",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default();
+        let per = |x: f64| x / requests as f64;
+        rows.into_iter()
+            .map(|(query, calls, time, blocks, wal, toplevel)| {
+                let query: String = query.chars().take(70).collect();
+                let (calls, blocks) = (per(calls as f64), per(blocks as f64));
+                (query, calls, per(time), blocks, per(wal), toplevel)
+            })
+            .collect()
+    }
+
+    fn print(label: &str, rows: &[StatementCost]) {
+        if rows.is_empty() {
+            return;
+        }
+        println!("  {label}: Postgres per request, by statement (pg_stat_statements)");
+        println!(
+            "    {:>6} {:>9} {:>8} {:>9}  statement",
+            "calls", "exec ms", "buffers", "WAL B"
+        );
+        let mut total = (0.0, 0.0, 0.0);
+        for (query, calls, time, blocks, wal, toplevel) in rows {
+            let nested = if *toplevel { "" } else { "  (in a trigger)" };
+            println!("    {calls:>6.2} {time:>9.4} {blocks:>8.1} {wal:>9.0}  {query}{nested}");
+            if *toplevel {
+                total = (total.0 + time, total.1 + blocks, total.2 + wal);
+            }
+        }
+        println!(
+            "    {:>6} {:>9.4} {:>8.1} {:>9.0}  (the client's statements above)",
+            "", total.0, total.1, total.2
+        );
     }
 }

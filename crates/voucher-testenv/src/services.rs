@@ -138,6 +138,15 @@ pub fn postgres_command(bin: &Path, data: &Path, port: u16, socket_dir: &Path) -
             "max_connections=400",
         ])
         .stdout(Stdio::null());
+    // What each statement costs (the benchmarks print it), where the package has it.
+    if bin.join("../lib/pg_stat_statements.so").exists() {
+        cmd.args([
+            "-c",
+            "shared_preload_libraries=pg_stat_statements",
+            "-c",
+            "pg_stat_statements.track=all",
+        ]);
+    }
     unprivileged(&mut cmd);
     cmd
 }
