@@ -223,3 +223,27 @@ fn template_matches(template: &str, path: &str) -> bool {
             .zip(&p)
             .all(|(t, p)| (t.starts_with('{') && t.ends_with('}')) || t == p)
 }
+
+/// Every route of the API document served at `base` but the customers' two (preview,
+/// redeem): its method and path template.
+async fn non_customer_routes(http: &reqwest::Client, base: &str) -> Vec<(reqwest::Method, String)> {
+    let document: Value = http
+        .get(format!("{base}/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut routes = Vec::new();
+    for (path, item) in document["paths"].as_object().unwrap() {
+        if path.ends_with("/redeem-preview") || path.ends_with("/redeem") {
+            continue;
+        }
+        for method in item.as_object().unwrap().keys() {
+            let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            routes.push((method, path.clone()));
+        }
+    }
+    routes
+}
