@@ -63,6 +63,7 @@ fn settings(ns: &str, issuers: &[&str]) -> Settings {
         issuers: Issuers::new(issuers.iter().copied()),
         // The keys of these tests live beside their campaigns.
         key_namespace: ns.to_owned(),
+        billing: Default::default(),
     }
 }
 

@@ -14,7 +14,13 @@ fn campaign(spec: Value) -> Value {
                  "keySecretRef": {"name": "bill-2027-key"}},
     });
     for (k, v) in spec.as_object().unwrap() {
-        base["spec"][k] = v.clone();
+        match v {
+            // null: the field left out.
+            Value::Null => {
+                base["spec"].as_object_mut().unwrap().remove(k);
+            }
+            v => base["spec"][k] = v.clone(),
+        }
     }
     base
 }
@@ -75,6 +81,35 @@ async fn what_decides_the_codes_cannot_change() {
     ])
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn a_campaign_grants_one_kind_and_keeps_it() {
+    let discount = campaign(
+        json!({"creditOMR": null, "discount": {"amountOff": 5000, "appliesTo": ["install"]}}),
+    );
+    apply(std::slice::from_ref(&discount)).await.unwrap();
+    for (docs, says) in [
+        (
+            vec![campaign(json!({"creditOMR": null}))],
+            "set exactly one of spec.creditOMR",
+        ),
+        (
+            vec![campaign(json!({"discount": {"percentOff": 10}}))],
+            "set exactly one of spec.creditOMR",
+        ),
+        (
+            vec![campaign(json!({})), discount.clone()],
+            "a VoucherCampaign cannot switch between a credit",
+        ),
+        (
+            vec![discount.clone(), campaign(json!({}))],
+            "a VoucherCampaign cannot switch between a credit",
+        ),
+    ] {
+        let refused = apply(&docs).await.unwrap_err();
+        assert!(refused.contains(says), "{says}: {refused}");
+    }
 }
 
 #[tokio::test]

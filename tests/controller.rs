@@ -49,6 +49,7 @@ fn settings() -> Settings {
         // Set to the test's namespace by the harness unless a test says otherwise.
         issuers: Issuers::new(Vec::<String>::new()),
         key_namespace: "voucher-campaign-keys".into(),
+        billing: Default::default(),
     }
 }
 
@@ -1378,4 +1379,81 @@ async fn a_suspension_by_annotation_holds_across_the_gitops_owners_next_apply() 
         h.audit_kinds("GITOPS-1").await,
         ["created", "suspended", "suspension_lifted"]
     );
+}
+
+#[tokio::test]
+async fn a_discount_voucher_is_reconciled_and_its_edited_row_reverted() {
+    let h = harness().await;
+    h.create(
+        &h.ns,
+        "installs-20",
+        json!({"discount": {"percentOff": 20, "appliesTo": ["install"], "durationMonths": 3}}),
+    )
+    .await;
+    let v = h
+        .until(&h.ns, "installs-20", "status Active", |v| {
+            phase(v) == Some(Phase::Active)
+        })
+        .await;
+    assert_eq!(
+        v.status.unwrap().grant.as_deref(),
+        Some("20% install 3mo"),
+        "the printer column's grant"
+    );
+    let discount = || async {
+        sqlx::query_as::<_, (i32, serde_json::Value)>(
+            "SELECT credit_omr, discount FROM promo_codes WHERE code = 'INSTALLS-20'",
+        )
+        .fetch_one(&h.pool)
+        .await
+        .unwrap()
+    };
+    let terms = json!({"percent_off": 20, "applies_to": ["install"], "duration_months": 3});
+    assert_eq!(discount().await, (0, terms.clone()));
+    // The admin page (or psql) deepens the discount: reverted, audited.
+    sqlx::query(
+        "UPDATE promo_codes SET discount = '{\"percent_off\": 90}' WHERE code = 'INSTALLS-20'",
+    )
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    eventually("drift reverted", || async {
+        (discount().await.1 == terms).then_some(())
+    })
+    .await;
+    assert_eq!(
+        h.audit_kinds("INSTALLS-20").await,
+        ["created", "drift_corrected"]
+    );
+}
+
+#[tokio::test]
+async fn a_discount_naming_an_unknown_category_is_refused_by_name() {
+    let h = harness().await;
+    h.create(
+        &h.ns,
+        "typo",
+        json!({"discount": {"percentOff": 20, "appliesTo": ["instal"]}}),
+    )
+    .await;
+    let v = h
+        .until(&h.ns, "typo", "refused", |v| {
+            ready(v).is_some_and(|(_, reason)| reason == "UnknownCategory")
+        })
+        .await;
+    assert_eq!(phase(&v), Some(Phase::Error));
+    let message = v
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap()
+        .message;
+    assert!(
+        message.contains("spec.discount.appliesTo names instal, which is not a charge category")
+            && message.contains("configured: install,subscription,usage,support"),
+        "{message}"
+    );
+    assert_eq!(h.row("TYPO").await, None, "nothing written");
 }

@@ -307,14 +307,101 @@ async fn negative_max_redemptions_is_rejected() {
     .await;
 }
 
+/// A Voucher granting `discount` instead of the base's credit.
+fn discount(terms: Value) -> Value {
+    with(json!({"spec": {"creditOMR": null, "discount": terms}}))
+}
+
+const ONE_GRANT: &str =
+    "set exactly one of spec.creditOMR (a credit in whole OMR) and spec.discount";
+
 #[tokio::test]
-async fn credit_is_required() {
+async fn a_voucher_grants_exactly_one_of_a_credit_and_a_discount() {
     assert_rejected(
         with(json!({"spec": {"creditOMR": null}})),
         None,
-        &["spec.creditOMR: Required value"],
+        &[ONE_GRANT],
     )
     .await;
+    let both = with(json!({"spec": {"discount": {"percentOff": 20}}}));
+    assert_rejected(both, None, &[ONE_GRANT]).await;
+    assert_valid(
+        &discount(json!({"percentOff": 20, "appliesTo": ["install"], "durationMonths": 3})),
+        None,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn discount_terms_outside_their_rules_are_refused() {
+    // (terms, what the API server says, why)
+    let cases = [
+        (
+            json!({"percentOff": 0}),
+            "spec.discount.percentOff: Invalid value: 0",
+            "nothing off",
+        ),
+        (
+            json!({"percentOff": 101}),
+            "spec.discount.percentOff: Invalid value: 101",
+            "more than the charge",
+        ),
+        (
+            json!({"amountOff": -5}),
+            "spec.discount.amountOff: Invalid value: -5",
+            "a negative amount",
+        ),
+        (
+            json!({"amountOff": 1.5}),
+            "must be of type integer",
+            "a fraction of a minor unit",
+        ),
+        (
+            json!({"percentOff": 10, "durationMonths": 0}),
+            "spec.discount.durationMonths: Invalid value: 0",
+            "no month",
+        ),
+        (
+            json!({"percentOff": 10, "durationMonths": 37}),
+            "spec.discount.durationMonths: Invalid value: 37",
+            "past three years",
+        ),
+        (
+            json!({"percentOff": 10, "amountOff": 500}),
+            "spec.discount takes exactly one of percentOff",
+            "both",
+        ),
+        (
+            json!({"appliesTo": ["install"]}),
+            "spec.discount takes exactly one of percentOff",
+            "neither",
+        ),
+        (
+            json!({"percentOff": 10, "appliesTo": ["install", "install"]}),
+            "Duplicate value",
+            "a category twice",
+        ),
+        (
+            json!({"percentOff": 10, "appliesTo": ["Install"]}),
+            "spec.discount.appliesTo[0]",
+            "categories are lower-case",
+        ),
+    ];
+    for (terms, said, why) in cases {
+        let refused = apply(&discount(terms), None).await.expect_err(why);
+        assert!(refused.contains(said), "{why}: {refused}");
+    }
+}
+
+#[tokio::test]
+async fn the_kind_of_grant_is_immutable() {
+    let percent = discount(json!({"percentOff": 20}));
+    const SWITCH: &str = "a Voucher cannot switch between a credit (spec.creditOMR) and a discount";
+    assert_rejected(percent.clone(), Some(base()), &[SWITCH]).await;
+    assert_rejected(base(), Some(percent.clone()), &[SWITCH]).await;
+    // The terms of a discount may change like a credit's (grants already made keep theirs).
+    let deeper = discount(json!({"percentOff": 25, "durationMonths": 6}));
+    assert_valid(&deeper, Some(&percent)).await;
 }
 
 #[tokio::test]

@@ -35,6 +35,7 @@ fn settings(ns: &str) -> Settings {
         concurrency: 4,
         issuers: Issuers::new([ns.to_owned()]),
         key_namespace: ns.to_owned(),
+        billing: Default::default(),
     }
 }
 

@@ -128,6 +128,7 @@ async fn exported_codes_are_adopted_with_their_history() {
         concurrency: 2,
         issuers: voucher_operator::domain::Issuers::new([ns.clone()]),
         key_namespace: ns.clone(),
+        billing: Default::default(),
     };
     let ctx = Context::new(
         client.clone(),

@@ -71,6 +71,79 @@ async fn the_legacy_checkout_cannot_redeem_outside_the_window() {
     assert_eq!(written(&pool, "LIVE-1").await, (1, 1, 1));
 }
 
+#[tokio::test]
+async fn the_legacy_checkout_cannot_consume_a_discount_code() {
+    let (_, pool, store) = migrated("guard_discount").await;
+    sqlx::raw_sql(
+        "INSERT INTO promo_codes (code, credit_omr, discount) VALUES \
+           ('INSTALLS-20', 0, '{\"percent_off\": 20, \"applies_to\": [\"install\"]}')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // The seed's five statements would record a redemption and a credit of 0: refused, not fooled.
+    let refused = support::seed_checkout(&pool, "INSTALLS-20", "alice")
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains(
+            "voucher code INSTALLS-20 grants a discount: only voucher-operator's redemption"
+        ),
+        "{refused}"
+    );
+    assert_eq!(
+        written(&pool, "INSTALLS-20").await,
+        (0, 0, 0),
+        "nothing written"
+    );
+    // The operator's redemption writes the grant with it.
+    let redemption = voucher_operator::store::redeem::Redemption {
+        code: Code::parse("INSTALLS-20").unwrap(),
+        subject: "alice".into(),
+        tenant: Some("t".into()),
+        email: String::new(),
+        idempotency: None,
+        now: Utc::now(),
+        currency: Default::default(),
+    };
+    let render: voucher_operator::store::redeem::Render = |_| (200, serde_json::Value::Null);
+    let answer = store.redeem(&redemption, render).await.unwrap();
+    assert!(format!("{answer:?}").contains("Discount"), "{answer:?}");
+    assert_eq!(
+        written(&pool, "INSTALLS-20").await,
+        (1, 1, 0),
+        "a redemption, no credit"
+    );
+    // A grant holds what its customer redeemed: no writer edits or deletes it.
+    for (edit, says) in [
+        (
+            "UPDATE voucher_discount_grants SET percent_off = 100",
+            "holds the terms its customer redeemed",
+        ),
+        (
+            "UPDATE voucher_discount_grants SET ends_at = now() + interval '1 year'",
+            "holds the terms its customer redeemed",
+        ),
+        ("DELETE FROM voucher_discount_grants", "cannot be deleted"),
+    ] {
+        let refused = sqlx::raw_sql(edit).execute(&pool).await.unwrap_err();
+        assert!(refused.to_string().contains(says), "{edit}: {refused}");
+    }
+    // Ended once (a reversal), it stays ended.
+    sqlx::raw_sql("UPDATE voucher_discount_grants SET ended_at = now()")
+        .execute(&pool)
+        .await
+        .expect("a grant ends");
+    let refused = sqlx::raw_sql("UPDATE voucher_discount_grants SET ended_at = NULL")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("only ended_at, once"),
+        "{refused}"
+    );
+}
+
 /// A campaign of `codes` codes (as the controller records it), each row live and active.
 async fn campaign(pool: &PgPool, uid: &str, prefix: &str, codes: usize) {
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -235,6 +308,9 @@ async fn no_role_but_the_owner_can_switch_the_guard_off() {
         "ALTER TABLE promo_redemptions DISABLE TRIGGER ALL",
         "DROP TRIGGER voucher_operator_guard ON promo_redemptions",
         "DROP FUNCTION voucher_operator_guard_redemption() CASCADE",
+        "DROP TRIGGER voucher_operator_guard_discount ON promo_redemptions",
+        "ALTER TABLE voucher_discount_grants DISABLE TRIGGER voucher_operator_grant_kept",
+        "DELETE FROM voucher_discount_grants",
         "SET session_replication_role = replica",
         "CREATE OR REPLACE FUNCTION voucher_operator_guard_redemption() RETURNS trigger \
          LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$",

@@ -80,6 +80,7 @@ async fn stack() -> Stack {
         concurrency: 4,
         issuers: voucher_operator::domain::Issuers::new([ns.clone()]),
         key_namespace: ns.clone(),
+        billing: Default::default(),
     };
     let ctx = Context::new(
         client.clone(),
@@ -157,12 +158,27 @@ impl Stack {
     }
 }
 
+/// The cells of the row `name`, cut where the header's columns start (a cell may hold spaces:
+/// the grant `20% install 3mo`).
 fn row<'a>(table: &'a str, name: &str) -> Vec<&'a str> {
-    table
+    let header = table.lines().next().unwrap_or_default();
+    let starts: Vec<usize> = header
+        .char_indices()
+        .filter(|&(i, c)| c != ' ' && (i == 0 || header.as_bytes()[i - 1] == b' '))
+        .map(|(i, _)| i)
+        .collect();
+    let line = table
         .lines()
         .find(|l| l.starts_with(name))
-        .unwrap_or_else(|| panic!("no row {name} in\n{table}"))
-        .split_whitespace()
+        .unwrap_or_else(|| panic!("no row {name} in\n{table}"));
+    let cell = |from: usize, to: usize| line.get(from.min(line.len())..to.min(line.len()));
+    starts
+        .iter()
+        .enumerate()
+        .map(|(k, &from)| {
+            let to = starts.get(k + 1).copied().unwrap_or(line.len());
+            cell(from, to).unwrap_or_default().trim()
+        })
         .collect()
 }
 
@@ -172,7 +188,7 @@ async fn a_platform_engineers_day_with_kubectl() {
 
     // Client-side apply of the examples through their kustomization; every Voucher becomes Ready.
     let applied = s.ok(&["apply", "-k", "examples/vouchers"]).await;
-    assert_eq!(applied.matches("created").count(), 4, "{applied}");
+    assert_eq!(applied.matches("created").count(), 5, "{applied}");
     s.ok(&[
         "wait",
         "--for=condition=Ready",
@@ -182,7 +198,7 @@ async fn a_platform_engineers_day_with_kubectl() {
     .await;
     let table = s
         .until(&["get", "vouchers"], "every phase", |t| {
-            t.lines().skip(1).count() == 4
+            t.lines().skip(1).count() == 5
                 && !t.contains("<none>")
                 && t.lines()
                     .skip(1)
@@ -193,15 +209,14 @@ async fn a_platform_engineers_day_with_kubectl() {
     assert_eq!(
         header,
         [
-            "NAME", "CODE", "CREDIT", "ACTIVE", "REDEEMED", "MAX", "PHASE", "READY", "REASON",
-            "AGE"
+            "NAME", "CODE", "GRANT", "ACTIVE", "REDEEMED", "MAX", "PHASE", "READY", "REASON", "AGE"
         ]
     );
     assert_eq!(
         &row(&table, "omantel-muscat-200")[1..9],
         [
             "OMANTEL-MUSCAT-200",
-            "200",
+            "200 OMR",
             "true",
             "0",
             "200",
@@ -219,6 +234,12 @@ async fn a_platform_engineers_day_with_kubectl() {
     let remaining = wide_header.iter().position(|c| *c == "REMAINING").unwrap();
     assert_eq!(row(&wide, "omantel-muscat-200")[remaining], "200", "{wide}");
     assert_eq!(row(&table, "eid-al-fitr-2027")[6], "Scheduled");
+    // A discount in the same column, as terms a person reads.
+    assert_eq!(
+        &row(&table, "installs-20-3m")[1..3],
+        ["INSTALLS-20-3M", "20% install 3mo"],
+        "{table}"
+    );
     assert_eq!(row(&table, "franchise-sohar-50")[6], "Inactive");
     assert!(
         s.ok(&["get", "vch"]).await.contains("partner-welcome"),
@@ -247,7 +268,7 @@ async fn a_platform_engineers_day_with_kubectl() {
     let table = s
         .until(&["get", "vouchers"], "REDEEMED 1", |t| {
             t.lines().any(|l| {
-                l.starts_with("omantel-muscat-200") && l.split_whitespace().nth(4) == Some("1")
+                l.starts_with("omantel-muscat-200") && row(t, "omantel-muscat-200")[4] == "1"
             })
         })
         .await;

@@ -341,6 +341,7 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
         email: "alice@example.om".into(),
         idempotency: key.map(|(key, hash)| (key.to_owned(), hash)),
         now: Utc::now(),
+        currency: Default::default(),
     };
     let render: voucher_operator::store::redeem::Render = |_| (200, serde_json::Value::Null);
     store

@@ -105,6 +105,7 @@ async fn stream_messages(settings: &RelaySettings) -> Vec<(String, String, Value
 fn terms(credit: i32) -> Terms {
     Terms {
         credit_omr: credit,
+        discount: None,
         description: String::new(),
         active: true,
         max_redemptions: 0,
@@ -275,6 +276,7 @@ async fn every_event_type_arrives_once_as_a_valid_cloudevent() {
                 email: String::new(),
                 idempotency: None,
                 now: Utc::now(),
+                currency: Default::default(),
             },
             |_| (200, Value::Null),
         )

@@ -23,6 +23,7 @@ async fn store() -> Store {
 fn terms(credit: i32) -> Terms {
     Terms {
         credit_omr: credit,
+        discount: None,
         description: "launch".into(),
         active: true,
         max_redemptions: 10,

@@ -18,7 +18,8 @@ pub(super) async fn open_store(database: &DatabaseOptions) -> anyhow::Result<Sto
 
 pub(super) async fn run_controller(
     store: Store,
-    options: ControllerOptions,
+    settings: crate::controller::Settings,
+    options: &ControllerOptions,
     audit: AuditOptions,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
@@ -43,7 +44,7 @@ pub(super) async fn run_controller(
     let mut registry = prometheus_client::registry::Registry::default();
     let identity = options.identity();
     let config = controller::Config {
-        settings: options.settings(),
+        settings,
         relay: audit.audit_relay.then(|| audit.settings()),
         lease: options.lease(),
     };
@@ -65,7 +66,8 @@ pub(super) async fn run_controller(
 
 pub(super) async fn run_server(
     store: Store,
-    options: ServerOptions,
+    settings: crate::server::ServerSettings,
+    options: &ServerOptions,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     use crate::server::{self, AppState, auth};
@@ -90,7 +92,6 @@ pub(super) async fn run_server(
             None
         }
     };
-    let settings = options.settings();
     let state = AppState::new(
         store,
         verifier,

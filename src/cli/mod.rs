@@ -57,6 +57,8 @@ pub enum Command {
         #[command(flatten)]
         controller: ControllerOptions,
         #[command(flatten)]
+        billing: BillingOptions,
+        #[command(flatten)]
         audit: AuditOptions,
     },
     /// Run the HTTP server: the public redeem-preview, the checkout redemption, the admin
@@ -66,6 +68,8 @@ pub enum Command {
         database: DatabaseOptions,
         #[command(flatten)]
         server: ServerOptions,
+        #[command(flatten)]
+        billing: BillingOptions,
     },
     /// Print audit events from JetStream: a table, or JSON lines with --json.
     Events(EventsOptions),
@@ -86,6 +90,8 @@ pub enum Command {
         audit: AuditOptions,
         #[command(flatten)]
         server: ServerOptions,
+        #[command(flatten)]
+        billing: BillingOptions,
     },
 }
 
@@ -202,6 +208,31 @@ pub struct ControllerOptions {
     /// Name of this replica in the Lease and in Events (default: host name and process id).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+}
+
+/// The Sovereign's billing as discounts see it (controller, server, run).
+#[derive(Debug, Args)]
+pub struct BillingOptions {
+    /// The currency of the billing database's charges (ISO 4217): discounts' amountOff and the
+    /// checkout's amounts are its minor units (baisa for OMR, cents for USD).
+    #[arg(long, env = "CURRENCY", default_value = crate::domain::Billing::default().currency.as_str().to_owned(),
+          value_parser = crate::domain::Currency::parse)]
+    pub currency: crate::domain::Currency,
+
+    /// Comma-separated charge categories a discount's appliesTo may name; a Voucher naming
+    /// another is refused (a typo never becomes a discount that applies to nothing).
+    #[arg(long, env = "CHARGE_CATEGORIES", default_value = crate::domain::Billing::default().categories.joined(),
+          value_parser = crate::domain::Categories::parse)]
+    pub charge_categories: crate::domain::Categories,
+}
+
+impl BillingOptions {
+    pub fn settings(&self) -> crate::domain::Billing {
+        crate::domain::Billing {
+            currency: self.currency.clone(),
+            categories: self.charge_categories.clone(),
+        }
+    }
 }
 
 /// Where audit events go (NATS JetStream); used by the relay (controller, run) and `events`.
@@ -632,8 +663,9 @@ pub struct ServerOptions {
 
 impl ControllerOptions {
     /// How the controller behaves, from these flags.
-    pub(crate) fn settings(&self) -> crate::controller::Settings {
+    pub(crate) fn settings(&self, billing: crate::domain::Billing) -> crate::controller::Settings {
         crate::controller::Settings {
+            billing,
             resync_interval: self.resync_interval,
             status_min_interval: self.status_min_interval,
             namespace: self.watch_namespace.clone(),
@@ -663,8 +695,9 @@ impl ControllerOptions {
 }
 
 impl ServerOptions {
-    pub fn settings(&self) -> crate::server::ServerSettings {
+    pub fn settings(&self, billing: crate::domain::Billing) -> crate::server::ServerSettings {
         crate::server::ServerSettings {
+            billing,
             rate_limit_per_minute: self.rate_limit_per_minute,
             rate_limit_burst: self.rate_limit_burst,
             rate_limit_per_subject: self.rate_limit_per_subject,
@@ -741,32 +774,56 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Controller {
             database,
             controller,
+            billing,
             audit,
         } => {
             let store = commands::open_store(&database).await?;
             commands::run_controller(
                 store,
-                controller,
+                controller.settings(billing.settings()),
+                &controller,
                 audit,
                 crate::telemetry::shutdown_signal(),
             )
             .await
         }
-        Command::Server { database, server } => {
+        Command::Server {
+            database,
+            server,
+            billing,
+        } => {
             let store = commands::open_store(&database).await?;
-            commands::run_server(store, server, crate::telemetry::shutdown_signal()).await
+            let settings = server.settings(billing.settings());
+            commands::run_server(
+                store,
+                settings,
+                &server,
+                crate::telemetry::shutdown_signal(),
+            )
+            .await
         }
         Command::Run {
             database,
             controller,
             audit,
             server,
+            billing,
         } => {
             let store = commands::open_store(&database).await?;
             let shutdown = crate::telemetry::shutdown_signal();
+            let (settings, server_settings) = (
+                controller.settings(billing.settings()),
+                server.settings(billing.settings()),
+            );
             let (controller, server) = tokio::join!(
-                commands::run_controller(store.clone(), controller, audit, shutdown.clone()),
-                commands::run_server(store, server, shutdown.clone()),
+                commands::run_controller(
+                    store.clone(),
+                    settings,
+                    &controller,
+                    audit,
+                    shutdown.clone()
+                ),
+                commands::run_server(store, server_settings, &server, shutdown.clone()),
             );
             // Either one failing stops the other.
             shutdown.cancel();
@@ -810,7 +867,7 @@ mod tests {
     #[test]
     fn every_settings_default_is_what_its_flags_default_to() {
         assert_eq!(
-            parsed::<ServerOptions>(&[]).settings(),
+            parsed::<ServerOptions>(&[]).settings(parsed::<BillingOptions>(&[]).settings()),
             crate::server::ServerSettings::default()
         );
         assert_eq!(
@@ -826,9 +883,10 @@ mod tests {
         );
         let controller = parsed::<ControllerOptions>(&["--identity", "me"]);
         let defaults = crate::controller::Settings::default();
-        let settings = controller.settings();
+        let settings = controller.settings(parsed::<BillingOptions>(&[]).settings());
         assert_eq!(
             (
+                settings.billing,
                 settings.resync_interval,
                 settings.status_min_interval,
                 settings.concurrency,
@@ -836,6 +894,7 @@ mod tests {
                 settings.key_namespace,
             ),
             (
+                defaults.billing,
                 defaults.resync_interval,
                 defaults.status_min_interval,
                 defaults.concurrency,

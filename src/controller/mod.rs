@@ -35,6 +35,8 @@ pub use runtime::suspended_by_annotation;
 /// How the controller behaves.
 #[derive(Clone, Debug)]
 pub struct Settings {
+    /// The Sovereign's currency and charge categories (a discount names only those).
+    pub billing: crate::domain::Billing,
     /// Every resource is compared with its rows at least this often.
     pub resync_interval: Duration,
     /// Smallest interval between two status writes of one resource when
@@ -60,6 +62,7 @@ impl Default for Settings {
     /// The defaults of the controller's flags (`voucher-operator controller --help`).
     fn default() -> Self {
         Self {
+            billing: crate::domain::Billing::default(),
             resync_interval: Duration::from_secs(5 * 60),
             status_min_interval: Duration::from_secs(2),
             namespace: None,

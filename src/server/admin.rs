@@ -39,7 +39,11 @@ pub(crate) struct IssueRequest {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub(crate) struct PromoCode {
     pub code: String,
+    /// 0 for a discount code (the billing service's column cannot be NULL).
     pub credit_omr: i32,
+    /// The discount a discount code grants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discount: Option<super::public::DiscountTerms>,
     pub description: String,
     pub active: bool,
     pub max_redemptions: i32,
@@ -55,6 +59,7 @@ impl From<CodeRecord> for PromoCode {
         Self {
             code: r.code,
             credit_omr: r.terms.credit_omr,
+            discount: r.terms.discount.as_ref().map(Into::into),
             description: r.terms.description,
             active: r.terms.active,
             max_redemptions: r.terms.max_redemptions,
@@ -168,7 +173,8 @@ pub async fn issue(
     let revoked_at = existing.as_ref().and_then(|r| r.deleted_at);
     let spec = VoucherSpec {
         code: Some(code.to_string()),
-        credit_omr: request.credit_omr,
+        credit_omr: Some(request.credit_omr),
+        discount: None,
         description: request.description.clone(),
         active: request.active,
         max_redemptions: request.max_redemptions,
@@ -216,6 +222,7 @@ pub async fn issue(
     Ok(Json(PromoCode {
         code: code.to_string(),
         credit_omr: request.credit_omr,
+        discount: None,
         description: request.description,
         active: request.active,
         max_redemptions: request.max_redemptions,

@@ -42,6 +42,8 @@ use limits::{LimitSettings, Limits};
 /// (`voucher-operator server --help`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServerSettings {
+    /// The Sovereign's currency (answers name it) and charge categories.
+    pub billing: crate::domain::Billing,
     /// Requests per minute per client on the public and checkout endpoints.
     pub rate_limit_per_minute: u32,
     /// Requests a client may send at once before the rate applies.
@@ -74,6 +76,7 @@ pub struct ServerSettings {
 impl Default for ServerSettings {
     fn default() -> Self {
         Self {
+            billing: crate::domain::Billing::default(),
             rate_limit_per_minute: 60,
             rate_limit_burst: 20,
             rate_limit_per_subject: 30,

@@ -15,8 +15,9 @@ use super::body::JsonBody;
 use super::codes::Lookup;
 use super::error::{ErrorBody, HttpError};
 use super::{AppState, OutcomeLabel, Peer};
-use crate::domain::{Code, Redeemability};
-use crate::store::redeem::{Answer, Redeemed, Redemption};
+use crate::domain::{Code, Discount, Off, Redeemability};
+use crate::store::discounts::DiscountGrant;
+use crate::store::redeem::{Answer, Grant, Redeemed, Redemption};
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub(crate) struct PreviewRequest {
@@ -28,7 +29,15 @@ pub(crate) struct PreviewRequest {
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct PreviewResponse {
     pub code: String,
-    pub credit_omr: i32,
+    /// The credit a redemption grants, in whole OMR (absent for a discount code).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credit_omr: Option<i32>,
+    /// The discount a redemption grants (absent for a credit code).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discount: Option<DiscountTerms>,
+    /// The currency of a discount's amounts (with a discount only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
     pub description: String,
     pub active: bool,
     /// Whether a redemption would be accepted now.
@@ -42,12 +51,79 @@ pub(crate) struct RedeemRequest {
     pub tenant_id: Option<String>,
 }
 
+/// A discount's terms (DESIGN §10): a share of each matching charge or an
+/// amount off an order's matching charges, in the currency's minor units.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub(crate) struct RedeemResponse {
-    pub code: String,
-    pub credit_omr: i32,
-    /// The customer's credit balance after this grant.
-    pub balance_omr: i64,
+pub(crate) struct DiscountTerms {
+    /// Percent off each matching charge (1 to 100, rounded down to a minor unit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub percent_off: Option<i32>,
+    /// Minor units off an order's matching charges together, once per order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amount_off: Option<i64>,
+    /// Charge categories it applies to; empty: every charge.
+    #[serde(default)]
+    pub applies_to: Vec<String>,
+    /// Calendar months it lasts from the redemption; absent: once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_months: Option<i32>,
+}
+
+impl From<&Discount> for DiscountTerms {
+    fn from(discount: &Discount) -> Self {
+        let (percent_off, amount_off) = match discount.off {
+            Off::PercentOff(p) => (Some(p), None),
+            Off::AmountOff(a) => (None, Some(a)),
+        };
+        Self {
+            percent_off,
+            amount_off,
+            applies_to: discount.applies_to.clone(),
+            duration_months: discount.duration_months,
+        }
+    }
+}
+
+/// A customer's discount grant, as a redemption answers it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct GrantedDiscount {
+    #[serde(flatten)]
+    pub terms: DiscountTerms,
+    pub grant_id: uuid::Uuid,
+    /// The redemption: the grant applies from then.
+    pub starts_at: chrono::DateTime<Utc>,
+    /// When it ends: durationMonths calendar months (UTC) after starts_at; for a once-grant the
+    /// voucher's expiresAt, or null (it lives until used).
+    pub ends_at: Option<chrono::DateTime<Utc>>,
+}
+
+impl From<&DiscountGrant> for GrantedDiscount {
+    fn from(grant: &DiscountGrant) -> Self {
+        Self {
+            terms: (&grant.discount).into(),
+            grant_id: grant.grant_id,
+            starts_at: grant.starts_at,
+            ends_at: grant.ends_at,
+        }
+    }
+}
+
+/// What a redemption granted: a credit, or a discount.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub(crate) enum RedeemResponse {
+    Credit {
+        code: String,
+        credit_omr: i32,
+        /// The customer's credit balance after this grant.
+        balance_omr: i64,
+    },
+    Discount {
+        code: String,
+        /// The currency of the discount's amounts (minor units).
+        currency: String,
+        discount: GrantedDiscount,
+    },
 }
 
 /// The code of a request body: present, not blank, and of the code grammar.
@@ -101,9 +177,12 @@ pub async fn preview(
             verdict.public_reason(),
         ));
     };
+    let discount = record.terms.discount.as_ref();
     let body = PreviewResponse {
         code: record.code.clone(),
-        credit_omr: record.terms.credit_omr,
+        credit_omr: discount.is_none().then_some(record.terms.credit_omr),
+        discount: discount.map(DiscountTerms::from),
+        currency: discount.map(|_| state.settings.billing.currency.as_str().to_owned()),
         description: record.terms.description.clone(),
         active: record.terms.active,
         accepting_redemptions: verdict.is_redeemable(),
@@ -122,19 +201,28 @@ pub(super) fn render(outcome: &Redeemed) -> (u16, serde_json::Value) {
         (status.as_u16(), serde_json::json!({"error": message}))
     };
     match outcome {
-        Redeemed::Granted {
-            code,
-            credit_omr,
-            balance_omr,
-        } => (
-            200,
-            serde_json::to_value(RedeemResponse {
-                code: code.clone(),
-                credit_omr: *credit_omr,
-                balance_omr: *balance_omr,
-            })
-            .expect("a response serialises"),
-        ),
+        Redeemed::Granted { code, grant } => {
+            let code = code.clone();
+            let body = match grant {
+                Grant::Credit {
+                    credit_omr,
+                    balance_omr,
+                } => RedeemResponse::Credit {
+                    code,
+                    credit_omr: *credit_omr,
+                    balance_omr: *balance_omr,
+                },
+                Grant::Discount { currency, grant } => RedeemResponse::Discount {
+                    code,
+                    currency: currency.as_str().to_owned(),
+                    discount: grant.into(),
+                },
+            };
+            (
+                200,
+                serde_json::to_value(body).expect("a response serialises"),
+            )
+        }
         Redeemed::NotFound => error(
             StatusCode::NOT_FOUND,
             Redeemability::Unknown.public_reason(),
@@ -143,16 +231,22 @@ pub(super) fn render(outcome: &Redeemed) -> (u16, serde_json::Value) {
         Redeemed::AlreadyRedeemed {
             code,
             credit_omr,
+            discount,
             redeemed_at,
-        } => (
-            StatusCode::CONFLICT.as_u16(),
-            serde_json::json!({
+        } => {
+            let mut body = serde_json::json!({
                 "error": "you have already redeemed this voucher code",
                 "code": code,
                 "credit_omr": credit_omr,
                 "redeemed_at": redeemed_at,
-            }),
-        ),
+            });
+            if let Some(grant) = discount {
+                body["discount"] =
+                    serde_json::to_value(GrantedDiscount::from(grant)).expect("a grant serialises");
+                body.as_object_mut().map(|b| b.remove("credit_omr"));
+            }
+            (StatusCode::CONFLICT.as_u16(), body)
+        }
         Redeemed::TenantRequired => error(
             StatusCode::BAD_REQUEST,
             "the field \"tenant_id\" is required for a customer's first redemption".into(),
@@ -162,7 +256,14 @@ pub(super) fn render(outcome: &Redeemed) -> (u16, serde_json::Value) {
 
 fn outcome_label(outcome: &Redeemed) -> &'static str {
     match outcome {
-        Redeemed::Granted { .. } => "granted",
+        Redeemed::Granted {
+            grant: Grant::Credit { .. },
+            ..
+        } => "granted",
+        Redeemed::Granted {
+            grant: Grant::Discount { .. },
+            ..
+        } => "discount_granted",
         Redeemed::NotFound => "not_found",
         Redeemed::Gone(Redeemability::Capped { .. }) => "capped",
         Redeemed::Gone(Redeemability::Inactive) => "inactive",
@@ -219,11 +320,11 @@ fn idempotency<'a>(
     params(("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key and body returns the first answer and redeems once")),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "Credit granted", body = RedeemResponse),
+        (status = 200, description = "Granted: a credit (code, credit_omr, balance_omr), or a discount (code, currency, discount: terms, grant_id, starts_at, ends_at)", body = RedeemResponse),
         (status = 400, description = "Malformed body or code", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such code", body = ErrorBody),
-        (status = 409, description = "This customer already redeemed the code; the body also carries the original grant: code, credit_omr, redeemed_at", body = ErrorBody),
+        (status = 409, description = "This customer already redeemed the code; the body also carries the original grant: code, credit_omr or discount, redeemed_at", body = ErrorBody),
         (status = 410, description = "Inactive, fully redeemed or outside its window", body = ErrorBody),
         (status = 422, description = "Idempotency-Key reused with another body", body = ErrorBody),
         (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody),
@@ -275,6 +376,7 @@ pub async fn redeem(
         email: principal.email.clone(),
         idempotency,
         now: Utc::now(),
+        currency: state.settings.billing.currency.clone(),
     };
     let (outcome, (status, body)) = match state.redeemer.redeem(redemption).await? {
         Answer::Fresh(outcome) => {

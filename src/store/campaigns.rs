@@ -357,12 +357,12 @@ impl Store {
             bulk(&mut tx).await?;
             let update = sqlx::query(
                 "UPDATE promo_codes p SET credit_omr = $4, description = $5, active = $6, \
-                 max_redemptions = $7, valid_from = $8, expires_at = $9 \
+                 max_redemptions = $7, valid_from = $8, expires_at = $9, discount = $10 \
                  FROM voucher_campaign_codes c \
                  WHERE c.campaign_uid = $1 AND c.code_index >= $2 AND c.code_index < $3 \
                    AND p.code = c.code AND p.deleted_at IS NULL \
                    AND (p.credit_omr, p.description, p.active, p.max_redemptions, p.valid_from, \
-                        p.expires_at) IS DISTINCT FROM ($4, $5, $6, $7, $8, $9)",
+                        p.expires_at, p.discount) IS DISTINCT FROM ($4, $5, $6, $7, $8, $9, $10)",
             )
             .bind(&owner.uid)
             .bind(to_i32(from))
@@ -748,8 +748,8 @@ async fn insert_codes(
     let texts: Vec<&str> = batch.codes.iter().map(Code::as_str).collect();
     let insert = sqlx::query_scalar(
         "INSERT INTO promo_codes (code, credit_omr, description, active, max_redemptions, \
-         valid_from, expires_at) \
-         SELECT c, $2, $3, $4, $5, $6, $7 FROM unnest($1::text[]) AS c \
+         valid_from, expires_at, discount) \
+         SELECT c, $2, $3, $4, $5, $6, $7, $8 FROM unnest($1::text[]) AS c \
          ON CONFLICT (code) DO NOTHING RETURNING code",
     );
     let inserted: Vec<String> = bind_terms!(insert.bind(&texts), batch.terms)

@@ -7,6 +7,7 @@
 pub mod bindings;
 pub mod campaigns;
 mod customers;
+pub mod discounts;
 mod idempotency;
 mod ledger;
 pub(crate) mod notify;

@@ -5,7 +5,7 @@ use sqlx::PgConnection;
 
 use super::Result;
 use super::outbox::NewAuditRecord;
-use crate::domain::{Code, CodeRecord, TermField, Terms};
+use crate::domain::{Code, CodeRecord, Discount, TermField, Terms};
 
 /// The columns every query returns, in [`Row`]'s order. A macro so that each
 /// statement stays a `&'static str` literal (no SQL is assembled at run time).
@@ -43,7 +43,7 @@ macro_rules! returning {
     () => {
         concat!(
             "code, credit_omr, description, active, max_redemptions, valid_from, expires_at, \
-             times_redeemed, created_at, deleted_at, ",
+             discount, times_redeemed, created_at, deleted_at, ",
             campaign_on!("promo_codes.code"),
             " AS campaign_on, ",
             suspended!("promo_codes.code"),
@@ -52,9 +52,10 @@ macro_rules! returning {
     };
 }
 
-/// Binds `terms` as the next six parameters, in the order of the table's
+/// Binds `terms` as the next seven parameters, in the order of the table's
 /// columns (credit_omr, description, active, max_redemptions, valid_from,
-/// expires_at): every statement that writes terms, whatever its query type.
+/// expires_at, then the operator's discount): every statement that writes
+/// terms, whatever its query type.
 macro_rules! bind_terms {
     ($query:expr, $terms:expr) => {{
         let terms: &crate::domain::Terms = $terms;
@@ -65,6 +66,7 @@ macro_rules! bind_terms {
             .bind(terms.max_redemptions)
             .bind(terms.valid_from)
             .bind(terms.expires_at)
+            .bind(terms.discount.as_ref().map(sqlx::types::Json))
     }};
 }
 pub(crate) use bind_terms;
@@ -78,6 +80,7 @@ struct Row {
     max_redemptions: i32,
     valid_from: Option<DateTime<Utc>>,
     expires_at: Option<DateTime<Utc>>,
+    discount: Option<sqlx::types::Json<Discount>>,
     times_redeemed: i32,
     created_at: DateTime<Utc>,
     deleted_at: Option<DateTime<Utc>>,
@@ -91,6 +94,7 @@ impl From<Row> for CodeRecord {
             code: row.code,
             terms: Terms {
                 credit_omr: row.credit_omr,
+                discount: row.discount.map(|d| d.0),
                 description: row.description,
                 active: row.active,
                 max_redemptions: row.max_redemptions,
@@ -204,7 +208,8 @@ pub async fn apply(conn: &mut PgConnection, code: &Code, wanted: &Terms) -> Resu
         Some(_) => {
             const UPDATE: &str = concat!(
                 "UPDATE promo_codes SET credit_omr = $2, description = $3, active = $4, \
-                 max_redemptions = $5, valid_from = $6, expires_at = $7, deleted_at = NULL \
+                 max_redemptions = $5, valid_from = $6, expires_at = $7, discount = $8, \
+                 deleted_at = NULL \
                  WHERE code = $1 RETURNING ",
                 returning!()
             );
@@ -213,8 +218,8 @@ pub async fn apply(conn: &mut PgConnection, code: &Code, wanted: &Terms) -> Resu
         None => {
             const INSERT: &str = concat!(
                 "INSERT INTO promo_codes (code, credit_omr, description, active, \
-                 max_redemptions, valid_from, expires_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING ",
+                 max_redemptions, valid_from, expires_at, discount) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING ",
                 returning!()
             );
             write(conn, INSERT, code, wanted).await?
@@ -284,6 +289,8 @@ pub(crate) async fn count_redemptions(
              AND (max_redemptions = 0 OR times_redeemed + $8 <= max_redemptions) \
              AND credit_omr = $3 AND description = $4 AND max_redemptions = $5 \
              AND valid_from IS NOT DISTINCT FROM $6 AND expires_at IS NOT DISTINCT FROM $7 \
+             AND voucher_operator_discount_terms(discount) \
+                 IS NOT DISTINCT FROM voucher_operator_discount_terms($15) \
            RETURNING ",
         returning!(),
         "), issued AS ( \
@@ -329,6 +336,7 @@ pub(crate) async fn count_redemptions(
         .bind(exhausted.event_id)
         .bind(exhausted.kind.as_str())
         .bind(&exhausted.payload)
+        .bind(terms.discount.as_ref().map(sqlx::types::Json))
         .fetch_optional(conn)
         .await?;
     Ok(row.map(Into::into))
@@ -374,6 +382,8 @@ pub async fn export_rows(
             code: r["code"].as_str().unwrap_or_default().to_owned(),
             terms: Terms {
                 credit_omr: int(&r["credit_omr"]),
+                // Absent on a database the operator never migrated.
+                discount: serde_json::from_value(r["discount"].clone()).ok().flatten(),
                 description: r["description"].as_str().unwrap_or_default().to_owned(),
                 active: r["active"].as_bool().unwrap_or(true),
                 max_redemptions: int(&r["max_redemptions"]),

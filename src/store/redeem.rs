@@ -10,10 +10,14 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::discounts::{self, DiscountGrant};
 use super::idempotency::{self, Claimed};
 use super::outbox::NewAuditRecord;
+use super::redemptions::Past;
 use super::{Operation, Result, Store, StoreError, customers, ledger, promo_codes, redemptions};
-use crate::domain::{Actor, AuditData, AuditKind, Code, CodeRecord, Facts, Redeemability};
+use crate::domain::{
+    Actor, AuditData, AuditKind, Code, CodeRecord, Currency, Facts, Redeemability,
+};
 
 /// Who redeems what.
 #[derive(Clone, Debug)]
@@ -27,6 +31,8 @@ pub struct Redemption {
     /// `Idempotency-Key` and the hash of the request it came with.
     pub idempotency: Option<(String, Vec<u8>)>,
     pub now: DateTime<Utc>,
+    /// The Sovereign's currency, which a discount grant's amounts are in.
+    pub currency: Currency,
 }
 
 /// What a redemption decided.
@@ -34,8 +40,7 @@ pub struct Redemption {
 pub enum Redeemed {
     Granted {
         code: String,
-        credit_omr: i32,
-        balance_omr: i64,
+        grant: Grant,
     },
     /// Unknown or soft-deleted: indistinguishable on purpose.
     NotFound,
@@ -46,20 +51,38 @@ pub enum Redeemed {
     AlreadyRedeemed {
         code: String,
         credit_omr: Option<i32>,
+        discount: Option<DiscountGrant>,
         redeemed_at: Option<DateTime<Utc>>,
     },
     /// The customer does not exist and the request named no tenant.
     TenantRequired,
 }
 
+/// What a redemption granted.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Grant {
+    /// A credit in the ledger, and the customer's balance after it.
+    Credit { credit_omr: i32, balance_omr: i64 },
+    /// A discount grant, in `currency`'s minor units.
+    Discount {
+        currency: Currency,
+        grant: DiscountGrant,
+    },
+}
+
 impl Redeemed {
-    /// The answer to a customer who redeemed `code` before (`grant`: when,
-    /// and the credit granted).
-    fn already(code: &Code, grant: Option<(DateTime<Utc>, Option<i32>)>) -> Self {
+    /// The answer to a customer who redeemed `code` before (`past`: when,
+    /// and what it granted).
+    fn already(code: &Code, past: Option<Past>) -> Self {
+        let (redeemed_at, credit_omr, discount) = match past {
+            Some(past) => (Some(past.redeemed_at), past.credit_omr, past.discount),
+            None => (None, None, None),
+        };
         Self::AlreadyRedeemed {
             code: code.to_string(),
-            credit_omr: grant.and_then(|(_, credit)| credit),
-            redeemed_at: grant.map(|(at, _)| at),
+            credit_omr,
+            discount,
+            redeemed_at,
         }
     }
 
@@ -406,7 +429,8 @@ async fn one_per_customer(
     Ok(Ok(winners))
 }
 
-/// The winners' credit in the ledger, and their balances.
+/// The winners' grants: a credit in the ledger (and their balances), or a
+/// discount grant each.
 async fn grant(
     tx: &mut sqlx::PgConnection,
     batch: &mut Decisions<'_>,
@@ -414,18 +438,43 @@ async fn grant(
     ids: &HashMap<String, Uuid>,
     winners: &[usize],
 ) -> Result<()> {
-    let credit = seen.terms.credit_omr;
     let code = batch.code.as_str();
     let customers: Vec<Uuid> = winners.iter().map(|&i| ids[batch.subject(i)]).collect();
-    ledger::append_many(tx, &customers, credit, &ledger::promo_reason(code)).await?;
-    let balances = ledger::balances(tx, &customers).await?;
+    let mut grants: HashMap<Uuid, Grant> = match &seen.terms.discount {
+        Some(discount) => {
+            let currency = &batch.requests[0].currency;
+            let terms = (discount, currency);
+            let expires_at = seen.terms.expires_at;
+            discounts::insert_many(tx, &customers, code, terms, batch.now, expires_at)
+                .await?
+                .into_iter()
+                .map(|(customer, grant)| {
+                    let currency = currency.clone();
+                    (customer, Grant::Discount { currency, grant })
+                })
+                .collect()
+        }
+        None => {
+            let credit_omr = seen.terms.credit_omr;
+            ledger::append_many(tx, &customers, credit_omr, &ledger::promo_reason(code)).await?;
+            let balances = ledger::balances(tx, &customers).await?;
+            customers
+                .iter()
+                .map(|customer| {
+                    let balance_omr = balances.get(customer).copied().unwrap_or_default();
+                    let credit = Grant::Credit {
+                        credit_omr,
+                        balance_omr,
+                    };
+                    (*customer, credit)
+                })
+                .collect()
+        }
+    };
     for (&i, customer) in winners.iter().zip(&customers) {
-        let granted = Redeemed::Granted {
-            code: code.to_owned(),
-            credit_omr: credit,
-            balance_omr: balances.get(customer).copied().unwrap_or_default(),
-        };
-        batch.decided.push((i, granted));
+        let grant = grants.remove(customer).expect("a grant per winner");
+        let code = code.to_owned();
+        batch.decided.push((i, Redeemed::Granted { code, grant }));
     }
     Ok(())
 }
@@ -440,22 +489,25 @@ async fn count(
     winners: &[usize],
 ) -> Result<bool> {
     let code = batch.code.as_str();
+    let granted = seen.terms.grant(&batch.requests[0].currency);
     let audit = |i: usize, kind| {
         let actor = Actor::Subject {
             subject: batch.subject(i).to_owned(),
         };
         let facts = Facts {
-            credit_omr: Some(seen.terms.credit_omr),
+            grant: Some(&granted),
             ..Facts::new(code, &actor)
         };
         let data = AuditData::of(kind, &facts, Some(seen.clone()), Some(seen.clone()));
         let payload = serde_json::to_value(&data).expect("audit data serialises");
         NewAuditRecord::new(code, kind, payload)
     };
-    let redeemed: Vec<NewAuditRecord> = winners
-        .iter()
-        .map(|&i| audit(i, AuditKind::Redeemed))
-        .collect();
+    // The kind of grant, by the kind of record: a discount is not a credit.
+    let kind = match seen.terms.discount {
+        Some(_) => AuditKind::DiscountGranted,
+        None => AuditKind::Redeemed,
+    };
+    let redeemed: Vec<NewAuditRecord> = winners.iter().map(|&i| audit(i, kind)).collect();
     let last = *winners.last().expect("winners");
     let exhausted = audit(last, AuditKind::Exhausted);
     let counted =

@@ -10,3 +10,4 @@ GRANT USAGE ON SEQUENCE voucher_audit_outbox_seq_seq TO voucher_runtime;
 GRANT SELECT ON voucher_operator_migrations TO voucher_runtime;
 GRANT SELECT, INSERT, UPDATE, DELETE ON voucher_campaigns, voucher_campaign_codes TO voucher_runtime;
 GRANT SELECT, INSERT, DELETE ON voucher_suspensions TO voucher_runtime;
+GRANT SELECT, INSERT ON voucher_discount_grants TO voucher_runtime;

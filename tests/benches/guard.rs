@@ -56,6 +56,7 @@ async fn round(store: &Store, round: &str) -> f64 {
                     email: String::new(),
                     idempotency: None,
                     now: chrono::Utc::now(),
+                    currency: Default::default(),
                 };
                 let answer = store
                     .redeem(&redemption, |_| (200, serde_json::Value::Null))
@@ -222,6 +223,7 @@ async fn main() {
         email: String::new(),
         idempotency: None,
         now: chrono::Utc::now(),
+        currency: Default::default(),
     };
     let answer = store
         .redeem(&redemption, |_| (404, serde_json::Value::Null))

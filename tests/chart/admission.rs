@@ -186,6 +186,112 @@ async fn a_namespace_label_caps_the_credit_of_its_vouchers_and_campaigns() {
 }
 
 #[tokio::test]
+async fn a_namespace_label_caps_the_discounts_of_its_vouchers_and_campaigns() {
+    let rendered = render(required());
+    let cluster = support::cluster::cluster();
+    let (client, ns) = support::cluster::setup("discounts").await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = cluster.kubeconfig(dir.path(), &ns);
+    let _policy = apply_as_admin(&admin, rendered.of_kinds(&ADMISSION))
+        .await
+        .expect("the policy");
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
+    let labels = json!({"metadata": {"labels": {
+        "catalyst.openova.io/max-credit-omr": "100",
+        "catalyst.openova.io/max-percent-off": "25",
+        "catalyst.openova.io/max-amount-off": "5000",
+        "catalyst.openova.io/max-discount-months": "6",
+    }}});
+    namespaces
+        .patch(
+            &ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(labels),
+        )
+        .await
+        .unwrap();
+    let discount = |name: &str, terms: Value| voucher(name, json!({"discount": terms}));
+    // The policy takes a moment to be enforced: the first refusal proves it is.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut attempt = 0;
+    let refused = loop {
+        attempt += 1;
+        let name = format!("generous-{attempt}");
+        match cluster.apply(&admin, &discount(&name, json!({"percentOff": 30}))) {
+            Err(refused) => break refused,
+            Ok(()) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the policy never capped a discount"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    assert!(
+        refused.contains(&format!(
+            "spec.discount.percentOff is 30; namespace {ns} allows at most 25 percent off"
+        )),
+        "{refused}"
+    );
+    // (discount, the refusal it meets or none, why)
+    let cases = [
+        (
+            json!({"percentOff": 25, "durationMonths": 6}),
+            None,
+            "at both ceilings",
+        ),
+        (
+            json!({"percentOff": 20}),
+            None,
+            "a once-grant is within any months cap",
+        ),
+        (
+            json!({"amountOff": 5000, "appliesTo": ["install"]}),
+            None,
+            "the amount's ceiling",
+        ),
+        (
+            json!({"amountOff": 5001}),
+            Some("spec.discount.amountOff is 5001"),
+            "past the amount",
+        ),
+        (
+            json!({"percentOff": 10, "durationMonths": 12}),
+            Some("spec.discount.durationMonths is 12"),
+            "past the months",
+        ),
+    ];
+    for (i, (terms, refusal, why)) in cases.into_iter().enumerate() {
+        let applied = cluster.apply(&admin, &discount(&format!("case-{i}"), terms));
+        match refusal {
+            None => applied.unwrap_or_else(|e| panic!("{why}: {e}")),
+            Some(said) => {
+                let refused = applied.expect_err(why);
+                assert!(refused.contains(said), "{why}: {refused}");
+            }
+        }
+    }
+    // Raising an admitted discount past the label is refused as creating it would be.
+    let raised = cluster
+        .apply(
+            &admin,
+            &discount("case-0", json!({"percentOff": 26, "durationMonths": 6})),
+        )
+        .unwrap_err();
+    assert!(raised.contains("allows at most 25 percent off"), "{raised}");
+    // A campaign's codes are held to the same ceilings.
+    let campaign = json!({"apiVersion": "catalyst.openova.io/v1alpha1", "kind": "VoucherCampaign",
+        "metadata": {"name": "launch"},
+        "spec": {"count": 10, "discount": {"percentOff": 50}, "keySecretRef": {"name": "k"}}});
+    let refused = cluster.apply(&admin, &campaign).unwrap_err();
+    assert!(
+        refused.contains("spec.discount.percentOff is 50"),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
 async fn a_namespace_label_caps_a_campaigns_credit_in_all() {
     let rendered = render(required());
     let cluster = support::cluster::cluster();

@@ -96,7 +96,7 @@ async fn issue_and_revoke_act_on_voucher_resources() {
     );
     assert_eq!(
         (voucher.spec.credit_omr, voucher.spec.max_redemptions),
-        (15, 100)
+        (Some(15), 100)
     );
     let managers: Vec<_> = voucher
         .metadata
@@ -173,7 +173,7 @@ async fn bound_voucher(
         "INSERT INTO promo_codes (code, credit_omr) VALUES ('{code}', {}); \
          INSERT INTO voucher_bindings (code, namespace, name, uid, deletion_policy) \
          VALUES ('{code}', '{ns}', '{name}', '{}', '{}')",
-        voucher.spec.credit_omr,
+        voucher.spec.credit_omr.unwrap(),
         voucher.metadata.uid.clone().unwrap(),
         voucher.spec.deletion_policy.as_str(),
     ))

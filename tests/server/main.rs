@@ -10,6 +10,7 @@ mod support;
 mod admin;
 mod auth;
 mod connections;
+mod discount;
 mod preview;
 mod redeem;
 

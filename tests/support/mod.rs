@@ -403,6 +403,7 @@ pub async fn http_get(port: u16, path: &str) -> String {
 /// it, small bodies, a generous timeout.
 pub fn server_settings() -> voucher_operator::server::ServerSettings {
     voucher_operator::server::ServerSettings {
+        billing: Default::default(),
         rate_limit_per_minute: 1_000_000,
         rate_limit_burst: 100_000,
         rate_limit_per_subject: 1_000_000,

@@ -23,7 +23,7 @@ use voucher_core::voucher::{
 /// The prefix of a campaign's codes: the code alphabet, possibly empty.
 pub const PREFIX_PATTERN: &str = r"^([A-Za-z0-9][A-Za-z0-9_-]{0,55})?$";
 
-/// Desired state of a campaign: `count` unique codes granting the same credit.
+/// Desired state of a campaign: `count` unique codes granting the same credit or discount.
 // Printer columns of one type repeat `type_ = "integer"`: not a duplicate.
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -38,7 +38,7 @@ pub const PREFIX_PATTERN: &str = r"^([A-Za-z0-9][A-Za-z0-9_-]{0,55})?$";
     category = "catalyst",
     doc = "A campaign of unique single-use voucher codes, generated from a secret key and never written down.",
     printcolumn(name = "Prefix", type_ = "string", json_path = ".spec.prefix"),
-    printcolumn(name = "Credit", type_ = "integer", json_path = ".spec.creditOMR"),
+    printcolumn(name = "Grant", type_ = "string", json_path = ".status.grant", description = "What each code grants: a credit (50 OMR) or a discount (20% install 3mo)"),
     printcolumn(name = "Codes", type_ = "integer", json_path = ".spec.count"),
     printcolumn(name = "Redeemed", type_ = "integer", json_path = ".status.redeemed"),
     printcolumn(name = "Active", type_ = "boolean", json_path = ".spec.active"),
@@ -53,6 +53,9 @@ pub const PREFIX_PATTERN: &str = r"^([A-Za-z0-9][A-Za-z0-9_-]{0,55})?$";
         .message("metadata.name of a VoucherCampaign must be a DNS label: 1 to 63 characters of a-z, 0-9 and '-' (no dots)"),
 )]
 #[x_kube(
+    validation = Rule::new(crate::ONE_GRANT).message(crate::ONE_GRANT_MESSAGE),
+    validation = Rule::new(crate::SAME_GRANT)
+        .message("a VoucherCampaign cannot switch between a credit (spec.creditOMR) and a discount (spec.discount): its codes already redeemed granted the one; create a new campaign for the other"),
     validation = Rule::new("self.count >= oldSelf.count")
         .message("spec.count can grow but never shrink: codes already issued stay issued; deactivate the campaign or revoke single codes instead"),
     validation = Rule::new("size(self.prefix) + self.codeLength <= 64")
@@ -87,10 +90,16 @@ pub struct VoucherCampaignSpec {
     #[schemars(extend("minimum" = MIN_CODE_LENGTH, "maximum" = MAX_CODE_LENGTH))]
     pub code_length: i32,
 
-    /// Credit each code grants, in whole Omani Rial.
-    #[serde(rename = "creditOMR")]
+    /// Credit each code grants, in whole Omani Rial. Set this or spec.discount, not both;
+    /// which one is immutable.
+    #[serde(rename = "creditOMR", default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("minimum" = MIN_CREDIT_OMR, "maximum" = MAX_CREDIT_OMR))]
-    pub credit_omr: i32,
+    pub credit_omr: Option<i32>,
+
+    /// A discount each code grants instead of a credit, e.g. 20 percent off installs for 3
+    /// months. Set this or spec.creditOMR, not both; which one is immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discount: Option<crate::DiscountSpec>,
 
     /// Free text shown to customers on the redemption page.
     #[serde(default)]
@@ -164,6 +173,9 @@ pub struct VoucherCampaignStatus {
     /// Codes that reached their redemptions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exhausted_codes: Option<i32>,
+    /// What each code grants, as the printer column shows it: 50 OMR, or 20% install 3mo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

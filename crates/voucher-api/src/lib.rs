@@ -18,17 +18,21 @@ use serde::{Deserialize, Serialize};
 
 pub use voucher_core::DeletionPolicy;
 use voucher_core::code::CODE_PATTERN;
+use voucher_core::discount::{
+    CATEGORY_PATTERN, MAX_AMOUNT_OFF, MAX_CATEGORIES, MAX_DURATION_MONTHS, MAX_PERCENT_OFF,
+    MIN_AMOUNT_OFF, MIN_DURATION_MONTHS, MIN_PERCENT_OFF,
+};
 use voucher_core::voucher::{
     MAX_CREDIT_OMR, MAX_DESCRIPTION_LEN, MAX_MAX_REDEMPTIONS, MIN_CREDIT_OMR, MIN_MAX_REDEMPTIONS,
 };
-use voucher_core::{Code, CodeError, CodeRecord, Phase, Request, TermError, Terms};
+use voucher_core::{Code, CodeError, CodeRecord, Discount, Off, Phase, Request, TermError, Terms};
 
 pub const GROUP: &str = "catalyst.openova.io";
 pub const VERSION: &str = "v1alpha1";
 pub const KIND: &str = "Voucher";
 pub const PLURAL: &str = "vouchers";
 
-/// Desired state of a voucher: a promo code granting a fixed credit in Omani Rial.
+/// Desired state of a voucher: a promo code granting a fixed credit in Omani Rial, or a discount.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "catalyst.openova.io",
@@ -39,9 +43,9 @@ pub const PLURAL: &str = "vouchers";
     status = "VoucherStatus",
     shortname = "vch",
     category = "catalyst",
-    doc = "A billing voucher (promo code) that grants a fixed credit in Omani Rial. The operator keeps the billing database's promo_codes row in line with it.",
+    doc = "A billing voucher (promo code) that grants a fixed credit in Omani Rial or a discount on charges. The operator keeps the billing database's promo_codes row in line with it.",
     printcolumn(name = "Code", type_ = "string", json_path = ".status.code", description = "The code customers enter"),
-    printcolumn(name = "Credit", type_ = "integer", json_path = ".spec.creditOMR", description = "Credit granted, in whole OMR"),
+    printcolumn(name = "Grant", type_ = "string", json_path = ".status.grant", description = "What a redemption grants: a credit (50 OMR) or a discount (20% install 3mo)"),
     printcolumn(name = "Active", type_ = "boolean", json_path = ".spec.active"),
     printcolumn(name = "Redeemed", type_ = "integer", json_path = ".status.timesRedeemed"),
     printcolumn(name = "Max", type_ = "integer", json_path = ".spec.maxRedemptions", description = "0 means unlimited"),
@@ -64,7 +68,10 @@ pub const PLURAL: &str = "vouchers";
     validation = Rule::new("!has(self.validFrom) || !has(self.expiresAt) || self.expiresAt > self.validFrom")
         .message("spec.expiresAt must be later than spec.validFrom"),
     validation = Rule::new("self.deletionPolicy == oldSelf.deletionPolicy || (!oldSelf.active && !self.active)")
-        .message("spec.deletionPolicy can change only while the Voucher is inactive, before and after: set spec.active to false first, then change the policy")
+        .message("spec.deletionPolicy can change only while the Voucher is inactive, before and after: set spec.active to false first, then change the policy"),
+    validation = Rule::new(ONE_GRANT).message(ONE_GRANT_MESSAGE),
+    validation = Rule::new(SAME_GRANT)
+        .message("a Voucher cannot switch between a credit (spec.creditOMR) and a discount (spec.discount): vouchers already redeemed granted the one; create a new Voucher for the other")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VoucherSpec {
@@ -75,10 +82,16 @@ pub struct VoucherSpec {
     pub code: Option<String>,
 
     /// Credit granted on redemption, in whole Omani Rial (1 to 100000; a namespace may be
-    /// held lower by the label catalyst.openova.io/max-credit-omr).
-    #[serde(rename = "creditOMR")]
+    /// held lower by the label catalyst.openova.io/max-credit-omr). Set this or
+    /// spec.discount, not both; which one is immutable.
+    #[serde(rename = "creditOMR", default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("minimum" = MIN_CREDIT_OMR, "maximum" = MAX_CREDIT_OMR))]
-    pub credit_omr: i32,
+    pub credit_omr: Option<i32>,
+
+    /// A discount on the customer's charges instead of a credit, e.g. 20 percent off installs
+    /// for 3 months. Set this or spec.creditOMR, not both; which one is immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discount: Option<DiscountSpec>,
 
     /// Free text shown to customers on the redemption page.
     #[serde(default)]
@@ -122,6 +135,85 @@ pub struct VoucherSpec {
         deserialize_with = "reissue_or_legacy_flag"
     )]
     pub reissue: Option<Reissue>,
+}
+
+/// Exactly one grant (a CEL rule of both kinds' specs).
+pub(crate) const ONE_GRANT: &str = "has(self.creditOMR) != has(self.discount)";
+pub(crate) const ONE_GRANT_MESSAGE: &str = "set exactly one of spec.creditOMR (a credit in whole OMR) and spec.discount (percentOff or amountOff, with appliesTo and durationMonths): a voucher grants one or the other";
+/// The kind of grant never changes (a transition rule of both kinds' specs).
+pub(crate) const SAME_GRANT: &str = "has(self.creditOMR) == has(oldSelf.creditOMR)";
+
+/// A discount on the customer's charges (DESIGN §10): a share of each matching charge, or an
+/// amount off an order's matching charges, for a number of months or once.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(
+    validation = Rule::new("has(self.percentOff) != has(self.amountOff)")
+        .message("spec.discount takes exactly one of percentOff (1 to 100) and amountOff (minor units of the currency, at least 1)")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DiscountSpec {
+    /// Percent off each matching charge, 1 to 100 (rounded down to the currency's minor unit).
+    /// A namespace may be held lower by the label catalyst.openova.io/max-percent-off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minimum" = MIN_PERCENT_OFF, "maximum" = MAX_PERCENT_OFF))]
+    pub percent_off: Option<i32>,
+
+    /// An amount off an order's matching charges together, once per order, in minor units of
+    /// the Sovereign's currency (baisa for OMR: 5000 is 5 OMR), at least 1. A namespace may be
+    /// held lower by the label catalyst.openova.io/max-amount-off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minimum" = MIN_AMOUNT_OFF, "maximum" = MAX_AMOUNT_OFF))]
+    pub amount_off: Option<i64>,
+
+    /// Charge categories the discount applies to, from the operator's configured list
+    /// (--charge-categories; by default install, subscription, usage and support). Empty or
+    /// absent: every charge. A category outside the list is refused by the controller.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = MAX_CATEGORIES),
+        inner(regex(pattern = CATEGORY_PATTERN)),
+        extend("x-kubernetes-list-type" = "set")
+    )]
+    pub applies_to: Vec<String>,
+
+    /// Calendar months (UTC) the discount lasts from its redemption, 1 to 36. Absent: once, on
+    /// the first order it discounts. A namespace may be held lower by the label
+    /// catalyst.openova.io/max-discount-months.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minimum" = MIN_DURATION_MONTHS, "maximum" = MAX_DURATION_MONTHS))]
+    pub duration_months: Option<i32>,
+}
+
+impl DiscountSpec {
+    /// The terms as the domain holds them. Both or neither of percentOff and amountOff (which
+    /// the schema refuses) read as 0 percent, which the terms' validation refuses.
+    pub fn discount(&self) -> Discount {
+        let off = match (self.percent_off, self.amount_off) {
+            (Some(percent), None) => Off::PercentOff(percent),
+            (None, Some(amount)) => Off::AmountOff(amount),
+            _ => Off::PercentOff(0),
+        };
+        Discount {
+            off,
+            applies_to: self.applies_to.clone(),
+            duration_months: self.duration_months,
+        }
+    }
+}
+
+impl From<&Discount> for DiscountSpec {
+    fn from(discount: &Discount) -> Self {
+        let (percent_off, amount_off) = match discount.off {
+            Off::PercentOff(p) => (Some(p), None),
+            Off::AmountOff(a) => (None, Some(a)),
+        };
+        Self {
+            percent_off,
+            amount_off,
+            applies_to: discount.applies_to.clone(),
+            duration_months: discount.duration_months,
+        }
+    }
 }
 
 /// `reissue` as this version writes it, or the boolean of earlier ones: a
@@ -184,6 +276,10 @@ pub struct VoucherStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remaining: Option<i32>,
 
+    /// What a redemption grants, as the printer column shows it: 50 OMR, or 20% install 3mo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
+
     /// Standard conditions: Ready and Synced; with kstatus's Stalled (waiting for a change by a
     /// person, e.g. a code conflict) or Reconciling (retrying) while they hold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -202,7 +298,9 @@ impl VoucherSpec {
     pub fn terms(&self) -> Terms {
         let micros = |t: Option<DateTime<Utc>>| t.map(|t| t.trunc_subsecs(6));
         Terms {
-            credit_omr: self.credit_omr,
+            // The billing service's column cannot be NULL: a discount grants no credit.
+            credit_omr: self.credit_omr.unwrap_or(0),
+            discount: self.discount.as_ref().map(DiscountSpec::discount),
             description: self.description.clone(),
             active: self.active,
             max_redemptions: self.max_redemptions,
@@ -267,7 +365,12 @@ pub fn voucher_for(record: &CodeRecord, namespace: &str) -> Result<Voucher, Adop
         &resource_name(&code),
         VoucherSpec {
             code: Some(code.to_string()),
-            credit_omr: record.terms.credit_omr,
+            credit_omr: record
+                .terms
+                .discount
+                .is_none()
+                .then_some(record.terms.credit_omr),
+            discount: record.terms.discount.as_ref().map(DiscountSpec::from),
             description: record.terms.description.clone(),
             active: record.terms.active && !record.is_tombstoned(),
             max_redemptions: record.terms.max_redemptions,
@@ -319,7 +422,8 @@ mod tests {
             name,
             VoucherSpec {
                 code: code.map(str::to_owned),
-                credit_omr: 10,
+                credit_omr: Some(10),
+                discount: None,
                 description: String::new(),
                 active: true,
                 max_redemptions: 0,
@@ -492,14 +596,14 @@ mod tests {
         assert_eq!(
             columns(false),
             [
-                "CODE", "CREDIT", "ACTIVE", "REDEEMED", "MAX", "PHASE", "READY", "REASON", "AGE"
+                "CODE", "GRANT", "ACTIVE", "REDEEMED", "MAX", "PHASE", "READY", "REASON", "AGE"
             ]
         );
         assert_eq!(
             columns(true),
             [
                 "CODE",
-                "CREDIT",
+                "GRANT",
                 "ACTIVE",
                 "REDEEMED",
                 "MAX",

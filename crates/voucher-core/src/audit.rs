@@ -25,6 +25,8 @@ pub enum AuditKind {
     Revoked,
     Orphaned,
     Redeemed,
+    /// A discount code was redeemed: the customer's discount grant was written.
+    DiscountGranted,
     /// A campaign's codes were generated (one record per pass, naming the range).
     CampaignGenerated,
     /// A campaign's terms changed and were applied to all its codes.
@@ -51,7 +53,7 @@ pub enum AuditKind {
 pub const EVENT_TYPE_PREFIX: &str = "io.openova.catalyst.voucher";
 
 impl AuditKind {
-    pub const ALL: [AuditKind; 23] = [
+    pub const ALL: [AuditKind; 24] = [
         AuditKind::Created,
         AuditKind::Updated,
         AuditKind::Activated,
@@ -65,6 +67,7 @@ impl AuditKind {
         AuditKind::Revoked,
         AuditKind::Orphaned,
         AuditKind::Redeemed,
+        AuditKind::DiscountGranted,
         AuditKind::CampaignGenerated,
         AuditKind::CampaignUpdated,
         AuditKind::CampaignDriftCorrected,
@@ -92,6 +95,7 @@ impl AuditKind {
             Self::Revoked => "revoked",
             Self::Orphaned => "orphaned",
             Self::Redeemed => "redeemed",
+            Self::DiscountGranted => "discount_granted",
             Self::CampaignGenerated => "campaign_generated",
             Self::CampaignUpdated => "campaign_updated",
             Self::CampaignDriftCorrected => "campaign_drift_corrected",
@@ -214,8 +218,8 @@ pub struct Facts<'a> {
     pub changed: &'a [TermField],
     /// For a conflict: the resource that owns the code.
     pub holder: Option<&'a Owner>,
-    /// For a redemption: the credit granted.
-    pub credit_omr: Option<i32>,
+    /// For a redemption: what it granted (`50 OMR`, `20% install 3mo`).
+    pub grant: Option<&'a str>,
     /// For a campaign's record: how many of its codes it concerns.
     pub codes: Option<u32>,
 }
@@ -227,7 +231,7 @@ impl<'a> Facts<'a> {
             actor,
             changed: &[],
             holder: None,
-            credit_omr: None,
+            grant: None,
             codes: None,
         }
     }
@@ -283,9 +287,10 @@ impl AuditKind {
             actor,
             changed,
             holder,
-            credit_omr,
+            grant,
             codes,
         } = *facts;
+        let grant = grant.unwrap_or_default();
         let codes = codes.unwrap_or_default();
         let fields = TermField::join(changed);
         let holder = holder.map_or("another resource".into(), |h| format!("Voucher {h}"));
@@ -389,11 +394,9 @@ impl AuditKind {
                 ),
             ),
             // Redemptions happen at checkout, not in a reconcile: no Event.
-            Self::Redeemed => (
-                format!(
-                    "redeemed by {actor} for {} OMR",
-                    credit_omr.unwrap_or_default()
-                ),
+            Self::Redeemed => (format!("redeemed by {actor} for {grant}"), None),
+            Self::DiscountGranted => (
+                format!("redeemed by {actor} for a discount of {grant}"),
                 None,
             ),
             Self::Exhausted => (format!("the redemption by {actor} reached the cap"), None),
@@ -485,8 +488,10 @@ mod tests {
         for kind in AuditKind::ALL {
             let wording = kind.wording(&facts);
             assert!(!wording.reason.is_empty(), "{kind}");
-            let elsewhere =
-                matches!(kind, AuditKind::Redeemed | AuditKind::Exhausted) || kind.is_campaign();
+            let elsewhere = matches!(
+                kind,
+                AuditKind::Redeemed | AuditKind::DiscountGranted | AuditKind::Exhausted
+            ) || kind.is_campaign();
             assert_eq!(wording.event.is_none(), elsewhere, "{kind}");
         }
         let conflict = AuditKind::Conflict.wording(&facts);

@@ -8,12 +8,14 @@
 pub mod audit;
 pub mod campaign;
 pub mod code;
+pub mod discount;
 pub mod owner;
 pub mod ownership;
 pub mod voucher;
 
 pub use audit::{Actor, AuditData, AuditKind, EventWording, Facts, Severity, Wording};
 pub use code::{Code, CodeError};
+pub use discount::{Billing, Categories, Currency, Discount, DiscountError, Off};
 pub use owner::Owner;
 pub use ownership::{Applied, Claim, DeletionPolicy, Issuers, Request, Unrequested};
 pub use voucher::{CodeRecord, Phase, Redeemability, TermError, TermField, Terms};

@@ -4,11 +4,17 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::discount::{Categories, Currency, Discount, DiscountError};
+
 /// The commercial terms of a voucher: everything the `Voucher` resource owns.
-/// `max_redemptions == 0` means unlimited.
+/// `max_redemptions == 0` means unlimited. A voucher grants a credit
+/// (`credit_omr` > 0) or a discount (`discount`, with `credit_omr` 0 — the
+/// billing service's column cannot be NULL), never both.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Terms {
     pub credit_omr: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discount: Option<Discount>,
     pub description: String,
     pub active: bool,
     pub max_redemptions: i32,
@@ -248,6 +254,25 @@ pub enum TermError {
     DescriptionTooLong(usize),
     #[error("the redemption window is empty: the expiry must be later than the start")]
     EmptyWindow,
+    #[error("a discount voucher grants no credit, yet credit_omr is {0}")]
+    CreditBesideDiscount(i32),
+    #[error(transparent)]
+    Discount(#[from] DiscountError),
+    #[error(
+        "spec.discount.appliesTo names {unknown}, which is not a charge category of this Sovereign (configured: {configured})"
+    )]
+    UnknownCategory { unknown: String, configured: String },
+}
+
+impl TermError {
+    /// The condition's reason: a category outside the configured list is told
+    /// apart (its fix is in the operator's settings or the spelling).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnknownCategory { .. } => "UnknownCategory",
+            _ => "InvalidTerms",
+        }
+    }
 }
 
 impl Terms {
@@ -255,6 +280,7 @@ impl Terms {
     pub fn granting(credit_omr: i32) -> Self {
         Self {
             credit_omr,
+            discount: None,
             description: String::new(),
             active: true,
             max_redemptions: 0,
@@ -265,7 +291,12 @@ impl Terms {
 
     /// Checks the rules every voucher's terms follow.
     pub fn validate(&self) -> Result<(), TermError> {
-        if self.credit_omr < MIN_CREDIT_OMR {
+        if let Some(discount) = &self.discount {
+            discount.validate()?;
+            if self.credit_omr != 0 {
+                return Err(TermError::CreditBesideDiscount(self.credit_omr));
+            }
+        } else if self.credit_omr < MIN_CREDIT_OMR {
             return Err(TermError::CreditTooSmall(self.credit_omr));
         }
         if self.credit_omr > MAX_CREDIT_OMR {
@@ -289,6 +320,31 @@ impl Terms {
         Ok(())
     }
 
+    /// [`Terms::validate`], and a discount names only `categories`.
+    pub fn validate_for(&self, categories: &Categories) -> Result<(), TermError> {
+        self.validate()?;
+        let Some(discount) = &self.discount else {
+            return Ok(());
+        };
+        let unknown = categories.unknown(discount);
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        Err(TermError::UnknownCategory {
+            unknown: unknown.join(", "),
+            configured: categories.joined(),
+        })
+    }
+
+    /// What a redemption grants, as a column shows it: `50 OMR` (a credit
+    /// is in whole rial, whatever the currency of discounts), `20% install 3mo`.
+    pub fn grant(&self, currency: &Currency) -> String {
+        match &self.discount {
+            Some(discount) => discount.summary(currency),
+            None => format!("{} OMR", self.credit_omr),
+        }
+    }
+
     /// The next instant at which the phase changes by the clock alone, so the
     /// controller can requeue exactly then.
     pub fn next_boundary(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -308,6 +364,7 @@ impl Terms {
             }
         };
         check(TermField::CreditOmr, self.credit_omr != current.credit_omr);
+        check(TermField::Discount, self.discount != current.discount);
         check(
             TermField::Description,
             self.description != current.description,
@@ -328,6 +385,7 @@ impl Terms {
 #[serde(rename_all = "snake_case")]
 pub enum TermField {
     CreditOmr,
+    Discount,
     Description,
     Active,
     MaxRedemptions,
@@ -340,6 +398,7 @@ impl TermField {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::CreditOmr => "credit_omr",
+            Self::Discount => "discount",
             Self::Description => "description",
             Self::Active => "active",
             Self::MaxRedemptions => "max_redemptions",
@@ -357,8 +416,9 @@ impl TermField {
             .join(", ")
     }
 
-    pub const ALL: [TermField; 6] = [
+    pub const ALL: [TermField; 7] = [
         TermField::CreditOmr,
+        TermField::Discount,
         TermField::Description,
         TermField::Active,
         TermField::MaxRedemptions,
@@ -381,6 +441,7 @@ mod tests {
             code: "LAUNCH-50".into(),
             terms: Terms {
                 credit_omr: 50,
+                discount: None,
                 description: "launch".into(),
                 active: true,
                 max_redemptions: 3,

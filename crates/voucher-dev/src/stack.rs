@@ -36,7 +36,7 @@ pub struct StackSettings {
 }
 
 /// The example Vouchers the stack applies, embedded so that it runs from anywhere.
-const EXAMPLES: [(&str, &str); 4] = [
+const EXAMPLES: [(&str, &str); 5] = [
     (
         "launch-campaign.yaml",
         include_str!("../../../examples/vouchers/launch-campaign.yaml"),
@@ -52,6 +52,10 @@ const EXAMPLES: [(&str, &str); 4] = [
     (
         "orphan-on-delete.yaml",
         include_str!("../../../examples/vouchers/orphan-on-delete.yaml"),
+    ),
+    (
+        "installs-discount.yaml",
+        include_str!("../../../examples/vouchers/installs-discount.yaml"),
     ),
 ];
 
@@ -524,6 +528,7 @@ fn controller_config(cluster: &Cluster, relay: &RelaySettings) -> Config {
             // A development stack holds no operator credentials in the API server: campaign
             // keys go beside the examples (a cluster's chart keeps them apart).
             key_namespace: cluster.namespace.clone(),
+            billing: Default::default(),
         },
         relay: Some(relay.clone()),
         lease: Some(LeaseSettings {
@@ -554,6 +559,7 @@ fn print_try(
          curl -s {base}/billing/vouchers/redeem-preview -d '{{\"code\":\"omantel-muscat-200\"}}'\n\
          export TOKEN={token}\n\
          curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"OMANTEL-MUSCAT-200\",\"tenant_id\":\"acme\"}}'\n\
+         curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"INSTALLS-20-3M\",\"tenant_id\":\"acme\"}}'   # a discount grant\n\
          cargo run -- events --nats-url nats://127.0.0.1:{nats} --follow\n\
          cargo local token --sub alice        # a customer's token (--role sovereign-admin for an admin)\n\
          tail -f {state}/operator.log        # the operator's log (-v prints it here too)\n\
@@ -569,8 +575,9 @@ fn print_try(
     );
 }
 
-/// The main flow once: every example Ready, a redemption, REDEEMED 1 in
-/// `kubectl get vouchers`, and the `redeemed` event in JetStream.
+/// The main flow once: every example Ready, a redemption of a credit and of
+/// a discount, REDEEMED 1 in `kubectl get vouchers`, and both audit events
+/// (`redeemed`, `discount_granted`) in JetStream.
 async fn smoke_check(
     cluster: &Cluster,
     base: &str,
@@ -612,33 +619,48 @@ async fn smoke_check(
         anyhow::bail!("smoke: the Lease voucher-operator is held by {holder:?}, not local");
     }
     println!("smoke: the controller holds the Lease voucher-operator");
+    for code in ["OMANTEL-MUSCAT-200", "INSTALLS-20-3M"] {
+        let body = smoke_redeem(base, token, code).await?;
+        println!("smoke: redeemed {code}: {body}");
+    }
+    let table = loop {
+        let redeemed = cluster
+            .kubectl(&[
+                "get",
+                "voucher",
+                "omantel-muscat-200",
+                "-n",
+                &cluster.namespace,
+                "-o",
+                "jsonpath={.status.timesRedeemed}",
+            ])
+            .await?;
+        if redeemed.trim() == "1" {
+            break cluster
+                .kubectl(&["get", "vouchers", "-n", &cluster.namespace])
+                .await?;
+        }
+        wait("REDEEMED 1 in kubectl get vouchers").await?;
+    };
+    print!("{table}");
+    smoke_event(relay, deadline, ("OMANTEL-MUSCAT-200", "redeemed")).await?;
+    smoke_event(relay, deadline, ("INSTALLS-20-3M", "discount_granted")).await
+}
+
+/// Redeems `code` for the smoke customer: the answer, which must be a 200.
+async fn smoke_redeem(base: &str, token: &str, code: &str) -> anyhow::Result<String> {
     let response = reqwest::Client::new()
         .post(format!("{base}/billing/vouchers/redeem"))
         .bearer_auth(token)
-        .json(&serde_json::json!({"code": "omantel-muscat-200", "tenant_id": "smoke"}))
+        .json(&serde_json::json!({"code": code, "tenant_id": "smoke"}))
         .send()
         .await?;
     let status = response.status();
     let body = response.text().await?;
     if status != 200 {
-        anyhow::bail!("smoke: the redemption answered {status}: {body}");
+        anyhow::bail!("smoke: the redemption of {code} answered {status}: {body}");
     }
-    println!("smoke: redeemed OMANTEL-MUSCAT-200: {body}");
-    let table = loop {
-        let table = cluster
-            .kubectl(&["get", "vouchers", "-n", &cluster.namespace])
-            .await?;
-        let redeemed = table
-            .lines()
-            .find(|l| l.starts_with("omantel-muscat-200"))
-            .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned));
-        if redeemed.as_deref() == Some("1") {
-            break table;
-        }
-        wait("REDEEMED 1 in kubectl get vouchers").await?;
-    };
-    print!("{table}");
-    smoke_event(relay, deadline).await
+    Ok(body)
 }
 
 /// Sleeps a moment before looking again, unless `deadline` passed.
@@ -650,11 +672,15 @@ async fn wait_until(deadline: Instant, what: &'static str) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Waits for the smoke redemption's audit event in JetStream.
-async fn smoke_event(relay: &RelaySettings, deadline: Instant) -> anyhow::Result<()> {
+/// Waits for a smoke redemption's audit event (of `code`, of `kind`) in JetStream.
+async fn smoke_event(
+    relay: &RelaySettings,
+    deadline: Instant,
+    (code, kind): (&str, &'static str),
+) -> anyhow::Result<()> {
     let query = EventQuery {
-        code: Some("OMANTEL-MUSCAT-200".into()),
-        kind: Some("redeemed".into()),
+        code: Some(code.into()),
+        kind: Some(kind.into()),
         ..Default::default()
     };
     /// Counts the events it is handed.
@@ -681,11 +707,11 @@ async fn smoke_event(relay: &RelaySettings, deadline: Instant) -> anyhow::Result
         .await;
         if read.is_ok() && found.0 > 0 {
             println!(
-                "smoke: the redeemed event reached JetStream ({} on {})",
+                "smoke: the {kind} event of {code} reached JetStream ({} on {})",
                 relay.stream, relay.subject_prefix
             );
             return Ok(());
         }
-        wait_until(deadline, "the redeemed event in JetStream").await?;
+        wait_until(deadline, "the redemptions' events in JetStream").await?;
     }
 }

@@ -128,7 +128,7 @@ pub(crate) fn decide(found: CampaignFound, seen: CampaignSeen<'_>) -> CampaignPl
         ),
         CampaignFound::InvalidTerms(error) => Verdict::stalled(
             CampaignPhase::Stalled,
-            "InvalidTerms",
+            error.reason(),
             format!("the spec breaks a voucher rule: {error}; nothing was written"),
             None,
             resync,
@@ -289,6 +289,8 @@ fn plan(verdict: Verdict, seen: &CampaignSeen<'_>) -> CampaignPlan {
         exhausted_codes: counts
             .map(|c| i32::try_from(c.exhausted).unwrap_or(i32::MAX))
             .or_else(|| previous.and_then(|p| p.exhausted_codes)),
+        // What the spec grants, said by the reconcile (it knows the currency).
+        grant: None,
         conditions: [
             Some(condition(READY, ready.clone())),
             beside.map(|type_| condition(type_, ready.clone().made_true())),

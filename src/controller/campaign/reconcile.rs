@@ -25,7 +25,11 @@ async fn publish(ctx: &Context, campaign: &VoucherCampaign, event: EventWording)
 fn terms(campaign: &VoucherCampaign) -> Terms {
     let spec = &campaign.spec;
     Terms {
-        credit_omr: spec.credit_omr,
+        credit_omr: spec.credit_omr.unwrap_or(0),
+        discount: spec
+            .discount
+            .as_ref()
+            .map(crate::api::DiscountSpec::discount),
         description: spec.description.clone(),
         active: spec.active,
         max_redemptions: spec.redemptions_per_code,
@@ -42,7 +46,7 @@ pub(super) async fn apply(ctx: &Context, campaign: &VoucherCampaign) -> Result<A
     let mut suspended = false;
     let found = if !ctx.settings.issuers.allows(&owner.namespace) {
         CampaignFound::Forbidden(ctx.settings.issuers.clone())
-    } else if let Err(error) = terms.validate() {
+    } else if let Err(error) = terms.validate_for(&ctx.settings.billing.categories) {
         CampaignFound::InvalidTerms(error)
     } else {
         match suspend_and_work(ctx, campaign, &owner, &terms).await {
@@ -67,7 +71,8 @@ pub(super) async fn apply(ctx: &Context, campaign: &VoucherCampaign) -> Result<A
         resync: ctx.settings.resync_interval,
         suspended,
     };
-    let plan = decide(found, seen);
+    let mut plan = decide(found, seen);
+    plan.status.grant = Some(terms.grant(&ctx.settings.billing.currency));
     for event in plan.events {
         publish(ctx, campaign, event).await;
     }

@@ -114,7 +114,7 @@ pub(crate) fn decide(found: VoucherFound, seen: VoucherSeen<'_>) -> VoucherPlan 
         ),
         VoucherFound::InvalidTerms(error) => refused(
             Phase::Error,
-            "InvalidTerms",
+            error.reason(),
             format!("the spec breaks a voucher rule: {error}; nothing was written"),
             &seen,
         ),

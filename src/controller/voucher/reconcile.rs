@@ -31,7 +31,7 @@ pub(super) async fn apply(ctx: &Context, voucher: &Voucher) -> Result<Action, Er
     let now = Utc::now();
     let terms = voucher.spec.terms();
     let issuer = ctx.settings.issuers.allows(&owner.namespace);
-    let (found, failure) = match (&code, terms.validate()) {
+    let (found, failure) = match (&code, terms.validate_for(&ctx.settings.billing.categories)) {
         _ if !issuer => (VoucherFound::Forbidden(ctx.settings.issuers.clone()), None),
         (Err(error), _) => (VoucherFound::InvalidCode(error.clone()), None),
         (_, Err(error)) => (VoucherFound::InvalidTerms(error), None),
@@ -59,7 +59,8 @@ pub(super) async fn apply(ctx: &Context, voucher: &Voucher) -> Result<Action, Er
         now,
         resync: ctx.settings.resync_interval,
     };
-    let plan = plan::decide(found, seen);
+    let mut plan = plan::decide(found, seen);
+    plan.status.grant = Some(terms.grant(&ctx.settings.billing.currency));
     if let (Some(holder), Ok(code)) = (&plan.audit_conflict, &code) {
         ctx.store.audit_conflict(code, &owner, holder).await?;
     }

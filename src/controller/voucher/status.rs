@@ -153,6 +153,8 @@ pub fn desired(
         phase: Some(said.phase),
         times_redeemed: said.times_redeemed,
         remaining: said.remaining,
+        // What the spec grants, said by the reconcile (it knows the currency).
+        grant: None,
         conditions: [
             Some(condition(READY, said.ready.clone())),
             Some(condition(SYNCED, said.synced)),
