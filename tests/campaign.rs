@@ -1235,3 +1235,62 @@ async fn the_codes_subcommand_derives_the_codes_and_checks_each_against_the_data
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_discount_campaign_issues_codes_each_redeemed_into_one_grant() {
+    let h = harness().await;
+    h.secret("partner-key").await;
+    let mut partner = manifest(
+        "partner-5-off",
+        json!({"prefix": "PARTNER-", "count": 200, "codeLength": 10,
+               "discount": {"amountOff": 5000, "appliesTo": ["install", "support"]},
+               "keySecretRef": {"name": "partner-key"}}),
+    );
+    partner["spec"].as_object_mut().unwrap().remove("creditOMR");
+    h.apply(&partner).unwrap();
+    let c = h.ready("partner-5-off", 200).await;
+    assert_eq!(
+        status(&c).grant.as_deref(),
+        Some("5.000 OMR off install,support once")
+    );
+    let codes = h.codes("partner-5-off").await;
+    assert_eq!(codes.len(), 200);
+    // Every row carries the discount and no credit.
+    let rows: Vec<(i32, Value)> = sqlx::query_as(
+        "SELECT p.credit_omr, p.discount FROM promo_codes p \
+         JOIN voucher_campaign_codes c ON c.code = p.code",
+    )
+    .fetch_all(&h.pool)
+    .await
+    .unwrap();
+    let terms = json!({"amount_off": 5000, "applies_to": ["install", "support"]});
+    assert_eq!(rows.len(), 200);
+    assert!(
+        rows.iter().all(|row| *row == (0, terms.clone())),
+        "{rows:?}"
+    );
+    // Each code redeems once, into a grant and never the ledger.
+    let redeemed: Vec<StatusCode> = futures::stream::iter(codes.iter().enumerate())
+        .map(|(i, c)| h.redeem(format!("partner-{i}"), c))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(
+        redeemed.iter().all(|s| *s == StatusCode::OK),
+        "{redeemed:?}"
+    );
+    let (grants, ledger, audited): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM voucher_discount_grants WHERE code LIKE 'PARTNER-%'), \
+                (SELECT count(*) FROM credit_ledger), \
+                (SELECT count(*) FROM voucher_audit_outbox WHERE kind = 'discount_granted' \
+                  AND payload->'campaign'->>'name' = 'partner-5-off')",
+    )
+    .fetch_one(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!((grants, ledger, audited), (200, 0, 200));
+    h.until("partner-5-off", "200 redemptions counted", |c| {
+        status(c).redeemed == Some(200)
+    })
+    .await;
+}

@@ -409,16 +409,19 @@ async fn a_namespace_admin_cannot_lift_its_own_credit_cap() {
     };
     assert!(
         refused.contains(&format!(
-            "the label {CAP} caps the credit of the Vouchers and campaigns of namespace {ns}"
+            "the label {CAP} caps the credit or discount of the Vouchers and campaigns of namespace {ns}"
         )) && refused.contains(&format!(
             "system:serviceaccount:{ns}:ns-admin is not one of them"
         )),
         "{refused}"
     );
-    // Nor removed, nor the campaign cap set.
+    // Nor removed, nor the campaign cap or a discount cap set.
     for change in [
         format!("{CAP}-"),
         "catalyst.openova.io/max-campaign-credit-omr=5".to_owned(),
+        "catalyst.openova.io/max-percent-off=100".to_owned(),
+        "catalyst.openova.io/max-amount-off=1".to_owned(),
+        "catalyst.openova.io/max-discount-months=36".to_owned(),
     ] {
         let refused = label(&tenant, &change).unwrap_err();
         assert!(refused.contains("only the adopters"), "{change}: {refused}");

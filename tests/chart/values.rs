@@ -79,6 +79,7 @@ fn every_variable_the_chart_sets_is_read_and_accepted_by_the_binary() {
             "nats": {"url": "nats://a:4222,nats://b:4222", "existingSecret": "nats-relay",
                      "credsKey": "relay.creds", "caKey": "ca.crt", "tlsRequired": true},
             "logging": {"format": "text", "level": "debug,sqlx=info"},
+            "billing": {"currency": "BHD", "chargeCategories": ["install", "hosting"]},
             "networkPolicy": {"egress": {"identityProvider": {"to": [{"ipBlock": {"cidr": "203.0.113.7/32"}}]}}},
         })),
     ] {
@@ -274,6 +275,14 @@ fn wrong_values_are_rejected_naming_the_key() {
             "/server/rateLimit/perMinute",
         ),
         (json!({"logging": {"format": "xml"}}), "/logging/format"),
+        (
+            json!({"billing": {"currency": "rial"}}),
+            "/billing/currency",
+        ),
+        (
+            json!({"billing": {"chargeCategories": ["Install"]}}),
+            "/billing/chargeCategories/0",
+        ),
         (
             json!({"podDisruptionBudget": {"maxUnavailable": 0}}),
             "/podDisruptionBudget/maxUnavailable",
