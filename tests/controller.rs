@@ -1400,6 +1400,24 @@ async fn a_discount_voucher_is_reconciled_and_its_edited_row_reverted() {
         Some("20% install 3mo"),
         "the printer column's grant"
     );
+    // The Event says what kind of grant was created.
+    let events: Api<K8sEvent> = Api::namespaced(h.client.clone(), &h.ns);
+    let params = ListParams::default().fields("regarding.name=installs-20");
+    eventually("the Created event", || async {
+        let notes: Vec<String> = events
+            .list(&params)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|e| e.note)
+            .collect();
+        notes
+            .iter()
+            .any(|n| n == "created code INSTALLS-20 granting 20% install 3mo")
+            .then_some(())
+    })
+    .await;
     let discount = || async {
         sqlx::query_as::<_, (i32, serde_json::Value)>(
             "SELECT credit_omr, discount FROM promo_codes WHERE code = 'INSTALLS-20'",

@@ -92,13 +92,17 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
     let _alone = RESTARTS.lock().await;
     let database = support::fresh_database("restart").await;
     let (base, _stop, store) = start(&database).await;
-    sqlx::query(
-        "INSERT INTO promo_codes (code, credit_omr, max_redemptions) VALUES ('STORM-1', 3, 10000)",
+    // A credit code and a discount code, under the same storm: each grants once or not at all.
+    sqlx::raw_sql(
+        "INSERT INTO promo_codes (code, credit_omr, max_redemptions) VALUES ('STORM-1', 3, 10000); \
+         INSERT INTO promo_codes (code, credit_omr, max_redemptions, discount) \
+           VALUES ('STORM-D', 0, 10000, '{\"percent_off\": 15}')",
     )
     .execute(store.pool())
     .await
     .unwrap();
     let http = reqwest::Client::new();
+    let code_of = |i: usize| if i % 2 == 0 { "STORM-1" } else { "STORM-D" };
 
     let load = {
         let (http, base) = (http.clone(), base.clone());
@@ -109,7 +113,7 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
                     .map(|i| {
                         let (http, base) = (http.clone(), base.clone());
                         tokio::spawn(async move {
-                            redeem(&http, &base, &format!("c-{wave}-{i}"), "STORM-1").await
+                            redeem(&http, &base, &format!("c-{wave}-{i}"), code_of(i)).await
                         })
                     })
                     .collect();
@@ -118,6 +122,7 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
                         format!("c-{wave}-{i}"),
                         r.await.unwrap(),
                         std::time::Instant::now(),
+                        code_of(i),
                     ));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -135,11 +140,11 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
     let restart_ended = std::time::Instant::now();
     let timed = load.await.unwrap();
     assert!(
-        timed.iter().any(|(_, _, at)| *at < restart_began)
-            && timed.iter().any(|(_, _, at)| *at > restart_ended),
+        timed.iter().any(|(_, _, at, _)| *at < restart_began)
+            && timed.iter().any(|(_, _, at, _)| *at > restart_ended),
         "the restart did not fall inside the load; the test proves nothing"
     );
-    let answers: Vec<StatusCode> = timed.iter().map(|(_, status, _)| *status).collect();
+    let answers: Vec<StatusCode> = timed.iter().map(|(_, status, _, _)| *status).collect();
 
     let granted = answers.iter().filter(|s| **s == StatusCode::OK).count() as i64;
     let unavailable = answers
@@ -157,20 +162,28 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
         answers.len()
     );
 
-    let (counter, rows, grants, audits): (i32, i64, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT times_redeemed FROM promo_codes WHERE code = 'STORM-1'), \
-                (SELECT count(*) FROM promo_redemptions WHERE code = 'STORM-1'), \
-                (SELECT count(*) FROM credit_ledger WHERE reason = 'promo:STORM-1'), \
-                (SELECT count(*) FROM voucher_audit_outbox WHERE code = 'STORM-1' AND kind = 'redeemed')",
-    )
-    .fetch_one(store.pool())
-    .await
-    .unwrap();
-    assert_eq!(
-        (rows, grants, audits),
-        (counter as i64, counter as i64, counter as i64),
-        "a half-written redemption"
-    );
+    // Counter, redemptions, grants (ledger or discount) and audit records move together.
+    let mut rows = 0;
+    for (code, kind) in [("STORM-1", "redeemed"), ("STORM-D", "discount_granted")] {
+        let (counter, redeemed, grants, audits): (i32, i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT times_redeemed FROM promo_codes WHERE code = $1), \
+                    (SELECT count(*) FROM promo_redemptions WHERE code = $1), \
+                    (SELECT count(*) FROM credit_ledger WHERE reason = 'promo:' || $1) \
+                    + (SELECT count(*) FROM voucher_discount_grants WHERE code = $1), \
+                    (SELECT count(*) FROM voucher_audit_outbox WHERE code = $1 AND kind = $2)",
+        )
+        .bind(code)
+        .bind(kind)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            (redeemed, grants, audits),
+            (counter as i64, counter as i64, counter as i64),
+            "{code}: a half-written redemption"
+        );
+        rows += redeemed;
+    }
     assert!(rows >= granted, "{rows} rows for {granted} grants answered");
 
     // The same server process serves again.
@@ -180,18 +193,18 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
     );
     // Each customer answered 503 retries with its Idempotency-Key: a redemption whose (group)
     // commit landed replays its grant, one that did not redeems now. Each is granted once.
-    for (customer, status, _) in &timed {
+    for (customer, status, _, code) in &timed {
         if *status == StatusCode::SERVICE_UNAVAILABLE {
             assert_eq!(
-                redeem(&http, &base, customer, "STORM-1").await,
+                redeem(&http, &base, customer, code).await,
                 StatusCode::OK,
                 "{customer}'s retry"
             );
         }
     }
-    let (counter, rows): (i32, i64) = sqlx::query_as(
-        "SELECT (SELECT times_redeemed FROM promo_codes WHERE code = 'STORM-1'), \
-                (SELECT count(*) FROM promo_redemptions WHERE code = 'STORM-1')",
+    let (counter, rows): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT sum(times_redeemed) FROM promo_codes WHERE code IN ('STORM-1', 'STORM-D')), \
+                (SELECT count(*) FROM promo_redemptions WHERE code IN ('STORM-1', 'STORM-D'))",
     )
     .fetch_one(store.pool())
     .await

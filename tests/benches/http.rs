@@ -10,8 +10,9 @@
 //!     seed's redemption SQL (`support::seed_checkout`: the customer, then its
 //!     five statements under the code's row lock), the single-statement
 //!     hot-row update, and the prepared SELECT by code;
-//!   - HTTP redeem of one hot code, and spread over 1,000 codes, each followed
-//!     by an exactness check (counter = redemption rows = ledger grants =
+//!   - HTTP redeem of one hot code, of one hot discount code (a discount
+//!     grant instead of a ledger grant), and spread over 1,000 codes, each
+//!     followed by an exactness check (counter = redemption rows = grants =
 //!     audit records, or the run fails);
 //!   - HTTP preview of the hot code;
 //!   - HTTP redeem of one hot code on a ledger a hundred times smaller (the
@@ -65,9 +66,11 @@ async fn dataset(ledger_rows: i64) -> (String, PgPool) {
     let pool = support::pool(&url).await;
     Store::from_pool(pool.clone()).migrate().await.unwrap();
     common::seed(&pool, ledger_rows).await;
-    sqlx::query(
+    sqlx::raw_sql(
         "INSERT INTO promo_codes (code, credit_omr) VALUES \
-           ('HOT-SQL', 1), ('HOT-UPDATE', 1), ('HOT-HTTP', 1), ('HOT-NOINDEX', 1)",
+           ('HOT-SQL', 1), ('HOT-UPDATE', 1), ('HOT-HTTP', 1), ('HOT-NOINDEX', 1); \
+         INSERT INTO promo_codes (code, credit_omr, discount) VALUES \
+           ('HOT-DISCOUNT', 0, '{\"percent_off\": 20, \"applies_to\": [\"install\"], \"duration_months\": 3}')",
     )
     .execute(&pool)
     .await
@@ -277,15 +280,17 @@ async fn http_redeem(
     run
 }
 
-/// Counter = redemption rows = ledger grants = audit records, for `codes`
-/// (their counts before the run subtracted); panics otherwise.
+/// Counter = redemption rows = grants (ledger or discount) = audit records, for
+/// `codes` (their counts before the run subtracted); panics otherwise.
 async fn exact(pool: &PgPool, codes: &[String], before: i64, granted: usize) {
     let (counter, redemptions, grants, audits): (i64, i64, i64, i64) = sqlx::query_as(
         "SELECT \
            (SELECT COALESCE(sum(times_redeemed), 0) FROM promo_codes WHERE code = ANY($1))::bigint, \
            (SELECT count(*) FROM promo_redemptions WHERE code = ANY($1)), \
-           (SELECT count(*) FROM credit_ledger WHERE reason = ANY(SELECT 'promo:' || c FROM unnest($1) c)), \
-           (SELECT count(*) FROM voucher_audit_outbox WHERE kind = 'redeemed' AND code = ANY($1))",
+           (SELECT count(*) FROM credit_ledger WHERE reason = ANY(SELECT 'promo:' || c FROM unnest($1) c)) \
+           + (SELECT count(*) FROM voucher_discount_grants WHERE code = ANY($1)), \
+           (SELECT count(*) FROM voucher_audit_outbox \
+             WHERE kind IN ('redeemed', 'discount_granted') AND code = ANY($1))",
     )
     .bind(codes)
     .fetch_one(pool)
@@ -376,6 +381,20 @@ async fn main() {
     );
     let redeem_statements = statements.read(n).await;
     exact(&pool, &["HOT-HTTP".into()], 0, n).await;
+    // The same, for a discount code: a discount grant instead of a ledger grant.
+    let statements = Statements::start(&pool).await;
+    runs.push(
+        http_redeem(
+            "HTTP redeem, one hot discount code",
+            &server,
+            "discount",
+            n,
+            |_| "HOT-DISCOUNT".into(),
+        )
+        .await,
+    );
+    let discount_statements = statements.read(n).await;
+    exact(&pool, &["HOT-DISCOUNT".into()], 0, n).await;
 
     let spread: Vec<String> = (1..=SPREAD).map(|i| format!("C-{i:05}")).collect();
     let before: i64 = sqlx::query_scalar(
@@ -489,26 +508,28 @@ async fn main() {
     }
     let rate = |i: usize| runs[i].rate();
     println!(
-        "  exactness: counter = redemption rows = ledger grants = audit records, after each of the 4 HTTP redeem runs"
+        "  exactness: counter = redemption rows = grants = audit records, after each of the 5 HTTP redeem runs"
     );
     println!("  server peak RSS: {peak_rss_mib:.1} MiB");
     println!("ratios:");
     for (label, a, b) in [
         ("HTTP redeem (hot) / seed's redemption SQL", 3, 0),
         ("HTTP redeem (hot) / single-statement update", 3, 1),
-        ("HTTP preview / prepared SELECT", 5, 2),
+        ("HTTP redeem (hot): a discount code / a credit code", 4, 3),
+        ("HTTP preview / prepared SELECT", 6, 2),
         (
             &*format!("HTTP redeem (hot), {ledger_rows} / {small_rows} ledger rows"),
             3,
-            6,
+            7,
         ),
-        ("HTTP redeem (hot), with / without the ledger index", 3, 7),
+        ("HTTP redeem (hot), with / without the ledger index", 3, 8),
     ] {
         println!("  {label:<58} {:>6.2}x", rate(a) / rate(b));
     }
     for (label, rows) in [
         ("single-statement hot-row update", &update_statements),
         ("HTTP redeem, one hot code", &redeem_statements),
+        ("HTTP redeem, one hot discount code", &discount_statements),
     ] {
         Statements::print(label, rows);
     }
@@ -520,7 +541,11 @@ async fn main() {
     };
     for (label, a) in [
         ("Postgres CPU: HTTP redeem (hot) / hot-row update", 3),
-        ("Postgres CPU: HTTP redeem (spread) / hot-row update", 4),
+        (
+            "Postgres CPU: HTTP redeem (hot discount) / hot-row update",
+            4,
+        ),
+        ("Postgres CPU: HTTP redeem (spread) / hot-row update", 5),
         ("Postgres CPU: seed's redemption SQL / hot-row update", 0),
     ] {
         println!("  {label:<58} {:>6.2}x", postgres_per(a) / postgres_per(1));

@@ -304,7 +304,14 @@ impl AuditKind {
         let (reason, event) = match self {
             Self::Created => (
                 format!("created by {actor}"),
-                event(Normal, "Created", format!("created code {code}")),
+                event(
+                    Normal,
+                    "Created",
+                    match grant {
+                        "" => format!("created code {code}"),
+                        grant => format!("created code {code} granting {grant}"),
+                    },
+                ),
             ),
             Self::Adopted => (
                 format!("existing code adopted by {actor}"),

@@ -47,6 +47,8 @@ pub(crate) struct VoucherSeen<'a> {
     pub(crate) now: DateTime<Utc>,
     /// Every Voucher is looked at again at least this often.
     pub(crate) resync: Duration,
+    /// What the spec grants (`50 OMR`, `20% install 3mo`), for its Events.
+    pub(crate) grant: &'a str,
 }
 
 /// When to reconcile this Voucher again.
@@ -237,6 +239,7 @@ fn applied(
     let actor = Actor::from(seen.owner);
     let facts = Facts {
         changed,
+        grant: Some(seen.grant),
         ..Facts::new(&record.code, &actor)
     };
     let mut events: Vec<EventWording> = audited
@@ -398,6 +401,7 @@ mod tests {
                 previous,
                 now: Utc::now(),
                 resync: RESYNC,
+                grant: "5 OMR",
             },
         )
     }

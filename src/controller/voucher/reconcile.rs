@@ -51,6 +51,7 @@ pub(super) async fn apply(ctx: &Context, voucher: &Voucher) -> Result<Action, Er
             ),
         },
     };
+    let grant = terms.grant(&ctx.settings.billing.currency);
     let seen = VoucherSeen {
         code: code.as_ref().ok(),
         owner: &owner,
@@ -58,9 +59,10 @@ pub(super) async fn apply(ctx: &Context, voucher: &Voucher) -> Result<Action, Er
         previous: voucher.status.as_ref(),
         now,
         resync: ctx.settings.resync_interval,
+        grant: &grant,
     };
     let mut plan = plan::decide(found, seen);
-    plan.status.grant = Some(terms.grant(&ctx.settings.billing.currency));
+    plan.status.grant = Some(grant.clone());
     if let (Some(holder), Ok(code)) = (&plan.audit_conflict, &code) {
         ctx.store.audit_conflict(code, &owner, holder).await?;
     }

@@ -60,6 +60,9 @@ BEGIN
 END;
 $$;
 
+-- Its probes are point lookups on unique indexes: a plan cached while the grants table was
+-- small (a sequential scan) would otherwise be kept as it grows, and every redemption of a
+-- discount code would read the whole table at commit.
 DO $$
 BEGIN
     EXECUTE format(
@@ -67,6 +70,7 @@ BEGIN
         current_schema());
 END;
 $$;
+ALTER FUNCTION voucher_operator_guard_discount() SET enable_seqscan = off;
 
 DROP TRIGGER IF EXISTS voucher_operator_guard_discount ON promo_redemptions;
 CREATE CONSTRAINT TRIGGER voucher_operator_guard_discount
