@@ -102,7 +102,13 @@ async fn a_postgres_restart_loses_no_half_redemption_and_needs_no_server_restart
     .await
     .unwrap();
     let http = reqwest::Client::new();
-    let code_of = |i: usize| if i % 2 == 0 { "STORM-1" } else { "STORM-D" };
+    let code_of = |i: usize| {
+        if i.is_multiple_of(2) {
+            "STORM-1"
+        } else {
+            "STORM-D"
+        }
+    };
 
     let load = {
         let (http, base) = (http.clone(), base.clone());
