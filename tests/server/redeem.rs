@@ -613,9 +613,21 @@ async fn until_a_redemption_waits_for_the_lock(s: &Server) {
 /// edit holds the row's lock, the redemption is seen waiting for it past its unlocked read, then
 /// the edit commits. The redemption's answer.
 async fn redeem_racing(code: &str, edit: &str) -> (Arc<Server>, StatusCode, Value) {
+    redeem_racing_from(code, None, edit).await
+}
+
+/// [`redeem_racing`] of a code that grants `discount` (instead of a credit of 4) as first read.
+async fn redeem_racing_from(
+    code: &str,
+    discount: Option<Value>,
+    edit: &str,
+) -> (Arc<Server>, StatusCode, Value) {
     let s = Arc::new(start().await);
-    sqlx::query("INSERT INTO promo_codes (code, credit_omr) VALUES ($1, 4)")
+    let credit = if discount.is_some() { 0 } else { 4 };
+    sqlx::query("INSERT INTO promo_codes (code, credit_omr, discount) VALUES ($1, $2, $3)")
         .bind(code)
+        .bind(credit)
+        .bind(discount)
         .execute(&s.pool)
         .await
         .unwrap();
@@ -672,4 +684,26 @@ async fn a_credit_changed_while_a_redemption_waits_for_its_lock_is_the_one_grant
     .await
     .unwrap();
     assert_eq!(granted, 9);
+}
+
+#[tokio::test]
+async fn a_discount_changed_while_a_redemption_waits_for_its_lock_is_the_one_granted() {
+    let (s, status, body) = redeem_racing_from(
+        "RACE-DISCOUNT",
+        Some(json!({"percent_off": 20})),
+        "UPDATE promo_codes SET discount = '{\"percent_off\": 30}' WHERE code = 'RACE-DISCOUNT'",
+    )
+    .await;
+    // Read at 20 percent, counted at 30: it tries again and grants what the row says now.
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["discount"]["percent_off"], 30, "{body}");
+    assert_eq!(
+        s.counts("RACE-DISCOUNT").await,
+        (1, 1, 0),
+        "no credit granted"
+    );
+    let percent: i32 = s
+        .scalar("SELECT percent_off FROM voucher_discount_grants WHERE code = 'RACE-DISCOUNT'")
+        .await;
+    assert_eq!(percent, 30);
 }

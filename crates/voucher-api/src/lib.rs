@@ -577,6 +577,39 @@ mod tests {
     }
 
     #[test]
+    fn a_discount_row_is_exported_as_a_discount_voucher_that_round_trips() {
+        let discount = Discount {
+            off: Off::AmountOff(5000),
+            applies_to: vec!["install".into()],
+            duration_months: None,
+        };
+        let row = CodeRecord {
+            code: "FIVE-OFF".into(),
+            terms: Terms {
+                credit_omr: 0,
+                discount: Some(discount.clone()),
+                ..Terms::granting(1)
+            },
+            times_redeemed: 2,
+            created_at: chrono::Utc::now(),
+            deleted_at: None,
+            campaign_on: None,
+            suspended: false,
+        };
+        let voucher = voucher_for(&row, "billing").unwrap();
+        assert_eq!(voucher.spec.credit_omr, None, "no credit beside a discount");
+        assert_eq!(
+            voucher.spec.discount.as_ref().map(DiscountSpec::discount),
+            Some(discount)
+        );
+        assert_eq!(
+            voucher.spec.terms(),
+            row.terms,
+            "adopting it changes nothing"
+        );
+    }
+
+    #[test]
     fn crd_has_names_columns_and_status() {
         let crd = crd();
         assert_eq!(crd.spec.names.short_names, Some(vec!["vch".into()]));
