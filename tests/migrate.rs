@@ -214,7 +214,7 @@ async fn migrate_keeps_a_billing_service_database_intact() {
             .contains(&c.as_str())
         })
         .collect();
-    assert_eq!(added, ["expires_at", "valid_from"]);
+    assert_eq!(added, ["discount", "expires_at", "valid_from"]);
 }
 
 #[test]
