@@ -282,6 +282,32 @@ async fn every_event_type_arrives_once_as_a_valid_cloudevent() {
         )
         .await
         .unwrap();
+    // discount_granted: a discount code redeemed
+    let discount = Terms {
+        credit_omr: 0,
+        discount: Some(voucher_operator::domain::Discount {
+            off: voucher_operator::domain::Off::PercentOff(20),
+            applies_to: vec!["install".into()],
+            duration_months: Some(3),
+        }),
+        ..terms(1)
+    };
+    sync(&store, "EPSILON-1", &owner("eps"), 1, discount).await;
+    store
+        .redeem(
+            &Redemption {
+                code: Code::parse("EPSILON-1").unwrap(),
+                subject: "user-1".into(),
+                tenant: Some("t".into()),
+                email: String::new(),
+                idempotency: None,
+                now: Utc::now(),
+                currency: Default::default(),
+            },
+            |_| (200, Value::Null),
+        )
+        .await
+        .unwrap();
     // revoked, orphaned
     store
         .release_voucher(
