@@ -358,6 +358,87 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
         .await
         .unwrap();
 
+    // A discount code redeemed; the checkout's quote, commit and reversal; both kinds of
+    // redemption reversed; the finance report.
+    let discounted = Code::parse("GRANTED-D").unwrap();
+    let discount = Terms {
+        credit_omr: 0,
+        discount: Some(voucher_operator::domain::Discount {
+            off: voucher_operator::domain::Off::PercentOff(10),
+            applies_to: Vec::new(),
+            duration_months: None,
+        }),
+        ..Terms::granting(1)
+    };
+    let d_owner = Owner {
+        name: "granted-d".into(),
+        uid: "uid-d".into(),
+        ..me.clone()
+    };
+    store
+        .sync_voucher(&Wanted {
+            code: &discounted,
+            owner: &d_owner,
+            ..wanted(1, &discount)
+        })
+        .await
+        .unwrap();
+    store
+        .redeem(
+            &Redemption {
+                code: discounted.clone(),
+                ..redeem(None)
+            },
+            render,
+        )
+        .await
+        .unwrap();
+    let lines = [voucher_operator::domain::checkout::Line {
+        id: "1".into(),
+        category: "install".into(),
+        amount: 1000,
+    }];
+    let service = Actor::Subject {
+        subject: "billing-service".into(),
+    };
+    let currency = voucher_operator::domain::Currency::default();
+    let quote = store.quote("alice", &lines, Utc::now()).await.unwrap();
+    assert_eq!(quote.discount, 100);
+    let order = voucher_operator::store::checkout::Order {
+        user_id: "alice",
+        order_id: "O-1",
+        lines: &lines,
+        actor: &service,
+        currency: &currency,
+        now: Utc::now(),
+    };
+    store
+        .commit(&order, |_, _| serde_json::Value::Null)
+        .await
+        .unwrap();
+    store
+        .reverse_order(("alice", "O-1"), "refunded", &service, &currency)
+        .await
+        .unwrap();
+    for reversed in [&discounted, &code] {
+        let outcome = store
+            .reverse_redemption(reversed, "alice", "a test", &service)
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                outcome,
+                voucher_operator::store::reversal::RedemptionReversal::Reversed(_)
+            ),
+            "{reversed}: {outcome:?}"
+        );
+    }
+    let day = chrono::Duration::days(1);
+    store
+        .report((Utc::now() - day, Utc::now() + day), None)
+        .await
+        .unwrap();
+
     // The relay: read, publish, dead-letter, prune.
     let mut conn = store.pool().acquire().await.unwrap();
     let pending = outbox::pending(&mut conn, 100).await.unwrap();

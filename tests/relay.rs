@@ -13,7 +13,7 @@ use async_nats::jetstream;
 use chrono::Utc;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use voucher_operator::domain::{Code, DeletionPolicy, Owner, Request, Terms};
+use voucher_operator::domain::{Actor, Code, DeletionPolicy, Owner, Request, Terms};
 use voucher_operator::relay::{self, RelayMetrics, RelaySettings};
 use voucher_operator::store::redeem::Redemption;
 use voucher_operator::store::sync::Wanted;
@@ -305,6 +305,39 @@ async fn every_event_type_arrives_once_as_a_valid_cloudevent() {
                 currency: Default::default(),
             },
             |_| (200, Value::Null),
+        )
+        .await
+        .unwrap();
+    // discount_applied, discount_reversed: an order committed with the grant, then reversed;
+    // redemption_reversed: then the redemption itself
+    let service = Actor::Subject {
+        subject: "billing-service".into(),
+    };
+    let lines = [voucher_operator::domain::checkout::Line {
+        id: "1".into(),
+        category: "install".into(),
+        amount: 1000,
+    }];
+    let currency = voucher_operator::domain::Currency::default();
+    let order = voucher_operator::store::checkout::Order {
+        user_id: "user-1",
+        order_id: "ORDER-1",
+        lines: &lines,
+        actor: &service,
+        currency: &currency,
+        now: Utc::now(),
+    };
+    store.commit(&order, |_, _| Value::Null).await.unwrap();
+    store
+        .reverse_order(("user-1", "ORDER-1"), "refunded", &service, &currency)
+        .await
+        .unwrap();
+    store
+        .reverse_redemption(
+            &Code::parse("EPSILON-1").unwrap(),
+            "user-1",
+            "mistake",
+            &service,
         )
         .await
         .unwrap();

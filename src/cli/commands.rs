@@ -2,7 +2,7 @@
 
 use super::{
     AuditOptions, CampaignCodesOptions, ControllerOptions, DatabaseOptions, EventsOptions,
-    ExportOptions, ServerOptions,
+    ExportOptions, ReportOptions, ServerOptions,
 };
 use crate::api;
 use crate::store::{DatabaseSettings, Store};
@@ -179,6 +179,39 @@ pub(super) async fn print_events(options: EventsOptions) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The finance report of `options`' period, as CSV on standard output.
+pub(super) async fn report(options: ReportOptions) -> anyhow::Result<()> {
+    if options.to <= options.from {
+        anyhow::bail!("--to must be later than --from");
+    }
+    let store = Store::connect(&DatabaseSettings {
+        url: options.database_url.clone(),
+        max_connections: 1,
+        ..Default::default()
+    })
+    .await?;
+    let rows = store
+        .report((options.from, options.to), options.namespace.as_deref())
+        .await?;
+    let mut out =
+        String::from("code,namespace,redemptions,credit_omr,discount,currency,reversals\n");
+    for row in rows {
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{}\n",
+            row.code,
+            row.namespace,
+            row.redemptions,
+            row.credit_omr,
+            row.discount,
+            options.currency.as_str(),
+            row.reversals
+        ));
+    }
+    use std::io::Write;
+    std::io::stdout().write_all(out.as_bytes())?;
+    Ok(())
 }
 
 pub(super) async fn export(options: ExportOptions) -> anyhow::Result<()> {

@@ -80,6 +80,10 @@ pub enum Command {
     /// VoucherCampaign tools.
     #[command(subcommand)]
     Campaign(CampaignCommand),
+    /// The finance report of a period, as CSV per code: redemptions, credit granted (whole
+    /// OMR), discount given by committed orders (minor units of the currency, reversed orders
+    /// excluded), reversed redemptions. Only reads the database.
+    Report(ReportOptions),
     /// Run the controller and the server in one process (development, small installations).
     Run {
         #[command(flatten)]
@@ -310,6 +314,40 @@ pub struct ExportOptions {
     /// Write to this file instead of standard output (always YAML).
     #[arg(long, short = 'o', value_parser = parse_output_path)]
     pub output: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportOptions {
+    /// Postgres URL of the billing database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Start of the period, included: a date (2027-01-01, midnight UTC) or an RFC 3339 time.
+    #[arg(long, value_parser = parse_instant)]
+    pub from: chrono::DateTime<chrono::Utc>,
+
+    /// End of the period, excluded, as --from.
+    #[arg(long, value_parser = parse_instant)]
+    pub to: chrono::DateTime<chrono::Utc>,
+
+    /// Only the codes of the Vouchers and campaigns of this namespace.
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+
+    /// The currency of the discounts, as the server's --currency (named in each row).
+    #[arg(long, env = "CURRENCY", default_value = crate::domain::Billing::default().currency.as_str().to_owned(),
+          value_parser = crate::domain::Currency::parse)]
+    pub currency: crate::domain::Currency,
+}
+
+/// A date (midnight UTC) or an RFC 3339 time.
+fn parse_instant(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(time.with_timezone(&chrono::Utc));
+    }
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .map(|day| day.and_time(chrono::NaiveTime::MIN).and_utc())
+        .map_err(|_| format!("\"{text}\" is neither a date (2027-01-01) nor an RFC 3339 time"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -831,6 +869,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Events(options) => commands::print_events(options).await,
         Command::Export(options) => commands::export(options).await,
+        Command::Report(options) => commands::report(options).await,
         Command::Campaign(CampaignCommand::Codes(options)) => {
             commands::campaign_codes(options).await
         }

@@ -645,3 +645,75 @@ async fn switch_campaign(
     state.codes.empty();
     Ok(suspension_answer(format!("{namespace}/{name}"), done))
 }
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReverseRedemptionRequest {
+    pub code: String,
+    /// The customer (customers.user_id) whose redemption is reversed.
+    pub user_id: String,
+    /// Why: kept in the history and the audit record.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Reverse a redemption: claw back its credit (or end its discount grant) and free its slot
+#[utoipa::path(
+    post,
+    path = "/billing/vouchers/redemptions/reverse",
+    request_body = ReverseRedemptionRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Reversed: {code, user_id, reason, redeemed_at, reversed_at, credit_omr, grant_id}; the customer may redeem again"),
+        (status = 400, description = "A malformed code, user_id or reason", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "Not an administrator", body = ErrorBody),
+        (status = 404, description = "This customer holds no redemption of the code", body = ErrorBody),
+        (status = 409, description = "The customer's balance no longer covers the credit; nothing reversed", body = ErrorBody),
+    )
+)]
+pub async fn reverse_redemption(
+    State(state): State<Arc<AppState>>,
+    peer: Peer,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<ReverseRedemptionRequest>,
+) -> Result<Json<serde_json::Value>, HttpError> {
+    let principal = admin(&state, peer, &headers).await?;
+    let code = Code::parse(&request.code).map_err(|e| HttpError::bad_request(e.to_string()))?;
+    let user_id = request.user_id.trim();
+    if user_id.is_empty() || user_id.chars().any(char::is_control) || user_id.len() > 255 {
+        return Err(HttpError::bad_request(
+            "\"user_id\" must be 1 to 255 characters without control characters",
+        ));
+    }
+    if request.reason.chars().count() > 512 || request.reason.chars().any(char::is_control) {
+        return Err(HttpError::bad_request(
+            "\"reason\" must be at most 512 characters without control characters",
+        ));
+    }
+    let actor = crate::domain::Actor::Subject {
+        subject: principal.subject.clone(),
+    };
+    use crate::store::reversal::RedemptionReversal;
+    match state
+        .store
+        .reverse_redemption(&code, user_id, &request.reason, &actor)
+        .await?
+    {
+        RedemptionReversal::Reversed(answer) => {
+            state.codes.invalidate(code.as_str());
+            Ok(Json(answer))
+        }
+        RedemptionReversal::NotFound => Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            format!("{user_id} holds no redemption of code {code}"),
+        )),
+        RedemptionReversal::BalanceShort { balance, credit } => Err(HttpError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{user_id}'s balance ({balance} OMR) no longer covers the {credit} OMR credit of \
+                 code {code}; nothing was reversed"
+            ),
+        )),
+    }
+}

@@ -66,9 +66,17 @@ pub struct Principal {
     pub tenant: Option<String>,
 }
 
+/// The role of the billing service's own token: it commits and reverses orders.
+pub(crate) const BILLING_SERVICE_ROLE: &str = "billing-service";
+
 impl Principal {
     pub fn is_admin(&self) -> bool {
         self.roles.iter().any(|r| ADMIN_ROLES.contains(&r.as_str()))
+    }
+
+    /// The billing service's checkout, which prices and commits orders for customers.
+    pub fn is_billing_service(&self) -> bool {
+        self.roles.iter().any(|r| r == BILLING_SERVICE_ROLE)
     }
 }
 

@@ -31,10 +31,19 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 "the request body is empty: send a JSON object",
             ));
         }
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
-            HttpError::bad_request(format!(
-                "the request body is not valid JSON for this endpoint: {e}"
-            ))
-        })
+        let deserializer = &mut serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(deserializer)
+            .map(JsonBody)
+            .map_err(|e| {
+                // The field it failed at, when it is one (lines[3].amount): "." is the body.
+                let at = match e.path().to_string() {
+                    path if path == "." => String::new(),
+                    path => format!(" (at {path})"),
+                };
+                HttpError::bad_request(format!(
+                    "the request body is not valid JSON for this endpoint{at}: {}",
+                    e.inner()
+                ))
+            })
     }
 }

@@ -6,6 +6,7 @@
 mod admin;
 pub mod auth;
 mod body;
+mod checkout;
 mod codes;
 mod connections;
 mod error;
@@ -355,11 +356,12 @@ impl utoipa::Modify for BearerScheme {
 #[openapi(
     modifiers(&BearerScheme),
     info(title = "voucher-operator", description = "Billing vouchers: public preview, checkout redemption, admin compatibility"),
-    paths(public::preview, public::redeem, admin::issue, admin::list, admin::revoke, admin::campaign_codes,
+    paths(public::preview, public::redeem, checkout::quote, checkout::commit, checkout::reverse, admin::reverse_redemption, admin::issue, admin::list, admin::revoke, admin::campaign_codes,
           admin::suspend, admin::resume, admin::suspend_campaign, admin::resume_campaign),
     components(schemas(
         public::PreviewRequest, public::PreviewResponse, public::RedeemRequest, public::RedeemResponse,
-        admin::IssueRequest, admin::PromoCode, admin::RevokeAnswer, admin::SuspensionAnswer,
+        checkout::QuoteRequest, checkout::CommitRequest, checkout::ReverseRequest, checkout::QuoteAnswer,
+        admin::IssueRequest, admin::PromoCode, admin::ReverseRedemptionRequest, admin::RevokeAnswer, admin::SuspensionAnswer,
         error::ErrorBody
     ))
 )]
@@ -371,6 +373,10 @@ fn public_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/billing/vouchers/redeem-preview", post(public::preview))
         .route("/billing/vouchers/redeem", post(public::redeem))
+        .route(
+            "/billing/vouchers/checkout/quote",
+            post(checkout::quote).layer(DefaultBodyLimit::max(checkout::CHECKOUT_BODY_LIMIT)),
+        )
         .route("/healthz", get(|| async { "ok" }))
 }
 
@@ -379,6 +385,19 @@ fn public_routes() -> Router<Arc<AppState>> {
 fn admin_routes(metrics_here: bool) -> Router<Arc<AppState>> {
     let routes = Router::new()
         .route("/readyz", get(readyz))
+        // Commit and reverse on the admin port only: a customer never commits lines it priced.
+        .route(
+            "/billing/vouchers/checkout/commit",
+            post(checkout::commit).layer(DefaultBodyLimit::max(checkout::CHECKOUT_BODY_LIMIT)),
+        )
+        .route(
+            "/billing/vouchers/checkout/orders/{order_id}/reverse",
+            post(checkout::reverse),
+        )
+        .route(
+            "/billing/vouchers/redemptions/reverse",
+            post(admin::reverse_redemption),
+        )
         .route("/billing/vouchers/issue", post(admin::issue))
         .route("/billing/vouchers/list", get(admin::list))
         .route("/billing/vouchers/revoke/{code}", delete(admin::revoke))

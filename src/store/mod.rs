@@ -6,6 +6,7 @@
 
 pub mod bindings;
 pub mod campaigns;
+pub mod checkout;
 mod customers;
 pub mod discounts;
 mod idempotency;
@@ -15,6 +16,8 @@ pub mod outbox;
 pub mod promo_codes;
 pub mod redeem;
 mod redemptions;
+pub mod report;
+pub mod reversal;
 pub mod suspensions;
 pub mod sync;
 
@@ -92,6 +95,9 @@ pub enum Operation {
     Campaign,
     Generate,
     Suspend,
+    Checkout,
+    ReverseRedemption,
+    Report,
 }
 
 impl std::fmt::Display for Operation {
@@ -112,6 +118,9 @@ impl std::fmt::Display for Operation {
             Self::Campaign => "update the campaign's codes",
             Self::Generate => "generate the campaign's codes",
             Self::Suspend => "suspend or resume",
+            Self::Checkout => "price or record the order",
+            Self::ReverseRedemption => "reverse the redemption of",
+            Self::Report => "read the finance report",
         })
     }
 }

@@ -259,6 +259,21 @@ pub async fn soft_delete(conn: &mut PgConnection, code: &Code) -> Result<Option<
     Ok(row.map(Into::into))
 }
 
+/// One redemption fewer (a reversal moved its row to the history): the row after.
+pub(crate) async fn uncount_redemption(
+    conn: &mut PgConnection,
+    code: &Code,
+) -> Result<Option<CodeRecord>> {
+    let row: Option<Row> = sqlx::query_as(concat!(
+        "UPDATE promo_codes SET times_redeemed = times_redeemed - 1 WHERE code = $1 RETURNING ",
+        returning!()
+    ))
+    .bind(code.as_str())
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(Into::into))
+}
+
 /// Counts the redemptions `redeemed` stands for (one audit record each, in
 /// the order they are counted) of the code `seen` describes, and appends
 /// their audit records (and `exhausted` when the last reaches the cap), in

@@ -15,6 +15,8 @@
 //!     followed by an exactness check (counter = redemption rows = grants =
 //!     audit records, or the run fails);
 //!   - HTTP preview of the hot code;
+//!   - the checkout: a quote and a commit (3 lines) for customers holding three
+//!     live grants each, beside the prepared SELECT and the seed's SQL;
 //!   - HTTP redeem of one hot code on a ledger a hundred times smaller (the
 //!     cost must not grow with the ledger) and on the large ledger without
 //!     the index `migrate` builds on credit_ledger (customer_id);
@@ -44,7 +46,16 @@ const CONCURRENCY: usize = 32;
 const SPREAD: usize = 1_000;
 
 fn token(subject: &str) -> String {
-    let claims = json!({"sub": subject, "exp": chrono::Utc::now().timestamp() + 3600});
+    signed(json!({"sub": subject, "exp": chrono::Utc::now().timestamp() + 3600}))
+}
+
+/// The billing service's token: it quotes and commits orders for customers.
+fn service_token() -> String {
+    signed(json!({"sub": "billing-service", "role": "billing-service",
+                  "exp": chrono::Utc::now().timestamp() + 3600}))
+}
+
+fn signed(claims: serde_json::Value) -> String {
     encode(
         &Header::new(Algorithm::HS256),
         &claims,
@@ -59,6 +70,20 @@ fn env_number(name: &str, default: u64) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// Three live grants for each of the customers seed-1 to seed-1000.
+const CHECKOUT_GRANTS: &str = "\
+    INSERT INTO promo_codes (code, credit_omr, discount) VALUES \
+      ('DISC-ALL', 0, '{\"percent_off\": 10, \"duration_months\": 1}'), \
+      ('DISC-INSTALL', 0, '{\"percent_off\": 20, \"applies_to\": [\"install\"], \"duration_months\": 3}'), \
+      ('DISC-AMOUNT', 0, '{\"amount_off\": 5000, \"duration_months\": 6}'); \
+    INSERT INTO voucher_discount_grants (customer_id, code, percent_off, amount_off, applies_to, \
+      duration_months, currency, starts_at, ends_at) \
+    SELECT c.id, g.code, g.p, g.a, g.t, g.m, 'OMR', now() - interval '1 day', now() + interval '30 days' \
+    FROM customers c, (VALUES ('DISC-ALL', 10, NULL::bigint, '{}'::text[], 1), \
+                              ('DISC-INSTALL', 20, NULL, '{install}', 3), \
+                              ('DISC-AMOUNT', NULL, 5000, '{}', 6)) g(code, p, a, t, m) \
+    WHERE c.user_id IN (SELECT 'seed-' || i FROM generate_series(1, 1000) i)";
 
 /// A migrated database filled with `ledger_rows` ledger rows.
 async fn dataset(ledger_rows: i64) -> (String, PgPool) {
@@ -437,6 +462,55 @@ async fn main() {
     preview.cpu = Some(Cpu::now(server.child.id()).since(before));
     runs.push(preview);
 
+    // The checkout: 1,000 customers hold three live grants each (a share of everything, a share
+    // of installs, an amount off); each request prices (and commits) three lines for one of them.
+    sqlx::raw_sql(CHECKOUT_GRANTS).execute(&pool).await.unwrap();
+    let service = service_token();
+    let order = |i: usize| {
+        json!({"user_id": format!("seed-{}", i % 1000 + 1), "order_id": format!("bench-{i}"),
+               "lines": [{"id": "1", "category": "install", "amount": 50_000},
+                         {"id": "2", "category": "subscription", "amount": 12_000},
+                         {"id": "3", "category": "support", "amount": 3_000}]})
+    };
+    for (label, path, count) in [
+        (
+            "HTTP checkout quote, 3 lines, 3 live grants",
+            "quote",
+            n * 5,
+        ),
+        ("HTTP checkout commit, 3 lines, 3 live grants", "commit", n),
+    ] {
+        let before = Cpu::now(server.child.id());
+        let mut run = measure(label, count, |i| {
+            let (http, url, service) = (
+                http.clone(),
+                format!("{}/billing/vouchers/checkout/{path}", server.base),
+                service.clone(),
+            );
+            let body = order(i);
+            async move {
+                let response = http
+                    .post(url)
+                    .bearer_auth(service)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+                let answer: serde_json::Value = response.json().await.unwrap();
+                assert_eq!(answer["discount"], 10_000 + 1_200 + 300, "{answer}");
+            }
+        })
+        .await;
+        run.cpu = Some(Cpu::now(server.child.id()).since(before));
+        runs.push(run);
+    }
+    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM voucher_checkout_orders")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(committed as usize, n, "every commit recorded once");
+
     let small = Server::start(&small_url).await;
     runs.push(
         http_redeem(
@@ -518,11 +592,21 @@ async fn main() {
         ("HTTP redeem (hot): a discount code / a credit code", 4, 3),
         ("HTTP preview / prepared SELECT", 6, 2),
         (
+            "HTTP checkout quote / prepared SELECT (target >= 0.5)",
+            7,
+            2,
+        ),
+        (
+            "HTTP checkout commit / seed's redemption SQL (target >= 1)",
+            8,
+            0,
+        ),
+        (
             &*format!("HTTP redeem (hot), {ledger_rows} / {small_rows} ledger rows"),
             3,
-            7,
+            9,
         ),
-        ("HTTP redeem (hot), with / without the ledger index", 3, 8),
+        ("HTTP redeem (hot), with / without the ledger index", 3, 10),
     ] {
         println!("  {label:<58} {:>6.2}x", rate(a) / rate(b));
     }

@@ -596,7 +596,22 @@ async fn every_admin_endpoint_refuses_a_customer_and_an_anonymous_caller() {
     .await;
     let customer = token("alice", None, 300);
     // Every admin route of the API document, with a body that would do something.
-    let calls: [(reqwest::Method, &str, Value); 8] = [
+    let calls: [(reqwest::Method, &str, Value); 11] = [
+        (
+            reqwest::Method::POST,
+            "/billing/vouchers/checkout/commit",
+            json!({"user_id": "alice", "order_id": "O-1", "lines": [{"id": "1", "category": "install", "amount": 100}]}),
+        ),
+        (
+            reqwest::Method::POST,
+            "/billing/vouchers/checkout/orders/O-1/reverse",
+            json!({"user_id": "alice", "reason": "refunded"}),
+        ),
+        (
+            reqwest::Method::POST,
+            "/billing/vouchers/redemptions/reverse",
+            json!({"code": "LIVE-10", "user_id": "alice"}),
+        ),
         (
             reqwest::Method::POST,
             "/billing/vouchers/issue",
@@ -650,7 +665,11 @@ async fn every_admin_endpoint_refuses_a_customer_and_an_anonymous_caller() {
             assert_eq!(response.status(), refused, "{who}: {method} {path}");
         }
     }
-    // Nothing happened: no code minted, none revoked or suspended, nothing audited.
+    // Nothing happened: no code minted, none revoked or suspended, no order, nothing audited.
+    let orders: i64 = s
+        .scalar("SELECT count(*) FROM voucher_checkout_orders")
+        .await;
+    assert_eq!(orders, 0);
     let (minted, revoked, suspended, audited): (i64, i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM promo_codes WHERE code = 'MINTED-1'), \
                 (SELECT count(*) FROM promo_codes WHERE code = 'LIVE-10' AND deleted_at IS NOT NULL), \

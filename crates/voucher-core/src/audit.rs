@@ -27,6 +27,12 @@ pub enum AuditKind {
     Redeemed,
     /// A discount code was redeemed: the customer's discount grant was written.
     DiscountGranted,
+    /// A checkout committed an order that a discount grant took something off.
+    DiscountApplied,
+    /// A committed order was reversed (refunded, cancelled): its discount given back.
+    DiscountReversed,
+    /// A redemption was reversed by an administrator: credit clawed back or grant ended.
+    RedemptionReversed,
     /// A campaign's codes were generated (one record per pass, naming the range).
     CampaignGenerated,
     /// A campaign's terms changed and were applied to all its codes.
@@ -53,7 +59,7 @@ pub enum AuditKind {
 pub const EVENT_TYPE_PREFIX: &str = "io.openova.catalyst.voucher";
 
 impl AuditKind {
-    pub const ALL: [AuditKind; 24] = [
+    pub const ALL: [AuditKind; 27] = [
         AuditKind::Created,
         AuditKind::Updated,
         AuditKind::Activated,
@@ -68,6 +74,9 @@ impl AuditKind {
         AuditKind::Orphaned,
         AuditKind::Redeemed,
         AuditKind::DiscountGranted,
+        AuditKind::DiscountApplied,
+        AuditKind::DiscountReversed,
+        AuditKind::RedemptionReversed,
         AuditKind::CampaignGenerated,
         AuditKind::CampaignUpdated,
         AuditKind::CampaignDriftCorrected,
@@ -96,6 +105,9 @@ impl AuditKind {
             Self::Orphaned => "orphaned",
             Self::Redeemed => "redeemed",
             Self::DiscountGranted => "discount_granted",
+            Self::DiscountApplied => "discount_applied",
+            Self::DiscountReversed => "discount_reversed",
+            Self::RedemptionReversed => "redemption_reversed",
             Self::CampaignGenerated => "campaign_generated",
             Self::CampaignUpdated => "campaign_updated",
             Self::CampaignDriftCorrected => "campaign_drift_corrected",
@@ -187,6 +199,21 @@ pub struct AuditData {
     /// The campaign that issued the code (its redemptions name it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub campaign: Option<CampaignName>,
+    /// A checkout's records: the order a grant of the code took something off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<OrderUse>,
+}
+
+/// Which order a discount grant took something off, whose, and how much.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderUse {
+    pub order_id: String,
+    /// The customer (`customers.user_id`).
+    pub user_id: String,
+    pub grant_id: String,
+    /// Minor units of `currency` taken off the order (given back, on a reversal).
+    pub amount: i64,
+    pub currency: String,
 }
 
 impl AuditData {
@@ -205,6 +232,7 @@ impl AuditData {
             actor: facts.actor.clone(),
             reason: kind.wording(facts).reason,
             campaign: None,
+            order: None,
         }
     }
 }
@@ -222,6 +250,8 @@ pub struct Facts<'a> {
     pub grant: Option<&'a str>,
     /// For a campaign's record: how many of its codes it concerns.
     pub codes: Option<u32>,
+    /// For a reversed redemption: whose (`customers.user_id`).
+    pub customer: Option<&'a str>,
 }
 
 impl<'a> Facts<'a> {
@@ -233,6 +263,7 @@ impl<'a> Facts<'a> {
             holder: None,
             grant: None,
             codes: None,
+            customer: None,
         }
     }
 }
@@ -289,6 +320,7 @@ impl AuditKind {
             holder,
             grant,
             codes,
+            customer,
         } = *facts;
         let grant = grant.unwrap_or_default();
         let codes = codes.unwrap_or_default();
@@ -406,6 +438,16 @@ impl AuditKind {
                 format!("redeemed by {actor} for a discount of {grant}"),
                 None,
             ),
+            // The checkout's records: not a reconcile, no Event.
+            Self::DiscountApplied => (format!("{actor} applied the discount: {grant}"), None),
+            Self::DiscountReversed => (format!("{actor} reversed the discount: {grant}"), None),
+            Self::RedemptionReversed => (
+                format!(
+                    "{actor} reversed the redemption by {}",
+                    customer.unwrap_or("a customer")
+                ),
+                None,
+            ),
             Self::Exhausted => (format!("the redemption by {actor} reached the cap"), None),
             // A campaign's records: the campaign's own Events are published by its controller.
             Self::CampaignGenerated => (format!("{actor} generated {codes} code(s)"), None),
@@ -497,7 +539,12 @@ mod tests {
             assert!(!wording.reason.is_empty(), "{kind}");
             let elsewhere = matches!(
                 kind,
-                AuditKind::Redeemed | AuditKind::DiscountGranted | AuditKind::Exhausted
+                AuditKind::Redeemed
+                    | AuditKind::DiscountGranted
+                    | AuditKind::DiscountApplied
+                    | AuditKind::DiscountReversed
+                    | AuditKind::RedemptionReversed
+                    | AuditKind::Exhausted
             ) || kind.is_campaign();
             assert_eq!(wording.event.is_none(), elsewhere, "{kind}");
         }

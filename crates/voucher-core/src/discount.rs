@@ -198,6 +198,11 @@ impl Categories {
             .collect()
     }
 
+    /// Whether `name` is one of them.
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|c| c == name)
+    }
+
     /// `install,subscription,…`: as the flag takes it.
     pub fn joined(&self) -> String {
         self.0.join(",")

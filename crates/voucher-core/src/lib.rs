@@ -7,13 +7,14 @@
 
 pub mod audit;
 pub mod campaign;
+pub mod checkout;
 pub mod code;
 pub mod discount;
 pub mod owner;
 pub mod ownership;
 pub mod voucher;
 
-pub use audit::{Actor, AuditData, AuditKind, EventWording, Facts, Severity, Wording};
+pub use audit::{Actor, AuditData, AuditKind, EventWording, Facts, OrderUse, Severity, Wording};
 pub use code::{Code, CodeError};
 pub use discount::{Billing, Categories, Currency, Discount, DiscountError, Off};
 pub use owner::Owner;

@@ -51,7 +51,8 @@ struct TokenOptions {
     #[arg(long)]
     sub: String,
 
-    /// What the subject may do: redeem as a customer, or administer.
+    /// What the subject may do: redeem as a customer, administer, or commit orders as the
+    /// billing service's checkout.
     #[arg(long, value_enum, default_value_t = TokenRole::Customer)]
     role: TokenRole,
 
@@ -69,6 +70,8 @@ enum TokenRole {
     Customer,
     SovereignAdmin,
     Superadmin,
+    /// The billing service's checkout: quotes, commits and reverses orders.
+    BillingService,
 }
 
 #[derive(Debug, Args)]
@@ -174,6 +177,7 @@ async fn run(command: DevCommand) -> anyhow::Result<()> {
                 TokenRole::Customer => None,
                 TokenRole::SovereignAdmin => Some("sovereign-admin"),
                 TokenRole::Superadmin => Some("superadmin"),
+                TokenRole::BillingService => Some("billing-service"),
             };
             println!(
                 "{}",

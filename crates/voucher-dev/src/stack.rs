@@ -464,12 +464,18 @@ async fn run_operator(
         Some("superadmin"),
         Duration::from_secs(24 * 3600),
     )?;
+    let service = dev_token(
+        &secret,
+        "billing-service",
+        Some("billing-service"),
+        Duration::from_secs(24 * 3600),
+    )?;
     let base = format!("http://127.0.0.1:{}", settings.http_port);
 
     if smoke {
-        return smoke_check(cluster, &base, &token, &relay_settings).await;
+        return smoke_check(cluster, &base, (&token, &service), &relay_settings).await;
     }
-    print_try(settings, cluster, &base, &token, &database_url);
+    print_try(settings, cluster, &base, (&token, &service), &database_url);
     stop.cancelled().await;
     Ok(())
 }
@@ -545,7 +551,7 @@ fn print_try(
     settings: &StackSettings,
     cluster: &Cluster,
     base: &str,
-    token: &str,
+    (token, service): (&str, &str),
     database_url: &str,
 ) {
     let kubeconfig_str = cluster.kubeconfig.to_string_lossy().into_owned();
@@ -560,6 +566,9 @@ fn print_try(
          export TOKEN={token}\n\
          curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"OMANTEL-MUSCAT-200\",\"tenant_id\":\"acme\"}}'\n\
          curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"INSTALLS-20-3M\",\"tenant_id\":\"acme\"}}'   # a discount grant\n\
+         export SERVICE={service}   # the billing service's checkout (cargo local token --sub billing --role billing-service)\n\
+         curl -s {base}/billing/vouchers/checkout/quote -H \"Authorization: Bearer $SERVICE\" -d '{{\"user_id\":\"local-developer\",\"lines\":[{{\"id\":\"1\",\"category\":\"install\",\"amount\":50000}},{{\"id\":\"2\",\"category\":\"support\",\"amount\":8000}}]}}'\n\
+         curl -s {base}/billing/vouchers/checkout/commit -H \"Authorization: Bearer $SERVICE\" -d '{{\"user_id\":\"local-developer\",\"order_id\":\"ORDER-1\",\"lines\":[{{\"id\":\"1\",\"category\":\"install\",\"amount\":50000}},{{\"id\":\"2\",\"category\":\"support\",\"amount\":8000}}]}}'\n\
          cargo run -- events --nats-url nats://127.0.0.1:{nats} --follow\n\
          cargo local token --sub alice        # a customer's token (--role sovereign-admin for an admin)\n\
          tail -f {state}/operator.log        # the operator's log (-v prints it here too)\n\
@@ -581,7 +590,7 @@ fn print_try(
 async fn smoke_check(
     cluster: &Cluster,
     base: &str,
-    token: &str,
+    (token, service): (&str, &str),
     relay: &RelaySettings,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -643,8 +652,30 @@ async fn smoke_check(
         wait("REDEEMED 1 in kubectl get vouchers").await?;
     };
     print!("{table}");
+    smoke_commit(base, service).await?;
     smoke_event(relay, deadline, ("OMANTEL-MUSCAT-200", "redeemed")).await?;
     smoke_event(relay, deadline, ("INSTALLS-20-3M", "discount_granted")).await
+}
+
+/// The billing service commits an order of the smoke customer: its install line takes the
+/// 20 % of the discount redeemed above.
+async fn smoke_commit(base: &str, service: &str) -> anyhow::Result<()> {
+    let order = serde_json::json!({"user_id": "local-developer", "order_id": "SMOKE-1",
+        "lines": [{"id": "1", "category": "install", "amount": 50000},
+                  {"id": "2", "category": "support", "amount": 8000}]});
+    let response = reqwest::Client::new()
+        .post(format!("{base}/billing/vouchers/checkout/commit"))
+        .bearer_auth(service)
+        .json(&order)
+        .send()
+        .await?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await?;
+    if status != 200 || body["discount"] != 10_000 {
+        anyhow::bail!("smoke: the commit answered {status}: {body} (expected 10000 off)");
+    }
+    println!("smoke: committed order SMOKE-1: {body}");
+    Ok(())
 }
 
 /// Redeems `code` for the smoke customer: the answer, which must be a 200.

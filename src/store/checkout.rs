@@ -1,0 +1,397 @@
+//! The checkout's transactions (DESIGN §10): a quote (no writes), a commit
+//! recorded once per customer and order id, and its reversal. The pricing is
+//! `voucher_core::checkout::price`, the same for all three; here the
+//! customer's grants are read (and, to commit, locked), the order recorded
+//! with the uses of each grant, once-grants consumed or given back, and the
+//! audit records written in the same transaction.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::outbox::{self, NewAuditRecord};
+use super::{Operation, Result, Store, StoreError};
+use crate::domain::checkout::{Held, Line, Quote, price};
+use crate::domain::{Actor, AuditData, AuditKind, Currency, Discount, Facts, Off, OrderUse};
+
+/// A grant as the checkout names it: its id and its code.
+pub type GrantRef = (Uuid, String);
+
+/// How a priced order is answered (and replayed to a repeat of its commit):
+/// given by the caller, the store renders nothing.
+pub type RenderQuote = fn(&Quote<GrantRef>, &Currency) -> Value;
+
+/// An order a checkout commits.
+pub struct Order<'a> {
+    /// The customer (`customers.user_id`).
+    pub user_id: &'a str,
+    pub order_id: &'a str,
+    pub lines: &'a [Line],
+    /// Who commits it (the billing service's token subject).
+    pub actor: &'a Actor,
+    pub currency: &'a Currency,
+    pub now: DateTime<Utc>,
+}
+
+/// What a commit came to.
+#[derive(Debug, PartialEq)]
+pub enum Committed {
+    /// The answer: recorded now, or the first commit's for a repeat.
+    Answered(Value),
+    /// The order was committed before with another body.
+    Differs,
+}
+
+/// What a reversal came to.
+#[derive(Debug, PartialEq)]
+pub enum Reversed {
+    /// The answer: of this reversal, or the first one's for a repeat.
+    Answered(Value),
+    /// No such order of this customer.
+    NotFound,
+}
+
+#[derive(sqlx::FromRow)]
+struct GrantRow {
+    grant_id: Uuid,
+    code: String,
+    percent_off: Option<i32>,
+    amount_off: Option<i64>,
+    applies_to: Vec<String>,
+    duration_months: Option<i32>,
+    created_at: DateTime<Utc>,
+    starts_at: DateTime<Utc>,
+    ends_at: Option<DateTime<Utc>>,
+    consumed: bool,
+}
+
+impl From<GrantRow> for Held<GrantRef> {
+    fn from(row: GrantRow) -> Self {
+        let off = match (row.percent_off, row.amount_off) {
+            (Some(p), _) => Off::PercentOff(p),
+            (None, a) => Off::AmountOff(a.unwrap_or_default()),
+        };
+        Held {
+            id: (row.grant_id, row.code),
+            discount: Discount {
+                off,
+                applies_to: row.applies_to,
+                duration_months: row.duration_months,
+            },
+            created_at: row.created_at,
+            starts_at: row.starts_at,
+            ends_at: row.ends_at,
+            consumed: row.consumed,
+        }
+    }
+}
+
+/// The live grants of `customer`, locked to the transaction when `lock`.
+async fn held(conn: &mut PgConnection, customer: Uuid, lock: bool) -> Result<Vec<Held<GrantRef>>> {
+    const READ: &str = "SELECT grant_id, code, percent_off, amount_off, applies_to, duration_months, \
+         created_at, starts_at, ends_at, consumed_by IS NOT NULL AS consumed \
+         FROM voucher_discount_grants WHERE customer_id = $1 AND ended_at IS NULL";
+    const LOCKED: &str = "SELECT grant_id, code, percent_off, amount_off, applies_to, duration_months, \
+         created_at, starts_at, ends_at, consumed_by IS NOT NULL AS consumed \
+         FROM voucher_discount_grants WHERE customer_id = $1 AND ended_at IS NULL \
+         ORDER BY grant_id FOR UPDATE";
+    let rows: Vec<GrantRow> = sqlx::query_as(if lock { LOCKED } else { READ })
+        .bind(customer)
+        .fetch_all(conn)
+        .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+/// The customer of `user_id`; when `lock`, its commits and reversals go one
+/// at a time from here to the end of the transaction (an advisory lock: the
+/// runtime may not update the billing service's customers, and redemptions,
+/// which only reference the row, must not wait).
+async fn customer(conn: &mut PgConnection, user_id: &str, lock: bool) -> Result<Option<Uuid>> {
+    if lock {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('checkout:' || $1, 0))")
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(
+        sqlx::query_scalar("SELECT id FROM customers WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
+/// An order's body in canonical form: its lines sorted by id.
+pub fn canonical(user_id: &str, order_id: &str, lines: &[Line]) -> Value {
+    let mut sorted: Vec<&Line> = lines.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    let lines: Vec<Value> = sorted
+        .iter()
+        .map(|l| json!({"id": l.id, "category": l.category, "amount": l.amount}))
+        .collect();
+    json!({"user_id": user_id, "order_id": order_id, "lines": lines})
+}
+
+/// The audit record of `grant`'s share of an order (`kind`: applied or reversed).
+fn order_record(
+    kind: AuditKind,
+    actor: &Actor,
+    grant: (&Uuid, &str, i64),
+    (user_id, order_id, currency): (&str, &str, &Currency),
+) -> NewAuditRecord {
+    let (grant_id, code, amount) = grant;
+    let said = format!("{} off order {order_id}", currency.format(amount));
+    let facts = Facts {
+        grant: Some(&said),
+        ..Facts::new(code, actor)
+    };
+    let mut data = AuditData::of(kind, &facts, None, None);
+    data.order = Some(OrderUse {
+        order_id: order_id.to_owned(),
+        user_id: user_id.to_owned(),
+        grant_id: grant_id.to_string(),
+        amount,
+        currency: currency.as_str().to_owned(),
+    });
+    let payload = serde_json::to_value(&data).expect("audit data serialises");
+    NewAuditRecord::new(code, kind, payload)
+}
+
+impl Store {
+    /// Prices `lines` for the customer of `user_id` with its grants as they
+    /// are now; writes nothing. A customer unknown to billing has no grants.
+    pub async fn quote(
+        &self,
+        user_id: &str,
+        lines: &[Line],
+        now: DateTime<Utc>,
+    ) -> Result<Quote<GrantRef>> {
+        let run = async {
+            let mut conn = self.pool().acquire().await?;
+            let held = match customer(&mut conn, user_id, false).await? {
+                Some(id) => held(&mut conn, id, false).await?,
+                None => Vec::new(),
+            };
+            Ok(price(lines, &held, now))
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Checkout, None))
+    }
+
+    /// Commits `order` once: priced with the customer locked and its grants
+    /// (two commits of one customer go one after the other, so a once-grant is
+    /// consumed by exactly one order), recorded with each grant's uses and
+    /// one `discount_applied` record per grant, in one transaction. A repeat
+    /// with the same body (in canonical form) is answered as the first was.
+    pub async fn commit(&self, order: &Order<'_>, render: RenderQuote) -> Result<Committed> {
+        let run = async {
+            let mut tx = self.pool().begin().await?;
+            let committed = commit_steps(&mut tx, order, render).await?;
+            tx.commit().await?;
+            Ok(committed)
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Checkout, None))
+    }
+
+    /// Reverses the whole order `order_id` of `user_id` (refunded or
+    /// cancelled): its once-grants are given back, one `discount_reversed`
+    /// record per grant. A repeat is answered as the first reversal was.
+    pub async fn reverse_order(
+        &self,
+        (user_id, order_id): (&str, &str),
+        reason: &str,
+        actor: &Actor,
+        currency: &Currency,
+    ) -> Result<Reversed> {
+        let run = async {
+            let mut tx = self.pool().begin().await?;
+            let reversed =
+                reverse_steps(&mut tx, (user_id, order_id), reason, actor, currency).await?;
+            tx.commit().await?;
+            Ok(reversed)
+        };
+        run.await
+            .map_err(|e: StoreError| e.during(Operation::Checkout, None))
+    }
+}
+
+async fn commit_steps(
+    tx: &mut PgConnection,
+    order: &Order<'_>,
+    render: RenderQuote,
+) -> Result<Committed> {
+    let request = canonical(order.user_id, order.order_id, order.lines);
+    let Some(customer) = customer(tx, order.user_id, true).await? else {
+        // No customer, no grant: nothing to record.
+        let plain: Quote<GrantRef> = price(order.lines, &[], order.now);
+        return Ok(Committed::Answered(render(&plain, order.currency)));
+    };
+    let before: Option<(Value, Value)> = sqlx::query_as(
+        "SELECT request, answer FROM voucher_checkout_orders WHERE customer_id = $1 AND order_id = $2",
+    )
+    .bind(customer)
+    .bind(order.order_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((first, answer)) = before {
+        return Ok(if first == request {
+            Committed::Answered(answer)
+        } else {
+            Committed::Differs
+        });
+    }
+    let held = held(tx, customer, true).await?;
+    let quote = price(order.lines, &held, order.now);
+    let answer = render(&quote, order.currency);
+    sqlx::query(
+        "INSERT INTO voucher_checkout_orders (customer_id, order_id, request, answer, committed_by) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(customer)
+    .bind(order.order_id)
+    .bind(&request)
+    .bind(&answer)
+    .bind(order.actor.to_string())
+    .execute(&mut *tx)
+    .await?;
+    record_uses(tx, customer, order, &quote, &held).await?;
+    Ok(Committed::Answered(answer))
+}
+
+/// The uses of each grant the quote used, the once-grants consumed, and
+/// one audit record per grant.
+async fn record_uses(
+    tx: &mut PgConnection,
+    customer: Uuid,
+    order: &Order<'_>,
+    quote: &Quote<GrantRef>,
+    held: &[Held<GrantRef>],
+) -> Result<()> {
+    let used: Vec<(&str, &GrantRef, i64)> = quote
+        .lines
+        .iter()
+        .filter_map(|l| {
+            l.grant
+                .as_ref()
+                .map(|g| (l.line.id.as_str(), g, l.discount))
+        })
+        .collect();
+    if used.is_empty() {
+        return Ok(());
+    }
+    let line_ids: Vec<&str> = used.iter().map(|(line, _, _)| *line).collect();
+    let grant_ids: Vec<Uuid> = used.iter().map(|(_, (id, _), _)| *id).collect();
+    let amounts: Vec<i64> = used.iter().map(|(_, _, amount)| *amount).collect();
+    sqlx::query(
+        "INSERT INTO voucher_checkout_uses (customer_id, order_id, line_id, grant_id, amount) \
+         SELECT $1, $2, * FROM unnest($3::text[], $4::uuid[], $5::bigint[])",
+    )
+    .bind(customer)
+    .bind(order.order_id)
+    .bind(&line_ids)
+    .bind(&grant_ids)
+    .bind(&amounts)
+    .execute(&mut *tx)
+    .await?;
+    for grant in quote.used() {
+        let once = held.iter().any(|h| h.id == grant && h.is_once());
+        if once {
+            sqlx::query("UPDATE voucher_discount_grants SET consumed_by = $2 WHERE grant_id = $1")
+                .bind(grant.0)
+                .bind(order.order_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let amount: i64 = used
+            .iter()
+            .filter(|(_, g, _)| **g == grant)
+            .map(|(_, _, amount)| amount)
+            .sum();
+        let record = order_record(
+            AuditKind::DiscountApplied,
+            order.actor,
+            (&grant.0, &grant.1, amount),
+            (order.user_id, order.order_id, order.currency),
+        );
+        outbox::append(tx, &record).await?;
+    }
+    Ok(())
+}
+
+async fn reverse_steps(
+    tx: &mut PgConnection,
+    (user_id, order_id): (&str, &str),
+    reason: &str,
+    actor: &Actor,
+    currency: &Currency,
+) -> Result<Reversed> {
+    let Some(customer) = customer(tx, user_id, true).await? else {
+        return Ok(Reversed::NotFound);
+    };
+    let order: Option<(Option<Value>,)> = sqlx::query_as(
+        "SELECT reversal FROM voucher_checkout_orders \
+         WHERE customer_id = $1 AND order_id = $2 FOR UPDATE",
+    )
+    .bind(customer)
+    .bind(order_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((reversal,)) = order else {
+        return Ok(Reversed::NotFound);
+    };
+    if let Some(first) = reversal {
+        return Ok(Reversed::Answered(first));
+    }
+    let uses: Vec<(Uuid, String, i64)> = sqlx::query_as(
+        "SELECT u.grant_id, g.code, sum(u.amount)::bigint FROM voucher_checkout_uses u \
+         JOIN voucher_discount_grants g ON g.grant_id = u.grant_id \
+         WHERE u.customer_id = $1 AND u.order_id = $2 GROUP BY u.grant_id, g.code ORDER BY u.grant_id",
+    )
+    .bind(customer)
+    .bind(order_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let released: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE voucher_discount_grants SET consumed_by = NULL \
+         WHERE customer_id = $1 AND consumed_by = $2 RETURNING grant_id",
+    )
+    .bind(customer)
+    .bind(order_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let given_back: i64 = uses.iter().map(|(_, _, amount)| amount).sum();
+    let reversed_at: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *tx)
+        .await?;
+    let answer = json!({
+        "user_id": user_id,
+        "order_id": order_id,
+        "reason": reason,
+        "currency": currency.as_str(),
+        "discount": given_back,
+        "grants_released": released,
+        "reversed_at": reversed_at,
+    });
+    sqlx::query(
+        "UPDATE voucher_checkout_orders SET reversed_at = $3, reversal = $4 \
+         WHERE customer_id = $1 AND order_id = $2",
+    )
+    .bind(customer)
+    .bind(order_id)
+    .bind(reversed_at)
+    .bind(&answer)
+    .execute(&mut *tx)
+    .await?;
+    for (grant_id, code, amount) in &uses {
+        let record = order_record(
+            AuditKind::DiscountReversed,
+            actor,
+            (grant_id, code, *amount),
+            (user_id, order_id, currency),
+        );
+        outbox::append(tx, &record).await?;
+    }
+    Ok(Reversed::Answered(answer))
+}
