@@ -354,3 +354,80 @@ async fn the_preview_forgets_what_it_remembers_when_a_cut_loses_its_notification
         assert_eq!(preview().await, 9, "the preview still shows the old credit");
     }
 }
+
+/// The billing service's token.
+fn service_token() -> String {
+    let claims = json!({"sub": "billing-service", "role": "billing-service",
+                        "exp": chrono::Utc::now().timestamp() + 600});
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A checkout's commit whose COMMIT acknowledgement is lost: answered 503 (the outcome is
+/// unknown), the order recorded once; the retry with the same body answers what was recorded,
+/// and the once-grant is consumed once.
+#[tokio::test]
+async fn a_commit_whose_acknowledgement_is_lost_is_recorded_once() {
+    let _alone = RESTARTS.lock().await;
+    let database = support::fresh_database("lost_commit").await;
+    let (faults, (base, _stop, store)) = start_proxied(&database).await;
+    sqlx::raw_sql(
+        "INSERT INTO promo_codes (code, credit_omr, discount) \
+           VALUES ('ACK-10', 0, '{\"percent_off\": 10}')",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    assert_eq!(
+        redeem(&http, &base, "ack-customer", "ACK-10").await,
+        StatusCode::OK
+    );
+    let commit = || async {
+        let response = http
+            .post(format!("{base}/billing/vouchers/checkout/commit"))
+            .bearer_auth(service_token())
+            .json(&json!({"user_id": "ack-customer", "order_id": "ACK-ORDER",
+                          "lines": [{"id": "1", "category": "install", "amount": 1000}]}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json::<serde_json::Value>().await.unwrap())
+    };
+    let recorded = || async {
+        let direct = support::pool(&database).await;
+        let counts: (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM voucher_checkout_orders), \
+                    (SELECT count(*) FROM voucher_checkout_uses), \
+                    (SELECT count(*) FROM voucher_discount_grants WHERE consumed_by IS NOT NULL), \
+                    (SELECT count(*) FROM voucher_audit_outbox WHERE kind = 'discount_applied')",
+        )
+        .fetch_one(&direct)
+        .await
+        .unwrap();
+        direct.close().await;
+        counts
+    };
+
+    faults.lose_next_commits(1);
+    let (status, body) = commit().await;
+    assert_eq!(
+        faults.lost(),
+        1,
+        "the commit's COMMIT lost its acknowledgement"
+    );
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(recorded().await, (1, 1, 1, 1), "the order did commit");
+    let (status, body) = commit().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["discount"], 100,
+        "the retry answers what was recorded: {body}"
+    );
+    assert_eq!(recorded().await, (1, 1, 1, 1), "recorded once");
+}

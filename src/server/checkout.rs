@@ -44,6 +44,10 @@ pub(crate) struct QuoteRequest {
     /// token's own subject) from a customer.
     #[serde(default)]
     pub user_id: Option<String>,
+    /// Optional: the order id the commit will name, so the same body can be quoted then
+    /// committed. Checked like the commit's, otherwise unused.
+    #[serde(default)]
+    pub order_id: Option<String>,
     pub lines: Vec<LineBody>,
 }
 
@@ -219,6 +223,9 @@ pub async fn quote(
             _ => principal.subject.clone(),
         }
     };
+    if request.order_id.is_some() {
+        id_of("order_id", request.order_id.as_deref())?;
+    }
     let lines = lines_of(&state, request.lines)?;
     let quote = state.store.quote(&user_id, &lines, Utc::now()).await?;
     Ok(Json(render(&quote, &state.settings.billing.currency)))

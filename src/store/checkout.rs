@@ -108,18 +108,17 @@ async fn held(conn: &mut PgConnection, customer: Uuid, lock: bool) -> Result<Vec
 /// runtime may not update the billing service's customers, and redemptions,
 /// which only reference the row, must not wait).
 async fn customer(conn: &mut PgConnection, user_id: &str, lock: bool) -> Result<Option<Uuid>> {
-    if lock {
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('checkout:' || $1, 0))")
-            .bind(user_id)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(
-        sqlx::query_scalar("SELECT id FROM customers WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_optional(conn)
-            .await?,
-    )
+    // One statement: the lock first (FROM), then the customer.
+    let sql = if lock {
+        "SELECT (SELECT id FROM customers WHERE user_id = $1) \
+         FROM (SELECT pg_advisory_xact_lock(hashtextextended('checkout:' || $1, 0))) AS locked"
+    } else {
+        "SELECT (SELECT id FROM customers WHERE user_id = $1)"
+    };
+    Ok(sqlx::query_scalar(sql)
+        .bind(user_id)
+        .fetch_one(conn)
+        .await?)
 }
 
 /// An order's body in canonical form: its lines sorted by id.
@@ -228,47 +227,54 @@ async fn commit_steps(
         let plain: Quote<GrantRef> = price(order.lines, &[], order.now);
         return Ok(Committed::Answered(render(&plain, order.currency)));
     };
-    let before: Option<(Value, Value)> = sqlx::query_as(
+    let held = held(tx, customer, true).await?;
+    let quote = price(order.lines, &held, order.now);
+    let answer = render(&quote, order.currency);
+    if record(tx, customer, order, (&request, &answer), (&quote, &held)).await? {
+        return Ok(Committed::Answered(answer));
+    }
+    // Committed before (the lock makes it visible to a fresh read).
+    let (first, answer): (Value, Value) = sqlx::query_as(
         "SELECT request, answer FROM voucher_checkout_orders WHERE customer_id = $1 AND order_id = $2",
     )
     .bind(customer)
     .bind(order.order_id)
-    .fetch_optional(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    if let Some((first, answer)) = before {
-        return Ok(if first == request {
-            Committed::Answered(answer)
-        } else {
-            Committed::Differs
-        });
-    }
-    let held = held(tx, customer, true).await?;
-    let quote = price(order.lines, &held, order.now);
-    let answer = render(&quote, order.currency);
-    sqlx::query(
-        "INSERT INTO voucher_checkout_orders (customer_id, order_id, request, answer, committed_by) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(customer)
-    .bind(order.order_id)
-    .bind(&request)
-    .bind(&answer)
-    .bind(order.actor.to_string())
-    .execute(&mut *tx)
-    .await?;
-    record_uses(tx, customer, order, &quote, &held).await?;
-    Ok(Committed::Answered(answer))
+    Ok(if first == request {
+        Committed::Answered(answer)
+    } else {
+        Committed::Differs
+    })
 }
 
-/// The uses of each grant the quote used, the once-grants consumed, and
-/// one audit record per grant.
-async fn record_uses(
+/// Records the order, unless it was committed before (`false`): in one
+/// statement, the order, each line's use of a grant, the once-grants it
+/// consumed, and one `discount_applied` record per grant it used.
+async fn record(
     tx: &mut PgConnection,
     customer: Uuid,
     order: &Order<'_>,
-    quote: &Quote<GrantRef>,
-    held: &[Held<GrantRef>],
-) -> Result<()> {
+    (request, answer): (&Value, &Value),
+    (quote, held): (&Quote<GrantRef>, &[Held<GrantRef>]),
+) -> Result<bool> {
+    const RECORD: &str = "\
+        WITH o AS ( \
+          INSERT INTO voucher_checkout_orders (customer_id, order_id, request, answer, committed_by) \
+          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (customer_id, order_id) DO NOTHING \
+          RETURNING customer_id, order_id \
+        ), uses AS ( \
+          INSERT INTO voucher_checkout_uses (customer_id, order_id, line_id, grant_id, amount) \
+          SELECT o.customer_id, o.order_id, u.line, u.grant_id, u.amount \
+          FROM o, unnest($6::text[], $7::uuid[], $8::bigint[]) AS u(line, grant_id, amount) \
+        ), consumed AS ( \
+          UPDATE voucher_discount_grants g SET consumed_by = o.order_id FROM o \
+          WHERE g.grant_id = ANY($9::uuid[]) \
+        ), audited AS ( \
+          INSERT INTO voucher_audit_outbox (event_id, code, kind, payload) \
+          SELECT a.id, a.code, $10, a.payload \
+          FROM o, unnest($11::uuid[], $12::text[], $13::jsonb[]) AS a(id, code, payload) \
+        ) SELECT count(*) FROM o";
     let used: Vec<(&str, &GrantRef, i64)> = quote
         .lines
         .iter()
@@ -278,46 +284,48 @@ async fn record_uses(
                 .map(|g| (l.line.id.as_str(), g, l.discount))
         })
         .collect();
-    if used.is_empty() {
-        return Ok(());
-    }
     let line_ids: Vec<&str> = used.iter().map(|(line, _, _)| *line).collect();
     let grant_ids: Vec<Uuid> = used.iter().map(|(_, (id, _), _)| *id).collect();
     let amounts: Vec<i64> = used.iter().map(|(_, _, amount)| *amount).collect();
-    sqlx::query(
-        "INSERT INTO voucher_checkout_uses (customer_id, order_id, line_id, grant_id, amount) \
-         SELECT $1, $2, * FROM unnest($3::text[], $4::uuid[], $5::bigint[])",
-    )
-    .bind(customer)
-    .bind(order.order_id)
-    .bind(&line_ids)
-    .bind(&grant_ids)
-    .bind(&amounts)
-    .execute(&mut *tx)
-    .await?;
-    for grant in quote.used() {
-        let once = held.iter().any(|h| h.id == grant && h.is_once());
-        if once {
-            sqlx::query("UPDATE voucher_discount_grants SET consumed_by = $2 WHERE grant_id = $1")
-                .bind(grant.0)
-                .bind(order.order_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let amount: i64 = used
-            .iter()
-            .filter(|(_, g, _)| **g == grant)
-            .map(|(_, _, amount)| amount)
-            .sum();
-        let record = order_record(
-            AuditKind::DiscountApplied,
-            order.actor,
-            (&grant.0, &grant.1, amount),
-            (order.user_id, order.order_id, order.currency),
-        );
-        outbox::append(tx, &record).await?;
-    }
-    Ok(())
+    let grants = quote.used();
+    let consumed: Vec<Uuid> = grants
+        .iter()
+        .filter(|g| held.iter().any(|h| h.id == **g && h.is_once()))
+        .map(|(id, _)| *id)
+        .collect();
+    let records: Vec<NewAuditRecord> = grants
+        .iter()
+        .map(|grant| {
+            let amount: i64 = used
+                .iter()
+                .filter(|(_, g, _)| *g == grant)
+                .map(|(_, _, amount)| amount)
+                .sum();
+            order_record(
+                AuditKind::DiscountApplied,
+                order.actor,
+                (&grant.0, &grant.1, amount),
+                (order.user_id, order.order_id, order.currency),
+            )
+        })
+        .collect();
+    let inserted: i64 = sqlx::query_scalar(RECORD)
+        .bind(customer)
+        .bind(order.order_id)
+        .bind(request)
+        .bind(answer)
+        .bind(order.actor.to_string())
+        .bind(&line_ids)
+        .bind(&grant_ids)
+        .bind(&amounts)
+        .bind(&consumed)
+        .bind(AuditKind::DiscountApplied.as_str())
+        .bind(records.iter().map(|r| r.event_id).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| r.code.as_str()).collect::<Vec<_>>())
+        .bind(records.iter().map(|r| &r.payload).collect::<Vec<_>>())
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok(inserted == 1)
 }
 
 async fn reverse_steps(
