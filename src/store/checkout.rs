@@ -87,27 +87,32 @@ impl From<GrantRow> for Held<GrantRef> {
     }
 }
 
-/// The live grants of `customer`, locked to the transaction when `lock`.
-async fn held(conn: &mut PgConnection, customer: Uuid, lock: bool) -> Result<Vec<Held<GrantRef>>> {
-    const READ: &str = "SELECT grant_id, code, percent_off, amount_off, applies_to, duration_months, \
+/// The live grants of `customer`. Read under the customer's checkout lock
+/// (see [`customer`]) when committing: every writer of a grant's use
+/// (commit, reversal of an order or of a redemption) takes it, so no row
+/// lock is needed (each would write the grant's page).
+async fn held(conn: &mut PgConnection, customer: Uuid) -> Result<Vec<Held<GrantRef>>> {
+    let rows: Vec<GrantRow> = sqlx::query_as(
+        "SELECT grant_id, code, percent_off, amount_off, applies_to, duration_months, \
          created_at, starts_at, ends_at, consumed_by IS NOT NULL AS consumed \
-         FROM voucher_discount_grants WHERE customer_id = $1 AND ended_at IS NULL";
-    const LOCKED: &str = "SELECT grant_id, code, percent_off, amount_off, applies_to, duration_months, \
-         created_at, starts_at, ends_at, consumed_by IS NOT NULL AS consumed \
-         FROM voucher_discount_grants WHERE customer_id = $1 AND ended_at IS NULL \
-         ORDER BY grant_id FOR UPDATE";
-    let rows: Vec<GrantRow> = sqlx::query_as(if lock { LOCKED } else { READ })
-        .bind(customer)
-        .fetch_all(conn)
-        .await?;
+         FROM voucher_discount_grants WHERE customer_id = $1 AND ended_at IS NULL",
+    )
+    .bind(customer)
+    .fetch_all(conn)
+    .await?;
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
-/// The customer of `user_id`; when `lock`, its commits and reversals go one
-/// at a time from here to the end of the transaction (an advisory lock: the
-/// runtime may not update the billing service's customers, and redemptions,
-/// which only reference the row, must not wait).
-async fn customer(conn: &mut PgConnection, user_id: &str, lock: bool) -> Result<Option<Uuid>> {
+/// The customer of `user_id`; when `lock`, its checkout lock is taken first
+/// and held to the end of the transaction: commits and reversals of one
+/// customer (and reversals of its redemptions) go one at a time. An advisory
+/// lock: the runtime may not update the billing service's customers, and
+/// redemptions, which only reference the row, must not wait.
+pub(crate) async fn customer(
+    conn: &mut PgConnection,
+    user_id: &str,
+    lock: bool,
+) -> Result<Option<Uuid>> {
     // One statement: the lock first (FROM), then the customer.
     let sql = if lock {
         "SELECT (SELECT id FROM customers WHERE user_id = $1) \
@@ -169,7 +174,7 @@ impl Store {
         let run = async {
             let mut conn = self.pool().acquire().await?;
             let held = match customer(&mut conn, user_id, false).await? {
-                Some(id) => held(&mut conn, id, false).await?,
+                Some(id) => held(&mut conn, id).await?,
                 None => Vec::new(),
             };
             Ok(price(lines, &held, now))
@@ -178,8 +183,8 @@ impl Store {
             .map_err(|e: StoreError| e.during(Operation::Checkout, None))
     }
 
-    /// Commits `order` once: priced with the customer locked and its grants
-    /// (two commits of one customer go one after the other, so a once-grant is
+    /// Commits `order` once: priced under the customer's checkout lock (two
+    /// commits of one customer go one after the other, so a once-grant is
     /// consumed by exactly one order), recorded with each grant's uses and
     /// one `discount_applied` record per grant, in one transaction. A repeat
     /// with the same body (in canonical form) is answered as the first was.
@@ -227,7 +232,7 @@ async fn commit_steps(
         let plain: Quote<GrantRef> = price(order.lines, &[], order.now);
         return Ok(Committed::Answered(render(&plain, order.currency)));
     };
-    let held = held(tx, customer, true).await?;
+    let held = held(tx, customer).await?;
     let quote = price(order.lines, &held, order.now);
     let answer = render(&quote, order.currency);
     if record(tx, customer, order, (&request, &answer), (&quote, &held)).await? {

@@ -59,11 +59,9 @@ async fn steps(
     (reason, actor): (&str, &Actor),
 ) -> Result<RedemptionReversal> {
     lock_code(tx, code).await?;
+    // The customer's checkout lock too: no order takes the grant this ends meanwhile.
+    let customer = super::checkout::customer(tx, user_id, true).await?;
     let before = promo_codes::find_for_update(tx, code).await?;
-    let customer: Option<Uuid> = sqlx::query_scalar("SELECT id FROM customers WHERE user_id = $1")
-        .bind(user_id)
-        .fetch_optional(&mut *tx)
-        .await?;
     let (Some(before), Some(customer)) = (before, customer) else {
         return Ok(RedemptionReversal::NotFound);
     };
