@@ -103,27 +103,20 @@ async fn held(conn: &mut PgConnection, customer: Uuid) -> Result<Vec<Held<GrantR
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
-/// The customer of `user_id`; when `lock`, its checkout lock is taken first
-/// and held to the end of the transaction: commits and reversals of one
+/// The customer of `user_id`, its checkout lock taken first and held to the
+/// end of the transaction: commits and reversals of one
 /// customer (and reversals of its redemptions) go one at a time. An advisory
 /// lock: the runtime may not update the billing service's customers, and
 /// redemptions, which only reference the row, must not wait.
-pub(crate) async fn customer(
-    conn: &mut PgConnection,
-    user_id: &str,
-    lock: bool,
-) -> Result<Option<Uuid>> {
+pub(crate) async fn customer(conn: &mut PgConnection, user_id: &str) -> Result<Option<Uuid>> {
     // One statement: the lock first (FROM), then the customer.
-    let sql = if lock {
+    Ok(sqlx::query_scalar(
         "SELECT (SELECT id FROM customers WHERE user_id = $1) \
-         FROM (SELECT pg_advisory_xact_lock(hashtextextended('checkout:' || $1, 0))) AS locked"
-    } else {
-        "SELECT (SELECT id FROM customers WHERE user_id = $1)"
-    };
-    Ok(sqlx::query_scalar(sql)
-        .bind(user_id)
-        .fetch_one(conn)
-        .await?)
+         FROM (SELECT pg_advisory_xact_lock(hashtextextended('checkout:' || $1, 0))) AS locked",
+    )
+    .bind(user_id)
+    .fetch_one(conn)
+    .await?)
 }
 
 /// An order's body in canonical form: its lines sorted by id.
@@ -172,11 +165,18 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<Quote<GrantRef>> {
         let run = async {
-            let mut conn = self.pool().acquire().await?;
-            let held = match customer(&mut conn, user_id, false).await? {
-                Some(id) => held(&mut conn, id).await?,
-                None => Vec::new(),
-            };
+            // One read: the customer's live grants by its user id (none for a stranger).
+            let rows: Vec<GrantRow> = sqlx::query_as(
+                "SELECT g.grant_id, g.code, g.percent_off, g.amount_off, g.applies_to, \
+                 g.duration_months, g.created_at, g.starts_at, g.ends_at, \
+                 g.consumed_by IS NOT NULL AS consumed \
+                 FROM customers c JOIN voucher_discount_grants g ON g.customer_id = c.id \
+                 WHERE c.user_id = $1 AND g.ended_at IS NULL",
+            )
+            .bind(user_id)
+            .fetch_all(self.pool())
+            .await?;
+            let held: Vec<Held<GrantRef>> = rows.into_iter().map(Into::into).collect();
             Ok(price(lines, &held, now))
         };
         run.await
@@ -227,7 +227,7 @@ async fn commit_steps(
     render: RenderQuote,
 ) -> Result<Committed> {
     let request = canonical(order.user_id, order.order_id, order.lines);
-    let Some(customer) = customer(tx, order.user_id, true).await? else {
+    let Some(customer) = customer(tx, order.user_id).await? else {
         // No customer, no grant: nothing to record.
         let plain: Quote<GrantRef> = price(order.lines, &[], order.now);
         return Ok(Committed::Answered(render(&plain, order.currency)));
@@ -340,7 +340,7 @@ async fn reverse_steps(
     actor: &Actor,
     currency: &Currency,
 ) -> Result<Reversed> {
-    let Some(customer) = customer(tx, user_id, true).await? else {
+    let Some(customer) = customer(tx, user_id).await? else {
         return Ok(Reversed::NotFound);
     };
     let order: Option<(Option<Value>,)> = sqlx::query_as(

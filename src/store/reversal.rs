@@ -60,7 +60,7 @@ async fn steps(
 ) -> Result<RedemptionReversal> {
     lock_code(tx, code).await?;
     // The customer's checkout lock too: no order takes the grant this ends meanwhile.
-    let customer = super::checkout::customer(tx, user_id, true).await?;
+    let customer = super::checkout::customer(tx, user_id).await?;
     let before = promo_codes::find_for_update(tx, code).await?;
     let (Some(before), Some(customer)) = (before, customer) else {
         return Ok(RedemptionReversal::NotFound);

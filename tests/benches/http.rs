@@ -472,6 +472,7 @@ async fn main() {
                          {"id": "2", "category": "subscription", "amount": 12_000},
                          {"id": "3", "category": "support", "amount": 3_000}]})
     };
+    let mut commit_statements = Vec::new();
     for (label, path, count) in [
         (
             "HTTP checkout quote, 3 lines, 3 live grants",
@@ -480,6 +481,7 @@ async fn main() {
         ),
         ("HTTP checkout commit, 3 lines, 3 live grants", "commit", n),
     ] {
+        let statements = Statements::start(&pool).await;
         let before = Cpu::now(server.child.id());
         let mut run = measure(label, count, |i| {
             let (http, url, service) = (
@@ -504,6 +506,10 @@ async fn main() {
         .await;
         run.cpu = Some(Cpu::now(server.child.id()).since(before));
         runs.push(run);
+        let read = statements.read(count).await;
+        if path == "commit" {
+            commit_statements = read;
+        }
     }
     let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM voucher_checkout_orders")
         .fetch_one(&pool)
@@ -614,6 +620,7 @@ async fn main() {
         ("single-statement hot-row update", &update_statements),
         ("HTTP redeem, one hot code", &redeem_statements),
         ("HTTP redeem, one hot discount code", &discount_statements),
+        ("HTTP checkout commit", &commit_statements),
     ] {
         Statements::print(label, rows);
     }

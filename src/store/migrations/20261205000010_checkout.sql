@@ -20,15 +20,16 @@ CREATE TABLE IF NOT EXISTS voucher_checkout_orders (
     PRIMARY KEY (customer_id, order_id)
 );
 
--- What each grant took off each line of an order.
+-- What each grant took off each line of an order. Written by the statement that records its
+-- order, never alone: no foreign key to the order (its check, a plan cached while the orders
+-- table was small, scanned the whole table three times a commit: 0.17 ms and 195 buffers).
 CREATE TABLE IF NOT EXISTS voucher_checkout_uses (
     customer_id UUID NOT NULL,
     order_id TEXT NOT NULL,
     line_id TEXT NOT NULL,
     grant_id UUID NOT NULL REFERENCES voucher_discount_grants(grant_id),
     amount BIGINT NOT NULL CHECK (amount > 0),
-    PRIMARY KEY (customer_id, order_id, line_id),
-    FOREIGN KEY (customer_id, order_id) REFERENCES voucher_checkout_orders (customer_id, order_id)
+    PRIMARY KEY (customer_id, order_id, line_id)
 );
 CREATE INDEX IF NOT EXISTS voucher_checkout_uses_grant ON voucher_checkout_uses (grant_id);
 
