@@ -15,7 +15,7 @@ use super::body::JsonBody;
 use super::codes::Lookup;
 use super::error::{ErrorBody, HttpError};
 use super::{AppState, OutcomeLabel, Peer};
-use crate::domain::{Code, Discount, Off, Redeemability};
+use crate::domain::{Code, Discount, Redeemability};
 use crate::store::discounts::DiscountGrant;
 use crate::store::redeem::{Answer, Grant, Redeemed, Redemption};
 
@@ -71,10 +71,7 @@ pub(crate) struct DiscountTerms {
 
 impl From<&Discount> for DiscountTerms {
     fn from(discount: &Discount) -> Self {
-        let (percent_off, amount_off) = match discount.off {
-            Off::PercentOff(p) => (Some(p), None),
-            Off::AmountOff(a) => (None, Some(a)),
-        };
+        let (percent_off, amount_off) = discount.off.split();
         Self {
             percent_off,
             amount_off,

@@ -68,10 +68,7 @@ struct GrantRow {
 
 impl From<GrantRow> for Held<GrantRef> {
     fn from(row: GrantRow) -> Self {
-        let off = match (row.percent_off, row.amount_off) {
-            (Some(p), _) => Off::PercentOff(p),
-            (None, a) => Off::AmountOff(a.unwrap_or_default()),
-        };
+        let off = Off::join(row.percent_off, row.amount_off);
         Held {
             id: (row.grant_id, row.code),
             discount: Discount {

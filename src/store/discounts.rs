@@ -33,10 +33,7 @@ pub(crate) async fn insert_many(
     starts_at: DateTime<Utc>,
     expires_at: Option<DateTime<Utc>>,
 ) -> Result<HashMap<Uuid, DiscountGrant>> {
-    let (percent_off, amount_off) = match discount.off {
-        Off::PercentOff(p) => (Some(p), None),
-        Off::AmountOff(a) => (None, Some(a)),
-    };
+    let (percent_off, amount_off) = discount.off.split();
     // As the database keeps it (to the microsecond), so the answer is what a read gives back.
     let starts_at = starts_at.trunc_subsecs(6);
     let ends_at = discount.ends_at(starts_at, expires_at);
@@ -84,10 +81,7 @@ pub(crate) struct GrantRow {
 
 impl From<GrantRow> for DiscountGrant {
     fn from(row: GrantRow) -> Self {
-        let off = match (row.percent_off, row.amount_off) {
-            (Some(p), _) => Off::PercentOff(p),
-            (None, a) => Off::AmountOff(a.unwrap_or_default()),
-        };
+        let off = Off::join(row.percent_off, row.amount_off);
         DiscountGrant {
             grant_id: row.grant_id,
             discount: Discount {

@@ -188,13 +188,8 @@ impl DiscountSpec {
     /// The terms as the domain holds them. Both or neither of percentOff and amountOff (which
     /// the schema refuses) read as 0 percent, which the terms' validation refuses.
     pub fn discount(&self) -> Discount {
-        let off = match (self.percent_off, self.amount_off) {
-            (Some(percent), None) => Off::PercentOff(percent),
-            (None, Some(amount)) => Off::AmountOff(amount),
-            _ => Off::PercentOff(0),
-        };
         Discount {
-            off,
+            off: Off::join(self.percent_off, self.amount_off),
             applies_to: self.applies_to.clone(),
             duration_months: self.duration_months,
         }
@@ -203,10 +198,7 @@ impl DiscountSpec {
 
 impl From<&Discount> for DiscountSpec {
     fn from(discount: &Discount) -> Self {
-        let (percent_off, amount_off) = match discount.off {
-            Off::PercentOff(p) => (Some(p), None),
-            Off::AmountOff(a) => (None, Some(a)),
-        };
+        let (percent_off, amount_off) = discount.off.split();
         Self {
             percent_off,
             amount_off,

@@ -32,6 +32,26 @@ pub enum Off {
     AmountOff(i64),
 }
 
+impl Off {
+    /// `(percent_off, amount_off)`: the two fields or columns it is written as, one of them set.
+    pub fn split(self) -> (Option<i32>, Option<i64>) {
+        match self {
+            Self::PercentOff(percent) => (Some(percent), None),
+            Self::AmountOff(amount) => (None, Some(amount)),
+        }
+    }
+
+    /// The two as read back: the percentage when it is set, else the amount. Neither (or both,
+    /// which every writer refuses) reads as 0 percent, which [`Discount::validate`] refuses.
+    pub fn join(percent: Option<i32>, amount: Option<i64>) -> Self {
+        match (percent, amount) {
+            (Some(percent), None) => Self::PercentOff(percent),
+            (None, Some(amount)) => Self::AmountOff(amount),
+            _ => Self::PercentOff(0),
+        }
+    }
+}
+
 /// A discount voucher's terms, as the billing database keeps them
 /// (`promo_codes.discount`) and answers show them.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
