@@ -667,6 +667,33 @@ async fn a_code_switched_off_while_a_redemption_waits_for_its_lock_is_not_redeem
 }
 
 #[tokio::test]
+async fn a_code_deleted_while_a_redemption_waits_for_its_lock_is_not_redeemed() {
+    // Deleted as the billing service deletes (and the operator tombstones): a deleted code
+    // answers exactly like one that never existed.
+    let (s, status, body) = redeem_racing(
+        "RACE-DELETED",
+        "UPDATE promo_codes SET deleted_at = now(), active = false WHERE code = 'RACE-DELETED'",
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(s.counts("RACE-DELETED").await, (0, 0, 0), "nothing written");
+}
+
+#[tokio::test]
+async fn a_code_whose_window_closed_while_a_redemption_waits_for_its_lock_is_not_redeemed() {
+    let (s, status, body) = redeem_racing(
+        "RACE-EXPIRED",
+        "UPDATE promo_codes SET expires_at = now() - interval '1 minute' \
+         WHERE code = 'RACE-EXPIRED'",
+    )
+    .await;
+    assert_eq!(status, StatusCode::GONE, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("expired at"), "{body}");
+    assert_eq!(s.counts("RACE-EXPIRED").await, (0, 0, 0), "nothing written");
+}
+
+#[tokio::test]
 async fn a_credit_changed_while_a_redemption_waits_for_its_lock_is_the_one_granted() {
     let (s, status, body) = redeem_racing(
         "RACE-CREDIT",
