@@ -247,14 +247,40 @@ impl Harness {
     }
 
     async fn redeem(&self, customer: String, code: &str) -> StatusCode {
-        self.http
+        self.redeem_keyed(&customer, code, None).await.0
+    }
+
+    /// A redemption by `customer`, with an Idempotency-Key or without: its status and body.
+    async fn redeem_keyed(
+        &self,
+        customer: &str,
+        code: &str,
+        key: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .http
             .post(format!("{}/billing/vouchers/redeem", self.base))
-            .bearer_auth(token(&customer, None))
-            .json(&json!({"code": code, "tenant_id": "t1"}))
-            .send()
-            .await
-            .unwrap()
-            .status()
+            .bearer_auth(token(customer, None))
+            .json(&json!({"code": code, "tenant_id": "t1"}));
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Asserts that `customer`'s redemption of `code` is answered as a repeat (409 with the
+    /// grant they got: what a checkout retrying without its key reconciles with).
+    async fn assert_repeat(&self, customer: &str, code: &str, key: Option<&str>, credit: i32) {
+        let (status, body) = self.redeem_keyed(customer, code, key).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{code} {key:?}: {body}");
+        assert_eq!(
+            (&body["code"], &body["credit_omr"]),
+            (&json!(code), &json!(credit)),
+            "{body}"
+        );
+        assert!(body["redeemed_at"].is_string(), "{body}");
     }
 
     /// Statuses of previewing every code, 16 at a time: how many of each.
@@ -560,6 +586,44 @@ async fn a_campaign_code_before_launch_answers_exactly_like_an_unknown_code() {
             .unwrap(),
         0
     );
+}
+
+#[tokio::test]
+async fn a_repeat_of_a_campaign_code_is_answered_as_a_repeat_whatever_the_campaign_says_now() {
+    let h = harness().await;
+    h.secret("bill-key").await;
+    h.apply(&manifest("repeat", json!({"count": 3}))).unwrap();
+    h.ready("repeat", 3).await;
+    let codes = h.codes("repeat").await;
+    let (first, body) = h.redeem_keyed("alice", &codes[0], None).await;
+    assert_eq!(first, StatusCode::OK, "{body}");
+    // Used up (single use) by alice herself: to her, her own redemption, never "fully
+    // redeemed"; to anyone else, used up.
+    h.assert_repeat("alice", &codes[0], None, 5).await;
+    h.assert_repeat("alice", &codes[0], Some("retry-1"), 5)
+        .await;
+    assert_eq!(h.redeem("bob".into(), &codes[0]).await, StatusCode::GONE);
+    // Switched off since: still her redemption, while to anyone else it is a guess.
+    h.apply(&manifest("repeat", json!({"count": 3, "active": false})))
+        .unwrap();
+    h.until("repeat", "Inactive", |c| {
+        status(c).phase == Some(CampaignPhase::Inactive)
+    })
+    .await;
+    h.assert_repeat("alice", &codes[0], None, 5).await;
+    h.assert_repeat("alice", &codes[0], Some("retry-2"), 5)
+        .await;
+    assert_eq!(
+        h.redeem("bob".into(), &codes[0]).await,
+        StatusCode::NOT_FOUND
+    );
+    let (redemptions, grants): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM promo_redemptions), (SELECT count(*) FROM credit_ledger)",
+    )
+    .fetch_one(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!((redemptions, grants), (1, 1), "one redemption, one grant");
 }
 
 #[tokio::test]
