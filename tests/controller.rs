@@ -18,7 +18,7 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use voucher_operator::api::{Voucher, VoucherSpec};
-use voucher_operator::controller::metrics::Metrics;
+use voucher_operator::controller::metrics::{Metrics, ResultLabel};
 use voucher_operator::controller::voucher::FINALIZER;
 use voucher_operator::controller::{self, Context, Settings};
 use voucher_operator::domain::{Issuers, Phase};
@@ -337,6 +337,94 @@ async fn a_no_op_resync_writes_nothing() {
         after.metadata.resource_version, rv,
         "the status was patched"
     );
+}
+
+/// The Voucher reconciles that succeeded so far.
+fn reconciled(h: &Harness) -> u64 {
+    let ok = ResultLabel { result: "ok" };
+    h.ctx.metrics.reconciles.get_or_create(&ok).get()
+}
+
+/// Waits until no reconcile has run for a second (the status writes after a change settled).
+async fn until_quiet(h: &Harness) {
+    eventually("the controller quiet", || async {
+        let before = reconciled(h);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        (reconciled(h) == before).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_notification_from_any_database_role_only_wakes_the_controller_to_read_the_truth() {
+    let h = harness().await;
+    h.create(&h.ns, "woken", json!({"creditOMR": 5})).await;
+    h.until(&h.ns, "woken", "Active", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    until_quiet(&h).await;
+    let rv = |v: Voucher| v.metadata.resource_version;
+    let before = (
+        h.row("WOKEN").await,
+        h.xmin("WOKEN").await,
+        h.audit_kinds("WOKEN").await,
+        rv(h.vouchers(&h.ns).get("woken").await.unwrap()),
+    );
+    let (outbox, reconciles): (i64, u64) = (
+        sqlx::query_scalar("SELECT count(*) FROM voucher_audit_outbox")
+            .fetch_one(&h.pool)
+            .await
+            .unwrap(),
+        reconciled(&h),
+    );
+    // NOTIFY needs no privilege: a role granted nothing at all names the Voucher's code, every
+    // code ('*') and a campaign on the operator's channel.
+    let stranger = format!("stranger_{}", std::process::id());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP ROLE IF EXISTS {stranger}; CREATE ROLE {stranger}"
+    )))
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    let mut tx = h.pool.begin().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {stranger}")))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for payload in [
+        "WOKEN",
+        "*",
+        "campaign:00000000-0000-0000-0000-000000000000",
+    ] {
+        sqlx::query("SELECT pg_notify('voucher_operator_codes', $1)")
+            .bind(payload)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    // Heard: the Voucher was woken and reconciled, reading the row, which is as its spec says.
+    eventually("the Voucher woken", || async {
+        (reconciled(&h) > reconciles).then_some(())
+    })
+    .await;
+    until_quiet(&h).await;
+    let after = (
+        h.row("WOKEN").await,
+        h.xmin("WOKEN").await,
+        h.audit_kinds("WOKEN").await,
+        rv(h.vouchers(&h.ns).get("woken").await.unwrap()),
+    );
+    assert_eq!(
+        after, before,
+        "the row, its audit records or the status changed"
+    );
+    let outbox_after: i64 = sqlx::query_scalar("SELECT count(*) FROM voucher_audit_outbox")
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+    assert_eq!(outbox_after, outbox, "nothing audited");
 }
 
 #[tokio::test]
