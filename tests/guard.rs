@@ -198,6 +198,10 @@ async fn a_switched_off_campaigns_code_is_refused_to_every_writer_whatever_its_r
         .await
         .unwrap();
     assert!(active, "the row was not rewritten");
+    sqlx::query("UPDATE promo_codes SET active = true WHERE code = 'OFF-2'")
+        .execute(&pool)
+        .await
+        .unwrap();
     let refused = support::seed_checkout(&pool, "OFF-2", "bob")
         .await
         .unwrap_err();
@@ -230,6 +234,43 @@ async fn a_switched_off_campaigns_code_is_refused_to_every_writer_whatever_its_r
     support::seed_checkout(&pool, "OFF-2", "bob")
         .await
         .expect("switched on again");
+}
+
+#[tokio::test]
+async fn a_revoke_deletion_switches_its_campaign_off_in_one_row_before_any_code_follows() {
+    let (_, pool, store) = migrated("guard_revoke").await;
+    // One more code than a release chunk (20,000): the last is left to a later step.
+    campaign(&pool, "camp-gone", "GONE-", 20_001).await;
+    let owner = Owner {
+        namespace: "billing".into(),
+        name: "camp-gone".into(),
+        uid: "camp-gone".into(),
+    };
+    // The deletion's first step, alone (the controller repeats it until done).
+    store.release_campaign(&owner, None).await.unwrap();
+    // The last code's own row still says live and active: only the campaign's row moved.
+    let row: (bool, bool) = sqlx::query_as(
+        "SELECT active, deleted_at IS NULL FROM promo_codes WHERE code = 'GONE-20000'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(row, (true, true), "the code's row was rewritten");
+    let refused = support::seed_checkout(&pool, "GONE-20000", "frank")
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains("belongs to VoucherCampaign billing/camp-gone, which is switched off"),
+        "{refused}"
+    );
+    assert_eq!(written(&pool, "GONE-20000").await, (0, 0, 0));
+    // The preview's lookup reads the same row: the code looks unknown.
+    let code = Code::parse("GONE-20000").unwrap();
+    let record = store.find_live(&code).await.unwrap();
+    assert!(
+        Redeemability::of(record.as_ref(), Utc::now()).is_hidden(),
+        "{record:?}"
+    );
 }
 
 #[tokio::test]
