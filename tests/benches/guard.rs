@@ -10,7 +10,8 @@
 //!    campaign's row; then the time until its last code is refused to the legacy checkout's
 //!    INSERT, and by the preview's lookup and the operator's redemption) beside today's full
 //!    rewrite of its rows (`UPDATE … SET active = false` over every code: what stood between a
-//!    leak and its last code refused before).
+//!    leak and its last code refused before). It fails if the switch takes more than 1 s to
+//!    reach every path.
 //!
 //! Run: cargo bench --bench guard        (LEDGER_ROWS=10000 for a quick run)
 
@@ -266,5 +267,11 @@ async fn main() {
     println!(
         "| ratio | {:.4} |",
         until_refused.as_secs_f64() / rewrite.as_secs_f64()
+    );
+    // The kill switch's promise (#24): off on every path within 1 s, whatever `count` is.
+    assert!(
+        until_every_path < Duration::from_secs(1),
+        "switching off {CAMPAIGN} codes took {:.1} ms to reach every path, beyond 1 s",
+        ms(until_every_path)
     );
 }
