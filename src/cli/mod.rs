@@ -802,11 +802,7 @@ pub fn report_fatal(options: &LogOptions, error: &(dyn std::error::Error + 'stat
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Crd { kind } => {
-            match kind {
-                Some(CrdKind::Voucher) => print!("{}", api::crd_yaml()),
-                Some(CrdKind::Campaign) => print!("{}", api::campaign::crd_yaml()),
-                None => print!("{}---\n{}", api::crd_yaml(), api::campaign::crd_yaml()),
-            }
+            print_crds(kind);
             Ok(())
         }
         Command::Controller {
@@ -816,14 +812,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             audit,
         } => {
             let store = commands::open_store(&database).await?;
-            commands::run_controller(
-                store,
-                controller.settings(billing.settings()),
-                &controller,
-                audit,
-                crate::telemetry::shutdown_signal(),
-            )
-            .await
+            let settings = controller.settings(billing.settings());
+            let shutdown = crate::telemetry::shutdown_signal();
+            commands::run_controller(store, settings, &controller, audit, shutdown).await
         }
         Command::Server {
             database,
@@ -832,13 +823,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let store = commands::open_store(&database).await?;
             let settings = server.settings(billing.settings());
-            commands::run_server(
-                store,
-                settings,
-                &server,
-                crate::telemetry::shutdown_signal(),
-            )
-            .await
+            let shutdown = crate::telemetry::shutdown_signal();
+            commands::run_server(store, settings, &server, shutdown).await
         }
         Command::Run {
             database,
@@ -846,47 +832,62 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             audit,
             server,
             billing,
-        } => {
-            let store = commands::open_store(&database).await?;
-            let shutdown = crate::telemetry::shutdown_signal();
-            let (settings, server_settings) = (
-                controller.settings(billing.settings()),
-                server.settings(billing.settings()),
-            );
-            let (controller, server) = tokio::join!(
-                commands::run_controller(
-                    store.clone(),
-                    settings,
-                    &controller,
-                    audit,
-                    shutdown.clone()
-                ),
-                commands::run_server(store, server_settings, &server, shutdown.clone()),
-            );
-            // Either one failing stops the other.
-            shutdown.cancel();
-            controller.and(server)
-        }
+        } => run_both(&database, &controller, audit, &server, &billing).await,
         Command::Events(options) => commands::print_events(options).await,
         Command::Export(options) => commands::export(options).await,
         Command::Report(options) => commands::report(options).await,
         Command::Campaign(CampaignCommand::Codes(options)) => {
             commands::campaign_codes(options).await
         }
-        Command::Migrate(db) => {
-            let store = Store::connect(&db.settings()).await?;
-            let report = store.migrate().await?;
-            for migration in &report.applied {
-                tracing::info!(%migration, "applied migration");
-            }
-            println!(
-                "database schema is up to date ({} migration(s) applied now, {} already applied)",
-                report.applied.len(),
-                report.already_applied
-            );
-            Ok(())
-        }
+        Command::Migrate(db) => migrate(&db).await,
     }
+}
+
+/// `crd`: the CRD of `kind`, or both.
+fn print_crds(kind: Option<CrdKind>) {
+    match kind {
+        Some(CrdKind::Voucher) => print!("{}", api::crd_yaml()),
+        Some(CrdKind::Campaign) => print!("{}", api::campaign::crd_yaml()),
+        None => print!("{}---\n{}", api::crd_yaml(), api::campaign::crd_yaml()),
+    }
+}
+
+/// `run`: the controller and the server in one process, on one store; either
+/// one failing stops the other.
+async fn run_both(
+    database: &DatabaseOptions,
+    controller: &ControllerOptions,
+    audit: AuditOptions,
+    server: &ServerOptions,
+    billing: &BillingOptions,
+) -> anyhow::Result<()> {
+    let store = commands::open_store(database).await?;
+    let shutdown = crate::telemetry::shutdown_signal();
+    let (settings, server_settings) = (
+        controller.settings(billing.settings()),
+        server.settings(billing.settings()),
+    );
+    let (controller, server) = tokio::join!(
+        commands::run_controller(store.clone(), settings, controller, audit, shutdown.clone()),
+        commands::run_server(store, server_settings, server, shutdown.clone()),
+    );
+    shutdown.cancel();
+    controller.and(server)
+}
+
+/// `migrate`: the schema brought up to date, and what was applied said.
+async fn migrate(db: &ConnectOptions) -> anyhow::Result<()> {
+    let store = Store::connect(&db.settings()).await?;
+    let report = store.migrate().await?;
+    for migration in &report.applied {
+        tracing::info!(%migration, "applied migration");
+    }
+    println!(
+        "database schema is up to date ({} migration(s) applied now, {} already applied)",
+        report.applied.len(),
+        report.already_applied
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -10,10 +10,11 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::discounts::{self, DiscountGrant};
 use super::outbox::{self, NewAuditRecord};
 use super::{Operation, Result, Store, StoreError};
 use crate::domain::checkout::{Held, Line, Quote, price};
-use crate::domain::{Actor, AuditData, AuditKind, Currency, Discount, Facts, Off, OrderUse};
+use crate::domain::{Actor, AuditData, AuditKind, Currency, Facts, OrderUse};
 
 /// A grant as the checkout names it: its id and its code.
 pub type GrantRef = (Uuid, String);
@@ -52,33 +53,27 @@ pub enum Reversed {
     NotFound,
 }
 
+/// A grant as the checkout holds it: the grant's row (the one
+/// [`discounts::GrantRow`]) with its code, when it was made, and whether an
+/// order consumed it.
 #[derive(sqlx::FromRow)]
-struct GrantRow {
-    grant_id: Uuid,
+struct HeldRow {
+    #[sqlx(flatten)]
+    grant: discounts::GrantRow,
     code: String,
-    percent_off: Option<i32>,
-    amount_off: Option<i64>,
-    applies_to: Vec<String>,
-    duration_months: Option<i32>,
     created_at: DateTime<Utc>,
-    starts_at: DateTime<Utc>,
-    ends_at: Option<DateTime<Utc>>,
     consumed: bool,
 }
 
-impl From<GrantRow> for Held<GrantRef> {
-    fn from(row: GrantRow) -> Self {
-        let off = Off::join(row.percent_off, row.amount_off);
+impl From<HeldRow> for Held<GrantRef> {
+    fn from(row: HeldRow) -> Self {
+        let grant = DiscountGrant::from(row.grant);
         Held {
-            id: (row.grant_id, row.code),
-            discount: Discount {
-                off,
-                applies_to: row.applies_to,
-                duration_months: row.duration_months,
-            },
+            id: (grant.grant_id, row.code),
+            discount: grant.discount,
             created_at: row.created_at,
-            starts_at: row.starts_at,
-            ends_at: row.ends_at,
+            starts_at: grant.starts_at,
+            ends_at: grant.ends_at,
             consumed: row.consumed,
         }
     }
@@ -89,7 +84,7 @@ impl From<GrantRow> for Held<GrantRef> {
 /// (commit, reversal of an order or of a redemption) takes it, so no row
 /// lock is needed (each would write the grant's page).
 async fn held(conn: &mut PgConnection, customer: Uuid) -> Result<Vec<Held<GrantRef>>> {
-    let rows: Vec<GrantRow> = sqlx::query_as(
+    let rows: Vec<HeldRow> = sqlx::query_as(
         "SELECT grant_id, code, percent_off, amount_off, applies_to, duration_months, \
          created_at, starts_at, ends_at, consumed_by IS NOT NULL AS consumed \
          FROM voucher_discount_grants WHERE customer_id = $1 AND ended_at IS NULL",
@@ -163,7 +158,7 @@ impl Store {
     ) -> Result<Quote<GrantRef>> {
         let run = async {
             // One read: the customer's live grants by its user id (none for a stranger).
-            let rows: Vec<GrantRow> = sqlx::query_as(
+            let rows: Vec<HeldRow> = sqlx::query_as(
                 "SELECT g.grant_id, g.code, g.percent_off, g.amount_off, g.applies_to, \
                  g.duration_months, g.created_at, g.starts_at, g.ends_at, \
                  g.consumed_by IS NOT NULL AS consumed \
