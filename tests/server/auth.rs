@@ -244,13 +244,22 @@ async fn jwks_server(keys: Option<Value>) -> JwksServer {
     }
 }
 
+/// The claims [`jwks_client`] accepts: its issuer and audience.
+fn rs256_claims() -> Value {
+    json!({"sub": "kc-user", "iss": "https://kc.example/realms/r", "aud": "billing",
+           "exp": chrono::Utc::now().timestamp() + 300})
+}
+
 fn rs256_token(kid: &str) -> String {
+    rs256_token_of(kid, &rs256_claims())
+}
+
+/// An RS256 token of `claims`, signed with the fixture key.
+fn rs256_token_of(kid: &str, claims: &Value) -> String {
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(kid.into());
-    let claims = json!({"sub": "kc-user", "iss": "https://kc.example/realms/r", "aud": "billing",
-                        "exp": chrono::Utc::now().timestamp() + 300});
     let key = EncodingKey::from_rsa_pem(include_bytes!("../fixtures/jwt-rs256.key.pem")).unwrap();
-    encode(&header, &claims, &key).unwrap()
+    encode(&header, claims, &key).unwrap()
 }
 
 async fn jwks_client(jwks: &JwksServer) -> Server {
@@ -468,4 +477,33 @@ async fn rs256_tokens_are_verified_through_the_jwks_and_cannot_confuse_algorithm
         .await
         .unwrap();
     assert_eq!(list.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_configured_issuer_and_audience_are_required_claims_of_jwks_tokens_too() {
+    let jwks = jwks_server(Some(
+        serde_json::from_str(include_str!("../fixtures/jwks.json")).unwrap(),
+    ))
+    .await;
+    let s = jwks_client(&jwks).await;
+    let body = json!({"code": "LIVE-10", "tenant_id": "t1"});
+    s.assert_redeems(Some(&rs256_token("test-rs256")), body.clone())
+        .await;
+    // The library compares iss and aud only when a token carries them: absent, refused.
+    for missing in ["iss", "aud"] {
+        let mut claims = rs256_claims();
+        claims.as_object_mut().unwrap().remove(missing);
+        let token = rs256_token_of("test-rs256", &claims);
+        let (status, answer) = s.redeem(Some(&token), body.clone(), None).await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "without {missing}: {answer}"
+        );
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(&format!("the token has no {missing} claim")),
+            "{answer}"
+        );
+    }
 }
