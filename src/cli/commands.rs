@@ -70,20 +70,8 @@ pub(super) async fn run_server(
     options: &ServerOptions,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    use crate::server::{self, AppState, auth};
+    use crate::server::{self, Role};
 
-    let auth = auth::AuthSettings {
-        hs256_secret: options.jwt_hs256_secret.clone(),
-        hs256_previous_secret: options.jwt_hs256_previous_secret.clone(),
-        jwks_url: options.jwks_url.clone(),
-        issuer: options.jwt_issuer.clone(),
-        audience: options.jwt_audience.clone(),
-        hs256_issuer: options.jwt_hs256_issuer.clone(),
-        hs256_audience: options.jwt_hs256_audience.clone(),
-        leeway: options.jwt_leeway,
-        tenant_claim: options.jwt_tenant_claim.clone(),
-    };
-    let verifier = auth::Verifier::new(auth)?;
     // The admin endpoints need the Kubernetes API; without it they answer 503.
     let kube = match kube::Client::try_default().await {
         Ok(client) => Some(client),
@@ -92,43 +80,16 @@ pub(super) async fn run_server(
             None
         }
     };
-    let state = AppState::new(
-        store,
-        verifier,
-        kube,
+    let config = server::Config {
         settings,
-        prometheus_client::registry::Registry::default(),
-    );
-    let listener = tokio::net::TcpListener::bind(options.listen_address)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.listen_address))?;
-    tracing::info!(address = %options.listen_address, "server listening");
-    let admin = match options.admin_address {
-        Some(address) => Some(tokio::net::TcpListener::bind(address).await.map_err(|e| {
-            anyhow::anyhow!("cannot listen on {address} for the admin endpoints: {e}")
-        })?),
-        None => None,
+        auth: options.auth(),
+        listen: options.listen_address,
+        admin: options.admin_address,
+        metrics: options.server_metrics_address,
     };
-    if let Some(address) = options.admin_address {
-        tracing::info!(%address, "admin endpoints listening");
-    }
-    let metrics = match options.server_metrics_address {
-        Some(address) => {
-            let bound = tokio::net::TcpListener::bind(address)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {address} for the metrics: {e}"))?;
-            tracing::info!(%address, "metrics listening");
-            Some(bound)
-        }
-        None => None,
-    };
-    let served = server::serve(
-        listener,
-        server::Extra { admin, metrics },
-        state,
-        shutdown.clone(),
-    )
-    .await;
+    let registry = prometheus_client::registry::Registry::default();
+    let role = Role::new(store, kube, config, registry).await?;
+    let served = role.run(shutdown.clone()).await;
     shutdown.cancel();
     served
 }

@@ -733,6 +733,21 @@ impl ControllerOptions {
 }
 
 impl ServerOptions {
+    /// Whose bearer tokens the server trusts.
+    pub(crate) fn auth(&self) -> crate::server::auth::AuthSettings {
+        crate::server::auth::AuthSettings {
+            hs256_secret: self.jwt_hs256_secret.clone(),
+            hs256_previous_secret: self.jwt_hs256_previous_secret.clone(),
+            jwks_url: self.jwks_url.clone(),
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            hs256_issuer: self.jwt_hs256_issuer.clone(),
+            hs256_audience: self.jwt_hs256_audience.clone(),
+            leeway: self.jwt_leeway,
+            tenant_claim: self.jwt_tenant_claim.clone(),
+        }
+    }
+
     pub fn settings(&self, billing: crate::domain::Billing) -> crate::server::ServerSettings {
         crate::server::ServerSettings {
             billing,

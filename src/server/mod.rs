@@ -527,6 +527,72 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     crate::telemetry::metrics_response(&state.registry)
 }
 
+/// The server role as one process runs it: how it behaves, whose tokens it
+/// trusts, and where it listens.
+pub struct Config {
+    pub settings: ServerSettings,
+    pub auth: auth::AuthSettings,
+    /// Every endpoint, or, with `admin`, only what customers need.
+    pub listen: SocketAddr,
+    /// The admin endpoints (and the metrics, without `metrics`).
+    pub admin: Option<SocketAddr>,
+    /// The metrics alone; only with `admin`.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// The server role, built and bound: one way for the binary and the local
+/// stack alike, as the controller's [`crate::controller::Role`].
+pub struct Role {
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    extra: Extra,
+}
+
+impl Role {
+    /// The role's parts: the token verifier (an unsafe setting stops the
+    /// start), its state with its metrics in `registry` (served at
+    /// /metrics), and its addresses bound (a taken one stops the start, not
+    /// the first request). Without `kube` the admin issue and revoke answer
+    /// 503.
+    pub async fn new(
+        store: Store,
+        kube: Option<kube::Client>,
+        config: Config,
+        registry: Registry,
+    ) -> anyhow::Result<Self> {
+        let verifier = Verifier::new(config.auth)?;
+        let state = AppState::new(store, verifier, kube, config.settings, registry);
+        let listener = bind(config.listen, "the HTTP API").await?;
+        let admin = match config.admin {
+            Some(address) => Some(bind(address, "the admin endpoints").await?),
+            None => None,
+        };
+        let metrics = match config.metrics {
+            Some(address) => Some(bind(address, "the metrics").await?),
+            None => None,
+        };
+        Ok(Self {
+            state,
+            listener,
+            extra: Extra { admin, metrics },
+        })
+    }
+
+    /// Serves until `stop`, then finishes the requests in flight.
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        serve(self.listener, self.extra, self.state, stop).await
+    }
+}
+
+/// A listener on `address` for `what`, said in the log.
+async fn bind(address: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {address} for {what}: {e}"))?;
+    tracing::info!(%address, "{what} listening");
+    Ok(listener)
+}
+
 /// The listeners beside the public one.
 #[derive(Default)]
 pub struct Extra {

@@ -15,8 +15,8 @@ use voucher_operator::controller::leader::LeaseSettings;
 use voucher_operator::controller::{Config, Role, Settings};
 use voucher_operator::events::{self, EventQuery};
 use voucher_operator::relay::RelaySettings;
-use voucher_operator::server::auth::{AuthSettings, Verifier};
-use voucher_operator::server::{self, AppState, ServerSettings};
+use voucher_operator::server::auth::AuthSettings;
+use voucher_operator::server::{self, ServerSettings};
 use voucher_operator::store::{DatabaseSettings, Store};
 use voucher_testenv::control_plane::{self, Binaries, Pki};
 use voucher_testenv::services;
@@ -431,33 +431,25 @@ async fn run_operator(
     });
 
     let secret = jwt_secret(&settings.state_dir)?;
-    let auth = AuthSettings {
-        hs256_secret: Some(secret.clone()),
-        ..Default::default()
+    let config = server::Config {
+        auth: AuthSettings {
+            hs256_secret: Some(secret.clone()),
+            ..Default::default()
+        },
+        // Generous limits: a person trying the API by hand should not hit them.
+        settings: ServerSettings {
+            rate_limit_per_minute: 600,
+            rate_limit_burst: 100,
+            admin_namespace: cluster.namespace.clone(),
+            ..Default::default()
+        },
+        listen: (Ipv4Addr::LOCALHOST, settings.http_port).into(),
+        admin: None,
+        metrics: None,
     };
-    // Generous limits: a person trying the API by hand should not hit them.
-    let server_settings = ServerSettings {
-        rate_limit_per_minute: 600,
-        rate_limit_burst: 100,
-        admin_namespace: cluster.namespace.clone(),
-        ..Default::default()
-    };
-    let state = AppState::new(
-        store,
-        Verifier::new(auth)?,
-        Some(client),
-        server_settings,
-        registry,
-    );
-    let http = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, settings.http_port))
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on 127.0.0.1:{} for the HTTP API: {e}",
-                settings.http_port
-            )
-        })?;
-    tokio::spawn(server::serve(http, Default::default(), state, stop.clone()));
+    // The controller's metrics beside the server's, on its /metrics.
+    let http = server::Role::new(store, Some(client), config, registry).await?;
+    tokio::spawn(http.run(stop.clone()));
     let token = dev_token(
         &secret,
         "local-developer",
