@@ -209,13 +209,14 @@ impl Postgres {
     }
 }
 
+/// The nats-server of `tools/nats`, built once per machine (bash .ci/test
+/// builds it first; a test builds it when it is missing).
+fn nats_server() -> PathBuf {
+    voucher_testenv::built::nats_server().unwrap_or_else(|e| panic!("{e:#}"))
+}
+
 fn start_nats() -> Nats {
-    let binary = services::find_on_path("nats-server").unwrap_or_else(|| {
-        panic!(
-            "nats-server is not installed: install the Debian package with \
-             `apt-get install -y nats-server` (bash .ci/test does this)"
-        )
-    });
+    let binary = nats_server();
     let port = free_port();
     let nats = Nats {
         port,
@@ -229,7 +230,7 @@ fn start_nats() -> Nats {
 
 /// Another nats-server (JetStream enabled) that admits only `user` with `password`.
 pub fn nats_with_password(user: &str, password: &str) -> Nats {
-    let binary = services::find_on_path("nats-server").expect("nats-server is installed");
+    let binary = nats_server();
     let port = free_port();
     let nats = Nats {
         port,

@@ -157,8 +157,7 @@ async fn start_postgres(settings: &StackSettings) -> anyhow::Result<Process> {
 }
 
 async fn start_nats(settings: &StackSettings) -> anyhow::Result<Process> {
-    let binary = services::find_on_path("nats-server")
-        .ok_or_else(|| anyhow::anyhow!("nats-server was not found"))?;
+    let binary = voucher_testenv::built::nats_server()?;
     let dir = settings.state_dir.join("nats");
     std::fs::create_dir_all(&dir)?;
     let log = dir.join("nats.log");
@@ -359,7 +358,7 @@ async fn ensure_database(settings: &StackSettings) -> anyhow::Result<String> {
 /// Starts everything, prints what to try (or runs the smoke check), and
 /// stops everything on Ctrl-C / SIGTERM (or when the smoke check ends).
 pub async fn run(settings: StackSettings, smoke: bool) -> anyhow::Result<()> {
-    services::ensure_packages(true, true)?;
+    services::ensure_packages()?;
     // Built before anything starts: the first build takes a while.
     let binaries = match settings.kubeconfig {
         None => Some(Binaries::find_or_build()?),

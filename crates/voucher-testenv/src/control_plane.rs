@@ -42,23 +42,8 @@ impl Binaries {
             binaries.check()?;
             return Ok(binaries);
         }
-        let output = Command::new("bash")
-            .arg(BUILD_SCRIPT)
-            .stderr(Stdio::inherit())
-            .output()
-            .with_context(|| format!("cannot run bash {BUILD_SCRIPT}"))?;
-        if !output.status.success() {
-            anyhow::bail!(
-                "building kube-apiserver, etcd and kubectl failed (bash {BUILD_SCRIPT}; its output is above)"
-            );
-        }
-        let dir = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
-        let binaries = Self { dir: dir.into() };
+        let dir = crate::built::run_build_script(BUILD_SCRIPT, "kube-apiserver, etcd and kubectl")?;
+        let binaries = Self { dir };
         binaries.check()?;
         Ok(binaries)
     }

@@ -1,5 +1,6 @@
-//! Postgres and nats-server on loopback, from the machine's packages: how to
-//! find them, install them, and the commands that start them (supervised:
+//! Postgres (from the machine's packages) and nats-server (built: see
+//! [`crate::built`]) on loopback: how to find Postgres, install it, and the
+//! commands that start them (supervised:
 //! see [`crate::supervisor`]). Shared by `voucher-dev local` and the tests.
 
 use std::os::unix::process::CommandExt;
@@ -53,13 +54,10 @@ pub fn postgres_bin_dir() -> Option<PathBuf> {
 
 /// Installs the Debian packages that provide what is missing, when we may;
 /// otherwise says exactly what to install.
-pub fn ensure_packages(need_postgres: bool, need_nats: bool) -> anyhow::Result<()> {
+pub fn ensure_packages() -> anyhow::Result<()> {
     let mut missing = Vec::new();
-    if need_postgres && postgres_bin_dir().is_none() {
+    if postgres_bin_dir().is_none() {
         missing.push("postgresql");
-    }
-    if need_nats && find_on_path("nats-server").is_none() {
-        missing.push("nats-server");
     }
     if missing.is_empty() {
         return Ok(());

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Builds the nats-server that the tests and `voucher-dev local` run, from the upstream module
+# pinned in go.mod (github.com/nats-io/nats-server/v2), into target/nats/<version>/bin, once
+# per machine. Prints that directory on its last line.
+#
+#   bash tools/nats/build.sh                  # build what is missing (~1 min on 2 cores)
+#   NATS_BIN_DIR=$(bash tools/nats/build.sh | tail -1)
+#
+# Why not the distribution's package: cross-Sovereign vouchers need JetStream domains, leaf
+# nodes and KV compare-and-set as current releases have them (2.10 or later; Debian ships 2.9).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+
+version="$(awk '$1 == "require" && $2 == "github.com/nats-io/nats-server/v2" { print $3; exit }' "$here/go.mod")"
+[ -n "$version" ] || { echo "error: no nats-server version in $here/go.mod" >&2; exit 1; }
+target="${CARGO_TARGET_DIR:-$root/target}"
+out="$target/nats/$version/bin"
+mkdir -p "$out"
+# One build at a time per machine (test binaries and `local` may ask at once).
+exec 9>"$out/.lock"
+flock 9
+
+pins="$(cat "$here/go.mod" "$here/go.sum" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$out/.pins" 2>/dev/null)" != "$pins" ]; then
+  rm -f "$out/nats-server"
+fi
+if [ -x "$out/nats-server" ]; then
+  echo "$out"
+  exit 0
+fi
+
+if ! command -v go >/dev/null 2>&1; then
+  echo "error: the Go toolchain is needed to build nats-server: install Go 1.26 or newer (the" >&2
+  echo "       project's machine image has it in /usr/local/go/bin), put it on PATH and run again" >&2
+  exit 1
+fi
+
+echo "==> building nats-server $version from github.com/nats-io/nats-server/v2 (Go $(go env GOVERSION))" >&2
+started=$SECONDS
+# The version string nats-server reports (`nats-server --version`, /varz) is its module's own.
+if ! (cd "$here" && go build -trimpath -buildvcs=false -ldflags "-s -w" \
+  -o "$out/nats-server.partial" github.com/nats-io/nats-server/v2) >&2
+then
+  echo "error: building nats-server failed (output above)" >&2
+  exit 1
+fi
+mv "$out/nats-server.partial" "$out/nats-server"
+echo "    nats-server built in $((SECONDS - started)) s" >&2
+echo "$pins" > "$out/.pins"
+echo "$out"
