@@ -106,8 +106,7 @@ async fn the_legacy_checkout_cannot_consume_a_discount_code() {
         now: Utc::now(),
         currency: Default::default(),
     };
-    let render: voucher_operator::store::redeem::Render = |_| (200, serde_json::Value::Null);
-    let answer = store.redeem(&redemption, render).await.unwrap();
+    let answer = store.redeem(&redemption).await.unwrap();
     assert!(format!("{answer:?}").contains("Discount"), "{answer:?}");
     assert_eq!(
         written(&pool, "INSTALLS-20").await,

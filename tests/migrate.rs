@@ -343,16 +343,9 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
         now: Utc::now(),
         currency: Default::default(),
     };
-    let render: voucher_operator::store::redeem::Render = |_| (200, serde_json::Value::Null);
-    store
-        .redeem(&redeem(Some(("k1", vec![1]))), render)
-        .await
-        .unwrap();
-    store
-        .redeem(&redeem(Some(("k1", vec![1]))), render)
-        .await
-        .unwrap();
-    store.redeem(&redeem(None), render).await.unwrap();
+    store.redeem(&redeem(Some(("k1", vec![1])))).await.unwrap();
+    store.redeem(&redeem(Some(("k1", vec![1])))).await.unwrap();
+    store.redeem(&redeem(None)).await.unwrap();
     store
         .prune_idempotency_keys(std::time::Duration::ZERO)
         .await
@@ -384,13 +377,10 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
         .await
         .unwrap();
     store
-        .redeem(
-            &Redemption {
-                code: discounted.clone(),
-                ..redeem(None)
-            },
-            render,
-        )
+        .redeem(&Redemption {
+            code: discounted.clone(),
+            ..redeem(None)
+        })
         .await
         .unwrap();
     let lines = [voucher_operator::domain::checkout::Line {
@@ -546,13 +536,10 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
         Some(campaign.clone())
     );
     store
-        .redeem(
-            &Redemption {
-                code: codes[0].clone(),
-                ..redeem(None)
-            },
-            render,
-        )
+        .redeem(&Redemption {
+            code: codes[0].clone(),
+            ..redeem(None)
+        })
         .await
         .unwrap();
     while store.release_campaign(&campaign, None).await.unwrap() == Release::More {}

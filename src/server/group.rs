@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use crate::store::redeem::{Answer, BatchOutcome, Redemption, Render};
+use crate::store::redeem::{Answer, BatchOutcome, Redemption};
 use crate::store::{Operation, Result, Store, StoreError};
 
 /// Most requests in one group.
@@ -52,17 +52,15 @@ pub(crate) struct GroupMetrics {
 
 pub(crate) struct GroupCommit {
     store: Store,
-    render: Render,
     metrics: GroupMetrics,
     /// Codes with a transaction under way → who waits for the next.
     codes: Mutex<HashMap<String, Queue>>,
 }
 
 impl GroupCommit {
-    pub fn new(store: Store, render: Render, metrics: GroupMetrics) -> Arc<Self> {
+    pub fn new(store: Store, metrics: GroupMetrics) -> Arc<Self> {
         Arc::new(Self {
             store,
-            render,
             metrics,
             codes: Mutex::default(),
         })
@@ -133,11 +131,11 @@ impl GroupCommit {
     async fn redeem_group(&self, group: Vec<Waiting>) {
         if group.len() == 1 {
             let Waiting { request, reply } = group.into_iter().next().expect("one");
-            let _ = reply.send(self.store.redeem(&request, self.render).await);
+            let _ = reply.send(self.store.redeem(&request).await);
             return;
         }
         let requests: Vec<Redemption> = group.iter().map(|w| w.request.clone()).collect();
-        match self.store.redeem_batch(&requests, self.render).await {
+        match self.store.redeem_batch(&requests).await {
             Ok(BatchOutcome::Answered(answers)) => {
                 self.metrics.groups.inc();
                 self.metrics.grouped.inc_by(answers.len() as u64);
@@ -154,7 +152,7 @@ impl GroupCommit {
                 }
                 self.metrics.one_by_one.inc();
                 for Waiting { request, reply } in group {
-                    let _ = reply.send(self.store.redeem(&request, self.render).await);
+                    let _ = reply.send(self.store.redeem(&request).await);
                 }
             }
             Err(error) => {

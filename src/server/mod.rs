@@ -242,8 +242,7 @@ impl AppState {
             auth_failures_per_minute: settings.auth_failures_per_minute,
             guesses_per_minute: settings.guesses_per_minute,
         });
-        let redeemer =
-            group::GroupCommit::new(store.clone(), public::render, metrics.groups.clone());
+        let redeemer = group::GroupCommit::new(store.clone(), metrics.groups.clone());
         Arc::new(Self {
             redeemer,
             store,

@@ -192,8 +192,9 @@ pub async fn preview(
     Ok((status, Json(body)).into_response())
 }
 
-/// How a redemption outcome is answered (and replayed for its Idempotency-Key).
-pub(super) fn render(outcome: &Redeemed) -> (u16, serde_json::Value) {
+/// How a redemption outcome is answered, first and when replayed for its
+/// Idempotency-Key.
+fn render(outcome: &Redeemed) -> (u16, serde_json::Value) {
     let error = |status: StatusCode, message: String| {
         (status.as_u16(), serde_json::json!({"error": message}))
     };
@@ -382,7 +383,8 @@ pub async fn redeem(
             }
             (outcome_label(&outcome), render(&outcome))
         }
-        Answer::Replayed { status, body } => ("replayed", (status, body)),
+        Answer::Replayed(outcome) => ("replayed", render(&outcome)),
+        Answer::ReplayedAsRendered { status, body } => ("replayed", (status, body)),
         Answer::KeyReused => {
             return Err(HttpError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,

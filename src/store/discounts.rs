@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -12,7 +12,7 @@ use super::Result;
 use crate::domain::{Currency, Discount, Off};
 
 /// A customer's discount grant: the terms as redeemed, and when it ends.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiscountGrant {
     pub grant_id: Uuid,
     #[serde(flatten)]

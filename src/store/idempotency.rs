@@ -1,6 +1,9 @@
 //! All SQL on the operator's `voucher_idempotency_keys` table.
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use sqlx::PgConnection;
+use sqlx::types::Json;
 
 use super::Result;
 
@@ -15,13 +18,17 @@ pub async fn prune(conn: &mut PgConnection, retention: std::time::Duration) -> R
     Ok(result.rows_affected())
 }
 
-/// What an `Idempotency-Key` already stands for.
+/// What an `Idempotency-Key` already stands for; `T`, the outcome recorded for it.
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) enum Claimed {
-    /// First use: the caller answers and records the answer in this transaction.
+pub(crate) enum Claimed<T> {
+    /// First use: the caller decides and records the outcome in this transaction.
     New,
-    /// The same request was answered before: replay this answer.
-    Replay {
+    /// The same request was decided before: replay its outcome.
+    Replay(T),
+    /// The same request was answered before by a version that recorded the
+    /// answer as it rendered it (`status`, `response`): replay it as it is.
+    /// Such rows leave with the retention.
+    Rendered {
         status: u16,
         response: serde_json::Value,
     },
@@ -29,15 +36,23 @@ pub(crate) enum Claimed {
     Mismatch,
 }
 
+/// A key's row as a claim reads it back.
+type KeyRow<T> = (
+    Vec<u8>,
+    Option<Json<T>>,
+    Option<i16>,
+    Option<serde_json::Value>,
+);
+
 /// Claims `key` for `subject` and the request hash, in the caller's
 /// transaction. A concurrent request with the same key waits here until the
-/// first one commits, then replays its answer.
-async fn claim(
+/// first one commits, then replays its outcome.
+async fn claim<T: DeserializeOwned + Send + Unpin + 'static>(
     conn: &mut PgConnection,
     subject: &str,
     key: &str,
     request_hash: &[u8],
-) -> Result<Claimed> {
+) -> Result<Claimed<T>> {
     let inserted = sqlx::query(
         "INSERT INTO voucher_idempotency_keys (subject, key, request_hash) VALUES ($1, $2, $3) \
          ON CONFLICT (subject, key) DO NOTHING",
@@ -50,8 +65,9 @@ async fn claim(
     if inserted.rows_affected() == 1 {
         return Ok(Claimed::New);
     }
-    let (hash, status, response): (Vec<u8>, Option<i16>, Option<serde_json::Value>) = sqlx::query_as(
-        "SELECT request_hash, status, response FROM voucher_idempotency_keys WHERE subject = $1 AND key = $2",
+    let (hash, outcome, status, response): KeyRow<T> = sqlx::query_as(
+        "SELECT request_hash, outcome, status, response FROM voucher_idempotency_keys \
+         WHERE subject = $1 AND key = $2",
     )
     .bind(subject)
     .bind(key)
@@ -60,13 +76,14 @@ async fn claim(
     if hash != request_hash {
         return Ok(Claimed::Mismatch);
     }
-    Ok(match (status, response) {
-        (Some(status), Some(response)) => Claimed::Replay {
+    Ok(match (outcome, status, response) {
+        (Some(Json(outcome)), _, _) => Claimed::Replay(outcome),
+        (None, Some(status), Some(response)) => Claimed::Rendered {
             status: status as u16,
             response,
         },
-        // Claimed but unanswered cannot be seen from another transaction:
-        // the answer commits with the claim.
+        // Claimed but undecided cannot be seen from another transaction:
+        // the outcome commits with the claim.
         _ => Claimed::Mismatch,
     })
 }
@@ -74,10 +91,10 @@ async fn claim(
 /// [`claim`] for the keys of several requests at once (`(subject, key,
 /// request hash)`, no subject twice), in the caller's transaction: what each
 /// key stands for, in the same order.
-pub(crate) async fn claim_many(
+pub(crate) async fn claim_many<T: DeserializeOwned + Send + Unpin + 'static>(
     conn: &mut PgConnection,
     claims: &[(&str, &str, &[u8])],
-) -> Result<Vec<Claimed>> {
+) -> Result<Vec<Claimed<T>>> {
     // Rows locked in one order by every server: two groups of the same
     // subjects never wait for each other crosswise.
     let mut sorted = claims.to_vec();
@@ -107,27 +124,25 @@ pub(crate) async fn claim_many(
     Ok(claimed)
 }
 
-/// Records the answers to claimed keys: `(subject, key, status, response)`.
-pub(crate) async fn answer_many(
+/// Records the outcomes of claimed keys: `(subject, key, outcome)`.
+pub(crate) async fn answer_many<T: Serialize + Sync>(
     conn: &mut PgConnection,
-    answers: &[(&str, &str, u16, serde_json::Value)],
+    answers: &[(&str, &str, &T)],
 ) -> Result<()> {
     if answers.is_empty() {
         return Ok(());
     }
     let subjects: Vec<&str> = answers.iter().map(|a| a.0).collect();
     let keys: Vec<&str> = answers.iter().map(|a| a.1).collect();
-    let statuses: Vec<i16> = answers.iter().map(|a| a.2 as i16).collect();
-    let responses: Vec<&serde_json::Value> = answers.iter().map(|a| &a.3).collect();
+    let outcomes: Vec<Json<&T>> = answers.iter().map(|a| Json(a.2)).collect();
     sqlx::query(
-        "UPDATE voucher_idempotency_keys k SET status = a.status, response = a.response \
-         FROM unnest($1::text[], $2::text[], $3::int2[], $4::jsonb[]) AS a(subject, key, status, response) \
+        "UPDATE voucher_idempotency_keys k SET outcome = a.outcome \
+         FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS a(subject, key, outcome) \
          WHERE k.subject = a.subject AND k.key = a.key",
     )
     .bind(&subjects)
     .bind(&keys)
-    .bind(&statuses)
-    .bind(&responses)
+    .bind(&outcomes)
     .execute(conn)
     .await?;
     Ok(())

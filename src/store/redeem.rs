@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::discounts::{self, DiscountGrant};
@@ -35,8 +36,11 @@ pub struct Redemption {
     pub currency: Currency,
 }
 
-/// What a redemption decided.
-#[derive(Clone, Debug, PartialEq)]
+/// What a redemption decided: what its answer is rendered from, first and
+/// on every replay of its Idempotency-Key (recorded as JSON, tagged
+/// `outcome`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Redeemed {
     Granted {
         code: String,
@@ -59,7 +63,8 @@ pub enum Redeemed {
 }
 
 /// What a redemption granted.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Grant {
     /// A credit in the ledger, and the customer's balance after it.
     Credit { credit_omr: i32, balance_omr: i64 },
@@ -98,21 +103,24 @@ impl Redeemed {
     }
 }
 
-/// The answer to a request, as it is replayed for its `Idempotency-Key`.
+/// What a request comes to: an outcome decided now, or the one recorded for
+/// its `Idempotency-Key`. The caller renders the answer; the store renders
+/// nothing.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Answer {
+    /// Decided now (and recorded for its key, if it has one).
     Fresh(Redeemed),
-    Replayed {
+    /// Decided before, for the same request with this key.
+    Replayed(Redeemed),
+    /// Answered before by a version that recorded the answer as it rendered
+    /// it: replayed as it is (such keys leave with the retention).
+    ReplayedAsRendered {
         status: u16,
         body: serde_json::Value,
     },
     /// The key was used before with another request body.
     KeyReused,
 }
-
-/// How an outcome is recorded for its Idempotency-Key: the status and body
-/// a replay answers, given by the caller (the store renders nothing).
-pub type Render = fn(&Redeemed) -> (u16, serde_json::Value);
 
 /// What a batch's transaction came to.
 pub(crate) enum BatchOutcome {
@@ -134,13 +142,10 @@ impl Store {
     /// Redeems one request: a batch of one, tried again while the code's
     /// terms change under it; a refusal found only after writing is
     /// answered (and recorded for its key) on its own.
-    pub async fn redeem(&self, request: &Redemption, render: Render) -> Result<Answer> {
+    pub async fn redeem(&self, request: &Redemption) -> Result<Answer> {
         let run = async {
             for _ in 0..ATTEMPTS {
-                let refusal = match self
-                    .redeem_batch(std::slice::from_ref(request), render)
-                    .await?
-                {
+                let refusal = match self.redeem_batch(std::slice::from_ref(request)).await? {
                     BatchOutcome::Answered(mut answers) => return Ok(answers.remove(0)),
                     BatchOutcome::Failed(error) => return Err(error),
                     BatchOutcome::Undone(Some(refusal)) => refusal,
@@ -154,7 +159,7 @@ impl Store {
                         }
                     }
                 };
-                return self.answer_refusal(request, refusal, render).await;
+                return self.answer_refusal(request, refusal).await;
             }
             Err(StoreError::Contended { attempts: ATTEMPTS })
         };
@@ -164,13 +169,9 @@ impl Store {
 
     /// Redeems `requests` (one code, no subject twice) in one transaction.
     /// An error means the commit's outcome is unknown.
-    pub(crate) async fn redeem_batch(
-        &self,
-        requests: &[Redemption],
-        render: Render,
-    ) -> Result<BatchOutcome> {
+    pub(crate) async fn redeem_batch(&self, requests: &[Redemption]) -> Result<BatchOutcome> {
         let mut tx = self.pool().begin().await?;
-        match steps(&mut tx, requests, render).await {
+        match steps(&mut tx, requests).await {
             Ok(BatchOutcome::Answered(answers)) => {
                 tx.commit().await?;
                 Ok(BatchOutcome::Answered(answers))
@@ -189,12 +190,7 @@ impl Store {
     /// Answers `refusal` to a request whose batch was undone, recording it
     /// for its key in a transaction of its own (a concurrent request with
     /// the key may have answered first).
-    async fn answer_refusal(
-        &self,
-        request: &Redemption,
-        refusal: Redeemed,
-        render: Render,
-    ) -> Result<Answer> {
+    async fn answer_refusal(&self, request: &Redemption, refusal: Redeemed) -> Result<Answer> {
         let Some((key, hash)) = &request.idempotency else {
             return Ok(Answer::Fresh(refusal));
         };
@@ -204,18 +200,18 @@ impl Store {
             tx.rollback().await?;
             return Ok(answer);
         }
-        let (status, body) = render(&refusal);
-        idempotency::answer_many(&mut tx, &[(&request.subject, key, status, body)]).await?;
+        idempotency::answer_many(&mut tx, &[(&request.subject, key, &refusal)]).await?;
         tx.commit().await?;
         Ok(Answer::Fresh(refusal))
     }
 }
 
 /// What a claimed key answers already, if anything.
-fn replayed(claimed: Claimed) -> Option<Answer> {
+fn replayed(claimed: Claimed<Redeemed>) -> Option<Answer> {
     match claimed {
         Claimed::New => None,
-        Claimed::Replay { status, response } => Some(Answer::Replayed {
+        Claimed::Replay(outcome) => Some(Answer::Replayed(outcome)),
+        Claimed::Rendered { status, response } => Some(Answer::ReplayedAsRendered {
             status,
             body: response,
         }),
@@ -269,15 +265,11 @@ impl<'a> Decisions<'a> {
 }
 
 /// The batch's statements, in `tx`, in their order.
-async fn steps(
-    tx: &mut sqlx::PgConnection,
-    requests: &[Redemption],
-    render: Render,
-) -> Result<BatchOutcome> {
+async fn steps(tx: &mut sqlx::PgConnection, requests: &[Redemption]) -> Result<BatchOutcome> {
     let mut batch = Decisions::new(requests);
     claim_keys(tx, &mut batch).await?;
     let Some(seen) = verdict(tx, &mut batch).await? else {
-        record_answers(tx, &batch, render).await?;
+        record_answers(tx, &batch).await?;
         return Ok(BatchOutcome::Answered(batch.answers()));
     };
     let ids = find_customers(tx, &mut batch).await?;
@@ -286,7 +278,7 @@ async fn steps(
         Err(refusal) => return Ok(BatchOutcome::Undone(Some(refusal))),
     };
     if winners.is_empty() {
-        record_answers(tx, &batch, render).await?;
+        record_answers(tx, &batch).await?;
         return Ok(BatchOutcome::Answered(batch.answers()));
     }
     // Room under the cap for all of them, as far as the unlocked read tells:
@@ -299,7 +291,7 @@ async fn steps(
         return Ok(BatchOutcome::Undone(None));
     }
     grant(tx, &mut batch, &seen, &ids, &winners).await?;
-    record_answers(tx, &batch, render).await?;
+    record_answers(tx, &batch).await?;
     if !count(tx, &batch, &seen, &winners).await? {
         return Ok(BatchOutcome::Undone(None));
     }
@@ -516,21 +508,105 @@ async fn count(
 }
 
 /// Records the outcome of each request that claimed an Idempotency-Key.
-async fn record_answers(
-    tx: &mut sqlx::PgConnection,
-    batch: &Decisions<'_>,
-    render: Render,
-) -> Result<()> {
-    let answers: Vec<(&str, &str, u16, serde_json::Value)> = batch
+async fn record_answers(tx: &mut sqlx::PgConnection, batch: &Decisions<'_>) -> Result<()> {
+    let answers: Vec<(&str, &str, &Redeemed)> = batch
         .decided
         .iter()
         .filter_map(|(i, outcome)| {
             let r = &batch.requests[*i];
-            r.idempotency.as_ref().map(|(key, _)| {
-                let (status, body) = render(outcome);
-                (r.subject.as_str(), key.as_str(), status, body)
-            })
+            let (key, _) = r.idempotency.as_ref()?;
+            Some((r.subject.as_str(), key.as_str(), outcome))
         })
         .collect();
     idempotency::answer_many(tx, &answers).await
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::domain::{Discount, Off};
+
+    /// Every outcome reads back as it was recorded for its key.
+    #[test]
+    fn every_outcome_reads_back_as_recorded() {
+        let at = Utc.with_ymd_and_hms(2027, 1, 2, 3, 4, 5).unwrap();
+        let grant = DiscountGrant {
+            grant_id: Uuid::from_u128(7),
+            discount: Discount {
+                off: Off::AmountOff(5000),
+                applies_to: vec!["install".into()],
+                duration_months: Some(3),
+            },
+            starts_at: at,
+            ends_at: Some(at + chrono::Duration::days(90)),
+        };
+        let once = DiscountGrant {
+            discount: Discount {
+                off: Off::PercentOff(10),
+                applies_to: Vec::new(),
+                duration_months: None,
+            },
+            ends_at: None,
+            ..grant.clone()
+        };
+        let code = || "LIVE-10".to_owned();
+        let mut outcomes = vec![
+            Redeemed::Granted {
+                code: code(),
+                grant: Grant::Credit {
+                    credit_omr: 10,
+                    balance_omr: 1_000_000_000_000,
+                },
+            },
+            Redeemed::Granted {
+                code: code(),
+                grant: Grant::Discount {
+                    currency: Currency::parse("JPY").unwrap(),
+                    grant: grant.clone(),
+                },
+            },
+            Redeemed::NotFound,
+            Redeemed::AlreadyRedeemed {
+                code: code(),
+                credit_omr: Some(10),
+                discount: None,
+                redeemed_at: Some(at),
+            },
+            Redeemed::AlreadyRedeemed {
+                code: code(),
+                credit_omr: None,
+                discount: Some(once),
+                redeemed_at: Some(at),
+            },
+            Redeemed::AlreadyRedeemed {
+                code: code(),
+                credit_omr: None,
+                discount: None,
+                redeemed_at: None,
+            },
+            Redeemed::TenantRequired,
+        ];
+        outcomes.extend(
+            [
+                Redeemability::Redeemable,
+                Redeemability::Unknown,
+                Redeemability::Tombstoned,
+                Redeemability::Unlaunched,
+                Redeemability::Suspended,
+                Redeemability::Inactive,
+                Redeemability::NotYetValid { valid_from: at },
+                Redeemability::Expired { expired_at: at },
+                Redeemability::Capped { max_redemptions: 3 },
+            ]
+            .map(Redeemed::Gone),
+        );
+        for outcome in outcomes {
+            let recorded = serde_json::to_value(&outcome).unwrap();
+            let read: Redeemed = serde_json::from_value(recorded.clone())
+                .unwrap_or_else(|e| panic!("{recorded}: {e}"));
+            assert_eq!(read, outcome, "{recorded}");
+        }
+    }
 }

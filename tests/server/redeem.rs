@@ -546,6 +546,44 @@ async fn when_a_group_would_pass_the_cap_exactly_the_earliest_arrivals_are_grant
     );
 }
 
+/// Keys answered before the outcome was recorded (status and rendered body): a retry with such a
+/// key still gets that answer, and redeems nothing.
+#[tokio::test]
+async fn a_key_answered_by_an_earlier_version_replays_its_recorded_answer() {
+    let s = start().await;
+    s.seed(SEED).await;
+    s.seed(
+        "INSERT INTO voucher_idempotency_keys (subject, key, request_hash, status, response) VALUES \
+         ('erin', 'old-1', sha256(convert_to(E'LIVE-10\\nt1', 'UTF8')), 200, \
+          '{\"code\": \"LIVE-10\", \"credit_omr\": 10, \"balance_omr\": 10}'), \
+         ('erin', 'old-2', sha256(convert_to(E'OFF-10\\nt1', 'UTF8')), 410, \
+          '{\"error\": \"this voucher code is not active\"}')",
+    )
+    .await;
+    let erin = token("erin", None, 300);
+    let body = json!({"code": "LIVE-10", "tenant_id": "t1"});
+    assert_eq!(
+        s.redeem(Some(&erin), body, Some("old-1")).await,
+        (
+            StatusCode::OK,
+            json!({"code": "LIVE-10", "credit_omr": 10, "balance_omr": 10})
+        )
+    );
+    assert_eq!(s.counts("LIVE-10").await, (0, 0, 0), "nothing redeemed");
+    let body = json!({"code": "OFF-10", "tenant_id": "t1"});
+    assert_eq!(
+        s.redeem(Some(&erin), body, Some("old-2")).await,
+        (
+            StatusCode::GONE,
+            json!({"error": "this voucher code is not active"})
+        )
+    );
+    let (status, error) = s
+        .redeem(Some(&erin), json!({"code": "LIVE-10"}), Some("old-1"))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+}
+
 #[tokio::test]
 async fn another_customer_reusing_an_idempotency_key_never_gets_the_first_ones_answer() {
     let s = start().await;

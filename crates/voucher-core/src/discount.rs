@@ -230,8 +230,24 @@ impl Categories {
 }
 
 /// The Sovereign's currency: an ISO 4217 code and its minor unit.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Serialised as its code, and read back through [`Currency::parse`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Currency(String);
+
+impl TryFrom<String> for Currency {
+    type Error = String;
+
+    fn try_from(code: String) -> Result<Self, String> {
+        Self::parse(&code)
+    }
+}
+
+impl From<Currency> for String {
+    fn from(currency: Currency) -> Self {
+        currency.0
+    }
+}
 
 impl Default for Currency {
     fn default() -> Self {

@@ -56,8 +56,10 @@ impl CodeRecord {
     }
 }
 
-/// Whether a code can be redeemed now, and if not, why.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Whether a code can be redeemed now, and if not, why. Serialised as a
+/// redemption's outcome is recorded (`{"reason": "capped", ...}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
 pub enum Redeemability {
     Redeemable,
     Unknown,
