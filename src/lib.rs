@@ -16,6 +16,7 @@
 //! - [`store`]: `Store`, `DatabaseSettings`, and the statements the tests
 //!   drive directly (`redeem`, `sync`, `campaigns`, `outbox`, `bindings`);
 //! - [`relay`] and [`events`]: the audit stream written and read back;
+//! - [`federation`]: cross-Sovereign vouchers (the hub's allotment service);
 //! - [`api`] and [`domain`]: the resource types and the domain, re-exported.
 
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@
 pub mod cli;
 pub mod controller;
 pub mod events;
+pub mod federation;
 pub mod relay;
 pub mod server;
 pub mod store;

@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod allotment;
 pub mod audit;
 pub mod campaign;
 pub mod checkout;

@@ -1,0 +1,336 @@
+//! The allotment of a global voucher's cap among Sovereigns (DESIGN §11,
+//! docs/federation.md): the hub's record of one code and the decision a hub
+//! replica takes on one request — pure, so that the service around it only
+//! reads the record, decides here, and writes with a compare-and-set on the
+//! record's revision. Each rule is the one `crates/voucher-model` checks.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The hub's record of one global code: one KV key (rule 1), every change a
+/// compare-and-set on its revision — grants, returns, syncs, and the vendor's
+/// changes of the cap or the state alike.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    /// The hub Voucher's uid: a request for another (a re-created Voucher
+    /// under the same code) is refused.
+    pub uid: String,
+    /// The bucket's epoch (rule 6): a restored bucket starts a new one.
+    pub epoch: u32,
+    pub cap: u64,
+    pub active: bool,
+    pub valid_from: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The most one Sovereign may hold, and the most one request may add:
+    /// no Sovereign hoards the cap.
+    pub ceiling: u64,
+    pub per_request: u64,
+    /// Per Sovereign (its NATS account's name).
+    pub sovereigns: BTreeMap<String, Entry>,
+}
+
+/// What the record holds for one Sovereign.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry {
+    pub share: u64,
+    /// Moves on every change of `share` (and on every sync).
+    pub version: u64,
+    /// The redemptions the Sovereign last reported (rule 10).
+    pub reported: u64,
+    /// Heard from in this epoch (after a restore, not until it syncs).
+    pub known: bool,
+}
+
+/// A Sovereign's request. The Sovereign is never in it: the service takes it
+/// from the subject the request came on, which NATS accounts fix (rule 11).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Request {
+    /// "In `epoch`, at `version`, make my share `share`; I have spent `used`."
+    /// Checked on the version alone (rule 2): a duplicate or a replay made at
+    /// an older version is refused, whatever it asks.
+    #[serde(rename_all = "camelCase")]
+    Set {
+        uid: String,
+        epoch: u32,
+        version: u64,
+        share: u64,
+        used: u64,
+    },
+    /// A sync (a new leader, a restored database, a new epoch): keep at most
+    /// `keep` (what the Sovereign may still spend: its local cap, or its
+    /// high-water count after a restore of its own), move the version so that
+    /// any request still in flight fails its check.
+    #[serde(rename_all = "camelCase")]
+    Sync {
+        uid: String,
+        epoch: u32,
+        keep: u64,
+        used: u64,
+    },
+}
+
+/// Why a request changed nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Refusal {
+    /// Made at a version the record has moved past (a duplicate, a replay, a
+    /// former leader's): the reply carries the current share and version.
+    StaleVersion,
+    /// A raise past the (effective) cap, the ceiling or the per-request limit.
+    Cap,
+    /// A raise while the voucher is inactive or outside its window (by the
+    /// hub's clock).
+    NotRedeemable,
+    /// Another Voucher under the same code.
+    OtherVoucher,
+}
+
+/// The reply to a Sovereign: the record's share and version for it, read
+/// after the write (or after the refusal).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Reply {
+    #[serde(rename_all = "camelCase")]
+    Ok {
+        epoch: u32,
+        share: u64,
+        version: u64,
+        gone: bool,
+    },
+    #[serde(rename_all = "camelCase")]
+    Refused {
+        reason: Refusal,
+        epoch: u32,
+        share: u64,
+        version: u64,
+        gone: bool,
+    },
+    /// The hub's epoch is newer than the request's, or the Sovereign has not
+    /// synced in it: its entry in a restored record is no grant. Sync first.
+    SyncFirst { epoch: u32 },
+    /// No global voucher has this code.
+    Unknown,
+}
+
+/// What a replica decided: the record to write (compare-and-set on the
+/// revision it read), and the reply to send once that write is acknowledged
+/// (rule 2: never before).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub write: Option<Record>,
+    pub reply: Reply,
+}
+
+impl Record {
+    /// A new record: every listed Sovereign known, with nothing granted.
+    pub fn new(uid: impl Into<String>, cap: u64, ceiling: u64, per_request: u64) -> Self {
+        Self {
+            uid: uid.into(),
+            epoch: 0,
+            cap,
+            active: true,
+            valid_from: None,
+            expires_at: None,
+            ceiling,
+            per_request,
+            sovereigns: BTreeMap::new(),
+        }
+    }
+
+    /// What the record charges a Sovereign: its share, or the ceiling while it
+    /// has not reported in this epoch (so a restored hub grants nothing it may
+    /// have granted before).
+    fn charged(&self, entry: &Entry) -> u64 {
+        if entry.known {
+            entry.share
+        } else {
+            self.ceiling.max(entry.share)
+        }
+    }
+
+    /// Σ shares as the hub must count them.
+    pub fn granted(&self) -> u64 {
+        self.sovereigns.values().map(|e| self.charged(e)).sum()
+    }
+
+    /// Every unit granted and reported spent, by every Sovereign (rule 10):
+    /// the voucher is used up (410) — not merely this Sovereign's share (503).
+    pub fn gone(&self) -> bool {
+        self.granted() >= self.cap
+            && self
+                .sovereigns
+                .values()
+                .all(|e| e.known && e.reported >= e.share)
+    }
+
+    fn redeemable(&self, now: DateTime<Utc>) -> bool {
+        self.active
+            && self.valid_from.is_none_or(|from| from <= now)
+            && self.expires_at.is_none_or(|until| now < until)
+    }
+
+    fn reply(&self, sovereign: &str, refused: Option<Refusal>) -> Reply {
+        let entry = self.sovereigns.get(sovereign).cloned().unwrap_or_default();
+        let (epoch, share, version, gone) = (self.epoch, entry.share, entry.version, self.gone());
+        match refused {
+            None => Reply::Ok {
+                epoch,
+                share,
+                version,
+                gone,
+            },
+            Some(reason) => Reply::Refused {
+                reason,
+                epoch,
+                share,
+                version,
+                gone,
+            },
+        }
+    }
+
+    /// The vendor lowers (or raises) the cap, or switches the voucher off:
+    /// a write on this record (rule 7), so a grant decided under the old
+    /// terms fails its compare-and-set. Units already granted stay granted
+    /// (the effective cap is max(new cap, Σ shares)); the Sovereigns are asked
+    /// to return them.
+    pub fn with_terms(&self, cap: u64, active: bool) -> Record {
+        Record {
+            cap,
+            active,
+            ..self.clone()
+        }
+    }
+
+    /// A restored bucket (rule 6): a new epoch, and no Sovereign known until
+    /// it syncs and says what it holds. `members` are every Sovereign of the
+    /// account configuration: one the backup never saw may have been granted
+    /// units since, and is charged its ceiling too.
+    pub fn restored<'a>(&self, members: impl IntoIterator<Item = &'a str>) -> Record {
+        let mut record = self.clone();
+        record.epoch += 1;
+        for member in members {
+            record.sovereigns.entry(member.to_owned()).or_default();
+        }
+        for entry in record.sovereigns.values_mut() {
+            entry.known = false;
+        }
+        record
+    }
+}
+
+/// What a hub replica decides on `request` from `sovereign`, reading `record`.
+pub fn decide(record: &Record, sovereign: &str, request: &Request, now: DateTime<Utc>) -> Decision {
+    let (uid, epoch) = match request {
+        Request::Set { uid, epoch, .. } | Request::Sync { uid, epoch, .. } => (uid, *epoch),
+    };
+    let refuse = |reason| Decision {
+        write: None,
+        reply: record.reply(sovereign, Some(reason)),
+    };
+    if *uid != record.uid {
+        return refuse(Refusal::OtherVoucher);
+    }
+    let entry = record.sovereigns.get(sovereign).cloned().unwrap_or(Entry {
+        known: record.epoch == 0,
+        ..Entry::default()
+    });
+    let sync_first = Decision {
+        write: None,
+        reply: Reply::SyncFirst {
+            epoch: record.epoch,
+        },
+    };
+    if epoch != record.epoch {
+        return sync_first;
+    }
+    let (next, refused) = match request {
+        Request::Sync { keep, used, .. } => {
+            // A sync never raises a share the record knows.
+            let share = if entry.known {
+                (*keep).min(entry.share)
+            } else {
+                *keep
+            };
+            (
+                Entry {
+                    share,
+                    version: entry.version + 1,
+                    reported: *used,
+                    known: true,
+                },
+                None,
+            )
+        }
+        Request::Set { .. } if !entry.known => return sync_first,
+        Request::Set { version, .. } if *version != entry.version => {
+            return refuse(Refusal::StaleVersion);
+        }
+        Request::Set { share, used, .. } => {
+            match raise_refusal(record, sovereign, &entry, *share, now) {
+                None => (
+                    Entry {
+                        share: *share,
+                        version: entry.version + 1,
+                        reported: *used,
+                        known: true,
+                    },
+                    None,
+                ),
+                // A refused raise still records the usage it reports (rule 10).
+                Some(reason) => (
+                    Entry {
+                        reported: *used,
+                        ..entry.clone()
+                    },
+                    Some(reason),
+                ),
+            }
+        }
+    };
+    if next == entry && record.sovereigns.contains_key(sovereign) {
+        return refuse(refused.expect("an unchanged entry is a refusal"));
+    }
+    let mut write = record.clone();
+    write.sovereigns.insert(sovereign.to_owned(), next);
+    let reply = write.reply(sovereign, refused);
+    Decision {
+        write: Some(write),
+        reply,
+    }
+}
+
+/// Why a change of `entry`'s share to `share` is refused, if it is: a
+/// lowering (a return) never is.
+fn raise_refusal(
+    record: &Record,
+    sovereign: &str,
+    entry: &Entry,
+    share: u64,
+    now: DateTime<Utc>,
+) -> Option<Refusal> {
+    if share <= entry.share {
+        return None;
+    }
+    if !record.redeemable(now) {
+        return Some(Refusal::NotRedeemable);
+    }
+    let others: u64 = record
+        .sovereigns
+        .iter()
+        .filter(|(name, _)| name.as_str() != sovereign)
+        .map(|(_, e)| record.charged(e))
+        .sum();
+    let fits = others.saturating_add(share) <= record.cap
+        && share <= record.ceiling
+        && share - entry.share <= record.per_request;
+    (!fits).then_some(Refusal::Cap)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,448 @@
+use super::*;
+
+const UID: &str = "hub-uid";
+
+fn now() -> DateTime<Utc> {
+    "2026-12-05T12:00:00Z".parse().expect("a time")
+}
+
+/// A record with cap 10, ceiling 8, 5 a request; S1 holds 4 at version 2
+/// (2 spent), S2 holds 3 at version 1.
+fn record() -> Record {
+    let mut record = Record::new(UID, 10, 8, 5);
+    record.sovereigns.insert(
+        "s1".into(),
+        Entry {
+            share: 4,
+            version: 2,
+            reported: 2,
+            known: true,
+        },
+    );
+    record.sovereigns.insert(
+        "s2".into(),
+        Entry {
+            share: 3,
+            version: 1,
+            reported: 0,
+            known: true,
+        },
+    );
+    record
+}
+
+fn set(version: u64, share: u64) -> Request {
+    Request::Set {
+        uid: UID.into(),
+        epoch: 0,
+        version,
+        share,
+        used: 2,
+    }
+}
+
+fn share_of(decision: &Decision) -> Option<u64> {
+    decision.write.as_ref().map(|r| r.sovereigns["s1"].share)
+}
+
+#[test]
+fn each_request_is_decided_by_its_rule() {
+    let restored = record().restored(["s1", "s2"]);
+    let off = record().with_terms(10, false);
+    let mut over = record();
+    over.cap = 6;
+    // (why, record, request from s1, share written, the reply's kind)
+    let cases: Vec<(&str, Record, Request, Option<u64>, &str)> = vec![
+        (
+            "a raise within the cap is granted at the next version",
+            record(),
+            set(2, 7),
+            Some(7),
+            "ok",
+        ),
+        (
+            "a raise past the cap is refused (others hold 3: at most 7)",
+            record(),
+            set(2, 8),
+            None,
+            "cap",
+        ),
+        (
+            "a raise past the ceiling is refused",
+            {
+                let mut r = record();
+                r.cap = 100;
+                r
+            },
+            set(2, 9),
+            None,
+            "cap",
+        ),
+        (
+            "a raise past the per-request limit is refused",
+            {
+                let mut r = record();
+                r.cap = 100;
+                r.ceiling = 100;
+                r
+            },
+            set(2, 10),
+            None,
+            "cap",
+        ),
+        (
+            "a return is always applied",
+            record(),
+            set(2, 2),
+            Some(2),
+            "ok",
+        ),
+        (
+            "a return is applied even past a lowered cap",
+            over.clone(),
+            set(2, 3),
+            Some(3),
+            "ok",
+        ),
+        (
+            "no grant while Σ shares is above a lowered cap (effective cap)",
+            over,
+            set(2, 5),
+            None,
+            "cap",
+        ),
+        (
+            "a request at an older version is refused, whatever it asks",
+            record(),
+            set(1, 2),
+            None,
+            "stale",
+        ),
+        (
+            "a request at a newer version than the record's is refused too",
+            record(),
+            set(3, 5),
+            None,
+            "stale",
+        ),
+        (
+            "a raise of an inactive voucher is refused",
+            off.clone(),
+            set(2, 5),
+            None,
+            "not redeemable",
+        ),
+        (
+            "a return of an inactive voucher is applied",
+            off,
+            set(2, 3),
+            Some(3),
+            "ok",
+        ),
+        (
+            "a request of another epoch is answered: sync first",
+            record(),
+            Request::Set {
+                uid: UID.into(),
+                epoch: 1,
+                version: 2,
+                share: 5,
+                used: 2,
+            },
+            None,
+            "sync first",
+        ),
+        (
+            "in a restored epoch, a Sovereign that has not synced is answered: sync first",
+            restored.clone(),
+            Request::Set {
+                uid: UID.into(),
+                epoch: 1,
+                version: 2,
+                share: 5,
+                used: 2,
+            },
+            None,
+            "sync first",
+        ),
+        (
+            "a sync in a restored epoch takes what the Sovereign says it holds",
+            restored,
+            Request::Sync {
+                uid: UID.into(),
+                epoch: 1,
+                keep: 6,
+                used: 2,
+            },
+            Some(6),
+            "ok",
+        ),
+        (
+            "a sync never raises a share the record knows",
+            record(),
+            Request::Sync {
+                uid: UID.into(),
+                epoch: 0,
+                keep: 6,
+                used: 2,
+            },
+            Some(4),
+            "ok",
+        ),
+        (
+            "a sync after a restore keeps only the high-water count",
+            record(),
+            Request::Sync {
+                uid: UID.into(),
+                epoch: 0,
+                keep: 2,
+                used: 2,
+            },
+            Some(2),
+            "ok",
+        ),
+        (
+            "a request for another Voucher under the code is refused",
+            record(),
+            Request::Set {
+                uid: "other".into(),
+                epoch: 0,
+                version: 2,
+                share: 5,
+                used: 2,
+            },
+            None,
+            "other voucher",
+        ),
+    ];
+    for (why, record, request, share, kind) in cases {
+        let decision = decide(&record, "s1", &request, now());
+        let got = match &decision.reply {
+            Reply::Ok { .. } => "ok",
+            Reply::Refused {
+                reason: Refusal::Cap,
+                ..
+            } => "cap",
+            Reply::Refused {
+                reason: Refusal::StaleVersion,
+                ..
+            } => "stale",
+            Reply::Refused {
+                reason: Refusal::NotRedeemable,
+                ..
+            } => "not redeemable",
+            Reply::Refused {
+                reason: Refusal::OtherVoucher,
+                ..
+            } => "other voucher",
+            Reply::SyncFirst { .. } => "sync first",
+            Reply::Unknown => "unknown",
+        };
+        assert_eq!((share_of(&decision), got), (share, kind), "{why}");
+    }
+}
+
+#[test]
+fn a_refused_raise_still_records_the_usage_it_reports() {
+    let asks = Request::Set {
+        uid: UID.into(),
+        epoch: 0,
+        version: 2,
+        share: 9,
+        used: 3,
+    };
+    let decision = decide(&record(), "s1", &asks, now());
+    let written = decision.write.expect("the usage is written");
+    assert_eq!(
+        written.sovereigns["s1"],
+        Entry {
+            share: 4,
+            version: 2,
+            reported: 3,
+            known: true
+        }
+    );
+    assert!(matches!(
+        decision.reply,
+        Reply::Refused {
+            reason: Refusal::Cap,
+            share: 4,
+            version: 2,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_change_moves_the_version_and_the_reply_carries_what_was_written() {
+    let decision = decide(&record(), "s1", &set(2, 6), now());
+    assert_eq!(
+        decision.reply,
+        Reply::Ok {
+            epoch: 0,
+            share: 6,
+            version: 3,
+            gone: false
+        }
+    );
+    let sync = decide(
+        &record(),
+        "s1",
+        &Request::Sync {
+            uid: UID.into(),
+            epoch: 0,
+            keep: 9,
+            used: 2,
+        },
+        now(),
+    );
+    assert!(
+        matches!(
+            sync.reply,
+            Reply::Ok {
+                share: 4,
+                version: 3,
+                ..
+            }
+        ),
+        "a sync moves the version: {sync:?}"
+    );
+}
+
+#[test]
+fn a_duplicate_is_applied_at_most_once_and_never_undoes_a_later_change() {
+    let granted = decide(&record(), "s1", &set(2, 7), now())
+        .write
+        .expect("granted");
+    // The same request again (a re-send, a former leader's): refused, nothing written.
+    let duplicate = decide(&granted, "s1", &set(2, 7), now());
+    assert_eq!(duplicate.write, None);
+    assert!(matches!(
+        duplicate.reply,
+        Reply::Refused {
+            reason: Refusal::StaleVersion,
+            share: 7,
+            version: 3,
+            ..
+        }
+    ));
+    // A return, then the old raise replayed: the return stands.
+    let returned = decide(&granted, "s1", &set(3, 3), now())
+        .write
+        .expect("returned");
+    assert_eq!(decide(&returned, "s1", &set(2, 7), now()).write, None);
+}
+
+#[test]
+fn a_restored_hub_charges_every_member_its_ceiling_until_it_syncs() {
+    // s3 is a member the backup never saw: it may hold units granted after it.
+    let restored = record().restored(["s1", "s2", "s3"]);
+    assert_eq!(
+        restored.granted(),
+        3 * 8,
+        "each unheard member at its ceiling"
+    );
+    let s2_syncs = Request::Sync {
+        uid: UID.into(),
+        epoch: 1,
+        keep: 3,
+        used: 0,
+    };
+    let after = decide(&restored, "s2", &s2_syncs, now())
+        .write
+        .expect("synced");
+    assert_eq!(after.granted(), 8 + 3 + 8);
+    // s2 asks for more: s1 and s3 are still charged their ceilings (16 > cap 10).
+    let more = Request::Set {
+        uid: UID.into(),
+        epoch: 1,
+        version: 2,
+        share: 4,
+        used: 0,
+    };
+    assert!(matches!(
+        decide(&after, "s2", &more, now()).reply,
+        Reply::Refused {
+            reason: Refusal::Cap,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn used_up_only_when_every_unit_is_granted_and_reported_spent() {
+    let mut record = record();
+    record.cap = 7;
+    assert!(!record.gone(), "s1 and s2 hold unspent units");
+    record.sovereigns.get_mut("s1").expect("s1").reported = 4;
+    record.sovereigns.get_mut("s2").expect("s2").reported = 3;
+    assert!(record.gone());
+    let refused = decide(
+        &record,
+        "s1",
+        &Request::Set {
+            uid: UID.into(),
+            epoch: 0,
+            version: 2,
+            share: 5,
+            used: 4,
+        },
+        now(),
+    );
+    assert!(matches!(
+        refused.reply,
+        Reply::Refused {
+            reason: Refusal::Cap,
+            gone: true,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn the_hub_refuses_raises_outside_the_window_by_its_own_clock() {
+    let mut record = record();
+    record.expires_at = Some(now());
+    assert!(matches!(
+        decide(&record, "s1", &set(2, 5), now()).reply,
+        Reply::Refused {
+            reason: Refusal::NotRedeemable,
+            ..
+        }
+    ));
+    record.expires_at = None;
+    record.valid_from = Some(now() + chrono::Duration::seconds(1));
+    assert!(matches!(
+        decide(&record, "s1", &set(2, 5), now()).reply,
+        Reply::Refused {
+            reason: Refusal::NotRedeemable,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_record_reads_back_what_it_wrote() {
+    let record = decide(&record(), "s1", &set(2, 7), now())
+        .write
+        .expect("granted");
+    let json = serde_json::to_string(&record).expect("serialises");
+    assert_eq!(
+        serde_json::from_str::<Record>(&json).expect("parses"),
+        record
+    );
+    let request: Request = serde_json::from_str(
+        r#"{"kind":"set","uid":"u","epoch":0,"version":1,"share":5,"used":0}"#,
+    )
+    .expect("a request");
+    assert_eq!(
+        request,
+        Request::Set {
+            uid: "u".into(),
+            epoch: 0,
+            version: 1,
+            share: 5,
+            used: 0
+        }
+    );
+}

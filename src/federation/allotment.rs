@@ -1,0 +1,292 @@
+//! The hub's allotment service and a Sovereign's request to it.
+//!
+//! The record of each global code is one key of a JetStream KV bucket; a
+//! replica of the service (every replica in one queue group) reads it, lets
+//! `voucher_core::allotment::decide` decide, writes with a compare-and-set on
+//! the revision it read, and answers only once that write is acknowledged. A
+//! compare-and-set that loses to another replica is decided again on the new
+//! record — the same as the Sovereign re-sending its request, which the
+//! protocol applies at most once. A replica that cannot reach the bucket
+//! answers nothing: the Sovereign times out and re-sends.
+
+use std::hash::{Hash as _, Hasher as _};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use voucher_core::allotment::{Record, Reply, Request, decide};
+
+/// The KV bucket of the hub's records, one key per global code.
+pub const BUCKET: &str = "voucher_allotments";
+/// Requests arrive on `<prefix>.<sovereign>`: the last token names the
+/// Sovereign, fixed by its NATS account's import (never the body's word).
+/// This is the prefix the shipped configuration uses.
+pub const SUBJECT_PREFIX: &str = "voucher.allotment";
+const QUEUE_GROUP: &str = "voucher-allotment";
+/// Compare-and-set attempts on one request before the replica gives up
+/// (and stays silent: the Sovereign re-sends).
+const ATTEMPTS: usize = 16;
+/// Requests one replica decides at once.
+const CONCURRENCY: usize = 64;
+
+/// What a Sovereign sends: the code and its request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ask {
+    pub code: String,
+    pub request: Request,
+}
+
+/// One failed operation of the service, naming what it was about.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening the KV bucket {BUCKET}: {0}")]
+    Bucket(String),
+    #[error("reading the allotment record of {code}: {source}")]
+    Read {
+        code: String,
+        source: kv::EntryError,
+    },
+    #[error("the allotment record of {code} is unreadable: {source}")]
+    Unreadable {
+        code: String,
+        source: serde_json::Error,
+    },
+    #[error("writing the allotment record of {code}: {source}")]
+    Write {
+        code: String,
+        source: kv::UpdateError,
+    },
+    #[error("creating the allotment record of {code}: {source}")]
+    Create {
+        code: String,
+        source: kv::CreateError,
+    },
+    #[error("the allotment record of {code} kept moving: {ATTEMPTS} compare-and-sets lost")]
+    Contended { code: String },
+    #[error("subscribing to the allotment requests: {0}")]
+    Subscribe(async_nats::SubscribeError),
+    #[error("subscribing to the allotment requests: the server did not confirm: {0}")]
+    Flush(String),
+    #[error("asking the hub for an allotment of {code} as {sovereign}: {source}")]
+    Ask {
+        code: String,
+        sovereign: String,
+        source: async_nats::RequestError,
+    },
+    #[error("the hub's answer for {code} is unreadable: {source}")]
+    Answer {
+        code: String,
+        source: serde_json::Error,
+    },
+}
+
+/// The hub's bucket: created when missing (`replicas`: 3 in the shipped
+/// configuration), one revision kept per key (the record is all there is).
+pub async fn bucket(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, Error> {
+    if let Ok(store) = js.get_key_value(BUCKET).await {
+        return Ok(store);
+    }
+    let config = kv::Config {
+        bucket: BUCKET.into(),
+        history: 1,
+        num_replicas: replicas,
+        ..Default::default()
+    };
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        // Another replica made it first.
+        Err(created) => js
+            .get_key_value(BUCKET)
+            .await
+            .map_err(|_| Error::Bucket(created.to_string())),
+    }
+}
+
+/// Reads a code's record and its revision.
+pub async fn read(kv: &kv::Store, code: &str) -> Result<Option<(Record, u64)>, Error> {
+    let entry = kv.entry(code).await.map_err(|source| Error::Read {
+        code: code.into(),
+        source,
+    })?;
+    let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+        return Ok(None);
+    };
+    let record = serde_json::from_slice(&entry.value).map_err(|source| Error::Unreadable {
+        code: code.into(),
+        source,
+    })?;
+    Ok(Some((record, entry.revision)))
+}
+
+fn encode(record: &Record) -> Bytes {
+    Bytes::from(serde_json::to_vec(record).expect("a record serialises"))
+}
+
+/// The vendor's terms for a code: the record created, or its cap and state
+/// changed by a compare-and-set like every other change (rule 7: a grant
+/// decided under the old terms then fails its own).
+pub async fn define(kv: &kv::Store, code: &str, terms: &Record) -> Result<Record, Error> {
+    for _ in 0..ATTEMPTS {
+        let written = match read(kv, code).await? {
+            None => match kv.create(code, encode(terms)).await {
+                Ok(_) => return Ok(terms.clone()),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                Err(source) => {
+                    return Err(Error::Create {
+                        code: code.into(),
+                        source,
+                    });
+                }
+            },
+            Some((record, revision)) => {
+                let changed = record.with_terms(terms.cap, terms.active);
+                (kv.update(code, encode(&changed), revision).await, changed)
+            }
+        };
+        match written {
+            (Ok(_), record) => return Ok(record),
+            (Err(e), _) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+            (Err(source), _) => {
+                return Err(Error::Write {
+                    code: code.into(),
+                    source,
+                });
+            }
+        }
+    }
+    Err(Error::Contended { code: code.into() })
+}
+
+/// Decides one request and writes what it changes; the reply to send.
+async fn handle(
+    kv: &kv::Store,
+    sovereign: &str,
+    ask: &Ask,
+    stripes: &[Mutex<()>],
+) -> Result<Reply, Error> {
+    let code = ask.code.as_str();
+    let mut hasher = std::hash::DefaultHasher::new();
+    code.hash(&mut hasher);
+    let _turn = stripes[hasher.finish() as usize % stripes.len()]
+        .lock()
+        .await;
+    for _ in 0..ATTEMPTS {
+        let Some((record, revision)) = read(kv, code).await? else {
+            return Ok(Reply::Unknown);
+        };
+        let decision = decide(&record, sovereign, &ask.request, chrono::Utc::now());
+        let Some(write) = decision.write else {
+            return Ok(decision.reply);
+        };
+        // Answered only once the write is acknowledged (rule 2).
+        match kv.update(code, encode(&write), revision).await {
+            Ok(_) => return Ok(decision.reply),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+            Err(source) => {
+                return Err(Error::Write {
+                    code: code.into(),
+                    source,
+                });
+            }
+        }
+    }
+    Err(Error::Contended { code: code.into() })
+}
+
+/// Starts one replica of the allotment service, answering until `stop`:
+/// returns once it is subscribed (a request sent after that is answered).
+pub async fn start(
+    client: async_nats::Client,
+    kv: kv::Store,
+    prefix: &str,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let requests = client
+        .queue_subscribe(format!("{prefix}.*"), QUEUE_GROUP.into())
+        .await
+        .map_err(Error::Subscribe)?;
+    client
+        .flush()
+        .await
+        .map_err(|e| Error::Flush(e.to_string()))?;
+    // One request per code at a time in this replica: its compare-and-sets
+    // then race only the other replicas' (a hot code's requests would
+    // otherwise starve each other here).
+    let stripes: Arc<Vec<Mutex<()>>> = Arc::new((0..CONCURRENCY).map(|_| Mutex::new(())).collect());
+    Ok(tokio::spawn(async move {
+        requests
+            .take_until(stop.cancelled_owned())
+            .for_each_concurrent(CONCURRENCY, |message| {
+                let (client, kv, stripes) = (client.clone(), kv.clone(), stripes.clone());
+                async move { answer(&client, &kv, &stripes, message).await }
+            })
+            .await;
+    }))
+}
+
+async fn answer(
+    client: &async_nats::Client,
+    kv: &kv::Store,
+    stripes: &[Mutex<()>],
+    message: async_nats::Message,
+) {
+    let Some(reply_to) = message.reply.clone() else {
+        return;
+    };
+    let sovereign = message
+        .subject
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let reply = match serde_json::from_slice::<Ask>(&message.payload) {
+        Ok(ask) => match handle(kv, &sovereign, &ask, stripes).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::warn!(sovereign, error = %e, "allotment request left unanswered; the Sovereign re-sends");
+                return;
+            }
+        },
+        Err(e) => {
+            tracing::warn!(sovereign, error = %e, "an allotment request that is no request");
+            return;
+        }
+    };
+    let body = serde_json::to_vec(&reply).expect("a reply serialises");
+    if let Err(e) = client.publish(reply_to, body.into()).await {
+        tracing::warn!(sovereign, error = %e, "the allotment reply was not sent");
+    }
+}
+
+/// A Sovereign's request to the hub, answered within `timeout` or an error
+/// (then the request is re-sent as it is: applied at most once).
+pub async fn ask(
+    client: &async_nats::Client,
+    prefix: &str,
+    sovereign: &str,
+    ask: &Ask,
+    timeout: Duration,
+) -> Result<Reply, Error> {
+    let subject = format!("{prefix}.{sovereign}");
+    let body = Bytes::from(serde_json::to_vec(ask).expect("an ask serialises"));
+    let request = async_nats::Request::new()
+        .payload(body)
+        .timeout(Some(timeout));
+    let answer = client
+        .send_request(subject, request)
+        .await
+        .map_err(|source| Error::Ask {
+            code: ask.code.clone(),
+            sovereign: sovereign.into(),
+            source,
+        })?;
+    serde_json::from_slice(&answer.payload).map_err(|source| Error::Answer {
+        code: ask.code.clone(),
+        source,
+    })
+}

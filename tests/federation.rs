@@ -1,0 +1,284 @@
+//! The hub's allotment service against a real nats-server (JetStream KV):
+//! replicas racing on one record never grant past the cap, a duplicated or
+//! replayed request applies at most once, and a cap lowered while grants are
+//! in flight bounds them (docs/federation.md; the rules are checked
+//! exhaustively by crates/voucher-model, here they meet real processes).
+
+mod support;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use tokio_util::sync::CancellationToken;
+use voucher_operator::domain::allotment::{Record, Refusal, Reply, Request};
+use voucher_operator::federation::allotment::{self, Ask};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn client() -> async_nats::Client {
+    async_nats::connect(&support::nats().url)
+        .await
+        .expect("nats-server answers")
+}
+
+/// The hub's bucket (one for every test; each test its own codes).
+async fn bucket() -> kv::Store {
+    let js = jetstream::new(client().await);
+    allotment::bucket(&js, 1).await.expect("the bucket")
+}
+
+/// `n` replicas of the allotment service on the test's own subjects, each
+/// with its own connection; answering when this returns.
+async fn replicas(prefix: &str, n: usize) -> CancellationToken {
+    let stop = CancellationToken::new();
+    for _ in 0..n {
+        allotment::start(client().await, bucket().await, prefix, stop.clone())
+            .await
+            .expect("started");
+    }
+    stop
+}
+
+/// A Sovereign as far as its allotment goes: its share and version, moved
+/// only by a reply newer than what it holds.
+struct Sovereign {
+    prefix: String,
+    name: String,
+    share: u64,
+    version: u64,
+}
+
+impl Sovereign {
+    fn new(prefix: &str, name: &str) -> Self {
+        Self {
+            prefix: prefix.into(),
+            name: name.into(),
+            share: 0,
+            version: 0,
+        }
+    }
+
+    fn set(&self, uid: &str, share: u64) -> Request {
+        Request::Set {
+            uid: uid.into(),
+            epoch: 0,
+            version: self.version,
+            share,
+            used: 0,
+        }
+    }
+
+    async fn ask(&mut self, client: &async_nats::Client, code: &str, request: Request) -> Reply {
+        let ask = Ask {
+            code: code.into(),
+            request,
+        };
+        // Unanswered (a replica lost its compare-and-sets, or crashed): re-sent
+        // as it is, which the hub applies at most once.
+        let mut attempts = 0;
+        let reply = loop {
+            match allotment::ask(client, &self.prefix, &self.name, &ask, TIMEOUT).await {
+                Ok(reply) => break reply,
+                Err(e) if attempts < 3 => {
+                    attempts += 1;
+                    println!("{}: {e}; re-sent", self.name);
+                }
+                Err(e) => panic!("{}: {e}", self.name),
+            }
+        };
+        if let Reply::Ok { share, version, .. } | Reply::Refused { share, version, .. } = reply
+            && version > self.version
+        {
+            (self.share, self.version) = (share, version);
+        }
+        reply
+    }
+
+    /// Asks for `step` more at a time until the hub refuses for the cap.
+    async fn fill(mut self, code: &str, uid: &str, step: u64) -> Self {
+        let client = client().await;
+        // Each request moves the share or is a refusal for the cap: a Sovereign
+        // still asking after this many has been answered out of turn.
+        for _ in 0..1000 {
+            let request = self.set(uid, self.share + step);
+            match self.ask(&client, code, request).await {
+                Reply::Ok { .. }
+                | Reply::Refused {
+                    reason: Refusal::StaleVersion,
+                    ..
+                } => {}
+                Reply::Refused {
+                    reason: Refusal::Cap,
+                    ..
+                } => return self,
+                other => panic!("{}: {other:?}", self.name),
+            }
+        }
+        panic!("{} never settled: stale answers over and over", self.name)
+    }
+}
+
+async fn define(code: &str, cap: u64, ceiling: u64, per_request: u64) -> Record {
+    let terms = Record::new(format!("uid-{code}"), cap, ceiling, per_request);
+    allotment::define(&bucket().await, code, &terms)
+        .await
+        .expect("defined")
+}
+
+async fn record(code: &str) -> Record {
+    allotment::read(&bucket().await, code)
+        .await
+        .expect("read")
+        .expect("a record")
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_granting_at_once_never_grant_past_the_cap() {
+    let stop = replicas("test.race", 2).await;
+    define("GLOBAL-RACE", 1000, 1000, 10).await;
+    let fills = (0..6).map(|i| {
+        tokio::spawn(Sovereign::new("test.race", &format!("sov{i}")).fill(
+            "GLOBAL-RACE",
+            "uid-GLOBAL-RACE",
+            10,
+        ))
+    });
+    let sovereigns: Vec<Sovereign> = futures::future::try_join_all(fills).await.expect("joined");
+    let hub = record("GLOBAL-RACE").await;
+    let held: u64 = sovereigns.iter().map(|s| s.share).sum();
+    assert_eq!(
+        hub.granted(),
+        1000,
+        "every unit granted, none twice: {hub:?}"
+    );
+    assert_eq!(held, 1000, "the Sovereigns hold what the hub granted");
+    for sovereign in &sovereigns {
+        let entry = &hub.sovereigns[&sovereign.name];
+        assert_eq!(
+            (sovereign.share, sovereign.version),
+            (entry.share, entry.version),
+            "{}",
+            sovereign.name
+        );
+    }
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_duplicated_or_replayed_request_applies_at_most_once_and_never_undoes_a_later_change() {
+    let stop = replicas("test.dup", 2).await;
+    define("GLOBAL-DUP", 100, 100, 50).await;
+    let client = client().await;
+    let uid = "uid-GLOBAL-DUP";
+    let ask = Ask {
+        code: "GLOBAL-DUP".into(),
+        request: Request::Set {
+            uid: uid.into(),
+            epoch: 0,
+            version: 0,
+            share: 30,
+            used: 0,
+        },
+    };
+    // The same request twice at once (a re-send racing the first, on two replicas).
+    let (first, second) = tokio::join!(
+        allotment::ask(&client, "test.dup", "sov1", &ask, TIMEOUT),
+        allotment::ask(&client, "test.dup", "sov1", &ask, TIMEOUT)
+    );
+    let oks = [first.expect("answered"), second.expect("answered")]
+        .into_iter()
+        .filter(|r| matches!(r, Reply::Ok { .. }))
+        .count();
+    assert_eq!(oks, 1, "one of the two copies applies");
+    assert_eq!(record("GLOBAL-DUP").await.sovereigns["sov1"].share, 30);
+    // A return at version 1, then the old raise replayed: refused, the return stands.
+    let mut sov1 = Sovereign {
+        prefix: "test.dup".into(),
+        name: "sov1".into(),
+        share: 30,
+        version: 1,
+    };
+    let returned = sov1.ask(&client, "GLOBAL-DUP", sov1.set(uid, 10)).await;
+    assert!(
+        matches!(
+            returned,
+            Reply::Ok {
+                share: 10,
+                version: 2,
+                ..
+            }
+        ),
+        "{returned:?}"
+    );
+    let replayed = allotment::ask(&client, "test.dup", "sov1", &ask, TIMEOUT)
+        .await
+        .expect("answered");
+    assert!(
+        matches!(
+            replayed,
+            Reply::Refused {
+                reason: Refusal::StaleVersion,
+                share: 10,
+                version: 2,
+                ..
+            }
+        ),
+        "{replayed:?}"
+    );
+    assert_eq!(record("GLOBAL-DUP").await.sovereigns["sov1"].share, 10);
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cap_lowered_while_grants_are_in_flight_bounds_them() {
+    let stop = replicas("test.lower", 2).await;
+    define("GLOBAL-LOWER", 600, 600, 5).await;
+    let fills: Vec<_> = (0..4)
+        .map(|i| {
+            tokio::spawn(Sovereign::new("test.lower", &format!("low{i}")).fill(
+                "GLOBAL-LOWER",
+                "uid-GLOBAL-LOWER",
+                5,
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The vendor lowers the cap mid-grant: a compare-and-set on the same record.
+    let lowered = define("GLOBAL-LOWER", 100, 600, 5).await;
+    let at_lowering = lowered.granted();
+    futures::future::try_join_all(fills).await.expect("joined");
+    let hub = record("GLOBAL-LOWER").await;
+    println!(
+        "granted {at_lowering} when the cap was lowered to 100; {} at the end",
+        hub.granted()
+    );
+    assert_eq!(hub.cap, 100);
+    assert!(
+        hub.granted() <= at_lowering.max(100),
+        "Σ shares {} above max(new cap, Σ at the lowering = {at_lowering})",
+        hub.granted()
+    );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_request_for_no_global_voucher_is_answered_unknown() {
+    let stop = replicas("test.unknown", 1).await;
+    let client = client().await;
+    let ask = Ask {
+        code: "GLOBAL-NONE".into(),
+        request: Request::Set {
+            uid: "u".into(),
+            epoch: 0,
+            version: 0,
+            share: 1,
+            used: 0,
+        },
+    };
+    let reply = allotment::ask(&client, "test.unknown", "sov1", &ask, TIMEOUT)
+        .await
+        .expect("answered");
+    assert_eq!(reply, Reply::Unknown);
+    stop.cancel();
+}
