@@ -334,3 +334,162 @@ fn raise_refusal(
 
 #[cfg(test)]
 mod tests;
+
+/// A Sovereign's state for one global code (rule 4: one row, never deleted;
+/// a re-created Voucher finds it). The billing row's `max_redemptions` and
+/// `active` are derived from it, never from the spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Local {
+    pub share: u64,
+    pub epoch: u32,
+    pub version: u64,
+    /// The most redemptions ever counted: reversals do not lower it, and no
+    /// return goes below it.
+    pub high_water: u64,
+    /// The request made and not yet answered: re-sent as it is.
+    pub outstanding: Option<Request>,
+    /// The database identity (system identifier, timeline) the state was
+    /// last synced under; another one means a restore or a failover (rule 5).
+    pub synced_identity: Option<String>,
+    /// A newer epoch the hub asked to sync in (rule 6).
+    pub resync_epoch: Option<u32>,
+}
+
+/// What applying a reply did to the local state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The share moved to the reply's (a newer version).
+    Moved { share: u64 },
+    /// An older or equal version: ignored (rule 3).
+    Ignored,
+    /// The hub asks for a sync first.
+    SyncFirst,
+}
+
+impl Local {
+    /// The cap the billing row carries: the share, while the state was
+    /// synced under this database's identity; 0 (an inactive row, never
+    /// "unlimited") until then. A newer epoch of the hub alone does not stop
+    /// redemptions: the units held were granted (the model check agrees).
+    pub fn local_cap(&self, identity: &str) -> u64 {
+        if self.synced_identity.as_deref() == Some(identity) {
+            self.share
+        } else {
+            0
+        }
+    }
+
+    /// A restored or failed-over database, or a newer epoch: no global
+    /// redemption until the sync is answered.
+    pub fn needs_sync(&self, identity: &str) -> bool {
+        self.synced_identity.as_deref() != Some(identity) || self.resync_epoch.is_some()
+    }
+
+    /// Counts a redemption (the high-water mark follows the row's counter).
+    pub fn counted(&mut self, times_redeemed: u64) {
+        self.high_water = self.high_water.max(times_redeemed);
+    }
+
+    /// The next request to send, recorded as outstanding: the one already
+    /// outstanding (re-sent as it is), a sync when one is needed, or a refill
+    /// of `step` more once fewer than `low_water` units are left.
+    pub fn next_request(
+        &mut self,
+        uid: &str,
+        identity: &str,
+        low_water: u64,
+        step: u64,
+    ) -> Option<Request> {
+        if let Some(outstanding) = &self.outstanding {
+            return Some(outstanding.clone());
+        }
+        let request = if self.needs_sync(identity) {
+            // Keep only what was spent after a restore of this database;
+            // what it holds when only the hub's epoch moved.
+            let restored = self.synced_identity.as_deref() != Some(identity);
+            let keep = if restored {
+                self.high_water
+            } else {
+                self.share
+            };
+            self.share = self.share.min(keep);
+            Request::Sync {
+                uid: uid.into(),
+                epoch: self.resync_epoch.unwrap_or(self.epoch),
+                keep,
+                used: self.high_water,
+            }
+        } else if self.share.saturating_sub(self.high_water) < low_water {
+            self.set(uid, self.share + step)
+        } else {
+            return None;
+        };
+        self.outstanding = Some(request.clone());
+        Some(request)
+    }
+
+    /// Gives units back down to `keep` (never below the high-water count):
+    /// the local cap lowered first, in the same transaction that records the
+    /// request — the hub's record is lowered after, so the local cap never
+    /// exceeds it. `None` when nothing can be returned or a request is out.
+    pub fn give_back(&mut self, uid: &str, keep: u64) -> Option<Request> {
+        let keep = keep.max(self.high_water);
+        if self.outstanding.is_some() || keep >= self.share {
+            return None;
+        }
+        let request = self.set(uid, keep);
+        self.share = keep;
+        self.outstanding = Some(request.clone());
+        Some(request)
+    }
+
+    fn set(&self, uid: &str, share: u64) -> Request {
+        Request::Set {
+            uid: uid.into(),
+            epoch: self.epoch,
+            version: self.version,
+            share,
+            used: self.high_water,
+        }
+    }
+
+    /// Applies the hub's reply to `request` under the row lock: only a newer
+    /// (epoch, version) moves the share (rule 3); the outstanding request is
+    /// done once answered.
+    pub fn apply(&mut self, request: &Request, reply: &Reply, identity: &str) -> Applied {
+        if self.outstanding.as_ref() == Some(request) {
+            self.outstanding = None;
+        }
+        let (epoch, share, version) = match *reply {
+            Reply::Ok {
+                epoch,
+                share,
+                version,
+                ..
+            }
+            | Reply::Refused {
+                epoch,
+                share,
+                version,
+                ..
+            } => (epoch, share, version),
+            Reply::SyncFirst { epoch } => {
+                if epoch > self.epoch {
+                    self.resync_epoch = Some(epoch);
+                }
+                return Applied::SyncFirst;
+            }
+            Reply::Unknown => return Applied::Ignored,
+        };
+        if (epoch, version) <= (self.epoch, self.version) {
+            return Applied::Ignored;
+        }
+        (self.epoch, self.version, self.share) = (epoch, version, share);
+        if matches!(request, Request::Sync { .. }) {
+            self.synced_identity = Some(identity.into());
+            self.resync_epoch = None;
+        }
+        Applied::Moved { share }
+    }
+}

@@ -446,3 +446,173 @@ fn a_record_reads_back_what_it_wrote() {
         }
     );
 }
+
+mod local {
+    use super::*;
+
+    const DB: &str = "7301234567890:1";
+
+    fn synced(share: u64, version: u64, high_water: u64) -> Local {
+        Local {
+            share,
+            version,
+            high_water,
+            synced_identity: Some(DB.into()),
+            ..Local::default()
+        }
+    }
+
+    fn ok(share: u64, version: u64) -> Reply {
+        Reply::Ok {
+            epoch: 0,
+            share,
+            version,
+            gone: false,
+        }
+    }
+
+    #[test]
+    fn a_new_state_serves_nothing_until_synced() {
+        let mut local = Local::default();
+        assert_eq!(
+            local.local_cap(DB),
+            0,
+            "0 is an inactive row, never unlimited"
+        );
+        let sync = local.next_request(UID, DB, 5, 10).expect("a sync");
+        assert!(matches!(sync, Request::Sync { keep: 0, .. }), "{sync:?}");
+        assert_eq!(
+            local.apply(&sync, &ok(0, 1), DB),
+            Applied::Moved { share: 0 }
+        );
+        let refill = local.next_request(UID, DB, 5, 10).expect("a refill");
+        assert!(
+            matches!(
+                refill,
+                Request::Set {
+                    version: 1,
+                    share: 10,
+                    ..
+                }
+            ),
+            "{refill:?}"
+        );
+    }
+
+    #[test]
+    fn the_share_rises_only_from_a_newer_reply() {
+        let mut local = synced(10, 3, 8);
+        let request = local
+            .next_request(UID, DB, 5, 10)
+            .expect("a refill: 2 left");
+        assert_eq!(
+            local.apply(&request, &ok(20, 2), DB),
+            Applied::Ignored,
+            "an older version"
+        );
+        assert_eq!(local.share, 10);
+        assert_eq!(
+            local.apply(&request, &ok(20, 4), DB),
+            Applied::Moved { share: 20 }
+        );
+        assert_eq!(local.outstanding, None, "answered");
+    }
+
+    #[test]
+    fn a_return_lowers_the_local_cap_first_and_never_below_the_high_water_count() {
+        let mut local = synced(10, 3, 6);
+        let request = local.give_back(UID, 2).expect("a return");
+        assert_eq!(local.share, 6, "lowered at once, to the high-water count");
+        assert!(
+            matches!(
+                request,
+                Request::Set {
+                    share: 6,
+                    version: 3,
+                    ..
+                }
+            ),
+            "{request:?}"
+        );
+        assert_eq!(local.give_back(UID, 0), None, "one request at a time");
+        // A stale refusal (the version before the return) never raises it back.
+        assert_eq!(
+            local.apply(
+                &request,
+                &Reply::Refused {
+                    reason: Refusal::StaleVersion,
+                    epoch: 0,
+                    share: 10,
+                    version: 3,
+                    gone: false
+                },
+                DB
+            ),
+            Applied::Ignored
+        );
+        assert_eq!(local.share, 6);
+    }
+
+    #[test]
+    fn a_restored_database_serves_nothing_and_keeps_only_what_was_spent() {
+        // Restored from a backup taken when it held 10 (4 spent): another identity.
+        let mut local = synced(10, 3, 4);
+        let restored = "7301234567890:2";
+        assert_eq!(local.local_cap(restored), 0);
+        let sync = local.next_request(UID, restored, 5, 10).expect("a sync");
+        assert!(
+            matches!(
+                sync,
+                Request::Sync {
+                    keep: 4,
+                    used: 4,
+                    ..
+                }
+            ),
+            "{sync:?}"
+        );
+        assert_eq!(local.local_cap(restored), 0, "until the sync is answered");
+        local.apply(&sync, &ok(4, 4), restored);
+        assert_eq!(local.local_cap(restored), 4);
+    }
+
+    #[test]
+    fn a_newer_epoch_asks_for_a_sync_that_keeps_what_is_held() {
+        let mut local = synced(10, 3, 4);
+        let refill = local.give_back(UID, 8).expect("a return");
+        assert_eq!(
+            local.apply(&refill, &Reply::SyncFirst { epoch: 1 }, DB),
+            Applied::SyncFirst
+        );
+        assert_eq!(
+            local.local_cap(DB),
+            8,
+            "the units held were granted: still served"
+        );
+        let sync = local.next_request(UID, DB, 5, 10).expect("a sync");
+        assert!(
+            matches!(
+                sync,
+                Request::Sync {
+                    epoch: 1,
+                    keep: 8,
+                    ..
+                }
+            ),
+            "{sync:?}"
+        );
+        local.apply(
+            &sync,
+            &Reply::Ok {
+                epoch: 1,
+                share: 8,
+                version: 1,
+                gone: false,
+            },
+            DB,
+        );
+        assert_eq!(local.local_cap(DB), 8);
+        // A late reply of the old epoch is older, whatever its version.
+        assert_eq!(local.apply(&refill, &ok(10, 9), DB), Applied::Ignored);
+    }
+}
