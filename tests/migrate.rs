@@ -402,10 +402,7 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
         currency: &currency,
         now: Utc::now(),
     };
-    store
-        .commit(&order, |_, _| serde_json::Value::Null)
-        .await
-        .unwrap();
+    store.commit(&order).await.unwrap();
     store
         .reverse_order(("alice", "O-1"), "refunded", &service, &currency)
         .await

@@ -321,7 +321,7 @@ async fn every_event_type_arrives_once_as_a_valid_cloudevent() {
         currency: &currency,
         now: Utc::now(),
     };
-    store.commit(&order, |_, _| Value::Null).await.unwrap();
+    store.commit(&order).await.unwrap();
     store
         .reverse_order(("user-1", "ORDER-1"), "refunded", &service, &currency)
         .await

@@ -93,8 +93,8 @@ pub(crate) struct QuoteAnswer {
     pub discount: i64,
 }
 
-/// How a priced order is answered (and recorded for a commit's repeats).
-pub(super) fn render(quote: &Quote<GrantRef>, currency: &Currency) -> serde_json::Value {
+/// How a priced order is answered: a quote, a commit, and its repeats.
+fn render(quote: &Quote<GrantRef>, currency: &Currency) -> serde_json::Value {
     let answer = QuoteAnswer {
         currency: currency.as_str().to_owned(),
         lines: quote
@@ -267,8 +267,8 @@ pub async fn commit(
         currency: &state.settings.billing.currency,
         now: Utc::now(),
     };
-    match state.store.commit(&order, render).await? {
-        Committed::Answered(answer) => Ok(Json(answer)),
+    match state.store.commit(&order).await? {
+        Committed::Answered(priced) => Ok(Json(render(&priced.quote, &priced.currency))),
         Committed::Differs => Err(HttpError::new(
             StatusCode::CONFLICT,
             format!(

@@ -6,22 +6,90 @@
 //! audit records written in the same transaction.
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::PgConnection;
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::discounts::{self, DiscountGrant};
 use super::outbox::{self, NewAuditRecord};
 use super::{Operation, Result, Store, StoreError};
-use crate::domain::checkout::{Held, Line, Quote, price};
+use crate::domain::checkout::{Held, Line, Priced, Quote, price};
 use crate::domain::{Actor, AuditData, AuditKind, Currency, Facts, OrderUse};
 
 /// A grant as the checkout names it: its id and its code.
 pub type GrantRef = (Uuid, String);
 
-/// How a priced order is answered (and replayed to a repeat of its commit):
-/// given by the caller, the store renders nothing.
-pub type RenderQuote = fn(&Quote<GrantRef>, &Currency) -> Value;
+/// An order as a commit priced it, in the currency of its amounts: what the
+/// commit is answered with, first and to a repeat (the store renders nothing).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PricedOrder {
+    pub quote: Quote<GrantRef>,
+    pub currency: Currency,
+}
+
+/// A [`PricedOrder`] as `voucher_checkout_orders.answer` keeps it: the shape
+/// every version has written there, so that each reads the others' orders.
+#[derive(Serialize, Deserialize)]
+struct PricedRecord {
+    currency: Currency,
+    lines: Vec<PricedLineRecord>,
+    total: i64,
+    discount: i64,
+}
+
+/// A priced line as [`PricedRecord`] keeps it.
+#[derive(Serialize, Deserialize)]
+struct PricedLineRecord {
+    id: String,
+    category: String,
+    amount: i64,
+    discount: i64,
+    code: Option<String>,
+    grant_id: Option<Uuid>,
+}
+
+impl From<&PricedOrder> for PricedRecord {
+    fn from(order: &PricedOrder) -> Self {
+        let lines = order.quote.lines.iter().map(|p| PricedLineRecord {
+            id: p.line.id.clone(),
+            category: p.line.category.clone(),
+            amount: p.line.amount,
+            discount: p.discount,
+            code: p.grant.as_ref().map(|(_, code)| code.clone()),
+            grant_id: p.grant.as_ref().map(|(id, _)| *id),
+        });
+        Self {
+            currency: order.currency.clone(),
+            lines: lines.collect(),
+            total: order.quote.total,
+            discount: order.quote.discount,
+        }
+    }
+}
+
+impl From<PricedRecord> for PricedOrder {
+    fn from(record: PricedRecord) -> Self {
+        let lines = record.lines.into_iter().map(|l| Priced {
+            line: Line {
+                id: l.id,
+                category: l.category,
+                amount: l.amount,
+            },
+            discount: l.discount,
+            grant: l.grant_id.zip(l.code),
+        });
+        Self {
+            quote: Quote {
+                lines: lines.collect(),
+                total: record.total,
+                discount: record.discount,
+            },
+            currency: record.currency,
+        }
+    }
+}
 
 /// An order a checkout commits.
 pub struct Order<'a> {
@@ -38,8 +106,8 @@ pub struct Order<'a> {
 /// What a commit came to.
 #[derive(Debug, PartialEq)]
 pub enum Committed {
-    /// The answer: recorded now, or the first commit's for a repeat.
-    Answered(Value),
+    /// The order as priced: now, or by the first commit for a repeat.
+    Answered(PricedOrder),
     /// The order was committed before with another body.
     Differs,
 }
@@ -180,10 +248,10 @@ impl Store {
     /// consumed by exactly one order), recorded with each grant's uses and
     /// one `discount_applied` record per grant, in one transaction. A repeat
     /// with the same body (in canonical form) is answered as the first was.
-    pub async fn commit(&self, order: &Order<'_>, render: RenderQuote) -> Result<Committed> {
+    pub async fn commit(&self, order: &Order<'_>) -> Result<Committed> {
         let run = async {
             let mut tx = self.pool().begin().await?;
-            let committed = commit_steps(&mut tx, order, render).await?;
+            let committed = commit_steps(&mut tx, order).await?;
             tx.commit().await?;
             Ok(committed)
         };
@@ -213,25 +281,27 @@ impl Store {
     }
 }
 
-async fn commit_steps(
-    tx: &mut PgConnection,
-    order: &Order<'_>,
-    render: RenderQuote,
-) -> Result<Committed> {
+async fn commit_steps(tx: &mut PgConnection, order: &Order<'_>) -> Result<Committed> {
     let request = canonical(order.user_id, order.order_id, order.lines);
+    let priced = |quote| PricedOrder {
+        quote,
+        currency: order.currency.clone(),
+    };
     let Some(customer) = customer(tx, order.user_id).await? else {
         // No customer, no grant: nothing to record.
-        let plain: Quote<GrantRef> = price(order.lines, &[], order.now);
-        return Ok(Committed::Answered(render(&plain, order.currency)));
+        return Ok(Committed::Answered(priced(price(
+            order.lines,
+            &[],
+            order.now,
+        ))));
     };
     let held = held(tx, customer).await?;
-    let quote = price(order.lines, &held, order.now);
-    let answer = render(&quote, order.currency);
-    if record(tx, customer, order, (&request, &answer), (&quote, &held)).await? {
+    let answer = priced(price(order.lines, &held, order.now));
+    if record(tx, customer, order, &request, (&answer, &held)).await? {
         return Ok(Committed::Answered(answer));
     }
     // Committed before (the lock makes it visible to a fresh read).
-    let (first, answer): (Value, Value) = sqlx::query_as(
+    let (first, Json(answer)): (Value, Json<PricedRecord>) = sqlx::query_as(
         "SELECT request, answer FROM voucher_checkout_orders WHERE customer_id = $1 AND order_id = $2",
     )
     .bind(customer)
@@ -239,7 +309,7 @@ async fn commit_steps(
     .fetch_one(&mut *tx)
     .await?;
     Ok(if first == request {
-        Committed::Answered(answer)
+        Committed::Answered(answer.into())
     } else {
         Committed::Differs
     })
@@ -252,9 +322,10 @@ async fn record(
     tx: &mut PgConnection,
     customer: Uuid,
     order: &Order<'_>,
-    (request, answer): (&Value, &Value),
-    (quote, held): (&Quote<GrantRef>, &[Held<GrantRef>]),
+    request: &Value,
+    (answer, held): (&PricedOrder, &[Held<GrantRef>]),
 ) -> Result<bool> {
+    let quote = &answer.quote;
     const RECORD: &str = "\
         WITH o AS ( \
           INSERT INTO voucher_checkout_orders (customer_id, order_id, request, answer, committed_by) \
@@ -310,7 +381,7 @@ async fn record(
         .bind(customer)
         .bind(order.order_id)
         .bind(request)
-        .bind(answer)
+        .bind(Json(PricedRecord::from(answer)))
         .bind(order.actor.to_string())
         .bind(&line_ids)
         .bind(&grant_ids)
@@ -399,4 +470,36 @@ async fn reverse_steps(
         outbox::append(tx, &record).await?;
     }
     Ok(Reversed::Answered(answer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An order recorded by an earlier version (the answer as it rendered it) reads back as the
+    /// order it priced, and is recorded again in the very same shape.
+    #[test]
+    fn a_priced_order_is_kept_in_the_shape_every_version_wrote() {
+        let earlier = json!({
+            "currency": "OMR",
+            "lines": [
+                {"id": "a", "category": "install", "amount": 10000, "discount": 2000,
+                 "code": "DISC-INSTALL", "grant_id": "00000000-0000-0000-0000-000000000007"},
+                {"id": "b", "category": "compute", "amount": 500, "discount": 0,
+                 "code": null, "grant_id": null},
+            ],
+            "total": 10500,
+            "discount": 2000,
+        });
+        let record: PricedRecord = serde_json::from_value(earlier.clone()).unwrap();
+        let order = PricedOrder::from(record);
+        assert_eq!(order.currency, Currency::default());
+        assert_eq!(
+            order.quote.lines[0].grant,
+            Some((Uuid::from_u128(7), "DISC-INSTALL".to_owned()))
+        );
+        assert_eq!(order.quote.lines[1].grant, None);
+        let again = serde_json::to_value(PricedRecord::from(&order)).unwrap();
+        assert_eq!(again, earlier);
+    }
 }
