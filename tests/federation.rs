@@ -9,9 +9,13 @@ mod support;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
+use sqlx::types::Json;
 use tokio_util::sync::CancellationToken;
-use voucher_operator::domain::allotment::{Record, Refusal, Reply, Request};
+use voucher_operator::domain::Code;
+use voucher_operator::domain::allotment::{Applied, Local, Record, Refusal, Reply, Request};
 use voucher_operator::federation::allotment::{self, Ask};
+use voucher_operator::federation::sovereign::{self, Refill};
+use voucher_operator::store::Store;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -280,5 +284,169 @@ async fn a_request_for_no_global_voucher_is_answered_unknown() {
         .await
         .expect("answered");
     assert_eq!(reply, Reply::Unknown);
+    stop.cancel();
+}
+
+/// A Sovereign's billing database, migrated, with `code`'s row as a Voucher
+/// would create it, registered as a global code.
+async fn sovereign_database(code: &Code) -> (Store, sqlx::PgPool) {
+    let url = support::fresh_database("federation").await;
+    let pool = support::pool(&url).await;
+    let store = Store::from_pool(pool.clone());
+    store.migrate().await.expect("migrated");
+    sqlx::query(
+        "INSERT INTO promo_codes (code, credit_omr, description, active, max_redemptions) \
+         VALUES ($1, 50, 'global', true, 0)",
+    )
+    .bind(code.as_str())
+    .execute(&pool)
+    .await
+    .expect("the billing row");
+    store
+        .register_global(code, &format!("uid-{code}"))
+        .await
+        .expect("registered");
+    (store, pool)
+}
+
+async fn billing_row(pool: &sqlx::PgPool, code: &Code) -> (bool, i32, i32) {
+    sqlx::query_as(
+        "SELECT active, max_redemptions, times_redeemed FROM promo_codes WHERE code = $1",
+    )
+    .bind(code.as_str())
+    .fetch_one(pool)
+    .await
+    .expect("the billing row")
+}
+
+fn refill_settings(prefix: &str, step: u64) -> Refill {
+    Refill {
+        sovereign: "sov1".into(),
+        prefix: prefix.into(),
+        low_water: 1,
+        step,
+        timeout: Duration::from_secs(2),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_writer_of_a_sovereign_database_is_held_to_its_allotment() {
+    let stop = replicas("test.sov", 1).await;
+    let code = Code::parse("GLOBAL-SOV").expect("a code");
+    define(code.as_str(), 6, 6, 3).await;
+    let (store, pool) = sovereign_database(&code).await;
+    let client = client().await;
+    let refill = refill_settings("test.sov", 3);
+    let uid = format!("uid-{code}");
+    // No share yet: an inactive row (never max_redemptions = 0, "unlimited" to the legacy checkout).
+    assert_eq!(billing_row(&pool, &code).await, (false, 1, 0));
+    assert!(
+        support::seed_checkout(&pool, code.as_str(), "early")
+            .await
+            .is_err()
+    );
+    // The first round syncs (a new state), the second is granted 3.
+    let synced = sovereign::refill(&store, &client, &refill, &code, &uid)
+        .await
+        .expect("synced");
+    assert_eq!(synced, Some(Applied::Moved { share: 0 }));
+    let granted = sovereign::refill(&store, &client, &refill, &code, &uid)
+        .await
+        .expect("granted");
+    assert_eq!(granted, Some(Applied::Moved { share: 3 }));
+    assert_eq!(billing_row(&pool, &code).await, (true, 3, 0));
+    for customer in ["c1", "c2", "c3"] {
+        support::seed_checkout(&pool, code.as_str(), customer)
+            .await
+            .expect("within the share");
+    }
+    // The admin page raises the cap: the guard keeps the share.
+    sqlx::query("UPDATE promo_codes SET max_redemptions = 100, active = true WHERE code = $1")
+        .bind(code.as_str())
+        .execute(&pool)
+        .await
+        .expect("the statement runs");
+    assert_eq!(billing_row(&pool, &code).await, (true, 3, 3));
+    let refused = support::seed_checkout(&pool, code.as_str(), "c4")
+        .await
+        .expect_err("past the share");
+    println!("the legacy checkout past the share: {refused}");
+    // A writer that skips the checks: its counter update is refused by the guard.
+    let skipped =
+        sqlx::query("UPDATE promo_codes SET times_redeemed = times_redeemed + 1 WHERE code = $1")
+            .bind(code.as_str())
+            .execute(&pool)
+            .await
+            .expect_err("refused");
+    assert!(skipped.to_string().contains("allotment"), "{skipped}");
+    // Refilled to the cap of 6, then 3 more; the hub's record and the counter agree.
+    let more = sovereign::refill(&store, &client, &refill, &code, &uid)
+        .await
+        .expect("granted");
+    assert_eq!(more, Some(Applied::Moved { share: 6 }));
+    for customer in ["c4", "c5", "c6"] {
+        support::seed_checkout(&pool, code.as_str(), customer)
+            .await
+            .expect("within the share");
+    }
+    assert!(
+        support::seed_checkout(&pool, code.as_str(), "c7")
+            .await
+            .is_err()
+    );
+    let hub = record(code.as_str()).await;
+    assert_eq!((hub.granted(), billing_row(&pool, &code).await.2), (6, 6));
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_that_dies_after_the_hubs_grant_creates_no_unit_and_its_next_round_adopts_it() {
+    let code = Code::parse("GLOBAL-CRASH").expect("a code");
+    define(code.as_str(), 10, 10, 5).await;
+    let (store, pool) = sovereign_database(&code).await;
+    let client = client().await;
+    let refill = refill_settings("test.crash", 5);
+    let uid = format!("uid-{code}");
+    let stop = replicas("test.crash", 1).await;
+    sovereign::refill(&store, &client, &refill, &code, &uid)
+        .await
+        .expect("synced");
+    stop.cancel();
+    // The hub is out of reach: the round records its request, sends it, hears nothing.
+    let lost = sovereign::refill(&store, &client, &refill, &code, &uid).await;
+    assert!(lost.is_err(), "no answer: {lost:?}");
+    let state: Json<Local> =
+        sqlx::query_scalar("SELECT state FROM voucher_global_allotments WHERE code = $1")
+            .bind(code.as_str())
+            .fetch_one(&pool)
+            .await
+            .expect("the state");
+    let outstanding = state
+        .0
+        .outstanding
+        .clone()
+        .expect("recorded before it was sent");
+    // That request reached the hub and was granted; the operator died before the answer.
+    let stop = replicas("test.crash", 1).await;
+    let ask = Ask {
+        code: code.to_string(),
+        request: outstanding,
+    };
+    let granted = allotment::ask(&client, "test.crash", "sov1", &ask, TIMEOUT)
+        .await
+        .expect("answered");
+    assert!(matches!(granted, Reply::Ok { share: 5, .. }), "{granted:?}");
+    assert_eq!(
+        billing_row(&pool, &code).await.1,
+        1,
+        "no unit here before the answer is applied"
+    );
+    // The next leader's round re-sends it: refused as stale, with the share it missed — adopted.
+    let adopted = sovereign::refill(&store, &client, &refill, &code, &uid)
+        .await
+        .expect("answered");
+    assert_eq!(adopted, Some(Applied::Moved { share: 5 }));
+    assert_eq!(billing_row(&pool, &code).await, (true, 5, 0));
+    assert_eq!(record(code.as_str()).await.granted(), 5, "granted once");
     stop.cancel();
 }

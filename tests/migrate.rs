@@ -214,7 +214,10 @@ async fn migrate_keeps_a_billing_service_database_intact() {
             .contains(&c.as_str())
         })
         .collect();
-    assert_eq!(added, ["discount", "expires_at", "valid_from"]);
+    assert_eq!(
+        added,
+        ["discount", "expires_at", "global_allotment", "valid_from"]
+    );
 }
 
 #[test]
@@ -540,6 +543,25 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
         .await
         .unwrap();
     while store.release_campaign(&campaign, None).await.unwrap() == Release::More {}
+
+    // A Sovereign's leader: a global code registered, its database's identity, its allotment kept.
+    let global = Code::parse("GRANTED-G").unwrap();
+    sqlx::query("INSERT INTO promo_codes (code, credit_omr, description) VALUES ($1, 5, 'g')")
+        .bind(global.as_str())
+        .execute(&owner)
+        .await
+        .unwrap();
+    store.register_global(&global, "hub-uid").await.unwrap();
+    let identity = store.database_identity().await.unwrap();
+    let mut tx = store.pool().begin().await.unwrap();
+    let local = voucher_operator::store::allotments::lock(&mut tx, &global)
+        .await
+        .unwrap()
+        .unwrap();
+    voucher_operator::store::allotments::save(&mut tx, &global, &local, &identity)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
 
     // And nothing of the schema.
     let refused = sqlx::query("ALTER TABLE promo_codes ADD COLUMN evil TEXT")

@@ -4,3 +4,4 @@
 //! `crates/voucher-model`); this module is the I/O around them.
 
 pub mod allotment;
+pub mod sovereign;

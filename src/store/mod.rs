@@ -4,6 +4,7 @@
 //! the caller decides the transaction: a change and its audit record always
 //! commit together.
 
+pub mod allotments;
 pub mod bindings;
 pub mod campaigns;
 pub mod checkout;
@@ -98,6 +99,7 @@ pub enum Operation {
     Checkout,
     ReverseRedemption,
     Report,
+    Allotment,
 }
 
 impl std::fmt::Display for Operation {
@@ -121,6 +123,7 @@ impl std::fmt::Display for Operation {
             Self::Checkout => "price or record the order",
             Self::ReverseRedemption => "reverse the redemption of",
             Self::Report => "read the finance report",
+            Self::Allotment => "keep the global allotment of",
         })
     }
 }

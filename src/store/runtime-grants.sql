@@ -17,3 +17,4 @@ GRANT SELECT, INSERT ON voucher_checkout_uses TO voucher_runtime;
 GRANT UPDATE (ended_at) ON voucher_discount_grants TO voucher_runtime;
 GRANT DELETE ON promo_redemptions TO voucher_runtime;
 GRANT SELECT, INSERT ON voucher_redemption_history TO voucher_runtime;
+GRANT SELECT, INSERT, UPDATE ON voucher_global_allotments TO voucher_runtime;
