@@ -16,28 +16,13 @@ root="$(cd "$here/../.." && pwd)"
 # The version is the one go.mod pins; the binaries report it (kubectl version, /version).
 version="$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ { print $2; exit }' "$here/go.mod")"
 [ -n "$version" ] || { echo "error: no k8s.io/kubernetes version in $here/go.mod" >&2; exit 1; }
-target="${CARGO_TARGET_DIR:-$root/target}"
-out="$target/kubernetes/$version/bin"
-mkdir -p "$out"
-# One build at a time per machine (test binaries and `local` may ask at once).
-exec 9>"$out/.lock"
-flock 9
-
-# What the binaries were built from; anything else in go.mod or go.sum means building again.
-pins="$(cat "$here/go.mod" "$here/go.sum" | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$out/.pins" 2>/dev/null)" != "$pins" ]; then
-  rm -f "$out/etcd" "$out/kube-apiserver" "$out/kubectl"
-fi
-if [ -x "$out/etcd" ] && [ -x "$out/kube-apiserver" ] && [ -x "$out/kubectl" ]; then
+source "$root/tools/pinned.sh"
+pinned_dir kubernetes "$version"
+if pinned_fresh etcd kube-apiserver kubectl; then
   echo "$out"
   exit 0
 fi
-
-if ! command -v go >/dev/null 2>&1; then
-  echo "error: the Go toolchain is needed to build kube-apiserver, etcd and kubectl: install Go 1.26" >&2
-  echo "       or newer (the project's machine image has it in /usr/local/go/bin), put it on PATH and run again" >&2
-  exit 1
-fi
+need_go "kube-apiserver, etcd and kubectl"
 
 minor="${version#v1.}"; minor="${minor%%.*}"
 # What Kubernetes' own release build stamps (hack/lib/version.sh); "archive" is its tree state
@@ -67,5 +52,5 @@ build() { # name package
 build etcd ./etcd
 build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
 build kubectl k8s.io/kubernetes/cmd/kubectl
-echo "$pins" > "$out/.pins"
+pinned_done
 echo "$out"

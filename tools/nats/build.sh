@@ -14,27 +14,13 @@ root="$(cd "$here/../.." && pwd)"
 
 version="$(awk '$1 == "require" && $2 == "github.com/nats-io/nats-server/v2" { print $3; exit }' "$here/go.mod")"
 [ -n "$version" ] || { echo "error: no nats-server version in $here/go.mod" >&2; exit 1; }
-target="${CARGO_TARGET_DIR:-$root/target}"
-out="$target/nats/$version/bin"
-mkdir -p "$out"
-# One build at a time per machine (test binaries and `local` may ask at once).
-exec 9>"$out/.lock"
-flock 9
-
-pins="$(cat "$here/go.mod" "$here/go.sum" | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$out/.pins" 2>/dev/null)" != "$pins" ]; then
-  rm -f "$out/nats-server"
-fi
-if [ -x "$out/nats-server" ]; then
+source "$root/tools/pinned.sh"
+pinned_dir nats "$version"
+if pinned_fresh nats-server; then
   echo "$out"
   exit 0
 fi
-
-if ! command -v go >/dev/null 2>&1; then
-  echo "error: the Go toolchain is needed to build nats-server: install Go 1.26 or newer (the" >&2
-  echo "       project's machine image has it in /usr/local/go/bin), put it on PATH and run again" >&2
-  exit 1
-fi
+need_go nats-server
 
 echo "==> building nats-server $version from github.com/nats-io/nats-server/v2 (Go $(go env GOVERSION))" >&2
 started=$SECONDS
@@ -47,5 +33,5 @@ then
 fi
 mv "$out/nats-server.partial" "$out/nats-server"
 echo "    nats-server built in $((SECONDS - started)) s" >&2
-echo "$pins" > "$out/.pins"
+pinned_done
 echo "$out"
