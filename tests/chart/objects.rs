@@ -462,6 +462,13 @@ fn the_controller_reads_secrets_in_the_key_namespace_only() {
             json!({"controller": {"campaignKeyNamespace": NAMESPACE}}),
             "the release namespace",
         ),
+        // The release namespace even when the admin namespace is another: each half of the
+        // rule refuses on its own.
+        (
+            json!({"controller": {"campaignKeyNamespace": NAMESPACE},
+                   "server": {"adminNamespace": "billing"}}),
+            "the release namespace, the admin namespace elsewhere",
+        ),
         (
             json!({"controller": {"campaignKeyNamespace": "billing"},
                    "server": {"adminNamespace": "billing"}}),
