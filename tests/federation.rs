@@ -450,3 +450,131 @@ async fn an_operator_that_dies_after_the_hubs_grant_creates_no_unit_and_its_next
     assert_eq!(record(code.as_str()).await.granted(), 5, "granted once");
     stop.cancel();
 }
+
+const SECRET: &str = "federation-test-secret-of-at-least-32-bytes";
+
+fn customer_token(subject: &str) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let claims = serde_json::json!({"sub": subject, "email": format!("{subject}@example.om"), "exp": now + 600, "iat": now});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("a token")
+}
+
+/// (status, Retry-After, body) of a preview, or of a redemption by `customer`.
+async fn ask_http(
+    http: &reqwest::Client,
+    base: &str,
+    code: &Code,
+    customer: Option<&str>,
+) -> (u16, Option<String>, serde_json::Value) {
+    let request = match customer {
+        None => http
+            .post(format!("{base}/billing/vouchers/redeem-preview"))
+            .json(&serde_json::json!({"code": code.as_str()})),
+        Some(customer) => http
+            .post(format!("{base}/billing/vouchers/redeem"))
+            .bearer_auth(customer_token(customer))
+            .json(&serde_json::json!({"code": code.as_str(), "tenant_id": "t1"})),
+    };
+    let response = request.send().await.expect("answered");
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    (
+        response.status().as_u16(),
+        retry_after,
+        response.json().await.expect("a JSON body"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_up_share_answers_try_again_and_only_every_unit_spent_everywhere_answers_gone() {
+    let stop_hub = replicas("test.answers", 1).await;
+    let code = Code::parse("GLOBAL-ANSWERS").expect("a code");
+    let uid = format!("uid-{code}");
+    define(code.as_str(), 4, 4, 2).await;
+    let (store, _pool) = sovereign_database(&code).await;
+    let client = client().await;
+    let refill = refill_settings("test.answers", 2);
+    sovereign::refill(&store, &client, &refill, &code, &uid)
+        .await
+        .expect("synced");
+    sovereign::refill(&store, &client, &refill, &code, &uid)
+        .await
+        .expect("granted 2");
+    let auth = voucher_operator::server::auth::AuthSettings {
+        hs256_secret: Some(SECRET.into()),
+        ..Default::default()
+    };
+    let (base, stop_http) =
+        support::serve_http(store.clone(), support::server_settings(), auth, None).await;
+    let http = reqwest::Client::new();
+    assert_eq!(ask_http(&http, &base, &code, None).await.0, 200);
+    for customer in ["a", "b"] {
+        let (status, _, body) = ask_http(&http, &base, &code, Some(customer)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // This Sovereign's share is spent; another holds the rest: try again, on preview and redeem.
+    let other = Ask {
+        code: code.to_string(),
+        request: Request::Set {
+            uid: uid.clone(),
+            epoch: 0,
+            version: 0,
+            share: 2,
+            used: 0,
+        },
+    };
+    allotment::ask(&client, "test.answers", "sov2", &other, TIMEOUT)
+        .await
+        .expect("granted to sov2");
+    sovereign::refill(&store, &client, &refill, &code, &uid)
+        .await
+        .expect("refused for the cap");
+    let (status, retry, _) = ask_http(&http, &base, &code, None).await;
+    assert_eq!(
+        (status, retry.as_deref()),
+        (503, Some("2")),
+        "the preview: try again"
+    );
+    let (status, retry, body) = ask_http(&http, &base, &code, Some("c")).await;
+    assert_eq!(
+        (status, retry.as_deref()),
+        (503, Some("2")),
+        "the redemption: {body}"
+    );
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("try again"),
+        "{body}"
+    );
+    // The other Sovereign reports its units spent: now every unit is granted and spent.
+    let spent = Ask {
+        code: code.to_string(),
+        request: Request::Set {
+            uid: uid.clone(),
+            epoch: 0,
+            version: 1,
+            share: 2,
+            used: 2,
+        },
+    };
+    allotment::ask(&client, "test.answers", "sov2", &spent, TIMEOUT)
+        .await
+        .expect("reported");
+    sovereign::refill(&store, &client, &refill, &code, &uid)
+        .await
+        .expect("refused: all spent");
+    let (status, retry, body) = ask_http(&http, &base, &code, Some("c")).await;
+    assert_eq!((status, retry), (410, None), "{body}");
+    assert_eq!(ask_http(&http, &base, &code, None).await.0, 410);
+    stop_http.cancel();
+    stop_hub.cancel();
+}

@@ -144,6 +144,7 @@ fn code_of(input: Option<&str>) -> Result<Code, HttpError> {
         (status = 410, description = "Exists, but inactive, fully redeemed or outside its window", body = PreviewResponse),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody),
+        (status = 503, description = "A global (cross-Sovereign) code whose share on this platform is used up for now while units remain elsewhere; see Retry-After", body = PreviewResponse),
     )
 )]
 pub async fn preview(
@@ -184,12 +185,12 @@ pub async fn preview(
         active: record.terms.active,
         accepting_redemptions: verdict.is_redeemable(),
     };
-    let status = if verdict.is_redeemable() {
-        StatusCode::OK
-    } else {
-        StatusCode::GONE
+    let status = match verdict {
+        Redeemability::Redeemable => StatusCode::OK,
+        Redeemability::ShareUsedUp => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::GONE,
     };
-    Ok((status, Json(body)).into_response())
+    Ok(with_retry_after((status, Json(body)).into_response()))
 }
 
 /// How a redemption outcome is answered, first and when replayed for its
@@ -225,6 +226,10 @@ fn render(outcome: &Redeemed) -> (u16, serde_json::Value) {
             StatusCode::NOT_FOUND,
             Redeemability::Unknown.public_reason(),
         ),
+        // A global code's share here is used up: another Sovereign may give units back.
+        Redeemed::Gone(verdict @ Redeemability::ShareUsedUp) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, verdict.public_reason())
+        }
         Redeemed::Gone(verdict) => error(StatusCode::GONE, verdict.public_reason()),
         Redeemed::AlreadyRedeemed {
             code,
@@ -265,6 +270,7 @@ fn outcome_label(outcome: &Redeemed) -> &'static str {
         Redeemed::NotFound => "not_found",
         Redeemed::Gone(Redeemability::Capped { .. }) => "capped",
         Redeemed::Gone(Redeemability::Inactive) => "inactive",
+        Redeemed::Gone(Redeemability::ShareUsedUp) => "share_used_up",
         Redeemed::Gone(_) => "outside_window",
         Redeemed::AlreadyRedeemed { .. } => "already_redeemed",
         Redeemed::TenantRequired => "tenant_required",
@@ -326,6 +332,7 @@ fn idempotency<'a>(
         (status = 410, description = "Inactive, fully redeemed or outside its window", body = ErrorBody),
         (status = 422, description = "Idempotency-Key reused with another body", body = ErrorBody),
         (status = 429, description = "Too many requests; see Retry-After", body = ErrorBody),
+        (status = 503, description = "A global (cross-Sovereign) code whose share on this platform is used up for now while units remain elsewhere, or the database unavailable; see Retry-After", body = ErrorBody),
     )
 )]
 pub async fn redeem(
@@ -398,5 +405,20 @@ pub async fn redeem(
         .get_or_create(&OutcomeLabel { outcome })
         .inc();
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-    Ok((status, Json(body)).into_response())
+    Ok(with_retry_after((status, Json(body)).into_response()))
+}
+
+/// Seconds a client waits before asking again for a global code whose share
+/// here is used up (a refill from the hub takes a round trip).
+const SHARE_RETRY_AFTER: u32 = 2;
+
+/// A 503 (a global code's share used up) tells when to ask again.
+fn with_retry_after(mut response: axum::response::Response) -> axum::response::Response {
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(SHARE_RETRY_AFTER),
+        );
+    }
+    response
 }

@@ -39,6 +39,19 @@ macro_rules! suspended {
     };
 }
 
+/// For a global code `$code` (an SQL expression), whether the hub last said
+/// every unit is spent everywhere; NULL for any other code.
+macro_rules! global_gone {
+    ($code:literal) => {
+        concat!(
+            "(SELECT COALESCE((g.state->>'gone')::boolean, false) \
+               FROM voucher_global_allotments g WHERE g.code = ",
+            $code,
+            ")"
+        )
+    };
+}
+
 macro_rules! returning {
     () => {
         concat!(
@@ -47,7 +60,9 @@ macro_rules! returning {
             campaign_on!("promo_codes.code"),
             " AS campaign_on, ",
             suspended!("promo_codes.code"),
-            " AS suspended"
+            " AS suspended, ",
+            global_gone!("promo_codes.code"),
+            " AS global_gone"
         )
     };
 }
@@ -86,6 +101,7 @@ struct Row {
     deleted_at: Option<DateTime<Utc>>,
     campaign_on: Option<bool>,
     suspended: bool,
+    global_gone: Option<bool>,
 }
 
 impl From<Row> for CodeRecord {
@@ -106,6 +122,7 @@ impl From<Row> for CodeRecord {
             deleted_at: row.deleted_at,
             campaign_on: row.campaign_on,
             suspended: row.suspended,
+            global_gone: row.global_gone,
         }
     }
 }
@@ -329,6 +346,7 @@ pub(crate) async fn count_redemptions(
              || issued.campaign \
            FROM counted, issued \
            WHERE max_redemptions > 0 AND times_redeemed >= max_redemptions \
+             AND counted.global_gone IS NULL \
          ) SELECT * FROM counted"
     );
     let terms = &seen.terms;
@@ -411,6 +429,7 @@ pub async fn export_rows(
             // Export leaves campaign codes out.
             campaign_on: None,
             suspended: false,
+            global_gone: None,
         })
         .collect())
 }

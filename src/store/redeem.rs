@@ -599,6 +599,7 @@ mod tests {
                 Redeemability::NotYetValid { valid_from: at },
                 Redeemability::Expired { expired_at: at },
                 Redeemability::Capped { max_redemptions: 3 },
+                Redeemability::ShareUsedUp,
             ]
             .map(Redeemed::Gone),
         );

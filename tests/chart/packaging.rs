@@ -205,6 +205,7 @@ fn the_flux_health_expressions_judge_the_statuses_the_controller_writes() {
         Some(serde_json::to_value(desired(outcome, generation, now, None)).unwrap())
     };
     let record = CodeRecord {
+        global_gone: None,
         code: "LAUNCH".into(),
         terms: Terms::granting(5),
         times_redeemed: 0,

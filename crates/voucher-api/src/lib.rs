@@ -552,6 +552,7 @@ mod tests {
     #[test]
     fn rows_outside_the_term_rules_are_not_adopted() {
         let mut row = CodeRecord {
+            global_gone: None,
             code: "FREE-1".into(),
             terms: voucher("free-1", None).spec.terms(),
             times_redeemed: 0,
@@ -576,6 +577,7 @@ mod tests {
             duration_months: None,
         };
         let row = CodeRecord {
+            global_gone: None,
             code: "FIVE-OFF".into(),
             terms: Terms {
                 credit_omr: 0,

@@ -354,6 +354,10 @@ pub struct Local {
     pub synced_identity: Option<String>,
     /// A newer epoch the hub asked to sync in (rule 6).
     pub resync_epoch: Option<u32>,
+    /// The hub's last word that every unit is granted and spent everywhere
+    /// (rule 10): "fully redeemed" (410) rather than "try again" (503).
+    #[serde(default)]
+    pub gone: bool,
 }
 
 /// What applying a reply did to the local state.
@@ -461,19 +465,20 @@ impl Local {
         if self.outstanding.as_ref() == Some(request) {
             self.outstanding = None;
         }
-        let (epoch, share, version) = match *reply {
+        let (epoch, share, version, gone) = match *reply {
             Reply::Ok {
                 epoch,
                 share,
                 version,
-                ..
+                gone,
             }
             | Reply::Refused {
                 epoch,
                 share,
                 version,
+                gone,
                 ..
-            } => (epoch, share, version),
+            } => (epoch, share, version, gone),
             Reply::SyncFirst { epoch } => {
                 if epoch > self.epoch {
                     self.resync_epoch = Some(epoch);
@@ -482,6 +487,10 @@ impl Local {
             }
             Reply::Unknown => return Applied::Ignored,
         };
+        // A refusal for the cap moves no version, yet says whether all is spent.
+        if (epoch, version) >= (self.epoch, self.version) {
+            self.gone = gone;
+        }
         if (epoch, version) <= (self.epoch, self.version) {
             return Applied::Ignored;
         }

@@ -218,6 +218,7 @@ mod tests {
 
     fn row(deleted: bool) -> CodeRecord {
         CodeRecord {
+            global_gone: None,
             code: "LAUNCH".into(),
             terms: Terms::granting(5),
             times_redeemed: 2,

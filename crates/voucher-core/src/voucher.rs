@@ -38,6 +38,11 @@ pub struct CodeRecord {
     pub campaign_on: Option<bool>,
     /// Suspended (the code, or its campaign): redeemed by no one until lifted.
     pub suspended: bool,
+    /// For a global (cross-Sovereign) code, whether the hub last said every
+    /// unit is granted and spent everywhere; `None` for any other code. A
+    /// global code whose local share is used up is "try again" (another
+    /// Sovereign may return units), never "fully redeemed", until then.
+    pub global_gone: Option<bool>,
 }
 
 impl CodeRecord {
@@ -80,6 +85,9 @@ pub enum Redeemability {
     Capped {
         max_redemptions: i32,
     },
+    /// A global code whose share on this Sovereign is used up (or not yet
+    /// granted) while units remain elsewhere: answered 503 with Retry-After.
+    ShareUsedUp,
 }
 
 impl Redeemability {
@@ -99,6 +107,12 @@ impl Redeemability {
             Self::Unlaunched
         } else if record.suspended {
             Self::Suspended
+        } else if record.global_gone == Some(false)
+            && (!switched_on || record.is_capped())
+            && !scheduled
+            && terms.expires_at.is_none_or(|at| now < at)
+        {
+            Self::ShareUsedUp
         } else if !switched_on {
             Self::Inactive
         } else if let Some(valid_from) = terms.valid_from.filter(|from| now < *from) {
@@ -139,6 +153,7 @@ impl Redeemability {
                 format!("this voucher code expired at {}", expired_at.to_rfc3339())
             }
             Self::Capped { .. } => "this voucher code has been fully redeemed".into(),
+            Self::ShareUsedUp => "this voucher code is redeemed on several platforms and this one's share is used up for now; please try again shortly".into(),
         }
     }
 }
@@ -199,6 +214,8 @@ impl Phase {
             Redeemability::NotYetValid { .. } => Self::Scheduled,
             Redeemability::Expired { .. } => Self::Expired,
             Redeemability::Capped { .. } => Self::Exhausted,
+            // A used-up share is not an exhausted voucher.
+            Redeemability::ShareUsedUp => Self::Active,
         }
     }
 
@@ -440,6 +457,7 @@ mod tests {
 
     fn record() -> CodeRecord {
         CodeRecord {
+            global_gone: None,
             code: "LAUNCH-50".into(),
             terms: Terms {
                 credit_omr: 50,
@@ -456,6 +474,76 @@ mod tests {
             campaign_on: None,
             suspended: false,
         }
+    }
+
+    #[test]
+    fn a_global_codes_used_up_share_is_try_again_until_the_hub_says_all_is_spent() {
+        // (why, global_gone, active, times_redeemed, at, verdict)
+        let cases = [
+            (
+                "share used up, units left elsewhere",
+                Some(false),
+                true,
+                3,
+                9,
+                Redeemability::ShareUsedUp,
+            ),
+            (
+                "no share yet (an inactive row)",
+                Some(false),
+                false,
+                0,
+                9,
+                Redeemability::ShareUsedUp,
+            ),
+            (
+                "every unit spent everywhere",
+                Some(true),
+                true,
+                3,
+                9,
+                Redeemability::Capped { max_redemptions: 3 },
+            ),
+            (
+                "units left here",
+                Some(false),
+                true,
+                1,
+                9,
+                Redeemability::Redeemable,
+            ),
+            (
+                "outside the window it says so",
+                Some(false),
+                true,
+                3,
+                19,
+                Redeemability::Expired { expired_at: at(18) },
+            ),
+            (
+                "a code that is not global is fully redeemed",
+                None,
+                true,
+                3,
+                9,
+                Redeemability::Capped { max_redemptions: 3 },
+            ),
+        ];
+        for (why, global_gone, active, times_redeemed, hour, verdict) in cases {
+            let mut code = record();
+            code.global_gone = global_gone;
+            code.terms.active = active;
+            code.times_redeemed = times_redeemed;
+            assert_eq!(Redeemability::of(Some(&code), at(hour)), verdict, "{why}");
+        }
+        let mut used_up = record();
+        used_up.global_gone = Some(false);
+        used_up.times_redeemed = 3;
+        assert_eq!(
+            Phase::of(&used_up, at(9)),
+            Phase::Active,
+            "a used-up share is not an exhausted voucher"
+        );
     }
 
     #[test]

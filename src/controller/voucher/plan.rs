@@ -365,6 +365,7 @@ mod tests {
 
     fn record(terms: Terms) -> CodeRecord {
         CodeRecord {
+            global_gone: None,
             code: "LAUNCH".into(),
             terms,
             times_redeemed: 0,

@@ -176,6 +176,7 @@ mod tests {
 
     fn record(times: i32) -> CodeRecord {
         CodeRecord {
+            global_gone: None,
             code: "LAUNCH".into(),
             terms: Terms {
                 max_redemptions: 10,
