@@ -8,6 +8,8 @@ mod support;
 
 use std::time::Duration;
 
+use futures::StreamExt as _;
+
 use async_nats::jetstream::{self, kv};
 use sqlx::types::Json;
 use tokio_util::sync::CancellationToken;
@@ -577,4 +579,92 @@ async fn a_used_up_share_answers_try_again_and_only_every_unit_spent_everywhere_
     assert_eq!(ask_http(&http, &base, &code, None).await.0, 410);
     stop_http.cancel();
     stop_hub.cancel();
+}
+
+/// One customer's tries at `store` until granted or told every unit is gone:
+/// a 503-like "share used up" is asked again shortly, as a client would.
+async fn redeem_until_answered(store: &Store, code: &Code, customer: String) -> bool {
+    use voucher_operator::domain::Redeemability;
+    use voucher_operator::store::redeem::{Answer, Redeemed, Redemption};
+    for _ in 0..2000 {
+        let redemption = Redemption {
+            code: code.clone(),
+            subject: customer.clone(),
+            tenant: Some("t".into()),
+            email: String::new(),
+            idempotency: None,
+            now: chrono::Utc::now(),
+            currency: Default::default(),
+        };
+        match store.redeem(&redemption).await.expect("answered") {
+            Answer::Fresh(Redeemed::Granted { .. }) => return true,
+            Answer::Fresh(Redeemed::Gone(Redeemability::ShareUsedUp)) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Answer::Fresh(Redeemed::Gone(Redeemability::Capped { .. })) => return false,
+            other => panic!("{customer}: {other:?}"),
+        }
+    }
+    panic!("{customer} was told to try again for 40 s")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_sovereigns_grant_exactly_the_global_cap_to_three_times_as_many_customers() {
+    let code = Code::parse("GLOBAL-THREE").expect("a code");
+    let uid = format!("uid-{code}");
+    define(code.as_str(), 1000, 1000, 50).await;
+    let stop = replicas("test.three", 2).await;
+    let mut sovereigns = Vec::new();
+    for i in 0..3 {
+        let (store, pool) = sovereign_database(&code).await;
+        let refill = Refill {
+            sovereign: format!("three{i}"),
+            low_water: 20,
+            ..refill_settings("test.three", 50)
+        };
+        tokio::spawn(sovereign::run(
+            store.clone(),
+            client().await,
+            refill,
+            Duration::from_millis(10),
+            stop.clone(),
+        ));
+        sovereigns.push((store, pool));
+    }
+    // 3,000 distinct customers at once, a thousand at each Sovereign, 25 at a time each.
+    let started = std::time::Instant::now();
+    let tries = sovereigns.iter().enumerate().map(|(i, (store, _))| {
+        let (store, code) = (store.clone(), code.clone());
+        tokio::spawn(async move {
+            futures::stream::iter(0..1000)
+                .map(|n| redeem_until_answered(&store, &code, format!("s{i}-customer-{n}")))
+                .buffer_unordered(25)
+                .filter(|granted| std::future::ready(*granted))
+                .count()
+                .await
+        })
+    });
+    let granted: Vec<usize> = futures::future::try_join_all(tries).await.expect("joined");
+    let counters =
+        futures::future::join_all(sovereigns.iter().map(|(_, pool)| billing_row(pool, &code)))
+            .await;
+    let hub = record(code.as_str()).await;
+    println!(
+        "granted per Sovereign {granted:?} in {:?}; counters {:?}; the hub's shares {:?}",
+        started.elapsed(),
+        counters.iter().map(|c| c.2).collect::<Vec<_>>(),
+        hub.sovereigns.values().map(|e| e.share).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        granted.iter().sum::<usize>(),
+        1000,
+        "exactly the cap, to distinct customers"
+    );
+    assert_eq!(
+        counters.iter().map(|c| c.2 as u64).sum::<u64>(),
+        1000,
+        "Σ local counters"
+    );
+    assert_eq!(hub.granted(), 1000, "the hub's total");
+    stop.cancel();
 }

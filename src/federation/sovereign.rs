@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
 use voucher_core::allotment::{Applied, Request};
 
 use super::allotment::{self, Ask};
@@ -94,4 +95,32 @@ async fn record_request(
     allotments::save(&mut tx, code, &local, identity).await?;
     tx.commit().await.map_err(StoreError::from)?;
     Ok(request)
+}
+
+/// The leader's loop: every `every`, one round for each global code of this
+/// Sovereign, until `stop`. A failed round is logged and tried again on the
+/// next tick (its request, recorded, is re-sent as it is).
+pub async fn run(
+    store: Store,
+    client: async_nats::Client,
+    refill: Refill,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while stop.run_until_cancelled(ticks.tick()).await.is_some() {
+        let codes = match store.global_codes().await {
+            Ok(codes) => codes,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the global codes; trying again");
+                continue;
+            }
+        };
+        for (code, hub_uid) in codes {
+            if let Err(e) = self::refill(&store, &client, &refill, &code, &hub_uid).await {
+                tracing::warn!(%code, error = %e, "allotment round failed; trying again");
+            }
+        }
+    }
 }

@@ -38,6 +38,18 @@ impl Store {
             .map_err(|e| e.during(Operation::Allotment, Some(code)))
     }
 
+    /// Every global code of this Sovereign, with the hub Voucher it is bound to.
+    pub async fn global_codes(&self) -> Result<Vec<(Code, String)>> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT code, hub_uid FROM voucher_global_allotments ORDER BY code")
+                .fetch_all(self.pool())
+                .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(code, uid)| Some((Code::parse(&code).ok()?, uid)))
+            .collect())
+    }
+
     /// This database's identity: its system identifier and timeline. A
     /// restore from a backup or a failover to a replica changes it, and the
     /// allotment then waits for a sync with the hub (rule 5).
