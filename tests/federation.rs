@@ -611,7 +611,6 @@ async fn redeem_until_answered(store: &Store, code: &Code, customer: String) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_sovereigns_grant_exactly_the_global_cap_to_three_times_as_many_customers() {
     let code = Code::parse("GLOBAL-THREE").expect("a code");
-    let uid = format!("uid-{code}");
     define(code.as_str(), 1000, 1000, 50).await;
     let stop = replicas("test.three", 2).await;
     let mut sovereigns = Vec::new();
