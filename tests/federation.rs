@@ -667,3 +667,108 @@ async fn three_sovereigns_grant_exactly_the_global_cap_to_three_times_as_many_cu
     assert_eq!(hub.granted(), 1000, "the hub's total");
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_hubs_nats_server_killed_mid_load_sovereigns_redeem_within_their_shares_and_resume_after()
+ {
+    let nats = std::sync::Arc::new(support::nats_of_its_own());
+    let connect = || async {
+        async_nats::connect(&nats.url)
+            .await
+            .expect("nats-server answers")
+    };
+    let kv = allotment::bucket(&jetstream::new(connect().await), 1)
+        .await
+        .expect("the bucket");
+    let code = Code::parse("GLOBAL-KILLED").expect("a code");
+    let terms = Record::new(format!("uid-{code}"), 600, 600, 30);
+    allotment::define(&kv, code.as_str(), &terms)
+        .await
+        .expect("defined");
+    let stop = CancellationToken::new();
+    for _ in 0..2 {
+        allotment::start(connect().await, kv.clone(), "test.killed", stop.clone())
+            .await
+            .expect("started");
+    }
+    let mut sovereigns = Vec::new();
+    for i in 0..3 {
+        let (store, pool) = sovereign_database(&code).await;
+        let refill = Refill {
+            sovereign: format!("killed{i}"),
+            low_water: 10,
+            ..refill_settings("test.killed", 30)
+        };
+        tokio::spawn(sovereign::run(
+            store.clone(),
+            connect().await,
+            refill,
+            Duration::from_millis(10),
+            stop.clone(),
+        ));
+        sovereigns.push((store, pool));
+    }
+    let pools: Vec<sqlx::PgPool> = sovereigns.iter().map(|(_, pool)| pool.clone()).collect();
+    let counted = |pools: Vec<sqlx::PgPool>, code: Code| async move {
+        let rows =
+            futures::future::join_all(pools.iter().map(|pool| billing_row(pool, &code))).await;
+        rows.iter()
+            .map(|row| (row.2 as u64, row.1 as u64))
+            .fold((0, 0), |(r, c), (ri, ci)| (r + ri, c + ci))
+    };
+    // The hub's nats-server killed once 150 are redeemed, for 2 s, then back on the same store.
+    let killer = {
+        let (nats, pools, code) = (nats.clone(), pools.clone(), code.clone());
+        tokio::spawn(async move {
+            while counted(pools.clone(), code.clone()).await.0 < 150 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let stopping = nats.clone();
+            tokio::task::spawn_blocking(move || stopping.stop())
+                .await
+                .expect("stopped");
+            let (at_kill, held) = counted(pools.clone(), code.clone()).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let (during, held_after) = counted(pools.clone(), code.clone()).await;
+            let starting = nats.clone();
+            tokio::task::spawn_blocking(move || starting.start())
+                .await
+                .expect("started");
+            (at_kill, held, during, held_after)
+        })
+    };
+    let tries = sovereigns.iter().enumerate().map(|(i, (store, _))| {
+        let (store, code) = (store.clone(), code.clone());
+        tokio::spawn(async move {
+            futures::stream::iter(0..600)
+                .map(|n| redeem_until_answered(&store, &code, format!("k{i}-customer-{n}")))
+                .buffer_unordered(20)
+                .filter(|granted| std::future::ready(*granted))
+                .count()
+                .await
+        })
+    });
+    let granted: Vec<usize> = futures::future::try_join_all(tries).await.expect("joined");
+    let (at_kill, held, during, held_after) = killer.await.expect("the kill");
+    println!(
+        "killed at {at_kill} redeemed ({held} held); {during} redeemed while the hub was down ({held_after} held); granted {granted:?}"
+    );
+    assert!(
+        during <= held,
+        "while the hub is down, each Sovereign redeems only within its share"
+    );
+    assert_eq!(held_after, held, "no share grows while the hub is down");
+    let hub = allotment::read(&kv, code.as_str())
+        .await
+        .expect("read")
+        .expect("a record")
+        .0;
+    assert_eq!(
+        granted.iter().sum::<usize>(),
+        600,
+        "every unit granted once the hub is back, never more"
+    );
+    assert_eq!(counted(pools, code.clone()).await.0, 600);
+    assert_eq!(hub.granted(), 600, "the hub's total");
+    stop.cancel();
+}

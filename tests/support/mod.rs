@@ -228,6 +228,12 @@ fn start_nats() -> Nats {
     nats
 }
 
+/// A nats-server (JetStream enabled) of the caller's own, to stop and start
+/// without disturbing the other tests.
+pub fn nats_of_its_own() -> Nats {
+    start_nats()
+}
+
 /// Another nats-server (JetStream enabled) that admits only `user` with `password`.
 pub fn nats_with_password(user: &str, password: &str) -> Nats {
     let binary = nats_server();
