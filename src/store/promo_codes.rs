@@ -39,15 +39,17 @@ macro_rules! suspended {
     };
 }
 
-/// For a global code `$code` (an SQL expression), whether the hub last said
-/// every unit is spent everywhere; NULL for any other code.
+/// For a global code of `promo_codes` (its row marked), whether the hub last
+/// said every unit is spent everywhere; NULL for any other code — whose read
+/// (every preview and redemption) never looks into the allotments.
 macro_rules! global_gone {
     ($code:literal) => {
         concat!(
-            "(SELECT COALESCE((g.state->>'gone')::boolean, false) \
-               FROM voucher_global_allotments g WHERE g.code = ",
+            "CASE WHEN promo_codes.global_allotment THEN \
+               (SELECT COALESCE((g.state->>'gone')::boolean, false) \
+                  FROM voucher_global_allotments g WHERE g.code = ",
             $code,
-            ")"
+            ") END"
         )
     };
 }
