@@ -63,6 +63,8 @@ fn settings(ns: &str, issuers: &[&str]) -> Settings {
         issuers: Issuers::new(issuers.iter().copied()),
         // The keys of these tests live beside their campaigns.
         key_namespace: ns.to_owned(),
+        global_namespace: "catalyst-global".into(),
+        joined: None,
         billing: Default::default(),
     }
 }

@@ -49,6 +49,8 @@ fn settings() -> Settings {
         // Set to the test's namespace by the harness unless a test says otherwise.
         issuers: Issuers::new(Vec::<String>::new()),
         key_namespace: "voucher-campaign-keys".into(),
+        global_namespace: "catalyst-global".into(),
+        joined: None,
         billing: Default::default(),
     }
 }

@@ -597,3 +597,16 @@ async fn readme_messages_are_what_the_api_server_answers() {
         );
     }
 }
+
+/// A global cap is shared among Sovereigns: 0 (unlimited) has nothing to share,
+/// and a voucher never changes where its cap holds.
+#[tokio::test]
+async fn a_global_voucher_needs_a_cap_and_keeps_its_scope() {
+    let global = |max: i32| with(json!({"spec": {"scope": "Global", "maxRedemptions": max}}));
+    assert_rejected(global(0), None, &["maxRedemptions of at least 1"]).await;
+    assert_valid(&global(1000), None).await;
+    assert_rejected(global(1000), Some(base()), &["spec.scope is immutable"]).await;
+    assert_rejected(base(), Some(global(1000)), &["spec.scope is immutable"]).await;
+    let scope = with(json!({"spec": {"scope": "Everywhere"}}));
+    assert_rejected(scope, None, &["spec.scope"]).await;
+}

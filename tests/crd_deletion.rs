@@ -35,6 +35,8 @@ fn settings(ns: &str) -> Settings {
         concurrency: 4,
         issuers: Issuers::new([ns.to_owned()]),
         key_namespace: ns.to_owned(),
+        global_namespace: "catalyst-global".into(),
+        joined: None,
         billing: Default::default(),
     }
 }

@@ -128,6 +128,8 @@ async fn exported_codes_are_adopted_with_their_history() {
         concurrency: 2,
         issuers: voucher_operator::domain::Issuers::new([ns.clone()]),
         key_namespace: ns.clone(),
+        global_namespace: "catalyst-global".into(),
+        joined: None,
         billing: Default::default(),
     };
     let ctx = Context::new(

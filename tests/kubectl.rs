@@ -80,6 +80,8 @@ async fn stack() -> Stack {
         concurrency: 4,
         issuers: voucher_operator::domain::Issuers::new([ns.clone()]),
         key_namespace: ns.clone(),
+        global_namespace: "catalyst-global".into(),
+        joined: None,
         billing: Default::default(),
     };
     let ctx = Context::new(

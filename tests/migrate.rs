@@ -319,6 +319,7 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
         deletion_policy: DeletionPolicy::Revoke,
         suspended: false,
         now: Utc::now(),
+        global: None,
     };
     assert!(matches!(
         store.sync_voucher(&wanted(1, &terms)).await.unwrap(),
@@ -557,7 +558,8 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
     let local = voucher_operator::store::allotments::lock(&mut tx, &global)
         .await
         .unwrap()
-        .unwrap();
+        .unwrap()
+        .local;
     voucher_operator::store::allotments::save(&mut tx, &global, &local, &identity)
         .await
         .unwrap();

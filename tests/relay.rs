@@ -139,6 +139,7 @@ async fn sync(store: &Store, code: &str, who: &Owner, generation: i64, terms: Te
             deletion_policy: DeletionPolicy::Revoke,
             suspended: false,
             now: Utc::now(),
+            global: None,
         })
         .await
         .unwrap();

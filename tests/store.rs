@@ -415,6 +415,7 @@ async fn changing_a_code_does_not_wait_for_redemptions_in_flight() {
         deletion_policy: DeletionPolicy::Revoke,
         suspended: false,
         now: Utc::now(),
+        global: None,
     };
     let on = terms(5);
     store.sync_voucher(&wanted(1, &on)).await.unwrap();
@@ -560,6 +561,7 @@ async fn a_former_leader_never_writes_an_older_spec_of_a_voucher() {
                     deletion_policy: DeletionPolicy::Revoke,
                     suspended: false,
                     now: Utc::now(),
+                    global: None,
                 })
                 .await
         }

@@ -16,9 +16,71 @@ pub(super) async fn open_store(database: &DatabaseOptions) -> anyhow::Result<Sto
     Ok(store)
 }
 
+/// A Sovereign's controller joined to the vendor's hub over NATS, when
+/// `--sovereign` names it.
+async fn join_hub(
+    options: &ControllerOptions,
+    audit: &AuditOptions,
+) -> anyhow::Result<Option<crate::federation::Joined>> {
+    use crate::federation::{Joined, allotment, sovereign::Refill};
+    let federation = &options.federation;
+    let Some(sovereign) = federation.sovereign.clone() else {
+        return Ok(None);
+    };
+    let client = connect_nats(&audit.stream).await?;
+    let js = match &federation.hub_domain {
+        Some(domain) => async_nats::jetstream::with_domain(client.clone(), domain),
+        None => async_nats::jetstream::new(client.clone()),
+    };
+    let definitions = js.get_key_value(allotment::BUCKET).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the hub's bucket {} (is `voucher-operator hub` running, and --hub-domain \
+             right?): {e}",
+            allotment::BUCKET
+        )
+    })?;
+    let refill = Refill {
+        sovereign,
+        prefix: allotment::SUBJECT_PREFIX.to_owned(),
+        low_water: federation.allotment_low_water,
+        step: federation.allotment_step,
+        timeout: std::time::Duration::from_secs(2),
+    };
+    Ok(Some(Joined {
+        client,
+        definitions,
+        refill,
+        every: federation.allotment_interval,
+    }))
+}
+
+async fn connect_nats(stream: &super::StreamOptions) -> anyhow::Result<async_nats::Client> {
+    let connect = crate::relay::connect_options(&stream.auth()).await?;
+    connect
+        .connect(stream.nats_url.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {}: {e}", stream.nats_url))
+}
+
+/// `hub`: the vendor's hub, until a signal.
+pub(super) async fn run_hub(
+    options: &super::HubOptions,
+    stream: &super::StreamOptions,
+) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot configure the Kubernetes client: {e}: set KUBECONFIG, or run in a cluster"
+        )
+    })?;
+    let nats = connect_nats(stream).await?;
+    let shutdown = crate::telemetry::shutdown_signal();
+    crate::federation::hub::run(client, nats, options.settings(), shutdown).await?;
+    Ok(())
+}
+
 pub(super) async fn run_controller(
     store: Store,
-    settings: crate::controller::Settings,
+    mut settings: crate::controller::Settings,
     options: &ControllerOptions,
     audit: AuditOptions,
     shutdown: tokio_util::sync::CancellationToken,
@@ -41,6 +103,7 @@ pub(super) async fn run_controller(
         .map_err(|e| anyhow::anyhow!("cannot configure the Kubernetes client for {server}: {e}"))?;
     controller::check_api(&client, &server, options.watch_namespace.as_deref()).await?;
 
+    settings.joined = join_hub(options, &audit).await?;
     let mut registry = prometheus_client::registry::Registry::default();
     let identity = options.identity();
     let config = controller::Config {

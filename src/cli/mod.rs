@@ -84,6 +84,15 @@ pub enum Command {
     /// OMR), discount given by committed orders (minor units of the currency, reversed orders
     /// excluded), reversed redemptions. Only reads the database.
     Report(ReportOptions),
+    /// Run the vendor's hub of global vouchers (no billing database): defines each
+    /// `scope: Global` Voucher of the global namespace in the hub's JetStream bucket, shows the
+    /// units granted in its status, and serves the Sovereigns' allotment requests.
+    Hub {
+        #[command(flatten)]
+        hub: HubOptions,
+        #[command(flatten)]
+        stream: StreamOptions,
+    },
     /// Run the controller and the server in one process (development, small installations).
     Run {
         #[command(flatten)]
@@ -212,6 +221,76 @@ pub struct ControllerOptions {
     /// Name of this replica in the Lease and in Events (default: host name and process id).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+
+    #[command(flatten)]
+    pub federation: FederationOptions,
+}
+
+/// A Sovereign's part in global vouchers (DESIGN §11, docs/federation.md).
+#[derive(Debug, Args)]
+pub struct FederationOptions {
+    /// The namespace of the vendor's global vouchers (spec.scope: Global), and only theirs.
+    #[arg(long, env = "GLOBAL_NAMESPACE", default_value = crate::federation::DEFAULT_GLOBAL_NAMESPACE)]
+    pub global_namespace: String,
+
+    /// This Sovereign's name (its NATS account's): joins the vendor's hub over --nats-url, so
+    /// that its global vouchers are offered here. Without it, a global voucher's copy says NoHub.
+    #[arg(long, env = "SOVEREIGN")]
+    pub sovereign: Option<String>,
+
+    /// The hub's JetStream domain as this Sovereign's NATS leaf node reaches it (e.g. hub);
+    /// without it, the hub's bucket is read in the connection's own domain.
+    #[arg(long, env = "HUB_DOMAIN")]
+    pub hub_domain: Option<String>,
+
+    /// Units asked for at a time, once fewer than --allotment-low-water are left unspent.
+    #[arg(long, env = "ALLOTMENT_STEP", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub allotment_step: u64,
+
+    /// Ask the hub for more once fewer units than this are left unspent here.
+    #[arg(long, env = "ALLOTMENT_LOW_WATER", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub allotment_low_water: u64,
+
+    /// One allotment round for every global code this often (on the leader).
+    #[arg(long, env = "ALLOTMENT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub allotment_interval: Duration,
+}
+
+/// The hub (`voucher-operator hub`, in the vendor's cluster).
+#[derive(Debug, Args)]
+pub struct HubOptions {
+    /// The namespace of the vendor's global vouchers (spec.scope: Global).
+    #[arg(long, env = "GLOBAL_NAMESPACE", default_value = crate::federation::DEFAULT_GLOBAL_NAMESPACE)]
+    pub global_namespace: String,
+
+    /// Replicas of the hub's KV bucket of allotments (3 on a JetStream cluster).
+    #[arg(long, env = "ALLOTMENT_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub allotment_replicas: u8,
+
+    /// The most one Sovereign may hold, in percent of the cap: no Sovereign hoards it.
+    #[arg(long, env = "SHARE_CEILING_PERCENT", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub share_ceiling_percent: u64,
+
+    /// The most one allotment request may add.
+    #[arg(long, env = "MAX_GRANT", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_grant: u64,
+
+    /// Each global voucher's status (units granted, redemptions reported) is refreshed this often.
+    #[arg(long, env = "STATUS_REFRESH", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub status_refresh: Duration,
+}
+
+impl HubOptions {
+    pub fn settings(&self) -> crate::federation::hub::Settings {
+        crate::federation::hub::Settings {
+            global_namespace: self.global_namespace.clone(),
+            prefix: crate::federation::allotment::SUBJECT_PREFIX.to_owned(),
+            replicas: usize::from(self.allotment_replicas),
+            ceiling_percent: self.share_ceiling_percent,
+            max_grant: self.max_grant,
+            refresh: self.status_refresh,
+        }
+    }
 }
 
 /// The Sovereign's billing as discounts see it (controller, server, run).
@@ -711,6 +790,9 @@ impl ControllerOptions {
             concurrency: self.concurrency,
             issuers: crate::domain::Issuers::new(&self.issuer_namespaces),
             key_namespace: self.campaign_key_namespace.clone(),
+            global_namespace: self.federation.global_namespace.clone(),
+            // Joined once connected (`commands::join_hub`).
+            joined: None,
         }
     }
 
@@ -848,6 +930,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             server,
             billing,
         } => run_both(&database, &controller, audit, &server, &billing).await,
+        Command::Hub { hub, stream } => commands::run_hub(&hub, &stream).await,
         Command::Events(options) => commands::print_events(options).await,
         Command::Export(options) => commands::export(options).await,
         Command::Report(options) => commands::report(options).await,

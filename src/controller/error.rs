@@ -25,6 +25,12 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// A deleted global copy waits for its unused share to be back at the
+    /// hub (the leader's allotment loop returns it) before its finalizer goes.
+    #[error(
+        "global voucher {code}: {unspent} unspent units of this Sovereign's share are not yet back at the hub; the Voucher goes once they are"
+    )]
+    ShareNotReturned { code: String, unspent: u64 },
 }
 
 impl Error {
@@ -40,6 +46,7 @@ impl Error {
                 _ => "finalizer",
             },
             Error::NotNamespaced { .. } => "invalid",
+            Error::ShareNotReturned { .. } => "federation",
         }
     }
 }

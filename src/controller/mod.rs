@@ -30,6 +30,7 @@ pub use error::Error;
 use metrics::{KindLabel, Metrics};
 pub(crate) use runtime::check_api;
 pub(crate) use runtime::owner;
+pub(crate) use runtime::patch_status;
 pub use runtime::suspended_by_annotation;
 
 /// How the controller behaves.
@@ -53,6 +54,10 @@ pub struct Settings {
     /// Namespace of the campaigns' generator-key Secrets, the only one whose
     /// Secrets the controller reads.
     pub key_namespace: String,
+    /// The namespace of the vendor's `scope: Global` Vouchers, and only theirs.
+    pub global_namespace: String,
+    /// The vendor's hub, when this Sovereign offers global vouchers.
+    pub joined: Option<crate::federation::Joined>,
 }
 
 /// The namespace of campaigns' generator-key Secrets, unless told otherwise.
@@ -76,6 +81,8 @@ impl Default for Settings {
             concurrency: 8,
             issuers: Issuers::new(["default"]),
             key_namespace: DEFAULT_KEY_NAMESPACE.to_owned(),
+            global_namespace: crate::federation::DEFAULT_GLOBAL_NAMESPACE.to_owned(),
+            joined: None,
         }
     }
 }
@@ -190,10 +197,24 @@ impl Role {
             .await
             .inspect_err(|e| tracing::error!(error = %e, "the audit relay stopped"))
         };
-        let (_, _, relayed) = tokio::join!(
+        // The leader keeps each global code's share topped up (and returns what is not offered).
+        let allotments = async {
+            if let Some(joined) = &self.ctx.settings.joined {
+                crate::federation::sovereign::run(
+                    self.ctx.store.clone(),
+                    joined.client.clone(),
+                    joined.refill.clone(),
+                    joined.every,
+                    stop.clone(),
+                )
+                .await;
+            }
+        };
+        let (_, _, relayed, ()) = tokio::join!(
             voucher::run(self.ctx.clone(), stop.clone()),
             campaign::run(self.ctx.clone(), stop.clone()),
-            relay
+            relay,
+            allotments
         );
         relayed
     }

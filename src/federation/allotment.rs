@@ -127,9 +127,10 @@ fn encode(record: &Record) -> Bytes {
     Bytes::from(serde_json::to_vec(record).expect("a record serialises"))
 }
 
-/// The vendor's terms for a code: the record created, or its cap and state
-/// changed by a compare-and-set like every other change (rule 7: a grant
-/// decided under the old terms then fails its own).
+/// The vendor's terms for a code: the record created, or its cap, state,
+/// window and terms changed by a compare-and-set like every other change
+/// (rule 7: a grant decided under the old terms then fails its own). An
+/// unchanged definition writes nothing.
 pub async fn define(kv: &kv::Store, code: &str, terms: &Record) -> Result<Record, Error> {
     for _ in 0..ATTEMPTS {
         let written = match read(kv, code).await? {
@@ -144,7 +145,10 @@ pub async fn define(kv: &kv::Store, code: &str, terms: &Record) -> Result<Record
                 }
             },
             Some((record, revision)) => {
-                let changed = record.with_terms(terms.cap, terms.active);
+                if record.redefined(terms) == record {
+                    return Ok(record);
+                }
+                let changed = record.redefined(terms);
                 (kv.update(code, encode(&changed), revision).await, changed)
             }
         };

@@ -65,7 +65,8 @@ pub async fn refill(
     let mut tx = store.pool().begin().await.map_err(StoreError::from)?;
     let mut local = allotments::lock(&mut tx, code)
         .await?
-        .ok_or_else(|| Error::NotGlobal(code.clone()))?;
+        .ok_or_else(|| Error::NotGlobal(code.clone()))?
+        .local;
     let applied = local.apply(&request, &reply, &identity);
     allotments::save(&mut tx, code, &local, &identity).await?;
     tx.commit().await.map_err(StoreError::from)?;
@@ -82,16 +83,22 @@ async fn record_request(
     identity: &str,
 ) -> Result<Option<Request>, Error> {
     let mut tx = store.pool().begin().await.map_err(StoreError::from)?;
-    let mut local = allotments::lock(&mut tx, code)
+    let held = allotments::lock(&mut tx, code)
         .await?
         .ok_or_else(|| Error::NotGlobal(code.clone()))?;
+    let (mut local, offered) = (held.local, held.offered);
     let counted: i32 = sqlx::query_scalar("SELECT times_redeemed FROM promo_codes WHERE code = $1")
         .bind(code.as_str())
         .fetch_one(&mut *tx)
         .await
         .map_err(StoreError::from)?;
     local.counted(u64::try_from(counted).unwrap_or_default());
-    let request = local.next_request(hub_uid, identity, refill.low_water, refill.step);
+    // A code no longer offered gives back what it has not spent, once what is out is
+    // answered and the state synced.
+    let request = match offered || local.outstanding.is_some() || local.needs_sync(identity) {
+        true => local.next_request(hub_uid, identity, refill.low_water, refill.step),
+        false => local.give_back(hub_uid, 0),
+    };
     allotments::save(&mut tx, code, &local, identity).await?;
     tx.commit().await.map_err(StoreError::from)?;
     Ok(request)

@@ -184,6 +184,7 @@ pub async fn issue(
         adopt: existing.is_some() && revoked_at.is_none(),
         // This revocation only: the manifest cannot undo a later one.
         reissue: revoked_at.map(|revoked_at| Reissue { revoked_at }),
+        scope: crate::api::Scope::Sovereign,
     };
     spec.terms()
         .validate()

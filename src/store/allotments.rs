@@ -18,19 +18,7 @@ impl Store {
     pub async fn register_global(&self, code: &Code, hub_uid: &str) -> Result<()> {
         let run = async {
             let mut tx = self.pool().begin().await?;
-            sqlx::query(
-                "INSERT INTO voucher_global_allotments (code, hub_uid, state) VALUES ($1, $2, $3) \
-                 ON CONFLICT (code) DO NOTHING",
-            )
-            .bind(code.as_str())
-            .bind(hub_uid)
-            .bind(Json(Local::default()))
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("UPDATE promo_codes SET global_allotment = true WHERE code = $1")
-                .bind(code.as_str())
-                .execute(&mut *tx)
-                .await?;
+            bind(&mut tx, code, hub_uid, true).await?;
             tx.commit().await?;
             Ok::<_, StoreError>(())
         };
@@ -64,15 +52,130 @@ impl Store {
     }
 }
 
+/// A global code's state as this Sovereign holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub local: Local,
+    /// Offered here now (its Voucher exists, the vendor's terms make it
+    /// redeemable): the allotment loop returns the unused share of a code
+    /// that is not.
+    pub offered: bool,
+}
+
+impl Store {
+    /// `code`'s state, if it is a global code of this Sovereign.
+    pub async fn held(&self, code: &Code) -> Result<Option<Held>> {
+        let mut conn = self.pool().acquire().await?;
+        read(&mut conn, code, "")
+            .await
+            .map_err(|e| e.during(Operation::Allotment, Some(code)))
+    }
+}
+
+impl Store {
+    /// Offers `code` no more (its Voucher is being deleted): the allotment
+    /// loop returns its unused share. `None` when it is no global code.
+    pub async fn withdraw(&self, code: &Code) -> Result<Option<Held>> {
+        let run = async {
+            let mut tx = self.pool().begin().await?;
+            let held = lock(&mut tx, code).await?;
+            sqlx::query(
+                "UPDATE voucher_global_allotments SET offered = false WHERE code = $1 AND offered",
+            )
+            .bind(code.as_str())
+            .execute(&mut *tx)
+            .await?;
+            // The row follows at once: nothing more is redeemed here.
+            sqlx::query(
+                "UPDATE promo_codes SET active = false WHERE code = $1 AND active AND global_allotment",
+            )
+            .bind(code.as_str())
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(held)
+        };
+        run.await
+            .map_err(|e| e.during(Operation::Allotment, Some(code)))
+    }
+}
+
+async fn read(conn: &mut PgConnection, code: &Code, lock: &'static str) -> Result<Option<Held>> {
+    let sql = format!("SELECT state, offered FROM voucher_global_allotments WHERE code = $1{lock}");
+    let row: Option<(Json<Local>, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(code.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.map(|(Json(local), offered)| Held { local, offered }))
+}
+
 /// Reads `code`'s state under its row lock (the transaction's until it ends).
-pub async fn lock(conn: &mut PgConnection, code: &Code) -> Result<Option<Local>> {
-    let state: Option<Json<Local>> = sqlx::query_scalar(
-        "SELECT state FROM voucher_global_allotments WHERE code = $1 FOR UPDATE",
+pub async fn lock(conn: &mut PgConnection, code: &Code) -> Result<Option<Held>> {
+    read(conn, code, " FOR UPDATE").await
+}
+
+/// The terms a global code's billing row carries: the vendor's (`hub`), with
+/// the cap and switch its share here sets — what the guard sets too, so that
+/// drift correction never fights the allotment. Takes the allotment's row
+/// lock: a refill round's change waits for this transaction, and the other
+/// way round.
+pub(crate) async fn row_terms(
+    conn: &mut PgConnection,
+    code: &Code,
+    hub: &crate::domain::Terms,
+    offered: bool,
+) -> Result<crate::domain::Terms> {
+    let cap: Option<i64> = sqlx::query_scalar(
+        "SELECT CASE WHEN synced_identity = voucher_operator_database_identity()                 THEN local_cap ELSE 0 END            FROM voucher_global_allotments WHERE code = $1 FOR UPDATE",
     )
     .bind(code.as_str())
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(state.map(|Json(local)| local))
+    let cap = cap.unwrap_or_default();
+    Ok(crate::domain::Terms {
+        active: offered && cap > 0,
+        max_redemptions: i32::try_from(cap.max(1)).unwrap_or(i32::MAX),
+        ..hub.clone()
+    })
+}
+
+/// Binds `code` to the hub Voucher `hub_uid` and says whether it is offered:
+/// the state created (share 0, not yet synced) when it has none — a
+/// re-created Voucher finds the one it had (rule 4) — and the billing row
+/// marked global, which the guard keeps.
+pub(crate) async fn bind(
+    conn: &mut PgConnection,
+    code: &Code,
+    hub_uid: &str,
+    offered: bool,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO voucher_global_allotments (code, hub_uid, state, offered) VALUES ($1, $2, $3, $4)          ON CONFLICT (code) DO UPDATE SET hub_uid = EXCLUDED.hub_uid, offered = EXCLUDED.offered          WHERE (voucher_global_allotments.hub_uid, voucher_global_allotments.offered)                IS DISTINCT FROM (EXCLUDED.hub_uid, EXCLUDED.offered)",
+    )
+    .bind(code.as_str())
+    .bind(hub_uid)
+    .bind(Json(Local::default()))
+    .bind(offered)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE promo_codes SET global_allotment = true WHERE code = $1 AND NOT global_allotment",
+    )
+    .bind(code.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Whether `code`'s row is a global one (`None`: no row). Only a Global
+/// Voucher binds such a row, and it binds no other.
+pub(crate) async fn is_global(conn: &mut PgConnection, code: &Code) -> Result<Option<bool>> {
+    Ok(
+        sqlx::query_scalar("SELECT global_allotment FROM promo_codes WHERE code = $1")
+            .bind(code.as_str())
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
 }
 
 /// Writes `code`'s state, and the billing row's cap and switch derived from
@@ -85,19 +188,25 @@ pub async fn save(
 ) -> Result<()> {
     let local_cap = i64::try_from(local.local_cap(identity)).unwrap_or(i64::MAX);
     sqlx::query(
-        "UPDATE voucher_global_allotments SET state = $2, local_cap = $3, updated_at = now() WHERE code = $1",
+        "UPDATE voucher_global_allotments SET state = $2, local_cap = $3, synced_identity = $4,          updated_at = now() WHERE code = $1",
     )
     .bind(code.as_str())
     .bind(Json(local))
     .bind(local_cap)
+    .bind(&local.synced_identity)
     .execute(&mut *conn)
     .await?;
-    // The row is live while units are held (the hub's deactivation comes back as a return
-    // to 0); the guard sets max_redemptions from local_cap, and keeps a 0 inactive.
-    sqlx::query("UPDATE promo_codes SET global_allotment = true, active = $2 WHERE code = $1")
-        .bind(code.as_str())
-        .bind(local_cap > 0)
-        .execute(&mut *conn)
-        .await?;
+    // The row is live while units are held and the code is offered (a code not offered
+    // returns its share); the guard sets max_redemptions from local_cap, and keeps a 0
+    // inactive. Written only when one of them changes: every write wakes the row's Voucher.
+    sqlx::query(
+        "UPDATE promo_codes p SET global_allotment = true, active = ($2 AND a.offered)            FROM voucher_global_allotments a           WHERE p.code = $1 AND a.code = p.code             AND (p.active IS DISTINCT FROM ($2 AND a.offered) OR NOT p.global_allotment \
+                 OR p.max_redemptions <> GREATEST($3, 1))",
+    )
+    .bind(code.as_str())
+    .bind(local_cap > 0)
+    .bind(local_cap)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }

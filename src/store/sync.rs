@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use super::bindings::{self, Bound};
 use super::campaigns;
 use super::outbox;
-use super::{Operation, Result, Store, StoreError, promo_codes, suspensions};
+use super::{Operation, Result, Store, StoreError, allotments, promo_codes, suspensions};
 use crate::domain::{
     Actor, Applied, AuditData, AuditKind, Claim, Code, CodeRecord, DeletionPolicy, Facts, Owner,
     Phase, Request, TermField, Terms, Unrequested,
@@ -25,6 +25,17 @@ pub struct Wanted<'a> {
     /// whoever owns the spec (a GitOps apply does not remove it).
     pub suspended: bool,
     pub now: DateTime<Utc>,
+    /// A global code (`scope: Global`): bound to the hub's Voucher, its row
+    /// carrying the vendor's terms (`terms`) with the share's cap and switch.
+    pub global: Option<Global<'a>>,
+}
+
+/// A global code's binding, as the controller found it at the hub.
+#[derive(Clone, Copy, Debug)]
+pub struct Global<'a> {
+    pub hub_uid: &'a str,
+    /// The vendor's terms make it redeemable now: otherwise its share is returned.
+    pub offered: bool,
 }
 
 // One value per reconcile, never stored in bulk: boxing the row would buy nothing.
@@ -39,6 +50,11 @@ pub enum Synced {
     /// The row exists without an owner and the resource did not ask to adopt
     /// (or reissue) it; nothing was written.
     NotRequested(Unrequested),
+    /// A global code claimed by a Voucher of this Sovereign's own (`scope`
+    /// absent), or a code of this Sovereign's own by a `scope: Global` one:
+    /// only a Global Voucher binds a global code, and it never takes over a
+    /// local one. Nothing was written.
+    ScopeMismatch { global_row: bool },
     /// The row carries the spec.
     Applied {
         claim: Claim,
@@ -75,6 +91,10 @@ impl Store {
     pub async fn sync_voucher(&self, wanted: &Wanted<'_>) -> Result<Synced> {
         let run = async {
             let mut tx = self.pool().begin().await?;
+            // The allotment before the billing row, in the order the refill loop locks them.
+            if wanted.global.is_some() {
+                allotments::lock(&mut tx, wanted.code).await?;
+            }
             let state = bindings::claim(&mut tx, wanted.code, wanted.owner, wanted.request).await?;
             match refused(&mut tx, wanted, &state).await {
                 Ok(None) => {}
@@ -250,6 +270,12 @@ async fn refused(
     if let Some(campaign) = campaigns::owner_of(tx, wanted.code.as_str()).await? {
         return Ok(Some(Synced::CampaignCode { campaign }));
     }
+    let global_row = allotments::is_global(tx, wanted.code).await?;
+    if global_row.is_some_and(|global| global != wanted.global.is_some()) {
+        return Ok(Some(Synced::ScopeMismatch {
+            global_row: global_row == Some(true),
+        }));
+    }
     Ok(match &state.claim {
         Claim::Conflict { owner } => Some(Synced::Conflict {
             owner: owner.clone(),
@@ -271,12 +297,24 @@ async fn apply(
     let target = suspensions::Target::Code(wanted.code);
     let source = suspensions::Source::Annotation;
     let suspension = suspensions::set(tx, &target, source, wanted.suspended, &actor).await?;
-    let applied = promo_codes::apply(tx, wanted.code, wanted.terms).await?;
+    let applied = match &wanted.global {
+        Some(global) => {
+            let terms =
+                allotments::row_terms(tx, wanted.code, wanted.terms, global.offered).await?;
+            let applied = promo_codes::apply(tx, wanted.code, &terms).await?;
+            allotments::bind(tx, wanted.code, global.hub_uid, global.offered).await?;
+            applied
+        }
+        None => promo_codes::apply(tx, wanted.code, wanted.terms).await?,
+    };
     let spec_changed = state
         .binding
         .as_ref()
         .is_none_or(|b| b.generation != wanted.generation);
-    let phase = Phase::of(&applied.after, wanted.now);
+    let phase = match &wanted.global {
+        Some(_) => Phase::of(&applied.after.as_global(wanted.terms), wanted.now),
+        None => Phase::of(&applied.after, wanted.now),
+    };
     let mut kinds = state.claim.audit_kinds(&Applied {
         changed: &applied.changed,
         now_active: applied.after.terms.active,

@@ -155,6 +155,7 @@ async fn main() {
                         deletion_policy: Default::default(),
                         suspended: false,
                         now: chrono::Utc::now(),
+                        global: None,
                     })
                     .await
                     .unwrap();

@@ -53,6 +53,9 @@ pub const PLURAL: &str = "vouchers";
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
     printcolumn(name = "Remaining", type_ = "integer", json_path = ".status.remaining", priority = 1, description = "Redemptions left before the cap; empty when unlimited"),
+    printcolumn(name = "Scope", type_ = "string", json_path = ".spec.scope", priority = 1, description = "Global: one cap across every Sovereign; empty: this Sovereign's"),
+    printcolumn(name = "Share", type_ = "integer", json_path = ".status.allotment.share", priority = 1, description = "A Global voucher's units held here (on the hub: granted in all)"),
+    printcolumn(name = "Allotments", type_ = "string", json_path = ".status.allotment.sovereigns", priority = 1, description = "On the hub: each Sovereign's share/redemptions"),
     printcolumn(name = "Valid-From", type_ = "string", json_path = ".spec.validFrom", priority = 1),
     printcolumn(name = "Expires", type_ = "string", json_path = ".spec.expiresAt", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
@@ -71,7 +74,11 @@ pub const PLURAL: &str = "vouchers";
         .message("spec.deletionPolicy can change only while the Voucher is inactive, before and after: set spec.active to false first, then change the policy"),
     validation = Rule::new(ONE_GRANT).message(ONE_GRANT_MESSAGE),
     validation = Rule::new(SAME_GRANT)
-        .message("a Voucher cannot switch between a credit (spec.creditOMR) and a discount (spec.discount): vouchers already redeemed granted the one; create a new Voucher for the other")
+        .message("a Voucher cannot switch between a credit (spec.creditOMR) and a discount (spec.discount): vouchers already redeemed granted the one; create a new Voucher for the other"),
+    validation = Rule::new("(has(self.scope) ? self.scope : 'Sovereign') == (has(oldSelf.scope) ? oldSelf.scope : 'Sovereign')")
+        .message("spec.scope is immutable: a Sovereign's cap and a global cap are different vouchers; create a new Voucher instead"),
+    validation = Rule::new("!has(self.scope) || self.scope != 'Global' || self.maxRedemptions > 0")
+        .message("a Global voucher needs spec.maxRedemptions of at least 1: its cap is shared among Sovereigns, and 0 (unlimited) has nothing to share")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VoucherSpec {
@@ -135,6 +142,28 @@ pub struct VoucherSpec {
         deserialize_with = "reissue_or_legacy_flag"
     )]
     pub reissue: Option<Reissue>,
+
+    /// Where the cap holds: Sovereign (this billing database alone, the default) or Global
+    /// (one cap across every Sovereign, kept by the vendor's hub; applied only in the global
+    /// namespace, maxRedemptions at least 1). Immutable.
+    #[serde(default, skip_serializing_if = "Scope::is_sovereign")]
+    pub scope: Scope,
+}
+
+/// Where a Voucher's cap holds (DESIGN §11, docs/federation.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Scope {
+    /// This Sovereign's billing database alone.
+    #[default]
+    Sovereign,
+    /// One cap across every Sovereign: the hub's record, allotted to each in shares.
+    Global,
+}
+
+impl Scope {
+    fn is_sovereign(&self) -> bool {
+        *self == Scope::Sovereign
+    }
 }
 
 /// Exactly one grant (a CEL rule of both kinds' specs).
@@ -281,6 +310,23 @@ pub struct VoucherStatus {
     /// When the row was last compared with the spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_synced_at: Option<DateTime<Utc>>,
+
+    /// A Global voucher's allotment: on a Sovereign, the share it holds; on the hub, the
+    /// units granted and to whom.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allotment: Option<AllotmentStatus>,
+}
+
+/// A Global voucher's allotment, as the printer columns show it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AllotmentStatus {
+    /// On a Sovereign: the units of the global cap this Sovereign holds (its redemptions are
+    /// status.timesRedeemed). On the hub: the units granted to every Sovereign together.
+    pub share: i64,
+    /// On the hub: each Sovereign's share and reported redemptions, e.g. "sov1=30/12 sov2=20/20".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sovereigns: Option<String>,
 }
 
 impl VoucherSpec {
@@ -373,6 +419,7 @@ pub fn voucher_for(record: &CodeRecord, namespace: &str) -> Result<Voucher, Adop
             adopt: !record.is_tombstoned(),
             // This revocation only: a later one stays.
             reissue: record.deleted_at.map(|revoked_at| Reissue { revoked_at }),
+            scope: Scope::Sovereign,
         },
     );
     voucher.metadata.namespace = Some(namespace.to_owned());
@@ -424,6 +471,7 @@ mod tests {
                 deletion_policy: DeletionPolicy::Revoke,
                 adopt: false,
                 reissue: None,
+                scope: Scope::Sovereign,
             },
         );
         v.metadata.namespace = Some("default".into());
@@ -638,6 +686,9 @@ mod tests {
                 "READY",
                 "REASON",
                 "REMAINING",
+                "SCOPE",
+                "SHARE",
+                "ALLOTMENTS",
                 "VALID-FROM",
                 "EXPIRES",
                 "AGE"

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::voucher::{TermField, Terms};
+
 /// The hub's record of one global code: one KV key (rule 1), every change a
 /// compare-and-set on its revision — grants, returns, syncs, and the vendor's
 /// changes of the cap or the state alike.
@@ -30,6 +32,10 @@ pub struct Record {
     pub per_request: u64,
     /// Per Sovereign (its NATS account's name).
     pub sovereigns: BTreeMap<String, Entry>,
+    /// The vendor's terms (credit or discount, description, window): what a
+    /// Sovereign's row carries, and what its copy of the Voucher is held to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terms: Option<Terms>,
 }
 
 /// What the record holds for one Sovereign.
@@ -139,6 +145,68 @@ impl Record {
             ceiling,
             per_request,
             sovereigns: BTreeMap::new(),
+            terms: None,
+        }
+    }
+
+    /// The record a hub Voucher defines: its cap (`max_redemptions`, which a
+    /// global voucher never leaves 0), state, window and terms.
+    pub fn defined(uid: impl Into<String>, terms: &Terms, ceiling: u64, per_request: u64) -> Self {
+        let cap = u64::try_from(terms.max_redemptions).unwrap_or_default();
+        Record {
+            active: terms.active,
+            valid_from: terms.valid_from,
+            expires_at: terms.expires_at,
+            terms: Some(terms.clone()),
+            ..Record::new(uid, cap, ceiling.min(cap), per_request)
+        }
+    }
+
+    /// This record with the vendor's new definition (`by`): its cap, state,
+    /// window, limits and terms — a write on the record like every other
+    /// change (rule 7); the shares stay as they are.
+    /// A hub Voucher re-created under the same code continues the record (its
+    /// uid replaces the old one): units granted stay granted and charged.
+    pub fn redefined(&self, by: &Record) -> Record {
+        Record {
+            uid: by.uid.clone(),
+            cap: by.cap,
+            active: by.active,
+            valid_from: by.valid_from,
+            expires_at: by.expires_at,
+            ceiling: by.ceiling,
+            per_request: by.per_request,
+            terms: by.terms.clone(),
+            ..self.clone()
+        }
+    }
+
+    /// Each Sovereign's share and reported redemptions, for a printer column:
+    /// `sov1=30/12 sov2=20/20`.
+    pub fn summary(&self) -> String {
+        self.sovereigns
+            .iter()
+            .map(|(name, e)| format!("{name}={}/{}", e.share, e.reported))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Redemptions every Sovereign reported, together.
+    pub fn reported(&self) -> u64 {
+        self.sovereigns.values().map(|e| e.reported).sum()
+    }
+
+    /// Whether grants are made now, by the hub's clock: active and in its window.
+    pub fn offered(&self, now: DateTime<Utc>) -> bool {
+        self.redeemable(now)
+    }
+
+    /// Where a Sovereign's copy of the Voucher differs from the vendor's terms
+    /// (the copy changes nothing: the row carries the hub's terms).
+    pub fn differences(&self, copy: &Terms) -> Vec<TermField> {
+        match &self.terms {
+            Some(terms) => copy.changes_from(terms),
+            None => Vec::new(),
         }
     }
 
@@ -272,10 +340,10 @@ pub fn decide(record: &Record, sovereign: &str, request: &Request, now: DateTime
             return refuse(Refusal::StaleVersion);
         }
         Request::Set { share, used, .. } => {
-            match raise_refusal(record, sovereign, &entry, *share, now) {
-                None => (
+            match granted_share(record, sovereign, &entry, *share, now) {
+                Ok(share) => (
                     Entry {
-                        share: *share,
+                        share,
                         version: entry.version + 1,
                         reported: *used,
                         known: true,
@@ -283,7 +351,7 @@ pub fn decide(record: &Record, sovereign: &str, request: &Request, now: DateTime
                     None,
                 ),
                 // A refused raise still records the usage it reports (rule 10).
-                Some(reason) => (
+                Err(reason) => (
                     Entry {
                         reported: *used,
                         ..entry.clone()
@@ -305,20 +373,23 @@ pub fn decide(record: &Record, sovereign: &str, request: &Request, now: DateTime
     }
 }
 
-/// Why a change of `entry`'s share to `share` is refused, if it is: a
-/// lowering (a return) never is.
-fn raise_refusal(
+/// The share a request for `share` gets: a lowering (a return) as asked,
+/// always; a raise as far as it fits — the cap (effective: what the others
+/// are charged counts), the ceiling and the per-request limit — so that the
+/// last units of a cap are granted rather than refused to a step that does
+/// not fit whole; refused when nothing more fits.
+fn granted_share(
     record: &Record,
     sovereign: &str,
     entry: &Entry,
     share: u64,
     now: DateTime<Utc>,
-) -> Option<Refusal> {
+) -> Result<u64, Refusal> {
     if share <= entry.share {
-        return None;
+        return Ok(share);
     }
     if !record.redeemable(now) {
-        return Some(Refusal::NotRedeemable);
+        return Err(Refusal::NotRedeemable);
     }
     let others: u64 = record
         .sovereigns
@@ -326,10 +397,15 @@ fn raise_refusal(
         .filter(|(name, _)| name.as_str() != sovereign)
         .map(|(_, e)| record.charged(e))
         .sum();
-    let fits = others.saturating_add(share) <= record.cap
-        && share <= record.ceiling
-        && share - entry.share <= record.per_request;
-    (!fits).then_some(Refusal::Cap)
+    let fits = record
+        .cap
+        .saturating_sub(others)
+        .min(record.ceiling)
+        .min(entry.share.saturating_add(record.per_request));
+    match share.min(fits) {
+        granted if granted > entry.share => Ok(granted),
+        _ => Err(Refusal::Cap),
+    }
 }
 
 #[cfg(test)]

@@ -59,6 +59,27 @@ impl CodeRecord {
     pub fn is_capped(&self) -> bool {
         self.remaining() == Some(0)
     }
+
+    /// A global code's row as its Voucher's phase reads it: the vendor's terms
+    /// (`hub`), not the cap and switch the local share sets (a used-up share is
+    /// not an exhausted voucher, a share of 0 not a switched-off one); exhausted
+    /// only once the hub said every unit is granted and spent everywhere.
+    pub fn as_global(&self, hub: &Terms) -> CodeRecord {
+        let gone = self.global_gone == Some(true);
+        CodeRecord {
+            terms: Terms {
+                max_redemptions: if gone { self.times_redeemed.max(1) } else { 0 },
+                ..hub.clone()
+            },
+            times_redeemed: if gone {
+                self.times_redeemed.max(1)
+            } else {
+                self.times_redeemed
+            },
+            global_gone: None,
+            ..self.clone()
+        }
+    }
 }
 
 /// Whether a code can be redeemed now, and if not, why. Serialised as a
@@ -473,6 +494,91 @@ mod tests {
             deleted_at: None,
             campaign_on: None,
             suspended: false,
+        }
+    }
+
+    #[test]
+    fn a_global_codes_phase_follows_the_vendors_terms_not_its_local_share() {
+        let hub = Terms {
+            max_redemptions: 1000,
+            ..record().terms
+        };
+        // (why, local active, local cap, redeemed, gone, hub active, at, phase)
+        let cases = [
+            (
+                "a share of 0 is no switched-off voucher",
+                false,
+                1,
+                0,
+                Some(false),
+                true,
+                9,
+                Phase::Active,
+            ),
+            (
+                "a used-up share is no exhausted voucher",
+                true,
+                3,
+                3,
+                Some(false),
+                true,
+                9,
+                Phase::Active,
+            ),
+            (
+                "every unit spent everywhere is",
+                true,
+                3,
+                3,
+                Some(true),
+                true,
+                9,
+                Phase::Exhausted,
+            ),
+            (
+                "the vendor switched it off",
+                true,
+                3,
+                1,
+                Some(false),
+                false,
+                9,
+                Phase::Inactive,
+            ),
+            (
+                "before the vendor's window",
+                false,
+                1,
+                0,
+                Some(false),
+                true,
+                7,
+                Phase::Scheduled,
+            ),
+            (
+                "after it",
+                true,
+                3,
+                1,
+                Some(false),
+                true,
+                18,
+                Phase::Expired,
+            ),
+        ];
+        for (why, active, cap, redeemed, gone, hub_active, hour, phase) in cases {
+            let mut row = record();
+            (
+                row.terms.active,
+                row.terms.max_redemptions,
+                row.times_redeemed,
+                row.global_gone,
+            ) = (active, cap, redeemed, gone);
+            let hub = Terms {
+                active: hub_active,
+                ..hub.clone()
+            };
+            assert_eq!(Phase::of(&row.as_global(&hub), at(hour)), phase, "{why}");
         }
     }
 

@@ -525,6 +525,8 @@ fn controller_config(cluster: &Cluster, relay: &RelaySettings) -> Config {
             // A development stack holds no operator credentials in the API server: campaign
             // keys go beside the examples (a cluster's chart keeps them apart).
             key_namespace: cluster.namespace.clone(),
+            global_namespace: "catalyst-global".into(),
+            joined: None,
             billing: Default::default(),
         },
         relay: Some(relay.clone()),

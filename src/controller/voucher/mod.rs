@@ -4,6 +4,7 @@
 //! them; `status` is the status that plan writes; `sweep` releases the rows
 //! of Vouchers that vanished without their finalizer.
 
+mod global;
 mod plan;
 mod reconcile;
 pub mod status;

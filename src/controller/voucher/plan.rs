@@ -33,6 +33,18 @@ pub(crate) enum VoucherFound {
     InvalidTerms(TermError),
     /// The billing database could not be asked.
     DatabaseUnavailable(String),
+    /// A `scope: Global` Voucher outside the global namespace, or one of this
+    /// Sovereign's own inside it (`global`: which); nothing was written.
+    OutOfPlace {
+        global: bool,
+        global_namespace: String,
+    },
+    /// A `scope: Global` Voucher on an operator joined to no hub.
+    NoHub,
+    /// The hub defines no global voucher with this code (yet).
+    NotAtHub,
+    /// The hub's definitions could not be read.
+    HubUnavailable(String),
     /// The store's answer: a conflict, or the row as synced.
     Synced(Synced),
 }
@@ -49,6 +61,8 @@ pub(crate) struct VoucherSeen<'a> {
     pub(crate) resync: Duration,
     /// What the spec grants (`50 OMR`, `20% install 3mo`), for its Events.
     pub(crate) grant: &'a str,
+    /// A global voucher's copy: where it differs from the vendor's terms.
+    pub(crate) differs: &'a [TermField],
 }
 
 /// When to reconcile this Voucher again.
@@ -132,24 +146,72 @@ pub(crate) fn decide(found: VoucherFound, seen: VoucherSeen<'_>) -> VoucherPlan 
             }
         }
         VoucherFound::Synced(Synced::NotRequested(what)) => not_requested(code, what, &seen),
-        VoucherFound::DatabaseUnavailable(error) => VoucherPlan {
-            status: status::desired(
-                Outcome::Failed {
-                    phase: Phase::Error,
-                    reason: "DatabaseUnavailable",
-                    message: format!("cannot reach the billing database: {error}"),
-                    retrying: true,
-                },
-                seen.generation,
-                seen.now,
-                seen.previous,
-            ),
-            phase: Phase::Error,
-            audit_conflict: None,
-            audited: Vec::new(),
-            events: Vec::new(),
-            next: Next::Retry,
+        VoucherFound::Synced(Synced::ScopeMismatch { global_row }) => {
+            let message = match global_row {
+                true => format!(
+                    "code {code} is a global voucher's on this Sovereign: only a Voucher with \
+                     spec.scope: Global in the global namespace binds it; nothing was written"
+                ),
+                false => format!(
+                    "code {code} is this Sovereign's own (its row is no global voucher's): a \
+                     Global Voucher never takes one over; nothing was written. Choose another \
+                     code at the hub"
+                ),
+            };
+            VoucherPlan {
+                next: Next::After(seen.resync),
+                ..refused(Phase::Conflict, "ScopeMismatch", message, &seen)
+            }
+        }
+        VoucherFound::OutOfPlace {
+            global,
+            global_namespace,
+        } => {
+            let message = match global {
+                true => format!(
+                    "a Voucher with spec.scope: Global belongs in the global namespace \
+                     {global_namespace} (where the vendor's copies are applied); nothing was \
+                     written"
+                ),
+                false => format!(
+                    "namespace {global_namespace} holds only the vendor's global vouchers \
+                     (spec.scope: Global); nothing was written. Apply this Voucher in an issuer \
+                     namespace"
+                ),
+            };
+            refused(Phase::Forbidden, "ScopeOutOfPlace", message, &seen)
+        }
+        VoucherFound::NoHub => refused(
+            Phase::Error,
+            "NoHub",
+            "a Global voucher needs the operator joined to the vendor's hub (the controller's \
+             --sovereign and --nats-url, chart value federation.sovereign); nothing was written"
+                .to_owned(),
+            &seen,
+        ),
+        VoucherFound::NotAtHub => VoucherPlan {
+            next: Next::After(HUB_LOOK),
+            ..refused(
+                Phase::Inactive,
+                "NotDefinedAtHub",
+                format!(
+                    "the hub defines no global voucher {code} (yet): nothing is offered until the \
+                     vendor applies it there; looking again every {} s",
+                    HUB_LOOK.as_secs()
+                ),
+                &seen,
+            )
         },
+        VoucherFound::HubUnavailable(error) => unavailable(
+            "HubUnavailable",
+            format!("cannot read the hub's definitions: {error}"),
+            &seen,
+        ),
+        VoucherFound::DatabaseUnavailable(error) => unavailable(
+            "DatabaseUnavailable",
+            format!("cannot reach the billing database: {error}"),
+            &seen,
+        ),
         VoucherFound::Synced(Synced::Conflict { owner: holder }) => conflict(code, holder, &seen),
         VoucherFound::Synced(Synced::Applied {
             record,
@@ -157,7 +219,51 @@ pub(crate) fn decide(found: VoucherFound, seen: VoucherSeen<'_>) -> VoucherPlan 
             changed,
             audited,
             ..
+        }) if !seen.differs.is_empty() => {
+            let synced = applied(&record, phase, &changed, audited, &seen);
+            let message = format!(
+                "this copy of global voucher {code} differs from the vendor's definition at the \
+                 hub in {}: the row carries the hub's terms and this copy changes nothing; make it \
+                 match the hub's (the vendor's Flux applies it)",
+                TermField::join(seen.differs)
+            );
+            let stalled = refused(phase, "DiffersFromHub", message, &seen);
+            VoucherPlan {
+                events: [synced.events, stalled.events].concat(),
+                audited: synced.audited,
+                next: synced.next,
+                ..stalled
+            }
+        }
+        VoucherFound::Synced(Synced::Applied {
+            record,
+            phase,
+            changed,
+            audited,
+            ..
         }) => applied(&record, phase, &changed, audited, &seen),
+    }
+}
+
+/// How often a global copy reads the hub's definition again (the vendor's
+/// switch-off or new window reaches a Sovereign within it).
+pub(super) const HUB_LOOK: Duration = Duration::from_secs(10);
+
+/// A service could not be asked: said, and retried with backoff.
+fn unavailable(reason: &'static str, message: String, seen: &VoucherSeen<'_>) -> VoucherPlan {
+    let outcome = Outcome::Failed {
+        phase: Phase::Error,
+        reason,
+        message,
+        retrying: true,
+    };
+    VoucherPlan {
+        status: status::desired(outcome, seen.generation, seen.now, seen.previous),
+        phase: Phase::Error,
+        audit_conflict: None,
+        audited: Vec::new(),
+        events: Vec::new(),
+        next: Next::Retry,
     }
 }
 
@@ -403,6 +509,7 @@ mod tests {
                 now: Utc::now(),
                 resync: RESYNC,
                 grant: "5 OMR",
+                differs: &[],
             },
         )
     }

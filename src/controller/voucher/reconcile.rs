@@ -8,9 +8,10 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
-use super::plan::{self, Next, VoucherFound, VoucherSeen};
+use super::global;
+use super::plan::{self, HUB_LOOK, Next, VoucherFound, VoucherSeen};
 use super::{CRD, sweep};
-use crate::api::{Voucher, VoucherStatus};
+use crate::api::{AllotmentStatus, Scope, Voucher, VoucherStatus};
 use crate::controller::conditions::differs;
 use crate::controller::runtime::{self, owner};
 use crate::controller::{Context, Error, suspended_by_annotation};
@@ -18,7 +19,7 @@ use crate::domain::{
     Actor, AuditKind, Code, DeletionPolicy, EventWording, Facts, Owner, Severity, Terms,
 };
 use crate::store::StoreError;
-use crate::store::sync::{Released, Synced, Wanted};
+use crate::store::sync::{Global, Released, Synced, Wanted};
 
 async fn publish(ctx: &Context, voucher: &Voucher, event: EventWording) {
     ctx.publish_on(&voucher.object_ref(&()), event).await;
@@ -29,13 +30,36 @@ pub(super) async fn apply(ctx: &Context, voucher: &Voucher) -> Result<Action, Er
     let owner = owner(voucher)?;
     let code = voucher.code();
     let now = Utc::now();
-    let terms = voucher.spec.terms();
-    let issuer = ctx.settings.issuers.allows(&owner.namespace);
+    let copy = voucher.spec.terms();
+    // The global namespace holds the vendor's copies: issued at the hub, not here.
+    let issuer = ctx.settings.issuers.allows(&owner.namespace)
+        || owner.namespace == ctx.settings.global_namespace;
+    let place = match &code {
+        Ok(code) if issuer => global::place(ctx, voucher, &owner, code).await,
+        _ => Ok(None),
+    };
+    let (record, refusal) = match place {
+        Ok(record) => (record, None),
+        Err(found) => (None, Some(found)),
+    };
+    // A global code's row carries the vendor's terms; the copy is only compared with them.
+    let (terms, differs) = match &record {
+        Some(record) => (
+            record.terms.clone().unwrap_or_else(|| copy.clone()),
+            record.differences(&copy),
+        ),
+        None => (copy.clone(), Vec::new()),
+    };
+    let bound = record.as_ref().map(|record| Global {
+        hub_uid: &record.uid,
+        offered: record.offered(now),
+    });
     let (found, failure) = match (&code, terms.validate_for(&ctx.settings.billing.categories)) {
         _ if !issuer => (VoucherFound::Forbidden(ctx.settings.issuers.clone()), None),
         (Err(error), _) => (VoucherFound::InvalidCode(error.clone()), None),
         (_, Err(error)) => (VoucherFound::InvalidTerms(error), None),
-        (Ok(code), Ok(())) => match sync(ctx, code, &owner, &terms, voucher, now).await {
+        (Ok(_), Ok(())) if refusal.is_some() => (refusal.expect("just checked"), None),
+        (Ok(code), Ok(())) => match sync(ctx, code, &owner, &terms, voucher, now, bound).await {
             Ok(synced) => (VoucherFound::Synced(synced), None),
             // This replica's copy is older than what another applied: it
             // writes nothing, the status neither; the watch brings the
@@ -60,9 +84,16 @@ pub(super) async fn apply(ctx: &Context, voucher: &Voucher) -> Result<Action, Er
         now,
         resync: ctx.settings.resync_interval,
         grant: &grant,
+        differs: &differs,
     };
     let mut plan = plan::decide(found, seen);
     plan.status.grant = Some(grant.clone());
+    if let (Some(_), Ok(code)) = (bound, &code) {
+        plan.status.allotment = ctx.store.held(code).await?.map(|held| AllotmentStatus {
+            share: i64::try_from(held.local.share).unwrap_or(i64::MAX),
+            sovereigns: None,
+        });
+    }
     if let (Some(holder), Ok(code)) = (&plan.audit_conflict, &code) {
         ctx.store.audit_conflict(code, &owner, holder).await?;
     }
@@ -77,6 +108,11 @@ pub(super) async fn apply(ctx: &Context, voucher: &Voucher) -> Result<Action, Er
     if let Some(error) = failure {
         // The database error is what gets retried; the status was best effort.
         return Err(error.into());
+    }
+    // A global copy looks at the hub's definition again soon: the vendor's
+    // switch-off or new window reaches this Sovereign within that time.
+    if bound.is_some() {
+        plan.next = plan.next.at_most(Some(HUB_LOOK));
     }
     Ok(match plan.next.at_most(written?) {
         Next::After(delay) => Action::requeue(delay),
@@ -94,16 +130,23 @@ async fn sync(
     terms: &Terms,
     voucher: &Voucher,
     now: chrono::DateTime<Utc>,
+    global: Option<Global<'_>>,
 ) -> Result<Synced, StoreError> {
+    let mut request = voucher.request();
+    // The hub's definition is what lets a copy take up its global row (left
+    // unowned when a copy was deleted); a row of this Sovereign's own is never
+    // a global one's to take (the store refuses it).
+    request.adopt |= global.is_some();
     let wanted = Wanted {
         code,
         owner,
         generation: voucher.metadata.generation.unwrap_or_default(),
         terms,
-        request: voucher.request(),
+        request,
         deletion_policy: voucher.spec.deletion_policy,
         suspended: suspended_by_annotation(voucher),
         now,
+        global,
     };
     let synced = ctx.store.sync_voucher(&wanted).await?;
     let Synced::Conflict { owner: holder } = &synced else {
@@ -187,7 +230,28 @@ pub(super) async fn cleanup(ctx: &Context, voucher: &Voucher) -> Result<Action, 
     // Deleting the CRD (by mistake, an uninstall, a prune) deletes every
     // Voucher: their codes are orphaned, never revoked, and it is said.
     let crd_going = runtime::crd_going(&ctx.client, CRD).await?;
-    let policy = crd_going.then_some(DeletionPolicy::Orphan);
+    let mut policy = crd_going.then_some(DeletionPolicy::Orphan);
+    // A global copy: offered no more, and its unused share returned to the hub
+    // before it goes (while a leader can return it); its row stays, inactive —
+    // the vendor's Voucher at the hub is what ends a global code.
+    let bound_here = voucher.spec.scope == Scope::Global
+        && ctx
+            .store
+            .owner_of(&code)
+            .await?
+            .is_some_and(|o| o.uid == owner.uid);
+    if bound_here && let Some(held) = ctx.store.withdraw(&code).await? {
+        let local = &held.local;
+        let returned = local.outstanding.is_none() && local.share <= local.high_water;
+        // Only an error keeps the finalizer (a requeue would let it go).
+        if !returned && ctx.settings.joined.is_some() && !crd_going {
+            return Err(Error::ShareNotReturned {
+                code: code.to_string(),
+                unspent: local.share.saturating_sub(local.high_water),
+            });
+        }
+        policy = Some(DeletionPolicy::Orphan);
+    }
     let released = ctx.store.release_voucher(&code, &owner, policy).await?;
     if crd_going && matches!(released, Released::Orphaned(_)) {
         tracing::warn!(code = %code, voucher = %voucher.name_any(),

@@ -165,6 +165,8 @@ pub fn desired(
         .flatten()
         .collect(),
         last_synced_at: previous.and_then(|p| p.last_synced_at),
+        // A global code's share, said by the reconcile (it reads the allotment).
+        allotment: None,
     }
 }
 

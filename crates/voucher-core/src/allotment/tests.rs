@@ -61,25 +61,36 @@ fn each_request_is_decided_by_its_rule() {
             "ok",
         ),
         (
-            "a raise past the cap is refused (others hold 3: at most 7)",
+            "a raise past the cap is granted as far as it fits (others hold 3: at most 7)",
             record(),
             set(2, 8),
+            Some(7),
+            "ok",
+        ),
+        (
+            "a raise once the cap is all granted is refused",
+            {
+                let mut r = record();
+                r.cap = 7;
+                r
+            },
+            set(2, 5),
             None,
             "cap",
         ),
         (
-            "a raise past the ceiling is refused",
+            "a raise past the ceiling is granted up to the ceiling",
             {
                 let mut r = record();
                 r.cap = 100;
                 r
             },
             set(2, 9),
-            None,
-            "cap",
+            Some(8),
+            "ok",
         ),
         (
-            "a raise past the per-request limit is refused",
+            "a raise past the per-request limit is granted up to it (4 held + 5)",
             {
                 let mut r = record();
                 r.cap = 100;
@@ -87,8 +98,8 @@ fn each_request_is_decided_by_its_rule() {
                 r
             },
             set(2, 10),
-            None,
-            "cap",
+            Some(9),
+            "ok",
         ),
         (
             "a return is always applied",
@@ -251,7 +262,10 @@ fn a_refused_raise_still_records_the_usage_it_reports() {
         share: 9,
         used: 3,
     };
-    let decision = decide(&record(), "s1", &asks, now());
+    // Every unit granted (S2 holds the other 3): nothing more fits.
+    let mut all_granted = record();
+    all_granted.cap = 7;
+    let decision = decide(&all_granted, "s1", &asks, now());
     let written = decision.write.expect("the usage is written");
     assert_eq!(
         written.sovereigns["s1"],
@@ -615,4 +629,72 @@ mod local {
         // A late reply of the old epoch is older, whatever its version.
         assert_eq!(local.apply(&refill, &ok(10, 9), DB), Applied::Ignored);
     }
+}
+
+#[test]
+fn a_vendors_definition_changes_the_terms_and_never_the_shares() {
+    let terms = crate::Terms {
+        max_redemptions: 100,
+        ..crate::Terms::granting(50)
+    };
+    let defined = Record::defined("uid-1", &terms, 500, 10);
+    assert_eq!(
+        (defined.cap, defined.ceiling),
+        (100, 100),
+        "the ceiling is never above the cap"
+    );
+    let mut held = defined.clone();
+    held.sovereigns.insert(
+        "sov1".into(),
+        Entry {
+            share: 30,
+            version: 2,
+            reported: 12,
+            known: true,
+        },
+    );
+    let lowered = Record::defined(
+        "uid-2",
+        &crate::Terms {
+            max_redemptions: 20,
+            active: false,
+            ..terms.clone()
+        },
+        500,
+        10,
+    );
+    let after = held.redefined(&lowered);
+    assert_eq!(
+        (after.cap, after.active, after.uid.as_str()),
+        (20, false, "uid-2")
+    );
+    assert_eq!(
+        after.sovereigns, held.sovereigns,
+        "units granted stay granted"
+    );
+    assert_eq!(after.summary(), "sov1=30/12");
+    assert_eq!(after.reported(), 12);
+}
+
+#[test]
+fn a_copy_is_held_to_the_vendors_terms_field_by_field() {
+    let terms = crate::Terms {
+        max_redemptions: 100,
+        ..crate::Terms::granting(50)
+    };
+    let record = Record::defined("uid-1", &terms, 100, 10);
+    assert!(record.differences(&terms).is_empty(), "the same terms");
+    let raised = crate::Terms {
+        max_redemptions: 200,
+        credit_omr: 500,
+        ..terms.clone()
+    };
+    assert_eq!(
+        record.differences(&raised),
+        [
+            crate::TermField::CreditOmr,
+            crate::TermField::MaxRedemptions
+        ],
+        "a franchisee raising its copy is told which fields differ"
+    );
 }
