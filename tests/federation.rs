@@ -584,28 +584,9 @@ async fn a_used_up_share_answers_try_again_and_only_every_unit_spent_everywhere_
 /// One customer's tries at `store` until granted or told every unit is gone:
 /// a 503-like "share used up" is asked again shortly, as a client would.
 async fn redeem_until_answered(store: &Store, code: &Code, customer: String) -> bool {
-    use voucher_operator::domain::Redeemability;
-    use voucher_operator::store::redeem::{Answer, Redeemed, Redemption};
-    for _ in 0..2000 {
-        let redemption = Redemption {
-            code: code.clone(),
-            subject: customer.clone(),
-            tenant: Some("t".into()),
-            email: String::new(),
-            idempotency: None,
-            now: chrono::Utc::now(),
-            currency: Default::default(),
-        };
-        match store.redeem(&redemption).await.expect("answered") {
-            Answer::Fresh(Redeemed::Granted { .. }) => return true,
-            Answer::Fresh(Redeemed::Gone(Redeemability::ShareUsedUp)) => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Answer::Fresh(Redeemed::Gone(Redeemability::Capped { .. })) => return false,
-            other => panic!("{customer}: {other:?}"),
-        }
-    }
-    panic!("{customer} was told to try again for 40 s")
+    support::redeem_within(store, code, &customer, 2000)
+        .await
+        .unwrap_or_else(|| panic!("{customer} was told to try again for 40 s"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -775,5 +756,141 @@ async fn with_the_hubs_nats_server_killed_mid_load_sovereigns_redeem_within_thei
     );
     assert_eq!(counted(pools, code.clone()).await.0, 600);
     assert_eq!(hub.granted(), 600, "the hub's total");
+    stop.cancel();
+}
+
+/// The topology of DESIGN §11: the hub's nats-server (JetStream domain `hub`)
+/// and one leaf node per Sovereign (a domain of its own), each leaf link
+/// through a proxy the test can cut like a WAN link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sovereigns_leaf_link_cut_leaves_the_others_what_the_hub_had_left() {
+    use support::tcp_cut::{self, Link};
+    let hub_leaf_port = support::free_port();
+    let hub = support::nats_hub(hub_leaf_port);
+    let connect = |url: String| async move { async_nats::connect(url).await.expect("nats") };
+    let kv = allotment::bucket(&jetstream::new(connect(hub.url.clone()).await), 1)
+        .await
+        .expect("the bucket");
+    let code = Code::parse("GLOBAL-LEAF").expect("a code");
+    allotment::define(
+        &kv,
+        code.as_str(),
+        &Record::new(format!("uid-{code}"), 300, 300, 30),
+    )
+    .await
+    .expect("defined");
+    let stop = CancellationToken::new();
+    for _ in 0..2 {
+        allotment::start(
+            connect(hub.url.clone()).await,
+            kv.clone(),
+            "test.leaf",
+            stop.clone(),
+        )
+        .await
+        .expect("started");
+    }
+    let (mut leaves, mut sovereigns) = (Vec::new(), Vec::new());
+    for i in 0..3 {
+        let link = Link::default();
+        let port = tcp_cut::proxy(hub_leaf_port, link.clone()).await;
+        let leaf = support::nats_leaf(&format!("sov{i}"), port);
+        let client = connect(leaf.url.clone()).await;
+        // The hub's definitions, read from the leaf through the hub's domain (what a
+        // Sovereign's controller reads: terms only, never a share).
+        let read =
+            support::eventually_within(Duration::from_secs(20), "the hub seen from a leaf", || {
+                let js = jetstream::with_domain(client.clone(), "hub");
+                let code = code.clone();
+                async move {
+                    let kv = js.get_key_value(allotment::BUCKET).await.ok()?;
+                    allotment::read(&kv, code.as_str()).await.ok().flatten()
+                }
+            })
+            .await;
+        assert_eq!(read.0.cap, 300);
+        let (store, pool) = sovereign_database(&code).await;
+        let refill = Refill {
+            sovereign: format!("sov{i}"),
+            low_water: 5,
+            ..refill_settings("test.leaf", 20)
+        };
+        tokio::spawn(sovereign::run(
+            store.clone(),
+            client,
+            refill,
+            Duration::from_millis(20),
+            stop.clone(),
+        ));
+        leaves.push((leaf, link));
+        sovereigns.push((store, pool));
+    }
+    let redeem = |i: usize, from: usize, n: usize, tries: usize| {
+        let (store, code) = (sovereigns[i].0.clone(), code.clone());
+        tokio::spawn(async move {
+            let mut granted = 0;
+            for n in from..from + n {
+                let customer = format!("leaf{i}-customer-{n}");
+                match support::redeem_within(&store, &code, &customer, tries).await {
+                    Some(true) => granted += 1,
+                    // Still "try again" after `tries`: nothing more comes (its share is spent
+                    // and the hub has none left for it).
+                    None => break,
+                    Some(false) => {}
+                }
+            }
+            granted
+        })
+    };
+    for i in 0..3 {
+        assert_eq!(redeem(i, 0, 30, 2000).await.unwrap(), 30, "before the cut");
+    }
+    // Sovereign 0's link cut; what it holds is read once the answers in flight are written.
+    leaves[0].1.cut();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = billing_row(&sovereigns[0].1, &code).await.1 as usize;
+    let (others, cut_off) = tokio::join!(
+        async {
+            let (a, b) = (redeem(1, 30, 200, 50), redeem(2, 30, 200, 50));
+            a.await.unwrap() + b.await.unwrap()
+        },
+        redeem(0, 30, 60, 5)
+    );
+    let cut_off = cut_off.unwrap();
+    println!(
+        "sov0 held {held} when cut and redeemed {cut_off} more; the others redeemed {others} more"
+    );
+    assert!(
+        30 + cut_off <= held,
+        "the cut-off Sovereign redeems within its share"
+    );
+    assert_eq!(
+        billing_row(&sovereigns[0].1, &code).await.1 as usize,
+        held,
+        "its share does not grow while its link is down"
+    );
+    assert_eq!(
+        60 + others,
+        300 - held,
+        "the others received everything the hub had left"
+    );
+    // The link mended: sov0 reports again, and every unit is granted, none twice.
+    leaves[0].1.mend();
+    let record = support::eventually_within(Duration::from_secs(20), "sov0 heard again", || {
+        let kv = kv.clone();
+        let code = code.clone();
+        async move {
+            let record = allotment::read(&kv, code.as_str()).await.ok()??.0;
+            (record.sovereigns["sov0"].reported as usize == 30 + cut_off).then_some(record)
+        }
+    })
+    .await;
+    assert_eq!(record.granted(), 300, "the hub's total is the cap");
+    let mut spent = 0;
+    for (_, pool) in &sovereigns {
+        spent += billing_row(pool, &code).await.2 as usize;
+    }
+    assert_eq!(spent, 60 + others + 30 + cut_off, "Σ local counters");
+    assert!(spent <= 300);
     stop.cancel();
 }

@@ -195,28 +195,10 @@ fn global(cap: i32) -> serde_json::Value {
 
 /// Redeems for `customer`, asking again while this Sovereign's share is used up.
 async fn redeem(store: &Store, customer: &str) -> bool {
-    use voucher_operator::domain::Redeemability;
-    use voucher_operator::store::redeem::{Answer, Redeemed, Redemption};
-    for _ in 0..500 {
-        let redemption = Redemption {
-            code: Code::parse("GLOBAL-E2E").unwrap(),
-            subject: customer.into(),
-            tenant: Some("t".into()),
-            email: String::new(),
-            idempotency: None,
-            now: chrono::Utc::now(),
-            currency: Default::default(),
-        };
-        match store.redeem(&redemption).await.expect("answered") {
-            Answer::Fresh(Redeemed::Granted { .. }) => return true,
-            Answer::Fresh(Redeemed::Gone(Redeemability::ShareUsedUp)) => {
-                tokio::time::sleep(Duration::from_millis(40)).await;
-            }
-            Answer::Fresh(Redeemed::Gone(_)) => return false,
-            other => panic!("{customer}: {other:?}"),
-        }
-    }
-    panic!("{customer} was told to try again for 20 s")
+    let code = Code::parse("GLOBAL-E2E").unwrap();
+    support::redeem_within(store, &code, customer, 1000)
+        .await
+        .unwrap_or_else(|| panic!("{customer} was told to try again for 20 s"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -25,6 +25,7 @@ use voucher_testenv::supervisor::{self, Signal};
 pub mod cluster;
 pub mod faults;
 pub mod pg_faults;
+pub mod tcp_cut;
 
 pub struct Postgres {
     pub port: u16,
@@ -37,6 +38,8 @@ pub struct Nats {
     pub url: String,
     binary: PathBuf,
     dir: PathBuf,
+    /// A hub or a leaf node (its name, the JetStream domain): `None`, a plain server.
+    node: Option<(String, services::NatsRole)>,
 }
 
 impl Postgres {
@@ -223,6 +226,31 @@ fn start_nats() -> Nats {
         url: format!("nats://127.0.0.1:{port}"),
         binary,
         dir: scratch_dir("nats"),
+        node: None,
+    };
+    nats.start();
+    nats
+}
+
+/// The vendor's hub (JetStream domain `hub`) accepting leaf nodes on `leaf_port`.
+pub fn nats_hub(leaf_port: u16) -> Nats {
+    nats_node("hub", services::NatsRole::Hub { leaf_port })
+}
+
+/// A Sovereign's leaf node named `name` (its own JetStream domain), connected
+/// to a hub's leaf port — directly, or through a proxy the test can cut.
+pub fn nats_leaf(name: &str, hub_leaf_port: u16) -> Nats {
+    nats_node(name, services::NatsRole::Leaf { hub_leaf_port })
+}
+
+fn nats_node(name: &str, role: services::NatsRole) -> Nats {
+    let port = free_port();
+    let nats = Nats {
+        port,
+        url: format!("nats://127.0.0.1:{port}"),
+        binary: nats_server(),
+        dir: scratch_dir(&format!("nats-{name}")),
+        node: Some((name.to_owned(), role)),
     };
     nats.start();
     nats
@@ -243,6 +271,7 @@ pub fn nats_with_password(user: &str, password: &str) -> Nats {
         url: format!("nats://127.0.0.1:{port}"),
         binary,
         dir: scratch_dir("nats-auth"),
+        node: None,
     };
     let mut cmd = services::nats_command(&nats.binary, &nats.dir.join("jetstream"), port);
     cmd.args(["--user", user, "--pass", password]);
@@ -255,7 +284,13 @@ pub fn nats_with_password(user: &str, password: &str) -> Nats {
 impl Nats {
     /// Starts the server (again) on the same port and JetStream store.
     pub fn start(&self) {
-        let mut nats = services::nats_command(&self.binary, &self.dir.join("jetstream"), self.port);
+        let mut nats = match &self.node {
+            None => services::nats_command(&self.binary, &self.dir.join("jetstream"), self.port),
+            Some((name, role)) => {
+                services::nats_node_command(&self.binary, &self.dir, name, self.port, role)
+                    .expect("the nats-server configuration")
+            }
+        };
         nats.stderr(log_file(self.dir.join("nats.log")));
         supervise(nats, Signal::TERM, self.dir.clone());
         wait_for_port(self.port, "nats-server", &self.dir.join("nats.log"));
@@ -478,4 +513,37 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Redeems for `customer`, asking again (every 20 ms, `tries` times) while
+/// this Sovereign's share is used up: granted, gone (`false`), or still "try
+/// again" (`None`).
+pub async fn redeem_within(
+    store: &voucher_operator::store::Store,
+    code: &voucher_operator::domain::Code,
+    customer: &str,
+    tries: usize,
+) -> Option<bool> {
+    use voucher_operator::domain::Redeemability;
+    use voucher_operator::store::redeem::{Answer, Redeemed, Redemption};
+    for _ in 0..tries {
+        let redemption = Redemption {
+            code: code.clone(),
+            subject: customer.to_owned(),
+            tenant: Some("t".into()),
+            email: String::new(),
+            idempotency: None,
+            now: chrono::Utc::now(),
+            currency: Default::default(),
+        };
+        match store.redeem(&redemption).await.expect("answered") {
+            Answer::Fresh(Redeemed::Granted { .. }) => return Some(true),
+            Answer::Fresh(Redeemed::Gone(Redeemability::ShareUsedUp)) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Answer::Fresh(Redeemed::Gone(Redeemability::Capped { .. })) => return Some(false),
+            other => panic!("{customer}: {other:?}"),
+        }
+    }
+    None
 }

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod federation;
 mod stack;
 
 use std::time::Duration;
@@ -113,8 +114,16 @@ struct LocalOptions {
 
     /// Run the main flow once (examples Ready, a redemption, REDEEMED 1 in kubectl, the
     /// event in JetStream) in a fresh state directory, then stop; non-zero exit on any failure.
+    /// With --sovereigns: the global voucher redeemed on two Sovereigns.
     #[arg(long)]
     smoke: bool,
+
+    /// Run the vendor's hub and this many Sovereigns instead (cross-Sovereign vouchers,
+    /// docs/federation.md): each its own kube-apiserver and etcd, NATS leaf node (its own
+    /// JetStream domain), billing database and operator, on the ports after the ones above.
+    /// Their addresses go to sovereigns.json in the state directory.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=8))]
+    sovereigns: u16,
 }
 
 #[tokio::main]
@@ -201,7 +210,10 @@ async fn run(command: DevCommand) -> anyhow::Result<()> {
                 http_port: options.http_port,
                 kubeconfig: options.kubeconfig,
             };
-            stack::run(settings, options.smoke).await
+            match options.sovereigns {
+                0 => stack::run(settings, options.smoke).await,
+                n => federation::run(settings, n, options.smoke).await,
+            }
         }
     }
 }

@@ -62,14 +62,14 @@ const EXAMPLES: [(&str, &str); 5] = [
 /// A service of the stack (started under `voucher_testenv`'s supervisor, so
 /// it ends with this process whatever happens), stopped with `signal` when
 /// the stack ends.
-struct Process {
+pub(crate) struct Process {
     name: &'static str,
     child: std::process::Child,
     signal: Signal,
 }
 
 impl Process {
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let Process {
             name,
             mut child,
@@ -86,7 +86,11 @@ impl Process {
 /// Waits until `process` listens on `port`. A port that answers while our
 /// process has exited belongs to someone else (e.g. a leftover of an earlier
 /// run): that is an error, not a ready service.
-async fn wait_for_port(process: &mut Process, port: u16, log: &Path) -> anyhow::Result<()> {
+pub(crate) async fn wait_for_port(
+    process: &mut Process,
+    port: u16,
+    log: &Path,
+) -> anyhow::Result<()> {
     let what = process.name;
     let deadline = Instant::now() + Duration::from_secs(30);
     let exited = |process: &mut Process| !matches!(process.child.try_wait(), Ok(None));
@@ -113,7 +117,7 @@ async fn wait_for_port(process: &mut Process, port: u16, log: &Path) -> anyhow::
     anyhow::bail!("{what} did not start on port {port} within 30 s; its log:\n{log}")
 }
 
-fn spawn(
+pub(crate) fn spawn(
     mut cmd: std::process::Command,
     log: &Path,
     name: &'static str,
@@ -132,7 +136,7 @@ fn spawn(
     })
 }
 
-async fn start_postgres(settings: &StackSettings) -> anyhow::Result<Process> {
+pub(crate) async fn start_postgres(settings: &StackSettings) -> anyhow::Result<Process> {
     let bin = services::postgres_bin_dir()
         .ok_or_else(|| anyhow::anyhow!("the Postgres server binaries were not found"))?;
     let dir = settings.state_dir.join("postgres");
@@ -172,10 +176,10 @@ async fn start_nats(settings: &StackSettings) -> anyhow::Result<Process> {
 }
 
 /// The cluster the stack uses: how to reach it, and which kubectl to run.
-struct Cluster {
-    kubeconfig: PathBuf,
-    kubectl: PathBuf,
-    client: kube::Client,
+pub(crate) struct Cluster {
+    pub(crate) kubeconfig: PathBuf,
+    pub(crate) kubectl: PathBuf,
+    pub(crate) client: kube::Client,
     /// The kubeconfig's namespace: where the examples and admin-issued Vouchers go.
     namespace: String,
     /// Someone else's cluster (`--kubeconfig`): the controller watches only
@@ -185,12 +189,16 @@ struct Cluster {
 
 impl Cluster {
     /// Runs kubectl against the stack's cluster; its stdout, or an error with its stderr.
-    async fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+    pub(crate) async fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
         kubectl(&self.kubectl, &self.kubeconfig, args).await
     }
 }
 
-async fn kubectl(binary: &Path, kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) async fn kubectl(
+    binary: &Path,
+    kubeconfig: &Path,
+    args: &[&str],
+) -> anyhow::Result<String> {
     let output = Command::new(binary)
         .args(args)
         .env("KUBECONFIG", kubeconfig)
@@ -208,7 +216,7 @@ async fn kubectl(binary: &Path, kubeconfig: &Path, args: &[&str]) -> anyhow::Res
 
 /// etcd and kube-apiserver on loopback, state and certificates kept in the
 /// state directory (so a second run finds its Vouchers again).
-async fn start_control_plane(
+pub(crate) async fn start_control_plane(
     settings: &StackSettings,
     binaries: &Binaries,
 ) -> anyhow::Result<(Vec<Process>, Cluster)> {
@@ -330,7 +338,11 @@ pub fn dev_token(
     )?)
 }
 
-async fn ensure_database(settings: &StackSettings) -> anyhow::Result<String> {
+/// The database `name` on the stack's Postgres (created when missing): its URL.
+pub(crate) async fn ensure_database(
+    settings: &StackSettings,
+    name: &str,
+) -> anyhow::Result<String> {
     let admin = Store::connect(&DatabaseSettings {
         url: format!(
             "postgres://postgres@127.0.0.1:{}/postgres",
@@ -341,16 +353,18 @@ async fn ensure_database(settings: &StackSettings) -> anyhow::Result<String> {
     })
     .await?;
     let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'billing')")
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
             .fetch_one(admin.pool())
             .await?;
     if !exists {
-        sqlx::query("CREATE DATABASE billing")
+        // A name of our own making (billing, billing_sov1, …): nothing to quote.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(admin.pool())
             .await?;
     }
     Ok(format!(
-        "postgres://postgres@127.0.0.1:{}/billing",
+        "postgres://postgres@127.0.0.1:{}/{name}",
         settings.postgres_port
     ))
 }
@@ -404,7 +418,7 @@ async fn run_operator(
     smoke: bool,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let database_url = ensure_database(settings).await?;
+    let database_url = ensure_database(settings, "billing").await?;
     let store = Store::connect(&DatabaseSettings {
         url: database_url.clone(),
         max_connections: 20,
@@ -672,7 +686,7 @@ async fn smoke_commit(base: &str, service: &str) -> anyhow::Result<()> {
 }
 
 /// Redeems `code` for the smoke customer: the answer, which must be a 200.
-async fn smoke_redeem(base: &str, token: &str, code: &str) -> anyhow::Result<String> {
+pub(crate) async fn smoke_redeem(base: &str, token: &str, code: &str) -> anyhow::Result<String> {
     let response = reqwest::Client::new()
         .post(format!("{base}/billing/vouchers/redeem"))
         .bearer_auth(token)
@@ -688,7 +702,7 @@ async fn smoke_redeem(base: &str, token: &str, code: &str) -> anyhow::Result<Str
 }
 
 /// Sleeps a moment before looking again, unless `deadline` passed.
-async fn wait_until(deadline: Instant, what: &'static str) -> anyhow::Result<()> {
+pub(crate) async fn wait_until(deadline: Instant, what: &'static str) -> anyhow::Result<()> {
     if Instant::now() > deadline {
         anyhow::bail!("smoke: timed out waiting for {what}");
     }

@@ -157,3 +157,45 @@ pub fn nats_command(binary: &Path, store_dir: &Path, port: u16) -> Command {
         .stdout(Stdio::null());
     cmd
 }
+
+/// Where a nats-server stands in the topology of DESIGN §11: the vendor's hub
+/// (JetStream domain `hub`, accepting leaf nodes), or a Sovereign's leaf node
+/// (a JetStream domain of its own, connected to the hub's leaf port).
+#[derive(Clone, Debug)]
+pub enum NatsRole {
+    Hub { leaf_port: u16 },
+    Leaf { hub_leaf_port: u16 },
+}
+
+/// The command that runs a nats-server named `name` (its JetStream domain
+/// too) on `port`, as `role` says: its configuration file written in `dir`,
+/// its JetStream store under it.
+pub fn nats_node_command(
+    binary: &Path,
+    dir: &Path,
+    name: &str,
+    port: u16,
+    role: &NatsRole,
+) -> std::io::Result<Command> {
+    let leafnodes = match role {
+        // Not advertised: a leaf reconnects only to the URL it was given (a WAN link, or a
+        // test's proxy standing for one), never around it.
+        NatsRole::Hub { leaf_port } => {
+            format!("leafnodes {{ listen: \"127.0.0.1:{leaf_port}\", no_advertise: true }}")
+        }
+        NatsRole::Leaf { hub_leaf_port } => format!(
+            "leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{hub_leaf_port}\" }} ] }}"
+        ),
+    };
+    let store = dir.join("jetstream");
+    let config = format!(
+        "server_name: \"{name}\"\nlisten: \"127.0.0.1:{port}\"\n\
+         jetstream {{ store_dir: {store:?}, domain: \"{name}\" }}\n{leafnodes}\n"
+    );
+    let file = dir.join("nats.conf");
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(&file, config)?;
+    let mut cmd = supervisor::command(binary, Signal::TERM);
+    cmd.arg("-c").arg(file).stdout(Stdio::null());
+    Ok(cmd)
+}

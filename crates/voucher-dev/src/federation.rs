@@ -1,0 +1,382 @@
+//! `voucher-dev local --sovereigns N`: the vendor's hub and N Sovereigns on
+//! one machine, as DESIGN §11 draws them — each its own kube-apiserver and
+//! etcd, the hub's nats-server (JetStream domain `hub`) and one leaf node per
+//! Sovereign (a domain of its own), a billing database per Sovereign (one
+//! Postgres server), the hub role and each Sovereign's operator (controller,
+//! allotment loop, audit relay, HTTP server) in this process. What each one
+//! is reached by goes to `sovereigns.json` in the state directory.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use voucher_operator::controller::{Config, Role, Settings};
+use voucher_operator::federation::sovereign::Refill;
+use voucher_operator::federation::{DEFAULT_GLOBAL_NAMESPACE, Joined, allotment, hub};
+use voucher_operator::relay::RelaySettings;
+use voucher_operator::server::auth::AuthSettings;
+use voucher_operator::server::{self, ServerSettings};
+use voucher_operator::store::{DatabaseSettings, Store};
+use voucher_testenv::control_plane::{self, Binaries};
+use voucher_testenv::services::{self, NatsRole};
+use voucher_testenv::supervisor::Signal;
+
+use crate::stack::{self, Cluster, Process, StackSettings};
+
+/// The global voucher every part of the federation applies.
+const EXAMPLE: &str = include_str!("../../../examples/global/world-launch.yaml");
+const EXAMPLE_CODE: &str = "WORLD-LAUNCH-50";
+const EXAMPLE_NAME: &str = "world-launch-50";
+
+/// One part of the federation: its name, ports and state directory. The hub
+/// takes the stack's ports; Sovereign `i` the next ones (`--api-port` + i, …).
+struct Part {
+    name: String,
+    dir: PathBuf,
+    settings: StackSettings,
+}
+
+fn part(settings: &StackSettings, i: u16) -> Part {
+    let name = if i == 0 {
+        "hub".to_owned()
+    } else {
+        format!("sov{i}")
+    };
+    let dir = settings.state_dir.join(&name);
+    Part {
+        settings: StackSettings {
+            state_dir: dir.clone(),
+            api_port: settings.api_port + i,
+            etcd_port: settings.etcd_port + i,
+            // The hub's leaf port is the one after its client port.
+            nats_port: settings.nats_port + if i == 0 { 0 } else { 1 + i },
+            http_port: settings.http_port + i,
+            ..settings.clone()
+        },
+        name,
+        dir,
+    }
+}
+
+/// Runs the federation until Ctrl-C (or, with `smoke`, one global voucher
+/// redeemed on two Sovereigns, then stops).
+pub async fn run(settings: StackSettings, sovereigns: u16, smoke: bool) -> anyhow::Result<()> {
+    if settings.kubeconfig.is_some() {
+        anyhow::bail!("--sovereigns starts a cluster per Sovereign: it cannot use --kubeconfig");
+    }
+    services::ensure_packages()?;
+    let binaries = Binaries::find_or_build()?;
+    std::fs::create_dir_all(&settings.state_dir)?;
+    if services::is_root() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&settings.state_dir, std::fs::Permissions::from_mode(0o711))?;
+    }
+    let stop = voucher_operator::telemetry::shutdown_signal();
+    let mut processes = vec![stack::start_postgres(&settings).await?];
+    let outcome = async {
+        let parts: Vec<Part> = (0..=sovereigns).map(|i| part(&settings, i)).collect();
+        let hub_leaf_port = settings.nats_port + 1;
+        let mut clusters = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            let role = match i {
+                0 => NatsRole::Hub {
+                    leaf_port: hub_leaf_port,
+                },
+                _ => NatsRole::Leaf { hub_leaf_port },
+            };
+            processes.push(start_nats(part, &role).await?);
+            let (started, cluster) = stack::start_control_plane(&part.settings, &binaries).await?;
+            processes.extend(started);
+            install(&cluster).await?;
+            clusters.push(cluster);
+        }
+        eprintln!("the hub and {sovereigns} Sovereign(s) are up; starting their operators");
+        run_parts(&settings, &parts, &clusters, smoke, stop.clone()).await
+    }
+    .await;
+    stop.cancel();
+    for process in processes.into_iter().rev() {
+        process.stop().await;
+    }
+    outcome
+}
+
+async fn start_nats(part: &Part, role: &NatsRole) -> anyhow::Result<Process> {
+    let binary = voucher_testenv::built::nats_server()?;
+    let dir = part.dir.join("nats");
+    let log = dir.join("nats.log");
+    let cmd =
+        services::nats_node_command(&binary, &dir, &part.name, part.settings.nats_port, role)?;
+    let mut process = stack::spawn(cmd, &log, "nats-server", Signal::TERM)?;
+    stack::wait_for_port(&mut process, part.settings.nats_port, &log).await?;
+    Ok(process)
+}
+
+/// The CRDs, the global namespace and the global voucher, in one cluster.
+async fn install(cluster: &Cluster) -> anyhow::Result<()> {
+    control_plane::install_crd(&cluster.client, &voucher_operator::api::crd()).await?;
+    let namespaces = cluster
+        .kubectl(&["get", "namespaces", "-o", "name"])
+        .await?;
+    if !namespaces.contains(&format!("namespace/{DEFAULT_GLOBAL_NAMESPACE}")) {
+        cluster
+            .kubectl(&["create", "namespace", DEFAULT_GLOBAL_NAMESPACE])
+            .await?;
+    }
+    let file = cluster.kubeconfig.with_file_name("world-launch.yaml");
+    std::fs::write(&file, EXAMPLE)?;
+    print!(
+        "{}",
+        cluster
+            .kubectl(&["apply", "-f", &file.to_string_lossy()])
+            .await?
+    );
+    Ok(())
+}
+
+/// The hub role, then each Sovereign's operator; `sovereigns.json`; the banner
+/// (or the smoke check).
+async fn run_parts(
+    settings: &StackSettings,
+    parts: &[Part],
+    clusters: &[Cluster],
+    smoke: bool,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let hub_url = format!("nats://127.0.0.1:{}", parts[0].settings.nats_port);
+    let hub_settings = hub::Settings {
+        global_namespace: DEFAULT_GLOBAL_NAMESPACE.into(),
+        prefix: allotment::SUBJECT_PREFIX.into(),
+        replicas: 1,
+        ceiling_percent: 100,
+        max_grant: 1000,
+        refresh: Duration::from_secs(2),
+    };
+    let hub_nats = async_nats::connect(&hub_url).await?;
+    let hub_client = clusters[0].client.clone();
+    let hub_stop = stop.clone();
+    tokio::spawn(async move {
+        if let Err(error) = hub::run(hub_client, hub_nats, hub_settings, hub_stop).await {
+            tracing::error!(%error, "the hub stopped");
+        }
+    });
+    let secret = stack::jwt_secret(&settings.state_dir)?;
+    let mut described = Vec::new();
+    for (part, cluster) in parts.iter().zip(clusters).skip(1) {
+        let database = format!("billing_{}", part.name);
+        let database_url = stack::ensure_database(settings, &database).await?;
+        start_sovereign(part, cluster, &database_url, &secret, stop.clone()).await?;
+        described.push(json!({
+            "name": part.name,
+            "kubeconfig": cluster.kubeconfig,
+            "http": format!("http://127.0.0.1:{}", part.settings.http_port),
+            "database_url": database_url,
+            "nats_url": format!("nats://127.0.0.1:{}", part.settings.nats_port),
+            "token": format!("cargo local token --state-dir {} --sub alice", settings.state_dir.display()),
+        }));
+    }
+    let map = json!({
+        "hub": {"kubeconfig": clusters[0].kubeconfig, "nats_url": hub_url, "jetstream_domain": "hub"},
+        "sovereigns": described,
+    });
+    let file = settings.state_dir.join("sovereigns.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&map)?)?;
+    let token = stack::dev_token(
+        &secret,
+        "local-developer",
+        Some("superadmin"),
+        Duration::from_secs(86_400),
+    )?;
+    if smoke {
+        return smoke_check(parts, clusters, &token).await;
+    }
+    print_try(settings, parts, clusters, &file);
+    stop.cancelled().await;
+    Ok(())
+}
+
+/// One Sovereign's operator: the controller joined to the hub through its
+/// leaf node (the hub's bucket read in the hub's domain), the audit relay to
+/// its own domain, and the HTTP server.
+async fn start_sovereign(
+    part: &Part,
+    cluster: &Cluster,
+    database_url: &str,
+    secret: &str,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = Store::connect(&DatabaseSettings {
+        url: database_url.to_owned(),
+        max_connections: 10,
+        ..Default::default()
+    })
+    .await?;
+    store.migrate().await?;
+    let nats_url = format!("nats://127.0.0.1:{}", part.settings.nats_port);
+    let client = async_nats::connect(&nats_url).await?;
+    let hub = async_nats::jetstream::with_domain(client.clone(), "hub");
+    // The leaf link and the hub's bucket take a moment after start-up.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let definitions = loop {
+        match hub.get_key_value(allotment::BUCKET).await {
+            Ok(kv) => break kv,
+            Err(_) => stack::wait_until(deadline, "the hub's bucket, seen from a leaf").await?,
+        }
+    };
+    let joined = Joined {
+        client: client.clone(),
+        definitions,
+        refill: Refill {
+            sovereign: part.name.clone(),
+            prefix: allotment::SUBJECT_PREFIX.into(),
+            low_water: 20,
+            step: 100,
+            timeout: Duration::from_secs(2),
+        },
+        every: Duration::from_secs(1),
+    };
+    let config = Config {
+        settings: Settings {
+            resync_interval: Duration::from_secs(300),
+            status_min_interval: Duration::from_secs(1),
+            namespace: None,
+            identity: format!("local-{}", part.name),
+            concurrency: 4,
+            issuers: voucher_operator::domain::Issuers::new(["default"]),
+            key_namespace: "default".into(),
+            global_namespace: DEFAULT_GLOBAL_NAMESPACE.into(),
+            joined: Some(joined),
+            billing: Default::default(),
+        },
+        relay: Some(RelaySettings {
+            nats_url,
+            ..Default::default()
+        }),
+        lease: None,
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let role = Role::new(cluster.client.clone(), store.clone(), config, &mut registry);
+    let role_stop = stop.clone();
+    let name = part.name.clone();
+    tokio::spawn(async move {
+        if let Err(error) = role.run(role_stop).await {
+            tracing::error!(sovereign = %name, %error, "the controller stopped");
+        }
+    });
+    let config = server::Config {
+        auth: AuthSettings {
+            hs256_secret: Some(secret.to_owned()),
+            ..Default::default()
+        },
+        settings: ServerSettings {
+            rate_limit_per_minute: 600,
+            rate_limit_burst: 100,
+            ..Default::default()
+        },
+        listen: (Ipv4Addr::LOCALHOST, part.settings.http_port).into(),
+        admin: None,
+        metrics: None,
+    };
+    let http = server::Role::new(store, Some(cluster.client.clone()), config, registry).await?;
+    tokio::spawn(http.run(stop));
+    Ok(())
+}
+
+fn print_try(settings: &StackSettings, parts: &[Part], clusters: &[Cluster], file: &Path) {
+    let kubectl_dir = clusters[0]
+        .kubectl
+        .parent()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    let mut text = format!(
+        "\nThe hub and {} Sovereign(s) are running locally (state in {}; every address in {}).\n\
+         One global voucher, {EXAMPLE_CODE} (examples/global/world-launch.yaml), is applied on each. Try:\n\n\
+         export PATH={kubectl_dir}:$PATH\n\
+         export TOKEN=$(cargo local token --state-dir {} --sub alice)\n",
+        parts.len() - 1,
+        settings.state_dir.display(),
+        file.display(),
+        settings.state_dir.display(),
+    );
+    for (part, cluster) in parts.iter().zip(clusters).skip(1) {
+        text += &format!(
+            "curl -s http://127.0.0.1:{}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"{EXAMPLE_CODE}\",\"tenant_id\":\"acme\"}}'   # on {}\n\
+             KUBECONFIG={} kubectl get vouchers -n {DEFAULT_GLOBAL_NAMESPACE} -o wide   # its share there\n",
+            part.settings.http_port,
+            part.name,
+            cluster.kubeconfig.display(),
+        );
+    }
+    text += &format!(
+        "KUBECONFIG={} kubectl get vouchers -n {DEFAULT_GLOBAL_NAMESPACE} -o wide   # at the hub: units granted per Sovereign\n\n\
+         Ctrl-C stops everything.",
+        clusters[0].kubeconfig.display()
+    );
+    println!("{text}");
+}
+
+/// The global voucher redeemed on two Sovereigns, each within a share the hub
+/// granted, and the hub's status showing both allotments.
+async fn smoke_check(parts: &[Part], clusters: &[Cluster], token: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let jsonpath = "jsonpath={.status.allotment.share}";
+    let share = [
+        "get",
+        "voucher",
+        EXAMPLE_NAME,
+        "-n",
+        DEFAULT_GLOBAL_NAMESPACE,
+        "-o",
+        jsonpath,
+    ];
+    for (part, cluster) in parts.iter().zip(clusters).skip(1).take(2) {
+        while cluster
+            .kubectl(&share)
+            .await?
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+            == 0
+        {
+            stack::wait_until(deadline, "a share of the global voucher on every Sovereign").await?;
+        }
+        let base = format!("http://127.0.0.1:{}", part.settings.http_port);
+        let body = stack::smoke_redeem(&base, token, EXAMPLE_CODE).await?;
+        println!("smoke: redeemed {EXAMPLE_CODE} on {}: {body}", part.name);
+    }
+    loop {
+        let allotments = clusters[0]
+            .kubectl(&[
+                "get",
+                "voucher",
+                EXAMPLE_NAME,
+                "-n",
+                DEFAULT_GLOBAL_NAMESPACE,
+                "-o",
+                "jsonpath={.status.allotment.sovereigns}",
+            ])
+            .await?;
+        if allotments.contains("sov1=") && allotments.contains("sov2=") {
+            println!("smoke: the hub's allotments: {allotments}");
+            break;
+        }
+        stack::wait_until(deadline, "both allotments in the hub's status").await?;
+    }
+    print!(
+        "{}",
+        clusters[0]
+            .kubectl(&[
+                "get",
+                "vouchers",
+                "-n",
+                DEFAULT_GLOBAL_NAMESPACE,
+                "-o",
+                "wide"
+            ])
+            .await?
+    );
+    Ok(())
+}
