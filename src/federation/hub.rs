@@ -127,7 +127,7 @@ async fn define(hub: &Hub, voucher: &Voucher, live: bool) -> Result<Action, Erro
             message,
             retrying: false,
         };
-        patch(hub, voucher, failed, None).await?;
+        patch(hub, voucher, failed, None, None).await?;
         return Ok(Action::await_change());
     }
     let code = voucher.code().map_err(|e| Error::Code(name.clone(), e))?;
@@ -144,16 +144,13 @@ async fn define(hub: &Hub, voucher: &Voucher, live: bool) -> Result<Action, Erro
     if live {
         let row = said(code.as_str(), &record, &terms);
         let phase = Phase::of(&row, Utc::now());
-        patch(
-            hub,
-            voucher,
-            Outcome::Synced {
-                record: &row,
-                phase,
-            },
-            Some(&record),
-        )
-        .await?;
+        let outcome = Outcome::Synced {
+            record: &row,
+            phase,
+        };
+        // The grant as the hub's own currency says it (each Sovereign says it in its own).
+        let grant = terms.grant(&crate::domain::Billing::default().currency);
+        patch(hub, voucher, outcome, Some(&record), Some(grant)).await?;
     }
     Ok(Action::requeue(hub.settings.refresh))
 }
@@ -186,9 +183,11 @@ async fn patch(
     voucher: &Voucher,
     outcome: Outcome<'_>,
     record: Option<&Record>,
+    grant: Option<String>,
 ) -> Result<(), Error> {
     let generation = voucher.meta().generation.unwrap_or_default();
     let mut status = status::desired(outcome, generation, Utc::now(), voucher.status.as_ref());
+    status.grant = grant;
     status.allotment = record.map(|r| AllotmentStatus {
         share: i64::try_from(r.granted()).unwrap_or(i64::MAX),
         sovereigns: Some(r.summary()),

@@ -434,6 +434,11 @@ pub struct Local {
     /// (rule 10): "fully redeemed" (410) rather than "try again" (503).
     #[serde(default)]
     pub gone: bool,
+    /// The redemptions the hub last heard of from this Sovereign: once more
+    /// are spent, a round reports them (rule 10 decides "used up" from them,
+    /// and the hub's status shows them) even when no refill is due.
+    #[serde(default)]
+    pub reported: u64,
 }
 
 /// What applying a reply did to the local state.
@@ -502,6 +507,10 @@ impl Local {
             }
         } else if self.share.saturating_sub(self.high_water) < low_water {
             self.set(uid, self.share + step)
+        } else if self.high_water > self.reported {
+            // A report: the share as it is (changing nothing at the hub but the version
+            // and the usage), so the hub's count follows what is spent here.
+            self.set(uid, self.share)
         } else {
             return None;
         };
@@ -540,6 +549,14 @@ impl Local {
     pub fn apply(&mut self, request: &Request, reply: &Reply, identity: &str) -> Applied {
         if self.outstanding.as_ref() == Some(request) {
             self.outstanding = None;
+        }
+        if let (
+            Request::Set { used, .. } | Request::Sync { used, .. },
+            Reply::Ok { .. } | Reply::Refused { .. },
+        ) = (request, reply)
+        {
+            // Answered: the hub recorded the usage the request carried.
+            self.reported = self.reported.max(*used);
         }
         let (epoch, share, version, gone) = match *reply {
             Reply::Ok {

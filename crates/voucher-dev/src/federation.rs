@@ -117,7 +117,12 @@ async fn start_nats(part: &Part, role: &NatsRole) -> anyhow::Result<Process> {
 
 /// The CRDs, the global namespace and the global voucher, in one cluster.
 async fn install(cluster: &Cluster) -> anyhow::Result<()> {
-    control_plane::install_crd(&cluster.client, &voucher_operator::api::crd()).await?;
+    for crd in [
+        voucher_operator::api::crd(),
+        voucher_operator::api::campaign::crd(),
+    ] {
+        control_plane::install_crd(&cluster.client, &crd).await?;
+    }
     let namespaces = cluster
         .kubectl(&["get", "namespaces", "-o", "name"])
         .await?;
@@ -359,7 +364,14 @@ async fn smoke_check(parts: &[Part], clusters: &[Cluster], token: &str) -> anyho
                 "jsonpath={.status.allotment.sovereigns}",
             ])
             .await?;
-        if allotments.contains("sov1=") && allotments.contains("sov2=") {
+        // Each Sovereign's entry `name=share/redeemed`, with a share.
+        let held = |name: &str| {
+            allotments
+                .split_whitespace()
+                .filter_map(|entry| entry.strip_prefix(&format!("{name}=")))
+                .any(|rest| rest.split('/').next().is_some_and(|share| share != "0"))
+        };
+        if held("sov1") && held("sov2") {
             println!("smoke: the hub's allotments: {allotments}");
             break;
         }

@@ -533,6 +533,37 @@ mod local {
     }
 
     #[test]
+    fn what_is_spent_is_reported_once_even_when_no_refill_is_due() {
+        let mut local = synced(10, 3, 2);
+        local.reported = 2;
+        assert_eq!(
+            local.next_request(UID, DB, 5, 10),
+            None,
+            "8 left, all reported"
+        );
+        local.counted(4);
+        let report = local.next_request(UID, DB, 5, 10).expect("a report");
+        assert!(
+            matches!(
+                report,
+                Request::Set {
+                    share: 10,
+                    used: 4,
+                    version: 3,
+                    ..
+                }
+            ),
+            "the share as it is, with the usage: {report:?}"
+        );
+        assert_eq!(
+            local.apply(&report, &ok(10, 4), DB),
+            Applied::Moved { share: 10 }
+        );
+        assert_eq!(local.reported, 4);
+        assert_eq!(local.next_request(UID, DB, 5, 10), None, "reported once");
+    }
+
+    #[test]
     fn a_return_lowers_the_local_cap_first_and_never_below_the_high_water_count() {
         let mut local = synced(10, 3, 6);
         let request = local.give_back(UID, 2).expect("a return");
