@@ -894,3 +894,71 @@ async fn a_sovereigns_leaf_link_cut_leaves_the_others_what_the_hub_had_left() {
     assert!(spent <= 300);
     stop.cancel();
 }
+
+/// A refill is no change of a voucher's terms: a redemption that read the row
+/// before the share moved counts on that read — it is not undone and tried
+/// again, as it is when an administrator changes the terms under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redemption_racing_a_refill_counts_on_its_first_read() {
+    let stop = replicas("test.race", 1).await;
+    let code = Code::parse("GLOBAL-RACE").expect("a code");
+    define(code.as_str(), 100, 100, 10).await;
+    let (store, pool) = sovereign_database(&code).await;
+    let client = client().await;
+    let refill = refill_settings("test.race", 5);
+    let uid = format!("uid-{code}");
+    for _ in 0..2 {
+        sovereign::refill(&store, &client, &refill, &code, &uid)
+            .await
+            .expect("synced, then granted 5");
+    }
+    assert_eq!(billing_row(&pool, &code).await, (true, 5, 0));
+    // The refill's write (the next share, and the row's cap the guard derives from it)
+    // holds the row's lock while a redemption, past its read, waits for it.
+    let mut refilling = pool.begin().await.unwrap();
+    sqlx::query("UPDATE voucher_global_allotments SET local_cap = 10 WHERE code = $1")
+        .bind(code.as_str())
+        .execute(&mut *refilling)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE promo_codes SET active = true WHERE code = $1")
+        .bind(code.as_str())
+        .execute(&mut *refilling)
+        .await
+        .unwrap();
+    let redemption = {
+        let (store, code) = (store.clone(), code.clone());
+        tokio::spawn(async move { support::redeem_within(&store, &code, "racer", 1).await })
+    };
+    support::eventually_within(
+        Duration::from_secs(10),
+        "the redemption waiting",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    refilling.commit().await.unwrap();
+    assert_eq!(redemption.await.unwrap(), Some(true), "granted");
+    // Counted on the row it first read (cap 5): its audit record carries that read.
+    let before: serde_json::Value = sqlx::query_scalar(
+        "SELECT payload->'before' FROM voucher_audit_outbox WHERE code = $1 AND kind = 'redeemed'",
+    )
+    .bind(code.as_str())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        before["terms"]["max_redemptions"], 5,
+        "not undone and read again: {before}"
+    );
+    assert_eq!(billing_row(&pool, &code).await, (true, 10, 1));
+    stop.cancel();
+}

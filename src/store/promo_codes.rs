@@ -299,7 +299,9 @@ pub(crate) async fn uncount_redemption(
 /// one statement: the one that takes the code's row lock, held until the
 /// commit that follows. Counts only while the row is live, active, in its
 /// window at `now`, with room under its cap for all of them (re-checked on
-/// the row it locks, so the cap is exact) and carries the terms of `seen`;
+/// the row it locks, so the cap is exact) and carries the terms of `seen` —
+/// but a global code's cap, which is its share here (operator state that a
+/// refill moves, not a term: the guard holds every writer to it);
 /// `None` otherwise, and nothing is written. The records' `before`/`after`
 /// are those of `seen`, their counters set from the row; a campaign's code's
 /// records name the campaign.
@@ -321,7 +323,8 @@ pub(crate) async fn count_redemptions(
              AND (valid_from IS NULL OR valid_from <= $2) \
              AND (expires_at IS NULL OR expires_at > $2) \
              AND (max_redemptions = 0 OR times_redeemed + $8 <= max_redemptions) \
-             AND credit_omr = $3 AND description = $4 AND max_redemptions = $5 \
+             AND credit_omr = $3 AND description = $4 \
+             AND (max_redemptions = $5 OR global_allotment) \
              AND valid_from IS NOT DISTINCT FROM $6 AND expires_at IS NOT DISTINCT FROM $7 \
              AND voucher_operator_discount_terms(discount) \
                  IS NOT DISTINCT FROM voucher_operator_discount_terms($15) \
