@@ -327,3 +327,51 @@ async fn a_deleted_copy_returns_its_unspent_share_before_it_goes() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cap_lowered_at_the_hub_below_what_is_granted_brings_the_unspent_share_back() {
+    let f = federation().await;
+    f.create(&f.hub_ns, "global-e2e", global(20)).await;
+    f.until(&f.hub_ns, "global-e2e", "the hub's definition", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    f.create(&f.sov_ns, "global-e2e", global(20)).await;
+    f.until(&f.sov_ns, "global-e2e", "a share held here", |v| {
+        share(v).is_some_and(|s| s >= 3)
+    })
+    .await;
+    assert!(redeem(&f.store, "customer-1").await);
+    // The vendor lowers the cap to 2, below the units granted: the hub asks for them back.
+    let lowered = json!({"spec": {"maxRedemptions": 2}});
+    for ns in [&f.hub_ns, &f.sov_ns] {
+        f.vouchers(ns)
+            .patch(
+                "global-e2e",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&lowered),
+            )
+            .await
+            .unwrap();
+    }
+    let record = support::eventually_within(
+        Duration::from_secs(30),
+        "the units back under the cap",
+        || async {
+            let record = f.record("GLOBAL-E2E").await;
+            (record.granted() <= 2).then_some(record)
+        },
+    )
+    .await;
+    let entry = &record.sovereigns["sov1"];
+    assert!(
+        entry.share >= entry.reported,
+        "never below what was spent: {entry:?}"
+    );
+    // Within the new cap, the Sovereign is granted again: one more customer, then no more.
+    let mut granted = 1;
+    for n in 2..6 {
+        granted += usize::from(redeem(&f.store, &format!("customer-{n}")).await);
+    }
+    assert_eq!(granted, 2, "the lowered cap holds");
+}

@@ -86,7 +86,7 @@ async fn record_request(
     let held = allotments::lock(&mut tx, code)
         .await?
         .ok_or_else(|| Error::NotGlobal(code.clone()))?;
-    let (mut local, offered) = (held.local, held.offered);
+    let (mut local, offered, return_asked) = (held.local, held.offered, held.return_asked);
     let counted: i32 = sqlx::query_scalar("SELECT times_redeemed FROM promo_codes WHERE code = $1")
         .bind(code.as_str())
         .fetch_one(&mut *tx)
@@ -95,7 +95,9 @@ async fn record_request(
     local.counted(u64::try_from(counted).unwrap_or_default());
     // A code no longer offered gives back what it has not spent, once what is out is
     // answered and the state synced.
-    let request = match offered || local.outstanding.is_some() || local.needs_sync(identity) {
+    // The hub asking for returns is answered the same way, and nothing more is asked for.
+    let giving_back = !offered || return_asked;
+    let request = match !giving_back || local.outstanding.is_some() || local.needs_sync(identity) {
         true => local.next_request(hub_uid, identity, refill.low_water, refill.step),
         false => local.give_back(hub_uid, 0),
     };

@@ -7,6 +7,7 @@
 use sqlx::PgConnection;
 use sqlx::types::Json;
 
+use super::sync::Global;
 use super::{Operation, Result, Store, StoreError};
 use crate::domain::Code;
 use crate::domain::allotment::Local;
@@ -18,7 +19,12 @@ impl Store {
     pub async fn register_global(&self, code: &Code, hub_uid: &str) -> Result<()> {
         let run = async {
             let mut tx = self.pool().begin().await?;
-            bind(&mut tx, code, hub_uid, true).await?;
+            let global = Global {
+                hub_uid,
+                offered: true,
+                return_asked: false,
+            };
+            bind(&mut tx, code, &global).await?;
             tx.commit().await?;
             Ok::<_, StoreError>(())
         };
@@ -60,6 +66,8 @@ pub struct Held {
     /// redeemable): the allotment loop returns the unused share of a code
     /// that is not.
     pub offered: bool,
+    /// The hub asks for returns (a cap lowered below the units granted).
+    pub return_asked: bool,
 }
 
 impl Store {
@@ -101,12 +109,18 @@ impl Store {
 }
 
 async fn read(conn: &mut PgConnection, code: &Code, lock: &'static str) -> Result<Option<Held>> {
-    let sql = format!("SELECT state, offered FROM voucher_global_allotments WHERE code = $1{lock}");
-    let row: Option<(Json<Local>, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+    let sql = format!(
+        "SELECT state, offered, return_asked FROM voucher_global_allotments WHERE code = $1{lock}"
+    );
+    let row: Option<(Json<Local>, bool, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(code.as_str())
         .fetch_optional(&mut *conn)
         .await?;
-    Ok(row.map(|(Json(local), offered)| Held { local, offered }))
+    Ok(row.map(|(Json(local), offered, return_asked)| Held {
+        local,
+        offered,
+        return_asked,
+    }))
 }
 
 /// Reads `code`'s state under its row lock (the transaction's until it ends).
@@ -126,7 +140,9 @@ pub(crate) async fn row_terms(
     offered: bool,
 ) -> Result<crate::domain::Terms> {
     let cap: Option<i64> = sqlx::query_scalar(
-        "SELECT CASE WHEN synced_identity = voucher_operator_database_identity()                 THEN local_cap ELSE 0 END            FROM voucher_global_allotments WHERE code = $1 FOR UPDATE",
+        "SELECT CASE WHEN synced_identity = voucher_operator_database_identity() \
+                THEN local_cap ELSE 0 END \
+           FROM voucher_global_allotments WHERE code = $1 FOR UPDATE",
     )
     .bind(code.as_str())
     .fetch_optional(&mut *conn)
@@ -143,19 +159,21 @@ pub(crate) async fn row_terms(
 /// the state created (share 0, not yet synced) when it has none — a
 /// re-created Voucher finds the one it had (rule 4) — and the billing row
 /// marked global, which the guard keeps.
-pub(crate) async fn bind(
-    conn: &mut PgConnection,
-    code: &Code,
-    hub_uid: &str,
-    offered: bool,
-) -> Result<()> {
+pub(crate) async fn bind(conn: &mut PgConnection, code: &Code, global: &Global<'_>) -> Result<()> {
     sqlx::query(
-        "INSERT INTO voucher_global_allotments (code, hub_uid, state, offered) VALUES ($1, $2, $3, $4)          ON CONFLICT (code) DO UPDATE SET hub_uid = EXCLUDED.hub_uid, offered = EXCLUDED.offered          WHERE (voucher_global_allotments.hub_uid, voucher_global_allotments.offered)                IS DISTINCT FROM (EXCLUDED.hub_uid, EXCLUDED.offered)",
+        "INSERT INTO voucher_global_allotments (code, hub_uid, state, offered, return_asked) \
+         VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (code) DO UPDATE SET hub_uid = EXCLUDED.hub_uid, \
+             offered = EXCLUDED.offered, return_asked = EXCLUDED.return_asked \
+         WHERE (voucher_global_allotments.hub_uid, voucher_global_allotments.offered, \
+                voucher_global_allotments.return_asked) \
+               IS DISTINCT FROM (EXCLUDED.hub_uid, EXCLUDED.offered, EXCLUDED.return_asked)",
     )
     .bind(code.as_str())
-    .bind(hub_uid)
+    .bind(global.hub_uid)
     .bind(Json(Local::default()))
-    .bind(offered)
+    .bind(global.offered)
+    .bind(global.return_asked)
     .execute(&mut *conn)
     .await?;
     sqlx::query(
@@ -188,7 +206,8 @@ pub async fn save(
 ) -> Result<()> {
     let local_cap = i64::try_from(local.local_cap(identity)).unwrap_or(i64::MAX);
     sqlx::query(
-        "UPDATE voucher_global_allotments SET state = $2, local_cap = $3, synced_identity = $4,          updated_at = now() WHERE code = $1",
+        "UPDATE voucher_global_allotments SET state = $2, local_cap = $3, synced_identity = $4, \
+         updated_at = now() WHERE code = $1",
     )
     .bind(code.as_str())
     .bind(Json(local))
@@ -200,7 +219,10 @@ pub async fn save(
     // returns its share); the guard sets max_redemptions from local_cap, and keeps a 0
     // inactive. Written only when one of them changes: every write wakes the row's Voucher.
     sqlx::query(
-        "UPDATE promo_codes p SET global_allotment = true, active = ($2 AND a.offered)            FROM voucher_global_allotments a           WHERE p.code = $1 AND a.code = p.code             AND (p.active IS DISTINCT FROM ($2 AND a.offered) OR NOT p.global_allotment \
+        "UPDATE promo_codes p SET global_allotment = true, active = ($2 AND a.offered) \
+           FROM voucher_global_allotments a \
+          WHERE p.code = $1 AND a.code = p.code \
+            AND (p.active IS DISTINCT FROM ($2 AND a.offered) OR NOT p.global_allotment \
                  OR p.max_redemptions <> GREATEST($3, 1))",
     )
     .bind(code.as_str())

@@ -36,6 +36,8 @@ pub struct Global<'a> {
     pub hub_uid: &'a str,
     /// The vendor's terms make it redeemable now: otherwise its share is returned.
     pub offered: bool,
+    /// The hub asks for returns (its cap lowered below the units granted).
+    pub return_asked: bool,
 }
 
 // One value per reconcile, never stored in bulk: boxing the row would buy nothing.
@@ -302,7 +304,7 @@ async fn apply(
             let terms =
                 allotments::row_terms(tx, wanted.code, wanted.terms, global.offered).await?;
             let applied = promo_codes::apply(tx, wanted.code, &terms).await?;
-            allotments::bind(tx, wanted.code, global.hub_uid, global.offered).await?;
+            allotments::bind(tx, wanted.code, global).await?;
             applied
         }
         None => promo_codes::apply(tx, wanted.code, wanted.terms).await?,

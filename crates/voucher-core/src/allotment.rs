@@ -196,6 +196,14 @@ impl Record {
         self.sovereigns.values().map(|e| e.reported).sum()
     }
 
+    /// The vendor lowered the cap below the units granted (rule 7: the
+    /// effective cap stays max(cap, Σ shares)): the hub asks the Sovereigns
+    /// to give back what they have not spent, and grants nothing until the
+    /// units fit the cap again.
+    pub fn asks_returns(&self) -> bool {
+        self.granted() > self.cap
+    }
+
     /// Whether grants are made now, by the hub's clock: active and in its window.
     pub fn offered(&self, now: DateTime<Utc>) -> bool {
         self.redeemable(now)

@@ -53,6 +53,7 @@ pub(super) async fn apply(ctx: &Context, voucher: &Voucher) -> Result<Action, Er
     let bound = record.as_ref().map(|record| Global {
         hub_uid: &record.uid,
         offered: record.offered(now),
+        return_asked: record.asks_returns(),
     });
     let (found, failure) = match (&code, terms.validate_for(&ctx.settings.billing.categories)) {
         _ if !issuer => (VoucherFound::Forbidden(ctx.settings.issuers.clone()), None),
