@@ -962,3 +962,110 @@ async fn a_redemption_racing_a_refill_counts_on_its_first_read() {
     assert_eq!(billing_row(&pool, &code).await, (true, 10, 1));
     stop.cancel();
 }
+
+/// Rule 5 against a real restore: a Sovereign database copied back from a
+/// base backup taken before a return (same system identifier, same timeline:
+/// only the unlogged incarnation token is gone) serves none of the returned
+/// units — to any writer — and after the leader's sync only what the hub holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restored_from_before_a_return_serves_nothing_until_its_sync() {
+    let stop = replicas("test.restore", 1).await;
+    let code = Code::parse("GLOBAL-RESTORE").expect("a code");
+    define(code.as_str(), 10, 10, 10).await;
+    let server = support::postgres_of_its_own();
+    let open = |port: u16| async move {
+        let pool = support::pool(&format!("postgres://postgres@127.0.0.1:{port}/postgres")).await;
+        (Store::from_pool(pool.clone()), pool)
+    };
+    let (store, pool) = open(server.port).await;
+    store.migrate().await.expect("migrated");
+    sqlx::query(
+        "INSERT INTO promo_codes (code, credit_omr, description, active, max_redemptions) \
+         VALUES ($1, 50, 'global', true, 0)",
+    )
+    .bind(code.as_str())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let uid = format!("uid-{code}");
+    store.register_global(&code, &uid).await.unwrap();
+    let client = client().await;
+    let refill = Refill {
+        sovereign: "restored".into(),
+        ..refill_settings("test.restore", 10)
+    };
+    for _ in 0..2 {
+        sovereign::refill(&store, &client, &refill, &code, &uid)
+            .await
+            .expect("synced, then granted 10");
+    }
+    for customer in ["a", "b"] {
+        assert_eq!(
+            support::redeem_within(&store, &code, customer, 1).await,
+            Some(true)
+        );
+    }
+    // The backup holds a share of 10 (2 spent). Then 8 go back, and another Sovereign gets them.
+    pool.close().await;
+    let restored = server.restored_copy();
+    let (store, pool) = open(server.port).await;
+    sqlx::query("UPDATE voucher_global_allotments SET offered = false WHERE code = $1")
+        .bind(code.as_str())
+        .execute(&pool)
+        .await
+        .unwrap();
+    sovereign::refill(&store, &client, &refill, &code, &uid)
+        .await
+        .expect("returned to 2");
+    let other = Ask {
+        code: code.to_string(),
+        request: Request::Set {
+            uid: uid.clone(),
+            epoch: 0,
+            version: 0,
+            share: 8,
+            used: 0,
+        },
+    };
+    let granted = allotment::ask(&client, "test.restore", "other", &other, TIMEOUT)
+        .await
+        .expect("answered");
+    assert!(matches!(granted, Reply::Ok { share: 8, .. }), "{granted:?}");
+    server.stop();
+    // The restore: the copy of the backup, started as it is.
+    let (store, pool) = open(restored.port).await;
+    assert_eq!(billing_row(&pool, &code).await.1, 10, "the backup's cap");
+    let legacy = support::seed_checkout(&pool, code.as_str(), "legacy-customer").await;
+    assert!(
+        legacy.is_err(),
+        "the legacy checkout is refused: {legacy:?}"
+    );
+    assert_eq!(
+        support::redeem_within(&store, &code, "c", 1).await,
+        None,
+        "the server answers try again: no returned unit is served"
+    );
+    // The leader's sync keeps only what was spent (the hub holds 2 for it); nothing more fits.
+    sovereign::refill(&store, &client, &refill, &code, &uid)
+        .await
+        .expect("synced");
+    assert_eq!(
+        billing_row(&pool, &code).await.1,
+        2,
+        "clamped to what was spent"
+    );
+    assert_eq!(support::redeem_within(&store, &code, "d", 5).await, None);
+    let hub = allotment::read(&bucket().await, code.as_str())
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    assert_eq!(hub.granted(), 10, "the cap, never more");
+    assert_eq!(
+        billing_row(&pool, &code).await.2,
+        2,
+        "no redemption past the share"
+    );
+    restored.stop();
+    stop.cancel();
+}

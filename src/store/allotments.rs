@@ -44,16 +44,21 @@ impl Store {
             .collect())
     }
 
-    /// This database's identity: its system identifier and timeline. A
-    /// restore from a backup or a failover to a replica changes it, and the
-    /// allotment then waits for a sync with the hub (rule 5).
+    /// This database's identity: its system identifier, timeline and
+    /// incarnation (a token in an unlogged table, made here when missing). A
+    /// restore from a backup of any kind, a failover or a crash of Postgres
+    /// changes it, and the allotment then waits for a sync with the hub (rule 5).
     pub async fn database_identity(&self) -> Result<String> {
-        let identity: String = sqlx::query_scalar(
-            "SELECT s.system_identifier::text || ':' || c.timeline_id::text \
-               FROM pg_control_system() s, pg_control_checkpoint() c",
+        let mut conn = self.pool().acquire().await?;
+        sqlx::query(
+            "INSERT INTO voucher_database_incarnation (token) VALUES (gen_random_uuid()::text) \
+             ON CONFLICT (only_row) DO NOTHING",
         )
-        .fetch_one(self.pool())
+        .execute(&mut *conn)
         .await?;
+        let identity: String = sqlx::query_scalar("SELECT voucher_operator_database_identity()")
+            .fetch_one(&mut *conn)
+            .await?;
         Ok(identity)
     }
 }

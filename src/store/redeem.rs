@@ -292,8 +292,16 @@ async fn steps(tx: &mut sqlx::PgConnection, requests: &[Redemption]) -> Result<B
     }
     grant(tx, &mut batch, &seen, &ids, &winners).await?;
     record_answers(tx, &batch).await?;
-    if !count(tx, &batch, &seen, &winners).await? {
-        return Ok(BatchOutcome::Undone(None));
+    match count(tx, &batch, &seen, &winners).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(BatchOutcome::Undone(None)),
+        // A global row's guard refused the count: no share is held here under this
+        // database's identity (a restore, before the leader's sync) — try again.
+        Err(error) if error.refused_by_guard() && seen.global_gone.is_some() => {
+            let share_used_up = Redeemed::Gone(Redeemability::ShareUsedUp);
+            return Ok(BatchOutcome::Undone(Some(share_used_up)));
+        }
+        Err(error) => return Err(error),
     }
     Ok(BatchOutcome::Answered(batch.answers()))
 }

@@ -18,3 +18,4 @@ GRANT UPDATE (ended_at) ON voucher_discount_grants TO voucher_runtime;
 GRANT DELETE ON promo_redemptions TO voucher_runtime;
 GRANT SELECT, INSERT ON voucher_redemption_history TO voucher_runtime;
 GRANT SELECT, INSERT, UPDATE ON voucher_global_allotments TO voucher_runtime;
+GRANT SELECT, INSERT ON voucher_database_incarnation TO voucher_runtime;

@@ -187,7 +187,40 @@ fn log_file(path: PathBuf) -> std::fs::File {
         .unwrap()
 }
 
+/// A Postgres server of the caller's own (to back up, restore or stop without
+/// disturbing the other tests).
+pub fn postgres_of_its_own() -> Postgres {
+    start_postgres()
+}
+
 impl Postgres {
+    /// A physical backup of this server (`pg_basebackup`), started as it is on
+    /// a port of its own: a restore from that backup, as an operator of the
+    /// database would do it by copying a base backup back.
+    pub fn restored_copy(&self) -> Postgres {
+        let dir = scratch_dir("pg-restored");
+        let output = services::pg_basebackup_command(&self.bin, self.port, &dir.join("data"))
+            .output()
+            .expect("run pg_basebackup");
+        assert!(
+            output.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let copy = Postgres {
+            port: free_port(),
+            bin: self.bin.clone(),
+            dir,
+        };
+        copy.launch();
+        copy
+    }
+
+    /// Stops this server (a fast shutdown).
+    pub fn stop(&self) {
+        stop_service(&self.dir, None);
+    }
+
     fn launch(&self) {
         let mut postgres =
             services::postgres_command(&self.bin, &self.dir.join("data"), self.port, &self.dir);

@@ -199,3 +199,24 @@ pub fn nats_node_command(
     cmd.arg("-c").arg(file).stdout(Stdio::null());
     Ok(cmd)
 }
+
+/// `pg_basebackup` of the server on 127.0.0.1:`port` into `target` (a
+/// physical copy, WAL included, that a `postgres` started on it restores).
+pub fn pg_basebackup_command(bin: &Path, port: u16, target: &Path) -> Command {
+    let mut cmd = Command::new(bin.join("pg_basebackup"));
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        "postgres",
+        "-X",
+        "stream",
+        "-D",
+    ])
+    .arg(target)
+    .stdout(Stdio::null());
+    unprivileged(&mut cmd);
+    cmd
+}
