@@ -459,3 +459,96 @@ async fn a_namespace_admin_cannot_lift_its_own_credit_cap() {
             .is_none()
     );
 }
+
+/// The global namespace holds the vendor's global vouchers and nothing else, written only by
+/// the vendor's writers (its Flux) and the operator: a franchisee with every verb there can
+/// neither raise a copy nor add one, and a Global Voucher is refused anywhere else.
+#[tokio::test]
+async fn a_global_voucher_is_admitted_only_in_the_global_namespace_from_the_vendors_writers() {
+    let cluster = support::cluster::cluster();
+    let (client, global_ns) = support::cluster::setup("global").await;
+    let tenant_ns = support::cluster::namespace(&client, "franchise").await;
+    let vendor = format!("system:serviceaccount:{global_ns}:vendor-flux");
+    let rendered = render(with(json!({"federation": {
+        "globalNamespace": global_ns, "globalWriters": {"users": [vendor], "groups": []}}})));
+    rendered.assert_valid();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = cluster.kubeconfig(dir.path(), &global_ns);
+    let mut objects = rendered.of_kinds(&ADMISSION);
+    for ns in [&global_ns, &tenant_ns] {
+        objects.push(
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "voucher-editor", "namespace": ns},
+            "rules": [{"apiGroups": ["catalyst.openova.io"], "resources": ["*"], "verbs": ["*"]}]}),
+        );
+    }
+    objects.extend(account("vendor-flux", &global_ns));
+    objects.extend(account("franchisee", &global_ns));
+    objects.extend(account("tenant", &tenant_ns));
+    let _policy = apply_as_admin(&admin, objects)
+        .await
+        .expect("the policy and the accounts");
+    let vendor = cluster.service_account_kubeconfig(dir.path(), &global_ns, "vendor-flux");
+    let franchisee = cluster.service_account_kubeconfig(dir.path(), &global_ns, "franchisee");
+    let tenant = cluster.service_account_kubeconfig(dir.path(), &tenant_ns, "tenant");
+    let global = |max: i32| {
+        voucher(
+            "world-50",
+            json!({"scope": "Global", "creditOMR": 50, "maxRedemptions": max}),
+        )
+    };
+    let vouchers: kube::Api<voucher_operator::api::Voucher> =
+        kube::Api::namespaced(client.clone(), &global_ns);
+    // Until the policy (as this test rendered it) takes effect.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let _ = vouchers.delete("world-50", &Default::default()).await;
+        let franchisee_refused = cluster.apply(&franchisee, &global(1000)).err();
+        let vendor_admitted = cluster.apply(&vendor, &global(1000)).is_ok();
+        if let (Some(refused), true) = (&franchisee_refused, vendor_admitted) {
+            break refused.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the policy never took effect: {franchisee_refused:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(
+        refused.contains(&format!(
+            "the global vouchers of namespace {global_ns} are the vendor's"
+        )) && refused.contains("federation.globalWriters")
+            && refused.contains(&format!(
+                "system:serviceaccount:{global_ns}:franchisee is not one of them"
+            )),
+        "{refused}"
+    );
+    // The franchisee cannot raise the vendor's copy either.
+    let raised = cluster.apply(&franchisee, &global(100_000)).unwrap_err();
+    assert!(raised.contains("federation.globalWriters"), "{raised}");
+    // Nothing but global vouchers there, even from the vendor.
+    let local = cluster
+        .apply(&vendor, &voucher("local-10", json!({"creditOMR": 10})))
+        .unwrap_err();
+    assert!(
+        local.contains(&format!(
+            "namespace {global_ns} holds only the vendor's global vouchers"
+        )),
+        "{local}"
+    );
+    // And no global voucher anywhere else.
+    let elsewhere = cluster.apply(&tenant, &global(1000)).unwrap_err();
+    assert!(
+        elsewhere.contains(&format!(
+            "a Voucher with spec.scope: Global belongs in the global namespace {global_ns}"
+        )),
+        "{elsewhere}"
+    );
+    cluster
+        .apply(&tenant, &voucher("local-10", json!({"creditOMR": 10})))
+        .expect("the tenant's own vouchers, as before");
+    vouchers
+        .delete("world-50", &Default::default())
+        .await
+        .unwrap();
+}
