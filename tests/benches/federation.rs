@@ -1,0 +1,254 @@
+//! Benchmark: what a global voucher costs a Sovereign (DESIGN §11, docs/federation.md). Two
+//! Sovereigns, each its own billing database in service (LEDGER_ROWS ledger rows, 1,000,000 by
+//! default) and its own NATS leaf node (its own JetStream domain) linked to the hub's
+//! nats-server, where two replicas of the allotment service answer. Each Sovereign's leader
+//! keeps its share topped up (a step of 800 units, asked for once fewer than 400 are left).
+//!
+//! In the same run, in rounds that alternate: new customers redeeming a global code on both
+//! Sovereigns at once, and the same load on a Sovereign-scoped code of each — the baseline. The
+//! allotment is meant to stay off the redemption's path: the global rate should be at least 0.9×
+//! the baseline's. Printed: the rates and their ratio, each mode's p50/p99 latency, and the
+//! allotment requests the hub answered per 1,000 global redemptions.
+//!
+//! Run: cargo bench --bench federation        (LEDGER_ROWS=10000 for a quick run)
+
+#[path = "common.rs"]
+mod common;
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use voucher_operator::domain::Code;
+use voucher_operator::domain::allotment::Record;
+use voucher_operator::federation::allotment;
+use voucher_operator::federation::sovereign::{self, Refill};
+use voucher_operator::store::Store;
+use voucher_operator::store::redeem::{Answer, Redeemed, Redemption};
+
+const IN_FLIGHT: usize = 32;
+const PER_ROUND: usize = 2_000;
+const ROUNDS: usize = 5;
+const PREFIX: &str = "bench.allotment";
+/// A refill asked for once fewer than this many units are left: about a second of this load's
+/// redemptions at one Sovereign (docs/federation.md: size it to a second of the peak rate).
+const LOW_WATER: u64 = 400;
+const STEP: u64 = 800;
+
+fn ledger_rows() -> i64 {
+    std::env::var("LEDGER_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+/// A Sovereign's billing database in service, with a global code (registered, share 0) and a
+/// Sovereign-scoped one.
+async fn sovereign_database(global: &Code) -> Store {
+    let url = support::fresh_database("bench_federation").await;
+    let pool = support::pool(&url).await;
+    let store = Store::from_pool(pool.clone());
+    store.migrate().await.unwrap();
+    common::seed(&pool, ledger_rows()).await;
+    for code in [global.as_str(), "LOCAL-BENCH"] {
+        sqlx::query(
+            "INSERT INTO promo_codes (code, credit_omr, description, active, max_redemptions) \
+             VALUES ($1, 5, 'bench', true, 0)",
+        )
+        .bind(code)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    store
+        .register_global(global, &format!("uid-{global}"))
+        .await
+        .unwrap();
+    store
+}
+
+/// One round on both Sovereigns at once: `PER_ROUND` new customers each on `code`. The rate
+/// (redemptions per second, both together), every redemption's latency, and how often a
+/// customer was told to try again (a share used up before its refill landed).
+async fn round(stores: &[Store], code: &Code, round: &str) -> (f64, Vec<Duration>, u64) {
+    let started = Instant::now();
+    let retries = Arc::new(AtomicU64::new(0));
+    let requests = stores.iter().enumerate().flat_map(|(s, store)| {
+        (0..PER_ROUND).map(move |i| (store.clone(), format!("{round}-s{s}-{i}")))
+    });
+    let latencies: Vec<Duration> = futures::stream::iter(requests)
+        .map(|(store, subject)| {
+            let (code, retries) = (code.clone(), retries.clone());
+            async move {
+                let began = Instant::now();
+                loop {
+                    let redemption = Redemption {
+                        code: code.clone(),
+                        subject: subject.clone(),
+                        tenant: Some("bench".into()),
+                        email: String::new(),
+                        idempotency: None,
+                        now: chrono::Utc::now(),
+                        currency: Default::default(),
+                    };
+                    match store.redeem(&redemption).await.unwrap() {
+                        Answer::Fresh(Redeemed::Granted { .. }) => return began.elapsed(),
+                        // A share used up before the refill landed: the customer asks again.
+                        Answer::Fresh(Redeemed::Gone(
+                            voucher_operator::domain::Redeemability::ShareUsedUp,
+                        )) => {
+                            retries.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        other => panic!("{subject}: {other:?}"),
+                    }
+                }
+            }
+        })
+        .buffer_unordered(IN_FLIGHT * stores.len())
+        .collect()
+        .await;
+    let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
+    (rate, latencies, retries.load(Ordering::Relaxed))
+}
+
+fn percentile(latencies: &mut [Duration], p: f64) -> f64 {
+    latencies.sort();
+    let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+    latencies[i].as_secs_f64() * 1000.0
+}
+
+fn spread(figures: &[f64]) -> (f64, f64, f64) {
+    let mean = figures.iter().sum::<f64>() / figures.len() as f64;
+    let min = figures.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = figures.iter().copied().fold(0.0, f64::max);
+    (mean, min, max)
+}
+
+#[tokio::main]
+async fn main() {
+    let hub_leaf_port = support::free_port();
+    let hub = support::nats_hub(hub_leaf_port);
+    let connect = |url: String| async move { async_nats::connect(url).await.unwrap() };
+    let kv = allotment::bucket(&jetstream::new(connect(hub.url.clone()).await), 1)
+        .await
+        .unwrap();
+    let global = Code::parse("WORLD-BENCH").unwrap();
+    let record = Record::new(format!("uid-{global}"), 10_000_000, 10_000_000, 1_000);
+    allotment::define(&kv, global.as_str(), &record)
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    for _ in 0..2 {
+        allotment::start(
+            connect(hub.url.clone()).await,
+            kv.clone(),
+            PREFIX,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+    }
+    // Every request the hub's replicas answer, counted by a plain subscriber beside them.
+    let requests = Arc::new(AtomicU64::new(0));
+    let mut watched = connect(hub.url.clone())
+        .await
+        .subscribe(format!("{PREFIX}.*"))
+        .await
+        .unwrap();
+    let counter = requests.clone();
+    tokio::spawn(async move {
+        while watched.next().await.is_some() {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let mut stores = Vec::new();
+    let mut leaves = Vec::new();
+    for i in 1..=2 {
+        let name = format!("sov{i}");
+        let leaf = support::nats_leaf(&name, hub_leaf_port);
+        let store = sovereign_database(&global).await;
+        let refill = Refill {
+            sovereign: name,
+            prefix: PREFIX.into(),
+            low_water: LOW_WATER,
+            step: STEP,
+            timeout: Duration::from_secs(2),
+        };
+        let client = connect(leaf.url.clone()).await;
+        tokio::spawn(sovereign::run(
+            store.clone(),
+            client,
+            refill,
+            Duration::from_millis(100),
+            stop.clone(),
+        ));
+        stores.push(store);
+        leaves.push(leaf);
+    }
+    // Warm: each Sovereign holds a first share before the clock starts.
+    let _ = round(&stores, &global, "warm").await;
+    let _ = round(&stores, &Code::parse("LOCAL-BENCH").unwrap(), "warm").await;
+    let local = Code::parse("LOCAL-BENCH").unwrap();
+    let (mut global_rates, mut local_rates) = (Vec::new(), Vec::new());
+    let (mut global_lat, mut local_lat) = (Vec::new(), Vec::new());
+    let (mut global_requests, mut global_retries) = (0, 0);
+    // Rounds alternate, and so does which of the two comes first: neither is favoured by
+    // what the other left behind (dead row versions, a checkpoint, autovacuum).
+    for r in 0..ROUNDS {
+        let global_first = r % 2 == 0;
+        for global_turn in [global_first, !global_first] {
+            if global_turn {
+                let before = requests.load(Ordering::Relaxed);
+                let (rate, lat, retries) = round(&stores, &global, &format!("g{r}")).await;
+                global_requests += requests.load(Ordering::Relaxed) - before;
+                global_retries += retries;
+                global_rates.push(rate);
+                global_lat.extend(lat);
+            } else {
+                let (rate, lat, _) = round(&stores, &local, &format!("l{r}")).await;
+                local_rates.push(rate);
+                local_lat.extend(lat);
+            }
+        }
+    }
+    let (g, g_min, g_max) = spread(&global_rates);
+    let (l, l_min, l_max) = spread(&local_rates);
+    let redeemed = (ROUNDS * PER_ROUND * stores.len()) as f64;
+    println!(
+        "two Sovereigns at once, {IN_FLIGHT} in flight each, {} ledger rows each, {ROUNDS} rounds of {PER_ROUND} per Sovereign:",
+        ledger_rows()
+    );
+    println!(
+        "  global voucher:            {g:8.0} redemptions/s (rounds {g_min:.0}–{g_max:.0}), p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&mut global_lat, 0.50),
+        percentile(&mut global_lat, 0.99)
+    );
+    println!(
+        "  Sovereign-scoped voucher:  {l:8.0} redemptions/s (rounds {l_min:.0}–{l_max:.0}), p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&mut local_lat, 0.50),
+        percentile(&mut local_lat, 0.99)
+    );
+    println!("  global / Sovereign-scoped: {:.2}× (target ≥ 0.9×)", g / l);
+    println!(
+        "  allotment requests answered by the hub: {global_requests} for {redeemed:.0} global redemptions = {:.1} per 1,000; customers told to try again (503): {global_retries}",
+        global_requests as f64 * 1000.0 / redeemed
+    );
+    let hub_record = allotment::read(&kv, global.as_str())
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    println!(
+        "  the hub's record: {} units granted ({}), the cap never passed",
+        hub_record.granted(),
+        hub_record.summary()
+    );
+    stop.cancel();
+    drop(leaves);
+}
