@@ -106,6 +106,12 @@ async fn every_example_voucher_and_campaign_is_valid() {
                 _ => continue,
             };
             *counted += 1;
+            // Judged by the schema in a namespace of the test's own, wherever the example goes
+            // (the global voucher names the global namespace).
+            let mut doc = doc;
+            if let Some(metadata) = doc["metadata"].as_object_mut() {
+                metadata.remove("namespace");
+            }
             if let Err(invalid) = apply(&doc, None).await {
                 panic!("{}: {invalid}", file.display());
             }

@@ -152,6 +152,21 @@ impl Federation {
         .await
     }
 
+    /// The vendor's global voucher (cap `cap`) applied at the hub and on the Sovereign, which
+    /// holds a share of it (at least one refill step) when this returns.
+    async fn applied_at_hub_and_held(&self, cap: i32) {
+        self.create(&self.hub_ns, "global-e2e", global(cap)).await;
+        self.until(&self.hub_ns, "global-e2e", "the hub's definition", |v| {
+            phase(v) == Some(Phase::Active)
+        })
+        .await;
+        self.create(&self.sov_ns, "global-e2e", global(cap)).await;
+        self.until(&self.sov_ns, "global-e2e", "a share held here", |v| {
+            share(v).is_some_and(|s| s >= 3)
+        })
+        .await;
+    }
+
     async fn row(&self, code: &str) -> Option<(bool, i32, i32)> {
         sqlx::query_as(
             "SELECT active, max_redemptions, times_redeemed FROM promo_codes WHERE code = $1",
@@ -280,16 +295,7 @@ async fn a_franchisee_raising_its_copy_is_stalled_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deleted_copy_returns_its_unspent_share_before_it_goes() {
     let f = federation().await;
-    f.create(&f.hub_ns, "global-e2e", global(20)).await;
-    f.until(&f.hub_ns, "global-e2e", "the hub's definition", |v| {
-        phase(v) == Some(Phase::Active)
-    })
-    .await;
-    f.create(&f.sov_ns, "global-e2e", global(20)).await;
-    f.until(&f.sov_ns, "global-e2e", "a share held here", |v| {
-        share(v).is_some_and(|s| s >= 3)
-    })
-    .await;
+    f.applied_at_hub_and_held(20).await;
     assert!(redeem(&f.store, "customer-1").await);
     f.vouchers(&f.sov_ns)
         .delete("global-e2e", &DeleteParams::default())
@@ -331,16 +337,7 @@ async fn a_deleted_copy_returns_its_unspent_share_before_it_goes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cap_lowered_at_the_hub_below_what_is_granted_brings_the_unspent_share_back() {
     let f = federation().await;
-    f.create(&f.hub_ns, "global-e2e", global(20)).await;
-    f.until(&f.hub_ns, "global-e2e", "the hub's definition", |v| {
-        phase(v) == Some(Phase::Active)
-    })
-    .await;
-    f.create(&f.sov_ns, "global-e2e", global(20)).await;
-    f.until(&f.sov_ns, "global-e2e", "a share held here", |v| {
-        share(v).is_some_and(|s| s >= 3)
-    })
-    .await;
+    f.applied_at_hub_and_held(20).await;
     assert!(redeem(&f.store, "customer-1").await);
     // The vendor lowers the cap to 2, below the units granted: the hub asks for them back.
     let lowered = json!({"spec": {"maxRedemptions": 2}});

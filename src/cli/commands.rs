@@ -72,10 +72,22 @@ pub(super) async fn run_hub(
             "cannot configure the Kubernetes client: {e}: set KUBECONFIG, or run in a cluster"
         )
     })?;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    let metrics_listener = crate::telemetry::bind(options.metrics_address).await?;
     let nats = connect_nats(stream).await?;
     let shutdown = crate::telemetry::shutdown_signal();
-    crate::federation::hub::run(client, nats, options.settings(), shutdown).await?;
-    Ok(())
+    // Ready once connected: the hub answers from the bucket it opens at start.
+    let telemetry = tokio::spawn(crate::telemetry::serve(
+        metrics_listener,
+        Arc::new(prometheus_client::registry::Registry::default()),
+        Arc::new(AtomicBool::new(true)),
+        shutdown.clone(),
+    ));
+    let ran = crate::federation::hub::run(client, nats, options.settings(), shutdown.clone()).await;
+    shutdown.cancel();
+    telemetry.await??;
+    Ok(ran?)
 }
 
 pub(super) async fn run_controller(

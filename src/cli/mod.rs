@@ -278,6 +278,10 @@ pub struct HubOptions {
     /// Each global voucher's status (units granted, redemptions reported) is refreshed this often.
     #[arg(long, env = "STATUS_REFRESH", default_value = "5s", value_parser = humantime::parse_duration)]
     pub status_refresh: Duration,
+
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "METRICS_ADDRESS", default_value = "0.0.0.0:9090")]
+    pub metrics_address: std::net::SocketAddr,
 }
 
 impl HubOptions {

@@ -780,3 +780,139 @@ async fn the_servers_account_is_refused_everything_but_issue_and_revoke() {
     );
     assert!(ok, "the server revokes in an issuer namespace: {stderr}");
 }
+
+/// The chart in `mode: hub` (the vendor's cluster: no billing database) renders the hub alone,
+/// and its pod, as rendered and as its ServiceAccount, defines a global Voucher of the global
+/// namespace in the hub's bucket, writes its status and, once the Voucher is deleted, switches
+/// the record off — with exactly the rights the chart grants it.
+#[tokio::test]
+async fn the_rendered_hub_defines_global_vouchers_under_exactly_its_rbac() {
+    let (namespace, global_ns) = ("catalyst-hub", "vendor-global");
+    let nats = support::nats_of_its_own();
+    let values = with(json!({
+        "mode": "hub",
+        "nats": {"url": nats.url},
+        "hub": {"allotmentReplicas": 1},
+        "federation": {"globalNamespace": global_ns},
+    }));
+    let rendered = render_in(namespace, values);
+    rendered.assert_valid();
+    let deployments: Vec<&str> = rendered
+        .all("Deployment")
+        .into_iter()
+        .map(|d| {
+            d["metadata"]["labels"]["app.kubernetes.io/component"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        deployments,
+        ["hub"],
+        "the hub alone: no controller, no server, no database"
+    );
+    let hub_pod = rendered.deployment("hub");
+    let account = hub_pod["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cluster = support::cluster::cluster();
+    let client = cluster.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    for ns in [namespace, global_ns] {
+        let _ = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+            .create(
+                &Default::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+            )
+            .await;
+    }
+    let admin = cluster.kubeconfig(dir.path(), namespace);
+    // The admission policy as rendered too: it names this render's global namespace.
+    let mut objects = rendered.of_kinds(&["ServiceAccount", "Role", "RoleBinding"]);
+    objects.extend(rendered.of_kinds(&ADMISSION));
+    let _rbac = apply_as_admin(&admin, objects)
+        .await
+        .expect("the hub's RBAC and the policy");
+    let kubeconfig = cluster.service_account_kubeconfig(dir.path(), namespace, &account);
+    let hub = container(hub_pod, "hub");
+    let pod = Pod {
+        kubeconfigs: [(account.clone(), kubeconfig)].into_iter().collect(),
+        namespace: namespace.to_owned(),
+        database: String::new(),
+        ports: containers(hub_pod)
+            .into_iter()
+            .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+            .map(|p| (p["containerPort"].as_u64().unwrap(), support::free_port()))
+            .collect(),
+        dir,
+    };
+    let mut running = Containers(vec![pod.command(hub_pod, hub).spawn().unwrap()]);
+    let probe = &hub["readinessProbe"]["httpGet"];
+    let (port, path) = (
+        pod.port(hub, probe["port"].as_str().unwrap()),
+        probe["path"].as_str().unwrap().to_owned(),
+    );
+    wait_for("the hub ready", &pod, async || {
+        support::http_get(port, &path)
+            .await
+            .starts_with("HTTP/1.0 200")
+    })
+    .await;
+
+    // The vendor applies a global voucher: the hub defines it and says so in its status.
+    let vouchers: kube::Api<voucher_operator::api::Voucher> =
+        kube::Api::namespaced(client.clone(), global_ns);
+    let spec = json!({"scope": "Global", "creditOMR": 50, "maxRedemptions": 100});
+    let world =
+        voucher_operator::api::Voucher::new("world-hub", serde_json::from_value(spec).unwrap());
+    // Admitted once the policy applied above (this render's global namespace) takes effect.
+    wait_for("the global voucher admitted", &pod, async || {
+        vouchers.create(&Default::default(), &world).await.is_ok()
+    })
+    .await;
+    wait_for("the hub's status", &pod, async || {
+        vouchers
+            .get("world-hub")
+            .await
+            .unwrap()
+            .status
+            .is_some_and(|s| {
+                s.phase == Some(voucher_operator::domain::Phase::Active) && s.allotment.is_some()
+            })
+    })
+    .await;
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let kv = js
+        .get_key_value(voucher_operator::federation::allotment::BUCKET)
+        .await
+        .unwrap();
+    let record = || async {
+        voucher_operator::federation::allotment::read(&kv, "WORLD-HUB")
+            .await
+            .unwrap()
+            .expect("the record")
+            .0
+    };
+    assert_eq!((record().await.cap, record().await.active), (100, true));
+    // Deleted: its finalizer switches the record off, then lets it go.
+    vouchers
+        .delete("world-hub", &Default::default())
+        .await
+        .unwrap();
+    wait_for("the Voucher gone", &pod, async || {
+        vouchers.get_opt("world-hub").await.unwrap().is_none()
+    })
+    .await;
+    assert!(
+        !record().await.active,
+        "switched off, its units still granted"
+    );
+    let status = stop(&mut running.0[0], &pod).await;
+    assert!(
+        status.success(),
+        "the hub stops cleanly on SIGTERM\n{}",
+        pod.logs()
+    );
+    assert_least_privilege(&rendered, namespace, &account, &pod);
+}

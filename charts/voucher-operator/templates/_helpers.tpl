@@ -195,3 +195,35 @@ topologySpreadConstraints:
   {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* How a container reaches NATS (the controller's relay, the hub): the URL, the credentials each
+used when its key is in nats.existingSecret, the creds file and CA mounted from it. */}}
+{{- define "voucher-operator.natsEnv" -}}
+- name: NATS_URL
+  value: {{ .Values.nats.url | quote }}
+{{- with .Values.nats.existingSecret }}
+# The NATS credentials, each used when its key is in the Secret.
+- name: NATS_USER
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: user
+      optional: true
+- name: NATS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: password
+      optional: true
+{{- end }}
+{{- if .Values.nats.credsKey }}
+- name: NATS_CREDS_FILE
+  value: /etc/voucher-operator/nats/{{ .Values.nats.credsKey }}
+{{- end }}
+{{- if .Values.nats.caKey }}
+- name: NATS_TLS_CA
+  value: /etc/voucher-operator/nats/{{ .Values.nats.caKey }}
+{{- end }}
+- name: NATS_TLS_REQUIRED
+  value: {{ .Values.nats.tlsRequired | quote }}
+{{- end -}}
