@@ -163,17 +163,18 @@ async fn run_parts(
     let hub_nats = async_nats::connect(&hub_url).await?;
     let hub_client = clusters[0].client.clone();
     let hub_stop = stop.clone();
-    tokio::spawn(async move {
+    let mut tasks = vec![tokio::spawn(async move {
         if let Err(error) = hub::run(hub_client, hub_nats, hub_settings, hub_stop).await {
             tracing::error!(%error, "the hub stopped");
         }
-    });
+    })];
     let secret = stack::jwt_secret(&settings.state_dir)?;
     let mut described = Vec::new();
     for (part, cluster) in parts.iter().zip(clusters).skip(1) {
         let database = format!("billing_{}", part.name);
         let database_url = stack::ensure_database(settings, &database).await?;
-        start_sovereign(part, cluster, &database_url, &secret, stop.clone()).await?;
+        let started = start_sovereign(part, cluster, &database_url, &secret, stop.clone()).await?;
+        tasks.extend(started);
         described.push(json!({
             "name": part.name,
             "kubeconfig": cluster.kubeconfig,
@@ -195,24 +196,30 @@ async fn run_parts(
         Some("superadmin"),
         Duration::from_secs(86_400),
     )?;
-    if smoke {
-        return smoke_check(parts, clusters, &token).await;
-    }
-    print_try(settings, parts, clusters, &file);
-    stop.cancelled().await;
-    Ok(())
+    let outcome = match smoke {
+        true => smoke_check(parts, clusters, &token).await,
+        false => {
+            print_try(settings, parts, clusters, &file);
+            stop.cancelled().await;
+            Ok(())
+        }
+    };
+    // The operators end (and close their database connections) before their services stop.
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), futures::future::join_all(tasks)).await;
+    outcome
 }
 
 /// One Sovereign's operator: the controller joined to the hub through its
 /// leaf node (the hub's bucket read in the hub's domain), the audit relay to
-/// its own domain, and the HTTP server.
+/// its own domain, and the HTTP server; their tasks, which end on `stop`.
 async fn start_sovereign(
     part: &Part,
     cluster: &Cluster,
     database_url: &str,
     secret: &str,
     stop: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let store = Store::connect(&DatabaseSettings {
         url: database_url.to_owned(),
         max_connections: 10,
@@ -266,7 +273,7 @@ async fn start_sovereign(
     let role = Role::new(cluster.client.clone(), store.clone(), config, &mut registry);
     let role_stop = stop.clone();
     let name = part.name.clone();
-    tokio::spawn(async move {
+    let controller = tokio::spawn(async move {
         if let Err(error) = role.run(role_stop).await {
             tracing::error!(sovereign = %name, %error, "the controller stopped");
         }
@@ -286,8 +293,12 @@ async fn start_sovereign(
         metrics: None,
     };
     let http = server::Role::new(store, Some(cluster.client.clone()), config, registry).await?;
-    tokio::spawn(http.run(stop));
-    Ok(())
+    let server = tokio::spawn(async move {
+        if let Err(error) = http.run(stop).await {
+            tracing::error!(%error, "the server stopped");
+        }
+    });
+    Ok(vec![controller, server])
 }
 
 fn print_try(settings: &StackSettings, parts: &[Part], clusters: &[Cluster], file: &Path) {
