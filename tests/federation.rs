@@ -311,6 +311,25 @@ async fn sovereign_database(code: &Code) -> (Store, sqlx::PgPool) {
     (store, pool)
 }
 
+/// A Sovereign as far as its allotment goes: its own billing database (the global row
+/// registered) and its leader's allotment loop on `client`, every 10 ms, until `stop`.
+async fn running_sovereign(
+    code: &Code,
+    client: async_nats::Client,
+    refill: Refill,
+    stop: &CancellationToken,
+) -> (Store, sqlx::PgPool) {
+    let (store, pool) = sovereign_database(code).await;
+    tokio::spawn(sovereign::run(
+        store.clone(),
+        client,
+        refill,
+        Duration::from_millis(10),
+        stop.clone(),
+    ));
+    (store, pool)
+}
+
 async fn billing_row(pool: &sqlx::PgPool, code: &Code) -> (bool, i32, i32) {
     sqlx::query_as(
         "SELECT active, max_redemptions, times_redeemed FROM promo_codes WHERE code = $1",
@@ -596,20 +615,12 @@ async fn three_sovereigns_grant_exactly_the_global_cap_to_three_times_as_many_cu
     let stop = replicas("test.three", 2).await;
     let mut sovereigns = Vec::new();
     for i in 0..3 {
-        let (store, pool) = sovereign_database(&code).await;
         let refill = Refill {
             sovereign: format!("three{i}"),
             low_water: 20,
             ..refill_settings("test.three", 50)
         };
-        tokio::spawn(sovereign::run(
-            store.clone(),
-            client().await,
-            refill,
-            Duration::from_millis(10),
-            stop.clone(),
-        ));
-        sovereigns.push((store, pool));
+        sovereigns.push(running_sovereign(&code, client().await, refill, &stop).await);
     }
     // 3,000 distinct customers at once, a thousand at each Sovereign, 25 at a time each.
     let started = std::time::Instant::now();
@@ -674,20 +685,12 @@ async fn with_the_hubs_nats_server_killed_mid_load_sovereigns_redeem_within_thei
     }
     let mut sovereigns = Vec::new();
     for i in 0..3 {
-        let (store, pool) = sovereign_database(&code).await;
         let refill = Refill {
             sovereign: format!("killed{i}"),
             low_water: 10,
             ..refill_settings("test.killed", 30)
         };
-        tokio::spawn(sovereign::run(
-            store.clone(),
-            connect().await,
-            refill,
-            Duration::from_millis(10),
-            stop.clone(),
-        ));
-        sovereigns.push((store, pool));
+        sovereigns.push(running_sovereign(&code, connect().await, refill, &stop).await);
     }
     let pools: Vec<sqlx::PgPool> = sovereigns.iter().map(|(_, pool)| pool.clone()).collect();
     let counted = |pools: Vec<sqlx::PgPool>, code: Code| async move {
@@ -809,21 +812,13 @@ async fn a_sovereigns_leaf_link_cut_leaves_the_others_what_the_hub_had_left() {
             })
             .await;
         assert_eq!(read.0.cap, 300);
-        let (store, pool) = sovereign_database(&code).await;
         let refill = Refill {
             sovereign: format!("sov{i}"),
             low_water: 5,
             ..refill_settings("test.leaf", 20)
         };
-        tokio::spawn(sovereign::run(
-            store.clone(),
-            client,
-            refill,
-            Duration::from_millis(20),
-            stop.clone(),
-        ));
+        sovereigns.push(running_sovereign(&code, client, refill, &stop).await);
         leaves.push((leaf, link));
-        sovereigns.push((store, pool));
     }
     let redeem = |i: usize, from: usize, n: usize, tries: usize| {
         let (store, code) = (sovereigns[i].0.clone(), code.clone());

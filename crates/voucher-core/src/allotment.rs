@@ -51,6 +51,19 @@ pub struct Entry {
     pub known: bool,
 }
 
+impl Entry {
+    /// This entry with its share moved to `share` at the next version, heard from in this
+    /// epoch, having spent `used`: what a grant, a return, a report or a sync writes.
+    fn moved_to(&self, share: u64, used: u64) -> Entry {
+        Entry {
+            share,
+            version: self.version + 1,
+            reported: used,
+            known: true,
+        }
+    }
+}
+
 /// A Sovereign's request. The Sovereign is never in it: the service takes it
 /// from the subject the request came on, which NATS accounts fix (rule 11).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -333,15 +346,7 @@ pub fn decide(record: &Record, sovereign: &str, request: &Request, now: DateTime
             } else {
                 *keep
             };
-            (
-                Entry {
-                    share,
-                    version: entry.version + 1,
-                    reported: *used,
-                    known: true,
-                },
-                None,
-            )
+            (entry.moved_to(share, *used), None)
         }
         Request::Set { .. } if !entry.known => return sync_first,
         Request::Set { version, .. } if *version != entry.version => {
@@ -349,15 +354,7 @@ pub fn decide(record: &Record, sovereign: &str, request: &Request, now: DateTime
         }
         Request::Set { share, used, .. } => {
             match granted_share(record, sovereign, &entry, *share, now) {
-                Ok(share) => (
-                    Entry {
-                        share,
-                        version: entry.version + 1,
-                        reported: *used,
-                        known: true,
-                    },
-                    None,
-                ),
+                Ok(share) => (entry.moved_to(share, *used), None),
                 // A refused raise still records the usage it reports (rule 10).
                 Err(reason) => (
                     Entry {
