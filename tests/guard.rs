@@ -105,6 +105,7 @@ async fn the_legacy_checkout_cannot_consume_a_discount_code() {
         idempotency: None,
         now: Utc::now(),
         currency: Default::default(),
+        intent: None,
     };
     let answer = store.redeem(&redemption).await.unwrap();
     assert!(format!("{answer:?}").contains("Discount"), "{answer:?}");

@@ -346,6 +346,7 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
         idempotency: key.map(|(key, hash)| (key.to_owned(), hash)),
         now: Utc::now(),
         currency: Default::default(),
+        intent: None,
     };
     store.redeem(&redeem(Some(("k1", vec![1])))).await.unwrap();
     store.redeem(&redeem(Some(("k1", vec![1])))).await.unwrap();

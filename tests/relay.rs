@@ -277,6 +277,7 @@ async fn every_event_type_arrives_once_as_a_valid_cloudevent() {
             idempotency: None,
             now: Utc::now(),
             currency: Default::default(),
+            intent: None,
         })
         .await
         .unwrap();
@@ -300,6 +301,7 @@ async fn every_event_type_arrives_once_as_a_valid_cloudevent() {
             idempotency: None,
             now: Utc::now(),
             currency: Default::default(),
+            intent: None,
         })
         .await
         .unwrap();

@@ -2,7 +2,7 @@
 
 use super::{
     AuditOptions, CampaignCodesOptions, ControllerOptions, DatabaseOptions, EventsOptions,
-    ExportOptions, ReportOptions, ServerOptions,
+    ExportOptions, JoinOptions, ReportOptions, ServerOptions,
 };
 use crate::api;
 use crate::store::{DatabaseSettings, Store};
@@ -20,15 +20,16 @@ pub(super) async fn open_store(database: &DatabaseOptions) -> anyhow::Result<Sto
 /// `--sovereign` names it.
 async fn join_hub(
     options: &ControllerOptions,
+    join: &JoinOptions,
     audit: &AuditOptions,
 ) -> anyhow::Result<Option<crate::federation::Joined>> {
     use crate::federation::{Joined, allotment, sovereign::Refill};
     let federation = &options.federation;
-    let Some(sovereign) = federation.sovereign.clone() else {
+    let Some(sovereign) = join.sovereign.clone() else {
         return Ok(None);
     };
     let client = connect_nats(&audit.stream).await?;
-    let js = match &federation.hub_domain {
+    let js = match &join.hub_domain {
         Some(domain) => async_nats::jetstream::with_domain(client.clone(), domain),
         None => async_nats::jetstream::new(client.clone()),
     };
@@ -51,6 +52,36 @@ async fn join_hub(
         definitions,
         refill,
         every: federation.allotment_interval,
+    }))
+}
+
+/// A Sovereign's server joined to the vendor's hub for once-per-customer-
+/// anywhere redemptions, when `--sovereign` and `--claim-key-file` say so.
+pub(super) async fn join_claims(
+    join: &JoinOptions,
+    stream: &super::StreamOptions,
+) -> anyhow::Result<Option<crate::federation::claimer::Claimer>> {
+    use crate::federation::claims;
+    let (Some(sovereign), Some(path)) = (&join.sovereign, &join.claim_key_file) else {
+        return Ok(None);
+    };
+    let key = std::fs::read(path)
+        .map_err(|e| anyhow::anyhow!("cannot read --claim-key-file {}: {e}", path.display()))?;
+    if key.len() < 32 {
+        anyhow::bail!(
+            "--claim-key-file {} holds {} bytes: the vendor's claim key needs at least 32 (e.g. \
+             head -c 32 /dev/urandom), the same file on every Sovereign",
+            path.display(),
+            key.len()
+        );
+    }
+    Ok(Some(crate::federation::claimer::Claimer {
+        client: connect_nats(stream).await?,
+        sovereign: sovereign.clone(),
+        prefix: claims::SUBJECT_PREFIX.to_owned(),
+        key,
+        timeout: std::time::Duration::from_secs(2),
+        recover_after: join.claim_recovery_after,
     }))
 }
 
@@ -94,6 +125,7 @@ pub(super) async fn run_controller(
     store: Store,
     mut settings: crate::controller::Settings,
     options: &ControllerOptions,
+    join: &JoinOptions,
     audit: AuditOptions,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
@@ -115,7 +147,7 @@ pub(super) async fn run_controller(
         .map_err(|e| anyhow::anyhow!("cannot configure the Kubernetes client for {server}: {e}"))?;
     controller::check_api(&client, &server, options.watch_namespace.as_deref()).await?;
 
-    settings.joined = join_hub(options, &audit).await?;
+    settings.joined = join_hub(options, join, &audit).await?;
     let mut registry = prometheus_client::registry::Registry::default();
     let identity = options.identity();
     let config = controller::Config {
@@ -143,6 +175,7 @@ pub(super) async fn run_server(
     store: Store,
     settings: crate::server::ServerSettings,
     options: &ServerOptions,
+    claimer: Option<crate::federation::claimer::Claimer>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     use crate::server::{self, Role};
@@ -161,6 +194,7 @@ pub(super) async fn run_server(
         listen: options.listen_address,
         admin: options.admin_address,
         metrics: options.server_metrics_address,
+        claimer,
     };
     let registry = prometheus_client::registry::Registry::default();
     let role = Role::new(store, kube, config, registry).await?;

@@ -60,6 +60,8 @@ pub enum Command {
         billing: BillingOptions,
         #[command(flatten)]
         audit: AuditOptions,
+        #[command(flatten)]
+        join: JoinOptions,
     },
     /// Run the HTTP server: the public redeem-preview, the checkout redemption, the admin
     /// compatibility endpoints, /healthz, /readyz, /metrics and /openapi.json.
@@ -70,6 +72,10 @@ pub enum Command {
         server: ServerOptions,
         #[command(flatten)]
         billing: BillingOptions,
+        #[command(flatten)]
+        join: JoinOptions,
+        #[command(flatten)]
+        stream: StreamOptions,
     },
     /// Print audit events from JetStream: a table, or JSON lines with --json.
     Events(EventsOptions),
@@ -105,6 +111,8 @@ pub enum Command {
         server: ServerOptions,
         #[command(flatten)]
         billing: BillingOptions,
+        #[command(flatten)]
+        join: JoinOptions,
     },
 }
 
@@ -233,16 +241,6 @@ pub struct FederationOptions {
     #[arg(long, env = "GLOBAL_NAMESPACE", default_value = crate::federation::DEFAULT_GLOBAL_NAMESPACE)]
     pub global_namespace: String,
 
-    /// This Sovereign's name (its NATS account's): joins the vendor's hub over --nats-url, so
-    /// that its global vouchers are offered here. Without it, a global voucher's copy says NoHub.
-    #[arg(long, env = "SOVEREIGN")]
-    pub sovereign: Option<String>,
-
-    /// The hub's JetStream domain as this Sovereign's NATS leaf node reaches it (e.g. hub);
-    /// without it, the hub's bucket is read in the connection's own domain.
-    #[arg(long, env = "HUB_DOMAIN")]
-    pub hub_domain: Option<String>,
-
     /// Units asked for at a time, once fewer than --allotment-low-water are left unspent.
     #[arg(long, env = "ALLOTMENT_STEP", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub allotment_step: u64,
@@ -254,6 +252,33 @@ pub struct FederationOptions {
     /// One allotment round for every global code this often (on the leader).
     #[arg(long, env = "ALLOTMENT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub allotment_interval: Duration,
+}
+
+/// A Sovereign joined to the vendor's hub (controller, server, run).
+#[derive(Debug, Args)]
+pub struct JoinOptions {
+    /// This Sovereign's name (its NATS account's): joins the vendor's hub over --nats-url, so
+    /// that its global vouchers are offered here. Without it, a global voucher's copy says NoHub.
+    #[arg(long, env = "SOVEREIGN")]
+    pub sovereign: Option<String>,
+
+    /// The hub's JetStream domain as this Sovereign's NATS leaf node reaches it (e.g. hub);
+    /// without it, the hub's bucket is read in the connection's own domain.
+    #[arg(long, env = "HUB_DOMAIN")]
+    pub hub_domain: Option<String>,
+
+    /// The vendor's claim key (a file of at least 32 bytes, the same on every Sovereign): the
+    /// server redeems once-per-customer-anywhere vouchers (spec.perCustomer: Global) holding the
+    /// hub's claim for the customer, known to the hub only by an HMAC of the token subject under
+    /// this key. Without it (or --sovereign) such vouchers answer 503 here.
+    #[arg(long, env = "CLAIM_KEY_FILE")]
+    pub claim_key_file: Option<std::path::PathBuf>,
+
+    /// A once-per-customer-anywhere redemption left unfinished this long (a process killed
+    /// between the hub's claim and its commit) is recovered: aborted, and its claim deleted so
+    /// the customer can redeem anywhere.
+    #[arg(long, env = "CLAIM_RECOVERY_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub claim_recovery_after: Duration,
 }
 
 /// The hub (`voucher-operator hub`, in the vendor's cluster).
@@ -911,21 +936,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             controller,
             billing,
             audit,
+            join,
         } => {
             let store = commands::open_store(&database).await?;
             let settings = controller.settings(billing.settings());
             let shutdown = crate::telemetry::shutdown_signal();
-            commands::run_controller(store, settings, &controller, audit, shutdown).await
+            commands::run_controller(store, settings, &controller, &join, audit, shutdown).await
         }
         Command::Server {
             database,
             server,
             billing,
+            join,
+            stream,
         } => {
             let store = commands::open_store(&database).await?;
             let settings = server.settings(billing.settings());
             let shutdown = crate::telemetry::shutdown_signal();
-            commands::run_server(store, settings, &server, shutdown).await
+            let claimer = commands::join_claims(&join, &stream).await?;
+            commands::run_server(store, settings, &server, claimer, shutdown).await
         }
         Command::Run {
             database,
@@ -933,7 +962,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             audit,
             server,
             billing,
-        } => run_both(&database, &controller, audit, &server, &billing).await,
+            join,
+        } => run_both(&database, &controller, audit, &server, &billing, &join).await,
         Command::Hub { hub, stream } => commands::run_hub(&hub, &stream).await,
         Command::Events(options) => commands::print_events(options).await,
         Command::Export(options) => commands::export(options).await,
@@ -962,16 +992,25 @@ async fn run_both(
     audit: AuditOptions,
     server: &ServerOptions,
     billing: &BillingOptions,
+    join: &JoinOptions,
 ) -> anyhow::Result<()> {
     let store = commands::open_store(database).await?;
+    let claimer = commands::join_claims(join, &audit.stream).await?;
     let shutdown = crate::telemetry::shutdown_signal();
     let (settings, server_settings) = (
         controller.settings(billing.settings()),
         server.settings(billing.settings()),
     );
     let (controller, server) = tokio::join!(
-        commands::run_controller(store.clone(), settings, controller, audit, shutdown.clone()),
-        commands::run_server(store, server_settings, server, shutdown.clone()),
+        commands::run_controller(
+            store.clone(),
+            settings,
+            controller,
+            join,
+            audit,
+            shutdown.clone()
+        ),
+        commands::run_server(store, server_settings, server, claimer, shutdown.clone()),
     );
     shutdown.cancel();
     controller.and(server)

@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use voucher_core::allotment::{Record, Reply, Request, decide};
+
+use super::service;
 
 /// The KV bucket of the hub's records, one key per global code.
 pub const BUCKET: &str = "voucher_allotments";
@@ -68,20 +69,13 @@ pub enum Error {
     },
     #[error("the allotment record of {code} kept moving: {ATTEMPTS} compare-and-sets lost")]
     Contended { code: String },
-    #[error("subscribing to the allotment requests: {0}")]
-    Subscribe(async_nats::SubscribeError),
-    #[error("subscribing to the allotment requests: the server did not confirm: {0}")]
-    Flush(String),
+    #[error("starting the allotment service: {0}")]
+    Serve(service::ServeError),
     #[error("asking the hub for an allotment of {code} as {sovereign}: {source}")]
     Ask {
         code: String,
         sovereign: String,
-        source: async_nats::RequestError,
-    },
-    #[error("the hub's answer for {code} is unreadable: {source}")]
-    Answer {
-        code: String,
-        source: serde_json::Error,
+        source: service::AskError,
     },
 }
 
@@ -210,61 +204,24 @@ pub async fn start(
     prefix: &str,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
-    let requests = client
-        .queue_subscribe(format!("{prefix}.*"), QUEUE_GROUP.into())
-        .await
-        .map_err(Error::Subscribe)?;
-    client
-        .flush()
-        .await
-        .map_err(|e| Error::Flush(e.to_string()))?;
     // One request per code at a time in this replica: its compare-and-sets
     // then race only the other replicas' (a hot code's requests would
     // otherwise starve each other here).
     let stripes: Arc<Vec<Mutex<()>>> = Arc::new((0..CONCURRENCY).map(|_| Mutex::new(())).collect());
-    Ok(tokio::spawn(async move {
-        requests
-            .take_until(stop.cancelled_owned())
-            .for_each_concurrent(CONCURRENCY, |message| {
-                let (client, kv, stripes) = (client.clone(), kv.clone(), stripes.clone());
-                async move { answer(&client, &kv, &stripes, message).await }
-            })
-            .await;
-    }))
-}
-
-async fn answer(
-    client: &async_nats::Client,
-    kv: &kv::Store,
-    stripes: &[Mutex<()>],
-    message: async_nats::Message,
-) {
-    let Some(reply_to) = message.reply.clone() else {
-        return;
-    };
-    let sovereign = message
-        .subject
-        .rsplit('.')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let reply = match serde_json::from_slice::<Ask>(&message.payload) {
-        Ok(ask) => match handle(kv, &sovereign, &ask, stripes).await {
-            Ok(reply) => reply,
-            Err(e) => {
-                tracing::warn!(sovereign, error = %e, "allotment request left unanswered; the Sovereign re-sends");
-                return;
+    service::serve(client, prefix, QUEUE_GROUP, CONCURRENCY, stop, move |sovereign, ask: Ask| {
+        let (kv, stripes) = (kv.clone(), stripes.clone());
+        async move {
+            match handle(&kv, &sovereign, &ask, &stripes).await {
+                Ok(reply) => Some(reply),
+                Err(e) => {
+                    tracing::warn!(sovereign, error = %e, "allotment request left unanswered; the Sovereign re-sends");
+                    None
+                }
             }
-        },
-        Err(e) => {
-            tracing::warn!(sovereign, error = %e, "an allotment request that is no request");
-            return;
         }
-    };
-    let body = serde_json::to_vec(&reply).expect("a reply serialises");
-    if let Err(e) = client.publish(reply_to, body.into()).await {
-        tracing::warn!(sovereign, error = %e, "the allotment reply was not sent");
-    }
+    })
+    .await
+    .map_err(Error::Serve)
 }
 
 /// A Sovereign's request to the hub, answered within `timeout` or an error
@@ -276,21 +233,11 @@ pub async fn ask(
     ask: &Ask,
     timeout: Duration,
 ) -> Result<Reply, Error> {
-    let subject = format!("{prefix}.{sovereign}");
-    let body = Bytes::from(serde_json::to_vec(ask).expect("an ask serialises"));
-    let request = async_nats::Request::new()
-        .payload(body)
-        .timeout(Some(timeout));
-    let answer = client
-        .send_request(subject, request)
+    service::ask(client, prefix, sovereign, ask, timeout)
         .await
         .map_err(|source| Error::Ask {
             code: ask.code.clone(),
             sovereign: sovereign.into(),
             source,
-        })?;
-    serde_json::from_slice(&answer.payload).map_err(|source| Error::Answer {
-        code: ask.code.clone(),
-        source,
-    })
+        })
 }

@@ -1,7 +1,8 @@
 //! The hub role (`voucher-operator hub`, in the vendor's cluster; no billing
 //! database): each `scope: Global` Voucher of the global namespace defines its
 //! code's record in the hub's bucket, and its status shows the units granted
-//! and to whom; the allotment service answers the Sovereigns beside it.
+//! and to whom; the allotment service and the claim service (`perCustomer:
+//! Global`) answer the Sovereigns beside it.
 //!
 //! Every replica runs both: a definition is a compare-and-set that writes only
 //! what changed, and every replica computes the same status from the record.
@@ -20,7 +21,7 @@ use kube::{Resource as _, ResourceExt as _};
 use tokio_util::sync::CancellationToken;
 use voucher_core::allotment::Record;
 
-use super::allotment;
+use super::{allotment, claims};
 use crate::api::{AllotmentStatus, Scope, Voucher};
 use crate::controller::voucher::status::{self, Outcome};
 use crate::domain::{CodeError, CodeRecord, Phase, TermError};
@@ -51,6 +52,8 @@ pub struct Settings {
 pub enum Error {
     #[error(transparent)]
     Allotment(#[from] allotment::Error),
+    #[error(transparent)]
+    Claims(#[from] claims::Error),
     #[error("writing the status: {0}")]
     Status(#[from] crate::controller::Error),
     #[error("Voucher {0} has no valid code: {1}")]
@@ -76,8 +79,12 @@ pub async fn run(
     settings: Settings,
     stop: CancellationToken,
 ) -> Result<(), Error> {
-    let kv = allotment::bucket(&jetstream::new(nats.clone()), settings.replicas).await?;
-    let service = allotment::start(nats, kv.clone(), &settings.prefix, stop.clone()).await?;
+    let js = jetstream::new(nats.clone());
+    let kv = allotment::bucket(&js, settings.replicas).await?;
+    let claimed = claims::bucket(&js, settings.replicas).await?;
+    let service =
+        allotment::start(nats.clone(), kv.clone(), &settings.prefix, stop.clone()).await?;
+    let claim_service = claims::start(nats, claimed, claims::SUBJECT_PREFIX, stop.clone()).await?;
     let api: Api<Voucher> = Api::namespaced(client.clone(), &settings.global_namespace);
     let hub = Arc::new(Hub {
         kv,
@@ -91,6 +98,7 @@ pub async fn run(
         .for_each(|_| async {})
         .await;
     let _ = service.await;
+    let _ = claim_service.await;
     Ok(())
 }
 
@@ -132,14 +140,14 @@ async fn define(hub: &Hub, voucher: &Voucher, live: bool) -> Result<Action, Erro
     }
     let code = voucher.code().map_err(|e| Error::Code(name.clone(), e))?;
     let uid = voucher.uid().ok_or_else(|| Error::NoUid(name.clone()))?;
-    let mut terms = voucher.spec.terms();
-    terms
-        .validate()
-        .map_err(|e| Error::Terms(name.clone(), e))?;
-    terms.active &= live;
+    let mut spec = voucher.spec.clone();
+    spec.active &= live;
+    let terms = spec.terms();
     let cap = u64::try_from(terms.max_redemptions).unwrap_or_default();
     let ceiling = (cap * hub.settings.ceiling_percent / 100).max(1);
-    let wanted = Record::defined(uid, &terms, ceiling, hub.settings.max_grant);
+    let wanted = spec
+        .global_record(&uid, ceiling, hub.settings.max_grant)
+        .map_err(|e| Error::Terms(name.clone(), e))?;
     let record = allotment::define(&hub.kv, code.as_str(), &wanted).await?;
     if live {
         let row = said(code.as_str(), &record, &terms);
@@ -148,11 +156,33 @@ async fn define(hub: &Hub, voucher: &Voucher, live: bool) -> Result<Action, Erro
             record: &row,
             phase,
         };
-        // The grant as the hub's own currency says it (each Sovereign says it in its own).
-        let grant = terms.grant(&crate::domain::Billing::default().currency);
+        // The grant in each currency it states (each Sovereign says it in its own).
+        let grant = grant_of(&record, &terms);
         patch(hub, voucher, outcome, Some(&record), Some(grant)).await?;
     }
     Ok(Action::requeue(hub.settings.refresh))
+}
+
+/// What a global voucher grants, as its status says it: `50 BHD, 50 OMR`, or
+/// the discount.
+fn grant_of(record: &Record, terms: &crate::domain::Terms) -> String {
+    let default = crate::domain::Billing::default().currency;
+    if record.credits.is_empty() {
+        return terms.grant(&default);
+    }
+    record
+        .credits
+        .iter()
+        .map(|(currency, credit_omr)| {
+            let currency = crate::domain::Currency::parse(currency).unwrap_or(default.clone());
+            let terms = crate::domain::Terms {
+                credit_omr: *credit_omr,
+                ..terms.clone()
+            };
+            terms.grant(&currency)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The record as a row's status reads it: the redemptions every Sovereign
@@ -175,6 +205,7 @@ fn said(code: &str, record: &Record, terms: &crate::domain::Terms) -> CodeRecord
         campaign_on: None,
         suspended: false,
         global_gone: None,
+        once_anywhere: false,
     }
 }
 

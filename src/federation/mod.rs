@@ -4,7 +4,10 @@
 //! `crates/voucher-model`); this module is the I/O around them.
 
 pub mod allotment;
+pub mod claimer;
+pub mod claims;
 pub mod hub;
+pub mod service;
 pub mod sovereign;
 
 use std::time::Duration;

@@ -185,6 +185,8 @@ pub async fn issue(
         // This revocation only: the manifest cannot undo a later one.
         reissue: revoked_at.map(|revoked_at| Reissue { revoked_at }),
         scope: crate::api::Scope::Sovereign,
+        credit_by_currency: None,
+        per_customer: crate::api::PerCustomer::Sovereign,
     };
     spec.terms()
         .validate()

@@ -224,6 +224,9 @@ pub struct AppState {
     codes: Arc<codes::Codes>,
     /// Redemptions, grouped per code while one is under way.
     redeemer: Arc<group::GroupCommit>,
+    /// Once-per-customer-anywhere redemptions (`perCustomer: Global`), when
+    /// this Sovereign's server is joined to the vendor's hub.
+    claimer: Option<crate::federation::claimer::Claimer>,
 }
 
 impl AppState {
@@ -232,7 +235,20 @@ impl AppState {
         verifier: Verifier,
         kube: Option<kube::Client>,
         settings: ServerSettings,
+        registry: Registry,
+    ) -> Arc<Self> {
+        Self::joined(store, verifier, kube, settings, registry, None)
+    }
+
+    /// [`AppState::new`] of a Sovereign's server joined to the vendor's hub:
+    /// it redeems once-per-customer-anywhere codes holding the hub's claim.
+    pub fn joined(
+        store: Store,
+        verifier: Verifier,
+        kube: Option<kube::Client>,
+        settings: ServerSettings,
         mut registry: Registry,
+        claimer: Option<crate::federation::claimer::Claimer>,
     ) -> Arc<Self> {
         let metrics = ServerMetrics::register(&mut registry);
         let limits = Limits::new(LimitSettings {
@@ -253,7 +269,28 @@ impl AppState {
             metrics,
             registry,
             codes: Arc::default(),
+            claimer,
         })
+    }
+
+    /// Redeems a once-per-customer-anywhere code holding the hub's claim for
+    /// the customer; fails closed (503) while the hub is out of reach or this
+    /// server is joined to none.
+    pub(crate) async fn redeem_claimed(
+        &self,
+        redemption: crate::store::redeem::Redemption,
+    ) -> Result<crate::store::redeem::Answer, HttpError> {
+        use crate::federation::claimer::Error;
+        let Some(claimer) = &self.claimer else {
+            return Err(claims_unavailable(
+                "this server is joined to no hub (--sovereign, --claim-key-file)",
+            ));
+        };
+        match claimer.redeem(&self.store, redemption).await {
+            Ok(answer) => Ok(answer),
+            Err(Error::Store(error)) => Err(error.into()),
+            Err(Error::Unreachable(error)) => Err(claims_unavailable(&error.to_string())),
+        }
     }
 
     /// The client's address: the socket peer, or the nearest address in
@@ -537,6 +574,22 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// The metrics alone; only with `admin`.
     pub metrics: Option<SocketAddr>,
+    /// Joined to the vendor's hub: once-per-customer-anywhere redemptions.
+    pub claimer: Option<crate::federation::claimer::Claimer>,
+}
+
+/// A once-per-customer-anywhere code cannot be redeemed now (`cause`, for
+/// the log): it fails closed rather than risk a second redemption elsewhere.
+pub(crate) fn claims_unavailable(cause: &str) -> HttpError {
+    HttpError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "this voucher is once per customer on any of the vendor's platforms, and the \
+                  vendor's hub that keeps that promise cannot be reached now; please try again \
+                  shortly"
+            .into(),
+        retry_after: Some(2),
+        cause: Some(cause.to_owned()),
+    }
 }
 
 /// The server role, built and bound: one way for the binary and the local
@@ -560,7 +613,14 @@ impl Role {
         registry: Registry,
     ) -> anyhow::Result<Self> {
         let verifier = Verifier::new(config.auth)?;
-        let state = AppState::new(store, verifier, kube, config.settings, registry);
+        let state = AppState::joined(
+            store,
+            verifier,
+            kube,
+            config.settings,
+            registry,
+            config.claimer,
+        );
         let listener = bind(config.listen, "the HTTP API").await?;
         let admin = match config.admin {
             Some(address) => Some(bind(address, "the admin endpoints").await?),
@@ -632,6 +692,11 @@ pub async fn serve(
         }
     });
     tokio::spawn(prune_idempotency_keys(state.clone(), stop.clone()));
+    if let Some(claimer) = state.claimer.clone() {
+        // Every replica recovers: each intent moves under its row lock.
+        let every = (claimer.recover_after / 4).max(Duration::from_millis(200));
+        tokio::spawn(claimer.run(state.store.clone(), every, stop.clone()));
+    }
     tokio::spawn(
         state
             .codes

@@ -15,7 +15,7 @@ use super::body::JsonBody;
 use super::codes::Lookup;
 use super::error::{ErrorBody, HttpError};
 use super::{AppState, OutcomeLabel, Peer};
-use crate::domain::{Code, Discount, Redeemability};
+use crate::domain::{Code, Currency, Discount, Redeemability};
 use crate::store::discounts::DiscountGrant;
 use crate::store::redeem::{Answer, Grant, Redeemed, Redemption};
 
@@ -35,9 +35,9 @@ pub(crate) struct PreviewResponse {
     /// The discount a redemption grants (absent for a credit code).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub discount: Option<DiscountTerms>,
-    /// The currency of a discount's amounts (with a discount only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub currency: Option<String>,
+    /// This platform's currency (ISO 4217): a credit's (in whole units) and a discount's
+    /// amounts (in minor units).
+    pub currency: String,
     pub description: String,
     pub active: bool,
     /// Whether a redemption would be accepted now.
@@ -111,9 +111,12 @@ impl From<&DiscountGrant> for GrantedDiscount {
 pub(crate) enum RedeemResponse {
     Credit {
         code: String,
+        /// The credit granted, in whole units of `currency`.
         credit_omr: i32,
         /// The customer's credit balance after this grant.
         balance_omr: i64,
+        /// This platform's currency (ISO 4217).
+        currency: String,
     },
     Discount {
         code: String,
@@ -180,7 +183,7 @@ pub async fn preview(
         code: record.code.clone(),
         credit_omr: discount.is_none().then_some(record.terms.credit_omr),
         discount: discount.map(DiscountTerms::from),
-        currency: discount.map(|_| state.settings.billing.currency.as_str().to_owned()),
+        currency: state.settings.billing.currency.as_str().to_owned(),
         description: record.terms.description.clone(),
         active: record.terms.active,
         accepting_redemptions: verdict.is_redeemable(),
@@ -195,7 +198,7 @@ pub async fn preview(
 
 /// How a redemption outcome is answered, first and when replayed for its
 /// Idempotency-Key.
-fn render(outcome: &Redeemed) -> (u16, serde_json::Value) {
+fn render(outcome: &Redeemed, currency: &Currency) -> (u16, serde_json::Value) {
     let error = |status: StatusCode, message: String| {
         (status.as_u16(), serde_json::json!({"error": message}))
     };
@@ -210,6 +213,7 @@ fn render(outcome: &Redeemed) -> (u16, serde_json::Value) {
                     code,
                     credit_omr: *credit_omr,
                     balance_omr: *balance_omr,
+                    currency: currency.as_str().to_owned(),
                 },
                 Grant::Discount { currency, grant } => RedeemResponse::Discount {
                     code,
@@ -254,6 +258,14 @@ fn render(outcome: &Redeemed) -> (u16, serde_json::Value) {
             StatusCode::BAD_REQUEST,
             "the field \"tenant_id\" is required for a customer's first redemption".into(),
         ),
+        Redeemed::ClaimedElsewhere { code } => (
+            StatusCode::CONFLICT.as_u16(),
+            serde_json::json!({
+                "error": "you have already redeemed this voucher code on another of the vendor's \
+                          platforms: it is once per customer anywhere",
+                "code": code,
+            }),
+        ),
     }
 }
 
@@ -274,6 +286,7 @@ fn outcome_label(outcome: &Redeemed) -> &'static str {
         Redeemed::Gone(_) => "outside_window",
         Redeemed::AlreadyRedeemed { .. } => "already_redeemed",
         Redeemed::TenantRequired => "tenant_required",
+        Redeemed::ClaimedElsewhere { .. } => "claimed_elsewhere",
     }
 }
 
@@ -382,16 +395,24 @@ pub async fn redeem(
         idempotency,
         now: Utc::now(),
         currency: state.settings.billing.currency.clone(),
+        intent: None,
     };
-    let (outcome, (status, body)) = match state.redeemer.redeem(redemption).await? {
+    let currency = &state.settings.billing.currency;
+    let answer = match state.redeemer.redeem(redemption.clone()).await? {
+        Answer::ClaimNeeded => state.redeem_claimed(redemption).await?,
+        answer => answer,
+    };
+    let (outcome, (status, body)) = match answer {
         Answer::Fresh(outcome) => {
             if outcome == Redeemed::NotFound {
                 state.unknown_code(&code);
             }
-            (outcome_label(&outcome), render(&outcome))
+            (outcome_label(&outcome), render(&outcome, currency))
         }
-        Answer::Replayed(outcome) => ("replayed", render(&outcome)),
+        Answer::Replayed(outcome) => ("replayed", render(&outcome, currency)),
         Answer::ReplayedAsRendered { status, body } => ("replayed", (status, body)),
+        // A redemption holding its claim is decided (the store never asks twice).
+        Answer::ClaimNeeded => return Err(super::claims_unavailable("the claim was not held")),
         Answer::KeyReused => {
             return Err(HttpError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,

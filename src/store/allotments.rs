@@ -17,12 +17,23 @@ impl Store {
     /// share 0, not yet synced — an inactive row until the hub grants units.
     /// Idempotent: a row that has its state keeps it (a re-created Voucher).
     pub async fn register_global(&self, code: &Code, hub_uid: &str) -> Result<()> {
+        self.register_global_as(code, hub_uid, false).await
+    }
+
+    /// [`Store::register_global`], once per customer on any Sovereign or not.
+    pub async fn register_global_as(
+        &self,
+        code: &Code,
+        hub_uid: &str,
+        per_customer_global: bool,
+    ) -> Result<()> {
         let run = async {
             let mut tx = self.pool().begin().await?;
             let global = Global {
                 hub_uid,
                 offered: true,
                 return_asked: false,
+                per_customer_global,
             };
             bind(&mut tx, code, &global).await?;
             tx.commit().await?;
@@ -166,19 +177,24 @@ pub(crate) async fn row_terms(
 /// marked global, which the guard keeps.
 pub(crate) async fn bind(conn: &mut PgConnection, code: &Code, global: &Global<'_>) -> Result<()> {
     sqlx::query(
-        "INSERT INTO voucher_global_allotments (code, hub_uid, state, offered, return_asked) \
-         VALUES ($1, $2, $3, $4, $5) \
+        "INSERT INTO voucher_global_allotments \
+             (code, hub_uid, state, offered, return_asked, per_customer_global) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (code) DO UPDATE SET hub_uid = EXCLUDED.hub_uid, \
-             offered = EXCLUDED.offered, return_asked = EXCLUDED.return_asked \
+             offered = EXCLUDED.offered, return_asked = EXCLUDED.return_asked, \
+             per_customer_global = EXCLUDED.per_customer_global \
          WHERE (voucher_global_allotments.hub_uid, voucher_global_allotments.offered, \
-                voucher_global_allotments.return_asked) \
-               IS DISTINCT FROM (EXCLUDED.hub_uid, EXCLUDED.offered, EXCLUDED.return_asked)",
+                voucher_global_allotments.return_asked, \
+                voucher_global_allotments.per_customer_global) \
+               IS DISTINCT FROM (EXCLUDED.hub_uid, EXCLUDED.offered, EXCLUDED.return_asked, \
+                EXCLUDED.per_customer_global)",
     )
     .bind(code.as_str())
     .bind(global.hub_uid)
     .bind(Json(Local::default()))
     .bind(global.offered)
     .bind(global.return_asked)
+    .bind(global.per_customer_global)
     .execute(&mut *conn)
     .await?;
     sqlx::query(

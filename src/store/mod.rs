@@ -8,6 +8,7 @@ pub mod allotments;
 pub mod bindings;
 pub mod campaigns;
 pub mod checkout;
+pub mod claims;
 mod customers;
 pub mod discounts;
 mod idempotency;
@@ -63,6 +64,10 @@ pub enum StoreError {
     /// A redemption found the code's terms changed under it on every attempt.
     #[error("the code's terms changed during each of {attempts} attempts")]
     Contended { attempts: usize },
+    /// A once-per-customer-anywhere redemption found its intent aborted by
+    /// recovery (it took too long): nothing granted; try again.
+    #[error("the redemption's intent was aborted by recovery before it could hold the hub's claim")]
+    ClaimWithdrawn,
     /// Another replica applied a newer spec of the resource meanwhile.
     #[error(
         "the resource's generation {stored} was applied already (by another replica); this one ({mine}) is older and was not"
@@ -100,6 +105,7 @@ pub enum Operation {
     ReverseRedemption,
     Report,
     Allotment,
+    Claim,
 }
 
 impl std::fmt::Display for Operation {
@@ -124,6 +130,7 @@ impl std::fmt::Display for Operation {
             Self::ReverseRedemption => "reverse the redemption of",
             Self::Report => "read the finance report",
             Self::Allotment => "keep the global allotment of",
+            Self::Claim => "keep the once-per-customer-anywhere intent of",
         })
     }
 }

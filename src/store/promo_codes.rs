@@ -54,6 +54,20 @@ macro_rules! global_gone {
     };
 }
 
+/// For a global code, whether it is once per customer on any Sovereign
+/// (`perCustomer: Global`); false for any other code, read without a look
+/// into the allotments.
+macro_rules! once_anywhere {
+    ($code:literal) => {
+        concat!(
+            "COALESCE(CASE WHEN promo_codes.global_allotment THEN \
+               (SELECT g.per_customer_global FROM voucher_global_allotments g WHERE g.code = ",
+            $code,
+            ") END, false)"
+        )
+    };
+}
+
 macro_rules! returning {
     () => {
         concat!(
@@ -64,7 +78,9 @@ macro_rules! returning {
             suspended!("promo_codes.code"),
             " AS suspended, ",
             global_gone!("promo_codes.code"),
-            " AS global_gone"
+            " AS global_gone, ",
+            once_anywhere!("promo_codes.code"),
+            " AS once_anywhere"
         )
     };
 }
@@ -104,6 +120,7 @@ struct Row {
     campaign_on: Option<bool>,
     suspended: bool,
     global_gone: Option<bool>,
+    once_anywhere: bool,
 }
 
 impl From<Row> for CodeRecord {
@@ -125,6 +142,7 @@ impl From<Row> for CodeRecord {
             campaign_on: row.campaign_on,
             suspended: row.suspended,
             global_gone: row.global_gone,
+            once_anywhere: row.once_anywhere,
         }
     }
 }
@@ -435,6 +453,7 @@ pub async fn export_rows(
             campaign_on: None,
             suspended: false,
             global_gone: None,
+            once_anywhere: false,
         })
         .collect())
 }

@@ -15,7 +15,9 @@ use super::discounts::{self, DiscountGrant};
 use super::idempotency::{self, Claimed};
 use super::outbox::NewAuditRecord;
 use super::redemptions::Past;
-use super::{Operation, Result, Store, StoreError, customers, ledger, promo_codes, redemptions};
+use super::{
+    Operation, Result, Store, StoreError, claims, customers, ledger, promo_codes, redemptions,
+};
 use crate::domain::{
     Actor, AuditData, AuditKind, Code, CodeRecord, Currency, Facts, Redeemability,
 };
@@ -34,6 +36,10 @@ pub struct Redemption {
     pub now: DateTime<Utc>,
     /// The Sovereign's currency, which a discount grant's amounts are in.
     pub currency: Currency,
+    /// A once-per-customer-anywhere code's redemption (`perCustomer: Global`):
+    /// the local intent whose claim the hub granted. Such a redemption is
+    /// redeemed alone, never in a group.
+    pub intent: Option<Uuid>,
 }
 
 /// What a redemption decided: what its answer is rendered from, first and
@@ -60,6 +66,11 @@ pub enum Redeemed {
     },
     /// The customer does not exist and the request named no tenant.
     TenantRequired,
+    /// A once-per-customer-anywhere code (`perCustomer: Global`) this
+    /// customer redeemed (or is redeeming) on another Sovereign.
+    ClaimedElsewhere {
+        code: String,
+    },
 }
 
 /// What a redemption granted.
@@ -120,6 +131,10 @@ pub enum Answer {
     },
     /// The key was used before with another request body.
     KeyReused,
+    /// A once-per-customer-anywhere code (`perCustomer: Global`) that this
+    /// customer has not redeemed here: redeemed only holding the hub's claim
+    /// (`federation::claimer`); nothing was written.
+    ClaimNeeded,
 }
 
 /// What a batch's transaction came to.
@@ -132,6 +147,9 @@ pub(crate) enum BatchOutcome {
     Undone(Option<Redeemed>),
     /// A statement failed before the commit; nothing written.
     Failed(StoreError),
+    /// A once-per-customer-anywhere code, and a customer of the batch without
+    /// the hub's claim: nothing written.
+    ClaimNeeded,
 }
 
 /// Attempts before a redemption whose code keeps changing gives up (each
@@ -148,6 +166,7 @@ impl Store {
                 let refusal = match self.redeem_batch(std::slice::from_ref(request)).await? {
                     BatchOutcome::Answered(mut answers) => return Ok(answers.remove(0)),
                     BatchOutcome::Failed(error) => return Err(error),
+                    BatchOutcome::ClaimNeeded => return Ok(Answer::ClaimNeeded),
                     BatchOutcome::Undone(Some(refusal)) => refusal,
                     BatchOutcome::Undone(None) => {
                         // Not counted: why, from the row as it is now.
@@ -173,6 +192,14 @@ impl Store {
         let mut tx = self.pool().begin().await?;
         match steps(&mut tx, requests).await {
             Ok(BatchOutcome::Answered(answers)) => {
+                // A redemption holding the hub's claim settles its intent with it.
+                if let (Some(intent), [answer]) = (requests[0].intent, answers.as_slice()) {
+                    let granted = matches!(answer, Answer::Fresh(Redeemed::Granted { .. }));
+                    if let Err(error) = claims::settle(&mut tx, intent, granted).await {
+                        let _ = tx.rollback().await;
+                        return Ok(BatchOutcome::Failed(error));
+                    }
+                }
                 tx.commit().await?;
                 Ok(BatchOutcome::Answered(answers))
             }
@@ -273,6 +300,9 @@ async fn steps(tx: &mut sqlx::PgConnection, requests: &[Redemption]) -> Result<B
         return Ok(BatchOutcome::Answered(batch.answers()));
     };
     let ids = find_customers(tx, &mut batch).await?;
+    if seen.once_anywhere && !hold_claims(tx, &mut batch, &ids).await? {
+        return Ok(BatchOutcome::ClaimNeeded);
+    }
     let winners = match one_per_customer(tx, &mut batch, &ids, &seen).await? {
         Ok(winners) => winners,
         Err(refusal) => return Ok(BatchOutcome::Undone(Some(refusal))),
@@ -387,6 +417,34 @@ async fn find_customers(
         known
     });
     Ok(ids)
+}
+
+/// A once-per-customer-anywhere code (`perCustomer: Global`): a customer who
+/// redeemed it here hears so; any other is redeemed only holding the hub's
+/// claim, its intent moved to `claimed` under the intent's row lock (the
+/// guard admits the insert only then). `false`: a customer without the
+/// claim — redeem through the hub. An intent recovery aborted first: an
+/// error, nothing granted.
+async fn hold_claims(
+    tx: &mut sqlx::PgConnection,
+    batch: &mut Decisions<'_>,
+    ids: &HashMap<String, Uuid>,
+) -> Result<bool> {
+    let code = batch.code.as_str();
+    for i in std::mem::take(&mut batch.open) {
+        if let Some(grant) = redemptions::grant_of(tx, ids[batch.subject(i)], code).await? {
+            batch
+                .decided
+                .push((i, Redeemed::already(batch.code, Some(grant))));
+            continue;
+        }
+        match batch.requests[i].intent {
+            None => return Ok(false),
+            Some(intent) if claims::hold(tx, intent).await? => batch.open.push(i),
+            Some(_) => return Err(StoreError::ClaimWithdrawn),
+        }
+    }
+    Ok(true)
 }
 
 /// One redemption per customer and code: the unique rows decide, not the
@@ -595,6 +653,7 @@ mod tests {
                 redeemed_at: None,
             },
             Redeemed::TenantRequired,
+            Redeemed::ClaimedElsewhere { code: code() },
         ];
         outcomes.extend(
             [

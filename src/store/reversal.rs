@@ -75,6 +75,8 @@ async fn steps(
     let Some(redeemed_at) = redeemed_at else {
         return Ok(RedemptionReversal::NotFound);
     };
+    // Once per customer anywhere: the customer is free on every Sovereign again.
+    super::claims::release(tx, code, user_id).await?;
     let grant: Option<Uuid> = sqlx::query_scalar(
         "UPDATE voucher_discount_grants SET ended_at = now() \
          WHERE customer_id = $1 AND code = $2 AND ended_at IS NULL RETURNING grant_id",

@@ -19,3 +19,4 @@ GRANT DELETE ON promo_redemptions TO voucher_runtime;
 GRANT SELECT, INSERT ON voucher_redemption_history TO voucher_runtime;
 GRANT SELECT, INSERT, UPDATE ON voucher_global_allotments TO voucher_runtime;
 GRANT SELECT, INSERT ON voucher_database_incarnation TO voucher_runtime;
+GRANT SELECT, INSERT, UPDATE ON voucher_global_claims TO voucher_runtime;

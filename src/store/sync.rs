@@ -38,6 +38,8 @@ pub struct Global<'a> {
     pub offered: bool,
     /// The hub asks for returns (its cap lowered below the units granted).
     pub return_asked: bool,
+    /// Once per customer on any Sovereign (`perCustomer: Global`).
+    pub per_customer_global: bool,
 }
 
 // One value per reconcile, never stored in bulk: boxing the row would buy nothing.

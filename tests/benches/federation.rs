@@ -95,6 +95,7 @@ async fn round(stores: &[Store], code: &Code, round: &str) -> (f64, Vec<Duration
                         idempotency: None,
                         now: chrono::Utc::now(),
                         currency: Default::default(),
+                        intent: None,
                     };
                     match store.redeem(&redemption).await.unwrap() {
                         Answer::Fresh(Redeemed::Granted { .. }) => return began.elapsed(),

@@ -58,6 +58,7 @@ async fn round(store: &Store, round: &str) -> f64 {
                     idempotency: None,
                     now: chrono::Utc::now(),
                     currency: Default::default(),
+                    intent: None,
                 };
                 let answer = store.redeem(&redemption).await.unwrap();
                 matches!(
@@ -222,6 +223,7 @@ async fn main() {
         idempotency: None,
         now: chrono::Utc::now(),
         currency: Default::default(),
+        intent: None,
     };
     let answer = store.redeem(&redemption).await.unwrap();
     assert_eq!(

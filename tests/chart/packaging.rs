@@ -206,6 +206,7 @@ fn the_flux_health_expressions_judge_the_statuses_the_controller_writes() {
     };
     let record = CodeRecord {
         global_gone: None,
+        once_anywhere: false,
         code: "LAUNCH".into(),
         terms: Terms::granting(5),
         times_redeemed: 0,

@@ -568,6 +568,7 @@ pub async fn redeem_within(
             idempotency: None,
             now: chrono::Utc::now(),
             currency: Default::default(),
+            intent: None,
         };
         match store.redeem(&redemption).await.expect("answered") {
             Answer::Fresh(Redeemed::Granted { .. }) => return Some(true),

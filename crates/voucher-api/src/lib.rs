@@ -8,6 +8,8 @@
 
 pub mod campaign;
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, SubsecRound, Utc};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -72,9 +74,18 @@ pub const PLURAL: &str = "vouchers";
         .message("spec.expiresAt must be later than spec.validFrom"),
     validation = Rule::new("self.deletionPolicy == oldSelf.deletionPolicy || (!oldSelf.active && !self.active)")
         .message("spec.deletionPolicy can change only while the Voucher is inactive, before and after: set spec.active to false first, then change the policy"),
-    validation = Rule::new(ONE_GRANT).message(ONE_GRANT_MESSAGE),
-    validation = Rule::new(SAME_GRANT)
-        .message("a Voucher cannot switch between a credit (spec.creditOMR) and a discount (spec.discount): vouchers already redeemed granted the one; create a new Voucher for the other"),
+    validation = Rule::new("(has(self.creditOMR) ? 1 : 0) + (has(self.creditByCurrency) ? 1 : 0) + (has(self.discount) ? 1 : 0) == 1")
+        .message("set exactly one of spec.creditOMR (a credit in whole units), spec.creditByCurrency (a global voucher's credit per currency) and spec.discount (percentOff or amountOff, with appliesTo and durationMonths): a voucher grants one or the other"),
+    validation = Rule::new("has(self.discount) == has(oldSelf.discount)")
+        .message("a Voucher cannot switch between a credit (spec.creditOMR or spec.creditByCurrency) and a discount (spec.discount): vouchers already redeemed granted the one; create a new Voucher for the other"),
+    validation = Rule::new("!has(self.creditByCurrency) || (has(self.scope) && self.scope == 'Global')")
+        .message("spec.creditByCurrency is for global vouchers (spec.scope: Global), granted in each Sovereign's currency; a Sovereign's own voucher grants spec.creditOMR in its currency"),
+    validation = Rule::new("!has(self.creditByCurrency) || self.creditByCurrency.all(c, c.matches('^[A-Z]{3}$'))")
+        .message("spec.creditByCurrency is keyed by ISO 4217 currency codes, three upper-case letters (e.g. OMR, BHD, USD)"),
+    validation = Rule::new("(has(self.perCustomer) ? self.perCustomer : 'Sovereign') == (has(oldSelf.perCustomer) ? oldSelf.perCustomer : 'Sovereign')")
+        .message("spec.perCustomer is immutable: customers who redeemed under the one rule would be judged by the other; create a new Voucher instead"),
+    validation = Rule::new("!has(self.perCustomer) || self.perCustomer != 'Global' || (has(self.scope) && self.scope == 'Global')")
+        .message("spec.perCustomer: Global (once per customer on any Sovereign) needs spec.scope: Global; a Sovereign's own voucher is once per customer here"),
     validation = Rule::new("(has(self.scope) ? self.scope : 'Sovereign') == (has(oldSelf.scope) ? oldSelf.scope : 'Sovereign')")
         .message("spec.scope is immutable: a Sovereign's cap and a global cap are different vouchers; create a new Voucher instead"),
     validation = Rule::new("!has(self.scope) || self.scope != 'Global' || self.maxRedemptions > 0")
@@ -148,6 +159,43 @@ pub struct VoucherSpec {
     /// namespace, maxRedemptions at least 1). Immutable.
     #[serde(default, skip_serializing_if = "Scope::is_sovereign")]
     pub scope: Scope,
+
+    /// A global voucher's credit per currency, in whole units of each, e.g. {OMR: 50, BHD: 50}:
+    /// each Sovereign grants it in its own currency (--currency), and one whose currency is
+    /// missing does not offer the voucher (Stalled, saying which). Only with scope Global, instead
+    /// of spec.creditOMR (which on a global voucher is a credit in OMR alone).
+    #[serde(
+        rename = "creditByCurrency",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {"type": "integer", "minimum": MIN_CREDIT_OMR, "maximum": MAX_CREDIT_OMR}
+    ))]
+    pub credit_by_currency: Option<BTreeMap<String, i32>>,
+
+    /// Once per customer where: Sovereign (on this billing database, the default) or Global
+    /// (once on any Sovereign, the customer being the federated token subject: the hub holds a
+    /// claim per customer; only with scope Global). Immutable.
+    #[serde(default, skip_serializing_if = "PerCustomer::is_sovereign")]
+    pub per_customer: PerCustomer,
+}
+
+/// Where "once per customer" holds (DESIGN §11, docs/federation.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PerCustomer {
+    /// Once on this Sovereign's billing database.
+    #[default]
+    Sovereign,
+    /// Once on any Sovereign: a claim at the hub, per customer.
+    Global,
+}
+
+impl PerCustomer {
+    fn is_sovereign(&self) -> bool {
+        *self == PerCustomer::Sovereign
+    }
 }
 
 /// Where a Voucher's cap holds (DESIGN §11, docs/federation.md).
@@ -346,6 +394,44 @@ impl VoucherSpec {
             expires_at: micros(self.expires_at),
         }
     }
+
+    /// A global voucher's credit per currency: spec.creditByCurrency, or
+    /// spec.creditOMR as a credit in OMR alone; empty for a discount.
+    pub fn credits(&self) -> BTreeMap<String, i32> {
+        match (&self.credit_by_currency, self.credit_omr) {
+            (Some(credits), _) => credits.clone(),
+            (None, Some(credit)) => [("OMR".to_owned(), credit)].into(),
+            (None, None) => BTreeMap::new(),
+        }
+    }
+
+    /// The record a global voucher defines at the hub (its cap shared in
+    /// shares, `ceiling` the most one Sovereign holds), checked: each credit
+    /// a valid one. On a Sovereign, the record its copy would define.
+    pub fn global_record(
+        &self,
+        uid: &str,
+        ceiling: u64,
+        per_request: u64,
+    ) -> Result<voucher_core::allotment::Record, TermError> {
+        let terms = self.terms();
+        let credits = self.credits();
+        if credits.is_empty() {
+            terms.validate()?;
+        }
+        for credit_omr in credits.values() {
+            Terms {
+                credit_omr: *credit_omr,
+                ..terms.clone()
+            }
+            .validate()?;
+        }
+        let once_anywhere = self.per_customer == PerCustomer::Global;
+        Ok(
+            voucher_core::allotment::Record::defined(uid, &terms, ceiling, per_request)
+                .offering(credits, once_anywhere),
+        )
+    }
 }
 
 impl Voucher {
@@ -420,6 +506,8 @@ pub fn voucher_for(record: &CodeRecord, namespace: &str) -> Result<Voucher, Adop
             // This revocation only: a later one stays.
             reissue: record.deleted_at.map(|revoked_at| Reissue { revoked_at }),
             scope: Scope::Sovereign,
+            credit_by_currency: None,
+            per_customer: PerCustomer::Sovereign,
         },
     );
     voucher.metadata.namespace = Some(namespace.to_owned());
@@ -472,6 +560,8 @@ mod tests {
                 adopt: false,
                 reissue: None,
                 scope: Scope::Sovereign,
+                credit_by_currency: None,
+                per_customer: PerCustomer::Sovereign,
             },
         );
         v.metadata.namespace = Some("default".into());
@@ -601,6 +691,7 @@ mod tests {
     fn rows_outside_the_term_rules_are_not_adopted() {
         let mut row = CodeRecord {
             global_gone: None,
+            once_anywhere: false,
             code: "FREE-1".into(),
             terms: voucher("free-1", None).spec.terms(),
             times_redeemed: 0,
@@ -626,6 +717,7 @@ mod tests {
         };
         let row = CodeRecord {
             global_gone: None,
+            once_anywhere: false,
             code: "FIVE-OFF".into(),
             terms: Terms {
                 credit_omr: 0,

@@ -36,6 +36,15 @@ pub struct Record {
     /// Sovereign's row carries, and what its copy of the Voucher is held to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terms: Option<Terms>,
+    /// A credit voucher's credit per currency (`creditByCurrency`, or
+    /// `creditOMR` as `{OMR: n}`): each Sovereign grants it in its own
+    /// currency and offers it only if it is there. Empty for a discount (and in
+    /// a record of an earlier version: the terms' credit, in any currency).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub credits: BTreeMap<String, i32>,
+    /// `perCustomer: Global`: once per customer on any Sovereign (rule 8).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub per_customer_global: bool,
 }
 
 /// What the record holds for one Sovereign.
@@ -159,7 +168,34 @@ impl Record {
             per_request,
             sovereigns: BTreeMap::new(),
             terms: None,
+            credits: BTreeMap::new(),
+            per_customer_global: false,
         }
+    }
+
+    /// This definition with its credit per currency and its "once per
+    /// customer" (what a Voucher defines beyond the terms of one row).
+    pub fn offering(self, credits: BTreeMap<String, i32>, per_customer_global: bool) -> Self {
+        Self {
+            credits,
+            per_customer_global,
+            ..self
+        }
+    }
+
+    /// The vendor's terms as a Sovereign of `currency` grants them (its
+    /// credit in that currency); `None` when the voucher has no credit in it
+    /// (not offered there). A record without terms: the copy's (`copy`).
+    pub fn terms_in(&self, currency: &str, copy: &Terms) -> Option<Terms> {
+        let terms = self.terms.clone().unwrap_or_else(|| copy.clone());
+        if terms.discount.is_some() || self.credits.is_empty() {
+            return Some(terms);
+        }
+        let credit_omr = *self.credits.get(currency)?;
+        Some(Terms {
+            credit_omr,
+            ..terms
+        })
     }
 
     /// The record a hub Voucher defines: its cap (`max_redemptions`, which a
@@ -190,6 +226,8 @@ impl Record {
             ceiling: by.ceiling,
             per_request: by.per_request,
             terms: by.terms.clone(),
+            credits: by.credits.clone(),
+            per_customer_global: by.per_customer_global,
             ..self.clone()
         }
     }
@@ -224,11 +262,27 @@ impl Record {
 
     /// Where a Sovereign's copy of the Voucher differs from the vendor's terms
     /// (the copy changes nothing: the row carries the hub's terms).
-    pub fn differences(&self, copy: &Terms) -> Vec<TermField> {
-        match &self.terms {
-            Some(terms) => copy.changes_from(terms),
-            None => Vec::new(),
+    /// `copy` is the record the copy would define, compared on the terms, the
+    /// credit per currency and "once per customer" — the fields named as the
+    /// spec names them.
+    pub fn differences(&self, copy: &Record) -> Vec<&'static str> {
+        let (Some(terms), Some(copied)) = (&self.terms, &copy.terms) else {
+            return Vec::new();
+        };
+        let mut differs: Vec<&'static str> = copied
+            .changes_from(terms)
+            .into_iter()
+            // A credit per currency is compared as one field, below.
+            .filter(|f| *f != TermField::CreditOmr || self.credits.is_empty())
+            .map(TermField::spec_name)
+            .collect();
+        if copy.credits != self.credits && !self.credits.is_empty() {
+            differs.push("creditByCurrency");
         }
+        if copy.per_customer_global != self.per_customer_global {
+            differs.push("perCustomer");
+        }
+        differs
     }
 
     /// What the record charges a Sovereign: its share, or the ceiling while it

@@ -9,6 +9,7 @@ pub mod allotment;
 pub mod audit;
 pub mod campaign;
 pub mod checkout;
+pub mod claims;
 pub mod code;
 pub mod discount;
 pub mod owner;

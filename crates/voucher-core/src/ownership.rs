@@ -219,6 +219,7 @@ mod tests {
     fn row(deleted: bool) -> CodeRecord {
         CodeRecord {
             global_gone: None,
+            once_anywhere: false,
             code: "LAUNCH".into(),
             terms: Terms::granting(5),
             times_redeemed: 2,

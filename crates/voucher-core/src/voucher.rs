@@ -43,6 +43,9 @@ pub struct CodeRecord {
     /// global code whose local share is used up is "try again" (another
     /// Sovereign may return units), never "fully redeemed", until then.
     pub global_gone: Option<bool>,
+    /// A global code redeemed once per customer on any Sovereign
+    /// (`perCustomer: Global`): each redemption holds the hub's claim first.
+    pub once_anywhere: bool,
 }
 
 impl CodeRecord {
@@ -447,6 +450,19 @@ impl TermField {
         }
     }
 
+    /// The field as a Voucher's spec names it.
+    pub fn spec_name(self) -> &'static str {
+        match self {
+            Self::CreditOmr => "creditOMR",
+            Self::Discount => "discount",
+            Self::Description => "description",
+            Self::Active => "active",
+            Self::MaxRedemptions => "maxRedemptions",
+            Self::ValidFrom => "validFrom",
+            Self::ExpiresAt => "expiresAt",
+        }
+    }
+
     /// `credit_omr, active`: a list for a sentence.
     pub fn join(fields: &[TermField]) -> String {
         fields
@@ -479,6 +495,7 @@ mod tests {
     fn record() -> CodeRecord {
         CodeRecord {
             global_gone: None,
+            once_anywhere: false,
             code: "LAUNCH-50".into(),
             terms: Terms {
                 credit_omr: 50,

@@ -14,8 +14,9 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use voucher_operator::controller::{Config, Role, Settings};
+use voucher_operator::federation::claimer::Claimer;
 use voucher_operator::federation::sovereign::Refill;
-use voucher_operator::federation::{DEFAULT_GLOBAL_NAMESPACE, Joined, allotment, hub};
+use voucher_operator::federation::{DEFAULT_GLOBAL_NAMESPACE, Joined, allotment, claims, hub};
 use voucher_operator::relay::RelaySettings;
 use voucher_operator::server::auth::AuthSettings;
 use voucher_operator::server::{self, ServerSettings};
@@ -169,11 +170,20 @@ async fn run_parts(
         }
     })];
     let secret = stack::jwt_secret(&settings.state_dir)?;
+    // The vendor's claim key, one for every Sovereign (once per customer anywhere).
+    let claim_key = stack::state_secret(&settings.state_dir, "claim-key")?;
     let mut described = Vec::new();
     for (part, cluster) in parts.iter().zip(clusters).skip(1) {
         let database = format!("billing_{}", part.name);
         let database_url = stack::ensure_database(settings, &database).await?;
-        let started = start_sovereign(part, cluster, &database_url, &secret, stop.clone()).await?;
+        let started = start_sovereign(
+            part,
+            cluster,
+            &database_url,
+            (&secret, &claim_key),
+            stop.clone(),
+        )
+        .await?;
         tasks.extend(started);
         described.push(json!({
             "name": part.name,
@@ -217,7 +227,7 @@ async fn start_sovereign(
     part: &Part,
     cluster: &Cluster,
     database_url: &str,
-    secret: &str,
+    (secret, claim_key): (&str, &str),
     stop: CancellationToken,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let store = Store::connect(&DatabaseSettings {
@@ -291,6 +301,14 @@ async fn start_sovereign(
         listen: (Ipv4Addr::LOCALHOST, part.settings.http_port).into(),
         admin: None,
         metrics: None,
+        claimer: Some(Claimer {
+            client: client.clone(),
+            sovereign: part.name.clone(),
+            prefix: claims::SUBJECT_PREFIX.into(),
+            key: claim_key.as_bytes().to_vec(),
+            timeout: Duration::from_secs(2),
+            recover_after: Duration::from_secs(30),
+        }),
     };
     let http = server::Role::new(store, Some(cluster.client.clone()), config, registry).await?;
     let server = tokio::spawn(async move {

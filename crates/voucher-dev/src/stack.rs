@@ -299,7 +299,13 @@ async fn existing_cluster(kubeconfig: &Path) -> anyhow::Result<Cluster> {
 /// The stack's HS256 secret, kept in the state directory: made on the first
 /// run, so that `local token` mints tokens the running stack accepts.
 pub fn jwt_secret(state_dir: &std::path::Path) -> anyhow::Result<String> {
-    let path = state_dir.join("jwt-secret");
+    state_secret(state_dir, "jwt-secret")
+}
+
+/// A secret of the stack kept in the file `name` of its state directory,
+/// made on first use (64 hex characters): the same across restarts.
+pub fn state_secret(state_dir: &std::path::Path, name: &str) -> anyhow::Result<String> {
+    let path = state_dir.join(name);
     match std::fs::read_to_string(&path) {
         Ok(secret) if secret.trim().len() >= 32 => Ok(secret.trim().to_owned()),
         _ => {
@@ -457,6 +463,7 @@ async fn run_operator(
             ..Default::default()
         },
         listen: (Ipv4Addr::LOCALHOST, settings.http_port).into(),
+        claimer: None,
         admin: None,
         metrics: None,
     };

@@ -45,6 +45,12 @@ pub(crate) enum VoucherFound {
     NotAtHub,
     /// The hub's definitions could not be read.
     HubUnavailable(String),
+    /// The global voucher states no credit in this Sovereign's currency
+    /// (those it states: `offered`); not offered here, its share returned.
+    NoCreditInCurrency {
+        currency: String,
+        offered: Vec<String>,
+    },
     /// The store's answer: a conflict, or the row as synced.
     Synced(Synced),
 }
@@ -62,7 +68,7 @@ pub(crate) struct VoucherSeen<'a> {
     /// What the spec grants (`50 OMR`, `20% install 3mo`), for its Events.
     pub(crate) grant: &'a str,
     /// A global voucher's copy: where it differs from the vendor's terms.
-    pub(crate) differs: &'a [TermField],
+    pub(crate) differs: &'a [&'static str],
 }
 
 /// When to reconcile this Voucher again.
@@ -202,6 +208,18 @@ pub(crate) fn decide(found: VoucherFound, seen: VoucherSeen<'_>) -> VoucherPlan 
                 &seen,
             )
         },
+        VoucherFound::NoCreditInCurrency { currency, offered } => VoucherPlan {
+            next: Next::After(HUB_LOOK),
+            ..refused(
+                Phase::Inactive,
+                "NoCreditInCurrency",
+                format!(
+                    "global voucher {code} states no credit in {currency}, this Sovereign's                      currency (it states {}): it is not offered here and any share held is                      returned; the vendor adds {currency} to spec.creditByCurrency at the hub",
+                    offered.join(", ")
+                ),
+                &seen,
+            )
+        },
         VoucherFound::HubUnavailable(error) => unavailable(
             "HubUnavailable",
             format!("cannot read the hub's definitions: {error}"),
@@ -225,7 +243,7 @@ pub(crate) fn decide(found: VoucherFound, seen: VoucherSeen<'_>) -> VoucherPlan 
                 "this copy of global voucher {code} differs from the vendor's definition at the \
                  hub in {}: the row carries the hub's terms and this copy changes nothing; make it \
                  match the hub's (the vendor's Flux applies it)",
-                TermField::join(seen.differs)
+                seen.differs.join(", ")
             );
             let stalled = refused(phase, "DiffersFromHub", message, &seen);
             VoucherPlan {
@@ -472,6 +490,7 @@ mod tests {
     fn record(terms: Terms) -> CodeRecord {
         CodeRecord {
             global_gone: None,
+            once_anywhere: false,
             code: "LAUNCH".into(),
             terms,
             times_redeemed: 0,

@@ -42,18 +42,37 @@ pub(super) async fn apply(ctx: &Context, voucher: &Voucher) -> Result<Action, Er
         Ok(record) => (record, None),
         Err(found) => (None, Some(found)),
     };
-    // A global code's row carries the vendor's terms; the copy is only compared with them.
-    let (terms, differs) = match &record {
-        Some(record) => (
-            record.terms.clone().unwrap_or_else(|| copy.clone()),
-            record.differences(&copy),
-        ),
-        None => (copy.clone(), Vec::new()),
+    // A global code's row carries the vendor's terms, its credit in this Sovereign's currency;
+    // the copy is only compared with them.
+    let currency = ctx.settings.billing.currency.as_str();
+    let (terms, differs, refusal) = match &record {
+        Some(record) => {
+            let copied =
+                voucher
+                    .spec
+                    .global_record(&record.uid, record.ceiling, record.per_request);
+            let differs = copied.map(|c| record.differences(&c)).unwrap_or_default();
+            match record.terms_in(currency, &copy) {
+                Some(terms) => (terms, differs, refusal),
+                None => {
+                    let offered = record.credits.keys().cloned().collect();
+                    let currency = currency.to_owned();
+                    let lacking = VoucherFound::NoCreditInCurrency { currency, offered };
+                    (copy.clone(), differs, Some(lacking))
+                }
+            }
+        }
+        None => (copy.clone(), Vec::new(), refusal),
     };
+    if let (Some(VoucherFound::NoCreditInCurrency { .. }), Ok(code)) = (&refusal, &code) {
+        // Offered here no more: the allotment loop returns the share, the row goes inactive.
+        ctx.store.withdraw(code).await?;
+    }
     let bound = record.as_ref().map(|record| Global {
         hub_uid: &record.uid,
         offered: record.offered(now),
         return_asked: record.asks_returns(),
+        per_customer_global: record.per_customer_global,
     });
     let (found, failure) = match (&code, terms.validate_for(&ctx.settings.billing.categories)) {
         _ if !issuer => (VoucherFound::Forbidden(ctx.settings.issuers.clone()), None),

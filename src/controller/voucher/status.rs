@@ -179,6 +179,7 @@ mod tests {
     fn record(times: i32) -> CodeRecord {
         CodeRecord {
             global_gone: None,
+            once_anywhere: false,
             code: "LAUNCH".into(),
             terms: Terms {
                 max_redemptions: 10,

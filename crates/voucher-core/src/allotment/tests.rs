@@ -713,19 +713,73 @@ fn a_copy_is_held_to_the_vendors_terms_field_by_field() {
         max_redemptions: 100,
         ..crate::Terms::granting(50)
     };
-    let record = Record::defined("uid-1", &terms, 100, 10);
-    assert!(record.differences(&terms).is_empty(), "the same terms");
+    let credits = |pairs: &[(&str, i32)]| {
+        pairs
+            .iter()
+            .map(|(c, n)| (c.to_string(), *n))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let define = |terms: &crate::Terms, credits, once| {
+        Record::defined("uid-1", terms, 100, 10).offering(credits, once)
+    };
+    let record = define(&terms, credits(&[("OMR", 50), ("BHD", 50)]), false);
+    // (why, the copy's terms, its credits, its perCustomer: Global, the differences)
     let raised = crate::Terms {
         max_redemptions: 200,
         credit_omr: 500,
         ..terms.clone()
     };
+    let cases = [
+        (
+            "the same definition",
+            &terms,
+            credits(&[("OMR", 50), ("BHD", 50)]),
+            false,
+            vec![],
+        ),
+        (
+            "a franchisee raising its copy is told which fields differ (a credit per currency is one field)",
+            &raised,
+            credits(&[("OMR", 50), ("BHD", 500)]),
+            false,
+            vec!["maxRedemptions", "creditByCurrency"],
+        ),
+        (
+            "once per customer anywhere cannot be relaxed on one Sovereign",
+            &terms,
+            credits(&[("OMR", 50), ("BHD", 50)]),
+            true,
+            vec!["perCustomer"],
+        ),
+    ];
+    for (why, copied, copy_credits, once, differs) in cases {
+        let copy = define(copied, copy_credits, once);
+        assert_eq!(record.differences(&copy), differs, "{why}");
+    }
+}
+
+#[test]
+fn a_sovereign_grants_the_credit_of_its_own_currency_and_offers_nothing_without_it() {
+    let terms = crate::Terms::granting(50);
+    let credits: BTreeMap<String, i32> = [("OMR".to_string(), 50), ("BHD".to_string(), 60)].into();
+    let record = Record::defined("uid-1", &terms, 100, 10).offering(credits, false);
     assert_eq!(
-        record.differences(&raised),
-        [
-            crate::TermField::CreditOmr,
-            crate::TermField::MaxRedemptions
-        ],
-        "a franchisee raising its copy is told which fields differ"
+        record.terms_in("BHD", &terms).map(|t| t.credit_omr),
+        Some(60)
+    );
+    assert_eq!(
+        record.terms_in("OMR", &terms).map(|t| t.credit_omr),
+        Some(50)
+    );
+    assert_eq!(
+        record.terms_in("USD", &terms),
+        None,
+        "no credit in USD: not offered"
+    );
+    let earlier = Record::defined("uid-1", &terms, 100, 10);
+    assert_eq!(
+        earlier.terms_in("USD", &terms).map(|t| t.credit_omr),
+        Some(50),
+        "a record of an earlier version states one credit"
     );
 }
