@@ -438,11 +438,13 @@ async fn hold_claims(
                 .push((i, Redeemed::already(batch.code, Some(grant))));
             continue;
         }
-        match batch.requests[i].intent {
-            None => return Ok(false),
-            Some(intent) if claims::hold(tx, intent).await? => batch.open.push(i),
-            Some(_) => return Err(StoreError::ClaimWithdrawn),
+        let Some(intent) = batch.requests[i].intent else {
+            return Ok(false);
+        };
+        if !claims::hold(tx, intent).await? {
+            return Err(StoreError::ClaimWithdrawn);
         }
+        batch.open.push(i);
     }
     Ok(true)
 }

@@ -504,15 +504,28 @@ pub async fn serve_http(
     auth: voucher_operator::server::auth::AuthSettings,
     kube: Option<kube::Client>,
 ) -> (String, tokio_util::sync::CancellationToken) {
+    serve_http_joined(store, settings, auth, kube, None).await
+}
+
+/// [`serve_http`] of a Sovereign's server joined to a hub for once-per-
+/// customer-anywhere redemptions (its recovery running beside it).
+pub async fn serve_http_joined(
+    store: voucher_operator::store::Store,
+    settings: voucher_operator::server::ServerSettings,
+    auth: voucher_operator::server::auth::AuthSettings,
+    kube: Option<kube::Client>,
+    claimer: Option<voucher_operator::federation::claimer::Claimer>,
+) -> (String, tokio_util::sync::CancellationToken) {
     use voucher_operator::server::{self, AppState, auth::Verifier};
     // As main does before anything uses TLS.
     voucher_operator::install_tls_provider();
-    let state = AppState::new(
+    let state = AppState::joined(
         store,
         Verifier::new(auth).expect("valid token settings"),
         kube,
         settings,
         Default::default(),
+        claimer,
     );
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
