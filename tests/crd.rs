@@ -318,8 +318,7 @@ fn discount(terms: Value) -> Value {
     with(json!({"spec": {"creditOMR": null, "discount": terms}}))
 }
 
-const ONE_GRANT: &str =
-    "set exactly one of spec.creditOMR (a credit in whole OMR) and spec.discount";
+const ONE_GRANT: &str = "set exactly one of spec.creditOMR (a credit in whole units), spec.creditByCurrency (a global voucher's credit per currency) and spec.discount";
 
 #[tokio::test]
 async fn a_voucher_grants_exactly_one_of_a_credit_and_a_discount() {
@@ -402,7 +401,7 @@ async fn discount_terms_outside_their_rules_are_refused() {
 #[tokio::test]
 async fn the_kind_of_grant_is_immutable() {
     let percent = discount(json!({"percentOff": 20}));
-    const SWITCH: &str = "a Voucher cannot switch between a credit (spec.creditOMR) and a discount";
+    const SWITCH: &str = "a Voucher cannot switch between a credit (spec.creditOMR or spec.creditByCurrency) and a discount";
     assert_rejected(percent.clone(), Some(base()), &[SWITCH]).await;
     assert_rejected(base(), Some(percent.clone()), &[SWITCH]).await;
     // The terms of a discount may change like a credit's (grants already made keep theirs).
@@ -615,4 +614,66 @@ async fn a_global_voucher_needs_a_cap_and_keeps_its_scope() {
     assert_rejected(base(), Some(global(1000)), &["spec.scope is immutable"]).await;
     let scope = with(json!({"spec": {"scope": "Everywhere"}}));
     assert_rejected(scope, None, &["spec.scope"]).await;
+}
+
+/// Once per customer on any Sovereign, and a credit per currency, are a global voucher's:
+/// refused on a Sovereign's own, and "once per customer" never changes.
+#[tokio::test]
+async fn once_per_customer_anywhere_and_a_credit_per_currency_are_a_global_vouchers() {
+    let global = json!({"spec": {"scope": "Global", "maxRedemptions": 100}});
+    let once =
+        with(json!({"spec": {"scope": "Global", "maxRedemptions": 100, "perCustomer": "Global"}}));
+    assert_valid(&once, None).await;
+    let local_once = with(json!({"spec": {"perCustomer": "Global"}}));
+    assert_rejected(
+        local_once,
+        None,
+        &["spec.perCustomer: Global (once per customer on any Sovereign) needs spec.scope: Global"],
+    )
+    .await;
+    let relaxed = with(global.clone());
+    assert_rejected(
+        relaxed.clone(),
+        Some(once.clone()),
+        &["spec.perCustomer is immutable"],
+    )
+    .await;
+    assert_rejected(once, Some(relaxed), &["spec.perCustomer is immutable"]).await;
+    let per_currency = |credits: Value| {
+        let mut doc = with(global.clone());
+        json_merge(
+            &mut doc,
+            json!({"spec": {"creditOMR": null, "creditByCurrency": credits}}),
+        );
+        doc
+    };
+    assert_valid(
+        &per_currency(json!({"OMR": 50, "BHD": 50, "USD": 130})),
+        None,
+    )
+    .await;
+    assert_rejected(
+        per_currency(json!({"omr": 50})),
+        None,
+        &["keyed by ISO 4217 currency codes"],
+    )
+    .await;
+    assert_rejected(per_currency(json!({"OMR": 0})), None, &["creditByCurrency"]).await;
+    assert_rejected(
+        per_currency(json!({"OMR": 100001})),
+        None,
+        &["creditByCurrency"],
+    )
+    .await;
+    let both = with(
+        json!({"spec": {"scope": "Global", "maxRedemptions": 100, "creditByCurrency": {"OMR": 50}}}),
+    );
+    assert_rejected(both, None, &[ONE_GRANT]).await;
+    let local = with(json!({"spec": {"creditOMR": null, "creditByCurrency": {"OMR": 50}}}));
+    assert_rejected(
+        local,
+        None,
+        &["spec.creditByCurrency is for global vouchers"],
+    )
+    .await;
 }

@@ -413,3 +413,42 @@ async fn with_the_hub_out_of_reach_once_anywhere_redemptions_answer_503_and_the_
     .await;
     assert_eq!(everywhere(&world, "dave").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversed_redemption_frees_the_customer_on_every_sovereign() {
+    let world = world("WORLD-REVERSED", Duration::from_secs(1)).await;
+    let code = &world.code;
+    let [sov1, sov2] = [&world.sovereigns[0], &world.sovereigns[1]];
+    let (status, body) = redeem(sov1, code.as_str(), "erin").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = redeem(sov2, code.as_str(), "erin").await;
+    assert_eq!(status, 409, "held by the redemption on sov1: {body}");
+    let admin = voucher_operator::domain::Actor::Subject {
+        subject: "support".into(),
+    };
+    let reversed = sov1
+        .store
+        .reverse_redemption(code, "erin", "refunded order", &admin)
+        .await
+        .expect("reversed");
+    assert!(
+        matches!(
+            reversed,
+            voucher_operator::store::reversal::RedemptionReversal::Reversed(_)
+        ),
+        "{reversed:?}"
+    );
+    // The claim is deleted by sov1's recovery: erin may redeem once again, anywhere.
+    support::eventually_within(
+        Duration::from_secs(20),
+        "erin free after the reversal",
+        || async {
+            let (status, _) = redeem(sov2, code.as_str(), "erin").await;
+            (status == 200).then_some(())
+        },
+    )
+    .await;
+    let (status, body) = redeem(sov1, code.as_str(), "erin").await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(everywhere(&world, "erin").await, 1);
+}

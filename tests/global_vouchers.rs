@@ -45,6 +45,11 @@ impl Drop for Federation {
 /// A hub and one Sovereign ("sov1"), each in its namespace, on a nats-server
 /// of the test's own (the hub's bucket is the server's).
 async fn federation() -> Federation {
+    federation_in("OMR").await
+}
+
+/// [`federation`] with a Sovereign whose currency is `currency`.
+async fn federation_in(currency: &str) -> Federation {
     support::init_tracing();
     let server = support::nats_of_its_own();
     let connect = || async { async_nats::connect(&server.url).await.expect("nats") };
@@ -98,7 +103,10 @@ async fn federation() -> Federation {
         concurrency: 4,
         issuers: Issuers::new(["default"]),
         key_namespace: "voucher-campaign-keys".into(),
-        billing: Default::default(),
+        billing: voucher_operator::domain::Billing {
+            currency: voucher_operator::domain::Currency::parse(currency).unwrap(),
+            ..Default::default()
+        },
         global_namespace: sov_ns.clone(),
         joined: Some(joined),
     };
@@ -275,7 +283,7 @@ async fn a_franchisee_raising_its_copy_is_stalled_and_changes_nothing() {
         })
         .await;
     let message = copy.status.unwrap().conditions[0].message.clone();
-    assert!(message.contains("credit_omr, max_redemptions"), "{message}");
+    assert!(message.contains("maxRedemptions, creditOMR"), "{message}");
     let credit: i32 =
         sqlx::query_scalar("SELECT credit_omr FROM promo_codes WHERE code = 'GLOBAL-E2E'")
             .fetch_one(&f.pool)
@@ -371,4 +379,122 @@ async fn a_cap_lowered_at_the_hub_below_what_is_granted_brings_the_unspent_share
         granted += usize::from(redeem(&f.store, &format!("customer-{n}")).await);
     }
     assert_eq!(granted, 2, "the lowered cap holds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_global_voucher_without_the_sovereigns_currency_is_not_offered_and_with_it_grants_in_that_currency()
+ {
+    let f = federation_in("BHD").await;
+    let omr_only = json!({"code": "GLOBAL-E2E", "creditByCurrency": {"OMR": 50}, "maxRedemptions": 20, "scope": "Global"});
+    f.create(&f.hub_ns, "global-e2e", omr_only.clone()).await;
+    let hub = f
+        .until(&f.hub_ns, "global-e2e", "the hub's definition", |v| {
+            phase(v) == Some(Phase::Active)
+        })
+        .await;
+    assert_eq!(hub.status.unwrap().grant.as_deref(), Some("50 OMR"));
+    f.create(&f.sov_ns, "global-e2e", omr_only).await;
+    let copy = f
+        .until(&f.sov_ns, "global-e2e", "the copy not offered", |v| {
+            reason(v).as_deref() == Some("NoCreditInCurrency")
+        })
+        .await;
+    let message = copy.status.unwrap().conditions[0].message.clone();
+    assert!(
+        message.contains("no credit in BHD") && message.contains("OMR"),
+        "{message}"
+    );
+    assert_eq!(
+        f.row("GLOBAL-E2E").await,
+        None,
+        "nothing written, nothing offered"
+    );
+
+    // The vendor adds the Sovereign's currency (at the hub, and in the copy its Flux applies).
+    let both = json!({"spec": {"creditByCurrency": {"OMR": 50, "BHD": 60}}});
+    for ns in [&f.hub_ns, &f.sov_ns] {
+        f.vouchers(ns)
+            .patch(
+                "global-e2e",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&both),
+            )
+            .await
+            .unwrap();
+    }
+    let copy = f
+        .until(&f.sov_ns, "global-e2e", "a share held in BHD", |v| {
+            phase(v) == Some(Phase::Active) && share(v).is_some_and(|s| s > 0)
+        })
+        .await;
+    let grant = copy.status.unwrap().grant.unwrap_or_default();
+    assert!(grant.contains("60") && grant.contains("BHD"), "{grant}");
+    assert!(redeem(&f.store, "customer-1").await);
+    let credit: i32 =
+        sqlx::query_scalar("SELECT credit_omr FROM promo_codes WHERE code = 'GLOBAL-E2E'")
+            .fetch_one(&f.pool)
+            .await
+            .unwrap();
+    assert_eq!(credit, 60, "the credit in this Sovereign's currency");
+
+    // The vendor takes BHD away again: not offered, and the unspent share goes back.
+    let omr_again = json!({"spec": {"creditByCurrency": {"OMR": 50, "BHD": null}}});
+    for ns in [&f.hub_ns, &f.sov_ns] {
+        f.vouchers(ns)
+            .patch(
+                "global-e2e",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&omr_again),
+            )
+            .await
+            .unwrap();
+    }
+    f.until(&f.sov_ns, "global-e2e", "not offered again", |v| {
+        reason(v).as_deref() == Some("NoCreditInCurrency")
+    })
+    .await;
+    let (active, _, redeemed) = f.row("GLOBAL-E2E").await.unwrap();
+    assert!(!active, "the row is switched off at once");
+    assert_eq!(redeemed, 1);
+    support::eventually_within(
+        Duration::from_secs(20),
+        "the unspent share returned",
+        || async {
+            let record = f.record("GLOBAL-E2E").await;
+            (record.sovereigns.get("sov1").map(|e| e.share) == Some(1)).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn once_per_customer_anywhere_holds_on_a_sovereign_whatever_its_copy_says() {
+    let f = federation().await;
+    let once = json!({"code": "GLOBAL-E2E", "creditOMR": 50, "maxRedemptions": 20, "scope": "Global", "perCustomer": "Global"});
+    f.create(&f.hub_ns, "global-e2e", once).await;
+    f.until(&f.hub_ns, "global-e2e", "the hub's definition", |v| {
+        phase(v) == Some(Phase::Active)
+    })
+    .await;
+    assert!(f.record("GLOBAL-E2E").await.per_customer_global);
+    // A franchisee's copy without it: said, and changes nothing.
+    f.create(&f.sov_ns, "global-e2e", global(20)).await;
+    let copy = f
+        .until(&f.sov_ns, "global-e2e", "the copy stalled", |v| {
+            reason(v).as_deref() == Some("DiffersFromHub") && share(v).is_some_and(|s| s > 0)
+        })
+        .await;
+    let message = copy.status.unwrap().conditions[0].message.clone();
+    assert!(message.contains("perCustomer"), "{message}");
+    let once: bool = sqlx::query_scalar(
+        "SELECT per_customer_global FROM voucher_global_allotments WHERE code = 'GLOBAL-E2E'",
+    )
+    .fetch_one(&f.pool)
+    .await
+    .unwrap();
+    assert!(once, "bound as the hub defines it");
+    let refused = support::seed_checkout(&f.pool, "GLOBAL-E2E", "legacy-customer")
+        .await
+        .expect_err("only a redemption holding the hub's claim");
+    assert!(refused.contains("once per customer"), "{refused}");
 }

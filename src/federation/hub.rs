@@ -157,32 +157,10 @@ async fn define(hub: &Hub, voucher: &Voucher, live: bool) -> Result<Action, Erro
             phase,
         };
         // The grant in each currency it states (each Sovereign says it in its own).
-        let grant = grant_of(&record, &terms);
+        let grant = record.grants(&terms, &crate::domain::Billing::default().currency);
         patch(hub, voucher, outcome, Some(&record), Some(grant)).await?;
     }
     Ok(Action::requeue(hub.settings.refresh))
-}
-
-/// What a global voucher grants, as its status says it: `50 BHD, 50 OMR`, or
-/// the discount.
-fn grant_of(record: &Record, terms: &crate::domain::Terms) -> String {
-    let default = crate::domain::Billing::default().currency;
-    if record.credits.is_empty() {
-        return terms.grant(&default);
-    }
-    record
-        .credits
-        .iter()
-        .map(|(currency, credit_omr)| {
-            let currency = crate::domain::Currency::parse(currency).unwrap_or(default.clone());
-            let terms = crate::domain::Terms {
-                credit_omr: *credit_omr,
-                ..terms.clone()
-            };
-            terms.grant(&currency)
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// The record as a row's status reads it: the redemptions every Sovereign

@@ -13,7 +13,7 @@ async fn preview_answers_each_case_with_its_status() {
         assert_eq!(status, StatusCode::OK, "{variant:?}");
         assert_eq!(
             body,
-            json!({"code": "LIVE-10", "credit_omr": 10, "description": "ten rial", "active": true, "accepting_redemptions": true})
+            json!({"code": "LIVE-10", "credit_omr": 10, "currency": "OMR", "description": "ten rial", "active": true, "accepting_redemptions": true})
         );
     }
     for code in ["OFF-10", "FULL-10", "SOON-10", "PAST-10"] {
@@ -29,6 +29,7 @@ async fn preview_answers_each_case_with_its_status() {
                 "active",
                 "code",
                 "credit_omr",
+                "currency",
                 "description"
             ],
             "never counters"

@@ -19,7 +19,7 @@ async fn redeem_answers_each_case_with_its_status() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
         body,
-        json!({"code": "LIVE-10", "credit_omr": 10, "balance_omr": 10})
+        json!({"code": "LIVE-10", "credit_omr": 10, "balance_omr": 10, "currency": "OMR"})
     );
     let (status, body) = s
         .redeem(Some(&alice), json!({"code": "LIVE-10"}), None)

@@ -183,6 +183,26 @@ impl Record {
         }
     }
 
+    /// What the voucher grants in every currency it states (`50 BHD, 50 OMR`),
+    /// or, without a credit per currency, what `terms` grant in `currency`.
+    pub fn grants(&self, terms: &Terms, currency: &crate::Currency) -> String {
+        if self.credits.is_empty() || terms.discount.is_some() {
+            return terms.grant(currency);
+        }
+        self.credits
+            .iter()
+            .map(|(code, credit_omr)| {
+                let currency = crate::Currency::parse(code).unwrap_or_else(|_| currency.clone());
+                let terms = Terms {
+                    credit_omr: *credit_omr,
+                    ..terms.clone()
+                };
+                terms.grant(&currency)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The vendor's terms as a Sovereign of `currency` grants them (its
     /// credit in that currency); `None` when the voucher has no credit in it
     /// (not offered there). A record without terms: the copy's (`copy`).
@@ -277,7 +297,11 @@ impl Record {
             .map(TermField::spec_name)
             .collect();
         if copy.credits != self.credits && !self.credits.is_empty() {
-            differs.push("creditByCurrency");
+            let only_omr = |r: &Record| r.credits.keys().all(|c| c == "OMR");
+            differs.push(match only_omr(self) && only_omr(copy) {
+                true => "creditOMR",
+                false => "creditByCurrency",
+            });
         }
         if copy.per_customer_global != self.per_customer_global {
             differs.push("perCustomer");

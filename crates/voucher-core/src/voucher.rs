@@ -384,7 +384,8 @@ impl Terms {
     pub fn grant(&self, currency: &Currency) -> String {
         match &self.discount {
             Some(discount) => discount.summary(currency),
-            None => format!("{} OMR", self.credit_omr),
+            // In whole units of the Sovereign's currency (the column is named for the rial).
+            None => format!("{} {}", self.credit_omr, currency.as_str()),
         }
     }
 

@@ -58,7 +58,12 @@ pub(super) async fn apply(ctx: &Context, voucher: &Voucher) -> Result<Action, Er
                     let offered = record.credits.keys().cloned().collect();
                     let currency = currency.to_owned();
                     let lacking = VoucherFound::NoCreditInCurrency { currency, offered };
-                    (copy.clone(), differs, Some(lacking))
+                    // The hub's terms (valid there) stand in, with its first credit: nothing
+                    // is written from them, and the status says every credit it states.
+                    let first = record.credits.values().next().copied();
+                    let hub = record.terms.clone().unwrap_or_else(|| copy.clone());
+                    let credit_omr = first.unwrap_or(hub.credit_omr);
+                    (Terms { credit_omr, ..hub }, differs, Some(lacking))
                 }
             }
         }
@@ -95,7 +100,12 @@ pub(super) async fn apply(ctx: &Context, voucher: &Voucher) -> Result<Action, Er
             ),
         },
     };
-    let grant = terms.grant(&ctx.settings.billing.currency);
+    let grant = match &record {
+        Some(record) if matches!(found, VoucherFound::NoCreditInCurrency { .. }) => {
+            record.grants(&terms, &ctx.settings.billing.currency)
+        }
+        _ => terms.grant(&ctx.settings.billing.currency),
+    };
     let seen = VoucherSeen {
         code: code.as_ref().ok(),
         owner: &owner,
