@@ -18,15 +18,23 @@ pub struct EventQuery {
     pub follow: bool,
 }
 
-/// The subject filter of a query: one code, one kind, or both.
-pub(crate) fn filter_subject(prefix: &str, query: &EventQuery) -> String {
+/// The subject filters of a query: one code, one kind, or both — each in
+/// both forms, a Sovereign's own code's and a global code's (whose events a
+/// hub gathers from every Sovereign).
+pub(crate) fn filter_subjects(prefix: &str, query: &EventQuery) -> Vec<String> {
+    if query.code.is_none() && query.kind.is_none() {
+        return vec![format!("{prefix}.>")];
+    }
     let code = query
         .code
         .as_deref()
         .map(crate::domain::code::normalize)
         .unwrap_or_else(|| "*".into());
     let kind = query.kind.as_deref().unwrap_or("*");
-    subject(prefix, &code, kind)
+    vec![
+        subject(prefix, &code, kind),
+        crate::relay::global_subject(prefix, &code, kind),
+    ]
 }
 
 /// Where `follow_events` hands the events.
@@ -75,7 +83,7 @@ pub async fn follow_events(
     };
     let consumer = stream
         .create_consumer(OrderedConfig {
-            filter_subject: filter_subject(prefix, query),
+            filter_subjects: filter_subjects(prefix, query),
             deliver_policy,
             ..Default::default()
         })

@@ -115,6 +115,22 @@ pub fn subject(prefix: &str, code: &str, kind: &str) -> String {
     format!("{prefix}.{code}.{kind}")
 }
 
+/// The subject of one event of a global (cross-Sovereign) code: under
+/// `<prefix>.global`, which the vendor's hub sources from every Sovereign —
+/// and nothing of a Sovereign's own codes. `global` is lower-case, which no
+/// code is (codes are upper-cased), so the two forms never meet.
+pub fn global_subject(prefix: &str, code: &str, kind: &str) -> String {
+    format!("{prefix}.global.{code}.{kind}")
+}
+
+/// The subject `record` is published on.
+fn subject_of(prefix: &str, record: &outbox::AuditRecord) -> String {
+    match record.global {
+        true => global_subject(prefix, &record.code, &record.kind),
+        false => subject(prefix, &record.code, &record.kind),
+    }
+}
+
 /// The stream, as configuration says it should be.
 pub fn stream_config(settings: &RelaySettings) -> stream::Config {
     stream::Config {
@@ -425,7 +441,7 @@ async fn publish_batch(
         if truncated {
             metrics.truncated.inc();
         }
-        let subject = subject(&settings.subject_prefix, &record.code, &record.kind);
+        let subject = subject_of(&settings.subject_prefix, record);
         match js.publish_with_headers(subject, headers, body.into()).await {
             Ok(ack) => batch.pending.push((record.seq, record.code.clone(), ack)),
             Err(error) if error.kind() == PublishErrorKind::MaxPayloadExceeded => {

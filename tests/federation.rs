@@ -769,7 +769,7 @@ async fn with_the_hubs_nats_server_killed_mid_load_sovereigns_redeem_within_thei
 async fn a_sovereigns_leaf_link_cut_leaves_the_others_what_the_hub_had_left() {
     use support::tcp_cut::{self, Link};
     let hub_leaf_port = support::free_port();
-    let hub = support::nats_hub(hub_leaf_port);
+    let hub = support::nats_hub(hub_leaf_port, &["sov0", "sov1", "sov2"]);
     let connect = |url: String| async move { async_nats::connect(url).await.expect("nats") };
     let kv = allotment::bucket(&jetstream::new(connect(hub.url.clone()).await), 1)
         .await
@@ -783,39 +783,51 @@ async fn a_sovereigns_leaf_link_cut_leaves_the_others_what_the_hub_had_left() {
     .await
     .expect("defined");
     let stop = CancellationToken::new();
+    // The services a Sovereign's NATS account imports (on the shipped subjects).
     for _ in 0..2 {
         allotment::start(
             connect(hub.url.clone()).await,
             kv.clone(),
-            "test.leaf",
+            allotment::SUBJECT_PREFIX,
             stop.clone(),
         )
         .await
         .expect("started");
     }
+    allotment::start_definitions(
+        connect(hub.url.clone()).await,
+        kv.clone(),
+        allotment::DEFINITION_PREFIX,
+        stop.clone(),
+    )
+    .await
+    .expect("started");
     let (mut leaves, mut sovereigns) = (Vec::new(), Vec::new());
     for i in 0..3 {
         let link = Link::default();
         let port = tcp_cut::proxy(hub_leaf_port, link.clone()).await;
         let leaf = support::nats_leaf(&format!("sov{i}"), port);
         let client = connect(leaf.url.clone()).await;
-        // The hub's definitions, read from the leaf through the hub's domain (what a
-        // Sovereign's controller reads: terms only, never a share).
+        // The hub's definition, read from the leaf through the service its account imports
+        // (what a Sovereign's controller reads: terms only, never a share).
+        let name = format!("sov{i}");
         let read =
             support::eventually_within(Duration::from_secs(20), "the hub seen from a leaf", || {
-                let js = jetstream::with_domain(client.clone(), "hub");
-                let code = code.clone();
+                let (client, code, name) = (client.clone(), code.clone(), name.clone());
                 async move {
-                    let kv = js.get_key_value(allotment::BUCKET).await.ok()?;
-                    allotment::read(&kv, code.as_str()).await.ok().flatten()
+                    let prefix = allotment::DEFINITION_PREFIX;
+                    allotment::definition(&client, prefix, &name, code.as_str(), TIMEOUT)
+                        .await
+                        .ok()
+                        .flatten()
                 }
             })
             .await;
-        assert_eq!(read.0.cap, 300);
+        assert_eq!(read.cap, 300);
         let refill = Refill {
             sovereign: format!("sov{i}"),
             low_water: 5,
-            ..refill_settings("test.leaf", 20)
+            ..refill_settings(allotment::SUBJECT_PREFIX, 20)
         };
         sovereigns.push(running_sovereign(&code, client, refill, &stop).await);
         leaves.push((leaf, link));

@@ -30,7 +30,7 @@ struct Sovereign {
     pool: sqlx::PgPool,
     base: String,
     claimer: Claimer,
-    _leaf: support::Nats,
+    leaf: support::Nats,
 }
 
 struct World {
@@ -152,7 +152,7 @@ async fn sovereign(
         pool,
         base,
         claimer,
-        _leaf: leaf,
+        leaf,
     }
 }
 
@@ -160,7 +160,7 @@ async fn world(code: &str, recover_after: Duration) -> World {
     support::init_tracing();
     let code = Code::parse(code).expect("a code");
     let leaf_port = support::free_port();
-    let hub = support::nats_hub(leaf_port);
+    let hub = support::nats_hub(leaf_port, &["sov1", "sov2"]);
     let stop = CancellationToken::new();
     hub_services(&hub, &code, &stop).await;
     let mut sovereigns = Vec::new();
@@ -451,4 +451,173 @@ async fn a_reversed_redemption_frees_the_customer_on_every_sovereign() {
     let (status, body) = redeem(sov1, code.as_str(), "erin").await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(everywhere(&world, "erin").await, 1);
+}
+
+/// `voucher-operator events --json` against the hub's nats-server, with `args`: one event a line.
+fn hub_events(world: &World, args: &[&str]) -> Vec<serde_json::Value> {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+        .args(["events", "--json", "--nats-url", &world.hub.url])
+        .args(args)
+        .output()
+        .expect("voucher-operator runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON event"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_gathers_every_sovereigns_events_of_global_vouchers_and_none_of_their_own() {
+    use voucher_operator::federation::audit::{self, Gather};
+    use voucher_operator::relay::{self, RelayMetrics, RelaySettings};
+    let world = world("WORLD-AUDIT", Duration::from_secs(30)).await;
+    let code = world.code.as_str();
+    for sovereign in &world.sovereigns {
+        let (status, body) = redeem(sovereign, code, &format!("{}-customer", sovereign.name)).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = redeem(sovereign, "LOCAL-FIVE", "local-customer").await;
+        assert_eq!(status, 200, "{body}");
+        let settings = RelaySettings {
+            nats_url: sovereign.leaf.url.clone(),
+            source: format!("/sovereigns/{}/voucher-operator", sovereign.name),
+            poll_interval: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = std::sync::Arc::new(RelayMetrics::register(&mut registry));
+        tokio::spawn(relay::run(
+            sovereign.store.clone(),
+            settings,
+            metrics,
+            world.stop.clone(),
+        ));
+    }
+    let gather = Gather {
+        stream: RelaySettings::default().stream,
+        sovereign_stream: RelaySettings::default().stream,
+        prefix: RelaySettings::default().subject_prefix,
+        sovereigns: vec!["sov1".into(), "sov2".into()],
+        replicas: 1,
+    };
+    let js = async_nats::jetstream::new(connect(&world.hub.url).await);
+    audit::gather(&js, &gather).await.expect("the hub's stream");
+    let redeemed = support::eventually_within(
+        Duration::from_secs(30),
+        "both Sovereigns' redemptions at the hub",
+        || async {
+            let events = hub_events(&world, &["--code", code, "--type", "redeemed"]);
+            (events.len() == 2).then_some(events)
+        },
+    )
+    .await;
+    let mut sources: Vec<&str> = redeemed
+        .iter()
+        .map(|e| e["source"].as_str().unwrap_or_default())
+        .collect();
+    sources.sort_unstable();
+    assert_eq!(
+        sources,
+        [
+            "/sovereigns/sov1/voucher-operator",
+            "/sovereigns/sov2/voucher-operator"
+        ]
+    );
+    let everything = hub_events(&world, &[]);
+    assert!(
+        everything.iter().all(|e| e["subject"] == code),
+        "only global vouchers' events reach the vendor: {everything:?}"
+    );
+    // Each Sovereign's own stream still has its own code's events.
+    let sov1_local = std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+        .args([
+            "events",
+            "--json",
+            "--nats-url",
+            &world.sovereigns[0].leaf.url,
+        ])
+        .args(["--code", "LOCAL-FIVE"])
+        .output()
+        .expect("voucher-operator runs");
+    assert!(
+        String::from_utf8_lossy(&sov1_local.stdout).contains("LOCAL-FIVE"),
+        "{}",
+        String::from_utf8_lossy(&sov1_local.stderr)
+    );
+}
+
+/// Rule 11, against the shipped accounts (`voucher_testenv::services::hub_accounts`): a
+/// Sovereign's credentials reach the three services in its own name and nothing else of the
+/// hub's — not its JetStream (the allotment records, the claim bucket), not another's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sovereigns_credentials_reach_the_hubs_services_in_its_own_name_only() {
+    use voucher_operator::domain::allotment::{Reply, Request};
+    let world = world("WORLD-ACCOUNTS", Duration::from_secs(30)).await;
+    let code = world.code.as_str();
+    let sov1 = &world.sovereigns[0];
+    let client = &sov1.claimer.client;
+    let short = Duration::from_secs(2);
+    let ask = |sovereign: &'static str| {
+        let ask = allotment::Ask {
+            code: code.into(),
+            request: Request::Sync {
+                uid: format!("uid-{code}"),
+                epoch: 0,
+                keep: 0,
+                used: 0,
+            },
+        };
+        async move { allotment::ask(client, allotment::SUBJECT_PREFIX, sovereign, &ask, short).await }
+    };
+    // The hub's JetStream: neither the records (to raise a share) nor the claim bucket (to
+    // read another Sovereign's customers).
+    let hub = async_nats::jetstream::with_domain(client.clone(), "hub");
+    for bucket in [allotment::BUCKET, claims::BUCKET] {
+        let opened = tokio::time::timeout(Duration::from_secs(5), hub.get_key_value(bucket)).await;
+        assert!(
+            !matches!(opened, Ok(Ok(_))),
+            "the hub's bucket {bucket} opened with a Sovereign's credentials"
+        );
+    }
+    let put = tokio::time::timeout(
+        Duration::from_secs(5),
+        hub.publish(format!("$KV.{}.{code}", allotment::BUCKET), "{}".into()),
+    )
+    .await;
+    let stored = match put {
+        Ok(Ok(ack)) => ack.await.is_ok(),
+        _ => false,
+    };
+    assert!(!stored, "a write to the hub's records was acknowledged");
+    // In its own name: answered (a sync that keeps nothing, as a fresh Sovereign's).
+    let own = ask("sov1").await.expect("its own name is answered");
+    assert!(
+        matches!(own, Reply::Ok { .. } | Reply::Refused { .. }),
+        "{own:?}"
+    );
+    // In another's name: nothing answers (the account imports only its own subject).
+    let other = ask("sov2").await;
+    assert!(other.is_err(), "asked in sov2's name: {other:?}");
+    let claim = ClaimAsk::Delete {
+        code: code.into(),
+        claimant: claimant(CLAIM_KEY, "someone"),
+        intent: Uuid::new_v4().to_string(),
+    };
+    let other = claims::ask(client, claims::SUBJECT_PREFIX, "sov2", &claim, short).await;
+    assert!(other.is_err(), "a claim in sov2's name: {other:?}");
+    let hub_kv = allotment::bucket(
+        &async_nats::jetstream::new(connect(&world.hub.url).await),
+        1,
+    )
+    .await
+    .expect("the hub's own bucket");
+    let record = allotment::read(&hub_kv, code)
+        .await
+        .expect("read")
+        .expect("a record");
+    assert_eq!(record.0.cap, CAP, "the record is as the hub wrote it");
 }

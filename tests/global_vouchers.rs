@@ -63,6 +63,7 @@ async fn federation_in(currency: &str) -> Federation {
         ceiling_percent: 100,
         max_grant: 1000,
         refresh: Duration::from_millis(300),
+        audit: None,
     };
     tokio::spawn(hub::run(
         client.clone(),
@@ -72,12 +73,11 @@ async fn federation_in(currency: &str) -> Federation {
     ));
     let nats = connect().await;
     let js = jetstream::new(nats.clone());
-    let definitions =
-        support::eventually_within(Duration::from_secs(10), "the hub's bucket", || {
-            let js = js.clone();
-            async move { js.get_key_value(allotment::BUCKET).await.ok() }
-        })
-        .await;
+    support::eventually_within(Duration::from_secs(10), "the hub's bucket", || {
+        let js = js.clone();
+        async move { js.get_key_value(allotment::BUCKET).await.ok() }
+    })
+    .await;
     let url = support::fresh_database("global").await;
     let pool = support::pool(&url).await;
     let store = Store::from_pool(pool.clone());
@@ -91,7 +91,6 @@ async fn federation_in(currency: &str) -> Federation {
     };
     let joined = Joined {
         client: nats.clone(),
-        definitions,
         refill: refill.clone(),
         every: Duration::from_millis(50),
     };

@@ -29,17 +29,6 @@ async fn join_hub(
         return Ok(None);
     };
     let client = connect_nats(&audit.stream).await?;
-    let js = match &join.hub_domain {
-        Some(domain) => async_nats::jetstream::with_domain(client.clone(), domain),
-        None => async_nats::jetstream::new(client.clone()),
-    };
-    let definitions = js.get_key_value(allotment::BUCKET).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open the hub's bucket {} (is `voucher-operator hub` running, and --hub-domain \
-             right?): {e}",
-            allotment::BUCKET
-        )
-    })?;
     let refill = Refill {
         sovereign,
         prefix: allotment::SUBJECT_PREFIX.to_owned(),
@@ -49,7 +38,6 @@ async fn join_hub(
     };
     Ok(Some(Joined {
         client,
-        definitions,
         refill,
         every: federation.allotment_interval,
     }))
@@ -115,7 +103,8 @@ pub(super) async fn run_hub(
         Arc::new(AtomicBool::new(true)),
         shutdown.clone(),
     ));
-    let ran = crate::federation::hub::run(client, nats, options.settings(), shutdown.clone()).await;
+    let ran =
+        crate::federation::hub::run(client, nats, options.settings(stream), shutdown.clone()).await;
     shutdown.cancel();
     telemetry.await??;
     Ok(ran?)

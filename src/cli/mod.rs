@@ -262,11 +262,6 @@ pub struct JoinOptions {
     #[arg(long, env = "SOVEREIGN")]
     pub sovereign: Option<String>,
 
-    /// The hub's JetStream domain as this Sovereign's NATS leaf node reaches it (e.g. hub);
-    /// without it, the hub's bucket is read in the connection's own domain.
-    #[arg(long, env = "HUB_DOMAIN")]
-    pub hub_domain: Option<String>,
-
     /// The vendor's claim key (a file of at least 32 bytes, the same on every Sovereign): the
     /// server redeems once-per-customer-anywhere vouchers (spec.perCustomer: Global) holding the
     /// hub's claim for the customer, known to the hub only by an HMAC of the token subject under
@@ -307,11 +302,25 @@ pub struct HubOptions {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "METRICS_ADDRESS", default_value = "0.0.0.0:9090")]
     pub metrics_address: std::net::SocketAddr,
+
+    /// Comma-separated Sovereigns (each its JetStream domain and NATS account): the hub's
+    /// --audit-stream gathers the audit events of global vouchers from each one's own stream of
+    /// that name (JetStream sources: nothing lost while a link is down). None: nothing gathered.
+    #[arg(long, env = "SOVEREIGNS", value_delimiter = ',')]
+    pub sovereigns: Vec<String>,
 }
 
 impl HubOptions {
-    pub fn settings(&self) -> crate::federation::hub::Settings {
+    pub fn settings(&self, stream: &StreamOptions) -> crate::federation::hub::Settings {
+        let audit = (!self.sovereigns.is_empty()).then(|| crate::federation::audit::Gather {
+            stream: stream.audit_stream.clone(),
+            sovereign_stream: stream.audit_stream.clone(),
+            prefix: stream.audit_subject_prefix.clone(),
+            sovereigns: self.sovereigns.clone(),
+            replicas: usize::from(self.allotment_replicas),
+        });
         crate::federation::hub::Settings {
+            audit,
             global_namespace: self.global_namespace.clone(),
             prefix: crate::federation::allotment::SUBJECT_PREFIX.to_owned(),
             replicas: usize::from(self.allotment_replicas),

@@ -29,6 +29,11 @@ pub const BUCKET: &str = "voucher_allotments";
 /// This is the prefix the shipped configuration uses.
 pub const SUBJECT_PREFIX: &str = "voucher.allotment";
 const QUEUE_GROUP: &str = "voucher-allotment";
+/// A Sovereign reads the hub's definition of a code on `<prefix>.<sovereign>`:
+/// a service, like the allotment — never the hub's JetStream API, which would
+/// reach every bucket of the hub (rule 11).
+pub const DEFINITION_PREFIX: &str = "voucher.definition";
+const DEFINITION_QUEUE_GROUP: &str = "voucher-definition";
 /// Compare-and-set attempts on one request before the replica gives up
 /// (and stays silent: the Sovereign re-sends).
 const ATTEMPTS: usize = 16;
@@ -222,6 +227,55 @@ pub async fn start(
     })
     .await
     .map_err(Error::Serve)
+}
+
+/// Starts one replica of the definition service: a code's record as the
+/// hub holds it (`null`: no global voucher has the code).
+pub async fn start_definitions(
+    client: async_nats::Client,
+    kv: kv::Store,
+    prefix: &str,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let queue = DEFINITION_QUEUE_GROUP;
+    service::serve(
+        client,
+        prefix,
+        queue,
+        CONCURRENCY,
+        stop,
+        move |sovereign, code: String| {
+            let kv = kv.clone();
+            async move {
+                match read(&kv, &code).await {
+                    Ok(record) => Some(record.map(|(record, _)| record)),
+                    Err(e) => {
+                        tracing::warn!(sovereign, error = %e, "definition request left unanswered");
+                        None
+                    }
+                }
+            }
+        },
+    )
+    .await
+    .map_err(Error::Serve)
+}
+
+/// The hub's definition of `code`, as `sovereign` reads it.
+pub async fn definition(
+    client: &async_nats::Client,
+    prefix: &str,
+    sovereign: &str,
+    code: &str,
+    timeout: Duration,
+) -> Result<Option<Record>, Error> {
+    service::ask(client, prefix, sovereign, &code, timeout)
+        .await
+        .map_err(|source| Error::Ask {
+            code: code.into(),
+            sovereign: sovereign.into(),
+            source,
+        })
 }
 
 /// A Sovereign's request to the hub, answered within `timeout` or an error

@@ -45,6 +45,8 @@ pub struct Settings {
     pub max_grant: u64,
     /// The status (units granted, redemptions reported) is refreshed this often.
     pub refresh: Duration,
+    /// The audit events of global vouchers gathered from the Sovereigns.
+    pub audit: Option<super::audit::Gather>,
 }
 
 /// One failed step of the hub, naming what it was about.
@@ -54,6 +56,8 @@ pub enum Error {
     Allotment(#[from] allotment::Error),
     #[error(transparent)]
     Claims(#[from] claims::Error),
+    #[error("{0}")]
+    Audit(String),
     #[error("writing the status: {0}")]
     Status(#[from] crate::controller::Error),
     #[error("Voucher {0} has no valid code: {1}")]
@@ -80,10 +84,22 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<(), Error> {
     let js = jetstream::new(nats.clone());
+    if let Some(gather) = &settings.audit {
+        super::audit::gather(&js, gather)
+            .await
+            .map_err(|e| Error::Audit(e.to_string()))?;
+    }
     let kv = allotment::bucket(&js, settings.replicas).await?;
     let claimed = claims::bucket(&js, settings.replicas).await?;
     let service =
         allotment::start(nats.clone(), kv.clone(), &settings.prefix, stop.clone()).await?;
+    let definitions = allotment::start_definitions(
+        nats.clone(),
+        kv.clone(),
+        allotment::DEFINITION_PREFIX,
+        stop.clone(),
+    )
+    .await?;
     let claim_service = claims::start(nats, claimed, claims::SUBJECT_PREFIX, stop.clone()).await?;
     let api: Api<Voucher> = Api::namespaced(client.clone(), &settings.global_namespace);
     let hub = Arc::new(Hub {
@@ -99,6 +115,7 @@ pub async fn run(
         .await;
     let _ = service.await;
     let _ = claim_service.await;
+    let _ = definitions.await;
     Ok(())
 }
 

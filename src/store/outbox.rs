@@ -64,6 +64,9 @@ pub struct AuditRecord {
     pub kind: String,
     pub occurred_at: DateTime<Utc>,
     pub payload: serde_json::Value,
+    /// A global (cross-Sovereign) code's record: published where the
+    /// vendor's hub gathers them.
+    pub global: bool,
 }
 
 /// The oldest unpublished records, in outbox order.
@@ -79,8 +82,11 @@ pub(crate) async fn pending_except(
     codes: &[String],
 ) -> Result<Vec<AuditRecord>> {
     Ok(sqlx::query_as(
-        "SELECT seq, event_id, code, kind, occurred_at, payload FROM voucher_audit_outbox \
-         WHERE published_at IS NULL AND code <> ALL($2) ORDER BY seq LIMIT $1",
+        "SELECT o.seq, o.event_id, o.code, o.kind, o.occurred_at, o.payload, \
+                COALESCE((SELECT p.global_allotment FROM promo_codes p WHERE p.code = o.code), \
+                         false) AS global \
+           FROM voucher_audit_outbox o \
+          WHERE o.published_at IS NULL AND o.code <> ALL($2) ORDER BY o.seq LIMIT $1",
     )
     .bind(limit)
     .bind(codes)

@@ -34,7 +34,8 @@ use voucher_operator::store::redeem::{Answer, Redeemed, Redemption};
 const IN_FLIGHT: usize = 32;
 const PER_ROUND: usize = 2_000;
 const ROUNDS: usize = 5;
-const PREFIX: &str = "bench.allotment";
+/// The shipped subjects: a Sovereign's NATS account imports only those.
+const PREFIX: &str = voucher_operator::federation::allotment::SUBJECT_PREFIX;
 /// A refill asked for once fewer than this many units are left: about a second of this load's
 /// redemptions at one Sovereign (docs/federation.md: size it to a second of the peak rate).
 const LOW_WATER: u64 = 400;
@@ -134,7 +135,7 @@ fn spread(figures: &[f64]) -> (f64, f64, f64) {
 #[tokio::main]
 async fn main() {
     let hub_leaf_port = support::free_port();
-    let hub = support::nats_hub(hub_leaf_port);
+    let hub = support::nats_hub(hub_leaf_port, &["sov1", "sov2"]);
     let connect = |url: String| async move { async_nats::connect(url).await.unwrap() };
     let kv = allotment::bucket(&jetstream::new(connect(hub.url.clone()).await), 1)
         .await

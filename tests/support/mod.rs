@@ -265,9 +265,17 @@ fn start_nats() -> Nats {
     nats
 }
 
-/// The vendor's hub (JetStream domain `hub`) accepting leaf nodes on `leaf_port`.
-pub fn nats_hub(leaf_port: u16) -> Nats {
-    nats_node("hub", services::NatsRole::Hub { leaf_port })
+/// The vendor's hub (JetStream domain `hub`) accepting leaf nodes on `leaf_port`, with an
+/// account for each of `sovereigns` (`voucher_testenv::services::hub_accounts`).
+pub fn nats_hub(leaf_port: u16, sovereigns: &[&str]) -> Nats {
+    let sovereigns = sovereigns.iter().map(|s| s.to_string()).collect();
+    nats_node(
+        "hub",
+        services::NatsRole::Hub {
+            leaf_port,
+            sovereigns,
+        },
+    )
 }
 
 /// A Sovereign's leaf node named `name` (its own JetStream domain), connected

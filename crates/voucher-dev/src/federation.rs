@@ -85,6 +85,7 @@ pub async fn run(settings: StackSettings, sovereigns: u16, smoke: bool) -> anyho
             let role = match i {
                 0 => NatsRole::Hub {
                     leaf_port: hub_leaf_port,
+                    sovereigns: parts[1..].iter().map(|p| p.name.clone()).collect(),
                 },
                 _ => NatsRole::Leaf { hub_leaf_port },
             };
@@ -160,6 +161,14 @@ async fn run_parts(
         ceiling_percent: 100,
         max_grant: 1000,
         refresh: Duration::from_secs(2),
+        // The vendor's one audit stream: every Sovereign's events of global vouchers.
+        audit: Some(voucher_operator::federation::audit::Gather {
+            stream: RelaySettings::default().stream,
+            sovereign_stream: RelaySettings::default().stream,
+            prefix: RelaySettings::default().subject_prefix,
+            sovereigns: parts[1..].iter().map(|p| p.name.clone()).collect(),
+            replicas: 1,
+        }),
     };
     let hub_nats = async_nats::connect(&hub_url).await?;
     let hub_client = clusters[0].client.clone();
@@ -239,18 +248,8 @@ async fn start_sovereign(
     store.migrate().await?;
     let nats_url = format!("nats://127.0.0.1:{}", part.settings.nats_port);
     let client = async_nats::connect(&nats_url).await?;
-    let hub = async_nats::jetstream::with_domain(client.clone(), "hub");
-    // The leaf link and the hub's bucket take a moment after start-up.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let definitions = loop {
-        match hub.get_key_value(allotment::BUCKET).await {
-            Ok(kv) => break kv,
-            Err(_) => stack::wait_until(deadline, "the hub's bucket, seen from a leaf").await?,
-        }
-    };
     let joined = Joined {
         client: client.clone(),
-        definitions,
         refill: Refill {
             sovereign: part.name.clone(),
             prefix: allotment::SUBJECT_PREFIX.into(),

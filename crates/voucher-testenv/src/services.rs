@@ -163,9 +163,84 @@ pub fn nats_command(binary: &Path, store_dir: &Path, port: u16) -> Command {
 /// (a JetStream domain of its own, connected to the hub's leaf port).
 #[derive(Clone, Debug)]
 pub enum NatsRole {
-    Hub { leaf_port: u16 },
-    Leaf { hub_leaf_port: u16 },
+    /// The hub, with an account per Sovereign in `sovereigns` (each leaf
+    /// node's credentials bind it to its own; see [`hub_accounts`]).
+    Hub {
+        leaf_port: u16,
+        sovereigns: Vec<String>,
+    },
+    Leaf {
+        hub_leaf_port: u16,
+    },
 }
+
+/// The password of Sovereign `name`'s leaf node at the hub — for the
+/// development stack and the tests only (a real hub's come from Secrets).
+pub fn leaf_password(name: &str) -> String {
+    format!("{name}-leaf-node-password")
+}
+
+/// The hub's accounts (DESIGN §11 rule 11, docs/federation.md "NATS
+/// accounts"): `HUB` runs the hub's JetStream and services and exports them
+/// with the requester's account as the subject's last token
+/// (`account_token_position`), so a Sovereign can ask only in its own name;
+/// each Sovereign's account imports exactly those three services — never the
+/// hub's JetStream API, which would reach the claim bucket — and exports to
+/// `HUB` only what the hub's audit stream needs to source its events of
+/// global vouchers: a consumer create filtered to `<prefix>.global.>`, the
+/// delivery subjects and flow control. Local connections without
+/// credentials are the hub's own (`no_auth_user`: development and tests).
+pub fn hub_accounts(sovereigns: &[String], stream: &str, prefix: &str) -> String {
+    let mut hub_imports = String::new();
+    let mut accounts = String::new();
+    for name in sovereigns {
+        let consumer = format!("$JS.{name}.API.CONSUMER.CREATE.{stream}.*.{prefix}.global.>");
+        let deliver = format!("voucher.audit.deliver.{name}.>");
+        hub_imports.push_str(&format!(
+            "      {{ service: {{ account: \"{name}\", subject: \"{consumer}\" }} }}\n\
+             \x20     {{ stream: {{ account: \"{name}\", subject: \"{deliver}\" }} }}\n\
+             \x20     {{ service: {{ account: \"{name}\", subject: \"$JS.FC.>\" }} }}\n"
+        ));
+        let password = leaf_password(name);
+        accounts.push_str(&format!(
+            "  \"{name}\": {{\n\
+             \x20   users: [ {{ user: \"{name}\", password: \"{password}\" }} ]\n\
+             \x20   imports: [\n\
+             \x20     {{ service: {{ account: HUB, subject: \"voucher.allotment.{name}\" }} }}\n\
+             \x20     {{ service: {{ account: HUB, subject: \"voucher.definition.{name}\" }} }}\n\
+             \x20     {{ service: {{ account: HUB, subject: \"voucher.claim.{name}\" }} }}\n\
+             \x20   ]\n\
+             \x20   exports: [\n\
+             \x20     {{ service: \"{consumer}\", accounts: [HUB] }}\n\
+             \x20     {{ stream: \"{deliver}\", accounts: [HUB] }}\n\
+             \x20     {{ service: \"$JS.FC.>\", accounts: [HUB] }}\n\
+             \x20   ]\n\
+             \x20 }}\n"
+        ));
+    }
+    format!(
+        "no_auth_user: hub\n\
+         system_account: SYS\n\
+         accounts {{\n\
+         \x20 HUB: {{\n\
+         \x20   jetstream: enabled\n\
+         \x20   users: [ {{ user: hub, password: \"hub-development-password\" }} ]\n\
+         \x20   exports: [\n\
+         \x20     {{ service: \"voucher.allotment.*\", account_token_position: 3 }}\n\
+         \x20     {{ service: \"voucher.definition.*\", account_token_position: 3 }}\n\
+         \x20     {{ service: \"voucher.claim.*\", account_token_position: 3 }}\n\
+         \x20   ]\n\
+         \x20   imports: [\n{hub_imports}    ]\n\
+         \x20 }}\n\
+         {accounts}\
+         \x20 SYS: {{ users: [ {{ user: sys, password: \"sys-development-password\" }} ] }}\n\
+         }}\n"
+    )
+}
+
+/// The audit stream and subject prefix every Sovereign uses (the operator's defaults).
+const AUDIT_STREAM: &str = "VOUCHER_AUDIT";
+const AUDIT_PREFIX: &str = "catalyst.vouchers";
 
 /// The command that runs a nats-server named `name` (its JetStream domain
 /// too) on `port`, as `role` says: its configuration file written in `dir`,
@@ -180,11 +255,17 @@ pub fn nats_node_command(
     let leafnodes = match role {
         // Not advertised: a leaf reconnects only to the URL it was given (a WAN link, or a
         // test's proxy standing for one), never around it.
-        NatsRole::Hub { leaf_port } => {
-            format!("leafnodes {{ listen: \"127.0.0.1:{leaf_port}\", no_advertise: true }}")
-        }
+        NatsRole::Hub {
+            leaf_port,
+            sovereigns,
+        } => format!(
+            "leafnodes {{ listen: \"127.0.0.1:{leaf_port}\", no_advertise: true }}\n{}",
+            hub_accounts(sovereigns, AUDIT_STREAM, AUDIT_PREFIX)
+        ),
+        // The leaf node's credentials bind it to its own account at the hub.
         NatsRole::Leaf { hub_leaf_port } => format!(
-            "leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{hub_leaf_port}\" }} ] }}"
+            "leafnodes {{ remotes: [ {{ url: \"nats-leaf://{name}:{}@127.0.0.1:{hub_leaf_port}\" }} ] }}",
+            leaf_password(name)
         ),
     };
     let store = dir.join("jetstream");

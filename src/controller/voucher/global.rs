@@ -30,8 +30,11 @@ pub(super) async fn place(ctx: &Context, voucher: &Voucher, owner: &Owner, code:
         return Ok(None);
     }
     let joined = settings.joined.as_ref().ok_or(VoucherFound::NoHub)?;
-    match allotment::read(&joined.definitions, code.as_str()).await {
-        Ok(Some((record, _))) => Ok(Some(Box::new(record))),
+    let (client, sovereign) = (&joined.client, &joined.refill.sovereign);
+    let prefix = allotment::DEFINITION_PREFIX;
+    let timeout = joined.refill.timeout;
+    match allotment::definition(client, prefix, sovereign, code.as_str(), timeout).await {
+        Ok(Some(record)) => Ok(Some(Box::new(record))),
         Ok(None) => Err(VoucherFound::NotAtHub),
         Err(error) => Err(VoucherFound::HubUnavailable(error.to_string())),
     }
