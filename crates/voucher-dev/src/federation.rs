@@ -14,6 +14,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use voucher_operator::controller::{Config, Role, Settings};
+use voucher_operator::domain::{Billing, Currency};
 use voucher_operator::federation::claimer::Claimer;
 use voucher_operator::federation::sovereign::Refill;
 use voucher_operator::federation::{DEFAULT_GLOBAL_NAMESPACE, Joined, allotment, claims, hub};
@@ -31,6 +32,9 @@ use crate::stack::{self, Cluster, Process, StackSettings};
 const EXAMPLE: &str = include_str!("../../../examples/global/world-launch.yaml");
 const EXAMPLE_CODE: &str = "WORLD-LAUNCH-50";
 const EXAMPLE_NAME: &str = "world-launch-50";
+/// The example that is once per customer on any Sovereign.
+const ONCE_CODE: &str = "WORLD-ONCE-20";
+const ONCE_NAME: &str = "world-once-20";
 
 /// One part of the federation: its name, ports and state directory. The hub
 /// takes the stack's ports; Sovereign `i` the next ones (`--api-port` + i, …).
@@ -38,9 +42,15 @@ struct Part {
     name: String,
     dir: PathBuf,
     settings: StackSettings,
+    /// A Sovereign's currency (`--currencies`, in turn); the hub's is unused.
+    currency: Currency,
 }
 
-fn part(settings: &StackSettings, i: u16) -> Part {
+fn part(settings: &StackSettings, i: u16, currencies: &[Currency]) -> Part {
+    let currency = match i {
+        0 => Currency::default(),
+        i => currencies[usize::from(i - 1) % currencies.len()].clone(),
+    };
     let name = if i == 0 {
         "hub".to_owned()
     } else {
@@ -59,12 +69,18 @@ fn part(settings: &StackSettings, i: u16) -> Part {
         },
         name,
         dir,
+        currency,
     }
 }
 
 /// Runs the federation until Ctrl-C (or, with `smoke`, one global voucher
 /// redeemed on two Sovereigns, then stops).
-pub async fn run(settings: StackSettings, sovereigns: u16, smoke: bool) -> anyhow::Result<()> {
+pub async fn run(
+    settings: StackSettings,
+    sovereigns: u16,
+    currencies: &[Currency],
+    smoke: bool,
+) -> anyhow::Result<()> {
     if settings.kubeconfig.is_some() {
         anyhow::bail!("--sovereigns starts a cluster per Sovereign: it cannot use --kubeconfig");
     }
@@ -78,7 +94,9 @@ pub async fn run(settings: StackSettings, sovereigns: u16, smoke: bool) -> anyho
     let stop = voucher_operator::telemetry::shutdown_signal();
     let mut processes = vec![stack::start_postgres(&settings).await?];
     let outcome = async {
-        let parts: Vec<Part> = (0..=sovereigns).map(|i| part(&settings, i)).collect();
+        let parts: Vec<Part> = (0..=sovereigns)
+            .map(|i| part(&settings, i, currencies))
+            .collect();
         let hub_leaf_port = settings.nats_port + 1;
         let mut clusters = Vec::new();
         for (i, part) in parts.iter().enumerate() {
@@ -196,6 +214,7 @@ async fn run_parts(
         tasks.extend(started);
         described.push(json!({
             "name": part.name,
+            "currency": part.currency.as_str(),
             "kubeconfig": cluster.kubeconfig,
             "http": format!("http://127.0.0.1:{}", part.settings.http_port),
             "database_url": database_url,
@@ -270,7 +289,10 @@ async fn start_sovereign(
             key_namespace: "default".into(),
             global_namespace: DEFAULT_GLOBAL_NAMESPACE.into(),
             joined: Some(joined),
-            billing: Default::default(),
+            billing: Billing {
+                currency: part.currency.clone(),
+                ..Default::default()
+            },
         },
         relay: Some(RelaySettings {
             nats_url,
@@ -293,6 +315,10 @@ async fn start_sovereign(
             ..Default::default()
         },
         settings: ServerSettings {
+            billing: Billing {
+                currency: part.currency.clone(),
+                ..Default::default()
+            },
             rate_limit_per_minute: 600,
             rate_limit_burst: 100,
             ..Default::default()
@@ -326,7 +352,8 @@ fn print_try(settings: &StackSettings, parts: &[Part], clusters: &[Cluster], fil
         .unwrap_or_default();
     let mut text = format!(
         "\nThe hub and {} Sovereign(s) are running locally (state in {}; every address in {}).\n\
-         One global voucher, {EXAMPLE_CODE} (examples/global/world-launch.yaml), is applied on each. Try:\n\n\
+         The global vouchers {EXAMPLE_CODE} and {ONCE_CODE} (once per customer anywhere; \
+         examples/global/world-launch.yaml) are applied on each. Try:\n\n\
          export PATH={kubectl_dir}:$PATH\n\
          export TOKEN=$(cargo local token --state-dir {} --sub alice)\n",
         parts.len() - 1,
@@ -335,24 +362,70 @@ fn print_try(settings: &StackSettings, parts: &[Part], clusters: &[Cluster], fil
         settings.state_dir.display(),
     );
     for (part, cluster) in parts.iter().zip(clusters).skip(1) {
+        let (port, name, currency) = (part.settings.http_port, &part.name, part.currency.as_str());
         text += &format!(
-            "curl -s http://127.0.0.1:{}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"{EXAMPLE_CODE}\",\"tenant_id\":\"acme\"}}'   # on {}\n\
+            "curl -s http://127.0.0.1:{port}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"{EXAMPLE_CODE}\",\"tenant_id\":\"acme\"}}'   # on {name} ({currency})\n\
+             curl -s http://127.0.0.1:{port}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"{ONCE_CODE}\",\"tenant_id\":\"acme\"}}'   # 409 after the first Sovereign\n\
              KUBECONFIG={} kubectl get vouchers -n {DEFAULT_GLOBAL_NAMESPACE} -o wide   # its share there\n",
-            part.settings.http_port,
-            part.name,
             cluster.kubeconfig.display(),
         );
     }
     text += &format!(
-        "KUBECONFIG={} kubectl get vouchers -n {DEFAULT_GLOBAL_NAMESPACE} -o wide   # at the hub: units granted per Sovereign\n\n\
+        "KUBECONFIG={} kubectl get vouchers -n {DEFAULT_GLOBAL_NAMESPACE} -o wide   # at the hub: units granted per Sovereign\n\
+         cargo run -q -- events --nats-url nats://127.0.0.1:{}   # at the hub: every Sovereign's events of global vouchers\n\n\
          Ctrl-C stops everything.",
-        clusters[0].kubeconfig.display()
+        clusters[0].kubeconfig.display(),
+        parts[0].settings.nats_port,
     );
     println!("{text}");
 }
 
+/// The once-per-customer-anywhere example: granted to the customer on sov1, then 409 on sov2.
+async fn once_anywhere(
+    parts: &[Part],
+    clusters: &[Cluster],
+    token: &str,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    let share = ["get", "voucher", ONCE_NAME, "-n", DEFAULT_GLOBAL_NAMESPACE];
+    let jsonpath = ["-o", "jsonpath={.status.allotment.share}"];
+    let args: Vec<&str> = share.iter().chain(&jsonpath).copied().collect();
+    while clusters[1]
+        .kubectl(&args)
+        .await?
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0)
+        == 0
+    {
+        stack::wait_until(deadline, "a share of the once-anywhere voucher on sov1").await?;
+    }
+    let base = |part: &Part| format!("http://127.0.0.1:{}", part.settings.http_port);
+    let body = stack::smoke_redeem(&base(&parts[1]), token, ONCE_CODE).await?;
+    println!("smoke: redeemed {ONCE_CODE} on {}: {body}", parts[1].name);
+    let again = reqwest::Client::new()
+        .post(format!("{}/billing/vouchers/redeem", base(&parts[2])))
+        .bearer_auth(token)
+        .json(&json!({"code": ONCE_CODE, "tenant_id": "smoke"}))
+        .send()
+        .await?;
+    let (status, body) = (again.status(), again.text().await?);
+    if status != 409 {
+        anyhow::bail!(
+            "smoke: {ONCE_CODE} on {} answered {status}, not 409: {body}",
+            parts[2].name
+        );
+    }
+    println!(
+        "smoke: {ONCE_CODE} again on {}: {status} {body}",
+        parts[2].name
+    );
+    Ok(())
+}
+
 /// The global voucher redeemed on two Sovereigns, each within a share the hub
-/// granted, and the hub's status showing both allotments.
+/// granted, the once-anywhere one refused on the second, both redemptions in
+/// the hub's audit stream, and the hub's status showing both allotments.
 async fn smoke_check(parts: &[Part], clusters: &[Cluster], token: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(90);
     let jsonpath = "jsonpath={.status.allotment.share}";
@@ -380,6 +453,13 @@ async fn smoke_check(parts: &[Part], clusters: &[Cluster], token: &str) -> anyho
         let body = stack::smoke_redeem(&base, token, EXAMPLE_CODE).await?;
         println!("smoke: redeemed {EXAMPLE_CODE} on {}: {body}", part.name);
     }
+    once_anywhere(parts, clusters, token, deadline).await?;
+    // The vendor's one audit stream at the hub: both Sovereigns' redemptions of the global voucher.
+    let hub = RelaySettings {
+        nats_url: format!("nats://127.0.0.1:{}", parts[0].settings.nats_port),
+        ..Default::default()
+    };
+    stack::smoke_event(&hub, deadline, (EXAMPLE_CODE, "redeemed"), 2).await?;
     loop {
         let allotments = clusters[0]
             .kubectl(&[

@@ -124,6 +124,11 @@ struct LocalOptions {
     /// Their addresses go to sovereigns.json in the state directory.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=8))]
     sovereigns: u16,
+
+    /// With --sovereigns: the Sovereigns' currencies, comma-separated, in turn (e.g. OMR,BHD:
+    /// sov1 OMR, sov2 BHD). The example global vouchers state a credit in OMR and BHD.
+    #[arg(long, value_delimiter = ',', default_value = "OMR", value_parser = voucher_operator::domain::Currency::parse)]
+    currencies: Vec<voucher_operator::domain::Currency>,
 }
 
 #[tokio::main]
@@ -212,7 +217,7 @@ async fn run(command: DevCommand) -> anyhow::Result<()> {
             };
             match options.sovereigns {
                 0 => stack::run(settings, options.smoke).await,
-                n => federation::run(settings, n, options.smoke).await,
+                n => federation::run(settings, n, &options.currencies, options.smoke).await,
             }
         }
     }

@@ -667,8 +667,8 @@ async fn smoke_check(
     };
     print!("{table}");
     smoke_commit(base, service).await?;
-    smoke_event(relay, deadline, ("OMANTEL-MUSCAT-200", "redeemed")).await?;
-    smoke_event(relay, deadline, ("INSTALLS-20-3M", "discount_granted")).await
+    smoke_event(relay, deadline, ("OMANTEL-MUSCAT-200", "redeemed"), 1).await?;
+    smoke_event(relay, deadline, ("INSTALLS-20-3M", "discount_granted"), 1).await
 }
 
 /// The billing service commits an order of the smoke customer: its install line takes the
@@ -717,11 +717,12 @@ pub(crate) async fn wait_until(deadline: Instant, what: &'static str) -> anyhow:
     Ok(())
 }
 
-/// Waits for a smoke redemption's audit event (of `code`, of `kind`) in JetStream.
-async fn smoke_event(
+/// Waits for `at_least` audit events (of `code`, of `kind`) in JetStream.
+pub(crate) async fn smoke_event(
     relay: &RelaySettings,
     deadline: Instant,
     (code, kind): (&str, &'static str),
+    at_least: usize,
 ) -> anyhow::Result<()> {
     let query = EventQuery {
         code: Some(code.into()),
@@ -750,10 +751,10 @@ async fn smoke_event(
             &mut found,
         )
         .await;
-        if read.is_ok() && found.0 > 0 {
+        if read.is_ok() && found.0 >= at_least {
             println!(
-                "smoke: the {kind} event of {code} reached JetStream ({} on {})",
-                relay.stream, relay.subject_prefix
+                "smoke: {} {kind} event(s) of {code} reached JetStream ({} at {})",
+                found.0, relay.stream, relay.nats_url
             );
             return Ok(());
         }
