@@ -785,3 +785,47 @@ fn the_server_may_delete_vouchers_only_in_the_issuer_namespaces() {
     .into();
     assert_eq!(server_rights, expected);
 }
+
+/// A Sovereign joined to the hub with the vendor's claim key: the server claims customers of
+/// once-per-customer-anywhere vouchers over NATS (its Sovereign, the key as a file, the NATS
+/// settings, and a route to NATS); without the key it has neither the key nor a route to NATS.
+#[test]
+fn the_server_joins_the_hubs_claims_only_with_the_claim_key() {
+    let joined = json!({"federation": {"sovereign": "oman",
+        "claimKey": {"existingSecret": "vendor-claims", "key": "claim-key"}}});
+    let rendered = render(with(joined));
+    rendered.assert_valid();
+    let server = rendered.container("server");
+    assert_eq!(env_value(server, "SOVEREIGN"), Some("oman"));
+    assert_eq!(
+        env_value(server, "CLAIM_KEY_FILE"),
+        Some("/etc/voucher-operator/claims/claim-key")
+    );
+    assert!(env_value(server, "NATS_URL").is_some());
+    let pod = &rendered.deployment("server")["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "claim-key")
+        .expect("the claim key's volume");
+    assert_eq!(volume["secret"]["secretName"], "vendor-claims");
+    let reaches_nats = |rendered: &Rendered| {
+        rendered
+            .all("NetworkPolicy")
+            .into_iter()
+            .filter(|p| p["metadata"]["name"] == format!("{RELEASE}-voucher-operator-server"))
+            .flat_map(|p| p["spec"]["egress"].as_array().unwrap().clone())
+            .any(|r| r["ports"][0]["port"] == 4222)
+    };
+    assert!(reaches_nats(&rendered), "the server's route to NATS");
+    let without_key = render(with(json!({"federation": {"sovereign": "oman"}})));
+    without_key.assert_valid();
+    let server = without_key.container("server");
+    assert_eq!(env_value(server, "CLAIM_KEY_FILE"), None);
+    assert_eq!(env_value(server, "NATS_URL"), None);
+    assert!(
+        !reaches_nats(&without_key),
+        "no route to NATS without claims"
+    );
+}

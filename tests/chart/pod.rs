@@ -916,3 +916,77 @@ async fn the_rendered_hub_defines_global_vouchers_under_exactly_its_rbac() {
     );
     assert_least_privilege(&rendered, namespace, &account, &pod);
 }
+
+/// The hub's NATS accounts as the chart ships them (`hub.sovereigns`: the ConfigMap
+/// `<release>-nats-accounts`), run by a real nats-server with a leaf node per Sovereign: each
+/// reaches the hub's services in its own name only, and never the hub's JetStream (rule 11,
+/// docs/federation.md).
+#[tokio::test]
+async fn the_charts_hub_accounts_keep_each_sovereign_to_its_own_name() {
+    use voucher_operator::federation::{allotment, claims};
+    use voucher_testenv::services::leaf_password;
+    let rendered = render(with(json!({
+        "mode": "hub",
+        "hub": {"sovereigns": ["sov1", "sov2"]},
+    })));
+    rendered.assert_valid();
+    let config_map = rendered
+        .all("ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == format!("{RELEASE}-voucher-operator-nats-accounts"))
+        .expect("the accounts ConfigMap");
+    let accounts = config_map["data"]["accounts.conf"].as_str().unwrap();
+    let hub_env = rendered.deployment("hub");
+    let sovereigns = env_value(container(hub_env, "hub"), "SOVEREIGNS");
+    assert_eq!(sovereigns, Some("sov1,sov2"), "the hub gathers from them");
+    // The hub's own services connect without credentials in this test (no_auth_user).
+    let (sov1_password, sov2_password) = (leaf_password("sov1"), leaf_password("sov2"));
+    let env = [
+        ("HUB_PASSWORD", "0c1d2e3f4a5b6c7d8e9f"),
+        ("SOV1_LEAF_PASSWORD", sov1_password.as_str()),
+        ("SOV2_LEAF_PASSWORD", sov2_password.as_str()),
+    ];
+    let leaf_port = support::free_port();
+    let hub = support::nats_hub_with(leaf_port, format!("no_auth_user: hub\n{accounts}"), &env);
+    let hub_client = async_nats::connect(&hub.url)
+        .await
+        .expect("the hub's account");
+    let js = async_nats::jetstream::new(hub_client.clone());
+    let kv = allotment::bucket(&js, 1).await.expect("the hub's bucket");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let prefix = allotment::DEFINITION_PREFIX;
+    allotment::start_definitions(hub_client.clone(), kv, prefix, stop.clone())
+        .await
+        .expect("the definition service");
+    let sov1 = support::nats_leaf("sov1", leaf_port);
+    let client = async_nats::connect(&sov1.url)
+        .await
+        .expect("sov1's leaf node");
+    let short = std::time::Duration::from_secs(2);
+    let own = support::eventually_within(
+        std::time::Duration::from_secs(20),
+        "sov1's own name answered through its leaf link",
+        || async {
+            allotment::definition(&client, prefix, "sov1", "NO-SUCH-CODE", short)
+                .await
+                .ok()
+        },
+    )
+    .await;
+    assert_eq!(own, None, "answered: no such global voucher");
+    let other = allotment::definition(&client, prefix, "sov2", "NO-SUCH-CODE", short).await;
+    assert!(other.is_err(), "answered in sov2's name: {other:?}");
+    let hub_js = async_nats::jetstream::with_domain(client.clone(), "hub");
+    for bucket in [allotment::BUCKET, claims::BUCKET] {
+        let opened = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            hub_js.get_key_value(bucket),
+        )
+        .await;
+        assert!(
+            !matches!(opened, Ok(Ok(_))),
+            "{bucket} opened with sov1's credentials"
+        );
+    }
+    stop.cancel();
+}

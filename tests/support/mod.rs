@@ -40,6 +40,8 @@ pub struct Nats {
     dir: PathBuf,
     /// A hub or a leaf node (its name, the JetStream domain): `None`, a plain server.
     node: Option<(String, services::NatsRole)>,
+    /// The server's environment (the passwords a configuration names).
+    env: Vec<(String, String)>,
 }
 
 impl Postgres {
@@ -260,6 +262,7 @@ fn start_nats() -> Nats {
         binary,
         dir: scratch_dir("nats"),
         node: None,
+        env: Vec::new(),
     };
     nats.start();
     nats
@@ -268,14 +271,24 @@ fn start_nats() -> Nats {
 /// The vendor's hub (JetStream domain `hub`) accepting leaf nodes on `leaf_port`, with an
 /// account for each of `sovereigns` (`voucher_testenv::services::hub_accounts`).
 pub fn nats_hub(leaf_port: u16, sovereigns: &[&str]) -> Nats {
-    let sovereigns = sovereigns.iter().map(|s| s.to_string()).collect();
-    nats_node(
-        "hub",
-        services::NatsRole::Hub {
-            leaf_port,
-            sovereigns,
-        },
-    )
+    let sovereigns: Vec<String> = sovereigns.iter().map(|s| s.to_string()).collect();
+    let accounts =
+        services::hub_accounts(&sovereigns, services::AUDIT_STREAM, services::AUDIT_PREFIX);
+    nats_hub_with(leaf_port, accounts, &[])
+}
+
+/// The vendor's hub with the accounts configuration `accounts` (e.g. the chart's), the
+/// nats-server's environment `env` holding the passwords it names.
+pub fn nats_hub_with(leaf_port: u16, accounts: String, env: &[(&str, &str)]) -> Nats {
+    let role = services::NatsRole::Hub {
+        leaf_port,
+        accounts,
+    };
+    let env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    nats_node_with("hub", role, env)
 }
 
 /// A Sovereign's leaf node named `name` (its own JetStream domain), connected
@@ -285,6 +298,10 @@ pub fn nats_leaf(name: &str, hub_leaf_port: u16) -> Nats {
 }
 
 fn nats_node(name: &str, role: services::NatsRole) -> Nats {
+    nats_node_with(name, role, Vec::new())
+}
+
+fn nats_node_with(name: &str, role: services::NatsRole, env: Vec<(String, String)>) -> Nats {
     let port = free_port();
     let nats = Nats {
         port,
@@ -292,6 +309,7 @@ fn nats_node(name: &str, role: services::NatsRole) -> Nats {
         binary: nats_server(),
         dir: scratch_dir(&format!("nats-{name}")),
         node: Some((name.to_owned(), role)),
+        env,
     };
     nats.start();
     nats
@@ -313,6 +331,7 @@ pub fn nats_with_password(user: &str, password: &str) -> Nats {
         binary,
         dir: scratch_dir("nats-auth"),
         node: None,
+        env: Vec::new(),
     };
     let mut cmd = services::nats_command(&nats.binary, &nats.dir.join("jetstream"), port);
     cmd.args(["--user", user, "--pass", password]);
@@ -333,6 +352,7 @@ impl Nats {
             }
         };
         nats.stderr(log_file(self.dir.join("nats.log")));
+        nats.envs(self.env.iter().map(|(k, v)| (k, v)));
         supervise(nats, Signal::TERM, self.dir.clone());
         wait_for_port(self.port, "nats-server", &self.dir.join("nats.log"));
     }

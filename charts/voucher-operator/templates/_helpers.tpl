@@ -227,3 +227,13 @@ used when its key is in nats.existingSecret, the creds file and CA mounted from 
 - name: NATS_TLS_REQUIRED
   value: {{ .Values.nats.tlsRequired | quote }}
 {{- end -}}
+
+{{/*
+Non-empty when the server claims customers at the vendor's hub (perCustomer: Global): this
+Sovereign joined (federation.sovereign) and the vendor's claim key given.
+*/}}
+{{- define "voucher-operator.claims" -}}
+{{- if and .Values.federation.sovereign .Values.federation.claimKey.existingSecret -}}
+true
+{{- end -}}
+{{- end }}

@@ -103,7 +103,14 @@ pub async fn run(
             let role = match i {
                 0 => NatsRole::Hub {
                     leaf_port: hub_leaf_port,
-                    sovereigns: parts[1..].iter().map(|p| p.name.clone()).collect(),
+                    accounts: services::hub_accounts(
+                        &parts[1..]
+                            .iter()
+                            .map(|p| p.name.clone())
+                            .collect::<Vec<_>>(),
+                        services::AUDIT_STREAM,
+                        services::AUDIT_PREFIX,
+                    ),
                 },
                 _ => NatsRole::Leaf { hub_leaf_port },
             };

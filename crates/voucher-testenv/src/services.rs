@@ -163,11 +163,12 @@ pub fn nats_command(binary: &Path, store_dir: &Path, port: u16) -> Command {
 /// (a JetStream domain of its own, connected to the hub's leaf port).
 #[derive(Clone, Debug)]
 pub enum NatsRole {
-    /// The hub, with an account per Sovereign in `sovereigns` (each leaf
-    /// node's credentials bind it to its own; see [`hub_accounts`]).
+    /// The hub, with its accounts (`accounts`: configuration text, e.g.
+    /// [`hub_accounts`] or the chart's; each leaf node's credentials bind it
+    /// to its own account).
     Hub {
         leaf_port: u16,
-        sovereigns: Vec<String>,
+        accounts: String,
     },
     Leaf {
         hub_leaf_port: u16,
@@ -239,8 +240,8 @@ pub fn hub_accounts(sovereigns: &[String], stream: &str, prefix: &str) -> String
 }
 
 /// The audit stream and subject prefix every Sovereign uses (the operator's defaults).
-const AUDIT_STREAM: &str = "VOUCHER_AUDIT";
-const AUDIT_PREFIX: &str = "catalyst.vouchers";
+pub const AUDIT_STREAM: &str = "VOUCHER_AUDIT";
+pub const AUDIT_PREFIX: &str = "catalyst.vouchers";
 
 /// The command that runs a nats-server named `name` (its JetStream domain
 /// too) on `port`, as `role` says: its configuration file written in `dir`,
@@ -257,10 +258,9 @@ pub fn nats_node_command(
         // test's proxy standing for one), never around it.
         NatsRole::Hub {
             leaf_port,
-            sovereigns,
+            accounts,
         } => format!(
-            "leafnodes {{ listen: \"127.0.0.1:{leaf_port}\", no_advertise: true }}\n{}",
-            hub_accounts(sovereigns, AUDIT_STREAM, AUDIT_PREFIX)
+            "leafnodes {{ listen: \"127.0.0.1:{leaf_port}\", no_advertise: true }}\n{accounts}"
         ),
         // The leaf node's credentials bind it to its own account at the hub.
         NatsRole::Leaf { hub_leaf_port } => format!(
