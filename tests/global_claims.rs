@@ -9,6 +9,7 @@ mod support;
 
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use voucher_operator::domain::Code;
@@ -19,6 +20,7 @@ use voucher_operator::federation::sovereign::{self, Refill};
 use voucher_operator::federation::{allotment, claims};
 use voucher_operator::store::Store;
 use voucher_operator::store::redeem::Redemption;
+use voucher_testenv::services::{SERVER_USER, server_password};
 
 const SECRET: &str = "claims-test-secret-of-at-least-32-bytes!";
 const CLAIM_KEY: &[u8] = b"the vendor's claim key, 32 bytes or more";
@@ -125,8 +127,16 @@ async fn sovereign(
         }
     })
     .await;
+    // The server's own credentials on its leaf node: it may only claim.
+    let server = async_nats::ConnectOptions::with_user_and_password(
+        SERVER_USER.into(),
+        server_password(name),
+    )
+    .connect(&leaf.url)
+    .await
+    .expect("the server's credentials");
     let claimer = Claimer {
-        client,
+        client: server,
         sovereign: name.into(),
         prefix: claims::SUBJECT_PREFIX.into(),
         key: CLAIM_KEY.to_vec(),
@@ -559,7 +569,9 @@ async fn a_sovereigns_credentials_reach_the_hubs_services_in_its_own_name_only()
     let world = world("WORLD-ACCOUNTS", Duration::from_secs(30)).await;
     let code = world.code.as_str();
     let sov1 = &world.sovereigns[0];
-    let client = &sov1.claimer.client;
+    // The operator's credentials on sov1's leaf node: everything the Sovereign's account holds.
+    let operator = connect(&sov1.leaf.url).await;
+    let client = &operator;
     let short = Duration::from_secs(2);
     let ask = |sovereign: &'static str| {
         let ask = allotment::Ask {
@@ -620,4 +632,78 @@ async fn a_sovereigns_credentials_reach_the_hubs_services_in_its_own_name_only()
         .expect("read")
         .expect("a record");
     assert_eq!(record.0.cap, CAP, "the record is as the hub wrote it");
+}
+
+/// A Sovereign's HTTP server connects as a user that may only claim: it cannot ask the hub for
+/// allotments (its leader's business) or publish audit events (its relay's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sovereigns_server_may_only_claim() {
+    use voucher_operator::domain::allotment::Request;
+    let world = world("WORLD-SERVER", Duration::from_secs(30)).await;
+    let sov1 = &world.sovereigns[0];
+    let server = &sov1.claimer.client;
+    let short = Duration::from_secs(2);
+    let claim = ClaimAsk::Create {
+        code: world.code.to_string(),
+        claimant: claimant(CLAIM_KEY, "frank"),
+        intent: Uuid::new_v4().to_string(),
+    };
+    let claimed = claims::ask(server, claims::SUBJECT_PREFIX, "sov1", &claim, short).await;
+    assert_eq!(claimed.expect("a claim is answered"), ClaimAnswer::Claimed);
+    let ask = allotment::Ask {
+        code: world.code.to_string(),
+        request: Request::Sync {
+            uid: format!("uid-{}", world.code),
+            epoch: 0,
+            keep: 0,
+            used: 0,
+        },
+    };
+    let asked = allotment::ask(server, allotment::SUBJECT_PREFIX, "sov1", &ask, short).await;
+    assert!(
+        asked.is_err(),
+        "the server asked for an allotment: {asked:?}"
+    );
+    let mut events = connect(&sov1.leaf.url)
+        .await
+        .subscribe("catalyst.vouchers.>")
+        .await
+        .expect("the operator subscribes");
+    let published = server
+        .publish("catalyst.vouchers.WORLD-SERVER.redeemed", "{}".into())
+        .await;
+    let _ = server.flush().await;
+    let heard = tokio::time::timeout(Duration::from_secs(2), events.next()).await;
+    assert!(
+        heard.is_err(),
+        "the server published an audit event ({published:?}): {heard:?}"
+    );
+}
+
+/// Many customers at once on one Sovereign: their redemptions holding the hub's claims are
+/// grouped like any others (one transaction for a group), and each is granted once, its intent
+/// settled `done` — none left for recovery to take back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_customers_at_once_each_hold_their_own_claim() {
+    let world = world("WORLD-CROWD", Duration::from_secs(30)).await;
+    let code = world.code.as_str();
+    let [sov1, sov2] = [&world.sovereigns[0], &world.sovereigns[1]];
+    let customers: Vec<String> = (0..30).map(|i| format!("crowd-{i}")).collect();
+    let answers = futures::future::join_all(customers.iter().map(|c| redeem(sov1, code, c))).await;
+    for (customer, (status, body)) in customers.iter().zip(&answers) {
+        assert_eq!(*status, 200, "{customer}: {body}");
+    }
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM voucher_global_claims WHERE code = $1 AND state <> 'done'",
+    )
+    .bind(code)
+    .fetch_one(&sov1.pool)
+    .await
+    .expect("counted");
+    assert_eq!(open, 0, "every intent settled with its redemption");
+    for customer in customers.iter().take(5) {
+        let (status, body) = redeem(sov2, code, customer).await;
+        assert_eq!(status, 409, "{customer} on sov2: {body}");
+        assert_eq!(everywhere(&world, customer).await, 1, "{customer}");
+    }
 }

@@ -52,15 +52,10 @@ pub struct Ask {
 pub enum Error {
     #[error("opening the KV bucket {BUCKET}: {0}")]
     Bucket(String),
-    #[error("reading the allotment record of {code}: {source}")]
+    #[error("the allotment record of {code}: {source}")]
     Read {
         code: String,
-        source: kv::EntryError,
-    },
-    #[error("the allotment record of {code} is unreadable: {source}")]
-    Unreadable {
-        code: String,
-        source: serde_json::Error,
+        source: super::bucket::ReadError,
     },
     #[error("writing the allotment record of {code}: {source}")]
     Write {
@@ -85,41 +80,21 @@ pub enum Error {
 }
 
 /// The hub's bucket: created when missing (`replicas`: 3 in the shipped
-/// configuration), one revision kept per key (the record is all there is).
+/// configuration).
 pub async fn bucket(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, Error> {
-    if let Ok(store) = js.get_key_value(BUCKET).await {
-        return Ok(store);
-    }
-    let config = kv::Config {
-        bucket: BUCKET.into(),
-        history: 1,
-        num_replicas: replicas,
-        ..Default::default()
-    };
-    match js.create_key_value(config).await {
-        Ok(store) => Ok(store),
-        // Another replica made it first.
-        Err(created) => js
-            .get_key_value(BUCKET)
-            .await
-            .map_err(|_| Error::Bucket(created.to_string())),
-    }
+    super::bucket::open(js, BUCKET, replicas)
+        .await
+        .map_err(Error::Bucket)
 }
 
 /// Reads a code's record and its revision.
 pub async fn read(kv: &kv::Store, code: &str) -> Result<Option<(Record, u64)>, Error> {
-    let entry = kv.entry(code).await.map_err(|source| Error::Read {
-        code: code.into(),
-        source,
-    })?;
-    let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
-        return Ok(None);
-    };
-    let record = serde_json::from_slice(&entry.value).map_err(|source| Error::Unreadable {
-        code: code.into(),
-        source,
-    })?;
-    Ok(Some((record, entry.revision)))
+    super::bucket::read(kv, code)
+        .await
+        .map_err(|source| Error::Read {
+            code: code.into(),
+            source,
+        })
 }
 
 fn encode(record: &Record) -> Bytes {

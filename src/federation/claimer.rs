@@ -50,6 +50,15 @@ impl std::fmt::Debug for Claimer {
     }
 }
 
+/// What a claim came to.
+#[derive(Debug)]
+pub enum Claimed {
+    /// The redemption to make, holding the hub's claim (its `intent`).
+    Holding(Redemption),
+    /// Decided without redeeming: the customer is held elsewhere.
+    Answered(Answer),
+}
+
 /// Why a once-per-customer-anywhere redemption was not decided.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -62,8 +71,24 @@ pub enum Error {
 
 impl Claimer {
     /// Redeems `request` (a code whose `Answer` was `ClaimNeeded`) holding the
-    /// hub's claim for its customer.
+    /// hub's claim for its customer, alone (the server groups the holding
+    /// redemptions of a code instead: [`Claimer::claim`], then
+    /// [`Claimer::settle`]).
     pub async fn redeem(&self, store: &Store, request: Redemption) -> Result<Answer, Error> {
+        match self.claim(store, request).await? {
+            Claimed::Answered(answer) => Ok(answer),
+            Claimed::Holding(holding) => {
+                let answer = store.redeem(&holding).await;
+                self.settle(store, &holding, &answer).await?;
+                Ok(answer?)
+            }
+        }
+    }
+
+    /// Claims the customer of `request` at the hub for a new intent: the
+    /// redemption to make holding the claim, or the answer (the customer is
+    /// held elsewhere). The hub out of reach: an error, the intent aborted.
+    pub async fn claim(&self, store: &Store, request: Redemption) -> Result<Claimed, Error> {
         let intent = Uuid::new_v4();
         let claimant = claimant(&self.key, &request.subject);
         store
@@ -74,27 +99,50 @@ impl Claimer {
             claimant,
             intent: intent.to_string(),
         };
-        let answer = match self.ask(&ask).await {
-            Ok(ClaimAnswer::Claimed) => {
-                let holding = Redemption {
-                    intent: Some(intent),
-                    ..request
-                };
-                store.redeem(&holding).await.map_err(Error::from)
-            }
+        match self.ask(&ask).await {
+            Ok(ClaimAnswer::Claimed) => Ok(Claimed::Holding(Redemption {
+                intent: Some(intent),
+                ..request
+            })),
             Ok(ClaimAnswer::Held | ClaimAnswer::Released) => {
                 store.refuse_intent(intent).await?;
                 let code = request.code.to_string();
-                return Ok(Answer::Fresh(Redeemed::ClaimedElsewhere { code }));
+                Ok(Claimed::Answered(Answer::Fresh(
+                    Redeemed::ClaimedElsewhere { code },
+                )))
             }
-            Err(error) => Err(Error::Unreachable(error)),
+            Err(error) => {
+                self.give_back(store, intent).await?;
+                Err(Error::Unreachable(error))
+            }
+        }
+    }
+
+    /// After a holding redemption: granted, its intent was settled `done` with
+    /// it; otherwise (nothing granted, or nothing known) the claim goes back
+    /// at once, or by recovery if the hub does not answer now.
+    pub async fn settle(
+        &self,
+        store: &Store,
+        holding: &Redemption,
+        answer: &Result<Answer, StoreError>,
+    ) -> Result<(), Error> {
+        let Some(intent) = holding.intent else {
+            return Ok(());
         };
-        // Nothing granted (or nothing known): the claim goes back at once, or
-        // by recovery if the hub does not answer now.
+        if let Ok(Answer::Fresh(Redeemed::Granted { .. })) = answer {
+            return Ok(());
+        }
+        self.give_back(store, intent).await
+    }
+
+    /// Aborts `intent` if still pending (under its row lock) and deletes its
+    /// claim, which recovery retries if the hub does not acknowledge now.
+    async fn give_back(&self, store: &Store, intent: Uuid) -> Result<(), Error> {
         if let Some(unheld) = store.abort_intent(intent).await? {
             let _ = self.delete(store, &unheld).await;
         }
-        answer
+        Ok(())
     }
 
     async fn ask(&self, ask: &ClaimAsk) -> Result<ClaimAnswer, claims::Error> {

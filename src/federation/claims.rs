@@ -27,12 +27,10 @@ const CONCURRENCY: usize = 64;
 pub enum Error {
     #[error("opening the KV bucket {BUCKET}: {0}")]
     Bucket(String),
-    #[error("reading the claim {key}: {source}")]
-    Read { key: String, source: kv::EntryError },
-    #[error("the claim {key} is unreadable: {source}")]
-    Unreadable {
+    #[error("the claim {key}: {source}")]
+    Read {
         key: String,
-        source: serde_json::Error,
+        source: super::bucket::ReadError,
     },
     #[error("writing the claim {key}: {source}")]
     Write {
@@ -56,40 +54,21 @@ pub enum Error {
     },
 }
 
-/// The hub's claim bucket: created when missing, one revision per key.
+/// The hub's claim bucket: created when missing.
 pub async fn bucket(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, Error> {
-    if let Ok(store) = js.get_key_value(BUCKET).await {
-        return Ok(store);
-    }
-    let config = kv::Config {
-        bucket: BUCKET.into(),
-        history: 1,
-        num_replicas: replicas,
-        ..Default::default()
-    };
-    match js.create_key_value(config).await {
-        Ok(store) => Ok(store),
-        Err(created) => js
-            .get_key_value(BUCKET)
-            .await
-            .map_err(|_| Error::Bucket(created.to_string())),
-    }
+    super::bucket::open(js, BUCKET, replicas)
+        .await
+        .map_err(Error::Bucket)
 }
 
 /// Reads a claim and its revision.
 pub async fn read(kv: &kv::Store, key: &str) -> Result<Option<(CustomerClaim, u64)>, Error> {
-    let entry = kv.entry(key).await.map_err(|source| Error::Read {
-        key: key.into(),
-        source,
-    })?;
-    let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
-        return Ok(None);
-    };
-    let claim = serde_json::from_slice(&entry.value).map_err(|source| Error::Unreadable {
-        key: key.into(),
-        source,
-    })?;
-    Ok(Some((claim, entry.revision)))
+    super::bucket::read(kv, key)
+        .await
+        .map_err(|source| Error::Read {
+            key: key.into(),
+            source,
+        })
 }
 
 /// Decides one request and writes what it changes; the answer to send

@@ -5,6 +5,7 @@
 
 pub mod allotment;
 pub mod audit;
+pub mod bucket;
 pub mod claimer;
 pub mod claims;
 pub mod hub;

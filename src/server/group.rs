@@ -69,7 +69,12 @@ impl GroupCommit {
     /// Redeems `request`, together with the other requests of its code
     /// that arrive while a transaction for it is under way.
     pub async fn redeem(self: &Arc<Self>, request: Redemption) -> Result<Answer> {
-        let code = request.code.to_string();
+        // Redemptions holding the hub's claim (once per customer anywhere) form groups of
+        // their own: a first pass, which finds it needs a claim, would undo their group.
+        let code = match request.intent {
+            Some(_) => format!("{}#holding", request.code),
+            None => request.code.to_string(),
+        };
         let (reply, answer) = oneshot::channel();
         let first = {
             let mut codes = self.codes.lock().expect("the queues");

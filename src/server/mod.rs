@@ -280,17 +280,28 @@ impl AppState {
         &self,
         redemption: crate::store::redeem::Redemption,
     ) -> Result<crate::store::redeem::Answer, HttpError> {
-        use crate::federation::claimer::Error;
+        use crate::federation::claimer::{Claimed, Error};
         let Some(claimer) = &self.claimer else {
             return Err(claims_unavailable(
                 "this server is joined to no hub (--sovereign, --claim-key-file)",
             ));
         };
-        match claimer.redeem(&self.store, redemption).await {
-            Ok(answer) => Ok(answer),
-            Err(Error::Store(error)) => Err(error.into()),
-            Err(Error::Unreachable(error)) => Err(claims_unavailable(&error.to_string())),
-        }
+        let failed = |error: Error| match error {
+            Error::Store(error) => HttpError::from(error),
+            Error::Unreachable(error) => claims_unavailable(&error.to_string()),
+        };
+        let holding = match claimer.claim(&self.store, redemption).await {
+            Ok(Claimed::Answered(answer)) => return Ok(answer),
+            Ok(Claimed::Holding(holding)) => holding,
+            Err(error) => return Err(failed(error)),
+        };
+        // Redeemed with the other holding redemptions of the code, in one group.
+        let answer = self.redeemer.redeem(holding.clone()).await;
+        claimer
+            .settle(&self.store, &holding, &answer)
+            .await
+            .map_err(failed)?;
+        Ok(answer?)
     }
 
     /// The client's address: the socket peer, or the nearest address in

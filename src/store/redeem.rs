@@ -37,8 +37,8 @@ pub struct Redemption {
     /// The Sovereign's currency, which a discount grant's amounts are in.
     pub currency: Currency,
     /// A once-per-customer-anywhere code's redemption (`perCustomer: Global`):
-    /// the local intent whose claim the hub granted. Such a redemption is
-    /// redeemed alone, never in a group.
+    /// the local intent whose claim the hub granted, moved to `claimed` under
+    /// its row lock in the redemption's transaction and settled with it.
     pub intent: Option<Uuid>,
 }
 
@@ -193,7 +193,10 @@ impl Store {
         match steps(&mut tx, requests).await {
             Ok(BatchOutcome::Answered(answers)) => {
                 // A redemption holding the hub's claim settles its intent with it.
-                if let (Some(intent), [answer]) = (requests[0].intent, answers.as_slice()) {
+                for (request, answer) in requests.iter().zip(&answers) {
+                    let Some(intent) = request.intent else {
+                        continue;
+                    };
                     let granted = matches!(answer, Answer::Fresh(Redeemed::Granted { .. }));
                     if let Err(error) = claims::settle(&mut tx, intent, granted).await {
                         let _ = tx.rollback().await;

@@ -4,11 +4,14 @@
 //! nats-server, where two replicas of the allotment service answer. Each Sovereign's leader
 //! keeps its share topped up (a step of 800 units, asked for once fewer than 400 are left).
 //!
-//! In the same run, in rounds that alternate: new customers redeeming a global code on both
-//! Sovereigns at once, and the same load on a Sovereign-scoped code of each — the baseline. The
-//! allotment is meant to stay off the redemption's path: the global rate should be at least 0.9×
-//! the baseline's. Printed: the rates and their ratio, each mode's p50/p99 latency, and the
-//! allotment requests the hub answered per 1,000 global redemptions.
+//! In the same run, in rounds that rotate: new customers redeeming a global code on both
+//! Sovereigns at once, the same load on a global code that is once per customer on any Sovereign
+//! (`perCustomer: Global`: each redemption claims its customer at the hub first), and on a
+//! Sovereign-scoped code of each — the baseline. The allotment is meant to stay off the
+//! redemption's path: the global rate should be at least 0.9× the baseline's. A claim is on the
+//! path by design (one round trip to the hub per customer): its ratio is printed, not held to a
+//! target. Printed: the rates and their ratios, each mode's p50/p99 latency, and the allotment
+//! requests the hub answered per 1,000 global redemptions.
 //!
 //! Run: cargo bench --bench federation        (LEDGER_ROWS=10000 for a quick run)
 
@@ -26,10 +29,12 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use voucher_operator::domain::Code;
 use voucher_operator::domain::allotment::Record;
-use voucher_operator::federation::allotment;
+use voucher_operator::federation::claimer::Claimer;
 use voucher_operator::federation::sovereign::{self, Refill};
+use voucher_operator::federation::{allotment, claims};
 use voucher_operator::store::Store;
 use voucher_operator::store::redeem::{Answer, Redeemed, Redemption};
+use voucher_testenv::services::{SERVER_USER, server_password};
 
 const IN_FLIGHT: usize = 32;
 const PER_ROUND: usize = 2_000;
@@ -50,13 +55,13 @@ fn ledger_rows() -> i64 {
 
 /// A Sovereign's billing database in service, with a global code (registered, share 0) and a
 /// Sovereign-scoped one.
-async fn sovereign_database(global: &Code) -> Store {
+async fn sovereign_database(global: &Code, once: &Code) -> Store {
     let url = support::fresh_database("bench_federation").await;
     let pool = support::pool(&url).await;
     let store = Store::from_pool(pool.clone());
     store.migrate().await.unwrap();
     common::seed(&pool, ledger_rows()).await;
-    for code in [global.as_str(), "LOCAL-BENCH"] {
+    for code in [global.as_str(), once.as_str(), "LOCAL-BENCH"] {
         sqlx::query(
             "INSERT INTO promo_codes (code, credit_omr, description, active, max_redemptions) \
              VALUES ($1, 5, 'bench', true, 0)",
@@ -71,20 +76,29 @@ async fn sovereign_database(global: &Code) -> Store {
         .await
         .unwrap();
     store
+        .register_global_as(once, &format!("uid-{once}"), true)
+        .await
+        .unwrap();
+    store
 }
 
 /// One round on both Sovereigns at once: `PER_ROUND` new customers each on `code`. The rate
 /// (redemptions per second, both together), every redemption's latency, and how often a
 /// customer was told to try again (a share used up before its refill landed).
-async fn round(stores: &[Store], code: &Code, round: &str) -> (f64, Vec<Duration>, u64) {
+async fn round(
+    stores: &[Store],
+    claimers: &[Claimer],
+    code: &Code,
+    round: &str,
+) -> (f64, Vec<Duration>, u64) {
     let started = Instant::now();
     let retries = Arc::new(AtomicU64::new(0));
     let requests = stores.iter().enumerate().flat_map(|(s, store)| {
-        (0..PER_ROUND).map(move |i| (store.clone(), format!("{round}-s{s}-{i}")))
+        (0..PER_ROUND).map(move |i| (s, store.clone(), format!("{round}-s{s}-{i}")))
     });
     let latencies: Vec<Duration> = futures::stream::iter(requests)
-        .map(|(store, subject)| {
-            let (code, retries) = (code.clone(), retries.clone());
+        .map(|(s, store, subject)| {
+            let (code, retries, claimer) = (code.clone(), retries.clone(), &claimers[s]);
             async move {
                 let began = Instant::now();
                 loop {
@@ -98,7 +112,12 @@ async fn round(stores: &[Store], code: &Code, round: &str) -> (f64, Vec<Duration
                         currency: Default::default(),
                         intent: None,
                     };
-                    match store.redeem(&redemption).await.unwrap() {
+                    let answer = match store.redeem(&redemption).await.unwrap() {
+                        // Once per customer anywhere: the hub's claim first, as the server does.
+                        Answer::ClaimNeeded => claimer.redeem(&store, redemption).await.unwrap(),
+                        answer => answer,
+                    };
+                    match answer {
                         Answer::Fresh(Redeemed::Granted { .. }) => return began.elapsed(),
                         // A share used up before the refill landed: the customer asks again.
                         Answer::Fresh(Redeemed::Gone(
@@ -141,16 +160,33 @@ async fn main() {
         .await
         .unwrap();
     let global = Code::parse("WORLD-BENCH").unwrap();
-    let record = Record::new(format!("uid-{global}"), 10_000_000, 10_000_000, 1_000);
-    allotment::define(&kv, global.as_str(), &record)
-        .await
-        .unwrap();
+    let once = Code::parse("ONCE-BENCH").unwrap();
+    for code in [&global, &once] {
+        let record = Record::new(format!("uid-{code}"), 10_000_000, 10_000_000, 1_000);
+        allotment::define(&kv, code.as_str(), &record)
+            .await
+            .unwrap();
+    }
     let stop = CancellationToken::new();
     for _ in 0..2 {
         allotment::start(
             connect(hub.url.clone()).await,
             kv.clone(),
             PREFIX,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+    }
+    let claimed = claims::bucket(&jetstream::new(connect(hub.url.clone()).await), 1)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let client = connect(hub.url.clone()).await;
+        claims::start(
+            client,
+            claimed.clone(),
+            claims::SUBJECT_PREFIX,
             stop.clone(),
         )
         .await
@@ -171,10 +207,27 @@ async fn main() {
     });
     let mut stores = Vec::new();
     let mut leaves = Vec::new();
+    let mut claimers = Vec::new();
     for i in 1..=2 {
         let name = format!("sov{i}");
         let leaf = support::nats_leaf(&name, hub_leaf_port);
-        let store = sovereign_database(&global).await;
+        let store = sovereign_database(&global, &once).await;
+        // The server's credentials on its leaf node: claims only.
+        let server = async_nats::ConnectOptions::with_user_and_password(
+            SERVER_USER.into(),
+            server_password(&name),
+        )
+        .connect(&leaf.url)
+        .await
+        .unwrap();
+        claimers.push(Claimer {
+            client: server,
+            sovereign: name.clone(),
+            prefix: claims::SUBJECT_PREFIX.into(),
+            key: b"the vendor's claim key, for the bench".to_vec(),
+            timeout: Duration::from_secs(2),
+            recover_after: Duration::from_secs(30),
+        });
         let refill = Refill {
             sovereign: name,
             prefix: PREFIX.into(),
@@ -194,33 +247,43 @@ async fn main() {
         leaves.push(leaf);
     }
     // Warm: each Sovereign holds a first share before the clock starts.
-    let _ = round(&stores, &global, "warm").await;
-    let _ = round(&stores, &Code::parse("LOCAL-BENCH").unwrap(), "warm").await;
     let local = Code::parse("LOCAL-BENCH").unwrap();
-    let (mut global_rates, mut local_rates) = (Vec::new(), Vec::new());
-    let (mut global_lat, mut local_lat) = (Vec::new(), Vec::new());
+    for code in [&global, &once, &local] {
+        let _ = round(&stores, &claimers, code, &format!("warm-{code}")).await;
+    }
+    let (mut global_rates, mut local_rates, mut once_rates) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut global_lat, mut local_lat, mut once_lat) = (Vec::new(), Vec::new(), Vec::new());
     let (mut global_requests, mut global_retries) = (0, 0);
-    // Rounds alternate, and so does which of the two comes first: neither is favoured by
-    // what the other left behind (dead row versions, a checkpoint, autovacuum).
+    // Rounds rotate, and so does which mode comes first: none is favoured by what another
+    // left behind (dead row versions, a checkpoint, autovacuum).
     for r in 0..ROUNDS {
-        let global_first = r % 2 == 0;
-        for global_turn in [global_first, !global_first] {
-            if global_turn {
-                let before = requests.load(Ordering::Relaxed);
-                let (rate, lat, retries) = round(&stores, &global, &format!("g{r}")).await;
-                global_requests += requests.load(Ordering::Relaxed) - before;
-                global_retries += retries;
-                global_rates.push(rate);
-                global_lat.extend(lat);
-            } else {
-                let (rate, lat, _) = round(&stores, &local, &format!("l{r}")).await;
-                local_rates.push(rate);
-                local_lat.extend(lat);
+        for turn in 0..3 {
+            match (r + turn) % 3 {
+                0 => {
+                    let before = requests.load(Ordering::Relaxed);
+                    let (rate, lat, retries) =
+                        round(&stores, &claimers, &global, &format!("g{r}")).await;
+                    global_requests += requests.load(Ordering::Relaxed) - before;
+                    global_retries += retries;
+                    global_rates.push(rate);
+                    global_lat.extend(lat);
+                }
+                1 => {
+                    let (rate, lat, _) = round(&stores, &claimers, &once, &format!("o{r}")).await;
+                    once_rates.push(rate);
+                    once_lat.extend(lat);
+                }
+                _ => {
+                    let (rate, lat, _) = round(&stores, &claimers, &local, &format!("l{r}")).await;
+                    local_rates.push(rate);
+                    local_lat.extend(lat);
+                }
             }
         }
     }
     let (g, g_min, g_max) = spread(&global_rates);
     let (l, l_min, l_max) = spread(&local_rates);
+    let (o, o_min, o_max) = spread(&once_rates);
     let redeemed = (ROUNDS * PER_ROUND * stores.len()) as f64;
     println!(
         "two Sovereigns at once, {IN_FLIGHT} in flight each, {} ledger rows each, {ROUNDS} rounds of {PER_ROUND} per Sovereign:",
@@ -236,7 +299,16 @@ async fn main() {
         percentile(&mut local_lat, 0.50),
         percentile(&mut local_lat, 0.99)
     );
+    println!(
+        "  once per customer anywhere: {o:7.0} redemptions/s (rounds {o_min:.0}–{o_max:.0}), p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&mut once_lat, 0.50),
+        percentile(&mut once_lat, 0.99)
+    );
     println!("  global / Sovereign-scoped: {:.2}× (target ≥ 0.9×)", g / l);
+    println!(
+        "  once anywhere / Sovereign-scoped: {:.2}× (a claim at the hub per customer, by design)",
+        o / l
+    );
     println!(
         "  allotment requests answered by the hub: {global_requests} for {redeemed:.0} global redemptions = {:.1} per 1,000; customers told to try again (503): {global_retries}",
         global_requests as f64 * 1000.0 / redeemed

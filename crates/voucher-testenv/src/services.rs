@@ -181,6 +181,34 @@ pub fn leaf_password(name: &str) -> String {
     format!("{name}-leaf-node-password")
 }
 
+/// The user a Sovereign's HTTP server connects to its leaf node as: it may
+/// only claim customers at the hub (`voucher.claim.<sovereign>`) and hear the
+/// answers — not ask for allotments, not publish audit events.
+pub const SERVER_USER: &str = "server";
+
+/// The password of [`SERVER_USER`] — development and tests only.
+pub fn server_password(sovereign: &str) -> String {
+    format!("{sovereign}-server-password")
+}
+
+/// A Sovereign's leaf node users: the operator's controller (anything in the
+/// Sovereign's own account; `no_auth_user`, development and tests) and its HTTP
+/// server, which may only claim (docs/federation.md, "NATS accounts and
+/// permissions").
+pub fn leaf_users(sovereign: &str) -> String {
+    let password = server_password(sovereign);
+    format!(
+        "no_auth_user: operator\n\
+         authorization {{\n\
+         \x20 users: [\n\
+         \x20   {{ user: operator, password: \"operator-development-password\" }}\n\
+         \x20   {{ user: {SERVER_USER}, password: \"{password}\",\n\
+         \x20     permissions: {{ publish: {{ allow: [\"voucher.claim.{sovereign}\"] }}, subscribe: {{ allow: [\"_INBOX.>\"] }} }} }}\n\
+         \x20 ]\n\
+         }}\n"
+    )
+}
+
 /// The hub's accounts (DESIGN §11 rule 11, docs/federation.md "NATS
 /// accounts"): `HUB` runs the hub's JetStream and services and exports them
 /// with the requester's account as the subject's last token
@@ -264,8 +292,9 @@ pub fn nats_node_command(
         ),
         // The leaf node's credentials bind it to its own account at the hub.
         NatsRole::Leaf { hub_leaf_port } => format!(
-            "leafnodes {{ remotes: [ {{ url: \"nats-leaf://{name}:{}@127.0.0.1:{hub_leaf_port}\" }} ] }}",
-            leaf_password(name)
+            "leafnodes {{ remotes: [ {{ url: \"nats-leaf://{name}:{}@127.0.0.1:{hub_leaf_port}\" }} ] }}\n{}",
+            leaf_password(name),
+            leaf_users(name)
         ),
     };
     let store = dir.join("jetstream");
