@@ -38,7 +38,8 @@ use voucher_testenv::services::{SERVER_USER, server_password};
 
 const IN_FLIGHT: usize = 32;
 const PER_ROUND: usize = 2_000;
-const ROUNDS: usize = 5;
+/// A multiple of the three modes: each comes first, second and third equally often.
+const ROUNDS: usize = 6;
 /// The shipped subjects: a Sovereign's NATS account imports only those.
 const PREFIX: &str = voucher_operator::federation::allotment::SUBJECT_PREFIX;
 /// A refill asked for once fewer than this many units are left: about a second of this load's

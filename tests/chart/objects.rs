@@ -819,6 +819,13 @@ fn the_server_joins_the_hubs_claims_only_with_the_claim_key() {
             .any(|r| r["ports"][0]["port"] == 4222)
     };
     assert!(reaches_nats(&rendered), "the server's route to NATS");
+    // Its own NATS user (the leaf's `server`, which may only claim), when given.
+    let own = render(with(json!({"federation": {"sovereign": "oman",
+        "claimKey": {"existingSecret": "vendor-claims", "serverNatsSecret": "server-nats"}}})));
+    own.assert_valid();
+    let server = own.container("server");
+    let user = env(server, "NATS_USER").expect("the server's NATS user");
+    assert_eq!(user["valueFrom"]["secretKeyRef"]["name"], "server-nats");
     let without_key = render(with(json!({"federation": {"sovereign": "oman"}})));
     without_key.assert_valid();
     let server = without_key.container("server");

@@ -990,3 +990,91 @@ async fn the_charts_hub_accounts_keep_each_sovereign_to_its_own_name() {
     }
     stop.cancel();
 }
+
+/// A Sovereign's nats-server part as the chart ships it (`federation.sovereign`: the ConfigMap
+/// `<release>-nats-leaf`), run by a real nats-server as a leaf node of a hub on the shipped
+/// accounts: the operator reaches the hub's services, the HTTP server's user may only claim.
+#[tokio::test]
+async fn the_charts_leaf_node_lets_the_server_only_claim() {
+    use voucher_operator::domain::allotment::Request;
+    use voucher_operator::domain::claims::{ClaimAnswer, ClaimAsk};
+    use voucher_operator::federation::{allotment, claims};
+    use voucher_testenv::services::leaf_password;
+    let rendered = render(with(json!({"federation": {"sovereign": "sov1"}})));
+    rendered.assert_valid();
+    let config_map = rendered
+        .all("ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == format!("{RELEASE}-voucher-operator-nats-leaf"))
+        .expect("the leaf ConfigMap");
+    let leaf_conf = config_map["data"]["leaf.conf"].as_str().unwrap();
+    let leaf_port = support::free_port();
+    let hub = support::nats_hub(leaf_port, &["sov1"]);
+    let hub_client = async_nats::connect(&hub.url).await.expect("the hub");
+    let js = async_nats::jetstream::new(hub_client.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let kv = allotment::bucket(&js, 1)
+        .await
+        .expect("the allotment bucket");
+    allotment::start(
+        hub_client.clone(),
+        kv,
+        allotment::SUBJECT_PREFIX,
+        stop.clone(),
+    )
+    .await
+    .expect("the allotment service");
+    let claimed = claims::bucket(&js, 1).await.expect("the claim bucket");
+    claims::start(hub_client, claimed, claims::SUBJECT_PREFIX, stop.clone())
+        .await
+        .expect("the claim service");
+    let url = format!(
+        "\"nats-leaf://sov1:{}@127.0.0.1:{leaf_port}\"",
+        leaf_password("sov1")
+    );
+    let env = [
+        ("SOV1_LEAF_URL", url.as_str()),
+        ("OPERATOR_PASSWORD", "a1b2c3d4e5f6"),
+        ("SERVER_PASSWORD", "f6e5d4c3b2a1"),
+    ];
+    let leaf = support::nats_configured("sov1", leaf_conf.to_owned(), &env);
+    let as_user = |user: &str, password: &str| {
+        async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+            .connect(leaf.url.clone())
+    };
+    let operator = as_user("operator", "a1b2c3d4e5f6").await.expect("operator");
+    let server = as_user("server", "f6e5d4c3b2a1").await.expect("server");
+    let short = Duration::from_secs(2);
+    let ask = allotment::Ask {
+        code: "NO-SUCH-CODE".into(),
+        request: Request::Sync {
+            uid: "uid".into(),
+            epoch: 0,
+            keep: 0,
+            used: 0,
+        },
+    };
+    support::eventually_within(
+        Duration::from_secs(20),
+        "the operator reaches the hub",
+        || async {
+            allotment::ask(&operator, allotment::SUBJECT_PREFIX, "sov1", &ask, short)
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let claim = ClaimAsk::Create {
+        code: "NO-SUCH-CODE".into(),
+        claimant: "ab".into(),
+        intent: "intent-1".into(),
+    };
+    let claimed = claims::ask(&server, claims::SUBJECT_PREFIX, "sov1", &claim, short).await;
+    assert_eq!(claimed.expect("the server claims"), ClaimAnswer::Claimed);
+    let asked = allotment::ask(&server, allotment::SUBJECT_PREFIX, "sov1", &ask, short).await;
+    assert!(
+        asked.is_err(),
+        "the server asked for an allotment: {asked:?}"
+    );
+    stop.cancel();
+}

@@ -293,6 +293,16 @@ pub fn nats_hub_with(leaf_port: u16, accounts: String, env: &[(&str, &str)]) -> 
 
 /// A Sovereign's leaf node named `name` (its own JetStream domain), connected
 /// to a hub's leaf port — directly, or through a proxy the test can cut.
+/// A nats-server named `name` (its JetStream domain too) configured by `config`, with the
+/// environment `env` holding the passwords it names.
+pub fn nats_configured(name: &str, config: String, env: &[(&str, &str)]) -> Nats {
+    let env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    nats_node_with(name, services::NatsRole::Configured { config }, env)
+}
+
 pub fn nats_leaf(name: &str, hub_leaf_port: u16) -> Nats {
     nats_node(name, services::NatsRole::Leaf { hub_leaf_port })
 }

@@ -173,6 +173,11 @@ pub enum NatsRole {
     Leaf {
         hub_leaf_port: u16,
     },
+    /// A server configured by `config` (appended to its name, port and JetStream store),
+    /// e.g. the chart's leaf node snippet.
+    Configured {
+        config: String,
+    },
 }
 
 /// The password of Sovereign `name`'s leaf node at the hub — for the
@@ -296,6 +301,7 @@ pub fn nats_node_command(
             leaf_password(name),
             leaf_users(name)
         ),
+        NatsRole::Configured { config } => config.clone(),
     };
     let store = dir.join("jetstream");
     let config = format!(
