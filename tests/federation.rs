@@ -474,17 +474,6 @@ async fn an_operator_that_dies_after_the_hubs_grant_creates_no_unit_and_its_next
 
 const SECRET: &str = "federation-test-secret-of-at-least-32-bytes";
 
-fn customer_token(subject: &str) -> String {
-    let now = chrono::Utc::now().timestamp();
-    let claims = serde_json::json!({"sub": subject, "email": format!("{subject}@example.om"), "exp": now + 600, "iat": now});
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("a token")
-}
-
 /// (status, Retry-After, body) of a preview, or of a redemption by `customer`.
 async fn ask_http(
     http: &reqwest::Client,
@@ -498,7 +487,7 @@ async fn ask_http(
             .json(&serde_json::json!({"code": code.as_str()})),
         Some(customer) => http
             .post(format!("{base}/billing/vouchers/redeem"))
-            .bearer_auth(customer_token(customer))
+            .bearer_auth(support::customer_token(SECRET, customer))
             .json(&serde_json::json!({"code": code.as_str(), "tenant_id": "t1"})),
     };
     let response = request.send().await.expect("answered");

@@ -185,22 +185,11 @@ async fn world(code: &str, recover_after: Duration) -> World {
     }
 }
 
-fn token(subject: &str) -> String {
-    let now = chrono::Utc::now().timestamp();
-    let claims = serde_json::json!({"sub": subject, "email": format!("{subject}@example.om"), "exp": now + 600, "iat": now});
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("a token")
-}
-
 /// (status, body) of `customer`'s redemption of `code` on `sovereign`.
 async fn redeem(sovereign: &Sovereign, code: &str, customer: &str) -> (u16, serde_json::Value) {
     let response = reqwest::Client::new()
         .post(format!("{}/billing/vouchers/redeem", sovereign.base))
-        .bearer_auth(token(customer))
+        .bearer_auth(support::customer_token(SECRET, customer))
         .json(&serde_json::json!({"code": code, "tenant_id": "t1"}))
         .send()
         .await

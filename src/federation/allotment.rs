@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -57,18 +56,11 @@ pub enum Error {
         code: String,
         source: super::bucket::ReadError,
     },
-    #[error("writing the allotment record of {code}: {source}")]
-    Write {
+    #[error("changing the allotment record of {code}: {source}")]
+    Change {
         code: String,
-        source: kv::UpdateError,
+        source: super::bucket::ChangeError,
     },
-    #[error("creating the allotment record of {code}: {source}")]
-    Create {
-        code: String,
-        source: kv::CreateError,
-    },
-    #[error("the allotment record of {code} kept moving: {ATTEMPTS} compare-and-sets lost")]
-    Contended { code: String },
     #[error("starting the allotment service: {0}")]
     Serve(service::ServeError),
     #[error("asking the hub for an allotment of {code} as {sovereign}: {source}")]
@@ -97,50 +89,28 @@ pub async fn read(kv: &kv::Store, code: &str) -> Result<Option<(Record, u64)>, E
         })
 }
 
-fn encode(record: &Record) -> Bytes {
-    Bytes::from(serde_json::to_vec(record).expect("a record serialises"))
-}
-
 /// The vendor's terms for a code: the record created, or its cap, state,
 /// window and terms changed by a compare-and-set like every other change
 /// (rule 7: a grant decided under the old terms then fails its own). An
 /// unchanged definition writes nothing.
 pub async fn define(kv: &kv::Store, code: &str, terms: &Record) -> Result<Record, Error> {
-    for _ in 0..ATTEMPTS {
-        let written = match read(kv, code).await? {
-            None => match kv.create(code, encode(terms)).await {
-                Ok(_) => return Ok(terms.clone()),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
-                Err(source) => {
-                    return Err(Error::Create {
-                        code: code.into(),
-                        source,
-                    });
-                }
-            },
-            Some((record, revision)) => {
-                if record.redefined(terms) == record {
-                    return Ok(record);
-                }
-                let changed = record.redefined(terms);
-                (kv.update(code, encode(&changed), revision).await, changed)
-            }
-        };
-        match written {
-            (Ok(_), record) => return Ok(record),
-            (Err(e), _) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-            (Err(source), _) => {
-                return Err(Error::Write {
-                    code: code.into(),
-                    source,
-                });
-            }
+    super::bucket::change(kv, code, ATTEMPTS, |record: Option<&Record>| match record {
+        None => (Some(terms.clone()), terms.clone()),
+        Some(record) if record.redefined(terms) == *record => (None, record.clone()),
+        Some(record) => {
+            let changed = record.redefined(terms);
+            (Some(changed.clone()), changed)
         }
-    }
-    Err(Error::Contended { code: code.into() })
+    })
+    .await
+    .map_err(|source| Error::Change {
+        code: code.into(),
+        source,
+    })
 }
 
-/// Decides one request and writes what it changes; the reply to send.
+/// Decides one request and writes what it changes; the reply to send, once
+/// the write is acknowledged (rule 2).
 async fn handle(
     kv: &kv::Store,
     sovereign: &str,
@@ -153,27 +123,18 @@ async fn handle(
     let _turn = stripes[hasher.finish() as usize % stripes.len()]
         .lock()
         .await;
-    for _ in 0..ATTEMPTS {
-        let Some((record, revision)) = read(kv, code).await? else {
-            return Ok(Reply::Unknown);
+    super::bucket::change(kv, code, ATTEMPTS, |record: Option<&Record>| {
+        let Some(record) = record else {
+            return (None, Reply::Unknown);
         };
-        let decision = decide(&record, sovereign, &ask.request, chrono::Utc::now());
-        let Some(write) = decision.write else {
-            return Ok(decision.reply);
-        };
-        // Answered only once the write is acknowledged (rule 2).
-        match kv.update(code, encode(&write), revision).await {
-            Ok(_) => return Ok(decision.reply),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-            Err(source) => {
-                return Err(Error::Write {
-                    code: code.into(),
-                    source,
-                });
-            }
-        }
-    }
-    Err(Error::Contended { code: code.into() })
+        let decision = decide(record, sovereign, &ask.request, chrono::Utc::now());
+        (decision.write, decision.reply)
+    })
+    .await
+    .map_err(|source| Error::Change {
+        code: code.into(),
+        source,
+    })
 }
 
 /// Starts one replica of the allotment service, answering until `stop`:

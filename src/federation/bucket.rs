@@ -58,3 +58,53 @@ pub(crate) async fn read<T: DeserializeOwned>(
         entry.revision,
     )))
 }
+
+/// Why a change of a key did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("creating it: {0}")]
+    Create(kv::CreateError),
+    #[error("writing it: {0}")]
+    Update(kv::UpdateError),
+    #[error("it kept moving: {0} compare-and-sets lost")]
+    Contended(usize),
+}
+
+/// Changes the value of `key` by a compare-and-set on the revision read:
+/// `decide` sees the value (`None`: absent) and says what to write (`None`:
+/// nothing) and what to answer, which is returned only once the write is
+/// acknowledged. A compare-and-set lost to another writer is decided again on
+/// the new value, at most `attempts` times.
+pub(crate) async fn change<T, R>(
+    kv: &kv::Store,
+    key: &str,
+    attempts: usize,
+    mut decide: impl FnMut(Option<&T>) -> (Option<T>, R),
+) -> Result<R, ChangeError>
+where
+    T: serde::Serialize + DeserializeOwned,
+{
+    for _ in 0..attempts {
+        let read = read::<T>(kv, key).await?;
+        let (write, answer) = decide(read.as_ref().map(|(value, _)| value));
+        let Some(write) = write else {
+            return Ok(answer);
+        };
+        let body = bytes::Bytes::from(serde_json::to_vec(&write).expect("a value serialises"));
+        match read {
+            None => match kv.create(key, body).await {
+                Ok(_) => return Ok(answer),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(ChangeError::Create(e)),
+            },
+            Some((_, revision)) => match kv.update(key, body, revision).await {
+                Ok(_) => return Ok(answer),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(ChangeError::Update(e)),
+            },
+        }
+    }
+    Err(ChangeError::Contended(attempts))
+}

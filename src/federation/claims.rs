@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use voucher_core::claims::{ClaimAnswer, ClaimAsk, CustomerClaim, decide};
 
@@ -32,18 +31,11 @@ pub enum Error {
         key: String,
         source: super::bucket::ReadError,
     },
-    #[error("writing the claim {key}: {source}")]
-    Write {
+    #[error("changing the claim {key}: {source}")]
+    Change {
         key: String,
-        source: kv::UpdateError,
+        source: super::bucket::ChangeError,
     },
-    #[error("creating the claim {key}: {source}")]
-    Create {
-        key: String,
-        source: kv::CreateError,
-    },
-    #[error("the claim {key} kept moving: {ATTEMPTS} compare-and-sets lost")]
-    Contended { key: String },
     #[error("starting the claim service: {0}")]
     Serve(service::ServeError),
     #[error("asking the hub to claim a customer of {code} as {sovereign}: {source}")]
@@ -75,28 +67,12 @@ pub async fn read(kv: &kv::Store, key: &str) -> Result<Option<(CustomerClaim, u6
 /// (only once the write is acknowledged).
 async fn handle(kv: &kv::Store, sovereign: &str, ask: &ClaimAsk) -> Result<ClaimAnswer, Error> {
     let key = ask.key();
-    for _ in 0..ATTEMPTS {
-        let read = read(kv, &key).await?;
-        let decision = decide(read.as_ref().map(|(c, _)| c), sovereign, ask);
-        let Some(write) = decision.write else {
-            return Ok(decision.answer);
-        };
-        let body = Bytes::from(serde_json::to_vec(&write).expect("a claim serialises"));
-        // A compare-and-set lost to another replica: decided again on the new claim.
-        match read {
-            None => match kv.create(&key, body).await {
-                Ok(_) => return Ok(decision.answer),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
-                Err(source) => return Err(Error::Create { key, source }),
-            },
-            Some((_, revision)) => match kv.update(&key, body, revision).await {
-                Ok(_) => return Ok(decision.answer),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(source) => return Err(Error::Write { key, source }),
-            },
-        }
-    }
-    Err(Error::Contended { key })
+    super::bucket::change(kv, &key, ATTEMPTS, |claim: Option<&CustomerClaim>| {
+        let decision = decide(claim, sovereign, ask);
+        (decision.write, decision.answer)
+    })
+    .await
+    .map_err(|source| Error::Change { key, source })
 }
 
 /// Starts one replica of the claim service, answering until `stop`.
