@@ -107,10 +107,7 @@ fn ready_with(count: u32) -> impl Fn(Option<&VoucherCampaign>) -> bool {
 
 #[tokio::main]
 async fn main() {
-    let ledger_rows = std::env::var("LEDGER_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    let ledger_rows = common::ledger_rows();
     let url = support::fresh_database("bench_campaign").await;
     let pool = support::pool(&url).await;
     let store = Store::from_pool(pool.clone());

@@ -7,6 +7,15 @@ use std::time::Instant;
 
 use sqlx::PgPool;
 
+/// Ledger rows of the billing database in service: LEDGER_ROWS, a million unless told
+/// (`LEDGER_ROWS=10000` for a quick run).
+pub fn ledger_rows() -> i64 {
+    std::env::var("LEDGER_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
 /// Codes of the billing database in service.
 pub const CODES: i64 = 10_000;
 

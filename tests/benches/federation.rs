@@ -47,13 +47,6 @@ const PREFIX: &str = voucher_operator::federation::allotment::SUBJECT_PREFIX;
 const LOW_WATER: u64 = 400;
 const STEP: u64 = 800;
 
-fn ledger_rows() -> i64 {
-    std::env::var("LEDGER_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000)
-}
-
 /// A Sovereign's billing database in service, with a global code (registered, share 0) and a
 /// Sovereign-scoped one.
 async fn sovereign_database(global: &Code, once: &Code) -> Store {
@@ -61,7 +54,7 @@ async fn sovereign_database(global: &Code, once: &Code) -> Store {
     let pool = support::pool(&url).await;
     let store = Store::from_pool(pool.clone());
     store.migrate().await.unwrap();
-    common::seed(&pool, ledger_rows()).await;
+    common::seed(&pool, common::ledger_rows()).await;
     for code in [global.as_str(), once.as_str(), "LOCAL-BENCH"] {
         sqlx::query(
             "INSERT INTO promo_codes (code, credit_omr, description, active, max_redemptions) \
@@ -288,7 +281,7 @@ async fn main() {
     let redeemed = (ROUNDS * PER_ROUND * stores.len()) as f64;
     println!(
         "two Sovereigns at once, {IN_FLIGHT} in flight each, {} ledger rows each, {ROUNDS} rounds of {PER_ROUND} per Sovereign:",
-        ledger_rows()
+        common::ledger_rows()
     );
     println!(
         "  global voucher:            {g:8.0} redemptions/s (rounds {g_min:.0}–{g_max:.0}), p50 {:.1} ms, p99 {:.1} ms",

@@ -34,13 +34,6 @@ const PER_ROUND: usize = 3_000;
 const ROUNDS: usize = 3;
 const CAMPAIGN: i64 = 1_000_000;
 
-fn ledger_rows() -> i64 {
-    std::env::var("LEDGER_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000)
-}
-
 /// Redemptions per second of `PER_ROUND` new customers `{round}-i` on the seeded codes.
 async fn round(store: &Store, round: &str) -> f64 {
     let started = Instant::now();
@@ -117,7 +110,7 @@ async fn main() {
     let pool = support::pool(&url).await;
     let store = Store::from_pool(pool.clone());
     store.migrate().await.unwrap();
-    common::seed(&pool, ledger_rows()).await;
+    common::seed(&pool, common::ledger_rows()).await;
 
     // 1. The redemption's price, rounds alternating.
     let (mut with, mut without) = (Vec::new(), Vec::new());
