@@ -3,7 +3,8 @@
 # and is built again when go.mod or go.sum changed since (another version of any module).
 #
 #   here=…; root=…; source "$root/tools/pinned.sh"
-#   pinned_dir <tool> <version>        # sets $out and $pins; holds the lock until the script ends
+#   pinned_dir <tool> <version> [file...]  # sets $out and $pins (of the files; go.mod and go.sum
+#                                          # beside the script by default); holds the lock until the end
 #   pinned_fresh <binary>...           # true when each is there and built from these pins
 #   pinned_done                        # records the pins once everything is built
 #   need_go <what>                     # stops, saying what to install, without a Go toolchain
@@ -14,7 +15,9 @@ pinned_dir() {
   # One build at a time per machine (test binaries and `local` may ask at once).
   exec 9>"$out/.lock"
   flock 9
-  pins="$(cat "$here/go.mod" "$here/go.sum" | sha256sum | cut -d' ' -f1)"
+  shift 2
+  [ $# -gt 0 ] || set -- "$here/go.mod" "$here/go.sum"
+  pins="$(cat "$@" | sha256sum | cut -d' ' -f1)"
 }
 
 pinned_fresh() {

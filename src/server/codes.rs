@@ -152,6 +152,8 @@ impl Codes {
                     // A campaign's bulk change, switch or suspension: any code
                     // may have changed.
                     Changed::Campaign(_) | Changed::Any => self.empty(),
+                    // Its row's own notification says what changed.
+                    Changed::Voucher { .. } => {}
                 },
                 Some(Notification::Connected) => {
                     // Whatever changed while nothing was heard is forgotten.

@@ -17,6 +17,10 @@ pub(crate) const ALL_CODES: &str = "*";
 /// The prefix of a payload on [`CODES_CHANNEL`] that names a campaign (its
 /// switch or its suspension changed: every code of it, at once) by its uid.
 pub(crate) const CAMPAIGN_PREFIX: &str = "campaign:";
+/// The prefix of a payload on [`CODES_CHANNEL`] that names a Voucher,
+/// `voucher:<namespace>/<name>`: its code's binding was released without the
+/// Voucher (the admin revoke of a Voucher GitOps keeps), so no row names it.
+pub(crate) const VOUCHER_PREFIX: &str = "voucher:";
 
 /// What a notification on [`CODES_CHANNEL`] says changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +29,8 @@ pub enum Changed {
     Code(crate::domain::Code),
     /// Every code of the campaign with this uid.
     Campaign(String),
+    /// The Voucher `namespace`/`name`, whose code is no longer bound to it.
+    Voucher { namespace: String, name: String },
     /// Any code (a campaign's bulk statement), or a payload that names none.
     Any,
 }
@@ -34,12 +40,34 @@ impl Changed {
         if let Some(uid) = payload.strip_prefix(CAMPAIGN_PREFIX) {
             return Self::Campaign(uid.to_owned());
         }
+        if let Some((namespace, name)) = payload
+            .strip_prefix(VOUCHER_PREFIX)
+            .and_then(|voucher| voucher.split_once('/'))
+        {
+            return Self::Voucher {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            };
+        }
         match crate::domain::Code::parse(payload) {
             Ok(code) if payload != ALL_CODES => Self::Code(code),
             _ => Self::Any,
         }
     }
 }
+/// Wakes the Voucher `owner` once the transaction commits.
+pub(crate) async fn wake_voucher(
+    tx: &mut sqlx::PgConnection,
+    owner: &crate::domain::Owner,
+) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CODES_CHANNEL)
+        .bind(format!("{VOUCHER_PREFIX}{owner}"))
+        .execute(tx)
+        .await
+        .map(drop)
+}
+
 /// The channel the outbox trigger notifies.
 pub(crate) const OUTBOX_CHANNEL: &str = "voucher_operator_outbox";
 
@@ -135,7 +163,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_payload_names_a_code_a_campaign_or_anything() {
+    fn a_payload_names_a_code_a_campaign_a_voucher_or_anything() {
         assert_eq!(
             Changed::of("LAUNCH-50"),
             Changed::Code(crate::domain::Code::parse("LAUNCH-50").unwrap())
@@ -143,6 +171,13 @@ mod tests {
         assert_eq!(
             Changed::of("campaign:3f2a-uid"),
             Changed::Campaign("3f2a-uid".into())
+        );
+        assert_eq!(
+            Changed::of("voucher:billing/launch-50"),
+            Changed::Voucher {
+                namespace: "billing".into(),
+                name: "launch-50".into()
+            }
         );
         assert_eq!(Changed::of(ALL_CODES), Changed::Any);
         assert_eq!(Changed::of("not a code"), Changed::Any);

@@ -237,6 +237,11 @@ impl Store {
                 let data = AuditData::of(kind, &Facts::new(code.as_str(), &actor), before, after);
                 outbox::append_audit(&mut tx, kind, &data).await?;
             }
+            if let Some(owner) = &owner {
+                // No row names the Voucher any more: wake it by name, so that a Voucher
+                // that stays (GitOps keeps it) shows phase Revoked now, not at its resync.
+                super::notify::wake_voucher(&mut tx, owner).await?;
+            }
             tx.commit().await?;
             Ok(Some(Revocation { owner }))
         };

@@ -99,7 +99,7 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                 Changed::Code(code) => store.campaign_of(&code).await.ok().flatten(),
                 // Its switch or its suspension: its status says so at once.
                 Changed::Campaign(uid) => store.campaign_by_uid(&uid).await.ok().flatten(),
-                Changed::Any => None,
+                Changed::Any | Changed::Voucher { .. } => None,
             }
         }
     });

@@ -25,7 +25,7 @@ use super::metrics::{PhaseLabel, ReasonLabel};
 use super::runtime::{self, Backoff};
 use super::{Context, Error};
 use crate::api::{Voucher, VoucherStatus};
-use crate::domain::Phase;
+use crate::domain::{Owner, Phase};
 use crate::store::notify::Changed;
 
 /// The finalizer that holds a Voucher until its row is revoked or orphaned.
@@ -116,6 +116,12 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         async move {
             match changed {
                 Changed::Code(code) => store.owner_of(&code).await.ok().flatten(),
+                // Only the name is needed to wake it: the reconcile reads the rest.
+                Changed::Voucher { namespace, name } => Some(Owner {
+                    namespace,
+                    name,
+                    uid: String::new(),
+                }),
                 Changed::Campaign(_) | Changed::Any => None,
             }
         }
