@@ -25,6 +25,7 @@ use voucher_testenv::supervisor::{self, Signal};
 pub mod cluster;
 pub mod faults;
 pub mod flux;
+pub mod gitops;
 pub mod pg_faults;
 pub mod tcp_cut;
 

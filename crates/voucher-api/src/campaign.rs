@@ -183,9 +183,11 @@ pub struct VoucherCampaignStatus {
     pub last_synced_at: Option<DateTime<Utc>>,
 }
 
-/// The campaign CRD, generated from the types above.
+/// The campaign CRD, generated from the types above, kept like the Voucher's
+/// ([`crate::kept`]): deleting it deletes every campaign at once (the
+/// controller then orphans their codes, but every campaign is gone).
 pub fn crd() -> CustomResourceDefinition {
-    VoucherCampaign::crd()
+    crate::kept(VoucherCampaign::crd())
 }
 
 /// The CRD as the YAML document committed in `crds/vouchercampaign.yaml`.
@@ -222,5 +224,9 @@ mod tests {
             crd["spec"]["names"]["shortNames"],
             serde_json::json!(["vcamp"])
         );
+        // Kept by Helm and by Flux: deleting it deletes every campaign.
+        let annotations = &crd["metadata"]["annotations"];
+        assert_eq!(annotations["helm.sh/resource-policy"], "keep");
+        assert_eq!(annotations["kustomize.toolkit.fluxcd.io/prune"], "disabled");
     }
 }

@@ -514,12 +514,16 @@ pub fn voucher_for(record: &CodeRecord, namespace: &str) -> Result<Voucher, Adop
     Ok(voucher)
 }
 
-/// The CRD as installed in a cluster, generated from the types above. Marked
-/// to be kept by Helm (uninstall) and by Flux (prune): deleting it deletes
-/// every Voucher at once (the controller then orphans their codes rather than
-/// revoking them, but every Voucher is gone).
+/// The CRD as installed in a cluster, generated from the types above, kept
+/// (see [`kept`]): deleting it deletes every Voucher at once (the controller
+/// then orphans their codes rather than revoking them, but every Voucher is gone).
 pub fn crd() -> CustomResourceDefinition {
-    let mut crd = Voucher::crd();
+    kept(Voucher::crd())
+}
+
+/// `crd` marked to be kept by Helm (uninstall) and by Flux (a prune, when it
+/// leaves a Kustomization): deleting a CRD deletes every resource of its kind.
+pub(crate) fn kept(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
     crd.metadata.annotations = Some(
         [
             ("helm.sh/resource-policy", "keep"),
