@@ -11,8 +11,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
-use serde_json::{Value, json};
-use voucher_testenv::flux::Flux;
+use serde_json::json;
+use voucher_testenv::flux::{Flux, Sync};
 
 use super::Signal;
 
@@ -33,7 +33,7 @@ fn start() -> FluxEnv {
     let flux = Flux::find_or_build().unwrap_or_else(|e| panic!("{e:#}"));
     let dir = super::scratch_dir("flux");
     let kubeconfig = cluster.kubeconfig(&dir, "default");
-    flux.install_crds(&cluster.binaries, &kubeconfig)
+    flux.install_crds(&cluster.binaries.kubectl(), &kubeconfig)
         .unwrap_or_else(|e| panic!("Flux's CRDs: {e:#}"));
 
     let storage = dir.join("artifacts");
@@ -205,42 +205,30 @@ pub struct Kustomization {
 }
 
 impl Kustomization {
-    /// Applies the GitRepository of `repo` (branch main) and `kustomization`
-    /// (a Flux Kustomization manifest, its `sourceRef` set here), both with
-    /// short intervals.
-    pub async fn apply(
-        client: &kube::Client,
-        ns: &str,
-        repo: &Repo,
-        mut kustomization: Value,
-    ) -> Self {
-        let name = kustomization["metadata"]["name"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let source = json!({
-            "apiVersion": "source.toolkit.fluxcd.io/v1",
-            "kind": "GitRepository",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": {"interval": "1m", "url": repo.url, "ref": {"branch": "main"}, "timeout": "20s"},
-        });
-        kustomization["metadata"]["namespace"] = json!(ns);
-        kustomization["spec"]["sourceRef"] = json!({"kind": "GitRepository", "name": name});
+    /// Applies `sync`'s GitRepository and Kustomization (server-side).
+    pub async fn apply(client: &kube::Client, sync: &Sync<'_>) -> Self {
         let apply = PatchParams::apply("voucher-operator-test").force();
-        for (value, group) in [
-            (&source, "source.toolkit.fluxcd.io"),
-            (&kustomization, "kustomize.toolkit.fluxcd.io"),
-        ] {
-            let kind = value["kind"].as_str().unwrap();
-            Api::<DynamicObject>::namespaced_with(client.clone(), ns, &resource(group, kind))
-                .patch(&name, &apply, &Patch::Apply(value))
-                .await
-                .unwrap_or_else(|e| panic!("apply the {kind}: {e}"));
+        for manifest in sync.manifests().unwrap() {
+            let kind = manifest["kind"].as_str().unwrap();
+            let group = manifest["apiVersion"]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap();
+            Api::<DynamicObject>::namespaced_with(
+                client.clone(),
+                sync.namespace,
+                &resource(group, kind),
+            )
+            .patch(sync.name, &apply, &Patch::Apply(&manifest))
+            .await
+            .unwrap_or_else(|e| panic!("apply the {kind}: {e}"));
         }
         Self {
             client: client.clone(),
-            ns: ns.to_owned(),
-            name,
+            ns: sync.namespace.to_owned(),
+            name: sync.name.to_owned(),
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use voucher_operator::api::Voucher;
@@ -20,6 +20,7 @@ use voucher_operator::store::redeem::Redemption;
 
 use super::eventually_within;
 use super::flux::{GitServer, Kustomization, Repo};
+use voucher_testenv::flux::Sync;
 
 /// What a Flux sync may take here: a fetch, a build, an apply and the health
 /// checks, polled every 5 s by kustomize-controller.
@@ -99,16 +100,16 @@ impl Harness {
     /// `examples/flux/vouchers.yaml` as shipped, but for what a fleet repository
     /// changes: where it lives, the directory it applies, the target namespace.
     pub async fn kustomization(&self, path: &str) -> Kustomization {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/flux/vouchers.yaml"
-        ))
-        .unwrap();
-        let mut manifest: Value = serde_yaml::from_str(&text).unwrap();
-        manifest["spec"]["path"] = json!(path);
-        manifest["spec"]["targetNamespace"] = json!(self.ns);
-        let kustomization =
-            Kustomization::apply(&self.client, &self.ns, &self.repo, manifest).await;
+        let sync = Sync {
+            name: "vouchers",
+            namespace: &self.ns,
+            url: &self.repo.url,
+            path,
+            target_namespace: &self.ns,
+            // Each test asks for a sync after its push.
+            poll: "1m",
+        };
+        let kustomization = Kustomization::apply(&self.client, &sync).await;
         kustomization.sync().await;
         kustomization
     }

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod federation;
+mod gitops;
 mod stack;
 
 use std::time::Duration;
@@ -118,6 +119,18 @@ struct LocalOptions {
     #[arg(long)]
     smoke: bool,
 
+    /// The example Vouchers from Git through Flux instead of kubectl: a Git server on
+    /// --git-port, Flux's source-controller and kustomize-controller (built from their
+    /// upstream modules on first use), a repository seeded once with the examples; the banner
+    /// prints how to clone, edit and push. With --smoke: an edit pushed as printed, followed.
+    #[arg(long, conflicts_with = "sovereigns")]
+    gitops: bool,
+
+    /// With --gitops: the Git server's port on 127.0.0.1; Flux's artifact server and the two
+    /// controllers' health endpoints take the three after it.
+    #[arg(long, default_value_t = 29418)]
+    git_port: u16,
+
     /// Run the vendor's hub and this many Sovereigns instead (cross-Sovereign vouchers,
     /// docs/federation.md): each its own kube-apiserver and etcd, NATS leaf node (its own
     /// JetStream domain), billing database and operator, on the ports after the ones above.
@@ -214,6 +227,8 @@ async fn run(command: DevCommand) -> anyhow::Result<()> {
                 etcd_port: options.etcd_port,
                 http_port: options.http_port,
                 kubeconfig: options.kubeconfig,
+                gitops: options.gitops,
+                git_port: options.git_port,
             };
             match options.sovereigns {
                 0 => stack::run(settings, options.smoke).await,

@@ -33,10 +33,14 @@ pub struct StackSettings {
     pub http_port: u16,
     /// An existing cluster to use instead of starting one.
     pub kubeconfig: Option<PathBuf>,
+    /// The examples from Git through Flux (`--gitops`) instead of `kubectl apply`.
+    pub gitops: bool,
+    /// The Git server's port with `--gitops`; the three after it are Flux's.
+    pub git_port: u16,
 }
 
 /// The example Vouchers the stack applies, embedded so that it runs from anywhere.
-const EXAMPLES: [(&str, &str); 5] = [
+pub(crate) const EXAMPLES: [(&str, &str); 5] = [
     (
         "launch-campaign.yaml",
         include_str!("../../../examples/vouchers/launch-campaign.yaml"),
@@ -181,7 +185,7 @@ pub(crate) struct Cluster {
     pub(crate) kubectl: PathBuf,
     pub(crate) client: kube::Client,
     /// The kubeconfig's namespace: where the examples and admin-issued Vouchers go.
-    namespace: String,
+    pub(crate) namespace: String,
     /// Someone else's cluster (`--kubeconfig`): the controller watches only
     /// `namespace`, and an installed CRD is left as it is.
     existing: bool,
@@ -433,7 +437,30 @@ async fn run_operator(
     .await?;
     store.migrate().await?;
 
-    install_examples(settings, cluster).await?;
+    install_crds(cluster).await?;
+    let flux = match settings.gitops {
+        true => crate::gitops::start(settings, cluster).await?,
+        false => {
+            apply_examples(settings, cluster).await?;
+            Vec::new()
+        }
+    };
+    let outcome = serve(settings, cluster, store, database_url, smoke, stop).await;
+    for process in flux.into_iter().rev() {
+        process.stop().await;
+    }
+    outcome
+}
+
+/// The controller, the audit relay and the HTTP server, until `stop` (or the smoke run ends).
+async fn serve(
+    settings: &StackSettings,
+    cluster: &Cluster,
+    store: Store,
+    database_url: String,
+    smoke: bool,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     let client = cluster.client.clone();
     let mut registry = prometheus_client::registry::Registry::default();
     let relay_settings = RelaySettings {
@@ -485,15 +512,23 @@ async fn run_operator(
     let base = format!("http://127.0.0.1:{}", settings.http_port);
 
     if smoke {
-        return smoke_check(cluster, &base, (&token, &service), &relay_settings).await;
+        smoke_check(cluster, &base, (&token, &service), &relay_settings).await?;
+        if settings.gitops {
+            crate::gitops::smoke(settings, cluster).await?;
+        }
+        return Ok(());
     }
     print_try(settings, cluster, &base, (&token, &service), &database_url);
+    if settings.gitops {
+        crate::gitops::print_try(settings.git_port);
+    }
+    println!("\nCtrl-C stops everything.");
     stop.cancelled().await;
     Ok(())
 }
 
-/// The CRDs first, established, then the examples that use them.
-async fn install_examples(settings: &StackSettings, cluster: &Cluster) -> anyhow::Result<()> {
+/// The CRDs, established, before anything uses them.
+async fn install_crds(cluster: &Cluster) -> anyhow::Result<()> {
     let crds: kube::Api<
         k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     > = kube::Api::all(cluster.client.clone());
@@ -509,6 +544,11 @@ async fn install_examples(settings: &StackSettings, cluster: &Cluster) -> anyhow
             control_plane::install_crd(&cluster.client, &crd).await?;
         }
     }
+    Ok(())
+}
+
+/// The example Vouchers, with kubectl.
+async fn apply_examples(settings: &StackSettings, cluster: &Cluster) -> anyhow::Result<()> {
     let manifests = settings.state_dir.join("manifests");
     std::fs::create_dir_all(&manifests)?;
     for (name, text) in EXAMPLES {
@@ -586,8 +626,7 @@ fn print_try(
          cargo run -- events --nats-url nats://127.0.0.1:{nats} --follow\n\
          cargo local token --sub alice        # a customer's token (--role sovereign-admin for an admin)\n\
          tail -f {state}/operator.log        # the operator's log (-v prints it here too)\n\
-         psql {database_url}\n\n\
-         Ctrl-C stops everything.",
+         psql {database_url}",
         state = settings.state_dir.display(),
         kubectl_dir = cluster
             .kubectl

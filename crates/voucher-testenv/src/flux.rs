@@ -10,7 +10,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::control_plane;
 use crate::supervisor::{self, Signal};
 
 /// `tools/flux/build.sh` of this checkout.
@@ -57,14 +56,10 @@ impl Flux {
     /// Applies the controllers' CRDs (all of source-controller's kinds: it
     /// watches five and exits when one is missing) and waits until each is
     /// established.
-    pub fn install_crds(
-        &self,
-        binaries: &control_plane::Binaries,
-        kubeconfig: &Path,
-    ) -> anyhow::Result<()> {
+    pub fn install_crds(&self, kubectl: &Path, kubeconfig: &Path) -> anyhow::Result<()> {
         let crds = self.dir.join("../crds");
         let kubectl = |args: &[&str]| -> anyhow::Result<()> {
-            let output = Command::new(binaries.kubectl())
+            let output = Command::new(kubectl)
                 .args(args)
                 .env("KUBECONFIG", kubeconfig)
                 .output()?;
@@ -94,6 +89,11 @@ impl Flux {
         let mut cmd = supervisor::command(self.binary("git-server"), Signal::TERM);
         cmd.arg(format!("-root={}", root.display()))
             .arg(format!("-listen=127.0.0.1:{port}"))
+            // The `git init --bare` of a repository's first push: HEAD on main, the branch the
+            // GitRepositories follow, so that a plain `git clone` checks it out.
+            .env("GIT_CONFIG_COUNT", "1")
+            .env("GIT_CONFIG_KEY_0", "init.defaultBranch")
+            .env("GIT_CONFIG_VALUE_0", "main")
             .stdout(Stdio::null());
         cmd
     }
@@ -131,5 +131,47 @@ impl Flux {
             .arg("--interval-jitter-percentage=0")
             .stdout(Stdio::null());
         cmd
+    }
+}
+
+/// `examples/flux/vouchers.yaml` as shipped: what the tests and `local
+/// --gitops` apply, so that the example is what runs.
+const VOUCHERS_KUSTOMIZATION: &str = include_str!("../../../examples/flux/vouchers.yaml");
+
+/// A Git repository synced into a namespace: what a fleet repository
+/// changes in `examples/flux/vouchers.yaml`.
+pub struct Sync<'a> {
+    /// The GitRepository's and the Kustomization's name.
+    pub name: &'a str,
+    /// Where both live.
+    pub namespace: &'a str,
+    /// The repository (branch `main`).
+    pub url: &'a str,
+    /// The directory of the repository to apply, e.g. `./vouchers`.
+    pub path: &'a str,
+    /// The namespace of the Vouchers.
+    pub target_namespace: &'a str,
+    /// How often source-controller looks for a new commit.
+    pub poll: &'a str,
+}
+
+impl Sync<'_> {
+    /// The GitRepository and the example's Kustomization (prune, wait, its
+    /// health expressions and timeout as shipped) pointing at it.
+    pub fn manifests(&self) -> anyhow::Result<[serde_json::Value; 2]> {
+        let source = serde_json::json!({
+            "apiVersion": "source.toolkit.fluxcd.io/v1",
+            "kind": "GitRepository",
+            "metadata": {"name": self.name, "namespace": self.namespace},
+            "spec": {"interval": self.poll, "url": self.url, "ref": {"branch": "main"}, "timeout": "20s"},
+        });
+        let mut kustomization: serde_json::Value = serde_yaml::from_str(VOUCHERS_KUSTOMIZATION)?;
+        kustomization["metadata"] =
+            serde_json::json!({"name": self.name, "namespace": self.namespace});
+        let spec = &mut kustomization["spec"];
+        spec["sourceRef"] = serde_json::json!({"kind": "GitRepository", "name": self.name});
+        spec["path"] = self.path.into();
+        spec["targetNamespace"] = self.target_namespace.into();
+        Ok([source, kustomization])
     }
 }
