@@ -55,17 +55,9 @@ impl Drop for Harness {
 
 fn settings(ns: &str, issuers: &[&str]) -> Settings {
     Settings {
-        resync_interval: Duration::from_secs(3600),
-        status_min_interval: Duration::from_millis(200),
-        namespace: Some(ns.to_owned()),
-        identity: "test".into(),
-        concurrency: 4,
         issuers: Issuers::new(issuers.iter().copied()),
         // The keys of these tests live beside their campaigns.
-        key_namespace: ns.to_owned(),
-        global_namespace: "catalyst-global".into(),
-        joined: None,
-        billing: Default::default(),
+        ..support::controller_settings(ns)
     }
 }
 

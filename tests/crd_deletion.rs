@@ -13,8 +13,7 @@ use kube::api::{Api, ListParams, PostParams};
 use tokio_util::sync::CancellationToken;
 use voucher_operator::api::{Voucher, VoucherSpec};
 use voucher_operator::controller::metrics::Metrics;
-use voucher_operator::controller::{self, Context, Settings};
-use voucher_operator::domain::Issuers;
+use voucher_operator::controller::{self, Context};
 use voucher_operator::store::Store;
 
 async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
@@ -22,22 +21,6 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     while !check().await {
         assert!(Instant::now() < deadline, "{what} did not happen");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The controller's settings for the one namespace `ns`, the issuer and the keys' too.
-fn settings(ns: &str) -> Settings {
-    Settings {
-        resync_interval: Duration::from_secs(3600),
-        status_min_interval: Duration::from_millis(500),
-        namespace: Some(ns.to_owned()),
-        identity: "test".into(),
-        concurrency: 4,
-        issuers: Issuers::new([ns.to_owned()]),
-        key_namespace: ns.to_owned(),
-        global_namespace: "catalyst-global".into(),
-        joined: None,
-        billing: Default::default(),
     }
 }
 
@@ -54,7 +37,7 @@ async fn deleting_the_crd_orphans_every_code_and_revokes_none() {
         client.clone(),
         store,
         Arc::new(Metrics::register(&mut registry)),
-        settings(&ns),
+        support::controller_settings(&ns),
     );
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
@@ -160,7 +143,7 @@ async fn deleting_the_campaign_crd_orphans_every_code_and_revokes_none() {
         client.clone(),
         store.clone(),
         Arc::new(Metrics::register(&mut registry)),
-        settings(&ns),
+        support::controller_settings(&ns),
     );
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();

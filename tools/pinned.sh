@@ -6,6 +6,7 @@
 #   pinned_dir <tool> <version> [file...]  # sets $out and $pins (of the files; go.mod and go.sum
 #                                          # beside the script by default); holds the lock until the end
 #   pinned_fresh <binary>...           # true when each is there and built from these pins
+#   pinned_build <name> <dir> <package> [ldflags]  # go build (in <dir>) into $out/<name>, with progress
 #   pinned_done                        # records the pins once everything is built
 #   need_go <what>                     # stops, saying what to install, without a Go toolchain
 
@@ -38,4 +39,20 @@ need_go() {
     echo "       machine image has it in /usr/local/go/bin), put it on PATH and run again" >&2
     exit 1
   fi
+}
+
+pinned_build() {
+  local name="$1" dir="$2" pkg="$3" ldflags="${4:-}"
+  if [ -x "$out/$name" ]; then return 0; fi
+  echo "==> building $name $version from $pkg (Go $(go env GOVERSION))" >&2
+  local started=$SECONDS
+  # -v names each package as it compiles: count them so that a long first build shows progress.
+  if ! (cd "$dir" && go build -v -trimpath -buildvcs=false -ldflags "-s -w$ldflags" -o "$out/$name.partial" "$pkg") 2>&1 |
+    awk -v name="$name" '/^(go: |#|.*\.go:[0-9])/ { print; next } { n++; if (n % 250 == 0) printf "    %s: %d packages compiled\n", name, n }' >&2
+  then
+    echo "error: building $name failed (output above)" >&2
+    exit 1
+  fi
+  mv "$out/$name.partial" "$out/$name"
+  echo "    $name built in $((SECONDS - started)) s" >&2
 }

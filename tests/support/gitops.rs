@@ -14,9 +14,8 @@ use tokio_util::sync::CancellationToken;
 use voucher_operator::api::Voucher;
 use voucher_operator::controller::metrics::Metrics;
 use voucher_operator::controller::{self, Context, Settings};
-use voucher_operator::domain::{Code, Issuers};
+use voucher_operator::domain::Code;
 use voucher_operator::store::Store;
-use voucher_operator::store::redeem::Redemption;
 
 use super::eventually_within;
 use super::flux::{GitServer, Kustomization, Repo};
@@ -38,21 +37,6 @@ pub struct Harness {
     _stop: tokio_util::sync::DropGuard,
 }
 
-pub fn settings(ns: &str) -> Settings {
-    Settings {
-        resync_interval: Duration::from_secs(3600),
-        status_min_interval: Duration::from_millis(200),
-        namespace: Some(ns.to_owned()),
-        identity: "test".into(),
-        concurrency: 4,
-        issuers: Issuers::new([ns.to_owned()]),
-        key_namespace: ns.to_owned(),
-        global_namespace: "catalyst-global".into(),
-        joined: None,
-        billing: Default::default(),
-    }
-}
-
 /// The operator on a fresh database watching a namespace of its own, a
 /// repository of the test's own on the shared Git server, and Flux running.
 pub async fn harness() -> Harness {
@@ -72,7 +56,7 @@ pub async fn harness_on(git: &GitServer) -> Harness {
         pool,
         store,
         repo: Repo::new(git, &ns),
-        settings: settings(&ns),
+        settings: super::controller_settings(&ns),
         ns,
         operator: stop.child_token(),
         _stop: stop.clone().drop_guard(),
@@ -132,16 +116,7 @@ impl Harness {
 
     /// A customer's redemption of `code`, as the store answers it.
     pub async fn redeem(&self, code: &str) -> String {
-        let redemption = Redemption {
-            code: Code::parse(code).unwrap(),
-            subject: "flux-customer".into(),
-            tenant: Some("t".into()),
-            email: String::new(),
-            idempotency: None,
-            now: chrono::Utc::now(),
-            currency: Default::default(),
-            intent: None,
-        };
+        let redemption = super::redemption(&Code::parse(code).unwrap(), "flux-customer");
         format!("{:?}", self.store.redeem(&redemption).await.unwrap())
     }
 

@@ -514,6 +514,40 @@ pub async fn http_get(port: u16, path: &str) -> String {
     body
 }
 
+/// The controller's settings for the one namespace `ns`, which is also the issuer
+/// namespace and the campaign keys' (a test changes what it needs with `..`).
+pub fn controller_settings(ns: &str) -> voucher_operator::controller::Settings {
+    voucher_operator::controller::Settings {
+        resync_interval: Duration::from_secs(3600),
+        status_min_interval: Duration::from_millis(200),
+        namespace: Some(ns.to_owned()),
+        identity: "test".into(),
+        concurrency: 4,
+        issuers: voucher_operator::domain::Issuers::new([ns.to_owned()]),
+        key_namespace: ns.to_owned(),
+        global_namespace: "catalyst-global".into(),
+        joined: None,
+        billing: Default::default(),
+    }
+}
+
+/// A redemption of `code` by `customer` now, as the checkout asks for it.
+pub fn redemption(
+    code: &voucher_operator::domain::Code,
+    customer: &str,
+) -> voucher_operator::store::redeem::Redemption {
+    voucher_operator::store::redeem::Redemption {
+        code: code.clone(),
+        subject: customer.to_owned(),
+        tenant: Some("t".into()),
+        email: String::new(),
+        idempotency: None,
+        now: chrono::Utc::now(),
+        currency: Default::default(),
+        intent: None,
+    }
+}
+
 /// Server settings for tests: a rate limit no test reaches unless it lowers
 /// it, small bodies, a generous timeout.
 pub fn server_settings() -> voucher_operator::server::ServerSettings {
@@ -611,18 +645,9 @@ pub async fn redeem_within(
     tries: usize,
 ) -> Option<bool> {
     use voucher_operator::domain::Redeemability;
-    use voucher_operator::store::redeem::{Answer, Redeemed, Redemption};
+    use voucher_operator::store::redeem::{Answer, Redeemed};
     for _ in 0..tries {
-        let redemption = Redemption {
-            code: code.clone(),
-            subject: customer.to_owned(),
-            tenant: Some("t".into()),
-            email: String::new(),
-            idempotency: None,
-            now: chrono::Utc::now(),
-            currency: Default::default(),
-            intent: None,
-        };
+        let redemption = redemption(code, customer);
         match store.redeem(&redemption).await.expect("answered") {
             Answer::Fresh(Redeemed::Granted { .. }) => return Some(true),
             Answer::Fresh(Redeemed::Gone(Redeemability::ShareUsedUp)) => {

@@ -32,25 +32,9 @@ if pinned_fresh source-controller kustomize-controller git-server && [ -f "$crds
 fi
 need_go "Flux's source-controller and kustomize-controller"
 
-build() { # name module-directory package
-  local name="$1" dir="$2" pkg="$3"
-  if [ -x "$out/$name" ]; then return 0; fi
-  echo "==> building $name $version from $pkg (Go $(go env GOVERSION))" >&2
-  local started=$SECONDS
-  # -v names each package as it compiles: count them so that a long first build shows progress.
-  if ! (cd "$here/$dir" && go build -v -trimpath -buildvcs=false -ldflags "-s -w" -o "$out/$name.partial" "$pkg") 2>&1 |
-    awk -v name="$name" '/^(go: |#|.*\.go:[0-9])/ { print; next } { n++; if (n % 250 == 0) printf "    %s: %d packages compiled\n", name, n }' >&2
-  then
-    echo "error: building $name failed (output above)" >&2
-    exit 1
-  fi
-  mv "$out/$name.partial" "$out/$name"
-  echo "    $name built in $((SECONDS - started)) s" >&2
-}
-
-build git-server git-server .
-build source-controller source-controller github.com/fluxcd/source-controller
-build kustomize-controller kustomize-controller github.com/fluxcd/kustomize-controller
+pinned_build git-server "$here/git-server" .
+pinned_build source-controller "$here/source-controller" github.com/fluxcd/source-controller
+pinned_build kustomize-controller "$here/kustomize-controller" github.com/fluxcd/kustomize-controller
 
 # The CRDs of exactly these versions, from the module sources the builds used. All six of
 # source-controller's: it watches five kinds and exits when one is missing.

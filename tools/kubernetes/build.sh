@@ -33,24 +33,8 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   stamp+=" -X $pkg.gitCommit= -X $pkg.gitTreeState=archive -X $pkg.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 done
 
-build() { # name package
-  local name="$1" pkg="$2"
-  if [ -x "$out/$name" ]; then return 0; fi
-  echo "==> building $name $version from $pkg (Go $(go env GOVERSION))" >&2
-  local started=$SECONDS
-  # -v names each package as it compiles: count them so that a long first build shows progress.
-  if ! (cd "$here" && go build -v -trimpath -buildvcs=false -ldflags "-s -w$stamp" -o "$out/$name.partial" "$pkg") 2>&1 |
-    awk -v name="$name" '/^(go: |#|.*\.go:[0-9])/ { print; next } { n++; if (n % 250 == 0) printf "    %s: %d packages compiled\n", name, n }' >&2
-  then
-    echo "error: building $name failed (output above)" >&2
-    exit 1
-  fi
-  mv "$out/$name.partial" "$out/$name"
-  echo "    $name built in $((SECONDS - started)) s" >&2
-}
-
-build etcd ./etcd
-build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
-build kubectl k8s.io/kubernetes/cmd/kubectl
+pinned_build etcd "$here" ./etcd "$stamp"
+pinned_build kube-apiserver "$here" k8s.io/kubernetes/cmd/kube-apiserver "$stamp"
+pinned_build kubectl "$here" k8s.io/kubernetes/cmd/kubectl "$stamp"
 pinned_done
 echo "$out"

@@ -22,16 +22,7 @@ if pinned_fresh nats-server; then
 fi
 need_go nats-server
 
-echo "==> building nats-server $version from github.com/nats-io/nats-server/v2 (Go $(go env GOVERSION))" >&2
-started=$SECONDS
 # The version string nats-server reports (`nats-server --version`, /varz) is its module's own.
-if ! (cd "$here" && go build -trimpath -buildvcs=false -ldflags "-s -w" \
-  -o "$out/nats-server.partial" github.com/nats-io/nats-server/v2) >&2
-then
-  echo "error: building nats-server failed (output above)" >&2
-  exit 1
-fi
-mv "$out/nats-server.partial" "$out/nats-server"
-echo "    nats-server built in $((SECONDS - started)) s" >&2
+pinned_build nats-server "$here" github.com/nats-io/nats-server/v2
 pinned_done
 echo "$out"

@@ -13,6 +13,8 @@ use voucher_testenv::supervisor::Signal;
 
 use crate::stack::{self, Cluster, Process, StackSettings};
 
+/// `--git-port`'s default: the port docs/deploy.md's commands name.
+pub(crate) const DEFAULT_GIT_PORT: u16 = 29418;
 /// The repository's name on the Git server, and the directory `git clone` makes.
 const REPOSITORY: &str = "vouchers";
 /// How often source-controller looks for a new commit: a pushed edit shows within it.
@@ -212,5 +214,22 @@ pub(crate) async fn smoke(settings: &StackSettings, cluster: &Cluster) -> anyhow
             return Ok(());
         }
         stack::wait_until(deadline, "the pushed credit in the Voucher's status").await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/deploy.md's Flux section quotes the banner's commands, which `--smoke` runs.
+    #[test]
+    fn the_deploy_guide_quotes_the_commands_the_smoke_run_runs() {
+        let guide = include_str!("../../../docs/deploy.md");
+        for command in commands(DEFAULT_GIT_PORT) {
+            assert!(
+                guide.lines().any(|line| line == command),
+                "docs/deploy.md lacks, word for word: {command}"
+            );
+        }
     }
 }

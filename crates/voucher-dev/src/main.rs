@@ -128,7 +128,7 @@ struct LocalOptions {
 
     /// With --gitops: the Git server's port on 127.0.0.1; Flux's artifact server and the two
     /// controllers' health endpoints take the three after it.
-    #[arg(long, default_value_t = 29418)]
+    #[arg(long, default_value_t = gitops::DEFAULT_GIT_PORT)]
     git_port: u16,
 
     /// Run the vendor's hub and this many Sovereigns instead (cross-Sovereign vouchers,
