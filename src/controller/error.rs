@@ -35,6 +35,15 @@ pub enum Error {
 
 impl Error {
     /// The bounded label of the failures metric.
+    /// Every category [`Error::category`] names (the metrics start each at 0).
+    pub const CATEGORIES: [&'static str; 5] = [
+        "database",
+        "kubernetes",
+        "finalizer",
+        "invalid",
+        "federation",
+    ];
+
     pub fn category(&self) -> &'static str {
         match self {
             Error::Store(_) => "database",

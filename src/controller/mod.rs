@@ -9,6 +9,7 @@
 //! and carries the plan out. What both use is in `runtime`.
 
 pub mod campaign;
+mod census;
 pub(crate) mod conditions;
 mod error;
 pub mod leader;
@@ -210,12 +211,19 @@ impl Role {
                 .await;
             }
         };
+        let metrics = &self.ctx.metrics;
+        metrics
+            .resync_interval
+            .set(self.ctx.settings.resync_interval.as_secs_f64());
+        metrics.leader.set(1);
         let (_, _, relayed, ()) = tokio::join!(
             voucher::run(self.ctx.clone(), stop.clone()),
             campaign::run(self.ctx.clone(), stop.clone()),
             relay,
             allotments
         );
+        // Not leading any more, once this work ends.
+        metrics.leader.set(0);
         relayed
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
@@ -99,8 +99,12 @@ where
     Ok(())
 }
 
-/// Failed reconciles in a row, per resource, for the backoff.
-pub(crate) struct Backoff<K: Resource>(Mutex<HashMap<ObjectRef<K>, u32>>);
+/// Per resource: failed reconciles in a row, for the backoff, and when it was
+/// last reconciled successfully, for the status-lag gauge (see `census`).
+pub(crate) struct Backoff<K: Resource> {
+    failures: Mutex<HashMap<ObjectRef<K>, u32>>,
+    succeeded: Mutex<HashMap<ObjectRef<K>, Instant>>,
+}
 
 impl<K> Default for Backoff<K>
 where
@@ -108,7 +112,10 @@ where
     K::DynamicType: Hash + Eq,
 {
     fn default() -> Self {
-        Self(Mutex::default())
+        Self {
+            failures: Mutex::default(),
+            succeeded: Mutex::default(),
+        }
     }
 }
 
@@ -118,17 +125,17 @@ where
 {
     /// Counts one more failure of `resource`; the wait before its retry.
     pub(crate) fn failed(&self, resource: &K) -> Duration {
-        let mut failures = self.0.lock().unwrap();
+        let mut failures = self.failures.lock().unwrap();
         let count = failures.entry(ObjectRef::from_obj(resource)).or_insert(0);
         *count = count.saturating_add(1);
         retry_delay(*count)
     }
 
+    /// Forgets a deleted `resource`.
     pub(crate) fn clear(&self, resource: &K) {
-        self.0
-            .lock()
-            .unwrap()
-            .remove(&ObjectRef::from_obj(resource));
+        let key = ObjectRef::from_obj(resource);
+        self.failures.lock().unwrap().remove(&key);
+        self.succeeded.lock().unwrap().remove(&key);
     }
 
     /// Counts a reconcile of `resource` by its result; a success ends its
@@ -144,8 +151,24 @@ where
             .get_or_create(&ResultLabel { result: label })
             .inc();
         if result.is_ok() {
-            self.clear(resource);
+            let key = ObjectRef::from_obj(resource);
+            self.failures.lock().unwrap().remove(&key);
+            self.succeeded.lock().unwrap().insert(key, Instant::now());
         }
+    }
+
+    /// The age of the oldest last success among `resources` (one never
+    /// reconciled successfully counts from `since`).
+    pub(crate) fn oldest_success(
+        &self,
+        resources: impl Iterator<Item = ObjectRef<K>>,
+        since: Instant,
+    ) -> Duration {
+        let succeeded = self.succeeded.lock().unwrap();
+        resources
+            .map(|key| succeeded.get(&key).copied().unwrap_or(since).elapsed())
+            .max()
+            .unwrap_or_default()
     }
 }
 

@@ -97,6 +97,7 @@ fn every_variable_the_chart_sets_is_read_and_accepted_by_the_binary() {
 fn variants_render_and_match_the_kubernetes_schemas() {
     let variants = [
         json!({"serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}}}),
+        json!({"grafanaDashboard": {"enabled": true, "namespace": "monitoring"}}),
         json!({"networkPolicy": {"enabled": false}, "podDisruptionBudget": {"enabled": false}}),
         json!({"controller": {"replicas": 1}, "server": {"replicas": 3},
                "podDisruptionBudget": {"maxUnavailable": "50%"}}),
@@ -128,27 +129,51 @@ fn variants_render_and_match_the_kubernetes_schemas() {
                 assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
                 assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
                 assert_eq!(monitor["spec"]["endpoints"][0]["interval"], "30s");
+                // The alerts of rules/voucher-operator.yaml, as they are (promtool and a real
+                // Prometheus test that file: tests/prometheus.rs), each with its runbook section.
                 let rules = rendered.one("PrometheusRule");
-                let alerts: Vec<&str> = rules["spec"]["groups"][0]["rules"]
+                let file: Value = serde_yaml::from_str(
+                    &std::fs::read_to_string(chart_dir().join("rules/voucher-operator.yaml"))
+                        .unwrap(),
+                )
+                .unwrap();
+                assert_eq!(rules["spec"], file);
+                let runbook = std::fs::read_to_string(repo().join("docs/runbook.md")).unwrap();
+                let alerts: Vec<&Value> = file["groups"]
                     .as_array()
                     .unwrap()
                     .iter()
-                    .map(|r| r["alert"].as_str().unwrap())
+                    .flat_map(|g| g["rules"].as_array().unwrap())
                     .collect();
-                assert_eq!(
-                    alerts,
-                    [
-                        "VoucherAuditDeadLetters",
-                        "VoucherAuditBacklogStale",
-                        "VoucherCodeGuessing"
-                    ]
-                );
-                assert!(
-                    rules["spec"]["groups"][0]["rules"][0]["expr"]
-                        .as_str()
-                        .unwrap()
-                        .contains("voucher_operator_audit_dead_letters_total")
-                );
+                assert!(alerts.len() >= 13, "{}", alerts.len());
+                for alert in alerts {
+                    let name = alert["alert"].as_str().unwrap();
+                    let url = alert["annotations"]["runbook_url"].as_str().unwrap();
+                    assert_eq!(
+                        url.rsplit_once('#').map(|(_, anchor)| anchor),
+                        Some(name.to_lowercase().as_str()),
+                        "{name}: {url}"
+                    );
+                    assert!(
+                        runbook.contains(&format!("\n### {name}\n")),
+                        "{name} has no runbook section"
+                    );
+                }
+            }
+            v if v["grafanaDashboard"]["enabled"] == true => {
+                let dashboard = rendered.one("ConfigMap");
+                assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+                assert_eq!(dashboard["metadata"]["namespace"], "monitoring");
+                let json: Value = serde_json::from_str(
+                    dashboard["data"]["voucher-operator.json"].as_str().unwrap(),
+                )
+                .unwrap();
+                let file: Value = serde_json::from_str(
+                    &std::fs::read_to_string(chart_dir().join("dashboards/voucher-operator.json"))
+                        .unwrap(),
+                )
+                .unwrap();
+                assert_eq!(json, file);
             }
             v if v["networkPolicy"]["enabled"] == false => {
                 assert!(!kinds.contains(&"NetworkPolicy".into()));

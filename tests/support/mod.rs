@@ -27,6 +27,7 @@ pub mod faults;
 pub mod flux;
 pub mod gitops;
 pub mod pg_faults;
+pub mod prometheus;
 pub mod tcp_cut;
 
 pub struct Postgres {

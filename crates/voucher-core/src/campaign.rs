@@ -203,6 +203,18 @@ pub enum CampaignPhase {
 }
 
 impl CampaignPhase {
+    pub const ALL: [CampaignPhase; 9] = [
+        Self::Generating,
+        Self::Active,
+        Self::Inactive,
+        Self::Scheduled,
+        Self::Expired,
+        Self::Suspended,
+        Self::Stalled,
+        Self::Forbidden,
+        Self::Error,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Generating => "Generating",

@@ -5,6 +5,7 @@
 
 mod federation;
 mod gitops;
+mod prometheus;
 mod stack;
 
 use std::time::Duration;
@@ -131,6 +132,16 @@ struct LocalOptions {
     #[arg(long, default_value_t = gitops::DEFAULT_GIT_PORT)]
     git_port: u16,
 
+    /// Prometheus (built from its upstream module on first use) scraping the stack every
+    /// second, with the chart's alert rules; the banner prints its URL and the dashboard's
+    /// queries.
+    #[arg(long, conflicts_with = "sovereigns")]
+    prometheus: bool,
+
+    /// With --prometheus: its HTTP API's port on 127.0.0.1.
+    #[arg(long, default_value_t = 29090)]
+    prometheus_port: u16,
+
     /// Run the vendor's hub and this many Sovereigns instead (cross-Sovereign vouchers,
     /// docs/federation.md): each its own kube-apiserver and etcd, NATS leaf node (its own
     /// JetStream domain), billing database and operator, on the ports after the ones above.
@@ -229,6 +240,8 @@ async fn run(command: DevCommand) -> anyhow::Result<()> {
                 kubeconfig: options.kubeconfig,
                 gitops: options.gitops,
                 git_port: options.git_port,
+                prometheus: options.prometheus,
+                prometheus_port: options.prometheus_port,
             };
             match options.sovereigns {
                 0 => stack::run(settings, options.smoke).await,

@@ -37,6 +37,9 @@ pub struct StackSettings {
     pub gitops: bool,
     /// The Git server's port with `--gitops`; the three after it are Flux's.
     pub git_port: u16,
+    /// Prometheus scraping the stack (`--prometheus`), on `prometheus_port`.
+    pub prometheus: bool,
+    pub prometheus_port: u16,
 }
 
 /// The example Vouchers the stack applies, embedded so that it runs from anywhere.
@@ -510,21 +513,37 @@ async fn serve(
         Duration::from_secs(24 * 3600),
     )?;
     let base = format!("http://127.0.0.1:{}", settings.http_port);
-
-    if smoke {
-        smoke_check(cluster, &base, (&token, &service), &relay_settings).await?;
-        if settings.gitops {
-            crate::gitops::smoke(settings, cluster).await?;
+    let prometheus = match settings.prometheus {
+        true => Some(crate::prometheus::start(settings).await?),
+        false => None,
+    };
+    let outcome = async {
+        if smoke {
+            smoke_check(cluster, &base, (&token, &service), &relay_settings).await?;
+            if settings.gitops {
+                crate::gitops::smoke(settings, cluster).await?;
+            }
+            if settings.prometheus {
+                crate::prometheus::smoke(settings).await?;
+            }
+            return Ok(());
         }
-        return Ok(());
+        print_try(settings, cluster, &base, (&token, &service), &database_url);
+        if settings.gitops {
+            crate::gitops::print_try(settings.git_port);
+        }
+        if settings.prometheus {
+            crate::prometheus::print_try(settings)?;
+        }
+        println!("\nCtrl-C stops everything.");
+        stop.cancelled().await;
+        Ok(())
     }
-    print_try(settings, cluster, &base, (&token, &service), &database_url);
-    if settings.gitops {
-        crate::gitops::print_try(settings.git_port);
+    .await;
+    if let Some(prometheus) = prometheus {
+        prometheus.stop().await;
     }
-    println!("\nCtrl-C stops everything.");
-    stop.cancelled().await;
-    Ok(())
+    outcome
 }
 
 /// The CRDs, established, before anything uses them.

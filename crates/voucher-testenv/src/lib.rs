@@ -10,5 +10,6 @@
 pub mod built;
 pub mod control_plane;
 pub mod flux;
+pub mod prometheus;
 pub mod services;
 pub mod supervisor;

@@ -21,6 +21,7 @@ use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use tokio_util::sync::CancellationToken;
 
+use super::census;
 use super::runtime::{self, Backoff};
 use super::{Context, Error};
 use crate::api::campaign::VoucherCampaign;
@@ -103,12 +104,35 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             }
         }
     });
-    let controller = runtime::controller(api, ctx.settings.concurrency, wake, &stop)
+    let controller = runtime::controller(api, ctx.settings.concurrency, wake, &stop);
+    let census = {
+        let (ctx, cache, stop) = (ctx.clone(), controller.store(), stop.clone());
+        async move {
+            let metrics = &ctx.metrics;
+            let caps = census::CapGauges {
+                used: &metrics.campaign_redemptions,
+                max: &metrics.campaign_max_redemptions,
+            };
+            let count = census::of_campaigns;
+            let reconciled = &ctx.campaigns.failures;
+            census::run(
+                "VoucherCampaign",
+                cache,
+                count,
+                reconciled,
+                metrics,
+                caps,
+                stop,
+            )
+            .await;
+        }
+    };
+    let controller = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "campaign reconcile result");
             }
         });
-    runtime::until_stopped(controller, stop).await;
+    runtime::until_stopped(async { tokio::join!(controller, census) }, stop).await;
 }

@@ -21,6 +21,7 @@ use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use tokio_util::sync::CancellationToken;
 
+use super::census;
 use super::metrics::{PhaseLabel, ReasonLabel};
 use super::runtime::{self, Backoff};
 use super::{Context, Error};
@@ -145,6 +146,19 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
             }
         }
     };
+    let census = {
+        let (ctx, cache, stop) = (ctx.clone(), controller.store(), stop.clone());
+        async move {
+            let metrics = &ctx.metrics;
+            let caps = census::CapGauges {
+                used: &metrics.voucher_redemptions,
+                max: &metrics.voucher_max_redemptions,
+            };
+            let count = census::of_vouchers;
+            let reconciled = &ctx.vouchers.failures;
+            census::run("Voucher", cache, count, reconciled, metrics, caps, stop).await;
+        }
+    };
     let controller = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -152,5 +166,5 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                 tracing::debug!(%error, "reconcile result");
             }
         });
-    runtime::until_stopped(async { tokio::join!(controller, sweeper) }, stop).await;
+    runtime::until_stopped(async { tokio::join!(controller, sweeper, census) }, stop).await;
 }
