@@ -637,7 +637,7 @@ mod tests {
         metrics.dead_letters.inc();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-        let rules = include_str!("../charts/voucher-operator/templates/prometheusrule.yaml");
+        let rules = include_str!("../charts/voucher-operator/rules/voucher-operator.yaml");
         for name in [
             "voucher_operator_audit_dead_letters_total",
             "voucher_operator_audit_outbox_oldest_age_seconds",

@@ -706,10 +706,20 @@ async fn a_campaign_without_its_secret_stalls_naming_it_then_resumes() {
     .unwrap();
     let secrets = Api::<Secret>::namespaced(h.client.clone(), &h.ns);
     secrets.create(&PostParams::default(), &weak).await.unwrap();
-    h.until("no-key", "the weak key refused", |c| {
-        condition(c, "Stalled").is_some_and(|(_, _, m)| m.contains("shorter than 32 bytes"))
-    })
-    .await;
+    let c = h
+        .until("no-key", "the weak key refused", |c| {
+            condition(c, "Stalled").is_some_and(|(_, _, m)| m.contains("shorter than 32 bytes"))
+        })
+        .await;
+    // The Secret exists now: the fix writes the key into it, it does not create it again
+    // (which kubectl would refuse, AlreadyExists).
+    let (_, _, message) = condition(&c, "Stalled").unwrap();
+    assert!(
+        message.contains("write a key into it with:")
+            && message.contains("--dry-run=client -o yaml | kubectl apply -f -")
+            && !message.contains("create it with"),
+        "{message}"
+    );
     secrets
         .patch(
             "bill-key",
@@ -1262,6 +1272,19 @@ async fn the_codes_subcommand_derives_the_codes_and_checks_each_against_the_data
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(String::from_utf8(output.stdout).unwrap(), csv);
+    // Audited as the Kubernetes user who read the key (the test's admin certificate), whatever
+    // the local account is called.
+    let subject: String = sqlx::query_scalar(
+        "SELECT payload->'actor'->>'subject' FROM voucher_audit_outbox \
+         WHERE kind = 'campaign_codes_downloaded' ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_one(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        subject,
+        "voucher-operator campaign codes (Kubernetes user voucher-operator-admin)"
+    );
 
     // A code revoked since is not printed, and the exit status says so, naming its index.
     let third = csv.lines().nth(3).unwrap().to_owned();

@@ -273,6 +273,30 @@ pub(super) async fn report(options: ReportOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Who downloads codes, for the audit record: the Kubernetes user the API server
+/// authenticated (it read the key), else the local account.
+async fn who_reads(client: &kube::Client) -> String {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let review = kube::Api::<SelfSubjectReview>::all(client.clone())
+        .create(&Default::default(), &SelfSubjectReview::default())
+        .await;
+    match review.ok().and_then(|r| r.status?.user_info?.username) {
+        Some(user) => format!("Kubernetes user {user}"),
+        None => match std::env::var("USER") {
+            Ok(user) if !user.is_empty() => format!("local user {user}"),
+            // The owner of this process's /proc entry is its user id (no libc call needed).
+            _ => {
+                use std::os::unix::fs::MetadataExt;
+                let uid = std::fs::metadata("/proc/self").map(|m| m.uid());
+                uid.map_or_else(
+                    |_| "local user unknown".into(),
+                    |uid| format!("local uid {uid}"),
+                )
+            }
+        },
+    }
+}
+
 pub(super) async fn export(options: ExportOptions) -> anyhow::Result<()> {
     let store = Store::connect(&DatabaseSettings {
         url: options.database_url.clone(),
@@ -390,8 +414,10 @@ pub(super) async fn campaign_codes(options: CampaignCodesOptions) -> anyhow::Res
         .saturating_add(options.limit.unwrap_or(u32::MAX))
         .min(count);
     let range = CodeRange::new(options.from, to);
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let subject = format!("voucher-operator campaign codes (user {user})");
+    let subject = format!(
+        "voucher-operator campaign codes ({})",
+        who_reads(&client).await
+    );
     store
         .audit_campaign_download(&owner, &subject, range)
         .await?;

@@ -80,6 +80,12 @@ impl<W: Write> EventTable<W> {
         let actor = &event["data"]["actor"];
         let actor = match actor["type"].as_str() {
             Some("resource") => format!("{}/{}", text(&actor["namespace"]), text(&actor["name"])),
+            // As `--code campaign:<namespace>/<name>` asks for its own records.
+            Some("campaign") => format!(
+                "campaign:{}/{}",
+                text(&actor["namespace"]),
+                text(&actor["name"])
+            ),
             Some("subject") => format!("sub:{}", text(&actor["subject"])),
             _ => String::new(),
         };
@@ -250,6 +256,26 @@ mod tests {
             "a long actor is shortened: {}",
             lines[2]
         );
+    }
+
+    #[test]
+    fn every_kind_of_actor_is_named() {
+        let mut out = Vec::new();
+        let mut table = EventTable::new(&mut out, false, true, 10);
+        for actor in [
+            json!({"type": "resource", "namespace": "billing", "name": "launch", "uid": "u"}),
+            json!({"type": "campaign", "namespace": "billing", "name": "bill-2027", "uid": "u"}),
+            json!({"type": "subject", "subject": "alice"}),
+        ] {
+            let mut e = event("C-1", "x");
+            e["data"]["actor"] = actor;
+            table.event(&e).unwrap();
+        }
+        table.caught_up().unwrap();
+        let text = String::from_utf8(out).unwrap();
+        for name in ["billing/launch", "campaign:billing/bill-2027", "sub:alice"] {
+            assert!(text.contains(name), "{name} missing:\n{text}");
+        }
     }
 
     #[test]

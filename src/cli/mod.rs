@@ -523,8 +523,8 @@ pub struct EventsOptions {
     #[arg(long)]
     pub code: Option<String>,
 
-    /// Only events of this kind: created, updated, activated, deactivated, adopted, conflict,
-    /// drift_corrected, exhausted, expired, revoked, orphaned, redeemed.
+    /// Only events of this kind (every kind of audit record, listed below; docs/reference.md
+    /// says what each means).
     #[arg(long = "type", value_parser = crate::domain::AuditKind::ALL.map(|k| k.as_str()))]
     pub kind: Option<String>,
 
@@ -1106,6 +1106,26 @@ mod tests {
         assert_eq!(
             jwt_leeway,
             crate::server::auth::AuthSettings::default().leeway
+        );
+    }
+
+    #[test]
+    fn the_events_help_lists_every_kind_of_audit_record() {
+        use clap::CommandFactory;
+        let mut command = Cli::command();
+        let help = command
+            .find_subcommand_mut("events")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        let missing: Vec<&str> = crate::domain::AuditKind::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .filter(|kind| !help.contains(kind))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "`events --help` omits {missing:?}:\n{help}"
         );
     }
 

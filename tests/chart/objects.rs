@@ -836,3 +836,49 @@ fn the_server_joins_the_hubs_claims_only_with_the_claim_key() {
         "no route to NATS without claims"
     );
 }
+
+/// docs/deploy.md's RBAC table names exactly what the chart grants: each `resource`: verbs of its
+/// last column, against the rendered Roles and ClusterRoles.
+#[test]
+fn the_deploy_guides_rbac_table_is_what_the_chart_grants() {
+    let guide = std::fs::read_to_string(repo().join("docs/deploy.md")).unwrap();
+    let table = guide
+        .split("| who | where | what |\n|---|---|---|\n")
+        .nth(1)
+        .expect("the RBAC table")
+        .split("\n\n")
+        .next()
+        .unwrap();
+    let mut documented = BTreeSet::new();
+    for row in table.lines() {
+        let what = row.trim_end_matches('|').rsplit(" | ").next().unwrap();
+        // Without its remarks (in parentheses): `resource`: verb, verb; `resource`: verb …
+        let mut bare = String::new();
+        let mut depth = 0;
+        for c in what.chars() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ if depth == 0 => bare.push(c),
+                _ => {}
+            }
+        }
+        for part in bare.split(';') {
+            let resource = part.split('`').nth(1).expect("a `resource`");
+            let after = &part[part.find(resource).unwrap() + resource.len()..];
+            let verbs = &after[after.find(':').expect("resource: verbs") + 1..];
+            for verb in verbs.split(',') {
+                documented.insert(format!("{resource} {}", verb.trim()));
+            }
+        }
+    }
+    let rendered = render(required());
+    let granted: BTreeSet<String> = grants(&rendered)
+        .iter()
+        .map(|(_, _, _, resource, verb)| format!("{resource} {verb}"))
+        .collect();
+    assert_eq!(
+        documented, granted,
+        "docs/deploy.md's RBAC table against the chart"
+    );
+}

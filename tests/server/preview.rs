@@ -199,7 +199,7 @@ async fn guessing_one_prefix_from_anywhere_is_refused_for_a_while_and_alerted() 
         metric(&s, "voucher_operator_http_guessing_blocked_total").await,
         1
     );
-    let rules = include_str!("../../charts/voucher-operator/templates/prometheusrule.yaml");
+    let rules = include_str!("../../charts/voucher-operator/rules/voucher-operator.yaml");
     assert!(rules.contains("voucher_operator_http_guessing_blocked_total"));
     assert_eq!(s.counts("BILL-REAL1").await, (1, 1, 1));
 }

@@ -39,10 +39,18 @@ pub const PREFIX_PATTERN: &str = r"^([A-Za-z0-9][A-Za-z0-9_-]{0,55})?$";
     doc = "A campaign of unique single-use voucher codes, generated from a secret key and never written down.",
     printcolumn(name = "Prefix", type_ = "string", json_path = ".spec.prefix"),
     printcolumn(name = "Grant", type_ = "string", json_path = ".status.grant", description = "What each code grants: a credit (50 OMR) or a discount (20% install 3mo)"),
-    printcolumn(name = "Codes", type_ = "integer", json_path = ".spec.count"),
+    // The Voucher's columns, for the same questions: what exists (not what is asked for), used,
+    // ready, and if not, why.
+    printcolumn(name = "Generated", type_ = "integer", json_path = ".status.generated", description = "Codes that exist in the billing database (spec.count is the number asked for)"),
+    printcolumn(name = "Count", type_ = "integer", json_path = ".spec.count", description = "Codes asked for"),
     printcolumn(name = "Redeemed", type_ = "integer", json_path = ".status.redeemed"),
     printcolumn(name = "Active", type_ = "boolean", json_path = ".spec.active"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(name = "Valid-From", type_ = "string", json_path = ".spec.validFrom", priority = 1),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".spec.expiresAt", priority = 1),
+    printcolumn(name = "Key", type_ = "string", json_path = ".spec.keySecretRef.name", priority = 1, description = "The Secret holding the generator key, in the key namespace"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -223,6 +231,31 @@ mod tests {
         assert_eq!(
             crd["spec"]["names"]["shortNames"],
             serde_json::json!(["vcamp"])
+        );
+        let columns: Vec<&str> = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            columns,
+            [
+                "Prefix",
+                "Grant",
+                "Generated",
+                "Count",
+                "Redeemed",
+                "Active",
+                "Phase",
+                "Ready",
+                "Reason",
+                "Valid-From",
+                "Expires",
+                "Key",
+                "Age"
+            ],
+            "the Voucher's READY and REASON, what exists beside what is asked for, -o wide the window and key"
         );
         // Kept by Helm and by Flux: deleting it deletes every campaign.
         let annotations = &crd["metadata"]["annotations"];

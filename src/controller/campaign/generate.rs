@@ -298,23 +298,30 @@ pub(crate) async fn generator(
 ) -> Result<Generator, String> {
     let reference = &campaign.spec.key_secret_ref;
     let (namespace, name, key) = (key_namespace, &reference.name, &reference.key);
-    let create = if issued == 0 {
-        format!(
+    // What to do: make the Secret, or (it exists) write the key into it; or, once codes were
+    // issued, put the same key back.
+    let fix = |exists: bool| match (issued, exists) {
+        (0, false) => format!(
             "create it with: kubectl create secret generic {name} -n {namespace} \
              --from-literal={key}=$(openssl rand -hex 32)"
-        )
-    } else {
-        format!(
+        ),
+        (0, true) => format!(
+            "write a key into it with: kubectl create secret generic {name} -n {namespace} \
+             --from-literal={key}=$(openssl rand -hex 32) --dry-run=client -o yaml | kubectl \
+             apply -f -"
+        ),
+        _ => format!(
             "put back the key that generated its first {issued} codes (a new key would make \
              other codes)"
-        )
+        ),
     };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let secret = match secrets.get_opt(name).await {
         Ok(Some(secret)) => secret,
         Ok(None) => {
             return Err(format!(
-                "the Secret {namespace}/{name} named by spec.keySecretRef does not exist; {create}"
+                "the Secret {namespace}/{name} named by spec.keySecretRef does not exist; {}",
+                fix(false)
             ));
         }
         Err(kube::Error::Api(status)) if status.code == 403 => {
@@ -333,7 +340,8 @@ pub(crate) async fn generator(
     };
     let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(key)) else {
         return Err(format!(
-            "the Secret {namespace}/{name} has no key {key:?} (spec.keySecretRef.key); {create}"
+            "the Secret {namespace}/{name} has no key {key:?} (spec.keySecretRef.key); {}",
+            fix(true)
         ));
     };
     let spec = &campaign.spec;
@@ -347,9 +355,17 @@ pub(crate) async fn generator(
              a new campaign for the rest"
         )
     })?;
-    Generator::new(&bytes.0, &owner.namespace, &owner.name, &spec.prefix, length).map_err(|error| {
+    Generator::new(
+        &bytes.0,
+        &owner.namespace,
+        &owner.name,
+        &spec.prefix,
+        length,
+    )
+    .map_err(|error| {
         format!(
-            "the campaign cannot generate codes from the Secret {namespace}/{name}: {error}; {create}"
+            "the campaign cannot generate codes from the Secret {namespace}/{name}: {error}; {}",
+            fix(true)
         )
     })
 }
