@@ -132,6 +132,11 @@ struct LocalOptions {
     #[arg(long, default_value_t = gitops::DEFAULT_GIT_PORT)]
     git_port: u16,
 
+    /// Namespaces whose Vouchers and campaigns may issue codes, comma-separated; created on
+    /// the stack's own cluster, with the campaign keys' namespace (voucher-campaign-keys).
+    #[arg(long, value_delimiter = ',', default_value = "default,billing")]
+    issuer_namespaces: Vec<String>,
+
     /// Prometheus (built from its upstream module on first use) scraping the stack every
     /// second, with the chart's alert rules; the banner prints its URL and the dashboard's
     /// queries.
@@ -240,6 +245,7 @@ async fn run(command: DevCommand) -> anyhow::Result<()> {
                 kubeconfig: options.kubeconfig,
                 gitops: options.gitops,
                 git_port: options.git_port,
+                issuer_namespaces: options.issuer_namespaces,
                 prometheus: options.prometheus,
                 prometheus_port: options.prometheus_port,
             };

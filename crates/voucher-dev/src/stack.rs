@@ -37,6 +37,9 @@ pub struct StackSettings {
     pub gitops: bool,
     /// The Git server's port with `--gitops`; the three after it are Flux's.
     pub git_port: u16,
+    /// Namespaces whose Vouchers and campaigns may issue codes (created on the stack's own
+    /// cluster).
+    pub issuer_namespaces: Vec<String>,
     /// Prometheus scraping the stack (`--prometheus`), on `prometheus_port`.
     pub prometheus: bool,
     pub prometheus_port: u16,
@@ -441,6 +444,7 @@ async fn run_operator(
     store.migrate().await?;
 
     install_crds(cluster).await?;
+    ensure_namespaces(settings, cluster).await?;
     let flux = match settings.gitops {
         true => crate::gitops::start(settings, cluster).await?,
         false => {
@@ -470,7 +474,7 @@ async fn serve(
         nats_url: format!("nats://127.0.0.1:{}", settings.nats_port),
         ..Default::default()
     };
-    let config = controller_config(cluster, &relay_settings);
+    let config = controller_config(settings, cluster, &relay_settings);
     let role = Role::new(client.clone(), store.clone(), config, &mut registry);
     let role_stop = stop.clone();
     tokio::spawn(async move {
@@ -591,20 +595,27 @@ async fn apply_examples(settings: &StackSettings, cluster: &Cluster) -> anyhow::
 /// The controller as a deployment runs it, under a Lease: a second
 /// controller started by hand against this cluster waits instead of
 /// reconciling too.
-fn controller_config(cluster: &Cluster, relay: &RelaySettings) -> Config {
+fn controller_config(settings: &StackSettings, cluster: &Cluster, relay: &RelaySettings) -> Config {
+    // On someone else's cluster, only the kubeconfig's namespace: the examples, the admin
+    // endpoints and the keys all go there.
+    let (issuers, key_namespace) = match cluster.existing {
+        true => (vec![cluster.namespace.clone()], cluster.namespace.clone()),
+        false => (
+            settings.issuer_namespaces.clone(),
+            voucher_operator::controller::DEFAULT_KEY_NAMESPACE.to_owned(),
+        ),
+    };
     Config {
         settings: Settings {
             resync_interval: Duration::from_secs(300),
             status_min_interval: Duration::from_secs(1),
-            // On someone else's cluster, only the namespace the examples went to.
             namespace: cluster.existing.then(|| cluster.namespace.clone()),
             identity: "local".into(),
             concurrency: 4,
-            // The examples and the admin endpoints both use this namespace.
-            issuers: voucher_operator::domain::Issuers::new([cluster.namespace.clone()]),
-            // A development stack holds no operator credentials in the API server: campaign
-            // keys go beside the examples (a cluster's chart keeps them apart).
-            key_namespace: cluster.namespace.clone(),
+            issuers: voucher_operator::domain::Issuers::new(issuers),
+            // As the chart keeps them: a namespace of their own, the only one whose Secrets the
+            // controller reads.
+            key_namespace,
             global_namespace: "catalyst-global".into(),
             joined: None,
             billing: Default::default(),
@@ -617,6 +628,30 @@ fn controller_config(cluster: &Cluster, relay: &RelaySettings) -> Config {
             duration: Duration::from_secs(15),
         }),
     }
+}
+
+/// The issuer namespaces and the campaign keys' namespace, on the stack's own
+/// cluster (another's namespaces are its owner's to make).
+async fn ensure_namespaces(settings: &StackSettings, cluster: &Cluster) -> anyhow::Result<()> {
+    if cluster.existing {
+        return Ok(());
+    }
+    let namespaces = settings
+        .issuer_namespaces
+        .iter()
+        .map(String::as_str)
+        .chain([voucher_operator::controller::DEFAULT_KEY_NAMESPACE]);
+    for namespace in namespaces {
+        let manifest = format!(
+            "{{\"apiVersion\":\"v1\",\"kind\":\"Namespace\",\"metadata\":{{\"name\":\"{namespace}\"}}}}"
+        );
+        let file = settings.state_dir.join("namespace.json");
+        std::fs::write(&file, manifest)?;
+        cluster
+            .kubectl(&["apply", "--server-side", "-f", &file.to_string_lossy()])
+            .await?;
+    }
+    Ok(())
 }
 
 /// What to try, once everything runs.
@@ -637,6 +672,8 @@ fn print_try(
          kubectl describe voucher omantel-muscat-200\n\
          curl -s {base}/billing/vouchers/redeem-preview -d '{{\"code\":\"omantel-muscat-200\"}}'\n\
          export TOKEN={token}\n\
+         export ADMIN=$TOKEN ADMIN_API={base}   # an administrator's token, and where the admin endpoints are (a cluster: the -admin Service)\n\
+         export DATABASE_URL={database_url}   # for cargo run -- campaign codes, report, export\n\
          curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"OMANTEL-MUSCAT-200\",\"tenant_id\":\"acme\"}}'\n\
          curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"INSTALLS-20-3M\",\"tenant_id\":\"acme\"}}'   # a discount grant\n\
          export SERVICE={service}   # the billing service's checkout (cargo local token --sub billing --role billing-service)\n\
