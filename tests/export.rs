@@ -121,16 +121,10 @@ async fn exported_codes_are_adopted_with_their_history() {
     store.migrate().await.unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
     let settings = Settings {
-        resync_interval: Duration::from_secs(3600),
         status_min_interval: Duration::from_millis(100),
-        namespace: Some(ns.clone()),
         identity: "export".into(),
         concurrency: 2,
-        issuers: voucher_operator::domain::Issuers::new([ns.clone()]),
-        key_namespace: ns.clone(),
-        global_namespace: "catalyst-global".into(),
-        joined: None,
-        billing: Default::default(),
+        ..support::controller_settings(&ns)
     };
     let ctx = Context::new(
         client.clone(),

@@ -73,16 +73,10 @@ async fn stack() -> Stack {
     let (client, ns) = support::cluster::setup("e2e").await;
     let mut registry = prometheus_client::registry::Registry::default();
     let settings = Settings {
-        resync_interval: Duration::from_secs(3600),
         status_min_interval: Duration::from_millis(200),
-        namespace: Some(ns.clone()),
         identity: "e2e".into(),
         concurrency: 4,
-        issuers: voucher_operator::domain::Issuers::new([ns.clone()]),
-        key_namespace: ns.clone(),
-        global_namespace: "catalyst-global".into(),
-        joined: None,
-        billing: Default::default(),
+        ..support::controller_settings(&ns)
     };
     let ctx = Context::new(
         client.clone(),
