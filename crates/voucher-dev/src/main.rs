@@ -3,10 +3,12 @@
 
 #![forbid(unsafe_code)]
 
+mod banner;
 mod federation;
 mod gitops;
 mod prometheus;
 mod stack;
+mod walkthrough;
 
 use std::time::Duration;
 
@@ -198,7 +200,9 @@ fn init_logging(state_dir: &std::path::Path, verbose: u8) -> anyhow::Result<()> 
         1 => "info,sqlx=warn,async_nats=warn",
         _ => "debug",
     };
+    // Colour for a person at a terminal; a redirected log stays plain text.
     let to_console = fmt::layer()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .log_internal_errors(false)
         .with_filter(EnvFilter::new(console_level));

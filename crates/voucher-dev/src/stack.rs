@@ -385,6 +385,45 @@ pub(crate) async fn ensure_database(
     ))
 }
 
+/// The `voucher-operator` binary of this tree, beside this one (same target directory and
+/// profile): built first when this runs under cargo (`cargo local`), so that the banner's
+/// `$VOUCHER_OPERATOR` is the code that runs here.
+fn operator_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("{} has no directory", exe.display()))?;
+    let binary = dir.join("voucher-operator");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        // target/debug is the profile `dev`; every other profile's directory is its name.
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(name) => name,
+        };
+        let status = std::process::Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "--bin",
+                "voucher-operator",
+                "--profile",
+                profile,
+            ])
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+            .status()?;
+        if !status.success() {
+            anyhow::bail!("cargo build --bin voucher-operator failed ({status})");
+        }
+    }
+    if !binary.exists() {
+        anyhow::bail!(
+            "{} is missing: build it with `cargo build --bin voucher-operator` (or run `cargo local`)",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
 /// Starts everything, prints what to try (or runs the smoke check), and
 /// stops everything on Ctrl-C / SIGTERM (or when the smoke check ends).
 pub async fn run(settings: StackSettings, smoke: bool) -> anyhow::Result<()> {
@@ -394,6 +433,7 @@ pub async fn run(settings: StackSettings, smoke: bool) -> anyhow::Result<()> {
         None => Some(Binaries::find_or_build()?),
         Some(_) => None,
     };
+    let operator = operator_binary()?;
     std::fs::create_dir_all(&settings.state_dir)?;
     if services::is_root() {
         // Postgres runs unprivileged and must reach its directory inside.
@@ -410,7 +450,7 @@ pub async fn run(settings: StackSettings, smoke: bool) -> anyhow::Result<()> {
                 (None, Some(binaries)) => start_control_plane(&settings, binaries).await?,
                 (None, None) => unreachable!("the binaries are built when no cluster is given"),
             };
-            let outcome = run_operator(&settings, &cluster, smoke, stop.clone()).await;
+            let outcome = run_operator(&settings, &cluster, &operator, smoke, stop.clone()).await;
             stop.cancel();
             for process in processes.into_iter().rev() {
                 process.stop().await;
@@ -431,6 +471,7 @@ pub async fn run(settings: StackSettings, smoke: bool) -> anyhow::Result<()> {
 async fn run_operator(
     settings: &StackSettings,
     cluster: &Cluster,
+    operator: &Path,
     smoke: bool,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -452,7 +493,16 @@ async fn run_operator(
             Vec::new()
         }
     };
-    let outcome = serve(settings, cluster, store, database_url, smoke, stop).await;
+    let outcome = serve(
+        settings,
+        cluster,
+        store,
+        database_url,
+        operator,
+        smoke,
+        stop,
+    )
+    .await;
     for process in flux.into_iter().rev() {
         process.stop().await;
     }
@@ -465,6 +515,7 @@ async fn serve(
     cluster: &Cluster,
     store: Store,
     database_url: String,
+    operator: &Path,
     smoke: bool,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -517,6 +568,17 @@ async fn serve(
         Duration::from_secs(24 * 3600),
     )?;
     let base = format!("http://127.0.0.1:{}", settings.http_port);
+    let exports = crate::banner::Exports::new(&crate::banner::Values {
+        kubeconfig: &cluster.kubeconfig,
+        kubectl_dir: cluster.kubectl.parent().unwrap_or(Path::new("")),
+        base: &base,
+        token: &token,
+        service: &service,
+        database_url: &database_url,
+        nats_url: &relay_settings.nats_url,
+        operator,
+    });
+    let env_file = exports.write(&settings.state_dir)?;
     let prometheus = match settings.prometheus {
         true => Some(crate::prometheus::start(settings).await?),
         false => None,
@@ -524,6 +586,10 @@ async fn serve(
     let outcome = async {
         if smoke {
             smoke_check(cluster, &base, (&token, &service), &relay_settings).await?;
+            // The README's commands assume its own stack and examples from kubectl.
+            if !cluster.existing && !settings.gitops {
+                crate::walkthrough::run(&settings.state_dir).await?;
+            }
             if settings.gitops {
                 crate::gitops::smoke(settings, cluster).await?;
             }
@@ -532,7 +598,7 @@ async fn serve(
             }
             return Ok(());
         }
-        print_try(settings, cluster, &base, (&token, &service), &database_url);
+        crate::banner::print_try(&settings.state_dir, &exports, &env_file, &base);
         if settings.gitops {
             crate::gitops::print_try(settings.git_port);
         }
@@ -652,45 +718,6 @@ async fn ensure_namespaces(settings: &StackSettings, cluster: &Cluster) -> anyho
             .await?;
     }
     Ok(())
-}
-
-/// What to try, once everything runs.
-fn print_try(
-    settings: &StackSettings,
-    cluster: &Cluster,
-    base: &str,
-    (token, service): (&str, &str),
-    database_url: &str,
-) {
-    let kubeconfig_str = cluster.kubeconfig.to_string_lossy().into_owned();
-    println!(
-        "\nvoucher-operator is running locally (state in {state}). Try:\n\n\
-         export KUBECONFIG={kubeconfig_str}\n\
-         export PATH={kubectl_dir}:$PATH   # the kubectl built with the API server\n\
-         kubectl version\n\
-         kubectl get vouchers\n\
-         kubectl describe voucher omantel-muscat-200\n\
-         curl -s {base}/billing/vouchers/redeem-preview -d '{{\"code\":\"omantel-muscat-200\"}}'\n\
-         export TOKEN={token}\n\
-         export ADMIN=$TOKEN ADMIN_API={base}   # an administrator's token, and where the admin endpoints are (a cluster: the -admin Service)\n\
-         export DATABASE_URL={database_url}   # for cargo run -- campaign codes, report, export\n\
-         curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"OMANTEL-MUSCAT-200\",\"tenant_id\":\"acme\"}}'\n\
-         curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"INSTALLS-20-3M\",\"tenant_id\":\"acme\"}}'   # a discount grant\n\
-         export SERVICE={service}   # the billing service's checkout (cargo local token --sub billing --role billing-service)\n\
-         curl -s {base}/billing/vouchers/checkout/quote -H \"Authorization: Bearer $SERVICE\" -d '{{\"user_id\":\"local-developer\",\"lines\":[{{\"id\":\"1\",\"category\":\"install\",\"amount\":50000}},{{\"id\":\"2\",\"category\":\"support\",\"amount\":8000}}]}}'\n\
-         curl -s {base}/billing/vouchers/checkout/commit -H \"Authorization: Bearer $SERVICE\" -d '{{\"user_id\":\"local-developer\",\"order_id\":\"ORDER-1\",\"lines\":[{{\"id\":\"1\",\"category\":\"install\",\"amount\":50000}},{{\"id\":\"2\",\"category\":\"support\",\"amount\":8000}}]}}'\n\
-         cargo run -- events --nats-url nats://127.0.0.1:{nats} --follow\n\
-         cargo local token --sub alice        # a customer's token (--role sovereign-admin for an admin)\n\
-         tail -f {state}/operator.log        # the operator's log (-v prints it here too)\n\
-         psql {database_url}",
-        state = settings.state_dir.display(),
-        kubectl_dir = cluster
-            .kubectl
-            .parent()
-            .map(|d| d.display().to_string())
-            .unwrap_or_default(),
-        nats = settings.nats_port,
-    );
 }
 
 /// The main flow once: every example Ready, a redemption of a credit and of
