@@ -117,14 +117,42 @@ pub(crate) async fn wait_for_port(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let tail = log_tail(log, 12);
+    let log = log.display();
     if exited(process) {
         anyhow::bail!(
             "{what} exited at start (is something else using port {port}, e.g. a stack left \
-             running?); its log:\n{log}"
+             running?); the end of {log}:\n{tail}"
         )
     }
-    anyhow::bail!("{what} did not start on port {port} within 30 s; its log:\n{log}")
+    anyhow::bail!("{what} did not start on port {port} within 30 s; the end of {log}:\n{tail}")
+}
+
+/// The last `lines` lines of a log: the cause, without a whole earlier run's history.
+pub(crate) fn log_tail(log: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Holds the state directory for this run: a second `local` on it is refused at once, with
+/// the way out, instead of failing inside Postgres.
+pub(crate) fn lock_state_dir(state_dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = state_dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another `cargo local` is running on {}: stop it (Ctrl-C in its terminal), or give \
+             this one its own --state-dir and ports",
+            state_dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    }
 }
 
 pub(crate) fn spawn(
@@ -435,6 +463,7 @@ pub async fn run(settings: StackSettings, smoke: bool) -> anyhow::Result<()> {
     };
     let operator = operator_binary()?;
     std::fs::create_dir_all(&settings.state_dir)?;
+    let _lock = lock_state_dir(&settings.state_dir)?;
     if services::is_root() {
         // Postgres runs unprivileged and must reach its directory inside.
         use std::os::unix::fs::PermissionsExt;
@@ -636,26 +665,44 @@ async fn install_crds(cluster: &Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The example Vouchers, with kubectl.
+/// The example Vouchers, created with kubectl when missing: a restart keeps what the user
+/// changed (`kubectl apply -f examples/vouchers` restores them).
 async fn apply_examples(settings: &StackSettings, cluster: &Cluster) -> anyhow::Result<()> {
     let manifests = settings.state_dir.join("manifests");
     std::fs::create_dir_all(&manifests)?;
+    let mut kept = Vec::new();
     for (name, text) in EXAMPLES {
-        std::fs::write(manifests.join(name), text)?;
+        let file = manifests.join(name);
+        std::fs::write(&file, text)?;
+        let output = Command::new(&cluster.kubectl)
+            .args(["create", "-n", &cluster.namespace, "-f"])
+            .arg(&file)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .output()
+            .await?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        print!("{}", String::from_utf8_lossy(&output.stdout));
+        if !output.status.success() {
+            if !only_already_exists(&stderr) {
+                anyhow::bail!("kubectl create -f {name} failed: {}", stderr.trim());
+            }
+            kept.push(name);
+        }
     }
-    print!(
-        "{}",
-        cluster
-            .kubectl(&[
-                "apply",
-                "-n",
-                &cluster.namespace,
-                "-f",
-                &manifests.to_string_lossy()
-            ])
-            .await?
-    );
+    if !kept.is_empty() {
+        println!(
+            "kept as they are (a restart never applies over your changes; kubectl apply -f \
+             examples/vouchers restores them): {}",
+            kept.join(", ")
+        );
+    }
     Ok(())
+}
+
+/// Whether every error kubectl printed is an object that exists already.
+fn only_already_exists(stderr: &str) -> bool {
+    let errors: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    !errors.is_empty() && errors.iter().all(|l| l.contains("(AlreadyExists)"))
 }
 
 /// The controller as a deployment runs it, under a Lease: a second
@@ -881,5 +928,60 @@ pub(crate) async fn smoke_event(
             return Ok(());
         }
         wait_until(deadline, "the redemptions' events in JetStream").await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_local_on_the_same_state_directory_is_refused_with_the_way_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_state_dir(dir.path()).unwrap();
+        let error = lock_state_dir(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("another `cargo local`"), "{error}");
+        assert!(error.contains("--state-dir"), "{error}");
+        drop(first);
+        lock_state_dir(dir.path()).expect("free once the first run ends");
+    }
+
+    #[test]
+    fn a_restart_keeps_the_examples_the_user_changed_and_fails_on_anything_else() {
+        let cases = [
+            (
+                "Error from server (AlreadyExists): error when creating \"a.yaml\": vouchers \"x\" already exists\n",
+                true,
+                "every object exists",
+            ),
+            (
+                "Error from server (AlreadyExists): …\nError from server (Forbidden): …\n",
+                false,
+                "one refused",
+            ),
+            (
+                "error: the server doesn't have a resource type \"vouchers\"\n",
+                false,
+                "no CRD",
+            ),
+            ("", false, "a failure without a message is not success"),
+        ];
+        for (stderr, kept, reason) in cases {
+            assert_eq!(only_already_exists(stderr), kept, "{reason}");
+        }
+    }
+
+    #[test]
+    fn a_failed_start_shows_the_end_of_the_log_not_all_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("postgres.log");
+        let text: Vec<String> = (0..500).map(|i| format!("line {i}")).collect();
+        std::fs::write(&log, text.join("\n")).unwrap();
+        let tail = log_tail(&log, 12);
+        assert_eq!(tail.lines().count(), 12);
+        assert!(
+            tail.ends_with("line 499") && !tail.contains("line 487\n"),
+            "{tail}"
+        );
     }
 }
