@@ -428,6 +428,8 @@ async fn code_outside_the_grammar_is_rejected() {
             &[
                 "spec.code",
                 "should match '^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$'",
+                // The grammar in words, for a person.
+                "a code is 3 to 64 characters of letters, digits, '-' and '_'",
             ],
         )
         .await;
@@ -474,7 +476,11 @@ async fn window_must_end_after_it_starts() {
             "expiresAt": "2027-01-01T00:00:00Z"
         }})),
         None,
-        &["spec.expiresAt must be later than spec.validFrom"],
+        // Named by its field (fieldPath), not `spec: Invalid value: "object"`.
+        &[
+            "spec.expiresAt: Invalid value",
+            "spec.expiresAt must be later than spec.validFrom",
+        ],
     )
     .await;
     // Equal instants in different offsets are still an empty window.
@@ -513,7 +519,16 @@ async fn unknown_deletion_policy_is_rejected() {
 #[tokio::test]
 async fn a_name_that_cannot_be_a_code_needs_an_explicit_code() {
     let dotted = with(json!({"metadata": {"name": "launch.2026"}}));
-    assert_rejected(dotted.clone(), None, &["metadata.name becomes the code"]).await;
+    // `metadata.name: Invalid value`, not `<nil>: Invalid value` (a rule without fieldPath).
+    assert_rejected(
+        dotted.clone(),
+        None,
+        &[
+            "metadata.name: Invalid value",
+            "metadata.name becomes the code",
+        ],
+    )
+    .await;
     let mut explicit = dotted;
     explicit["spec"]["code"] = json!("LAUNCH-2026");
     assert_valid(&explicit, None).await;

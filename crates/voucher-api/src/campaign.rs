@@ -22,6 +22,8 @@ use voucher_core::voucher::{
 
 /// The prefix of a campaign's codes: the code alphabet, possibly empty.
 pub const PREFIX_PATTERN: &str = r"^([A-Za-z0-9][A-Za-z0-9_-]{0,55})?$";
+/// [`PREFIX_PATTERN`] as a CEL rule, to answer in words.
+const PREFIX_RULE: &str = "self.matches('^([A-Za-z0-9][A-Za-z0-9_-]{0,55})?$')";
 
 /// Desired state of a campaign: `count` unique codes granting the same credit or discount.
 // Printer columns of one type repeat `type_ = "integer"`: not a duplicate.
@@ -58,33 +60,42 @@ pub const PREFIX_PATTERN: &str = r"^([A-Za-z0-9][A-Za-z0-9_-]{0,55})?$";
     ),
     // The name is part of the admin CSV URL and of the audit subject (no dots there).
     validation = Rule::new("self.metadata.name.matches('^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$')")
-        .message("metadata.name of a VoucherCampaign must be a DNS label: 1 to 63 characters of a-z, 0-9 and '-' (no dots)"),
+        .message("metadata.name of a VoucherCampaign must be a DNS label: 1 to 63 characters of a-z, 0-9 and '-' (no dots)")
+        .field_path(".metadata.name"),
 )]
 #[x_kube(
-    validation = Rule::new(crate::ONE_GRANT).message(crate::ONE_GRANT_MESSAGE),
+    validation = Rule::new(crate::ONE_GRANT).message(crate::ONE_GRANT_MESSAGE).field_path(".creditOMR"),
     validation = Rule::new(crate::SAME_GRANT)
-        .message("a VoucherCampaign cannot switch between a credit (spec.creditOMR) and a discount (spec.discount): its codes already redeemed granted the one; create a new campaign for the other"),
+        .message("a VoucherCampaign cannot switch between a credit (spec.creditOMR) and a discount (spec.discount): its codes already redeemed granted the one; create a new campaign for the other")
+        .field_path(".discount"),
     validation = Rule::new("self.count >= oldSelf.count")
-        .message("spec.count can grow but never shrink: codes already issued stay issued; deactivate the campaign or revoke single codes instead"),
+        .message("spec.count can grow but never shrink: codes already issued stay issued; deactivate the campaign or revoke single codes instead")
+        .field_path(".count"),
     validation = Rule::new("size(self.prefix) + self.codeLength <= 64")
-        .message("spec.prefix and spec.codeLength make codes longer than 64 characters"),
+        .message("spec.prefix and spec.codeLength make codes longer than 64 characters")
+        .field_path(".prefix"),
     validation = Rule::new("!has(self.validFrom) || !has(self.expiresAt) || self.expiresAt > self.validFrom")
-        .message("spec.expiresAt must be later than spec.validFrom"),
+        .message("spec.expiresAt must be later than spec.validFrom")
+        .field_path(".expiresAt"),
     validation = Rule::new("self.deletionPolicy == oldSelf.deletionPolicy || (!oldSelf.active && !self.active)")
-        .message("spec.deletionPolicy can change only while the campaign is inactive, before and after: set spec.active to false first, then change the policy"),
+        .message("spec.deletionPolicy can change only while the campaign is inactive, before and after: set spec.active to false first, then change the policy")
+        .field_path(".deletionPolicy"),
     // voucher_core::campaign::max_count: a valid code takes 2^40 guesses. Checked on create and
     // whenever count grows (a campaign created before the rule keeps what it has).
     validation = Rule::new("(oldSelf.hasValue() && oldSelf.value().count == self.count) || self.codeLength >= 12 || self.count <= [1, 32, 1024, 32768][self.codeLength - 8]")
         .optional_old_self(true)
-        .message("spec.count is too large for spec.codeLength (default 10): one guess in fewer than 2^40 would find a code. Allow 32^(codeLength - 8) codes at most: codeLength 9 for 32, 10 for 1024, 11 for 32768, 12 for 1000000 (set it: it is immutable)"),
+        .message("spec.count is too large for spec.codeLength (default 10): one guess in fewer than 2^40 would find a code. Allow 32^(codeLength - 8) codes at most: codeLength 9 for 32, 10 for 1024, 11 for 32768, 12 for 1000000 (set it: it is immutable)")
+        .field_path(".count"),
     validation = Rule::new("self.prefix == oldSelf.prefix && self.codeLength == oldSelf.codeLength && self.keySecretRef == oldSelf.keySecretRef")
-        .message("spec.prefix, spec.codeLength and spec.keySecretRef are immutable: they decide the codes already issued; create a new campaign instead"),
+        .message("spec.prefix, spec.codeLength and spec.keySecretRef are immutable: they decide the codes already issued; create a new campaign instead")
+        .field_path(".prefix"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VoucherCampaignSpec {
     /// The start of every code, e.g. OMANTEL-BILL- (letters, digits, '-' and '_').
     #[serde(default)]
     #[schemars(regex(pattern = PREFIX_PATTERN))]
+    #[x_kube(validation = Rule::new(PREFIX_RULE).message("spec.prefix is up to 56 characters of letters, digits, '-' and '_', starting with a letter or digit, without spaces (e.g. OMANTEL-BILL-)"))]
     pub prefix: String,
 
     /// How many codes the campaign issues (1 to 1000000). It may grow, never shrink.
@@ -135,7 +146,9 @@ pub struct VoucherCampaignSpec {
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 
-    /// The Secret (in the campaign's namespace) holding the generator key.
+    /// The Secret holding the generator key, in the namespace kept for keys (the chart's
+    /// voucher-campaign-keys, --campaign-key-namespace), the only one whose Secrets the controller
+    /// reads.
     pub key_secret_ref: KeySecretRef,
 }
 
@@ -195,7 +208,7 @@ pub struct VoucherCampaignStatus {
 /// ([`crate::kept`]): deleting it deletes every campaign at once (the
 /// controller then orphans their codes, but every campaign is gone).
 pub fn crd() -> CustomResourceDefinition {
-    crate::kept(VoucherCampaign::crd())
+    crate::published(VoucherCampaign::crd())
 }
 
 /// The CRD as the YAML document committed in `crds/vouchercampaign.yaml`.

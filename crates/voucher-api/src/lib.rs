@@ -62,7 +62,8 @@ pub const PLURAL: &str = "vouchers";
     printcolumn(name = "Expires", type_ = "string", json_path = ".spec.expiresAt", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("has(self.spec.code) || self.metadata.name.matches('^[a-z0-9][a-z0-9-]{2,63}$')")
-        .message("metadata.name becomes the code when spec.code is absent, so it must be 3 to 64 characters of a-z, 0-9 and '-'; otherwise set spec.code"),
+        .message("metadata.name becomes the code when spec.code is absent, so it must be 3 to 64 characters of a-z, 0-9 and '-'; otherwise set spec.code")
+        .field_path(".metadata.name"),
     // The effective code never changes: spec.code may be written out as the code the name
     // gave (in either case), but not changed, added as another or removed.
     validation = Rule::new("(has(self.spec.code) ? self.spec.code.upperAscii() : self.metadata.name.upperAscii()) == (has(oldSelf.spec.code) ? oldSelf.spec.code.upperAscii() : oldSelf.metadata.name.upperAscii())")
@@ -71,25 +72,35 @@ pub const PLURAL: &str = "vouchers";
 )]
 #[x_kube(
     validation = Rule::new("!has(self.validFrom) || !has(self.expiresAt) || self.expiresAt > self.validFrom")
-        .message("spec.expiresAt must be later than spec.validFrom"),
+        .message("spec.expiresAt must be later than spec.validFrom")
+        .field_path(".expiresAt"),
     validation = Rule::new("self.deletionPolicy == oldSelf.deletionPolicy || (!oldSelf.active && !self.active)")
-        .message("spec.deletionPolicy can change only while the Voucher is inactive, before and after: set spec.active to false first, then change the policy"),
+        .message("spec.deletionPolicy can change only while the Voucher is inactive, before and after: set spec.active to false first, then change the policy")
+        .field_path(".deletionPolicy"),
     validation = Rule::new("(has(self.creditOMR) ? 1 : 0) + (has(self.creditByCurrency) ? 1 : 0) + (has(self.discount) ? 1 : 0) == 1")
-        .message("set exactly one of spec.creditOMR (a credit in whole units), spec.creditByCurrency (a global voucher's credit per currency) and spec.discount (percentOff or amountOff, with appliesTo and durationMonths): a voucher grants one or the other"),
+        .message("set exactly one of spec.creditOMR (a credit in whole units), spec.creditByCurrency (a global voucher's credit per currency) and spec.discount (percentOff or amountOff, with appliesTo and durationMonths): a voucher grants one or the other")
+        .field_path(".creditOMR"),
     validation = Rule::new("has(self.discount) == has(oldSelf.discount)")
-        .message("a Voucher cannot switch between a credit (spec.creditOMR or spec.creditByCurrency) and a discount (spec.discount): vouchers already redeemed granted the one; create a new Voucher for the other"),
+        .message("a Voucher cannot switch between a credit (spec.creditOMR or spec.creditByCurrency) and a discount (spec.discount): vouchers already redeemed granted the one; create a new Voucher for the other")
+        .field_path(".discount"),
     validation = Rule::new("!has(self.creditByCurrency) || (has(self.scope) && self.scope == 'Global')")
-        .message("spec.creditByCurrency is for global vouchers (spec.scope: Global), granted in each Sovereign's currency; a Sovereign's own voucher grants spec.creditOMR in its currency"),
+        .message("spec.creditByCurrency is for global vouchers (spec.scope: Global), granted in each Sovereign's currency; a Sovereign's own voucher grants spec.creditOMR in its currency")
+        .field_path(".creditByCurrency"),
     validation = Rule::new("!has(self.creditByCurrency) || self.creditByCurrency.all(c, c.matches('^[A-Z]{3}$'))")
-        .message("spec.creditByCurrency is keyed by ISO 4217 currency codes, three upper-case letters (e.g. OMR, BHD, USD)"),
+        .message("spec.creditByCurrency is keyed by ISO 4217 currency codes, three upper-case letters (e.g. OMR, BHD, USD)")
+        .field_path(".creditByCurrency"),
     validation = Rule::new("(has(self.perCustomer) ? self.perCustomer : 'Sovereign') == (has(oldSelf.perCustomer) ? oldSelf.perCustomer : 'Sovereign')")
-        .message("spec.perCustomer is immutable: customers who redeemed under the one rule would be judged by the other; create a new Voucher instead"),
+        .message("spec.perCustomer is immutable: customers who redeemed under the one rule would be judged by the other; create a new Voucher instead")
+        .field_path(".perCustomer"),
     validation = Rule::new("!has(self.perCustomer) || self.perCustomer != 'Global' || (has(self.scope) && self.scope == 'Global')")
-        .message("spec.perCustomer: Global (once per customer on any Sovereign) needs spec.scope: Global; a Sovereign's own voucher is once per customer here"),
+        .message("spec.perCustomer: Global (once per customer on any Sovereign) needs spec.scope: Global; a Sovereign's own voucher is once per customer here")
+        .field_path(".perCustomer"),
     validation = Rule::new("(has(self.scope) ? self.scope : 'Sovereign') == (has(oldSelf.scope) ? oldSelf.scope : 'Sovereign')")
-        .message("spec.scope is immutable: a Sovereign's cap and a global cap are different vouchers; create a new Voucher instead"),
+        .message("spec.scope is immutable: a Sovereign's cap and a global cap are different vouchers; create a new Voucher instead")
+        .field_path(".scope"),
     validation = Rule::new("!has(self.scope) || self.scope != 'Global' || self.maxRedemptions > 0")
         .message("a Global voucher needs spec.maxRedemptions of at least 1: its cap is shared among Sovereigns, and 0 (unlimited) has nothing to share")
+        .field_path(".maxRedemptions")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VoucherSpec {
@@ -97,6 +108,8 @@ pub struct VoucherSpec {
     /// defaults to the upper-cased resource name. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = CODE_PATTERN), length(max = voucher_core::code::MAX_CODE_LEN))]
+    // The pattern for tools that read the schema; the rule says it in words to a person.
+    #[x_kube(validation = Rule::new(CODE_RULE).message(CODE_MESSAGE))]
     pub code: Option<String>,
 
     /// Credit granted on redemption, in whole Omani Rial (1 to 100000; a namespace may be
@@ -214,6 +227,11 @@ impl Scope {
     }
 }
 
+/// A code's grammar as a CEL rule, with its message (the schema's pattern alone answers with
+/// the raw regular expression).
+const CODE_RULE: &str = "self.matches('^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$')";
+const CODE_MESSAGE: &str = "a code is 3 to 64 characters of letters, digits, '-' and '_', starting with a letter or digit, without spaces (e.g. OMANTEL-MUSCAT-200); it is upper-cased";
+
 /// Exactly one grant (a CEL rule of both kinds' specs).
 pub(crate) const ONE_GRANT: &str = "has(self.creditOMR) != has(self.discount)";
 pub(crate) const ONE_GRANT_MESSAGE: &str = "set exactly one of spec.creditOMR (a credit in whole OMR) and spec.discount (percentOff or amountOff, with appliesTo and durationMonths): a voucher grants one or the other";
@@ -226,6 +244,7 @@ pub(crate) const SAME_GRANT: &str = "has(self.creditOMR) == has(oldSelf.creditOM
 #[x_kube(
     validation = Rule::new("has(self.percentOff) != has(self.amountOff)")
         .message("spec.discount takes exactly one of percentOff (1 to 100) and amountOff (minor units of the currency, at least 1)")
+        .field_path(".percentOff")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DiscountSpec {
@@ -518,7 +537,77 @@ pub fn voucher_for(record: &CodeRecord, namespace: &str) -> Result<Voucher, Adop
 /// (see [`kept`]): deleting it deletes every Voucher at once (the controller
 /// then orphans their codes rather than revoking them, but every Voucher is gone).
 pub fn crd() -> CustomResourceDefinition {
-    kept(Voucher::crd())
+    published(Voucher::crd())
+}
+
+/// A generated CRD as it is installed: kept, readable, its rules on the name pointing at it.
+pub(crate) fn published(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    kept(readable(name_addressable(crd)))
+}
+
+/// The root schema names `metadata.name` (a string, the one field of metadata a CRD may
+/// describe besides generateName), so that a rule on the name can give `.metadata.name` as its
+/// fieldPath: the API server refuses a path the schema does not hold.
+fn name_addressable(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps;
+    for version in &mut crd.spec.versions {
+        let Some(root) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        else {
+            continue;
+        };
+        let name = JSONSchemaProps {
+            type_: Some("string".into()),
+            ..Default::default()
+        };
+        let metadata = JSONSchemaProps {
+            type_: Some("object".into()),
+            properties: Some([("name".to_owned(), name)].into()),
+            ..Default::default()
+        };
+        root.properties
+            .get_or_insert_with(Default::default)
+            .insert("metadata".into(), metadata);
+    }
+    crd
+}
+
+/// `crd` with descriptions that read as sentences in `kubectl explain`: a doc comment's line
+/// breaks are the source's wrapping, not the text's (a blank line stays a paragraph).
+pub(crate) fn readable(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn unwrap(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map.iter_mut() {
+                    match (key.as_str(), value) {
+                        ("description", serde_json::Value::String(text)) => *text = sentences(text),
+                        (_, value) => unwrap(value),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(unwrap),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(&crd).expect("a CRD always serialises");
+    unwrap(&mut value);
+    serde_json::from_value(value).expect("only descriptions changed")
+}
+
+/// A doc comment's text with its lines joined, paragraphs kept.
+fn sentences(text: &str) -> String {
+    text.split("\n\n")
+        .map(|paragraph| {
+            paragraph
+                .split('\n')
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }
 
 /// `crd` marked to be kept by Helm (uninstall) and by Flux (a prune, when it
@@ -674,9 +763,61 @@ mod tests {
         }
         assert_eq!(props["description"]["maxLength"], MAX_DESCRIPTION_LEN);
         assert_eq!(props["code"]["pattern"], CODE_PATTERN);
+        // The same grammar, as a rule that answers in words.
+        assert_eq!(CODE_RULE, format!("self.matches('{CODE_PATTERN}')"));
+        assert_eq!(
+            props["code"]["x-kubernetes-validations"][0]["rule"],
+            CODE_RULE
+        );
         // The window rule is a CEL rule on the spec.
         let rules = spec["x-kubernetes-validations"].to_string();
         assert!(rules.contains("self.expiresAt > self.validFrom"), "{rules}");
+    }
+
+    /// Every rule of both CRDs on an object names the field a person must change, so the API
+    /// server answers `spec.expiresAt: …`, not `<nil>` or `spec`, and no description breaks a
+    /// sentence (`kubectl explain` prints its line breaks).
+    #[test]
+    fn every_object_rule_names_its_field_and_descriptions_read_as_sentences() {
+        fn walk(at: &str, value: &serde_json::Value, found: &mut Vec<String>) {
+            match value {
+                serde_json::Value::Object(map) => {
+                    for rule in map
+                        .get("x-kubernetes-validations")
+                        .and_then(|r| r.as_array())
+                        .into_iter()
+                        .flatten()
+                    {
+                        let on_object = map.get("type").and_then(|t| t.as_str()) == Some("object");
+                        if on_object && rule.get("fieldPath").is_none() {
+                            found.push(format!("{at}: a rule without fieldPath: {}", rule["rule"]));
+                        }
+                    }
+                    let text = map.get("description").and_then(|d| d.as_str());
+                    if let Some(text) = text.filter(|t| t.replace("\n\n", "").contains('\n')) {
+                        found.push(format!(
+                            "{at}: a description broken mid-paragraph: {text:?}"
+                        ));
+                    }
+                    for (key, value) in map {
+                        walk(&format!("{at}/{key}"), value, found);
+                    }
+                }
+                serde_json::Value::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        walk(&format!("{at}/{i}"), item, found);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        for crd in [crd(), campaign::crd()] {
+            let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+            walk(&crd.metadata.name.unwrap(), &schema, &mut found);
+        }
+        assert!(found.is_empty(), "{found:#?}");
+        assert_eq!(sentences("a\nb\n\nc\n d"), "a b\n\nc d");
     }
 
     proptest::proptest! {
