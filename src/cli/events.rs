@@ -132,9 +132,36 @@ impl<W: Write> EventTable<W> {
             return writeln!(self.out, "{event}");
         }
         let row = self.row(event);
-        let widths = self.widths.expect("set when caught up");
+        let mut widths = self.widths.expect("set when caught up");
+        // A code or an actor longer than its column widens it (an actor up to ACTOR_WIDTH),
+        // under a new header: codes stay whole (they are what a person looks for) and every
+        // column still starts where its header does.
+        let code = row.0[1].chars().count();
+        let actor = row.0[3].chars().count().min(ACTOR_WIDTH);
+        if code > widths[1] || actor > widths[3] {
+            widths[1] = widths[1].max(code);
+            widths[3] = widths[3].max(actor);
+            self.widths = Some(widths);
+            self.print_row(&header(), widths)?;
+        }
         self.print_row(&row, widths)
     }
+}
+
+fn header() -> EventRow {
+    EventRow(["TIME", "CODE", "TYPE", "ACTOR", "REASON"].map(String::from))
+}
+
+/// The CODE column at least: a campaign's codes (prefix and 10 characters) fit.
+const CODE_WIDTH: usize = 26;
+
+/// The TYPE column: the longest type there is, so that every later one fits.
+fn type_width() -> usize {
+    crate::domain::AuditKind::ALL
+        .iter()
+        .map(|kind| kind.as_str().len())
+        .max()
+        .unwrap_or_default()
 }
 
 fn shorten(text: &str, width: usize) -> String {
@@ -150,7 +177,7 @@ impl<W: Write> EventTable<W> {
     /// usual codes and every type; the actor shortened as always.
     fn streaming_widths(&self) -> [usize; 4] {
         let time = if self.utc { 20 } else { 25 };
-        [time, 16, "drift_corrected".len(), ACTOR_WIDTH]
+        [time, CODE_WIDTH, type_width(), ACTOR_WIDTH]
     }
 }
 
@@ -163,9 +190,7 @@ impl<W: Write> EventSink for EventTable<W> {
             let widths = self.streaming_widths();
             self.widths = Some(widths);
             if !self.json {
-                let header =
-                    EventRow(["TIME", "CODE", "TYPE", "ACTOR", "REASON"].map(String::from));
-                self.print_row(&header, widths)?;
+                self.print_row(&header(), widths)?;
             }
         }
         if self.widths.is_some() {
@@ -184,7 +209,7 @@ impl<W: Write> EventSink for EventTable<W> {
             return Ok(());
         }
         let rows: Vec<EventRow> = self.kept.iter().map(|e| self.row(e)).collect();
-        let header = EventRow(["TIME", "CODE", "TYPE", "ACTOR", "REASON"].map(String::from));
+        let header = header();
         let mut widths = [0; 4];
         for row in std::iter::once(&header).chain(&rows) {
             for (width, cell) in widths.iter_mut().zip(&row.0) {
@@ -193,8 +218,8 @@ impl<W: Write> EventSink for EventTable<W> {
         }
         widths[3] = widths[3].min(ACTOR_WIDTH);
         // New events later may bring longer codes and types: room for them.
-        widths[1] = widths[1].max(16);
-        widths[2] = widths[2].max("drift_corrected".len());
+        widths[1] = widths[1].max(CODE_WIDTH);
+        widths[2] = widths[2].max(type_width());
         self.widths = Some(widths);
         if !self.json && !rows.is_empty() {
             self.print_row(&header, widths)?;
@@ -256,6 +281,44 @@ mod tests {
             "a long actor is shortened: {}",
             lines[2]
         );
+    }
+
+    /// `--follow` fixes its columns from the first batch; what comes later (the longest type,
+    /// a longer code) still lands under its header.
+    #[test]
+    fn later_events_of_any_width_stay_in_their_columns() {
+        let mut out = Vec::new();
+        let mut table = EventTable::new(&mut out, false, true, 10);
+        table.event(&event("C-1", "a")).unwrap();
+        table.caught_up().unwrap();
+        let mut longest = event("C-2", "b");
+        longest["type"] = json!("io.openova.catalyst.voucher.campaign_suspension_lifted.v1");
+        table.event(&longest).unwrap();
+        let long_code = "A-VERY-LONG-CODE-OF-A-PARTNER-CAMPAIGN-2027-0001";
+        table.event(&event(long_code, "local-developer")).unwrap();
+        table.event(&event("C-3", "d")).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines.len(),
+            6,
+            "a header again when the code column widens: {text}"
+        );
+        assert!(lines[4].contains(long_code), "codes stay whole: {text}");
+        assert!(
+            lines[4].contains("sub:local-developer "),
+            "an actor too: {text}"
+        );
+        for (header, rows) in [(lines[0], &lines[1..3]), (lines[3], &lines[4..6])] {
+            assert!(header.starts_with("TIME"), "{text}");
+            for row in rows {
+                assert_eq!(
+                    header.find("ACTOR"),
+                    row.find(" sub:").map(|i| i + 1),
+                    "{text}"
+                );
+            }
+        }
     }
 
     #[test]
