@@ -567,3 +567,39 @@ async fn a_global_voucher_is_admitted_only_in_the_global_namespace_from_the_vend
         .apply(&tenant, &voucher("local-10", json!({"creditOMR": 10})))
         .expect("the tenant's own vouchers, as before");
 }
+
+/// `cargo local` installs the chart's admission policy (so that "only adopters may adopt or
+/// reissue" can be tried there) from a rendering committed beside it, with the chart's default
+/// adopters, as the release `voucher-operator` in `default`: it must be what the chart renders
+/// today.
+#[test]
+fn the_local_stacks_admission_policy_is_the_charts() {
+    let path = repo().join("crates/voucher-dev/src/admission.yaml");
+    let rendered = render_release(chart_dir(), "voucher-operator", "default", required());
+    rendered.assert_valid();
+    let expected = rendered.of_kinds(&ADMISSION);
+    let committed: Vec<Value> = std::fs::read_to_string(&path)
+        .map(|text| {
+            serde_yaml::Deserializer::from_str(&text)
+                .map(|doc| Value::deserialize(doc).expect("a YAML document"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if committed != expected {
+        let fresh = repo().join("target/admission.yaml");
+        let text: String = expected
+            .iter()
+            .map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap()))
+            .collect();
+        std::fs::write(
+            &fresh,
+            format!("# The chart's admission policy as `cargo local` installs it: rendered by\n# tests/chart/admission.rs (release voucher-operator, namespace default); do not edit.\n{text}"),
+        )
+        .unwrap();
+        panic!(
+            "{} is not the chart's policy: the rendering is in {}; copy it over",
+            path.display(),
+            fresh.display()
+        );
+    }
+}

@@ -125,10 +125,15 @@ fn render_chart(chart: PathBuf, values: Value) -> Rendered {
 }
 
 fn render_chart_in(chart: PathBuf, namespace: &str, values: Value) -> Rendered {
+    render_release(chart, RELEASE, namespace, values)
+}
+
+/// Renders the chart as the release `release` in `namespace`.
+fn render_release(chart: PathBuf, release: &str, namespace: &str, values: Value) -> Rendered {
     let request = json!({
         "chart": chart,
         "values": values,
-        "release": RELEASE,
+        "release": release,
         "namespace": namespace,
         "kube_versions": KUBE_VERSIONS,
     });

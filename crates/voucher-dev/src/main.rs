@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod admission;
 mod banner;
 mod federation;
 mod gitops;

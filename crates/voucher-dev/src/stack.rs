@@ -515,6 +515,10 @@ async fn run_operator(
 
     install_crds(cluster).await?;
     ensure_namespaces(settings, cluster).await?;
+    // Someone else's cluster keeps its own admission (the chart's, when it is installed).
+    if !cluster.existing {
+        crate::admission::install(settings, cluster).await?;
+    }
     let flux = match settings.gitops {
         true => crate::gitops::start(settings, cluster).await?,
         false => {
@@ -557,7 +561,7 @@ async fn serve(
     let config = controller_config(settings, cluster, &relay_settings);
     let role = Role::new(client.clone(), store.clone(), config, &mut registry);
     let role_stop = stop.clone();
-    tokio::spawn(async move {
+    let controller = tokio::spawn(async move {
         if let Err(error) = role.run(role_stop).await {
             tracing::error!(error = %error, "the controller stopped");
         }
@@ -583,7 +587,7 @@ async fn serve(
     };
     // The controller's metrics beside the server's, on its /metrics.
     let http = server::Role::new(store, Some(client), config, registry).await?;
-    tokio::spawn(http.run(stop.clone()));
+    let http = tokio::spawn(http.run(stop.clone()));
     let token = dev_token(
         &secret,
         "local-developer",
@@ -615,6 +619,9 @@ async fn serve(
     let outcome = async {
         if smoke {
             smoke_check(cluster, &base, (&token, &service), &relay_settings).await?;
+            if !cluster.existing {
+                crate::admission::smoke(cluster).await?;
+            }
             // The README's commands assume its own stack and examples from kubectl.
             if !cluster.existing && !settings.gitops {
                 crate::walkthrough::run(&settings.state_dir).await?;
@@ -628,6 +635,9 @@ async fn serve(
             return Ok(());
         }
         crate::banner::print_try(&settings.state_dir, &exports, &env_file, &base);
+        if !cluster.existing {
+            crate::admission::print_try(cluster);
+        }
         if settings.gitops {
             crate::gitops::print_try(settings.git_port);
         }
@@ -638,6 +648,14 @@ async fn serve(
         stop.cancelled().await;
         Ok(())
     }
+    .await;
+    // The controller and the server end (releasing the Lease, finishing a reconcile) before
+    // the API server and the databases they talk to stop: a clean shutdown says nothing.
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = controller.await;
+        let _ = http.await;
+    })
     .await;
     if let Some(prometheus) = prometheus {
         prometheus.stop().await;
