@@ -225,3 +225,106 @@ fn export_takes_a_path_not_a_format_word() {
         "{stderr}"
     );
 }
+
+/// A Voucher deleted with `deletionPolicy: Orphan` left its code to nobody, on purpose: exported
+/// again, the code keeps that choice (the default would revoke it when the adopting Voucher is
+/// deleted), until it is bound or revoked again.
+#[tokio::test]
+async fn a_code_released_with_orphan_is_exported_with_orphan() {
+    use voucher_operator::api::DeletionPolicy;
+    use voucher_operator::domain::{Code, Owner, Request, Terms};
+    use voucher_operator::store::sync::{Released, Wanted};
+
+    let database = support::fresh_database("export_orphan").await;
+    let store = Store::from_pool(support::pool(&database).await);
+    store.migrate().await.unwrap();
+    let code = Code::parse("KEPT-ON-DELETE").unwrap();
+    let owner = |uid: &str| Owner {
+        namespace: "billing".into(),
+        name: "kept-on-delete".into(),
+        uid: uid.into(),
+    };
+    let terms = Terms::granting(20);
+    let bind = |owner: Owner, request: Request| {
+        let (store, code, terms) = (store.clone(), code.clone(), terms.clone());
+        async move {
+            store
+                .sync_voucher(&Wanted {
+                    code: &code,
+                    owner: &owner,
+                    generation: 1,
+                    terms: &terms,
+                    request,
+                    deletion_policy: DeletionPolicy::Orphan,
+                    suspended: false,
+                    now: chrono::Utc::now(),
+                    global: None,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let exported = || {
+        let db = database.clone();
+        async move {
+            tokio::task::spawn_blocking(move || export(&db, "billing", &["--include-deleted"]))
+                .await
+                .unwrap()
+                .0
+        }
+    };
+
+    bind(owner("uid-1"), Request::default()).await;
+    let released = store
+        .release_voucher(&code, &owner("uid-1"), None)
+        .await
+        .unwrap();
+    assert!(matches!(released, Released::Orphaned(_)), "{released:?}");
+    let yaml = exported().await;
+    let vouchers = documents(&yaml);
+    assert_eq!(vouchers.len(), 1, "{yaml}");
+    assert_eq!(
+        vouchers[0].spec.deletion_policy,
+        DeletionPolicy::Orphan,
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains(
+            "# released by Voucher billing/kept-on-delete with deletionPolicy Orphan at "
+        ),
+        "{yaml}"
+    );
+
+    // Adopted again: the new owner's policy holds, and the record of the old choice is gone.
+    let adopt = Request {
+        adopt: true,
+        ..Request::default()
+    };
+    bind(owner("uid-2"), adopt).await;
+    let yaml = exported().await;
+    assert!(
+        documents(&yaml).is_empty() && !yaml.contains("released by"),
+        "{yaml}"
+    );
+
+    // Released with Orphan again, then revoked by an administrator: the revocation is the last
+    // word, and the export asks for a reissue with the default policy.
+    store
+        .release_voucher(&code, &owner("uid-2"), None)
+        .await
+        .unwrap();
+    store
+        .revoke(&code, "admin")
+        .await
+        .unwrap()
+        .expect("revoked");
+    let yaml = exported().await;
+    let vouchers = documents(&yaml);
+    assert_eq!(vouchers.len(), 1, "{yaml}");
+    assert_eq!(
+        vouchers[0].spec.deletion_policy,
+        DeletionPolicy::Revoke,
+        "{yaml}"
+    );
+    assert!(!yaml.contains("released by"), "{yaml}");
+}

@@ -136,14 +136,15 @@ pub async fn bind(conn: &mut PgConnection, code: &Code, owner: &Owner, bound: Bo
     .bind(bound.generation)
     .bind(bound.phase.as_str())
     .bind(bound.deletion_policy.as_str())
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
     if result.rows_affected() == 0 {
         return Err(StoreError::BindingTaken {
             code: code.to_string(),
         });
     }
-    Ok(())
+    // Owned again: the new owner's policy holds, not the one that let it go.
+    record_orphan(conn, code, None).await
 }
 
 /// Releases the binding of `code`, whoever holds it (the admin revoke).
@@ -164,6 +165,56 @@ fn owner((namespace, name, uid): (String, String, String)) -> Owner {
         name,
         uid,
     }
+}
+
+/// Records that `owner` let go of `code` with deletionPolicy Orphan (see the migration
+/// `orphan_releases`), or, with `None`, that it is bound or revoked again.
+pub(crate) async fn record_orphan(
+    conn: &mut PgConnection,
+    code: &Code,
+    owner: Option<&Owner>,
+) -> Result<()> {
+    match owner {
+        Some(owner) => {
+            sqlx::query(
+                "INSERT INTO voucher_orphan_releases (code, namespace, name) VALUES ($1, $2, $3) \
+                 ON CONFLICT (code) DO UPDATE SET namespace = EXCLUDED.namespace, \
+                 name = EXCLUDED.name, released_at = now()",
+            )
+            .bind(code.as_str())
+            .bind(&owner.namespace)
+            .bind(&owner.name)
+            .execute(conn)
+            .await?
+        }
+        None => {
+            sqlx::query("DELETE FROM voucher_orphan_releases WHERE code = $1")
+                .bind(code.as_str())
+                .execute(conn)
+                .await?
+        }
+    };
+    Ok(())
+}
+
+/// A code let go of with Orphan: by which Voucher, when.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub(crate) struct OrphanRelease {
+    pub code: String,
+    pub namespace: String,
+    pub name: String,
+    pub released_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Every code let go of with Orphan, by code.
+pub(crate) async fn orphan_releases(
+    conn: &mut PgConnection,
+) -> Result<std::collections::HashMap<String, OrphanRelease>> {
+    let rows: Vec<OrphanRelease> =
+        sqlx::query_as("SELECT code, namespace, name, released_at FROM voucher_orphan_releases")
+            .fetch_all(conn)
+            .await?;
+    Ok(rows.into_iter().map(|r| (r.code.clone(), r)).collect())
 }
 
 /// Releases the binding if `uid` holds it; returns whether it did.

@@ -326,23 +326,25 @@ impl Store {
             .map_err(|e: StoreError| e.during(Operation::Export, None))
     }
 
-    /// The bindings of every code, for export: none on a billing database the
-    /// operator never migrated (export only reads, and works there too).
-    pub(crate) async fn export_owners(
-        &self,
-    ) -> Result<std::collections::HashMap<String, bindings::Binding>> {
-        let owners = async {
+    /// Who holds every code, for export: its binding, or the Voucher that let it go with
+    /// Orphan. Nothing on a billing database the operator never migrated (export only reads,
+    /// and works there too).
+    pub(crate) async fn export_holders(&self) -> Result<ExportHolders> {
+        let holders = async {
             let mut conn = self.pool.acquire().await?;
             let migrated: bool =
-                sqlx::query_scalar("SELECT to_regclass('voucher_bindings') IS NOT NULL")
+                sqlx::query_scalar("SELECT to_regclass('voucher_orphan_releases') IS NOT NULL")
                     .fetch_one(&mut *conn)
                     .await?;
             if !migrated {
-                return Ok(Default::default());
+                return Ok(ExportHolders::default());
             }
-            Ok(bindings::list(&mut conn, None).await?.into_iter().collect())
+            Ok(ExportHolders {
+                owners: bindings::list(&mut conn, None).await?.into_iter().collect(),
+                orphans: bindings::orphan_releases(&mut conn).await?,
+            })
         };
-        owners
+        holders
             .await
             .map_err(|e: StoreError| e.during(Operation::Export, None))
     }
@@ -505,4 +507,13 @@ pub(crate) fn redact(url: &str) -> String {
         Ok(parsed) => parsed.to_string(),
         Err(_) => "<unparseable database URL>".into(),
     }
+}
+
+/// Who holds each code, as `export` reads it.
+#[derive(Debug, Default)]
+pub(crate) struct ExportHolders {
+    /// Code → its binding.
+    pub owners: std::collections::HashMap<String, bindings::Binding>,
+    /// Code → the Voucher that let it go with deletionPolicy Orphan.
+    pub orphans: std::collections::HashMap<String, bindings::OrphanRelease>,
 }

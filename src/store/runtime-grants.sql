@@ -20,3 +20,4 @@ GRANT SELECT, INSERT ON voucher_redemption_history TO voucher_runtime;
 GRANT SELECT, INSERT, UPDATE ON voucher_global_allotments TO voucher_runtime;
 GRANT SELECT, INSERT ON voucher_database_incarnation TO voucher_runtime;
 GRANT SELECT, INSERT, UPDATE ON voucher_global_claims TO voucher_runtime;
+GRANT SELECT, INSERT, UPDATE, DELETE ON voucher_orphan_releases TO voucher_runtime;

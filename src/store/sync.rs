@@ -200,6 +200,8 @@ impl Store {
                 ),
             };
             bindings::release(&mut tx, code, &owner.uid).await?;
+            let orphaned = matches!(released, Released::Orphaned(_)).then_some(owner);
+            bindings::record_orphan(&mut tx, code, orphaned).await?;
             let actor = Actor::from(owner);
             // Its annotation went with it (an admin's suspension stays).
             let target = suspensions::Target::Code(code);
@@ -223,6 +225,7 @@ impl Store {
             super::lock_code(&mut tx, code).await?;
             let before = promo_codes::find_live(&mut tx, code).await?;
             let owner = bindings::release_any(&mut tx, code).await?;
+            bindings::record_orphan(&mut tx, code, None).await?;
             let live = before.as_ref().is_some_and(|r| !r.is_tombstoned());
             if !live && owner.is_none() {
                 tx.rollback().await?;

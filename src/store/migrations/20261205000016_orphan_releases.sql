@@ -1,0 +1,11 @@
+-- Codes a Voucher let go of with deletionPolicy Orphan (the row kept, redeemable, owned by
+-- nobody): `export` writes them back with Orphan, as their last owner chose, instead of the
+-- default Revoke. Written in the release's transaction; gone when the code is bound again or
+-- revoked (the new owner's policy, or the revocation, is what holds then). Not the audit outbox:
+-- that is pruned after its retention.
+CREATE TABLE IF NOT EXISTS voucher_orphan_releases (
+    code TEXT PRIMARY KEY REFERENCES promo_codes (code),
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    released_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
