@@ -89,28 +89,99 @@ fn quote(value: &str) -> String {
     }
 }
 
+/// A command the banner prints; `--smoke` runs those that end by themselves.
+struct Try {
+    line: String,
+    /// Runs until interrupted (`--follow`, `tail -f`, `psql`): printed, not run by `--smoke`.
+    interactive: bool,
+}
+
+/// The banner's commands, after its exports.
+fn commands(state_dir: &Path, base: &str) -> Vec<Try> {
+    let order = |id: &str| {
+        let order = if id.is_empty() {
+            String::new()
+        } else {
+            format!("\"order_id\":\"{id}\",")
+        };
+        format!(
+            "'{{\"user_id\":\"local-developer\",{order}\"lines\":[{{\"id\":\"1\",\"category\":\"install\",\"amount\":50000}},{{\"id\":\"2\",\"category\":\"support\",\"amount\":8000}}]}}'"
+        )
+    };
+    let run = |line: String| Try {
+        line,
+        interactive: false,
+    };
+    let interactive = |line: String| Try {
+        line,
+        interactive: true,
+    };
+    vec![
+        run("kubectl version".into()),
+        run("kubectl get vouchers".into()),
+        run("kubectl describe voucher omantel-muscat-200".into()),
+        run(format!(
+            "curl -s {base}/billing/vouchers/redeem-preview -d '{{\"code\":\"omantel-muscat-200\"}}'"
+        )),
+        run(format!(
+            "curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"OMANTEL-MUSCAT-200\",\"tenant_id\":\"acme\"}}'"
+        )),
+        run(format!(
+            "curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"INSTALLS-20-3M\",\"tenant_id\":\"acme\"}}'   # a discount grant"
+        )),
+        run(format!(
+            "curl -s {base}/billing/vouchers/checkout/quote -H \"Authorization: Bearer $SERVICE\" -d {}",
+            order("")
+        )),
+        run(format!(
+            "curl -s {base}/billing/vouchers/checkout/commit -H \"Authorization: Bearer $SERVICE\" -d {}",
+            order("ORDER-1")
+        )),
+        interactive("$VOUCHER_OPERATOR events --follow    # the audit events as they happen".into()),
+        run("cargo local token --sub alice        # a customer's token (--role sovereign-admin for an admin)".into()),
+        interactive(format!(
+            "tail -f {}/operator.log        # the operator's log (-v prints it here too)",
+            state_dir.display()
+        )),
+        interactive("psql \"$DATABASE_URL\"".into()),
+    ]
+}
+
 /// What to try, once everything runs.
 pub(crate) fn print_try(state_dir: &Path, exports: &Exports, env_file: &Path, base: &str) {
+    let commands: Vec<String> = commands(state_dir, base)
+        .into_iter()
+        .map(|c| c.line)
+        .collect();
     println!(
         "\nvoucher-operator is running locally (state in {state}). Try, in another terminal \
-         (`source {env}` defines the same variables):\n\n\
-         {exports}\n\
-         kubectl version\n\
-         kubectl get vouchers\n\
-         kubectl describe voucher omantel-muscat-200\n\
-         curl -s {base}/billing/vouchers/redeem-preview -d '{{\"code\":\"omantel-muscat-200\"}}'\n\
-         curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"OMANTEL-MUSCAT-200\",\"tenant_id\":\"acme\"}}'\n\
-         curl -s {base}/billing/vouchers/redeem -H \"Authorization: Bearer $TOKEN\" -d '{{\"code\":\"INSTALLS-20-3M\",\"tenant_id\":\"acme\"}}'   # a discount grant\n\
-         curl -s {base}/billing/vouchers/checkout/quote -H \"Authorization: Bearer $SERVICE\" -d '{{\"user_id\":\"local-developer\",\"lines\":[{{\"id\":\"1\",\"category\":\"install\",\"amount\":50000}},{{\"id\":\"2\",\"category\":\"support\",\"amount\":8000}}]}}'\n\
-         curl -s {base}/billing/vouchers/checkout/commit -H \"Authorization: Bearer $SERVICE\" -d '{{\"user_id\":\"local-developer\",\"order_id\":\"ORDER-1\",\"lines\":[{{\"id\":\"1\",\"category\":\"install\",\"amount\":50000}},{{\"id\":\"2\",\"category\":\"support\",\"amount\":8000}}]}}'\n\
-         $VOUCHER_OPERATOR events --follow    # the audit events as they happen\n\
-         cargo local token --sub alice        # a customer's token (--role sovereign-admin for an admin)\n\
-         tail -f {state}/operator.log        # the operator's log (-v prints it here too)\n\
-         psql \"$DATABASE_URL\"",
+         (`source {env}` defines the same variables):\n\n{exports}\n{commands}",
         state = state_dir.display(),
         env = env_file.display(),
         exports = exports.text(),
+        commands = commands.join("\n"),
     );
+}
+
+/// `--smoke`: the banner's commands that end by themselves, as printed, in the tree's root,
+/// after its env file; an HTTP error fails the run (curl with --fail-with-body).
+pub(crate) async fn smoke(state_dir: &Path, env_file: &Path, base: &str) -> anyhow::Result<()> {
+    let lines: Vec<String> = commands(state_dir, base)
+        .into_iter()
+        .filter(|c| !c.interactive)
+        .map(|c| c.line)
+        .collect();
+    let script = format!(
+        "set -euo pipefail\ncurl() {{ command curl --fail-with-body \"$@\"; echo; }}\nsource {}\n{}\n",
+        quote(&env_file.to_string_lossy()),
+        lines.join("\n")
+    );
+    let output = crate::walkthrough::run_script("the banner's commands", &script).await?;
+    println!(
+        "smoke: the banner's {} commands ran as printed; the last of their output:\n{output}",
+        lines.len()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -618,7 +618,10 @@ async fn serve(
     };
     let outcome = async {
         if smoke {
-            smoke_check(cluster, &base, (&token, &service), &relay_settings).await?;
+            // The smoke's own customer: the banner's commands redeem as local-developer.
+            let customer = dev_token(&secret, SMOKE_CUSTOMER, None, Duration::from_secs(3600))?;
+            smoke_check(cluster, &base, (&customer, &service), &relay_settings).await?;
+            crate::banner::smoke(&settings.state_dir, &env_file, &base).await?;
             if !cluster.existing {
                 crate::admission::smoke(cluster).await?;
             }
@@ -861,7 +864,7 @@ async fn smoke_check(
 /// The billing service commits an order of the smoke customer: its install line takes the
 /// 20 % of the discount redeemed above.
 async fn smoke_commit(base: &str, service: &str) -> anyhow::Result<()> {
-    let order = serde_json::json!({"user_id": "local-developer", "order_id": "SMOKE-1",
+    let order = serde_json::json!({"user_id": SMOKE_CUSTOMER, "order_id": "SMOKE-1",
         "lines": [{"id": "1", "category": "install", "amount": 50000},
                   {"id": "2", "category": "support", "amount": 8000}]});
     let response = reqwest::Client::new()
@@ -878,6 +881,9 @@ async fn smoke_commit(base: &str, service: &str) -> anyhow::Result<()> {
     println!("smoke: committed order SMOKE-1: {body}");
     Ok(())
 }
+
+/// The customer of `--smoke`'s own redemptions and order.
+const SMOKE_CUSTOMER: &str = "smoke-customer";
 
 /// Redeems `code` for the smoke customer: the answer, which must be a 200.
 pub(crate) async fn smoke_redeem(base: &str, token: &str, code: &str) -> anyhow::Result<String> {

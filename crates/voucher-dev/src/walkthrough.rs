@@ -59,16 +59,27 @@ fn script(readme: &str, state_dir: &Path) -> anyhow::Result<String> {
 /// Runs the walkthrough in the tree's root (its paths are relative to it): an error with the
 /// output when a command fails.
 pub(crate) async fn run(state_dir: &Path) -> anyhow::Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let script = script(README, state_dir)?;
+    let output = run_script("the README's walkthrough", &script).await?;
+    println!(
+        "smoke: the README's walkthrough ran as written ({} commands); the last of its output:\n{output}",
+        script.lines().filter(|l| is_command(l)).count(),
+    );
+    Ok(())
+}
+
+/// Runs `script` with bash in the tree's root: the end of its output, or an error with the end
+/// of its trace and output.
+pub(crate) async fn run_script(what: &str, script: &str) -> anyhow::Result<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let child = tokio::process::Command::new("bash")
-        .args(["-c", &script])
+        .args(["-c", script])
         .current_dir(&root)
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(Duration::from_secs(600), child)
         .await
-        .map_err(|_| anyhow::anyhow!("smoke: the README's walkthrough ran over 10 minutes"))??;
+        .map_err(|_| anyhow::anyhow!("smoke: {what} ran over 10 minutes"))??;
     let shown = |bytes: &[u8]| {
         let text = String::from_utf8_lossy(bytes);
         let lines: Vec<&str> = text.lines().collect();
@@ -76,18 +87,13 @@ pub(crate) async fn run(state_dir: &Path) -> anyhow::Result<()> {
     };
     if !output.status.success() {
         anyhow::bail!(
-            "smoke: the README's walkthrough failed ({}); the last of its trace:\n{}\n{}",
+            "smoke: {what} failed ({}); the last of its trace:\n{}\n{}",
             output.status,
             shown(&output.stderr),
             shown(&output.stdout)
         );
     }
-    println!(
-        "smoke: the README's walkthrough ran as written ({} commands); the last of its output:\n{}",
-        script.lines().filter(|l| is_command(l)).count(),
-        shown(&output.stdout)
-    );
-    Ok(())
+    Ok(shown(&output.stdout))
 }
 
 fn is_command(line: &str) -> bool {
