@@ -95,8 +95,10 @@ fn start() -> Cluster {
                 )
                 .await?;
                 let client = control_plane::client_for(&kubeconfig).await?;
-                control_plane::install_crd(&client, &voucher_operator::api::crd()).await?;
-                control_plane::install_crd(&client, &voucher_operator::api::campaign::crd()).await
+                for crd in voucher_operator::api::crds() {
+                    control_plane::install_crd(&client, &crd).await?;
+                }
+                anyhow::Ok(())
             })
     })
     .join()

@@ -540,6 +540,12 @@ pub fn crd() -> CustomResourceDefinition {
     published(Voucher::crd())
 }
 
+/// Every kind's CRD, as installed: what a cluster needs, and what the tests hold to the same
+/// rules (the columns, the messages).
+pub fn crds() -> [CustomResourceDefinition; 2] {
+    [crd(), campaign::crd()]
+}
+
 /// A generated CRD as it is installed: kept, readable, its rules on the name pointing at it.
 pub(crate) fn published(crd: CustomResourceDefinition) -> CustomResourceDefinition {
     kept(readable(name_addressable(crd)))
@@ -812,7 +818,7 @@ mod tests {
             }
         }
         let mut found = Vec::new();
-        for crd in [crd(), campaign::crd()] {
+        for crd in crds() {
             let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
             walk(&crd.metadata.name.unwrap(), &schema, &mut found);
         }
@@ -886,6 +892,47 @@ mod tests {
             row.terms,
             "adopting it changes nothing"
         );
+    }
+
+    /// `kubectl get` answers the same questions for every kind, in the same columns: what it
+    /// grants, whether it is on, how much is used, where it stands and why (READY and REASON from
+    /// the Ready condition), its age; `-o wide` adds the window.
+    #[test]
+    fn every_kind_answers_the_same_questions_in_kubectl_get() {
+        let shared = [
+            ("Grant", ".status.grant", 0),
+            ("Active", ".spec.active", 0),
+            ("Phase", ".status.phase", 0),
+            (
+                "Ready",
+                ".status.conditions[?(@.type==\"Ready\")].status",
+                0,
+            ),
+            (
+                "Reason",
+                ".status.conditions[?(@.type==\"Ready\")].reason",
+                0,
+            ),
+            ("Valid-From", ".spec.validFrom", 1),
+            ("Expires", ".spec.expiresAt", 1),
+            ("Age", ".metadata.creationTimestamp", 0),
+        ];
+        for crd in crds() {
+            let kind = &crd.spec.names.kind;
+            let columns = crd.spec.versions[0]
+                .additional_printer_columns
+                .clone()
+                .unwrap_or_default();
+            for (name, path, priority) in shared {
+                let column = columns.iter().find(|c| c.name == name);
+                let found = column.map(|c| (c.json_path.as_str(), c.priority.unwrap_or(0)));
+                assert_eq!(found, Some((path, priority)), "{kind}: {name}");
+            }
+            assert!(
+                columns.iter().any(|c| c.name == "Redeemed"),
+                "{kind}: how much is used"
+            );
+        }
     }
 
     #[test]

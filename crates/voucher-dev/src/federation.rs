@@ -145,10 +145,7 @@ async fn start_nats(part: &Part, role: &NatsRole) -> anyhow::Result<Process> {
 
 /// The CRDs, the global namespace and the global voucher, in one cluster.
 async fn install(cluster: &Cluster) -> anyhow::Result<()> {
-    for crd in [
-        voucher_operator::api::crd(),
-        voucher_operator::api::campaign::crd(),
-    ] {
+    for crd in voucher_operator::api::crds() {
         control_plane::install_crd(&cluster.client, &crd).await?;
     }
     let namespaces = cluster

@@ -671,10 +671,7 @@ async fn install_crds(cluster: &Cluster) -> anyhow::Result<()> {
     let crds: kube::Api<
         k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     > = kube::Api::all(cluster.client.clone());
-    for crd in [
-        voucher_operator::api::crd(),
-        voucher_operator::api::campaign::crd(),
-    ] {
+    for crd in voucher_operator::api::crds() {
         let crd_name = crd.metadata.name.clone().unwrap_or_default();
         if cluster.existing && crds.get_opt(&crd_name).await?.is_some() {
             // Installed by its owner (Helm, Flux): neither taken over nor changed.
