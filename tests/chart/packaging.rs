@@ -1,5 +1,7 @@
 //! What ships beside the chart: its CRD, the Containerfile, the Flux examples.
 
+use std::collections::BTreeSet;
+
 use super::*;
 
 #[test]
@@ -279,5 +281,128 @@ fn the_flux_health_expressions_judge_the_statuses_the_controller_writes() {
     ];
     for (case, object, expected) in cases {
         assert_eq!(judge(&object), expected, "{case}");
+    }
+}
+
+/// docs/deploy.md's "real cluster in ten minutes" cannot run here (no container engine), so
+/// what it tells the chart is checked instead: its `helm install` (every `--set` and the
+/// `kind.yaml` it writes) renders cleanly, the Secrets it creates are every Secret key the pods
+/// read, the image it builds is the one they run, and every namespace the release uses is one
+/// it creates first (or one the chart makes).
+#[test]
+fn the_real_cluster_quickstart_installs_what_the_chart_renders() {
+    let guide = std::fs::read_to_string(repo().join("docs/deploy.md")).unwrap();
+    let section = guide
+        .split("## A real cluster in ten minutes\n")
+        .nth(1)
+        .expect("the quickstart")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    // Shell lines with their continuations joined.
+    let lines: Vec<String> = section
+        .replace("\\\n", " ")
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let command =
+        |prefix: &str| -> Vec<&String> { lines.iter().filter(|l| l.starts_with(prefix)).collect() };
+
+    // The values: kind.yaml (with an address for $API), then each --set.
+    let heredoc = section
+        .split("cat > kind.yaml <<YAML\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\nYAML\n").next())
+        .expect("the kind.yaml it writes")
+        .replace("$API", "172.18.0.2");
+    let mut values: Value = serde_yaml::from_str(&heredoc).unwrap();
+    let install = command("helm install voucher-operator charts/voucher-operator");
+    assert_eq!(install.len(), 1, "one helm install of the chart");
+    let words: Vec<&str> = install[0].split(' ').collect();
+    assert!(install[0].contains("-n voucher-operator") && install[0].contains("-f kind.yaml"));
+    for pair in words.windows(2).filter(|w| w[0] == "--set").map(|w| w[1]) {
+        let (path, value) = pair.split_once('=').expect("--set key=value");
+        let patch = path
+            .rsplit('.')
+            .fold(json!(value), |inner, key| json!({ key: inner }));
+        merge(&mut values, patch);
+    }
+    let rendered = render_release(chart_dir(), "voucher-operator", "voucher-operator", values);
+    rendered.assert_valid();
+
+    // The Secrets: `kubectl -n <ns> create secret generic <name> --from-literal=<key>=…`.
+    let mut created = BTreeSet::new();
+    for line in command("kubectl -n voucher-operator create secret generic") {
+        let words: Vec<&str> = line.split(' ').collect();
+        let name = words[6];
+        for literal in words
+            .iter()
+            .filter_map(|w| w.strip_prefix("--from-literal="))
+        {
+            created.insert((
+                name.to_owned(),
+                literal.split('=').next().unwrap().to_owned(),
+            ));
+        }
+    }
+    let mut read = BTreeSet::new();
+    let mut images = BTreeSet::new();
+    fn walk(value: &Value, read: &mut BTreeSet<(String, String)>, images: &mut BTreeSet<String>) {
+        match value {
+            Value::Object(map) => {
+                let secret = map.get("secretKeyRef");
+                if let Some(secret) = secret.filter(|s| s["optional"] != true) {
+                    let name = secret["name"].as_str().unwrap().to_owned();
+                    read.insert((name, secret["key"].as_str().unwrap().to_owned()));
+                }
+                if let Some(image) = map.get("image").and_then(|i| i.as_str()) {
+                    images.insert(image.to_owned());
+                }
+                map.values().for_each(|v| walk(v, read, images));
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, read, images)),
+            _ => {}
+        }
+    }
+    for object in &rendered.objects {
+        walk(&object.object, &mut read, &mut images);
+    }
+    assert_eq!(
+        read, created,
+        "the Secret keys the pods read are the ones it creates"
+    );
+
+    let built = command("docker build -t ");
+    let tag = built[0].split(' ').nth(3).unwrap();
+    assert_eq!(
+        images,
+        BTreeSet::from([tag.to_owned()]),
+        "the image it builds"
+    );
+    assert!(
+        command("kind load docker-image ")[0].contains(tag),
+        "and loads into kind"
+    );
+
+    // The namespaces: created before the install, or made by the chart itself.
+    let mut namespaces: BTreeSet<String> = command("kubectl create namespace ")
+        .iter()
+        .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+        .collect();
+    namespaces.extend(
+        rendered
+            .all("Namespace")
+            .iter()
+            .map(|n| n["metadata"]["name"].as_str().unwrap().to_owned()),
+    );
+    for object in &rendered.objects {
+        if let Some(ns) = object.object["metadata"]["namespace"].as_str() {
+            assert!(
+                namespaces.contains(ns),
+                "{} {} is in {ns}, which the quickstart never creates",
+                object.object["kind"],
+                object.object["metadata"]["name"]
+            );
+        }
     }
 }
