@@ -228,15 +228,17 @@ fn export_takes_a_path_not_a_format_word() {
 
 /// A Voucher deleted with `deletionPolicy: Orphan` left its code to nobody, on purpose: exported
 /// again, the code keeps that choice (the default would revoke it when the adopting Voucher is
-/// deleted), until it is bound or revoked again.
+/// deleted), until it is bound or revoked again; a release forced to Orphan (the CRD going) is
+/// not the owner's choice.
 #[tokio::test]
 async fn a_code_released_with_orphan_is_exported_with_orphan() {
-    use voucher_operator::api::DeletionPolicy;
+    use voucher_operator::api::DeletionPolicy::{self, Orphan, Revoke};
     use voucher_operator::domain::{Code, Owner, Request, Terms};
     use voucher_operator::store::sync::{Released, Wanted};
 
     let database = support::fresh_database("export_orphan").await;
-    let store = Store::from_pool(support::pool(&database).await);
+    let pool = support::pool(&database).await;
+    let store = Store::from_pool(pool.clone());
     store.migrate().await.unwrap();
     let code = Code::parse("KEPT-ON-DELETE").unwrap();
     let owner = |uid: &str| Owner {
@@ -245,36 +247,41 @@ async fn a_code_released_with_orphan_is_exported_with_orphan() {
         uid: uid.into(),
     };
     let terms = Terms::granting(20);
-    let bind = |owner: Owner, request: Request| {
+    let bind = |owner: Owner, adopt: bool, deletion_policy: DeletionPolicy| {
         let (store, code, terms) = (store.clone(), code.clone(), terms.clone());
         async move {
-            store
-                .sync_voucher(&Wanted {
-                    code: &code,
-                    owner: &owner,
-                    generation: 1,
-                    terms: &terms,
-                    request,
-                    deletion_policy: DeletionPolicy::Orphan,
-                    suspended: false,
-                    now: chrono::Utc::now(),
-                    global: None,
-                })
-                .await
-                .unwrap()
+            let wanted = Wanted {
+                code: &code,
+                owner: &owner,
+                generation: 1,
+                terms: &terms,
+                request: Request {
+                    adopt,
+                    ..Request::default()
+                },
+                deletion_policy,
+                suspended: false,
+                now: chrono::Utc::now(),
+                global: None,
+            };
+            store.sync_voucher(&wanted).await.unwrap()
         }
     };
     let exported = || {
         let db = database.clone();
         async move {
-            tokio::task::spawn_blocking(move || export(&db, "billing", &["--include-deleted"]))
-                .await
-                .unwrap()
-                .0
+            let run = move || export(&db, "billing", &["--include-deleted"]).0;
+            tokio::task::spawn_blocking(run).await.unwrap()
         }
     };
+    let recorded = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM voucher_orphan_releases")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
 
-    bind(owner("uid-1"), Request::default()).await;
+    bind(owner("uid-1"), false, Orphan).await;
     let released = store
         .release_voucher(&code, &owner("uid-1"), None)
         .await
@@ -283,11 +290,7 @@ async fn a_code_released_with_orphan_is_exported_with_orphan() {
     let yaml = exported().await;
     let vouchers = documents(&yaml);
     assert_eq!(vouchers.len(), 1, "{yaml}");
-    assert_eq!(
-        vouchers[0].spec.deletion_policy,
-        DeletionPolicy::Orphan,
-        "{yaml}"
-    );
+    assert_eq!(vouchers[0].spec.deletion_policy, Orphan, "{yaml}");
     assert!(
         yaml.contains(
             "# released by Voucher billing/kept-on-delete with deletionPolicy Orphan at "
@@ -296,35 +299,39 @@ async fn a_code_released_with_orphan_is_exported_with_orphan() {
     );
 
     // Adopted again: the new owner's policy holds, and the record of the old choice is gone.
-    let adopt = Request {
-        adopt: true,
-        ..Request::default()
-    };
-    bind(owner("uid-2"), adopt).await;
-    let yaml = exported().await;
-    assert!(
-        documents(&yaml).is_empty() && !yaml.contains("released by"),
-        "{yaml}"
-    );
-
-    // Released with Orphan again, then revoked by an administrator: the revocation is the last
-    // word, and the export asks for a reissue with the default policy.
+    bind(owner("uid-2"), true, Revoke).await;
+    assert_eq!(recorded().await, 0, "bound again, the release is forgotten");
+    // Released with Orphan forced (as while the CRD is deleted) by an owner that chose Revoke:
+    // exported with the owner's Revoke.
     store
-        .release_voucher(&code, &owner("uid-2"), None)
+        .release_voucher(&code, &owner("uid-2"), Some(Orphan))
         .await
         .unwrap();
+    assert_eq!(
+        recorded().await,
+        0,
+        "a forced Orphan is not the owner's choice"
+    );
+    let yaml = exported().await;
+    assert_eq!(documents(&yaml)[0].spec.deletion_policy, Revoke, "{yaml}");
+
+    // Released with Orphan by choice again, then revoked by an administrator: the revocation is
+    // the last word, and the export asks for a reissue with the default policy.
+    bind(owner("uid-3"), true, Orphan).await;
+    store
+        .release_voucher(&code, &owner("uid-3"), None)
+        .await
+        .unwrap();
+    assert_eq!(recorded().await, 1);
     store
         .revoke(&code, "admin")
         .await
         .unwrap()
         .expect("revoked");
+    assert_eq!(recorded().await, 0, "revoked, the release is forgotten");
     let yaml = exported().await;
     let vouchers = documents(&yaml);
     assert_eq!(vouchers.len(), 1, "{yaml}");
-    assert_eq!(
-        vouchers[0].spec.deletion_policy,
-        DeletionPolicy::Revoke,
-        "{yaml}"
-    );
+    assert_eq!(vouchers[0].spec.deletion_policy, Revoke, "{yaml}");
     assert!(!yaml.contains("released by"), "{yaml}");
 }

@@ -145,6 +145,7 @@ async fn migrate_on_an_empty_database_twice() {
         "voucher_bindings",
         "voucher_audit_outbox",
         "voucher_idempotency_keys",
+        "voucher_orphan_releases",
     ] {
         assert!(
             !columns(&pool, table).await.is_empty(),
@@ -469,11 +470,17 @@ async fn the_runtime_works_with_exactly_the_documented_grants() {
                 adopt: false,
                 reissue: tomb.deleted_at,
             },
+            // Released below with the Orphan it chose: kept for export, then revoked.
+            deletion_policy: DeletionPolicy::Orphan,
             ..wanted(3, &more)
         })
         .await
         .unwrap();
-    store.release_vanished(&code, &me).await.unwrap();
+    let orphaned = store.release_vanished(&code, &me).await.unwrap();
+    assert!(
+        matches!(orphaned, Released::Orphaned(Some(_))),
+        "{orphaned:?}"
+    );
     store.revoke(&code, "root").await.unwrap();
 
     // A campaign: generated, its terms changed, counted, downloaded, redeemed, released.

@@ -307,7 +307,7 @@ pub(super) async fn export(options: ExportOptions) -> anyhow::Result<()> {
     let rows = store.export_rows(options.include_deleted).await?;
     // A code a Voucher owns already is managed: exporting it again would make
     // a second Voucher that can only conflict with the first.
-    let holders = store.export_holders().await?;
+    let owners = store.export_owners().await?;
     let mut out = String::from(
         "# Exported by `voucher-operator export` from the billing database's promo_codes.\n\
          # Applying these adopts each code: times_redeemed and created_at stay as they are.\n",
@@ -315,7 +315,7 @@ pub(super) async fn export(options: ExportOptions) -> anyhow::Result<()> {
     let mut names = std::collections::BTreeMap::new();
     let (mut written, mut skipped) = (0, 0);
     for row in &rows {
-        if let Some(bound) = holders.owners.get(&row.code) {
+        if let Some(bound) = owners.bound.get(&row.code) {
             let owner = &bound.owner;
             out.push_str(&format!(
                 "# {} is owned by Voucher {}/{} (deletionPolicy {}): not exported\n",
@@ -354,7 +354,9 @@ pub(super) async fn export(options: ExportOptions) -> anyhow::Result<()> {
         if row.is_tombstoned() {
             out.push_str("# soft-deleted in the billing database: exported inactive\n");
         }
-        if let Some(release) = holders.orphans.get(&row.code) {
+        let orphaned = owners.orphaned.get(&row.code);
+        // A row soft-deleted since was revoked: that is the last word, not the release.
+        if let Some(release) = orphaned.filter(|_| !row.is_tombstoned()) {
             // As its last owner chose: deleting the adopting Voucher leaves the code too.
             out.push_str(&format!(
                 "# released by Voucher {}/{} with deletionPolicy Orphan at {}: exported with Orphan\n",

@@ -1,4 +1,5 @@
-//! All SQL on the operator's `voucher_bindings` table: which resource owns which code.
+//! All SQL on the operator's `voucher_bindings` table (which resource owns which code) and on
+//! `voucher_orphan_releases` (which resource let go of a code with Orphan).
 
 use sqlx::PgConnection;
 
@@ -144,7 +145,7 @@ pub async fn bind(conn: &mut PgConnection, code: &Code, owner: &Owner, bound: Bo
         });
     }
     // Owned again: the new owner's policy holds, not the one that let it go.
-    record_orphan(conn, code, None).await
+    forget_orphan(conn, code).await
 }
 
 /// Releases the binding of `code`, whoever holds it (the admin revoke).
@@ -167,33 +168,32 @@ fn owner((namespace, name, uid): (String, String, String)) -> Owner {
     }
 }
 
-/// Records that `owner` let go of `code` with deletionPolicy Orphan (see the migration
-/// `orphan_releases`), or, with `None`, that it is bound or revoked again.
+/// Records that `owner` let go of `code` with the deletionPolicy Orphan it chose (see the
+/// migration `orphan_releases`): `export` writes the code back with Orphan.
 pub(crate) async fn record_orphan(
     conn: &mut PgConnection,
     code: &Code,
-    owner: Option<&Owner>,
+    owner: &Owner,
 ) -> Result<()> {
-    match owner {
-        Some(owner) => {
-            sqlx::query(
-                "INSERT INTO voucher_orphan_releases (code, namespace, name) VALUES ($1, $2, $3) \
-                 ON CONFLICT (code) DO UPDATE SET namespace = EXCLUDED.namespace, \
-                 name = EXCLUDED.name, released_at = now()",
-            )
-            .bind(code.as_str())
-            .bind(&owner.namespace)
-            .bind(&owner.name)
-            .execute(conn)
-            .await?
-        }
-        None => {
-            sqlx::query("DELETE FROM voucher_orphan_releases WHERE code = $1")
-                .bind(code.as_str())
-                .execute(conn)
-                .await?
-        }
-    };
+    sqlx::query(
+        "INSERT INTO voucher_orphan_releases (code, namespace, name) VALUES ($1, $2, $3) \
+         ON CONFLICT (code) DO UPDATE SET namespace = EXCLUDED.namespace, \
+         name = EXCLUDED.name, released_at = now()",
+    )
+    .bind(code.as_str())
+    .bind(&owner.namespace)
+    .bind(&owner.name)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Forgets an Orphan release of `code`: it is bound or revoked again, and that holds now.
+pub(crate) async fn forget_orphan(conn: &mut PgConnection, code: &Code) -> Result<()> {
+    sqlx::query("DELETE FROM voucher_orphan_releases WHERE code = $1")
+        .bind(code.as_str())
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

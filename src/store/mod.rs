@@ -326,25 +326,28 @@ impl Store {
             .map_err(|e: StoreError| e.during(Operation::Export, None))
     }
 
-    /// Who holds every code, for export: its binding, or the Voucher that let it go with
+    /// What export must know of every code: its binding, or the Voucher that let it go with
     /// Orphan. Nothing on a billing database the operator never migrated (export only reads,
-    /// and works there too).
-    pub(crate) async fn export_holders(&self) -> Result<ExportHolders> {
-        let holders = async {
+    /// and works there too), no Orphan releases on one migrated before they were kept.
+    pub(crate) async fn export_owners(&self) -> Result<ExportOwners> {
+        let owners = async {
             let mut conn = self.pool.acquire().await?;
-            let migrated: bool =
-                sqlx::query_scalar("SELECT to_regclass('voucher_orphan_releases') IS NOT NULL")
-                    .fetch_one(&mut *conn)
-                    .await?;
-            if !migrated {
-                return Ok(ExportHolders::default());
+            let (bindings, orphans): (bool, bool) = sqlx::query_as(
+                "SELECT to_regclass('voucher_bindings') IS NOT NULL, \
+                 to_regclass('voucher_orphan_releases') IS NOT NULL",
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            let mut owners = ExportOwners::default();
+            if bindings {
+                owners.bound = bindings::list(&mut conn, None).await?.into_iter().collect();
             }
-            Ok(ExportHolders {
-                owners: bindings::list(&mut conn, None).await?.into_iter().collect(),
-                orphans: bindings::orphan_releases(&mut conn).await?,
-            })
+            if orphans {
+                owners.orphaned = bindings::orphan_releases(&mut conn).await?;
+            }
+            Ok(owners)
         };
-        holders
+        owners
             .await
             .map_err(|e: StoreError| e.during(Operation::Export, None))
     }
@@ -509,11 +512,11 @@ pub(crate) fn redact(url: &str) -> String {
     }
 }
 
-/// Who holds each code, as `export` reads it.
+/// The owners of the codes, present and past, as `export` reads them.
 #[derive(Debug, Default)]
-pub(crate) struct ExportHolders {
+pub(crate) struct ExportOwners {
     /// Code → its binding.
-    pub owners: std::collections::HashMap<String, bindings::Binding>,
-    /// Code → the Voucher that let it go with deletionPolicy Orphan.
-    pub orphans: std::collections::HashMap<String, bindings::OrphanRelease>,
+    pub bound: std::collections::HashMap<String, bindings::Binding>,
+    /// Code → the Voucher that let it go with the deletionPolicy Orphan it chose.
+    pub orphaned: std::collections::HashMap<String, bindings::OrphanRelease>,
 }

@@ -200,8 +200,15 @@ impl Store {
                 ),
             };
             bindings::release(&mut tx, code, &owner.uid).await?;
-            let orphaned = matches!(released, Released::Orphaned(_)).then_some(owner);
-            bindings::record_orphan(&mut tx, code, orphaned).await?;
+            // Kept only when the owner chose Orphan and the row lives on: a release forced to
+            // Orphan (the CRD going, a global copy) is not the owner's choice for export.
+            let chosen = bound.deletion_policy == DeletionPolicy::Orphan;
+            match released {
+                Released::Orphaned(Some(_)) if chosen => {
+                    bindings::record_orphan(&mut tx, code, owner).await?
+                }
+                _ => bindings::forget_orphan(&mut tx, code).await?,
+            }
             let actor = Actor::from(owner);
             // Its annotation went with it (an admin's suspension stays).
             let target = suspensions::Target::Code(code);
@@ -225,7 +232,7 @@ impl Store {
             super::lock_code(&mut tx, code).await?;
             let before = promo_codes::find_live(&mut tx, code).await?;
             let owner = bindings::release_any(&mut tx, code).await?;
-            bindings::record_orphan(&mut tx, code, None).await?;
+            bindings::forget_orphan(&mut tx, code).await?;
             let live = before.as_ref().is_some_and(|r| !r.is_tombstoned());
             if !live && owner.is_none() {
                 tx.rollback().await?;

@@ -231,6 +231,8 @@ mod tests {
         assert_eq!(props["count"]["maximum"], f64::from(MAX_COUNT));
         assert_eq!(props["codeLength"]["minimum"], MIN_CODE_LENGTH as f64);
         assert_eq!(props["prefix"]["pattern"], PREFIX_PATTERN);
+        // The same grammar, as a rule that answers in words.
+        assert_eq!(PREFIX_RULE, format!("self.matches('{PREFIX_PATTERN}')"));
         for (name, field) in props.as_object().unwrap() {
             if field["type"] == "integer" {
                 assert!(

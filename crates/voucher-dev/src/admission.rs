@@ -25,13 +25,22 @@ fn refused_command(namespace: &str) -> [String; 2] {
     ]
 }
 
-/// Applies the policy, and the Role and RoleBinding that make `jane` an editor of every issuer
-/// namespace's Vouchers and campaigns.
+/// Applies the policy, and the Role and RoleBinding that make `jane` an editor of the Vouchers
+/// and campaigns of every issuer namespace and of the examples' namespace.
 pub(crate) async fn install(settings: &StackSettings, cluster: &Cluster) -> anyhow::Result<()> {
     let dir = settings.state_dir.join("admission");
     std::fs::create_dir_all(&dir)?;
     let mut documents = vec![POLICY.to_owned()];
-    for namespace in &settings.issuer_namespaces {
+    // The issuer namespaces, and the examples' (where the printed try edits), once each.
+    let mut namespaces: Vec<&str> = settings
+        .issuer_namespaces
+        .iter()
+        .map(String::as_str)
+        .collect();
+    namespaces.push(&cluster.namespace);
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    for namespace in namespaces {
         documents.push(editor(namespace));
     }
     let file = dir.join("admission.yaml");

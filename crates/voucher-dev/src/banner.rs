@@ -15,6 +15,7 @@ pub(crate) struct Exports {
 
 /// What the variables are made of.
 pub(crate) struct Values<'a> {
+    pub state_dir: &'a Path,
     pub kubeconfig: &'a Path,
     pub kubectl_dir: &'a Path,
     pub base: &'a str,
@@ -28,12 +29,21 @@ pub(crate) struct Values<'a> {
 impl Exports {
     pub(crate) fn new(values: &Values) -> Self {
         let path = |p: &Path| quote(&p.to_string_lossy());
-        let lines = vec![
-            format!("export KUBECONFIG={}", path(values.kubeconfig)),
+        let mut lines = vec![
             format!(
+                "export LOCAL_STATE_DIR={}   # this stack's (cargo local token signs for it)",
+                path(values.state_dir)
+            ),
+            format!("export KUBECONFIG={}", path(values.kubeconfig)),
+        ];
+        // A kubectl found on PATH as a bare name is on PATH already.
+        if !values.kubectl_dir.as_os_str().is_empty() {
+            lines.push(format!(
                 "export PATH={}:\"$PATH\"   # the kubectl built with the API server",
                 path(values.kubectl_dir)
-            ),
+            ));
+        }
+        lines.extend([
             format!(
                 "export TOKEN={}   # a superadmin's development token, valid a day",
                 quote(values.token)
@@ -56,7 +66,7 @@ impl Exports {
                 "export VOUCHER_OPERATOR={}   # the voucher-operator binary built from this tree",
                 path(values.operator)
             ),
-        ];
+        ]);
         Self { lines }
     }
 
@@ -172,7 +182,8 @@ pub(crate) async fn smoke(state_dir: &Path, env_file: &Path, base: &str) -> anyh
         .map(|c| c.line)
         .collect();
     let script = format!(
-        "set -euo pipefail\ncurl() {{ command curl --fail-with-body \"$@\"; echo; }}\nsource {}\n{}\n",
+        "{}source {}\n{}\n",
+        crate::walkthrough::PRELUDE,
         quote(&env_file.to_string_lossy()),
         lines.join("\n")
     );
@@ -210,6 +221,7 @@ mod tests {
     fn the_env_file_defines_what_the_readme_uses() {
         let dir = tempfile::tempdir().unwrap();
         let exports = Exports::new(&Values {
+            state_dir: dir.path(),
             kubeconfig: &dir.path().join("kubeconfig"),
             kubectl_dir: Path::new("/opt/kube bin"),
             base: "http://127.0.0.1:28080",
@@ -222,8 +234,9 @@ mod tests {
         let file = exports.write(dir.path()).unwrap();
         let script = format!(
             "set -eu; PATH=/usr/bin:/bin; source {}; \
-             echo \"$KUBECONFIG|$TOKEN|$ADMIN|$ADMIN_API|$SERVICE|$DATABASE_URL|$NATS_URL|$VOUCHER_OPERATOR|${{PATH%%:*}}\"",
-            file.display()
+             test \"$LOCAL_STATE_DIR\" = {}; echo \"$KUBECONFIG|$TOKEN|$ADMIN|$ADMIN_API|$SERVICE|$DATABASE_URL|$NATS_URL|$VOUCHER_OPERATOR|${{PATH%%:*}}\"",
+            file.display(),
+            dir.path().display()
         );
         let output = std::process::Command::new("bash")
             .args(["-c", &script])

@@ -87,7 +87,6 @@ pub async fn run(
     services::ensure_packages()?;
     let binaries = Binaries::find_or_build()?;
     std::fs::create_dir_all(&settings.state_dir)?;
-    let _lock = stack::lock_state_dir(&settings.state_dir)?;
     if services::is_root() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&settings.state_dir, std::fs::Permissions::from_mode(0o711))?;

@@ -117,9 +117,11 @@ struct LocalOptions {
     #[arg(long, default_value_t = 28080)]
     http_port: u16,
 
-    /// Run the main flow once (examples Ready, a redemption, REDEEMED 1 in kubectl, the
-    /// event in JetStream) in a fresh state directory, then stop; non-zero exit on any failure.
-    /// With --sovereigns: the global voucher redeemed on two Sovereigns.
+    /// Run the main flow once in a fresh state directory, then stop; non-zero exit on any
+    /// failure: examples Ready, redemptions, REDEEMED 1 in kubectl, the events in JetStream, the
+    /// banner's commands as printed, jane's adopt refused by the admission policy, and the
+    /// README's "Try it" and "Campaigns" blocks as written (on the stack's own cluster, without
+    /// --gitops). With --sovereigns: the global voucher redeemed on two Sovereigns.
     #[arg(long)]
     smoke: bool,
 
@@ -239,6 +241,12 @@ async fn run(command: DevCommand) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|d| d.path().to_path_buf())
                 .unwrap_or(options.state_dir);
+            // Absolute: the banner's env file is sourced from anywhere.
+            std::fs::create_dir_all(&state_dir)?;
+            let state_dir = std::fs::canonicalize(&state_dir)?;
+            // Held to the end, taken before anything is built, logged or started.
+            let _lock = stack::lock_state_dir(&state_dir)?;
+            let kubeconfig = options.kubeconfig.map(std::fs::canonicalize).transpose()?;
             init_logging(&state_dir, options.verbose)?;
             let settings = stack::StackSettings {
                 state_dir,
@@ -247,7 +255,7 @@ async fn run(command: DevCommand) -> anyhow::Result<()> {
                 api_port: options.api_port,
                 etcd_port: options.etcd_port,
                 http_port: options.http_port,
-                kubeconfig: options.kubeconfig,
+                kubeconfig,
                 gitops: options.gitops,
                 git_port: options.git_port,
                 issuer_namespaces: options.issuer_namespaces,

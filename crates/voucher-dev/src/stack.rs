@@ -463,7 +463,6 @@ pub async fn run(settings: StackSettings, smoke: bool) -> anyhow::Result<()> {
     };
     let operator = operator_binary()?;
     std::fs::create_dir_all(&settings.state_dir)?;
-    let _lock = lock_state_dir(&settings.state_dir)?;
     if services::is_root() {
         // Postgres runs unprivileged and must reach its directory inside.
         use std::os::unix::fs::PermissionsExt;
@@ -552,13 +551,73 @@ async fn serve(
     smoke: bool,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client = cluster.client.clone();
-    let mut registry = prometheus_client::registry::Registry::default();
-    let relay_settings = RelaySettings {
+    let relay = RelaySettings {
         nats_url: format!("nats://127.0.0.1:{}", settings.nats_port),
         ..Default::default()
     };
-    let config = controller_config(settings, cluster, &relay_settings);
+    let secret = jwt_secret(&settings.state_dir)?;
+    let roles = spawn_roles(settings, cluster, store, &relay, &secret, &stop).await?;
+    let day = Duration::from_secs(24 * 3600);
+    let token = dev_token(&secret, "local-developer", Some("superadmin"), day)?;
+    let service = dev_token(&secret, "billing-service", Some("billing-service"), day)?;
+    let base = format!("http://127.0.0.1:{}", settings.http_port);
+    let exports = crate::banner::Exports::new(&crate::banner::Values {
+        state_dir: &settings.state_dir,
+        kubeconfig: &cluster.kubeconfig,
+        kubectl_dir: cluster.kubectl.parent().unwrap_or(Path::new("")),
+        base: &base,
+        token: &token,
+        service: &service,
+        database_url: &database_url,
+        nats_url: &relay.nats_url,
+        operator,
+    });
+    let env_file = exports.write(&settings.state_dir)?;
+    let prometheus = match settings.prometheus {
+        true => Some(crate::prometheus::start(settings).await?),
+        false => None,
+    };
+    let outcome = match smoke {
+        true => {
+            // The smoke's own customer: the banner's commands redeem as local-developer.
+            let customer = dev_token(&secret, SMOKE_CUSTOMER, None, Duration::from_secs(3600))?;
+            smoke_check(cluster, &base, (&customer, &service), &relay).await?;
+            smoke_more(settings, cluster, &env_file, &base).await
+        }
+        false => {
+            crate::banner::print_try(&settings.state_dir, &exports, &env_file, &base);
+            print_more(settings, cluster).map(|()| println!("\nCtrl-C stops everything."))?;
+            stop.cancelled().await;
+            Ok(())
+        }
+    };
+    // The controller and the server end (releasing the Lease, finishing a reconcile) before
+    // the API server and the databases they talk to stop: a clean shutdown says nothing.
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        for role in roles {
+            let _ = role.await;
+        }
+    })
+    .await;
+    if let Some(prometheus) = prometheus {
+        prometheus.stop().await;
+    }
+    outcome
+}
+
+/// The controller (with the relay) and the HTTP server, as tasks that end with `stop`.
+async fn spawn_roles(
+    settings: &StackSettings,
+    cluster: &Cluster,
+    store: Store,
+    relay: &RelaySettings,
+    secret: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<[tokio::task::JoinHandle<()>; 2]> {
+    let client = cluster.client.clone();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let config = controller_config(settings, cluster, relay);
     let role = Role::new(client.clone(), store.clone(), config, &mut registry);
     let role_stop = stop.clone();
     let controller = tokio::spawn(async move {
@@ -566,11 +625,9 @@ async fn serve(
             tracing::error!(error = %error, "the controller stopped");
         }
     });
-
-    let secret = jwt_secret(&settings.state_dir)?;
     let config = server::Config {
         auth: AuthSettings {
-            hs256_secret: Some(secret.clone()),
+            hs256_secret: Some(secret.to_owned()),
             ..Default::default()
         },
         // Generous limits: a person trying the API by hand should not hit them.
@@ -587,83 +644,52 @@ async fn serve(
     };
     // The controller's metrics beside the server's, on its /metrics.
     let http = server::Role::new(store, Some(client), config, registry).await?;
-    let http = tokio::spawn(http.run(stop.clone()));
-    let token = dev_token(
-        &secret,
-        "local-developer",
-        Some("superadmin"),
-        Duration::from_secs(24 * 3600),
-    )?;
-    let service = dev_token(
-        &secret,
-        "billing-service",
-        Some("billing-service"),
-        Duration::from_secs(24 * 3600),
-    )?;
-    let base = format!("http://127.0.0.1:{}", settings.http_port);
-    let exports = crate::banner::Exports::new(&crate::banner::Values {
-        kubeconfig: &cluster.kubeconfig,
-        kubectl_dir: cluster.kubectl.parent().unwrap_or(Path::new("")),
-        base: &base,
-        token: &token,
-        service: &service,
-        database_url: &database_url,
-        nats_url: &relay_settings.nats_url,
-        operator,
+    let http_stop = stop.clone();
+    let server = tokio::spawn(async move {
+        if let Err(error) = http.run(http_stop).await {
+            tracing::error!(error = %error, "the server stopped");
+        }
     });
-    let env_file = exports.write(&settings.state_dir)?;
-    let prometheus = match settings.prometheus {
-        true => Some(crate::prometheus::start(settings).await?),
-        false => None,
-    };
-    let outcome = async {
-        if smoke {
-            // The smoke's own customer: the banner's commands redeem as local-developer.
-            let customer = dev_token(&secret, SMOKE_CUSTOMER, None, Duration::from_secs(3600))?;
-            smoke_check(cluster, &base, (&customer, &service), &relay_settings).await?;
-            crate::banner::smoke(&settings.state_dir, &env_file, &base).await?;
-            if !cluster.existing {
-                crate::admission::smoke(cluster).await?;
-            }
-            // The README's commands assume its own stack and examples from kubectl.
-            if !cluster.existing && !settings.gitops {
-                crate::walkthrough::run(&settings.state_dir).await?;
-            }
-            if settings.gitops {
-                crate::gitops::smoke(settings, cluster).await?;
-            }
-            if settings.prometheus {
-                crate::prometheus::smoke(settings).await?;
-            }
-            return Ok(());
-        }
-        crate::banner::print_try(&settings.state_dir, &exports, &env_file, &base);
-        if !cluster.existing {
-            crate::admission::print_try(cluster);
-        }
-        if settings.gitops {
-            crate::gitops::print_try(settings.git_port);
-        }
-        if settings.prometheus {
-            crate::prometheus::print_try(settings)?;
-        }
-        println!("\nCtrl-C stops everything.");
-        stop.cancelled().await;
-        Ok(())
+    Ok([controller, server])
+}
+
+/// `--smoke` after the main flow: what the banner, the admission policy, the README, Flux and
+/// Prometheus promise, each where it applies.
+async fn smoke_more(
+    settings: &StackSettings,
+    cluster: &Cluster,
+    env_file: &Path,
+    base: &str,
+) -> anyhow::Result<()> {
+    crate::banner::smoke(&settings.state_dir, env_file, base).await?;
+    if !cluster.existing {
+        crate::admission::smoke(cluster).await?;
     }
-    .await;
-    // The controller and the server end (releasing the Lease, finishing a reconcile) before
-    // the API server and the databases they talk to stop: a clean shutdown says nothing.
-    stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        let _ = controller.await;
-        let _ = http.await;
-    })
-    .await;
-    if let Some(prometheus) = prometheus {
-        prometheus.stop().await;
+    // The README's commands assume its own stack and examples from kubectl.
+    if !cluster.existing && !settings.gitops {
+        crate::walkthrough::run(&settings.state_dir).await?;
     }
-    outcome
+    if settings.gitops {
+        crate::gitops::smoke(settings, cluster).await?;
+    }
+    if settings.prometheus {
+        crate::prometheus::smoke(settings).await?;
+    }
+    Ok(())
+}
+
+/// The banner's parts after its commands: the admission policy, Flux, Prometheus.
+fn print_more(settings: &StackSettings, cluster: &Cluster) -> anyhow::Result<()> {
+    if !cluster.existing {
+        crate::admission::print_try(cluster);
+    }
+    if settings.gitops {
+        crate::gitops::print_try(settings.git_port);
+    }
+    if settings.prometheus {
+        crate::prometheus::print_try(settings)?;
+    }
+    Ok(())
 }
 
 /// The CRDs, established, before anything uses them.

@@ -15,6 +15,12 @@ const SECTIONS: [&str; 2] = ["## Try it", "## Campaigns"];
 /// replaces, by the smoke stack's own.
 const README_STATE_DIR: &str = "/tmp/voucher-operator-local";
 
+/// What every script of `--smoke` starts with: stop at the first failure, trace, and fail on an
+/// HTTP error as well (curl alone exits 0 on a 4xx or 5xx), still printing its JSON answer
+/// (and nothing more: its output may be redirected to a file).
+pub(crate) const PRELUDE: &str =
+    "set -euo pipefail\nset -x\ncurl() { command curl --fail-with-body \"$@\"; }\n";
+
 /// The ```sh blocks of the sections whose heading starts with one of `sections`, in order.
 fn shell_blocks(readme: &str, sections: &[&str]) -> anyhow::Result<Vec<String>> {
     let mut blocks = Vec::new();
@@ -31,6 +37,10 @@ fn shell_blocks(readme: &str, sections: &[&str]) -> anyhow::Result<Vec<String>> 
             }
             match (&mut block, line.trim_end()) {
                 (None, "```sh") => block = Some(Vec::new()),
+                (None, fence @ ("```bash" | "```shell" | "```console")) => anyhow::bail!(
+                    "the README's section {heading:?} has a {fence} block: write it as ```sh, \
+                     which the walkthrough runs"
+                ),
                 (Some(lines), "```") => {
                     blocks.push(lines.join("\n"));
                     found += 1;
@@ -39,6 +49,9 @@ fn shell_blocks(readme: &str, sections: &[&str]) -> anyhow::Result<Vec<String>> 
                 (Some(lines), _) => lines.push(line),
                 (None, _) => {}
             }
+        }
+        if block.is_some() {
+            anyhow::bail!("the README's section {heading:?} has a ```sh block never closed");
         }
         if found == 0 {
             anyhow::bail!("the README's section {heading:?} has no ```sh block");
@@ -53,7 +66,7 @@ fn script(readme: &str, state_dir: &Path) -> anyhow::Result<String> {
     let body = blocks
         .join("\n")
         .replace(README_STATE_DIR, &state_dir.to_string_lossy());
-    Ok(format!("set -euo pipefail\nset -x\n{body}\n"))
+    Ok(format!("{PRELUDE}{body}\n"))
 }
 
 /// Runs the walkthrough in the tree's root (its paths are relative to it): an error with the
@@ -63,7 +76,11 @@ pub(crate) async fn run(state_dir: &Path) -> anyhow::Result<()> {
     let output = run_script("the README's walkthrough", &script).await?;
     println!(
         "smoke: the README's walkthrough ran as written ({} commands); the last of its output:\n{output}",
-        script.lines().filter(|l| is_command(l)).count(),
+        script
+            .lines()
+            .skip(PRELUDE.lines().count())
+            .filter(|l| is_command(l))
+            .count(),
     );
     Ok(())
 }
@@ -98,7 +115,7 @@ pub(crate) async fn run_script(what: &str, script: &str) -> anyhow::Result<Strin
 
 fn is_command(line: &str) -> bool {
     let line = line.trim();
-    !line.is_empty() && !line.starts_with('#') && !line.starts_with("set ")
+    !line.is_empty() && !line.starts_with('#')
 }
 
 #[cfg(test)]
@@ -126,5 +143,12 @@ mod tests {
         assert!(error.contains("Try it"), "{error}");
         let readme = "# x\n## Try it\n```sh\ntrue\n```\n```yaml\nx: 1\n```\n## Campaigns: a\n```sh\nls\n```\n";
         assert_eq!(shell_blocks(readme, &SECTIONS).unwrap(), ["true", "ls"]);
+        let open = "## Try it\n```sh\ntrue\n## Campaigns\n```sh\nls\n```\n";
+        assert!(shell_blocks(open, &SECTIONS).is_err(), "an unclosed block");
+        let bash = "## Try it\n```bash\ntrue\n```\n## Campaigns\n```sh\nls\n```\n";
+        assert!(
+            shell_blocks(bash, &SECTIONS).is_err(),
+            "a block it would not run"
+        );
     }
 }
