@@ -284,13 +284,9 @@ fn the_flux_health_expressions_judge_the_statuses_the_controller_writes() {
     }
 }
 
-/// docs/deploy.md's "real cluster in ten minutes" cannot run here (no container engine), so
-/// what it tells the chart is checked instead: its `helm install` (every `--set` and the
-/// `kind.yaml` it writes) renders cleanly, the Secrets it creates are every Secret key the pods
-/// read, the image it builds is the one they run, and every namespace the release uses is one
-/// it creates first (or one the chart makes).
-#[test]
-fn the_real_cluster_quickstart_installs_what_the_chart_renders() {
+/// docs/deploy.md's "real cluster in ten minutes": its text, and its shell lines with their
+/// continuations joined and spaces collapsed.
+fn quickstart() -> (String, Vec<String>) {
     let guide = std::fs::read_to_string(repo().join("docs/deploy.md")).unwrap();
     let section = guide
         .split("## A real cluster in ten minutes\n")
@@ -298,17 +294,19 @@ fn the_real_cluster_quickstart_installs_what_the_chart_renders() {
         .expect("the quickstart")
         .split("\n## ")
         .next()
-        .unwrap();
-    // Shell lines with their continuations joined.
-    let lines: Vec<String> = section
+        .unwrap()
+        .to_owned();
+    let lines = section
         .replace("\\\n", " ")
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect();
-    let command =
-        |prefix: &str| -> Vec<&String> { lines.iter().filter(|l| l.starts_with(prefix)).collect() };
+    (section, lines)
+}
 
-    // The values: kind.yaml (with an address for $API), then each --set.
+/// The values the quickstart's `helm install` gives: the `kind.yaml` it writes (with an address
+/// for `$API`), then each `--set`.
+fn quickstart_values(section: &str, install: &str) -> Value {
     let heredoc = section
         .split("cat > kind.yaml <<YAML\n")
         .nth(1)
@@ -316,10 +314,7 @@ fn the_real_cluster_quickstart_installs_what_the_chart_renders() {
         .expect("the kind.yaml it writes")
         .replace("$API", "172.18.0.2");
     let mut values: Value = serde_yaml::from_str(&heredoc).unwrap();
-    let install = command("helm install voucher-operator charts/voucher-operator");
-    assert_eq!(install.len(), 1, "one helm install of the chart");
-    let words: Vec<&str> = install[0].split(' ').collect();
-    assert!(install[0].contains("-n voucher-operator") && install[0].contains("-f kind.yaml"));
+    let words: Vec<&str> = install.split(' ').collect();
     for pair in words.windows(2).filter(|w| w[0] == "--set").map(|w| w[1]) {
         let (path, value) = pair.split_once('=').expect("--set key=value");
         let patch = path
@@ -327,26 +322,11 @@ fn the_real_cluster_quickstart_installs_what_the_chart_renders() {
             .fold(json!(value), |inner, key| json!({ key: inner }));
         merge(&mut values, patch);
     }
-    let rendered = render_release(chart_dir(), "voucher-operator", "voucher-operator", values);
-    rendered.assert_valid();
+    values
+}
 
-    // The Secrets: `kubectl -n <ns> create secret generic <name> --from-literal=<key>=…`.
-    let mut created = BTreeSet::new();
-    for line in command("kubectl -n voucher-operator create secret generic") {
-        let words: Vec<&str> = line.split(' ').collect();
-        let name = words[6];
-        for literal in words
-            .iter()
-            .filter_map(|w| w.strip_prefix("--from-literal="))
-        {
-            created.insert((
-                name.to_owned(),
-                literal.split('=').next().unwrap().to_owned(),
-            ));
-        }
-    }
-    let mut read = BTreeSet::new();
-    let mut images = BTreeSet::new();
+/// The Secret keys rendered pods must read (secretKeyRef not optional), and the images they run.
+fn secrets_and_images(rendered: &Rendered) -> (BTreeSet<(String, String)>, BTreeSet<String>) {
     fn walk(value: &Value, read: &mut BTreeSet<(String, String)>, images: &mut BTreeSet<String>) {
         match value {
             Value::Object(map) => {
@@ -364,9 +344,46 @@ fn the_real_cluster_quickstart_installs_what_the_chart_renders() {
             _ => {}
         }
     }
+    let (mut read, mut images) = (BTreeSet::new(), BTreeSet::new());
     for object in &rendered.objects {
         walk(&object.object, &mut read, &mut images);
     }
+    (read, images)
+}
+
+/// docs/deploy.md's "real cluster in ten minutes" cannot run here (no container engine), so
+/// what it tells the chart is checked instead: its `helm install` (every `--set` and the
+/// `kind.yaml` it writes) renders cleanly, the Secrets it creates are every Secret key the pods
+/// read, the image it builds is the one they run, and every namespace the release uses is one
+/// it creates first (or one the chart makes).
+#[test]
+fn the_real_cluster_quickstart_installs_what_the_chart_renders() {
+    let (section, lines) = quickstart();
+    let command =
+        |prefix: &str| -> Vec<&String> { lines.iter().filter(|l| l.starts_with(prefix)).collect() };
+    let install = command("helm install voucher-operator charts/voucher-operator");
+    assert_eq!(install.len(), 1, "one helm install of the chart");
+    assert!(install[0].contains("-n voucher-operator") && install[0].contains("-f kind.yaml"));
+    let values = quickstart_values(&section, install[0]);
+    let rendered = render_release(chart_dir(), "voucher-operator", "voucher-operator", values);
+    rendered.assert_valid();
+
+    // `kubectl -n voucher-operator create secret generic <name> --from-literal=<key>=…`.
+    let mut created = BTreeSet::new();
+    for line in command("kubectl -n voucher-operator create secret generic") {
+        let words: Vec<&str> = line.split(' ').collect();
+        let name = words[6];
+        for literal in words
+            .iter()
+            .filter_map(|w| w.strip_prefix("--from-literal="))
+        {
+            created.insert((
+                name.to_owned(),
+                literal.split('=').next().unwrap().to_owned(),
+            ));
+        }
+    }
+    let (read, images) = secrets_and_images(&rendered);
     assert_eq!(
         read, created,
         "the Secret keys the pods read are the ones it creates"
