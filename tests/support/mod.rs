@@ -55,6 +55,11 @@ impl Postgres {
     pub fn url_for(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
+
+    /// The server's data directory (its configuration files, e.g. to turn TLS on).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
 }
 
 /// The Postgres server of this test binary, started on first use.

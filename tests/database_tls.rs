@@ -1,0 +1,108 @@
+//! The billing database over TLS: a Postgres that accepts only TLS connections (`hostnossl …
+//! reject`), with a certificate of a test CA. The operator connects with `sslmode=verify-full`
+//! and the CA as `sslrootcert`, as docs/deploy.md tells a deployment to; a server whose
+//! certificate another CA signed — someone in the middle — is refused; and without TLS the
+//! database refuses the operator, so the connections that work are encrypted.
+
+mod support;
+
+use std::path::Path;
+
+use voucher_operator::store::{DatabaseSettings, Store};
+use voucher_testenv::control_plane::Pki;
+
+/// Turns TLS on for `server` with the serving certificate of `pki` (localhost, 127.0.0.1), and
+/// refuses every connection without it.
+async fn tls_only(server: &support::Postgres, pki: &Pki) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let data = server.data_dir();
+    let owner = std::fs::metadata(&data).unwrap();
+    for (from, to) in [
+        ("apiserver.crt", "server.crt"),
+        ("apiserver.key", "server.key"),
+    ] {
+        let target = data.join(to);
+        std::fs::copy(pki.dir.join(from), &target).unwrap();
+        // Postgres reads its key only when its own user owns it, readable by no one else.
+        std::os::unix::fs::chown(&target, Some(owner.uid()), Some(owner.gid())).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    std::fs::write(
+        data.join("pg_hba.conf"),
+        "local all all trust\nhostnossl all all all reject\nhostssl all all all trust\n",
+    )
+    .unwrap();
+    let admin = support::pool(&server.admin_url()).await;
+    for statement in ["ALTER SYSTEM SET ssl = on", "SELECT pg_reload_conf()"] {
+        sqlx::query(statement).execute(&admin).await.unwrap();
+    }
+}
+
+async fn connect(url: &str) -> Result<Store, String> {
+    let settings = DatabaseSettings {
+        url: url.to_owned(),
+        // The migration holds its lock on one connection while it works on another.
+        max_connections: 4,
+        ..Default::default()
+    };
+    Store::connect(&settings).await.map_err(|e| {
+        // The whole chain: the store names the server, its sources say why.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        text
+    })
+}
+
+fn verify_full(url: &str, ca: &Path) -> String {
+    format!("{url}?sslmode=verify-full&sslrootcert={}", ca.display())
+}
+
+#[tokio::test]
+async fn the_billing_database_is_reached_over_tls_and_a_server_of_another_ca_is_refused() {
+    voucher_operator::install_tls_provider();
+    let server = support::postgres_of_its_own();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::ensure(&dir.path().join("pki")).unwrap();
+    let other = Pki::ensure(&dir.path().join("other")).unwrap();
+    tls_only(&server, &pki).await;
+    let url = server.admin_url();
+
+    // Without TLS: refused by the database (the reload takes a moment).
+    let mut plain = connect(&format!("{url}?sslmode=disable")).await;
+    for _ in 0..50 {
+        if plain.is_err() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        plain = connect(&format!("{url}?sslmode=disable")).await;
+    }
+    let refused = plain
+        .map(|_| ())
+        .expect_err("a connection without TLS is refused");
+    assert!(refused.contains("no encryption"), "{refused}");
+
+    // Verified against the CA that signed the server: connected, encrypted, and it works.
+    let store = connect(&verify_full(&url, &pki.dir.join("ca.crt")))
+        .await
+        .unwrap_or_else(|e| panic!("verify-full against the server's CA: {e}"));
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert!(ssl, "the connection is encrypted");
+    store.migrate().await.unwrap();
+
+    // A server whose certificate another CA signed: refused before a word is sent.
+    let forged = connect(&verify_full(&url, &other.dir.join("ca.crt"))).await;
+    let refused = forged
+        .map(|_| ())
+        .expect_err("a certificate of another CA is refused");
+    assert!(
+        refused.to_lowercase().contains("certificate"),
+        "the error names the certificate: {refused}"
+    );
+}
