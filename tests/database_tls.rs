@@ -36,6 +36,15 @@ async fn tls_only(server: &support::Postgres, pki: &Pki) {
     for statement in ["ALTER SYSTEM SET ssl = on", "SELECT pg_reload_conf()"] {
         sqlx::query(statement).execute(&admin).await.unwrap();
     }
+    // The reload takes a moment: done when a connection without TLS is refused.
+    let plain = format!("{}?sslmode=disable", server.admin_url());
+    for _ in 0..50 {
+        if connect(&plain).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("Postgres still accepts connections without TLS after its reload");
 }
 
 async fn connect(url: &str) -> Result<Store, String> {
@@ -71,16 +80,9 @@ async fn the_billing_database_is_reached_over_tls_and_a_server_of_another_ca_is_
     tls_only(&server, &pki).await;
     let url = server.admin_url();
 
-    // Without TLS: refused by the database (the reload takes a moment).
-    let mut plain = connect(&format!("{url}?sslmode=disable")).await;
-    for _ in 0..50 {
-        if plain.is_err() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        plain = connect(&format!("{url}?sslmode=disable")).await;
-    }
-    let refused = plain
+    // Without TLS: refused by the database.
+    let refused = connect(&format!("{url}?sslmode=disable"))
+        .await
         .map(|_| ())
         .expect_err("a connection without TLS is refused");
     assert!(refused.contains("no encryption"), "{refused}");
@@ -104,5 +106,38 @@ async fn the_billing_database_is_reached_over_tls_and_a_server_of_another_ca_is_
     assert!(
         refused.to_lowercase().contains("certificate"),
         "the error names the certificate: {refused}"
+    );
+}
+
+/// The chart's way (`database.caSecret`): the URL as it is, `PGSSLMODE=verify-full` and
+/// `PGSSLROOTCERT` in the environment of the operator's own binary — its migration succeeds
+/// against the server's CA and is refused against another.
+#[tokio::test]
+async fn the_binary_verifies_the_database_as_the_chart_configures_it() {
+    let server = support::postgres_of_its_own();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::ensure(&dir.path().join("pki")).unwrap();
+    let other = Pki::ensure(&dir.path().join("other")).unwrap();
+    tls_only(&server, &pki).await;
+    let migrate = |ca: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
+            .arg("migrate")
+            .env("DATABASE_URL", server.admin_url())
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", ca)
+            .output()
+            .unwrap()
+    };
+    let ok = migrate(&pki.dir.join("ca.crt"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let forged = migrate(&other.dir.join("ca.crt"));
+    let stderr = String::from_utf8_lossy(&forged.stderr);
+    assert!(
+        !forged.status.success() && stderr.to_lowercase().contains("certificate"),
+        "{stderr}"
     );
 }

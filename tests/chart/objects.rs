@@ -882,3 +882,62 @@ fn the_deploy_guides_rbac_table_is_what_the_chart_grants() {
         "docs/deploy.md's RBAC table against the chart"
     );
 }
+
+/// With `database.caSecret`, every container that opens the database (the migration, the
+/// controller, the server) connects with `sslmode=verify-full` against that CA, mounted where
+/// `PGSSLROOTCERT` says; without it, none is told to (the URL decides).
+#[test]
+fn a_database_ca_is_mounted_and_verified_by_every_container_that_opens_the_database() {
+    for ca in [Some("billing-ca"), None] {
+        let values = match ca {
+            Some(name) => with(json!({"database": {"caSecret": name, "caKey": "tls.ca"}})),
+            None => required(),
+        };
+        let rendered = render(values);
+        rendered.assert_valid();
+        let mut opening = Vec::new();
+        for deployment in rendered.all("Deployment") {
+            let spec = &deployment["spec"]["template"]["spec"];
+            let volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
+            let containers = ["initContainers", "containers"]
+                .iter()
+                .flat_map(|list| spec[list].as_array().cloned().unwrap_or_default());
+            for container in containers {
+                let env = container["env"].as_array().cloned().unwrap_or_default();
+                let var = |name: &str| env.iter().find(|e| e["name"] == name).cloned();
+                if var("DATABASE_URL").is_none() {
+                    continue;
+                }
+                let name = container["name"].as_str().unwrap().to_owned();
+                let mode = var("PGSSLMODE").map(|e| e["value"].clone());
+                let root = var("PGSSLROOTCERT").map(|e| e["value"].as_str().unwrap().to_owned());
+                let Some(secret) = ca else {
+                    assert_eq!((mode, root), (None, None), "{name}: the URL decides");
+                    opening.push(name);
+                    continue;
+                };
+                assert_eq!(mode, Some(json!("verify-full")), "{name}");
+                let root = root.unwrap_or_else(|| panic!("{name}: PGSSLROOTCERT"));
+                let (dir, file) = root.rsplit_once('/').unwrap();
+                let mount = container["volumeMounts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|m| m["mountPath"] == dir)
+                    .unwrap_or_else(|| panic!("{name}: nothing mounted at {dir}"));
+                let volume = volumes
+                    .iter()
+                    .find(|v| v["name"] == mount["name"])
+                    .unwrap_or_else(|| panic!("{name}: no volume {}", mount["name"]));
+                assert_eq!(volume["secret"]["secretName"], secret, "{name}");
+                assert_eq!(
+                    volume["secret"]["items"],
+                    json!([{"key": "tls.ca", "path": file}]),
+                    "{name}: the CA's key, as the file PGSSLROOTCERT names"
+                );
+                opening.push(name);
+            }
+        }
+        assert_eq!(opening, ["migrate", "controller", "server"], "{ca:?}");
+    }
+}

@@ -325,7 +325,8 @@ fn quickstart_values(section: &str, install: &str) -> Value {
     values
 }
 
-/// The Secret keys rendered pods must read (secretKeyRef not optional), and the images they run.
+/// The Secret keys rendered pods must read (secretKeyRef not optional, a Secret volume's items),
+/// and the images they run.
 fn secrets_and_images(rendered: &Rendered) -> (BTreeSet<(String, String)>, BTreeSet<String>) {
     fn walk(value: &Value, read: &mut BTreeSet<(String, String)>, images: &mut BTreeSet<String>) {
         match value {
@@ -334,6 +335,17 @@ fn secrets_and_images(rendered: &Rendered) -> (BTreeSet<(String, String)>, BTree
                 if let Some(secret) = secret.filter(|s| s["optional"] != true) {
                     let name = secret["name"].as_str().unwrap().to_owned();
                     read.insert((name, secret["key"].as_str().unwrap().to_owned()));
+                }
+                // A Secret volume's items: files of those keys.
+                if let Some(name) = map.get("secretName").and_then(|n| n.as_str()) {
+                    for item in map
+                        .get("items")
+                        .and_then(|i| i.as_array())
+                        .into_iter()
+                        .flatten()
+                    {
+                        read.insert((name.to_owned(), item["key"].as_str().unwrap().to_owned()));
+                    }
                 }
                 if let Some(image) = map.get("image").and_then(|i| i.as_str()) {
                     images.insert(image.to_owned());

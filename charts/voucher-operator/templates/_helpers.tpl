@@ -101,6 +101,36 @@ seccompProfile:
   value: {{ .root.Values.database.maxConnections | int64 | quote }}
 - name: DATABASE_CONNECT_TIMEOUT
   value: {{ .root.Values.database.connectTimeout | quote }}
+{{- if .root.Values.database.caSecret }}
+# TLS to the database, its certificate verified against database.caSecret (the URL's own sslmode
+# and sslrootcert, when it has them, still win).
+- name: PGSSLMODE
+  value: verify-full
+- name: PGSSLROOTCERT
+  value: /etc/voucher-operator/database-ca/ca.crt
+{{- end }}
+{{- end -}}
+
+{{/* The volume of database.caSecret's CA, when set (a list item of a pod's volumes). */}}
+{{- define "voucher-operator.databaseCaVolume" -}}
+{{- if .Values.database.caSecret }}
+- name: database-ca
+  secret:
+    secretName: {{ .Values.database.caSecret }}
+    defaultMode: 0444
+    items:
+      - key: {{ .Values.database.caKey }}
+        path: ca.crt
+{{- end }}
+{{- end -}}
+
+{{/* Its mount, in every container that opens the database. */}}
+{{- define "voucher-operator.databaseCaMount" -}}
+{{- if .Values.database.caSecret }}
+- name: database-ca
+  mountPath: /etc/voucher-operator/database-ca
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "voucher-operator.loggingEnv" -}}
