@@ -11,42 +11,6 @@ use std::path::Path;
 use voucher_operator::store::{DatabaseSettings, Store};
 use voucher_testenv::control_plane::Pki;
 
-/// Turns TLS on for `server` with the serving certificate of `pki` (localhost, 127.0.0.1), and
-/// refuses every connection without it.
-async fn tls_only(server: &support::Postgres, pki: &Pki) {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let data = server.data_dir();
-    let owner = std::fs::metadata(&data).unwrap();
-    for (from, to) in [
-        ("apiserver.crt", "server.crt"),
-        ("apiserver.key", "server.key"),
-    ] {
-        let target = data.join(to);
-        std::fs::copy(pki.dir.join(from), &target).unwrap();
-        // Postgres reads its key only when its own user owns it, readable by no one else.
-        std::os::unix::fs::chown(&target, Some(owner.uid()), Some(owner.gid())).unwrap();
-        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    std::fs::write(
-        data.join("pg_hba.conf"),
-        "local all all trust\nhostnossl all all all reject\nhostssl all all all trust\n",
-    )
-    .unwrap();
-    let admin = support::pool(&server.admin_url()).await;
-    for statement in ["ALTER SYSTEM SET ssl = on", "SELECT pg_reload_conf()"] {
-        sqlx::query(statement).execute(&admin).await.unwrap();
-    }
-    // The reload takes a moment: done when a connection without TLS is refused.
-    let plain = format!("{}?sslmode=disable", server.admin_url());
-    for _ in 0..50 {
-        if connect(&plain).await.is_err() {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("Postgres still accepts connections without TLS after its reload");
-}
-
 async fn connect(url: &str) -> Result<Store, String> {
     let settings = DatabaseSettings {
         url: url.to_owned(),
@@ -77,7 +41,7 @@ async fn the_billing_database_is_reached_over_tls_and_a_server_of_another_ca_is_
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::ensure(&dir.path().join("pki")).unwrap();
     let other = Pki::ensure(&dir.path().join("other")).unwrap();
-    tls_only(&server, &pki).await;
+    server.serve_tls(&pki, true).await;
     let url = server.admin_url();
 
     // Without TLS: refused by the database.
@@ -118,7 +82,7 @@ async fn the_binary_verifies_the_database_as_the_chart_configures_it() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::ensure(&dir.path().join("pki")).unwrap();
     let other = Pki::ensure(&dir.path().join("other")).unwrap();
-    tls_only(&server, &pki).await;
+    server.serve_tls(&pki, true).await;
     let migrate = |ca: &Path| {
         std::process::Command::new(env!("CARGO_BIN_EXE_voucher-operator"))
             .arg("migrate")

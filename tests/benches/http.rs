@@ -17,6 +17,9 @@
 //!   - HTTP preview of the hot code;
 //!   - the checkout: a quote and a commit (3 lines) for customers holding three
 //!     live grants each, beside the prepared SELECT and the seed's SQL;
+//!   - HTTP redeem of one hot code and spread over 1,000 codes again, by a
+//!     server whose connections to Postgres are TLS (verify-full), beside the
+//!     same by the plain-text server;
 //!   - HTTP redeem of one hot code on a ledger a hundred times smaller (the
 //!     cost must not grow with the ledger) and on the large ledger without
 //!     the index `migrate` builds on credit_ledger (customer_id);
@@ -93,7 +96,7 @@ async fn dataset(ledger_rows: i64) -> (String, PgPool) {
     common::seed(&pool, ledger_rows).await;
     sqlx::raw_sql(
         "INSERT INTO promo_codes (code, credit_omr) VALUES \
-           ('HOT-SQL', 1), ('HOT-UPDATE', 1), ('HOT-HTTP', 1), ('HOT-NOINDEX', 1); \
+           ('HOT-SQL', 1), ('HOT-UPDATE', 1), ('HOT-HTTP', 1), ('HOT-NOINDEX', 1), ('HOT-TLS', 1); \
          INSERT INTO promo_codes (code, credit_omr, discount) VALUES \
            ('HOT-DISCOUNT', 0, '{\"percent_off\": 20, \"applies_to\": [\"install\"], \"duration_months\": 3}')",
     )
@@ -337,7 +340,8 @@ async fn main() {
     let small_rows = (ledger_rows / 100).max(1000);
     let (url, pool) = dataset(ledger_rows).await;
     let (small_url, small_pool) = dataset(small_rows).await;
-    let server = Server::start(&url).await;
+    // Plain text to Postgres, said outright: later in the run the server also offers TLS.
+    let server = Server::start(&format!("{url}?sslmode=disable")).await;
     // The baselines get a connection for each request in flight.
     let seed_pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(CONCURRENCY as u32)
@@ -530,6 +534,7 @@ async fn main() {
     );
     drop(small);
     exact(&small_pool, &["HOT-HTTP".into()], 0, n).await;
+    runs.extend(over_tls(&url, &pool, n).await);
 
     // As before `migrate` built the ledger's index (slow: a tenth of the requests).
     sqlx::raw_sql("DROP INDEX voucher_operator_credit_ledger_customer")
@@ -588,7 +593,7 @@ async fn main() {
     }
     let rate = |i: usize| runs[i].rate();
     println!(
-        "  exactness: counter = redemption rows = grants = audit records, after each of the 5 HTTP redeem runs"
+        "  exactness: counter = redemption rows = grants = audit records, after each of the 7 HTTP redeem runs"
     );
     println!("  server peak RSS: {peak_rss_mib:.1} MiB");
     println!("ratios:");
@@ -612,7 +617,9 @@ async fn main() {
             3,
             9,
         ),
-        ("HTTP redeem (hot), with / without the ledger index", 3, 10),
+        ("HTTP redeem (hot), with / without the ledger index", 3, 12),
+        ("HTTP redeem (hot), TLS to Postgres / plain text", 10, 3),
+        ("HTTP redeem (spread), TLS to Postgres / plain text", 11, 5),
     ] {
         println!("  {label:<58} {:>6.2}x", rate(a) / rate(b));
     }
@@ -641,6 +648,65 @@ async fn main() {
     ] {
         println!("  {label:<58} {:>6.2}x", postgres_per(a) / postgres_per(1));
     }
+}
+
+/// The hot and the spread redemption again, by a server whose connections to Postgres are TLS
+/// (`verify-full` against the CA that signed Postgres's certificate, which the shared Postgres
+/// now serves beside plain text), each checked for exactness; the connections checked encrypted.
+async fn over_tls(url: &str, pool: &PgPool, n: usize) -> Vec<Run> {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = voucher_testenv::control_plane::Pki::ensure(dir.path()).unwrap();
+    support::postgres().serve_tls(&pki, false).await;
+    let ca = pki.dir.join("ca.crt");
+    let server = Server::start(&format!(
+        "{url}?sslmode=verify-full&sslrootcert={}",
+        ca.display()
+    ))
+    .await;
+    let hot = http_redeem(
+        "HTTP redeem, one hot code, TLS to Postgres",
+        &server,
+        "tls-hot",
+        n,
+        |_| "HOT-TLS".into(),
+    )
+    .await;
+    exact(pool, &["HOT-TLS".into()], 0, n).await;
+    // The next 1,000 codes: `exact` counts every grant and audit record of its codes.
+    let spread: Vec<String> = (SPREAD + 1..=2 * SPREAD)
+        .map(|i| format!("C-{i:05}"))
+        .collect();
+    let before: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(times_redeemed), 0)::bigint FROM promo_codes WHERE code = ANY($1)",
+    )
+    .bind(&spread)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let spread_run = http_redeem(
+        "HTTP redeem, spread over 1,000 codes, TLS to Postgres",
+        &server,
+        "tls-spread",
+        n,
+        |i| spread[i % SPREAD].clone(),
+    )
+    .await;
+    exact(pool, &spread, before, n).await;
+    // Every connection the TLS server holds is encrypted (the plain server's are not).
+    let (encrypted, plain): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+         FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() \
+           AND a.backend_type = 'client backend'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(
+        encrypted > 0 && plain > 0,
+        "{encrypted} encrypted, {plain} plain connections"
+    );
+    vec![hot, spread_run]
 }
 
 /// What Postgres spent per statement during a run (pg_stat_statements, where the test

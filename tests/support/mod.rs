@@ -56,9 +56,54 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
-    /// The server's data directory (its configuration files, e.g. to turn TLS on).
-    pub fn data_dir(&self) -> PathBuf {
+    /// The server's data directory (its configuration files).
+    fn data_dir(&self) -> PathBuf {
         self.dir.join("data")
+    }
+
+    /// Turns TLS on with the serving certificate of `pki` (localhost, 127.0.0.1); with
+    /// `plain_refused`, every connection without TLS is refused from then on. Returns once a
+    /// new connection sees it (a reload takes a moment).
+    pub async fn serve_tls(&self, pki: &voucher_testenv::control_plane::Pki, plain_refused: bool) {
+        use std::os::unix::fs::MetadataExt;
+        voucher_operator::install_tls_provider();
+        let data = self.data_dir();
+        let owner = std::fs::metadata(&data).unwrap();
+        for (from, to) in [
+            ("apiserver.crt", "server.crt"),
+            ("apiserver.key", "server.key"),
+        ] {
+            let target = data.join(to);
+            std::fs::copy(pki.dir.join(from), &target).unwrap();
+            // Postgres reads its key only when its own user owns it, readable by no one else.
+            std::os::unix::fs::chown(&target, Some(owner.uid()), Some(owner.gid())).unwrap();
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        if plain_refused {
+            let hba =
+                "local all all trust\nhostnossl all all all reject\nhostssl all all all trust\n";
+            std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        }
+        let admin = pool(&self.admin_url()).await;
+        for statement in ["ALTER SYSTEM SET ssl = on", "SELECT pg_reload_conf()"] {
+            sqlx::query(statement).execute(&admin).await.unwrap();
+        }
+        admin.close().await;
+        // Seen when a new connection without TLS is refused, or one that requires TLS works.
+        let (probe, works) = if plain_refused {
+            ("sslmode=disable", false)
+        } else {
+            ("sslmode=require", true)
+        };
+        let url = format!("{}?{probe}", self.admin_url());
+        for _ in 0..50 {
+            let connected = PgPoolOptions::new().max_connections(1).connect(&url).await;
+            if connected.is_ok() == works {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("Postgres did not take TLS on after its reload ({probe})");
     }
 }
 
