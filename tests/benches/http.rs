@@ -308,6 +308,21 @@ async fn http_redeem(
     run
 }
 
+/// The `batch`-th SPREAD codes of the seed (C-00001 on), and their redemptions counted so far.
+async fn spread_codes(pool: &PgPool, batch: usize) -> (Vec<String>, i64) {
+    let codes: Vec<String> = (batch * SPREAD + 1..=(batch + 1) * SPREAD)
+        .map(|i| format!("C-{i:05}"))
+        .collect();
+    let before: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(times_redeemed), 0)::bigint FROM promo_codes WHERE code = ANY($1)",
+    )
+    .bind(&codes)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    (codes, before)
+}
+
 /// Counter = redemption rows = grants (ledger or discount) = audit records, for
 /// `codes` (their counts before the run subtracted); panics otherwise.
 async fn exact(pool: &PgPool, codes: &[String], before: i64, granted: usize) {
@@ -425,14 +440,7 @@ async fn main() {
     let discount_statements = statements.read(n).await;
     exact(&pool, &["HOT-DISCOUNT".into()], 0, n).await;
 
-    let spread: Vec<String> = (1..=SPREAD).map(|i| format!("C-{i:05}")).collect();
-    let before: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(sum(times_redeemed), 0)::bigint FROM promo_codes WHERE code = ANY($1)",
-    )
-    .bind(&spread)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (spread, before) = spread_codes(&pool, 0).await;
     runs.push(
         http_redeem(
             "HTTP redeem, spread over 1,000 codes",
@@ -673,16 +681,7 @@ async fn over_tls(url: &str, pool: &PgPool, n: usize) -> Vec<Run> {
     .await;
     exact(pool, &["HOT-TLS".into()], 0, n).await;
     // The next 1,000 codes: `exact` counts every grant and audit record of its codes.
-    let spread: Vec<String> = (SPREAD + 1..=2 * SPREAD)
-        .map(|i| format!("C-{i:05}"))
-        .collect();
-    let before: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(sum(times_redeemed), 0)::bigint FROM promo_codes WHERE code = ANY($1)",
-    )
-    .bind(&spread)
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    let (spread, before) = spread_codes(pool, 1).await;
     let spread_run = http_redeem(
         "HTTP redeem, spread over 1,000 codes, TLS to Postgres",
         &server,
